@@ -1,0 +1,42 @@
+"""The attention-backend interface. Models never know which backend runs."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from radixserve.layers.attention.radix_attention import RadixAttention
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        """Once per batch (and per CUDA-graph replay): precompute index tensors."""
+
+    @abstractmethod
+    def forward_extend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """New tokens attend causally to themselves and to their cached prefix."""
+
+    @abstractmethod
+    def forward_decode(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """One query token per request attends to all of that request's KV."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """q: [T, heads*head_dim]; k, v: [T, kv_heads*head_dim]. Writes k, v
+        into the KV pool at out_cache_loc, returns [T, heads*head_dim]."""
+        if forward_batch.forward_mode.is_decode():
+            return self.forward_decode(q, k, v, layer, forward_batch)
+        return self.forward_extend(q, k, v, layer, forward_batch)

@@ -1,0 +1,62 @@
+"""ForwardBatch: every device tensor one model forward needs.
+
+Models and attention backends see only this object; the scheduler's
+ScheduleBatch builds it (see ScheduleBatch.to_forward_batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum, auto
+from typing import TYPE_CHECKING, Any, List, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from radixserve.layers.attention.base import AttentionBackend
+    from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool
+
+
+class ForwardMode(IntEnum):
+    EXTEND = auto()  # prefill, possibly on top of a cached prefix, possibly a chunk
+    DECODE = auto()  # one new token per request
+    MIXED = auto()  # extend and decode requests in one forward
+    IDLE = auto()  # nothing to run (kept for data parallel later)
+
+    def is_extend(self) -> bool:
+        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
+
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    forward_mode: ForwardMode
+    batch_size: int
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    req_pool_indices: torch.Tensor  # [bs] int64, rows of req_to_token
+    seq_lens: torch.Tensor  # [bs] int64, length after this forward (prefix + new)
+    out_cache_loc: torch.Tensor  # [num_tokens] int64, KV slots the new tokens fill
+    seq_lens_cpu: List[int]
+
+    # Extend only
+    extend_prefix_lens: Optional[torch.Tensor] = None  # [bs]
+    extend_seq_lens: Optional[torch.Tensor] = None  # [bs], new tokens per request
+    extend_start_loc: Optional[torch.Tensor] = None  # [bs], offset in input_ids
+    extend_prefix_lens_cpu: Optional[List[int]] = None
+    extend_seq_lens_cpu: Optional[List[int]] = None
+
+    # Which hidden states to turn into logits: for each request, logits of the
+    # last new token always; of every new token from `logprob_start` on when it
+    # asked for input logprobs. Indices into the [num_tokens] axis.
+    logits_indices: Optional[torch.Tensor] = None
+
+    # Memory and kernels
+    req_to_token_pool: Optional["ReqToTokenPool"] = None
+    kv_pool: Optional["KVPool"] = None
+    attn_backend: Optional["AttentionBackend"] = None
+
+    # Backend-private metadata set by attn_backend.init_forward_metadata
+    attn_metadata: Any = field(default=None, repr=False)

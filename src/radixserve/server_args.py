@@ -1,0 +1,136 @@
+"""ServerArgs: the one configuration object, shared by the Engine and the server.
+
+Flag names follow SGLang so that an SGLang user can switch by changing only the
+command name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: Optional[str] = None  # None: the embedded default model
+    tokenizer_path: Optional[str] = None
+    load_format: str = "auto"  # auto | dummy
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    context_length: Optional[int] = None
+    trust_remote_code: bool = False
+
+    # Memory
+    page_size: int = 1
+    max_total_tokens: Optional[int] = None
+    mem_fraction_static: Optional[float] = None
+    max_running_requests: Optional[int] = None
+
+    # Scheduling
+    chunked_prefill_size: Optional[int] = None  # None: device default; -1 disables
+    max_prefill_tokens: int = 16384
+    schedule_conservativeness: float = 1.0
+    stream_interval: int = 1
+    incremental_streaming_output: bool = False
+
+    # Kernels
+    attention_backend: Optional[str] = None  # None: device default
+
+    # Misc
+    random_seed: Optional[int] = None
+    log_level: str = "info"
+    watchdog_timeout: float = 300.0
+
+    # Extra keys that later issues own; kept so that configs are forward-compatible.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_path is None:
+            self.model_path = DEFAULT_MODEL
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto|float32|bfloat16|float16, got {self.dtype!r}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise ValueError(f"max_total_tokens must be >= 1, got {self.max_total_tokens}")
+        if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static < 1:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        if self.max_running_requests is not None and self.max_running_requests < 1:
+            raise ValueError(
+                f"max_running_requests must be >= 1, got {self.max_running_requests}"
+            )
+        if self.chunked_prefill_size is not None and (
+            self.chunked_prefill_size == 0 or self.chunked_prefill_size < -1
+        ):
+            raise ValueError(
+                f"chunked_prefill_size must be positive or -1, got {self.chunked_prefill_size}"
+            )
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+
+    # ---- device-dependent defaults, resolved in the scheduler process ----
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_chunked_prefill_size(self) -> Optional[int]:
+        size = self.chunked_prefill_size
+        if size is None:
+            size = 8192 if self.resolved_device() == "cuda" else 2048
+        return None if size == -1 else size
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend:
+            return self.attention_backend
+        return "torch_native"
+
+    # ---- argparse ----
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        d = ServerArgs.__dataclass_fields__
+        for f in dataclasses.fields(ServerArgs):
+            if f.name == "extra":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = d[f.name].default
+            if f.type in ("bool",) or isinstance(default, bool):
+                parser.add_argument(flag, action="store_true", default=default)
+                continue
+            parser.add_argument(flag, type=_parse_type(f.type), default=default)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+    @classmethod
+    def from_kwargs(cls, model_path: Optional[str] = None, **kwargs) -> "ServerArgs":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(model_path=model_path, **kwargs)
+
+
+def _parse_type(type_name: str):
+    name = str(type_name)
+    if "int" in name:
+        return int
+    if "float" in name:
+        return float
+    return str
