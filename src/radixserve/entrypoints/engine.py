@@ -1,0 +1,230 @@
+"""Engine: the offline API. The same TokenizerManager and subprocesses as the
+server, without HTTP.
+
+The TokenizerManager's asyncio loop runs in a background thread of the
+caller's process, so the synchronous methods work anywhere (scripts, notebooks,
+threads) and the async ones work from any event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Union
+
+from radixserve.managers.detokenizer_manager import run_detokenizer_process
+from radixserve.managers.generate_input import GenerateReqInput
+from radixserve.managers.ipc import PortArgs
+from radixserve.managers.scheduler import run_scheduler_process
+from radixserve.managers.tokenizer_manager import TokenizerManager
+from radixserve.model_loader.source import resolve_model_source
+from radixserve.server_args import ServerArgs
+from radixserve.utils.hf_utils import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def launch_subprocesses(server_args: ServerArgs) -> tuple:
+    """Start scheduler and detokenizer; wait for the model. Returns
+    (port_args, ready_info, processes). Raises RuntimeError if start-up failed."""
+    port_args = PortArgs.new()
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    parent = os.getpid()
+    scheduler = ctx.Process(
+        target=run_scheduler_process, args=(server_args, port_args, writer, parent),
+        name="radixserve-scheduler", daemon=True,
+    )
+    detokenizer = ctx.Process(
+        target=run_detokenizer_process, args=(server_args, port_args, parent),
+        name="radixserve-detokenizer", daemon=True,
+    )
+    scheduler.start()
+    detokenizer.start()
+    procs = [scheduler, detokenizer]
+    try:
+        while not reader.poll(0.5):
+            if not scheduler.is_alive():
+                raise RuntimeError(f"scheduler process exited with code {scheduler.exitcode} during start-up")
+        status, payload = reader.recv()
+    except BaseException:
+        kill_processes(procs)
+        raise
+    if status != "ready":
+        kill_processes(procs)
+        raise RuntimeError(f"engine failed to start: {payload}")
+    return port_args, payload, procs
+
+
+def kill_processes(procs: List[mp.Process]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(timeout=5)
+
+
+class Engine:
+    def __init__(self, model_path: Optional[str] = None, **kwargs: Any) -> None:
+        self.server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
+        logging.basicConfig(level=self.server_args.log_level.upper())
+        # Fail fast on a bad path before starting any process.
+        source = resolve_model_source(self.server_args.model_path)
+        port_args, ready, self._procs = launch_subprocesses(self.server_args)
+        self.tokenizer = load_tokenizer(source, self.server_args.tokenizer_path)
+        self.tokenizer_manager = TokenizerManager(self.server_args, port_args, self.tokenizer, ready)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="radixserve-tm")
+        self._thread.start()
+        self._closed = False
+        self._watchdog = threading.Thread(target=self._watch_children, daemon=True)
+        self._watchdog.start()
+        atexit.register(self.shutdown)
+
+    # ---- generate ----
+    def generate(
+        self, prompt: Union[str, List[str], None] = None,
+        sampling_params: Union[Dict[str, Any], List[Dict[str, Any]], None] = None,
+        input_ids: Union[List[int], List[List[int]], None] = None,
+        rid: Union[str, List[str], None] = None, return_logprob: Union[bool, List[bool]] = False,
+        logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
+        return_text_in_logprobs: bool = False, stream: bool = False,
+    ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
+        obj = GenerateReqInput(
+            prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+            stream=stream,
+        )
+        if stream:
+            return self._sync_stream(obj)
+        results = self._run(self._collect(obj))
+        return results if self._is_list(obj, results) else results[0]
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, rid=None,
+                             return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+                             return_text_in_logprobs=False, stream=False):
+        """Same arguments as generate. Await it for the result(s); with stream=True
+        the awaited value is an async iterator of chunks."""
+        obj = GenerateReqInput(
+            prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
+            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
+            stream=stream,
+        )
+        if stream:
+            obj.split()  # raise bad-input errors at the call, not at the first chunk
+            return self._async_stream(obj)
+        results = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(obj), self._loop))
+        return results if self._is_list(obj, results) else results[0]
+
+    @staticmethod
+    def _is_list(obj: GenerateReqInput, results: list) -> bool:
+        return obj.is_batch or len(results) > 1
+
+    async def _collect(self, obj: GenerateReqInput) -> List[Dict[str, Any]]:
+        return [r async for r in self.tokenizer_manager.generate_request(obj)]
+
+    def _sync_stream(self, obj: GenerateReqInput) -> Iterator[Dict[str, Any]]:
+        obj.split()  # validate now, in the caller's frame
+        chunks: queue.Queue = queue.Queue()
+        future = asyncio.run_coroutine_threadsafe(self._pump(obj, chunks.put), self._loop)
+
+        def iterate() -> Iterator[Dict[str, Any]]:
+            try:
+                while True:
+                    item = chunks.get()
+                    if item is _DONE:
+                        future.result()  # re-raise what the producer raised
+                        return
+                    yield item
+            finally:
+                future.cancel()
+
+        return iterate()
+
+    async def _async_stream(self, obj: GenerateReqInput) -> AsyncIterator[Dict[str, Any]]:
+        caller_loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            caller_loop.call_soon_threadsafe(chunks.put_nowait, item)
+
+        future = asyncio.run_coroutine_threadsafe(self._pump(obj, put), self._loop)
+        try:
+            while True:
+                item = await chunks.get()
+                if item is _DONE:
+                    future.result()
+                    return
+                yield item
+        finally:
+            future.cancel()
+
+    async def _pump(self, obj: GenerateReqInput, put) -> None:
+        try:
+            async for chunk in self.tokenizer_manager.generate_request(obj):
+                put(chunk)
+        finally:
+            put(_DONE)
+
+    # ---- control ----
+    def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        if rid is None and not abort_all:
+            raise ValueError("abort_request needs a rid or abort_all=True")
+        self._loop.call_soon_threadsafe(self.tokenizer_manager.abort_request, rid, abort_all)
+
+    def get_server_info(self) -> Dict[str, Any]:
+        info = self._run(self.tokenizer_manager.get_server_info())
+        info["model_path"] = self.server_args.model_path
+        return info
+
+    def flush_cache(self) -> bool:
+        out = self._run(self.tokenizer_manager.flush_cache())
+        if not out.success:
+            logger.warning("flush_cache refused: %s", out.message)
+        return out.success
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def _run(self, coro):
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the engine is shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _watch_children(self) -> None:
+        """If a child dies, fail every pending request instead of hanging."""
+        import time
+
+        while not self._closed:
+            dead = [p for p in self._procs if not p.is_alive()]
+            if dead and not self._closed:
+                msg = f"{dead[0].name} exited with code {dead[0].exitcode}"
+                logger.error(msg)
+                self._loop.call_soon_threadsafe(self.tokenizer_manager.fail_all, msg)
+                return
+            time.sleep(0.5)
+
+    # ---- lifecycle ----
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        kill_processes(self._procs)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,178 @@
+"""ScheduleBatch: the scheduler's view of one batch, and how it becomes a ForwardBatch.
+
+Decode state lives in tensors (seq_lens, req_pool_indices, last sampled ids) so a
+decode step is a few tensor ops whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from radixserve.managers.req import Req
+from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
+from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+
+@dataclass
+class MemoryPools:
+    req_to_token_pool: ReqToTokenPool
+    allocator: TokenAllocator
+    kv_pool: KVPool
+
+
+@dataclass
+class ExtendPlan:
+    """What one request contributes to an extend batch."""
+
+    req: Req
+    extend_len: int  # new tokens this forward (a chunk may be shorter than the rest)
+    # Positions (absolute, in this chunk) whose logits give input logprobs.
+    input_logprob_positions: range
+    # True when this extend reaches the end of the request's tokens, so the
+    # logits of its last token sample the next output token.
+    completes_prefill: bool
+
+
+class ScheduleBatch:
+    def __init__(self, reqs: List[Req], pools: MemoryPools, device: torch.device) -> None:
+        self.reqs = reqs
+        self.pools = pools
+        self.device = device
+        self.forward_mode = ForwardMode.DECODE
+        self.sampling_info = None  # SamplingBatchInfo, rebuilt when reqs change
+        self.plans: List[ExtendPlan] = []
+        # Decode state (valid for a running batch)
+        self.req_pool_indices = torch.empty(0, dtype=torch.int64, device=device)
+        self.seq_lens = torch.empty(0, dtype=torch.int64, device=device)
+        self.seq_lens_cpu = torch.empty(0, dtype=torch.int64)
+        self.last_token_ids = torch.empty(0, dtype=torch.int64, device=device)
+        # Per forward
+        self.input_ids: Optional[torch.Tensor] = None
+        self.positions: Optional[torch.Tensor] = None
+        self.out_cache_loc: Optional[torch.Tensor] = None
+        self.logits_indices: Optional[torch.Tensor] = None
+        self.last_logit_rows: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    # ---- extend ----
+    def prepare_for_extend(self, plans: List[ExtendPlan]) -> bool:
+        """Allocate rows and KV slots and build the input tensors. False (and
+        nothing allocated) when memory is short."""
+        pools, dev = self.pools, self.device
+        self.forward_mode, self.plans = ForwardMode.EXTEND, plans
+        prefix_lens = [p.req.kv_len for p in plans]
+        seq_lens = [p.req.kv_len + p.extend_len for p in plans]
+        new_rows = [p.req for p in plans if p.req.req_pool_idx is None]
+        if len(new_rows) > pools.req_to_token_pool.available_size():
+            return False
+        table = pools.req_to_token_pool.req_to_token
+        last_locs = [
+            int(table[p.req.req_pool_idx, p.req.kv_len - 1]) if p.req.kv_len else 0 for p in plans
+        ]
+        out_cache_loc = pools.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
+        if out_cache_loc is None:
+            return False
+        for req in new_rows:
+            req.req_pool_idx = pools.req_to_token_pool.alloc()
+
+        input_ids, positions, logit_rows, last_rows, start = [], [], [], [], 0
+        for p, prefix, seq in zip(plans, prefix_lens, seq_lens):
+            table[p.req.req_pool_idx, prefix:seq] = out_cache_loc[start:start + p.extend_len]
+            input_ids.extend(p.req.fill_ids[prefix:seq])
+            positions.append(torch.arange(prefix, seq))
+            logit_rows.extend(start + pos - prefix for pos in p.input_logprob_positions)
+            last_rows.append(len(logit_rows))
+            logit_rows.append(start + p.extend_len - 1)
+            p.req.kv_len = seq
+            start += p.extend_len
+
+        self.req_pool_indices = torch.tensor([p.req.req_pool_idx for p in plans], device=dev)
+        self.seq_lens_cpu = torch.tensor(seq_lens, dtype=torch.int64)
+        self.seq_lens = self.seq_lens_cpu.to(dev)
+        self.input_ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        self.positions = torch.cat(positions).to(dev)
+        self.out_cache_loc = out_cache_loc
+        self.logits_indices = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
+        self.last_logit_rows = torch.tensor(last_rows, dtype=torch.int64, device=dev)
+        self._prefix_lens, self._extend_lens = prefix_lens, [p.extend_len for p in plans]
+        return True
+
+    # ---- decode ----
+    def decode_tokens_needed(self) -> int:
+        """KV tokens the next decode step must allocate (whole pages)."""
+        P = self.pools.allocator.page_size
+        if P == 1:
+            return len(self.reqs)
+        return int((self.seq_lens_cpu % P == 0).sum()) * P
+
+    def prepare_for_decode(self) -> bool:
+        self.forward_mode = ForwardMode.DECODE
+        table = self.pools.req_to_token_pool.req_to_token
+        last_locs = table[self.req_pool_indices, self.seq_lens - 1]
+        out_cache_loc = self.pools.allocator.alloc_decode(self.seq_lens, last_locs)
+        if out_cache_loc is None:
+            return False
+        table[self.req_pool_indices, self.seq_lens] = out_cache_loc
+        self.input_ids = self.last_token_ids
+        self.positions = self.seq_lens.clone()
+        self.out_cache_loc = out_cache_loc
+        self.seq_lens = self.seq_lens + 1
+        self.seq_lens_cpu = self.seq_lens_cpu + 1
+        self.logits_indices = None
+        for req in self.reqs:
+            req.kv_len += 1
+        return True
+
+    # ---- membership ----
+    def filter(self, keep: List[int]) -> None:
+        """Keep only the requests at these indices (in order)."""
+        if len(keep) == len(self.reqs):
+            return
+        idx = torch.tensor(keep, dtype=torch.int64)
+        self.reqs = [self.reqs[i] for i in keep]
+        self.req_pool_indices = self.req_pool_indices[idx.to(self.device)]
+        self.seq_lens = self.seq_lens[idx.to(self.device)]
+        self.seq_lens_cpu = self.seq_lens_cpu[idx]
+        self.last_token_ids = self.last_token_ids[idx.to(self.device)]
+        self.sampling_info = None
+
+    def merge(self, other: "ScheduleBatch") -> None:
+        self.reqs = self.reqs + other.reqs
+        self.req_pool_indices = torch.cat([self.req_pool_indices, other.req_pool_indices])
+        self.seq_lens = torch.cat([self.seq_lens, other.seq_lens])
+        self.seq_lens_cpu = torch.cat([self.seq_lens_cpu, other.seq_lens_cpu])
+        self.last_token_ids = torch.cat([self.last_token_ids, other.last_token_ids])
+        self.sampling_info = None
+
+    # ---- to the model ----
+    def to_forward_batch(self, attn_backend) -> ForwardBatch:
+        fb = ForwardBatch(
+            forward_mode=self.forward_mode,
+            batch_size=len(self.reqs),
+            input_ids=self.input_ids,
+            positions=self.positions,
+            req_pool_indices=self.req_pool_indices,
+            seq_lens=self.seq_lens,
+            out_cache_loc=self.out_cache_loc,
+            seq_lens_cpu=self.seq_lens_cpu.tolist(),
+            logits_indices=self.logits_indices,
+            req_to_token_pool=self.pools.req_to_token_pool,
+            kv_pool=self.pools.kv_pool,
+            attn_backend=attn_backend,
+        )
+        if self.forward_mode.is_extend():
+            fb.extend_prefix_lens_cpu = self._prefix_lens
+            fb.extend_seq_lens_cpu = self._extend_lens
+            fb.extend_prefix_lens = torch.tensor(self._prefix_lens, device=self.device)
+            fb.extend_seq_lens = torch.tensor(self._extend_lens, device=self.device)
+            fb.extend_start_loc = torch.cumsum(fb.extend_seq_lens, 0) - fb.extend_seq_lens
+        attn_backend.init_forward_metadata(fb)
+        return fb

@@ -1,0 +1,276 @@
+"""The scheduler process: receive requests, pick a batch, run it, send results.
+
+One loop: recv -> schedule -> forward -> sample -> process results. It owns the
+ModelRunner (model and KV memory); batching policy lives in schedule_policy,
+batch state in schedule_batch, result bookkeeping in scheduler_output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import traceback
+from typing import List, Optional
+
+import torch
+import zmq
+
+from radixserve.layers.sampler import Sampler
+from radixserve.managers import io_struct as io
+from radixserve.managers.ipc import PortArgs, die_with_parent, make_socket
+from radixserve.managers.req import Req
+from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder
+from radixserve.managers.scheduler_output import SchedulerOutputMixin
+from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.server_args import ServerArgs
+from radixserve.utils.hf_utils import get_eos_token_ids, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler(SchedulerOutputMixin):
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs) -> None:
+        self.server_args = server_args
+        if server_args.random_seed is not None:
+            torch.manual_seed(server_args.random_seed)
+        self.seed_rng = random.Random(server_args.random_seed)
+        self.runner = ModelRunner(server_args)
+        self.device = self.runner.device
+        self.pools = self.runner.pools
+        self.allocator = self.runner.allocator
+        self.tokenizer = load_tokenizer(self.runner.source, server_args.tokenizer_path)
+        self.eos_token_ids = get_eos_token_ids(self.runner.source, self.runner.config, self.tokenizer)
+        self.context_len = self.runner.context_len
+        self.max_running = self.runner.max_running_requests
+        self.chunk_size = server_args.resolved_chunked_prefill_size()
+        self.sampler = Sampler()
+
+        self.waiting_queue: List[Req] = []
+        self.running_batch = ScheduleBatch([], self.pools, self.device)
+        self.chunked_req: Optional[Req] = None
+        self.last_was_chunk = False
+        self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
+
+        ctx = zmq.Context(2)
+        self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
+        self.send_sock = make_socket(ctx, zmq.PUSH, port_args.scheduler_to_detokenizer, bind=False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv_sock, zmq.POLLIN)
+
+    def ready_info(self) -> io.SchedulerReady:
+        return io.SchedulerReady(
+            max_total_num_tokens=self.runner.max_total_num_tokens,
+            max_running_requests=self.max_running,
+            context_length=self.context_len,
+            vocab_size=self.runner.vocab_size,
+            chunked_prefill_size=self.chunk_size,
+            device=str(self.device),
+        )
+
+    # ---- the loop ----
+    def event_loop(self) -> None:
+        while True:
+            idle = self.is_idle()
+            for msg in self.recv_requests(block=idle):
+                self.process_input(msg)
+            batch = self.get_next_batch_to_run()
+            if batch is None:
+                self.check_memory_when_idle()
+                continue
+            self.run_and_process(batch)
+
+    def is_idle(self) -> bool:
+        return not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
+
+    def recv_requests(self, block: bool) -> list:
+        msgs = []
+        if block:
+            self.poller.poll(timeout=1000)
+        while True:
+            try:
+                msgs.append(self.recv_sock.recv_pyobj(zmq.NOBLOCK))
+            except zmq.Again:
+                return msgs
+
+    def process_input(self, msg) -> None:
+        if isinstance(msg, io.TokenizedGenerateReqInput):
+            self.add_request(msg)
+        elif isinstance(msg, io.AbortReq):
+            self.abort(msg)
+        elif isinstance(msg, io.GetServerInfoReq):
+            self.send_sock.send_pyobj(io.GetServerInfoOut(self.server_info()))
+        elif isinstance(msg, io.FlushCacheReq):
+            self.send_sock.send_pyobj(self.flush_cache())
+        else:
+            logger.error("scheduler got an unknown message %r", type(msg))
+
+    def add_request(self, recv: io.TokenizedGenerateReqInput) -> None:
+        seed = recv.sampling_params.sampling_seed
+        if seed is None:
+            seed = self.seed_rng.getrandbits(62)
+        req = Req(recv, seed)
+        if len(req.origin_input_ids) + 1 > self.runner.max_total_num_tokens:
+            # It could never fit; fail it now instead of queueing it forever.
+            req.finished_reason = {
+                "type": "abort",
+                "message": f"prompt of {len(req.origin_input_ids)} tokens does not fit the KV cache "
+                f"({self.runner.max_total_num_tokens} tokens)",
+            }
+            self.send_outputs([req])
+            return
+        self.waiting_queue.append(req)
+
+    # ---- batch selection ----
+    def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        self.reap_aborted()
+        # Between chunks of a long prompt, let running requests decode one step,
+        # so a long prompt never stalls them for long.
+        if not (self.last_was_chunk and not self.running_batch.is_empty()):
+            batch = self.get_new_prefill_batch()
+            if batch is not None:
+                return batch
+        self.last_was_chunk = False
+        if self.running_batch.is_empty():
+            return None
+        return self.update_running_batch()
+
+    def get_new_prefill_batch(self) -> Optional[ScheduleBatch]:
+        if not self.waiting_queue and self.chunked_req is None:
+            return None
+        running = self.running_batch.reqs
+        adder = PrefillAdder(
+            self.allocator.available_size(), running, self.new_token_ratio.value,
+            self.allocator.page_size, self.chunk_size, self.server_args.max_prefill_tokens,
+        )
+        if self.chunked_req is not None:
+            adder.add(self.chunked_req)
+        for req in self.waiting_queue:
+            if len(running) + len(adder.plans) >= self.max_running or not adder.add(req):
+                break
+        admitted = sum(1 for p in adder.plans if p.req is not self.chunked_req)
+        if not adder.plans:
+            return None
+        batch = ScheduleBatch([p.req for p in adder.plans], self.pools, self.device)
+        if not batch.prepare_for_extend(adder.plans):
+            return None
+        self.waiting_queue = self.waiting_queue[admitted:]
+        self.chunked_req = adder.new_chunked_req
+        self.last_was_chunk = self.chunked_req is not None
+        return batch
+
+    def update_running_batch(self) -> Optional[ScheduleBatch]:
+        batch = self.running_batch
+        while self.allocator.available_size() < batch.decode_tokens_needed():
+            if len(batch) == 1:
+                # One request has the whole pool: it cannot grow; end it.
+                req = batch.reqs[0]
+                req.finished_reason = {"type": "length", "length": len(req.output_ids)}
+                self.finish_requests([req])
+                batch.filter([])
+                return None
+            self.retract_last(batch)
+        self.new_token_ratio.step()
+        batch.prepare_for_decode()
+        return batch
+
+    def retract_last(self, batch: ScheduleBatch) -> None:
+        """Free the newest request's KV and requeue it at the front; it will
+        prefill its prompt and output so far again and carry on."""
+        req = batch.reqs[-1]
+        batch.filter(list(range(len(batch) - 1)))
+        self.release_kv(req)
+        req.reset_for_retract()
+        self.waiting_queue.insert(0, req)
+        self.new_token_ratio.on_retract()
+        logger.info("KV cache full: retracted request %s (%d tokens)", req.rid, req.seq_len)
+
+    # ---- running ----
+    def run_and_process(self, batch: ScheduleBatch) -> None:
+        logits = self.runner.forward(batch)
+        if batch.sampling_info is None:
+            batch.sampling_info = SamplingBatchInfo.from_reqs(
+                batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids
+            )
+        sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
+        if batch.forward_mode.is_extend():
+            self.process_extend_result(batch, logits, sample)
+        else:
+            self.process_decode_result(batch, sample)
+
+    # ---- memory ----
+    def release_kv(self, req: Req) -> None:
+        if req.req_pool_idx is None:
+            return
+        table = self.pools.req_to_token_pool.req_to_token
+        self.allocator.free(table[req.req_pool_idx, : req.kv_len])
+        self.pools.req_to_token_pool.free(req.req_pool_idx)
+        req.req_pool_idx = None
+
+    def kv_holders(self) -> List[Req]:
+        holders = list(self.running_batch.reqs)
+        if self.chunked_req is not None:
+            holders.append(self.chunked_req)
+        return holders
+
+    def kv_cache_stats(self) -> dict:
+        P = self.allocator.page_size
+        in_use = sum(-(-r.kv_len // P) * P for r in self.kv_holders() if r.req_pool_idx is not None)
+        return {
+            "total_tokens": self.allocator.total_tokens,
+            "free_tokens": self.allocator.available_size(),
+            "in_use_tokens": in_use,
+            "cached_tokens": 0,
+        }
+
+    def check_memory_when_idle(self) -> None:
+        if not self.is_idle():
+            return
+        stats = self.kv_cache_stats()
+        leaked = stats["total_tokens"] - stats["free_tokens"] - stats["cached_tokens"]
+        if leaked:
+            logger.error("KV memory leak: %d tokens not free while idle", leaked)
+
+    # ---- control ----
+    def server_info(self) -> dict:
+        return {
+            "max_total_num_tokens": self.runner.max_total_num_tokens,
+            "max_running_requests": self.max_running,
+            "context_length": self.context_len,
+            "chunked_prefill_size": self.chunk_size,
+            "page_size": self.allocator.page_size,
+            "num_running_reqs": len(self.kv_holders()),
+            "num_waiting_reqs": len(self.waiting_queue),
+            "weight_version": "default",
+            "kv_cache": self.kv_cache_stats(),
+            "device": str(self.device),
+        }
+
+    def flush_cache(self) -> io.FlushCacheOut:
+        if not self.is_idle():
+            return io.FlushCacheOut(False, "requests are running; flush refused")
+        return io.FlushCacheOut(True, "")
+
+
+def run_scheduler_process(
+    server_args: ServerArgs, port_args: PortArgs, ready_pipe, parent_pid: int
+) -> None:
+    die_with_parent(parent_pid)
+    logging.basicConfig(
+        level=server_args.log_level.upper(),
+        format="[%(asctime)s scheduler] %(levelname)s %(message)s",
+    )
+    try:
+        scheduler = Scheduler(server_args, port_args)
+    except Exception as e:  # report start-up failures to the parent, then exit
+        ready_pipe.send(("error", f"{type(e).__name__}: {e}"))
+        logger.error("scheduler failed to start:\n%s", traceback.format_exc())
+        os._exit(1)
+    ready_pipe.send(("ready", scheduler.ready_info()))
+    try:
+        scheduler.event_loop()
+    except Exception:
+        logger.error("scheduler crashed:\n%s", traceback.format_exc())
+        os._exit(1)

@@ -1,0 +1,138 @@
+"""The scheduler's bookkeeping after a forward: append tokens, finish, free, send."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List
+
+from radixserve.managers import io_struct as io
+from radixserve.managers.logprobs import record_input_logprobs, record_output_logprob
+from radixserve.managers.req import Req
+
+if TYPE_CHECKING:
+    from radixserve.managers.schedule_batch import ScheduleBatch
+    from radixserve.managers.scheduler import Scheduler
+
+
+class SchedulerOutputMixin:
+    def process_extend_result(self: "Scheduler", batch: "ScheduleBatch", logits, sample) -> None:
+        if logits.all_logits is not None:
+            record_input_logprobs(batch.plans, logits.all_logits)
+        next_ids, host = sample.next_token_ids.tolist(), _host_logprobs(sample)
+        keep = []
+        for i, plan in enumerate(batch.plans):
+            req = plan.req
+            if not plan.completes_prefill:
+                continue  # a chunk: its sample is meaningless, the next chunk follows
+            self._append_token(req, i, next_ids[i], host)
+            if not req.finished:
+                keep.append(i)
+        batch.last_token_ids = sample.next_token_ids
+        finished = [p.req for p in batch.plans if p.req.finished]
+        self.finish_requests(finished)
+        self.send_outputs([p.req for p in batch.plans if p.completes_prefill])
+        batch.filter(keep)
+        if not batch.is_empty():
+            self.running_batch.merge(batch)
+
+    def process_decode_result(self: "Scheduler", batch: "ScheduleBatch", sample) -> None:
+        next_ids, host = sample.next_token_ids.tolist(), _host_logprobs(sample)
+        for i, req in enumerate(batch.reqs):
+            self._append_token(req, i, next_ids[i], host)
+        batch.sampling_info.record(sample.next_token_ids)
+        batch.last_token_ids = sample.next_token_ids
+        finished = [r for r in batch.reqs if r.finished]
+        self.send_outputs(batch.reqs)
+        if finished:
+            self.finish_requests(finished)
+            batch.filter([i for i, r in enumerate(batch.reqs) if not r.finished])
+
+    def _append_token(self: "Scheduler", req: Req, row: int, token: int, host) -> None:
+        req.output_ids.append(token)
+        if req.return_logprob:
+            record_output_logprob(req, row, token, *host)
+        req.check_finished(self.eos_token_ids, self.context_len, self.tokenizer)
+
+    def finish_requests(self: "Scheduler", reqs: List[Req]) -> None:
+        for req in reqs:
+            self.release_kv(req)
+
+    # ---- aborts ----
+    def abort(self: "Scheduler", msg: io.AbortReq) -> None:
+        def matches(req: Req) -> bool:
+            # An n > 1 request's copies share its rid as a prefix.
+            return msg.abort_all or req.rid == msg.rid or req.rid.startswith(f"{msg.rid}#")
+
+        waiting = [r for r in self.waiting_queue if matches(r)]
+        self.waiting_queue = [r for r in self.waiting_queue if not matches(r)]
+        for req in waiting:
+            self.release_kv(req)
+            req.finished_reason = {"type": "abort", "message": "aborted"}
+        self.send_outputs(waiting)
+        for req in self.kv_holders():
+            if matches(req):
+                req.to_abort = True
+        self.reap_aborted()
+
+    def reap_aborted(self: "Scheduler") -> None:
+        """End aborted running requests now, freeing their KV at once."""
+        batch = self.running_batch
+        aborted = [r for r in batch.reqs if r.to_abort]
+        if self.chunked_req is not None and self.chunked_req.to_abort:
+            aborted.append(self.chunked_req)
+            self.chunked_req = None
+            self.last_was_chunk = False
+        if not aborted:
+            return
+        for req in aborted:
+            req.finished_reason = {"type": "abort", "message": "aborted"}
+        self.finish_requests(aborted)
+        self.send_outputs(aborted)
+        batch.filter([i for i, r in enumerate(batch.reqs) if not r.to_abort])
+
+    # ---- sending ----
+    def send_outputs(self: "Scheduler", reqs: List[Req]) -> None:
+        interval = self.server_args.stream_interval
+        outs = []
+        for req in reqs:
+            new_tokens = len(req.output_ids) - req.sent_output_len
+            if not req.finished and not (req.stream and new_tokens >= interval):
+                continue
+            outs.append(_req_output(req))
+        if outs:
+            self.send_sock.send_pyobj(io.BatchTokenIDOut(outs))
+
+
+def _host_logprobs(sample):
+    if sample.logprobs is None:
+        return None, None, None
+    vals = sample.top_logprobs_val.tolist() if sample.top_logprobs_val is not None else None
+    ids = sample.top_logprobs_idx.tolist() if sample.top_logprobs_idx is not None else None
+    return sample.logprobs.tolist(), vals, ids
+
+
+def _req_output(req: Req) -> io.ReqOutput:
+    sp = req.sampling_params
+    out = io.ReqOutput(
+        rid=req.rid,
+        new_token_ids=req.output_ids[req.sent_output_len:],
+        finished_reason=req.finished_reason,
+        prompt_tokens=len(req.origin_input_ids),
+        completion_tokens=len(req.output_ids),
+        cached_tokens=req.cached_tokens,
+        skip_special_tokens=sp.skip_special_tokens,
+        spaces_between_special_tokens=sp.spaces_between_special_tokens,
+        no_stop_trim=sp.no_stop_trim,
+        stop_hold_back=max(sp.max_stop_str_len - 1, 0),
+    )
+    req.sent_output_len = len(req.output_ids)
+    if req.return_logprob:
+        start = req.sent_logprob_len
+        out.output_token_logprobs = req.output_token_logprobs[start:]
+        if req.top_logprobs_num > 0:
+            out.output_top_logprobs = req.output_top_logprobs[start:]
+        req.sent_logprob_len = len(req.output_token_logprobs)
+        if not req.sent_input_logprobs and req.input_logprobs_done:
+            out.input_token_logprobs = req.input_token_logprobs
+            out.input_top_logprobs = req.input_top_logprobs if req.top_logprobs_num > 0 else None
+            req.sent_input_logprobs = True
+    return out

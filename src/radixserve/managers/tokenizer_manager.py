@@ -1,0 +1,240 @@
+"""TokenizerManager: the front end in the caller's process (asyncio).
+
+Validates and tokenizes requests, sends them to the scheduler, and turns the
+detokenizer's messages back into result dicts. The Engine and the HTTP server
+share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Deque, Dict, List, Optional
+
+import zmq
+import zmq.asyncio
+
+from radixserve.managers import io_struct as io
+from radixserve.managers.generate_input import GenerateReqInput, SingleRequest
+from radixserve.managers.ipc import PortArgs, make_socket
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReqState:
+    req: SingleRequest
+    prompt_ids: List[int]
+    created: float
+    text: str = ""
+    output_ids: List[int] = field(default_factory=list)
+    pending: Deque[io.ReqOutput] = field(default_factory=deque)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: bool = False
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class TokenizerManager:
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, tokenizer: Any,
+                 ready: io.SchedulerReady) -> None:
+        self.server_args = server_args
+        self.tokenizer = tokenizer
+        self.ready = ready
+        self.context_len = ready.context_length
+        self.vocab_size = ready.vocab_size
+        self.port_args = port_args
+        self.states: Dict[str, ReqState] = {}
+        self._replies: Dict[type, Deque[asyncio.Future]] = {}
+        self._started = False
+        self._dead: Optional[str] = None
+
+    # ---- lifecycle: sockets are bound to the loop that first uses them ----
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        ctx = zmq.asyncio.Context(2)
+        self.send_sock = make_socket(ctx, zmq.PUSH, self.port_args.tokenizer_to_scheduler, bind=False)
+        self.recv_sock = make_socket(ctx, zmq.PULL, self.port_args.detokenizer_to_tokenizer, bind=True)
+        self._recv_task = asyncio.get_running_loop().create_task(self._handle_loop())
+        self._started = True
+
+    def fail_all(self, message: str) -> None:
+        """A child process died: end every pending request with an error."""
+        self._dead = message
+        for state in self.states.values():
+            state.pending.append(io.ReqOutput(
+                rid=state.req.rid, new_token_ids=[], finished_reason={"type": "abort", "message": message},
+                prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), cached_tokens=0,
+            ))
+            state.event.set()
+        for futures in self._replies.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(RuntimeError(message))
+
+    # ---- generate ----
+    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[Dict[str, Any]]:
+        """Yields result dicts: for stream=True one per update (with 'index' for a
+        batch), else one per single request in the order of obj.split()."""
+        self._ensure_started()
+        if self._dead:
+            raise RuntimeError(self._dead)
+        singles = obj.split()
+        states = [self._tokenize_and_check(s) for s in singles]  # all checked before any is sent
+        for state in states:
+            if state.req.rid in self.states:
+                raise ValueError(f"rid {state.req.rid!r} is already in flight")
+        for state in states:
+            self.states[state.req.rid] = state
+            self.send_sock.send_pyobj(io.TokenizedGenerateReqInput(
+                rid=state.req.rid, input_ids=state.prompt_ids, sampling_params=state.req.sampling_params,
+                stream=state.req.stream, return_logprob=state.req.return_logprob,
+                logprob_start_len=state.req.logprob_start_len, top_logprobs_num=state.req.top_logprobs_num,
+            ))
+        try:
+            if obj.stream:
+                async for chunk in self._stream(states, tag_index=obj.is_batch or len(states) > 1):
+                    yield chunk
+            else:
+                for state in states:
+                    result = None
+                    async for result in self._wait(state):
+                        pass
+                    yield result
+        finally:
+            for state in states:
+                if not state.finished:  # the caller went away: stop the work
+                    self.abort_request(state.req.rid)
+                self.states.pop(state.req.rid, None)
+
+    async def _wait(self, state: ReqState) -> AsyncIterator[Dict[str, Any]]:
+        while True:
+            await state.event.wait()
+            state.event.clear()
+            while state.pending:
+                out = state.pending.popleft()
+                yield self._apply(state, out)
+            if state.finished:
+                return
+
+    async def _stream(self, states: List[ReqState], tag_index: bool) -> AsyncIterator[Dict[str, Any]]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(state: ReqState) -> None:
+            async for chunk in self._wait(state):
+                if tag_index:
+                    chunk["index"] = state.req.index
+                await queue.put(chunk)
+            await queue.put(None)
+
+        tasks = [asyncio.ensure_future(pump(s)) for s in states]
+        try:
+            remaining = len(states)
+            while remaining:
+                chunk = await queue.get()
+                if chunk is None:
+                    remaining -= 1
+                else:
+                    yield chunk
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _tokenize_and_check(self, req: SingleRequest) -> ReqState:
+        ids = req.input_ids if req.input_ids is not None else self.tokenizer.encode(req.prompt)
+        if not ids:
+            raise ValueError("'prompt' tokenizes to zero tokens")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"'input_ids' has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) >= self.context_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, more than the context length allows "
+                f"({self.context_len} tokens including at least one generated)"
+            )
+        req.sampling_params.verify(self.vocab_size)
+        req.sampling_params.normalize()
+        return ReqState(req=req, prompt_ids=ids, created=time.monotonic())
+
+    def _apply(self, state: ReqState, out: io.ReqOutput) -> Dict[str, Any]:
+        """Fold one update into the request's state and build the result dict."""
+        incremental = self.server_args.incremental_streaming_output and state.req.stream
+        state.text += out.new_text
+        state.output_ids.extend(out.new_token_ids)
+        meta = state.meta
+        meta.update(
+            id=state.req.rid, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
+            cached_tokens=out.cached_tokens, finish_reason=out.finished_reason,
+            e2e_latency=time.monotonic() - state.created,
+        )
+        if state.req.return_logprob:
+            self._add_logprobs(state, out)
+        return {
+            "text": out.new_text if incremental else state.text,
+            "output_ids": list(out.new_token_ids) if incremental else list(state.output_ids),
+            "meta_info": dict(meta),
+        }
+
+    def _add_logprobs(self, state: ReqState, out: io.ReqOutput) -> None:
+        meta, with_text = state.meta, state.req.return_text_in_logprobs
+        meta.setdefault("output_token_logprobs", [])
+        meta["output_token_logprobs"] += self._with_text(out.output_token_logprobs or [], with_text)
+        if state.req.top_logprobs_num > 0:
+            meta.setdefault("output_top_logprobs", [])
+            meta["output_top_logprobs"] += [
+                self._with_text(top, with_text) for top in (out.output_top_logprobs or [])
+            ]
+        if out.input_token_logprobs is not None and state.req.logprob_start_len >= 0:
+            meta["input_token_logprobs"] = self._with_text(out.input_token_logprobs, with_text)
+            if state.req.top_logprobs_num > 0:
+                meta["input_top_logprobs"] = [
+                    None if top is None else self._with_text(top, with_text)
+                    for top in (out.input_top_logprobs or [])
+                ]
+
+    def _with_text(self, pairs, with_text: bool) -> list:
+        if not with_text:
+            return [(lp, tid, None) for lp, tid in pairs]
+        return [(lp, tid, self.tokenizer.decode([tid])) for lp, tid in pairs]
+
+    # ---- receiving ----
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = await self.recv_sock.recv_pyobj()
+            if isinstance(msg, io.BatchStrOut):
+                for out in msg.outputs:
+                    state = self.states.get(out.rid)
+                    if state is None:
+                        continue  # the caller gave up on it
+                    state.pending.append(out)
+                    state.finished = out.finished_reason is not None
+                    state.event.set()
+            else:
+                futures = self._replies.get(type(msg))
+                if futures:
+                    futures.popleft().set_result(msg)
+
+    async def _call(self, request: Any, reply_type: type) -> Any:
+        self._ensure_started()
+        if self._dead:
+            raise RuntimeError(self._dead)
+        fut = asyncio.get_running_loop().create_future()
+        self._replies.setdefault(reply_type, deque()).append(fut)
+        self.send_sock.send_pyobj(request)
+        return await fut
+
+    # ---- control ----
+    def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        self._ensure_started()
+        self.send_sock.send_pyobj(io.AbortReq(rid=rid, abort_all=abort_all))
+
+    async def get_server_info(self) -> Dict[str, Any]:
+        reply = await self._call(io.GetServerInfoReq(), io.GetServerInfoOut)
+        return reply.info
+
+    async def flush_cache(self) -> io.FlushCacheOut:
+        return await self._call(io.FlushCacheReq(), io.FlushCacheOut)

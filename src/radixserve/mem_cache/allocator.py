@@ -1,0 +1,127 @@
+"""KV memory: the request-to-token table, the per-layer KV pool, and the slot allocator.
+
+Slot 0 of the KV pool is never handed out: padded positions (CUDA-graph
+padding later) write their K/V there harmlessly.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+class ReqToTokenPool:
+    """Row r maps position i of the request in row r to its KV slot."""
+
+    def __init__(self, size: int, max_context_len: int, device: torch.device) -> None:
+        self.size = size
+        self.max_context_len = max_context_len
+        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self.free_rows: List[int] = list(range(size))
+
+    def available_size(self) -> int:
+        return len(self.free_rows)
+
+    def alloc(self) -> Optional[int]:
+        return self.free_rows.pop() if self.free_rows else None
+
+    def free(self, row: int) -> None:
+        self.free_rows.append(row)
+
+
+class KVPool:
+    """Per layer K and V buffers `[num_slots, kv_heads, head_dim]`."""
+
+    def __init__(
+        self, num_slots: int, num_layers: int, num_kv_heads: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k_buffers[layer_id][loc] = k.to(self.k_buffers[layer_id].dtype)
+        self.v_buffers[layer_id][loc] = v.to(self.v_buffers[layer_id].dtype)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class TokenAllocator:
+    """Hands out KV slots, page-granular. Pages are numbered from 1 (page 0 is
+    the reserved padding page); page p covers slots [p*P, (p+1)*P).
+
+    Counts are in tokens (pages times page size) so callers never see pages."""
+
+    def __init__(self, num_tokens: int, page_size: int, device: torch.device) -> None:
+        self.page_size = page_size
+        self.num_pages = num_tokens // page_size
+        self.device = device
+        self.total_tokens = self.num_pages * page_size
+        # +1 for the reserved page 0.
+        self.num_slots = (self.num_pages + 1) * page_size
+        self.clear()
+
+    def clear(self) -> None:
+        self.free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int64, device=self.device)
+
+    def available_size(self) -> int:
+        return len(self.free_pages) * self.page_size
+
+    def _take_pages(self, n: int) -> Optional[torch.Tensor]:
+        if n > len(self.free_pages):
+            return None
+        pages, self.free_pages = self.free_pages[:n], self.free_pages[n:]
+        return pages
+
+    def alloc_extend(
+        self, prefix_lens: List[int], seq_lens: List[int], last_locs: List[int]
+    ) -> Optional[torch.Tensor]:
+        """Slots for positions [prefix_len, seq_len) of each request, concatenated.
+        last_locs[i] is the slot of position prefix_len-1 (unused when prefix_len is
+        page-aligned). Returns None, allocating nothing, when memory is short."""
+        P = self.page_size
+        if P == 1:
+            n = sum(s - p for p, s in zip(prefix_lens, seq_lens))
+            return self._take_pages(n)
+        need = [-(-s // P) - (-(-p // P)) for p, s in zip(prefix_lens, seq_lens)]
+        pages = self._take_pages(sum(need))
+        if pages is None:
+            return None
+        offsets = torch.arange(P, device=self.device)
+        out, start = [], 0
+        for prefix, seq, last, n in zip(prefix_lens, seq_lens, last_locs, need):
+            # First fill the rest of the prefix's partly filled last page ...
+            tail = min(seq - prefix, (P - prefix % P) % P)
+            if tail:
+                out.append(torch.arange(last + 1, last + 1 + tail, device=self.device))
+            # ... then whole new pages, the last one possibly partly used.
+            if n:
+                slots = (pages[start:start + n, None] * P + offsets).flatten()
+                out.append(slots[: seq - prefix - tail])
+            start += n
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def alloc_decode(self, seq_lens: torch.Tensor, last_locs: torch.Tensor) -> Optional[torch.Tensor]:
+        """One slot per request for position seq_len (its length before this step)."""
+        P = self.page_size
+        if P == 1:
+            return self._take_pages(len(seq_lens))
+        needs_page = seq_lens % P == 0
+        pages = self._take_pages(int(needs_page.sum().item()))
+        if pages is None:
+            return None
+        out = last_locs + 1
+        out[needs_page] = pages * P
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Free the pages of a request's slots (positions 0..n-1 of one request,
+        so every page starts at a multiple of the page size)."""
+        if len(slots) == 0:
+            return
+        pages = slots[:: self.page_size] // self.page_size
+        self.free_pages = torch.cat([self.free_pages, pages.to(self.free_pages.device)])

@@ -1,0 +1,125 @@
+"""ModelRunner: owns the model, the KV memory and the attention backend; runs one forward."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from radixserve.layers.attention.base import AttentionBackend
+from radixserve.managers.schedule_batch import MemoryPools, ScheduleBatch
+from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
+from radixserve.model_loader.loader import load_model
+from radixserve.model_loader.source import resolve_model_source
+from radixserve.server_args import ServerArgs
+from radixserve.utils.hf_utils import get_context_length, load_config
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_POOL_BYTES = 2 << 30  # on CPU, with no size given, the pool takes at most 2 GiB
+CPU_MAX_TOTAL_TOKENS = 1 << 17
+
+
+@dataclass
+class LogitsOutput:
+    next_token_logits: torch.Tensor  # [bs, vocab] float32, at each request's last token
+    all_logits: Optional[torch.Tensor]  # [num_logit_rows, vocab] when input logprobs asked
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs) -> None:
+        self.server_args = server_args
+        self.device = torch.device(server_args.resolved_device())
+        self.source = resolve_model_source(server_args.model_path)
+        self.config = load_config(self.source)
+        self.dtype = resolve_dtype(server_args.dtype, self.device.type)
+        self.context_len = server_args.context_length or get_context_length(self.config)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model = load_model(
+            self.source, self.config, self.dtype, self.device, server_args.load_format
+        )
+        self.vocab_size = self.config.vocab_size
+        self._init_memory()
+        self.attn_backend = self._make_attn_backend()
+
+    # ---- memory ----
+    def _kv_shape(self) -> tuple:
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return cfg.num_hidden_layers, num_kv_heads, head_dim
+
+    def _profile_max_num_tokens(self) -> int:
+        args = self.server_args
+        per_token = KVPool.bytes_per_token(*self._kv_shape(), self.dtype)
+        if args.max_total_tokens is not None:
+            return args.max_total_tokens
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            used_by_weights = torch.cuda.memory_allocated(self.device)
+            fraction = args.mem_fraction_static or 0.85
+            budget = total * fraction - used_by_weights
+            if budget <= 0:
+                raise ValueError(
+                    f"mem_fraction_static={fraction} leaves no room for the KV cache "
+                    f"after {used_by_weights / 2**30:.1f} GiB of weights"
+                )
+            return int(budget // per_token)
+        if args.mem_fraction_static is not None:
+            import os
+
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            return int(max(total * args.mem_fraction_static - weights, per_token) // per_token)
+        return min(CPU_KV_POOL_BYTES // per_token, CPU_MAX_TOTAL_TOKENS)
+
+    def _init_memory(self) -> None:
+        args = self.server_args
+        page = args.page_size
+        num_tokens = self._profile_max_num_tokens() // page * page
+        if num_tokens < page:
+            raise ValueError(f"KV cache too small: {num_tokens} tokens with page_size {page}")
+        self.max_total_num_tokens = num_tokens
+        max_running = args.max_running_requests or min(max(num_tokens // 64, 16), 1024)
+        self.max_running_requests = max_running
+        self.allocator = TokenAllocator(num_tokens, page, self.device)
+        layers, kv_heads, head_dim = self._kv_shape()
+        self.pools = MemoryPools(
+            # +1 row: a spare row for a chunked request alongside a full running batch
+            req_to_token_pool=ReqToTokenPool(max_running + 1, self.context_len + 1, self.device),
+            allocator=self.allocator,
+            kv_pool=KVPool(self.allocator.num_slots, layers, kv_heads, head_dim, self.dtype, self.device),
+        )
+        logger.info(
+            "KV cache: %d tokens (%d layers, %d kv heads, head_dim %d, %s), max running requests %d",
+            num_tokens, layers, kv_heads, head_dim, self.dtype, max_running,
+        )
+
+    def _make_attn_backend(self) -> AttentionBackend:
+        name = self.server_args.resolved_attention_backend()
+        if name == "torch_native":
+            from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+
+            return TorchNativeAttnBackend()
+        raise ValueError(f"unknown attention_backend {name!r}; supported: torch_native")
+
+    # ---- forward ----
+    @torch.inference_mode()
+    def forward(self, batch: ScheduleBatch) -> LogitsOutput:
+        fb = batch.to_forward_batch(self.attn_backend)
+        hidden = self.model(fb.input_ids, fb.positions, fb)
+        if fb.forward_mode.is_decode():
+            return LogitsOutput(self.model.compute_logits(hidden), None)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        next_token_logits = logits[batch.last_logit_rows]
+        has_input_rows = logits.shape[0] > next_token_logits.shape[0]
+        return LogitsOutput(next_token_logits, logits if has_input_rows else None)
