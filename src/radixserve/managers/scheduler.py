@@ -53,6 +53,7 @@ class Scheduler(SchedulerOutputMixin):
         self.chunked_req: Optional[Req] = None
         self.last_was_chunk = False
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
+        self.num_retractions = 0
 
         ctx = zmq.Context(2)
         self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
@@ -185,6 +186,7 @@ class Scheduler(SchedulerOutputMixin):
         req.reset_for_retract()
         self.waiting_queue.insert(0, req)
         self.new_token_ratio.on_retract()
+        self.num_retractions += 1
         logger.info("KV cache full: retracted request %s (%d tokens)", req.rid, req.seq_len)
 
     # ---- running ----
@@ -243,6 +245,7 @@ class Scheduler(SchedulerOutputMixin):
             "page_size": self.allocator.page_size,
             "num_running_reqs": len(self.kv_holders()),
             "num_waiting_reqs": len(self.waiting_queue),
+            "num_retractions": self.num_retractions,
             "weight_version": "default",
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),

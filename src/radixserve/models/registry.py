@@ -1,0 +1,41 @@
+"""Architecture name -> model class. A new family is one file plus a line here."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from radixserve.models.llama import LlamaForCausalLM, MistralForCausalLM
+from radixserve.models.qwen2 import Qwen2ForCausalLM
+from radixserve.models.qwen3 import Qwen3ForCausalLM
+
+ARCHITECTURES: Dict[str, type] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+# Configs without `architectures` (those read from GGUF metadata) name only a model_type.
+MODEL_TYPES: Dict[str, type] = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def supported_architectures() -> List[str]:
+    return sorted(ARCHITECTURES)
+
+
+def get_model_class(config: Any) -> type:
+    names = list(getattr(config, "architectures", None) or [])
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    model_type = getattr(config, "model_type", None)
+    if not names and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    raise ValueError(
+        f"unsupported architecture {names or model_type!r}; supported: {', '.join(supported_architectures())}"
+    )

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny random-weight models built with transformers from real
+configs, saved as safetensors next to the embedded model's tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    initializer_range=0.1,
+)
+
+
+def tiny_config(arch: str, vocab_size: int, bos: int, eos: int):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    ids = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos)
+    if arch == "llama":
+        # Llama 3 style rope scaling, untied embeddings.
+        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                    high_freq_factor=4.0, original_max_position_embeddings=64)
+        return LlamaConfig(**TINY_COMMON, **ids, rope_parameters=rope, tie_word_embeddings=False)
+    if arch == "qwen2":
+        return Qwen2Config(**TINY_COMMON, **ids, tie_word_embeddings=True,
+                           rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    if arch == "qwen3":
+        return Qwen3Config(**TINY_COMMON, **ids, head_dim=32, tie_word_embeddings=False,
+                           rope_parameters=dict(rope_type="default", rope_theta=1000000.0))
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer_dir(tmp_path_factory) -> Path:
+    """The default model's tokenizer, saved once in HF format for tiny models."""
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.utils.hf_utils import load_tokenizer
+
+    tok = load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct"))
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_model(arch: str, tokenizer_dir: Path, out_dir: Path) -> Path:
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = tiny_config(arch, len(tok), bos=tok.bos_token_id or 1, eos=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir, max_shard_size="2MB")  # sharded, as big checkpoints are
+    for f in os.listdir(tokenizer_dir):
+        shutil.copy(tokenizer_dir / f, out_dir / f)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(embedded_tokenizer_dir, tmp_path_factory):
+    built = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, embedded_tokenizer_dir, tmp_path_factory.mktemp(arch))
+        return built[arch]
+
+    return get
+
+
+def load_hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def assert_no_leak(engine) -> None:
+    kv = engine.get_server_info()["kv_cache"]
+    assert kv["in_use_tokens"] == 0, kv
+    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
