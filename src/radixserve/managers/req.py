@@ -72,7 +72,7 @@ class Req:
         sp = self.sampling_params
         token = self.output_ids[-1]
         if len(self.output_ids) >= sp.min_new_tokens:
-            if token in sp.stop_token_ids or (not sp.ignore_eos and token in eos_token_ids):
+            if token in sp.stop_token_set or (not sp.ignore_eos and token in eos_token_ids):
                 self.finished_reason = {"type": "stop", "matched": token}
                 return
             matched = self._matched_stop_str(tokenizer)
