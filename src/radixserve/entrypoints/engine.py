@@ -220,6 +220,10 @@ class Engine:
             return
         self._closed = True
         kill_processes(self._procs)
+        try:
+            asyncio.run_coroutine_threadsafe(self.tokenizer_manager.close(), self._loop).result(timeout=5)
+        except Exception as e:  # shutting down anyway
+            logger.debug("tokenizer manager close: %s", e)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

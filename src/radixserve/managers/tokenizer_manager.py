@@ -62,6 +62,13 @@ class TokenizerManager:
         self._recv_task = asyncio.get_running_loop().create_task(self._handle_loop())
         self._started = True
 
+    async def close(self) -> None:
+        if self._started:
+            self._recv_task.cancel()
+            self.send_sock.close()
+            self.recv_sock.close()
+            self._started = False
+
     def fail_all(self, message: str) -> None:
         """A child process died: end every pending request with an error."""
         self._dead = message
