@@ -63,7 +63,7 @@ def iterate_gguf_weights(path: Path, config: Any) -> Iterator[Tuple[str, torch.T
         if name is None:
             raise ValueError(f"GGUF tensor {tensor.name!r} has no known Hugging Face name")
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        w = torch.from_numpy(np.array(data, dtype=np.float32))  # a writable copy
         if permute and name.endswith("q_proj.weight"):
             w = unpermute_rows(w, config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
