@@ -33,6 +33,8 @@ class ServerArgs:
 
     # Scheduling
     chunked_prefill_size: Optional[int] = None  # None: device default; -1 disables
+    schedule_policy: str = "fcfs"  # fcfs | lpm | dfs-weight | random
+    disable_radix_cache: bool = False
     max_prefill_tokens: int = 16384
     schedule_conservativeness: float = 1.0
     stream_interval: int = 1
@@ -76,6 +78,10 @@ class ServerArgs:
         ):
             raise ValueError(
                 f"chunked_prefill_size must be positive or -1, got {self.chunked_prefill_size}"
+            )
+        if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
+            raise ValueError(
+                f"schedule_policy must be fcfs|lpm|dfs-weight|random, got {self.schedule_policy!r}"
             )
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")

@@ -1,9 +1,10 @@
 """Batched sampling: logit processors, then greedy or seeded Gumbel-max sampling.
 
-The random noise of request r at step s for token t is a hash of
+The random noise of request r at step s for token t is an integer hash of
 (seed_r, s, t), so a seeded request samples the same tokens whatever else is
-in the batch, and no global RNG state is involved. All tensor ops, no loop
-over the batch.
+in the batch, on every run, and no global RNG state is read or advanced.
+All tensor ops, no loop over the batch, and no host sync: the caller's
+`.tolist()` of the ids is the only one.
 """
 
 from __future__ import annotations
@@ -16,29 +17,37 @@ import torch
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 
 MASK32 = 0xFFFFFFFF
+# Odd multiplier of a well-tested 32-bit xorshift-multiply hash. It is below
+# 2**27, so a 32-bit value times it stays below 2**59: int64 never overflows.
+_HASH_MUL = 0x45D9F3B
+_SEED_SALT = 0x243F6A88  # digits of pi: only needs to be a fixed, non-zero constant
+_TOKEN_SALT = 0x9E3779B9  # the golden-ratio constant, same reason
 
 
 @dataclass
 class SamplerOutput:
     next_token_ids: torch.Tensor  # [bs] int64
-    logprobs: Optional[torch.Tensor] = None  # [bs] float32, of the raw logits
-    top_logprobs_val: Optional[torch.Tensor] = None  # [bs, K]
-    top_logprobs_idx: Optional[torch.Tensor] = None  # [bs, K]
+    logprobs: Optional[torch.Tensor] = None  # [bs] float32, of the raw logits at the chosen ids
+    top_logprobs_val: Optional[torch.Tensor] = None  # [bs, K] float32, K = max top_logprobs_num
+    top_logprobs_idx: Optional[torch.Tensor] = None  # [bs, K] int64
 
 
 def apply_logit_processors(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Penalties, logit bias and the min_new_tokens block, on a copy of logits."""
-    logits = logits.clone()
-    if info.repetition_penalties is not None:
-        # HF semantics over prompt and output tokens: shrink toward zero.
-        penalized = torch.where(logits > 0, logits / info.repetition_penalties, logits * info.repetition_penalties)
+    """Penalties, logit bias and the min_new_tokens block. Never modifies
+    `logits`; returns it unchanged when the batch uses none of them."""
+    if info.seen_mask is not None:
+        # HF repetition penalty over prompt and output: shrink toward zero, so
+        # a seen token becomes less likely whatever the sign of its logit.
+        rp = info.repetition_penalties
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
         logits = torch.where(info.seen_mask, penalized, logits)
     if info.output_counts is not None:
-        # OpenAI semantics over output tokens.
-        logits -= info.frequency_penalties * info.output_counts
-        logits -= info.presence_penalties * (info.output_counts > 0).float()
+        # OpenAI semantics over output tokens only: frequency scales with the
+        # count, presence is paid once.
+        counts = info.output_counts
+        logits = logits - info.frequency_penalties * counts - info.presence_penalties * (counts > 0).float()
     if info.logit_bias is not None:
-        logits += info.logit_bias
+        logits = logits + info.logit_bias
     if info.stop_mask is not None:
         blocking = (info.steps < info.min_new_tokens)[:, None] & info.stop_mask
         logits = logits.masked_fill(blocking, float("-inf"))
@@ -46,7 +55,9 @@ def apply_logit_processors(logits: torch.Tensor, info: SamplingBatchInfo) -> tor
 
 
 def filter_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Temperature-scaled logits with tokens outside top_k / top_p / min_p set to -inf."""
+    """Temperature-scaled logits with tokens outside top_k / top_p / min_p set
+    to -inf. All three filters judge the same temperature-scaled distribution;
+    the most likely token always survives."""
     logits = logits / info.temperatures[:, None]
     if not info.need_filter:
         return logits
@@ -54,46 +65,70 @@ def filter_logits(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
     drop = rank >= info.top_ks[:, None]
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    drop |= (mass_before >= info.top_ps[:, None]) & (info.top_ps[:, None] < 1.0)
+    # top_p keeps the smallest prefix whose mass reaches top_p: a token stays
+    # iff the mass before it is still short of top_p. Rows with top_p == 1
+    # skip this, since rounding in cumsum could otherwise cut the tail.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    top_p = info.top_ps[:, None]
+    drop |= (mass_before >= top_p) & (top_p < 1.0)
     drop |= sorted_probs < info.min_ps[:, None] * sorted_probs[:, :1]
-    drop[:, 0] = False  # the most likely token always stays
+    drop[:, 0] = False
     mask = torch.zeros_like(drop).scatter(1, order, drop)
     return logits.masked_fill(mask, float("-inf"))
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash; products stay below 2**63 so int64 never overflows."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & MASK32
+    """A bijective 32-bit integer hash on int64 tensors holding values in [0, 2**32)."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & MASK32
+    x = ((x >> 16) ^ x) * _HASH_MUL & MASK32
     return (x >> 16) ^ x
 
 
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[bs, vocab] float32 in (0, 1), a pure function of (seed, step, token).
+
+    The row key chains the seed's two halves and the step through the hash
+    (not a symmetric XOR of them, which would give seed a at step b the same
+    noise as seed b at step a). Each token's own hash is then mixed with the
+    row key, so only one hash per [bs, vocab] element is computed.
+    """
+    key = _mix32((seeds & MASK32) ^ _SEED_SALT)
+    key = _mix32(key ^ ((seeds >> 32) & MASK32))  # arithmetic shift, then mask: the high half
+    key = _mix32(key ^ (steps & MASK32))
+    tokens = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=seeds.device) ^ _TOKEN_SALT)
+    bits = _mix32(key[:, None] ^ tokens[None, :])
+    # The top 24 bits fill a float32 mantissa exactly; +0.5 keeps 0 and 1 out,
+    # so both logs below stay finite.
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
 def seeded_gumbel(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[bs, vocab] Gumbel noise, a pure function of (seed, step, token)."""
-    row = _mix32(_mix32(seeds & MASK32) ^ _mix32((seeds >> 32) & MASK32) ^ _mix32(steps & MASK32))
-    tokens = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) + 0x9E3779B)
-    bits = _mix32(row[:, None] ^ tokens[None, :])
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)  # strictly inside (0, 1)
-    return -torch.log(-torch.log(uniform))
+    """[bs, vocab] standard Gumbel noise: argmax(logits + noise) ~ softmax(logits)."""
+    return -torch.log(-torch.log(seeded_uniform(seeds, steps, vocab_size)))
 
 
 class Sampler:
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SamplerOutput:
-        out = SamplerOutput(next_token_ids=torch.empty(0))
+        """logits: [bs, vocab] of the last position of each request."""
+        logits = logits.float()
+        out = SamplerOutput(next_token_ids=self._choose(apply_logit_processors(logits, info), info))
         if info.return_logprob:
-            raw = torch.log_softmax(logits.float(), dim=-1)
+            # Logprobs describe the model, before any processing (SGLang's default).
+            raw = torch.log_softmax(logits, dim=-1)
+            out.logprobs = raw.gather(1, out.next_token_ids[:, None])[:, 0]
             if info.max_top_logprobs > 0:
-                top = raw.topk(info.max_top_logprobs, dim=-1)
-                out.top_logprobs_val, out.top_logprobs_idx = top.values, top.indices
-        processed = apply_logit_processors(logits.float(), info)
-        greedy_ids = processed.argmax(dim=-1)
-        if info.all_greedy:
-            next_ids = greedy_ids
-        else:
-            scores = filter_logits(processed, info) + seeded_gumbel(info.seeds, info.steps, logits.shape[-1])
-            next_ids = torch.where(info.greedy, greedy_ids, scores.argmax(dim=-1))
-        out.next_token_ids = next_ids
-        if info.return_logprob:
-            out.logprobs = raw.gather(1, next_ids[:, None])[:, 0]
+                k = min(info.max_top_logprobs, raw.shape[-1])
+                out.top_logprobs_val, out.top_logprobs_idx = raw.topk(k, dim=-1)
         return out
+
+    __call__ = forward
+
+    @staticmethod
+    def _choose(processed: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
+        if info.all_greedy:
+            return processed.argmax(dim=-1)
+        noise = seeded_gumbel(info.seeds, info.steps, processed.shape[-1])
+        sampled = (filter_logits(processed, info) + noise).argmax(dim=-1)
+        if not info.any_greedy:
+            return sampled
+        return torch.where(info.greedy, processed.argmax(dim=-1), sampled)

@@ -27,7 +27,12 @@ class Req:
         # KV state: row in req_to_token and how many positions have KV slots.
         self.req_pool_idx: Optional[int] = None
         self.kv_len = 0
-        self.cached_tokens = 0
+        # The cached prefix: positions [0, prefix_len) are the radix tree's slots,
+        # pinned by locking last_node; prefix_slots until they are copied to the row.
+        self.prefix_len = 0
+        self.prefix_slots = None
+        self.last_node = None
+        self.cached_tokens: Optional[int] = None
         # Input logprobs are recorded once; a retracted request does not redo them.
         self.input_logprobs_done = not (self.return_logprob and self.logprob_start_len >= 0)
 
@@ -57,7 +62,6 @@ class Req:
         return self.finished_reason is not None
 
     def reset_for_retract(self) -> None:
-        self.req_pool_idx = None
         self.kv_len = 0
 
     # ---- finishing ----

@@ -7,7 +7,7 @@ decode step is a few tensor ops whatever the batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 
@@ -15,12 +15,16 @@ from radixserve.managers.req import Req
 from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
+if TYPE_CHECKING:
+    from radixserve.mem_cache.prefix_cache import PrefixCache
+
 
 @dataclass
 class MemoryPools:
     req_to_token_pool: ReqToTokenPool
     allocator: TokenAllocator
     kv_pool: KVPool
+    prefix_cache: "PrefixCache"
 
 
 @dataclass
@@ -73,15 +77,21 @@ class ScheduleBatch:
         new_rows = [p.req for p in plans if p.req.req_pool_idx is None]
         if len(new_rows) > pools.req_to_token_pool.available_size():
             return False
+        P = pools.allocator.page_size
+        needed = sum(-(-s // P) - (-(-p // P)) for p, s in zip(prefix_lens, seq_lens)) * P
+        if not pools.prefix_cache.make_room(needed):
+            return False
         table = pools.req_to_token_pool.req_to_token
+        for req in new_rows:
+            req.req_pool_idx = pools.req_to_token_pool.alloc()
+            if req.prefix_len:
+                table[req.req_pool_idx, :req.prefix_len] = req.prefix_slots
+            req.prefix_slots = None
         last_locs = [
             int(table[p.req.req_pool_idx, p.req.kv_len - 1]) if p.req.kv_len else 0 for p in plans
         ]
         out_cache_loc = pools.allocator.alloc_extend(prefix_lens, seq_lens, last_locs)
-        if out_cache_loc is None:
-            return False
-        for req in new_rows:
-            req.req_pool_idx = pools.req_to_token_pool.alloc()
+        assert out_cache_loc is not None, "make_room promised enough slots"
 
         input_ids, positions, logit_rows, last_rows, start = [], [], [], [], 0
         for p, prefix, seq in zip(plans, prefix_lens, seq_lens):

@@ -9,7 +9,9 @@ retraction, as SGLang's does.
 
 from __future__ import annotations
 
-from typing import List, Optional
+import random
+from collections import defaultdict
+from typing import Callable, List, Optional
 
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ExtendPlan
@@ -41,7 +43,11 @@ class PrefillAdder:
     def __init__(
         self, free_tokens: int, running_reqs: List[Req], ratio: float, page_size: int,
         chunk_budget: Optional[int], max_prefill_tokens: int,
+        lock: Callable[[Req], int] = lambda req: 0,
     ) -> None:
+        """free_tokens counts evictable cache too; lock(req) pins a planned request's
+        cached prefix and returns how many tokens stopped being evictable."""
+        self.lock = lock
         self.page_size = page_size
         reserved = sum(remaining_new_tokens(r) for r in running_reqs) * ratio
         self.rem_total = free_tokens - reserved
@@ -87,6 +93,8 @@ class PrefillAdder:
         return 0 if self.lenient and not self.plans else self.page_size
 
     def _plan(self, req: Req, extend_len: int) -> None:
+        if req.req_pool_idx is None:  # a new (or retracted) request: pin its prefix now
+            self.rem_total -= self.lock(req)
         self.plans.append(
             ExtendPlan(
                 req, extend_len, input_logprob_positions(req, extend_len),
@@ -104,3 +112,44 @@ def input_logprob_positions(req: Req, extend_len: int) -> range:
     first = max(start, req.logprob_start_len - 1, 0)
     last = min(start + extend_len, len(req.origin_input_ids) - 1)
     return range(first, max(first, last))
+
+
+# Above this many waiting requests, prefix-aware ordering costs more than it
+# saves; fall back to first come, first served (as SGLang does).
+PREFIX_POLICY_MAX_QUEUE = 128
+
+
+def order_waiting_queue(queue: List[Req], policy: str, prefix_cache) -> List[Req]:
+    if policy == "fcfs" or len(queue) <= 1 or prefix_cache.tree is None:
+        return queue
+    if policy == "random":
+        return random.sample(queue, len(queue))
+    if len(queue) > PREFIX_POLICY_MAX_QUEUE:
+        return queue
+    for req in queue:
+        prefix_cache.match(req)
+    if policy == "lpm":
+        # Longest cached prefix first; sorted() is stable, so ties stay in arrival order.
+        return sorted(queue, key=lambda r: -r.prefix_len)
+    return _dfs_weight_order(queue, prefix_cache.tree.root)
+
+
+def _dfs_weight_order(queue: List[Req], root) -> List[Req]:
+    """Walk the tree depth first, heaviest subtree (most waiting requests) first,
+    so requests sharing a prefix run together while it is cached."""
+    at_node = defaultdict(list)
+    weight = defaultdict(int)
+    for req in queue:
+        at_node[id(req.last_node)].append(req)
+        node = req.last_node
+        while node is not None:
+            weight[id(node)] += 1
+            node = node.parent
+    order: List[Req] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.extend(at_node.get(id(node), []))
+        children = [c for c in node.children.values() if weight[id(c)]]
+        stack.extend(sorted(children, key=lambda c: weight[id(c)]))  # heaviest popped first
+    return order

@@ -21,7 +21,7 @@ from radixserve.managers import io_struct as io
 from radixserve.managers.ipc import PortArgs, die_with_parent, make_socket
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
-from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder
+from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder, order_waiting_queue
 from radixserve.managers.scheduler_output import SchedulerOutputMixin
 from radixserve.model_executor.model_runner import ModelRunner
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
@@ -41,6 +41,7 @@ class Scheduler(SchedulerOutputMixin):
         self.device = self.runner.device
         self.pools = self.runner.pools
         self.allocator = self.runner.allocator
+        self.prefix_cache = self.pools.prefix_cache
         self.tokenizer = load_tokenizer(self.runner.source, server_args.tokenizer_path)
         self.eos_token_ids = get_eos_token_ids(self.runner.source, self.runner.config, self.tokenizer)
         self.context_len = self.runner.context_len
@@ -142,29 +143,41 @@ class Scheduler(SchedulerOutputMixin):
         if not self.waiting_queue and self.chunked_req is None:
             return None
         running = self.running_batch.reqs
+        self.waiting_queue = order_waiting_queue(
+            self.waiting_queue, self.server_args.schedule_policy, self.prefix_cache
+        )
         adder = PrefillAdder(
-            self.allocator.available_size(), running, self.new_token_ratio.value,
-            self.allocator.page_size, self.chunk_size, self.server_args.max_prefill_tokens,
+            self.allocator.available_size() + self.prefix_cache.evictable_size(), running,
+            self.new_token_ratio.value, self.allocator.page_size, self.chunk_size,
+            self.server_args.max_prefill_tokens, lock=self.prefix_cache.lock,
         )
         if self.chunked_req is not None:
             adder.add(self.chunked_req)
         for req in self.waiting_queue:
-            if len(running) + len(adder.plans) >= self.max_running or not adder.add(req):
+            if len(running) + len(adder.plans) >= self.max_running:
                 break
-        admitted = sum(1 for p in adder.plans if p.req is not self.chunked_req)
+            self.prefix_cache.match(req)
+            if not adder.add(req):
+                break
+        admitted = [p.req for p in adder.plans if p.req is not self.chunked_req]
         if not adder.plans:
             return None
         batch = ScheduleBatch([p.req for p in adder.plans], self.pools, self.device)
         if not batch.prepare_for_extend(adder.plans):
+            for req in admitted:
+                self.prefix_cache.release(req)
             return None
-        self.waiting_queue = self.waiting_queue[admitted:]
+        for req in admitted:
+            if req.cached_tokens is None:  # first admission: prompt tokens served from cache
+                req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
+        self.waiting_queue = self.waiting_queue[len(admitted):]
         self.chunked_req = adder.new_chunked_req
         self.last_was_chunk = self.chunked_req is not None
         return batch
 
     def update_running_batch(self) -> Optional[ScheduleBatch]:
         batch = self.running_batch
-        while self.allocator.available_size() < batch.decode_tokens_needed():
+        while not self.prefix_cache.make_room(batch.decode_tokens_needed()):
             if len(batch) == 1:
                 # One request has the whole pool: it cannot grow; end it.
                 req = batch.reqs[0]
@@ -182,7 +195,7 @@ class Scheduler(SchedulerOutputMixin):
         prefill its prompt and output so far again and carry on."""
         req = batch.reqs[-1]
         batch.filter(list(range(len(batch) - 1)))
-        self.release_kv(req)
+        self.prefix_cache.release(req)
         req.reset_for_retract()
         self.waiting_queue.insert(0, req)
         self.new_token_ratio.on_retract()
@@ -203,14 +216,6 @@ class Scheduler(SchedulerOutputMixin):
             self.process_decode_result(batch, sample)
 
     # ---- memory ----
-    def release_kv(self, req: Req) -> None:
-        if req.req_pool_idx is None:
-            return
-        table = self.pools.req_to_token_pool.req_to_token
-        self.allocator.free(table[req.req_pool_idx, : req.kv_len])
-        self.pools.req_to_token_pool.free(req.req_pool_idx)
-        req.req_pool_idx = None
-
     def kv_holders(self) -> List[Req]:
         holders = list(self.running_batch.reqs)
         if self.chunked_req is not None:
@@ -218,13 +223,16 @@ class Scheduler(SchedulerOutputMixin):
         return holders
 
     def kv_cache_stats(self) -> dict:
-        P = self.allocator.page_size
-        in_use = sum(-(-r.kv_len // P) * P for r in self.kv_holders() if r.req_pool_idx is not None)
+        """Counted independently: in use = the tree's locked tokens plus what each
+        request holds itself; cached = tokens only the tree holds. total = free +
+        in_use + cached unless something leaked."""
+        cache = self.prefix_cache
+        in_use = cache.protected_size() + sum(cache.owned_tokens(r) for r in self.kv_holders())
         return {
             "total_tokens": self.allocator.total_tokens,
             "free_tokens": self.allocator.available_size(),
             "in_use_tokens": in_use,
-            "cached_tokens": 0,
+            "cached_tokens": cache.evictable_size(),
         }
 
     def check_memory_when_idle(self) -> None:
@@ -232,8 +240,8 @@ class Scheduler(SchedulerOutputMixin):
             return
         stats = self.kv_cache_stats()
         leaked = stats["total_tokens"] - stats["free_tokens"] - stats["cached_tokens"]
-        if leaked:
-            logger.error("KV memory leak: %d tokens not free while idle", leaked)
+        if leaked or stats["in_use_tokens"]:
+            logger.error("KV memory leak while idle: %s", stats)
 
     # ---- control ----
     def server_info(self) -> dict:
@@ -253,7 +261,8 @@ class Scheduler(SchedulerOutputMixin):
 
     def flush_cache(self) -> io.FlushCacheOut:
         if not self.is_idle():
-            return io.FlushCacheOut(False, "requests are running; flush refused")
+            return io.FlushCacheOut(False, "requests are running or waiting; flush refused")
+        self.prefix_cache.reset()
         return io.FlushCacheOut(True, "")
 
 

@@ -22,7 +22,10 @@ class SchedulerOutputMixin:
         for i, plan in enumerate(batch.plans):
             req = plan.req
             if not plan.completes_prefill:
-                continue  # a chunk: its sample is meaningless, the next chunk follows
+                # A chunk: its sample is meaningless; its KV joins the cache now.
+                if not req.to_abort:
+                    self.prefix_cache.cache_unfinished(req)
+                continue
             self._append_token(req, i, next_ids[i], host)
             if not req.finished:
                 keep.append(i)
@@ -53,8 +56,12 @@ class SchedulerOutputMixin:
         req.check_finished(self.eos_token_ids, self.context_len, self.tokenizer)
 
     def finish_requests(self: "Scheduler", reqs: List[Req]) -> None:
+        """Finished requests' tokens join the prefix cache; aborted ones just let go."""
         for req in reqs:
-            self.release_kv(req)
+            if req.finished_reason and req.finished_reason["type"] == "abort":
+                self.prefix_cache.release(req)
+            else:
+                self.prefix_cache.cache_finished(req)
 
     # ---- aborts ----
     def abort(self: "Scheduler", msg: io.AbortReq) -> None:
@@ -65,7 +72,6 @@ class SchedulerOutputMixin:
         waiting = [r for r in self.waiting_queue if matches(r)]
         self.waiting_queue = [r for r in self.waiting_queue if not matches(r)]
         for req in waiting:
-            self.release_kv(req)
             req.finished_reason = {"type": "abort", "message": "aborted"}
         self.send_outputs(waiting)
         for req in self.kv_holders():
@@ -118,7 +124,7 @@ def _req_output(req: Req) -> io.ReqOutput:
         finished_reason=req.finished_reason,
         prompt_tokens=len(req.origin_input_ids),
         completion_tokens=len(req.output_ids),
-        cached_tokens=req.cached_tokens,
+        cached_tokens=req.cached_tokens or 0,
         skip_special_tokens=sp.skip_special_tokens,
         spaces_between_special_tokens=sp.spaces_between_special_tokens,
         no_stop_trim=sp.no_stop_trim,

@@ -11,6 +11,7 @@ import torch
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.managers.schedule_batch import MemoryPools, ScheduleBatch
 from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.prefix_cache import PrefixCache
 from radixserve.model_loader.loader import load_model
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs
@@ -93,11 +94,13 @@ class ModelRunner:
         self.max_running_requests = max_running
         self.allocator = TokenAllocator(num_tokens, page, self.device)
         layers, kv_heads, head_dim = self._kv_shape()
+        # +1 row: a spare row for a chunked request alongside a full running batch
+        req_to_token_pool = ReqToTokenPool(max_running + 1, self.context_len + 1, self.device)
         self.pools = MemoryPools(
-            # +1 row: a spare row for a chunked request alongside a full running batch
-            req_to_token_pool=ReqToTokenPool(max_running + 1, self.context_len + 1, self.device),
+            req_to_token_pool=req_to_token_pool,
             allocator=self.allocator,
             kv_pool=KVPool(self.allocator.num_slots, layers, kv_heads, head_dim, self.dtype, self.device),
+            prefix_cache=PrefixCache(req_to_token_pool, self.allocator, enabled=not args.disable_radix_cache),
         )
         logger.info(
             "KV cache: %d tokens (%d layers, %d kv heads, head_dim %d, %s), max running requests %d",

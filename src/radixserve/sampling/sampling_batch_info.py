@@ -1,104 +1,156 @@
 """SamplingBatchInfo: one batch's sampling parameters as device tensors.
 
 Rebuilt when the set of requests in a batch changes (a loop over requests),
-then updated each step by tensor ops only (`record`).
+then advanced each step by tensor ops only (`record`). The optional
+processor tensors exist only when some request in the batch needs them, so a
+plain batch pays nothing for penalties, biases or min_new_tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, List, Optional, Set
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
 
 import torch
+
+_INT64_WRAP = 1 << 64
 
 
 @dataclass
 class SamplingBatchInfo:
-    temperatures: torch.Tensor  # [bs] float32
+    temperatures: torch.Tensor  # [bs] float32; 1.0 on greedy rows (they take the argmax)
     top_ps: torch.Tensor  # [bs] float32
-    top_ks: torch.Tensor  # [bs] int64, vocab size where unlimited
+    top_ks: torch.Tensor  # [bs] int64; vocab size where unlimited
     min_ps: torch.Tensor  # [bs] float32
     greedy: torch.Tensor  # [bs] bool
-    seeds: torch.Tensor  # [bs] int64
+    seeds: torch.Tensor  # [bs] int64: the request's 64-bit seed, two's complement
     steps: torch.Tensor  # [bs] int64: output tokens so far = index of the token being sampled
-    need_filter: bool  # some row uses top_k / top_p / min_p
+    rows: torch.Tensor  # [bs] int64: arange, kept to index [bs, vocab] tensors in record()
+    vocab_size: int
+    # Host-side flags, so the sampler branches without reading device memory.
     all_greedy: bool
-    # Logprobs
+    any_greedy: bool
+    need_filter: bool  # some sampled row uses top_k / top_p / min_p
     return_logprob: bool
     max_top_logprobs: int
-    # Optional processors (None when no request in the batch uses them)
-    frequency_penalties: Optional[torch.Tensor] = None  # [bs, 1]
-    presence_penalties: Optional[torch.Tensor] = None  # [bs, 1]
-    output_counts: Optional[torch.Tensor] = None  # [bs, vocab] float32
-    repetition_penalties: Optional[torch.Tensor] = None  # [bs, 1]
-    seen_mask: Optional[torch.Tensor] = None  # [bs, vocab] bool: in prompt or output
+    # Optional processors (None when no request in the batch uses them).
+    frequency_penalties: Optional[torch.Tensor] = None  # [bs, 1] float32
+    presence_penalties: Optional[torch.Tensor] = None  # [bs, 1] float32
+    output_counts: Optional[torch.Tensor] = None  # [bs, vocab] float32: times each token was output
+    repetition_penalties: Optional[torch.Tensor] = None  # [bs, 1] float32
+    seen_mask: Optional[torch.Tensor] = None  # [bs, vocab] bool: token in prompt or output
     logit_bias: Optional[torch.Tensor] = None  # [bs, vocab] float32
     min_new_tokens: Optional[torch.Tensor] = None  # [bs] int64
     stop_mask: Optional[torch.Tensor] = None  # [bs, vocab] bool: tokens min_new_tokens blocks
 
+    @property
+    def batch_size(self) -> int:
+        return self.temperatures.shape[0]
+
+    @property
+    def has_logit_processors(self) -> bool:
+        return any(t is not None for t in (self.output_counts, self.seen_mask, self.logit_bias, self.stop_mask))
+
     @classmethod
-    def from_reqs(cls, reqs: List[Any], vocab_size: int, device: Any, eos_token_ids: Set[int]) -> "SamplingBatchInfo":
+    def from_reqs(cls, reqs: Sequence[Any], vocab_size: int, device: Any, eos_token_ids: Set[int]) -> "SamplingBatchInfo":
         sps = [r.sampling_params for r in reqs]
         bs = len(reqs)
 
-        def col(values, dtype):
+        def column(values: List[Any], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
 
+        greedy = [sp.is_greedy for sp in sps]
         top_ks = [sp.top_k if sp.top_k > 0 else vocab_size for sp in sps]
         info = cls(
-            temperatures=col([max(sp.temperature, 1e-6) for sp in sps], torch.float32),
-            top_ps=col([sp.top_p for sp in sps], torch.float32),
-            top_ks=col(top_ks, torch.int64),
-            min_ps=col([sp.min_p for sp in sps], torch.float32),
-            greedy=col([sp.is_greedy for sp in sps], torch.bool),
-            seeds=col([r.sampling_seed & ((1 << 63) - 1) for r in reqs], torch.int64),
-            steps=col([len(r.output_ids) for r in reqs], torch.int64),
-            need_filter=any(not sp.is_greedy and (k < vocab_size or sp.top_p < 1 or sp.min_p > 0)
-                            for sp, k in zip(sps, top_ks)),
-            all_greedy=all(sp.is_greedy for sp in sps),
+            temperatures=column([1.0 if g else sp.temperature for sp, g in zip(sps, greedy)], torch.float32),
+            top_ps=column([sp.top_p for sp in sps], torch.float32),
+            top_ks=column(top_ks, torch.int64),
+            min_ps=column([sp.min_p for sp in sps], torch.float32),
+            greedy=column(greedy, torch.bool),
+            seeds=column([_as_int64(r.sampling_seed) for r in reqs], torch.int64),
+            steps=column([len(r.output_ids) for r in reqs], torch.int64),
+            rows=torch.arange(bs, dtype=torch.int64, device=device),
+            vocab_size=vocab_size,
+            all_greedy=all(greedy),
+            any_greedy=any(greedy),
+            need_filter=any(
+                not g and (k < vocab_size or sp.top_p < 1.0 or sp.min_p > 0.0)
+                for sp, g, k in zip(sps, greedy, top_ks)
+            ),
             return_logprob=any(r.return_logprob for r in reqs),
-            max_top_logprobs=max((r.top_logprobs_num for r in reqs), default=0),
+            max_top_logprobs=max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0),
         )
-        if any(sp.frequency_penalty or sp.presence_penalty for sp in sps):
-            info.frequency_penalties = col([[sp.frequency_penalty] for sp in sps], torch.float32)
-            info.presence_penalties = col([[sp.presence_penalty] for sp in sps], torch.float32)
-            info.output_counts = _token_matrix(reqs, vocab_size, device, lambda r: r.output_ids).float()
+        if any(sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0 for sp in sps):
+            info.frequency_penalties = column([[sp.frequency_penalty] for sp in sps], torch.float32)
+            info.presence_penalties = column([[sp.presence_penalty] for sp in sps], torch.float32)
+            info.output_counts = _token_counts(reqs, vocab_size, device, lambda r: r.output_ids)
         if any(sp.repetition_penalty != 1.0 for sp in sps):
-            info.repetition_penalties = col([[sp.repetition_penalty] for sp in sps], torch.float32)
-            info.seen_mask = _token_matrix(reqs, vocab_size, device, lambda r: r.origin_input_ids + r.output_ids) > 0
+            info.repetition_penalties = column([[sp.repetition_penalty] for sp in sps], torch.float32)
+            # Repetition penalty (HF semantics) looks at the prompt too.
+            counts = _token_counts(reqs, vocab_size, device, lambda r: itertools.chain(r.origin_input_ids, r.output_ids))
+            info.seen_mask = counts > 0
         if any(sp.logit_bias for sp in sps):
-            info.logit_bias = torch.zeros((bs, vocab_size), dtype=torch.float32, device=device)
-            for row, sp in enumerate(sps):
-                for tid, bias in (sp.logit_bias or {}).items():
-                    info.logit_bias[row, int(tid)] = float(bias)
+            entries = [(row, tid, bias) for row, sp in enumerate(sps) for tid, bias in (sp.logit_bias or {}).items()
+                       if 0 <= int(tid) < vocab_size]
+            info.logit_bias = _dense(entries, bs, vocab_size, device, torch.float32)
         if any(sp.min_new_tokens > 0 for sp in sps):
-            info.min_new_tokens = col([sp.min_new_tokens for sp in sps], torch.int64)
-            info.stop_mask = torch.zeros((bs, vocab_size), dtype=torch.bool, device=device)
+            info.min_new_tokens = column([sp.min_new_tokens for sp in sps], torch.int64)
+            entries = []
             for row, sp in enumerate(sps):
+                if sp.min_new_tokens == 0:
+                    continue
                 blocked = set(sp.stop_token_set) | (set() if sp.ignore_eos else set(eos_token_ids))
-                if sp.min_new_tokens > 0 and blocked:
-                    info.stop_mask[row, sorted(blocked)] = True
+                entries.extend((row, tid, True) for tid in blocked if 0 <= tid < vocab_size)
+            info.stop_mask = _dense(entries, bs, vocab_size, device, torch.bool)
         return info
 
     def record(self, next_token_ids: torch.Tensor) -> None:
-        """After a step: the sampled tokens join each request's history."""
+        """After a decode step: the sampled tokens join each request's history.
+        Tensor ops only; next_token_ids [bs] int64 on the batch's device."""
         self.steps += 1
-        rows = torch.arange(len(next_token_ids), device=next_token_ids.device)
         if self.output_counts is not None:
-            self.output_counts[rows, next_token_ids] += 1
+            ones = torch.ones_like(next_token_ids, dtype=self.output_counts.dtype)
+            # Each row receives one token, so (row, token) pairs never repeat.
+            self.output_counts.index_put_((self.rows, next_token_ids), ones, accumulate=True)
         if self.seen_mask is not None:
-            self.seen_mask[rows, next_token_ids] = True
+            self.seen_mask[self.rows, next_token_ids] = True
 
 
-def _token_matrix(reqs: List[Any], vocab_size: int, device: Any, tokens_of) -> torch.Tensor:
-    """[bs, vocab] counts of each request's tokens."""
-    counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
-    rows, ids = [], []
-    for row, req in enumerate(reqs):
-        toks = tokens_of(req)
-        rows.extend([row] * len(toks))
-        ids.extend(toks)
-    if ids:
-        index = torch.tensor(rows, device=device) * vocab_size + torch.tensor(ids, device=device)
-        counts.view(-1).index_add_(0, index, torch.ones(len(ids), dtype=torch.int32, device=device))
+def _as_int64(seed: int) -> int:
+    """Any Python int seed, wrapped to the int64 with the same low 64 bits, so
+    the full 64-bit seed space reaches the hash and large seeds never overflow."""
+    seed %= _INT64_WRAP
+    return seed - _INT64_WRAP if seed >= 1 << 63 else seed
+
+
+def _token_counts(reqs: Sequence[Any], vocab_size: int, device: Any,
+                  tokens_of: Callable[[Any], Iterable[int]]) -> torch.Tensor:
+    """[bs, vocab] float32: how often each token occurs in each request's tokens."""
+    token_lists = [list(tokens_of(r)) for r in reqs]
+    counts = torch.zeros((len(reqs), vocab_size), dtype=torch.float32, device=device)
+    ids = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
+    if ids.numel() == 0:
+        return counts
+    # Row numbers are expanded on the host (repeat_interleave on a device
+    # would sync to learn the output size), then both go over in one copy each.
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(reqs)), lengths).to(device)
+    ids = ids.to(device)
+    # Ids outside the logits' vocabulary would be an out-of-bounds write (a
+    # device assert on CUDA); give them weight 0 instead of filtering, which
+    # would need a host sync.
+    valid = (ids >= 0) & (ids < vocab_size)
+    counts.index_put_((rows, ids.clamp(0, vocab_size - 1)), valid.float(), accumulate=True)
     return counts
+
+
+def _dense(entries: List[tuple], bs: int, vocab_size: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A [bs, vocab] tensor, zero except at the given (row, token, value) entries."""
+    out = torch.zeros((bs, vocab_size), dtype=dtype, device=device)
+    if entries:
+        rows, cols, values = zip(*entries)
+        out[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = torch.tensor(
+            values, dtype=dtype, device=device
+        )
+    return out

@@ -1,13 +1,25 @@
-"""SamplingParams: SGLang's sampling parameter names, defaults and checks."""
+"""SamplingParams: SGLang's sampling parameter names, defaults and checks.
+
+Lifecycle: `from_dict` (reject unknown names) → `verify(vocab_size)` (reject
+bad values, naming the field) → `normalize()` (fill the derived forms the
+scheduler uses). The TokenizerManager does all three where the input enters.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Set, Union
 
+# Below this temperature a request is greedy: dividing logits by ~0 would only
+# overflow, and the limit of softmax(logits / T) as T -> 0 is the argmax.
 GREEDY_TEMPERATURE = 1e-6
+# SGLang's bounds for the OpenAI penalties and for repetition_penalty.
+PENALTY_RANGE = (-2.0, 2.0)
+MAX_REPETITION_PENALTY = 2.0
+
+_DERIVED = {"derived": True}  # field metadata: filled by normalize(), not a user param
 
 
 @dataclass
@@ -35,99 +47,141 @@ class SamplingParams:
     regex: Optional[str] = None
     ebnf: Optional[str] = None
 
-    # Normalized forms, filled by normalize()
-    stop_strs: List[str] = field(default_factory=list, repr=False)
-    stop_token_set: Set[int] = field(default_factory=set, repr=False)
-    max_stop_str_len: int = field(default=0, repr=False)
+    # Derived by normalize(). They stay init fields so dataclasses.replace()
+    # (used to fan out n > 1) copies them.
+    stop_strs: List[str] = field(default_factory=list, repr=False, metadata=_DERIVED)
+    stop_token_set: Set[int] = field(default_factory=set, repr=False, metadata=_DERIVED)
+    max_stop_str_len: int = field(default=0, repr=False, metadata=_DERIVED)  # in characters
+
+    @classmethod
+    def user_fields(cls) -> List[str]:
+        """The names a user may pass."""
+        return [f.name for f in fields(cls) if not f.metadata.get("derived")]
 
     @classmethod
     def from_dict(cls, d: Optional[Dict[str, Any]]) -> "SamplingParams":
-        d = dict(d or {})
-        public = {f.name for f in dataclasses.fields(cls) if f.repr}
-        unknown = sorted(set(d) - public)
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ValueError(f"sampling_params must be a dict, got {type(d).__name__}")
+        known = cls.user_fields()
+        unknown = [k for k in d if k not in known]
         if unknown:
-            names = ", ".join(repr(k) for k in unknown)
-            raise ValueError(f"unknown sampling param {names}; known: {', '.join(sorted(public))}")
+            raise ValueError(_unknown_message(unknown, known))
         return cls(**d)
 
     # ---- checks: the field name leads every message ----
     def verify(self, vocab_size: int) -> None:
-        _int(self, "max_new_tokens", minimum=0)
-        _int(self, "min_new_tokens", minimum=0)
+        _check_int(self, "max_new_tokens", minimum=0)
+        _check_int(self, "min_new_tokens", minimum=0)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
             )
-        _num(self, "temperature", 0.0, math.inf)
-        _num(self, "top_p", 0.0, 1.0, low_open=True)
-        _int(self, "top_k", minimum=-1)
-        _num(self, "min_p", 0.0, 1.0)
-        _num(self, "frequency_penalty", -2.0, 2.0)
-        _num(self, "presence_penalty", -2.0, 2.0)
-        _num(self, "repetition_penalty", 0.0, 2.0, low_open=True)
-        _int(self, "n", minimum=1)
+        _check_number(self, "temperature", 0.0, math.inf)
+        _check_number(self, "top_p", 0.0, 1.0, low_open=True)
+        _check_int(self, "top_k", minimum=-1)
+        _check_number(self, "min_p", 0.0, 1.0)
+        _check_number(self, "frequency_penalty", *PENALTY_RANGE)
+        _check_number(self, "presence_penalty", *PENALTY_RANGE)
+        _check_number(self, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, low_open=True)
+        _check_int(self, "n", minimum=1)
         if self.sampling_seed is not None:
-            _int(self, "sampling_seed", minimum=-(2**63))
+            _check_int(self, "sampling_seed", minimum=None)
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        for name in ("json_schema", "regex", "ebnf"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         self._verify_stop()
-        for tid in self.stop_token_ids or []:
-            _token_id("stop_token_ids", tid, vocab_size)
-        if self.logit_bias is not None:
-            if not isinstance(self.logit_bias, dict):
-                raise ValueError("logit_bias must be a dict of token id -> bias")
-            for key, bias in self.logit_bias.items():
-                _token_id("logit_bias", _as_int(key, "logit_bias"), vocab_size)
-                if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-                    raise ValueError(f"logit_bias value for token {key} must be a finite number, got {bias!r}")
+        self._verify_stop_token_ids(vocab_size)
+        self._verify_logit_bias(vocab_size)
 
     def _verify_stop(self) -> None:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if stops is None:
             return
-        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+
+    def _verify_stop_token_ids(self, vocab_size: int) -> None:
+        if self.stop_token_ids is None:
+            return
+        if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+        for tid in self.stop_token_ids:
+            _check_token_id("stop_token_ids", tid, vocab_size)
+
+    def _verify_logit_bias(self, vocab_size: int) -> None:
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+        for key, bias in self.logit_bias.items():
+            _check_token_id("logit_bias", _parse_token_key(key), vocab_size)
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+                raise ValueError(f"logit_bias value for token {key!r} must be a finite number, got {bias!r}")
 
     def normalize(self) -> None:
+        """Derived forms for the scheduler; idempotent. Call after verify()."""
         if self.stop is None:
             self.stop_strs = []
         else:
             self.stop_strs = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        # In characters: the detokenizer holds back this many minus one
+        # characters of streamed text, since they could be a stop's prefix.
         self.max_stop_str_len = max((len(s) for s in self.stop_strs), default=0)
-        self.stop_token_set = set(self.stop_token_ids or [])
+        self.stop_token_set = set(self.stop_token_ids or ())
         if self.logit_bias:
-            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            self.logit_bias = {_parse_token_key(k): float(v) for k, v in self.logit_bias.items()}
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
-def _int(sp: SamplingParams, name: str, minimum: int) -> None:
+def _unknown_message(unknown: List[Any], known: List[str]) -> str:
+    plural = "s" if len(unknown) > 1 else ""
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), known, n=1)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return f"unknown sampling param{plural} {', '.join(parts)}"
+
+
+def _check_int(sp: SamplingParams, name: str, minimum: Optional[int]) -> None:
     value = getattr(sp, name)
+    # bool is an int subclass and 3.0 is a float: neither is a count.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _num(sp: SamplingParams, name: str, low: float, high: float, low_open: bool = False) -> None:
+def _check_number(sp: SamplingParams, name: str, low: float, high: float, low_open: bool = False) -> None:
     value = getattr(sp, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
         raise ValueError(f"{name} must be in {interval}, got {value}")
 
 
-def _as_int(key: Any, name: str) -> int:
-    try:
-        if isinstance(key, bool):
-            raise ValueError
-        return int(key)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} key {key!r} is not a token id") from None
+def _parse_token_key(key: Any) -> Any:
+    """logit_bias keys arrive as strings from JSON ("42") or as ints; anything
+    else (floats, "1.5", "abc") is returned unchanged and rejected by the id check."""
+    if isinstance(key, str):
+        try:
+            return int(key)
+        except ValueError:
+            pass
+    return key
 
 
-def _token_id(name: str, tid: Any, vocab_size: int) -> None:
-    if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < vocab_size:
-        raise ValueError(f"{name} has token id {tid!r} outside the vocabulary [0, {vocab_size})")
+def _check_token_id(name: str, tid: Any, vocab_size: int) -> None:
+    if isinstance(tid, bool) or not isinstance(tid, int):
+        raise ValueError(f"{name} has {tid!r}, which is not a token id")
+    if not 0 <= tid < vocab_size:
+        raise ValueError(f"{name} has token id {tid} outside the vocabulary [0, {vocab_size})")

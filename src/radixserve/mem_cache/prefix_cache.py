@@ -1,0 +1,129 @@
+"""Request-level prefix caching on top of the radix tree (or none at all).
+
+Ownership of a request's KV slots: positions [0, prefix_len) belong to the tree
+(locked while the request runs), positions [prefix_len, kv_len) to the request.
+When a request ends, its tokens go into the tree and the request's locks are
+released; with the cache disabled its slots are simply freed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.radix_tree import RadixTree
+
+if TYPE_CHECKING:
+    from radixserve.managers.req import Req
+
+
+class PrefixCache:
+    def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: TokenAllocator, enabled: bool) -> None:
+        self.req_pool = req_to_token_pool
+        self.table = req_to_token_pool.req_to_token
+        self.allocator = allocator
+        self.page_size = allocator.page_size
+        self.tree: Optional[RadixTree] = RadixTree(self.page_size, allocator.free) if enabled else None
+
+    # ---- sizes ----
+    def evictable_size(self) -> int:
+        return self.tree.evictable_size() if self.tree else 0
+
+    def protected_size(self) -> int:
+        return self.tree.protected_size() if self.tree else 0
+
+    def owned_tokens(self, req: "Req") -> int:
+        """Slots the request holds itself (whole pages)."""
+        if req.req_pool_idx is None:
+            return 0
+        return -(-req.kv_len // self.page_size) * self.page_size - req.prefix_len
+
+    # ---- admission ----
+    def match(self, req: "Req") -> None:
+        """Find the cached prefix of a request that holds no KV. At least one
+        token is left to compute, so the request gets logits to sample from."""
+        assert req.req_pool_idx is None
+        req.prefix_len, req.prefix_slots = 0, None
+        if self.tree is None:
+            return
+        limit = len(req.fill_ids) - 1
+        if not req.input_logprobs_done:
+            # Input logprobs need logits from position logprob_start_len - 1 on.
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        values, node = self.tree.match_prefix(req.fill_ids[:limit])
+        if values:
+            req.prefix_slots = torch.cat(values)
+            req.prefix_len = len(req.prefix_slots)
+        req.kv_len = req.prefix_len
+        req.last_node = node
+
+    def lock(self, req: "Req") -> int:
+        """Pin the request's prefix; returns tokens that stopped being evictable."""
+        return self.tree.lock(req.last_node) if self.tree and req.last_node is not None else 0
+
+    def unlock(self, req: "Req") -> None:
+        if self.tree and req.last_node is not None:
+            self.tree.unlock(req.last_node)
+        req.last_node = None
+
+    def make_room(self, num_tokens: int) -> bool:
+        short = num_tokens - self.allocator.available_size()
+        if short > 0 and self.tree:
+            self.tree.evict(short)
+        return self.allocator.available_size() >= num_tokens
+
+    # ---- after a chunk, at the end ----
+    def cache_unfinished(self, req: "Req") -> None:
+        """After a prefill chunk: the finished part joins the tree, so a long
+        prompt's progress is shared and never lost."""
+        if self.tree is None:
+            return
+        aligned = self._insert(req)
+        values, node = self.tree.match_prefix(req.fill_ids[:aligned])
+        slots = torch.cat(values) if values else self.table.new_empty(0)
+        # The request now reads the tree's copy of every cached position.
+        self.table[req.req_pool_idx, req.prefix_len:aligned] = slots[req.prefix_len:]
+        self.tree.unlock(req.last_node)
+        self.tree.lock(node)
+        req.last_node, req.prefix_len = node, aligned
+
+    def cache_finished(self, req: "Req") -> None:
+        if self.tree is None:
+            self.release(req)
+            return
+        aligned = self._insert(req)
+        row = self.table[req.req_pool_idx]
+        if req.kv_len > aligned:  # a partly filled last page stays out of the tree
+            self.allocator.free(row[aligned:req.kv_len])
+        self._drop_row(req)
+
+    def release(self, req: "Req") -> None:
+        """Retract or abort: free the request's own slots, keep the tree's."""
+        if req.req_pool_idx is not None:
+            self.allocator.free(self.table[req.req_pool_idx, req.prefix_len:req.kv_len])
+            self._drop_row(req)
+        self.unlock(req)
+        req.prefix_len, req.prefix_slots = 0, None
+
+    def _insert(self, req: "Req") -> int:
+        """Insert the request's page-aligned KV; free its duplicates of what the
+        tree already held. Returns the aligned length."""
+        aligned = req.kv_len // self.page_size * self.page_size
+        slots = self.table[req.req_pool_idx, :aligned]
+        cached = self.tree.insert(req.fill_ids[:aligned], slots)
+        if cached > req.prefix_len:
+            self.allocator.free(slots[req.prefix_len:cached])
+        return aligned
+
+    def _drop_row(self, req: "Req") -> None:
+        self.unlock(req)
+        self.req_pool.free(req.req_pool_idx)
+        req.req_pool_idx = None
+
+    def reset(self) -> None:
+        """Empty the tree; only when no request holds KV (the caller checks)."""
+        if self.tree is not None:
+            self.tree.reset()
+        self.allocator.clear()
