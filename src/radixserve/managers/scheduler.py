@@ -254,6 +254,7 @@ class Scheduler(SchedulerOutputMixin):
             "num_running_reqs": len(self.kv_holders()),
             "num_waiting_reqs": len(self.waiting_queue),
             "num_retractions": self.num_retractions,
+            "num_evictions": self.prefix_cache.tree.num_evicted_nodes if self.prefix_cache.tree else 0,
             "weight_version": "default",
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),

@@ -37,6 +37,7 @@ class RadixTree:
         self.page_size = page_size
         self.free_slots = free_slots
         self._clock = itertools.count(1)
+        self.num_evicted_nodes = 0
         self.reset()
 
     def reset(self) -> None:
@@ -149,6 +150,7 @@ class RadixTree:
             self.free_slots(node.value)
             freed += len(node.key)
             self._evictable -= len(node.key)
+            self.num_evicted_nodes += 1
             parent = node.parent
             del parent.children[self._child_key(node.key)]
             if parent is not self.root and parent.is_leaf and parent.lock_ref == 0:
