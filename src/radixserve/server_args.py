@@ -43,6 +43,13 @@ class ServerArgs:
     # Kernels
     attention_backend: Optional[str] = None  # None: device default
 
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: Optional[str] = None  # default: the model path's name
+    api_key: Optional[str] = None
+    chat_template: Optional[str] = None  # a Jinja file replacing the model's template
+
     # Misc
     random_seed: Optional[int] = None
     log_level: str = "info"

@@ -246,3 +246,22 @@ def test_server_info_and_flush(setup):
     kv = info["kv_cache"]
     assert kv["total_tokens"] == info["max_total_num_tokens"]
     assert engine.flush_cache() is True
+
+
+def test_logprob_texts(setup):
+    engine, _ = setup
+    out = engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 4},
+                          return_logprob=True, top_logprobs_num=2, return_text_in_logprobs=True)
+    for lp, tid, text in out["meta_info"]["output_token_logprobs"]:
+        assert text == engine.tokenizer.decode([tid]) and lp <= 0
+    assert all(len(top) == 2 for top in out["meta_info"]["output_top_logprobs"])
+
+
+def test_incremental_streaming_output(tiny_model_factory):
+    with Engine(model_path=str(tiny_model_factory("llama")), incremental_streaming_output=True) as engine:
+        params = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+        full = engine.generate(input_ids=PROMPT, sampling_params=params)
+        chunks = list(engine.generate(input_ids=PROMPT, sampling_params=params, stream=True))
+        assert len(chunks) > 1
+        assert "".join(c["text"] for c in chunks) == full["text"]
+        assert [t for c in chunks for t in c["output_ids"]] == full["output_ids"]

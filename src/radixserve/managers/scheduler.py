@@ -55,6 +55,7 @@ class Scheduler(SchedulerOutputMixin):
         self.last_was_chunk = False
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
         self.num_retractions = 0
+        self.num_prefill_tokens = 0  # tokens actually computed by prefill (after cache hits)
 
         ctx = zmq.Context(2)
         self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
@@ -171,6 +172,7 @@ class Scheduler(SchedulerOutputMixin):
             if req.cached_tokens is None:  # first admission: prompt tokens served from cache
                 req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
         self.waiting_queue = self.waiting_queue[len(admitted):]
+        self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)
         self.chunked_req = adder.new_chunked_req
         self.last_was_chunk = self.chunked_req is not None
         return batch
@@ -254,6 +256,7 @@ class Scheduler(SchedulerOutputMixin):
             "num_running_reqs": len(self.kv_holders()),
             "num_waiting_reqs": len(self.waiting_queue),
             "num_retractions": self.num_retractions,
+            "num_prefill_tokens": self.num_prefill_tokens,
             "num_evictions": self.prefix_cache.tree.num_evicted_nodes if self.prefix_cache.tree else 0,
             "weight_version": "default",
             "kv_cache": self.kv_cache_stats(),

@@ -151,6 +151,10 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
+    def check_request(self, req: SingleRequest) -> None:
+        """Raise ValueError for bad input without sending anything."""
+        self._tokenize_and_check(req)
+
     def _tokenize_and_check(self, req: SingleRequest) -> ReqState:
         ids = req.input_ids if req.input_ids is not None else self.tokenizer.encode(req.prompt)
         if not ids:

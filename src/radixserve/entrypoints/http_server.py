@@ -1,0 +1,216 @@
+"""The HTTP server: OpenAI-compatible and SGLang-native endpoints (FastAPI).
+
+It wraps the same TokenizerManager and subprocesses as the Engine. Bad input
+is a 400 with an OpenAI-style error body; nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, sse
+from radixserve.managers.generate_input import GenerateReqInput
+from radixserve.managers.tokenizer_manager import TokenizerManager
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    tm: TokenizerManager
+    server_args: ServerArgs
+    served_model_name: str
+    api_key: Optional[str] = None
+    ready: bool = False
+
+
+def error_response(status: int, message: str, err_type: str = "invalid_request_error",
+                   param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": code or status}}
+    return JSONResponse(body, status_code=status)
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"invalid field '{field}': {first['msg']}") from None
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run work; if the client goes away first, cancel it (which aborts its
+    requests in the scheduler and frees their KV)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            raise asyncio.CancelledError("client disconnected")
+    return task.result()
+
+
+def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]]] = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if warmup is not None:
+            await warmup()
+        state.ready = True
+        yield
+        state.ready = False
+
+    app = FastAPI(lifespan=lifespan)
+    serving = OpenAIServing(state.tm, state.served_model_name)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if state.api_key and request.url.path != "/health":
+            if request.headers.get("authorization") != f"Bearer {state.api_key}":
+                return error_response(401, "invalid or missing API key", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(ValueError)
+    async def bad_input(request: Request, e: ValueError) -> JSONResponse:
+        return error_response(400, str(e))
+
+    @app.exception_handler(ModelNotFound)
+    async def no_model(request: Request, e: ModelNotFound) -> JSONResponse:
+        return error_response(404, str(e), code="model_not_found", param="model")
+
+    # ---- health and info ----
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if state.ready and not state.tm._dead else 503)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        gen = GenerateReqInput(input_ids=[0], sampling_params={"max_new_tokens": 1, "temperature": 0})
+        async for _ in state.tm.generate_request(gen):
+            pass
+        return Response(status_code=200)
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict:
+        args = state.server_args
+        return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
+                "served_model_name": state.served_model_name, "is_generation": True,
+                "context_length": state.tm.context_len}
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict:
+        info = await state.tm.get_server_info()
+        return {**info, "model_path": state.server_args.model_path}
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> JSONResponse:
+        out = await state.tm.flush_cache()
+        return JSONResponse({"success": out.success, "message": out.message or "Cache flushed."})
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> dict:
+        body = await request.json()
+        state.tm.abort_request(body.get("rid"), bool(body.get("abort_all", False)))
+        return {"success": True}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        body = await request.json()
+        text = body.get("prompt", body.get("text"))
+        if not isinstance(text, str):
+            raise ValueError("'prompt' must be a string")
+        ids = state.tm.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", True)))
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.tm.context_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        body = await request.json()
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError("'tokens' must be a list of token ids")
+        return {"text": state.tm.tokenizer.decode(ids)}
+
+    # ---- native generate ----
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("the request body must be a JSON object")
+        known = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
+                 "top_logprobs_num", "return_text_in_logprobs", "stream"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) in /generate: {', '.join(unknown)}")
+        args = {k: v for k, v in body.items() if k != "text"}
+        gen = GenerateReqInput(prompt=body.get("text"), **args)
+        gen.split()  # validate now: a streaming response must not start with bad input
+        if gen.stream:
+            async def events() -> AsyncIterator[str]:
+                async for chunk in state.tm.generate_request(gen):
+                    yield sse(chunk)
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def collect():
+            return [r async for r in state.tm.generate_request(gen)]
+        results = await until_disconnected(request, collect())
+        return JSONResponse(results if gen.is_batch or len(results) > 1 else results[0])
+
+    # ---- OpenAI ----
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        if model_id != state.served_model_name:
+            return error_response(404, f"The model '{model_id}' does not exist", code="model_not_found",
+                                  param="model")
+        return JSONResponse(model_card(state))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await parse_body(request, CompletionRequest)
+        gen = serving.completion_input(req)
+        await validate(gen)
+        if req.stream:
+            return StreamingResponse(serving.completions_stream(req, gen), media_type="text/event-stream")
+        return JSONResponse(await until_disconnected(request, serving.completions(req, gen)))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = await parse_body(request, ChatCompletionRequest)
+        gen = serving.chat_input(req)
+        await validate(gen)
+        if req.stream:
+            return StreamingResponse(serving.chat_stream(req, gen), media_type="text/event-stream")
+        return JSONResponse(await until_disconnected(request, serving.chat(req, gen)))
+
+    async def validate(gen: GenerateReqInput) -> None:
+        """Tokenize and check everything before a (streaming) response starts."""
+        for single in gen.split():
+            state.tm.check_request(single)
+
+    return app
+
+
+def model_card(state: ServerState) -> dict:
+    return {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "radixserve",
+            "root": state.server_args.model_path, "max_model_len": state.tm.context_len}

@@ -1,0 +1,110 @@
+"""OpenAI request bodies. Unknown fields are accepted (real clients send fields
+we do not use) and logged once; known fields are type-checked by pydantic."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+logger = logging.getLogger(__name__)
+_logged_unknown: set = set()
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SGLangExtras(BaseModel):
+    """SGLang sampling parameters accepted in the body (the client's extra_body)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: Optional[List[int]] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    rid: Optional[str] = None
+
+    def log_unknown_fields(self) -> None:
+        for name in (self.model_extra or {}):
+            key = (type(self).__name__, name)
+            if key not in _logged_unknown:
+                _logged_unknown.add(key)
+                logger.info("ignoring unsupported field %r in %s", name, type(self).__name__)
+
+
+class CommonRequest(SGLangExtras):
+    model: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stop: Union[str, List[str], None] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[Dict[str, float]] = None
+    user: Optional[str] = None
+
+    def sampling_params(self, max_new_tokens: Optional[int]) -> Dict[str, Any]:
+        params: Dict[str, Any] = {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "min_new_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens, "no_stop_trim": self.no_stop_trim,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens, "n": self.n,
+        }
+        if max_new_tokens is not None:
+            params["max_new_tokens"] = max_new_tokens
+        if self.stop is not None:
+            params["stop"] = self.stop
+        if self.stop_token_ids:
+            params["stop_token_ids"] = self.stop_token_ids
+        if self.seed is not None:
+            params["sampling_seed"] = self.seed
+        if self.logit_bias:
+            params["logit_bias"] = self.logit_bias
+        return params
+
+
+class CompletionRequest(CommonRequest):
+    prompt: Union[str, List[str], List[int], List[List[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str = "text"
+    text: str = ""
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Union[str, List[TextPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "".join(part.text for part in self.content if part.type == "text")
+
+
+class ChatCompletionRequest(CommonRequest):
+    messages: List[ChatMessage]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None

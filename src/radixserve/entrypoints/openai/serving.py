@@ -1,0 +1,198 @@
+"""/v1/completions and /v1/chat/completions on top of the TokenizerManager."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.managers.generate_input import GenerateReqInput
+from radixserve.managers.tokenizer_manager import TokenizerManager
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+def finish_reason(meta: Dict[str, Any]) -> Optional[str]:
+    reason = meta.get("finish_reason")
+    return None if reason is None else reason["type"]
+
+
+def usage(results: List[Dict[str, Any]], n: int) -> Dict[str, Any]:
+    """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
+    prompt = sum(r["meta_info"]["prompt_tokens"] for r in results[::n])
+    cached = sum(r["meta_info"]["cached_tokens"] for r in results[::n])
+    completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, tm: TokenizerManager, served_model_name: str) -> None:
+        self.tm = tm
+        self.model = served_model_name
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.model:
+            raise ModelNotFound(f"The model '{name}' does not exist; this server serves '{self.model}'")
+
+    # ---- completions ----
+    def completion_input(self, req: CompletionRequest) -> GenerateReqInput:
+        self.check_model(req.model)
+        req.log_unknown_fields()
+        prompt = req.prompt
+        texts = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str))
+        want_logprobs = req.logprobs is not None
+        return GenerateReqInput(
+            prompt=prompt if texts else None,
+            input_ids=None if texts else prompt,
+            sampling_params=req.sampling_params(req.max_tokens),
+            rid=req.rid,
+            return_logprob=want_logprobs,
+            top_logprobs_num=req.logprobs or 0,
+            logprob_start_len=0 if (want_logprobs and req.echo) else -1,
+            return_text_in_logprobs=True,
+            stream=req.stream,
+        )
+
+    def _prompt_texts(self, gen: GenerateReqInput) -> List[str]:
+        if gen.prompt is not None:
+            return [gen.prompt] if isinstance(gen.prompt, str) else list(gen.prompt)
+        ids = gen.input_ids if isinstance(gen.input_ids[0], list) else [gen.input_ids]
+        return [self.tm.tokenizer.decode(x) for x in ids]
+
+    async def completions(self, req: CompletionRequest, gen: GenerateReqInput) -> Dict[str, Any]:
+        results = [r async for r in self.tm.generate_request(gen)]
+        prompts = self._prompt_texts(gen)
+        choices = []
+        for i, r in enumerate(results):
+            text = (prompts[i // req.n] if req.echo else "") + r["text"]
+            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish_reason(r["meta_info"])}
+            if req.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(r["meta_info"], req.echo)
+            choices.append(choice)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model, "choices": choices, "usage": usage(results, req.n)}
+
+    async def completions_stream(self, req: CompletionRequest, gen: GenerateReqInput) -> AsyncIterator[str]:
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        sent: Dict[int, int] = {}
+        finals: Dict[int, Dict[str, Any]] = {}
+        prompts = self._prompt_texts(gen) if req.echo else []
+        async for chunk in self.tm.generate_request(gen):
+            index = chunk.get("index", 0)
+            prefix = prompts[index // req.n] if req.echo and index not in sent else ""
+            delta = chunk["text"][sent.get(index, 0):]
+            sent[index] = len(chunk["text"])
+            reason = finish_reason(chunk["meta_info"])
+            if reason is not None:
+                finals[index] = chunk
+            if delta or prefix or reason:
+                yield sse({"id": cid, "object": "text_completion", "created": created, "model": self.model,
+                           "choices": [{"index": index, "text": prefix + delta, "logprobs": None,
+                                        "finish_reason": reason}]})
+        if req.stream_options and req.stream_options.include_usage:
+            ordered = [finals[i] for i in sorted(finals)]
+            yield sse({"id": cid, "object": "text_completion", "created": created, "model": self.model,
+                       "choices": [], "usage": usage(ordered, req.n)})
+        yield "data: [DONE]\n\n"
+
+    # ---- chat ----
+    def chat_input(self, req: ChatCompletionRequest) -> GenerateReqInput:
+        self.check_model(req.model)
+        req.log_unknown_fields()
+        if not req.messages:
+            raise ValueError("'messages' must not be empty")
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        for m in messages:
+            if m["role"] not in ("system", "user", "assistant"):
+                raise ValueError(f"messages: unsupported role {m['role']!r}")
+        prompt = self.tm.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **(req.chat_template_kwargs or {})
+        )
+        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(self.tm.context_len - len(ids), 1)
+        top = req.top_logprobs or 0
+        if top and not req.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return GenerateReqInput(
+            input_ids=ids, sampling_params=req.sampling_params(max_tokens), rid=req.rid,
+            return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
+            stream=req.stream,
+        )
+
+    async def chat(self, req: ChatCompletionRequest, gen: GenerateReqInput) -> Dict[str, Any]:
+        results = [r async for r in self.tm.generate_request(gen)]
+        choices = []
+        for i, r in enumerate(results):
+            choice = {"index": i, "message": {"role": "assistant", "content": r["text"]},
+                      "logprobs": None, "finish_reason": finish_reason(r["meta_info"])}
+            if req.logprobs:
+                choice["logprobs"] = {"content": chat_logprobs(r["meta_info"])}
+            choices.append(choice)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model, "choices": choices, "usage": usage(results, req.n)}
+
+    async def chat_stream(self, req: ChatCompletionRequest, gen: GenerateReqInput) -> AsyncIterator[str]:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model}
+        sent: Dict[int, int] = {}
+        finals: Dict[int, Dict[str, Any]] = {}
+        for i in range(req.n):  # the first delta of every choice carries the role
+            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]})
+        async for chunk in self.tm.generate_request(gen):
+            index = chunk.get("index", 0)
+            delta = chunk["text"][sent.get(index, 0):]
+            sent[index] = len(chunk["text"])
+            if delta:
+                yield sse({**head, "choices": [{"index": index, "delta": {"content": delta},
+                                                "logprobs": None, "finish_reason": None}]})
+            reason = finish_reason(chunk["meta_info"])
+            if reason is not None:
+                finals[index] = chunk
+                yield sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
+                                                "finish_reason": reason}]})
+        if req.stream_options and req.stream_options.include_usage:
+            ordered = [finals[i] for i in sorted(finals)]
+            yield sse({**head, "choices": [], "usage": usage(ordered, req.n)})
+        yield "data: [DONE]\n\n"
+
+
+def completion_logprobs(meta: Dict[str, Any], echo: bool) -> Dict[str, Any]:
+    entries = list(meta.get("output_token_logprobs", []))
+    tops = list(meta.get("output_top_logprobs", []))
+    if echo:
+        entries = list(meta.get("input_token_logprobs", [])) + entries
+        tops = list(meta.get("input_top_logprobs", []) or [None] * len(meta.get("input_token_logprobs", []))) + tops
+    tokens = [text for _, _, text in entries]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t or "")
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for lp, _, _ in entries],
+        "top_logprobs": [None if top is None else {text: lp for lp, _, text in top} for top in tops] or None,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    tops = meta.get("output_top_logprobs") or [[] for _ in meta.get("output_token_logprobs", [])]
+    content = []
+    for (lp, _, text), top in zip(meta.get("output_token_logprobs", []), tops):
+        content.append({
+            "token": text, "logprob": lp, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for v, _, t in top],
+        })
+    return content
