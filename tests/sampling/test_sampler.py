@@ -157,8 +157,11 @@ def test_filters_never_keep_excluded_tokens(values, top_k, top_p, min_p, tempera
     reqs = [make_req(seed=seed + i, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature)
             for i in range(rows)]
     info = batch_info(reqs, vocab=len(values))
-    kept = set(torch.nonzero(filter_logits(logits.expand(rows, -1), info)[0] > float("-inf")).flatten().tolist())
     drawn = set(Sampler().forward(logits.expand(rows, -1), info).next_token_ids.tolist())
+    if top_k == 1:  # a greedy row: the sampler takes the argmax and filter_logits does not apply
+        kept = set(torch.nonzero(logits[0] == logits[0].max()).flatten().tolist())
+    else:
+        kept = set(torch.nonzero(filter_logits(logits.expand(rows, -1), info)[0] > float("-inf")).flatten().tolist())
     assert drawn <= kept
 
     p = torch.softmax(torch.tensor(values, dtype=torch.float64) / temperature, -1).tolist()
@@ -175,6 +178,23 @@ def test_filters_never_keep_excluded_tokens(values, top_k, top_p, min_p, tempera
         assert not (surely_out and t in kept), (t, p)
         assert not (surely_in and t not in kept), (t, p)
     assert any(t in kept for t, pt in enumerate(p) if pt >= top * (1 - 1e-6))  # a most likely token stays
+
+
+@pytest.mark.parametrize("params,kept", [
+    (dict(top_k=2), {0, 1}), (dict(top_k=0), {0, 1, 2, 3, 4}), (dict(top_k=-1), {0, 1, 2, 3, 4}),
+    (dict(top_p=0.45), {0}), (dict(top_p=0.55), {0, 1}), (dict(top_p=0.8), {0, 1, 2}),
+    (dict(min_p=0.35), {0, 1}), (dict(min_p=0.25), {0, 1, 2}), (dict(min_p=0.15), {0, 1, 2, 3}),
+    (dict(top_k=3, top_p=0.55, min_p=0.05), {0, 1}),
+])
+def test_filters_keep_exactly(params, kept):
+    # Probabilities by rank; `kept` lists ranks. Boundaries sit away from the
+    # parameters, so float rounding cannot decide.
+    probs = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])  # cumulative: .5 .7 .85 .95 1
+    rank_of_column = torch.tensor([3, 0, 4, 1, 2])  # shuffled: token order must not matter
+    logits = probs.log()[rank_of_column][None]
+    filtered = filter_logits(logits, batch_info([make_req(**params)], vocab=5))[0]
+    got = {int(rank_of_column[c]) for c in range(5) if filtered[c] > float("-inf")}
+    assert got == kept
 
 
 def test_tight_filters_leave_only_the_top_token():

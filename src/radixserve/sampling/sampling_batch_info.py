@@ -8,10 +8,10 @@ plain batch pays nothing for penalties, biases or min_new_tokens.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import torch
 
 _INT64_WRAP = 1 << 64
@@ -84,12 +84,11 @@ class SamplingBatchInfo:
         if any(sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0 for sp in sps):
             info.frequency_penalties = column([[sp.frequency_penalty] for sp in sps], torch.float32)
             info.presence_penalties = column([[sp.presence_penalty] for sp in sps], torch.float32)
-            info.output_counts = _token_counts(reqs, vocab_size, device, lambda r: r.output_ids)
+            info.output_counts = _token_counts(reqs, vocab_size, device, lambda r: (r.output_ids,))
         if any(sp.repetition_penalty != 1.0 for sp in sps):
             info.repetition_penalties = column([[sp.repetition_penalty] for sp in sps], torch.float32)
             # Repetition penalty (HF semantics) looks at the prompt too.
-            counts = _token_counts(reqs, vocab_size, device, lambda r: itertools.chain(r.origin_input_ids, r.output_ids))
-            info.seen_mask = counts > 0
+            info.seen_mask = _token_mask(reqs, vocab_size, device, lambda r: (r.origin_input_ids, r.output_ids))
         if any(sp.logit_bias for sp in sps):
             entries = [(row, tid, bias) for row, sp in enumerate(sps) for tid, bias in (sp.logit_bias or {}).items()
                        if 0 <= int(tid) < vocab_size]
@@ -124,25 +123,36 @@ def _as_int64(seed: int) -> int:
     return seed - _INT64_WRAP if seed >= 1 << 63 else seed
 
 
-def _token_counts(reqs: Sequence[Any], vocab_size: int, device: Any,
-                  tokens_of: Callable[[Any], Iterable[int]]) -> torch.Tensor:
-    """[bs, vocab] float32: how often each token occurs in each request's tokens."""
-    token_lists = [list(tokens_of(r)) for r in reqs]
-    counts = torch.zeros((len(reqs), vocab_size), dtype=torch.float32, device=device)
-    ids = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
-    if ids.numel() == 0:
-        return counts
-    # Row numbers are expanded on the host (repeat_interleave on a device
-    # would sync to learn the output size), then both go over in one copy each.
-    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(reqs)), lengths).to(device)
-    ids = ids.to(device)
-    # Ids outside the logits' vocabulary would be an out-of-bounds write (a
-    # device assert on CUDA); give them weight 0 instead of filtering, which
-    # would need a host sync.
+def _flat_tokens(reqs: Sequence[Any], vocab_size: int, device: Any,
+                 tokens_of: Callable[[Any], Sequence[Sequence[int]]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows, ids) of every token of every request, on the device. Built with
+    numpy on the host (a Python list of ints is ~10x slower to turn into a
+    tensor); ids outside the logits' vocabulary are dropped there too, since
+    on a CUDA device they would be an out-of-bounds write, and filtering them
+    on the device would cost a sync."""
+    per_req = [np.concatenate([np.asarray(part, dtype=np.int64) for part in tokens_of(r)]) for r in reqs]
+    ids = np.concatenate(per_req) if per_req else np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(reqs), dtype=np.int64), [len(t) for t in per_req])
     valid = (ids >= 0) & (ids < vocab_size)
-    counts.index_put_((rows, ids.clamp(0, vocab_size - 1)), valid.float(), accumulate=True)
+    return torch.from_numpy(rows[valid]).to(device), torch.from_numpy(ids[valid]).to(device)
+
+
+def _token_counts(reqs: Sequence[Any], vocab_size: int, device: Any,
+                  tokens_of: Callable[[Any], Sequence[Sequence[int]]]) -> torch.Tensor:
+    """[bs, vocab] float32: how often each token occurs in each request's tokens."""
+    rows, ids = _flat_tokens(reqs, vocab_size, device, tokens_of)
+    counts = torch.zeros((len(reqs), vocab_size), dtype=torch.float32, device=device)
+    counts.index_put_((rows, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
     return counts
+
+
+def _token_mask(reqs: Sequence[Any], vocab_size: int, device: Any,
+                tokens_of: Callable[[Any], Sequence[Sequence[int]]]) -> torch.Tensor:
+    """[bs, vocab] bool: which tokens occur in each request's tokens."""
+    rows, ids = _flat_tokens(reqs, vocab_size, device, tokens_of)
+    mask = torch.zeros((len(reqs), vocab_size), dtype=torch.bool, device=device)
+    mask[rows, ids] = True  # repeats all write True, so no accumulation is needed
+    return mask
 
 
 def _dense(entries: List[tuple], bs: int, vocab_size: int, device: Any, dtype: torch.dtype) -> torch.Tensor:

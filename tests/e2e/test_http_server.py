@@ -1,0 +1,246 @@
+"""The HTTP server through a real server process, with the official openai client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+MODEL = "tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_path, *extra: str):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radixserve.launch_server", "--model-path", str(model_path),
+         "--port", str(port), "--served-model-name", MODEL, "--log-level", "warning", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("server did not become healthy")
+
+
+def children_of(pid: int) -> list:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory):
+    proc, base = start_server(tiny_model_factory("llama"))
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_completions_prompt_forms(client):
+    one = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, temperature=0)
+    assert len(one.choices) == 1 and one.usage.completion_tokens == 5
+    many = client.completions.create(model=MODEL, prompt=["Hello there", "Good morning"], max_tokens=5,
+                                     temperature=0)
+    assert [c.index for c in many.choices] == [0, 1] and many.choices[0].text == one.choices[0].text
+    ids = client.completions.create(model=MODEL, prompt=[15, 400, 2311], max_tokens=4, temperature=0)
+    assert ids.usage.prompt_tokens == 3
+    batch_ids = client.completions.create(model=MODEL, prompt=[[15, 400], [7, 8, 9]], max_tokens=4,
+                                          temperature=0)
+    assert batch_ids.usage.prompt_tokens == 5 and len(batch_ids.choices) == 2
+
+
+def test_completions_n_echo_logprobs(client):
+    out = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=6, n=2, seed=3,
+                                    temperature=1.0, extra_body={"ignore_eos": True})
+    assert len(out.choices) == 2 and out.usage.completion_tokens == 12
+    assert out.usage.prompt_tokens == len(client_tokenize(client, "Once upon"))
+    echo = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, temperature=0, echo=True)
+    assert echo.choices[0].text.startswith("Once upon")
+    lp = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=3, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 3
+    assert all(len(top) <= 2 for top in lp.choices[0].logprobs.top_logprobs)
+    assert "".join(lp.choices[0].logprobs.tokens) == lp.choices[0].text
+
+
+def client_tokenize(client, text: str) -> list:
+    base = str(client.base_url).rstrip("/").removesuffix("/v1")
+    return httpx.post(f"{base}/tokenize", json={"prompt": text}).json()["tokens"]
+
+
+def test_chat(client):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    lp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                        logprobs=True, top_logprobs=2)
+    assert len(lp.choices[0].logprobs.content) == lp.usage.completion_tokens
+
+
+def test_chat_stream(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=10,
+        temperature=0.8, n=2, seed=1, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    roles = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1]
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == 0)
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five."}], max_tokens=10,
+        temperature=0.8, n=2, seed=1)
+    assert again.choices[0].message.content == text  # seeds reproduce, streamed or not
+
+
+def test_stop_and_extra_body(client):
+    full = client.completions.create(model=MODEL, prompt="The cat", max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:7]
+    cut = client.completions.create(model=MODEL, prompt="The cat", max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == full[: full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    topk = client.completions.create(model=MODEL, prompt="The cat", max_tokens=12, temperature=1.0,
+                                     extra_body={"top_k": 1, "ignore_eos": True, "min_p": 0.0})
+    assert topk.choices[0].text == full
+
+
+def test_bad_requests(client, server):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x " * 600)  # longer than the context
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    r = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(f"{server}/v1/chat/completions", json={"model": MODEL, "messages": "hi"})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2,
+                                                     "some_future_field": 1})
+    assert r.status_code == 200  # unknown fields are ignored
+
+
+def test_native_generate(server):
+    one = httpx.post(f"{server}/generate", json={"text": "Hello", "sampling_params": {
+        "max_new_tokens": 4, "temperature": 0}}).json()
+    assert one["meta_info"]["completion_tokens"] == 4
+    batch = httpx.post(f"{server}/generate", json={"input_ids": [[5, 6, 7], [8, 9]], "sampling_params": {
+        "max_new_tokens": 3, "temperature": 0}}).json()
+    assert [b["meta_info"]["prompt_tokens"] for b in batch] == [3, 2]
+    lines = []
+    with httpx.stream("POST", f"{server}/generate", json={"text": "Hello", "stream": True, "sampling_params": {
+            "max_new_tokens": 4, "temperature": 0}}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][5:])["text"] == one["text"]
+    bad = httpx.post(f"{server}/generate", json={"text": "", "sampling_params": {}})
+    assert bad.status_code == 400
+
+
+def test_tokenize_info_flush(server):
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": "round trip"}).json()["tokens"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["text"] == "round trip"
+    info = httpx.get(f"{server}/get_server_info").json()
+    assert {"max_total_num_tokens", "num_running_reqs", "kv_cache", "weight_version"} <= set(info)
+    assert httpx.get(f"{server}/get_model_info").json()["served_model_name"] == MODEL
+    assert httpx.post(f"{server}/flush_cache").json()["success"] is True
+    assert httpx.get(f"{server}/health_generate").status_code == 200
+
+
+def test_disconnect_aborts(server):
+    def stream_and_maybe_leave(leave: bool):
+        with httpx.stream("POST", f"{server}/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": "Tell a story", "max_tokens": 400, "stream": True,
+                "ignore_eos": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if leave and i >= 3:
+                    return  # closes the connection mid-stream
+
+    threads = [threading.Thread(target=stream_and_maybe_leave, args=(i % 2 == 0,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    time.sleep(3)  # the leavers are gone by now
+    deadline = time.time() + 2
+    while time.time() < deadline:
+        running = httpx.get(f"{server}/get_server_info").json()["num_running_reqs"]
+        if running <= 10:
+            break
+        time.sleep(0.1)
+    assert running <= 10
+    for t in threads:
+        t.join(timeout=180)
+    kv = httpx.get(f"{server}/get_server_info").json()["kv_cache"]
+    assert kv["in_use_tokens"] == 0
+
+
+def test_api_key_and_sigterm(tiny_model_factory):
+    proc, base = start_server(tiny_model_factory("llama"), "--api-key", "sekret")
+    try:
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(f"{base}/health").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()
+        kids = children_of(proc.pid)
+        assert len(kids) >= 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    time.sleep(1)
+    assert not any(os.path.exists(f"/proc/{k}") and children_alive(k) for k in kids)
+
+
+def children_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
