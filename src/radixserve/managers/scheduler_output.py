@@ -21,11 +21,12 @@ class SchedulerOutputMixin:
         keep = []
         for i, plan in enumerate(batch.plans):
             req = plan.req
+            # The prompt's KV joins the cache right away, not when the request
+            # ends: requests queued behind it with the same prefix reuse it.
+            if not req.to_abort:
+                self.prefix_cache.cache_unfinished(req)
             if not plan.completes_prefill:
-                # A chunk: its sample is meaningless; its KV joins the cache now.
-                if not req.to_abort:
-                    self.prefix_cache.cache_unfinished(req)
-                continue
+                continue  # a chunk: its sample is meaningless
             self._append_token(req, i, next_ids[i], host)
             if not req.finished:
                 keep.append(i)
