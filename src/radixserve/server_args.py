@@ -50,6 +50,16 @@ class ServerArgs:
     api_key: Optional[str] = None
     chat_template: Optional[str] = None  # a Jinja file replacing the model's template
 
+    # Observability and limits
+    enable_metrics: bool = False
+    log_requests: bool = False
+    log_requests_level: int = 1  # 1: ids, lengths, reason, latency; 2: also the text
+    max_queued_requests: Optional[int] = None
+    max_request_body_bytes: int = 16 << 20
+    max_batch_prompts: int = 1024
+    max_n: int = 64
+    admin_api_key: Optional[str] = None
+
     # Misc
     random_seed: Optional[int] = None
     log_level: str = "info"

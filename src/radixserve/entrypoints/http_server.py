@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, sse
-from radixserve.managers.generate_input import GenerateReqInput
+from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
 from radixserve.managers.tokenizer_manager import TokenizerManager
 from radixserve.server_args import ServerArgs
 
@@ -33,6 +33,9 @@ class ServerState:
     served_model_name: str
     api_key: Optional[str] = None
     ready: bool = False
+    loop: Optional[asyncio.AbstractEventLoop] = None
+
+ADMIN_PATHS = {"/flush_cache", "/abort_request"}
 
 
 def error_response(status: int, message: str, err_type: str = "invalid_request_error",
@@ -71,6 +74,7 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]]] = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         if warmup is not None:
             await warmup()
         state.ready = True
@@ -80,20 +84,42 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     app = FastAPI(lifespan=lifespan)
     serving = OpenAIServing(state.tm, state.served_model_name)
 
+    def failed(status: int, message: str, **kwargs: Any) -> JSONResponse:
+        if state.tm.metrics:
+            state.tm.metrics.on_error(status)
+        return error_response(status, message, **kwargs)
+
     @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if state.api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {state.api_key}":
-                return error_response(401, "invalid or missing API key", "authentication_error")
+    async def check_access(request: Request, call_next):
+        path = request.url.path
+        admin_key = state.server_args.admin_api_key
+        key = admin_key if (admin_key and path in ADMIN_PATHS) else state.api_key
+        if key and path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
+            return failed(401, "invalid or missing API key", err_type="authentication_error")
+        limit = state.server_args.max_request_body_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            return failed(400, f"request body larger than {limit} bytes (max_request_body_bytes)")
         return await call_next(request)
 
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, e: ValueError) -> JSONResponse:
-        return error_response(400, str(e))
+        return failed(400, str(e))
 
     @app.exception_handler(ModelNotFound)
     async def no_model(request: Request, e: ModelNotFound) -> JSONResponse:
-        return error_response(404, str(e), code="model_not_found", param="model")
+        return failed(404, str(e), code="model_not_found", param="model")
+
+    @app.exception_handler(RequestRejected)
+    async def rejected(request: Request, e: RequestRejected) -> JSONResponse:
+        response = failed(e.status_code, str(e), err_type="server_error")
+        if e.status_code == 503:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    if state.tm.metrics:
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(state.tm.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # ---- health and info ----
     @app.get("/health")
@@ -160,13 +186,12 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             raise ValueError(f"unknown field(s) in /generate: {', '.join(unknown)}")
         args = {k: v for k, v in body.items() if k != "text"}
         gen = GenerateReqInput(prompt=body.get("text"), **args)
-        gen.split()  # validate now: a streaming response must not start with bad input
         if gen.stream:
             async def events() -> AsyncIterator[str]:
                 async for chunk in state.tm.generate_request(gen):
                     yield sse(chunk)
                 yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return await streaming_response(events())
 
         async def collect():
             return [r async for r in state.tm.generate_request(gen)]
@@ -191,7 +216,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         gen = serving.completion_input(req)
         await validate(gen)
         if req.stream:
-            return StreamingResponse(serving.completions_stream(req, gen), media_type="text/event-stream")
+            return await streaming_response(serving.completions_stream(req, gen))
         return JSONResponse(await until_disconnected(request, serving.completions(req, gen)))
 
     @app.post("/v1/chat/completions")
@@ -200,7 +225,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         gen = serving.chat_input(req)
         await validate(gen)
         if req.stream:
-            return StreamingResponse(serving.chat_stream(req, gen), media_type="text/event-stream")
+            return await streaming_response(serving.chat_stream(req, gen))
         return JSONResponse(await until_disconnected(request, serving.chat(req, gen)))
 
     async def validate(gen: GenerateReqInput) -> None:
@@ -209,6 +234,19 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             state.tm.check_request(single)
 
     return app
+
+
+async def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """Wait for the first event before answering 200, so that bad input or an
+    overloaded server still gets a proper error status instead of a broken stream."""
+    first = await events.__anext__()
+
+    async def replay() -> AsyncIterator[str]:
+        yield first
+        async for event in events:
+            yield event
+
+    return StreamingResponse(replay(), media_type="text/event-stream")
 
 
 def model_card(state: ServerState) -> dict:

@@ -47,21 +47,26 @@ def run_server(args: ServerArgs) -> int:
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                log_level=args.log_level, timeout_graceful_shutdown=5))
         exit_code = {"value": 0}
-        threading.Thread(target=watch_children, args=(procs, server, exit_code), daemon=True).start()
+        threading.Thread(target=watch_children, args=(procs, server, state, exit_code), daemon=True).start()
         server.run()
         return exit_code["value"]
     finally:
         kill_processes(procs)
 
 
-def watch_children(procs, server: uvicorn.Server, exit_code: dict) -> None:
-    """A dead scheduler or detokenizer makes the server exit non-zero, so a
-    supervisor restarts it."""
+def watch_children(procs, server: uvicorn.Server, state: ServerState, exit_code: dict) -> None:
+    """A dead scheduler or detokenizer fails every pending request at once,
+    turns /health to 503, and makes the server exit non-zero so a supervisor
+    restarts it."""
     while not server.should_exit:
         dead = [p for p in procs if not p.is_alive()]
         if dead:
-            logger.error("%s exited with code %s; shutting down", dead[0].name, dead[0].exitcode)
+            message = f"{dead[0].name} exited with code {dead[0].exitcode}"
+            logger.error("%s; failing pending requests and shutting down", message)
+            if state.loop is not None:
+                state.loop.call_soon_threadsafe(state.tm.fail_all, message)
             exit_code["value"] = 1
+            time.sleep(1.0)  # let the failed requests' responses go out
             server.should_exit = True
             return
-        time.sleep(0.5)
+        time.sleep(0.2)

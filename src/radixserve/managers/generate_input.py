@@ -50,7 +50,7 @@ class GenerateReqInput:
             return isinstance(self.prompt, list)
         return bool(self.input_ids) and isinstance(self.input_ids[0], list)
 
-    def split(self) -> List[SingleRequest]:
+    def split(self, max_prompts: Optional[int] = None, max_n: Optional[int] = None) -> List[SingleRequest]:
         """Validate and expand to single requests, prompt-major over n samples."""
         if (self.prompt is None) == (self.input_ids is None):
             raise ValueError("exactly one of 'prompt' and 'input_ids' must be given")
@@ -58,6 +58,8 @@ class GenerateReqInput:
         if not prompts:
             raise ValueError("'prompt' is an empty batch")
         num = len(prompts)
+        if max_prompts is not None and num > max_prompts:
+            raise ValueError(f"too many prompts in one request: {num} > {max_prompts} (max_batch_prompts)")
         params = self._per_prompt(self.sampling_params, num, "sampling_params", dict)
         rids = self._per_prompt(self.rid, num, "rid", str)
         logprob = self._per_prompt(self.return_logprob, num, "return_logprob", bool)
@@ -71,6 +73,8 @@ class GenerateReqInput:
             if isinstance(topk[i], bool) or topk[i] < 0:
                 raise ValueError(f"top_logprobs_num must be an int >= 0, got {topk[i]!r}")
             sp = SamplingParams.from_dict(params[i])
+            if max_n is not None and isinstance(sp.n, int) and sp.n > max_n:
+                raise ValueError(f"n must be <= {max_n} (max_n), got {sp.n}")
             base_rid = rids[i] or uuid.uuid4().hex
             for j in range(sp.n):
                 copy = _sample_copy(sp, j)
@@ -102,6 +106,14 @@ class GenerateReqInput:
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"'{name}' must be a {kind.__name__} or a list, got {type(value).__name__}")
         return [value] * num
+
+
+class RequestRejected(Exception):
+    """The scheduler refused a request (overload: 503; internal error: 500)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 def _check_prompt(prompt, is_text: bool) -> None:

@@ -47,6 +47,10 @@ class ReqOutput:
     input_top_logprobs: Optional[List[Optional[LogprobList]]] = None
     # Filled by the Detokenizer: text added since the last message.
     new_text: str = ""
+    # Seconds from arrival at the scheduler to its first prefill (sent once).
+    queue_time: Optional[float] = None
+    # time.monotonic() (system-wide on Linux) when the first output token was sampled.
+    first_token_at: Optional[float] = None
 
 
 @dataclass
@@ -61,6 +65,17 @@ class BatchStrOut:
     """Detokenizer -> TokenizerManager."""
 
     outputs: List[ReqOutput]
+
+
+@dataclass
+class SchedulerStats:
+    """Scheduler -> TokenizerManager, with every log line: gauges for /metrics."""
+
+    num_running_reqs: int
+    num_queued_reqs: int
+    token_usage: float
+    cache_hit_rate: float
+    gen_throughput: float
 
 
 @dataclass

@@ -46,6 +46,8 @@ class Req:
         self.sent_input_logprobs = False
 
         self.created_at = time.monotonic()
+        self.queue_time: Optional[float] = None  # arrival to first prefill, in seconds
+        self.first_token_at: Optional[float] = None
 
     # ---- token views ----
     @property

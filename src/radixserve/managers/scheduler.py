@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import traceback
 from typing import List, Optional
 
@@ -23,6 +24,7 @@ from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder, order_waiting_queue
 from radixserve.managers.scheduler_output import SchedulerOutputMixin
+from radixserve.managers.scheduler_stats import SchedulerStatsMixin
 from radixserve.model_executor.model_runner import ModelRunner
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
@@ -31,7 +33,7 @@ from radixserve.utils.hf_utils import get_eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-class Scheduler(SchedulerOutputMixin):
+class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
     def __init__(self, server_args: ServerArgs, port_args: PortArgs) -> None:
         self.server_args = server_args
         if server_args.random_seed is not None:
@@ -56,6 +58,8 @@ class Scheduler(SchedulerOutputMixin):
         self.new_token_ratio = NewTokenRatio(server_args.schedule_conservativeness)
         self.num_retractions = 0
         self.num_prefill_tokens = 0  # tokens actually computed by prefill (after cache hits)
+        self.init_stats()
+        self.was_idle = True
 
         ctx = zmq.Context(2)
         self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
@@ -81,8 +85,9 @@ class Scheduler(SchedulerOutputMixin):
                 self.process_input(msg)
             batch = self.get_next_batch_to_run()
             if batch is None:
-                self.check_memory_when_idle()
+                self.on_idle()
                 continue
+            self.was_idle = False
             self.run_and_process(batch)
 
     def is_idle(self) -> bool:
@@ -100,7 +105,14 @@ class Scheduler(SchedulerOutputMixin):
 
     def process_input(self, msg) -> None:
         if isinstance(msg, io.TokenizedGenerateReqInput):
-            self.add_request(msg)
+            try:
+                self.add_request(msg)
+            except Exception as e:  # one bad request must not take the scheduler down
+                logger.error("request %s failed:\n%s", msg.rid, traceback.format_exc())
+                self.send_sock.send_pyobj(io.BatchTokenIDOut([io.ReqOutput(
+                    rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), completion_tokens=0,
+                    cached_tokens=0, finished_reason={"type": "abort", "message": f"internal error: {e}",
+                                                      "status_code": 500})]))
         elif isinstance(msg, io.AbortReq):
             self.abort(msg)
         elif isinstance(msg, io.GetServerInfoReq):
@@ -115,16 +127,19 @@ class Scheduler(SchedulerOutputMixin):
         if seed is None:
             seed = self.seed_rng.getrandbits(62)
         req = Req(recv, seed)
+        limit = self.server_args.max_queued_requests
         if len(req.origin_input_ids) + 1 > self.runner.max_total_num_tokens:
             # It could never fit; fail it now instead of queueing it forever.
-            req.finished_reason = {
-                "type": "abort",
-                "message": f"prompt of {len(req.origin_input_ids)} tokens does not fit the KV cache "
-                f"({self.runner.max_total_num_tokens} tokens)",
-            }
-            self.send_outputs([req])
-            return
-        self.waiting_queue.append(req)
+            self.reject(req, 400, f"the prompt has {len(req.origin_input_ids)} tokens and can never fit "
+                        f"the KV cache ({self.runner.max_total_num_tokens} tokens)")
+        elif limit is not None and len(self.waiting_queue) >= limit:
+            self.reject(req, 503, f"the server is overloaded: {limit} requests are already queued")
+        else:
+            self.waiting_queue.append(req)
+
+    def reject(self, req: Req, status_code: int, message: str) -> None:
+        req.finished_reason = {"type": "abort", "message": message, "status_code": status_code}
+        self.send_outputs([req])
 
     # ---- batch selection ----
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
@@ -171,8 +186,10 @@ class Scheduler(SchedulerOutputMixin):
         for req in admitted:
             if req.cached_tokens is None:  # first admission: prompt tokens served from cache
                 req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
+                req.queue_time = time.monotonic() - req.created_at
         self.waiting_queue = self.waiting_queue[len(admitted):]
         self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)
+        self.log_prefill(adder.plans, admitted)
         self.chunked_req = adder.new_chunked_req
         self.last_was_chunk = self.chunked_req is not None
         return batch
@@ -190,6 +207,7 @@ class Scheduler(SchedulerOutputMixin):
             self.retract_last(batch)
         self.new_token_ratio.step()
         batch.prepare_for_decode()
+        self.log_decode(len(batch))
         return batch
 
     def retract_last(self, batch: ScheduleBatch) -> None:
@@ -237,9 +255,15 @@ class Scheduler(SchedulerOutputMixin):
             "cached_tokens": cache.evictable_size(),
         }
 
-    def check_memory_when_idle(self) -> None:
+    def on_idle(self) -> None:
         if not self.is_idle():
             return
+        if not self.was_idle:  # gauges drop to zero when the work is done
+            self.was_idle = True
+            self.send_stats()
+        self.check_memory_when_idle()
+
+    def check_memory_when_idle(self) -> None:
         stats = self.kv_cache_stats()
         leaked = stats["total_tokens"] - stats["free_tokens"] - stats["cached_tokens"]
         if leaked or stats["in_use_tokens"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, List
 
 from radixserve.managers import io_struct as io
@@ -51,6 +52,8 @@ class SchedulerOutputMixin:
             batch.filter([i for i, r in enumerate(batch.reqs) if not r.finished])
 
     def _append_token(self: "Scheduler", req: Req, row: int, token: int, host) -> None:
+        if not req.output_ids:
+            req.first_token_at = time.monotonic()
         req.output_ids.append(token)
         if req.return_logprob:
             record_output_logprob(req, row, token, *host)
@@ -130,6 +133,8 @@ def _req_output(req: Req) -> io.ReqOutput:
         spaces_between_special_tokens=sp.spaces_between_special_tokens,
         no_stop_trim=sp.no_stop_trim,
         stop_hold_back=max(sp.max_stop_str_len - 1, 0),
+        queue_time=req.queue_time,
+        first_token_at=req.first_token_at,
     )
     req.sent_output_len = len(req.output_ids)
     if req.return_logprob:

@@ -18,7 +18,8 @@ import zmq
 import zmq.asyncio
 
 from radixserve.managers import io_struct as io
-from radixserve.managers.generate_input import GenerateReqInput, SingleRequest
+from radixserve.managers.generate_input import GenerateReqInput, RequestRejected, SingleRequest
+from radixserve.managers.metrics import Metrics
 from radixserve.managers.ipc import PortArgs, make_socket
 from radixserve.server_args import ServerArgs
 
@@ -36,6 +37,7 @@ class ReqState:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     finished: bool = False
     meta: Dict[str, Any] = field(default_factory=dict)
+    last_output_at: Optional[float] = None
 
 
 class TokenizerManager:
@@ -51,6 +53,9 @@ class TokenizerManager:
         self._replies: Dict[type, Deque[asyncio.Future]] = {}
         self._started = False
         self._dead: Optional[str] = None
+        self.metrics: Optional[Metrics] = None
+        if server_args.enable_metrics:
+            self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
 
     # ---- lifecycle: sockets are bound to the loop that first uses them ----
     def _ensure_started(self) -> None:
@@ -74,7 +79,8 @@ class TokenizerManager:
         self._dead = message
         for state in self.states.values():
             state.pending.append(io.ReqOutput(
-                rid=state.req.rid, new_token_ids=[], finished_reason={"type": "abort", "message": message},
+                rid=state.req.rid, new_token_ids=[],
+                finished_reason={"type": "abort", "message": message, "status_code": 503},
                 prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), cached_tokens=0,
             ))
             state.event.set()
@@ -90,7 +96,7 @@ class TokenizerManager:
         self._ensure_started()
         if self._dead:
             raise RuntimeError(self._dead)
-        singles = obj.split()
+        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n)
         states = [self._tokenize_and_check(s) for s in singles]  # all checked before any is sent
         for state in states:
             if state.req.rid in self.states:
@@ -124,6 +130,7 @@ class TokenizerManager:
             state.event.clear()
             while state.pending:
                 out = state.pending.popleft()
+                _raise_if_rejected(out)
                 yield self._apply(state, out)
             if state.finished:
                 return
@@ -217,6 +224,7 @@ class TokenizerManager:
         while True:
             msg = await self.recv_sock.recv_pyobj()
             if isinstance(msg, io.BatchStrOut):
+                now = time.monotonic()
                 for out in msg.outputs:
                     state = self.states.get(out.rid)
                     if state is None:
@@ -224,10 +232,25 @@ class TokenizerManager:
                     state.pending.append(out)
                     state.finished = out.finished_reason is not None
                     state.event.set()
+                    if self.metrics:
+                        self.metrics.on_output(state, out, now)
+                    if state.finished and self.server_args.log_requests:
+                        self._log_request(state, out, now)
+            elif isinstance(msg, io.SchedulerStats):
+                if self.metrics:
+                    self.metrics.on_stats(msg)
             else:
                 futures = self._replies.get(type(msg))
                 if futures:
                     futures.popleft().set_result(msg)
+
+    def _log_request(self, state: ReqState, out: io.ReqOutput, now: float) -> None:
+        line = (f"request {state.req.rid}: prompt_tokens={out.prompt_tokens} "
+                f"completion_tokens={out.completion_tokens} finish={out.finished_reason} "
+                f"latency={now - state.created:.3f}s")
+        if self.server_args.log_requests_level >= 2:  # text only when asked for
+            line += f" prompt={state.req.prompt!r} output={state.text + out.new_text!r}"
+        logger.info(line)
 
     async def _call(self, request: Any, reply_type: type) -> Any:
         self._ensure_started()
@@ -249,3 +272,15 @@ class TokenizerManager:
 
     async def flush_cache(self) -> io.FlushCacheOut:
         return await self._call(io.FlushCacheReq(), io.FlushCacheOut)
+
+
+def _raise_if_rejected(out: io.ReqOutput) -> None:
+    """A scheduler rejection becomes the caller's exception: bad input is a
+    ValueError (HTTP 400), overload a RequestRejected with status 503."""
+    reason = out.finished_reason or {}
+    status = reason.get("status_code")
+    if status is None:
+        return
+    if status == 400:
+        raise ValueError(reason["message"])
+    raise RequestRejected(status, reason["message"])

@@ -147,10 +147,12 @@ class OpenAIServing:
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model}
         sent: Dict[int, int] = {}
         finals: Dict[int, Dict[str, Any]] = {}
+        stream = self.tm.generate_request(gen)
+        first = await stream.__anext__()  # a rejected request fails here, before any event
         for i in range(req.n):  # the first delta of every choice carries the role
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for chunk in self.tm.generate_request(gen):
+        async for chunk in _prepend(first, stream):
             index = chunk.get("index", 0)
             delta = chunk["text"][sent.get(index, 0):]
             sent[index] = len(chunk["text"])
@@ -196,3 +198,9 @@ def chat_logprobs(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for v, _, t in top],
         })
     return content
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item

@@ -1,0 +1,86 @@
+"""Prometheus metrics of the front end (prometheus-client), names prefixed `radixserve:`.
+
+Latencies are measured where the client sees them (the TokenizerManager);
+scheduler gauges arrive as SchedulerStats messages."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from radixserve.managers import io_struct as io
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self.labels = labels
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"radixserve:{name}", doc, list(labels), registry=self.registry).labels(**labels)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(f"radixserve:{name}", doc, list(labels), buckets=LATENCY_BUCKETS,
+                             registry=self.registry).labels(**labels)
+
+        self.num_running = gauge("num_running_reqs", "Requests running in the scheduler")
+        self.num_queued = gauge("num_queue_reqs", "Requests waiting in the scheduler's queue")
+        self.token_usage = gauge("token_usage", "Fraction of KV cache tokens in use")
+        self.cache_hit_rate = gauge("cache_hit_rate", "Fraction of prompt tokens served from the prefix cache")
+        self.gen_throughput = gauge("gen_throughput", "Generation throughput (tokens/s)")
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
+        self.itl = histogram("inter_token_latency_seconds", "Time between output updates per token")
+        self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue_time = histogram("queue_time_seconds", "Time from arrival to first prefill")
+        self.prompt_tokens = Counter("radixserve:prompt_tokens", "Prompt tokens processed", list(labels),
+                                     registry=self.registry).labels(**labels)
+        self.generation_tokens = Counter("radixserve:generation_tokens", "Tokens generated", list(labels),
+                                         registry=self.registry).labels(**labels)
+        self.requests = Counter("radixserve:requests", "Finished requests by finish reason",
+                                list(labels) + ["finish_reason"], registry=self.registry)
+        self.aborts = Counter("radixserve:aborted_requests", "Aborted requests", list(labels),
+                              registry=self.registry).labels(**labels)
+        self.errors = Counter("radixserve:request_errors", "Requests rejected with an error, by HTTP status",
+                              list(labels) + ["status"], registry=self.registry)
+
+    def on_output(self, state: Any, out: io.ReqOutput, now: float) -> None:
+        """Called for every update of a request (state: the TokenizerManager's ReqState)."""
+        new_tokens = len(out.new_token_ids)
+        if new_tokens:
+            if state.last_output_at is None:
+                # The scheduler stamps the first token, so a non-streamed request
+                # (one message at the end) still has a true TTFT.
+                first = out.first_token_at if out.first_token_at is not None else now
+                self.ttft.observe(max(first - state.created, 0.0))
+                if out.queue_time is not None:
+                    self.queue_time.observe(out.queue_time)
+                if new_tokens > 1:  # several tokens in this first message
+                    self.itl.observe((now - first) / (new_tokens - 1))
+            else:
+                self.itl.observe((now - state.last_output_at) / new_tokens)
+            state.last_output_at = now
+            self.generation_tokens.inc(new_tokens)
+        if out.finished_reason is not None:
+            reason = out.finished_reason["type"]
+            self.e2e.observe(now - state.created)
+            self.prompt_tokens.inc(out.prompt_tokens)
+            self.requests.labels(**self.labels, finish_reason=reason).inc()
+            if reason == "abort":
+                self.aborts.inc()
+
+    def on_error(self, status: int) -> None:
+        self.errors.labels(**self.labels, status=str(status)).inc()
+
+    def on_stats(self, stats: io.SchedulerStats) -> None:
+        self.num_running.set(stats.num_running_reqs)
+        self.num_queued.set(stats.num_queued_reqs)
+        self.token_usage.set(stats.token_usage)
+        self.cache_hit_rate.set(stats.cache_hit_rate)
+        self.gen_throughput.set(stats.gen_throughput)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,166 @@
+"""Metrics, logs, overload, request limits, admin key and scheduler faults, through a real server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.test_http_server import MODEL, children_of, free_port
+
+LIMITS = ["--enable-metrics", "--log-requests", "--max-running-requests", "2", "--max-queued-requests", "2",
+          "--max-total-tokens", "300", "--max-n", "4", "--max-batch-prompts", "3",
+          "--max-request-body-bytes", "100000", "--admin-api-key", "adm"]
+
+
+def launch(model_path, extra, log_file):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "radixserve.launch_server", "--model-path", str(model_path), "--port", str(port),
+         "--served-model-name", MODEL, *extra], stdout=log_file, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        assert proc.poll() is None, "server exited during start-up"
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_factory, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("logs") / "server.log"
+    with open(log_path, "w") as log_file:
+        proc, base = launch(tiny_model_factory("llama"), LIMITS, log_file)
+        yield base, log_path
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def generate(base, max_new_tokens=50, **extra):
+    return httpx.post(f"{base}/generate", timeout=120, json={
+        "input_ids": [11, 12, 13, 14], "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
+                                                          "ignore_eos": True}, **extra})
+
+
+def test_metrics_move_and_logs_appear(server):
+    base, log_path = server
+    before = httpx.get(f"{base}/metrics").text
+    assert generate(base, rid="logged-req").status_code == 200
+    after = httpx.get(f"{base}/metrics").text
+    assert metric(after, "radixserve:generation_tokens_total") - metric(before, "radixserve:generation_tokens_total") == 50
+    assert metric(after, "radixserve:prompt_tokens_total") - metric(before, "radixserve:prompt_tokens_total") == 4
+    assert metric(after, "radixserve:requests_total", finish_reason="length") == \
+        metric(before, "radixserve:requests_total", finish_reason="length") + 1
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "queue_time_seconds",
+                 "inter_token_latency_seconds"):
+        assert metric(after, f"radixserve:{hist}_count") > metric(before, f"radixserve:{hist}_count"), hist
+    for gauge in ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate", "gen_throughput"):
+        assert f"radixserve:{gauge}" in after
+    time.sleep(0.5)
+    log = log_path.read_text()
+    assert re.search(r"Prefill batch\. #new-seq: \d+, #new-token: \d+, #cached-token: \d+, token usage: "
+                     r"[\d.]+, #running-req: \d+, #queue-req: \d+", log)
+    assert re.search(r"Decode batch\. #running-req: \d+, #token: \d+, token usage: [\d.]+, "
+                     r"gen throughput \(token/s\): [\d.]+, #queue-req: \d+", log)
+    assert "request logged-req: prompt_tokens=4 completion_tokens=50" in log
+    assert "[11, 12" not in log  # no prompt content at the default level
+
+
+def test_overload_gets_503_and_nothing_is_lost(server):
+    base, _ = server
+    results = []
+
+    def run():
+        results.append(generate(base, max_new_tokens=30))
+
+    threads = [threading.Thread(target=run) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    codes = sorted(r.status_code for r in results)
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+    for r in results:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and "overloaded" in r.json()["error"]["message"]
+        else:
+            assert r.json()["meta_info"]["completion_tokens"] == 30
+    kv = httpx.get(f"{base}/get_server_info").json()["kv_cache"]
+    assert kv["in_use_tokens"] == 0
+
+
+def test_prompt_that_never_fits_is_400(server):
+    base, _ = server
+    r = httpx.post(f"{base}/generate", json={"input_ids": list(range(10, 410)),
+                                             "sampling_params": {"max_new_tokens": 1}})
+    assert r.status_code == 400 and "never fit" in r.json()["error"]["message"]
+
+
+def test_request_limits(server):
+    base, _ = server
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "hi", "n": 5, "max_tokens": 1})
+    assert r.status_code == 400 and "max_n" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c", "d"], "max_tokens": 1})
+    assert r.status_code == 400 and "max_batch_prompts" in r.json()["error"]["message"]
+    r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x" * 200_000})
+    assert r.status_code == 400 and "max_request_body_bytes" in r.json()["error"]["message"]
+    assert generate(base, max_new_tokens=2).status_code == 200
+
+
+def test_admin_key(server):
+    base, _ = server
+    assert httpx.post(f"{base}/flush_cache").status_code == 401
+    assert httpx.post(f"{base}/abort_request", json={"abort_all": True}).status_code == 401
+    ok = httpx.post(f"{base}/flush_cache", headers={"Authorization": "Bearer adm"})
+    assert ok.status_code == 200 and ok.json()["success"] is True
+    assert httpx.get(f"{base}/get_server_info").status_code == 200  # not an admin endpoint
+
+
+def test_scheduler_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
+    with open(tmp_path / "log", "w") as log_file:
+        proc, base = launch(tiny_model_factory("llama"), [], log_file)
+    outcome = {}
+
+    def long_request():
+        start = time.time()
+        try:
+            r = generate(base, max_new_tokens=500)
+            outcome["status"] = r.status_code
+        except httpx.HTTPError as e:
+            outcome["status"] = type(e).__name__
+        outcome["seconds"] = time.time() - start
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.3)
+    scheduler = min(p for p in children_of(proc.pid) if b"spawn_main" in cmdline(p))  # started first
+    killed_at = time.time()
+    os.kill(scheduler, signal.SIGKILL)
+    t.join(timeout=30)
+    assert outcome["status"] != 200 and time.time() - killed_at < 5, outcome
+    assert proc.wait(timeout=30) != 0
+
+
+def cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
