@@ -44,13 +44,18 @@ def error_response(status: int, message: str, err_type: str = "invalid_request_e
     return JSONResponse(body, status_code=status)
 
 
-async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+async def json_object(request: Request) -> dict:
     try:
         data = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
+    return data
+
+
+async def parse_body(request: Request, model: type[BaseModel]) -> Any:
+    data = await json_object(request)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -152,33 +157,35 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:
-        body = await request.json()
-        state.tm.abort_request(body.get("rid"), bool(body.get("abort_all", False)))
+        body = await json_object(request)
+        rid, abort_all = body.get("rid"), body.get("abort_all", False)
+        if not isinstance(rid, (str, type(None))) or not isinstance(abort_all, bool):
+            raise ValueError("'rid' must be a string and 'abort_all' a boolean")
+        state.tm.abort_request(rid, abort_all)
         return {"success": True}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        body = await request.json()
+        body = await json_object(request)
         text = body.get("prompt", body.get("text"))
         if not isinstance(text, str):
             raise ValueError("'prompt' must be a string")
-        ids = state.tm.tokenizer.encode(text, add_special_tokens=bool(body.get("add_special_tokens", True)))
+        ids = state.tm.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", True) is not False)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.tm.context_len}
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        body = await request.json()
+        body = await json_object(request)
         ids = body.get("tokens")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise ValueError("'tokens' must be a list of token ids")
+        vocab = state.tm.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"'tokens' must be a list of token ids in [0, {vocab})")
         return {"text": state.tm.tokenizer.decode(ids)}
 
     # ---- native generate ----
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("the request body must be a JSON object")
+        body = await json_object(request)
         known = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
                  "top_logprobs_num", "return_text_in_logprobs", "stream"}
         unknown = sorted(set(body) - known)
