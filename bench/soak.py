@@ -1,0 +1,178 @@
+"""Soak test: many streaming clients for a long time against a real server.
+
+    .venv/bin/python bench/soak.py --minutes 10 --clients 16 [--model-path SmolLM2-135M-Instruct]
+        [any server flag, e.g. --max-total-tokens 8192 (the default here)]
+
+Each client loops: a random prompt and output length, streamed; 20% hang up at a
+random point, 5% send an invalid body, some abort their request via
+/abort_request. At the end: zero 5xx, every request that was neither dropped
+nor aborted finished with exactly its max_tokens (EOS ignored), no KV in use,
+all KV free after a flush, and every process's resident memory within 10% of
+its level after warm-up. Prints a JSON summary; exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+import httpx
+
+
+@dataclass
+class Tally:
+    requests: int = 0
+    completed: int = 0
+    dropped: int = 0
+    aborted: int = 0
+    invalid_sent: int = 0
+    server_errors: int = 0
+    wrong_length: int = 0
+    other_errors: List[str] = field(default_factory=list)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def process_tree(pid: int) -> List[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except OSError:
+                pass
+    return [pid] + kids
+
+
+async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, tally: Tally, cid: int) -> None:
+    tally.requests += 1
+    roll = rng.random()
+    if roll < 0.05:  # an invalid body: must be a 4xx, never a 5xx
+        tally.invalid_sent += 1
+        r = await client.post(f"{base}/v1/completions", json={"prompt": 5, "max_tokens": "many"})
+        if r.status_code >= 500:
+            tally.server_errors += 1
+        return
+    max_tokens = rng.randint(1, 48)
+    prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(1, 96))]
+    rid = f"soak-{cid}-{tally.requests}"
+    drop_after = rng.randint(0, max_tokens) if roll < 0.25 else None
+    abort_after = rng.randint(0, max_tokens) if 0.25 <= roll < 0.30 else None
+    body = {"input_ids": prompt, "rid": rid, "stream": True,
+            "sampling_params": {"max_new_tokens": max_tokens, "ignore_eos": True, "temperature": 1.0}}
+    last = None
+    async with client.stream("POST", f"{base}/generate", json=body) as r:
+        if r.status_code >= 500:
+            tally.server_errors += 1
+            return
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            last = json.loads(line[5:])
+            done = last["meta_info"]["completion_tokens"]
+            if drop_after is not None and done >= drop_after:
+                tally.dropped += 1
+                return  # hang up mid-stream
+            if abort_after is not None and done >= abort_after:
+                await client.post(f"{base}/abort_request", json={"rid": rid})
+                abort_after = None
+    if last is None:
+        tally.other_errors.append(f"{rid}: no output")
+    elif last["meta_info"]["finish_reason"]["type"] == "abort":
+        tally.aborted += 1
+    elif last["meta_info"]["completion_tokens"] != max_tokens:
+        tally.wrong_length += 1
+    else:
+        tally.completed += 1
+
+
+async def client_loop(base: str, seconds: float, seed: int, tally: Tally) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(timeout=120) as client:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                await one_request(client, base, rng, tally, seed)
+            except httpx.HTTPError as e:
+                tally.other_errors.append(f"{type(e).__name__}: {e}")
+
+
+def start_server(model_path: str, port: int, extra: List[str]) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--model-path", model_path,
+                             "--port", str(port), "--log-level", "warning", *extra])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("server did not start")
+
+
+def run_soak(model_path: str, seconds: float, clients: int, port: int, extra: List[str]) -> Dict:
+    proc = start_server(model_path, port, extra)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def all_clients(duration: float, tally: Tally, first_seed: int) -> None:
+            await asyncio.gather(*(client_loop(base, duration, first_seed + i, tally) for i in range(clients)))
+
+        # Warm-up with the full load, long enough to fill the prefix cache, so
+        # later growth would be a leak rather than the cache filling up.
+        asyncio.run(all_clients(min(30.0, seconds / 4), Tally(), 1000))
+        pids = process_tree(proc.pid)
+        rss_after_warmup = {p: rss_kb(p) for p in pids}
+        tally = Tally()
+        start = time.monotonic()
+        asyncio.run(all_clients(seconds, tally, 0))
+        elapsed = time.monotonic() - start
+        time.sleep(1.0)  # let dropped connections' aborts land
+        kv_end = httpx.get(f"{base}/get_server_info").json()["kv_cache"]
+        httpx.post(f"{base}/flush_cache")
+        kv_flushed = httpx.get(f"{base}/get_server_info").json()["kv_cache"]
+        rss_end = {p: rss_kb(p) for p in pids}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    growth = {p: round(rss_end[p] / max(rss_after_warmup[p], 1), 3) for p in pids}
+    ok = (tally.server_errors == 0 and tally.wrong_length == 0 and not tally.other_errors
+          and kv_end["in_use_tokens"] == 0 and kv_flushed["free_tokens"] == kv_flushed["total_tokens"]
+          and all(g <= 1.10 for g in growth.values()))
+    return {"ok": ok, "seconds": round(elapsed, 1), "clients": clients, **asdict(tally),
+            "kv_at_end": kv_end, "kv_after_flush": kv_flushed,
+            "rss_kb_after_warmup": rss_after_warmup, "rss_kb_at_end": rss_end, "rss_growth": growth}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-path", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--port", type=int, default=30555)
+    args, extra = parser.parse_known_args()
+    if "--max-total-tokens" not in extra:
+        extra += ["--max-total-tokens", "8192"]  # a pool the warm-up fills: growth after it is a leak
+    result = run_soak(args.model_path, args.minutes * 60, args.clients, args.port, extra)
+    print(json.dumps(result, indent=1))
+    sys.exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
