@@ -328,3 +328,16 @@ def test_cuda_matches_cpu():
     cuda = Sampler().forward(logits.cuda(), batch_info(reqs, vocab=1000, device="cuda")).next_token_ids
     # Float math may differ in the last ulp; a token may flip only at a near tie.
     assert (cpu == cuda.cpu()).float().mean() > 0.95
+
+
+def test_uniform_noise_never_reaches_0_or_1(monkeypatch):
+    """The extreme hash values still map strictly inside (0, 1): u == 1 would
+    make the Gumbel noise +inf and let a masked (-inf) token win."""
+    from radixserve.layers import sampler as sampler_module
+
+    seeds, steps = torch.arange(4), torch.zeros(4, dtype=torch.int64)
+    for extreme in (0, 0xFFFFFFFF):
+        monkeypatch.setattr(sampler_module, "_mix32", lambda x, v=extreme: torch.full_like(x, v))
+        u = sampler_module.seeded_uniform(seeds, steps, 16)
+        assert (u > 0).all() and (u < 1).all(), (extreme, u.max().item())
+        assert torch.isfinite(sampler_module.seeded_gumbel(seeds, steps, 16)).all()

@@ -33,8 +33,12 @@ class SamplerOutput:
 
 
 def apply_logit_processors(logits: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
-    """Penalties, logit bias and the min_new_tokens block. Never modifies
-    `logits`; returns it unchanged when the batch uses none of them."""
+    """Grammar masks, penalties, logit bias and the min_new_tokens block. Never
+    modifies `logits`; returns it unchanged when the batch uses none of them."""
+    if info.grammar_mask is not None:
+        backend, bitmask, rows = info.grammar_mask
+        logits = logits.clone()
+        backend.apply_bitmask(logits, bitmask, rows)
     if info.seen_mask is not None:
         # HF repetition penalty over prompt and output: shrink toward zero, so
         # a seen token becomes less likely whatever the sign of its logit.
@@ -97,9 +101,11 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     key = _mix32(key ^ (steps & MASK32))
     tokens = _mix32(torch.arange(vocab_size, dtype=torch.int64, device=seeds.device) ^ _TOKEN_SALT)
     bits = _mix32(key[:, None] ^ tokens[None, :])
-    # The top 24 bits fill a float32 mantissa exactly; +0.5 keeps 0 and 1 out,
-    # so both logs below stay finite.
-    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    # 23 bits: k + 0.5 must be exact in float32 (24 significant bits), so u
+    # stays strictly inside (0, 1). With 24 bits, 2**24 - 0.5 rounds up to
+    # 2**24, u hits 1.0, the Gumbel noise is +inf, and a masked (-inf) or
+    # unlikely token can win.
+    return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def seeded_gumbel(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
