@@ -40,6 +40,10 @@ class ServerArgs:
     stream_interval: int = 1
     incremental_streaming_output: bool = False
 
+    # Structured outputs
+    grammar_backend: str = "xgrammar"  # xgrammar | none
+    constrained_json_disable_any_whitespace: bool = False
+
     # Kernels
     attention_backend: Optional[str] = None  # None: device default
 

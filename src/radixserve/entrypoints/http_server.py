@@ -237,8 +237,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
 
     async def validate(gen: GenerateReqInput) -> None:
         """Tokenize and check everything before a (streaming) response starts."""
-        for single in gen.split():
-            state.tm.check_request(single)
+        await state.tm.validate(gen)
 
     return app
 

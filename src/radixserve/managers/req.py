@@ -48,6 +48,8 @@ class Req:
         self.created_at = time.monotonic()
         self.queue_time: Optional[float] = None  # arrival to first prefill, in seconds
         self.first_token_at: Optional[float] = None
+        self.grammar = None  # a GrammarMatcher when the request is constrained
+        self.grammar_future = None  # its compilation, while queued
 
     # ---- token views ----
     @property
@@ -77,6 +79,9 @@ class Req:
             return
         sp = self.sampling_params
         token = self.output_ids[-1]
+        if self.grammar is not None and self.grammar.is_terminated():
+            self.finished_reason = {"type": "stop", "matched": token}
+            return
         if len(self.output_ids) >= sp.min_new_tokens:
             if token in sp.stop_token_set or (not sp.ignore_eos and token in eos_token_ids):
                 self.finished_reason = {"type": "stop", "matched": token}

@@ -23,6 +23,7 @@ from radixserve.managers.ipc import PortArgs, die_with_parent, make_socket
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder, order_waiting_queue
+from radixserve.managers.scheduler_grammar import SchedulerGrammarMixin
 from radixserve.managers.scheduler_output import SchedulerOutputMixin
 from radixserve.managers.scheduler_stats import SchedulerStatsMixin
 from radixserve.model_executor.model_runner import ModelRunner
@@ -33,7 +34,7 @@ from radixserve.utils.hf_utils import get_eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
+class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin):
     def __init__(self, server_args: ServerArgs, port_args: PortArgs) -> None:
         self.server_args = server_args
         if server_args.random_seed is not None:
@@ -59,6 +60,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
         self.num_retractions = 0
         self.num_prefill_tokens = 0  # tokens actually computed by prefill (after cache hits)
         self.init_stats()
+        self.init_grammar()
         self.was_idle = True
 
         ctx = zmq.Context(2)
@@ -83,6 +85,8 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
             idle = self.is_idle()
             for msg in self.recv_requests(block=idle):
                 self.process_input(msg)
+            if self.grammar_queue:
+                self.move_ready_grammars()
             batch = self.get_next_batch_to_run()
             if batch is None:
                 self.on_idle()
@@ -91,12 +95,15 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
             self.run_and_process(batch)
 
     def is_idle(self) -> bool:
-        return not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
+        return (not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
+                and not self.grammar_queue)
 
     def recv_requests(self, block: bool) -> list:
         msgs = []
         if block:
             self.poller.poll(timeout=1000)
+        elif self.grammar_queue and not self.waiting_queue and self.running_batch.is_empty():
+            self.poller.poll(timeout=5)  # only compiling: wait a little, don't spin
         while True:
             try:
                 msgs.append(self.recv_sock.recv_pyobj(zmq.NOBLOCK))
@@ -108,11 +115,14 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
             try:
                 self.add_request(msg)
             except Exception as e:  # one bad request must not take the scheduler down
-                logger.error("request %s failed:\n%s", msg.rid, traceback.format_exc())
+                bad_input = isinstance(e, ValueError)
+                if not bad_input:
+                    logger.error("request %s failed:\n%s", msg.rid, traceback.format_exc())
                 self.send_sock.send_pyobj(io.BatchTokenIDOut([io.ReqOutput(
                     rid=msg.rid, new_token_ids=[], prompt_tokens=len(msg.input_ids), completion_tokens=0,
-                    cached_tokens=0, finished_reason={"type": "abort", "message": f"internal error: {e}",
-                                                      "status_code": 500})]))
+                    cached_tokens=0, finished_reason={"type": "abort", "message": str(e) if bad_input
+                                                      else f"internal error: {e}",
+                                                      "status_code": 400 if bad_input else 500})]))
         elif isinstance(msg, io.AbortReq):
             self.abort(msg)
         elif isinstance(msg, io.GetServerInfoReq):
@@ -132,9 +142,9 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
             # It could never fit; fail it now instead of queueing it forever.
             self.reject(req, 400, f"the prompt has {len(req.origin_input_ids)} tokens and can never fit "
                         f"the KV cache ({self.runner.max_total_num_tokens} tokens)")
-        elif limit is not None and len(self.waiting_queue) >= limit:
+        elif limit is not None and len(self.waiting_queue) + len(self.grammar_queue) >= limit:
             self.reject(req, 503, f"the server is overloaded: {limit} requests are already queued")
-        else:
+        elif not self.needs_grammar(req):
             self.waiting_queue.append(req)
 
     def reject(self, req: Req, status_code: int, message: str) -> None:
@@ -229,6 +239,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin):
             batch.sampling_info = SamplingBatchInfo.from_reqs(
                 batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids
             )
+        self.set_grammar_mask(batch)
         sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
         if batch.forward_mode.is_extend():
             self.process_extend_result(batch, logits, sample)

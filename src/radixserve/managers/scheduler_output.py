@@ -55,6 +55,7 @@ class SchedulerOutputMixin:
         if not req.output_ids:
             req.first_token_at = time.monotonic()
         req.output_ids.append(token)
+        self.advance_grammar(req, token)
         if req.return_logprob:
             record_output_logprob(req, row, token, *host)
         req.check_finished(self.eos_token_ids, self.context_len, self.tokenizer)
@@ -73,6 +74,8 @@ class SchedulerOutputMixin:
             # An n > 1 request's copies share its rid as a prefix.
             return msg.abort_all or req.rid == msg.rid or req.rid.startswith(f"{msg.rid}#")
 
+        for req in self.grammar_queue:
+            req.to_abort = req.to_abort or matches(req)  # reaped when its compile finishes
         waiting = [r for r in self.waiting_queue if matches(r)]
         self.waiting_queue = [r for r in self.waiting_queue if not matches(r)]
         for req in waiting:

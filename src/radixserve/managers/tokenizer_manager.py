@@ -17,6 +17,8 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional
 import zmq
 import zmq.asyncio
 
+from radixserve.constrained.base import constraint_of
+from radixserve.constrained.xgrammar_backend import create_grammar_backend
 from radixserve.managers import io_struct as io
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected, SingleRequest
 from radixserve.managers.metrics import Metrics
@@ -54,6 +56,7 @@ class TokenizerManager:
         self._started = False
         self._dead: Optional[str] = None
         self.metrics: Optional[Metrics] = None
+        self._grammar_checker = None
         if server_args.enable_metrics:
             self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
 
@@ -98,6 +101,7 @@ class TokenizerManager:
             raise RuntimeError(self._dead)
         singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n)
         states = [self._tokenize_and_check(s) for s in singles]  # all checked before any is sent
+        await self._check_constraints(singles)
         for state in states:
             if state.req.rid in self.states:
                 raise ValueError(f"rid {state.req.rid!r} is already in flight")
@@ -158,9 +162,27 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    def check_request(self, req: SingleRequest) -> None:
-        """Raise ValueError for bad input without sending anything."""
-        self._tokenize_and_check(req)
+    async def validate(self, obj: GenerateReqInput) -> None:
+        """Raise ValueError for bad input without sending anything (so an HTTP
+        stream never starts on a bad request)."""
+        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n)
+        for single in singles:
+            self._tokenize_and_check(single)
+        await self._check_constraints(singles)
+
+    async def _check_constraints(self, singles: List[SingleRequest]) -> None:
+        """At most one constraint per request, and it must compile (cached by text)."""
+        for single in singles:
+            constraint = constraint_of(single.sampling_params)
+            if constraint is None:
+                continue
+            if self.server_args.grammar_backend == "none":
+                raise ValueError("constraints need a grammar backend; this server runs with --grammar-backend none")
+            if self._grammar_checker is None:
+                self._grammar_checker = create_grammar_backend(
+                    self.server_args.grammar_backend, self.tokenizer, self.vocab_size,
+                    not self.server_args.constrained_json_disable_any_whitespace, [])
+            await asyncio.get_running_loop().run_in_executor(None, self._grammar_checker.compile, constraint)
 
     def _tokenize_and_check(self, req: SingleRequest) -> ReqState:
         ids = req.input_ids if req.input_ids is not None else self.tokenizer.encode(req.prompt)

@@ -43,6 +43,8 @@ class SamplingBatchInfo:
     logit_bias: Optional[torch.Tensor] = None  # [bs, vocab] float32
     min_new_tokens: Optional[torch.Tensor] = None  # [bs] int64
     stop_mask: Optional[torch.Tensor] = None  # [bs, vocab] bool: tokens min_new_tokens blocks
+    # Grammar constraints, set per step by the scheduler: (backend, packed bitmask, rows).
+    grammar_mask: Optional[Tuple[Any, torch.Tensor, List[int]]] = None
 
     @property
     def batch_size(self) -> int:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from radixserve.constrained.xgrammar_backend import ANY_JSON
 
 logger = logging.getLogger(__name__)
 _logged_unknown: set = set()
@@ -14,6 +18,28 @@ _logged_unknown: set = set()
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    schema_: Dict[str, Any] = Field(alias="schema")
+    strict: bool = False
+
+
+class ResponseFormat(BaseModel):
+    type: str  # text | json_object | json_schema
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    def as_json_schema(self) -> Optional[str]:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ANY_JSON
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format.json_schema is required for type json_schema")
+            return json.dumps(self.json_schema.schema_)
+        raise ValueError(f"response_format.type must be text, json_object or json_schema, got {self.type!r}")
 
 
 class SGLangExtras(BaseModel):
@@ -31,6 +57,9 @@ class SGLangExtras(BaseModel):
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     rid: Optional[str] = None
+    regex: Optional[str] = None
+    ebnf: Optional[str] = None
+    json_schema: Optional[str] = None
 
     def log_unknown_fields(self) -> None:
         for name in (self.model_extra or {}):
@@ -53,6 +82,7 @@ class CommonRequest(SGLangExtras):
     frequency_penalty: float = 0.0
     logit_bias: Optional[Dict[str, float]] = None
     user: Optional[str] = None
+    response_format: Optional[ResponseFormat] = None
 
     def sampling_params(self, max_new_tokens: Optional[int]) -> Dict[str, Any]:
         params: Dict[str, Any] = {
@@ -74,6 +104,10 @@ class CommonRequest(SGLangExtras):
             params["sampling_seed"] = self.seed
         if self.logit_bias:
             params["logit_bias"] = self.logit_bias
+        schema = self.response_format.as_json_schema() if self.response_format else None
+        for key, value in (("json_schema", schema or self.json_schema), ("regex", self.regex), ("ebnf", self.ebnf)):
+            if value is not None:
+                params[key] = value
         return params
 
 

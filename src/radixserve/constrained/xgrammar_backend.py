@@ -1,0 +1,77 @@
+"""Grammar backend on xgrammar: JSON schema, regex and EBNF constraints."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, List
+
+import torch
+import xgrammar as xgr
+
+from radixserve.constrained.base import Constraint, GrammarBackend, GrammarMatcher
+
+ANY_JSON = "$$ANY$$"  # json_schema value meaning "any JSON object" (response_format json_object)
+
+
+class XGrammarMatcher(GrammarMatcher):
+    def __init__(self, compiled: xgr.CompiledGrammar) -> None:
+        self.matcher = xgr.GrammarMatcher(compiled)
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token: int) -> bool:
+        return self.matcher.accept_token(token)
+
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class XGrammarBackend(GrammarBackend):
+    def __init__(self, tokenizer: Any, vocab_size: int, any_whitespace: bool = True,
+                 stop_token_ids: List[int] | None = None, cache_size: int = 256) -> None:
+        self.vocab_size = vocab_size
+        # None: xgrammar takes the tokenizer's own EOS as the grammar's stop token.
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=stop_token_ids or None)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=2)
+        self.any_whitespace = any_whitespace
+        self._cached_compile = lru_cache(maxsize=cache_size)(self._compile)  # keyed by the constraint's text
+
+    def compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        return self._cached_compile(constraint)
+
+    def _compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
+        try:
+            if constraint.kind == "json_schema":
+                if constraint.spec == ANY_JSON:
+                    return self.compiler.compile_builtin_json_grammar()
+                json.loads(constraint.spec)  # a clearer message than the compiler's for bad JSON
+                if self.any_whitespace:
+                    return self.compiler.compile_json_schema(constraint.spec)
+                return self.compiler.compile_json_schema(
+                    constraint.spec, any_whitespace=False, separators=(",", ":"))
+            if constraint.kind == "regex":
+                return self.compiler.compile_regex(constraint.spec)
+            return self.compiler.compile_grammar(constraint.spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"invalid {constraint.kind}: {e}") from None
+
+    def new_matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
+        return XGrammarMatcher(compiled)
+
+    def allocate_bitmask(self, batch_size: int) -> torch.Tensor:
+        return xgr.allocate_token_bitmask(batch_size, self.vocab_size)
+
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list) -> None:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
+
+
+def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int, any_whitespace: bool,
+                           stop_token_ids: List[int]) -> GrammarBackend | None:
+    if name == "none":
+        return None
+    if name == "xgrammar":
+        return XGrammarBackend(tokenizer, vocab_size, any_whitespace, stop_token_ids)
+    raise ValueError(f"unknown grammar_backend {name!r}; supported: xgrammar, none")
