@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -61,7 +62,7 @@ def children_of(pid: int) -> list:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory):
-    proc, base = start_server(tiny_model_factory("llama"))
+    proc, base = start_server(tiny_model_factory("llama"), "--constrained-json-disable-any-whitespace")
     yield base
     proc.terminate()
     proc.wait(timeout=30)
@@ -244,3 +245,34 @@ def children_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_structured_outputs_over_http(client, server):
+    import jsonschema
+
+    from tests.constrained.schemas import SCHEMAS
+
+    schema = SCHEMAS[0]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who?"}],
+                                          max_tokens=80, temperature=1.0, seed=2, n=2, response_format=fmt)
+    comp = client.completions.create(model=MODEL, prompt="Person:", max_tokens=80, temperature=0,
+                                     extra_body={"response_format": fmt})
+    native = httpx.post(f"{server}/generate", json={"text": "Person:", "sampling_params": {
+        "json_schema": json.dumps(schema), "max_new_tokens": 80, "temperature": 0}}).json()
+    for text in [c.message.content for c in chat.choices] + [comp.choices[0].text, native["text"]]:
+        jsonschema.validate(json.loads(text), schema)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Date?"}],
+                                            max_tokens=30, temperature=1.0, stream=True,
+                                            extra_body={"regex": r"\d{4}-\d{2}-\d{2}"})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", text), text
+    anything = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "JSON"}],
+                                              max_tokens=60, temperature=0, response_format={"type": "json_object"})
+    assert anything.choices[0].finish_reason == "length" or json.loads(anything.choices[0].message.content) is not None
+    with pytest.raises(openai.BadRequestError, match="regex"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True,
+                                       extra_body={"regex": "(unclosed"})
+    bad = httpx.post(f"{server}/generate", json={"text": "x", "stream": True, "sampling_params": {
+        "json_schema": "{oops"}})
+    assert bad.status_code == 400 and "json_schema" in bad.json()["error"]["message"]
