@@ -3,7 +3,7 @@ path; `load_shard` copies one checkpoint tensor into its slice."""
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -12,8 +12,9 @@ from torch import nn
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)
@@ -24,18 +25,26 @@ class MergedLinear(Linear):
 
     def __init__(self, in_features: int, shard_sizes: Dict[str, int], bias: bool = False) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias)
-        self.shard_offsets: Dict[str, tuple] = {}
+        self.shard_offsets: Dict[str, Tuple[int, int]] = {}  # name -> (first row, rows)
         offset = 0
         for name, size in shard_sizes.items():
             self.shard_offsets[name] = (offset, size)
             offset += size
 
     def load_shard(self, shard: str, param_name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged parameter."""
         offset, size = self.shard_offsets[shard]
-        param = self.weight if param_name == "weight" else self.bias
-        if tensor.shape[0] != size:
-            raise ValueError(f"shard {shard!r} has {tensor.shape[0]} rows, expected {size}")
-        param.data[offset:offset + size].copy_(tensor.to(param.dtype))
+        param = {"weight": self.weight, "bias": self.bias}.get(param_name)
+        if param is None:
+            raise ValueError(f"merged projection has no {param_name!r} for shard {shard!r}")
+        target = param.data[offset:offset + size]
+        # Checked in full: copy_ would silently broadcast a wrongly shaped tensor.
+        if tensor.shape != target.shape:
+            raise ValueError(
+                f"shard {shard!r} {param_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor.to(param.dtype))
 
     def split_output(self, out: torch.Tensor) -> List[torch.Tensor]:
+        """The merged output cut back into its projections (views, no copy)."""
         return list(out.split([size for _, size in self.shard_offsets.values()], dim=-1))

@@ -1,7 +1,10 @@
 """Rotary position embedding, with the frequency scalings HF configs name.
 
-Applied in the "rotate half" layout HF checkpoints use (GGUF q/k weights are
-un-permuted into it at load time)."""
+Applied in the "rotate half" (GPT-NeoX) layout HF checkpoints use; GGUF q/k
+weights are un-permuted into it at load time. One table of cos|sin per model,
+shared by every layer, indexed by each token's position: no per-sequence
+state, so batching and prefix caching never touch it.
+"""
 
 from __future__ import annotations
 
@@ -11,64 +14,129 @@ from typing import Any, Dict, Tuple
 import torch
 from torch import nn
 
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
 
 def rope_parameters(config: Any) -> Dict[str, Any]:
-    """transformers 5 keeps theta and scaling in config.rope_parameters; older
-    configs have rope_theta and rope_scaling."""
+    """The rope settings of `config` as one flat dict with `rope_type` and `rope_theta`.
+
+    transformers 5 keeps theta and scaling in `config.rope_parameters`; older
+    configs (and hand-built namespaces) have `rope_theta` and `rope_scaling`,
+    whose type key was once spelled `type`.
+    """
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:  # per-layer-type form; these families use one type
+        params = dict(params["full_attention"])
     if not params:
         params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    params.setdefault("rope_type", params.get("type") or "default")
+    # A scaled rope is tuned to its pretraining length; HF falls back to the
+    # config's max length when the checkpoint does not say.
+    params.setdefault("original_max_position_embeddings", getattr(config, "max_position_embeddings", None))
     return params
 
 
-def _inv_freq(dim: int, params: Dict[str, Any], max_position: int) -> Tuple[torch.Tensor, float]:
-    base = float(params.get("rope_theta", 10000.0))
+def rotary_inv_freq(dim: int, params: Dict[str, Any], max_position: int) -> Tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64, [dim/2]) and the factor cos/sin are scaled by."""
+    base = float(params["rope_theta"])
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     kind = params["rope_type"]
     if kind == "default":
         return inv_freq, 1.0
+    if kind == "dynamic":
+        # Dynamic NTK only changes the base for positions past the original
+        # length; HF sets that length to max_position_embeddings, the size of
+        # our table, so every position we can index is unscaled.
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / params["factor"], 1.0
+        return inv_freq / float(params["factor"]), 1.0
     if kind == "llama3":
         return _llama3(inv_freq, params, max_position), 1.0
-    raise ValueError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+    if kind == "yarn":
+        return _yarn(dim, base, params, max_position)
+    raise ValueError(f"unsupported rope_type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def _original_len(p: Dict[str, Any], max_position: int) -> float:
+    return float(p.get("original_max_position_embeddings") or max_position)
 
 
 def _llama3(inv_freq: torch.Tensor, p: Dict[str, Any], max_position: int) -> torch.Tensor:
     """Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth
     blend in between."""
-    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    original = p.get("original_max_position_embeddings", max_position)
+    factor, low, high = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+    original = _original_len(p, max_position)
     wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
     smooth = (original / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    out = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    blended = (1 - smooth) * slowed / factor + smooth * slowed
     middle = (wavelen <= original / low) & (wavelen >= original / high)
-    return torch.where(middle, blended, out)
+    return torch.where(middle, blended, slowed)
+
+
+def _yarn(dim: int, base: float, p: Dict[str, Any], max_position: int) -> Tuple[torch.Tensor, float]:
+    """YaRN: interpolate the low frequencies, keep the high ones, ramp between
+    the dimensions that turn `beta_slow` and `beta_fast` times over the
+    original context; cos/sin get an attention temperature."""
+    original = _original_len(p, max_position)
+    factor = float(p.get("factor") or max_position / original)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = p.get("attention_factor")
+    if attention is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    return inv_freq, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
+    """cos|sin table for positions [0, max_position), applied to q and k."""
+
     def __init__(self, head_dim: int, max_position: int, params: Dict[str, Any]) -> None:
         super().__init__()
+        if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported by this model family")
         self.head_dim = head_dim
-        inv_freq, scale = _inv_freq(head_dim, params, max_position)
-        t = torch.arange(max_position, dtype=torch.float64)
-        freqs = torch.outer(t, inv_freq)
-        # Float32 tables (not parameters: never loaded, never cast to bf16).
-        self.register_buffer("cos", (freqs.cos() * scale).float(), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
+        self.max_position = max_position
+        inv_freq, scale = rotary_inv_freq(head_dim, params, max_position)
+        # Built in float64 on the CPU (exact angles at long positions, and some
+        # devices lack float64), then moved to wherever the model is built.
+        t = torch.arange(max_position, dtype=torch.float64, device="cpu")
+        freqs = torch.outer(t, inv_freq.cpu())
+        table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale
+        device = torch.empty(0).device  # honours an enclosing `with torch.device(...)`
+        # Float32 buffer, not a parameter: never loaded, and not cast by
+        # set_default_dtype (an explicit dtype), so bf16 models keep exact angles.
+        self.register_buffer("cos_sin_cache", table.to(device=device, dtype=torch.float32), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads*head_dim], k: [T, kv_heads*head_dim]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads*head_dim], k: [T, kv_heads*head_dim]; returns both rotated, same dtype."""
+        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x = x.view(shape[0], -1, self.head_dim).float()
+        x = x.reshape(shape[0], -1, self.head_dim).float()
         x1, x2 = x.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(dtype).view(shape)

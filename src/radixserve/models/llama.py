@@ -1,12 +1,15 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral without sliding window).
 
-The building blocks are parameterised (qkv bias, per-head q/k norm) so Qwen2
-and Qwen3 reuse them. Model math only: caching and batching live elsewhere.
+The building blocks take a `BlockOptions` (projection biases, per-head q/k
+norm) so Qwen2 and Qwen3 reuse them. Model math only: the KV cache, batching
+and sampling live elsewhere; attention goes through RadixAttention.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Tuple
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -18,33 +21,44 @@ from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """Where the families differ inside a decoder layer."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head before rotary
+
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, qkv_bias: bool = False, qk_norm: bool = False) -> None:
+    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.rotary_emb = RotaryEmbedding(
-            self.head_dim, config.max_position_embeddings, rope_parameters(config)
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=opts.qkv_bias
         )
+        self.o_proj = Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
+        self.rotary_emb = rotary_emb  # one table shared by all layers
         self.attn = RadixAttention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
         if self.q_norm is not None:
-            # Qwen3: RMSNorm over each head's vector before rotary.
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
@@ -52,10 +66,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, {"gate": intermediate_size, "up": intermediate_size})
-        self.down_proj = Linear(intermediate_size, hidden_size)
+        self.gate_up_proj = MergedLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,16 +79,22 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, **attn_kwargs: bool) -> None:
+    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, **attn_kwargs)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size)
+        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, opts)
+        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=opts.mlp_bias)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor], forward_batch
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        forward_batch: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, residual stream before it): the add is
+        deferred into the next norm so it fuses with it."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -83,78 +105,123 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, **attn_kwargs: bool) -> None:
+    def __init__(self, config: Any, opts: BlockOptions) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, **attn_kwargs) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i, self.rotary_emb, opts) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, forward_batch)
+        if residual is None:  # no layers at all
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
 
-# Checkpoint name piece -> (merged parameter piece, shard)
-STACKED_PARAMS = {
+# Checkpoint projection name -> (merged parameter's module name, shard)
+STACKED_PARAMS: Dict[str, Tuple[str, str]] = {
     "q_proj": ("qkv_proj", "q"),
     "k_proj": ("qkv_proj", "k"),
     "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", "gate"),
     "up_proj": ("gate_up_proj", "up"),
 }
+# Buffers some checkpoints carry that we recompute.
+IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 class LlamaForCausalLM(nn.Module):
-    attn_kwargs: dict = {}
+    """Llama 2/3 and SmolLM2; `attention_bias` and `mlp_bias` as the HF config says."""
+
+    @classmethod
+    def block_options(cls, config: Any) -> BlockOptions:
+        bias = bool(getattr(config, "attention_bias", False))
+        return BlockOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
 
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, **self.attn_kwargs)
+        self.model = LlamaModel(config, self.block_options(config))
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        """Final-normed hidden states [T, hidden] of every input token."""
         return self.model(input_ids, positions, forward_batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.named_parameters(remove_duplicate=False))
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+        """Fill parameters from (Hugging Face name, tensor) pairs.
+
+        strict: every parameter (each shard of a merged one) must be given;
+        pass False to update only some of them (e.g. live weight updates).
+        """
+        params = dict(self.named_parameters())  # the tied head is the embedding, listed once
         modules = dict(self.named_modules())
+        pending = self._expected_weights(params, modules)
         for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
+            if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (self.tied and name == "lm_head.weight"):
                 continue
-            if name == "lm_head.weight" and self.tied:
-                continue  # the embedding is the head
-            stacked = self._stacked_target(name)
-            if stacked is not None:
-                module_name, shard, kind = stacked
-                modules[module_name].load_shard(shard, kind, tensor)
-                continue
+            prefix, _, kind = name.rpartition(".")
+            owner, _, proj = prefix.rpartition(".")
+            if proj in STACKED_PARAMS:
+                merged, shard = STACKED_PARAMS[proj]
+                module = modules.get(f"{owner}.{merged}")
+                if isinstance(module, MergedLinear):
+                    module.load_shard(shard, kind, tensor)
+                    pending.discard(f"{owner}.{merged}.{kind}:{shard}")
+                    continue
             if name not in params:
                 raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
             param = params[name]
             if param.shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                raise ValueError(
+                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
             param.data.copy_(tensor.to(param.dtype))
+            pending.discard(name)
+        if strict and pending:
+            missing = sorted(pending)
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:8])}{more}")
 
     @staticmethod
-    def _stacked_target(name: str) -> Optional[Tuple[str, str, str]]:
-        parts = name.split(".")
-        if len(parts) < 2 or parts[-2] not in STACKED_PARAMS:
-            return None
-        merged, shard = STACKED_PARAMS[parts[-2]]
-        return ".".join(parts[:-2] + [merged]), shard, parts[-1]
+    def _expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
+        """Names to fill: plain parameters, and `name:shard` for each shard of a merged one."""
+        expected: Set[str] = set()
+        for name in params:
+            owner = modules[name.rpartition(".")[0]]
+            if isinstance(owner, MergedLinear):
+                expected.update(f"{name}:{shard}" for shard in owner.shard_offsets)
+            else:
+                expected.add(name)
+        return expected
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    pass
+    """Mistral is Llama's math; its sliding window is not implemented."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        window = getattr(config, "sliding_window", None)
+        if window is not None and window < config.max_position_embeddings:
+            # Exact up to `window` tokens; longer sequences attend further back than trained.
+            logger.warning(
+                "sliding_window=%d is not implemented: attention is full-context, "
+                "which differs from the reference past %d tokens",
+                window,
+                window,
+            )

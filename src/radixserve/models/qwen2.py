@@ -1,9 +1,17 @@
-"""Qwen2 / Qwen2.5: Llama blocks with a bias on the q/k/v projections."""
+"""Qwen2 / Qwen2.5: Llama blocks with a bias on the q/k/v projections (not on o_proj).
+
+Qwen2's optional sliding window (`use_sliding_window`, off in released
+checkpoints) is not implemented.
+"""
 
 from __future__ import annotations
 
-from radixserve.models.llama import LlamaForCausalLM
+from typing import Any
+
+from radixserve.models.llama import BlockOptions, LlamaForCausalLM
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    attn_kwargs = {"qkv_bias": True}
+    @classmethod
+    def block_options(cls, config: Any) -> BlockOptions:
+        return BlockOptions(qkv_bias=True)

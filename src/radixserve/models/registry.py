@@ -29,6 +29,12 @@ def supported_architectures() -> List[str]:
 
 
 def get_model_class(config: Any) -> type:
+    """The model class for `config.architectures`, else for `config.model_type`.
+
+    A config that names architectures is taken at its word: an unsupported
+    head (say LlamaForSequenceClassification) is refused, not served as a
+    causal LM because its model_type is known.
+    """
     names = list(getattr(config, "architectures", None) or [])
     for name in names:
         if name in ARCHITECTURES:
@@ -36,6 +42,7 @@ def get_model_class(config: Any) -> type:
     model_type = getattr(config, "model_type", None)
     if not names and model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
+    asked = ", ".join(names) if names else f"model_type {model_type!r}"
     raise ValueError(
-        f"unsupported architecture {names or model_type!r}; supported: {', '.join(supported_architectures())}"
+        f"unsupported architecture {asked}; supported: {', '.join(supported_architectures())}"
     )
