@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.e2e.test_observability import launch
+from tests.server_utils import start_server
 
 # Field names the endpoints know, so generated bodies reach deep validation
 # paths, not only the "unknown field" ones.
@@ -44,7 +44,8 @@ ADMIN_KEY = "fuzz-admin"
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("fuzz") / "server.log", "w")
-    proc, base = launch(tiny_model_factory("llama"), ["--admin-api-key", ADMIN_KEY, "--log-level", "warning", "--context-length", "64"], log)
+    proc, base = start_server(tiny_model_factory("llama"), "--admin-api-key", ADMIN_KEY, "--log-level", "warning",
+                              "--context-length", "64", log=log)
     spec = httpx.get(f"{base}/openapi.json").json()
     routes = [(path, method.upper()) for path, ops in spec["paths"].items() for method in ops]
     yield base, routes

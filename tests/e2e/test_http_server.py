@@ -6,9 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -16,49 +13,7 @@ import httpx
 import openai
 import pytest
 
-MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model_path, *extra: str):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radixserve.launch_server", "--model-path", str(model_path),
-         "--port", str(port), "--served-model-name", MODEL, "--log-level", "warning", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited during start-up"
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("server did not become healthy")
-
-
-def children_of(pid: int) -> list:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                kids.append(int(entry))
-    return kids
-
+from tests.server_utils import MODEL, children_of, start_server
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory):

@@ -5,44 +5,24 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.e2e.test_http_server import MODEL, children_of, free_port
+from tests.server_utils import MODEL, children_of, start_server
 
 LIMITS = ["--enable-metrics", "--log-requests", "--max-running-requests", "2", "--max-queued-requests", "2",
           "--max-total-tokens", "300", "--max-n", "4", "--max-batch-prompts", "3",
           "--max-request-body-bytes", "100000", "--admin-api-key", "adm"]
 
 
-def launch(model_path, extra, log_file):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radixserve.launch_server", "--model-path", str(model_path), "--port", str(port),
-         "--served-model-name", MODEL, *extra], stdout=log_file, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, "server exited during start-up"
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError("server did not start")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
     with open(log_path, "w") as log_file:
-        proc, base = launch(tiny_model_factory("llama"), LIMITS, log_file)
+        proc, base = start_server(tiny_model_factory("llama"), *LIMITS, log=log_file)
         yield base, log_path
         proc.terminate()
         proc.wait(timeout=30)
@@ -138,7 +118,7 @@ def test_admin_key(server):
 
 def test_scheduler_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
     with open(tmp_path / "log", "w") as log_file:
-        proc, base = launch(tiny_model_factory("llama"), [], log_file)
+        proc, base = start_server(tiny_model_factory("llama"), log=log_file)
     outcome = {}
 
     def long_request():

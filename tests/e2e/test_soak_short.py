@@ -6,7 +6,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from tests.e2e.test_http_server import free_port
+from tests.server_utils import free_port
 
 
 def load_soak():

@@ -97,12 +97,8 @@ class Engine:
         logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
         return_text_in_logprobs: bool = False, stream: bool = False,
     ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
-        obj = GenerateReqInput(
-            prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
-            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-            stream=stream,
-        )
+        obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
+                               top_logprobs_num, return_text_in_logprobs, stream)
         if stream:
             return self._sync_stream(obj)
         results = self._run(self._collect(obj))
@@ -113,12 +109,8 @@ class Engine:
                              return_text_in_logprobs=False, stream=False):
         """Same arguments as generate. Await it for the result(s); with stream=True
         the awaited value is an async iterator of chunks."""
-        obj = GenerateReqInput(
-            prompt=prompt, input_ids=input_ids, sampling_params=sampling_params, rid=rid,
-            return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-            top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs,
-            stream=stream,
-        )
+        obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
+                               top_logprobs_num, return_text_in_logprobs, stream)
         if stream:
             obj.split()  # raise bad-input errors at the call, not at the first chunk
             return self._async_stream(obj)
