@@ -66,7 +66,8 @@ def main() -> None:
     kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
     hf = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs).eval()
     results = {"threads": torch.get_num_threads()}
-    with Engine(model_path=args.model_path, log_level="warning") as engine:
+    # The radix cache would serve the repeated prompts from cache; transformers recomputes them.
+    with Engine(model_path=args.model_path, log_level="warning", disable_radix_cache=True) as engine:
         for bs in map(int, args.batches.split(",")):
             ids = prompts(bs, hf.config.vocab_size)
             results[f"radixserve_bs{bs}"] = decode_rate(time_engine, engine, ids)
