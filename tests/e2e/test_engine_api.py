@@ -265,3 +265,17 @@ def test_incremental_streaming_output(tiny_model_factory):
         assert len(chunks) > 1
         assert "".join(c["text"] for c in chunks) == full["text"]
         assert [t for c in chunks for t in c["output_ids"]] == full["output_ids"]
+
+
+def test_bfloat16_close_to_float32(setup, tiny_model_factory):
+    engine, _ = setup
+    params = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+    ref = engine.generate(input_ids=PROMPT, sampling_params=params, return_logprob=True)
+    with Engine(model_path=str(tiny_model_factory("llama")), dtype="bfloat16") as bf16:
+        assert bf16.get_server_info()["dtype"] == "bfloat16"
+        out = bf16.generate(input_ids=PROMPT, sampling_params=params, return_logprob=True)
+    # Same first token, and its logprob within bfloat16 rounding of float32's.
+    assert out["output_ids"][0] == ref["output_ids"][0]
+    lp32 = ref["meta_info"]["output_token_logprobs"][0][0]
+    lp16 = out["meta_info"]["output_token_logprobs"][0][0]
+    assert abs(lp32 - lp16) < 0.1, (lp32, lp16)

@@ -296,6 +296,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             "weight_version": "default",
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
+            "dtype": str(self.runner.dtype).removeprefix("torch."),
         }
 
     def flush_cache(self) -> io.FlushCacheOut:
