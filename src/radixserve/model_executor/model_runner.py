@@ -39,6 +39,8 @@ class ModelRunner:
     def __init__(self, server_args: ServerArgs) -> None:
         self.server_args = server_args
         self.device = torch.device(server_args.resolved_device())
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", 0)  # set_device and memory queries need an index
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
         self.dtype = resolve_dtype(server_args.dtype, self.device.type)
