@@ -146,6 +146,15 @@ def test_fused_parameters_and_no_rotary_parameters():
     assert len(tables) == 1
 
 
+def test_built_on_the_callers_device():
+    """The loader builds under `with torch.device(dev)`: every tensor, the rotary
+    table included, must land there (meta stands in for a GPU)."""
+    config = make_config("llama", rope_parameters=dict(LLAMA3_ROPE))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
+
+
 def test_float32_checkpoint_loads_into_bf16():
     hf = build_hf("qwen2", tie_word_embeddings=True)
     model = build_ours(hf, dtype=torch.bfloat16)

@@ -38,9 +38,9 @@ def rope_parameters(config: Any) -> Dict[str, Any]:
 
 
 def rotary_inv_freq(dim: int, params: Dict[str, Any], max_position: int) -> Tuple[torch.Tensor, float]:
-    """Inverse frequencies (float64, [dim/2]) and the factor cos/sin are scaled by."""
+    """Inverse frequencies (float64 on the CPU, [dim/2]) and the factor cos/sin are scaled by."""
     base = float(params["rope_theta"])
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     kind = params["rope_type"]
     if kind == "default":
         return inv_freq, 1.0
@@ -101,8 +101,8 @@ def _yarn(dim: int, base: float, p: Dict[str, Any], max_position: int) -> Tuple[
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # no zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
-    extrapolated = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim)
     inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
     return inv_freq, float(attention)
 
@@ -120,7 +120,7 @@ class RotaryEmbedding(nn.Module):
         # Built in float64 on the CPU (exact angles at long positions, and some
         # devices lack float64), then moved to wherever the model is built.
         t = torch.arange(max_position, dtype=torch.float64, device="cpu")
-        freqs = torch.outer(t, inv_freq.cpu())
+        freqs = torch.outer(t, inv_freq)
         table = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * scale
         device = torch.empty(0).device  # honours an enclosing `with torch.device(...)`
         # Float32 buffer, not a parameter: never loaded, and not cast by
