@@ -2,31 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Tuple, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from radixserve.model_loader.gguf_weights import count_gguf_tensors, iterate_gguf_weights
-from radixserve.model_loader.hf_weights import count_hf_tensors, iterate_hf_weights
+from radixserve.model_loader.gguf_weights import GGUFWeights
+from radixserve.model_loader.hf_weights import HFWeights
 from radixserve.model_loader.source import ModelSource
 from radixserve.models.registry import get_model_class
 
-
-def iterate_weights(source: ModelSource, config: Any) -> Iterator[Tuple[str, torch.Tensor]]:
-    if source.kind == "gguf":
-        return iterate_gguf_weights(source.path, config)
-    return iterate_hf_weights(source.path)
+LOAD_FORMATS = ("auto", "dummy")
 
 
-def count_weights(source: ModelSource) -> int:
-    return count_gguf_tensors(source.path) if source.kind == "gguf" else count_hf_tensors(source.path)
+def open_weights(source: ModelSource) -> Union[GGUFWeights, HFWeights]:
+    """An iterable of (hf_name, tensor) with a len(), for either kind of source."""
+    return GGUFWeights(source.path) if source.kind == "gguf" else HFWeights(source.path)
+
+
+def iterate_weights(source: ModelSource) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every weight of the source. GGUF tensors come
+    dequantized to float32 and un-permuted; safetensors keep their dtype."""
+    return iter(open_weights(source))
 
 
 def load_model(
-    source: ModelSource, config: Any, dtype: torch.dtype, device: torch.device, load_format: str = "auto"
+    source: ModelSource,
+    config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    load_format: str = "auto",
 ) -> nn.Module:
+    """The model for `config`, built on `device` in `dtype`, in eval mode, with
+    weights from `source` ("auto") or small random values ("dummy": reads no
+    weight file, for benchmarking shapes whose checkpoint is not at hand)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     model_cls = get_model_class(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -38,22 +50,25 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
-        total = count_weights(source)
-        weights = tqdm(iterate_weights(source, config), total=total, desc="Loading weights",
-                       unit="tensor", leave=False)
+        weights = open_weights(source)
+        progress = tqdm(weights, total=len(weights), desc="Loading weights", unit="tensor", leave=False)
         with torch.no_grad():
-            model.load_weights(weights)
+            model.load_weights(progress)
     return model.eval()
 
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights of the real shapes, without reading any file: small values
-    keep activations finite through many layers."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights of the real shapes. Small values keep activations finite
+    through many layers; norms are 1 so each layer passes its input on scaled
+    as in a trained model. Filled in place on the parameter's own device, so
+    a large model costs no host copy."""
+    generators = {}
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
-        else:
-            values = torch.empty(param.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen)
-            param.copy_(values.to(param.dtype))
+            continue
+        gen = generators.get(param.device)
+        if gen is None:
+            gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        param.uniform_(-1e-3, 1e-3, generator=gen)

