@@ -179,6 +179,11 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         )
         if self.chunked_req is not None:
             adder.add(self.chunked_req)
+            if not adder.plans:
+                # It cannot continue this round (memory is short): start nothing
+                # ahead of it, or a new chunked request would take its place and
+                # orphan it with its KV and locks. Decoding frees memory meanwhile.
+                return None
         for req in self.waiting_queue:
             if len(running) + len(adder.plans) >= self.max_running:
                 break
