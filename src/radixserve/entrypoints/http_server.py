@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
-from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, sse
+from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
 from radixserve.managers.tokenizer_manager import TokenizerManager
 from radixserve.server_args import ServerArgs
@@ -246,13 +246,7 @@ async def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
     """Wait for the first event before answering 200, so that bad input or an
     overloaded server still gets a proper error status instead of a broken stream."""
     first = await events.__anext__()
-
-    async def replay() -> AsyncIterator[str]:
-        yield first
-        async for event in events:
-            yield event
-
-    return StreamingResponse(replay(), media_type="text/event-stream")
+    return StreamingResponse(prepend(first, events), media_type="text/event-stream")
 
 
 def model_card(state: ServerState) -> dict:

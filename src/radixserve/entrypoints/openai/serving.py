@@ -152,7 +152,7 @@ class OpenAIServing:
         for i in range(req.n):  # the first delta of every choice carries the role
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                             "logprobs": None, "finish_reason": None}]})
-        async for chunk in _prepend(first, stream):
+        async for chunk in prepend(first, stream):
             index = chunk.get("index", 0)
             delta = chunk["text"][sent.get(index, 0):]
             sent[index] = len(chunk["text"])
@@ -200,7 +200,8 @@ def chat_logprobs(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
     return content
 
 
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """An already-fetched first item, then the rest of the stream."""
     yield first
     async for item in rest:
         yield item
