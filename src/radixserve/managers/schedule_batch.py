@@ -46,7 +46,7 @@ class ScheduleBatch:
         self.pools = pools
         self.device = device
         self.forward_mode = ForwardMode.DECODE
-        self.sampling_info = None  # SamplingBatchInfo, rebuilt when reqs change
+        self.sampling_info = None  # SamplingBatchInfo; filtered and merged along with reqs
         self.plans: List[ExtendPlan] = []
         # Decode state (valid for a running batch)
         self.req_pool_indices = torch.empty(0, dtype=torch.int64, device=device)
@@ -127,7 +127,7 @@ class ScheduleBatch:
         self.forward_mode = ForwardMode.DECODE
         table = self.pools.req_to_token_pool.req_to_token
         last_locs = table[self.req_pool_indices, self.seq_lens - 1]
-        out_cache_loc = self.pools.allocator.alloc_decode(self.seq_lens, last_locs)
+        out_cache_loc = self.pools.allocator.alloc_decode(self.seq_lens, last_locs, self.seq_lens_cpu)
         if out_cache_loc is None:
             return False
         table[self.req_pool_indices, self.seq_lens] = out_cache_loc
@@ -147,20 +147,32 @@ class ScheduleBatch:
         if len(keep) == len(self.reqs):
             return
         idx = torch.tensor(keep, dtype=torch.int64)
+        dev_idx = idx.to(self.device)
         self.reqs = [self.reqs[i] for i in keep]
-        self.req_pool_indices = self.req_pool_indices[idx.to(self.device)]
-        self.seq_lens = self.seq_lens[idx.to(self.device)]
+        self.req_pool_indices = self.req_pool_indices[dev_idx]
+        self.seq_lens = self.seq_lens[dev_idx]
         self.seq_lens_cpu = self.seq_lens_cpu[idx]
-        self.last_token_ids = self.last_token_ids[idx.to(self.device)]
-        self.sampling_info = None
+        self.last_token_ids = self.last_token_ids[dev_idx]
+        if self.sampling_info is not None:
+            self.sampling_info.filter(dev_idx, self.reqs)
+
+    def filter_out(self, reqs: List[Req]) -> None:
+        """Drop these requests (by identity) if they are in the batch."""
+        gone = set(map(id, reqs))
+        self.filter([i for i, r in enumerate(self.reqs) if id(r) not in gone])
 
     def merge(self, other: "ScheduleBatch") -> None:
+        if self.is_empty():
+            self.sampling_info = other.sampling_info
+        elif self.sampling_info is not None and other.sampling_info is not None:
+            self.sampling_info.merge(other.sampling_info, self.reqs + other.reqs)
+        else:
+            self.sampling_info = None  # rebuilt from the requests before the next forward
         self.reqs = self.reqs + other.reqs
         self.req_pool_indices = torch.cat([self.req_pool_indices, other.req_pool_indices])
         self.seq_lens = torch.cat([self.seq_lens, other.seq_lens])
         self.seq_lens_cpu = torch.cat([self.seq_lens_cpu, other.seq_lens_cpu])
         self.last_token_ids = torch.cat([self.last_token_ids, other.last_token_ids])
-        self.sampling_info = None
 
     # ---- to the model ----
     def to_forward_batch(self, attn_backend) -> ForwardBatch:

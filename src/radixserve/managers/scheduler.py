@@ -1,8 +1,11 @@
 """The scheduler process: receive requests, pick a batch, run it, send results.
 
-One loop: recv -> schedule -> forward -> sample -> process results. It owns the
-ModelRunner (model and KV memory); batching policy lives in schedule_policy,
-batch state in schedule_batch, result bookkeeping in scheduler_output.
+One loop: recv -> schedule -> launch forward + sample -> process results. With
+the overlap schedule (the default) the results of batch N are processed after
+batch N+1 is launched, so the CPU's bookkeeping hides behind the GPU's work.
+It owns the ModelRunner (model and KV memory); batching policy lives in
+schedule_policy, batch state in schedule_batch, result bookkeeping in
+scheduler_output.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import zmq
 
 from radixserve.layers.sampler import Sampler
 from radixserve.managers import io_struct as io
+from radixserve.managers.batch_result import BatchResult
 from radixserve.managers.ipc import PortArgs, die_with_parent, make_socket
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
@@ -62,6 +66,9 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         self.init_stats()
         self.init_grammar()
         self.was_idle = True
+        self.overlap = not server_args.disable_overlap_schedule
+        self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
+        self.num_overlapped_batches = 0  # launched while the previous one's results were pending
 
         ctx = zmq.Context(2)
         self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
@@ -82,21 +89,43 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
     # ---- the loop ----
     def event_loop(self) -> None:
         while True:
-            idle = self.is_idle()
-            for msg in self.recv_requests(block=idle):
+            for msg in self.recv_requests(block=self.is_idle()):
                 self.process_input(msg)
             if self.grammar_queue:
                 self.move_ready_grammars()
+            if self.in_flight is not None and self.must_resolve_before_scheduling():
+                self.resolve_in_flight()
             batch = self.get_next_batch_to_run()
+            launched = self.launch_batch(batch) if batch is not None else None
+            if launched is not None and self.in_flight is not None:
+                self.num_overlapped_batches += 1
+            self.resolve_in_flight()  # the previous batch's results, while this one runs
+            self.in_flight = launched
+            if not self.overlap:
+                self.resolve_in_flight()
             if batch is None:
                 self.on_idle()
-                continue
-            self.was_idle = False
-            self.run_and_process(batch)
+            else:
+                self.was_idle = False
 
     def is_idle(self) -> bool:
         return (not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
-                and not self.grammar_queue)
+                and not self.grammar_queue and self.in_flight is None)
+
+    def must_resolve_before_scheduling(self) -> bool:
+        """Cases where the next batch depends on the in-flight batch's tokens.
+        An extend batch's requests join the running batch only when its results
+        are processed; a grammar's mask needs the last token; rebuilt sampling
+        state needs every step counted."""
+        running = self.running_batch
+        return (self.in_flight.is_extend
+                or (not running.is_empty() and running.sampling_info is None)
+                or any(r.grammar is not None for r in running.reqs))
+
+    def resolve_in_flight(self) -> None:
+        result, self.in_flight = self.in_flight, None
+        if result is not None:
+            self.process_batch_result(result)
 
     def recv_requests(self, block: bool) -> list:
         msgs = []
@@ -124,10 +153,13 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
                                                       else f"internal error: {e}",
                                                       "status_code": 400 if bad_input else 500})]))
         elif isinstance(msg, io.AbortReq):
+            self.resolve_in_flight()  # its requests may be the ones to abort
             self.abort(msg)
         elif isinstance(msg, io.GetServerInfoReq):
+            self.resolve_in_flight()  # so the KV counts add up
             self.send_sock.send_pyobj(io.GetServerInfoOut(self.server_info()))
         elif isinstance(msg, io.FlushCacheReq):
+            self.resolve_in_flight()
             self.send_sock.send_pyobj(self.flush_cache())
         else:
             logger.error("scheduler got an unknown message %r", type(msg))
@@ -212,6 +244,12 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
     def update_running_batch(self) -> Optional[ScheduleBatch]:
         batch = self.running_batch
         while not self.prefix_cache.make_room(batch.decode_tokens_needed()):
+            if self.in_flight is not None:
+                # Its finished requests free memory; retract only what is still short.
+                self.resolve_in_flight()
+                if batch.is_empty():
+                    return None
+                continue
             if len(batch) == 1:
                 # One request has the whole pool: it cannot grow; end it.
                 req = batch.reqs[0]
@@ -238,7 +276,9 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         logger.info("KV cache full: retracted request %s (%d tokens)", req.rid, req.seq_len)
 
     # ---- running ----
-    def run_and_process(self, batch: ScheduleBatch) -> None:
+    def launch_batch(self, batch: ScheduleBatch) -> BatchResult:
+        """Forward and sample; the sampled ids stay on the device (the next
+        decode step reads them there) and are copied to the host asynchronously."""
         logits = self.runner.forward(batch)
         if batch.sampling_info is None:
             batch.sampling_info = SamplingBatchInfo.from_reqs(
@@ -246,10 +286,9 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             )
         self.set_grammar_mask(batch)
         sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
-        if batch.forward_mode.is_extend():
-            self.process_extend_result(batch, logits, sample)
-        else:
-            self.process_decode_result(batch, sample)
+        batch.sampling_info.record(sample.next_token_ids)
+        batch.last_token_ids = sample.next_token_ids
+        return BatchResult.launched(batch, logits, sample)
 
     # ---- memory ----
     def kv_holders(self) -> List[Req]:
@@ -296,6 +335,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             "num_running_reqs": len(self.kv_holders()),
             "num_waiting_reqs": len(self.waiting_queue),
             "num_retractions": self.num_retractions,
+            "num_overlapped_batches": self.num_overlapped_batches,
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_evictions": self.prefix_cache.tree.num_evicted_nodes if self.prefix_cache.tree else 0,
             "weight_version": "default",

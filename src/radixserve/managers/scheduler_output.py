@@ -10,17 +10,24 @@ from radixserve.managers.logprobs import record_input_logprobs, record_output_lo
 from radixserve.managers.req import Req
 
 if TYPE_CHECKING:
-    from radixserve.managers.schedule_batch import ScheduleBatch
+    from radixserve.managers.batch_result import BatchResult
     from radixserve.managers.scheduler import Scheduler
 
 
 class SchedulerOutputMixin:
-    def process_extend_result(self: "Scheduler", batch: "ScheduleBatch", logits, sample) -> None:
-        if logits.all_logits is not None:
-            record_input_logprobs(batch.plans, logits.all_logits)
-        next_ids, host = sample.next_token_ids.tolist(), _host_logprobs(sample)
+    def process_batch_result(self: "Scheduler", result: "BatchResult") -> None:
+        if result.is_extend:
+            self.process_extend_result(result)
+        else:
+            self.process_decode_result(result)
+
+    def process_extend_result(self: "Scheduler", result: "BatchResult") -> None:
+        batch = result.batch  # an extend batch is private: unchanged since launch
+        if result.logits.all_logits is not None:
+            record_input_logprobs(result.plans, result.logits.all_logits)
+        next_ids, host = result.next_token_ids(), result.host_logprobs()
         keep = []
-        for i, plan in enumerate(batch.plans):
+        for i, plan in enumerate(result.plans):
             req = plan.req
             # The prompt's KV joins the cache right away, not when the request
             # ends: requests queued behind it with the same prefix reuse it.
@@ -31,25 +38,26 @@ class SchedulerOutputMixin:
             self._append_token(req, i, next_ids[i], host)
             if not req.finished:
                 keep.append(i)
-        batch.last_token_ids = sample.next_token_ids
-        finished = [p.req for p in batch.plans if p.req.finished]
+        finished = [p.req for p in result.plans if p.req.finished]
         self.finish_requests(finished)
-        self.send_outputs([p.req for p in batch.plans if p.completes_prefill])
+        self.send_outputs([p.req for p in result.plans if p.completes_prefill])
         batch.filter(keep)
         if not batch.is_empty():
             self.running_batch.merge(batch)
 
-    def process_decode_result(self: "Scheduler", batch: "ScheduleBatch", sample) -> None:
-        next_ids, host = sample.next_token_ids.tolist(), _host_logprobs(sample)
-        for i, req in enumerate(batch.reqs):
+    def process_decode_result(self: "Scheduler", result: "BatchResult") -> None:
+        next_ids, host = result.next_token_ids(), result.host_logprobs()
+        live = []
+        for i, req in enumerate(result.reqs):
+            if req.finished:
+                continue  # it ended one step earlier (overlap): this token is past its end
             self._append_token(req, i, next_ids[i], host)
-        batch.sampling_info.record(sample.next_token_ids)
-        batch.last_token_ids = sample.next_token_ids
-        finished = [r for r in batch.reqs if r.finished]
-        self.send_outputs(batch.reqs)
+            live.append(req)
+        finished = [r for r in live if r.finished]
+        self.send_outputs(live)
         if finished:
             self.finish_requests(finished)
-            batch.filter([i for i, r in enumerate(batch.reqs) if not r.finished])
+            self.running_batch.filter_out(finished)
 
     def _append_token(self: "Scheduler", req: Req, row: int, token: int, host) -> None:
         if not req.output_ids:
@@ -113,14 +121,6 @@ class SchedulerOutputMixin:
             outs.append(_req_output(req))
         if outs:
             self.send_sock.send_pyobj(io.BatchTokenIDOut(outs))
-
-
-def _host_logprobs(sample):
-    if sample.logprobs is None:
-        return None, None, None
-    vals = sample.top_logprobs_val.tolist() if sample.top_logprobs_val is not None else None
-    ids = sample.top_logprobs_idx.tolist() if sample.top_logprobs_idx is not None else None
-    return sample.logprobs.tolist(), vals, ids
 
 
 def _req_output(req: Req) -> io.ReqOutput:

@@ -17,7 +17,10 @@ class ReqToTokenPool:
     def __init__(self, size: int, max_context_len: int, device: torch.device) -> None:
         self.size = size
         self.max_context_len = max_context_len
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        # One extra row, never handed out and all zeros (the reserved slot 0):
+        # padded rows of a CUDA-graph batch read their "KV" through it.
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int64, device=device)
+        self.padding_row = size
         self.free_rows: List[int] = list(range(size))
 
     def available_size(self) -> int:
@@ -105,18 +108,25 @@ class TokenAllocator:
             start += n
         return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=self.device)
 
-    def alloc_decode(self, seq_lens: torch.Tensor, last_locs: torch.Tensor) -> Optional[torch.Tensor]:
-        """One slot per request for position seq_len (its length before this step)."""
+    def alloc_decode(
+        self, seq_lens: torch.Tensor, last_locs: torch.Tensor, seq_lens_cpu: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
+        """One slot per request for position seq_len (its length before this step).
+        seq_lens_cpu, a host copy of seq_lens, lets the page count be found
+        without reading device memory (a sync the overlap schedule avoids)."""
         P = self.page_size
         if P == 1:
             return self._take_pages(len(seq_lens))
-        needs_page = seq_lens % P == 0
-        pages = self._take_pages(int(needs_page.sum().item()))
+        host = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.cpu()
+        pages = self._take_pages(int((host % P == 0).sum()))
         if pages is None:
             return None
-        out = last_locs + 1
-        out[needs_page] = pages * P
-        return out
+        if len(pages) == 0:
+            return last_locs + 1
+        needs_page = seq_lens % P == 0
+        # Requests that need a page get them in row order; the rest continue their page.
+        page_of_row = (torch.cumsum(needs_page, 0) - 1).clamp(min=0)
+        return torch.where(needs_page, pages[page_of_row] * P, last_locs + 1)
 
     def free(self, slots: torch.Tensor) -> None:
         """Free the pages of a request's slots (positions 0..n-1 of one request,

@@ -74,14 +74,7 @@ class SamplingBatchInfo:
             steps=column([len(r.output_ids) for r in reqs], torch.int64),
             rows=torch.arange(bs, dtype=torch.int64, device=device),
             vocab_size=vocab_size,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
-            need_filter=any(
-                not g and (k < vocab_size or sp.top_p < 1.0 or sp.min_p > 0.0)
-                for sp, g, k in zip(sps, greedy, top_ks)
-            ),
-            return_logprob=any(r.return_logprob for r in reqs),
-            max_top_logprobs=max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0),
+            **_host_flags(reqs, vocab_size),
         )
         if any(sp.frequency_penalty != 0.0 or sp.presence_penalty != 0.0 for sp in sps):
             info.frequency_penalties = column([[sp.frequency_penalty] for sp in sps], torch.float32)
@@ -106,6 +99,33 @@ class SamplingBatchInfo:
             info.stop_mask = _dense(entries, bs, vocab_size, device, torch.bool)
         return info
 
+    def filter(self, keep: torch.Tensor, reqs: Sequence[Any]) -> None:
+        """Keep the rows at `keep` (device indices); `reqs` are the kept requests.
+        Device state (steps, token counts) carries over, so a step still in
+        flight on the GPU stays counted."""
+        for name in _ROW_TENSORS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[keep])
+        self.rows = torch.arange(len(reqs), dtype=torch.int64, device=self.rows.device)
+        self.__dict__.update(_host_flags(reqs, self.vocab_size))
+
+    def merge(self, other: "SamplingBatchInfo", reqs: Sequence[Any]) -> None:
+        """Append other's rows; `reqs` are the requests of both, in order. A
+        processor only one side uses gets neutral rows on the other side."""
+        my_rows, their_rows = self.batch_size, other.batch_size  # before temperatures grow
+        for name in _ROW_TENSORS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is None and theirs is None:
+                continue
+            if mine is None:
+                mine = _neutral_like(name, theirs, my_rows)
+            elif theirs is None:
+                theirs = _neutral_like(name, mine, their_rows)
+            setattr(self, name, torch.cat([mine, theirs]))
+        self.rows = torch.arange(len(reqs), dtype=torch.int64, device=self.rows.device)
+        self.__dict__.update(_host_flags(reqs, self.vocab_size))
+
     def record(self, next_token_ids: torch.Tensor) -> None:
         """After a decode step: the sampled tokens join each request's history.
         Tensor ops only; next_token_ids [bs] int64 on the batch's device."""
@@ -116,6 +136,37 @@ class SamplingBatchInfo:
             self.output_counts.index_put_((self.rows, next_token_ids), ones, accumulate=True)
         if self.seen_mask is not None:
             self.seen_mask[self.rows, next_token_ids] = True
+
+
+# Per-row tensors (axis 0 is the batch), filtered and merged row by row.
+_ROW_TENSORS = (
+    "temperatures", "top_ps", "top_ks", "min_ps", "greedy", "seeds", "steps",
+    "frequency_penalties", "presence_penalties", "output_counts", "repetition_penalties",
+    "seen_mask", "logit_bias", "min_new_tokens", "stop_mask",
+)
+
+
+def _neutral_like(name: str, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows that leave logits unchanged: zero penalties, counts and bias; a
+    repetition penalty of 1."""
+    fill = 1.0 if name == "repetition_penalties" else 0
+    return torch.full((rows, *like.shape[1:]), fill, dtype=like.dtype, device=like.device)
+
+
+def _host_flags(reqs: Sequence[Any], vocab_size: int) -> dict:
+    """The host-side flags of a set of requests (no device reads)."""
+    sps = [r.sampling_params for r in reqs]
+    greedy = [sp.is_greedy for sp in sps]
+    return dict(
+        all_greedy=all(greedy),
+        any_greedy=any(greedy),
+        need_filter=any(
+            not g and (0 < sp.top_k < vocab_size or sp.top_p < 1.0 or sp.min_p > 0.0)
+            for sp, g in zip(sps, greedy)
+        ),
+        return_logprob=any(r.return_logprob for r in reqs),
+        max_top_logprobs=max((r.top_logprobs_num for r in reqs if r.return_logprob), default=0),
+    )
 
 
 def _as_int64(seed: int) -> int:
