@@ -10,6 +10,11 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is decorated, i.e. at import: set it before
+    # any test imports a kernel module, so Triton kernels run on the CPU
+    # interpreter. Engine subprocesses inherit it harmlessly (they use torch ops on CPU).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_COMMON = dict(
     hidden_size=64,
@@ -43,7 +48,11 @@ def tiny_config(arch: str, vocab_size: int, bos: int, eos: int):
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer_dir(tmp_path_factory) -> Path:
-    """The default model's tokenizer, saved once in HF format for tiny models."""
+    """The default model's tokenizer, saved once in HF format for tiny models.
+    RADIXSERVE_TEST_TOKENIZER_DIR names a folder holding it instead, for
+    machines without the packaged model (the GPU machine)."""
+    if os.environ.get("RADIXSERVE_TEST_TOKENIZER_DIR"):
+        return Path(os.environ["RADIXSERVE_TEST_TOKENIZER_DIR"])
     from radixserve.model_loader.source import resolve_model_source
     from radixserve.utils.hf_utils import load_tokenizer
 

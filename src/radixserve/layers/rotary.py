@@ -131,6 +131,10 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads*head_dim], k: [T, kv_heads*head_dim]; returns both rotated, same dtype."""
+        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from radixserve.layers.fused_kernels import rotary
+
+            return rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

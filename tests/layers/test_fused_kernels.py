@@ -1,0 +1,68 @@
+"""The fused Triton kernels (RMSNorm with residual, SiLU-and-mul, rotary)
+against the torch code they replace. On CPU they run under TRITON_INTERPRET=1
+(set in conftest); on a GPU at real sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.layers import fused_kernels as fk
+from radixserve.layers.activation import SiluAndMul
+from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.rotary import RotaryEmbedding
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (dtype, tolerance): a kernel may round differently from torch by one ulp of the dtype
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+SIZES = [(5, 96), (1, 64)] if DEVICE == "cpu" else [(1, 4096), (300, 4096), (7, 1024)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("rows,hidden", SIZES)
+def test_rms_norm(dtype, tol, rows, hidden):
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(hidden, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden, generator=g) + 0.5)
+    norm = norm.to(DEVICE, dtype)
+    x = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    res = torch.randn(rows, hidden, generator=g).to(DEVICE, dtype)
+    ref_out, ref_res = RMSNorm.forward(norm.cpu(), x.cpu(), res.cpu())  # the torch path
+    out, new_res = fk.rms_norm(x, norm.weight.to(DEVICE), norm.eps, res)
+    assert rel(out.cpu(), ref_out) < tol
+    assert rel(new_res.cpu(), ref_res) < tol
+    plain = fk.rms_norm(x, norm.weight.to(DEVICE), norm.eps)
+    assert rel(plain.cpu(), RMSNorm.forward(norm.cpu(), x.cpu())) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("rows,hidden", SIZES)
+def test_silu_and_mul(dtype, tol, rows, hidden):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(rows, 2 * hidden, generator=g) * 3).to(DEVICE, dtype)
+    assert rel(fk.silu_and_mul(x).cpu(), SiluAndMul()(x.cpu())) < tol
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_rotary_on_strided_views(dtype, tol):
+    """q and k as column slices of one fused qkv output, as the models pass them."""
+    head_dim, heads, kv_heads, tokens = (16, 4, 2, 6) if DEVICE == "cpu" else (128, 32, 8, 300)
+    g = torch.Generator().manual_seed(2)
+    rope = RotaryEmbedding(head_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    q, k = qkv[:, :heads * head_dim], qkv[:, heads * head_dim:(heads + kv_heads) * head_dim]
+    positions = torch.randint(0, 512, (tokens,), generator=g)
+    ref_q, ref_k = RotaryEmbedding.forward(rope, positions, q.cpu(), k.cpu())  # torch path on CPU
+    got_q, got_k = fk.rotary(positions.to(DEVICE), q, k, rope.cos_sin_cache.to(DEVICE), head_dim)
+    assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol
+
+
+def test_empty_batch():
+    x = torch.empty(0, 64, device=DEVICE)
+    assert fk.rms_norm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
+    assert fk.silu_and_mul(torch.empty(0, 128, device=DEVICE)).shape == (0, 64)
