@@ -44,8 +44,11 @@ class ServerArgs:
     grammar_backend: str = "xgrammar"  # xgrammar | none
     constrained_json_disable_any_whitespace: bool = False
 
-    # Kernels
-    attention_backend: Optional[str] = None  # None: device default
+    # Kernels and the GPU fast path
+    attention_backend: Optional[str] = None  # torch_native | triton; None: triton on CUDA
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: Optional[int] = None  # None: 256, or fewer when memory is short
+    disable_overlap_schedule: bool = False
 
     # HTTP server
     host: str = "127.0.0.1"
@@ -104,6 +107,12 @@ class ServerArgs:
             raise ValueError(
                 f"schedule_policy must be fcfs|lpm|dfs-weight|random, got {self.schedule_policy!r}"
             )
+        if self.attention_backend not in (None, "torch_native", "triton"):
+            raise ValueError(
+                f"attention_backend must be torch_native|triton, got {self.attention_backend!r}"
+            )
+        if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
+            raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
 
@@ -124,7 +133,7 @@ class ServerArgs:
     def resolved_attention_backend(self) -> str:
         if self.attention_backend:
             return self.attention_backend
-        return "torch_native"
+        return "triton" if self.resolved_device().startswith("cuda") else "torch_native"
 
     # ---- argparse ----
     @staticmethod
