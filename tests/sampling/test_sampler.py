@@ -341,3 +341,38 @@ def test_uniform_noise_never_reaches_0_or_1(monkeypatch):
         u = sampler_module.seeded_uniform(seeds, steps, 16)
         assert (u > 0).all() and (u < 1).all(), (extreme, u.max().item())
         assert torch.isfinite(sampler_module.seeded_gumbel(seeds, steps, 16)).all()
+
+
+# ---------------------------------------------------------------- filter / merge
+
+
+def _assert_same_info(a: SamplingBatchInfo, b: SamplingBatchInfo) -> None:
+    for name in ("temperatures", "top_ps", "top_ks", "min_ps", "greedy", "seeds", "steps", "rows"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("all_greedy", "any_greedy", "need_filter", "return_logprob", "max_top_logprobs"):
+        assert getattr(a, name) == getattr(b, name), name
+    # Optional processors: a missing tensor must act like neutral rows.
+    logits = randn(a.batch_size, VOCAB, seed=9)
+    assert torch.allclose(apply_logit_processors(logits, a), apply_logit_processors(logits, b))
+
+
+def test_filter_and_merge_equal_a_rebuild_after_recorded_steps():
+    """Filtering and merging device state, with steps recorded on the device,
+    gives what building from the requests' token lists would give."""
+    left = [make_req(seed=1, output=(3,), frequency_penalty=0.5, temperature=0.7),
+            make_req(seed=2, output=(4, 4), temperature=0.0),
+            make_req(seed=3, output=(), repetition_penalty=1.2, top_k=3, temperature=1.0)]
+    right = [make_req(seed=4, output=(5,), logit_bias={"6": 2.0}, min_new_tokens=4, temperature=1.0, top_p=0.5,
+                      logprob=True, top=2),
+             make_req(seed=5, output=(), temperature=0.0)]
+    info_l, info_r = batch_info(left), batch_info(right)
+    step_l, step_r = torch.tensor([1, 2, 7]), torch.tensor([6, 1])
+    info_l.record(step_l)
+    info_r.record(step_r)
+    for req, tok in zip(left + right, step_l.tolist() + step_r.tolist()):
+        req.output_ids.append(tok)
+    info_l.merge(info_r, left + right)
+    _assert_same_info(info_l, batch_info(left + right))
+    keep = [0, 3, 4]
+    info_l.filter(torch.tensor(keep), [(left + right)[i] for i in keep])
+    _assert_same_info(info_l, batch_info([(left + right)[i] for i in keep]))
