@@ -53,6 +53,7 @@ class ModelRunner:
         self.vocab_size = self.config.vocab_size
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
+        self.graph_runner = self._make_graph_runner()
 
     # ---- memory ----
     def _kv_shape(self) -> tuple:
@@ -115,11 +116,27 @@ class ModelRunner:
             from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
             return TorchNativeAttnBackend()
-        raise ValueError(f"unknown attention_backend {name!r}; supported: torch_native")
+        from radixserve.layers.attention.triton_attn_backend import TritonAttnBackend
+
+        return TritonAttnBackend(self.device)
+
+    def _make_graph_runner(self):
+        """Decode CUDA graphs, when on CUDA with a graph-safe attention backend."""
+        args = self.server_args
+        if self.device.type != "cuda" or args.disable_cuda_graph:
+            return None
+        if args.resolved_attention_backend() != "triton":
+            logger.warning("CUDA graphs need --attention-backend triton; running without them")
+            return None
+        from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner
+
+        return CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))
 
     # ---- forward ----
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> LogitsOutput:
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return LogitsOutput(self.graph_runner.replay(batch), None)
         fb = batch.to_forward_batch(self.attn_backend)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.forward_mode.is_decode():

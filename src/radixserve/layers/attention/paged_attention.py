@@ -1,0 +1,246 @@
+"""Triton attention kernels over the paged KV cache.
+
+Both kernels find a request's KV through the request-to-token table
+(`req_to_token[row, position]` = slot), so they work for any page size and
+read the cached prefix and the new tokens alike (the new tokens' K/V are
+written to the pool before attention runs).
+
+- decode: one query token per request. Grid (request, KV head, split): each
+  program takes the query heads that share one KV head (GQA) and a contiguous
+  share of the request's positions, so a long context is spread over many
+  programs; a second kernel merges the splits by their log-sum-exp. Every
+  shape depends on the batch size only, and lengths are read on the device,
+  so a CUDA graph can capture it.
+- extend: the new tokens of every request of a batch in one launch. Grid
+  (request, block of new tokens, query head); new token j of a request with
+  prefix p sees positions 0..p+j.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_MIN_DOT = 16  # tl.dot needs at least 16 rows
+# Triton's CPU interpreter (the tests' TRITON_INTERPRET=1) computes tl.dot of
+# bfloat16 inputs wrongly; there the operands are widened to float32 first.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _allow_scalar_loop_bounds_when_interpreted() -> None:
+    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a
+    Python int with int(array), which numpy >= 2.4 refuses, so loops whose
+    bounds are read from memory fail under TRITON_INTERPRET=1 only. Convert
+    with the array's single element instead."""
+    import triton.runtime.interpreter as interp
+
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+if _INTERPRETED:
+    _allow_scalar_loop_bounds_when_interpreted()
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE: exact float32 products (no TF32)."""
+    if IEEE:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
+    part_out_ptr, part_lse_ptr,
+    stride_q_tok, stride_kv_slot, stride_table_row,
+    scale, group, num_heads,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + req)
+    row = tl.load(req_pool_indices_ptr + req)
+    split_len = tl.cdiv(seq_len, NUM_SPLITS)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    head = kv_head * group + h
+    h_mask = h < group
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + req * stride_q_tok + head[:, None] * HEAD_DIM + d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        n_mask = pos < end
+        slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
+        kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        s = tl.where(n_mask[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    out_base = (req * num_heads + head) * NUM_SPLITS + split
+    has_keys = end > start
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(part_out_ptr + out_base[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
+    tl.store(part_lse_ptr + out_base, lse, mask=h_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_out_tok, num_heads,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    base = (req * num_heads + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s)
+    m = tl.max(lse, 0)
+    # No keys at all (a zero-length padding row): output zeros, not NaN.
+    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + req * stride_out_tok + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
+
+
+def decode_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
+    """Enough programs to fill the GPU about twice over, a power of two (the
+    merge kernel's arange needs one); depends on the batch size only, so each
+    CUDA graph has a fixed value."""
+    want = max(1, (2 * num_sms) // max(batch_size * num_kv_heads, 1))
+    return min(max_splits, triton.next_power_of_2(want))
+
+
+def decode_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+    scale: float, num_splits: int,
+) -> None:
+    """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out."""
+    bs = q.shape[0]
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    num_heads = q.shape[1] // head_dim
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    part_out = torch.empty((bs, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(bs, num_kv_heads, num_splits)](
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
+        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads,
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
+        IEEE=q.dtype == torch.float32 or _INTERPRETED, num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(bs, num_heads)](
+        part_out, part_lse, out, out.stride(0), num_heads,
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+    )
+
+
+@triton.jit
+def _extend_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, req_to_token_ptr, req_pool_indices_ptr,
+    prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr,
+    stride_q_tok, stride_out_tok, stride_kv_slot, stride_table_row, scale, group,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    req = tl.program_id(0)
+    m_block = tl.program_id(1)
+    head = tl.program_id(2)
+    extend_len = tl.load(extend_lens_ptr + req)
+    if m_block * BLOCK_M >= extend_len:
+        return
+    prefix = tl.load(prefix_lens_ptr + req)
+    first_tok = tl.load(extend_starts_ptr + req)
+    row = tl.load(req_pool_indices_ptr + req)
+    kv_head = head // group
+
+    m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_mask = m < extend_len
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + (first_tok + m)[:, None] * stride_q_tok + head * HEAD_DIM + d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = prefix + m  # absolute position of each query
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Causal: the block's last query sees positions up to prefix + its index.
+    kv_end = prefix + tl.minimum((m_block + 1) * BLOCK_M, extend_len)
+    for n0 in range(0, kv_end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        n_mask = pos < kv_end
+        slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
+        kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + (first_tok + m)[:, None] * stride_out_tok + head * HEAD_DIM + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def extend_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
+    req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
+    extend_lens: torch.Tensor, extend_starts: torch.Tensor, max_extend_len: int, scale: float,
+) -> None:
+    """q, out: [T, heads*D] (the new tokens of all requests, packed); k/v_buffer:
+    [slots, kv_heads, D] already holding the new tokens' K/V. Writes out."""
+    num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
+    num_heads = q.shape[1] // head_dim
+    block_d = triton.next_power_of_2(head_dim)
+    fp32 = q.dtype == torch.float32
+    # Smaller tiles for fp32 and wide heads keep the tiles within shared memory.
+    block = 32 if fp32 or block_d > 128 else 64
+    grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
+    _extend_kernel[grid](
+        q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
+        q.stride(0), out.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, num_heads // num_kv_heads,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=fp32 or _INTERPRETED,
+        num_warps=4, num_stages=2,
+    )

@@ -1,0 +1,59 @@
+"""The Triton attention backend: our paged-attention kernels (paged_attention.py).
+
+Decode needs no per-batch host work beyond choosing the number of KV splits,
+which depends on the batch size alone, so CUDA graphs capture forward_decode
+as is and replay it with new lengths in the same buffers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.paged_attention import decode_attention, decode_num_splits, extend_attention
+
+if TYPE_CHECKING:
+    from radixserve.layers.attention.radix_attention import RadixAttention
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+class TritonAttnBackend(AttentionBackend):
+    def __init__(self, device: torch.device) -> None:
+        # The CPU (the Triton interpreter in tests) has no SMs; any count works there.
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        fb = forward_batch
+        if fb.forward_mode.is_decode():
+            num_kv_heads = fb.kv_pool.k_buffers[0].shape[1]
+            fb.attn_metadata = decode_num_splits(fb.batch_size, num_kv_heads, self.num_sms)
+        else:
+            fb.attn_metadata = max(fb.extend_seq_lens_cpu, default=0)
+
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+        fb = forward_batch
+        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        out = torch.empty_like(q)
+        extend_attention(
+            q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
+            fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc, fb.attn_metadata, layer.scaling,
+        )
+        return out
+
+    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+        fb = forward_batch
+        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        out = torch.empty_like(q)
+        decode_attention(
+            q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
+            layer.scaling, fb.attn_metadata,
+        )
+        return out
+
+    @staticmethod
+    def _store_kv(k, v, layer: "RadixAttention", fb: "ForwardBatch"):
+        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
+        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k.view(shape), v.view(shape))
+        return fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
