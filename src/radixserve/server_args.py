@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
@@ -43,6 +45,8 @@ class ServerArgs:
     # Structured outputs
     grammar_backend: str = "xgrammar"  # xgrammar | none
     constrained_json_disable_any_whitespace: bool = False
+    tool_call_parser: Optional[str] = None  # hermes | qwen25 | llama3; None: hermes when tools are sent
+    reasoning_parser: Optional[str] = None  # qwen3 | deepseek-r1; None: no reasoning split
 
     # Kernels and the GPU fast path
     attention_backend: Optional[str] = None  # torch_native | triton; None: triton on CUDA
@@ -115,6 +119,11 @@ class ServerArgs:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        for name, supported in _PARSER_CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in supported:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be one of {'|'.join(supported)}, got {value!r}")
 
     # ---- device-dependent defaults, resolved in the scheduler process ----
     def resolved_device(self) -> str:
@@ -147,7 +156,8 @@ class ServerArgs:
             if f.type in ("bool",) or isinstance(default, bool):
                 parser.add_argument(flag, action="store_true", default=default)
                 continue
-            parser.add_argument(flag, type=_parse_type(f.type), default=default)
+            parser.add_argument(flag, type=_parse_type(f.type), default=default,
+                                choices=_PARSER_CHOICES.get(f.name))
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -161,6 +171,13 @@ class ServerArgs:
         if unknown:
             raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(model_path=model_path, **kwargs)
+
+
+# The output parsers' names, checked at start-up so a typo fails before the model loads.
+_PARSER_CHOICES = {
+    "tool_call_parser": SUPPORTED_TOOL_PARSERS,
+    "reasoning_parser": SUPPORTED_REASONING_PARSERS,
+}
 
 
 def _parse_type(type_name: str):

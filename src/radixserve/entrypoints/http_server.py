@@ -229,11 +229,11 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
-        gen = serving.chat_input(req)
-        await validate(gen)
+        plan = serving.chat_input(req)
+        await validate(plan.gen)
         if req.stream:
-            return await streaming_response(serving.chat_stream(req, gen))
-        return JSONResponse(await until_disconnected(request, serving.chat(req, gen)))
+            return await streaming_response(serving.chat_stream(req, plan))
+        return JSONResponse(await until_disconnected(request, serving.chat(req, plan)))
 
     async def validate(gen: GenerateReqInput) -> None:
         """Tokenize and check everything before a (streaming) response starts."""

@@ -10,6 +10,7 @@ from radixserve.parsers.reasoning import (
 )
 from radixserve.parsers.tool_call import (
     SUPPORTED_TOOL_PARSERS,
+    CallTag,
     ParsedReply,
     StreamEvent,
     ToolCall,
@@ -22,6 +23,7 @@ from radixserve.parsers.tool_call import (
 __all__ = [
     "SUPPORTED_REASONING_PARSERS",
     "SUPPORTED_TOOL_PARSERS",
+    "CallTag",
     "ParsedReply",
     "ReasoningDelta",
     "ReasoningParser",

@@ -52,6 +52,16 @@ class ParsedReply:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CallTag:
+    """How one call to a known function is written, split around its arguments
+    object: `begin + <arguments JSON> + end`. Calls are joined by the parser's
+    `call_separator`. Constrained decoding builds its grammar from these."""
+
+    begin: str
+    end: str
+
+
 @dataclass
 class StreamEvent:
     """One streamed piece: content text, or a delta of tool call `index`.
@@ -97,6 +107,12 @@ class ToolCallParser(ABC):
     @abstractmethod
     def render_tools_prompt(self, functions: list[dict[str, Any]]) -> str:
         """Instruction text listing `functions` (validated specs) and the call format."""
+
+    call_separator: str
+
+    @abstractmethod
+    def call_tag(self, name: str) -> CallTag:
+        """The text around the arguments of a call to `name`, as `parse` reads it."""
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -307,6 +323,8 @@ class _HermesStream(ToolCallStream):
 class HermesToolParser(ToolCallParser):
     """`<tool_call>{json}</tool_call>` blocks (Hermes, Qwen 2.5, Qwen 3)."""
 
+    call_separator = "\n"
+
     def __init__(self, name: str = "hermes") -> None:
         self.name = name
 
@@ -325,6 +343,11 @@ class HermesToolParser(ToolCallParser):
             + f"\n{HERMES_CLOSE}"
             for c in calls
         )
+
+    def call_tag(self, name: str) -> CallTag:
+        # The same spacing as format_calls, so that forced calls look like replayed ones.
+        head = json.dumps(name, ensure_ascii=False)
+        return CallTag(f'{HERMES_OPEN}\n{{"name": {head}, "arguments": ', f"}}\n{HERMES_CLOSE}")
 
     def render_tools_prompt(self, functions: list[dict[str, Any]]) -> str:
         listing = "\n".join(
@@ -478,6 +501,7 @@ class Llama3ToolParser(ToolCallParser):
     """Llama 3.x JSON tool calls: the reply is `{"name", "parameters"}` objects."""
 
     name = "llama3"
+    call_separator = "; "
 
     def parse(self, text: str) -> ParsedReply:
         calls: list[ToolCall] = []
@@ -501,6 +525,10 @@ class Llama3ToolParser(ToolCallParser):
             json.dumps({"name": c.name, "parameters": _arguments_value(c.arguments)}, ensure_ascii=False)
             for c in calls
         )
+
+    def call_tag(self, name: str) -> CallTag:
+        head = json.dumps(name, ensure_ascii=False)
+        return CallTag(f'{{"name": {head}, "parameters": ', "}")
 
     def render_tools_prompt(self, functions: list[dict[str, Any]]) -> str:
         listing = "\n".join(json.dumps(f, ensure_ascii=False) for f in functions)

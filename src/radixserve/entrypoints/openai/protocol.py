@@ -4,7 +4,7 @@ we do not use) and logged once; known fields are type-checked by pydantic."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 import json
 
@@ -124,15 +124,48 @@ class TextPart(BaseModel):
     text: str = ""
 
 
+class FunctionCallIn(BaseModel):
+    """A call in an earlier assistant message; arguments are a JSON string as
+    OpenAI sends them (some clients send the object itself)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: Union[str, Dict[str, Any]] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: Optional[str] = None
+    type: str = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: Union[str, List[TextPart], None] = None
+    tool_calls: Optional[List[ToolCallIn]] = None  # assistant messages
+    tool_call_id: Optional[str] = None  # tool messages
+    name: Optional[str] = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content if part.type == "text")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[Dict[str, Any]] = None  # a JSON schema of the arguments object
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(CommonRequest):
@@ -142,3 +175,9 @@ class ChatCompletionRequest(CommonRequest):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None
+    tools: Optional[List[Tool]] = None
+    # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}};
+    # checked in entrypoints/openai/tools.py for messages that name the field.
+    tool_choice: Union[str, Dict[str, Any], None] = None
+    parallel_tool_calls: bool = True
+    separate_reasoning: bool = True  # SGLang: split <think> off into reasoning_content

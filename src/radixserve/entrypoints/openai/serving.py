@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Dict, List, Optional
 
+from radixserve.entrypoints.openai.chat_output import (
+    ChoiceStream,
+    OutputParsing,
+    choice_finish_reason,
+    parse_reply,
+    reply_message,
+)
+from radixserve.entrypoints.openai.chat_template import ChatTemplate, think_opened
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.entrypoints.openai.tools import ToolPlan, forced_call_ebnf, plan_tools, tool_dicts
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.managers.tokenizer_manager import TokenizerManager
 
@@ -34,10 +44,19 @@ def sse(payload: Any) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+@dataclass
+class ChatPlan:
+    """A checked chat request: what to generate and how to read the replies."""
+
+    gen: GenerateReqInput
+    parsing: OutputParsing
+
+
 class OpenAIServing:
     def __init__(self, tm: TokenizerManager, served_model_name: str) -> None:
         self.tm = tm
         self.model = served_model_name
+        self.template = ChatTemplate(tm.tokenizer)
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.model:
@@ -105,49 +124,66 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # ---- chat ----
-    def chat_input(self, req: ChatCompletionRequest) -> GenerateReqInput:
+    def chat_input(self, req: ChatCompletionRequest) -> ChatPlan:
         self.check_model(req.model)
         req.log_unknown_fields()
         if not req.messages:
             raise ValueError("'messages' must not be empty")
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        for m in messages:
-            if m["role"] not in ("system", "user", "assistant"):
-                raise ValueError(f"messages: unsupported role {m['role']!r}")
-        prompt = self.tm.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **(req.chat_template_kwargs or {})
-        )
-        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(self.tm.context_len - len(ids), 1)
         top = req.top_logprobs or 0
         if top and not req.logprobs:
             raise ValueError("top_logprobs requires logprobs: true")
-        return GenerateReqInput(
-            input_ids=ids, sampling_params=req.sampling_params(max_tokens), rid=req.rid,
+        args = self.tm.server_args
+        tools = plan_tools(req, args.tool_call_parser)
+        prompt = self.template.render(req.messages, tool_dicts(tools.offered), tools.parser,
+                                      req.chat_template_kwargs)
+        opened = think_opened(prompt)
+        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
+        gen = GenerateReqInput(
+            input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
             stream=req.stream,
         )
+        parsing = OutputParsing(
+            tool_parser=tools.parser if tools.parses_calls else None,
+            reasoning_parser=args.reasoning_parser if req.separate_reasoning else None,
+            think_opened=opened,
+        )
+        return ChatPlan(gen, parsing)
 
-    async def chat(self, req: ChatCompletionRequest, gen: GenerateReqInput) -> Dict[str, Any]:
-        results = [r async for r in self.tm.generate_request(gen)]
+    def _chat_sampling_params(self, req: ChatCompletionRequest, tools: ToolPlan, prompt_len: int,
+                              opened: bool) -> Dict[str, Any]:
+        """The request's sampling params, plus the grammar of a forced tool call."""
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(self.tm.context_len - prompt_len, 1)
+        params = req.sampling_params(max_tokens)
+        any_whitespace = not self.tm.server_args.constrained_json_disable_any_whitespace
+        forced = forced_call_ebnf(tools, any_whitespace=any_whitespace, reasoning_first=opened)
+        if forced is not None:
+            params["ebnf"] = forced
+        return params
+
+    async def chat(self, req: ChatCompletionRequest, plan: ChatPlan) -> Dict[str, Any]:
+        results = [r async for r in self.tm.generate_request(plan.gen)]
         choices = []
         for i, r in enumerate(results):
-            choice = {"index": i, "message": {"role": "assistant", "content": r["text"]},
-                      "logprobs": None, "finish_reason": finish_reason(r["meta_info"])}
+            reply = parse_reply(r["text"], plan.parsing)
+            reason = choice_finish_reason(finish_reason(r["meta_info"]), bool(reply.tool_calls))
+            choice = {"index": i, "message": reply_message(reply, plan.parsing),
+                      "logprobs": None, "finish_reason": reason}
             if req.logprobs:
                 choice["logprobs"] = {"content": chat_logprobs(r["meta_info"])}
             choices.append(choice)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model, "choices": choices, "usage": usage(results, req.n)}
 
-    async def chat_stream(self, req: ChatCompletionRequest, gen: GenerateReqInput) -> AsyncIterator[str]:
+    async def chat_stream(self, req: ChatCompletionRequest, plan: ChatPlan) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model}
         sent: Dict[int, int] = {}
         finals: Dict[int, Dict[str, Any]] = {}
-        stream = self.tm.generate_request(gen)
+        parsers = [ChoiceStream(plan.parsing) for _ in range(req.n)]
+        stream = self.tm.generate_request(plan.gen)
         first = await stream.__anext__()  # a rejected request fails here, before any event
         for i in range(req.n):  # the first delta of every choice carries the role
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -156,14 +192,18 @@ class OpenAIServing:
             index = chunk.get("index", 0)
             delta = chunk["text"][sent.get(index, 0):]
             sent[index] = len(chunk["text"])
-            if delta:
-                yield sse({**head, "choices": [{"index": index, "delta": {"content": delta},
-                                                "logprobs": None, "finish_reason": None}]})
             reason = finish_reason(chunk["meta_info"])
+            parser = parsers[index]
+            deltas = parser.feed(delta) if delta else []
+            if reason is not None:
+                deltas += parser.finish()
+            for d in deltas:
+                yield sse({**head, "choices": [{"index": index, "delta": d, "logprobs": None,
+                                                "finish_reason": None}]})
             if reason is not None:
                 finals[index] = chunk
                 yield sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                                "finish_reason": reason}]})
+                                                "finish_reason": choice_finish_reason(reason, parser.has_calls)}]})
         if req.stream_options and req.stream_options.include_usage:
             ordered = [finals[i] for i in sorted(finals)]
             yield sse({**head, "choices": [], "usage": usage(ordered, req.n)})
