@@ -66,3 +66,20 @@ def test_empty_batch():
     x = torch.empty(0, 64, device=DEVICE)
     assert fk.rms_norm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
     assert fk.silu_and_mul(torch.empty(0, 128, device=DEVICE)).shape == (0, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_on_strided_views(dtype):
+    """K and V as column slices of one qkv output land in the pool rows at loc."""
+    kv_heads, head_dim, tokens, slots = (2, 16, 5, 40) if DEVICE == "cpu" else (8, 128, 300, 4096)
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(tokens, 4 * kv_heads * head_dim, generator=g).to(DEVICE, dtype)
+    k = qkv[:, 2 * kv_heads * head_dim:3 * kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, 3 * kv_heads * head_dim:].view(tokens, kv_heads, head_dim)
+    loc = torch.randperm(slots, generator=g)[:tokens].to(DEVICE)
+    k_buf = torch.zeros(slots, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v_buf = torch.zeros_like(k_buf)
+    fk.store_kv(k, v, loc, k_buf, v_buf)
+    ref_k, ref_v = torch.zeros_like(k_buf), torch.zeros_like(v_buf)
+    ref_k[loc], ref_v[loc] = k, v
+    assert torch.equal(k_buf, ref_k) and torch.equal(v_buf, ref_v)

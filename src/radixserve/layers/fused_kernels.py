@@ -119,3 +119,26 @@ def rotary(
             HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), num_warps=1,
         )
     return q_out, k_out
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_stride, row_size,
+                     BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < row_size
+    slot = tl.load(loc_ptr + token)
+    k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
+    v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
+    tl.store(k_buf_ptr + slot * row_size + cols, k.to(k_buf_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_buf_ptr + slot * row_size + cols, v.to(v_buf_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+    """k_buf[loc] = k and v_buf[loc] = v in one kernel (two index_put kernels in
+    torch). k, v: [T, kv_heads, D] with rows possibly strided; buffers contiguous."""
+    tokens = k.shape[0]
+    row_size = k_buf.shape[1] * k_buf.shape[2]
+    if tokens:
+        _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), row_size,
+                                    BLOCK=triton.next_power_of_2(row_size), num_warps=4)

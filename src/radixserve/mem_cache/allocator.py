@@ -45,8 +45,15 @@ class KVPool:
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffers[layer_id][loc] = k.to(self.k_buffers[layer_id].dtype)
-        self.v_buffers[layer_id][loc] = v.to(self.v_buffers[layer_id].dtype)
+        """k, v: [T, kv_heads, head_dim] for the slots in loc."""
+        k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if k_buf.is_cuda and k.stride(-1) == 1 and k.stride(-2) == k.shape[-1] and v.stride(-2) == v.shape[-1]:
+            from radixserve.layers.fused_kernels import store_kv
+
+            store_kv(k, v, loc, k_buf, v_buf)
+            return
+        k_buf[loc] = k.to(k_buf.dtype)
+        v_buf[loc] = v.to(v_buf.dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
