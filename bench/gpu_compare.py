@@ -1,0 +1,373 @@
+"""Our engine against transformers on one GPU, in one run, with the card's roofline.
+
+    python bench/gpu_compare.py --tokenizer-dir DIR --out results.json
+        [--models llama8b,qwen0.6b] [--workloads offline,bs1] [--skip-hf]
+        [--num-requests 256 --input-len 512 --output-len 256] [--engine-arg key=value ...]
+    python bench/gpu_compare.py --smoke --out smoke.json   # tiny shapes, runs on a CPU
+
+1. The card: device-to-device copy bandwidth and bf16 GEMM rate (best of several).
+2. Per model shape (random "dummy" weights of the real shapes) and workload:
+   offline  -- num_requests x input_len random ids x output_len new tokens (ignore_eos,
+               greedy), all submitted at once: output tok/s over the whole run.
+               Ours: Engine.generate; transformers: model.generate_batch (continuous batching).
+   bs1      -- one 128-token prompt, 256 new tokens: ms per decode step, from
+               (t(256 tokens) - t(1 token)) / 255, best of 2.
+               Ours: Engine.generate; transformers: model.generate.
+3. The roofline (formulas in roofline_*), our fraction of it, and the ratio to transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from radixserve import Engine  # noqa: E402
+
+
+# ---------------------------------------------------------------- shapes
+
+def model_config(name: str, smoke: bool):
+    from transformers import LlamaConfig, Qwen3Config
+
+    if smoke:  # a few MB: the whole script runs on a CPU
+        common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048)
+        return (LlamaConfig(**common) if name == "llama8b"
+                else Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
+    if name == "llama8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                           tie_word_embeddings=False)
+    if name == "qwen0.6b":
+        return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=8192,
+                           tie_word_embeddings=True,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    raise ValueError(f"unknown model {name!r}: llama8b | qwen0.6b")
+
+
+def model_dir(name: str, config, tokenizer_dir: Path, root: Path) -> Path:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    config.eos_token_id = None  # every run generates exactly output_len tokens
+    config.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def default_tokenizer_dir(root: Path) -> Path:
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.utils.hf_utils import load_tokenizer
+
+    out = root / "tokenizer"
+    load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct")).save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- the card
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn: Callable[[], None], device: str, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_card(device: str, smoke: bool) -> dict:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul rate."""
+    nbytes = (64 << 20) if smoke else (4 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t_copy = best_time(lambda: dst.copy_(src), device, 3 if smoke else 10)
+    del src, dst
+    n = 512 if smoke else 8192
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    reps = 1 if smoke else 20
+    t_mm = best_time(lambda: [a @ b for _ in range(reps)], device, 3 if smoke else 5) / reps
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"copy_GBps": round(2 * nbytes / t_copy / 1e9, 1), "bf16_TFLOPs": round(2 * n ** 3 / t_mm / 1e12, 4)}
+
+
+# ---------------------------------------------------------------- roofline
+
+@dataclass
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
+                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
+                   bool(config.tie_word_embeddings))
+
+    def matmul_params(self) -> int:
+        """Weights every token multiplies by: projections, MLP and the LM head."""
+        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attn + mlp) + self.vocab * self.hidden
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
+
+
+def roofline_bs1_ms(shape: Shape, card: dict, context: int) -> float:
+    """One decode step reads every weight it multiplies by once (bf16; the input
+    embedding only for the one row it looks up) plus the request's KV."""
+    nbytes = 2 * shape.matmul_params() + shape.kv_bytes_per_token() * context
+    return nbytes / (card["copy_GBps"] * 1e9) * 1e3
+
+
+def roofline_offline_tok_s(shape: Shape, card: dict, n: int, inp: int, out: int) -> float:
+    """T = prefill FLOPs / matmul rate + sum over decode steps of
+    max(step FLOPs / matmul rate, (weights + every request's KV) / bandwidth), with all
+    n requests decoding together. FLOPs = 2 x matmul params per token plus attention
+    (4 x heads x head_dim x keys per query per layer)."""
+    flops_rate, bw = card["bf16_TFLOPs"] * 1e12, card["copy_GBps"] * 1e9
+    attn_per_key = 4 * shape.layers * shape.heads * shape.head_dim
+    prefill = n * (2 * shape.matmul_params() * inp + attn_per_key * inp * (inp + 1) / 2)
+    seconds = prefill / flops_rate
+    for step in range(out):
+        context = inp + step
+        flops = n * (2 * shape.matmul_params() + attn_per_key * context)
+        nbytes = 2 * shape.matmul_params() + n * context * shape.kv_bytes_per_token()
+        seconds += max(flops / flops_rate, nbytes / bw)
+    return n * out / seconds
+
+
+# ---------------------------------------------------------------- workloads
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> List[List[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+@dataclass
+class Row:
+    model: str
+    workload: str
+    metric: str  # "output tok/s" (higher is better) or "ms/token" (lower is better)
+    radixserve: Optional[float]
+    transformers: Optional[float]
+    roofline: float
+    note: str = ""
+
+    def ratio(self) -> Optional[float]:
+        if not self.radixserve or not self.transformers:
+            return None
+        if self.metric == "ms/token":
+            return round(self.transformers / self.radixserve, 2)
+        return round(self.radixserve / self.transformers, 2)
+
+    def fraction_of_roofline(self) -> Optional[float]:
+        if not self.radixserve:
+            return None
+        if self.metric == "ms/token":
+            return round(self.roofline / self.radixserve, 3)
+        return round(self.radixserve / self.roofline, 3)
+
+
+def ours(path: Path, args, engine_args: dict, vocab: int) -> Dict[str, float]:
+    results = {}
+    start = time.perf_counter()
+    with Engine(model_path=str(path), load_format="dummy", dtype="bfloat16" if args.device == "cuda" else "float32",
+                mem_fraction_static=args.mem_fraction_static if args.device == "cuda" else None,
+                log_level="warning", **engine_args) as engine:
+        results["startup_s"] = round(time.perf_counter() - start, 1)
+        greedy = {"temperature": 0, "ignore_eos": True}
+        engine.generate(input_ids=random_prompts(4, 64, vocab, 99), sampling_params={**greedy, "max_new_tokens": 8})
+        if "offline" in args.workloads:
+            prompts = random_prompts(args.num_requests, args.input_len, vocab, 1)
+            start = time.perf_counter()
+            outs = engine.generate(input_ids=prompts, sampling_params={**greedy, "max_new_tokens": args.output_len})
+            seconds = time.perf_counter() - start
+            tokens = sum(o["meta_info"]["completion_tokens"] for o in outs)
+            results["offline_output_tokens"] = tokens
+            results["offline_seconds"] = round(seconds, 3)
+            results["offline_tok_s"] = round(tokens / seconds, 1)
+        if "bs1" in args.workloads:
+            def run(n: int, seed: int) -> float:
+                prompt = random_prompts(1, 128, vocab, seed)[0]  # a fresh prompt: no cache hit
+                start = time.perf_counter()
+                out = engine.generate(input_ids=prompt, sampling_params={**greedy, "max_new_tokens": n})
+                assert out["meta_info"]["completion_tokens"] == n
+                return time.perf_counter() - start
+            results["bs1_ms"] = round(min((run(args.bs1_tokens, 10 + i) - run(1, 20 + i)) / (args.bs1_tokens - 1)
+                                          for i in range(2)) * 1e3, 3)
+    return results
+
+
+def theirs(config, args, vocab: int) -> Dict[str, object]:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    results: Dict[str, object] = {}
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    try:
+        if "offline" in args.workloads:
+            n = args.hf_offline_requests or args.num_requests
+            prompts = random_prompts(n, args.input_len, vocab, 1)
+            gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False)
+            # On a GPU transformers sizes its paged cache from free memory; on a CPU
+            # (smoke runs) that would take all of it, so give it a small cache.
+            cb = ContinuousBatchingConfig(num_blocks=64, block_size=32) if args.device == "cpu" else None
+            try:
+                model.generate_batch(random_prompts(4, 64, vocab, 99), generation_config=GenerationConfig(
+                    max_new_tokens=8, do_sample=False), continuous_batching_config=cb, progress_bar=False)
+                sync(args.device)
+                start = time.perf_counter()
+                outs = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
+                                            progress_bar=False)
+                sync(args.device)
+                seconds = time.perf_counter() - start
+                tokens = sum(len(o.generated_tokens) for o in outs.values())
+                results["offline_output_tokens"] = tokens
+                results["offline_requests"] = n
+                results["offline_seconds"] = round(seconds, 3)
+                results["offline_tok_s"] = round(tokens / seconds, 1)
+            except Exception as e:  # a peer that cannot run the workload is reported, not fatal
+                results["offline_error"] = f"{type(e).__name__}: {e}"
+        if "bs1" in args.workloads:
+            def run(n: int, seed: int) -> float:
+                x = torch.tensor([random_prompts(1, 128, vocab, seed)[0]], device=args.device)
+                sync(args.device)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0)
+                sync(args.device)
+                assert y.shape[1] - x.shape[1] == n
+                return time.perf_counter() - start
+            run(2, 0)
+            results["bs1_ms"] = round(min((run(args.bs1_tokens, 10 + i) - run(1, 20 + i)) / (args.bs1_tokens - 1)
+                                          for i in range(2)) * 1e3, 3)
+    finally:
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---------------------------------------------------------------- main
+
+def parse_engine_args(pairs: List[str]) -> dict:
+    def coerce(value: str):
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+    return {k: coerce(v) for k, v in (p.split("=", 1) for p in pairs)}
+
+
+def table(rows: List[Row]) -> str:
+    lines = ["| model | workload | metric | radixserve | transformers | ours vs transformers | roofline | "
+             "our fraction of roofline |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r.model} | {r.workload} | {r.metric} | {r.radixserve} | {r.transformers} | "
+                     f"{r.ratio()}x | {r.roofline:.3g} | {r.fraction_of_roofline()} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="where to write the JSON results")
+    p.add_argument("--tokenizer-dir", help="tokenizer files to put next to each config (default: the embedded model's)")
+    p.add_argument("--models", default="llama8b,qwen0.6b")
+    p.add_argument("--workloads", default="offline,bs1")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--bs1-tokens", type=int, default=256)
+    p.add_argument("--hf-offline-requests", type=int, help="run transformers' offline workload on fewer requests")
+    p.add_argument("--mem-fraction-static", type=float, default=0.85)
+    p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to our Engine")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and counts; runs on a CPU")
+    p.add_argument("--work-dir", default="/tmp/gpu_compare")
+    args = p.parse_args()
+    args.workloads = args.workloads.split(",")
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.num_requests, args.input_len, args.output_len, args.bs1_tokens = 4, 16, 8, 8
+    root = Path(args.work_dir)
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir(root)
+    engine_args = parse_engine_args(args.engine_arg)
+
+    card = measure_card(args.device, args.smoke)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(0)
+              if args.device == "cuda" else "cpu", "torch": torch.__version__,
+              "transformers": __import__("transformers").__version__, "card": card, "engine_args": engine_args,
+              "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
+                           "output_len": args.output_len, "bs1_prompt": 128, "bs1_tokens": args.bs1_tokens},
+              "models": {}}
+    print(json.dumps(report), flush=True)
+    rows: List[Row] = []
+    for name in args.models.split(","):
+        config = model_config(name, args.smoke)
+        shape = Shape.of(config)
+        vocab = min(shape.vocab, 49152)  # ids the tokenizer can decode
+        path = model_dir(name, config, tokenizer_dir, root)
+        ours_res = ours(path, args, engine_args, vocab)
+        print(json.dumps({name: {"radixserve": ours_res}}), flush=True)
+        hf_res = {} if args.skip_hf else theirs(config, args, vocab)
+        report["models"][name] = {"shape": asdict(shape), "radixserve": ours_res, "transformers": hf_res}
+        if "offline" in args.workloads:
+            roof = roofline_offline_tok_s(shape, card, args.num_requests, args.input_len, args.output_len)
+            hf_n = hf_res.get("offline_requests", args.num_requests)
+            note = f"transformers on {hf_n} requests" if hf_n != args.num_requests else ""
+            rows.append(Row(name, f"offline {args.num_requests}x{args.input_len}/{args.output_len}", "output tok/s",
+                            ours_res.get("offline_tok_s"), hf_res.get("offline_tok_s"), roof, note))
+        if "bs1" in args.workloads:
+            roof = roofline_bs1_ms(shape, card, 128 + args.bs1_tokens // 2)
+            rows.append(Row(name, "batch-1 decode", "ms/token", ours_res.get("bs1_ms"), hf_res.get("bs1_ms"), roof))
+        print(json.dumps({name: report["models"][name]}), flush=True)
+        report["rows"] = [{**asdict(r), "ratio": r.ratio(), "fraction_of_roofline": r.fraction_of_roofline()}
+                          for r in rows]
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))  # after each model: a cut-off run keeps its part
+    print(f"card: {card}")
+    print(table(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
