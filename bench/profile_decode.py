@@ -1,0 +1,83 @@
+"""Where a batch-1 decode step of the Llama-3.1-8B shape spends its time (needs CUDA).
+
+    python bench/profile_decode.py OUT.txt TOKENIZER_DIR
+
+GPU time of one decode CUDA-graph replay, of the eager forward, of the matmuls alone
+(every weight as a cuBLAS GEMV in one graph), and a per-kernel profile of the replay.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from transformers import LlamaConfig
+from radixserve.managers.io_struct import TokenizedGenerateReqInput
+from radixserve.managers.req import Req
+from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.managers.schedule_policy import PrefillAdder
+from radixserve.model_executor.model_runner import ModelRunner
+from radixserve.sampling.sampling_params import SamplingParams
+from radixserve.server_args import ServerArgs
+
+
+
+def cuda_ms(fn, iters: int = 50) -> float:
+    """Mean GPU milliseconds per call, timed with CUDA events after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters): fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / iters
+
+
+
+def main() -> None:
+    d = Path("/tmp/llama8b")
+    d.mkdir(exist_ok=True)
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0}).save_pretrained(d)
+    for f in Path(sys.argv[2]).iterdir():
+        shutil.copy(f, d / f.name)
+    runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16", max_total_tokens=1 << 14))
+    sp = SamplingParams.from_dict({"max_new_tokens": 2})
+    sp.normalize()
+    req = Req(TokenizedGenerateReqInput(rid="0", input_ids=list(range(100, 356)), sampling_params=sp), sampling_seed=0)
+    adder = PrefillAdder(1 << 14, [], 0.7, 1, None, 16384)
+    adder.add(req)
+    batch = ScheduleBatch([req], runner.pools, runner.device)
+    batch.prepare_for_extend(adder.plans)
+    out = runner.forward(batch)
+    batch.last_token_ids = out.next_token_logits.argmax(-1)
+    batch.prepare_for_decode()
+    res = {}
+    res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runner.replay(batch))
+    res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.to_forward_batch(runner.attn_backend))), 10)
+    # The matmuls alone, weights read once each (cuBLAS GEMV), in one graph-free loop.
+    ws = [m.weight for n, m in runner.model.named_modules() if hasattr(m, "weight") and m.weight.dim() == 2 and "embed" not in n]
+    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
+    gemv = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(gemv):
+        for w in ws:
+            F.linear(x[w.shape[1]], w)
+    res["matmuls_only_graph_ms"] = cuda_ms(gemv.replay)
+    res["weight_GB"] = sum(w.numel() for w in ws) * 2 / 1e9
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.graph_runner.replay(batch)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    print(table)
+    print(json.dumps(res, indent=1))
+    Path(sys.argv[1]).write_text(json.dumps(res, indent=1) + "\n" + table)
+
+if __name__ == "__main__":
+    main()
