@@ -15,8 +15,9 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Union
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
+from radixserve.managers import io_struct as io
 from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.managers.ipc import PortArgs
@@ -184,6 +185,32 @@ class Engine:
             logger.warning("flush_cache refused: %s", out.message)
         return out.success
 
+    # ---- live weights (RL) ----
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,
+                                 weight_version: Optional[str] = None,
+                                 abort_all_requests: bool = False) -> Tuple[bool, str]:
+        """Load every weight from another checkpoint of this architecture. Running
+        requests finish on the old weights first (or are aborted when asked);
+        the prefix cache is emptied. Returns (success, message)."""
+        req = io.UpdateWeightsFromDiskReq(str(model_path), load_format, weight_version, abort_all_requests)
+        out = self._run(self.tokenizer_manager.update_weights(req))
+        return out.success, out.message
+
+    def update_weights_from_tensor(self, named_tensors: List[Tuple[str, "torch.Tensor"]], flush_cache: bool = True,
+                                   weight_version: Optional[str] = None,
+                                   abort_all_requests: bool = False) -> Tuple[bool, str]:
+        """Replace some or all weights, named as in the Hugging Face checkpoint (a
+        transformers model's state_dict works as is). The tensors reach the
+        scheduler through shared memory, not as copies in a message."""
+        buffer = shared_tensor_bytes(named_tensors)
+        req = io.UpdateWeightsFromTensorReq(buffer, flush_cache, weight_version, abort_all_requests)
+        out = self._run(self.tokenizer_manager.update_weights(req))
+        return out.success, out.message
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> List[float]:
+        """The first truncate_size values of a weight (Hugging Face name), flattened."""
+        return self._run(self.tokenizer_manager.get_weights_by_name(name, truncate_size))
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
@@ -224,3 +251,13 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def shared_tensor_bytes(obj: Any) -> bytes:
+    """obj pickled with torch's ForkingPickler: every tensor in it is moved to
+    shared memory (CUDA: an IPC handle) and pickled as a handle, so the
+    scheduler process maps the same memory instead of receiving a copy."""
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reductions)
+    from multiprocessing.reduction import ForkingPickler
+
+    return bytes(ForkingPickler.dumps(obj))

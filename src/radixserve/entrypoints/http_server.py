@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
+from radixserve.managers import io_struct as io
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
 from radixserve.managers.tokenizer_manager import TokenizerManager
 from radixserve.server_args import ServerArgs
@@ -35,7 +36,7 @@ class ServerState:
     ready: bool = False
     loop: Optional[asyncio.AbstractEventLoop] = None
 
-ADMIN_PATHS = {"/flush_cache", "/abort_request"}
+ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/get_weights_by_name"}
 
 
 def error_response(status: int, message: str, err_type: str = "invalid_request_error",
@@ -154,6 +155,25 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     async def flush_cache() -> JSONResponse:
         out = await state.tm.flush_cache()
         return JSONResponse({"success": out.success, "message": out.message or "Cache flushed."})
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> JSONResponse:
+        body = await json_object(request)
+        path, version = body.get("model_path"), body.get("weight_version")
+        if not isinstance(path, str) or not isinstance(version, (str, type(None))):
+            raise ValueError("'model_path' must be a string and 'weight_version' a string or null")
+        out = await state.tm.update_weights(io.UpdateWeightsFromDiskReq(
+            path, body.get("load_format"), version, body.get("abort_all_requests", False) is True))
+        return JSONResponse({"success": out.success, "message": out.message or "Weights updated.",
+                             "weight_version": out.weight_version}, status_code=200 if out.success else 400)
+
+    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
+    async def get_weights_by_name(request: Request) -> list:
+        body = await json_object(request) if request.method == "POST" else dict(request.query_params)
+        name, size = body.get("name"), int(body.get("truncate_size", 100))
+        if not isinstance(name, str):
+            raise ValueError("'name' must be a string")
+        return await state.tm.get_weights_by_name(name, size)
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:

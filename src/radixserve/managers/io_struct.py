@@ -100,6 +100,44 @@ class FlushCacheReq:
 
 
 @dataclass
+class UpdateWeightsFromDiskReq:
+    model_path: str
+    load_format: Optional[str] = None
+    weight_version: Optional[str] = None
+    abort_all_requests: bool = False
+
+
+@dataclass
+class UpdateWeightsFromTensorReq:
+    """named_tensors, pickled with torch's ForkingPickler: tensors travel as
+    shared-memory handles, not copies (the one large-payload exception)."""
+
+    serialized_named_tensors: bytes
+    flush_cache: bool = True
+    weight_version: Optional[str] = None
+    abort_all_requests: bool = False
+
+
+@dataclass
+class UpdateWeightsOut:
+    success: bool
+    message: str = ""
+    weight_version: str = ""
+
+
+@dataclass
+class GetWeightsByNameReq:
+    name: str
+    truncate_size: int = 100
+
+
+@dataclass
+class GetWeightsByNameOut:
+    values: Optional[list] = None
+    error: str = ""
+
+
+@dataclass
 class FlushCacheOut:
     success: bool
     message: str = ""

@@ -30,6 +30,7 @@ from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder, ord
 from radixserve.managers.scheduler_grammar import SchedulerGrammarMixin
 from radixserve.managers.scheduler_output import SchedulerOutputMixin
 from radixserve.managers.scheduler_stats import SchedulerStatsMixin
+from radixserve.managers.scheduler_weights import SchedulerWeightsMixin
 from radixserve.model_executor.model_runner import ModelRunner
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
@@ -38,7 +39,7 @@ from radixserve.utils.hf_utils import get_eos_token_ids, load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin):
+class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin, SchedulerWeightsMixin):
     def __init__(self, server_args: ServerArgs, port_args: PortArgs) -> None:
         self.server_args = server_args
         if server_args.random_seed is not None:
@@ -65,6 +66,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         self.num_prefill_tokens = 0  # tokens actually computed by prefill (after cache hits)
         self.init_stats()
         self.init_grammar()
+        self.init_weights()
         self.was_idle = True
         self.overlap = not server_args.disable_overlap_schedule
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -93,6 +95,8 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
                 self.process_input(msg)
             if self.grammar_queue:
                 self.move_ready_grammars()
+            if self.pending_update is not None:
+                self.maybe_apply_weight_update()
             if self.in_flight is not None and self.must_resolve_before_scheduling():
                 self.resolve_in_flight()
             batch = self.get_next_batch_to_run()
@@ -110,7 +114,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
 
     def is_idle(self) -> bool:
         return (not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
-                and not self.grammar_queue and self.in_flight is None)
+                and not self.grammar_queue and self.in_flight is None and self.pending_update is None)
 
     def must_resolve_before_scheduling(self) -> bool:
         """Cases where the next batch depends on the in-flight batch's tokens.
@@ -161,6 +165,11 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         elif isinstance(msg, io.FlushCacheReq):
             self.resolve_in_flight()
             self.send_sock.send_pyobj(self.flush_cache())
+        elif isinstance(msg, (io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq)):
+            self.request_weight_update(msg)
+        elif isinstance(msg, io.GetWeightsByNameReq):
+            self.resolve_in_flight()
+            self.get_weights_by_name(msg)
         else:
             logger.error("scheduler got an unknown message %r", type(msg))
 
@@ -216,7 +225,8 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
                 # ahead of it, or a new chunked request would take its place and
                 # orphan it with its KV and locks. Decoding frees memory meanwhile.
                 return None
-        for req in self.waiting_queue:
+        # While a weight update waits for running requests to drain, admit none.
+        for req in ([] if self.pending_update is not None else self.waiting_queue):
             if len(running) + len(adder.plans) >= self.max_running:
                 break
             self.prefix_cache.match(req)
@@ -338,7 +348,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             "num_overlapped_batches": self.num_overlapped_batches,
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_evictions": self.prefix_cache.tree.num_evicted_nodes if self.prefix_cache.tree else 0,
-            "weight_version": "default",
+            "weight_version": self.weight_version,
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),

@@ -295,6 +295,17 @@ class TokenizerManager:
     async def flush_cache(self) -> io.FlushCacheOut:
         return await self._call(io.FlushCacheReq(), io.FlushCacheOut)
 
+    # ---- live weights ----
+    async def update_weights(self, request: Any) -> io.UpdateWeightsOut:
+        """A UpdateWeightsFromDiskReq or UpdateWeightsFromTensorReq; answers once applied."""
+        return await self._call(request, io.UpdateWeightsOut)
+
+    async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        out = await self._call(io.GetWeightsByNameReq(name, truncate_size), io.GetWeightsByNameOut)
+        if out.error:
+            raise ValueError(out.error)
+        return out.values
+
 
 def _raise_if_rejected(out: io.ReqOutput) -> None:
     """A scheduler rejection becomes the caller's exception: bad input is a

@@ -132,6 +132,26 @@ class ModelRunner:
 
         return CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))
 
+    # ---- live weights (RL) ----
+    @torch.inference_mode()
+    def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
+        """Every weight from another checkpoint of the same architecture and shapes."""
+        from radixserve.model_loader.loader import open_weights
+
+        source = resolve_model_source(model_path)
+        if (load_format or "auto") != "auto":
+            raise ValueError(f"load_format must be 'auto' for a weight update, got {load_format!r}")
+        self.model.load_weights(open_weights(source), strict=True)
+
+    @torch.inference_mode()
+    def update_weights_from_tensor(self, named_tensors) -> None:
+        """Some or all weights, by their Hugging Face names (a trainer's state_dict)."""
+        self.model.load_weights(((n, t.to(self.device)) for n, t in named_tensors), strict=False)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """The first truncate_size values of a weight, flattened, as floats."""
+        return self.model.get_weight(name).flatten()[:truncate_size].float().tolist()
+
     # ---- forward ----
     @torch.inference_mode()
     def forward(self, batch: ScheduleBatch) -> LogitsOutput:

@@ -198,6 +198,23 @@ class LlamaForCausalLM(nn.Module):
             more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:8])}{more}")
 
+    def get_weight(self, name: str) -> torch.Tensor:
+        """The current value of a checkpoint (Hugging Face) weight, e.g.
+        `model.layers.0.self_attn.q_proj.weight` (a view of its merged parameter)."""
+        if self.tied and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        params = dict(self.named_parameters())
+        if name in params:
+            return params[name].data
+        prefix, _, kind = name.rpartition(".")
+        owner, _, proj = prefix.rpartition(".")
+        merged, shard = STACKED_PARAMS.get(proj, (None, None))
+        module = dict(self.named_modules()).get(f"{owner}.{merged}")
+        if not isinstance(module, MergedLinear) or getattr(module, kind, None) is None:
+            raise ValueError(f"unknown weight name {name!r} for {type(self).__name__}")
+        offset, size = module.shard_offsets[shard]
+        return getattr(module, kind).data[offset:offset + size]
+
     @staticmethod
     def _expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
         """Names to fill: plain parameters, and `name:shard` for each shard of a merged one."""

@@ -1,0 +1,120 @@
+"""Live weight updates (the RL loop): from tensors (shared memory) and from disk.
+After each update greedy outputs equal transformers' with the new weights; a
+request running during an update finishes entirely on the old weights."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from radixserve import Engine
+from tests.conftest import assert_no_leak, load_hf_model
+
+PROMPTS = [[15, 400, 2311, 98, 7], [1200, 64, 3, 9, 77, 512, 41]]
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+
+def hf_greedy(hf, prompts, steps=12):
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, min_new_tokens=steps,
+                        do_sample=False, pad_token_id=0)
+        outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory, tmp_path_factory):
+    path = tiny_model_factory("llama")
+    old = load_hf_model(path)
+    new = copy.deepcopy(old)
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in new.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    new_path = tmp_path_factory.mktemp("new_weights")
+    new.save_pretrained(new_path)
+    with Engine(model_path=str(path), log_level="warning") as engine:
+        yield engine, path, old, new, new_path
+
+
+def greedy(engine):
+    return [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)]
+
+
+def test_update_from_tensor_then_from_disk(setup):
+    engine, path, old, new, _ = setup
+    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    ok, msg = engine.update_weights_from_tensor(list(new.state_dict().items()), weight_version="step-1")
+    assert ok, msg
+    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    assert engine.get_server_info()["weight_version"] == "step-1"
+    name = "model.layers.0.self_attn.k_proj.weight"  # a shard of our merged qkv projection
+    got = engine.get_weights_by_name(name, truncate_size=50)
+    assert got == pytest.approx(new.state_dict()[name].flatten()[:50].tolist())
+    ok, msg = engine.update_weights_from_disk(str(path))  # back to the original checkpoint
+    assert ok, msg
+    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    assert engine.get_server_info()["weight_version"] != "step-1"
+    assert_no_leak(engine)
+
+
+def test_running_request_finishes_on_old_weights(setup):
+    engine, path, old, new, new_path = setup
+    engine.update_weights_from_disk(str(path))
+    long_params = {**GREEDY, "max_new_tokens": 48}
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(
+        engine.generate(input_ids=PROMPTS[0], sampling_params=long_params)))
+    thread.start()
+    while engine.get_server_info()["num_running_reqs"] == 0 and thread.is_alive():
+        pass
+    ok, msg = engine.update_weights_from_disk(str(new_path))  # waits for the running request
+    thread.join()
+    assert ok, msg
+    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=48)[0]  # never mixed
+    assert greedy(engine) == hf_greedy(new, PROMPTS)
+
+
+def test_bad_updates_are_reported_and_serving_continues(setup):
+    engine, path, old, _, _ = setup
+    engine.update_weights_from_disk(str(path))
+    ok, msg = engine.update_weights_from_tensor([("model.layers.0.mlp.down_proj.weight", torch.zeros(3, 3))])
+    assert not ok and "down_proj" in msg
+    ok, msg = engine.update_weights_from_tensor([("no.such.weight", torch.zeros(3))])
+    assert not ok and "no.such.weight" in msg
+    with pytest.raises(ValueError, match="unknown weight name"):
+        engine.get_weights_by_name("model.layers.0.nothing.weight")
+    assert greedy(engine) == hf_greedy(old, PROMPTS)
+
+
+def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
+    import httpx
+
+    from tests.server_utils import start_server
+
+    _, path, old, new, new_path = setup
+    proc, base = start_server(path, "--admin-api-key", "adm")
+    try:
+        auth = {"Authorization": "Bearer adm"}
+        name = "model.layers.1.mlp.up_proj.weight"
+        assert httpx.post(base + "/update_weights_from_disk", json={"model_path": str(new_path)}).status_code == 401
+        r = httpx.post(base + "/update_weights_from_disk", headers=auth, timeout=60,
+                       json={"model_path": str(new_path), "weight_version": "v2"})
+        assert r.status_code == 200 and r.json()["weight_version"] == "v2", r.text
+        got = httpx.post(base + "/get_weights_by_name", headers=auth, json={"name": name, "truncate_size": 10}).json()
+        assert got == pytest.approx(new.state_dict()[name].flatten()[:10].tolist())
+        assert httpx.get(base + "/get_server_info").json()["weight_version"] == "v2"
+        r = httpx.post(base + "/update_weights_from_disk", headers=auth, json={"model_path": "/no/such/dir"})
+        assert r.status_code == 400 and r.json()["success"] is False
+        bad = httpx.post(base + "/get_weights_by_name", headers=auth, json={"name": "nope"})
+        assert bad.status_code == 400
+        out = httpx.post(base + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": GREEDY}).json()
+        assert out["output_ids"] == hf_greedy(new, PROMPTS[:1])[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
