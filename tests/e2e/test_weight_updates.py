@@ -53,6 +53,8 @@ def test_update_from_tensor_then_from_disk(setup):
     assert ok, msg
     assert greedy(engine) == hf_greedy(new, PROMPTS)
     assert engine.get_server_info()["weight_version"] == "step-1"
+    out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
+    assert out["meta_info"]["weight_version"] == "step-1"
     name = "model.layers.0.self_attn.k_proj.weight"  # a shard of our merged qkv projection
     got = engine.get_weights_by_name(name, truncate_size=50)
     assert got == pytest.approx(new.state_dict()[name].flatten()[:50].tolist())
@@ -65,7 +67,7 @@ def test_update_from_tensor_then_from_disk(setup):
 
 def test_running_request_finishes_on_old_weights(setup):
     engine, path, old, new, new_path = setup
-    engine.update_weights_from_disk(str(path))
+    engine.update_weights_from_disk(str(path), weight_version="old")
     long_params = {**GREEDY, "max_new_tokens": 48}
     result = {}
     thread = threading.Thread(target=lambda: result.update(
@@ -73,10 +75,11 @@ def test_running_request_finishes_on_old_weights(setup):
     thread.start()
     while engine.get_server_info()["num_running_reqs"] == 0 and thread.is_alive():
         pass
-    ok, msg = engine.update_weights_from_disk(str(new_path))  # waits for the running request
+    ok, msg = engine.update_weights_from_disk(str(new_path), weight_version="new")  # waits for it
     thread.join()
     assert ok, msg
     assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=48)[0]  # never mixed
+    assert result["meta_info"]["weight_version"] == "old"
     assert greedy(engine) == hf_greedy(new, PROMPTS)
 
 

@@ -51,6 +51,8 @@ class ReqOutput:
     queue_time: Optional[float] = None
     # time.monotonic() (system-wide on Linux) when the first output token was sampled.
     first_token_at: Optional[float] = None
+    # The weights that produced it (a request never spans a weight update).
+    weight_version: str = "default"
 
 
 @dataclass

@@ -118,12 +118,12 @@ class SchedulerOutputMixin:
             new_tokens = len(req.output_ids) - req.sent_output_len
             if not req.finished and not (req.stream and new_tokens >= interval):
                 continue
-            outs.append(_req_output(req))
+            outs.append(_req_output(req, self.weight_version))
         if outs:
             self.send_sock.send_pyobj(io.BatchTokenIDOut(outs))
 
 
-def _req_output(req: Req) -> io.ReqOutput:
+def _req_output(req: Req, weight_version: str) -> io.ReqOutput:
     sp = req.sampling_params
     out = io.ReqOutput(
         rid=req.rid,
@@ -138,6 +138,7 @@ def _req_output(req: Req) -> io.ReqOutput:
         stop_hold_back=max(sp.max_stop_str_len - 1, 0),
         queue_time=req.queue_time,
         first_token_at=req.first_token_at,
+        weight_version=weight_version,
     )
     req.sent_output_len = len(req.output_ids)
     if req.return_logprob:

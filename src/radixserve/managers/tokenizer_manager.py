@@ -209,7 +209,7 @@ class TokenizerManager:
         meta.update(
             id=state.req.rid, prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
             cached_tokens=out.cached_tokens, finish_reason=out.finished_reason,
-            e2e_latency=time.monotonic() - state.created,
+            weight_version=out.weight_version, e2e_latency=time.monotonic() - state.created,
         )
         if state.req.return_logprob:
             self._add_logprobs(state, out)
