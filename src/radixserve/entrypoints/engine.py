@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
 from radixserve.managers import io_struct as io
 from radixserve.managers.detokenizer_manager import run_detokenizer_process
@@ -26,6 +26,9 @@ from radixserve.managers.tokenizer_manager import TokenizerManager
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs
 from radixserve.utils.hf_utils import load_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
