@@ -116,8 +116,52 @@ def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
         assert r.status_code == 400 and r.json()["success"] is False
         bad = httpx.post(base + "/get_weights_by_name", headers=auth, json={"name": "nope"})
         assert bad.status_code == 400
+        assert httpx.post(base + "/pause_generation", json={}).status_code == 401
+        assert httpx.post(base + "/pause_generation", headers=auth, json={"mode": "in_place"}).status_code == 200
+        assert httpx.get(base + "/get_server_info").json()["paused"] is True
+        assert httpx.post(base + "/pause_generation", headers=auth, json={"mode": "x"}).status_code == 400
+        assert httpx.post(base + "/continue_generation", headers=auth).status_code == 200
         out = httpx.post(base + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": GREEDY}).json()
         assert out["output_ids"] == hf_greedy(new, PROMPTS[:1])[0]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def start_long_request(engine, result: dict, tokens: int) -> threading.Thread:
+    params = {**GREEDY, "max_new_tokens": tokens}
+    thread = threading.Thread(target=lambda: result.update(
+        engine.generate(input_ids=PROMPTS[0], sampling_params=params)))
+    thread.start()
+    while engine.get_server_info()["num_running_reqs"] == 0 and thread.is_alive():
+        pass
+    return thread
+
+
+def test_pause_in_place_then_continue_and_pause_abort(setup):
+    engine, path, old, new, new_path = setup
+    engine.update_weights_from_disk(str(path))
+    result: dict = {}
+    thread = start_long_request(engine, result, 400)
+    engine.pause_generation()  # in place: the request keeps its KV and waits
+    info = engine.get_server_info()
+    assert info["paused"] and info["num_running_reqs"] == 1
+    thread.join(timeout=1.0)
+    assert thread.is_alive()  # nothing was scheduled while paused
+    engine.continue_generation()
+    thread.join()
+    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=400)[0]  # unchanged by the pause
+
+    result = {}
+    thread = start_long_request(engine, result, 400)
+    engine.pause_generation("abort")  # ends it, so an update applies while paused
+    thread.join()
+    assert result["meta_info"]["finish_reason"]["type"] == "abort"
+    ok, msg = engine.update_weights_from_disk(str(new_path))
+    assert ok, msg
+    engine.continue_generation()
+    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    with pytest.raises(ValueError, match="mode"):
+        engine.pause_generation("sideways")
+    assert not engine.get_server_info()["paused"]
+    assert_no_leak(engine)

@@ -210,6 +210,16 @@ class Engine:
         out = self._run(self.tokenizer_manager.update_weights(req))
         return out.success, out.message
 
+    def pause_generation(self, mode: str = "in_place") -> None:
+        """Stop scheduling: "in_place" keeps running requests (and their KV) waiting,
+        "abort" ends them all. New requests queue until continue_generation()."""
+        out = self._run(self.tokenizer_manager.pause_generation(mode))
+        if not out.success:
+            raise ValueError(out.message)
+
+    def continue_generation(self) -> None:
+        self._run(self.tokenizer_manager.continue_generation())
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> List[float]:
         """The first truncate_size values of a weight (Hugging Face name), flattened."""
         return self._run(self.tokenizer_manager.get_weights_by_name(name, truncate_size))

@@ -36,7 +36,8 @@ class ServerState:
     ready: bool = False
     loop: Optional[asyncio.AbstractEventLoop] = None
 
-ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/get_weights_by_name"}
+ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/get_weights_by_name",
+               "/pause_generation", "/continue_generation"}
 
 
 def error_response(status: int, message: str, err_type: str = "invalid_request_error",
@@ -166,6 +167,19 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             path, body.get("load_format"), version, body.get("abort_all_requests", False) is True))
         return JSONResponse({"success": out.success, "message": out.message or "Weights updated.",
                              "weight_version": out.weight_version}, status_code=200 if out.success else 400)
+
+    @app.post("/pause_generation")
+    async def pause_generation(request: Request) -> dict:
+        body = await json_object(request)
+        out = await state.tm.pause_generation(body.get("mode", "in_place"))
+        if not out.success:
+            raise ValueError(out.message)
+        return {"success": True}
+
+    @app.post("/continue_generation")
+    async def continue_generation() -> dict:
+        await state.tm.continue_generation()
+        return {"success": True}
 
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> list:

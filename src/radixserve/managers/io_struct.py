@@ -128,6 +128,22 @@ class UpdateWeightsOut:
 
 
 @dataclass
+class PauseGenerationReq:
+    mode: str = "in_place"  # in_place: running requests wait, keeping their KV | abort: end them
+
+
+@dataclass
+class ContinueGenerationReq:
+    pass
+
+
+@dataclass
+class GenerationControlOut:
+    success: bool
+    message: str = ""
+
+
+@dataclass
 class GetWeightsByNameReq:
     name: str
     truncate_size: int = 100

@@ -91,7 +91,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
     # ---- the loop ----
     def event_loop(self) -> None:
         while True:
-            for msg in self.recv_requests(block=self.is_idle()):
+            for msg in self.recv_requests(block=self.is_idle() or self.paused):
                 self.process_input(msg)
             if self.grammar_queue:
                 self.move_ready_grammars()
@@ -167,6 +167,10 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             self.send_sock.send_pyobj(self.flush_cache())
         elif isinstance(msg, (io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq)):
             self.request_weight_update(msg)
+        elif isinstance(msg, io.PauseGenerationReq):
+            self.pause_generation(msg)
+        elif isinstance(msg, io.ContinueGenerationReq):
+            self.continue_generation()
         elif isinstance(msg, io.GetWeightsByNameReq):
             self.resolve_in_flight()
             self.get_weights_by_name(msg)
@@ -195,6 +199,8 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
     # ---- batch selection ----
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
         self.reap_aborted()
+        if self.paused:
+            return None
         # Between chunks of a long prompt, let running requests decode one step,
         # so a long prompt never stalls them for long.
         if not (self.last_was_chunk and not self.running_batch.is_empty()):
@@ -349,6 +355,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
             "num_prefill_tokens": self.num_prefill_tokens,
             "num_evictions": self.prefix_cache.tree.num_evicted_nodes if self.prefix_cache.tree else 0,
             "weight_version": self.weight_version,
+            "paused": self.paused,
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
             "dtype": str(self.runner.dtype).removeprefix("torch."),

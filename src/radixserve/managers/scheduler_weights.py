@@ -1,4 +1,4 @@
-"""Live weight updates in the scheduler (the RL rollout loop).
+"""Live weight updates and generation pauses in the scheduler (the RL rollout loop).
 
 An update never lets one request mix weights: once asked, the scheduler admits
 no new request, lets the running ones finish on the old weights (or aborts them
@@ -28,6 +28,7 @@ class SchedulerWeightsMixin:
         self.weight_version = "default"
         self.num_weight_updates = 0
         self.pending_update: Optional[WeightUpdate] = None
+        self.paused = False  # pause_generation: nothing is scheduled until continue_generation
 
     def request_weight_update(self: "Scheduler", msg: WeightUpdate) -> None:
         if self.pending_update is not None:
@@ -60,6 +61,23 @@ class SchedulerWeightsMixin:
         self.weight_version = msg.weight_version or str(self.num_weight_updates)
         logger.info("weights updated: version %s", self.weight_version)
         self.send_sock.send_pyobj(io.UpdateWeightsOut(True, "", self.weight_version))
+
+    def pause_generation(self: "Scheduler", msg: io.PauseGenerationReq) -> None:
+        """Stop scheduling. in_place: running and queued requests wait with their
+        KV (a weight update then waits for continue_generation); abort: every
+        request ends now, so an update can apply at once."""
+        if msg.mode not in ("in_place", "abort"):
+            self.send_sock.send_pyobj(io.GenerationControlOut(False, f"mode must be in_place|abort, got {msg.mode!r}"))
+            return
+        self.resolve_in_flight()
+        if msg.mode == "abort":
+            self.abort(io.AbortReq(abort_all=True))
+        self.paused = True
+        self.send_sock.send_pyobj(io.GenerationControlOut(True))
+
+    def continue_generation(self: "Scheduler") -> None:
+        self.paused = False
+        self.send_sock.send_pyobj(io.GenerationControlOut(True))
 
     def get_weights_by_name(self: "Scheduler", msg: io.GetWeightsByNameReq) -> None:
         try:

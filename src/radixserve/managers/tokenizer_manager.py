@@ -300,6 +300,12 @@ class TokenizerManager:
         """A UpdateWeightsFromDiskReq or UpdateWeightsFromTensorReq; answers once applied."""
         return await self._call(request, io.UpdateWeightsOut)
 
+    async def pause_generation(self, mode: str = "in_place") -> io.GenerationControlOut:
+        return await self._call(io.PauseGenerationReq(mode), io.GenerationControlOut)
+
+    async def continue_generation(self) -> io.GenerationControlOut:
+        return await self._call(io.ContinueGenerationReq(), io.GenerationControlOut)
+
     async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         out = await self._call(io.GetWeightsByNameReq(name, truncate_size), io.GetWeightsByNameOut)
         if out.error:
