@@ -61,6 +61,21 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE: tl.constexpr):
+    """One block of keys in the online softmax (flash attention): score the
+    visible keys, rescale what was accumulated to the new running maximum,
+    add this block's weighted values. Returns the new (max, sum, acc)."""
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    s = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     part_out_ptr, part_lse_ptr,
@@ -95,16 +110,8 @@ def _decode_split_kernel(
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
-        s = tl.where(n_mask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask,
+                                      n_mask[None, :], scale, IEEE)
 
     out_base = (req * num_heads + head) * NUM_SPLITS + split
     has_keys = end > start
@@ -207,17 +214,8 @@ def _extend_kernel(
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE)
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(visible, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (first_tok + m)[:, None] * stride_out_tok + head * HEAD_DIM + d[None, :],
