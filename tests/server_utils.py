@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator, Tuple
 
 import httpx
 
@@ -40,6 +42,17 @@ def start_server(model_path, *extra: str, log=subprocess.DEVNULL):
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError("server did not become healthy")
+
+
+@contextmanager
+def running_server(model_path, *extra: str, log=subprocess.DEVNULL) -> Iterator[Tuple[subprocess.Popen, str]]:
+    """start_server as a context: the server is stopped (and waited for) on exit."""
+    proc, base = start_server(model_path, *extra, log=log)
+    try:
+        yield proc, base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def children_of(pid: int) -> list:

@@ -11,7 +11,7 @@ import pytest
 
 from radixserve import bench_serving
 from tests.bench.test_datasets import write_sharegpt
-from tests.server_utils import start_server
+from tests.server_utils import running_server
 
 NUM_PROMPTS = 8
 SERVING_FIELDS = [
@@ -25,10 +25,8 @@ SERVING_FIELDS = [
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory):
-    proc, base = start_server(tiny_model_factory("llama"))
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(tiny_model_factory("llama")) as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")

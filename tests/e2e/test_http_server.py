@@ -13,14 +13,12 @@ import httpx
 import openai
 import pytest
 
-from tests.server_utils import MODEL, children_of, start_server
+from tests.server_utils import MODEL, children_of, running_server, start_server
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory):
-    proc, base = start_server(tiny_model_factory("llama"), "--constrained-json-disable-any-whitespace")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(tiny_model_factory("llama"), "--constrained-json-disable-any-whitespace") as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")

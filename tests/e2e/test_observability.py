@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.server_utils import MODEL, children_of, start_server
+from tests.server_utils import MODEL, children_of, running_server, start_server
 
 LIMITS = ["--enable-metrics", "--log-requests", "--max-running-requests", "2", "--max-queued-requests", "2",
           "--max-total-tokens", "300", "--max-n", "4", "--max-batch-prompts", "3",
@@ -22,10 +22,8 @@ LIMITS = ["--enable-metrics", "--log-requests", "--max-running-requests", "2", "
 def server(tiny_model_factory, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("logs") / "server.log"
     with open(log_path, "w") as log_file:
-        proc, base = start_server(tiny_model_factory("llama"), *LIMITS, log=log_file)
-        yield base, log_path
-        proc.terminate()
-        proc.wait(timeout=30)
+        with running_server(tiny_model_factory("llama"), *LIMITS, log=log_file) as (_, base):
+            yield base, log_path
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.parsers.templates import QWEN_STYLE_TEMPLATE
-from tests.server_utils import MODEL, start_server
+from tests.server_utils import MODEL, running_server
 
 THOUGHT = r"[a-z]{2,8}( [a-z]{2,8}){0,3}"
 ANSWER = r"[A-Z][a-z]{1,8}\."
@@ -30,11 +30,9 @@ TOOLS = [{"type": "function", "function": {"name": "add", "parameters": ADD}}]
 def server(tiny_model_factory, tmp_path_factory):
     template = tmp_path_factory.mktemp("template") / "qwen_style.jinja"
     template.write_text(QWEN_STYLE_TEMPLATE)
-    proc, base = start_server(tiny_model_factory("qwen3"), "--reasoning-parser", "qwen3",
-                              "--chat-template", str(template), "--constrained-json-disable-any-whitespace")
-    yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_server(tiny_model_factory("qwen3"), "--reasoning-parser", "qwen3", "--chat-template",
+                        str(template), "--constrained-json-disable-any-whitespace") as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="module")

@@ -98,11 +98,10 @@ def test_bad_updates_are_reported_and_serving_continues(setup):
 def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
     import httpx
 
-    from tests.server_utils import start_server
+    from tests.server_utils import running_server
 
     _, path, old, new, new_path = setup
-    proc, base = start_server(path, "--admin-api-key", "adm")
-    try:
+    with running_server(path, "--admin-api-key", "adm") as (_, base):
         auth = {"Authorization": "Bearer adm"}
         name = "model.layers.1.mlp.up_proj.weight"
         assert httpx.post(base + "/update_weights_from_disk", json={"model_path": str(new_path)}).status_code == 401
@@ -123,9 +122,6 @@ def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
         assert httpx.post(base + "/continue_generation", headers=auth).status_code == 200
         out = httpx.post(base + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": GREEDY}).json()
         assert out["output_ids"] == hf_greedy(new, PROMPTS[:1])[0]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def start_long_request(engine, result: dict, tokens: int) -> threading.Thread:
