@@ -1,0 +1,66 @@
+"""Routing: which experts each token goes to, and with what weight.
+
+Every family scores experts from the router logits and keeps the top k; they
+differ in the scoring (softmax or sigmoid), whether the kept weights are
+renormalised, and DeepSeek's group-limited choice (first the best groups,
+then the best experts inside them). Weights come back in float32, ids in int32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    top_k: int
+    scoring: str = "softmax"  # "softmax" over all experts, or "sigmoid" per expert
+    renormalize: bool = True  # kept weights divided by their sum
+    softmax_after_topk: bool = False  # GPT-OSS: top-k of the logits, softmax over those k
+    num_groups: int = 1  # DeepSeek: experts split into groups...
+    topk_groups: int = 1  # ...and only the best topk_groups groups are eligible
+    routed_scaling_factor: float = 1.0  # multiplies the final weights
+
+
+def select_experts(
+    router_logits: torch.Tensor,
+    cfg: RoutingConfig,
+    correction_bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] router logits -> (weights [T, k] float32, expert ids [T, k] int32).
+
+    correction_bias (DeepSeek-V3): added to the scores to choose experts (and
+    to rank groups) only; the weights use the unbiased scores.
+    """
+    logits = router_logits.float()
+    if cfg.softmax_after_topk:
+        values, ids = torch.topk(logits, cfg.top_k, dim=-1)
+        return torch.softmax(values, dim=-1), ids.to(torch.int32)
+    scores = torch.softmax(logits, dim=-1) if cfg.scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if cfg.num_groups > 1:
+        choice = _mask_outside_best_groups(choice, cfg, biased=correction_bias is not None)
+    _, ids = torch.topk(choice, cfg.top_k, dim=-1)
+    weights = scores.gather(1, ids)
+    if cfg.renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights * cfg.routed_scaling_factor, ids.to(torch.int32)
+
+
+def _mask_outside_best_groups(choice: torch.Tensor, cfg: RoutingConfig, biased: bool) -> torch.Tensor:
+    """Scores of experts outside the topk_groups best groups set to -inf.
+
+    A group ranks by its best expert (DeepSeek-V2), or by the sum of its two
+    best biased scores when a correction bias is used (DeepSeek-V3)."""
+    tokens, experts = choice.shape
+    grouped = choice.view(tokens, cfg.num_groups, experts // cfg.num_groups)
+    if biased:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_scores = grouped.max(dim=-1).values
+    best = group_scores.topk(cfg.topk_groups, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(tokens, experts)
