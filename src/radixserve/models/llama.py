@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +19,9 @@ from radixserve.layers.attention.radix_attention import RadixAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import Linear, MergedLinear
+from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
+from radixserve.models.sparse_moe import parse_expert_weight_name
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +81,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions) -> None:
+    def __init__(
+        self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions, mlp: nn.Module
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_id, rotary_emb, opts)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=opts.mlp_bias)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -104,15 +108,26 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+MlpFactory = Callable[[Any, int], nn.Module]  # (config, layer id) -> the layer's MLP
+
+
+def dense_mlp(config: Any, layer_id: int, bias: bool = False) -> nn.Module:
+    return LlamaMLP(config.hidden_size, config.intermediate_size, bias=bias)
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, opts: BlockOptions) -> None:
+    def __init__(self, config: Any, opts: BlockOptions, make_mlp: Optional[MlpFactory] = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(
             head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary_emb, opts) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(
+                config, i, self.rotary_emb, opts,
+                make_mlp(config, i) if make_mlp else dense_mlp(config, i, opts.mlp_bias),
+            )
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -141,15 +156,22 @@ IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rota
 class LlamaForCausalLM(nn.Module):
     """Llama 2/3 and SmolLM2; `attention_bias` and `mlp_bias` as the HF config says."""
 
+    # (checkpoint name part, our module path part) where a family names a module differently
+    CHECKPOINT_RENAMES: Tuple[Tuple[str, str], ...] = ()
+
     @classmethod
     def block_options(cls, config: Any) -> BlockOptions:
         bias = bool(getattr(config, "attention_bias", False))
         return BlockOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(config, "mlp_bias", False)))
 
+    def make_mlp(self, config: Any, layer_id: int) -> nn.Module:
+        """The MLP of layer `layer_id`: dense here, experts in MoE families."""
+        return dense_mlp(config, layer_id, self.block_options(config).mlp_bias)
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, self.block_options(config))
+        self.model = LlamaModel(config, self.block_options(config), self.make_mlp)
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if self.tied:
@@ -173,7 +195,13 @@ class LlamaForCausalLM(nn.Module):
         modules = dict(self.named_modules())
         pending = self._expected_weights(params, modules)
         for name, tensor in weights:
+            name = self._our_name(name)
             if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (self.tied and name == "lm_head.weight"):
+                continue
+            expert = parse_expert_weight_name(name)
+            if expert is not None and isinstance(modules.get(expert.module), FusedMoE):
+                modules[expert.module].load_expert(expert.expert, expert.shard, expert.kind, tensor)
+                pending.discard(f"{expert.module}:{expert.expert}:{expert.shard}.{expert.kind}")
                 continue
             prefix, _, kind = name.rpartition(".")
             owner, _, proj = prefix.rpartition(".")
@@ -201,11 +229,16 @@ class LlamaForCausalLM(nn.Module):
     def get_weight(self, name: str) -> torch.Tensor:
         """The current value of a checkpoint (Hugging Face) weight, e.g.
         `model.layers.0.self_attn.q_proj.weight` (a view of its merged parameter)."""
+        name = self._our_name(name)
         if self.tied and name == "lm_head.weight":
             name = "model.embed_tokens.weight"
         params = dict(self.named_parameters())
         if name in params:
             return params[name].data
+        expert = parse_expert_weight_name(name)
+        experts = dict(self.named_modules()).get(expert.module) if expert else None
+        if isinstance(experts, FusedMoE):
+            return experts.shard_view(expert.expert, expert.shard, expert.kind)
         prefix, _, kind = name.rpartition(".")
         owner, _, proj = prefix.rpartition(".")
         merged, shard = STACKED_PARAMS.get(proj, (None, None))
@@ -215,13 +248,26 @@ class LlamaForCausalLM(nn.Module):
         offset, size = module.shard_offsets[shard]
         return getattr(module, kind).data[offset:offset + size]
 
+    def _our_name(self, checkpoint_name: str) -> str:
+        for theirs, ours in self.CHECKPOINT_RENAMES:
+            checkpoint_name = checkpoint_name.replace(theirs, ours)
+        return checkpoint_name
+
     @staticmethod
     def _expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
-        """Names to fill: plain parameters, and `name:shard` for each shard of a merged one."""
+        """Names to fill: plain parameters, `name:shard` for each shard of a merged
+        one, and `experts:index:shard.kind` for each expert of a FusedMoE."""
         expected: Set[str] = set()
         for name in params:
-            owner = modules[name.rpartition(".")[0]]
-            if isinstance(owner, MergedLinear):
+            owner_name, _, param_name = name.rpartition(".")
+            owner = modules[owner_name]
+            if isinstance(owner, FusedMoE):
+                shards = ("down",) if param_name.startswith("w2") else ("gate", "up")
+                kind = "bias" if param_name.endswith("bias") else "weight"
+                expected.update(
+                    f"{owner_name}:{e}:{shard}.{kind}" for e in range(owner.num_experts) for shard in shards
+                )
+            elif isinstance(owner, MergedLinear):
                 expected.update(f"{name}:{shard}" for shard in owner.shard_offsets)
             else:
                 expected.add(name)

@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from radixserve.models.llama import LlamaForCausalLM, MistralForCausalLM
+from radixserve.models.mixtral import MixtralForCausalLM
 from radixserve.models.qwen2 import Qwen2ForCausalLM
 from radixserve.models.qwen3 import Qwen3ForCausalLM
+from radixserve.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 ARCHITECTURES: Dict[str, type] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 # Configs without `architectures` (those read from GGUF metadata) name only a model_type.
@@ -21,6 +26,9 @@ MODEL_TYPES: Dict[str, type] = {
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "qwen2_moe": Qwen2MoeForCausalLM,
+    "qwen3_moe": Qwen3MoeForCausalLM,
 }
 
 
