@@ -1,15 +1,16 @@
 """Our engine against transformers on one GPU, in one run, with the card's roofline.
 
     python bench/gpu_compare.py --tokenizer-dir DIR --out results.json
-        [--models llama8b,qwen0.6b] [--workloads offline,bs1] [--skip-hf]
+        [--models llama8b,qwen0.6b,qwen30b-a3b:12,deepseek-v2-lite] [--workloads offline,bs1] [--skip-hf]
         [--num-requests 256 --input-len 512 --output-len 256] [--engine-arg key=value ...]
     python bench/gpu_compare.py --smoke --out smoke.json   # tiny shapes, runs on a CPU
 
 1. The card: device-to-device copy bandwidth and bf16 GEMM rate (best of several).
-2. Per model shape (random "dummy" weights of the real shapes) and workload:
+2. Per model shape (random "dummy" weights of the real shapes, bench_shapes.py) and workload:
    offline  -- num_requests x input_len random ids x output_len new tokens (ignore_eos,
                greedy), all submitted at once: output tok/s over the whole run.
-               Ours: Engine.generate; transformers: model.generate_batch (continuous batching).
+               Ours: Engine.generate; transformers: model.generate_batch (continuous batching),
+               or for DeepSeek, where generate_batch fails, model.generate on static batches.
    bs1      -- one 128-token prompt, 256 new tokens: ms per decode step, from
                (t(256 tokens) - t(1 token)) / 255, best of 2.
                Ours: Engine.generate; transformers: model.generate.
@@ -33,30 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from radixserve import Engine  # noqa: E402
+from bench_shapes import MODELS, Shape, model_config  # noqa: E402
 
 
 # ---------------------------------------------------------------- shapes
-
-def model_config(name: str, smoke: bool):
-    from transformers import LlamaConfig, Qwen3Config
-
-    if smoke:  # a few MB: the whole script runs on a CPU
-        common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=49152, max_position_embeddings=2048)
-        return (LlamaConfig(**common) if name == "llama8b"
-                else Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
-    if name == "llama8b":
-        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-                           tie_word_embeddings=False)
-    if name == "qwen0.6b":
-        return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                           num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=8192,
-                           tie_word_embeddings=True,
-                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
-    raise ValueError(f"unknown model {name!r}: llama8b | qwen0.6b")
-
 
 def model_dir(name: str, config, tokenizer_dir: Path, root: Path) -> Path:
     out = root / name
@@ -117,54 +98,29 @@ def measure_card(device: str, smoke: bool) -> dict:
 
 # ---------------------------------------------------------------- roofline
 
-@dataclass
-class Shape:
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def of(cls, config) -> "Shape":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.hidden_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.intermediate_size, config.vocab_size,
-                   bool(config.tie_word_embeddings))
-
-    def matmul_params(self) -> int:
-        """Weights every token multiplies by: projections, MLP and the LM head."""
-        attn = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim + self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate
-        return self.layers * (attn + mlp) + self.vocab * self.hidden
-
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * 2  # K and V, bf16
-
-
 def roofline_bs1_ms(shape: Shape, card: dict, context: int) -> float:
     """One decode step reads every weight it multiplies by once (bf16; the input
-    embedding only for the one row it looks up) plus the request's KV."""
-    nbytes = 2 * shape.matmul_params() + shape.kv_bytes_per_token() * context
+    embedding only for the one row it looks up; MoE: only the top-k experts) plus
+    the request's KV."""
+    nbytes = shape.weight_bytes(1) + shape.kv_bytes_per_token() * context
     return nbytes / (card["copy_GBps"] * 1e9) * 1e3
 
 
 def roofline_offline_tok_s(shape: Shape, card: dict, n: int, inp: int, out: int) -> float:
     """T = prefill FLOPs / matmul rate + sum over decode steps of
-    max(step FLOPs / matmul rate, (weights + every request's KV) / bandwidth), with all
-    n requests decoding together. FLOPs = 2 x matmul params per token plus attention
-    (4 x heads x head_dim x keys per query per layer)."""
+    max(step FLOPs / matmul rate, (weights read + every request's KV) / bandwidth), with
+    all n requests decoding together. FLOPs = 2 x active params per token plus
+    attention (2 x heads x (q.k width + value width) per key per layer; MLA decodes
+    in its absorbed form). An MoE step reads the experts its n tokens hit."""
     flops_rate, bw = card["bf16_TFLOPs"] * 1e12, card["copy_GBps"] * 1e9
-    attn_per_key = 4 * shape.layers * shape.heads * shape.head_dim
-    prefill = n * (2 * shape.matmul_params() * inp + attn_per_key * inp * (inp + 1) / 2)
+    active = shape.active_params()
+    prefill = n * (2 * active * inp + shape.attn_flops_per_key(decode=False) * inp * (inp + 1) / 2)
     seconds = prefill / flops_rate
+    step_weights = shape.weight_bytes(n)
     for step in range(out):
         context = inp + step
-        flops = n * (2 * shape.matmul_params() + attn_per_key * context)
-        nbytes = 2 * shape.matmul_params() + n * context * shape.kv_bytes_per_token()
+        flops = n * (2 * active + shape.attn_flops_per_key(decode=True) * context)
+        nbytes = step_weights + n * context * shape.kv_bytes_per_token()
         seconds += max(flops / flops_rate, nbytes / bw)
     return n * out / seconds
 
@@ -231,9 +187,55 @@ def ours(path: Path, args, engine_args: dict, vocab: int) -> Dict[str, float]:
     return results
 
 
-def theirs(config, args, vocab: int) -> Dict[str, object]:
-    from transformers import AutoModelForCausalLM, GenerationConfig
+def uses_static_batches(config) -> bool:
+    """transformers 5.17's generate_batch (continuous batching, paged cache) fails
+    on DeepSeek's MLA, so there it runs generate on static batches instead."""
+    return config.model_type.startswith("deepseek")
+
+
+def hf_generate_batch(model, prompts: List[List[int]], args, vocab: int) -> Dict[str, object]:
+    from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False)
+    # On a GPU transformers sizes its paged cache from free memory; on a CPU
+    # (smoke runs) that would take all of it, so give it a small cache.
+    cb = ContinuousBatchingConfig(num_blocks=64, block_size=32) if args.device == "cpu" else None
+    model.generate_batch(random_prompts(4, 64, vocab, 99), generation_config=GenerationConfig(
+        max_new_tokens=8, do_sample=False), continuous_batching_config=cb, progress_bar=False)
+    sync(args.device)
+    start = time.perf_counter()
+    outs = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb, progress_bar=False)
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in outs.values())
+    return {"offline_mode": "generate_batch", "offline_output_tokens": tokens,
+            "offline_seconds": round(seconds, 3), "offline_tok_s": round(tokens / seconds, 1)}
+
+
+def hf_static_batches(model, prompts: List[List[int]], args) -> Dict[str, object]:
+    """generate() on batches of --hf-static-batch-size equal-length prompts (no padding)."""
+    size = args.hf_static_batch_size
+
+    def run(batch: List[List[int]], new_tokens: int) -> int:
+        x = torch.tensor(batch, device=args.device)
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return (y.shape[1] - x.shape[1]) * y.shape[0]
+
+    run(prompts[:2], 4)  # warm-up
+    sync(args.device)
+    start = time.perf_counter()
+    tokens = sum(run(prompts[i:i + size], args.output_len) for i in range(0, len(prompts), size))
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    return {"offline_mode": f"generate, static batches of {size}", "offline_output_tokens": tokens,
+            "offline_seconds": round(seconds, 3), "offline_tok_s": round(tokens / seconds, 1)}
+
+
+def theirs(config, args, vocab: int) -> Dict[str, object]:
+    from transformers import AutoModelForCausalLM
 
     results: Dict[str, object] = {}
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -243,24 +245,12 @@ def theirs(config, args, vocab: int) -> Dict[str, object]:
         if "offline" in args.workloads:
             n = args.hf_offline_requests or args.num_requests
             prompts = random_prompts(n, args.input_len, vocab, 1)
-            gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False)
-            # On a GPU transformers sizes its paged cache from free memory; on a CPU
-            # (smoke runs) that would take all of it, so give it a small cache.
-            cb = ContinuousBatchingConfig(num_blocks=64, block_size=32) if args.device == "cpu" else None
             try:
-                model.generate_batch(random_prompts(4, 64, vocab, 99), generation_config=GenerationConfig(
-                    max_new_tokens=8, do_sample=False), continuous_batching_config=cb, progress_bar=False)
-                sync(args.device)
-                start = time.perf_counter()
-                outs = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb,
-                                            progress_bar=False)
-                sync(args.device)
-                seconds = time.perf_counter() - start
-                tokens = sum(len(o.generated_tokens) for o in outs.values())
-                results["offline_output_tokens"] = tokens
+                if uses_static_batches(config):
+                    results.update(hf_static_batches(model, prompts, args))
+                else:
+                    results.update(hf_generate_batch(model, prompts, args, vocab))
                 results["offline_requests"] = n
-                results["offline_seconds"] = round(seconds, 3)
-                results["offline_tok_s"] = round(tokens / seconds, 1)
             except Exception as e:  # a peer that cannot run the workload is reported, not fatal
                 results["offline_error"] = f"{type(e).__name__}: {e}"
         if "bs1" in args.workloads:
@@ -312,13 +302,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="where to write the JSON results")
     p.add_argument("--tokenizer-dir", help="tokenizer files to put next to each config (default: the embedded model's)")
-    p.add_argument("--models", default="llama8b,qwen0.6b")
+    p.add_argument("--models", default="llama8b,qwen0.6b",
+                   help=f"comma-separated, of {', '.join(MODELS)}; NAME:L runs the shape with L layers")
     p.add_argument("--workloads", default="offline,bs1")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--bs1-tokens", type=int, default=256)
     p.add_argument("--hf-offline-requests", type=int, help="run transformers' offline workload on fewer requests")
+    p.add_argument("--hf-static-batch-size", type=int, default=64,
+                   help="batch size of transformers' generate where generate_batch cannot run (DeepSeek)")
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to our Engine")
     p.add_argument("--skip-hf", action="store_true")
@@ -354,7 +347,10 @@ def main() -> None:
         if "offline" in args.workloads:
             roof = roofline_offline_tok_s(shape, card, args.num_requests, args.input_len, args.output_len)
             hf_n = hf_res.get("offline_requests", args.num_requests)
-            note = f"transformers on {hf_n} requests" if hf_n != args.num_requests else ""
+            notes = [f"transformers on {hf_n} requests"] if hf_n != args.num_requests else []
+            if hf_res.get("offline_mode", "generate_batch") != "generate_batch":
+                notes.append(f"transformers: {hf_res['offline_mode']}")
+            note = "; ".join(notes)
             rows.append(Row(name, f"offline {args.num_requests}x{args.input_len}/{args.output_len}", "output tok/s",
                             ours_res.get("offline_tok_s"), hf_res.get("offline_tok_s"), roof, note))
         if "bs1" in args.workloads:
