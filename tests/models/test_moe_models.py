@@ -119,3 +119,15 @@ def test_greedy_matches_generate_with_chunks_and_radix_hits(moe_setup):
         assert [o["output_ids"] for o in again] == expected
         assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
         assert_no_leak(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fast_path_matches_generate(moe_setup):
+    """On CUDA: the Triton MoE kernel and attention, CUDA graphs and the overlap
+    schedule, float32, give transformers' greedy tokens (computed on the CPU)."""
+    _, path, _, prompts, expected = moe_setup
+    with Engine(model_path=str(path), dtype="float32", chunked_prefill_size=16, log_level="warning") as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == expected
+        assert_no_leak(engine)
