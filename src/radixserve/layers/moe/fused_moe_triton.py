@@ -1,0 +1,309 @@
+"""The experts of one MoE layer in Triton: one grouped GEMM launch per projection.
+
+Each token's K expert choices are T*K (token, k) pairs. The pairs are first
+grouped by expert and every expert's run is padded to a multiple of BLOCK_M,
+so a block of BLOCK_M sorted rows belongs to one expert; each GEMM program
+then multiplies one block of rows by one expert's weight tile. The grouping
+runs on the device and every buffer is sized by an upper bound that depends
+on T, K and E only, so the whole call can be captured in a CUDA graph: the
+GEMMs read the real number of padded rows on the device and skip the rest.
+
+Rounding follows fused_experts_torch: gate_up and the expert output are
+rounded to the input dtype, the activation is computed in float32, the
+routing weight multiplies in float32, and the K outputs of a token are summed
+in float32. One rounding more: each weighted expert output is stored in the
+input dtype before that sum (exact for float32; for 16-bit inputs it halves
+the bytes of the [T*K, H] buffer at a cost of one rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Imported for _dot's interpreter-safe bf16 handling, and because importing the
+# module installs the interpreter shim that lets loop bounds come from memory.
+from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot
+from radixserve.layers.moe.activation import ExpertActivation
+
+_MIN_DOT = 16  # tl.dot needs at least 16 rows and columns
+# Triton's interpreter casts float32 to bfloat16 by truncation, a GPU rounds
+# to nearest: rounded in software there, the CPU tests see the GPU's rounding.
+_SOFTWARE_BF16_ROUNDING = tl.constexpr(_INTERPRETED)
+
+
+@dataclass(frozen=True)
+class MoeKernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (largest token count, config) for 16-bit weights on Hopper. Few tokens per
+# expert: small BLOCK_M wastes little on padding and the kernel is bound by
+# reading weights; many tokens: large tiles reuse each weight tile across rows.
+_CONFIGS_16BIT = (
+    (16, MoeKernelConfig(16, 64, 128, 4, 4)),
+    (128, MoeKernelConfig(16, 128, 128, 4, 3)),
+    (512, MoeKernelConfig(32, 128, 64, 4, 4)),
+    (2048, MoeKernelConfig(64, 128, 64, 4, 4)),
+    (None, MoeKernelConfig(128, 128, 64, 8, 4)),
+)
+# float32 tiles are twice the bytes: a shorter K step keeps them in shared memory.
+_CONFIGS_32BIT = (
+    (16, MoeKernelConfig(16, 64, 32, 4, 2)),
+    (512, MoeKernelConfig(32, 64, 32, 4, 2)),
+    (None, MoeKernelConfig(64, 64, 32, 4, 2)),
+)
+
+
+def moe_kernel_config(num_tokens: int, dtype: torch.dtype) -> MoeKernelConfig:
+    """The tile sizes for a batch of num_tokens tokens (a host int: the choice
+    is fixed per CUDA graph)."""
+    table = _CONFIGS_32BIT if dtype == torch.float32 else _CONFIGS_16BIT
+    for max_tokens, config in table:
+        if max_tokens is None or num_tokens <= max_tokens:
+            return config
+    raise AssertionError("the last row of a config table has no bound")
+
+
+@dataclass
+class AlignedPairs:
+    """The (token, k) pairs grouped by expert, each expert's run padded to BLOCK_M.
+
+    sorted_pair_ids[r] is the flat pair index t*K + k of sorted row r, or
+    num_pairs on a padding row; block_expert_ids[b] is the expert of rows
+    b*BLOCK_M ... (b+1)*BLOCK_M - 1; num_padded_rows ([1], int32) counts the
+    valid rows. Entries past num_padded_rows are left unwritten."""
+
+    sorted_pair_ids: torch.Tensor
+    block_expert_ids: torch.Tensor
+    num_padded_rows: torch.Tensor
+    block_m: int
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding float32 to bfloat16 to nearest even everywhere."""
+    if _SOFTWARE_BF16_ROUNDING and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = x.to(dtype)
+    return out
+
+
+@triton.jit
+def _align_kernel(
+    topk_ids_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr, num_pairs,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # One program per expert. Each counts every expert's pairs (all it needs to
+    # know where its run starts), then writes its own pairs in pair order.
+    expert = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    counts = tl.zeros([NUM_BINS], tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        idx = start + lanes
+        in_range = idx < num_pairs
+        ids = tl.load(topk_ids_ptr + idx, mask=in_range, other=0).to(tl.int32)
+        counts += tl.histogram(ids, NUM_BINS, mask=in_range)
+    bins = tl.arange(0, NUM_BINS)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    run_start = tl.sum(tl.where(bins < expert, padded, 0), 0)
+    run_padded = tl.sum(tl.where(bins == expert, padded, 0), 0)
+    if expert == 0:
+        tl.store(num_padded_rows_ptr, tl.sum(padded, 0))
+
+    placed = run_start
+    for start in range(0, num_pairs, CHUNK):
+        idx = start + lanes
+        ids = tl.load(topk_ids_ptr + idx, mask=idx < num_pairs, other=-1)
+        mine = (ids == expert).to(tl.int32)
+        rank = tl.cumsum(mine, 0)  # inclusive: the first of mine gets 1
+        tl.store(sorted_pair_ids_ptr + placed + rank - 1, idx, mask=mine != 0)
+        placed += tl.sum(mine, 0)
+    pad_rows = placed + tl.arange(0, BLOCK_M)
+    tl.store(sorted_pair_ids_ptr + pad_rows, num_pairs, mask=pad_rows < run_start + run_padded)
+
+    first_block = run_start // BLOCK_M
+    for b0 in range(0, run_padded // BLOCK_M, CHUNK):
+        blocks = b0 + lanes
+        tl.store(block_expert_ids_ptr + first_block + blocks, expert, mask=blocks < run_padded // BLOCK_M)
+
+
+def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """An upper bound of the padded row count, a multiple of block_m: at most
+    min(pairs, experts) experts have a partly filled last block."""
+    bound = num_pairs + min(num_pairs, num_experts) * (block_m - 1)
+    return triton.cdiv(bound, block_m) * block_m
+
+
+def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
+    """Group the [T, K] expert choices by expert ("moe align block size"), on
+    the device without a host sync; shapes depend on T, K and E only."""
+    num_pairs = topk_ids.numel()
+    rows = max_padded_rows(num_pairs, num_experts, block_m)
+    device = topk_ids.device
+    aligned = AlignedPairs(
+        sorted_pair_ids=torch.empty(rows, dtype=torch.int32, device=device),
+        block_expert_ids=torch.empty(rows // block_m, dtype=torch.int32, device=device),
+        num_padded_rows=torch.empty(1, dtype=torch.int32, device=device),
+        block_m=block_m,
+    )
+    chunk = min(1024, max(_MIN_DOT, triton.next_power_of_2(num_pairs)))
+    _align_kernel[(num_experts,)](
+        topk_ids.contiguous(), aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_rows,
+        num_pairs, NUM_EXPERTS=num_experts, NUM_BINS=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m, CHUNK=chunk, num_warps=4,
+    )
+    return aligned
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr, w_ptr, bias_ptr, out_ptr, routing_weights_ptr,
+    sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_pairs, n_out, k_dim,
+    stride_am, stride_we, stride_wn, stride_be, stride_om,
+    PAIRS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    """out[pair] = a[pair // PAIRS_PER_A_ROW] @ w[expert]^T (+ bias[expert]),
+    rounded to out's dtype, times the pair's routing weight when WEIGHTED."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+        return
+    pair = tl.load(sorted_pair_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_mask = pair < num_pairs
+    a_row = (pair // PAIRS_PER_A_ROW).to(tl.int64)
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    # Unit stride along K (the launcher ensures it) lets loads vectorise and pipeline.
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
+    w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k_dim, BLOCK_K):
+        k_mask = ks < k_dim - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += _dot(a, w, IEEE)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)
+    out = _cast(acc, out_ptr.dtype.element_ty)
+    if WEIGHTED:
+        weight = tl.load(routing_weights_ptr + pair, mask=row_mask, other=0.0)
+        out = _cast(out.to(tl.float32) * weight[:, None], out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, out, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _grouped_gemm(
+    a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+    aligned: AlignedPairs, config: MoeKernelConfig, pairs_per_a_row: int,
+    routing_weights: Optional[torch.Tensor] = None,
+) -> None:
+    """out [pairs, N] from a [rows, K] and w [E, N, K], one launch for all experts."""
+    n_out, k_dim = w.shape[1], w.shape[2]
+    a, w = _unit_stride_rows(a), _unit_stride_rows(w)
+    bias = _unit_stride_rows(bias) if bias is not None else None
+    # Tiles no wider than the problem: the interpreter's cost grows with tile area.
+    block_n = min(config.block_n, max(_MIN_DOT, triton.next_power_of_2(n_out)))
+    block_k = min(config.block_k, max(_MIN_DOT, triton.next_power_of_2(k_dim)))
+    grid = (aligned.block_expert_ids.numel(), triton.cdiv(n_out, block_n))
+    _grouped_gemm_kernel[grid](
+        a, w, bias if bias is not None else w, out,
+        routing_weights if routing_weights is not None else out,
+        aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_rows,
+        out.shape[0], n_out, k_dim,
+        a.stride(0), w.stride(0), w.stride(1),
+        bias.stride(0) if bias is not None else 0, out.stride(0),
+        PAIRS_PER_A_ROW=pairs_per_a_row, HAS_BIAS=bias is not None, WEIGHTED=routing_weights is not None,
+        BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=a.dtype == torch.float32 or _INTERPRETED,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+@triton.jit
+def _gated_activation_kernel(
+    gate_up_ptr, out_ptr, inter, stride_in, stride_out, alpha, limit,
+    SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * stride_in + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    if SWIGLU_OAI:
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    else:
+        out = gate * tl.sigmoid(gate) * up
+    tl.store(out_ptr + row * stride_out + cols, _cast(out, out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_activation(gate_up: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
+    """[N, 2I] -> [N, I]: apply_activation's math in one kernel."""
+    if activation.kind not in ("silu", "swiglu_oai"):
+        raise ValueError(f"unknown expert activation {activation.kind!r}")
+    gate_up = _unit_stride_rows(gate_up)
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    limit = activation.limit
+    _gated_activation_kernel[(rows, triton.cdiv(inter, block))](
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), activation.alpha,
+        0.0 if limit is None else limit,
+        SWIGLU_OAI=activation.kind == "swiglu_oai", HAS_LIMIT=limit is not None, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
+def fused_experts_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: ExpertActivation,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
+    rounding of fused_experts_torch. No host sync: CUDA-graph capturable."""
+    num_tokens, top_k = topk_ids.shape
+    if num_tokens == 0:
+        return torch.empty_like(hidden)
+    num_experts, inter = w13.shape[0], w2.shape[2]
+    config = moe_kernel_config(num_tokens, hidden.dtype)
+    aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)
+    num_pairs = num_tokens * top_k
+
+    gate_up = torch.empty((num_pairs, 2 * inter), dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(hidden, w13, w13_bias, gate_up, aligned, config, pairs_per_a_row=top_k)
+    act = gated_activation(gate_up, activation)
+    down = torch.empty((num_pairs, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
+    _grouped_gemm(act, w2, w2_bias, down, aligned, config, pairs_per_a_row=1,
+                  routing_weights=topk_weights.contiguous().view(-1).float())
+    return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
