@@ -8,8 +8,13 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from radixserve.layers.batch_invariant import invariant_linear
+
 
 class Linear(nn.Module):
+    # Set by the model runner under --enable-deterministic-inference.
+    batch_invariant = False
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -17,6 +22,8 @@ class Linear(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_invariant:
+            return invariant_linear(x, self.weight, self.bias)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
