@@ -179,3 +179,139 @@ def test_engine_greedy_same_with_either_backend(tiny_model_factory):
                          for o in results])
             assert engine.get_server_info()["num_prefill_tokens"] > 0
     assert outs["triton"] == outs["torch_native"], gaps
+
+
+# --- sliding window and attention sinks -------------------------------------------------------
+
+# Prefix and new-token lengths: one request longer than an extend tile (32 on
+# the CPU), on top of a prefix longer than the windows below.
+WINDOW_EXTEND_CASES = [(0, 9), (5, 1), (23, 17), (0, 1), (30, 45)] if not CUDA else [(0, 700), (300, 1), (2500, 333)]
+WINDOW_DECODE_LENS = [1, 7, 40, 2, 75] if not CUDA else [1, 130, 5000, 17, 1024]
+# (sliding window, with sinks, page size): a window of one token, windows
+# smaller than a KV page and an extend tile, one longer than most requests.
+WINDOW_SINK_CASES = [(1, False, 1), (5, False, 16), (5, True, 1), (None, True, 16), (24, True, 16)]
+
+
+def windowed_layer(group: int, window, with_sinks: bool) -> RadixAttention:
+    sinks = None
+    if with_sinks:
+        # Large enough to matter next to the scores, on both sides of them.
+        sinks = (2 * torch.randn(KV_HEADS * group, generator=torch.Generator().manual_seed(9))).to(DEVICE)
+    return RadixAttention(KV_HEADS * group, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0,
+                          sliding_window=window, sinks=sinks)
+
+
+def reference_attention(pools, row, seq_len, q, first_query_pos, attn) -> torch.Tensor:
+    """Plain softmax attention of queries at positions first_query_pos.. over a
+    request's K/V in position order, written from the definitions: a query at p
+    sees keys p - window + 1 .. p, and exp(sink) joins the denominator.
+    q [Q, heads*D] -> [Q, heads*D] float32."""
+    slots = pools.table.req_to_token[row, :seq_len].long()
+    group = attn.num_heads // attn.num_kv_heads
+    k = pools.kv.k_buffers[0][slots].float().repeat_interleave(group, dim=1)  # [L, heads, D]
+    v = pools.kv.v_buffers[0][slots].float().repeat_interleave(group, dim=1)
+    qh = q.float().view(q.shape[0], attn.num_heads, HEAD_DIM)
+    logits = torch.einsum("qhd,lhd->hql", qh, k) * attn.scaling
+    key_pos = torch.arange(seq_len, device=q.device)[None, :]
+    query_pos = first_query_pos + torch.arange(q.shape[0], device=q.device)[:, None]
+    visible = key_pos <= query_pos
+    if attn.sliding_window is not None:
+        visible &= key_pos > query_pos - attn.sliding_window
+    logits = logits.masked_fill(~visible, float("-inf"))
+    top = logits.amax(-1, keepdim=True)
+    if attn.sinks is not None:
+        top = torch.maximum(top, attn.sinks.float().view(-1, 1, 1))
+    weights = torch.exp(logits - top)
+    denominator = weights.sum(-1, keepdim=True)
+    if attn.sinks is not None:
+        denominator = denominator + torch.exp(attn.sinks.float().view(-1, 1, 1) - top)
+    out = torch.einsum("hql,lhd->qhd", weights / denominator, v)
+    return out.reshape(q.shape[0], -1)
+
+
+def extend_batch(pools, cases, backend, total):
+    prefixes, extends = zip(*cases)
+    seqs = [p + e for p, e in cases]
+    extend_lens = torch.tensor(extends, device=DEVICE)
+    return ForwardBatch(
+        forward_mode=ForwardMode.EXTEND, batch_size=len(seqs), input_ids=torch.zeros(total, dtype=torch.int64),
+        positions=torch.zeros(total, dtype=torch.int64), req_pool_indices=torch.tensor(pools.rows, device=DEVICE),
+        seq_lens=torch.tensor(seqs, device=DEVICE),
+        out_cache_loc=torch.cat([pools.table.req_to_token[r, p:s] for r, p, s in zip(pools.rows, prefixes, seqs)]),
+        seq_lens_cpu=seqs, extend_prefix_lens=torch.tensor(prefixes, device=DEVICE), extend_seq_lens=extend_lens,
+        extend_start_loc=torch.cumsum(extend_lens, 0) - extend_lens,
+        extend_prefix_lens_cpu=list(prefixes), extend_seq_lens_cpu=list(extends),
+        req_to_token_pool=pools.table, kv_pool=pools.kv, attn_backend=backend,
+    )
+
+
+def poison_outside_windows(pools, first_seen) -> None:
+    """NaN into the K/V of positions no query may read: any read of them shows."""
+    for row, first in zip(pools.rows, first_seen):
+        slots = pools.table.req_to_token[row, :max(first, 0)].long()
+        pools.kv.k_buffers[0][slots] = float("nan")
+        pools.kv.v_buffers[0][slots] = float("nan")
+
+
+@pytest.mark.parametrize("window,with_sinks,page_size", WINDOW_SINK_CASES)
+def test_extend_with_window_and_sinks(window, with_sinks, page_size):
+    cases = WINDOW_EXTEND_CASES
+    seqs = [p + e for p, e in cases]
+    pools = Pools(seqs, page_size, torch.float32)
+    attn = windowed_layer(4, window, with_sinks)
+    total = sum(e for _, e in cases)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(total, n * HEAD_DIM, generator=g).to(DEVICE)
+               for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    ref_native, ours = run_both(lambda b: extend_batch(pools, cases, b, total), q, k, v, attn)
+    # The K/V of the new tokens are in the pool now: the plain reference reads them there.
+    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
+    plain = torch.cat([reference_attention(pools, row, p + e, q[s:s + e], p, attn)
+                       for row, (p, e), s in zip(pools.rows, cases, starts)])
+    assert rel(ref_native, plain) < 1e-5
+    assert rel(ours, plain) < 1e-5
+    if window is not None:
+        # Keys before every query's window are never read, by either backend.
+        poison_outside_windows(pools, [p - window + 1 for p, _ in cases])
+        again = run_both(lambda b: extend_batch(pools, cases, b, total), q, k, v, attn)
+        assert all(torch.equal(a, b) for a, b in zip(again, (ref_native, ours)))
+
+
+@pytest.mark.parametrize("window,with_sinks,page_size", WINDOW_SINK_CASES)
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_with_window_and_sinks(window, with_sinks, page_size, num_splits):
+    lens = WINDOW_DECODE_LENS
+    pools = Pools(lens, page_size, torch.float32)
+    attn = windowed_layer(4, window, with_sinks)
+    bs = len(lens)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(bs, attn.num_heads * HEAD_DIM, generator=g).to(DEVICE)
+    k = torch.randn(bs, KV_HEADS * HEAD_DIM, generator=g).to(DEVICE)
+    v = torch.randn(bs, KV_HEADS * HEAD_DIM, generator=g).to(DEVICE)
+    ref_native, ours = run_both(lambda b: decode_batch(pools, lens, b, bs), q, k, v, attn, num_splits)
+    plain = torch.cat([reference_attention(pools, row, n, q[i:i + 1], n - 1, attn)
+                       for i, (row, n) in enumerate(zip(pools.rows, lens))])
+    assert rel(ref_native, plain) < 1e-5
+    assert rel(ours, plain) < 1e-5
+    if window is not None:
+        # Every split stays inside the window: poisoned keys before it are never read.
+        poison_outside_windows(pools, [n - window for n in lens])
+        backend = TritonAttnBackend(DEVICE)
+        fb = decode_batch(pools, lens, backend, bs)
+        backend.init_forward_metadata(fb)
+        fb.attn_metadata = num_splits
+        assert torch.equal(backend.forward(q, k, v, attn, fb), ours)
+
+
+def test_sinks_and_window_in_bfloat16():
+    """bf16 activations, KV and sinks (a bf16 model holds its sinks in bf16): Triton vs torch-native."""
+    lens = WINDOW_DECODE_LENS
+    pools = Pools(lens, 16, torch.bfloat16)
+    attn = windowed_layer(4, 5, True)
+    attn.sinks = attn.sinks.to(torch.bfloat16)
+    bs = len(lens)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(bs, n * HEAD_DIM, generator=g).to(DEVICE, torch.bfloat16)
+               for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    ref, ours = run_both(lambda b: decode_batch(pools, lens, b, bs), q, k, v, attn, 4)
+    assert rel(ours, ref) < TOL[torch.bfloat16]

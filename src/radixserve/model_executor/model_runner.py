@@ -10,7 +10,8 @@ import torch
 
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.managers.schedule_batch import MemoryPools, ScheduleBatch
-from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.kv_layout import KVLayout, kv_layout_of
 from radixserve.mem_cache.prefix_cache import PrefixCache
 from radixserve.model_loader.loader import load_model
 from radixserve.model_loader.source import resolve_model_source
@@ -56,15 +57,13 @@ class ModelRunner:
         self.graph_runner = self._make_graph_runner()
 
     # ---- memory ----
-    def _kv_shape(self) -> tuple:
-        cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return cfg.num_hidden_layers, num_kv_heads, head_dim
+    def _kv_layout(self) -> KVLayout:
+        """What the model caches per token (per-head K/V, or MLA's latent): its class says."""
+        return kv_layout_of(self.model, self.config)
 
     def _profile_max_num_tokens(self) -> int:
         args = self.server_args
-        per_token = KVPool.bytes_per_token(*self._kv_shape(), self.dtype)
+        per_token = self._kv_layout().bytes_per_token(self.dtype)
         if args.max_total_tokens is not None:
             return args.max_total_tokens
         if self.device.type == "cuda":
@@ -96,18 +95,20 @@ class ModelRunner:
         max_running = args.max_running_requests or min(max(num_tokens // 64, 16), 1024)
         self.max_running_requests = max_running
         self.allocator = TokenAllocator(num_tokens, page, self.device)
-        layers, kv_heads, head_dim = self._kv_shape()
+        self.kv_layout = self._kv_layout()
+        self.kv_bytes_per_token = self.kv_layout.bytes_per_token(self.dtype)
         # +1 row: a spare row for a chunked request alongside a full running batch
         req_to_token_pool = ReqToTokenPool(max_running + 1, self.context_len + 1, self.device)
         self.pools = MemoryPools(
             req_to_token_pool=req_to_token_pool,
             allocator=self.allocator,
-            kv_pool=KVPool(self.allocator.num_slots, layers, kv_heads, head_dim, self.dtype, self.device),
+            kv_pool=self.kv_layout.make_pool(self.allocator.num_slots, self.dtype, self.device),
             prefix_cache=PrefixCache(req_to_token_pool, self.allocator, enabled=not args.disable_radix_cache),
         )
         logger.info(
-            "KV cache: %d tokens (%d layers, %d kv heads, head_dim %d, %s), max running requests %d",
-            num_tokens, layers, kv_heads, head_dim, self.dtype, max_running,
+            "KV cache: %d tokens (%s, %s; %d bytes per token, %.2f GiB), max running requests %d",
+            num_tokens, self.kv_layout.describe(), self.dtype, self.kv_bytes_per_token,
+            self.kv_bytes_per_token * self.allocator.num_slots / 2**30, max_running,
         )
 
     def _make_attn_backend(self) -> AttentionBackend:
@@ -151,6 +152,24 @@ class ModelRunner:
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """The first truncate_size values of a weight, flattened, as floats."""
         return self.model.get_weight(name).flatten()[:truncate_size].float().tolist()
+
+    def release_memory_occupation(self) -> "ReleasedMemory":
+        """Free the KV pool (its contents are dropped) and, on CUDA, move the
+        weights to host memory. The caller makes sure no request holds KV."""
+        from radixserve.model_executor.memory_saver import release_memory
+
+        # The decode graphs replay the addresses about to be freed: drop them
+        # first, so their memory pool is freed too.
+        self.graph_runner = None
+        return release_memory(self.model, self.pools.kv_pool, self.device)
+
+    def resume_memory_occupation(self, released: "ReleasedMemory") -> None:
+        """Weights back on the device, the KV pool recreated (zeros), decode
+        graphs captured again over the new addresses."""
+        from radixserve.model_executor.memory_saver import resume_memory
+
+        resume_memory(self.pools.kv_pool, released)
+        self.graph_runner = self._make_graph_runner()
 
     # ---- forward ----
     @torch.inference_mode()

@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Tuple, Union
+import json
+from pathlib import Path
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from radixserve.model_loader.fp8 import BlockFP8Weights, dequantize_fp8_if_quantized
 from radixserve.model_loader.gguf_weights import GGUFWeights
 from radixserve.model_loader.hf_weights import HFWeights
+from radixserve.model_loader.mxfp4 import Mxfp4Weights, is_mxfp4
 from radixserve.model_loader.source import ModelSource
 from radixserve.models.registry import get_model_class
 
 LOAD_FORMATS = ("auto", "dummy")
 
 
-def open_weights(source: ModelSource) -> Union[GGUFWeights, HFWeights]:
-    """An iterable of (hf_name, tensor) with a len(), for either kind of source."""
-    return GGUFWeights(source.path) if source.kind == "gguf" else HFWeights(source.path)
+def open_weights(source: ModelSource) -> Union[GGUFWeights, HFWeights, BlockFP8Weights, Mxfp4Weights]:
+    """An iterable of (hf_name, tensor) with a len(), for either kind of source.
+    Quantized checkpoints (block FP8, MXFP4: their config.json says so) come
+    dequantized, for a load and for a weight update alike."""
+    if source.kind == "gguf":
+        return GGUFWeights(source.path)
+    weights = dequantize_fp8_if_quantized(HFWeights(source.path), source.folder)
+    if is_mxfp4(checkpoint_quantization_config(source.folder)):
+        weights = Mxfp4Weights(weights)  # GPT-OSS: experts as FP4 blocks + scales
+    return weights
+
+
+def checkpoint_quantization_config(folder: Path) -> Optional[dict]:
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
 
 
 def iterate_weights(source: ModelSource) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -1,14 +1,14 @@
-"""Llama family (Llama 2/3, SmolLM2, Mistral without sliding window).
+"""Llama family (Llama 2/3, SmolLM2, Mistral with its sliding window).
 
 The building blocks take a `BlockOptions` (projection biases, per-head q/k
-norm) so Qwen2 and Qwen3 reuse them. Model math only: the KV cache, batching
+norm, sliding window, attention sinks) so Qwen2, Qwen3 and GPT-OSS reuse them. Model math only: the KV cache, batching
 and sampling live elsewhere; attention goes through RadixAttention.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
@@ -34,10 +34,24 @@ class BlockOptions:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each q/k head before rotary
+    # Mistral, GPT-OSS: a query sees only this many latest positions (itself included),
+    # on the layers layer_sliding_window names.
+    sliding_window: Optional[int] = None
+    attn_sinks: bool = False  # GPT-OSS: a learned per-head logit in the softmax denominator
 
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_sliding_window(config: Any, layer_id: int, opts: BlockOptions) -> Optional[int]:
+    """The window of layer `layer_id`: on the layers `config.layer_types` calls
+    "sliding_attention" (GPT-OSS alternates them with full ones), on every layer
+    when the config has no layer_types (Mistral), as transformers does."""
+    layer_types = getattr(config, "layer_types", None)
+    if opts.sliding_window is None or (layer_types and layer_types[layer_id] != "sliding_attention"):
+        return None
+    return opts.sliding_window
 
 
 class LlamaAttention(nn.Module):
@@ -55,7 +69,9 @@ class LlamaAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary_emb = rotary_emb  # one table shared by all layers
         self.attn = RadixAttention(
-            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id
+            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id,
+            sliding_window=layer_sliding_window(config, layer_id, opts),
+            sinks=nn.Parameter(torch.empty(self.num_heads)) if opts.attn_sinks else None,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
@@ -275,16 +291,10 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
-    """Mistral is Llama's math; its sliding window is not implemented."""
+    """Mistral (and Mixtral) is Llama's math with a sliding window on every layer
+    when the config sets one. The full KV stays in the pool: the window saves
+    compute, not memory."""
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        window = getattr(config, "sliding_window", None)
-        if window is not None and window < config.max_position_embeddings:
-            # Exact up to `window` tokens; longer sequences attend further back than trained.
-            logger.warning(
-                "sliding_window=%d is not implemented: attention is full-context, "
-                "which differs from the reference past %d tokens",
-                window,
-                window,
-            )
+    @classmethod
+    def block_options(cls, config: Any) -> BlockOptions:
+        return replace(super().block_options(config), sliding_window=getattr(config, "sliding_window", None))

@@ -19,6 +19,7 @@ written to the pool before attention runs).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -80,17 +81,21 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     part_out_ptr, part_lse_ptr,
     stride_q_tok, stride_kv_slot, stride_table_row,
-    scale, group, num_heads,
+    scale, group, num_heads, window,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     row = tl.load(req_pool_indices_ptr + req)
-    split_len = tl.cdiv(seq_len, NUM_SPLITS)
-    start = split * split_len
+    # The splits share the visible positions only: with a sliding window the
+    # query (at seq_len - 1) sees the last `window` of them, and no program
+    # reads a key outside it.
+    first = tl.maximum(seq_len - window, 0) if HAS_WINDOW else 0
+    split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
     h = tl.arange(0, BLOCK_H)
@@ -123,8 +128,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_out_tok, num_heads,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, num_heads,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
@@ -133,10 +138,16 @@ def _decode_merge_kernel(
     base = (req * num_heads + head) * NUM_SPLITS
     lse = tl.load(part_lse_ptr + base + s)
     m = tl.max(lse, 0)
+    if HAS_SINKS:
+        # The sink joins the denominator once, here, not once per split.
+        sink = tl.load(sinks_ptr + head).to(tl.float32)
+        m = tl.maximum(m, sink)
     # No keys at all (a zero-length padding row): output zeros, not NaN.
     w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
     parts = tl.load(part_out_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
     total = tl.sum(w, 0)
+    if HAS_SINKS:
+        total += tl.exp(sink - m)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + req * stride_out_tok + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
@@ -154,8 +165,11 @@ def decode_attention(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, num_splits: int,
+    sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
 ) -> None:
-    """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out."""
+    """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out.
+    sliding_window: the query sees its last `sliding_window` positions only;
+    sinks: [heads] logits in each head's softmax denominator."""
     bs = q.shape[0]
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
@@ -165,14 +179,15 @@ def decode_attention(
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
-        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads,
+        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
         NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
-        IEEE=q.dtype == torch.float32 or _INTERPRETED, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32 or _INTERPRETED, HAS_WINDOW=sliding_window is not None,
+        num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out, out.stride(0), num_heads,
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+        part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), num_heads,
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=4,
     )
 
 
@@ -180,9 +195,9 @@ def decode_attention(
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, req_to_token_ptr, req_pool_indices_ptr,
     prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr,
-    stride_q_tok, stride_out_tok, stride_kv_slot, stride_table_row, scale, group,
+    sinks_ptr, stride_q_tok, stride_out_tok, stride_kv_slot, stride_table_row, scale, group, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     req = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -203,18 +218,35 @@ def _extend_kernel(
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = prefix + m  # absolute position of each query
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SINKS:
+        # The sink is one more logit with a zero value: the online softmax
+        # starts from it (max = sink, sum = 1), which also keeps the running
+        # max finite for rows whose first blocks are outside their window.
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head).to(tl.float32)
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    elif HAS_WINDOW:
+        # A row may see no key of a block before its window starts; a finite
+        # floor keeps exp(m_old - m_new) from being exp(-inf + inf) = NaN there.
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: the block's last query sees positions up to prefix + its index.
     kv_end = prefix + tl.minimum((m_block + 1) * BLOCK_M, extend_len)
-    for n0 in range(0, kv_end, BLOCK_N):
+    # With a window, the block's first query sees nothing before q - window + 1:
+    # blocks of keys wholly before that are skipped.
+    kv_start = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0) if HAS_WINDOW else 0
+    for n0 in range(kv_start, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         n_mask = pos < kv_end
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if HAS_WINDOW:
+            visible &= pos[None, :] > q_pos[:, None] - window
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -226,9 +258,12 @@ def extend_attention(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
     extend_lens: torch.Tensor, extend_starts: torch.Tensor, max_extend_len: int, scale: float,
+    sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
 ) -> None:
     """q, out: [T, heads*D] (the new tokens of all requests, packed); k/v_buffer:
-    [slots, kv_heads, D] already holding the new tokens' K/V. Writes out."""
+    [slots, kv_heads, D] already holding the new tokens' K/V. Writes out.
+    sliding_window: a query at p sees positions p - sliding_window + 1 .. p;
+    sinks: [heads] logits in each head's softmax denominator."""
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
     block_d = triton.next_power_of_2(head_dim)
@@ -238,7 +273,9 @@ def extend_attention(
     grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
+        q if sinks is None else sinks,
         q.stride(0), out.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, num_heads // num_kv_heads,
+        sliding_window or 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=fp32 or _INTERPRETED,
-        num_warps=4, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None, num_warps=4, num_stages=2,
     )

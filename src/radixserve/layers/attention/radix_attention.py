@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -13,14 +13,24 @@ if TYPE_CHECKING:
 
 class RadixAttention(nn.Module):
     def __init__(
-        self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int
+        self, num_heads: int, head_dim: int, scaling: float, num_kv_heads: int, layer_id: int,
+        sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
     ) -> None:
+        """sliding_window: a query at position p sees keys p - sliding_window + 1 .. p
+        (transformers' meaning: the window counts the query itself).
+        sinks: [num_heads] logits (already scaled) that join each head's softmax
+        denominator with no value (GPT-OSS); a Parameter given here is this
+        module's, so the model loads it as `...attn.sinks`."""
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scaling = scaling
         self.num_kv_heads = num_kv_heads
         self.layer_id = layer_id
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be at least 1, got {sliding_window}")
+        self.sliding_window = sliding_window
+        self.sinks = sinks
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch: "ForwardBatch"

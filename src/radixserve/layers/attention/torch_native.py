@@ -38,19 +38,27 @@ class TorchNativeAttnBackend(AttentionBackend):
         start = 0
         for i, (prefix, extend) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
             seq = prefix + extend
-            slots = kv_indices[i, :seq]
+            window = layer.sliding_window
+            # Keys before the first query's window are seen by no query of this request.
+            first_key = 0 if window is None else max(0, prefix - window + 1)
+            slots = kv_indices[i, first_key:seq]
             qi = q[start:start + extend].transpose(0, 1)  # [heads, extend, d]
-            ki = k_buf[slots].transpose(0, 1).to(q.dtype)  # [kv_heads, seq, d]
+            ki = k_buf[slots].transpose(0, 1).to(q.dtype)  # [kv_heads, seq - first_key, d]
             vi = v_buf[slots].transpose(0, 1).to(q.dtype)
-            # Query j sits at absolute position prefix + j and sees keys 0..prefix + j.
-            mask = (
-                torch.arange(seq, device=q.device)[None, :]
-                <= torch.arange(prefix, seq, device=q.device)[:, None]
-            )
-            oi = F.scaled_dot_product_attention(
-                qi, ki, vi, attn_mask=mask, scale=layer.scaling,
-                enable_gqa=layer.num_heads != layer.num_kv_heads,
-            )
+            # Query j sits at absolute position prefix + j and sees keys 0..prefix + j
+            # (with a window, only the last `window` of them).
+            key_pos = torch.arange(first_key, seq, device=q.device)[None, :]
+            query_pos = torch.arange(prefix, seq, device=q.device)[:, None]
+            mask = key_pos <= query_pos
+            if window is not None:
+                mask &= key_pos > query_pos - window
+            if layer.sinks is None:
+                oi = F.scaled_dot_product_attention(
+                    qi, ki, vi, attn_mask=mask, scale=layer.scaling,
+                    enable_gqa=layer.num_heads != layer.num_kv_heads,
+                )
+            else:
+                oi = _attend_with_sinks(qi, ki, vi, mask, layer)
             out[start:start + extend] = oi.transpose(0, 1)
             start += extend
         return out.flatten(1)
@@ -64,11 +72,51 @@ class TorchNativeAttnBackend(AttentionBackend):
         values = fb.kv_pool.v_buffers[layer.layer_id][kv_indices].to(q.dtype)
         qg = q.view(bs, layer.num_kv_heads, group, layer.head_dim)
         scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * layer.scaling
+        if layer.sliding_window is not None:
+            # The query sits at seq_len - 1: it sees the last `window` positions.
+            first_key = fb.seq_lens[:, None] - layer.sliding_window
+            valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= first_key)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        if layer.sinks is None:
+            probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        else:
+            sinks = layer.sinks.view(1, layer.num_kv_heads, group, 1).expand(bs, -1, -1, -1)
+            probs = _softmax_with_sinks(scores, sinks).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)
         return out.reshape(bs, layer.num_heads * layer.head_dim)
+
+    # ---- MLA (DeepSeek): the torch computations live in mla.py ----
+    def mla_attend_latent(self, q_latent, q_pe, layer, forward_batch):
+        from radixserve.layers.attention.mla import latent_attention_torch
+
+        return latent_attention_torch(q_latent, q_pe, layer, forward_batch)
+
+    def mla_attend_expanded(self, q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, forward_batch):
+        from radixserve.layers.attention.mla import expanded_attention_torch
+
+        return expanded_attention_torch(q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, forward_batch)
 
 
 def _heads(x: torch.Tensor, layer: "RadixAttention", num_heads: int | None = None) -> torch.Tensor:
     return x.view(x.shape[0], num_heads or layer.num_kv_heads, layer.head_dim)
+
+
+def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """softmax over the keys (last axis) with one more logit per row, the sink,
+    in the denominator only: the sink's column is dropped after the softmax.
+    scores [..., L]; sinks broadcastable to [..., 1]. Float32 out."""
+    logits = torch.cat([scores.float(), sinks.float().expand(*scores.shape[:-1], 1)], dim=-1)
+    return torch.softmax(logits, dim=-1)[..., :-1]
+
+
+def _attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, layer: "RadixAttention"
+) -> torch.Tensor:
+    """Attention with sinks, which SDPA lacks. q [heads, Q, d]; k, v [kv_heads, L, d];
+    mask [Q, L] (True: visible). Returns [heads, Q, d]."""
+    group = layer.num_heads // layer.num_kv_heads
+    k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    scores = torch.matmul(q, k.transpose(1, 2)) * layer.scaling
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = _softmax_with_sinks(scores, layer.sinks.view(-1, 1, 1))
+    return torch.matmul(probs.to(v.dtype), v)

@@ -39,6 +39,7 @@ class TritonAttnBackend(AttentionBackend):
         extend_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
             fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc, fb.attn_metadata, layer.scaling,
+            sliding_window=layer.sliding_window, sinks=layer.sinks,
         )
         return out
 
@@ -48,7 +49,7 @@ class TritonAttnBackend(AttentionBackend):
         out = torch.empty_like(q)
         decode_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
-            layer.scaling, fb.attn_metadata,
+            layer.scaling, fb.attn_metadata, sliding_window=layer.sliding_window, sinks=layer.sinks,
         )
         return out
 
@@ -57,3 +58,36 @@ class TritonAttnBackend(AttentionBackend):
         shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
         fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k.view(shape), v.view(shape))
         return fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
+
+    # ---- MLA (DeepSeek): kernels in mla_triton.py ----
+    def mla_attend_latent(self, q_latent, q_pe, layer, forward_batch):
+        """Decode computes its split count from the batch size alone, so a CUDA
+        graph captures it as is."""
+        from radixserve.layers.attention import mla_triton
+
+        fb = forward_batch
+        buf = fb.kv_pool.latent_buffers[layer.layer_id]
+        table = fb.req_to_token_pool.req_to_token
+        out = q_latent.new_empty(q_latent.shape)
+        if fb.forward_mode.is_decode():
+            splits = mla_triton.mla_decode_num_splits(fb.batch_size, layer.num_heads, self.num_sms)
+            mla_triton.mla_decode_attention(
+                q_latent, q_pe, buf, out, table, fb.req_pool_indices, fb.seq_lens, layer.scaling, splits
+            )
+        else:
+            mla_triton.mla_extend_latent_attention(
+                q_latent, q_pe, buf, out, table, fb.req_pool_indices, fb.extend_prefix_lens, fb.extend_seq_lens,
+                fb.extend_start_loc, max(fb.extend_seq_lens_cpu), layer.scaling,
+            )
+        return out
+
+    def mla_attend_expanded(self, q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, forward_batch):
+        from radixserve.layers.attention import mla_triton
+
+        fb = forward_batch
+        out = q_nope.new_empty(q_nope.shape[:2] + (layer.v_head_dim,))
+        mla_triton.mla_extend_expanded_attention(
+            q_nope, q_pe, k_nope, k_pe, v, out, fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc,
+            kv_start_loc, max(fb.extend_seq_lens_cpu), layer.scaling,
+        )
+        return out

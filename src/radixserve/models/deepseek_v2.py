@@ -1,0 +1,254 @@
+"""DeepSeek-V2 and DeepSeek-V3 (also V2-Lite, V2.5, R1): multi-head latent
+attention (MLA) and a MoE with shared experts.
+
+Model math only. Attention goes through MLAAttention, which caches one latent
+and one rope key per token (see layers/attention/mla.py); the class says so
+with `kv_layout`. Where the two families differ (as transformers 5.17 has them):
+
+- routing: V2 scores experts with a softmax and, with topk_method
+  "group_limited_greedy", keeps the topk_group groups with the best single
+  expert; V3 scores with a sigmoid, chooses with e_score_correction_bias added
+  and ranks groups by the sum of their two best biased scores.
+- rotary: V2 rotates interleaved pairs (x0, x1), (x2, x3), ... of q_pe/k_pe;
+  V3 does too when rope_interleave (its default), else the rotate-half layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from radixserve.layers.attention.mla import MLAAttention
+from radixserve.layers.embedding import LMHead, VocabEmbedding
+from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.linear import Linear
+from radixserve.layers.moe.layer import FusedMoE
+from radixserve.layers.moe.topk import RoutingConfig, select_experts
+from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
+from radixserve.mem_cache.kv_layout import MLAKVLayout
+from radixserve.models.llama import LlamaForCausalLM, LlamaMLP, MlpFactory
+
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def mla_softmax_scale(config: Any) -> float:
+    """1/sqrt(qk head dim), times mscale(factor, mscale_all_dim)^2 under a scaled
+    rope: YaRN's temperature on the whole head, not only on the rotary part."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = rope_parameters(config)
+    if params["rope_type"] != "default" and params.get("mscale_all_dim"):
+        m = yarn_mscale(float(params["factor"]), float(params["mscale_all_dim"]))
+        scale *= m * m
+    return scale
+
+
+class DeepseekMLA(nn.Module):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, rope_interleaved: bool) -> None:
+        super().__init__()
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        self.num_heads = heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.kv_lora_rank, self.v_head_dim = config.kv_lora_rank, config.v_head_dim
+        q_out = heads * (self.nope_dim + self.rope_dim)
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_is_low_rank = config.q_lora_rank is not None
+        if not self.q_is_low_rank:  # V2-Lite: q straight from the hidden state
+            self.q_proj = Linear(hidden, q_out)
+        else:
+            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = Linear(config.q_lora_rank, q_out)
+        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim))
+        self.o_proj = Linear(heads * self.v_head_dim, hidden, bias=bias)
+        self.rotary_emb = rotary_emb  # one table shared by all layers
+        self.rope_interleaved = rope_interleaved
+        self.attn = MLAAttention(heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank,
+                                 mla_softmax_scale(config), layer_id)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        if self.q_is_low_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        else:
+            q = self.q_proj(hidden)
+        q_nope, q_pe = q.view(tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
+        out = self.attn(q_nope, q_pe.view(tokens, self.num_heads, self.rope_dim), latent, k_pe,
+                        self.kv_b_proj.weight, forward_batch)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.v_head_dim))
+
+    def _rotate(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
+        """Rotated q_pe [T, H*rope] and k_pe [T, rope]."""
+        if self.rope_interleaved:
+            # Pairs (x0, x1), (x2, x3), ... rotate together: lay them out as
+            # [evens | odds] and the rotate-half rotation applies. q and k move
+            # alike, so every q·k is unchanged.
+            q_pe = torch.cat([q_pe[..., 0::2], q_pe[..., 1::2]], dim=-1)
+            k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
+        return self.rotary_emb(positions, q_pe.reshape(q_pe.shape[0], -1), k_pe.contiguous())
+
+
+class DeepseekRouter(nn.Module):
+    """Router logits in float32 (expert choice is sensitive to rounding), and
+    V3's correction bias, which only steers the choice of experts."""
+
+    def __init__(self, hidden_size: int, num_experts: int, with_correction_bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if with_correction_bias else None
+        self.register_parameter("e_score_correction_bias", bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(hidden.float(), self.weight.float())
+
+
+class DeepseekMoE(nn.Module):
+    """Routed experts plus shared experts that see every token, summed."""
+
+    def __init__(self, config: Any, routing: RoutingConfig, with_correction_bias: bool) -> None:
+        super().__init__()
+        self.routing = routing
+        self.gate = DeepseekRouter(config.hidden_size, config.n_routed_experts, with_correction_bias)
+        self.experts = FusedMoE(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        shared = getattr(config, "n_shared_experts", None) or 0
+        self.shared_experts = (
+            LlamaMLP(config.hidden_size, config.moe_intermediate_size * shared) if shared else None
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(self.gate(hidden), self.routing, self.gate.e_score_correction_bias)
+        out = self.experts(hidden, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden)
+        return out
+
+
+def is_moe_layer(config: Any, layer_id: int) -> bool:
+    freq = getattr(config, "moe_layer_freq", 1) or 1
+    first_dense = getattr(config, "first_k_dense_replace", 0) or 0
+    return bool(config.n_routed_experts) and layer_id >= first_dense and layer_id % freq == 0
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, rope_interleaved: bool,
+                 mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = DeepseekMLA(config, layer_id, rotary_emb, rope_interleaved)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor], forward_batch: Any
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output, residual stream before it): the add is
+        deferred into the next norm so it fuses with it."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, forward_batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: Any, make_mlp: MlpFactory, rope_interleaved: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            config.qk_rope_head_dim, config.max_position_embeddings, rope_parameters(config)
+        )
+        self.layers = nn.ModuleList(
+            DeepseekDecoderLayer(config, i, self.rotary_emb, rope_interleaved, make_mlp(config, i))
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, forward_batch)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DeepseekV2ForCausalLM(LlamaForCausalLM):
+    """Reuses Llama's checkpoint loading (merged gate|up, experts by name); the
+    layers are DeepSeek's own."""
+
+    @classmethod
+    def kv_layout(cls, config: Any) -> MLAKVLayout:
+        return MLAKVLayout(config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim)
+
+    @classmethod
+    def rope_interleaved(cls, config: Any) -> bool:
+        return True
+
+    @classmethod
+    def routing(cls, config: Any) -> RoutingConfig:
+        grouped = getattr(config, "topk_method", "greedy") == "group_limited_greedy"
+        # transformers' V2 never renormalises; DeepSeek's own code does when
+        # norm_topk_prob, which every released V2 checkpoint leaves False.
+        return RoutingConfig(
+            top_k=config.num_experts_per_tok, scoring="softmax", renormalize=bool(config.norm_topk_prob),
+            num_groups=(config.n_group or 1) if grouped else 1, topk_groups=(config.topk_group or 1) if grouped else 1,
+            routed_scaling_factor=float(config.routed_scaling_factor),
+        )
+
+    @classmethod
+    def has_correction_bias(cls) -> bool:
+        return False
+
+    def make_mlp(self, config: Any, layer_id: int) -> nn.Module:
+        if is_moe_layer(config, layer_id):
+            return DeepseekMoE(config, self.routing(config), self.has_correction_bias())
+        return LlamaMLP(config.hidden_size, config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
+
+    def __init__(self, config: Any) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        self.model = DeepseekModel(config, self.make_mlp, self.rope_interleaved(config))
+        self.tied = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        if self.tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
+        """As Llama's, skipping the multi-token-prediction layers V3 checkpoints
+        ship after the last decoder layer (model.layers.61 in V3)."""
+        super().load_weights(((n, t) for n, t in weights if not self._is_extra_layer(n)), strict=strict)
+
+    def _is_extra_layer(self, name: str) -> bool:
+        match = _LAYER_INDEX.match(name)
+        return match is not None and int(match[1]) >= self.config.num_hidden_layers
+
+
+class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):
+    @classmethod
+    def rope_interleaved(cls, config: Any) -> bool:
+        return bool(getattr(config, "rope_interleave", True))
+
+    @classmethod
+    def routing(cls, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            top_k=config.num_experts_per_tok, scoring="sigmoid", renormalize=bool(config.norm_topk_prob),
+            num_groups=config.n_group or 1, topk_groups=config.topk_group or 1,
+            routed_scaling_factor=float(config.routed_scaling_factor),
+        )
+
+    @classmethod
+    def has_correction_bias(cls) -> bool:
+        return True

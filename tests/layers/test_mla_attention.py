@@ -1,0 +1,96 @@
+"""The Triton MLA kernels (interpreted on the CPU) against plain float64
+attention: 20 heads (two head blocks, the second partial), latent 40 and rope
+24 (neither a power of two), a paged cache with shuffled slots, requests of
+unlike lengths (one a single token), several KV splits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.layers.attention.mla_triton import (
+    mla_decode_attention,
+    mla_extend_expanded_attention,
+    mla_extend_latent_attention,
+)
+
+HEADS, LATENT, ROPE, NOPE, V = 20, 40, 24, 12, 28
+SCALE = 0.3
+SEQ_LENS = [1, 37, 70]
+
+
+def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int) -> torch.Tensor:
+    """q [n, H, dk] at positions first_pos.., keys [L, H or 1, dk], values [L, H or 1, dv] -> [n, H, dv]."""
+    q, keys, values = q.double(), keys.double().expand(-1, HEADS, -1), values.double().expand(-1, HEADS, -1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) * SCALE
+    visible = torch.arange(keys.shape[0])[None, :] <= (first_pos + torch.arange(q.shape[0]))[:, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, values)
+
+
+@pytest.fixture(scope="module")
+def paged_cache():
+    """(kv buffer [slots, 1, LATENT + ROPE], req_to_token, rows): each request's
+    positions map to scattered slots."""
+    g = torch.Generator().manual_seed(0)
+    num_slots = sum(SEQ_LENS) + 1
+    kv = torch.randn(num_slots, 1, LATENT + ROPE, generator=g)
+    table = torch.zeros(4, 80, dtype=torch.int64)
+    slots = torch.randperm(num_slots - 1, generator=g) + 1
+    rows, start = [2, 0, 3], 0
+    for row, n in zip(rows, SEQ_LENS):
+        table[row, :n] = slots[start:start + n]
+        start += n
+    return kv, table, torch.tensor(rows)
+
+
+def test_decode_matches_reference(paged_cache):
+    kv, table, rows = paged_cache
+    g = torch.Generator().manual_seed(1)
+    q_latent = torch.randn(len(SEQ_LENS), HEADS, LATENT, generator=g)
+    q_pe = torch.randn(len(SEQ_LENS), HEADS + 3, ROPE, generator=g)[:, :HEADS]  # strided, as the model's views
+    out = torch.empty(len(SEQ_LENS), HEADS, LATENT)
+    mla_decode_attention(q_latent, q_pe, kv, out, table, rows, torch.tensor(SEQ_LENS), SCALE, num_splits=4)
+    for i, (row, n) in enumerate(zip(rows.tolist(), SEQ_LENS)):
+        keys = kv[table[row, :n]]
+        q = torch.cat([q_latent[i:i + 1], q_pe[i:i + 1]], dim=-1)
+        ref = reference(q, keys, keys[..., :LATENT], n - 1)
+        torch.testing.assert_close(out[i:i + 1].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_absorbed_extend_matches_reference(paged_cache):
+    kv, table, rows = paged_cache
+    prefixes = [0, 20, 5]
+    extends = [n - p for n, p in zip(SEQ_LENS, prefixes)]
+    total = sum(extends)
+    g = torch.Generator().manual_seed(2)
+    q_latent, q_pe = torch.randn(total, HEADS, LATENT, generator=g), torch.randn(total, HEADS, ROPE, generator=g)
+    out = torch.empty(total, HEADS, LATENT)
+    starts = torch.tensor([0, extends[0], extends[0] + extends[1]])
+    mla_extend_latent_attention(q_latent, q_pe, kv, out, table, rows, torch.tensor(prefixes), torch.tensor(extends),
+                                starts, max(extends), SCALE)
+    for i, (row, n, p) in enumerate(zip(rows.tolist(), SEQ_LENS, prefixes)):
+        keys = kv[table[row, :n]]
+        s, e = starts[i].item(), starts[i].item() + extends[i]
+        ref = reference(torch.cat([q_latent[s:e], q_pe[s:e]], dim=-1), keys, keys[..., :LATENT], p)
+        torch.testing.assert_close(out[s:e].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_expanded_extend_matches_reference():
+    """Packed per-request keys (prefix and new), k_pe shared by the heads."""
+    prefixes, extends = [0, 20, 5], [1, 17, 65]
+    seqs = [p + e for p, e in zip(prefixes, extends)]
+    g = torch.Generator().manual_seed(3)
+    k_nope, k_pe = torch.randn(sum(seqs), HEADS, NOPE, generator=g), torch.randn(sum(seqs), ROPE, generator=g)
+    v = torch.randn(sum(seqs), HEADS, V, generator=g)
+    q_nope = torch.randn(sum(extends), HEADS, NOPE, generator=g)
+    q_pe = torch.randn(sum(extends), HEADS, ROPE, generator=g)
+    out = torch.empty(sum(extends), HEADS, V)
+    q_starts, kv_starts = torch.tensor([0, 1, 18]), torch.tensor([0, 1, 38])
+    mla_extend_expanded_attention(q_nope, q_pe, k_nope, k_pe, v, out, torch.tensor(prefixes), torch.tensor(extends),
+                                  q_starts, kv_starts, max(extends), SCALE)
+    for i, (p, e, n) in enumerate(zip(prefixes, extends, seqs)):
+        ks, qs = kv_starts[i].item(), q_starts[i].item()
+        keys = torch.cat([k_nope[ks:ks + n], k_pe[ks:ks + n, None].expand(-1, HEADS, -1)], dim=-1)
+        q = torch.cat([q_nope[qs:qs + e], q_pe[qs:qs + e]], dim=-1)
+        torch.testing.assert_close(out[qs:qs + e].double(), reference(q, keys, v[ks:ks + n], p), rtol=1e-5, atol=1e-5)
