@@ -224,8 +224,60 @@ class Engine:
         """The first truncate_size values of a weight (Hugging Face name), flattened."""
         return self._run(self.tokenizer_manager.get_weights_by_name(name, truncate_size))
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group",
+                                  backend: Optional[str] = None) -> Tuple[bool, str]:
+        """Join a process group with a trainer, which is rank 0 (the scheduler is
+        rank rank_offset), for update_weights_from_distributed. The trainer calls
+        radixserve.model_executor.weight_sync.init_custom_process_group(backend,
+        "tcp://master_address:master_port", world_size, 0, group_name) meanwhile:
+        this returns once every rank has joined. backend None: nccl on CUDA, gloo on CPU."""
+        req = io.InitWeightsUpdateGroupReq(master_address, int(master_port), rank_offset, world_size,
+                                           group_name, backend)
+        out = self._control(req, io.WeightsUpdateGroupOut)
+        return out.success, out.message
+
+    def update_weights_from_distributed(self, names: List[str], dtypes: List[Any], shapes: List[List[int]],
+                                        group_name: str = "weight_update_group", flush_cache: bool = True,
+                                        weight_version: Optional[str] = None,
+                                        abort_all_requests: bool = False) -> Tuple[bool, str]:
+        """Receive these weights (Hugging Face names, with their dtypes and shapes)
+        as broadcasts from rank 0 of the group, in this order; the trainer
+        broadcasts them meanwhile. Same guarantees as update_weights_from_tensor."""
+        req = io.UpdateWeightsFromDistributedReq(list(names), [str(d) for d in dtypes],
+                                                 [list(s) for s in shapes], group_name, flush_cache,
+                                                 weight_version, abort_all_requests)
+        out = self._run(self.tokenizer_manager.update_weights(req))
+        return out.success, out.message
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> Tuple[bool, str]:
+        out = self._control(io.DestroyWeightsUpdateGroupReq(group_name), io.WeightsUpdateGroupOut)
+        return out.success, out.message
+
+    def release_memory_occupation(self) -> int:
+        """Free the KV pool and the prefix cache (on CUDA the weights also move to
+        host memory), e.g. while a trainer needs the GPU. Refused (ValueError)
+        while requests run or wait: let them finish or pause_generation("abort")
+        first. Until resume_memory_occupation(), new requests wait in the queue.
+        Returns the bytes released."""
+        out = self._control(io.ReleaseMemoryOccupationReq(), io.MemoryOccupationOut)
+        if not out.success:
+            raise ValueError(out.message)
+        return out.num_bytes
+
+    def resume_memory_occupation(self) -> int:
+        """Weights and KV pool back (and CUDA graphs captured again); returns the bytes allocated."""
+        out = self._control(io.ResumeMemoryOccupationReq(), io.MemoryOccupationOut)
+        if not out.success:
+            raise ValueError(out.message)
+        return out.num_bytes
+
     def get_tokenizer(self) -> Any:
         return self.tokenizer
+
+    def _control(self, request: Any, reply_type: type) -> Any:
+        """Send a control message to the scheduler and wait for its reply."""
+        return self._run(self.tokenizer_manager._call(request, reply_type))
 
     def _run(self, coro):
         if self._closed:

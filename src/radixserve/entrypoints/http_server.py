@@ -37,7 +37,9 @@ class ServerState:
     loop: Optional[asyncio.AbstractEventLoop] = None
 
 ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/get_weights_by_name",
-               "/pause_generation", "/continue_generation"}
+               "/pause_generation", "/continue_generation", "/init_weights_update_group",
+               "/update_weights_from_distributed", "/destroy_weights_update_group",
+               "/release_memory_occupation", "/resume_memory_occupation"}
 
 
 def error_response(status: int, message: str, err_type: str = "invalid_request_error",
@@ -54,6 +56,23 @@ async def json_object(request: Request) -> dict:
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     return data
+
+
+def required(body: dict, name: str, kind: type) -> Any:
+    value = body.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"'{name}' must be a {kind.__name__}")
+    return value
+
+
+def optional(body: dict, name: str, kind: type, default: Any) -> Any:
+    return default if body.get(name) is None else required(body, name, kind)
+
+
+def success_response(out: Any, **extra: Any) -> JSONResponse:
+    """{"success", "message", ...}: 200 on success, else 400."""
+    return JSONResponse({"success": out.success, "message": out.message, **extra},
+                        status_code=200 if out.success else 400)
 
 
 async def parse_body(request: Request, model: type[BaseModel]) -> Any:
@@ -167,6 +186,46 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             path, body.get("load_format"), version, body.get("abort_all_requests", False) is True))
         return JSONResponse({"success": out.success, "message": out.message or "Weights updated.",
                              "weight_version": out.weight_version}, status_code=200 if out.success else 400)
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(request: Request) -> JSONResponse:
+        body = await json_object(request)
+        req = io.InitWeightsUpdateGroupReq(
+            master_address=required(body, "master_address", str), master_port=required(body, "master_port", int),
+            rank_offset=required(body, "rank_offset", int), world_size=required(body, "world_size", int),
+            group_name=optional(body, "group_name", str, "weight_update_group"),
+            backend=optional(body, "backend", str, None))
+        return success_response(await state.tm._call(req, io.WeightsUpdateGroupOut))
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(request: Request) -> JSONResponse:
+        body = await json_object(request)
+        req = io.UpdateWeightsFromDistributedReq(
+            names=required(body, "names", list), dtypes=required(body, "dtypes", list),
+            shapes=required(body, "shapes", list),
+            group_name=optional(body, "group_name", str, "weight_update_group"),
+            flush_cache=optional(body, "flush_cache", bool, True),
+            weight_version=optional(body, "weight_version", str, None),
+            abort_all_requests=optional(body, "abort_all_requests", bool, False))
+        out = await state.tm.update_weights(req)
+        return JSONResponse({"success": out.success, "message": out.message or "Weights updated.",
+                             "weight_version": out.weight_version}, status_code=200 if out.success else 400)
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(request: Request) -> JSONResponse:
+        body = await json_object(request)
+        req = io.DestroyWeightsUpdateGroupReq(optional(body, "group_name", str, "weight_update_group"))
+        return success_response(await state.tm._call(req, io.WeightsUpdateGroupOut))
+
+    @app.post("/release_memory_occupation")
+    async def release_memory_occupation() -> JSONResponse:
+        out = await state.tm._call(io.ReleaseMemoryOccupationReq(), io.MemoryOccupationOut)
+        return success_response(out, released_bytes=out.num_bytes)
+
+    @app.post("/resume_memory_occupation")
+    async def resume_memory_occupation() -> JSONResponse:
+        out = await state.tm._call(io.ResumeMemoryOccupationReq(), io.MemoryOccupationOut)
+        return success_response(out, resumed_bytes=out.num_bytes)
 
     @app.post("/pause_generation")
     async def pause_generation(request: Request) -> dict:

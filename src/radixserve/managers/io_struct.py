@@ -156,6 +156,59 @@ class GetWeightsByNameOut:
 
 
 @dataclass
+class InitWeightsUpdateGroupReq:
+    """Join a process group with a trainer (rank 0) as rank rank_offset."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: Optional[str] = None  # None: nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class UpdateWeightsFromDistributedReq:
+    """Receive these weights (Hugging Face names) as broadcasts from rank 0, in this order."""
+
+    names: List[str]
+    dtypes: List[Any]  # "bfloat16", "torch.float32" or torch.dtype
+    shapes: List[List[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    weight_version: Optional[str] = None
+    abort_all_requests: bool = False
+
+
+@dataclass
+class DestroyWeightsUpdateGroupReq:
+    group_name: str = "weight_update_group"
+
+
+@dataclass
+class WeightsUpdateGroupOut:
+    success: bool
+    message: str = ""
+
+
+@dataclass
+class ReleaseMemoryOccupationReq:
+    pass
+
+
+@dataclass
+class ResumeMemoryOccupationReq:
+    pass
+
+
+@dataclass
+class MemoryOccupationOut:
+    success: bool
+    message: str = ""
+    num_bytes: int = 0  # released by a release, allocated again by a resume
+
+
+@dataclass
 class FlushCacheOut:
     success: bool
     message: str = ""

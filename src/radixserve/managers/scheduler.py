@@ -165,8 +165,17 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
         elif isinstance(msg, io.FlushCacheReq):
             self.resolve_in_flight()
             self.send_sock.send_pyobj(self.flush_cache())
-        elif isinstance(msg, (io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq)):
+        elif isinstance(msg, (io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq,
+                              io.UpdateWeightsFromDistributedReq)):
             self.request_weight_update(msg)
+        elif isinstance(msg, io.InitWeightsUpdateGroupReq):
+            self.init_weights_update_group(msg)
+        elif isinstance(msg, io.DestroyWeightsUpdateGroupReq):
+            self.destroy_weights_update_group(msg)
+        elif isinstance(msg, io.ReleaseMemoryOccupationReq):
+            self.release_memory_occupation()
+        elif isinstance(msg, io.ResumeMemoryOccupationReq):
+            self.resume_memory_occupation()
         elif isinstance(msg, io.PauseGenerationReq):
             self.pause_generation(msg)
         elif isinstance(msg, io.ContinueGenerationReq):
