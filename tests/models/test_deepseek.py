@@ -205,3 +205,25 @@ def test_triton_backend_through_the_engine(deepseek_setups):
         assert all(o["meta_info"]["cached_tokens"] > 0 for o in again)
         assert [o["output_ids"] for o in again] == [[int(hf_logits(hf, ids)[-1].argmax())] for ids in longer]
         assert_no_leak(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_fast_path_matches_generate(family, deepseek_setups):
+    """On CUDA, float32: the Triton MLA kernels, the fused MoE kernel, decode
+    CUDA graphs and the overlap schedule give transformers' greedy tokens
+    (computed on the CPU), with chunks and radix hits."""
+    path, hf, prompts = deepseek_setups(family)
+    expected = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                        min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        expected.append(y[0, len(ids):].tolist())
+    with Engine(model_path=str(path), dtype="float32", chunked_prefill_size=16, log_level="warning") as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == expected
+        again = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in again] == expected
+        assert_no_leak(engine)
