@@ -53,6 +53,9 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: Optional[int] = None  # None: 256, or fewer when memory is short
     disable_overlap_schedule: bool = False
+    # Bit-identical outputs whatever else is batched, however the prefill was
+    # chunked and whether the prefix came from the radix cache (slower kernels).
+    enable_deterministic_inference: bool = False
 
     # HTTP server
     host: str = "127.0.0.1"

@@ -315,3 +315,40 @@ def test_sinks_and_window_in_bfloat16():
                for n in (attn.num_heads, KV_HEADS, KV_HEADS))
     ref, ours = run_both(lambda b: decode_batch(pools, lens, b, bs), q, k, v, attn, 4)
     assert rel(ours, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("window,with_sinks", [(None, False), (5, True)])
+def test_fixed_split_decode_is_batch_invariant(window, with_sinks):
+    """Deterministic decode: splits of a fixed number of positions. The output
+    matches the reference, and each request's bits are the same alone and in
+    the batch (the split count no longer follows the batch size)."""
+    from radixserve.layers.attention.paged_attention import decode_attention
+
+    lens = WINDOW_DECODE_LENS
+    split_tokens = 16 if not CUDA else 256
+    num_splits = triton_next_pow2(-(-max(lens) // split_tokens))
+    pools = Pools(lens, 1, torch.float32)
+    attn = windowed_layer(4, window, with_sinks)
+    bs = len(lens)
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(bs, attn.num_heads * HEAD_DIM, generator=g).to(DEVICE)
+    table = pools.table.req_to_token
+
+    def run(rows):
+        out = torch.empty(len(rows), q.shape[1], device=DEVICE)
+        decode_attention(q[rows], pools.kv.k_buffers[0], pools.kv.v_buffers[0], out, table,
+                         torch.tensor([pools.rows[i] for i in rows], device=DEVICE),
+                         torch.tensor([lens[i] for i in rows], device=DEVICE), attn.scaling, num_splits,
+                         sliding_window=window, sinks=attn.sinks, split_tokens=split_tokens)
+        return out
+
+    batched = run(list(range(bs)))
+    plain = torch.cat([reference_attention(pools, row, n, q[i:i + 1], n - 1, attn)
+                       for i, (row, n) in enumerate(zip(pools.rows, lens))])
+    assert rel(batched, plain) < 1e-5
+    for i in range(bs):
+        assert torch.equal(run([i]), batched[i:i + 1]), i
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

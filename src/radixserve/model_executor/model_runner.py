@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -17,6 +17,9 @@ from radixserve.model_loader.loader import load_model
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs
 from radixserve.utils.hf_utils import get_context_length, load_config
+
+if TYPE_CHECKING:
+    from radixserve.model_executor.memory_saver import ReleasedMemory
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,9 @@ class ModelRunner:
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
+        self.deterministic = server_args.enable_deterministic_inference
+        if self.deterministic:
+            self._use_batch_invariant_layers()
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = self._make_graph_runner()
@@ -116,10 +122,21 @@ class ModelRunner:
         if name == "torch_native":
             from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
-            return TorchNativeAttnBackend()
+            return TorchNativeAttnBackend(deterministic=self.deterministic)
         from radixserve.layers.attention.triton_attn_backend import TritonAttnBackend
 
-        return TritonAttnBackend(self.device)
+        return TritonAttnBackend(self.device, self.context_len if self.deterministic else None)
+
+    def _use_batch_invariant_layers(self) -> None:
+        """--enable-deterministic-inference: every layer with a batch-invariant
+        mode (linear projections, the LM head, the experts) switches to it."""
+        if not getattr(self.model, "supports_deterministic_inference", False):
+            raise ValueError(
+                f"--enable-deterministic-inference is not supported for {type(self.model).__name__} yet"
+            )
+        for module in self.model.modules():
+            if hasattr(module, "batch_invariant"):
+                module.batch_invariant = True
 
     def _make_graph_runner(self):
         """Decode CUDA graphs, when on CUDA with a graph-safe attention backend."""

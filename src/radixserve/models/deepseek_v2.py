@@ -189,6 +189,9 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     """Reuses Llama's checkpoint loading (merged gate|up, experts by name); the
     layers are DeepSeek's own."""
 
+    # MLA's absorption matmuls and attention have no batch-invariant mode yet.
+    supports_deterministic_inference = False
+
     @classmethod
     def kv_layout(cls, config: Any) -> MLAKVLayout:
         return MLAKVLayout(config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim)

@@ -174,6 +174,8 @@ class LlamaForCausalLM(nn.Module):
 
     # (checkpoint name part, our module path part) where a family names a module differently
     CHECKPOINT_RENAMES: Tuple[Tuple[str, str], ...] = ()
+    # Every layer has a batch-invariant mode (see layers/batch_invariant.py).
+    supports_deterministic_inference = True
 
     @classmethod
     def block_options(cls, config: Any) -> BlockOptions:

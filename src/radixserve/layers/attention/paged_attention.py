@@ -81,9 +81,10 @@ def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     part_out_ptr, part_lse_ptr,
     stride_q_tok, stride_kv_slot, stride_table_row,
-    scale, group, num_heads, window,
+    scale, group, num_heads, window, split_tokens,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    FIXED_SPLITS: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -94,9 +95,21 @@ def _decode_split_kernel(
     # query (at seq_len - 1) sees the last `window` of them, and no program
     # reads a key outside it.
     first = tl.maximum(seq_len - window, 0) if HAS_WINDOW else 0
-    split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
-    start = first + split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    if FIXED_SPLITS:
+        # Deterministic mode: split s holds positions [s, s + 1) * split_tokens
+        # and its key blocks start at multiples of BLOCK_N, whatever the batch
+        # or the length, so a request's sums never change grouping. The loop
+        # starts at the block holding `first`, so every block it visits has a
+        # visible key (no -inf - -inf in the running max).
+        lo = split * split_tokens
+        end = tl.minimum(lo + split_tokens, seq_len)
+        has_keys = end > tl.maximum(lo, first)
+        start = tl.where(has_keys, tl.maximum(lo, first // BLOCK_N * BLOCK_N), end)
+    else:
+        split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+        start = first + split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        has_keys = end > start
 
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -111,7 +124,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        n_mask = pos < end
+        n_mask = (pos < end) & (pos >= first) if FIXED_SPLITS else pos < end
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -119,7 +132,6 @@ def _decode_split_kernel(
                                       n_mask[None, :], scale, IEEE)
 
     out_base = (req * num_heads + head) * NUM_SPLITS + split
-    has_keys = end > start
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + out_base[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
@@ -161,15 +173,27 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_spli
     return min(max_splits, triton.next_power_of_2(want))
 
 
+def fixed_decode_splits(context_len: int, max_splits: int = 64) -> tuple:
+    """(num_splits, split_tokens) for deterministic decode: splits of a fixed
+    number of positions (a multiple of every BLOCK_N) covering the context."""
+    split_tokens = 256
+    while triton.cdiv(context_len, split_tokens) > max_splits:
+        split_tokens *= 2
+    return triton.next_power_of_2(triton.cdiv(context_len, split_tokens)), split_tokens
+
+
 def decode_attention(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, num_splits: int,
     sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+    split_tokens: Optional[int] = None,
 ) -> None:
     """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out.
     sliding_window: the query sees its last `sliding_window` positions only;
-    sinks: [heads] logits in each head's softmax denominator."""
+    sinks: [heads] logits in each head's softmax denominator;
+    split_tokens: each split takes this many positions (fixed_decode_splits:
+    batch-invariant) instead of an equal share of the request's length."""
     bs = q.shape[0]
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
@@ -180,10 +204,10 @@ def decode_attention(
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
         IEEE=q.dtype == torch.float32 or _INTERPRETED, HAS_WINDOW=sliding_window is not None,
-        num_warps=4, num_stages=2,
+        FIXED_SPLITS=split_tokens is not None, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(bs, num_heads)](
         part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), num_heads,
@@ -235,12 +259,15 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Causal: the block's last query sees positions up to prefix + its index.
     kv_end = prefix + tl.minimum((m_block + 1) * BLOCK_M, extend_len)
-    # With a window, the block's first query sees nothing before q - window + 1:
-    # blocks of keys wholly before that are skipped.
-    kv_start = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0) if HAS_WINDOW else 0
-    for n0 in range(kv_start, kv_end, BLOCK_N):
+    # With a window, the block's first query sees nothing before window_lo:
+    # those keys are not loaded, and blocks wholly before it are skipped. The
+    # loop starts at a multiple of BLOCK_N, so key blocks begin at the same
+    # absolute positions however the prompt was chunked (deterministic mode
+    # relies on it).
+    window_lo = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0) if HAS_WINDOW else 0
+    for n0 in range(window_lo // BLOCK_N * BLOCK_N, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
-        n_mask = pos < kv_end
+        n_mask = (pos < kv_end) & (pos >= window_lo)
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]

@@ -2,6 +2,9 @@
 
 Extend loops over requests (each a causal block on top of its cached prefix);
 decode is one padded, batched computation. The Triton backend replaces both.
+Deterministic mode (--enable-deterministic-inference) runs both, request by
+request, through blocked_attention.py, whose result for a query does not
+depend on the batch, the chunking or the radix cache.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.blocked_attention import blocked_attention
 
 if TYPE_CHECKING:
     from radixserve.layers.attention.radix_attention import RadixAttention
@@ -19,6 +23,9 @@ if TYPE_CHECKING:
 
 
 class TorchNativeAttnBackend(AttentionBackend):
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
+
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         fb = forward_batch
         max_len = max(fb.seq_lens_cpu) if fb.seq_lens_cpu else 0
@@ -34,6 +41,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         v_buf = fb.kv_pool.v_buffers[layer.layer_id]
         kv_indices, _ = fb.attn_metadata
         q = _heads(q, layer, layer.num_heads)
+        if self.deterministic:
+            positions = [range(p, p + e) for p, e in zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)]
+            return self._blocked(q, positions, kv_indices, layer, fb)
         out = torch.empty_like(q)
         start = 0
         for i, (prefix, extend) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
@@ -67,6 +77,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         fb = forward_batch
         fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         kv_indices, valid = fb.attn_metadata
+        if self.deterministic:
+            positions = [range(n - 1, n) for n in fb.seq_lens_cpu]
+            return self._blocked(_heads(q, layer, layer.num_heads), positions, kv_indices, layer, fb)
         bs, group = q.shape[0], layer.num_heads // layer.num_kv_heads
         keys = fb.kv_pool.k_buffers[layer.layer_id][kv_indices].to(q.dtype)  # [bs, L, kvh, d]
         values = fb.kv_pool.v_buffers[layer.layer_id][kv_indices].to(q.dtype)
@@ -84,6 +97,23 @@ class TorchNativeAttnBackend(AttentionBackend):
             probs = _softmax_with_sinks(scores, sinks).to(q.dtype)
         out = torch.einsum("bhgl,blhd->bhgd", probs, values)
         return out.reshape(bs, layer.num_heads * layer.head_dim)
+
+    @staticmethod
+    def _blocked(q, positions, kv_indices, layer: "RadixAttention", fb: "ForwardBatch") -> torch.Tensor:
+        """Each request's queries (at `positions[i]`, packed in q) over its own
+        keys 0..last position, in blocks aligned to absolute positions."""
+        k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
+        out = torch.empty_like(q)
+        start = 0
+        for i, pos in enumerate(positions):
+            slots = kv_indices[i, :pos.stop]
+            q_pos = torch.arange(pos.start, pos.stop, device=q.device)
+            out[start:start + len(pos)] = blocked_attention(
+                q[start:start + len(pos)], k_buf[slots], v_buf[slots], q_pos, layer.scaling,
+                layer.sliding_window, layer.sinks,
+            )
+            start += len(pos)
+        return out.flatten(1)
 
     # ---- MLA (DeepSeek): the torch computations live in mla.py ----
     def mla_attend_latent(self, q_latent, q_pe, layer, forward_batch):

@@ -7,12 +7,17 @@ as is and replay it with new lengths in the same buffers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from radixserve.layers.attention.base import AttentionBackend
-from radixserve.layers.attention.paged_attention import decode_attention, decode_num_splits, extend_attention
+from radixserve.layers.attention.paged_attention import (
+    decode_attention,
+    decode_num_splits,
+    extend_attention,
+    fixed_decode_splits,
+)
 
 if TYPE_CHECKING:
     from radixserve.layers.attention.radix_attention import RadixAttention
@@ -20,13 +25,21 @@ if TYPE_CHECKING:
 
 
 class TritonAttnBackend(AttentionBackend):
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, deterministic_context_len: Optional[int] = None) -> None:
+        """deterministic_context_len: batch-invariant decode (--enable-deterministic-
+        inference): KV splits of a fixed number of positions covering this length,
+        instead of a split count chosen from the batch size."""
         # The CPU (the Triton interpreter in tests) has no SMs; any count works there.
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        self.fixed_splits = None
+        if deterministic_context_len is not None:
+            self.fixed_splits = fixed_decode_splits(deterministic_context_len)
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         fb = forward_batch
-        if fb.forward_mode.is_decode():
+        if fb.forward_mode.is_decode() and self.fixed_splits is not None:
+            fb.attn_metadata = self.fixed_splits[0]
+        elif fb.forward_mode.is_decode():
             num_kv_heads = fb.kv_pool.k_buffers[0].shape[1]
             fb.attn_metadata = decode_num_splits(fb.batch_size, num_kv_heads, self.num_sms)
         else:
@@ -50,6 +63,7 @@ class TritonAttnBackend(AttentionBackend):
         decode_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
             layer.scaling, fb.attn_metadata, sliding_window=layer.sliding_window, sinks=layer.sinks,
+            split_tokens=self.fixed_splits[1] if self.fixed_splits else None,
         )
         return out
 

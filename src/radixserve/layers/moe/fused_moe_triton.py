@@ -63,10 +63,13 @@ _CONFIGS_32BIT = (
 )
 
 
-def moe_kernel_config(num_tokens: int, dtype: torch.dtype) -> MoeKernelConfig:
+def moe_kernel_config(num_tokens: int, dtype: torch.dtype, batch_invariant: bool = False) -> MoeKernelConfig:
     """The tile sizes for a batch of num_tokens tokens (a host int: the choice
-    is fixed per CUDA graph)."""
+    is fixed per CUDA graph). batch_invariant: one configuration for every
+    batch (its last row), so a token's sums never change their grouping."""
     table = _CONFIGS_32BIT if dtype == torch.float32 else _CONFIGS_16BIT
+    if batch_invariant:
+        return table[-1][1]
     for max_tokens, config in table:
         if max_tokens is None or num_tokens <= max_tokens:
             return config
@@ -289,6 +292,7 @@ def fused_experts_triton(
     activation: ExpertActivation,
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
     rounding of fused_experts_torch. No host sync: CUDA-graph capturable."""
@@ -296,7 +300,7 @@ def fused_experts_triton(
     if num_tokens == 0:
         return torch.empty_like(hidden)
     num_experts, inter = w13.shape[0], w2.shape[2]
-    config = moe_kernel_config(num_tokens, hidden.dtype)
+    config = moe_kernel_config(num_tokens, hidden.dtype, batch_invariant)
     aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)
     num_pairs = num_tokens * top_k
 
@@ -306,4 +310,10 @@ def fused_experts_triton(
     down = torch.empty((num_pairs, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
     _grouped_gemm(act, w2, w2_bias, down, aligned, config, pairs_per_a_row=1,
                   routing_weights=topk_weights.contiguous().view(-1).float())
-    return down.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+    down = down.view(num_tokens, top_k, -1)
+    if batch_invariant:  # a library reduction may regroup the sum with the batch size
+        total = down[:, 0].float()
+        for k in range(1, top_k):
+            total += down[:, k]
+        return total.to(hidden.dtype)
+    return down.sum(dim=1, dtype=torch.float32).to(hidden.dtype)

@@ -31,16 +31,24 @@ def fused_experts(
     activation: ExpertActivation,
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """The weighted sum of each token's chosen experts: Triton on CUDA, torch elsewhere."""
+    """The weighted sum of each token's chosen experts: Triton on CUDA, torch elsewhere.
+    batch_invariant: a token's result does not depend on the other tokens."""
     if hidden.is_cuda:
         from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
 
-        return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias)
-    return fused_experts_torch(hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias)
+        return fused_experts_triton(
+            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant
+        )
+    return fused_experts_torch(
+        hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant
+    )
 
 
 class FusedMoE(nn.Module):
+    batch_invariant = False  # set by the model runner under --enable-deterministic-inference
+
     def __init__(
         self,
         num_experts: int,
@@ -59,7 +67,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         return fused_experts(
-            hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias
+            hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias,
+            self.batch_invariant,
         )
 
     def shard_view(self, expert: int, shard: str, kind: str = "weight") -> torch.Tensor:

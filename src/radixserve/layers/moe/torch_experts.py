@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from radixserve.layers.batch_invariant import invariant_linear
 from radixserve.layers.moe.activation import ExpertActivation, apply_activation
 
 
@@ -21,14 +22,17 @@ def fused_experts_torch(
     activation: ExpertActivation,
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]).
 
     hidden [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
     topk_weights [T, K] float32; topk_ids [T, K]; biases [E, 2I] and [E, H].
     Each expert's output is rounded to hidden's dtype before it is weighted,
-    as the reference implementations do.
+    as the reference implementations do. batch_invariant: each expert's matmuls
+    take the library's many-row path whatever number of tokens it received.
     """
+    linear = invariant_linear if batch_invariant else torch.nn.functional.linear
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.flatten().long()
     order = torch.argsort(flat_ids, stable=True)
@@ -42,8 +46,8 @@ def fused_experts_torch(
         tokens = token_of[start:start + count]
         start += count
         x = hidden[tokens]
-        gate_up = torch.nn.functional.linear(x, w13[expert], None if w13_bias is None else w13_bias[expert])
-        y = torch.nn.functional.linear(
+        gate_up = linear(x, w13[expert], None if w13_bias is None else w13_bias[expert])
+        y = linear(
             apply_activation(gate_up, activation), w2[expert], None if w2_bias is None else w2_bias[expert]
         )
         weight = topk_weights.flatten()[rows].float()[:, None]
