@@ -76,7 +76,10 @@ class ModelRunner:
             total = torch.cuda.get_device_properties(self.device).total_memory
             used_by_weights = torch.cuda.memory_allocated(self.device)
             fraction = args.mem_fraction_static or 0.85
-            budget = total * fraction - used_by_weights
+            # Memory other processes hold on this GPU is not ours to give the
+            # pool: keep the (1 - fraction) headroom out of what is free now.
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = min(total * fraction - used_by_weights, free - total * (1 - fraction))
             if budget <= 0:
                 raise ValueError(
                     f"mem_fraction_static={fraction} leaves no room for the KV cache "
