@@ -16,13 +16,11 @@ model. With one optimizer step per rollout the policy is exactly on-policy, so
 GRPO's importance ratio is 1 and its clipping never acts; there is no KL term.
 
 --deterministic makes two runs with the same --seed print the same rollouts
-and losses: seeds everywhere (model init, prompts, one sampling_seed per
-request, the engine's random_seed), torch.use_deterministic_algorithms and one
-thread in the trainer, and each rollout scheduled as one batch (see
-generate_as_one_batch). The engine has no deterministic-inference mode yet (it
-is passed through as enable_deterministic_inference once ServerArgs has it);
-until then reproducibility rests on those and on the CPU kernels giving the
-same results for the same batches run to run.
+and losses: the engine runs with --enable-deterministic-inference (a request's
+tokens and logprobs do not depend on how the scheduler batches it), and seeds
+are fixed everywhere (model init, prompts, one sampling_seed per request, the
+engine's random_seed), with torch.use_deterministic_algorithms and one thread
+in the trainer.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,35 +129,14 @@ def sampling_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 10_007 + index
 
 
-def generate_now(engine, input_ids: List[List[int]], params: List[Dict]) -> List[Dict]:
+def generate(engine, input_ids: List[List[int]], params: List[Dict]) -> List[Dict]:
     return engine.generate(input_ids=input_ids, sampling_params=params, return_logprob=True)
-
-
-def generate_as_one_batch(engine, input_ids: List[List[int]], params: List[Dict]) -> List[Dict]:
-    """Hold scheduling until every request is queued, so the engine batches them
-    the same way on every run. Batch composition matters: the CPU matmuls are
-    not batch invariant (results differ in the last bits with the batch size),
-    and a last-bit difference can flip a sampled token now and then."""
-    outputs: List[Dict] = []
-    engine.pause_generation()
-    worker = threading.Thread(target=lambda: outputs.extend(generate_now(engine, input_ids, params)))
-    worker.start()
-    try:
-        while engine.get_server_info()["num_waiting_reqs"] < len(input_ids) and worker.is_alive():
-            time.sleep(0.002)
-    finally:
-        engine.continue_generation()
-        worker.join()
-    if len(outputs) != len(input_ids):
-        raise RuntimeError("rollout failed (see the engine's log)")
-    return outputs
 
 
 def rollout(engine, prompts: List[List[int]], step: int, args: argparse.Namespace) -> List[Sample]:
     batch = [(i, ids) for i, ids in enumerate(prompts) for _ in range(args.group_size)]
     params = [{"temperature": 1.0, "max_new_tokens": args.max_new_tokens, "ignore_eos": True,
                "sampling_seed": sampling_seed(args.seed, step, n)} for n in range(len(batch))]
-    generate = generate_as_one_batch if args.deterministic else generate_now
     outputs = generate(engine, [ids for _, ids in batch], params)
     return [
         Sample(i, ids, out["output_ids"], [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]],
@@ -194,13 +170,8 @@ def train_step(model, optimizer, samples: List[Sample], group_size: int) -> Tupl
 
 # ---- the loop ----
 def engine_kwargs(model_dir: Path, args: argparse.Namespace) -> Dict:
-    from radixserve.server_args import ServerArgs
-
-    kwargs = dict(model_path=str(model_dir), random_seed=args.seed, log_level="error", max_total_tokens=4096)
-    fields = {f.name for f in dataclasses.fields(ServerArgs)}
-    if args.deterministic and "enable_deterministic_inference" in fields:
-        kwargs["enable_deterministic_inference"] = True
-    return kwargs
+    return dict(model_path=str(model_dir), random_seed=args.seed, log_level="error", max_total_tokens=4096,
+                enable_deterministic_inference=args.deterministic)
 
 
 def run(args: argparse.Namespace) -> List[StepRecord]:
