@@ -95,6 +95,17 @@ def load_hf_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def hf_greedy(hf_model, prompts, new_tokens: int) -> list:
+    """transformers' greedy continuation of each prompt, exactly new_tokens long."""
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
 def assert_no_leak(engine) -> None:
     kv = engine.get_server_info()["kv_cache"]
     assert kv["in_use_tokens"] == 0, kv

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 from tests.models.deepseek_tiny import MLA_DIMS, build_deepseek, teacher_forced_logits
 
 FAMILIES = ["v2", "v3"]
@@ -144,12 +144,7 @@ def test_greedy_matches_generate_with_chunks_and_radix_hits(family, deepseek_set
     prefix: the auto form mixes both), then every prompt again from the radix
     cache; V3 with pages of 4 tokens."""
     path, hf, prompts = deepseek_setups(family)
-    expected = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        expected.append(y[0, len(ids):].tolist())
+    expected = hf_greedy(hf, prompts, NEW_TOKENS)
     with Engine(model_path=str(path), chunked_prefill_size=16, max_total_tokens=2048,
                 page_size=4 if family == "v3" else 1, attention_backend="torch_native",
                 log_level="warning") as engine:
@@ -190,12 +185,7 @@ def test_triton_backend_through_the_engine(deepseek_setups):
     path, hf, prompts = deepseek_setups("v3")
     prompts = prompts[:2]
     new = 4
-    expected = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                        do_sample=False, pad_token_id=0)
-        expected.append(y[0, len(ids):].tolist())
+    expected = hf_greedy(hf, prompts, new)
     params = {**GREEDY, "max_new_tokens": new}
     with Engine(model_path=str(path), attention_backend="triton", max_total_tokens=512,
                 log_level="warning") as engine:
@@ -215,12 +205,7 @@ def test_cuda_fast_path_matches_generate(family, deepseek_setups):
     CUDA graphs and the overlap schedule give transformers' greedy tokens
     (computed on the CPU), with chunks and radix hits."""
     path, hf, prompts = deepseek_setups(family)
-    expected = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        expected.append(y[0, len(ids):].tolist())
+    expected = hf_greedy(hf, prompts, NEW_TOKENS)
     with Engine(model_path=str(path), dtype="float32", chunked_prefill_size=16, log_level="warning") as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == expected

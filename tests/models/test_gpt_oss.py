@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 
 WINDOW = 8
 CLAMP = 7.0  # transformers' GptOssExperts.limit
@@ -81,12 +81,7 @@ def gpt_oss_setup(embedded_tokenizer_dir, tmp_path_factory):
         shutil.copy(f, out / f.name)
     hf = load_hf_model(out)
     prompts = make_prompts(hf.config.vocab_size)
-    expected = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        expected.append(y[0, len(ids):].tolist())
+    expected = hf_greedy(hf, prompts, NEW_TOKENS)
     return out, hf, prompts, expected
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 
 TINY = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -55,12 +55,7 @@ def moe_setup(request, embedded_tokenizer_dir, tmp_path_factory):
     hf = load_hf_model(out)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(10, config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
-    expected = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        expected.append(y[0, len(ids):].tolist())
+    expected = hf_greedy(hf, prompts, NEW_TOKENS)
     return request.param, out, hf, prompts, expected
 
 
