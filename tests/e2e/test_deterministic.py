@@ -97,6 +97,19 @@ def test_without_the_flag_outputs_can_differ(tiny):
     assert len(set(got.values())) > 1, "the default path happened to be batch-invariant"
 
 
+def test_moe_model_identical_across_batches_chunks_and_cache(embedded_tokenizer_dir, tmp_path):
+    """A tiny Qwen3-MoE: the experts' matmuls are batch-invariant too (an
+    expert's row count changes with everything else in the batch)."""
+    from tests.models.test_moe_models import build_moe_model
+
+    path = build_moe_model("qwen3_moe", embedded_tokenizer_dir, tmp_path)
+    cases = run_matrix(path, True, None, [1, 5, 16])
+    cases.update({f"chunks of 8, {k}": v for k, v in run_matrix(path, True, 8, [3]).items()})
+    reference = cases["alone"]
+    for case, got in cases.items():
+        assert got == reference, case
+
+
 def test_default_model_identical_across_batches_chunks_and_cache():
     """The embedded SmolLM2-135M-Instruct: a few of the cases."""
     cases = run_matrix(None, True, None, [4])

@@ -40,21 +40,24 @@ def moe_config(family: str, vocab_size: int):
     raise ValueError(family)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
-def moe_setup(request, embedded_tokenizer_dir, tmp_path_factory):
+def build_moe_model(family: str, tokenizer_dir, out):
+    """A tiny random float32 checkpoint of `family` with the default model's tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir)
-    config = moe_config(request.param, len(tok))
+    config = moe_config(family, len(AutoTokenizer.from_pretrained(tokenizer_dir)))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(out, max_shard_size="2MB")
-    for f in embedded_tokenizer_dir.iterdir():
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out, max_shard_size="2MB")
+    for f in tokenizer_dir.iterdir():
         shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
+def moe_setup(request, embedded_tokenizer_dir, tmp_path_factory):
+    out = build_moe_model(request.param, embedded_tokenizer_dir, tmp_path_factory.mktemp(request.param))
     hf = load_hf_model(out)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(10, config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    prompts = [torch.randint(10, hf.config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
     expected = hf_greedy(hf, prompts, NEW_TOKENS)
     return request.param, out, hf, prompts, expected
 
