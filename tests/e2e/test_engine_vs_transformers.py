@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 PROMPT_LENS = [3, 7, 12, 18, 25, 31, 40, 47]
@@ -18,22 +18,12 @@ def make_prompts(vocab: int) -> list:
     return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def hf_greedy(hf_model, prompts) -> list:
-    outs = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        outs.append(y[0, len(ids):].tolist())
-    return outs
-
-
 @pytest.fixture(scope="module", params=ARCHS)
 def arch_setup(request, tiny_model_factory):
     path = tiny_model_factory(request.param)
     hf = load_hf_model(path)
     prompts = make_prompts(hf.config.vocab_size)
-    return request.param, path, hf, prompts, hf_greedy(hf, prompts)
+    return request.param, path, hf, prompts, hf_greedy(hf, prompts, NEW_TOKENS)
 
 
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}

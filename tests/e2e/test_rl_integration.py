@@ -9,7 +9,6 @@ back to the operating system while released.
 
 from __future__ import annotations
 
-import copy
 import multiprocessing as mp
 import threading
 
@@ -17,9 +16,8 @@ import psutil
 import pytest
 import torch
 
-from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
-from tests.e2e.test_weight_updates import GREEDY, PROMPTS, hf_greedy, start_long_request
+from tests.conftest import assert_no_leak, hf_greedy
+from tests.e2e.test_weight_updates import GREEDY, PROMPTS, STEPS, engine_with_new_weights, start_long_request
 from tests.server_utils import free_port
 
 GROUP = "test_weight_update_group"
@@ -60,17 +58,7 @@ def announced(model, extra_first: bool = False):
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_factory, tmp_path_factory):
-    path = tiny_model_factory("llama")
-    old = load_hf_model(path)
-    new = copy.deepcopy(old)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in new.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
-    new_path = tmp_path_factory.mktemp("broadcast_weights")
-    new.save_pretrained(new_path)
-    with Engine(model_path=str(path), log_level="warning") as engine:
-        yield engine, path, old, new, new_path
+    yield from engine_with_new_weights(tiny_model_factory, tmp_path_factory, seed=7)
 
 
 def greedy(engine):
@@ -104,9 +92,9 @@ def test_update_weights_from_distributed(setup):
     trainer.join(timeout=60)
     assert ok, msg
     assert trainer.exitcode == 0
-    assert running["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=40)[0]
+    assert running["output_ids"] == hf_greedy(old, PROMPTS[:1], 40)[0]
     assert running["meta_info"]["weight_version"] != "dist-1"
-    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    assert greedy(engine) == hf_greedy(new, PROMPTS, STEPS)
     assert engine.get_server_info()["weight_version"] == "dist-1"
     name = "model.layers.1.self_attn.v_proj.weight"
     assert engine.get_weights_by_name(name, 30) == pytest.approx(new.state_dict()[name].flatten()[:30].tolist())
@@ -132,14 +120,14 @@ def test_distributed_errors_are_reported_and_the_trainer_never_blocks(setup):
     assert not ok and "no_such.weight" in msg
     assert trainer.exitcode == 0  # every broadcast was received, though the update failed
     assert engine.destroy_weights_update_group(GROUP)[0]
-    assert greedy(engine) == hf_greedy(old, PROMPTS)  # the bad name came first: nothing was loaded
+    assert greedy(engine) == hf_greedy(old, PROMPTS, STEPS)  # the bad name came first: nothing was loaded
 
 
 def test_release_and_resume_memory_occupation(setup):
     engine, path, old, _, _ = setup
     engine.update_weights_from_disk(str(path))
     before = greedy(engine)
-    assert before == hf_greedy(old, PROMPTS)
+    assert before == hf_greedy(old, PROMPTS, STEPS)
     assert engine.get_server_info()["kv_cache"]["cached_tokens"] > 0
     rss = scheduler_rss(engine)
     released = engine.release_memory_occupation()
@@ -184,7 +172,7 @@ def test_release_is_refused_while_requests_run(setup):
     engine.continue_generation()  # lifts the user's pause; the release still holds scheduling
     assert engine.get_server_info()["paused"]
     engine.resume_memory_occupation()
-    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    assert greedy(engine) == hf_greedy(old, PROMPTS, STEPS)
     assert_no_leak(engine)
 
 
@@ -220,7 +208,7 @@ def test_http_endpoints(setup):
         r = httpx.post(base + "/destroy_weights_update_group", headers=auth, json={"group_name": GROUP})
         assert r.status_code == 200, r.text
         out = httpx.post(base + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": GREEDY}).json()
-        assert out["output_ids"] == hf_greedy(new, PROMPTS[:1])[0]
+        assert out["output_ids"] == hf_greedy(new, PROMPTS[:1], STEPS)[0]
 
 
 def test_memory_saver_walks_any_pool_kind():

@@ -11,35 +11,37 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 
 PROMPTS = [[15, 400, 2311, 98, 7], [1200, 64, 3, 9, 77, 512, 41]]
-GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+STEPS = 12
+GREEDY = {"temperature": 0, "max_new_tokens": STEPS, "ignore_eos": True}
 
 
-def hf_greedy(hf, prompts, steps=12):
-    outs = []
-    for ids in prompts:
-        x = torch.tensor([ids])
-        y = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps, min_new_tokens=steps,
-                        do_sample=False, pad_token_id=0)
-        outs.append(y[0, len(ids):].tolist())
-    return outs
-
-
-@pytest.fixture(scope="module")
-def setup(tiny_model_factory, tmp_path_factory):
-    path = tiny_model_factory("llama")
-    old = load_hf_model(path)
-    new = copy.deepcopy(old)
-    g = torch.Generator().manual_seed(123)
+def perturbed_copy(hf_model, seed: int):
+    """A copy of a transformers model with new random weights (norms near 1)."""
+    new = copy.deepcopy(hf_model)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in new.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    return new
+
+
+def engine_with_new_weights(tiny_model_factory, tmp_path_factory, seed: int):
+    """(engine on the tiny Llama, its path, transformers' old model, a new one, the new one saved)."""
+    path = tiny_model_factory("llama")
+    old = load_hf_model(path)
+    new = perturbed_copy(old, seed)
     new_path = tmp_path_factory.mktemp("new_weights")
     new.save_pretrained(new_path)
     with Engine(model_path=str(path), log_level="warning") as engine:
         yield engine, path, old, new, new_path
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory, tmp_path_factory):
+    yield from engine_with_new_weights(tiny_model_factory, tmp_path_factory, seed=123)
 
 
 def greedy(engine):
@@ -48,10 +50,10 @@ def greedy(engine):
 
 def test_update_from_tensor_then_from_disk(setup):
     engine, path, old, new, _ = setup
-    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    assert greedy(engine) == hf_greedy(old, PROMPTS, STEPS)
     ok, msg = engine.update_weights_from_tensor(list(new.state_dict().items()), weight_version="step-1")
     assert ok, msg
-    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    assert greedy(engine) == hf_greedy(new, PROMPTS, STEPS)
     assert engine.get_server_info()["weight_version"] == "step-1"
     out = engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
     assert out["meta_info"]["weight_version"] == "step-1"
@@ -60,7 +62,7 @@ def test_update_from_tensor_then_from_disk(setup):
     assert got == pytest.approx(new.state_dict()[name].flatten()[:50].tolist())
     ok, msg = engine.update_weights_from_disk(str(path))  # back to the original checkpoint
     assert ok, msg
-    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    assert greedy(engine) == hf_greedy(old, PROMPTS, STEPS)
     assert engine.get_server_info()["weight_version"] != "step-1"
     assert_no_leak(engine)
 
@@ -78,9 +80,9 @@ def test_running_request_finishes_on_old_weights(setup):
     ok, msg = engine.update_weights_from_disk(str(new_path), weight_version="new")  # waits for it
     thread.join()
     assert ok, msg
-    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=48)[0]  # never mixed
+    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], 48)[0]  # never mixed
     assert result["meta_info"]["weight_version"] == "old"
-    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    assert greedy(engine) == hf_greedy(new, PROMPTS, STEPS)
 
 
 def test_bad_updates_are_reported_and_serving_continues(setup):
@@ -92,7 +94,7 @@ def test_bad_updates_are_reported_and_serving_continues(setup):
     assert not ok and "no.such.weight" in msg
     with pytest.raises(ValueError, match="unknown weight name"):
         engine.get_weights_by_name("model.layers.0.nothing.weight")
-    assert greedy(engine) == hf_greedy(old, PROMPTS)
+    assert greedy(engine) == hf_greedy(old, PROMPTS, STEPS)
 
 
 def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
@@ -121,7 +123,7 @@ def test_http_endpoints_with_admin_key(tiny_model_factory, setup):
         assert httpx.post(base + "/pause_generation", headers=auth, json={"mode": "x"}).status_code == 400
         assert httpx.post(base + "/continue_generation", headers=auth).status_code == 200
         out = httpx.post(base + "/generate", json={"input_ids": PROMPTS[0], "sampling_params": GREEDY}).json()
-        assert out["output_ids"] == hf_greedy(new, PROMPTS[:1])[0]
+        assert out["output_ids"] == hf_greedy(new, PROMPTS[:1], STEPS)[0]
 
 
 def start_long_request(engine, result: dict, tokens: int) -> threading.Thread:
@@ -146,7 +148,7 @@ def test_pause_in_place_then_continue_and_pause_abort(setup):
     assert thread.is_alive()  # nothing was scheduled while paused
     engine.continue_generation()
     thread.join()
-    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], steps=400)[0]  # unchanged by the pause
+    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], 400)[0]  # unchanged by the pause
 
     result = {}
     thread = start_long_request(engine, result, 400)
@@ -156,7 +158,7 @@ def test_pause_in_place_then_continue_and_pause_abort(setup):
     ok, msg = engine.update_weights_from_disk(str(new_path))
     assert ok, msg
     engine.continue_generation()
-    assert greedy(engine) == hf_greedy(new, PROMPTS)
+    assert greedy(engine) == hf_greedy(new, PROMPTS, STEPS)
     with pytest.raises(ValueError, match="mode"):
         engine.pause_generation("sideways")
     assert not engine.get_server_info()["paused"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Optional, Tuple
+from typing import Any, Iterable, Tuple
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.mem_cache.kv_layout import MLAKVLayout
-from radixserve.models.llama import LlamaForCausalLM, LlamaMLP, MlpFactory
+from radixserve.models.llama import DecoderLayer, LlamaForCausalLM, LlamaMLP, MlpFactory, run_decoder
 
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -141,29 +141,6 @@ def is_moe_layer(config: Any, layer_id: int) -> bool:
     return bool(config.n_routed_experts) and layer_id >= first_dense and layer_id % freq == 0
 
 
-class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, rope_interleaved: bool,
-                 mlp: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = DeepseekMLA(config, layer_id, rotary_emb, rope_interleaved)
-        self.mlp = mlp
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: Optional[torch.Tensor], forward_batch: Any
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output, residual stream before it): the add is
-        deferred into the next norm so it fuses with it."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
-
-
 class DeepseekModel(nn.Module):
     def __init__(self, config: Any, make_mlp: MlpFactory, rope_interleaved: bool) -> None:
         super().__init__()
@@ -172,17 +149,13 @@ class DeepseekModel(nn.Module):
             config.qk_rope_head_dim, config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
-            DeepseekDecoderLayer(config, i, self.rotary_emb, rope_interleaved, make_mlp(config, i))
+            DecoderLayer(config, DeepseekMLA(config, i, self.rotary_emb, rope_interleaved), make_mlp(config, i))
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, forward_batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_decoder(self, input_ids, positions, forward_batch)
 
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):

@@ -96,12 +96,13 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions, mlp: nn.Module
-    ) -> None:
+class DecoderLayer(nn.Module):
+    """A pre-norm block: RMSNorm, attention, RMSNorm, MLP. The families differ
+    only in the attention and MLP modules they hand in (DeepSeek: MLA, experts)."""
+
+    def __init__(self, config: Any, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_id, rotary_emb, opts)
+        self.self_attn = self_attn
         self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -139,8 +140,8 @@ class LlamaModel(nn.Module):
             head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(
-                config, i, self.rotary_emb, opts,
+            DecoderLayer(
+                config, LlamaAttention(config, i, self.rotary_emb, opts),
                 make_mlp(config, i) if make_mlp else dense_mlp(config, i, opts.mlp_bias),
             )
             for i in range(config.num_hidden_layers)
@@ -148,13 +149,18 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, forward_batch)
-        if residual is None:  # no layers at all
-            return self.norm(hidden)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return run_decoder(self, input_ids, positions, forward_batch)
+
+
+def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+    """Embed, run `model.layers`, the final norm: the body every decoder family shares."""
+    hidden, residual = model.embed_tokens(input_ids), None
+    for layer in model.layers:
+        hidden, residual = layer(positions, hidden, residual, forward_batch)
+    if residual is None:  # no layers at all
+        return model.norm(hidden)
+    hidden, _ = model.norm(hidden, residual)
+    return hidden
 
 
 # Checkpoint projection name -> (merged parameter's module name, shard)

@@ -56,14 +56,15 @@ class AttentionBackend(ABC):
 
         return mla_forward(self, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, forward_batch)
 
+    @abstractmethod
     def mla_attend_latent(
         self, q_latent: torch.Tensor, q_pe: torch.Tensor, layer: "MLAAttention", forward_batch: "ForwardBatch",
     ) -> torch.Tensor:
         """Absorbed MLA: q [T, H, kv_lora_rank] | [T, H, rope] attends as MQA over the
         cached [latent | k_pe] of its request (causally in extend); values are the
         latents. Returns [T, H, kv_lora_rank]."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement MLA")
 
+    @abstractmethod
     def mla_attend_expanded(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor,
         v: torch.Tensor, kv_start_loc: torch.Tensor, layer: "MLAAttention", forward_batch: "ForwardBatch",
@@ -71,4 +72,3 @@ class AttentionBackend(ABC):
         """Expanded MLA (extend only): causal MHA of the new tokens over their
         request's decompressed keys, packed per request from kv_start_loc;
         k_pe [S, rope] is shared by the heads. Returns [T, H, v_head_dim]."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement MLA")

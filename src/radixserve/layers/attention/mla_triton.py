@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot
+from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot, decode_merge_kernel, online_softmax_step
 
 _MIN_DOT = 16  # tl.dot needs at least 16 along every axis
 
@@ -74,12 +74,7 @@ def _mla_decode_split_kernel(
         rope = tl.load(row_ptr + D_LATENT + dr[None, :], mask=n_mask[:, None] & dr_mask[None, :], other=0.0)
         s = (_dot(q_lat, tl.trans(latent), IEEE) + _dot(q_pe, tl.trans(rope), IEEE)) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        acc = acc * alpha[:, None] + _dot(p.to(latent.dtype), latent, IEEE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, latent, m_i, l_i, acc, IEEE)  # the latent is the value
 
     out_base = (req * num_heads + h) * NUM_SPLITS + split
     has_keys = end > start
@@ -87,27 +82,6 @@ def _mla_decode_split_kernel(
     lse = tl.where(has_keys, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + out_base[:, None] * BLOCK_DL + dl[None, :], out, mask=h_mask[:, None])
     tl.store(part_lse_ptr + out_base, lse, mask=h_mask)
-
-
-@triton.jit
-def _mla_decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, stride_out_tok, stride_out_head, num_heads,
-    NUM_SPLITS: tl.constexpr, D_LATENT: tl.constexpr, BLOCK_DL: tl.constexpr,
-):
-    req = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, BLOCK_DL)
-    base = (req * num_heads + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s)
-    m = tl.max(lse, 0)
-    # No keys at all (a zero-length padding row): output zeros, not NaN.
-    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * BLOCK_DL + d[None, :])
-    total = tl.sum(w, 0)
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + req * stride_out_tok + head * stride_out_head + d, out.to(out_ptr.dtype.element_ty),
-             mask=d < D_LATENT)
 
 
 def mla_decode_num_splits(batch_size: int, num_heads: int, num_sms: int, max_splits: int = 16) -> int:
@@ -140,9 +114,9 @@ def mla_decode_attention(
         IEEE=q_latent.dtype == torch.float32 or _INTERPRETED, num_warps=4 if block_dl <= 256 else 8,
         num_stages=2,
     )
-    _mla_decode_merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out, out.stride(0), out.stride(1), num_heads,
-        NUM_SPLITS=num_splits, D_LATENT=d_latent, BLOCK_DL=block_dl, num_warps=4,
+    decode_merge_kernel[(bs, num_heads)](
+        part_out, part_lse, out, out, out.stride(0), out.stride(1), num_heads,
+        NUM_SPLITS=num_splits, HEAD_DIM=d_latent, BLOCK_D=block_dl, HAS_SINKS=False, num_warps=4,
     )
 
 
@@ -199,17 +173,12 @@ def _mla_extend_kernel(
                      mask=n_mask[:, None] & (db < DB)[None, :], other=0.0)
         s = (_dot(qa, tl.trans(ka), IEEE) + _dot(qb, tl.trans(kb), IEEE)) * scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
         if V_IS_KEY_A:  # absorbed: the latent is both key part and value
             v = ka
         else:
             v = tl.load(v_ptr + key_row[:, None] * stride_v_row + head * stride_v_head + dv[None, :],
                         mask=n_mask[:, None] & (dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_out_tok + head * stride_out_head + dv[None, :],

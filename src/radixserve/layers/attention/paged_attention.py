@@ -68,10 +68,17 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scal
     add this block's weighted values. Returns the new (max, sum, acc)."""
     k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
     s = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    return online_softmax_step(s, v, m_i, l_i, acc, IEEE)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold one block of scores s [rows, keys] (invisible ones -inf) and its
+    values v [keys, D] into the running (max, sum, weighted values)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
-    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -139,8 +146,8 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, num_heads,
+def decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, stride_out_head, num_heads,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -161,7 +168,7 @@ def _decode_merge_kernel(
     if HAS_SINKS:
         total += tl.exp(sink - m)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + req * stride_out_tok + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + req * stride_out_tok + head * stride_out_head + d, out.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
 
 
@@ -209,8 +216,8 @@ def decode_attention(
         IEEE=q.dtype == torch.float32 or _INTERPRETED, HAS_WINDOW=sliding_window is not None,
         FIXED_SPLITS=split_tokens is not None, num_warps=4, num_stages=2,
     )
-    _decode_merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), num_heads,
+    decode_merge_kernel[(bs, num_heads)](
+        part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), head_dim, num_heads,
         NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=4,
     )
 
