@@ -54,12 +54,15 @@ def main() -> None:
     adder.add(req)
     batch = ScheduleBatch([req], runner.pools, runner.device)
     batch.prepare_for_extend(adder.plans)
-    out = runner.forward(batch)
+    out = runner.forward(batch.to_forward_batch())
     batch.last_token_ids = out.next_token_logits.argmax(-1)
     batch.prepare_for_decode()
     res = {}
-    res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runner.replay(batch))
-    res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(batch.input_ids, batch.positions, batch.to_forward_batch(runner.attn_backend))), 10)
+    fb = batch.to_forward_batch()
+    res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runner.replay(fb))
+    fb.attn_backend = runner.attn_backend
+    runner.attn_backend.init_forward_metadata(fb)
+    res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(fb.input_ids, fb.positions, fb)), 10)
     # The matmuls alone, weights read once each (cuBLAS GEMV), in one graph-free loop.
     ws = [m.weight for n, m in runner.model.named_modules() if hasattr(m, "weight") and m.weight.dim() == 2 and "embed" not in n]
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
@@ -72,7 +75,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            runner.graph_runner.replay(batch)
+            runner.graph_runner.replay(fb)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
     print(table)

@@ -95,7 +95,7 @@ def run_static_batch(runner: Any, prompts: List[List[int]],
         start = time.perf_counter()
         if not batch.prepare_for_extend(plans):
             raise SystemExit("the KV cache cannot hold this batch; raise --max-total-tokens")
-        next_ids = runner.forward(batch).next_token_logits.argmax(-1)
+        next_ids = runner.forward(batch.to_forward_batch()).next_token_logits.argmax(-1)
         synchronize(runner.device)
         prefill = time.perf_counter() - start
         outputs, steps = [next_ids], []
@@ -104,7 +104,7 @@ def run_static_batch(runner: Any, prompts: List[List[int]],
             batch.last_token_ids = next_ids
             if not batch.prepare_for_decode():
                 raise SystemExit("the KV cache ran out while decoding; raise --max-total-tokens")
-            next_ids = runner.forward(batch).next_token_logits.argmax(-1)
+            next_ids = runner.forward(batch.to_forward_batch()).next_token_logits.argmax(-1)
             synchronize(runner.device)
             steps.append(time.perf_counter() - start)
             outputs.append(next_ids)

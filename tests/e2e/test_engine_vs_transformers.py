@@ -52,7 +52,7 @@ def test_prefill_logits_match(arch_setup):
     assert all(adder.add(r) for r in reqs)
     batch = ScheduleBatch(reqs, runner.pools, runner.device)
     assert batch.prepare_for_extend(adder.plans)
-    out = runner.forward(batch)
+    out = runner.forward(batch.to_forward_batch())
     # Rows per request: positions 0..n-2 (input logprobs), then the last token.
     start = 0
     for ids in prompts[:4]:

@@ -101,7 +101,7 @@ def test_bf16_logits_8b_shape_agree_between_backends(tmp_path, embedded_tokenize
 
     def logits_with(backend) -> torch.Tensor:
         runner.attn_backend = backend
-        return runner.forward(batch).next_token_logits.float()
+        return runner.forward(batch.to_forward_batch()).next_token_logits.float()
 
     # The KV written by either backend is the same (it is the projections' output).
     ref, ours = logits_with(native_backend), logits_with(triton_backend)

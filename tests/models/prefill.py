@@ -28,7 +28,7 @@ def prefill_all_logits(runner, prompts: List[List[int]]) -> List[torch.Tensor]:
     assert all(adder.add(r) for r in reqs)
     batch = ScheduleBatch(reqs, runner.pools, runner.device)
     assert batch.prepare_for_extend(adder.plans)
-    out = runner.forward(batch)
+    out = runner.forward(batch.to_forward_batch())
     # Rows per request: positions 0..n-2 (its input logprobs), then its last token.
     logits, start = [], 0
     for ids in prompts:

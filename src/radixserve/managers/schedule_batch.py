@@ -7,24 +7,13 @@ decode step is a few tensor ops whatever the batch size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
 
 from radixserve.managers.req import Req
-from radixserve.mem_cache.allocator import KVPool, ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
-
-if TYPE_CHECKING:
-    from radixserve.mem_cache.prefix_cache import PrefixCache
-
-
-@dataclass
-class MemoryPools:
-    req_to_token_pool: ReqToTokenPool
-    allocator: TokenAllocator
-    kv_pool: KVPool
-    prefix_cache: "PrefixCache"
 
 
 @dataclass
@@ -137,6 +126,7 @@ class ScheduleBatch:
         self.seq_lens = self.seq_lens + 1
         self.seq_lens_cpu = self.seq_lens_cpu + 1
         self.logits_indices = None
+        self.last_logit_rows = None
         for req in self.reqs:
             req.kv_len += 1
         return True
@@ -175,7 +165,9 @@ class ScheduleBatch:
         self.last_token_ids = torch.cat([self.last_token_ids, other.last_token_ids])
 
     # ---- to the model ----
-    def to_forward_batch(self, attn_backend) -> ForwardBatch:
+    def to_forward_batch(self) -> ForwardBatch:
+        """Everything the model runner needs for this batch's forward; the runner
+        attaches its attention backend and that backend's metadata."""
         fb = ForwardBatch(
             forward_mode=self.forward_mode,
             batch_size=len(self.reqs),
@@ -186,9 +178,9 @@ class ScheduleBatch:
             out_cache_loc=self.out_cache_loc,
             seq_lens_cpu=self.seq_lens_cpu.tolist(),
             logits_indices=self.logits_indices,
+            last_logit_rows=self.last_logit_rows,
             req_to_token_pool=self.pools.req_to_token_pool,
             kv_pool=self.pools.kv_pool,
-            attn_backend=attn_backend,
         )
         if self.forward_mode.is_extend():
             fb.extend_prefix_lens_cpu = self._prefix_lens
@@ -196,5 +188,4 @@ class ScheduleBatch:
             fb.extend_prefix_lens = torch.tensor(self._prefix_lens, device=self.device)
             fb.extend_seq_lens = torch.tensor(self._extend_lens, device=self.device)
             fb.extend_start_loc = torch.cumsum(fb.extend_seq_lens, 0) - fb.extend_seq_lens
-        attn_backend.init_forward_metadata(fb)
         return fb

@@ -304,7 +304,7 @@ class Scheduler(SchedulerOutputMixin, SchedulerStatsMixin, SchedulerGrammarMixin
     def launch_batch(self, batch: ScheduleBatch) -> BatchResult:
         """Forward and sample; the sampled ids stay on the device (the next
         decode step reads them there) and are copied to the host asynchronously."""
-        logits = self.runner.forward(batch)
+        logits = self.runner.forward(batch.to_forward_batch())
         if batch.sampling_info is None:
             batch.sampling_info = SamplingBatchInfo.from_reqs(
                 batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids

@@ -21,7 +21,6 @@ from tqdm import tqdm
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
-    from radixserve.managers.schedule_batch import ScheduleBatch
     from radixserve.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -93,18 +92,19 @@ class CudaGraphRunner:
         return seconds
 
     # ---- replay ----
-    def can_run(self, batch: "ScheduleBatch") -> bool:
-        return batch.forward_mode.is_decode() and len(batch.reqs) <= self.max_bs
+    def can_run(self, forward_batch: ForwardBatch) -> bool:
+        return forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
 
-    def replay(self, batch: "ScheduleBatch") -> torch.Tensor:
-        """Logits [len(batch), vocab] of one decode step."""
-        raw = len(batch.reqs)
+    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Logits [batch_size, vocab] of one decode step."""
+        fb = forward_batch
+        raw = fb.batch_size
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, raw)]
-        self.input_ids[:raw].copy_(batch.input_ids)
-        self.positions[:raw].copy_(batch.positions)
-        self.req_pool_indices[:raw].copy_(batch.req_pool_indices)
-        self.seq_lens[:raw].copy_(batch.seq_lens)
-        self.out_cache_loc[:raw].copy_(batch.out_cache_loc)
+        self.input_ids[:raw].copy_(fb.input_ids)
+        self.positions[:raw].copy_(fb.positions)
+        self.req_pool_indices[:raw].copy_(fb.req_pool_indices)
+        self.seq_lens[:raw].copy_(fb.seq_lens)
+        self.out_cache_loc[:raw].copy_(fb.out_cache_loc)
         if bs > raw:  # rows a larger batch left behind become padding again
             self.input_ids[raw:bs].zero_()
             self.positions[raw:bs].zero_()

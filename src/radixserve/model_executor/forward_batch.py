@@ -1,7 +1,9 @@
 """ForwardBatch: every device tensor one model forward needs.
 
-Models and attention backends see only this object; the scheduler's
-ScheduleBatch builds it (see ScheduleBatch.to_forward_batch).
+The model runner's only input: the scheduler's ScheduleBatch builds it (see
+ScheduleBatch.to_forward_batch) without knowing the attention backend; the
+runner attaches its backend and has it set `attn_metadata` before the model
+runs. Models and attention backends see only this object.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ if TYPE_CHECKING:
 class ForwardMode(IntEnum):
     EXTEND = auto()  # prefill, possibly on top of a cached prefix, possibly a chunk
     DECODE = auto()  # one new token per request
-    MIXED = auto()  # extend and decode requests in one forward
-    IDLE = auto()  # nothing to run (kept for data parallel later)
 
     def is_extend(self) -> bool:
-        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
+        return self == ForwardMode.EXTEND
 
     def is_decode(self) -> bool:
         return self == ForwardMode.DECODE
@@ -52,8 +52,11 @@ class ForwardBatch:
     # last new token always; of every new token from `logprob_start` on when it
     # asked for input logprobs. Indices into the [num_tokens] axis.
     logits_indices: Optional[torch.Tensor] = None
+    # Extend only: the row of each request's last new token among the rows
+    # logits_indices picks (its next-token logits). [bs] int64.
+    last_logit_rows: Optional[torch.Tensor] = None
 
-    # Memory and kernels
+    # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None
     kv_pool: Optional["KVPool"] = None
     attn_backend: Optional["AttentionBackend"] = None

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from radixserve.layers.attention.base import AttentionBackend
-from radixserve.managers.schedule_batch import MemoryPools, ScheduleBatch
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_layout import KVLayout, kv_layout_of
+from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.prefix_cache import PrefixCache
+from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_loader.loader import load_model
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs
@@ -193,14 +194,18 @@ class ModelRunner:
 
     # ---- forward ----
     @torch.inference_mode()
-    def forward(self, batch: ScheduleBatch) -> LogitsOutput:
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            return LogitsOutput(self.graph_runner.replay(batch), None)
-        fb = batch.to_forward_batch(self.attn_backend)
+    def forward(self, forward_batch: ForwardBatch) -> LogitsOutput:
+        """Logits of one batch: every request's next token, and the rows
+        `logits_indices` asks for (input logprobs) when there are more."""
+        fb = forward_batch
+        if self.graph_runner is not None and self.graph_runner.can_run(fb):
+            return LogitsOutput(self.graph_runner.replay(fb), None)
+        fb.attn_backend = self.attn_backend
+        self.attn_backend.init_forward_metadata(fb)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.forward_mode.is_decode():
             return LogitsOutput(self.model.compute_logits(hidden), None)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
-        next_token_logits = logits[batch.last_logit_rows]
+        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        next_token_logits = logits[fb.last_logit_rows]
         has_input_rows = logits.shape[0] > next_token_logits.shape[0]
         return LogitsOutput(next_token_logits, logits if has_input_rows else None)
