@@ -13,6 +13,7 @@ import torch
 
 from radixserve import Engine
 from tests.conftest import assert_no_leak
+from tests.models.moe_tiny import build_moe_model
 
 TARGET = {"temperature": 1.0, "sampling_seed": 1234, "max_new_tokens": 12, "ignore_eos": True}
 
@@ -100,8 +101,6 @@ def test_without_the_flag_outputs_can_differ(tiny):
 def test_moe_model_identical_across_batches_chunks_and_cache(embedded_tokenizer_dir, tmp_path):
     """A tiny Qwen3-MoE: the experts' matmuls are batch-invariant too (an
     expert's row count changes with everything else in the batch)."""
-    from tests.models.test_moe_models import build_moe_model
-
     path = build_moe_model("qwen3_moe", embedded_tokenizer_dir, tmp_path)
     cases = run_matrix(path, True, None, [1, 5, 16])
     cases.update({f"chunks of 8, {k}": v for k, v in run_matrix(path, True, 8, [3]).items()})

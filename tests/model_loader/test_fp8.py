@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from radixserve.model_loader.fp8 import BlockFP8Weights, block_fp8_size, dequantize_block_fp8
+from radixserve.model_loader.weight_loader import get_weight
 from tests.models.deepseek_tiny import build_deepseek
 
 FP8_MAX = 448.0  # largest float8_e4m3fn value
@@ -140,7 +141,7 @@ def test_fp8_checkpoint_loads_as_its_dequantized_weights(fp8_checkpoint):
     assert rel_err() < 1e-4
     # A weight update from the fp8 folder goes through the same dequantization.
     name = "model.layers.1.self_attn.kv_b_proj.weight"
-    runner.update_weights_from_tensor([(name, torch.zeros_like(runner.model.get_weight(name)))])
+    runner.update_weights_from_tensor([(name, torch.zeros_like(get_weight(runner.model, name)))])
     assert rel_err() > 1e-2
     runner.update_weights_from_disk(str(fp8_dir))
     assert rel_err() < 1e-4

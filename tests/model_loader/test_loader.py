@@ -168,7 +168,8 @@ def test_unknown_gguf_tensor_is_named(tmp_path):
 # ---- load_model ----
 
 class StandIn(nn.Module):
-    """A model class as the registry hands them out: cls(config), load_weights(iterable)."""
+    """A model class as the registry hands them out: cls(config); `loaded` records
+    the names the loader streamed into it (see the test's stand-in load_weights)."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -177,12 +178,14 @@ class StandIn(nn.Module):
         self.input_norm = nn.Parameter(torch.zeros(config.hidden_size))
         self.loaded: list = []
 
-    def load_weights(self, weights) -> None:
-        self.loaded = [name for name, _ in weights]
+
+def record_weight_names(model: StandIn, weights) -> None:
+    model.loaded = [name for name, _ in weights]
 
 
 def test_load_model_builds_in_dtype_and_streams_every_weight(tiny_model_factory, monkeypatch):
     monkeypatch.setattr(loader, "get_model_class", lambda config: StandIn)
+    monkeypatch.setattr(loader, "load_weights", record_weight_names)
     source = resolve_model_source(str(tiny_model_factory("llama")))
     config = load_config(source)
     model = load_model(source, config, torch.bfloat16, torch.device("cpu"))

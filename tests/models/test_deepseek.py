@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from radixserve import Engine
+from radixserve.model_loader.weight_loader import get_weight, load_weights
 from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 from tests.models.deepseek_tiny import MLA_DIMS, build_deepseek, teacher_forced_logits
+from tests.models.moe_tiny import checkpoint_tensor
 
 FAMILIES = ["v2", "v3"]
 PROMPT_LENS = [5, 19, 33, 41]
@@ -66,7 +68,6 @@ def hf_logits(hf, ids) -> torch.Tensor:
 def test_layers_and_weights_follow_the_checkpoint(family, deepseek_setups):
     from radixserve.model_loader.hf_weights import HFWeights
     from radixserve.models.deepseek_v2 import DeepseekMoE
-    from tests.models.test_moe_models import checkpoint_tensor
 
     path, hf, _ = deepseek_setups(family)
     model = make_runner(path, "torch_native").model
@@ -81,12 +82,12 @@ def test_layers_and_weights_follow_the_checkpoint(family, deepseek_setups):
     else:
         assert bias is None
     name = "model.layers.1.mlp.experts.5.up_proj.weight"
-    assert torch.equal(model.get_weight(name), checkpoint_tensor(path, name))
+    assert torch.equal(get_weight(model, name), checkpoint_tensor(path, name))
     # V3 checkpoints carry multi-token-prediction layers after the last one: skipped.
     extra = (f"model.layers.{len(moe)}.eh_proj.weight", torch.zeros(2, 2))
-    model.load_weights(list(HFWeights(path)) + [extra])
+    load_weights(model, list(HFWeights(path)) + [extra])
     with pytest.raises(ValueError, match="unexpected weight"):
-        model.load_weights([("model.layers.0.eh_proj.weight", torch.zeros(2, 2))], strict=False)
+        load_weights(model, [("model.layers.0.eh_proj.weight", torch.zeros(2, 2))], strict=False)
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expanded", "auto"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from radixserve import Engine
+from radixserve.model_loader.weight_loader import get_weight, load_weights
 from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
 
 WINDOW = 8
@@ -122,7 +123,7 @@ def test_clamp_sinks_and_window_are_exercised(gpt_oss_setup):
     # Fused expert weights read back in the checkpoint's interleaved layout.
     for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
         theirs = getattr(hf.model.layers[1].mlp.experts, name)
-        assert torch.equal(ours.get_weight(f"model.layers.1.mlp.experts.{name}"), theirs), name
+        assert torch.equal(get_weight(ours, f"model.layers.1.mlp.experts.{name}"), theirs), name
 
 
 @pytest.mark.parametrize("backend", ["torch_native", "triton"])
@@ -306,7 +307,7 @@ def test_mistral_sliding_window_matches_transformers(backend):
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
     ours = get_model_class(config)(config).eval()
     with torch.no_grad():
-        ours.load_weights(hf.state_dict().items())
+        load_weights(ours, hf.state_dict().items())
     seq_len = 40
     ids = torch.randint(0, 256, (seq_len,), generator=torch.Generator().manual_seed(2))
     attn_backend = TorchNativeAttnBackend() if backend == "torch_native" else TritonAttnBackend(torch.device("cpu"))

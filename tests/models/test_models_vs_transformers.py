@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.layers.rotary import rope_parameters, rotary_inv_freq
+from radixserve.model_loader.weight_loader import load_weights
 from radixserve.models.llama import LlamaForCausalLM, MistralForCausalLM
 from radixserve.models.qwen2 import Qwen2ForCausalLM
 from radixserve.models.qwen3 import Qwen3ForCausalLM
@@ -93,7 +94,7 @@ def build_ours(hf, dtype=torch.float32):
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
-        model.load_weights(hf.state_dict().items())
+        load_weights(model, hf.state_dict().items())
     return model.eval()
 
 
@@ -127,7 +128,7 @@ def test_tied_head_is_the_embedding_and_checkpoint_head_is_ignored():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     state = dict(hf.state_dict())
     state["lm_head.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
-    model.load_weights(state.items())  # ignored: the embedding stays the head
+    load_weights(model, state.items())  # ignored: the embedding stays the head
     assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
     untied = build_ours(build_hf("llama", tie_word_embeddings=False))
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
@@ -170,17 +171,17 @@ def test_unexpected_and_missing_weights_are_named():
     model = build_ours(hf)
     state = hf.state_dict()
     with pytest.raises(ValueError, match="unexpected weight 'model.layers.0.mlp.extra.weight'"):
-        model.load_weights([("model.layers.0.mlp.extra.weight", torch.zeros(1))])
+        load_weights(model, [("model.layers.0.mlp.extra.weight", torch.zeros(1))])
     with pytest.raises(ValueError, match="has shape"):
-        model.load_weights([("model.norm.weight", torch.zeros(3))])
+        load_weights(model, [("model.norm.weight", torch.zeros(3))])
     with pytest.raises(ValueError, match=r"shard 'k'.*expected \(32, 64\)"):
-        model.load_weights([("model.layers.0.self_attn.k_proj.weight", torch.zeros(16, 64))])
+        load_weights(model, [("model.layers.0.self_attn.k_proj.weight", torch.zeros(16, 64))])
     partial = [(n, t) for n, t in state.items() if "layers.1.self_attn.v_proj" not in n]
     with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.self_attn\.qkv_proj\.weight:v"):
-        model.load_weights(partial)
-    model.load_weights(partial, strict=False)  # a partial update is allowed when asked for
+        load_weights(model, partial)
+    load_weights(model, partial, strict=False)  # a partial update is allowed when asked for
     extra = list(state.items()) + [("model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8))]
-    model.load_weights(extra)  # recomputed buffers in old checkpoints are skipped
+    load_weights(model, extra)  # recomputed buffers in old checkpoints are skipped
 
 
 # --- rotary against transformers' own inverse frequencies -------------------------------

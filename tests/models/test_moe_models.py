@@ -4,52 +4,17 @@ Engine with chunked prefill, concurrent requests and radix-cache hits."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from radixserve import Engine
+from radixserve.model_loader.weight_loader import get_weight
 from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
+from tests.models.moe_tiny import build_moe_model, checkpoint_tensor
 
-TINY = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.1,
-    tie_word_embeddings=False,
-)
 PROMPT_LENS = [5, 11, 19, 26, 33, 41]
 NEW_TOKENS = 24
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
-
-
-def moe_config(family: str, vocab_size: int):
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
-
-    if family == "mixtral":
-        return MixtralConfig(**TINY, vocab_size=vocab_size, num_local_experts=6, num_experts_per_tok=2)
-    if family == "qwen2_moe":
-        # A shared expert with its gate; layer 1 dense (off the sparse step of 2... and
-        # layer 0 listed as dense) so both MLP kinds and the layer rules are exercised.
-        return Qwen2MoeConfig(**TINY, vocab_size=vocab_size, num_experts=8, num_experts_per_tok=3,
-                              moe_intermediate_size=48, shared_expert_intermediate_size=80,
-                              decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(**TINY, vocab_size=vocab_size, head_dim=32, num_experts=8,
-                              num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True,
-                              decoder_sparse_step=2)
-    raise ValueError(family)
-
-
-def build_moe_model(family: str, tokenizer_dir, out):
-    """A tiny random float32 checkpoint of `family` with the default model's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = moe_config(family, len(AutoTokenizer.from_pretrained(tokenizer_dir)))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out, max_shard_size="2MB")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -60,16 +25,6 @@ def moe_setup(request, embedded_tokenizer_dir, tmp_path_factory):
     prompts = [torch.randint(10, hf.config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
     expected = hf_greedy(hf, prompts, NEW_TOKENS)
     return request.param, out, hf, prompts, expected
-
-
-def checkpoint_tensor(folder, name: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            if name in f.keys():
-                return f.get_tensor(name)
-    raise KeyError(name)
 
 
 def test_layer_kinds_follow_config(moe_setup):
@@ -90,7 +45,7 @@ def test_layer_kinds_follow_config(moe_setup):
     layer = sparse.index(True)
     name = f"model.layers.{layer}.{'block_sparse_moe' if family == 'mixtral' else 'mlp'}.experts.1"
     name += ".w3.weight" if family == "mixtral" else ".up_proj.weight"
-    assert torch.equal(ours.get_weight(name), checkpoint_tensor(path, name))
+    assert torch.equal(get_weight(ours, name), checkpoint_tensor(path, name))
 
 
 def test_prefill_logits_match(moe_setup):

@@ -16,6 +16,7 @@ from radixserve.mem_cache.prefix_cache import PrefixCache
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_loader.loader import load_model
 from radixserve.model_loader.source import resolve_model_source
+from radixserve.model_loader.weight_loader import get_weight, load_weights
 from radixserve.server_args import ServerArgs
 from radixserve.utils.hf_utils import get_context_length, load_config
 
@@ -163,16 +164,16 @@ class ModelRunner:
         source = resolve_model_source(model_path)
         if (load_format or "auto") != "auto":
             raise ValueError(f"load_format must be 'auto' for a weight update, got {load_format!r}")
-        self.model.load_weights(open_weights(source), strict=True)
+        load_weights(self.model, open_weights(source), strict=True)
 
     @torch.inference_mode()
     def update_weights_from_tensor(self, named_tensors) -> None:
         """Some or all weights, by their Hugging Face names (a trainer's state_dict)."""
-        self.model.load_weights(((n, t.to(self.device)) for n, t in named_tensors), strict=False)
+        load_weights(self.model, ((n, t.to(self.device)) for n, t in named_tensors), strict=False)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """The first truncate_size values of a weight, flattened, as floats."""
-        return self.model.get_weight(name).flatten()[:truncate_size].float().tolist()
+        return get_weight(self.model, name).flatten()[:truncate_size].float().tolist()
 
     def release_memory_occupation(self) -> "ReleasedMemory":
         """Free the KV pool (its contents are dropped) and, on CUDA, move the

@@ -15,6 +15,7 @@ from radixserve.model_loader.gguf_weights import GGUFWeights
 from radixserve.model_loader.hf_weights import HFWeights
 from radixserve.model_loader.mxfp4 import Mxfp4Weights, is_mxfp4
 from radixserve.model_loader.source import ModelSource
+from radixserve.model_loader.weight_loader import load_weights
 from radixserve.models.registry import get_model_class
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -69,7 +70,7 @@ def load_model(
         weights = open_weights(source)
         progress = tqdm(weights, total=len(weights), desc="Loading weights", unit="tensor", leave=False)
         with torch.no_grad():
-            model.load_weights(progress)
+            load_weights(model, progress)
     return model.eval()
 
 

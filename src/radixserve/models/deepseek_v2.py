@@ -16,8 +16,7 @@ with `kv_layout`. Where the two families differ (as transformers 5.17 has them):
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Iterable, Tuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +30,6 @@ from radixserve.layers.moe.topk import RoutingConfig, select_experts
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.mem_cache.kv_layout import MLAKVLayout
 from radixserve.models.llama import DecoderLayer, LlamaForCausalLM, LlamaMLP, MlpFactory, run_decoder
-
-_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
@@ -159,8 +156,11 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
-    """Reuses Llama's checkpoint loading (merged gate|up, experts by name); the
-    layers are DeepSeek's own."""
+    """Llama's checkpoint names (merged gate|up, experts by name); the layers
+    are DeepSeek's own. V3 checkpoints ship multi-token-prediction layers after
+    the last decoder layer (model.layers.61 in V3): the loader skips them."""
+
+    CHECKPOINT_EXTRA_LAYERS = True
 
     # MLA's absorption matmuls and attention have no batch-invariant mode yet.
     supports_deterministic_inference = False
@@ -201,15 +201,6 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
         self.lm_head = LMHead(config.vocab_size, config.hidden_size)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
-        """As Llama's, skipping the multi-token-prediction layers V3 checkpoints
-        ship after the last decoder layer (model.layers.61 in V3)."""
-        super().load_weights(((n, t) for n, t in weights if not self._is_extra_layer(n)), strict=strict)
-
-    def _is_extra_layer(self, name: str) -> bool:
-        match = _LAYER_INDEX.match(name)
-        return match is not None and int(match[1]) >= self.config.num_hidden_layers
 
 
 class DeepseekV3ForCausalLM(DeepseekV2ForCausalLM):

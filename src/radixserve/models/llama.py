@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,9 +19,7 @@ from radixserve.layers.attention.radix_attention import RadixAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import Linear, MergedLinear
-from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
-from radixserve.models.sparse_moe import parse_expert_weight_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,23 +161,24 @@ def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tens
     return hidden
 
 
-# Checkpoint projection name -> (merged parameter's module name, shard)
-STACKED_PARAMS: Dict[str, Tuple[str, str]] = {
-    "q_proj": ("qkv_proj", "q"),
-    "k_proj": ("qkv_proj", "k"),
-    "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", "gate"),
-    "up_proj": ("gate_up_proj", "up"),
-}
-# Buffers some checkpoints carry that we recompute.
-IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-
 class LlamaForCausalLM(nn.Module):
     """Llama 2/3 and SmolLM2; `attention_bias` and `mlp_bias` as the HF config says."""
 
+    # How the checkpoint's names map onto our parameters, as data: the loader
+    # (model_loader/weight_loader.py) applies it.
+    # Checkpoint projection -> (merged module, shard).
+    STACKED_PARAMS: Dict[str, Tuple[str, str]] = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"), "up_proj": ("gate_up_proj", "up"),
+    }
+    # Per-expert checkpoint projection -> shard of FusedMoE (Mixtral's w1/w3/w2 too).
+    EXPERT_PARAMS: Dict[str, str] = {
+        "gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down",
+    }
     # (checkpoint name part, our module path part) where a family names a module differently
     CHECKPOINT_RENAMES: Tuple[Tuple[str, str], ...] = ()
+    CHECKPOINT_FUSED_EXPERTS = False  # experts stored as one tensor per projection (GPT-OSS)
+    CHECKPOINT_EXTRA_LAYERS = False  # layers past num_hidden_layers to skip (DeepSeek-V3's MTP)
     # Every layer has a batch-invariant mode (see layers/batch_invariant.py).
     supports_deterministic_inference = True
 
@@ -208,94 +207,6 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
         return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]], *, strict: bool = True) -> None:
-        """Fill parameters from (Hugging Face name, tensor) pairs.
-
-        strict: every parameter (each shard of a merged one) must be given;
-        pass False to update only some of them (e.g. live weight updates).
-        """
-        params = dict(self.named_parameters())  # the tied head is the embedding, listed once
-        modules = dict(self.named_modules())
-        pending = self._expected_weights(params, modules)
-        for name, tensor in weights:
-            name = self._our_name(name)
-            if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (self.tied and name == "lm_head.weight"):
-                continue
-            expert = parse_expert_weight_name(name)
-            if expert is not None and isinstance(modules.get(expert.module), FusedMoE):
-                modules[expert.module].load_expert(expert.expert, expert.shard, expert.kind, tensor)
-                pending.discard(f"{expert.module}:{expert.expert}:{expert.shard}.{expert.kind}")
-                continue
-            prefix, _, kind = name.rpartition(".")
-            owner, _, proj = prefix.rpartition(".")
-            if proj in STACKED_PARAMS:
-                merged, shard = STACKED_PARAMS[proj]
-                module = modules.get(f"{owner}.{merged}")
-                if isinstance(module, MergedLinear):
-                    module.load_shard(shard, kind, tensor)
-                    pending.discard(f"{owner}.{merged}.{kind}:{shard}")
-                    continue
-            if name not in params:
-                raise ValueError(f"unexpected weight {name!r} for {type(self).__name__}")
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise ValueError(
-                    f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                )
-            param.data.copy_(tensor.to(param.dtype))
-            pending.discard(name)
-        if strict and pending:
-            missing = sorted(pending)
-            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-            raise ValueError(f"weights missing from the checkpoint: {', '.join(missing[:8])}{more}")
-
-    def get_weight(self, name: str) -> torch.Tensor:
-        """The current value of a checkpoint (Hugging Face) weight, e.g.
-        `model.layers.0.self_attn.q_proj.weight` (a view of its merged parameter)."""
-        name = self._our_name(name)
-        if self.tied and name == "lm_head.weight":
-            name = "model.embed_tokens.weight"
-        params = dict(self.named_parameters())
-        if name in params:
-            return params[name].data
-        expert = parse_expert_weight_name(name)
-        experts = dict(self.named_modules()).get(expert.module) if expert else None
-        if isinstance(experts, FusedMoE):
-            return experts.shard_view(expert.expert, expert.shard, expert.kind)
-        prefix, _, kind = name.rpartition(".")
-        owner, _, proj = prefix.rpartition(".")
-        merged, shard = STACKED_PARAMS.get(proj, (None, None))
-        module = dict(self.named_modules()).get(f"{owner}.{merged}")
-        if not isinstance(module, MergedLinear) or getattr(module, kind, None) is None:
-            raise ValueError(f"unknown weight name {name!r} for {type(self).__name__}")
-        offset, size = module.shard_offsets[shard]
-        return getattr(module, kind).data[offset:offset + size]
-
-    def _our_name(self, checkpoint_name: str) -> str:
-        for theirs, ours in self.CHECKPOINT_RENAMES:
-            checkpoint_name = checkpoint_name.replace(theirs, ours)
-        return checkpoint_name
-
-    @staticmethod
-    def _expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
-        """Names to fill: plain parameters, `name:shard` for each shard of a merged
-        one, and `experts:index:shard.kind` for each expert of a FusedMoE."""
-        expected: Set[str] = set()
-        for name in params:
-            owner_name, _, param_name = name.rpartition(".")
-            owner = modules[owner_name]
-            if isinstance(owner, FusedMoE):
-                shards = ("down",) if param_name.startswith("w2") else ("gate", "up")
-                kind = "bias" if param_name.endswith("bias") else "weight"
-                expected.update(
-                    f"{owner_name}:{e}:{shard}.{kind}" for e in range(owner.num_experts) for shard in shards
-                )
-            elif isinstance(owner, MergedLinear):
-                expected.update(f"{name}:{shard}" for shard in owner.shard_offsets)
-            else:
-                expected.add(name)
-        return expected
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -4,36 +4,14 @@ top-k experts per token, FusedMoE runs them, and an optional shared expert
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from radixserve.layers.linear import Linear
-from radixserve.layers.moe.layer import EXPERT_SHARDS, FusedMoE
+from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
-
-_EXPERT_WEIGHT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)$")
-
-
-@dataclass(frozen=True)
-class ExpertWeightName:
-    """A per-expert checkpoint name, e.g. model.layers.3.mlp.experts.7.up_proj.weight."""
-
-    module: str  # the FusedMoE module: model.layers.3.mlp.experts
-    expert: int
-    shard: str  # gate | up | down
-    kind: str  # weight | bias
-
-
-def parse_expert_weight_name(name: str) -> Optional[ExpertWeightName]:
-    match = _EXPERT_WEIGHT.match(name)
-    if match is None or match["proj"] not in EXPERT_SHARDS:
-        return None
-    return ExpertWeightName(match["owner"], int(match["expert"]), EXPERT_SHARDS[match["proj"]][1], match["kind"])
-
 
 class SparseMoeBlock(nn.Module):
     def __init__(

@@ -15,13 +15,6 @@ from torch import nn
 from radixserve.layers.moe.activation import ExpertActivation
 from radixserve.layers.moe.torch_experts import fused_experts_torch
 
-# Checkpoint projection name -> (parameter, shard) for per-expert weights.
-EXPERT_SHARDS = {
-    "gate_proj": ("w13", "gate"), "up_proj": ("w13", "up"), "down_proj": ("w2", "down"),
-    "w1": ("w13", "gate"), "w3": ("w13", "up"), "w2": ("w2", "down"),  # Mixtral's names
-}
-
-
 def fused_experts(
     hidden: torch.Tensor,
     w13: torch.Tensor,
