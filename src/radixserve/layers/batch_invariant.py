@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot
+from radixserve.layers.triton_utils import dot, exact_dot
 
 MIN_ROWS = 16
 # One configuration for every shape: changing it with M would change the sums.
@@ -59,7 +59,7 @@ def _linear_kernel(
         k_mask = ks < k - k0
         a = tl.load(x_ptrs, mask=(rows[:, None] < m) & k_mask[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_mask[:, None] & (cols[None, :] < n), other=0.0)
-        acc += _dot(a, b, IEEE)
+        acc += dot(a, b, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
@@ -82,6 +82,6 @@ def _triton_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
             flat, weight, bias if bias is not None else weight, out, m, n, k,
             flat.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
-            IEEE=x.dtype == torch.float32 or _INTERPRETED, num_warps=4, num_stages=3,
+            IEEE=exact_dot(x.dtype), num_warps=4, num_stages=3,
         )
     return out.reshape(*x.shape[:-1], n)

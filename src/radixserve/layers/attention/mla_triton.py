@@ -23,13 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot, decode_merge_kernel, online_softmax_step
-
-_MIN_DOT = 16  # tl.dot needs at least 16 along every axis
-
-
-def _block(dim: int) -> int:
-    return max(_MIN_DOT, triton.next_power_of_2(dim))
+from radixserve.layers.attention.paged_attention import decode_merge_kernel, online_softmax_step
+from radixserve.layers.triton_utils import MIN_DOT, decode_split_count, dot, dot_block, exact_dot, extend_tile
 
 
 @triton.jit
@@ -72,7 +67,7 @@ def _mla_decode_split_kernel(
         row_ptr = kv_ptr + slot[:, None] * stride_kv_slot
         latent = tl.load(row_ptr + dl[None, :], mask=n_mask[:, None] & dl_mask[None, :], other=0.0)
         rope = tl.load(row_ptr + D_LATENT + dr[None, :], mask=n_mask[:, None] & dr_mask[None, :], other=0.0)
-        s = (_dot(q_lat, tl.trans(latent), IEEE) + _dot(q_pe, tl.trans(rope), IEEE)) * scale
+        s = (dot(q_lat, tl.trans(latent), IEEE) + dot(q_pe, tl.trans(rope), IEEE)) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, latent, m_i, l_i, acc, IEEE)  # the latent is the value
 
@@ -87,9 +82,7 @@ def _mla_decode_split_kernel(
 def mla_decode_num_splits(batch_size: int, num_heads: int, num_sms: int, max_splits: int = 16) -> int:
     """Splits per request so the grid fills the GPU about twice over: a power of
     two (the merge kernel's arange), from the batch size alone (one value per CUDA graph)."""
-    programs = batch_size * triton.cdiv(num_heads, _MIN_DOT)
-    want = max(1, (2 * num_sms) // max(programs, 1))
-    return min(max_splits, triton.next_power_of_2(want))
+    return decode_split_count(batch_size * triton.cdiv(num_heads, MIN_DOT), num_sms, max_splits)
 
 
 def mla_decode_attention(
@@ -102,16 +95,16 @@ def mla_decode_attention(
     bs, num_heads, d_latent = q_latent.shape
     d_rope = q_pe.shape[2]
     assert kv_buffer.shape[-1] == d_latent + d_rope and q_latent.stride(2) == 1 and q_pe.stride(2) == 1
-    block_dl = _block(d_latent)
+    block_dl = dot_block(d_latent)
     part_out = torch.empty((bs, num_heads, num_splits, block_dl), dtype=torch.float32, device=q_latent.device)
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q_latent.device)
-    _mla_decode_split_kernel[(bs, triton.cdiv(num_heads, _MIN_DOT), num_splits)](
+    _mla_decode_split_kernel[(bs, triton.cdiv(num_heads, MIN_DOT), num_splits)](
         q_latent, q_pe, kv_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
         q_latent.stride(0), q_latent.stride(1), q_pe.stride(0), q_pe.stride(1), kv_buffer.stride(0),
         req_to_token.stride(0), scale, num_heads,
-        NUM_SPLITS=num_splits, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_DL=block_dl, BLOCK_DR=_block(d_rope),
-        BLOCK_H=_MIN_DOT, BLOCK_N=32 if block_dl <= 256 else 16,
-        IEEE=q_latent.dtype == torch.float32 or _INTERPRETED, num_warps=4 if block_dl <= 256 else 8,
+        NUM_SPLITS=num_splits, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_DL=block_dl, BLOCK_DR=dot_block(d_rope),
+        BLOCK_H=MIN_DOT, BLOCK_N=32 if block_dl <= 256 else 16,
+        IEEE=exact_dot(q_latent.dtype), num_warps=4 if block_dl <= 256 else 8,
         num_stages=2,
     )
     decode_merge_kernel[(bs, num_heads)](
@@ -171,7 +164,7 @@ def _mla_extend_kernel(
                      mask=n_mask[:, None] & (da < DA)[None, :], other=0.0)
         kb = tl.load(kb_ptr + key_row[:, None] * stride_kb_row + head * stride_kb_head + db[None, :],
                      mask=n_mask[:, None] & (db < DB)[None, :], other=0.0)
-        s = (_dot(qa, tl.trans(ka), IEEE) + _dot(qb, tl.trans(kb), IEEE)) * scale
+        s = (dot(qa, tl.trans(ka), IEEE) + dot(qb, tl.trans(kb), IEEE)) * scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
         if V_IS_KEY_A:  # absorbed: the latent is both key part and value
             v = ka
@@ -192,10 +185,8 @@ def _launch_extend(qa, qb, ka, kb, v, out, req_to_token, req_pool_indices, prefi
     da, db, dv = qa.shape[2], qb.shape[2], out.shape[2]
     for t in (qa, qb, ka, kb, v, out):
         assert t.stride(-1) == 1, "the last axis must be contiguous"
-    block_da, block_dv = _block(da), _block(dv)
-    fp32 = qa.dtype == torch.float32
-    # Smaller tiles for fp32 and wide heads keep the tiles within shared memory.
-    block = 16 if max(block_da, block_dv) >= 512 else (32 if fp32 or max(block_da, block_dv) > 128 else 64)
+    block_da, block_dv = dot_block(da), dot_block(dv)
+    block = extend_tile(qa.dtype, max(block_da, block_dv))
     head_stride = lambda t: t.stride(1) if t.shape[1] > 1 else 0  # noqa: E731
     grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
     _mla_extend_kernel[grid](
@@ -203,8 +194,8 @@ def _launch_extend(qa, qb, ka, kb, v, out, req_to_token, req_pool_indices, prefi
         qa.stride(0), qa.stride(1), qb.stride(0), qb.stride(1),
         ka.stride(0), head_stride(ka), kb.stride(0), head_stride(kb), v.stride(0), head_stride(v),
         out.stride(0), out.stride(1), req_to_token.stride(0), scale,
-        DA=da, DB=db, DV=dv, BLOCK_DA=block_da, BLOCK_DB=_block(db), BLOCK_DV=block_dv,
-        BLOCK_M=block, BLOCK_N=block, PAGED=paged, V_IS_KEY_A=v_is_key_a, IEEE=fp32 or _INTERPRETED,
+        DA=da, DB=db, DV=dv, BLOCK_DA=block_da, BLOCK_DB=dot_block(db), BLOCK_DV=block_dv,
+        BLOCK_M=block, BLOCK_N=block, PAGED=paged, V_IS_KEY_A=v_is_key_a, IEEE=exact_dot(qa.dtype),
         num_warps=4 if max(block_da, block_dv) <= 256 else 8, num_stages=2,
     )
 

@@ -18,48 +18,13 @@ written to the pool before attention runs).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_MIN_DOT = 16  # tl.dot needs at least 16 rows
-# Triton's CPU interpreter (the tests' TRITON_INTERPRET=1) computes tl.dot of
-# bfloat16 inputs wrongly; there the operands are widened to float32 first.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _allow_scalar_loop_bounds_when_interpreted() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar (a 1-element array) into a
-    Python int with int(array), which numpy >= 2.4 refuses, so loops whose
-    bounds are read from memory fail under TRITON_INTERPRET=1 only. Convert
-    with the array's single element instead."""
-    import triton.runtime.interpreter as interp
-
-    patch_tensor = interp._patch_lang_tensor
-
-    def patched(tensor, scope) -> None:
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
-if _INTERPRETED:
-    _allow_scalar_loop_bounds_when_interpreted()
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """a @ b accumulated in float32; IEEE: exact float32 products (no TF32)."""
-    if IEEE:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        out = tl.dot(a, b)
-    return out
-
+from radixserve.layers.triton_utils import decode_split_count, dot, dot_block, exact_dot, extend_tile
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE: tl.constexpr):
@@ -67,7 +32,7 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scal
     visible keys, rescale what was accumulated to the new running maximum,
     add this block's weighted values. Returns the new (max, sum, acc)."""
     k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-    s = tl.where(visible, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
+    s = tl.where(visible, dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
     v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
     return online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
@@ -79,7 +44,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(s - m_new[:, None])
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
@@ -173,11 +138,8 @@ def decode_merge_kernel(
 
 
 def decode_num_splits(batch_size: int, num_kv_heads: int, num_sms: int, max_splits: int = 16) -> int:
-    """Enough programs to fill the GPU about twice over, a power of two (the
-    merge kernel's arange needs one); depends on the batch size only, so each
-    CUDA graph has a fixed value."""
-    want = max(1, (2 * num_sms) // max(batch_size * num_kv_heads, 1))
-    return min(max_splits, triton.next_power_of_2(want))
+    """Splits per (request, KV head) program: see decode_split_count."""
+    return decode_split_count(batch_size * num_kv_heads, num_sms, max_splits)
 
 
 def fixed_decode_splits(context_len: int, max_splits: int = 64) -> tuple:
@@ -212,8 +174,8 @@ def decode_attention(
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
         split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_H=max(_MIN_DOT, triton.next_power_of_2(group)), BLOCK_N=64 if block_d <= 128 else 32,
-        IEEE=q.dtype == torch.float32 or _INTERPRETED, HAS_WINDOW=sliding_window is not None,
+        BLOCK_H=dot_block(group), BLOCK_N=64 if block_d <= 128 else 32,
+        IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
         FIXED_SPLITS=split_tokens is not None, num_warps=4, num_stages=2,
     )
     decode_merge_kernel[(bs, num_heads)](
@@ -301,15 +263,13 @@ def extend_attention(
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
     block_d = triton.next_power_of_2(head_dim)
-    fp32 = q.dtype == torch.float32
-    # Smaller tiles for fp32 and wide heads keep the tiles within shared memory.
-    block = 32 if fp32 or block_d > 128 else 64
+    block = extend_tile(q.dtype, block_d)
     grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
         q if sinks is None else sinks,
         q.stride(0), out.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, num_heads // num_kv_heads,
         sliding_window or 0,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=fp32 or _INTERPRETED,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=exact_dot(q.dtype),
         HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None, num_warps=4, num_stages=2,
     )

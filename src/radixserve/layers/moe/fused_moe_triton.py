@@ -25,15 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Imported for _dot's interpreter-safe bf16 handling, and because importing the
-# module installs the interpreter shim that lets loop bounds come from memory.
-from radixserve.layers.attention.paged_attention import _INTERPRETED, _dot
 from radixserve.layers.moe.activation import ExpertActivation
+from radixserve.layers.triton_utils import INTERPRETED, dot, dot_block, exact_dot
 
-_MIN_DOT = 16  # tl.dot needs at least 16 rows and columns
 # Triton's interpreter casts float32 to bfloat16 by truncation, a GPU rounds
 # to nearest: rounded in software there, the CPU tests see the GPU's rounding.
-_SOFTWARE_BF16_ROUNDING = tl.constexpr(_INTERPRETED)
+_SOFTWARE_BF16_ROUNDING = tl.constexpr(INTERPRETED)
 
 
 @dataclass(frozen=True)
@@ -161,7 +158,7 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
         num_padded_rows=torch.empty(1, dtype=torch.int32, device=device),
         block_m=block_m,
     )
-    chunk = min(1024, max(_MIN_DOT, triton.next_power_of_2(num_pairs)))
+    chunk = min(1024, dot_block(num_pairs))
     _align_kernel[(num_experts,)](
         topk_ids.contiguous(), aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_rows,
         num_pairs, NUM_EXPERTS=num_experts, NUM_BINS=triton.next_power_of_2(num_experts),
@@ -201,7 +198,7 @@ def _grouped_gemm_kernel(
         k_mask = ks < k_dim - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += _dot(a, w, IEEE)
+        acc += dot(a, w, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -229,8 +226,8 @@ def _grouped_gemm(
     a, w = _unit_stride_rows(a), _unit_stride_rows(w)
     bias = _unit_stride_rows(bias) if bias is not None else None
     # Tiles no wider than the problem: the interpreter's cost grows with tile area.
-    block_n = min(config.block_n, max(_MIN_DOT, triton.next_power_of_2(n_out)))
-    block_k = min(config.block_k, max(_MIN_DOT, triton.next_power_of_2(k_dim)))
+    block_n = min(config.block_n, dot_block(n_out))
+    block_k = min(config.block_k, dot_block(k_dim))
     grid = (aligned.block_expert_ids.numel(), triton.cdiv(n_out, block_n))
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, out,
@@ -241,7 +238,7 @@ def _grouped_gemm(
         bias.stride(0) if bias is not None else 0, out.stride(0),
         PAIRS_PER_A_ROW=pairs_per_a_row, HAS_BIAS=bias is not None, WEIGHTED=routing_weights is not None,
         BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=a.dtype == torch.float32 or _INTERPRETED,
+        IEEE=exact_dot(a.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
