@@ -94,3 +94,32 @@ def test_expanded_extend_matches_reference():
         keys = torch.cat([k_nope[ks:ks + n], k_pe[ks:ks + n, None].expand(-1, HEADS, -1)], dim=-1)
         q = torch.cat([q_nope[qs:qs + e], q_pe[qs:qs + e]], dim=-1)
         torch.testing.assert_close(out[qs:qs + e].double(), reference(q, keys, v[ks:ks + n], p), rtol=1e-5, atol=1e-5)
+
+
+def test_mla_is_its_own_backend_interface():
+    """A backend for ordinary attention implements three methods and no MLA hook;
+    an MLA backend must provide both forms of MLA attention."""
+    from radixserve.layers.attention.base import AttentionBackend
+    from radixserve.layers.attention.mla_backend import MLABackend
+    from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+    from radixserve.layers.attention.triton_attn_backend import TritonAttnBackend
+
+    class OrdinaryOnly(AttentionBackend):
+        def init_forward_metadata(self, forward_batch):
+            pass
+
+        def forward_extend(self, q, k, v, layer, forward_batch):
+            return q
+
+        def forward_decode(self, q, k, v, layer, forward_batch):
+            return q
+
+    assert not isinstance(OrdinaryOnly(), MLABackend)
+
+    class LatentOnly(OrdinaryOnly, MLABackend):
+        def mla_attend_latent(self, q_latent, q_pe, layer, forward_batch):
+            return q_latent
+
+    with pytest.raises(TypeError, match="mla_attend_expanded"):
+        LatentOnly()
+    assert issubclass(TorchNativeAttnBackend, MLABackend) and issubclass(TritonAttnBackend, MLABackend)

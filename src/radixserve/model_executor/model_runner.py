@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
-from radixserve.mem_cache.kv_layout import KVLayout, kv_layout_of
+from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.prefix_cache import PrefixCache
 from radixserve.model_executor.forward_batch import ForwardBatch
@@ -127,10 +128,14 @@ class ModelRunner:
         if name == "torch_native":
             from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
-            return TorchNativeAttnBackend(deterministic=self.deterministic)
-        from radixserve.layers.attention.triton_attn_backend import TritonAttnBackend
+            backend = TorchNativeAttnBackend(deterministic=self.deterministic)
+        else:
+            from radixserve.layers.attention.triton_attn_backend import TritonAttnBackend
 
-        return TritonAttnBackend(self.device, self.context_len if self.deterministic else None)
+            backend = TritonAttnBackend(self.device, self.context_len if self.deterministic else None)
+        if isinstance(self.kv_layout, MLAKVLayout) and not isinstance(backend, MLABackend):
+            raise ValueError(f"attention_backend {name!r} cannot serve multi-head latent attention models")
+        return backend
 
     def _use_batch_invariant_layers(self) -> None:
         """--enable-deterministic-inference: every layer with a batch-invariant

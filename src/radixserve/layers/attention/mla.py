@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from radixserve.layers.attention.base import AttentionBackend
+    from radixserve.layers.attention.mla_backend import MLABackend
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 class MLAAttention(nn.Module):
@@ -71,10 +71,10 @@ class MLAAttention(nn.Module):
 
 
 def mla_forward(
-    backend: "AttentionBackend", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+    backend: "MLABackend", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     k_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: MLAAttention, fb: "ForwardBatch",
 ) -> torch.Tensor:
-    """MLA for any backend that provides `mla_attend_latent` and `mla_attend_expanded`."""
+    """MLA for any MLABackend: its `mla_attend_latent` and `mla_attend_expanded` attend."""
     fb.kv_pool.set_mla_kv(layer.layer_id, fb.out_cache_loc, latent, k_pe)
     if prefers_expanded(layer, fb):
         return _expanded(backend, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, fb)
@@ -102,7 +102,7 @@ def prefers_expanded(layer: MLAAttention, fb: "ForwardBatch") -> bool:
 
 
 def _expanded(
-    backend: "AttentionBackend", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+    backend: "MLABackend", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
     k_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: MLAAttention, fb: "ForwardBatch",
 ) -> torch.Tensor:
     if any(fb.extend_prefix_lens_cpu):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.attention.blocked_attention import blocked_attention
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-class TorchNativeAttnBackend(AttentionBackend):
+class TorchNativeAttnBackend(AttentionBackend, MLABackend):
     def __init__(self, deterministic: bool = False) -> None:
         self.deterministic = deterministic
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from radixserve.layers.attention.base import AttentionBackend
+from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.attention.paged_attention import (
     decode_attention,
     decode_num_splits,
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-class TritonAttnBackend(AttentionBackend):
+class TritonAttnBackend(AttentionBackend, MLABackend):
     def __init__(self, device: torch.device, deterministic_context_len: Optional[int] = None) -> None:
         """deterministic_context_len: batch-invariant decode (--enable-deterministic-
         inference): KV splits of a fixed number of positions covering this length,
