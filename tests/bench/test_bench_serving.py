@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from radixserve import bench_serving
-from tests.bench.test_datasets import write_sharegpt
+from tests.bench.sharegpt_sample import write_sharegpt
 from tests.server_utils import running_server
 
 NUM_PROMPTS = 8
@@ -59,11 +59,13 @@ def bench(server: str, tmp_path, backend: str, dataset: str, *extra: str, shareg
 
 
 def assert_latencies_sane(record: dict, outputs) -> None:
+    """Orderings that hold for any timestamps of one monotonic clock (percentiles,
+    first token before the last); nothing about how long anything took."""
     for name in ("ttft", "itl", "tpot", "e2e_latency"):
-        assert 0 < record[f"median_{name}_ms"] <= record[f"p90_{name}_ms"] <= record[f"p99_{name}_ms"], name
+        assert 0 <= record[f"median_{name}_ms"] <= record[f"p90_{name}_ms"] <= record[f"p99_{name}_ms"], name
     for out in outputs:
-        assert 0 < out.ttft < out.latency
-        assert len(out.itl) <= out.output_len - 1 and all(gap > 0 for gap in out.itl)
+        assert 0 <= out.ttft <= out.latency
+        assert len(out.itl) <= out.output_len - 1 and all(gap >= 0 for gap in out.itl)
 
 
 @pytest.mark.parametrize("backend,dataset", CASES)

@@ -11,28 +11,7 @@ from radixserve.benchmark.datasets import DatasetConfig, sample_requests
 from radixserve.benchmark.metrics import RequestOutput, compute_metrics
 from radixserve.benchmark.tokenizer import get_tokenizer
 from radixserve.bench_serving import count_unreported
-
-CONVERSATIONS = [
-    ("Tell me a story about a brave little toaster who travels far.",
-     "Once upon a time, a toaster set out on a long journey across the hills."),
-    ("What is the boiling point of water at sea level, in Celsius?",
-     "Water boils at one hundred degrees Celsius at sea level."),
-    ("Hi", "Hello!"),  # too short: skipped
-    ("List three primary colors and explain how they mix.",
-     "Red, yellow and blue; mixing them gives secondary colors like orange."),
-    ("Name a planet.", "Mars."),  # the reply is too short: skipped
-]
-
-
-def write_sharegpt(path, jsonl: bool = False) -> str:
-    records = [{"id": str(i), "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
-               for i, (q, a) in enumerate(CONVERSATIONS)]
-    # Out of order (the model speaks first): skipped.
-    records.append({"id": "x", "conversations": [{"from": "gpt", "value": "I speak first here."},
-                                                 {"from": "human", "value": "That is not how it goes."}]})
-    path.write_text("\n".join(json.dumps(r) for r in records) if jsonl else json.dumps(records))
-    return str(path)
-
+from tests.bench.sharegpt_sample import CONVERSATIONS, write_sharegpt
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -76,6 +76,40 @@ def test_dfs_weight_and_random_policies_agree(model_path, prompts, reference_out
             assert_no_leak(engine)
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_lpm_runs_the_cached_prefix_before_it_is_evicted(model_path, policy):
+    """One request at a time, in a pool too small for two finished requests. A
+    is cached; then B1, B2 (unrelated) and A+x wait together. First come, first
+    served runs B1 (which evicts A), B2, then A+x, which finds nothing; longest
+    prefix match must run A+x first, on A's cache."""
+    rng = random.Random(11)
+    prefix_a, b1, b2 = ([rng.randrange(10, 5000) for _ in range(60)] for _ in range(3))
+    a_plus_x = prefix_a + [rng.randrange(10, 5000) for _ in range(4)]
+    with Engine(model_path=model_path, schedule_policy=policy, max_total_tokens=120,
+                max_running_requests=1) as engine:
+        engine.generate(input_ids=prefix_a, sampling_params=GREEDY)
+        before = engine.get_server_info()["num_prefill_tokens"]
+        # Paused, the three requests all reach the waiting queue before any is scheduled.
+        engine.pause_generation()
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(
+            zip("b1 b2 ax".split(), engine.generate(input_ids=[b1, b2, a_plus_x], sampling_params=GREEDY))))
+        thread.start()
+        for _ in range(2000):  # bounded: only keeps a broken scheduler from hanging the test
+            if engine.get_server_info()["num_waiting_reqs"] == 3:
+                break
+            time.sleep(0.01)
+        engine.continue_generation()
+        thread.join(timeout=120)
+        assert set(results) == {"b1", "b2", "ax"}
+        hit = results["ax"]["meta_info"]["cached_tokens"]
+        prefilled = engine.get_server_info()["num_prefill_tokens"] - before
+        assert hit == (len(prefix_a) if policy == "lpm" else 0), (policy, hit)
+        assert prefilled == len(b1) + len(b2) + len(a_plus_x) - hit
+        assert all(results[k]["meta_info"]["cached_tokens"] == 0 for k in ("b1", "b2"))
+        assert_no_leak(engine)
+
+
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_multi_turn_hits_previous_conversation(model_path, page_size):
     with Engine(model_path=model_path, page_size=page_size) as engine:

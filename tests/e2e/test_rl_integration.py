@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import assert_no_leak, hf_greedy
-from tests.e2e.test_weight_updates import GREEDY, PROMPTS, STEPS, engine_with_new_weights, start_long_request
+from tests.e2e.weight_updates import GREEDY, PROMPTS, STEPS, engine_with_new_weights, start_long_request
 from tests.server_utils import free_port
 
 GROUP = "test_weight_update_group"
