@@ -109,6 +109,7 @@ class Harness:
         self.scheduler = Scheduler(args, self.runner, tokenizer=None, eos_token_ids={EOS}, send=self.sent.append)
         self.tokens: Dict[str, List[int]] = defaultdict(list)
         self.finish: Dict[str, dict] = {}
+        self.versions: Dict[str, str] = {}  # weight version of each request's last output
         self.steps = 0
 
     def submit(self, rid: str, prompt: List[int], max_new_tokens: int, stream: bool = False) -> None:
@@ -145,6 +146,7 @@ class Harness:
                 for out in msg.outputs:
                     assert out.rid not in self.finish, f"{out.rid} got output after it finished"
                     self.tokens[out.rid] += out.new_token_ids
+                    self.versions[out.rid] = out.weight_version
                     if out.finished_reason is not None:
                         self.finish[out.rid] = out.finished_reason
         self.sent[:] = [m for m in self.sent if not isinstance(m, io.BatchTokenIDOut)]
