@@ -226,6 +226,7 @@ class Scheduler:
             "num_prefill_tokens": self.admission.num_prefill_tokens,
             "num_evictions": tree.num_evicted_nodes if tree else 0,
             "weight_version": self.weights.version,
+            "pending_weight_updates": len(self.weights.pending),
             "paused": self.weights.paused,
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
