@@ -114,3 +114,29 @@ def test_bad_request_is_refused_without_touching_others():
     h.scheduler.dispatch(io.TokenizedGenerateReqInput("bad", [1], sampling_params=None))
     h.collect()
     assert h.finish["bad"]["status_code"] == 500
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_failure_while_processing_results(overlap):
+    """Processing a result raises (after the next batch was launched, with the
+    overlap schedule): that result's requests fail, the next batch's others go on."""
+    h = Harness(disable_overlap_schedule=not overlap)
+    results = h.scheduler.results
+    real_append = results._append_token
+
+    def append_or_fail(req, row, token, host):
+        if req.rid == "doomed" and len(req.output_ids) == 3:
+            raise RuntimeError("injected failure in result processing")
+        real_append(req, row, token, host)
+
+    results._append_token = append_or_fail
+    h.submit("doomed", [1, 2, 3], 10)
+    h.submit("neighbour", [4, 5], 10)
+    h.run(until=lambda: "doomed" in h.finish)
+    h.submit("late", [6, 7, 8], 6)  # prefilled while the survivors decode
+    h.run()
+    for rid, prompt in (("doomed", [1, 2, 3]), ("neighbour", [4, 5])):  # one decode batch, one fate
+        assert h.finish[rid]["status_code"] == 500 and "injected failure" in h.finish[rid]["message"]
+        assert h.tokens[rid] == reference_output(prompt, 10)[:len(h.tokens[rid])]
+    assert h.tokens["late"] == reference_output([6, 7, 8], 6)
+    assert h.scheduler.kv_cache_stats()["in_use_tokens"] == 0

@@ -101,8 +101,8 @@ class Scheduler:
         launched = self.schedule_and_launch()
         if launched is not None and self.in_flight is not None:
             self.num_overlapped_batches += 1
-        self.resolve_in_flight()  # the previous batch's results, while this one runs
-        self.in_flight = launched
+        previous, self.in_flight = self.in_flight, launched
+        self.process(previous)  # the previous batch's results, while this one runs
         if not self.overlap:
             self.resolve_in_flight()
         if launched is None:
@@ -135,8 +135,19 @@ class Scheduler:
 
     def resolve_in_flight(self) -> None:
         result, self.in_flight = self.in_flight, None
-        if result is not None:
-            self.send_outputs(self.results.process(result))
+        self.process(result)
+
+    def process(self, result: Optional[BatchResult]) -> None:
+        if result is None:
+            return
+        try:
+            outs = self.results.process(result)
+        except Exception as e:
+            # The batch launched after it (if any) stays in flight: it is
+            # processed in turn, and skips the requests failed here.
+            self.fail_batch(BatchFailed(result.reqs, e), resolve_first=False)
+            return
+        self.send_outputs(outs)
 
     # ---- messages ----
     def control_table(self) -> Dict[type, Callable[[Any], Any]]:
@@ -279,7 +290,7 @@ class Scheduler:
         except Exception as e:
             raise BatchFailed(reqs, e) from e
 
-    def fail_batch(self, failure: BatchFailed) -> None:
+    def fail_batch(self, failure: BatchFailed, resolve_first: bool = True) -> None:
         """End the failed batch's requests with a 500 and free their KV; serve on.
         With the overlap schedule the batch before it is still in flight: its
         tokens are delivered first (requests it finishes end normally). If the
@@ -289,7 +300,8 @@ class Scheduler:
         logger.error("a batch of %d request(s) failed; ending them and serving on:\n%s", len(failure.reqs),
                      "".join(traceback.format_exception(failure.cause)))
         self.num_failed_batches += 1
-        self.resolve_in_flight()
+        if resolve_first:
+            self.resolve_in_flight()
         victims = [r for r in failure.reqs if not r.finished]
         for req in victims:
             req.finished_reason = abort_reason(f"internal error while running the batch: {failure}", 500)
