@@ -127,3 +127,35 @@ def test_pause_in_place_then_continue_and_pause_abort(setup):
         engine.pause_generation("sideways")
     assert not engine.get_server_info()["paused"]
     assert_no_leak(engine)
+
+
+def test_concurrent_updates_and_flush_each_get_their_own_answer(setup):
+    """Two updates asked while a request runs (one good, one with a bad path) wait
+    their turn and each caller gets its own answer; a flush asked meanwhile is
+    refused to the flusher. The pause makes "while a request runs" certain."""
+    engine, path, old, new, new_path = setup
+    engine.update_weights_from_disk(str(path), weight_version="base")
+    result: dict = {}
+    thread = start_long_request(engine, result, 48)
+    engine.pause_generation()  # the request keeps its KV: the updates must wait for it
+    answers: dict = {}
+    updaters = [threading.Thread(target=lambda v=v, p=p: answers.update({v: engine.update_weights_from_disk(
+        p, weight_version=v)})) for v, p in (("good", str(new_path)), ("bad", "/no/such/dir"))]
+    for t in updaters:
+        t.start()
+    while engine.get_server_info()["pending_weight_updates"] < 2 and all(t.is_alive() for t in updaters):
+        pass
+    assert engine.flush_cache() is False  # refused: a request runs and updates wait
+    engine.continue_generation()
+    for t in updaters + [thread]:
+        t.join()
+    assert answers["good"] == (True, "")
+    ok, msg = answers["bad"]
+    assert not ok and "/no/such/dir" in msg, msg
+    assert result["meta_info"]["weight_version"] == "base"
+    assert result["output_ids"] == hf_greedy(old, PROMPTS[:1], 48)[0]  # never mixed
+    info = engine.get_server_info()
+    assert info["weight_version"] == "good" and info["pending_weight_updates"] == 0
+    assert greedy(engine) == hf_greedy(new, PROMPTS, STEPS)
+    assert engine.flush_cache() is True
+    assert_no_leak(engine)

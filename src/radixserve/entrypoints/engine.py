@@ -234,7 +234,7 @@ class Engine:
         this returns once every rank has joined. backend None: nccl on CUDA, gloo on CPU."""
         req = io.InitWeightsUpdateGroupReq(master_address, int(master_port), rank_offset, world_size,
                                            group_name, backend)
-        out = self._control(req, io.WeightsUpdateGroupOut)
+        out = self._control(req)
         return out.success, out.message
 
     def update_weights_from_distributed(self, names: List[str], dtypes: List[Any], shapes: List[List[int]],
@@ -251,7 +251,7 @@ class Engine:
         return out.success, out.message
 
     def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> Tuple[bool, str]:
-        out = self._control(io.DestroyWeightsUpdateGroupReq(group_name), io.WeightsUpdateGroupOut)
+        out = self._control(io.DestroyWeightsUpdateGroupReq(group_name))
         return out.success, out.message
 
     def release_memory_occupation(self) -> int:
@@ -260,14 +260,14 @@ class Engine:
         while requests run or wait: let them finish or pause_generation("abort")
         first. Until resume_memory_occupation(), new requests wait in the queue.
         Returns the bytes released."""
-        out = self._control(io.ReleaseMemoryOccupationReq(), io.MemoryOccupationOut)
+        out = self._control(io.ReleaseMemoryOccupationReq())
         if not out.success:
             raise ValueError(out.message)
         return out.num_bytes
 
     def resume_memory_occupation(self) -> int:
         """Weights and KV pool back (and CUDA graphs captured again); returns the bytes allocated."""
-        out = self._control(io.ResumeMemoryOccupationReq(), io.MemoryOccupationOut)
+        out = self._control(io.ResumeMemoryOccupationReq())
         if not out.success:
             raise ValueError(out.message)
         return out.num_bytes
@@ -275,9 +275,9 @@ class Engine:
     def get_tokenizer(self) -> Any:
         return self.tokenizer
 
-    def _control(self, request: Any, reply_type: type) -> Any:
+    def _control(self, request: Any) -> Any:
         """Send a control message to the scheduler and wait for its reply."""
-        return self._run(self.tokenizer_manager._call(request, reply_type))
+        return self._run(self.tokenizer_manager.control(request))
 
     def _run(self, coro):
         if self._closed:

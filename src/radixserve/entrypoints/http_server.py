@@ -150,7 +150,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     # ---- health and info ----
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if state.ready and not state.tm._dead else 503)
+        return Response(status_code=200 if state.ready and not state.tm.is_dead else 503)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
@@ -195,7 +195,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             rank_offset=required(body, "rank_offset", int), world_size=required(body, "world_size", int),
             group_name=optional(body, "group_name", str, "weight_update_group"),
             backend=optional(body, "backend", str, None))
-        return success_response(await state.tm._call(req, io.WeightsUpdateGroupOut))
+        return success_response(await state.tm.control(req))
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request) -> JSONResponse:
@@ -215,16 +215,16 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     async def destroy_weights_update_group(request: Request) -> JSONResponse:
         body = await json_object(request)
         req = io.DestroyWeightsUpdateGroupReq(optional(body, "group_name", str, "weight_update_group"))
-        return success_response(await state.tm._call(req, io.WeightsUpdateGroupOut))
+        return success_response(await state.tm.control(req))
 
     @app.post("/release_memory_occupation")
     async def release_memory_occupation() -> JSONResponse:
-        out = await state.tm._call(io.ReleaseMemoryOccupationReq(), io.MemoryOccupationOut)
+        out = await state.tm.control(io.ReleaseMemoryOccupationReq())
         return success_response(out, released_bytes=out.num_bytes)
 
     @app.post("/resume_memory_occupation")
     async def resume_memory_occupation() -> JSONResponse:
-        out = await state.tm._call(io.ResumeMemoryOccupationReq(), io.MemoryOccupationOut)
+        out = await state.tm.control(io.ResumeMemoryOccupationReq())
         return success_response(out, resumed_bytes=out.num_bytes)
 
     @app.post("/pause_generation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -9,6 +10,25 @@ from radixserve.sampling.sampling_params import SamplingParams
 
 # (logprob, token_id) pairs; text is added by the TokenizerManager when asked.
 LogprobList = List[Tuple[float, int]]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class ControlReq:
+    """A control request to the scheduler; its reply carries the same request_id,
+    so each caller gets its own answer whatever the order of replies."""
+
+    request_id: str = field(default_factory=new_request_id, kw_only=True)
+
+
+@dataclass
+class ControlOut:
+    """The scheduler's reply to the ControlReq with this request_id."""
+
+    request_id: str = field(default="", kw_only=True)
 
 
 @dataclass
@@ -87,22 +107,22 @@ class AbortReq:
 
 
 @dataclass
-class GetServerInfoReq:
+class GetServerInfoReq(ControlReq):
     pass
 
 
 @dataclass
-class GetServerInfoOut:
+class GetServerInfoOut(ControlOut):
     info: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
-class FlushCacheReq:
+class FlushCacheReq(ControlReq):
     pass
 
 
 @dataclass
-class UpdateWeightsFromDiskReq:
+class UpdateWeightsFromDiskReq(ControlReq):
     model_path: str
     load_format: Optional[str] = None
     weight_version: Optional[str] = None
@@ -110,7 +130,7 @@ class UpdateWeightsFromDiskReq:
 
 
 @dataclass
-class UpdateWeightsFromTensorReq:
+class UpdateWeightsFromTensorReq(ControlReq):
     """named_tensors, pickled with torch's ForkingPickler: tensors travel as
     shared-memory handles, not copies (the one large-payload exception)."""
 
@@ -121,42 +141,42 @@ class UpdateWeightsFromTensorReq:
 
 
 @dataclass
-class UpdateWeightsOut:
+class UpdateWeightsOut(ControlOut):
     success: bool
     message: str = ""
     weight_version: str = ""
 
 
 @dataclass
-class PauseGenerationReq:
+class PauseGenerationReq(ControlReq):
     mode: str = "in_place"  # in_place: running requests wait, keeping their KV | abort: end them
 
 
 @dataclass
-class ContinueGenerationReq:
+class ContinueGenerationReq(ControlReq):
     pass
 
 
 @dataclass
-class GenerationControlOut:
+class GenerationControlOut(ControlOut):
     success: bool
     message: str = ""
 
 
 @dataclass
-class GetWeightsByNameReq:
+class GetWeightsByNameReq(ControlReq):
     name: str
     truncate_size: int = 100
 
 
 @dataclass
-class GetWeightsByNameOut:
+class GetWeightsByNameOut(ControlOut):
     values: Optional[list] = None
     error: str = ""
 
 
 @dataclass
-class InitWeightsUpdateGroupReq:
+class InitWeightsUpdateGroupReq(ControlReq):
     """Join a process group with a trainer (rank 0) as rank rank_offset."""
 
     master_address: str
@@ -168,7 +188,7 @@ class InitWeightsUpdateGroupReq:
 
 
 @dataclass
-class UpdateWeightsFromDistributedReq:
+class UpdateWeightsFromDistributedReq(ControlReq):
     """Receive these weights (Hugging Face names) as broadcasts from rank 0, in this order."""
 
     names: List[str]
@@ -181,35 +201,35 @@ class UpdateWeightsFromDistributedReq:
 
 
 @dataclass
-class DestroyWeightsUpdateGroupReq:
+class DestroyWeightsUpdateGroupReq(ControlReq):
     group_name: str = "weight_update_group"
 
 
 @dataclass
-class WeightsUpdateGroupOut:
+class WeightsUpdateGroupOut(ControlOut):
     success: bool
     message: str = ""
 
 
 @dataclass
-class ReleaseMemoryOccupationReq:
+class ReleaseMemoryOccupationReq(ControlReq):
     pass
 
 
 @dataclass
-class ResumeMemoryOccupationReq:
+class ResumeMemoryOccupationReq(ControlReq):
     pass
 
 
 @dataclass
-class MemoryOccupationOut:
+class MemoryOccupationOut(ControlOut):
     success: bool
     message: str = ""
     num_bytes: int = 0  # released by a release, allocated again by a resume
 
 
 @dataclass
-class FlushCacheOut:
+class FlushCacheOut(ControlOut):
     success: bool
     message: str = ""
 

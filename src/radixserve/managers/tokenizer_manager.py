@@ -52,7 +52,7 @@ class TokenizerManager:
         self.vocab_size = ready.vocab_size
         self.port_args = port_args
         self.states: Dict[str, ReqState] = {}
-        self._replies: Dict[type, Deque[asyncio.Future]] = {}
+        self._replies: Dict[str, asyncio.Future] = {}  # control request_id -> its caller's future
         self._started = False
         self._dead: Optional[str] = None
         self.metrics: Optional[Metrics] = None
@@ -87,10 +87,18 @@ class TokenizerManager:
                 prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), cached_tokens=0,
             ))
             state.event.set()
-        for futures in self._replies.values():
-            for fut in futures:
-                if not fut.done():
-                    fut.set_exception(RuntimeError(message))
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(message))
+
+    @property
+    def is_dead(self) -> bool:
+        """A child process died: nothing more can be served."""
+        return self._dead is not None
+
+    @property
+    def dead_reason(self) -> Optional[str]:
+        return self._dead
 
     # ---- generate ----
     async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[Dict[str, Any]]:
@@ -262,9 +270,11 @@ class TokenizerManager:
                 if self.metrics:
                     self.metrics.on_stats(msg)
             else:
-                futures = self._replies.get(type(msg))
-                if futures:
-                    futures.popleft().set_result(msg)
+                fut = self._replies.get(getattr(msg, "request_id", None))
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+                elif fut is None:
+                    logger.warning("a reply nobody waits for: %r", type(msg).__name__)
 
     def _log_request(self, state: ReqState, out: io.ReqOutput, now: float) -> None:
         line = (f"request {state.req.rid}: prompt_tokens={out.prompt_tokens} "
@@ -274,14 +284,21 @@ class TokenizerManager:
             line += f" prompt={state.req.prompt!r} output={state.text + out.new_text!r}"
         logger.info(line)
 
-    async def _call(self, request: Any, reply_type: type) -> Any:
+    async def control(self, request: io.ControlReq) -> io.ControlOut:
+        """Send a control request to the scheduler and wait for the reply that
+        names its request_id (replies to concurrent calls may come in any order)."""
         self._ensure_started()
         if self._dead:
             raise RuntimeError(self._dead)
+        if request.request_id in self._replies:
+            raise ValueError(f"control request_id {request.request_id!r} is already waiting for a reply")
         fut = asyncio.get_running_loop().create_future()
-        self._replies.setdefault(reply_type, deque()).append(fut)
-        self.send_sock.send_pyobj(request)
-        return await fut
+        self._replies[request.request_id] = fut
+        try:
+            self.send_sock.send_pyobj(request)
+            return await fut
+        finally:
+            self._replies.pop(request.request_id, None)
 
     # ---- control ----
     def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
@@ -289,25 +306,26 @@ class TokenizerManager:
         self.send_sock.send_pyobj(io.AbortReq(rid=rid, abort_all=abort_all))
 
     async def get_server_info(self) -> Dict[str, Any]:
-        reply = await self._call(io.GetServerInfoReq(), io.GetServerInfoOut)
+        reply = await self.control(io.GetServerInfoReq())
         return reply.info
 
     async def flush_cache(self) -> io.FlushCacheOut:
-        return await self._call(io.FlushCacheReq(), io.FlushCacheOut)
+        return await self.control(io.FlushCacheReq())
 
     # ---- live weights ----
     async def update_weights(self, request: Any) -> io.UpdateWeightsOut:
-        """A UpdateWeightsFromDiskReq or UpdateWeightsFromTensorReq; answers once applied."""
-        return await self._call(request, io.UpdateWeightsOut)
+        """An UpdateWeightsFrom{Disk,Tensor,Distributed}Req; answers once applied
+        (after the running requests and any update asked before it)."""
+        return await self.control(request)
 
     async def pause_generation(self, mode: str = "in_place") -> io.GenerationControlOut:
-        return await self._call(io.PauseGenerationReq(mode), io.GenerationControlOut)
+        return await self.control(io.PauseGenerationReq(mode))
 
     async def continue_generation(self) -> io.GenerationControlOut:
-        return await self._call(io.ContinueGenerationReq(), io.GenerationControlOut)
+        return await self.control(io.ContinueGenerationReq())
 
     async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        out = await self._call(io.GetWeightsByNameReq(name, truncate_size), io.GetWeightsByNameOut)
+        out = await self.control(io.GetWeightsByNameReq(name, truncate_size))
         if out.error:
             raise ValueError(out.error)
         return out.values

@@ -1,0 +1,157 @@
+"""Admission: the waiting queue, its ordering policy, the prefill budget
+(PrefillAdder), the one chunked request, and the grammar wait in front of it.
+
+It decides which waiting requests join the next extend batch and builds that
+batch; requests join the running batch only when its results are processed.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Callable, List, Optional
+
+import torch
+
+from radixserve.managers import io_struct as io
+from radixserve.managers.req import Req
+from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.managers.schedule_policy import NewTokenRatio, PrefillAdder, order_waiting_queue
+from radixserve.managers.scheduler.grammar import GrammarWait
+from radixserve.managers.scheduler.outputs import BatchFailed, abort_reason
+from radixserve.server_args import ServerArgs
+
+
+class Admission:
+    def __init__(self, server_args: ServerArgs, pools, device: torch.device, max_running: int,
+                 max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio) -> None:
+        self.policy = server_args.schedule_policy
+        self.max_queued = server_args.max_queued_requests
+        self.max_prefill_tokens = server_args.max_prefill_tokens
+        self.chunk_size = server_args.resolved_chunked_prefill_size()
+        self.seed_rng = random.Random(server_args.random_seed)
+        self.pools, self.device = pools, device
+        self.prefix_cache = pools.prefix_cache
+        self.max_running = max_running
+        self.max_total_tokens = max_total_tokens
+        self.grammar = grammar
+        self.ratio = ratio
+        self.waiting: List[Req] = []
+        self.chunked_req: Optional[Req] = None
+        self.last_was_chunk = False  # the last extend was a chunk: running requests decode next
+        self.last_admitted: List[Req] = []  # joined from the queue in the last prefill batch
+        self.num_prefill_tokens = 0  # tokens computed by prefill (after cache hits)
+
+    def queued(self) -> int:
+        return len(self.waiting) + len(self.grammar)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.chunked_req is not None or len(self.grammar))
+
+    # ---- arrivals ----
+    def add(self, recv: io.TokenizedGenerateReqInput) -> Optional[Req]:
+        """Queue a request; returns it, finished, when it is refused at once."""
+        seed = recv.sampling_params.sampling_seed
+        req = Req(recv, self.seed_rng.getrandbits(62) if seed is None else seed)
+        if len(req.origin_input_ids) + 1 > self.max_total_tokens:
+            # It could never fit; fail it now instead of queueing it forever.
+            req.finished_reason = abort_reason(
+                f"the prompt has {len(req.origin_input_ids)} tokens and can never fit "
+                f"the KV cache ({self.max_total_tokens} tokens)", 400)
+            return req
+        if self.max_queued is not None and self.queued() >= self.max_queued:
+            req.finished_reason = abort_reason(
+                f"the server is overloaded: {self.max_queued} requests are already queued", 503)
+            return req
+        if not self.grammar.submit(req):
+            self.waiting.append(req)
+        return None
+
+    def move_compiled(self) -> List[Req]:
+        """Compiled requests join the queue; returns the ones that ended instead."""
+        ready, ended = self.grammar.collect()
+        self.waiting.extend(ready)
+        return ended
+
+    def requeue_front(self, req: Req) -> None:
+        """A retracted request goes first: it was admitted before anyone waiting."""
+        self.waiting.insert(0, req)
+
+    # ---- aborts and failures ----
+    def abort(self, matches: Callable[[Req], bool]) -> List[Req]:
+        """Waiting matches end now (they hold no KV); the chunked request and
+        compiling ones are marked and ended by whoever holds them."""
+        self.grammar.abort(matches)
+        ended = [r for r in self.waiting if matches(r)]
+        self.waiting = [r for r in self.waiting if not matches(r)]
+        for req in ended:
+            req.finished_reason = abort_reason()
+        if self.chunked_req is not None and matches(self.chunked_req):
+            self.chunked_req.to_abort = True
+        return ended
+
+    def take_aborted_chunk(self) -> Optional[Req]:
+        req = self.chunked_req
+        if req is None or not req.to_abort:
+            return None
+        self.chunked_req, self.last_was_chunk = None, False
+        return req
+
+    def forget(self, reqs: List[Req]) -> None:
+        """These requests failed with their batch: drop them from the queue and the chunk slot."""
+        gone = set(map(id, reqs))
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
+        if self.chunked_req is not None and id(self.chunked_req) in gone:
+            self.chunked_req, self.last_was_chunk = None, False
+
+    # ---- the next extend batch ----
+    def next_prefill(self, running: List[Req], admit_new: bool) -> Optional[ScheduleBatch]:
+        """The chunked request's next chunk and as many waiting requests as fit;
+        admit_new False (a weight update waits) admits none from the queue."""
+        if not self.waiting and self.chunked_req is None:
+            return None
+        self.waiting = order_waiting_queue(self.waiting, self.policy, self.prefix_cache)
+        adder = PrefillAdder(
+            self.pools.allocator.available_size() + self.prefix_cache.evictable_size(), running,
+            self.ratio.value, self.pools.allocator.page_size, self.chunk_size, self.max_prefill_tokens,
+            lock=self.prefix_cache.lock,
+        )
+        if self.chunked_req is not None:
+            adder.add(self.chunked_req)
+            if not adder.plans:
+                # It cannot continue this round (memory is short): start nothing
+                # ahead of it, or a new chunked request would take its place and
+                # orphan it with its KV and locks. Decoding frees memory meanwhile.
+                return None
+        for req in (self.waiting if admit_new else []):
+            if len(running) + len(adder.plans) >= self.max_running:
+                break
+            self.prefix_cache.match(req)
+            if not adder.add(req):
+                break
+        if not adder.plans:
+            return None
+        return self._build(adder)
+
+    def _build(self, adder: PrefillAdder) -> Optional[ScheduleBatch]:
+        admitted = [p.req for p in adder.plans if p.req is not self.chunked_req]
+        batch = ScheduleBatch([p.req for p in adder.plans], self.pools, self.device)
+        try:
+            prepared = batch.prepare_for_extend(adder.plans)
+        except Exception as e:
+            self.waiting = self.waiting[len(admitted):]
+            raise BatchFailed(batch.reqs, e) from e
+        if not prepared:
+            for req in admitted:
+                self.prefix_cache.release(req)
+            return None
+        for req in admitted:
+            if req.cached_tokens is None:  # first admission: prompt tokens served from cache
+                req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
+                req.queue_time = time.monotonic() - req.created_at
+        self.waiting = self.waiting[len(admitted):]
+        self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)
+        self.last_admitted = admitted
+        self.chunked_req = adder.new_chunked_req
+        self.last_was_chunk = self.chunked_req is not None
+        return batch

@@ -1,0 +1,383 @@
+"""The Scheduler: receive, dispatch, schedule, launch, process.
+
+It is assembled from parts that own their state: Admission (waiting queue,
+policy, prefill budget, chunked request, grammar wait), RunningBatch (decode
+preparation, retraction), ResultProcessor (a batch result into outputs),
+WeightController (updates, pauses, memory release) and StatsReporter. The
+model runner and the output sink are arguments, so the whole loop runs
+without a model or sockets in tests (tests/managers); the process entry
+(process.py) builds the real ones.
+
+With the overlap schedule (the default) the results of batch N are processed
+after batch N+1 is launched, so the CPU's bookkeeping hides behind the GPU's
+work. A batch that raises while it is built or run fails only its own
+requests (status 500) and frees their KV; see fail_batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Set
+
+from radixserve.layers.sampler import Sampler
+from radixserve.managers import io_struct as io
+from radixserve.managers.batch_result import BatchResult
+from radixserve.managers.req import Req
+from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.managers.schedule_policy import NewTokenRatio
+from radixserve.managers.scheduler.admission import Admission
+from radixserve.managers.scheduler.grammar import GrammarWait
+from radixserve.managers.scheduler.outputs import (
+    BatchFailed, OutputBuilder, SchedulerStateLost, abort_reason, is_fatal, release_kv)
+from radixserve.managers.scheduler.results import ResultProcessor
+from radixserve.managers.scheduler.running import RunningBatch
+from radixserve.managers.scheduler.stats import Gauges, StatsReporter
+from radixserve.managers.scheduler.weights import WeightController
+from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# Control messages that see (or change) the requests' state: the in-flight
+# batch's results are processed before them, so its requests count as running.
+RESOLVE_FIRST = frozenset({
+    io.AbortReq, io.GetServerInfoReq, io.FlushCacheReq, io.GetWeightsByNameReq, io.PauseGenerationReq,
+    io.ReleaseMemoryOccupationReq, io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq,
+    io.UpdateWeightsFromDistributedReq,
+})
+
+
+class Scheduler:
+    def __init__(self, server_args: ServerArgs, runner: Any, tokenizer: Any, eos_token_ids: Set[int],
+                 send: Callable[[Any], None]) -> None:
+        """runner: a ModelRunner or anything with its pools, sizes and forward();
+        send: where every outgoing message goes (the detokenizer's socket)."""
+        args = self.server_args = server_args
+        self.runner, self.send, self.eos_token_ids = runner, send, eos_token_ids
+        self.device, self.pools = runner.device, runner.pools
+        self.prefix_cache, self.allocator = runner.pools.prefix_cache, runner.pools.allocator
+        self.sampler = Sampler()
+        ratio = NewTokenRatio(args.schedule_conservativeness)
+        self.grammar = GrammarWait(args.grammar_backend, not args.constrained_json_disable_any_whitespace,
+                                   tokenizer, runner.vocab_size, eos_token_ids)
+        self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
+                                   runner.max_total_num_tokens, self.grammar, ratio)
+        self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
+        self.weights = WeightController(runner, self.prefix_cache, self.device)
+        self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
+        self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
+                                       runner.context_len, tokenizer)
+        self.stats = StatsReporter(self.gauges)
+        self.overlap = not args.disable_overlap_schedule
+        self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
+        self.num_overlapped_batches = 0  # launched while the previous one's results were pending
+        self.num_failed_batches = 0
+        self.was_idle = True
+        self.handlers = self.control_table()
+
+    def ready_info(self) -> io.SchedulerReady:
+        runner = self.runner
+        return io.SchedulerReady(
+            max_total_num_tokens=runner.max_total_num_tokens, max_running_requests=runner.max_running_requests,
+            context_length=runner.context_len, vocab_size=runner.vocab_size,
+            chunked_prefill_size=self.admission.chunk_size, device=str(self.device))
+
+    # ---- the loop ----
+    def event_loop(self, receive: Callable[[float], List[Any]]) -> None:
+        """receive(timeout_s): the messages that arrived, waiting up to timeout_s for one."""
+        while True:
+            for msg in receive(self.receive_timeout()):
+                self.dispatch(msg)
+            self.step()
+
+    def step(self) -> None:
+        """One turn: queue compiled requests, apply due updates, then schedule, launch, process."""
+        self.emit(self.admission.move_compiled())
+        for reply in self.weights.apply_ready(kv_in_use=self.kv_busy()):
+            self.send(reply)
+        if self.in_flight is not None and self.must_resolve_before_scheduling():
+            self.resolve_in_flight()
+        launched = self.schedule_and_launch()
+        if launched is not None and self.in_flight is not None:
+            self.num_overlapped_batches += 1
+        previous, self.in_flight = self.in_flight, launched
+        self.process(previous)  # the previous batch's results, while this one runs
+        if not self.overlap:
+            self.resolve_in_flight()
+        if launched is None:
+            self.on_idle()
+        else:
+            self.was_idle = False
+
+    def receive_timeout(self) -> float:
+        if self.is_idle() or self.weights.paused:
+            return 1.0
+        if len(self.grammar) and not self.admission.waiting and self.running.is_empty():
+            return 0.005  # only compiling: wait a little, don't spin
+        return 0.0
+
+    def is_idle(self) -> bool:
+        return (not self.admission.has_work() and self.running.is_empty() and self.in_flight is None
+                and not self.weights.pending)
+
+    def must_resolve_before_scheduling(self) -> bool:
+        """Cases where the next batch depends on the in-flight batch's results.
+        An extend batch's requests join the running batch only when its results
+        are processed; a grammar's mask needs the last token; rebuilt sampling
+        state needs every step counted; finished requests free the memory a
+        decode step that does not fit needs."""
+        running = self.running
+        return (self.in_flight.is_extend
+                or (not running.is_empty() and running.batch.sampling_info is None)
+                or any(r.grammar is not None for r in running.reqs)
+                or not running.decode_fits())
+
+    def resolve_in_flight(self) -> None:
+        result, self.in_flight = self.in_flight, None
+        self.process(result)
+
+    def process(self, result: Optional[BatchResult]) -> None:
+        if result is None:
+            return
+        try:
+            outs = self.results.process(result)
+        except Exception as e:
+            # The batch launched after it (if any) stays in flight: it is
+            # processed in turn, and skips the requests failed here.
+            self.fail_batch(BatchFailed(result.reqs, e), resolve_first=False)
+            return
+        self.send_outputs(outs)
+
+    # ---- messages ----
+    def control_table(self) -> Dict[type, Callable[[Any], Any]]:
+        """Message type -> handler; a handler returns its reply, or None."""
+        weights, abort_all = self.weights, lambda: self.abort(io.AbortReq(abort_all=True))
+        return {
+            io.TokenizedGenerateReqInput: self.add_request,
+            io.AbortReq: self.abort,
+            io.GetServerInfoReq: lambda msg: io.GetServerInfoOut(self.server_info()),
+            io.FlushCacheReq: self.flush_cache,
+            io.UpdateWeightsFromDiskReq: self.request_weight_update,
+            io.UpdateWeightsFromTensorReq: self.request_weight_update,
+            io.UpdateWeightsFromDistributedReq: self.request_weight_update,
+            io.InitWeightsUpdateGroupReq: weights.init_group,
+            io.DestroyWeightsUpdateGroupReq: weights.destroy_group,
+            io.ReleaseMemoryOccupationReq: lambda msg: weights.release_memory(self.num_busy()),
+            io.ResumeMemoryOccupationReq: weights.resume_memory,
+            io.PauseGenerationReq: lambda msg: weights.pause(msg, abort_all),
+            io.ContinueGenerationReq: weights.resume_generation,
+            io.GetWeightsByNameReq: weights.get_weights_by_name,
+        }
+
+    def dispatch(self, msg: Any) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            logger.error("scheduler got an unknown message %r", type(msg))
+            return
+        if type(msg) in RESOLVE_FIRST:
+            self.resolve_in_flight()
+        reply = handler(msg)
+        if reply is not None:
+            reply.request_id = msg.request_id  # the caller waits for its own answer
+            self.send(reply)
+
+    def add_request(self, recv: io.TokenizedGenerateReqInput) -> None:
+        try:
+            refused = self.admission.add(recv)
+        except Exception as e:  # one bad request must not take the scheduler down
+            bad_input = isinstance(e, ValueError)
+            if not bad_input:
+                logger.error("request %s failed:\n%s", recv.rid, traceback.format_exc())
+            reason = abort_reason(str(e), 400) if bad_input else abort_reason(f"internal error: {e}", 500)
+            self.send_outputs([io.ReqOutput(rid=recv.rid, new_token_ids=[], finished_reason=reason,
+                                            prompt_tokens=len(recv.input_ids), completion_tokens=0,
+                                            cached_tokens=0)])
+            return
+        if refused is not None:
+            self.emit([refused])
+
+    def abort(self, msg: io.AbortReq) -> None:
+        def matches(req: Req) -> bool:
+            # An n > 1 request's copies share its rid as a prefix.
+            return msg.abort_all or req.rid == msg.rid or req.rid.startswith(f"{msg.rid}#")
+
+        ended = self.admission.abort(matches)
+        self.running.mark_aborted(matches)
+        self.emit(ended + self.reap_aborted())
+
+    def request_weight_update(self, msg: Any) -> Optional[io.UpdateWeightsOut]:
+        refusal = self.weights.request_update(msg)
+        if refusal is None and msg.abort_all_requests:
+            self.abort(io.AbortReq(abort_all=True))
+        return refusal
+
+    def flush_cache(self, msg: io.FlushCacheReq) -> io.FlushCacheOut:
+        if not self.is_idle():
+            return io.FlushCacheOut(False, "requests are running or waiting; flush refused")
+        self.prefix_cache.reset()
+        return io.FlushCacheOut(True, "")
+
+    def num_busy(self) -> int:
+        return len(self.kv_holders()) + self.admission.queued()
+
+    def server_info(self) -> Dict[str, Any]:
+        runner, tree = self.runner, self.prefix_cache.tree
+        return {
+            "max_total_num_tokens": runner.max_total_num_tokens,
+            "max_running_requests": runner.max_running_requests,
+            "context_length": runner.context_len,
+            "chunked_prefill_size": self.admission.chunk_size,
+            "page_size": self.allocator.page_size,
+            "num_running_reqs": len(self.kv_holders()),
+            "num_waiting_reqs": len(self.admission.waiting),
+            "num_retractions": self.running.num_retractions,
+            "num_overlapped_batches": self.num_overlapped_batches,
+            "num_failed_batches": self.num_failed_batches,
+            "num_prefill_tokens": self.admission.num_prefill_tokens,
+            "num_evictions": tree.num_evicted_nodes if tree else 0,
+            "weight_version": self.weights.version,
+            "pending_weight_updates": len(self.weights.pending),
+            "paused": self.weights.paused,
+            "kv_cache": self.kv_cache_stats(),
+            "device": str(self.device),
+            "dtype": str(runner.dtype).removeprefix("torch."),
+        }
+
+    # ---- scheduling ----
+    def schedule_and_launch(self) -> Optional[BatchResult]:
+        try:
+            batch = self.schedule()
+            return self.launch_batch(batch) if batch is not None else None
+        except BatchFailed as failure:
+            self.fail_batch(failure)
+            return None
+
+    def schedule(self) -> Optional[ScheduleBatch]:
+        self.emit(self.reap_aborted())
+        if self.weights.paused:
+            return None
+        # Between chunks of a long prompt, let running requests decode one step,
+        # so a long prompt never stalls them for long.
+        if not (self.admission.last_was_chunk and not self.running.is_empty()):
+            # While weight updates wait for running requests to drain, admit none.
+            batch = self.admission.next_prefill(self.running.reqs, admit_new=not self.weights.pending)
+            if batch is not None:
+                self.send(self.stats.on_prefill(batch.plans, self.admission.last_admitted))
+                return batch
+        self.admission.last_was_chunk = False
+        batch, ended = self.running.next_decode()
+        self.emit(ended)
+        if batch is not None:
+            self.send_stats(self.stats.on_decode(len(batch)))
+        return batch
+
+    def launch_batch(self, batch: ScheduleBatch) -> BatchResult:
+        """Forward and sample: the one call into the model runner. The sampled ids
+        stay on the device (the next decode step reads them there) and are
+        copied to the host asynchronously."""
+        reqs = list(batch.reqs)
+        try:
+            logits = self.runner.forward(batch)
+            if batch.sampling_info is None:
+                batch.sampling_info = SamplingBatchInfo.from_reqs(
+                    batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids)
+            self.grammar.set_mask(batch)
+            sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
+            batch.sampling_info.record(sample.next_token_ids)
+            batch.last_token_ids = sample.next_token_ids
+            return BatchResult.launched(batch, logits, sample)
+        except Exception as e:
+            raise BatchFailed(reqs, e) from e
+
+    def fail_batch(self, failure: BatchFailed, resolve_first: bool = True) -> None:
+        """End the failed batch's requests with a 500 and free their KV; serve on.
+        With the overlap schedule the batch before it is still in flight: its
+        tokens are delivered first (requests it finishes end normally). If the
+        KV does not add up afterwards, the state is unknown: give up."""
+        if is_fatal(failure.cause):
+            raise failure.cause
+        logger.error("a batch of %d request(s) failed; ending them and serving on:\n%s", len(failure.reqs),
+                     "".join(traceback.format_exception(failure.cause)))
+        self.num_failed_batches += 1
+        if resolve_first:
+            self.resolve_in_flight()
+        victims = [r for r in failure.reqs if not r.finished]
+        for req in victims:
+            req.finished_reason = abort_reason(f"internal error while running the batch: {failure}", 500)
+            self.prefix_cache.release(req)
+        self.running.remove(victims)
+        self.admission.forget(victims)
+        self.emit(victims)
+        kv = self.kv_cache_stats()
+        if kv["total_tokens"] != kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"]:
+            raise SchedulerStateLost(f"KV accounting broken after a failed batch: {kv}") from failure.cause
+
+    def reap_aborted(self) -> List[Req]:
+        """Aborted requests that hold KV end now, freeing it at once."""
+        ended = self.running.reap_aborted()
+        chunk = self.admission.take_aborted_chunk()
+        if chunk is not None:
+            chunk.finished_reason = abort_reason()
+            release_kv(self.prefix_cache, [chunk])
+            ended.append(chunk)
+        return ended
+
+    # ---- sending ----
+    def emit(self, reqs: List[Req]) -> None:
+        """Send what is due about these requests."""
+        if reqs:
+            self.send_outputs(self.outputs.build(reqs))
+
+    def send_outputs(self, outs: List[io.ReqOutput]) -> None:
+        if outs:
+            self.send(io.BatchTokenIDOut(outs))
+
+    def send_stats(self, msg: Optional[io.SchedulerStats]) -> None:
+        if msg is not None:
+            self.send(msg)
+
+    # ---- memory ----
+    def kv_holders(self) -> List[Req]:
+        """Requests holding KV: running, the chunked one, and an in-flight extend batch's."""
+        holders = list(self.running.reqs)
+        extra = [self.admission.chunked_req] if self.admission.chunked_req is not None else []
+        if self.in_flight is not None and self.in_flight.is_extend:
+            extra += self.in_flight.reqs
+        seen = set(map(id, holders))
+        for req in extra:
+            if id(req) not in seen and not req.finished:
+                seen.add(id(req))
+                holders.append(req)
+        return holders
+
+    def kv_busy(self) -> bool:
+        return bool(self.kv_holders()) or self.in_flight is not None
+
+    def kv_cache_stats(self) -> Dict[str, int]:
+        """Counted independently: in use = the tree's locked tokens plus what each
+        request holds itself; cached = tokens only the tree holds. total = free +
+        in_use + cached unless something leaked."""
+        cache = self.prefix_cache
+        in_use = cache.protected_size() + sum(cache.owned_tokens(r) for r in self.kv_holders())
+        return {
+            "total_tokens": self.allocator.total_tokens,
+            "free_tokens": self.allocator.available_size(),
+            "in_use_tokens": in_use,
+            "cached_tokens": cache.evictable_size(),
+        }
+
+    def gauges(self) -> Gauges:
+        kv = self.kv_cache_stats()
+        return Gauges(len(self.kv_holders()), len(self.admission.waiting), kv["in_use_tokens"],
+                      kv["total_tokens"])
+
+    def on_idle(self) -> None:
+        if not self.is_idle():
+            return
+        if not self.was_idle:  # gauges drop to zero when the work is done
+            self.was_idle = True
+            self.send(self.stats.message())
+        stats = self.kv_cache_stats()
+        if stats["total_tokens"] - stats["free_tokens"] - stats["cached_tokens"] or stats["in_use_tokens"]:
+            logger.error("KV memory leak while idle: %s", stats)

@@ -1,0 +1,82 @@
+"""The result processor: turns a BatchResult into request progress and the
+outputs due now, which it returns (the loop sends them).
+
+Extend results: the prompt's KV joins the prefix cache at once, requests whose
+prefill completed take their first token and join the running batch. Decode
+results: one token each; finished requests give their KV back."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, List, Set
+
+from radixserve.managers import io_struct as io
+from radixserve.managers.batch_result import BatchResult
+from radixserve.managers.logprobs import record_input_logprobs, record_output_logprob
+from radixserve.managers.req import Req
+from radixserve.managers.scheduler.grammar import GrammarWait
+from radixserve.managers.scheduler.outputs import OutputBuilder, release_kv
+from radixserve.managers.scheduler.running import RunningBatch
+
+
+class ResultProcessor:
+    def __init__(self, prefix_cache, running: RunningBatch, outputs: OutputBuilder,
+                 eos_token_ids: Set[int], context_len: int, tokenizer: Any) -> None:
+        self.prefix_cache = prefix_cache
+        self.running = running
+        self.outputs = outputs
+        self.eos_token_ids = eos_token_ids
+        self.context_len = context_len
+        self.tokenizer = tokenizer
+
+    def process(self, result: BatchResult) -> List[io.ReqOutput]:
+        if result.is_extend:
+            return self._process_extend(result)
+        return self._process_decode(result)
+
+    def _process_extend(self, result: BatchResult) -> List[io.ReqOutput]:
+        batch = result.batch  # an extend batch is private: unchanged since launch
+        if result.logits.all_logits is not None:
+            record_input_logprobs(result.plans, result.logits.all_logits)
+        next_ids, host = result.next_token_ids(), result.host_logprobs()
+        keep = []
+        for i, plan in enumerate(result.plans):
+            req = plan.req
+            # The prompt's KV joins the cache right away, not when the request
+            # ends: requests queued behind it with the same prefix reuse it.
+            if not req.to_abort:
+                self.prefix_cache.cache_unfinished(req)
+            if not plan.completes_prefill:
+                continue  # a chunk: its sample is meaningless
+            self._append_token(req, i, next_ids[i], host)
+            if not req.finished:
+                keep.append(i)
+        release_kv(self.prefix_cache, [p.req for p in result.plans if p.req.finished])
+        outs = self.outputs.build([p.req for p in result.plans if p.completes_prefill])
+        batch.filter(keep)
+        self.running.absorb(batch)
+        return outs
+
+    def _process_decode(self, result: BatchResult) -> List[io.ReqOutput]:
+        next_ids, host = result.next_token_ids(), result.host_logprobs()
+        live = []
+        for i, req in enumerate(result.reqs):
+            if req.finished:
+                continue  # it ended one step earlier (overlap): this token is past its end
+            self._append_token(req, i, next_ids[i], host)
+            live.append(req)
+        finished = [r for r in live if r.finished]
+        outs = self.outputs.build(live)
+        if finished:
+            release_kv(self.prefix_cache, finished)
+            self.running.remove(finished)
+        return outs
+
+    def _append_token(self, req: Req, row: int, token: int, host) -> None:
+        if not req.output_ids:
+            req.first_token_at = time.monotonic()
+        req.output_ids.append(token)
+        GrammarWait.advance(req, token)
+        if req.return_logprob:
+            record_output_logprob(req, row, token, *host)
+        req.check_finished(self.eos_token_ids, self.context_len, self.tokenizer)
