@@ -43,11 +43,13 @@ class OneBatchResult:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_one_batch", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_one_batch", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ServerArgs.add_cli_args(parser)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
-    parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
-    parser.add_argument("--output-len", type=int, nargs="+", default=[16])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes to time")
+    parser.add_argument("--input-len", type=int, nargs="+", default=[1024], help="prompt lengths to time")
+    parser.add_argument("--output-len", type=int, nargs="+", default=[16],
+                        help="tokens per request: one from the prefill, the rest from decode steps")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random prompt tokens")
     parser.add_argument("--correct", action="store_true",
                         help="print greedy continuations of fixed prompts instead of timing")
