@@ -26,7 +26,7 @@ DRAIN_AFTER_DEATH_S = 1.0
 
 def run_server(args: ServerArgs) -> int:
     """Serve until stopped. Returns the exit code: 0 after SIGINT/SIGTERM, 1
-    when a child process died. Raises ValueError (bad arguments) or
+    when a child process died or the warm-up failed. Raises ValueError (bad arguments) or
     StartupError (the model did not load) before serving."""
     start = time.monotonic()
     runtime = Runtime.start(args)
@@ -55,7 +55,9 @@ def run_server(args: ServerArgs) -> int:
         runtime.watch_children(stop_after_child_death)
         with stop_signals_return():
             server.run()
-        return 1 if runtime.child_death else 0
+        # Not started: the warm-up (in the app's lifespan) failed, and uvicorn
+        # has logged why.
+        return 1 if runtime.child_death or not server.started else 0
     finally:
         runtime.shutdown()
 
