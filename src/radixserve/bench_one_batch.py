@@ -3,7 +3,7 @@
 --output-len 32 [ServerArgs flags, e.g. --load-format dummy]`.
 
 One prefill of batch x input-len random tokens, then output-len - 1 greedy
-decode steps. `--correct` instead prints the greedy continuation of a few fixed
+decode steps; each shape runs once untimed first. `--correct` instead prints the greedy continuation of a few fixed
 prompts, for eyeballing that the model is right.
 """
 
@@ -26,7 +26,6 @@ CORRECT_PROMPTS = [
     "Here is a short poem about the sea:",
     "def fibonacci(n):",
 ]
-WARMUP_OUTPUT_LEN = 4
 
 
 @dataclass
@@ -38,16 +37,19 @@ class OneBatchResult:
     prefill_throughput: float  # prompt tokens per second
     median_decode_latency_s: Optional[float]  # None when output_len == 1
     decode_throughput: Optional[float]  # tokens per second at the median step
+    mean_decode_latency_s: Optional[float]  # total = prefill + (output_len - 1) * mean
     total_latency_s: float
     overall_throughput: float  # (input + output tokens) per second
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_one_batch", allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="python -m radixserve.bench_one_batch", allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ServerArgs.add_cli_args(parser)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1])
-    parser.add_argument("--input-len", type=int, nargs="+", default=[1024])
-    parser.add_argument("--output-len", type=int, nargs="+", default=[16])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch sizes to time")
+    parser.add_argument("--input-len", type=int, nargs="+", default=[1024], help="prompt lengths to time")
+    parser.add_argument("--output-len", type=int, nargs="+", default=[16],
+                        help="tokens per request: one from the prefill, the rest from decode steps")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random prompt tokens")
     parser.add_argument("--correct", action="store_true",
                         help="print greedy continuations of fixed prompts instead of timing")
@@ -114,14 +116,28 @@ def run_static_batch(runner: Any, prompts: List[List[int]],
 
 
 def time_shape(runner: Any, batch_size: int, input_len: int, output_len: int, seed: int) -> OneBatchResult:
+    """Time one shape, after an untimed run of the very same shape.
+
+    Why both the warm-up per shape and the mean: a run once printed a median
+    decode step of 3.77 ms next to a total implying about 390 ms per step. The
+    total sums every step, the median ignores the few slow ones, and the slow
+    ones were most likely one-time costs of a shape not seen before (Triton compiles a
+    kernel again when an argument changes specialization, e.g. a length that
+    becomes a multiple of 16; the caching allocator grows), while only the
+    first shape was warmed up, with a few steps. Now every shape is warmed up
+    with its own length, and the table shows the mean step next to the median:
+    total = prefill + (output_len - 1) * mean holds exactly, and a median far
+    below the mean says that some steps still stalled."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, runner.vocab_size, (batch_size, input_len), generator=g).tolist()
+    run_static_batch(runner, prompts, output_len)
     _, prefill, steps = run_static_batch(runner, prompts, output_len)
-    decode = statistics.median(steps) if steps else None
+    median = statistics.median(steps) if steps else None
+    mean = statistics.fmean(steps) if steps else None
     total = prefill + sum(steps)
     return OneBatchResult(
         batch_size, input_len, output_len, prefill, batch_size * input_len / prefill,
-        decode, batch_size / decode if decode else None, total,
+        median, batch_size / median if median else None, mean, total,
         batch_size * (input_len + output_len) / total,
     )
 
@@ -163,11 +179,16 @@ def print_correct(runner: Any, output_len: int) -> List[str]:
 
 def print_results(results: List[OneBatchResult]) -> None:
     headers = ["batch", "input", "output", "prefill ms", "prefill tok/s", "decode ms (median)",
-               "decode tok/s", "total ms", "overall tok/s"]
+               "decode tok/s", "decode ms (mean)", "total ms", "overall tok/s"]
     rows = [[r.batch_size, r.input_len, r.output_len, r.prefill_latency_s * 1000, r.prefill_throughput,
-             None if r.median_decode_latency_s is None else r.median_decode_latency_s * 1000,
-             r.decode_throughput, r.total_latency_s * 1000, r.overall_throughput] for r in results]
+             milliseconds(r.median_decode_latency_s), r.decode_throughput,
+             milliseconds(r.mean_decode_latency_s), r.total_latency_s * 1000, r.overall_throughput]
+            for r in results]
     print_grid(headers, rows)
+
+
+def milliseconds(seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None else seconds * 1000
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[OneBatchResult]:
@@ -179,9 +200,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[OneBatchResult]:
     shapes = list(itertools.product(args.batch_size, args.input_len, args.output_len))
     for shape in shapes:
         check_fits(runner, *shape)
-    # Untimed: the first forwards pay one-time costs (allocations, kernel selection).
-    bs, in_len, out_len = shapes[0]
-    time_shape(runner, bs, in_len, min(out_len, WARMUP_OUTPUT_LEN), args.seed)
     results = [time_shape(runner, *shape, args.seed) for shape in shapes]
     print_results(results)
     args_used = runner.server_args

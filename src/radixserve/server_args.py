@@ -9,75 +9,106 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+import logging
+from typing import Any, Optional
 
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag with this help text."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
 @dataclass
 class ServerArgs:
     # Model and tokenizer
-    model_path: Optional[str] = None  # None: the embedded default model
-    tokenizer_path: Optional[str] = None
-    load_format: str = "auto"  # auto | dummy
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "auto"  # auto | cpu | cuda
-    context_length: Optional[int] = None
-    trust_remote_code: bool = False
+    model_path: Optional[str] = option(
+        None, "a Hugging Face checkpoint folder (with config.json), a .gguf file, or a packaged model "
+              f"name; nothing is downloaded. None: the packaged {DEFAULT_MODEL}")
+    tokenizer_path: Optional[str] = option(None, "where the tokenizer comes from, if not the model's own "
+                                                 "(a folder, a .gguf file or a packaged model name)")
+    load_format: str = option("auto", "auto: the checkpoint's weights; dummy: random weights of the "
+                                      "checkpoint's shapes (benchmarks without a download)")
+    dtype: str = option("auto", "weights and activations: auto|float32|bfloat16|float16 (auto: "
+                                "bfloat16 on CUDA, float32 on the CPU)")
+    device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
+    context_length: Optional[int] = option(None, "longest prompt + output in tokens; None: the model config's")
+    trust_remote_code: bool = option(False, "accepted for SGLang compatibility; no model code is "
+                                            "downloaded, so it changes nothing")
 
     # Memory
-    page_size: int = 1
-    max_total_tokens: Optional[int] = None
-    mem_fraction_static: Optional[float] = None
-    max_running_requests: Optional[int] = None
+    page_size: int = option(1, "tokens per KV-cache page (the allocation unit)")
+    max_total_tokens: Optional[int] = option(None, "KV-cache size in tokens; None: from --mem-fraction-static "
+                                                   "on CUDA, a fixed pool on the CPU")
+    mem_fraction_static: Optional[float] = option(None, "fraction of device memory for weights + KV cache, "
+                                                        "in (0, 1); None: 0.85 on CUDA")
+    max_running_requests: Optional[int] = option(None, "most requests decoding at once; None: from the "
+                                                       "KV-cache size (at most 1024)")
 
     # Scheduling
-    chunked_prefill_size: Optional[int] = None  # None: device default; -1 disables
-    schedule_policy: str = "fcfs"  # fcfs | lpm | dfs-weight | random
-    disable_radix_cache: bool = False
-    max_prefill_tokens: int = 16384
-    schedule_conservativeness: float = 1.0
-    stream_interval: int = 1
-    incremental_streaming_output: bool = False
+    chunked_prefill_size: Optional[int] = option(None, "longest prefill chunk in tokens; -1 disables "
+                                                       "chunking; None: 8192 on CUDA, 2048 on the CPU")
+    schedule_policy: str = option("fcfs", "order of the waiting queue: fcfs|lpm|dfs-weight|random "
+                                          "(lpm and dfs-weight favour radix-cache hits)")
+    disable_radix_cache: bool = option(False, "do not reuse KV of shared prefixes")
+    max_prefill_tokens: int = option(16384, "most new prompt tokens in one prefill batch")
+    schedule_conservativeness: float = option(1.0, "above 1 admits fewer requests (less retraction), "
+                                                   "below 1 more")
+    stream_interval: int = option(1, "send a streaming chunk every this many tokens")
+    incremental_streaming_output: bool = option(False, "each streamed chunk of /generate and the Engine "
+                                                       "carries only its new text, not the text so far")
 
     # Structured outputs
-    grammar_backend: str = "xgrammar"  # xgrammar | none
-    constrained_json_disable_any_whitespace: bool = False
-    tool_call_parser: Optional[str] = None  # hermes | qwen25 | llama3; None: hermes when tools are sent
-    reasoning_parser: Optional[str] = None  # qwen3 | deepseek-r1; None: no reasoning split
+    grammar_backend: str = option("xgrammar", "grammar engine for json_schema/regex/ebnf: xgrammar|none")
+    constrained_json_disable_any_whitespace: bool = option(False, "JSON outputs without free whitespace")
+    tool_call_parser: Optional[str] = option(None, "tool-call format: hermes|qwen25|llama3; None: "
+                                                   "hermes when a request sends tools")
+    reasoning_parser: Optional[str] = option(None, "split reasoning from the answer: qwen3|deepseek-r1; "
+                                                   "None: no split")
 
     # Kernels and the GPU fast path
-    attention_backend: Optional[str] = None  # torch_native | triton; None: triton on CUDA
-    disable_cuda_graph: bool = False
-    cuda_graph_max_bs: Optional[int] = None  # None: 256, or fewer when memory is short
-    disable_overlap_schedule: bool = False
-    # Bit-identical outputs whatever else is batched, however the prefill was
-    # chunked and whether the prefix came from the radix cache (slower kernels).
-    enable_deterministic_inference: bool = False
+    attention_backend: Optional[str] = option(None, "torch_native|triton; None: triton on CUDA, "
+                                                    "torch_native on the CPU")
+    disable_cuda_graph: bool = option(False, "run decode without CUDA graphs")
+    cuda_graph_max_bs: Optional[int] = option(None, "largest decode batch captured in a CUDA graph; "
+                                                    "None: 256, or fewer when memory is short")
+    disable_overlap_schedule: bool = option(False, "do not prepare the next batch while the GPU runs this one")
+    enable_deterministic_inference: bool = option(
+        False, "bit-identical outputs whatever else is batched, however the prefill was chunked and "
+               "whether the prefix came from the radix cache (slower kernels)")
 
     # HTTP server
-    host: str = "127.0.0.1"
-    port: int = 30000
-    served_model_name: Optional[str] = None  # default: the model path's name
-    api_key: Optional[str] = None
-    chat_template: Optional[str] = None  # a Jinja file replacing the model's template
+    host: str = option("127.0.0.1", "address the HTTP server listens on")
+    port: int = option(30000, "port the HTTP server listens on")
+    served_model_name: Optional[str] = option(None, "the model name the API reports and accepts; "
+                                                    "None: the model path's name")
+    api_key: Optional[str] = option(None, "require 'Authorization: Bearer KEY' on every endpoint but /health")
+    chat_template: Optional[str] = option(None, "a Jinja file replacing the model's chat template")
 
     # Observability and limits
-    enable_metrics: bool = False
-    log_requests: bool = False
-    log_requests_level: int = 1  # 1: ids, lengths, reason, latency; 2: also the text
-    max_queued_requests: Optional[int] = None
-    max_request_body_bytes: int = 16 << 20
-    max_batch_prompts: int = 1024
-    max_n: int = 64
-    admin_api_key: Optional[str] = None
+    enable_metrics: bool = option(False, "serve Prometheus metrics on /metrics")
+    log_requests: bool = option(False, "log one line per finished request")
+    log_requests_level: int = option(1, "1: ids, lengths, finish reason, latency; 2: also the text")
+    max_queued_requests: Optional[int] = option(None, "waiting requests beyond this are refused with 503; "
+                                                      "None: no limit")
+    max_request_body_bytes: int = option(16 << 20, "larger HTTP bodies are refused with 400")
+    max_batch_prompts: int = option(1024, "most prompts in one request")
+    max_n: int = option(64, "largest n (choices per prompt) in one request")
+    admin_api_key: Optional[str] = option(None, "a separate key for the admin endpoints (weights, cache, "
+                                                "pause); None: --api-key guards them")
 
     # Misc
-    random_seed: Optional[int] = None
-    log_level: str = "info"
-    watchdog_timeout: float = 300.0
+    random_seed: Optional[int] = option(None, "seed for sampling; None: a random seed")
+    log_level: str = option("info", "log level of every process: " + "|".join(LOG_LEVELS))
+    watchdog_timeout: float = option(300.0, "accepted for SGLang compatibility; not used yet")
 
     # Extra keys that later issues own; kept so that configs are forward-compatible.
     extra: dict = field(default_factory=dict, repr=False)
@@ -120,6 +151,8 @@ class ServerArgs:
             )
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():
@@ -150,17 +183,19 @@ class ServerArgs:
     # ---- argparse ----
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
-        d = ServerArgs.__dataclass_fields__
+        """One flag per field, named as in SGLang (--model-path for model_path),
+        with the field's help text; an ArgumentDefaultsHelpFormatter parser
+        also shows each default."""
         for f in dataclasses.fields(ServerArgs):
             if f.name == "extra":
                 continue
             flag = "--" + f.name.replace("_", "-")
-            default = d[f.name].default
-            if f.type in ("bool",) or isinstance(default, bool):
-                parser.add_argument(flag, action="store_true", default=default)
+            help_text = f.metadata.get("help", "")
+            if f.type in ("bool",) or isinstance(f.default, bool):
+                parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
-            parser.add_argument(flag, type=_parse_type(f.type), default=default,
-                                choices=_PARSER_CHOICES.get(f.name))
+            parser.add_argument(flag, type=_parse_type(f.type), default=f.default,
+                                choices=_PARSER_CHOICES.get(f.name), help=help_text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -174,6 +209,11 @@ class ServerArgs:
         if unknown:
             raise ValueError(f"unknown server argument(s): {', '.join(unknown)}")
         return cls(model_path=model_path, **kwargs)
+
+
+def configure_logging(log_level: str) -> None:
+    """The process's log format and level (log_level is already validated)."""
+    logging.basicConfig(level=log_level.upper(), format="[%(asctime)s] %(levelname)s %(message)s")
 
 
 # The output parsers' names, checked at start-up so a typo fails before the model loads.

@@ -16,7 +16,7 @@ OFFLINE_FIELDS = ["model_path", "dataset_name", "num_prompts", "seed", "date", "
                   "output_throughput", "total_throughput"]
 ONE_BATCH_FIELDS = ["model_path", "batch_size", "input_len", "output_len", "prefill_latency_s",
                     "prefill_throughput", "median_decode_latency_s", "decode_throughput",
-                    "total_latency_s", "overall_throughput"]
+                    "mean_decode_latency_s", "total_latency_s", "overall_throughput"]
 
 
 def test_offline_throughput(tiny_model_factory, tmp_path, capsys):
@@ -43,23 +43,34 @@ def test_offline_throughput(tiny_model_factory, tmp_path, capsys):
     assert line["request_throughput"] * line["duration_s"] == pytest.approx(8)
 
 
-def test_one_batch_table_and_json(tiny_model_factory, tmp_path, capsys):
-    """Random weights (--load-format dummy): shapes are timed without a checkpoint."""
+def test_one_batch_table_and_json(tiny_model_factory, tmp_path, capsys, monkeypatch):
+    """Random weights (--load-format dummy): shapes are timed without a checkpoint.
+    Each shape runs once untimed first, with its own lengths, and the total is
+    the prefill plus every decode step (the mean step, not the median)."""
     out_file = tmp_path / "one_batch.jsonl"
+    runs = []  # (batch, input len, output len) of every static batch run, timed or not
+    real_run = bench_one_batch.run_static_batch
+
+    def recording_run(runner, prompts, output_len):
+        runs.append((len(prompts), len(prompts[0]), output_len))
+        return real_run(runner, prompts, output_len)
+
+    monkeypatch.setattr(bench_one_batch, "run_static_batch", recording_run)
     results = bench_one_batch.main([
         "--model-path", str(tiny_model_factory("llama")), "--max-total-tokens", "2048",
         "--load-format", "dummy", "--batch-size", "1", "4", "--input-len", "24", "--output-len", "6", "--output-file", str(out_file),
     ])
     printed = capsys.readouterr().out
-    assert "prefill tok/s" in printed and "decode ms (median)" in printed
+    assert "prefill tok/s" in printed and "decode ms (median)" in printed and "decode ms (mean)" in printed
     assert [(r.batch_size, r.input_len, r.output_len) for r in results] == [(1, 24, 6), (4, 24, 6)]
+    assert runs == [(1, 24, 6), (1, 24, 6), (4, 24, 6), (4, 24, 6)]
     lines = [json.loads(x) for x in out_file.read_text().splitlines()]
     assert len(lines) == 2 and all(set(ONE_BATCH_FIELDS) <= set(x) for x in lines)
     assert all(x["load_format"] == "dummy" for x in lines)
     for r in results:
         assert r.prefill_throughput == pytest.approx(r.batch_size * r.input_len / r.prefill_latency_s)
         assert r.decode_throughput == pytest.approx(r.batch_size / r.median_decode_latency_s)
-        assert r.total_latency_s >= r.prefill_latency_s + r.median_decode_latency_s
+        assert r.total_latency_s == pytest.approx(r.prefill_latency_s + (r.output_len - 1) * r.mean_decode_latency_s)
 
 
 def test_one_batch_greedy_matches_transformers(tiny_model_factory, capsys):

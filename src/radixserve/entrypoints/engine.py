@@ -11,21 +11,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import multiprocessing as mp
-import os
 import queue
 import threading
 from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple, Union
 
+from radixserve.entrypoints.runtime import Runtime
 from radixserve.managers import io_struct as io
-from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.generate_input import GenerateReqInput
-from radixserve.managers.ipc import PortArgs
-from radixserve.managers.scheduler import run_scheduler_process
-from radixserve.managers.tokenizer_manager import TokenizerManager
-from radixserve.model_loader.source import resolve_model_source
-from radixserve.server_args import ServerArgs
-from radixserve.utils.hf_utils import load_tokenizer
+from radixserve.server_args import ServerArgs, configure_logging
 
 if TYPE_CHECKING:
     import torch
@@ -35,62 +28,29 @@ logger = logging.getLogger(__name__)
 _DONE = object()
 
 
-def launch_subprocesses(server_args: ServerArgs) -> tuple:
-    """Start scheduler and detokenizer; wait for the model. Returns
-    (port_args, ready_info, processes). Raises RuntimeError if start-up failed."""
-    port_args = PortArgs.new()
-    ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    parent = os.getpid()
-    scheduler = ctx.Process(
-        target=run_scheduler_process, args=(server_args, port_args, writer, parent),
-        name="radixserve-scheduler", daemon=True,
-    )
-    detokenizer = ctx.Process(
-        target=run_detokenizer_process, args=(server_args, port_args, parent),
-        name="radixserve-detokenizer", daemon=True,
-    )
-    scheduler.start()
-    detokenizer.start()
-    procs = [scheduler, detokenizer]
-    try:
-        while not reader.poll(0.5):
-            if not scheduler.is_alive():
-                raise RuntimeError(f"scheduler process exited with code {scheduler.exitcode} during start-up")
-        status, payload = reader.recv()
-    except BaseException:
-        kill_processes(procs)
-        raise
-    if status != "ready":
-        kill_processes(procs)
-        raise RuntimeError(f"engine failed to start: {payload}")
-    return port_args, payload, procs
-
-
-def kill_processes(procs: List[mp.Process]) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    for p in procs:
-        p.join(timeout=5)
-
-
 class Engine:
+    """Bad arguments (a model path that is not a model, an unknown option) raise
+    ValueError before any process starts; a model that fails to load raises
+    radixserve.entrypoints.runtime.StartupError."""
+
     def __init__(self, model_path: Optional[str] = None, **kwargs: Any) -> None:
         self.server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
-        logging.basicConfig(level=self.server_args.log_level.upper())
-        # Fail fast on a bad path before starting any process.
-        source = resolve_model_source(self.server_args.model_path)
-        port_args, ready, self._procs = launch_subprocesses(self.server_args)
-        self.tokenizer = load_tokenizer(source, self.server_args.tokenizer_path)
-        self.tokenizer_manager = TokenizerManager(self.server_args, port_args, self.tokenizer, ready)
+        configure_logging(self.server_args.log_level)
+        self.runtime = Runtime.start(self.server_args)
+        self.tokenizer = self.runtime.tokenizer
+        self.tokenizer_manager = self.runtime.tokenizer_manager
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="radixserve-tm")
         self._thread.start()
+        self.runtime.loop = self._loop
         self._closed = False
-        self._watchdog = threading.Thread(target=self._watch_children, daemon=True)
-        self._watchdog.start()
+        self.runtime.watch_children()  # a dead child fails every pending call
         atexit.register(self.shutdown)
+
+    @property
+    def _procs(self) -> list:
+        """The scheduler and detokenizer processes."""
+        return self.runtime.procs
 
     # ---- generate ----
     def generate(
@@ -285,29 +245,16 @@ class Engine:
             raise RuntimeError("the engine is shut down")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _watch_children(self) -> None:
-        """If a child dies, fail every pending request instead of hanging."""
-        import time
-
-        while not self._closed:
-            dead = [p for p in self._procs if not p.is_alive()]
-            if dead and not self._closed:
-                msg = f"{dead[0].name} exited with code {dead[0].exitcode}"
-                logger.error(msg)
-                self._loop.call_soon_threadsafe(self.tokenizer_manager.fail_all, msg)
-                return
-            time.sleep(0.5)
-
     # ---- lifecycle ----
     def shutdown(self) -> None:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        kill_processes(self._procs)
         try:
             asyncio.run_coroutine_threadsafe(self.tokenizer_manager.close(), self._loop).result(timeout=5)
         except Exception as e:  # shutting down anyway
             logger.debug("tokenizer manager close: %s", e)
+        self.runtime.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

@@ -1,42 +1,41 @@
-"""Start the subprocesses, then serve HTTP until SIGINT/SIGTERM (or a child dies)."""
+"""Start the runtime, then serve HTTP until SIGINT/SIGTERM (or a child dies)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import threading
 import time
-from pathlib import Path
+from contextlib import contextmanager
+from typing import Iterator
 
 import uvicorn
 
-from radixserve.entrypoints.engine import kill_processes, launch_subprocesses
 from radixserve.entrypoints.http_server import ServerState, create_app
+from radixserve.entrypoints.runtime import Runtime
 from radixserve.managers.generate_input import GenerateReqInput
-from radixserve.managers.tokenizer_manager import TokenizerManager
-from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs
-from radixserve.utils.hf_utils import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-
-def load_frontend_tokenizer(args: ServerArgs):
-    """The tokenizer, with --chat-template's Jinja file in place of the model's own."""
-    tokenizer = load_tokenizer(resolve_model_source(args.model_path), args.tokenizer_path)
-    if args.chat_template:
-        tokenizer.chat_template = Path(args.chat_template).read_text()
-    return tokenizer
+# After a child dies: how long the failed requests' responses get to go out
+# before the server stops.
+DRAIN_AFTER_DEATH_S = 1.0
 
 
 def run_server(args: ServerArgs) -> int:
-    source = resolve_model_source(args.model_path)
+    """Serve until stopped. Returns the exit code: 0 after SIGINT/SIGTERM, 1
+    when a child process died or the warm-up failed. Raises ValueError (bad arguments) or
+    StartupError (the model did not load) before serving."""
     start = time.monotonic()
-    port_args, ready, procs = launch_subprocesses(args)
+    runtime = Runtime.start(args)
     try:
-        tm = TokenizerManager(args, port_args, load_frontend_tokenizer(args), ready)
-        state = ServerState(tm, args, args.served_model_name or source.name, api_key=args.api_key)
+        tm = runtime.tokenizer_manager
+        state = ServerState(tm, args, args.served_model_name or runtime.source.name, api_key=args.api_key)
 
         async def warmup() -> None:
+            runtime.loop = asyncio.get_running_loop()
             gen = GenerateReqInput(input_ids=[0, 1, 2], sampling_params={"max_new_tokens": 2, "temperature": 0})
             async for _ in tm.generate_request(gen):
                 pass
@@ -46,27 +45,35 @@ def run_server(args: ServerArgs) -> int:
         app = create_app(state, warmup)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                log_level=args.log_level, timeout_graceful_shutdown=5))
-        exit_code = {"value": 0}
-        threading.Thread(target=watch_children, args=(procs, server, state, exit_code), daemon=True).start()
-        server.run()
-        return exit_code["value"]
-    finally:
-        kill_processes(procs)
 
-
-def watch_children(procs, server: uvicorn.Server, state: ServerState, exit_code: dict) -> None:
-    """A dead scheduler or detokenizer fails every pending request at once,
-    turns /health to 503, and makes the server exit non-zero so a supervisor
-    restarts it."""
-    while not server.should_exit:
-        dead = [p for p in procs if not p.is_alive()]
-        if dead:
-            message = f"{dead[0].name} exited with code {dead[0].exitcode}"
-            logger.error("%s; failing pending requests and shutting down", message)
-            if state.loop is not None:
-                state.loop.call_soon_threadsafe(state.tm.fail_all, message)
-            exit_code["value"] = 1
-            time.sleep(1.0)  # let the failed requests' responses go out
+        def stop_after_child_death(message: str) -> None:
+            # The watchdog already failed every pending request (and /health
+            # answers 503): let those answers go out, then stop.
+            time.sleep(DRAIN_AFTER_DEATH_S)
             server.should_exit = True
-            return
-        time.sleep(0.2)
+
+        runtime.watch_children(stop_after_child_death)
+        with stop_signals_return():
+            server.run()
+        # Not started: the warm-up (in the app's lifespan) failed, and uvicorn
+        # has logged why.
+        return 1 if runtime.child_death or not server.started else 0
+    finally:
+        runtime.shutdown()
+
+
+@contextmanager
+def stop_signals_return() -> Iterator[None]:
+    """uvicorn stops gracefully on SIGINT/SIGTERM, then raises the signal again
+    for the handler that was there before it; with Python's default one the
+    process would die there, before the runtime's shutdown removes the IPC
+    files. Here that handler just returns, so run_server ends normally."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signals reach only the main thread; uvicorn does not capture them either)
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import zmq
@@ -19,15 +19,25 @@ class PortArgs:
     tokenizer_to_scheduler: str
     scheduler_to_detokenizer: str
     detokenizer_to_tokenizer: str
+    # The private folder (mode 0700: no other user can connect) holding the
+    # three socket files. A process killed with SIGKILL leaves its bound file
+    # behind, so the launcher removes the whole folder at shutdown.
+    ipc_dir: str = ""
 
     @staticmethod
     def new() -> "PortArgs":
-        base = os.path.join(tempfile.gettempdir(), f"radixserve-{uuid.uuid4().hex[:12]}")
+        folder = tempfile.mkdtemp(prefix="radixserve-")
         return PortArgs(
-            tokenizer_to_scheduler=f"ipc://{base}-sched",
-            scheduler_to_detokenizer=f"ipc://{base}-detok",
-            detokenizer_to_tokenizer=f"ipc://{base}-tok",
+            tokenizer_to_scheduler=f"ipc://{folder}/sched",
+            scheduler_to_detokenizer=f"ipc://{folder}/detok",
+            detokenizer_to_tokenizer=f"ipc://{folder}/tok",
+            ipc_dir=folder,
         )
+
+    def remove(self) -> None:
+        """Delete the socket files and their folder (the processes using them are gone)."""
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
 def make_socket(ctx: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.Socket:

@@ -46,14 +46,30 @@ def resolve_model_source(model_path: str) -> ModelSource:
         return ModelSource("hf", path, path.name)
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", path.resolve(), path.stem)
-    hint = ""
+    raise ValueError(_not_a_model(model_path, path))
+
+
+def _not_a_model(model_path: str, path: Path) -> str:
+    """One line: what model_path is, and what to pass instead."""
+    what = f"model_path {model_path!r} is not a checkpoint folder (with config.json), a .gguf file or a packaged model"
+    packaged = f"packaged models: {', '.join(PACKAGED_MODELS)}"
     if path.is_dir():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = "; the folder has no config.json" + (f" but holds {', '.join(ggufs[:4])}: pass one" if ggufs else "")
-    raise ValueError(
-        f"model_path {model_path!r} is not a model: expected a Hugging Face folder with config.json, "
-        f"a .gguf file, or a packaged model name ({', '.join(PACKAGED_MODELS)}){hint}"
-    )
+        if ggufs:
+            return f"{what}: the folder has no config.json but holds {', '.join(ggufs[:4])}; pass one of those files"
+        return f"{what}: the folder has no config.json; pass the folder that holds the checkpoint's config.json"
+    if path.is_file():
+        return f"{what}: a single file must be a .gguf; for safetensors, pass the folder that holds them"
+    if _looks_like_hub_id(model_path):
+        return (f"{what}; it looks like a Hugging Face Hub id, and nothing is downloaded here: download the "
+                f"checkpoint (e.g. `hf download {model_path} --local-dir DIR`) and pass its folder")
+    return f"{what}: nothing exists at that path; download the checkpoint and pass its folder ({packaged})"
+
+
+def _looks_like_hub_id(model_path: str) -> bool:
+    """'org/name', as on huggingface.co: one slash, not a local-looking path."""
+    parts = model_path.split("/")
+    return len(parts) == 2 and all(parts) and not model_path.startswith((".", "~"))
 
 
 def _packaged(name: str) -> ModelSource:

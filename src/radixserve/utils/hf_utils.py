@@ -34,16 +34,26 @@ def load_config(source: ModelSource) -> "PretrainedConfig":
 def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) -> "PreTrainedTokenizerBase":
     """The source's tokenizer; `tokenizer_path` (an HF folder, a .gguf file or a
     packaged model name) overrides where it comes from."""
-    from transformers import AutoTokenizer
-
     if tokenizer_path:
         if not Path(tokenizer_path).expanduser().is_dir():
             return load_tokenizer(resolve_model_source(tokenizer_path))
-        return AutoTokenizer.from_pretrained(Path(tokenizer_path).expanduser())
+        return _auto_tokenizer(Path(tokenizer_path).expanduser())
     if source.kind == "hf":
-        return AutoTokenizer.from_pretrained(source.path)
-    return _cached(source.path, "tokenizer", AutoTokenizer.from_pretrained,
-                   lambda: AutoTokenizer.from_pretrained(source.folder, gguf_file=source.path.name))
+        return _auto_tokenizer(source.path)
+    return _cached(source.path, "tokenizer", _auto_tokenizer,
+                   lambda: _auto_tokenizer(source.folder, gguf_file=source.path.name))
+
+
+def _auto_tokenizer(path: Path, **kwargs: Any) -> "PreTrainedTokenizerBase":
+    """AutoTokenizer with clean_up_tokenization_spaces=False. transformers' GGUF
+    conversion (and many tokenizer_config.json files) set it True, and a BPE
+    tokenizer then ignores it and warns at the first decode of every process;
+    the cleanup (removing spaces before punctuation) would corrupt a language
+    model's text anyway, so off is what the BPE tokenizers of every family we
+    serve did already; now it is said once, explicitly."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, clean_up_tokenization_spaces=False, **kwargs)
 
 
 def get_eos_token_ids(source: ModelSource, config: Any, tokenizer: Any) -> Set[int]:

@@ -1,0 +1,78 @@
+"""What a new user meets first: `launch_server --help` describes every flag with
+its default, and a bad command line ends in one line that says what to do."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from radixserve import Engine
+from radixserve.server_args import ServerArgs
+from tests.server_utils import children_of
+
+HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def launch(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "radixserve.launch_server", *argv],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def help_blocks(text: str) -> dict:
+    """{flag: its help text on one line} from argparse's --help output."""
+    blocks, flag = {}, None
+    for line in text.splitlines():
+        match = re.match(r"  (--[a-z0-9-]+)", line)
+        if match:
+            flag = match.group(1)
+            blocks[flag] = line[match.end():]
+        elif flag and line.startswith("    "):
+            blocks[flag] += " " + line.strip()
+        else:
+            flag = None
+    return {f: " ".join(b.split()) for f, b in blocks.items()}
+
+
+def test_help_describes_every_flag_and_its_default():
+    out = launch("--help")
+    assert out.returncode == 0, out.stderr
+    blocks = help_blocks(out.stdout)
+    fields = [f for f in dataclasses.fields(ServerArgs) if f.name != "extra"]
+    assert set(blocks) == {"--" + f.name.replace("_", "-") for f in fields}
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        text = blocks[flag]
+        assert text.endswith(f"(default: {f.default})"), (flag, text)
+        description = text[: -len(f"(default: {f.default})")]
+        assert len(re.findall(r"[a-z]{3,}", description)) >= 2, (flag, text)  # words, not just a metavar
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model-path", "/no/such/checkpoint"], "download the checkpoint and pass its folder"),
+    (["--model-path", HUB_ID], "Hugging Face Hub id"),
+    (["--log-level", "loud"], "log_level must be one of debug|info|warning|error|critical"),
+    (["--port", "eighty"], "argument --port: invalid int value"),
+])
+def test_bad_command_line_ends_in_one_line(argv, says):
+    out = launch(*argv)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], out.stderr
+
+
+def test_engine_refuses_bad_model_path_before_starting_processes():
+    before = set(children_of(os.getpid()))
+    with pytest.raises(ValueError, match="model_path .*Hugging Face Hub id.*hf download"):
+        Engine(model_path=HUB_ID)
+    with pytest.raises(ValueError, match="model_path '/no/such/checkpoint' .*download the checkpoint"):
+        Engine(model_path="/no/such/checkpoint")
+    with pytest.raises(ValueError, match="log_level"):
+        Engine(log_level="loud")
+    assert set(children_of(os.getpid())) <= before
