@@ -75,6 +75,7 @@ class TokenizerManager:
         self._dead: Optional[str] = None
         self.metrics: Optional[Metrics] = None
         self._grammar_checker = None
+        self._token_texts: Dict[int, str] = {}  # token id -> its text, for logprobs
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="radixserve-tokenizer")
         if server_args.enable_metrics:
             self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
@@ -285,7 +286,15 @@ class TokenizerManager:
     def _with_text(self, pairs, with_text: bool) -> list:
         if not with_text:
             return [(lp, tid, None) for lp, tid in pairs]
-        return [(lp, tid, self.tokenizer.decode([tid])) for lp, tid in pairs]
+        return [(lp, tid, self._token_text(tid)) for lp, tid in pairs]
+
+    def _token_text(self, tid: int) -> str:
+        """One token's text, cached: top logprobs may name up to the whole
+        vocabulary per step, and this runs on the event loop."""
+        text = self._token_texts.get(tid)
+        if text is None:
+            text = self._token_texts[tid] = self.tokenizer.decode([tid])
+        return text
 
     # ---- receiving ----
     async def _handle_loop(self) -> None:
