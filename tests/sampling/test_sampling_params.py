@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from radixserve.managers.validation import FieldError
 from radixserve.sampling.sampling_params import SamplingParams
 
 VOCAB = 100
@@ -62,14 +63,22 @@ BAD = [
     ("logit_bias", {1.5: 1.0}), ("logit_bias", {"1.5": 1.0}), ("logit_bias", {"1": float("inf")}),
     ("logit_bias", {"1": float("nan")}), ("logit_bias", {"1": "big"}), ("logit_bias", [1, 2]),
     ("ignore_eos", 1), ("skip_special_tokens", "yes"), ("json_schema", {"type": "object"}),
+    # Out of what the int64 / float32 batch tensors hold, or out of the vocabulary.
+    ("top_k", VOCAB + 1), ("top_k", 2**63), ("top_k", 10**6), ("max_new_tokens", 2**63),
+    ("min_new_tokens", 2**63), ("n", 2**63), ("n", "2"),
+    ("sampling_seed", 2**64), ("sampling_seed", -(2**63) - 1), ("sampling_seed", 2**80), ("sampling_seed", "a"),
+    ("temperature", 1e39), ("logit_bias", {"1": 1e39}), ("logit_bias", {"9" * 30: 1.0}),
+    # Strings UTF-8 cannot encode (a lone surrogate from JSON's "\ud800").
+    ("stop", "\ud800"), ("stop", ["ok", "a\udfff"]), ("regex", "a\ud800"), ("ebnf", "\udc00"),
 ]
 
 
 @pytest.mark.parametrize("name,value", BAD, ids=[f"{n}={v!r}" for n, v in BAD])
 def test_bad_values_name_the_field(name, value):
     sp = SamplingParams.from_dict({name: value})
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(FieldError, match=name) as info:
         sp.verify(VOCAB)
+    assert info.value.field == name
 
 
 def test_min_new_tokens_above_max_new_tokens():
@@ -80,9 +89,9 @@ def test_min_new_tokens_above_max_new_tokens():
 GOOD = [
     {"max_new_tokens": 0}, {"min_new_tokens": 8, "max_new_tokens": 8}, {"temperature": 0},
     {"temperature": 1e-9}, {"temperature": 5}, {"top_p": 1}, {"top_p": 1e-6}, {"top_k": 0}, {"top_k": -1},
-    {"top_k": 10**6}, {"min_p": 1.0}, {"frequency_penalty": -2}, {"presence_penalty": 2.0},
+    {"top_k": VOCAB}, {"min_p": 1.0}, {"frequency_penalty": -2}, {"presence_penalty": 2.0},
     {"repetition_penalty": 2.0}, {"repetition_penalty": 0.01}, {"n": 4},
-    {"sampling_seed": -(2**70)}, {"sampling_seed": 2**80}, {"stop": "x"}, {"stop": []}, {"stop": ["a", "bc"]},
+    {"sampling_seed": -(2**63)}, {"sampling_seed": 2**64 - 1}, {"max_new_tokens": 2**63 - 1}, {"stop": "終"}, {"stop": "x"}, {"stop": []}, {"stop": ["a", "bc"]},
     {"stop_token_ids": []}, {"stop_token_ids": [0, VOCAB - 1]}, {"logit_bias": {}},
     {"logit_bias": {"0": -100, VOCAB - 1: 100.0}}, {"json_schema": "{}", "regex": "a+", "ebnf": "root ::= 'a'"},
 ]
@@ -91,6 +100,29 @@ GOOD = [
 @pytest.mark.parametrize("params", GOOD, ids=[repr(p) for p in GOOD])
 def test_good_values_pass(params):
     SamplingParams.from_dict(params).verify(VOCAB)
+
+
+def test_good_values_build_batch_tensors():
+    """What verify() lets through, the scheduler's int64 / float32 tensors hold."""
+    from types import SimpleNamespace
+
+    from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+
+    reqs = []
+    for params in GOOD:
+        sp = SamplingParams.from_dict(params)
+        sp.verify(VOCAB)
+        sp.normalize()
+        reqs.append(SimpleNamespace(sampling_params=sp, sampling_seed=sp.sampling_seed or 0, output_ids=[1],
+                                    origin_input_ids=[2, 3], return_logprob=True, top_logprobs_num=VOCAB))
+    info = SamplingBatchInfo.from_reqs(reqs, VOCAB, "cpu", eos_token_ids={0})
+    assert info.batch_size == len(GOOD) and int(info.top_ks.max()) == VOCAB
+
+
+def test_vocabulary_checks_skipped_without_a_vocabulary():
+    SamplingParams.from_dict({"top_k": 10**6, "stop_token_ids": [10**6]}).verify(None)
+    with pytest.raises(FieldError, match="top_k"):
+        SamplingParams.from_dict({"top_k": 2**63}).verify(None)
 
 
 def test_normalize():

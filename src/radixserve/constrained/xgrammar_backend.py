@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from typing import Any, List
 
@@ -12,6 +13,9 @@ import xgrammar as xgr
 from radixserve.constrained.base import Constraint, GrammarBackend, GrammarMatcher
 
 ANY_JSON = "$$ANY$$"  # json_schema value meaning "any JSON object" (response_format json_object)
+# xgrammar's messages start with "[13:14:01] /project/cpp/regex_converter.cc:94: ":
+# a time and a C++ source path that mean nothing to a client.
+_SOURCE_PREFIX = re.compile(r"^\[[\d:.]+\]\s*\S+:\d+:\s*")
 
 
 class XGrammarMatcher(GrammarMatcher):
@@ -55,8 +59,8 @@ class XGrammarBackend(GrammarBackend):
             if constraint.kind == "regex":
                 return self.compiler.compile_regex(constraint.spec)
             return self.compiler.compile_grammar(constraint.spec)
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise ValueError(f"invalid {constraint.kind}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - any failure to compile user input is that input's fault
+            raise ValueError(f"invalid {constraint.kind}: {clean_compiler_message(e)}") from None
 
     def new_matcher(self, compiled: xgr.CompiledGrammar) -> XGrammarMatcher:
         return XGrammarMatcher(compiled)
@@ -66,6 +70,13 @@ class XGrammarBackend(GrammarBackend):
 
     def apply_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list) -> None:
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
+
+
+def clean_compiler_message(error: Exception) -> str:
+    """The compiler's message without its time and C++ source path: the first
+    line only (later lines may hold a native stack trace), at most 500 characters."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    return _SOURCE_PREFIX.sub("", lines[0])[:500]
 
 
 def create_grammar_backend(name: str, tokenizer: Any, vocab_size: int, any_whitespace: bool,

@@ -21,7 +21,8 @@ from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, Comple
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
 from radixserve.managers import io_struct as io
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
-from radixserve.managers.tokenizer_manager import TokenizerManager
+from radixserve.managers.tokenizer_manager import PreparedGenerate, TokenizerManager
+from radixserve.managers.validation import FieldError, check_int, check_json_value
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,13 @@ ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/
                "/release_memory_occupation", "/resume_memory_occupation"}
 
 
+# /get_weights_by_name returns at most this many values of a weight (a whole
+# weight can be hundreds of MB of JSON).
+MAX_WEIGHTS_TRUNCATE_SIZE = 10_000
+# Bodies larger than this are parsed in a thread instead of on the event loop.
+_PARSE_OFF_LOOP_BYTES = 1 << 20
+
+
 def error_response(status: int, message: str, err_type: str = "invalid_request_error",
                    param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
     body = {"error": {"message": message, "type": err_type, "param": param, "code": code or status}}
@@ -49,19 +57,38 @@ def error_response(status: int, message: str, err_type: str = "invalid_request_e
 
 
 async def json_object(request: Request) -> dict:
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed JSON body: {e}") from None
+    """The body as a JSON object, refused (400) unless it is standard JSON
+    (no NaN / Infinity), valid Unicode throughout and nested at most
+    MAX_JSON_DEPTH deep."""
+    raw = await request.body()
+    if len(raw) > _PARSE_OFF_LOOP_BYTES:
+        data = await asyncio.get_running_loop().run_in_executor(None, parse_json, raw)
+    else:
+        data = parse_json(raw)
     if not isinstance(data, dict):
         raise ValueError("the request body must be a JSON object")
     return data
 
 
+def parse_json(raw: bytes) -> Any:
+    try:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed JSON body: {e}") from None
+    except RecursionError:  # the parser's own limit, near 1000 levels
+        raise ValueError("the JSON body nests too deeply") from None
+    check_json_value(data)
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"malformed JSON body: {name} is not standard JSON")
+
+
 def required(body: dict, name: str, kind: type) -> Any:
     value = body.get(name)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"'{name}' must be a {kind.__name__}")
+        raise FieldError(name, f"'{name}' must be a {kind.__name__}")
     return value
 
 
@@ -81,8 +108,22 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"invalid field '{field}': {first['msg']}") from None
+        field = _field_path(first["loc"])
+        raise FieldError(field, f"invalid field '{field}': {first['msg']}"[:500]) from None
+
+
+def _field_path(loc: tuple) -> str:
+    """pydantic's error location as the client wrote it: ('messages', 0,
+    'content', 'str') -> 'messages[0].content' (union member names dropped)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif "[" in part or "-" in part or part in ("str", "int", "float", "bool", "dict", "list"):
+            break  # a union member's name, not a field
+        else:
+            name += f".{part}" if name else part
+    return name or "body"
 
 
 async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
@@ -129,7 +170,14 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
 
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, e: ValueError) -> JSONResponse:
-        return failed(400, str(e))
+        return failed(400, str(e), param=getattr(e, "field", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        """Last resort: a bug in a route is a JSON 500 in our error format,
+        logged with its traceback; the server keeps serving."""
+        logger.exception("unexpected error in %s %s", request.method, request.url.path)
+        return failed(500, f"internal error: {type(e).__name__}", err_type="server_error")
 
     @app.exception_handler(ModelNotFound)
     async def no_model(request: Request, e: ModelNotFound) -> JSONResponse:
@@ -243,9 +291,13 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
     async def get_weights_by_name(request: Request) -> list:
         body = await json_object(request) if request.method == "POST" else dict(request.query_params)
-        name, size = body.get("name"), int(body.get("truncate_size", 100))
+        name = body.get("name")
         if not isinstance(name, str):
-            raise ValueError("'name' must be a string")
+            raise FieldError("name", "'name' must be a string")
+        size = body.get("truncate_size", 100)
+        if isinstance(size, str) and size.isdigit() and len(size) <= 20:  # a query parameter
+            size = int(size)
+        check_int("truncate_size", size, minimum=0, maximum=MAX_WEIGHTS_TRUNCATE_SIZE)
         return await state.tm.get_weights_by_name(name, size)
 
     @app.post("/abort_request")
@@ -260,10 +312,14 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
         body = await json_object(request)
-        text = body.get("prompt", body.get("text"))
+        field = "prompt" if "prompt" in body else "text"
+        text = body.get(field)
         if not isinstance(text, str):
-            raise ValueError("'prompt' must be a string")
-        ids = state.tm.tokenizer.encode(text, add_special_tokens=body.get("add_special_tokens", True) is not False)
+            raise FieldError(field, f"'{field}' must be a string")
+        add_special = body.get("add_special_tokens", True)
+        if not isinstance(add_special, bool):
+            raise FieldError("add_special_tokens", "'add_special_tokens' must be a boolean")
+        ids = await state.tm.encode(text, add_special_tokens=add_special)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.tm.context_len}
 
     @app.post("/detokenize")
@@ -271,9 +327,9 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         body = await json_object(request)
         ids = body.get("tokens")
         vocab = state.tm.vocab_size
-        if not isinstance(ids, list) or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"'tokens' must be a list of token ids in [0, {vocab})")
-        return {"text": state.tm.tokenizer.decode(ids)}
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+            raise FieldError("tokens", f"'tokens' must be a list of token ids in [0, {vocab})")
+        return {"text": await state.tm.run_in_tokenizer(state.tm.tokenizer.decode, ids)}
 
     # ---- native generate ----
     @app.post("/generate")
@@ -283,20 +339,28 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
                  "top_logprobs_num", "return_text_in_logprobs", "stream"}
         unknown = sorted(set(body) - known)
         if unknown:
-            raise ValueError(f"unknown field(s) in /generate: {', '.join(unknown)}")
+            raise FieldError(unknown[0], f"unknown field(s) in /generate: {', '.join(unknown)}"[:500])
         args = {k: v for k, v in body.items() if k != "text"}
         gen = GenerateReqInput(prompt=body.get("text"), **args)
+        prepared = await prepare_native(gen)
         if gen.stream:
             async def events() -> AsyncIterator[str]:
-                async for chunk in state.tm.generate_request(gen):
+                async for chunk in state.tm.generate_request(gen, prepared):
                     yield sse(chunk)
                 yield "data: [DONE]\n\n"
             return await streaming_response(events())
 
         async def collect():
-            return [r async for r in state.tm.generate_request(gen)]
+            return [r async for r in state.tm.generate_request(gen, prepared)]
         results = await until_disconnected(request, collect())
         return JSONResponse(results if gen.is_batch or len(results) > 1 else results[0])
+
+    async def prepare_native(gen: GenerateReqInput) -> PreparedGenerate:
+        """Check and tokenize once; the prompt's field is `text` in /generate."""
+        try:
+            return await state.tm.prepare(gen)
+        except FieldError as e:
+            raise (e.renamed("text") if e.field == "prompt" else e) from None
 
     # ---- OpenAI ----
     @app.get("/v1/models")
@@ -313,24 +377,18 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = await parse_body(request, CompletionRequest)
-        gen = serving.completion_input(req)
-        await validate(gen)
+        prepared = await serving.prepare(req, serving.completion_input(req))
         if req.stream:
-            return await streaming_response(serving.completions_stream(req, gen))
-        return JSONResponse(await until_disconnected(request, serving.completions(req, gen)))
+            return await streaming_response(serving.completions_stream(req, prepared))
+        return JSONResponse(await until_disconnected(request, serving.completions(req, prepared)))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         req = await parse_body(request, ChatCompletionRequest)
-        plan = serving.chat_input(req)
-        await validate(plan.gen)
+        plan = await serving.chat_input(req)  # checked and tokenized before a stream starts
         if req.stream:
             return await streaming_response(serving.chat_stream(req, plan))
         return JSONResponse(await until_disconnected(request, serving.chat(req, plan)))
-
-    async def validate(gen: GenerateReqInput) -> None:
-        """Tokenize and check everything before a (streaming) response starts."""
-        await state.tm.validate(gen)
 
     return app
 

@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from radixserve.managers.validation import INT64_MAX, FieldError, check_bool, check_int, check_text
 from radixserve.sampling.sampling_params import SamplingParams
 
 Prompt = Union[str, List[str], None]
@@ -46,66 +47,97 @@ class GenerateReqInput:
 
     @property
     def is_batch(self) -> bool:
+        """A list of prompts (or of id lists); False for anything malformed,
+        which split() then refuses by name."""
         if self.prompt is not None:
             return isinstance(self.prompt, list)
-        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+        ids = self.input_ids
+        return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
 
-    def split(self, max_prompts: Optional[int] = None, max_n: Optional[int] = None) -> List[SingleRequest]:
-        """Validate and expand to single requests, prompt-major over n samples."""
-        if (self.prompt is None) == (self.input_ids is None):
-            raise ValueError("exactly one of 'prompt' and 'input_ids' must be given")
-        prompts = self._as_list(self.prompt if self.prompt is not None else self.input_ids)
-        if not prompts:
-            raise ValueError("'prompt' is an empty batch")
+    def split(self, max_prompts: Optional[int] = None, max_n: Optional[int] = None,
+              vocab_size: Optional[int] = None) -> List[SingleRequest]:
+        """Validate and expand to single requests, prompt-major over n samples.
+        Does not change self. vocab_size None skips the vocabulary checks."""
+        prompts = self._prompts()
         num = len(prompts)
         if max_prompts is not None and num > max_prompts:
-            raise ValueError(f"too many prompts in one request: {num} > {max_prompts} (max_batch_prompts)")
+            raise FieldError(self._prompt_field, f"too many prompts in one request: {num} > {max_prompts} "
+                                                 "(max_batch_prompts)")
+        check_bool("stream", self.stream)
+        check_bool("return_text_in_logprobs", self.return_text_in_logprobs)
         params = self._per_prompt(self.sampling_params, num, "sampling_params", dict)
-        rids = self._per_prompt(self.rid, num, "rid", str)
         logprob = self._per_prompt(self.return_logprob, num, "return_logprob", bool)
         start = self._per_prompt(self.logprob_start_len, num, "logprob_start_len", int)
         topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int)
+        rids = self._rids(num)
         out: List[SingleRequest] = []
         for i, prompt in enumerate(prompts):
-            _check_prompt(prompt, self.prompt is not None)
-            if isinstance(start[i], bool) or start[i] < -1:
-                raise ValueError(f"logprob_start_len must be an int >= -1, got {start[i]!r}")
-            if isinstance(topk[i], bool) or topk[i] < 0:
-                raise ValueError(f"top_logprobs_num must be an int >= 0, got {topk[i]!r}")
+            check_int("logprob_start_len", start[i], minimum=-1)
+            check_int("top_logprobs_num", topk[i], minimum=0, maximum=vocab_size or INT64_MAX)
             sp = SamplingParams.from_dict(params[i])
-            if max_n is not None and isinstance(sp.n, int) and sp.n > max_n:
-                raise ValueError(f"n must be <= {max_n} (max_n), got {sp.n}")
+            sp.verify(vocab_size)
+            sp.normalize()
+            if max_n is not None and sp.n > max_n:
+                raise FieldError("n", f"n must be <= {max_n} (max_n), got {sp.n}")
             base_rid = rids[i] or uuid.uuid4().hex
             for j in range(sp.n):
-                copy = _sample_copy(sp, j)
-                out.append(
-                    SingleRequest(
-                        rid=base_rid if sp.n == 1 else f"{base_rid}#{j}",
-                        prompt=prompt if isinstance(prompt, str) else None,
-                        input_ids=None if isinstance(prompt, str) else list(prompt),
-                        sampling_params=copy,
-                        return_logprob=bool(logprob[i]) or topk[i] > 0,
-                        logprob_start_len=start[i],
-                        top_logprobs_num=topk[i],
-                        return_text_in_logprobs=self.return_text_in_logprobs,
-                        stream=self.stream,
-                        index=len(out),
-                    )
-                )
+                out.append(SingleRequest(
+                    rid=base_rid if sp.n == 1 else f"{base_rid}#{j}",
+                    prompt=prompt if isinstance(prompt, str) else None,
+                    input_ids=None if isinstance(prompt, str) else list(prompt),
+                    sampling_params=_sample_copy(sp, j),
+                    return_logprob=bool(logprob[i]) or topk[i] > 0,
+                    logprob_start_len=start[i],
+                    top_logprobs_num=topk[i],
+                    return_text_in_logprobs=self.return_text_in_logprobs,
+                    stream=self.stream,
+                    index=len(out),
+                ))
+        _check_unique_rids(out)
         return out
 
-    def _as_list(self, value) -> list:
-        return value if self.is_batch else [value]
+    @property
+    def _prompt_field(self) -> str:
+        return "prompt" if self.prompt is not None else "input_ids"
 
-    @staticmethod
-    def _per_prompt(value, num: int, name: str, kind: type) -> list:
-        if isinstance(value, list):
-            if len(value) != num:
-                raise ValueError(f"'{name}' has {len(value)} entries for {num} prompts")
-            return value
-        if value is not None and not isinstance(value, kind):
-            raise ValueError(f"'{name}' must be a {kind.__name__} or a list, got {type(value).__name__}")
-        return [value] * num
+    def _prompts(self) -> list:
+        """The prompts as a list, each checked: a non-empty valid-Unicode string,
+        or a non-empty list of integer ids."""
+        if (self.prompt is None) == (self.input_ids is None):
+            raise FieldError("prompt", "exactly one of 'prompt' and 'input_ids' must be given")
+        field, value = self._prompt_field, self.prompt if self.prompt is not None else self.input_ids
+        if not isinstance(value, (str, list)) or (field == "input_ids" and isinstance(value, str)):
+            kind = "a string or a list of strings" if field == "prompt" else "a list of token ids or a list of lists"
+            raise FieldError(field, f"'{field}' must be {kind}, got {type(value).__name__}")
+        prompts = value if self.is_batch else [value]
+        if not prompts:
+            raise FieldError(field, f"'{field}' is an empty batch")
+        for prompt in prompts:
+            _check_prompt(prompt, field)
+        return prompts
+
+    def _rids(self, num: int) -> List[Optional[str]]:
+        """One rid per prompt. One string for a batch becomes rid_0, rid_1, ...
+        (as SGLang does), so every request of the batch has its own."""
+        if isinstance(self.rid, str) and self.is_batch:
+            return [f"{self.rid}_{i}" for i in range(num)]
+        rids = self._per_prompt(self.rid, num, "rid", str)
+        for rid in rids:
+            if rid is not None:
+                check_text("rid", rid)
+        return rids
+
+    def _per_prompt(self, value, num: int, name: str, kind: type) -> list:
+        """One value per prompt, each of the right type (None: the default)."""
+        values = value if isinstance(value, list) else [value] * num
+        if len(values) != num:
+            raise FieldError(name, f"'{name}' has {len(values)} entries for {num} prompts")
+        for v in values:
+            wrong_type = not isinstance(v, kind) or (kind is int and isinstance(v, bool))
+            if v is not None and wrong_type:
+                raise FieldError(name, f"'{name}' must be a {kind.__name__} or a list of them, "
+                                       f"got {type(v).__name__}")
+        return values
 
 
 class RequestRejected(Exception):
@@ -116,17 +148,27 @@ class RequestRejected(Exception):
         self.status_code = status_code
 
 
-def _check_prompt(prompt, is_text: bool) -> None:
-    if is_text:
+def _check_prompt(prompt: Any, field: str) -> None:
+    if field == "prompt":
         if not isinstance(prompt, str):
-            raise ValueError(f"'prompt' must be a string, got {type(prompt).__name__}")
+            raise FieldError(field, f"'prompt' must be a string, got {type(prompt).__name__}")
         if not prompt:
-            raise ValueError("'prompt' is empty")
+            raise FieldError(field, "'prompt' is empty")
+        check_text(field, prompt)
         return
     if not isinstance(prompt, list) or not prompt:
-        raise ValueError("'input_ids' must be a non-empty list of token ids")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise ValueError("'input_ids' must contain only integer token ids")
+        raise FieldError(field, "'input_ids' must be a non-empty list of token ids")
+    if not all(type(t) is int for t in prompt):  # type(): bools are not token ids
+        raise FieldError(field, "'input_ids' must contain only integer token ids")
+
+
+def _check_unique_rids(singles: List[SingleRequest]) -> None:
+    seen = set()
+    for single in singles:
+        if single.rid in seen:
+            raise FieldError("rid", f"rid {single.rid!r} appears more than once in the request; "
+                                    "give each prompt its own rid")
+        seen.add(single.rid)
 
 
 def _sample_copy(sp: SamplingParams, j: int) -> SamplingParams:

@@ -8,11 +8,13 @@ share it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Dict, List, Optional
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -23,9 +25,15 @@ from radixserve.managers import io_struct as io
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected, SingleRequest
 from radixserve.managers.metrics import Metrics
 from radixserve.managers.ipc import PortArgs, make_socket
+from radixserve.managers.validation import FieldError
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# Threads for tokenizer work (encode, chat templates). Two, so one huge prompt
+# does not hold up everyone else's; HF fast tokenizers encode concurrently
+# and release the GIL while they do.
+TOKENIZER_THREADS = 2
 
 
 @dataclass
@@ -40,6 +48,16 @@ class ReqState:
     finished: bool = False
     meta: Dict[str, Any] = field(default_factory=dict)
     last_output_at: Optional[float] = None
+
+
+@dataclass
+class PreparedGenerate:
+    """A generate call checked and tokenized, ready to send: prepare() builds it
+    once and generate_request() takes it, so an HTTP route can answer 400
+    before a stream starts without tokenizing the prompt twice. Use once."""
+
+    obj: GenerateReqInput
+    states: List[ReqState]
 
 
 class TokenizerManager:
@@ -57,6 +75,8 @@ class TokenizerManager:
         self._dead: Optional[str] = None
         self.metrics: Optional[Metrics] = None
         self._grammar_checker = None
+        self._token_texts: Dict[int, str] = {}  # token id -> its text, for logprobs
+        self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="radixserve-tokenizer")
         if server_args.enable_metrics:
             self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
 
@@ -101,18 +121,22 @@ class TokenizerManager:
         return self._dead
 
     # ---- generate ----
-    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[Dict[str, Any]]:
+    async def generate_request(self, obj: GenerateReqInput,
+                               prepared: Optional[PreparedGenerate] = None) -> AsyncIterator[Dict[str, Any]]:
         """Yields result dicts: for stream=True one per update (with 'index' for a
-        batch), else one per single request in the order of obj.split()."""
+        batch), else one per single request in the order of obj.split().
+        `prepared`: what prepare(obj) returned, to skip checking obj again."""
         self._ensure_started()
         if self._dead:
             raise RuntimeError(self._dead)
-        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n)
-        states = [self._tokenize_and_check(s) for s in singles]  # all checked before any is sent
-        await self._check_constraints(singles)
+        if prepared is None:
+            prepared = await self.prepare(obj)
+        states = prepared.states
+        # No await from this check to the registration below: two requests
+        # racing for one rid cannot both pass.
         for state in states:
             if state.req.rid in self.states:
-                raise ValueError(f"rid {state.req.rid!r} is already in flight")
+                raise FieldError("rid", f"rid {state.req.rid!r} is already in flight")
         for state in states:
             self.states[state.req.rid] = state
             self.send_sock.send_pyobj(io.TokenizedGenerateReqInput(
@@ -170,42 +194,65 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    async def validate(self, obj: GenerateReqInput) -> None:
-        """Raise ValueError for bad input without sending anything (so an HTTP
-        stream never starts on a bad request)."""
-        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n)
-        for single in singles:
-            self._tokenize_and_check(single)
+    async def prepare(self, obj: GenerateReqInput) -> PreparedGenerate:
+        """Check and tokenize everything without sending anything; bad input is a
+        ValueError (FieldError naming the field). Tokenizing runs off the event loop."""
+        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n, self.vocab_size)
+        texts = list(dict.fromkeys(s.prompt for s in singles if s.input_ids is None))  # n copies: once
+        encoded = dict(zip(texts, await self.run_in_tokenizer(self._encode_all, texts))) if texts else {}
+        states = [self._check_tokens(s, list(encoded[s.prompt]) if s.input_ids is None else s.input_ids)
+                  for s in singles]  # all checked before any is sent
         await self._check_constraints(singles)
+        return PreparedGenerate(obj, states)
+
+    async def run_in_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run CPU-bound tokenizer work (encode, decode, chat templates) in the
+        tokenizer threads, so the event loop keeps serving other clients."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_pool, call)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
+        return await self.run_in_tokenizer(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    def _encode_all(self, texts: List[str]) -> List[List[int]]:
+        return [self.tokenizer.encode(text) for text in texts]
 
     async def _check_constraints(self, singles: List[SingleRequest]) -> None:
         """At most one constraint per request, and it must compile (cached by text)."""
         for single in singles:
-            constraint = constraint_of(single.sampling_params)
+            try:
+                constraint = constraint_of(single.sampling_params)
+            except ValueError as e:
+                raise FieldError("json_schema", str(e)) from None
             if constraint is None:
                 continue
             if self.server_args.grammar_backend == "none":
-                raise ValueError("constraints need a grammar backend; this server runs with --grammar-backend none")
+                raise FieldError(constraint.kind, "constraints need a grammar backend; "
+                                                  "this server runs with --grammar-backend none")
             if self._grammar_checker is None:
                 self._grammar_checker = create_grammar_backend(
                     self.server_args.grammar_backend, self.tokenizer, self.vocab_size,
                     not self.server_args.constrained_json_disable_any_whitespace, [])
-            await asyncio.get_running_loop().run_in_executor(None, self._grammar_checker.compile, constraint)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._grammar_checker.compile, constraint)
+            except ValueError as e:
+                raise FieldError(constraint.kind, str(e)) from None
 
-    def _tokenize_and_check(self, req: SingleRequest) -> ReqState:
-        ids = req.input_ids if req.input_ids is not None else self.tokenizer.encode(req.prompt)
+    def _check_tokens(self, req: SingleRequest, ids: List[int]) -> ReqState:
+        field = "prompt" if req.input_ids is None else "input_ids"
         if not ids:
-            raise ValueError("'prompt' tokenizes to zero tokens")
+            raise FieldError(field, "'prompt' tokenizes to zero tokens")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"'input_ids' has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
+            raise FieldError(field, f"'input_ids' has token id {bad[0]} outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.context_len:
-            raise ValueError(
+            raise FieldError(field,
                 f"the prompt has {len(ids)} tokens, more than the context length allows "
                 f"({self.context_len} tokens including at least one generated)"
             )
-        req.sampling_params.verify(self.vocab_size)
-        req.sampling_params.normalize()
+        if req.return_logprob and req.logprob_start_len >= len(ids):
+            raise FieldError("logprob_start_len", f"logprob_start_len ({req.logprob_start_len}) must be less "
+                                                  f"than the prompt's length ({len(ids)} tokens)")
         return ReqState(req=req, prompt_ids=ids, created=time.monotonic())
 
     def _apply(self, state: ReqState, out: io.ReqOutput) -> Dict[str, Any]:
@@ -247,7 +294,15 @@ class TokenizerManager:
     def _with_text(self, pairs, with_text: bool) -> list:
         if not with_text:
             return [(lp, tid, None) for lp, tid in pairs]
-        return [(lp, tid, self.tokenizer.decode([tid])) for lp, tid in pairs]
+        return [(lp, tid, self._token_text(tid)) for lp, tid in pairs]
+
+    def _token_text(self, tid: int) -> str:
+        """One token's text, cached: top logprobs may name up to the whole
+        vocabulary per step, and this runs on the event loop."""
+        text = self._token_texts.get(tid)
+        if text is None:
+            text = self._token_texts[tid] = self.tokenizer.decode([tid])
+        return text
 
     # ---- receiving ----
     async def _handle_loop(self) -> None:

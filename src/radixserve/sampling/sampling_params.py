@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Set, Union
 
+from radixserve.managers.validation import INT64_MAX, SEED_RANGE, FieldError, check_int, check_text
+
 # Below this temperature a request is greedy: dividing logits by ~0 would only
 # overflow, and the limit of softmax(logits / T) as T -> 0 is the argmax.
 GREEDY_TEMPERATURE = 1e-6
@@ -63,37 +65,43 @@ class SamplingParams:
         if d is None:
             return cls()
         if not isinstance(d, dict):
-            raise ValueError(f"sampling_params must be a dict, got {type(d).__name__}")
+            raise FieldError("sampling_params", f"sampling_params must be a dict, got {type(d).__name__}")
         known = cls.user_fields()
         unknown = [k for k in d if k not in known]
         if unknown:
-            raise ValueError(_unknown_message(unknown, known))
+            raise FieldError(str(unknown[0]), _unknown_message(unknown, known))
         return cls(**d)
 
     # ---- checks: the field name leads every message ----
-    def verify(self, vocab_size: int) -> None:
+    def verify(self, vocab_size: Optional[int]) -> None:
+        """Every value within its meaning and within the int64 / float32 tensors
+        the scheduler builds from it. vocab_size None skips the vocabulary checks
+        (an early check before the model is known)."""
         _check_int(self, "max_new_tokens", minimum=0)
         _check_int(self, "min_new_tokens", minimum=0)
         if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(
-                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})"
-            )
+            raise FieldError("min_new_tokens",
+                             f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
         _check_number(self, "temperature", 0.0, math.inf)
         _check_number(self, "top_p", 0.0, 1.0, low_open=True)
-        _check_int(self, "top_k", minimum=-1)
+        # -1 and 0 mean "no limit"; a larger k than the vocabulary means nothing.
+        _check_int(self, "top_k", minimum=-1, maximum=vocab_size)
         _check_number(self, "min_p", 0.0, 1.0)
         _check_number(self, "frequency_penalty", *PENALTY_RANGE)
         _check_number(self, "presence_penalty", *PENALTY_RANGE)
         _check_number(self, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY, low_open=True)
         _check_int(self, "n", minimum=1)
         if self.sampling_seed is not None:
-            _check_int(self, "sampling_seed", minimum=None)
+            _check_int(self, "sampling_seed", *SEED_RANGE)
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+                raise FieldError(name, f"{name} must be a boolean, got {getattr(self, name)!r}"[:300])
         for name in ("json_schema", "regex", "ebnf"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise FieldError(name, f"{name} must be a string, got {type(value).__name__}")
+            if value is not None:
+                check_text(name, value)
         self._verify_stop()
         self._verify_stop_token_ids(vocab_size)
         self._verify_logit_bias(vocab_size)
@@ -103,25 +111,27 @@ class SamplingParams:
         if stops is None:
             return
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+            raise FieldError("stop", f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}"[:300])
+        for s in stops:
+            check_text("stop", s)
 
-    def _verify_stop_token_ids(self, vocab_size: int) -> None:
+    def _verify_stop_token_ids(self, vocab_size: Optional[int]) -> None:
         if self.stop_token_ids is None:
             return
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            raise FieldError("stop_token_ids", f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"[:300])
         for tid in self.stop_token_ids:
             _check_token_id("stop_token_ids", tid, vocab_size)
 
-    def _verify_logit_bias(self, vocab_size: int) -> None:
+    def _verify_logit_bias(self, vocab_size: Optional[int]) -> None:
         if self.logit_bias is None:
             return
         if not isinstance(self.logit_bias, dict):
-            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}")
+            raise FieldError("logit_bias", f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}"[:300])
         for key, bias in self.logit_bias.items():
             _check_token_id("logit_bias", _parse_token_key(key), vocab_size)
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
-                raise ValueError(f"logit_bias value for token {key!r} must be a finite number, got {bias!r}")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not _fits_float32(bias):
+                raise FieldError("logit_bias", f"logit_bias value for token {key!r} must be a finite number, got {bias!r}"[:300])
 
     def normalize(self) -> None:
         """Derived forms for the scheduler; idempotent. Call after verify()."""
@@ -150,29 +160,33 @@ def _unknown_message(unknown: List[Any], known: List[str]) -> str:
     return f"unknown sampling param{plural} {', '.join(parts)}"
 
 
-def _check_int(sp: SamplingParams, name: str, minimum: Optional[int]) -> None:
-    value = getattr(sp, name)
+def _check_int(sp: SamplingParams, name: str, minimum: Optional[int], maximum: Optional[int] = INT64_MAX) -> None:
     # bool is an int subclass and 3.0 is a float: neither is a count.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    check_int(name, getattr(sp, name), minimum, INT64_MAX if maximum is None else maximum)
+
+
+# float32 is what the sampling tensors hold; a larger finite float becomes inf there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fits_float32(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
 
 
 def _check_number(sp: SamplingParams, name: str, low: float, high: float, low_open: bool = False) -> None:
     value = getattr(sp, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _fits_float32(value):
+        raise FieldError(name, f"{name} must be a finite number, got {value!r}"[:300])
     too_low = value <= low if low_open else value < low
     if too_low or value > high:
         interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        raise FieldError(name, f"{name} must be in {interval}, got {value}")
 
 
 def _parse_token_key(key: Any) -> Any:
     """logit_bias keys arrive as strings from JSON ("42") or as ints; anything
     else (floats, "1.5", "abc") is returned unchanged and rejected by the id check."""
-    if isinstance(key, str):
+    if isinstance(key, str) and len(key) <= 20:  # int() of a huge digit string is slow
         try:
             return int(key)
         except ValueError:
@@ -180,8 +194,8 @@ def _parse_token_key(key: Any) -> Any:
     return key
 
 
-def _check_token_id(name: str, tid: Any, vocab_size: int) -> None:
+def _check_token_id(name: str, tid: Any, vocab_size: Optional[int]) -> None:
     if isinstance(tid, bool) or not isinstance(tid, int):
-        raise ValueError(f"{name} has {tid!r}, which is not a token id")
-    if not 0 <= tid < vocab_size:
-        raise ValueError(f"{name} has token id {tid} outside the vocabulary [0, {vocab_size})")
+        raise FieldError(name, f"{name} has {tid!r}, which is not a token id"[:300])
+    if not 0 <= tid < (INT64_MAX if vocab_size is None else vocab_size):
+        raise FieldError(name, f"{name} has token id {tid} outside the vocabulary [0, {vocab_size})")

@@ -1,5 +1,7 @@
 """OpenAI request bodies. Unknown fields are accepted (real clients send fields
-we do not use) and logged once; known fields are type-checked by pydantic."""
+we do not use) and logged once; known fields are type-checked by pydantic in
+strict mode (a JSON boolean is a boolean, "2" is not an integer), with OpenAI's
+ranges; SamplingParams checks the sampling values after them."""
 
 from __future__ import annotations
 
@@ -11,22 +13,32 @@ import json
 from pydantic import BaseModel, ConfigDict, Field
 
 from radixserve.constrained.xgrammar_backend import ANY_JSON
+from radixserve.managers.validation import INT64_MAX, SEED_RANGE, FieldError
+
+# OpenAI's caps on top logprobs per token: `logprobs` on /v1/completions and
+# `top_logprobs` on chat. They also bound the size of a reply.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
 
 logger = logging.getLogger(__name__)
 _logged_unknown: set = set()
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(StrictModel):
     name: str = "response"
     schema_: Dict[str, Any] = Field(alias="schema")
     strict: bool = False
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(StrictModel):
     type: str  # text | json_object | json_schema
     json_schema: Optional[JsonSchemaFormat] = None
 
@@ -37,20 +49,21 @@ class ResponseFormat(BaseModel):
             return ANY_JSON
         if self.type == "json_schema":
             if self.json_schema is None:
-                raise ValueError("response_format.json_schema is required for type json_schema")
+                raise FieldError("response_format", "response_format.json_schema is required for type json_schema")
             return json.dumps(self.json_schema.schema_)
-        raise ValueError(f"response_format.type must be text, json_object or json_schema, got {self.type!r}")
+        raise FieldError("response_format",
+                         f"response_format.type must be text, json_object or json_schema, got {self.type!r}"[:300])
 
 
 class SGLangExtras(BaseModel):
     """SGLang sampling parameters accepted in the body (the client's extra_body)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     top_k: int = -1
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    min_tokens: int = 0
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     ignore_eos: bool = False
     stop_token_ids: Optional[List[int]] = None
     skip_special_tokens: bool = True
@@ -73,9 +86,9 @@ class CommonRequest(SGLangExtras):
     model: Optional[str] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # <= --max-n is checked with the other sampling params
     stop: Union[str, List[str], None] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = 0.0
@@ -113,13 +126,13 @@ class CommonRequest(SGLangExtras):
 
 class CompletionRequest(CommonRequest):
     prompt: Union[str, List[str], List[int], List[List[int]]]
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None
+    max_tokens: Optional[int] = Field(16, ge=0, le=INT64_MAX)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str = "text"
     text: str = ""
 
@@ -128,20 +141,20 @@ class FunctionCallIn(BaseModel):
     """A call in an earlier assistant message; arguments are a JSON string as
     OpenAI sends them (some clients send the object itself)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str
     arguments: Union[str, Dict[str, Any]] = "{}"
 
 
 class ToolCallIn(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     id: Optional[str] = None
     type: str = "function"
     function: FunctionCallIn
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: Union[str, List[TextPart], None] = None
     tool_calls: Optional[List[ToolCallIn]] = None  # assistant messages
@@ -155,7 +168,7 @@ class ChatMessage(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     name: str
     description: Optional[str] = None
     parameters: Optional[Dict[str, Any]] = None  # a JSON schema of the arguments object
@@ -163,17 +176,17 @@ class FunctionDefinition(BaseModel):
 
 
 class Tool(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: Literal["function"] = "function"
     function: FunctionDefinition
 
 
 class ChatCompletionRequest(CommonRequest):
     messages: List[ChatMessage]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: Optional[int] = Field(None, ge=0, le=INT64_MAX)
+    max_completion_tokens: Optional[int] = Field(None, ge=0, le=INT64_MAX)
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
     chat_template_kwargs: Optional[Dict[str, Any]] = None
     tools: Optional[List[Tool]] = None
     # "auto" | "none" | "required" | {"type": "function", "function": {"name": ...}};

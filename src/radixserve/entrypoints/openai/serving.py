@@ -16,10 +16,15 @@ from radixserve.entrypoints.openai.chat_output import (
     reply_message,
 )
 from radixserve.entrypoints.openai.chat_template import ChatTemplate, think_opened
-from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CommonRequest, CompletionRequest
 from radixserve.entrypoints.openai.tools import ToolPlan, forced_call_ebnf, plan_tools, tool_dicts
 from radixserve.managers.generate_input import GenerateReqInput
-from radixserve.managers.tokenizer_manager import TokenizerManager
+from radixserve.managers.tokenizer_manager import PreparedGenerate, TokenizerManager
+from radixserve.managers.validation import FieldError
+
+# Our names for fields OpenAI names differently (prompt fields, logprob counts
+# and max_tokens are resolved per request in _openai_field).
+_OPENAI_NAMES = {"min_new_tokens": "min_tokens", "sampling_seed": "seed"}
 
 
 class ModelNotFound(Exception):
@@ -50,6 +55,7 @@ class ChatPlan:
 
     gen: GenerateReqInput
     parsing: OutputParsing
+    prepared: Optional[PreparedGenerate] = None  # set by OpenAIServing.prepare
 
 
 class OpenAIServing:
@@ -61,6 +67,14 @@ class OpenAIServing:
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.model:
             raise ModelNotFound(f"The model '{name}' does not exist; this server serves '{self.model}'")
+
+    async def prepare(self, req: CommonRequest, gen: GenerateReqInput) -> PreparedGenerate:
+        """Check and tokenize gen (TokenizerManager.prepare); a bad field is
+        named as the client named it."""
+        try:
+            return await self.tm.prepare(gen)
+        except FieldError as e:
+            raise e.renamed(_openai_field(e.field, req)) from None
 
     # ---- completions ----
     def completion_input(self, req: CompletionRequest) -> GenerateReqInput:
@@ -87,8 +101,9 @@ class OpenAIServing:
         ids = gen.input_ids if isinstance(gen.input_ids[0], list) else [gen.input_ids]
         return [self.tm.tokenizer.decode(x) for x in ids]
 
-    async def completions(self, req: CompletionRequest, gen: GenerateReqInput) -> Dict[str, Any]:
-        results = [r async for r in self.tm.generate_request(gen)]
+    async def completions(self, req: CompletionRequest, prepared: PreparedGenerate) -> Dict[str, Any]:
+        gen = prepared.obj
+        results = [r async for r in self.tm.generate_request(gen, prepared)]
         prompts = self._prompt_texts(gen)
         choices = []
         for i, r in enumerate(results):
@@ -100,12 +115,13 @@ class OpenAIServing:
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model, "choices": choices, "usage": usage(results, req.n)}
 
-    async def completions_stream(self, req: CompletionRequest, gen: GenerateReqInput) -> AsyncIterator[str]:
+    async def completions_stream(self, req: CompletionRequest, prepared: PreparedGenerate) -> AsyncIterator[str]:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         sent: Dict[int, int] = {}
         finals: Dict[int, Dict[str, Any]] = {}
+        gen = prepared.obj
         prompts = self._prompt_texts(gen) if req.echo else []
-        async for chunk in self.tm.generate_request(gen):
+        async for chunk in self.tm.generate_request(gen, prepared):
             index = chunk.get("index", 0)
             prefix = prompts[index // req.n] if req.echo and index not in sent else ""
             delta = chunk["text"][sent.get(index, 0):]
@@ -124,20 +140,20 @@ class OpenAIServing:
         yield "data: [DONE]\n\n"
 
     # ---- chat ----
-    def chat_input(self, req: ChatCompletionRequest) -> ChatPlan:
+    async def chat_input(self, req: ChatCompletionRequest) -> ChatPlan:
+        """Check the request, render its messages and tokenize them (in the
+        tokenizer threads: templates and tokenizers are CPU work)."""
         self.check_model(req.model)
         req.log_unknown_fields()
         if not req.messages:
-            raise ValueError("'messages' must not be empty")
+            raise FieldError("messages", "'messages' must not be empty")
         top = req.top_logprobs or 0
         if top and not req.logprobs:
-            raise ValueError("top_logprobs requires logprobs: true")
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs: true")
         args = self.tm.server_args
         tools = plan_tools(req, args.tool_call_parser)
-        prompt = self.template.render(req.messages, tool_dicts(tools.offered), tools.parser,
-                                      req.chat_template_kwargs)
+        prompt, ids = await self.tm.run_in_tokenizer(self._render_and_encode, req, tools)
         opened = think_opened(prompt)
-        ids = self.tm.tokenizer.encode(prompt, add_special_tokens=False)
         gen = GenerateReqInput(
             input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
@@ -148,7 +164,14 @@ class OpenAIServing:
             reasoning_parser=args.reasoning_parser if req.separate_reasoning else None,
             think_opened=opened,
         )
-        return ChatPlan(gen, parsing)
+        plan = ChatPlan(gen, parsing)
+        plan.prepared = await self.prepare(req, gen)
+        return plan
+
+    def _render_and_encode(self, req: ChatCompletionRequest, tools: ToolPlan) -> tuple:
+        prompt = self.template.render(req.messages, tool_dicts(tools.offered), tools.parser,
+                                      req.chat_template_kwargs)
+        return prompt, self.tm.tokenizer.encode(prompt, add_special_tokens=False)
 
     def _chat_sampling_params(self, req: ChatCompletionRequest, tools: ToolPlan, prompt_len: int,
                               opened: bool) -> Dict[str, Any]:
@@ -164,7 +187,7 @@ class OpenAIServing:
         return params
 
     async def chat(self, req: ChatCompletionRequest, plan: ChatPlan) -> Dict[str, Any]:
-        results = [r async for r in self.tm.generate_request(plan.gen)]
+        results = [r async for r in self.tm.generate_request(plan.gen, plan.prepared)]
         choices = []
         for i, r in enumerate(results):
             reply = parse_reply(r["text"], plan.parsing)
@@ -183,7 +206,7 @@ class OpenAIServing:
         sent: Dict[int, int] = {}
         finals: Dict[int, Dict[str, Any]] = {}
         parsers = [ChoiceStream(plan.parsing) for _ in range(req.n)]
-        stream = self.tm.generate_request(plan.gen)
+        stream = self.tm.generate_request(plan.gen, plan.prepared)
         first = await stream.__anext__()  # a rejected request fails here, before any event
         for i in range(req.n):  # the first delta of every choice carries the role
             yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -208,6 +231,22 @@ class OpenAIServing:
             ordered = [finals[i] for i in sorted(finals)]
             yield sse({**head, "choices": [], "usage": usage(ordered, req.n)})
         yield "data: [DONE]\n\n"
+
+
+def _openai_field(name: str, req: CommonRequest) -> str:
+    """The request field a GenerateReqInput / SamplingParams field came from."""
+    chat = isinstance(req, ChatCompletionRequest)
+    if name in ("prompt", "input_ids"):
+        return "messages" if chat else "prompt"
+    if name == "top_logprobs_num":
+        return "top_logprobs" if chat else "logprobs"
+    if name == "max_new_tokens":
+        return "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+    if name == "json_schema" and req.response_format is not None:
+        return "response_format"
+    if name == "ebnf" and chat and req.tool_choice is not None and req.ebnf is None:
+        return "tool_choice"
+    return _OPENAI_NAMES.get(name, name)
 
 
 def completion_logprobs(meta: Dict[str, Any], echo: bool) -> Dict[str, Any]:
