@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from radixserve.entrypoints.engine import kill_processes, launch_subprocesses
+from radixserve.entrypoints.http_guard import uvicorn_settings
 from radixserve.entrypoints.http_server import ServerState, create_app
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.managers.tokenizer_manager import TokenizerManager
@@ -44,8 +45,8 @@ def run_server(args: ServerArgs) -> int:
                         state.served_model_name, time.monotonic() - start, args.host, args.port)
 
         app = create_app(state, warmup)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                               log_level=args.log_level, timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5, **uvicorn_settings()))
         exit_code = {"value": 0}
         threading.Thread(target=watch_children, args=(procs, server, state, exit_code), daemon=True).start()
         server.run()
