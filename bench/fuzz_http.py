@@ -24,14 +24,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import httpx
-from hypothesis import HealthCheck, Phase, given, seed, settings
-from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fuzz_bodies import FuzzCase, fuzz_cases  # noqa: E402
+from tests.fuzz_bodies import FuzzCase, draw_cases  # noqa: E402
 
 API_KEY, ADMIN_KEY = "fuzz-user", "fuzz-admin"
 USER = {"Authorization": f"Bearer {API_KEY}"}
@@ -50,22 +48,6 @@ class Tally:
         key = f"{kind} {case.path}: {message[:120]}"
         self.failures[key] += 1
         self.examples.setdefault(key, case.describe())
-
-
-def generate_cases(routes: List[Tuple[str, str]], admin_paths: frozenset, count: int, first_seed: int) -> List[FuzzCase]:
-    """count cases from the shared strategies (hypothesis drives the drawing)."""
-    cases: List[FuzzCase] = []
-    while len(cases) < count:  # hypothesis may stop a run early; each rerun is a fresh, reproducible stream
-
-        @seed(first_seed + len(cases))
-        @settings(max_examples=count - len(cases), deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(data=st.data())
-        def draw(data):
-            cases.append(data.draw(fuzz_cases(routes, admin_paths)))
-
-        draw()
-    return cases[:count]
 
 
 async def send(client: httpx.AsyncClient, base: str, case: FuzzCase, admin_paths: frozenset,
@@ -158,7 +140,7 @@ def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: i
             spec = httpx.get(f"{base}/openapi.json", headers=USER).json()
             routes = [(p, m.upper()) for p, ops in spec["paths"].items() for m in ops]
             admin_paths = frozenset(p for p, _ in routes if httpx.post(f"{base}{p}", headers=USER).status_code == 401)
-            cases = generate_cases(routes, admin_paths, bodies, first_seed)
+            cases = draw_cases(routes, admin_paths, bodies, first_seed)
             tally = Tally()
             start = time.monotonic()
             asyncio.run(run_cases(base, cases, admin_paths, concurrency, proc, tally))

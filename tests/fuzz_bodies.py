@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, List, Optional, Sequence, Tuple, Union
 
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 # Field names the endpoints know, so generic bodies reach deep validation paths.
@@ -211,3 +212,19 @@ def fuzz_cases(draw, routes: List[Tuple[str, str]], admin_paths: frozenset) -> F
     chunks = tuple(draw(st.lists(st.integers(0, len(body)), max_size=4))) if draw(st.integers(0, 4)) == 0 else None
     admin = path in admin_paths and path in SAFE_ADMIN_PATHS and draw(st.booleans())
     return FuzzCase(method, path.replace("{model_id}", "tiny"), body, chunks, admin)
+
+
+def draw_cases(routes: List[Tuple[str, str]], admin_paths: frozenset, count: int, first_seed: int = 0) -> List[FuzzCase]:
+    """count cases drawn outside a test (the bench scripts), reproducibly from first_seed."""
+    cases: List[FuzzCase] = []
+    while len(cases) < count:  # hypothesis may end a run early; each rerun is a fresh stream
+
+        @seed(first_seed + len(cases))
+        @settings(max_examples=count - len(cases), deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(data=st.data())
+        def draw(data):
+            cases.append(data.draw(fuzz_cases(routes, admin_paths)))
+
+        draw()
+    return cases[:count]

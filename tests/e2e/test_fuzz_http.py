@@ -5,7 +5,10 @@ still works and no KV is in use. bench/fuzz_http.py is the long version."""
 
 from __future__ import annotations
 
+import subprocess
 import time
+from dataclasses import dataclass
+from typing import FrozenSet, List, Tuple
 
 import httpx
 import pytest
@@ -20,6 +23,17 @@ ADMIN_KEY = "fuzz-admin"
 USER = {"Authorization": f"Bearer {API_KEY}"}
 
 
+@dataclass
+class FuzzTarget:
+    proc: subprocess.Popen
+    base: str
+    routes: List[Tuple[str, str]]  # (path, method) from the server's OpenAPI schema
+    admin_paths: FrozenSet[str]  # the paths that refuse the user's key
+
+    def __repr__(self) -> str:  # hypothesis prints it with every failing example
+        return f"FuzzTarget({self.base})"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_factory, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("fuzz") / "server.log", "w")
@@ -28,7 +42,7 @@ def server(tiny_model_factory, tmp_path_factory):
     spec = httpx.get(f"{base}/openapi.json", headers=USER).json()
     routes = [(path, method.upper()) for path, ops in spec["paths"].items() for method in ops]
     admin_paths = frozenset(p for p, _ in routes if httpx.post(f"{base}{p}", headers=USER).status_code == 401)
-    yield proc, base, routes, admin_paths
+    yield FuzzTarget(proc, base, routes, admin_paths)
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
@@ -39,26 +53,26 @@ def server(tiny_model_factory, tmp_path_factory):
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
-def fuzz_once(server, data):
-    proc, base, routes, admin_paths = server
-    case = data.draw(fuzz_cases(routes, admin_paths))
+def fuzz_once(server: FuzzTarget, data):
+    case = data.draw(fuzz_cases(server.routes, server.admin_paths))
     headers = {"content-type": "application/json",
                "Authorization": f"Bearer {ADMIN_KEY if case.admin else API_KEY}"}
     try:
-        r = httpx.request(case.method, f"{base}{case.path}", content=case.content(), headers=headers, timeout=60)
+        r = httpx.request(case.method, f"{server.base}{case.path}", content=case.content(), headers=headers,
+                          timeout=60)
     except httpx.HTTPError as e:
-        alive = proc.poll() is None
+        alive = server.proc.poll() is None
         raise AssertionError(f"{type(e).__name__} ({'server alive' if alive else 'SERVER DIED'}): "
                              f"{case.describe()}") from e
     assert r.status_code < 500, (r.status_code, r.text[:300], case.describe())
-    if case.path in admin_paths and not case.admin:
+    if case.path in server.admin_paths and not case.admin:
         assert r.status_code == 401, (r.status_code, case.describe())
 
 
 def test_fuzz_all_endpoints(server):
-    proc, base, routes, admin_paths = server
-    assert {"/v1/completions", "/v1/chat/completions", "/generate", "/flush_cache"} <= {p for p, _ in routes}
-    assert {"/flush_cache", "/abort_request", "/get_weights_by_name"} <= admin_paths
+    proc, base = server.proc, server.base
+    assert {"/v1/completions", "/v1/chat/completions", "/generate", "/flush_cache"} <= {p for p, _ in server.routes}
+    assert {"/flush_cache", "/abort_request", "/get_weights_by_name"} <= server.admin_paths
     fuzz_once(server)
     assert proc.poll() is None and httpx.get(f"{base}/health").status_code == 200
     ok = httpx.post(f"{base}/generate", headers=USER, json={"input_ids": [5, 6, 7], "sampling_params": {
@@ -72,3 +86,16 @@ def test_fuzz_all_endpoints(server):
         kv = httpx.get(f"{base}/get_server_info", headers=USER).json()["kv_cache"]
     assert kv["in_use_tokens"] == 0, kv
     assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
+
+
+def test_framework_answers_in_our_error_format(server):
+    """FastAPI's own 404 and 405, and /metrics on a server started without
+    --enable-metrics, answer the OpenAI error body like every other refusal."""
+    base = server.base
+    for method, path, status in (("GET", "/no/such/route", 404), ("POST", "/v1/nope", 404),
+                                 ("DELETE", "/v1/models", 405), ("GET", "/generate", 405)):
+        r = httpx.request(method, f"{base}{path}", headers=USER)
+        assert r.status_code == status and r.json()["error"]["code"] == status, (method, path, r.text)
+        assert path in r.json()["error"]["message"]
+    metrics = httpx.get(f"{base}/metrics", headers=USER)
+    assert metrics.status_code == 404 and "--enable-metrics" in metrics.json()["error"]["message"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from typing import Any, Awaitable, Callable, Collection, Dict, Optional, TypeVar
+from typing import Any, Awaitable, Collection, Dict, Optional, TypeVar
 
 import h11
 from fastapi.responses import JSONResponse
