@@ -4,11 +4,14 @@
         [any server flag, e.g. --max-total-tokens 8192 (the default here)]
 
 Each client loops: a random prompt and output length, streamed; 20% hang up at a
-random point, 5% send an invalid body, some abort their request via
-/abort_request. At the end: zero 5xx, every request that was neither dropped
-nor aborted finished with exactly its max_tokens (EOS ignored), no KV in use,
-all KV free after a flush, and every process's resident memory within 10% of
-its level after warm-up. Prints a JSON summary; exits 1 on any failure.
+random point, 5% send a hostile body (the shapes of tests/fuzz_bodies.py, the
+fuzzers' generators: protocol fields with huge integers, lone surrogates, deep
+nesting, duplicated rids, batches, chunked uploads) to the generation and
+tokenizer routes, some abort their request via /abort_request. At the end: zero
+5xx, every request that was neither dropped nor aborted finished with exactly
+its max_tokens (EOS ignored), no KV in use, all KV free after a flush, and every
+process's resident memory within 10% of its level after warm-up. Prints a JSON
+summary; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -22,9 +25,19 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.fuzz_bodies import FuzzCase, draw_cases  # noqa: E402
+
+# Hostile bodies go to these routes only: the server runs without an admin key
+# here, and the admin routes would pause or reset it for every client.
+HOSTILE_ROUTES = [("/generate", "POST"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST"),
+                  ("/tokenize", "POST"), ("/detokenize", "POST")]
+HOSTILE_POOL = 2000  # distinct hostile cases drawn once (reproducibly) and reused
 
 
 @dataclass
@@ -33,7 +46,7 @@ class Tally:
     completed: int = 0
     dropped: int = 0
     aborted: int = 0
-    invalid_sent: int = 0
+    hostile_sent: int = 0
     server_errors: int = 0
     wrong_length: int = 0
     other_errors: List[str] = field(default_factory=list)
@@ -60,14 +73,18 @@ def process_tree(pid: int) -> List[int]:
     return [pid] + kids
 
 
-async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, tally: Tally, cid: int) -> None:
+async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, tally: Tally, cid: int,
+                      hostile: List[FuzzCase]) -> None:
     tally.requests += 1
     roll = rng.random()
-    if roll < 0.05:  # an invalid body: must be a 4xx, never a 5xx
-        tally.invalid_sent += 1
-        r = await client.post(f"{base}/v1/completions", json={"prompt": 5, "max_tokens": "many"})
+    if roll < 0.05:  # a hostile body: a 4xx (or a bounded answer), never a 5xx
+        tally.hostile_sent += 1
+        case = rng.choice(hostile)
+        r = await client.request(case.method, f"{base}{case.path}", content=case.async_content(),
+                                 headers={"content-type": "application/json"})
         if r.status_code >= 500:
             tally.server_errors += 1
+            tally.other_errors.append(f"{r.status_code} for {case.describe()[:300]}: {r.text[:200]}")
         return
     max_tokens = rng.randint(1, 48)
     prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(1, 96))]
@@ -102,13 +119,13 @@ async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, 
         tally.completed += 1
 
 
-async def client_loop(base: str, seconds: float, seed: int, tally: Tally) -> None:
+async def client_loop(base: str, seconds: float, seed: int, tally: Tally, hostile: List[FuzzCase]) -> None:
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=120) as client:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                await one_request(client, base, rng, tally, seed)
+                await one_request(client, base, rng, tally, seed, hostile)
             except httpx.HTTPError as e:
                 tally.other_errors.append(f"{type(e).__name__}: {e}")
 
@@ -128,11 +145,13 @@ def start_server(model_path: str, port: int, extra: List[str]) -> subprocess.Pop
 
 
 def run_soak(model_path: str, seconds: float, clients: int, port: int, extra: List[str]) -> Dict:
+    hostile = draw_cases(HOSTILE_ROUTES, frozenset(), HOSTILE_POOL)
     proc = start_server(model_path, port, extra)
     base = f"http://127.0.0.1:{port}"
     try:
         async def all_clients(duration: float, tally: Tally, first_seed: int) -> None:
-            await asyncio.gather(*(client_loop(base, duration, first_seed + i, tally) for i in range(clients)))
+            await asyncio.gather(*(client_loop(base, duration, first_seed + i, tally, hostile)
+                                   for i in range(clients)))
 
         # Warm-up with the full load, long enough to fill the prefix cache, so
         # later growth would be a leak rather than the cache filling up.
@@ -169,6 +188,8 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if "--max-total-tokens" not in extra:
         extra += ["--max-total-tokens", "8192"]  # a pool the warm-up fills: growth after it is a leak
+    if "--context-length" not in extra:
+        extra += ["--context-length", "512"]  # bounds the hostile bodies' generations (soak's own need < 150)
     result = run_soak(args.model_path, args.minutes * 60, args.clients, args.port, extra)
     print(json.dumps(result, indent=1))
     sys.exit(0 if result["ok"] else 1)

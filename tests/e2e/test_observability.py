@@ -101,7 +101,7 @@ def test_request_limits(server):
     r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c", "d"], "max_tokens": 1})
     assert r.status_code == 400 and "max_batch_prompts" in r.json()["error"]["message"]
     r = httpx.post(f"{base}/v1/completions", json={"model": MODEL, "prompt": "x" * 200_000})
-    assert r.status_code == 400 and "max_request_body_bytes" in r.json()["error"]["message"]
+    assert r.status_code == 413 and "max-request-body-bytes" in r.json()["error"]["message"]
     assert generate(base, max_new_tokens=2).status_code == 200
 
 

@@ -16,7 +16,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from radixserve.entrypoints.http_guard import TransportGuard, error_response, until_disconnected
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
 from radixserve.managers import io_struct as io
@@ -48,12 +50,6 @@ ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/
 MAX_WEIGHTS_TRUNCATE_SIZE = 10_000
 # Bodies larger than this are parsed in a thread instead of on the event loop.
 _PARSE_OFF_LOOP_BYTES = 1 << 20
-
-
-def error_response(status: int, message: str, err_type: str = "invalid_request_error",
-                   param: Optional[str] = None, code: Optional[str] = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": code or status}}
-    return JSONResponse(body, status_code=status)
 
 
 async def json_object(request: Request) -> dict:
@@ -126,18 +122,6 @@ def _field_path(loc: tuple) -> str:
     return name or "body"
 
 
-async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run work; if the client goes away first, cancel it (which aborts its
-    requests in the scheduler and frees their KV)."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            raise asyncio.CancelledError("client disconnected")
-    return task.result()
-
-
 def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]]] = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -156,17 +140,21 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             state.tm.metrics.on_error(status)
         return error_response(status, message, **kwargs)
 
-    @app.middleware("http")
-    async def check_access(request: Request, call_next):
-        path = request.url.path
-        admin_key = state.server_args.admin_api_key
-        key = admin_key if (admin_key and path in ADMIN_PATHS) else state.api_key
-        if key and path != "/health" and request.headers.get("authorization") != f"Bearer {key}":
-            return failed(401, "invalid or missing API key", err_type="authentication_error")
-        limit = state.server_args.max_request_body_bytes
-        if int(request.headers.get("content-length") or 0) > limit:
-            return failed(400, f"request body larger than {limit} bytes (max_request_body_bytes)")
-        return await call_next(request)
+    app.add_middleware(TransportGuard, api_key=state.api_key, admin_api_key=state.server_args.admin_api_key,
+                       admin_paths=ADMIN_PATHS, max_body_bytes=state.server_args.max_request_body_bytes,
+                       metrics=state.tm.metrics)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 404 (no such route) and 405 (wrong method), in our format.
+        response = failed(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+        response.headers.update(e.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        # Starlette re-raises after this answer, and uvicorn logs the traceback.
+        return failed(500, f"internal server error: {type(e).__name__}: {e}"[:1000], err_type="server_error")
 
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, e: ValueError) -> JSONResponse:
@@ -190,10 +178,12 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             response.headers["Retry-After"] = "1"
         return response
 
-    if state.tm.metrics:
-        @app.get("/metrics")
-        async def metrics() -> Response:
-            return Response(state.tm.metrics.render(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if not state.tm.metrics:
+            return error_response(404, "metrics are disabled: start the server with --enable-metrics",
+                                  err_type="not_found_error")
+        return Response(state.tm.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # ---- health and info ----
     @app.get("/health")
@@ -222,7 +212,9 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> JSONResponse:
         out = await state.tm.flush_cache()
-        return JSONResponse({"success": out.success, "message": out.message or "Cache flushed."})
+        if not out.success:  # SGLang answers 400 too
+            return failed(400, f"Cache not flushed: {out.message}")
+        return JSONResponse({"success": True, "message": "Cache flushed."})
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request) -> JSONResponse:
@@ -348,7 +340,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
                 async for chunk in state.tm.generate_request(gen, prepared):
                     yield sse(chunk)
                 yield "data: [DONE]\n\n"
-            return await streaming_response(events())
+            return await streaming_response(request, events())
 
         async def collect():
             return [r async for r in state.tm.generate_request(gen, prepared)]
@@ -379,7 +371,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         req = await parse_body(request, CompletionRequest)
         prepared = await serving.prepare(req, serving.completion_input(req))
         if req.stream:
-            return await streaming_response(serving.completions_stream(req, prepared))
+            return await streaming_response(request, serving.completions_stream(req, prepared))
         return JSONResponse(await until_disconnected(request, serving.completions(req, prepared)))
 
     @app.post("/v1/chat/completions")
@@ -387,16 +379,17 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         req = await parse_body(request, ChatCompletionRequest)
         plan = await serving.chat_input(req)  # checked and tokenized before a stream starts
         if req.stream:
-            return await streaming_response(serving.chat_stream(req, plan))
+            return await streaming_response(request, serving.chat_stream(req, plan))
         return JSONResponse(await until_disconnected(request, serving.chat(req, plan)))
 
     return app
 
 
-async def streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+async def streaming_response(request: Request, events: AsyncIterator[str]) -> StreamingResponse:
     """Wait for the first event before answering 200, so that bad input or an
-    overloaded server still gets a proper error status instead of a broken stream."""
-    first = await events.__anext__()
+    overloaded server still gets a proper error status instead of a broken stream.
+    A client that leaves before that first event (a long queue) aborts it too."""
+    first = await until_disconnected(request, events.__anext__())
     return StreamingResponse(prepend(first, events), media_type="text/event-stream")
 
 

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import uvicorn
 
+from radixserve.entrypoints.http_guard import uvicorn_settings
 from radixserve.entrypoints.http_server import ServerState, create_app
 from radixserve.entrypoints.runtime import Runtime
 from radixserve.managers.generate_input import GenerateReqInput
@@ -43,8 +44,8 @@ def run_server(args: ServerArgs) -> int:
                         state.served_model_name, time.monotonic() - start, args.host, args.port)
 
         app = create_app(state, warmup)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                               log_level=args.log_level, timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                               timeout_graceful_shutdown=5, **uvicorn_settings()))
 
         def stop_after_child_death(message: str) -> None:
             # The watchdog already failed every pending request (and /health

@@ -42,7 +42,8 @@ class Metrics:
                                          registry=self.registry).labels(**labels)
         self.requests = Counter("radixserve:requests", "Finished requests by finish reason",
                                 list(labels) + ["finish_reason"], registry=self.registry)
-        self.aborts = Counter("radixserve:aborted_requests", "Aborted requests", list(labels),
+        self.aborts = Counter("radixserve:aborted_requests",
+                              "Aborted requests (by /abort_request, a pause, or their client leaving)", list(labels),
                               registry=self.registry).labels(**labels)
         self.errors = Counter("radixserve:request_errors", "Requests rejected with an error, by HTTP status",
                               list(labels) + ["status"], registry=self.registry)
@@ -71,6 +72,12 @@ class Metrics:
             self.requests.labels(**self.labels, finish_reason=reason).inc()
             if reason == "abort":
                 self.aborts.inc()
+
+    def on_client_disconnect(self) -> None:
+        """A client left before its answer was complete, and its work was aborted.
+        Counted here, once per HTTP request: the scheduler's abort message for it
+        arrives after the request's state is gone, so on_output never sees it."""
+        self.aborts.inc()
 
     def on_error(self, status: int) -> None:
         self.errors.labels(**self.labels, status=str(status)).inc()

@@ -278,7 +278,7 @@ class Scheduler:
         copied to the host asynchronously."""
         reqs = list(batch.reqs)
         try:
-            logits = self.runner.forward(batch)
+            logits = self.runner.forward(batch.to_forward_batch())
             if batch.sampling_info is None:
                 batch.sampling_info = SamplingBatchInfo.from_reqs(
                     batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids)
