@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 import logging
+from pathlib import Path
 from typing import Any, Optional
 
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
@@ -153,6 +154,8 @@ class ServerArgs:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
+            raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():

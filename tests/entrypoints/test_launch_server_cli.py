@@ -4,8 +4,10 @@ its default, and a bad command line ends in one line that says what to do."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 
 from radixserve import Engine
 from radixserve.server_args import ServerArgs
-from tests.server_utils import children_of
+from tests.server_utils import children_of, free_port
 
 HUB_ID = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -58,6 +60,7 @@ def test_help_describes_every_flag_and_its_default():
     (["--model-path", HUB_ID], "Hugging Face Hub id"),
     (["--log-level", "loud"], "log_level must be one of debug|info|warning|error|critical"),
     (["--port", "eighty"], "argument --port: invalid int value"),
+    (["--chat-template", "/no/such/template.jinja"], "chat_template '/no/such/template.jinja' is not a file"),
 ])
 def test_bad_command_line_ends_in_one_line(argv, says):
     out = launch(*argv)
@@ -76,3 +79,17 @@ def test_engine_refuses_bad_model_path_before_starting_processes():
     with pytest.raises(ValueError, match="log_level"):
         Engine(log_level="loud")
     assert set(children_of(os.getpid())) <= before
+
+
+def test_model_that_fails_to_load_ends_in_one_line(tiny_model_factory, tmp_path):
+    """The scheduler logs its traceback; the launcher's last word is one line, exit code 1."""
+    folder = tmp_path / "unknown-architecture"
+    shutil.copytree(tiny_model_factory("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    out = launch("--model-path", str(folder), "--port", str(free_port()))
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m radixserve.launch_server: error: the model could not be loaded: ")
+    assert "NoSuchModelForCausalLM" in last

@@ -40,7 +40,7 @@ def load_frontend_tokenizer(args: ServerArgs, source: Optional[ModelSource] = No
     """The tokenizer, with --chat-template's Jinja file in place of the model's own."""
     tokenizer = load_tokenizer(source or resolve_model_source(args.model_path), args.tokenizer_path)
     if args.chat_template:
-        tokenizer.chat_template = Path(args.chat_template).read_text()
+        tokenizer.chat_template = Path(args.chat_template).expanduser().read_text()
     return tokenizer
 
 
