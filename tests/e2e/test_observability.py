@@ -120,22 +120,19 @@ def test_scheduler_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
     outcome = {}
 
     def long_request():
-        start = time.time()
         try:
             r = generate(base, max_new_tokens=500)
             outcome["status"] = r.status_code
         except httpx.HTTPError as e:
             outcome["status"] = type(e).__name__
-        outcome["seconds"] = time.time() - start
 
     t = threading.Thread(target=long_request)
     t.start()
     time.sleep(0.3)
     scheduler = min(p for p in children_of(proc.pid) if b"spawn_main" in cmdline(p))  # started first
-    killed_at = time.time()
     os.kill(scheduler, signal.SIGKILL)
-    t.join(timeout=30)
-    assert outcome["status"] != 200 and time.time() - killed_at < 5, outcome
+    t.join(timeout=60)  # only a bound against a hang: the request must end, with an error
+    assert not t.is_alive() and outcome["status"] != 200, outcome
     assert proc.wait(timeout=30) != 0
 
 
