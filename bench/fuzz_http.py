@@ -132,7 +132,8 @@ def final_checks(base: str, proc: subprocess.Popen) -> Dict:
             "kv_after": kv}
 
 
-def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: int, extra: List[str], log_path: str) -> Dict:
+def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: int, extra: List[str],
+        log_path: str) -> Dict:
     with open(log_path, "w") as log:
         proc = start_server(model_path, port, extra, log)
         base = f"http://127.0.0.1:{port}"
