@@ -243,7 +243,11 @@ class FuzzCase:
 
     def describe(self) -> str:
         kind = "chunked" if self.chunks is not None else "plain"
-        return f"{self.method} {self.path} ({kind}{', admin' if self.admin else ''}) {self.body[:400]!r}"
+        more = f"... ({len(self.body)} bytes)" if len(self.body) > 400 else ""
+        return f"{self.method} {self.path} ({kind}{', admin' if self.admin else ''}) {self.body[:400]!r}{more}"
+
+    def _repr_pretty_(self, printer, cycle) -> None:  # how hypothesis prints a failing case
+        printer.text(self.describe())
 
 
 def _pieces(body: bytes, cuts: Sequence[int]) -> Iterator[bytes]:

@@ -30,8 +30,8 @@ class FuzzTarget:
     routes: List[Tuple[str, str]]  # (path, method) from the server's OpenAPI schema
     admin_paths: FrozenSet[str]  # the paths that refuse the user's key
 
-    def __repr__(self) -> str:  # hypothesis prints it with every failing example
-        return f"FuzzTarget({self.base})"
+    def _repr_pretty_(self, printer, cycle) -> None:  # hypothesis prints it with every failing example
+        printer.text(f"FuzzTarget({self.base})")
 
 
 @pytest.fixture(scope="module")
