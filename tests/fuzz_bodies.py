@@ -123,8 +123,8 @@ sampling_params = with_fields({"max_new_tokens": output_len}, some(
     skip_special_tokens=field(st.booleans()), spaces_between_special_tokens=field(st.booleans()),
     no_stop_trim=field(st.booleans()), n=field(st.integers(1, 3), odd_n),
     logit_bias=field(st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100), max_size=3),
-                 st.dictionaries(st.sampled_from(["-1", "50000", "x", "99999999999999999999", "\ud800"]),
-                                 extreme_floats, min_size=1, max_size=3)),
+                     st.dictionaries(st.sampled_from(["-1", "50000", "x", "99999999999999999999", "\ud800"]),
+                                     extreme_floats, min_size=1, max_size=3)),
     sampling_seed=field(st.integers(0, 2**31), extreme_ints), json_schema=field(st.just('{"type": "object"}'), grammar),
     regex=field(st.just("[a-z]+"), grammar), ebnf=field(st.just('root ::= "x"'), grammar)))
 
@@ -150,7 +150,7 @@ openai_common = dict(
     stream_options=field(st.fixed_dictionaries({"include_usage": st.booleans()})),
     presence_penalty=field(st.floats(-2, 2), extreme_floats), frequency_penalty=field(st.floats(-2, 2), extreme_floats),
     logit_bias=field(st.dictionaries(st.integers(0, VOCAB - 1).map(str), st.floats(-100, 100), max_size=2),
-                 st.dictionaries(extreme_text, extreme_floats, min_size=1, max_size=2)),
+                     st.dictionaries(extreme_text, extreme_floats, min_size=1, max_size=2)),
     user=field(sane_text, extreme_text), top_k=field(st.integers(-1, 20), beyond_vocab),
     min_p=field(st.floats(0, 1), extreme_floats), repetition_penalty=field(st.floats(0.5, 2), extreme_floats),
     min_tokens=field(st.integers(0, 4), extreme_ints), ignore_eos=field(st.booleans()),
@@ -158,15 +158,15 @@ openai_common = dict(
     regex=field(st.just("[a-z]+"), grammar),
     json_schema=field(st.just('{"type": "object"}'), grammar),
     response_format=field(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object"])}),
-                      some(2, type=field(st.sampled_from(["json_schema", "xml"])),
-                           json_schema=field(some(2, name=field(sane_text),
-                                                  schema=field(st.just({"type": "object"})))))))
+                          some(2, type=field(st.sampled_from(["json_schema", "xml"])),
+                               json_schema=field(some(2, name=field(sane_text),
+                                                      schema=field(st.just({"type": "object"})))))))
 
 completion_body = with_fields(
     {"prompt": field(st.one_of(sane_text, st.lists(sane_text, min_size=1, max_size=3), sane_ids,
-                           st.lists(sane_ids, min_size=1, max_size=3)),
-                 st.one_of(extreme_text, st.lists(extreme_text, min_size=1, max_size=3), extreme_ids,
-                           st.lists(extreme_ids, max_size=3))), "max_tokens": output_len},
+                               st.lists(sane_ids, min_size=1, max_size=3)),
+                     st.one_of(extreme_text, st.lists(extreme_text, min_size=1, max_size=3), extreme_ids,
+                               st.lists(extreme_ids, max_size=3))), "max_tokens": output_len},
     some(3, **openai_common, echo=field(st.booleans()),
          logprobs=field(st.integers(0, 5), beyond_vocab)))
 
@@ -176,8 +176,8 @@ tool_call = st.fixed_dictionaries({"id": sane_text, "type": st.just("function"),
 message = with_fields(
     {"role": field(st.sampled_from(["user", "system", "assistant"]), st.sampled_from(["tool", "developer", "x", ""])),
      "content": field(st.one_of(sane_text, st.lists(text_part, min_size=1, max_size=2)),
-                  st.one_of(extreme_text, st.none(), st.lists(some(2, type=field(st.just("image_url")),
-                                                                   text=field(extreme_text)), max_size=2)))},
+                      st.one_of(extreme_text, st.none(), st.lists(some(2, type=field(st.just("image_url")),
+                                                                       text=field(extreme_text)), max_size=2)))},
     some(1, name=field(sane_text, extreme_text), tool_calls=field(st.lists(tool_call, max_size=2)),
          tool_call_id=field(sane_text, extreme_text)))
 tool = st.fixed_dictionaries({"type": field(st.just("function")), "function": with_fields(
