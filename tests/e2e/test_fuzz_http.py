@@ -50,7 +50,7 @@ def server(tiny_model_factory, tmp_path_factory):
 
 # No shrinking: each step of it is a round trip to a live server; the failing
 # body is printed whole in the assertion message instead.
-@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck),
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck),
           phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(data=st.data())
 def fuzz_once(server: FuzzTarget, data):
