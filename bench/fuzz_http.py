@@ -33,7 +33,6 @@ from tests.fuzz_bodies import FuzzCase, draw_cases  # noqa: E402
 
 API_KEY, ADMIN_KEY = "fuzz-user", "fuzz-admin"
 USER = {"Authorization": f"Bearer {API_KEY}"}
-REQUEST_TIMEOUT_S = 60.0  # an answer later than this counts as a hang
 
 
 @dataclass
@@ -51,7 +50,7 @@ class Tally:
 
 
 async def send(client: httpx.AsyncClient, base: str, case: FuzzCase, admin_paths: frozenset,
-               proc: subprocess.Popen, tally: Tally) -> None:
+               proc: subprocess.Popen, tally: Tally, timeout_s: float) -> None:
     headers = {"content-type": "application/json", "Authorization": f"Bearer {ADMIN_KEY if case.admin else API_KEY}"}
     url = f"{base}{case.path}"
     try:
@@ -60,11 +59,11 @@ async def send(client: httpx.AsyncClient, base: str, case: FuzzCase, admin_paths
         except (httpx.ReadError, httpx.RemoteProtocolError):
             # The pooled connection may have been closed by the server after an
             # earlier answer on it (uvicorn closes after a 500): once more, alone.
-            async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as fresh:
+            async with httpx.AsyncClient(timeout=timeout_s) as fresh:
                 r = await fresh.request(case.method, url, content=case.async_content(), headers=headers)
     except httpx.TimeoutException:
         tally.statuses["timeout"] += 1
-        tally.fail("hang", case, f"no answer within {REQUEST_TIMEOUT_S:g} s")
+        tally.fail("hang", case, f"no answer within {timeout_s:g} s")
         return
     except httpx.HTTPError as e:
         tally.statuses[type(e).__name__] += 1
@@ -85,15 +84,15 @@ async def send(client: httpx.AsyncClient, base: str, case: FuzzCase, admin_paths
 
 
 async def run_cases(base: str, cases: List[FuzzCase], admin_paths: frozenset, concurrency: int,
-                    proc: subprocess.Popen, tally: Tally) -> None:
+                    proc: subprocess.Popen, tally: Tally, timeout_s: float) -> None:
     queue: asyncio.Queue = asyncio.Queue()
     for case in cases:
         queue.put_nowait(case)
 
     async def worker() -> None:
-        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
             while not queue.empty() and not tally.server_died:
-                await send(client, base, queue.get_nowait(), admin_paths, proc, tally)
+                await send(client, base, queue.get_nowait(), admin_paths, proc, tally, timeout_s)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -132,7 +131,8 @@ def final_checks(base: str, proc: subprocess.Popen) -> Dict:
             "kv_after": kv}
 
 
-def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: int, extra: List[str], log_path: str) -> Dict:
+def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: int, extra: List[str],
+        log_path: str, timeout_s: float) -> Dict:
     with open(log_path, "w") as log:
         proc = start_server(model_path, port, extra, log)
         base = f"http://127.0.0.1:{port}"
@@ -143,7 +143,7 @@ def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: i
             cases = draw_cases(routes, admin_paths, bodies, first_seed)
             tally = Tally()
             start = time.monotonic()
-            asyncio.run(run_cases(base, cases, admin_paths, concurrency, proc, tally))
+            asyncio.run(run_cases(base, cases, admin_paths, concurrency, proc, tally, timeout_s))
             elapsed = time.monotonic() - start
             after = final_checks(base, proc)
         finally:
@@ -168,10 +168,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=30556)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--server-log", default="fuzz_http_server.log")
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="an answer later than this is a hang")
     args, extra = parser.parse_known_args()
     if "--context-length" not in extra:
         extra += ["--context-length", "256"]  # bounds each generation, so the run is about bodies, not decoding
-    result = run(args.model_path, args.bodies, args.concurrency, args.port, args.seed, extra, args.server_log)
+    result = run(args.model_path, args.bodies, args.concurrency, args.port, args.seed, extra, args.server_log,
+                 args.request_timeout)
     print(json.dumps(result, indent=1, ensure_ascii=True))
     sys.exit(0 if result["ok"] else 1)
 

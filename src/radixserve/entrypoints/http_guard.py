@@ -170,7 +170,10 @@ class TransportGuard:
         path = scope["path"]
         key = self.admin_api_key if (self.admin_api_key and path in self.admin_paths) else self.api_key
         if key and path not in OPEN_PATHS and not key_matches(scope, key):
-            return self.failed(401, "invalid or missing API key", err_type="authentication_error")
+            # Closed after the answer: uvicorn would otherwise read (and drop)
+            # whatever body an unauthenticated client keeps sending.
+            return self.failed(401, "invalid or missing API key", err_type="authentication_error",
+                               headers={"connection": "close"})
         length = declared_length(scope)
         if length is not None and length > self.max_body_bytes:
             return self.too_large()
