@@ -152,3 +152,12 @@ def test_prepare_tokenizes_each_prompt_once_off_the_event_loop(embedded_tokenize
     with pytest.raises(FieldError) as info:
         asyncio.run(tm.prepare(GenerateReqInput(input_ids=[1, len(tokenizer)])))
     assert info.value.field == "input_ids"
+
+
+def test_null_means_the_default():
+    singles = GenerateReqInput(prompt="hi", stream=None, return_logprob=None, logprob_start_len=None,
+                               top_logprobs_num=None, return_text_in_logprobs=None, rid=None,
+                               sampling_params=None).split(vocab_size=VOCAB)
+    s = singles[0]
+    assert (s.stream, s.return_logprob, s.logprob_start_len, s.top_logprobs_num, s.return_text_in_logprobs) == (
+        False, False, -1, 0, False)
