@@ -156,11 +156,11 @@ def test_rid_in_flight_is_refused_and_then_free(server):
     worker = threading.Thread(target=lambda: first.update(r=server.post("/generate", json=body)))
     worker.start()
     try:
-        for _ in range(200):  # until the first one is registered
-            again = server.post("/generate", json=body)
-            if again.status_code == 400:
+        for _ in range(400):  # until the first one waits in the scheduler's queue
+            if server.get("/get_server_info").json()["num_waiting_reqs"] == 1:
                 break
             time.sleep(0.05)
+        again = server.post("/generate", json=body)
         assert again.status_code == 400 and again.json()["error"]["param"] == "rid", again.text
         assert "already in flight" in again.json()["error"]["message"]
     finally:
