@@ -18,8 +18,9 @@ SURROGATE = "\\ud800"  # JSON text of a lone surrogate; json.dumps would escape 
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_factory):
-    with running_server(tiny_model_factory("llama"), "--log-level", "warning") as (_, base):
+def server(tiny_model_factory, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("input_validation") / "server.log"
+    with open(log_path, "w") as log, running_server(tiny_model_factory("llama"), log=log) as (_, base):
         with httpx.Client(base_url=base, timeout=60) as client:
             yield client
 
@@ -39,6 +40,7 @@ def raw(text: str) -> bytes:
 
 
 CHAT = {"model": MODEL, "max_tokens": 1}
+OUR_NAMES = ("max_new_tokens", "min_new_tokens", "sampling_seed", "top_logprobs_num")
 BAD = [
     # (path, body (dict or raw JSON bytes), the field the 400 names)
     ("/generate", {"text": "hello there my friend", "return_logprob": True, "logprob_start_len": 0,
@@ -54,6 +56,7 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "seed": 2**64}, "seed"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2**63}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 2**63}, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, "min_tokens"),
     ("/v1/completions", {"prompt": [[1, 2], [49152]]}, "prompt"),
     ("/generate", {"input_ids": 1}, "input_ids"),
     ("/generate", {"input_ids": {"a": 1}}, "input_ids"),
@@ -101,6 +104,8 @@ def test_bad_bodies_are_400s_naming_the_field(server):
             failures.append((path, content[:120], r.status_code, r.text[:300]))
         elif ".cc" in error["message"] or "/project/" in error["message"]:
             failures.append((path, "C++ source path in the message", error["message"]))
+        elif path.startswith("/v1") and any(ours in error["message"] for ours in OUR_NAMES):
+            failures.append((path, "our name, not the OpenAI field's, in the message", error["message"]))
     assert not failures, "\n".join(map(str, failures))
     assert server.post("/generate", json={"text": "still serving", "sampling_params": {"max_new_tokens": 2}}).json()[
         "meta_info"]["completion_tokens"] == 2
@@ -151,11 +156,11 @@ def test_rid_in_flight_is_refused_and_then_free(server):
     worker = threading.Thread(target=lambda: first.update(r=server.post("/generate", json=body)))
     worker.start()
     try:
-        for _ in range(200):  # until the first one is registered
-            again = server.post("/generate", json=body)
-            if again.status_code == 400:
+        for _ in range(400):  # until the first one waits in the scheduler's queue
+            if server.get("/get_server_info").json()["num_waiting_reqs"] == 1:
                 break
             time.sleep(0.05)
+        again = server.post("/generate", json=body)
         assert again.status_code == 400 and again.json()["error"]["param"] == "rid", again.text
         assert "already in flight" in again.json()["error"]["message"]
     finally:

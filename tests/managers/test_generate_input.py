@@ -106,3 +106,58 @@ def test_json_walk_names_surrogates_and_bounds_depth():
     with pytest.raises(FieldError, match="nests deeper"):
         check_json_value({"prompt": deep})
     check_json_value({"prompt": "fine ü 終", "ids": list(range(1000)), "nested": [[[{"a": ["b"]}]]]})
+
+
+class CountingTokenizer:
+    """The embedded model's tokenizer, counting encode calls and their threads."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls, self.threads = tokenizer, 0, set()
+
+    def encode(self, text, **kwargs):
+        import threading
+
+        self.calls += 1
+        self.threads.add(threading.current_thread().name)
+        return self.tokenizer.encode(text, **kwargs)
+
+
+def test_prepare_tokenizes_each_prompt_once_off_the_event_loop(embedded_tokenizer_dir):
+    """TokenizerManager.prepare (no sockets are opened before a request is sent):
+    one encode per distinct prompt, in the tokenizer threads, and its states
+    are what generate_request sends."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from radixserve.managers import io_struct as io
+    from radixserve.managers.ipc import PortArgs
+    from radixserve.managers.tokenizer_manager import TokenizerManager
+    from radixserve.server_args import ServerArgs
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_dir)
+    counting = CountingTokenizer(tokenizer)
+    ready = io.SchedulerReady(max_total_num_tokens=1024, max_running_requests=8, context_length=64,
+                              vocab_size=len(tokenizer), chunked_prefill_size=None, device="cpu")
+    tm = TokenizerManager(ServerArgs(), PortArgs.new(), counting, ready)
+    obj = GenerateReqInput(prompt=["The cat", "The dog", "The cat"], sampling_params={"n": 2})
+    prepared = asyncio.run(tm.prepare(obj))
+    assert counting.calls == 2 and all(name.startswith("radixserve-tokenizer") for name in counting.threads)
+    assert [s.prompt_ids for s in prepared.states] == [tokenizer.encode(p) for p in ["The cat"] * 2 + ["The dog"] * 2
+                                                       + ["The cat"] * 2]
+    assert len({s.req.rid for s in prepared.states}) == 6
+    with pytest.raises(FieldError) as info:
+        asyncio.run(tm.prepare(GenerateReqInput(prompt="word " * 100)))  # longer than the context
+    assert info.value.field == "prompt"
+    with pytest.raises(FieldError) as info:
+        asyncio.run(tm.prepare(GenerateReqInput(input_ids=[1, len(tokenizer)])))
+    assert info.value.field == "input_ids"
+
+
+def test_null_means_the_default():
+    singles = GenerateReqInput(prompt="hi", stream=None, return_logprob=None, logprob_start_len=None,
+                               top_logprobs_num=None, return_text_in_logprobs=None, rid=None,
+                               sampling_params=None).split(vocab_size=VOCAB)
+    s = singles[0]
+    assert (s.stream, s.return_logprob, s.logprob_start_len, s.top_logprobs_num, s.return_text_in_logprobs) == (
+        False, False, -1, 0, False)

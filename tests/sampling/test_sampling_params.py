@@ -91,7 +91,8 @@ GOOD = [
     {"temperature": 1e-9}, {"temperature": 5}, {"top_p": 1}, {"top_p": 1e-6}, {"top_k": 0}, {"top_k": -1},
     {"top_k": VOCAB}, {"min_p": 1.0}, {"frequency_penalty": -2}, {"presence_penalty": 2.0},
     {"repetition_penalty": 2.0}, {"repetition_penalty": 0.01}, {"n": 4},
-    {"sampling_seed": -(2**63)}, {"sampling_seed": 2**64 - 1}, {"max_new_tokens": 2**63 - 1}, {"stop": "終"}, {"stop": "x"}, {"stop": []}, {"stop": ["a", "bc"]},
+    {"sampling_seed": -(2**63)}, {"sampling_seed": 2**64 - 1}, {"max_new_tokens": 2**63 - 1},
+    {"stop": "終"}, {"stop": "x"}, {"stop": []}, {"stop": ["a", "bc"]},
     {"stop_token_ids": []}, {"stop_token_ids": [0, VOCAB - 1]}, {"logit_bias": {}},
     {"logit_bias": {"0": -100, VOCAB - 1: 100.0}}, {"json_schema": "{}", "regex": "a+", "ebnf": "root ::= 'a'"},
 ]

@@ -151,11 +151,6 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         response.headers.update(e.headers or {})
         return response
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        # Starlette re-raises after this answer, and uvicorn logs the traceback.
-        return failed(500, f"internal server error: {type(e).__name__}: {e}"[:1000], err_type="server_error")
-
     @app.exception_handler(ValueError)
     async def bad_input(request: Request, e: ValueError) -> JSONResponse:
         return failed(400, str(e), param=getattr(e, "field", None))
@@ -164,6 +159,8 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         """Last resort: a bug in a route is a JSON 500 in our error format,
         logged with its traceback; the server keeps serving."""
+        if state.tm._dead:  # a child process died: say so rather than "internal error"
+            return failed(503, state.tm._dead, err_type="server_error")
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
         return failed(500, f"internal error: {type(e).__name__}", err_type="server_error")
 

@@ -63,12 +63,14 @@ class GenerateReqInput:
         if max_prompts is not None and num > max_prompts:
             raise FieldError(self._prompt_field, f"too many prompts in one request: {num} > {max_prompts} "
                                                  "(max_batch_prompts)")
-        check_bool("stream", self.stream)
-        check_bool("return_text_in_logprobs", self.return_text_in_logprobs)
+        stream = check_bool("stream", self.stream) if self.stream is not None else False
+        with_text = self.return_text_in_logprobs
+        with_text = check_bool("return_text_in_logprobs", with_text) if with_text is not None else False
+        # None (JSON null) anywhere means the default.
         params = self._per_prompt(self.sampling_params, num, "sampling_params", dict)
-        logprob = self._per_prompt(self.return_logprob, num, "return_logprob", bool)
-        start = self._per_prompt(self.logprob_start_len, num, "logprob_start_len", int)
-        topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int)
+        logprob = self._per_prompt(self.return_logprob, num, "return_logprob", bool, default=False)
+        start = self._per_prompt(self.logprob_start_len, num, "logprob_start_len", int, default=-1)
+        topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int, default=0)
         rids = self._rids(num)
         out: List[SingleRequest] = []
         for i, prompt in enumerate(prompts):
@@ -86,11 +88,11 @@ class GenerateReqInput:
                     prompt=prompt if isinstance(prompt, str) else None,
                     input_ids=None if isinstance(prompt, str) else list(prompt),
                     sampling_params=_sample_copy(sp, j),
-                    return_logprob=bool(logprob[i]) or topk[i] > 0,
+                    return_logprob=logprob[i] or topk[i] > 0,
                     logprob_start_len=start[i],
                     top_logprobs_num=topk[i],
-                    return_text_in_logprobs=self.return_text_in_logprobs,
-                    stream=self.stream,
+                    return_text_in_logprobs=with_text,
+                    stream=stream,
                     index=len(out),
                 ))
         _check_unique_rids(out)
@@ -127,8 +129,8 @@ class GenerateReqInput:
                 check_text("rid", rid)
         return rids
 
-    def _per_prompt(self, value, num: int, name: str, kind: type) -> list:
-        """One value per prompt, each of the right type (None: the default)."""
+    def _per_prompt(self, value, num: int, name: str, kind: type, default: Any = None) -> list:
+        """One value per prompt, each of the right type; None becomes the default."""
         values = value if isinstance(value, list) else [value] * num
         if len(values) != num:
             raise FieldError(name, f"'{name}' has {len(values)} entries for {num} prompts")
@@ -137,7 +139,7 @@ class GenerateReqInput:
             if v is not None and wrong_type:
                 raise FieldError(name, f"'{name}' must be a {kind.__name__} or a list of them, "
                                        f"got {type(v).__name__}")
-        return values
+        return [default if v is None else v for v in values]
 
 
 class RequestRejected(Exception):

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Deque, Dict, List, Optional, Tuple, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -196,14 +196,29 @@ class TokenizerManager:
 
     async def prepare(self, obj: GenerateReqInput) -> PreparedGenerate:
         """Check and tokenize everything without sending anything; bad input is a
-        ValueError (FieldError naming the field). Tokenizing runs off the event loop."""
-        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n, self.vocab_size)
-        texts = list(dict.fromkeys(s.prompt for s in singles if s.input_ids is None))  # n copies: once
-        encoded = dict(zip(texts, await self.run_in_tokenizer(self._encode_all, texts))) if texts else {}
-        states = [self._check_tokens(s, list(encoded[s.prompt]) if s.input_ids is None else s.input_ids)
-                  for s in singles]  # all checked before any is sent
-        await self._check_constraints(singles)
+        ValueError (FieldError naming the field). The work that grows with the
+        request (checking ids, tokenizing) runs off the event loop."""
+        checked = await self.run_in_tokenizer(self._split_and_tokenize, obj)
+        states = [ReqState(req=single, prompt_ids=ids, created=time.monotonic()) for single, ids in checked]
+        await self._check_constraints([single for single, _ in checked])
         return PreparedGenerate(obj, states)
+
+    def _split_and_tokenize(self, obj: GenerateReqInput) -> List[Tuple[SingleRequest, List[int]]]:
+        """In a tokenizer thread: every single request with its checked prompt ids
+        (all checked before any is sent). The n copies of a prompt share one encode."""
+        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n, self.vocab_size)
+        encoded: Dict[str, List[int]] = {}
+        checked = []
+        for single in singles:
+            if single.input_ids is not None:
+                ids = single.input_ids
+            else:
+                if single.prompt not in encoded:
+                    encoded[single.prompt] = self.tokenizer.encode(single.prompt)
+                ids = list(encoded[single.prompt])
+            self._check_tokens(single, ids)
+            checked.append((single, ids))
+        return checked
 
     async def run_in_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run CPU-bound tokenizer work (encode, decode, chat templates) in the
@@ -213,9 +228,6 @@ class TokenizerManager:
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         return await self.run_in_tokenizer(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
-
-    def _encode_all(self, texts: List[str]) -> List[List[int]]:
-        return [self.tokenizer.encode(text) for text in texts]
 
     async def _check_constraints(self, singles: List[SingleRequest]) -> None:
         """At most one constraint per request, and it must compile (cached by text)."""
@@ -238,7 +250,7 @@ class TokenizerManager:
             except ValueError as e:
                 raise FieldError(constraint.kind, str(e)) from None
 
-    def _check_tokens(self, req: SingleRequest, ids: List[int]) -> ReqState:
+    def _check_tokens(self, req: SingleRequest, ids: List[int]) -> None:
         field = "prompt" if req.input_ids is None else "input_ids"
         if not ids:
             raise FieldError(field, "'prompt' tokenizes to zero tokens")
@@ -253,7 +265,6 @@ class TokenizerManager:
         if req.return_logprob and req.logprob_start_len >= len(ids):
             raise FieldError("logprob_start_len", f"logprob_start_len ({req.logprob_start_len}) must be less "
                                                   f"than the prompt's length ({len(ids)} tokens)")
-        return ReqState(req=req, prompt_ids=ids, created=time.monotonic())
 
     def _apply(self, state: ReqState, out: io.ReqOutput) -> Dict[str, Any]:
         """Fold one update into the request's state and build the result dict."""

@@ -80,8 +80,8 @@ class SamplingParams:
         _check_int(self, "max_new_tokens", minimum=0)
         _check_int(self, "min_new_tokens", minimum=0)
         if self.min_new_tokens > self.max_new_tokens:
-            raise FieldError("min_new_tokens",
-                             f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
+            raise FieldError("min_new_tokens", f"min_new_tokens ({self.min_new_tokens}) must be <= "
+                                               f"max_new_tokens ({self.max_new_tokens})")
         _check_number(self, "temperature", 0.0, math.inf)
         _check_number(self, "top_p", 0.0, 1.0, low_open=True)
         # -1 and 0 mean "no limit"; a larger k than the vocabulary means nothing.
@@ -111,7 +111,8 @@ class SamplingParams:
         if stops is None:
             return
         if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
-            raise FieldError("stop", f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}"[:300])
+            message = f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}"
+            raise FieldError("stop", message[:300])
         for s in stops:
             check_text("stop", s)
 
@@ -119,7 +120,8 @@ class SamplingParams:
         if self.stop_token_ids is None:
             return
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
-            raise FieldError("stop_token_ids", f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"[:300])
+            message = f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}"
+            raise FieldError("stop_token_ids", message[:300])
         for tid in self.stop_token_ids:
             _check_token_id("stop_token_ids", tid, vocab_size)
 
@@ -127,11 +129,13 @@ class SamplingParams:
         if self.logit_bias is None:
             return
         if not isinstance(self.logit_bias, dict):
-            raise FieldError("logit_bias", f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}"[:300])
+            message = f"logit_bias must be a dict of token id -> bias, got {self.logit_bias!r}"
+            raise FieldError("logit_bias", message[:300])
         for key, bias in self.logit_bias.items():
             _check_token_id("logit_bias", _parse_token_key(key), vocab_size)
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not _fits_float32(bias):
-                raise FieldError("logit_bias", f"logit_bias value for token {key!r} must be a finite number, got {bias!r}"[:300])
+                message = f"logit_bias value for token {key!r} must be a finite number, got {bias!r}"
+                raise FieldError("logit_bias", message[:300])
 
     def normalize(self) -> None:
         """Derived forms for the scheduler; idempotent. Call after verify()."""

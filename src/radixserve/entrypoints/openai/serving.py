@@ -74,7 +74,10 @@ class OpenAIServing:
         try:
             return await self.tm.prepare(gen)
         except FieldError as e:
-            raise e.renamed(_openai_field(e.field, req)) from None
+            message = str(e.renamed(_openai_field(e.field, req)))
+            for ours in ("max_new_tokens", "min_new_tokens", "sampling_seed"):  # also when named in passing
+                message = message.replace(ours, _openai_field(ours, req))
+            raise FieldError(_openai_field(e.field, req), message) from None
 
     # ---- completions ----
     def completion_input(self, req: CompletionRequest) -> GenerateReqInput:
