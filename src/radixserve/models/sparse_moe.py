@@ -13,6 +13,7 @@ from radixserve.layers.linear import Linear
 from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
 
+
 class SparseMoeBlock(nn.Module):
     def __init__(
         self,
