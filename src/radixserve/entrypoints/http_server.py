@@ -159,8 +159,8 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         """Last resort: a bug in a route is a JSON 500 in our error format,
         logged with its traceback; the server keeps serving."""
-        if state.tm._dead:  # a child process died: say so rather than "internal error"
-            return failed(503, state.tm._dead, err_type="server_error")
+        if state.tm.is_dead:  # a child process died: say so rather than "internal error"
+            return failed(503, state.tm.dead_reason, err_type="server_error")
         logger.exception("unexpected error in %s %s", request.method, request.url.path)
         return failed(500, f"internal error: {type(e).__name__}", err_type="server_error")
 
