@@ -183,7 +183,7 @@ def test_unexpected_error_is_a_json_500(tiny_model_factory):
     async def broken_info():
         raise KeyError("boom")
 
-    tm = SimpleNamespace(metrics=None, tokenizer=None, _dead=None, get_server_info=broken_info)
+    tm = SimpleNamespace(metrics=None, tokenizer=None, is_dead=False, dead_reason=None, get_server_info=broken_info)
     args = ServerArgs(model_path=str(tiny_model_factory("llama")))
     app = create_app(ServerState(tm=tm, server_args=args, served_model_name=MODEL))
     with TestClient(app, raise_server_exceptions=False) as client:
