@@ -96,6 +96,7 @@ class TokenizerManager:
             self.send_sock.close()
             self.recv_sock.close()
             self._started = False
+        self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     def fail_all(self, message: str) -> None:
         """A child process died: end every pending request with an error."""
