@@ -271,10 +271,10 @@ def test_history_with_calls_and_results(tiny):
     ({"tools": as_tools(RANDOM_TOOLS[:2]), "tool_choice": named("missing")}, "tool_choice.function.name"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": as_tools(RANDOM_TOOLS[:2]), "tool_choice": "always"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"x": {"type": "nonsense"}}}}}]}, "tools[0].function.parameters"),
-    ({"tools": [{"type": "retrieval"}]}, "tools.0"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
 ])
 def test_bad_tool_requests_are_400(servers, tiny, body, field):
     base = servers["tiny"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,9 +25,17 @@ Q = gguf.GGMLQuantizationType
 # ---- sources ----
 
 def test_bad_paths_say_what_was_expected(tmp_path):
-    for bad in ("/no/such/model", str(tmp_path), "NotAPackagedModel", __file__):
-        with pytest.raises(ValueError, match=r"config\.json.*\.gguf.*SmolLM2-135M-Instruct"):
+    advice = {
+        "/no/such/model": r"nothing exists at that path.*SmolLM2-135M-Instruct",
+        "NotAPackagedModel": r"nothing exists at that path.*SmolLM2-135M-Instruct",
+        str(tmp_path): r"the folder has no config\.json",
+        __file__: r"a single file must be a \.gguf",
+        "meta-llama/Llama-3.1-8B-Instruct": r"Hugging Face Hub id.*hf download meta-llama/Llama-3\.1-8B-Instruct",
+    }
+    for bad, says in advice.items():
+        with pytest.raises(ValueError, match=r"not a checkpoint folder \(with config\.json\), a \.gguf file") as e:
             resolve_model_source(bad)
+        assert re.search(says, str(e.value)), (bad, str(e.value))
     (tmp_path / "m.Q8_0.gguf").write_bytes(b"")
     with pytest.raises(ValueError, match=r"holds m\.Q8_0\.gguf"):
         resolve_model_source(str(tmp_path))
