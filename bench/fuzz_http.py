@@ -30,6 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fuzz_bodies import FuzzCase, draw_cases  # noqa: E402
+from tests.server_utils import launch_on_port  # noqa: E402
 
 API_KEY, ADMIN_KEY = "fuzz-user", "fuzz-admin"
 USER = {"Authorization": f"Bearer {API_KEY}"}
@@ -97,23 +98,6 @@ async def run_cases(base: str, cases: List[FuzzCase], admin_paths: frozenset, co
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-def start_server(model_path: str, port: int, extra: List[str], log) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--model-path", model_path,
-                             "--port", str(port), "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
-                             "--log-level", "warning", *extra], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the server exited during start-up")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not start")
-
-
 def final_checks(base: str, proc: subprocess.Popen) -> Dict:
     """After the storm: alive, serving, and no KV left in use."""
     if proc.poll() is not None:
@@ -134,7 +118,8 @@ def final_checks(base: str, proc: subprocess.Popen) -> Dict:
 def run(model_path: str, bodies: int, concurrency: int, port: int, first_seed: int, extra: List[str],
         log_path: str, timeout_s: float) -> Dict:
     with open(log_path, "w") as log:
-        proc = start_server(model_path, port, extra, log)
+        proc = launch_on_port(model_path, port, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
+                              "--log-level", "warning", *extra, log=log, timeout_s=300)
         base = f"http://127.0.0.1:{port}"
         try:
             spec = httpx.get(f"{base}/openapi.json", headers=USER).json()

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.fuzz_bodies import FuzzCase, draw_cases  # noqa: E402
+from tests.server_utils import launch_on_port  # noqa: E402
 
 # Hostile bodies go to these routes only: the server runs without an admin key
 # here, and the admin routes would pause or reset it for every client.
@@ -130,23 +130,9 @@ async def client_loop(base: str, seconds: float, seed: int, tally: Tally, hostil
                 tally.other_errors.append(f"{type(e).__name__}: {e}")
 
 
-def start_server(model_path: str, port: int, extra: List[str]) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--model-path", model_path,
-                             "--port", str(port), "--log-level", "warning", *extra])
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not start")
-
-
 def run_soak(model_path: str, seconds: float, clients: int, port: int, extra: List[str]) -> Dict:
     hostile = draw_cases(HOSTILE_ROUTES, frozenset(), HOSTILE_POOL)
-    proc = start_server(model_path, port, extra)
+    proc = launch_on_port(model_path, port, "--log-level", "warning", *extra, log=None, timeout_s=300)
     base = f"http://127.0.0.1:{port}"
     try:
         async def all_clients(duration: float, tally: Tally, first_seed: int) -> None:

@@ -39,7 +39,7 @@ class RawNumber:
 
 
 def to_json(value: Any) -> str:
-    """JSON text of value; str may hold lone surrogates (written as \\udXXX
+    """JSON text of value; str may hold lone surrogates (written as \\ud800-style
     escapes, as ensure_ascii does), RawNumber is written as is."""
     if isinstance(value, RawNumber):
         return value.text

@@ -21,27 +21,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_path, *extra: str, log=subprocess.DEVNULL):
-    """`python -m radixserve.launch_server` on a free port; returns (process, base URL)
-    once /health answers 200."""
-    port = free_port()
+def launch_on_port(model_path, port: int, *extra: str, log=subprocess.DEVNULL,
+                   timeout_s: float = 180) -> subprocess.Popen:
+    """`python -m radixserve.launch_server` on this port; returns the process once
+    /health answers 200 (the tests' servers and the bench scripts' alike)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "radixserve.launch_server", "--model-path", str(model_path),
-         "--port", str(port), "--served-model-name", MODEL, *extra],
+         "--port", str(port), *extra],
         stdout=log, stderr=subprocess.STDOUT if log is not subprocess.DEVNULL else subprocess.DEVNULL,
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         assert proc.poll() is None, "server exited during start-up"
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
     raise TimeoutError("server did not become healthy")
+
+
+def start_server(model_path, *extra: str, log=subprocess.DEVNULL):
+    """launch_on_port on a free port; returns (process, base URL)."""
+    port = free_port()
+    proc = launch_on_port(model_path, port, "--served-model-name", MODEL, *extra, log=log)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @contextmanager
