@@ -86,6 +86,17 @@ class ServerArgs:
         False, "bit-identical outputs whatever else is batched, however the prefill was chunked and "
                "whether the prefix came from the radix cache (slower kernels)")
 
+    # Parallelism (torch.distributed: NCCL on CUDA, gloo on the CPU)
+    tp_size: int = option(1, "tensor-parallel ranks: one scheduler process and one device per rank")
+    ep_size: int = option(1, "expert-parallel ranks among the tensor-parallel ones (divides --tp-size): "
+                             "each holds 1/ep of every MoE layer's experts")
+    nnodes: int = option(1, "nodes the tensor-parallel ranks span")
+    node_rank: int = option(0, "this node's index; node 0 serves HTTP, the others only run ranks")
+    dist_init_addr: Optional[str] = option(None, "host:port where the ranks meet (node 0's address); "
+                                                 "None: a free local port (one node)")
+    dist_timeout: Optional[int] = option(None, "seconds a collective may wait before failing; None: torch's")
+    base_gpu_id: int = option(0, "the first GPU this node's ranks use (rank r uses base + r)")
+
     # HTTP server
     host: str = option("127.0.0.1", "address the HTTP server listens on")
     port: int = option(30000, "port the HTTP server listens on")
@@ -156,6 +167,7 @@ class ServerArgs:
             raise ValueError(f"log_level must be one of {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
+        self._validate_parallelism()
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():
@@ -163,6 +175,24 @@ class ServerArgs:
             if value is not None and value not in supported:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be one of {'|'.join(supported)}, got {value!r}")
+
+    def _validate_parallelism(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if self.ep_size < 1 or self.tp_size % self.ep_size:
+            raise ValueError(f"ep_size must divide tp_size ({self.tp_size}), got {self.ep_size}")
+        if self.nnodes < 1 or self.tp_size % self.nnodes:
+            raise ValueError(f"nnodes must divide tp_size ({self.tp_size}), got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("dist_init_addr (host:port of node 0) is required when nnodes > 1")
+        if self.dist_init_addr is not None and not _is_host_port(self.dist_init_addr):
+            raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if self.dist_timeout is not None and self.dist_timeout < 1:
+            raise ValueError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
+        if self.base_gpu_id < 0:
+            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
 
     # ---- device-dependent defaults, resolved in the scheduler process ----
     def resolved_device(self) -> str:
@@ -224,6 +254,11 @@ _PARSER_CHOICES = {
     "tool_call_parser": SUPPORTED_TOOL_PARSERS,
     "reasoning_parser": SUPPORTED_REASONING_PARSERS,
 }
+
+
+def _is_host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _parse_type(type_name: str):

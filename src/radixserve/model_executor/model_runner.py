@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from radixserve.distributed import ParallelConfig, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
@@ -43,17 +44,24 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs) -> None:
+    def __init__(self, server_args: ServerArgs, tp_rank: int = 0, dist_init_method: Optional[str] = None) -> None:
+        """One rank's runner. With tp_size > 1 every rank constructs one with
+        its tp_rank and the same dist_init_method ("tcp://host:port")."""
         self.server_args = server_args
+        self.tp_rank = tp_rank
         self.device = torch.device(server_args.resolved_device())
         if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", 0)  # set_device and memory queries need an index
+            # set_device and memory queries need an index; rank r of this node uses base + r
+            local_rank = tp_rank % (server_args.tp_size // server_args.nnodes)
+            self.device = torch.device("cuda", server_args.base_gpu_id + local_rank)
+        self.parallel = ParallelConfig(server_args.tp_size, tp_rank, server_args.ep_size)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # before NCCL starts: it binds to the current device
+        init_distributed(self.parallel, self.device, dist_init_method or "", server_args.dist_timeout)
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
         self.dtype = resolve_dtype(server_args.dtype, self.device.type)
         self.context_len = server_args.context_length or get_context_length(self.config)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.model = load_model(
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
