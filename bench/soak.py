@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import httpx
 
@@ -119,34 +119,42 @@ async def one_request(client: httpx.AsyncClient, base: str, rng: random.Random, 
         tally.completed += 1
 
 
-async def client_loop(base: str, seconds: float, seed: int, tally: Tally, hostile: List[FuzzCase]) -> None:
+async def client_loop(base: str, seconds: float, seed: int, tally: Tally, hostile: List[FuzzCase],
+                      max_requests: Optional[int]) -> None:
+    """Requests until `seconds` have passed or the clients together have sent
+    `max_requests` (when given: a run of fixed size, whatever the machine's speed)."""
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=120) as client:
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and (max_requests is None or tally.requests < max_requests):
             try:
                 await one_request(client, base, rng, tally, seed, hostile)
             except httpx.HTTPError as e:
                 tally.other_errors.append(f"{type(e).__name__}: {e}")
 
 
-def run_soak(model_path: str, seconds: float, clients: int, port: int, extra: List[str]) -> Dict:
-    hostile = draw_cases(HOSTILE_ROUTES, frozenset(), HOSTILE_POOL)
+def run_soak(model_path: str, seconds: float, clients: int, port: int, extra: List[str],
+             max_requests: Optional[int] = None, hostile_pool: int = HOSTILE_POOL) -> Dict:
+    """`seconds` of load (after a warm-up of a quarter of it, at most 30 s);
+    with max_requests, the load stops after that many requests (the warm-up
+    after a quarter of them) and `seconds` only bounds a stuck run."""
+    hostile = draw_cases(HOSTILE_ROUTES, frozenset(), hostile_pool)
     proc = launch_on_port(model_path, port, "--log-level", "warning", *extra, log=None, timeout_s=300)
     base = f"http://127.0.0.1:{port}"
     try:
-        async def all_clients(duration: float, tally: Tally, first_seed: int) -> None:
-            await asyncio.gather(*(client_loop(base, duration, first_seed + i, tally, hostile)
+        async def all_clients(duration: float, tally: Tally, first_seed: int, count: Optional[int]) -> None:
+            await asyncio.gather(*(client_loop(base, duration, first_seed + i, tally, hostile, count)
                                    for i in range(clients)))
 
         # Warm-up with the full load, long enough to fill the prefix cache, so
         # later growth would be a leak rather than the cache filling up.
-        asyncio.run(all_clients(min(30.0, seconds / 4), Tally(), 1000))
+        warmup_requests = None if max_requests is None else max(max_requests // 4, clients)
+        asyncio.run(all_clients(min(30.0, seconds / 4), Tally(), 1000, warmup_requests))
         pids = process_tree(proc.pid)
         rss_after_warmup = {p: rss_kb(p) for p in pids}
         tally = Tally()
         start = time.monotonic()
-        asyncio.run(all_clients(seconds, tally, 0))
+        asyncio.run(all_clients(seconds, tally, 0, max_requests))
         elapsed = time.monotonic() - start
         time.sleep(1.0)  # let dropped connections' aborts land
         kv_end = httpx.get(f"{base}/get_server_info").json()["kv_cache"]

@@ -1,4 +1,4 @@
-"""The short version of bench/soak.py: 20 seconds of misbehaving streaming clients."""
+"""The short version of bench/soak.py: a few hundred requests from misbehaving streaming clients."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from tests.server_utils import free_port
+
+SOAK_REQUESTS = 200  # 5% hostile, 20% hang up: every kind is all but certain to occur
 
 
 def load_soak():
@@ -20,9 +22,12 @@ def load_soak():
 
 def test_short_soak(tiny_model_factory):
     soak = load_soak()
-    result = soak.run_soak(str(tiny_model_factory("llama")), seconds=20, clients=8, port=free_port(),
-                           extra=["--max-total-tokens", "2048"])
+    # A fixed number of requests (the seconds only bound a stuck run), so the
+    # counts below do not depend on the machine's speed.
+    result = soak.run_soak(str(tiny_model_factory("llama")), seconds=300, clients=8, port=free_port(),
+                           extra=["--max-total-tokens", "2048"], max_requests=SOAK_REQUESTS, hostile_pool=300)
     assert result["server_errors"] == 0 and result["wrong_length"] == 0 and not result["other_errors"], result
+    assert result["requests"] >= SOAK_REQUESTS, result
     assert result["completed"] > 20 and result["dropped"] > 0 and result["hostile_sent"] > 0, result
     assert result["kv_at_end"]["in_use_tokens"] == 0, result
     assert result["kv_after_flush"]["free_tokens"] == result["kv_after_flush"]["total_tokens"], result
