@@ -106,6 +106,17 @@ def hf_greedy(hf_model, prompts, new_tokens: int) -> list:
     return outs
 
 
+@pytest.fixture(scope="session")
+def default_server() -> str:
+    """One HTTP server of the packaged default model (SmolLM2-135M-Instruct)
+    for every module that asks the real model something: its start-up is the
+    cost, so the session pays it once. Yields the base URL."""
+    from tests.server_utils import running_server
+
+    with running_server("SmolLM2-135M-Instruct") as (_, base):
+        yield base
+
+
 def assert_no_leak(engine) -> None:
     kv = engine.get_server_info()["kv_cache"]
     assert kv["in_use_tokens"] == 0, kv

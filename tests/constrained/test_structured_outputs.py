@@ -7,10 +7,12 @@ import json
 import re
 import threading
 
+import httpx
 import jsonschema
 import pytest
 
 from radixserve import Engine
+from radixserve.benchmark.tokenizer import get_tokenizer
 from tests.conftest import assert_no_leak
 from tests.constrained.schemas import REGEXES, SCHEMAS
 
@@ -93,19 +95,25 @@ def test_invalid_constraints_are_value_errors(tiny, params, message):
     assert results["ok"]["text"] in ("yes", "no")
 
 
-def test_default_model_json(tiny_model_factory):
+def test_default_model_json(default_server):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
                                                "country": {"type": "string", "maxLength": 20}},
               "required": ["city", "country"], "additionalProperties": False}
-    with Engine() as engine:
-        tok = engine.get_tokenizer()
-        prompt = tok.apply_chat_template([{"role": "user", "content": "Give the capital of France as JSON."}],
-                                         tokenize=False, add_generation_prompt=True)
-        outs = engine.generate([prompt] * 2, sampling_params=[
-            {"json_schema": json.dumps(schema), "max_new_tokens": 64, "temperature": t} for t in (0.0, 1.0)])
-        for out in outs:
-            assert out["meta_info"]["finish_reason"]["type"] == "stop", out
-            jsonschema.validate(json.loads(out["text"]), schema)
-        assert "Paris" in outs[0]["text"]
-        regex_out = engine.generate(prompt, {"regex": r"(Paris|London|Berlin)", "max_new_tokens": 8, "temperature": 0})
-        assert regex_out["text"] in ("Paris", "London", "Berlin")
+    prompt = get_tokenizer("SmolLM2-135M-Instruct").apply_chat_template(
+        [{"role": "user", "content": "Give the capital of France as JSON."}], tokenize=False,
+        add_generation_prompt=True)
+    outs = post_generate(default_server, {"text": [prompt] * 2, "sampling_params": [
+        {"json_schema": json.dumps(schema), "max_new_tokens": 64, "temperature": t} for t in (0.0, 1.0)]})
+    for out in outs:
+        assert out["meta_info"]["finish_reason"]["type"] == "stop", out
+        jsonschema.validate(json.loads(out["text"]), schema)
+    assert "Paris" in outs[0]["text"]
+    regex_out = post_generate(default_server, {"text": prompt, "sampling_params": {
+        "regex": r"(Paris|London|Berlin)", "max_new_tokens": 8, "temperature": 0}})
+    assert regex_out["text"] in ("Paris", "London", "Berlin")
+
+
+def post_generate(base: str, body: dict):
+    r = httpx.post(f"{base}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()

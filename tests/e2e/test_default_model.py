@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
-import pytest
+import httpx
 
-from radixserve import Engine
-from tests.conftest import assert_no_leak
-
-
-@pytest.fixture(scope="module")
-def engine():
-    with Engine() as e:
-        yield e
+from radixserve.benchmark.tokenizer import get_tokenizer
 
 
-def test_completion_knows_paris(engine):
-    out = engine.generate("The capital of France is", {"temperature": 0, "max_new_tokens": 8})
+def generate(base: str, text: str, params: dict) -> dict:
+    r = httpx.post(f"{base}/generate", json={"text": text, "sampling_params": params}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completion_knows_paris(default_server):
+    out = generate(default_server, "The capital of France is", {"temperature": 0, "max_new_tokens": 8})
     assert "Paris" in out["text"], out["text"]
     assert out["meta_info"]["completion_tokens"] == len(out["output_ids"]) <= 8
 
 
-def test_chat_knows_paris(engine):
-    tok = engine.get_tokenizer()
-    prompt = tok.apply_chat_template(
+def test_chat_knows_paris(default_server):
+    prompt = get_tokenizer("SmolLM2-135M-Instruct").apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         tokenize=False, add_generation_prompt=True,
     )
-    out = engine.generate(prompt, {"temperature": 0, "max_new_tokens": 32})
+    out = generate(default_server, prompt, {"temperature": 0, "max_new_tokens": 32})
     assert "Paris" in out["text"], out["text"]
     # The chat turn ends with <|im_end|>, one of the model's EOS tokens.
     assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")
-    assert_no_leak(engine)
+    kv = httpx.get(f"{default_server}/get_server_info").json()["kv_cache"]
+    assert kv["in_use_tokens"] == 0, kv
+    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv

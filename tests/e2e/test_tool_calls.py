@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.constrained.schemas import SCHEMAS
-from tests.server_utils import MODEL, start_server
+from tests.server_utils import MODEL, running_server
 
 S = {"type": "string", "maxLength": 24}
 # Realistic tools for the default model; strings are bounded so a small model cannot ramble.
@@ -82,19 +82,11 @@ def named(name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model_factory):
-    """Both servers start at once: start-up is most of this module's time."""
-    tiny_path = tiny_model_factory("llama")
-    with ThreadPoolExecutor(2) as pool:
-        default = pool.submit(start_server, "SmolLM2-135M-Instruct")
-        tiny = pool.submit(start_server, tiny_path, "--constrained-json-disable-any-whitespace",
-                           "--tool-call-parser", "qwen25")
-        started = [default.result(), tiny.result()]
-    yield {"default": started[0][1], "tiny": started[1][1]}
-    for proc, _ in started:
-        proc.terminate()
-    for proc, _ in started:
-        proc.wait(timeout=30)
+def servers(tiny_model_factory, default_server):
+    """The session's default-model server, and a tiny-model server of this module's own."""
+    with running_server(tiny_model_factory("llama"), "--constrained-json-disable-any-whitespace",
+                        "--tool-call-parser", "qwen25") as (_, tiny_base):
+        yield {"default": default_server, "tiny": tiny_base}
 
 
 @pytest.fixture(scope="module")
