@@ -78,13 +78,29 @@ def _run_case(rank: int, world: int, case: TPCase, init_method: str) -> dict:
     runner = ModelRunner(args, tp_rank=rank, dist_init_method=init_method)
     logits = chunked_then_decode_logits(runner, case.sequences, case.decode_steps)
     params = {n: p.numel() * p.element_size() for n, p in runner.model.named_parameters()}
+    shard_of_o_proj = runner.get_weights_by_name("model.layers.0.self_attn.o_proj.weight", 1 << 30)
+    reloaded = _reload_from_full_tensors(runner, case)
     return {
         "logits": [x.cpu() for x in logits],
+        "reloaded_logits": [x.cpu() for x in reloaded],
+        "o_proj_shard_numel": len(shard_of_o_proj),
         "param_bytes": params,
         "max_total_num_tokens": runner.max_total_num_tokens,
         "kv_bytes_per_token": runner.kv_bytes_per_token,
         "kv_layout": dataclasses.asdict(runner.kv_layout),
     }
+
+
+def _reload_from_full_tensors(runner, case: TPCase) -> List[torch.Tensor]:
+    """Zero every parameter, update the weights from the checkpoint's full
+    tensors (as a trainer sends them), and compute the logits again: each rank
+    must have taken its own shard of every tensor."""
+    from radixserve.model_loader.hf_weights import HFWeights
+
+    for p in runner.model.parameters():
+        p.data.zero_()
+    runner.update_weights_from_tensor(list(HFWeights(Path(case.folder))))
+    return chunked_then_decode_logits(runner, case.sequences, case.decode_steps)
 
 
 def _forward_batch(runner, rows, slots, done, new, decode: bool, sequences):
