@@ -214,5 +214,6 @@ def family_configs() -> Dict[str, object]:
     return {
         "llama": llama, "qwen3": qwen3, "qwen3_moe": moe_config("qwen3_moe", VOCAB),
         "mixtral": moe_config("mixtral", VOCAB), "deepseek_v3": deepseek_config("v3", VOCAB),
+        "deepseek_v2": deepseek_config("v2", VOCAB),  # q straight from the hidden state, 2 shared experts
         "gpt_oss": gpt_oss,
     }

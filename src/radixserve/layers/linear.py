@@ -18,7 +18,9 @@ from torch import nn
 
 from radixserve.distributed import get_tp_group
 from radixserve.layers.batch_invariant import invariant_linear
-from radixserve.layers.sharding import HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads
+from radixserve.layers.sharding import (
+    HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
+)
 
 
 class Linear(nn.Module):

@@ -90,9 +90,13 @@ class HeadShard:
     total_kv_heads: int
 
 
-def split_heads(total_heads: int, total_kv_heads: int) -> HeadShard:
-    tp = get_tp_group()
-    size, rank = tp.world_size, tp.rank_in_group
+def split_heads(total_heads: int, total_kv_heads: int, tp_size: Optional[int] = None,
+                tp_rank: Optional[int] = None) -> HeadShard:
+    """The heads of rank `tp_rank` of `tp_size` (default: this process's rank)."""
+    if tp_size is None:
+        tp = get_tp_group()
+        tp_size, tp_rank = tp.world_size, tp.rank_in_group
+    size, rank = tp_size, tp_rank
     if total_heads % size:
         raise ValueError(f"{total_heads} attention heads cannot be split over tp_size {size}")
     heads = total_heads // size
