@@ -22,6 +22,8 @@ CASES = [
     ("llama", "llama", 1), ("qwen3_kv1_tied", "qwen3", 1), ("qwen3_moe_ep1", "qwen3_moe", 1),
     ("qwen3_moe_ep2", "qwen3_moe", 2), ("mixtral_ep2", "mixtral", 2), ("deepseek_v3_ep2", "deepseek_v3", 2),
     ("deepseek_v2_ep1", "deepseek_v2", 1), ("gpt_oss_ep1", "gpt_oss", 1),
+    # batch-invariant layers on each rank (an optional 4th item: extra ServerArgs)
+    ("qwen3_moe_deterministic", "qwen3_moe", 1, {"enable_deterministic_inference": True}),
 ]
 # Parameters every rank holds in full. Their share of these tiny models is what
 # keeps a rank's bytes off exactly 1/tp; the allowance per family says how far.
@@ -44,16 +46,17 @@ def tp_run(tmp_path_factory):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, configs["llama"].vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
     hf_models, cases = {}, []
-    for name, family, ep in CASES:
+    for name, family, ep, *extra in CASES:
         if family not in hf_models:
             hf_models[family] = save_checkpoint(configs[family], root / family, gpt_oss=family == "gpt_oss")
         hf = hf_models[family]
         sequences = [greedy_continuation(hf, p, NEW_TOKENS) for p in prompts]
-        cases.append(TPCase(name, str(root / family), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1))
+        cases.append(TPCase(name, str(root / family), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1,
+                            server_args=extra[0] if extra else {}))
     out = root / "results"
     out.mkdir()
     run_ranks(cases, WORLD, out)
-    families = {name: family for name, family, _ in CASES}
+    families = {c[0]: c[1] for c in CASES}
     return {
         case.name: (case, families[case.name], hf_models[families[case.name]],
                     [load_result(out, i, r) for r in range(WORLD)])
@@ -152,3 +155,12 @@ def test_weight_update_from_full_tensors_loads_each_ranks_shard(tp_run, name):
         for before, after in zip(result["logits"], result["reloaded_logits"]):
             assert torch.equal(before, after)
         assert result["o_proj_shard_numel"] == hf.model.layers[0].self_attn.o_proj.weight.numel() // WORLD
+
+
+def test_deterministic_mode_is_batch_invariant_on_every_rank(tp_run):
+    """--enable-deterministic-inference at tp=2: a sequence run alone gives
+    bit for bit the logits it had in a batch of three, on both ranks."""
+    _, _, _, results = tp_run["qwen3_moe_deterministic"]
+    for result in results:
+        assert len(result["alone_logits"]) == 1
+        assert torch.equal(result["alone_logits"][0], result["logits"][0])

@@ -79,8 +79,13 @@ def _run_case(rank: int, world: int, case: TPCase, init_method: str) -> dict:
     logits = chunked_then_decode_logits(runner, case.sequences, case.decode_steps)
     params = {n: p.numel() * p.element_size() for n, p in runner.model.named_parameters()}
     shard_of_o_proj = runner.get_weights_by_name("model.layers.0.self_attn.o_proj.weight", 1 << 30)
+    # Batch invariance: the first sequence alone gives the bits it gave in the batch.
+    alone = []
+    if args.enable_deterministic_inference:
+        alone = chunked_then_decode_logits(runner, case.sequences[:1], case.decode_steps)
     reloaded = _reload_from_full_tensors(runner, case)
     return {
+        "alone_logits": [x.cpu() for x in alone],
         "logits": [x.cpu() for x in logits],
         "reloaded_logits": [x.cpu() for x in reloaded],
         "o_proj_shard_numel": len(shard_of_o_proj),
