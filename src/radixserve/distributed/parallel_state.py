@@ -75,9 +75,25 @@ class GroupCoordinator:
         """Every rank's tensor concatenated along dim, in rank order."""
         if self.world_size == 1:
             return tensor
+        tensor = tensor.contiguous()
+        if tensor.is_cuda:
+            # One flat NCCL all-gather into one buffer: what a captured CUDA graph replays.
+            flat = torch.empty((self.world_size,) + tuple(tensor.shape), dtype=tensor.dtype, device=tensor.device)
+            dist.all_gather_into_tensor(flat, tensor, group=self.device_group)
+            return torch.cat(flat.unbind(0), dim=dim)
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.device_group)
+        dist.all_gather(parts, tensor, group=self.device_group)
         return torch.cat(parts, dim=dim)
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's `value` (over the CPU group), so the
+        ranks agree on sizes that shape their collectives (pool size, captured
+        batch sizes) even when their devices had different free memory."""
+        if self.world_size == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        return int(box.item())
 
     def broadcast_object(self, obj: Any = None, src: int = 0) -> Any:
         """A picklable object from the group's rank `src` to every rank (over the CPU group)."""

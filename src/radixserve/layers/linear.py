@@ -1,17 +1,31 @@
-"""Linear layers. A merged projection (q|k|v, gate|up) is one matmul on the hot
-path; `load_shard` copies one checkpoint tensor into its slice."""
+"""Linear layers, plain and tensor-parallel.
+
+A merged projection (q|k|v, gate|up) is one matmul on the hot path;
+`load_shard` copies one checkpoint tensor into its slice. Under tensor
+parallelism a column-parallel layer holds a slice of the output rows (each
+part of a merged one: this rank's heads of q, k and v, its columns of gate and
+up) and needs no communication; a row-parallel layer holds a slice of the
+input columns and sums the ranks' partial outputs with one all-reduce. At
+tp=1 both are the plain matmul: no collective, no copy.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from radixserve.distributed import get_tp_group
 from radixserve.layers.batch_invariant import invariant_linear
+from radixserve.layers.sharding import (
+    HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
+)
 
 
 class Linear(nn.Module):
+    """Replicated: every rank holds the whole weight."""
+
     # Set by the model runner under --enable-deterministic-inference.
     batch_invariant = False
 
@@ -27,31 +41,86 @@ class Linear(nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-class MergedLinear(Linear):
-    """Several projections of the same input stacked on the output axis."""
+class ColumnParallelLinear(Linear):
+    """Output rows split evenly over the tensor-parallel ranks (by heads when
+    the rows are heads' blocks: DeepSeek's q_b_proj, kv_b_proj). Each rank's
+    output is its own slice; no communication."""
 
-    def __init__(self, in_features: int, shard_sizes: Dict[str, int], bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        shard = even_slice(out_features, dim=0)
+        super().__init__(in_features, shard.size, bias)
+        mark_sharded(self.weight, shard)
+        mark_sharded(self.bias, shard)
+
+
+class RowParallelLinear(Linear):
+    """Input columns split over the ranks (o_proj, down_proj): each rank's
+    product is a partial sum, added up by one all-reduce; the bias is added
+    once, after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        shard = even_slice(in_features, dim=1)
+        super().__init__(shard.size, out_features, bias)
+        mark_sharded(self.weight, shard)
+        self.tp_group = get_tp_group()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.world_size == 1:
+            return super().forward(x)
+        linear = invariant_linear if self.batch_invariant else torch.nn.functional.linear
+        out = self.tp_group.all_reduce(linear(x, self.weight, None))
+        return out if self.bias is None else out + self.bias
+
+
+class MergedLinear(Linear):
+    """Several projections of the same input stacked on the output axis.
+
+    shard_sizes: each part's rows on this rank. sources: where each part's
+    rows come from in its full checkpoint tensor (default: all of it)."""
+
+    def __init__(self, in_features: int, shard_sizes: Dict[str, int], bias: bool = False,
+                 sources: Optional[Dict[str, ShardSlice]] = None) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias)
         self.shard_offsets: Dict[str, Tuple[int, int]] = {}  # name -> (first row, rows)
+        self.shard_sources: Dict[str, ShardSlice] = {}
         offset = 0
         for name, size in shard_sizes.items():
             self.shard_offsets[name] = (offset, size)
+            self.shard_sources[name] = (sources or {}).get(name) or ShardSlice(0, 0, size, size)
             offset += size
 
     def load_shard(self, shard: str, param_name: str, tensor: torch.Tensor) -> None:
-        """Copy one checkpoint tensor (e.g. k_proj.weight) into its rows of the merged parameter."""
-        offset, size = self.shard_offsets[shard]
+        """Copy this rank's rows of one checkpoint tensor (e.g. k_proj.weight)
+        into its rows of the merged parameter."""
         param = {"weight": self.weight, "bias": self.bias}.get(param_name)
         if param is None:
             raise ValueError(f"merged projection has no {param_name!r} for shard {shard!r}")
-        target = param.data[offset:offset + size]
-        # Checked in full: copy_ would silently broadcast a wrongly shaped tensor.
-        if tensor.shape != target.shape:
-            raise ValueError(
-                f"shard {shard!r} {param_name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-            )
-        target.copy_(tensor.to(param.dtype))
+        offset, size = self.shard_offsets[shard]
+        copy_checkpoint_tensor(param.data[offset:offset + size], tensor, self.shard_sources[shard],
+                               f"shard {shard!r} {param_name}")
 
     def split_output(self, out: torch.Tensor) -> List[torch.Tensor]:
         """The merged output cut back into its projections (views, no copy)."""
         return list(out.split([size for _, size in self.shard_offsets.values()], dim=-1))
+
+
+class MergedColumnParallelLinear(MergedLinear):
+    """gate|up: each rank holds its equal share of the columns of every part."""
+
+    def __init__(self, in_features: int, full_sizes: Dict[str, int], bias: bool = False) -> None:
+        sources = {name: even_slice(size) for name, size in full_sizes.items()}
+        super().__init__(in_features, {n: s.size for n, s in sources.items()}, bias, sources)
+
+
+class QKVParallelLinear(MergedLinear):
+    """q|k|v by heads: this rank's q heads and the KV heads they read
+    (`heads` says which; a KV head is replicated when there are fewer than ranks)."""
+
+    def __init__(self, in_features: int, head_dim: int, total_heads: int, total_kv_heads: int,
+                 bias: bool = False) -> None:
+        self.heads: HeadShard = split_heads(total_heads, total_kv_heads)
+        h = self.heads
+        q = ShardSlice(0, h.first_head * head_dim, h.num_heads * head_dim, total_heads * head_dim)
+        kv = ShardSlice(0, h.first_kv_head * head_dim, h.num_kv_heads * head_dim, total_kv_heads * head_dim)
+        sources = {"q": q, "k": kv, "v": kv}
+        super().__init__(in_features, {n: s.size for n, s in sources.items()}, bias, sources)

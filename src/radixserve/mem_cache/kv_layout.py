@@ -4,6 +4,9 @@ A model class may say what its cache looks like with a classmethod
 `kv_layout(config)`; without one it gets the usual per-head K and V. The
 ModelRunner sizes the cache from `bytes_per_token` and builds the pool with
 `make_pool`, so memory accounting follows each model's real KV size.
+Under tensor parallelism the layout is one rank's: its KV heads (MHA), or the
+full latent (MLA: every rank caches the latent its heads expand), so a rank's
+`max_total_num_tokens` counts its own pool.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Union
 
 import torch
 
+from radixserve.layers.sharding import split_heads
 from radixserve.mem_cache.allocator import KVPool
 from radixserve.mem_cache.mla_pool import MLAKVPool
 
@@ -58,9 +62,12 @@ KVLayout = Union[MHAKVLayout, MLAKVLayout]
 
 
 def default_kv_layout(config: Any) -> MHAKVLayout:
+    """Per-head K and V of the KV heads this tensor-parallel rank holds (all of
+    them at tp=1; one replicated head per rank when there are fewer than ranks)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return MHAKVLayout(config.num_hidden_layers, num_kv_heads, head_dim)
+    local = split_heads(config.num_attention_heads, num_kv_heads)
+    return MHAKVLayout(config.num_hidden_layers, local.num_kv_heads, head_dim)
 
 
 def kv_layout_of(model: Any, config: Any) -> KVLayout:

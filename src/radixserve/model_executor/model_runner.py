@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from radixserve.distributed import ParallelConfig, init_distributed
+from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
@@ -100,7 +100,9 @@ class ModelRunner:
         if args.mem_fraction_static is not None:
             import os
 
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            # The host's memory is shared by this node's ranks.
+            ranks_here = max(args.tp_size // args.nnodes, 1)
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks_here
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             return int(max(total * args.mem_fraction_static - weights, per_token) // per_token)
         return min(CPU_KV_POOL_BYTES // per_token, CPU_MAX_TOTAL_TOKENS)
@@ -108,7 +110,9 @@ class ModelRunner:
     def _init_memory(self) -> None:
         args = self.server_args
         page = args.page_size
-        num_tokens = self._profile_max_num_tokens() // page * page
+        # Every rank takes the smallest rank's pool: they schedule the same
+        # batches, and capture the same CUDA graphs (whose collectives must pair up).
+        num_tokens = get_tp_group().min_over_ranks(self._profile_max_num_tokens()) // page * page
         if num_tokens < page:
             raise ValueError(f"KV cache too small: {num_tokens} tokens with page_size {page}")
         self.max_total_num_tokens = num_tokens
@@ -185,7 +189,9 @@ class ModelRunner:
         load_weights(self.model, ((n, t.to(self.device)) for n, t in named_tensors), strict=False)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
-        """The first truncate_size values of a weight, flattened, as floats."""
+        """The first truncate_size values of a weight, flattened, as floats.
+        Under tensor parallelism: this rank's shard of it (its heads, columns,
+        vocab slice; ValueError for an expert another rank holds)."""
         return get_weight(self.model, name).flatten()[:truncate_size].float().tolist()
 
     def release_memory_occupation(self) -> "ReleasedMemory":

@@ -16,6 +16,8 @@ from typing import Dict, Iterable, Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from radixserve.layers.sharding import materialize
+
 _FUSED_EXPERTS = re.compile(r"^(?P<owner>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 
 
@@ -33,6 +35,7 @@ def split_fused_experts(weights: Iterable[Tuple[str, torch.Tensor]]) -> Iterator
             yield name, tensor
             continue
         owner, kind = match["owner"], "bias" if match["bias"] else "weight"
+        tensor = materialize(tensor)  # a lazy slice read in full: one layer's experts at a time
         for e in range(tensor.shape[0]):
             expert = tensor[e]
             if match["proj"] == "down_proj":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import torch
 from safetensors import safe_open
@@ -29,13 +29,35 @@ def safetensors_files(folder: Path) -> List[Path]:
     return files
 
 
+class CheckpointSlice:
+    """A safetensors entry not yet read: `narrow` reads only one slice of it
+    from the file (a tensor-parallel rank's rows or columns), `materialize`
+    all of it. Valid while its file is open, i.e. while the stream that
+    yielded it has not moved on."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, size: int) -> torch.Tensor:
+        index = (slice(None),) * dim + (slice(start, start + size),)
+        return self._slice[index]
+
+    def materialize(self) -> torch.Tensor:
+        return self._slice[:]
+
+
 class HFWeights:
     """(name, tensor) pairs of a safetensors checkpoint, in file order, with a
     length read from the file headers only. Tensors keep their stored dtype:
-    the model casts while copying, which saves a float32 copy of bf16 weights."""
+    the model casts while copying, which saves a float32 copy of bf16 weights.
 
-    def __init__(self, folder: Path) -> None:
+    lazy: yield CheckpointSlice entries instead of tensors, so a
+    tensor-parallel rank reads only its shard of each tensor."""
+
+    def __init__(self, folder: Path, lazy: bool = False) -> None:
         self.files = safetensors_files(Path(folder))
+        self.lazy = lazy
 
     def __len__(self) -> int:
         total = 0
@@ -44,11 +66,11 @@ class HFWeights:
                 total += len(sf.keys())
         return total
 
-    def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[str, Any]]:
         for f in self.files:
             with safe_open(f, framework="pt") as sf:
                 for name in sf.keys():
-                    yield name, sf.get_tensor(name)
+                    yield name, CheckpointSlice(sf, name) if self.lazy else sf.get_tensor(name)
 
 
 def iterate_hf_weights(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:

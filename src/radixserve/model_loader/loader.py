@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from radixserve.model_loader.fp8 import BlockFP8Weights, dequantize_fp8_if_quantized
+from radixserve.distributed import get_tp_group
+from radixserve.model_loader.fp8 import BlockFP8Weights, checkpoint_block_fp8_size, dequantize_fp8_if_quantized
 from radixserve.model_loader.gguf_weights import GGUFWeights
 from radixserve.model_loader.hf_weights import HFWeights
 from radixserve.model_loader.mxfp4 import Mxfp4Weights, is_mxfp4
@@ -26,9 +27,14 @@ def open_weights(source: ModelSource) -> Union[GGUFWeights, HFWeights, BlockFP8W
     Quantized checkpoints (block FP8, MXFP4: their config.json says so) come
     dequantized, for a load and for a weight update alike."""
     if source.kind == "gguf":
-        return GGUFWeights(source.path)
-    weights = dequantize_fp8_if_quantized(HFWeights(source.path), source.folder)
-    if is_mxfp4(checkpoint_quantization_config(source.folder)):
+        return GGUFWeights(source.path)  # dequantized one whole tensor at a time, then sliced
+    mxfp4 = is_mxfp4(checkpoint_quantization_config(source.folder))
+    fp8 = checkpoint_block_fp8_size(source.folder) is not None
+    # Under tensor parallelism a rank reads only its slice of each tensor from
+    # disk; quantized checkpoints are dequantized one whole tensor at a time.
+    lazy = get_tp_group().world_size > 1 and not (mxfp4 or fp8)
+    weights = dequantize_fp8_if_quantized(HFWeights(source.path, lazy=lazy), source.folder)
+    if mxfp4:
         weights = Mxfp4Weights(weights)  # GPT-OSS: experts as FP4 blocks + scales
     return weights
 

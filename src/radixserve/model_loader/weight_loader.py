@@ -15,6 +15,13 @@ parameters (see LlamaForCausalLM):
   (DeepSeek-V3's multi-token-prediction layer).
 
 The functions here apply those maps; the model files hold model math only.
+
+Tensor and expert parallelism: the stream always carries full checkpoint
+tensors (or lazy safetensors slices, hf_weights.py); each parameter knows the
+slice it keeps (`shard_slice`, layers/sharding.py; MergedLinear and FusedMoE
+know theirs per part and per expert), so every rank loads only its shard with
+the same call, at start and in a weight update. Experts another
+expert-parallel rank holds are skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import nn
 
 from radixserve.layers.linear import MergedLinear
 from radixserve.layers.moe.layer import FusedMoE
+from radixserve.layers.sharding import copy_checkpoint_tensor
 from radixserve.model_loader.fused_experts import fused_expert_weight, match_fused_experts, split_fused_experts
 
 # Buffers some checkpoints carry that we recompute.
@@ -78,7 +86,11 @@ def load_weights(model: nn.Module, weights: WeightStream, *, strict: bool = True
 def get_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The current value of a checkpoint (Hugging Face) weight, e.g.
     `model.layers.0.self_attn.q_proj.weight` (a view of its merged parameter;
-    a copy in the checkpoint's layout for a fused-experts name)."""
+    a copy in the checkpoint's layout for a fused-experts name).
+
+    Under tensor parallelism this is this rank's shard (its heads, columns,
+    vocab slice); an expert another expert-parallel rank holds raises
+    ValueError. Which rank's answer a caller sees is the scheduler's choice."""
     modules = dict(model.named_modules())
     if getattr(model, "CHECKPOINT_FUSED_EXPERTS", False) and match_fused_experts(name):
         return fused_expert_weight(modules, name)
@@ -112,7 +124,9 @@ def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Modu
         if isinstance(owner, FusedMoE):
             shards = ("down",) if param_name.startswith("w2") else ("gate", "up")
             kind = "bias" if param_name.endswith("bias") else "weight"
-            expected.update(f"{owner_name}:{e}:{shard}.{kind}" for e in range(owner.num_experts) for shard in shards)
+            expected.update(
+                f"{owner_name}:{e}:{shard}.{kind}" for e in owner.local_expert_ids() for shard in shards
+            )
         elif isinstance(owner, MergedLinear):
             expected.update(f"{name}:{shard}" for shard in owner.shard_offsets)
         else:
@@ -154,9 +168,7 @@ def _load_one(model: nn.Module, params: Dict[str, nn.Parameter], modules: Dict[s
     if name not in params:
         raise ValueError(f"unexpected weight {name!r} for {type(model).__name__}")
     param = params[name]
-    if param.shape != tensor.shape:
-        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-    param.data.copy_(tensor.to(param.dtype))
+    copy_checkpoint_tensor(param.data, tensor, getattr(param, "shard_slice", None), f"weight {name!r}")
     return name
 
 

@@ -24,10 +24,11 @@ from torch import nn
 from radixserve.layers.attention.mla import MLAAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
-from radixserve.layers.linear import Linear
+from radixserve.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
+from radixserve.layers.sharding import split_heads
 from radixserve.mem_cache.kv_layout import MLAKVLayout
 from radixserve.models.llama import DecoderLayer, LlamaForCausalLM, LlamaMLP, MlpFactory, run_decoder
 
@@ -50,23 +51,25 @@ def mla_softmax_scale(config: Any) -> float:
 class DeepseekMLA(nn.Module):
     def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, rope_interleaved: bool) -> None:
         super().__init__()
-        hidden, heads = config.hidden_size, config.num_attention_heads
-        self.num_heads = heads
+        hidden, total_heads = config.hidden_size, config.num_attention_heads
+        # q_b/kv_b split by heads over the tensor-parallel ranks, o by rows;
+        # the latent projections are replicated, so every rank caches the full latent.
+        self.num_heads = heads = split_heads(total_heads, total_heads).num_heads
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.kv_lora_rank, self.v_head_dim = config.kv_lora_rank, config.v_head_dim
-        q_out = heads * (self.nope_dim + self.rope_dim)
+        q_out = total_heads * (self.nope_dim + self.rope_dim)
         bias = bool(getattr(config, "attention_bias", False))
         self.q_is_low_rank = config.q_lora_rank is not None
         if not self.q_is_low_rank:  # V2-Lite: q straight from the hidden state
-            self.q_proj = Linear(hidden, q_out)
+            self.q_proj = ColumnParallelLinear(hidden, q_out)
         else:
             self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = Linear(config.q_lora_rank, q_out)
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, q_out)
         self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_head_dim))
-        self.o_proj = Linear(heads * self.v_head_dim, hidden, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + self.v_head_dim))
+        self.o_proj = RowParallelLinear(total_heads * self.v_head_dim, hidden, bias=bias)
         self.rotary_emb = rotary_emb  # one table shared by all layers
         self.rope_interleaved = rope_interleaved
         self.attn = MLAAttention(heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank,

@@ -18,8 +18,9 @@ from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.attention.radix_attention import RadixAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
-from radixserve.layers.linear import Linear, MergedLinear
+from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
+from radixserve.layers.sharding import head_sharded_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +56,21 @@ def layer_sliding_window(config: Any, layer_id: int, opts: BlockOptions) -> Opti
 class LlamaAttention(nn.Module):
     def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": q_size, "k": kv_size, "v": kv_size}, bias=opts.qkv_bias
-        )
-        self.o_proj = Linear(q_size, config.hidden_size, bias=opts.o_bias)
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
+                                          bias=opts.qkv_bias)
+        heads = self.qkv_proj.heads  # this tensor-parallel rank's share
+        self.num_heads, self.num_kv_heads = heads.num_heads, heads.num_kv_heads
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=opts.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if opts.qk_norm else None
         self.rotary_emb = rotary_emb  # one table shared by all layers
         self.attn = RadixAttention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, layer_id,
             sliding_window=layer_sliding_window(config, layer_id, opts),
-            sinks=nn.Parameter(torch.empty(self.num_heads)) if opts.attn_sinks else None,
+            sinks=head_sharded_parameter(heads) if opts.attn_sinks else None,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
@@ -82,12 +83,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    """gate|up split by columns over the tensor-parallel ranks, down by rows."""
+
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedLinear(
+        self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=bias
         )
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

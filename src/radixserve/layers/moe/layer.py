@@ -12,8 +12,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from radixserve.distributed import get_parallel_config, get_tp_group
 from radixserve.layers.moe.activation import ExpertActivation
+from radixserve.layers.sharding import ShardSlice, copy_checkpoint_tensor
 from radixserve.layers.moe.torch_experts import fused_experts_torch
+
 
 def fused_experts(
     hidden: torch.Tensor,
@@ -40,6 +43,14 @@ def fused_experts(
 
 
 class FusedMoE(nn.Module):
+    """One layer's experts. Under expert parallelism this rank holds experts
+    [first_expert, first_expert + num_local_experts) of num_experts, and of
+    each a 1/moe_tp_size column slice of gate/up (rows of down's input); the
+    router stays replicated, so every rank sees every token's choice, runs its
+    experts on the tokens routed to them, and the partial outputs are summed
+    with one all-reduce over the tensor-parallel group. At tp=1 the forward is
+    today's single call."""
+
     batch_invariant = False  # set by the model runner under --enable-deterministic-inference
 
     def __init__(
@@ -51,22 +62,72 @@ class FusedMoE(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        parallel = get_parallel_config()
+        if num_experts % parallel.ep_size or intermediate_size % parallel.moe_tp_size:
+            raise ValueError(
+                f"{num_experts} experts of intermediate size {intermediate_size} cannot be split over "
+                f"ep_size {parallel.ep_size} x moe tp {parallel.moe_tp_size}"
+            )
+        self.tp_group = get_tp_group()
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // parallel.ep_size
+        self.first_expert = parallel.ep_rank * self.num_local_experts
+        self.full_intermediate_size = intermediate_size
+        self.intermediate_size = inter = intermediate_size // parallel.moe_tp_size
+        self.inter_start = parallel.moe_tp_rank * inter
+        # Down's bias belongs to the whole expert: added by one rank of its column slices.
+        self.adds_down_bias = parallel.moe_tp_rank == 0
         self.activation = activation
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        self.register_parameter("w13_bias", nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None)
-        self.register_parameter("w2_bias", nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None)
+        local = self.num_local_experts
+        self.w13 = nn.Parameter(torch.empty(local, 2 * inter, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(local, hidden_size, inter))
+        self.register_parameter("w13_bias", nn.Parameter(torch.empty(local, 2 * inter)) if bias else None)
+        self.register_parameter("w2_bias", nn.Parameter(torch.empty(local, hidden_size)) if bias else None)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        return fused_experts(
-            hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias,
-            self.batch_invariant,
+        if self.tp_group.world_size == 1:
+            return fused_experts(
+                hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias,
+                self.batch_invariant,
+            )
+        topk_weights, topk_ids = self._local_choices(topk_weights, topk_ids, hidden.is_cuda)
+        partial = fused_experts(
+            hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias,
+            self.w2_bias if self.adds_down_bias else None, self.batch_invariant,
         )
+        return self.tp_group.all_reduce(partial)
+
+    def _local_choices(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor, on_cuda: bool):
+        """Global expert ids -> this rank's local ids. A choice of another
+        rank's expert becomes id -1 for the torch path (skipped) and, for the
+        Triton kernel, local expert 0 with weight 0 (no host sync, graph-safe;
+        the wasted rows are the price of this first version)."""
+        if self.num_local_experts == self.num_experts:
+            return topk_weights, topk_ids
+        local = topk_ids - self.first_expert
+        elsewhere = (local < 0) | (local >= self.num_local_experts)
+        if on_cuda:
+            return topk_weights.masked_fill(elsewhere, 0.0), local.masked_fill(elsewhere, 0)
+        return topk_weights, local.masked_fill(elsewhere, -1)
+
+    def local_expert(self, expert: int) -> Optional[int]:
+        """This rank's index of global expert `expert`, None when another rank holds it."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range (this layer has {self.num_experts})")
+        local = expert - self.first_expert
+        return local if 0 <= local < self.num_local_experts else None
+
+    def local_expert_ids(self) -> range:
+        """The global ids of the experts this rank holds."""
+        return range(self.first_expert, self.first_expert + self.num_local_experts)
 
     def shard_view(self, expert: int, shard: str, kind: str = "weight") -> torch.Tensor:
-        """The slice of w13/w2 (or their biases) that one checkpoint tensor fills:
-        shard "gate", "up" or "down"; kind "weight" or "bias"."""
+        """This rank's slice of w13/w2 (or their biases) that one checkpoint
+        tensor fills: shard "gate", "up" or "down"; kind "weight" or "bias".
+        `expert` is a global id and must be one this rank holds."""
+        local = self.local_expert(expert)
+        if local is None:
+            raise ValueError(f"expert {expert} is held by another expert-parallel rank")
         inter = self.intermediate_size
         if shard == "down":
             param = self.w2 if kind == "weight" else self.w2_bias
@@ -76,15 +137,21 @@ class FusedMoE(nn.Module):
             rows = slice(0, inter) if shard == "gate" else slice(inter, 2 * inter)
         if param is None:
             raise ValueError(f"experts have no {kind}")
-        return param.data[expert, rows]
+        return param.data[local, rows]
+
+    def checkpoint_slice(self, shard: str, kind: str) -> Optional[ShardSlice]:
+        """The part of a per-expert checkpoint tensor this rank keeps: its
+        columns of the intermediate axis (rows of gate/up, columns of down's
+        weight); down's bias whole."""
+        full, start, size = self.full_intermediate_size, self.inter_start, self.intermediate_size
+        if shard != "down":
+            return ShardSlice(0, start, size, full)
+        return ShardSlice(1, start, size, full) if kind == "weight" else None
 
     def load_expert(self, expert: int, shard: str, kind: str, tensor: torch.Tensor) -> None:
-        """Copy one per-expert checkpoint tensor (e.g. experts.3.up_proj.weight) into place."""
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"expert {expert} out of range (this layer has {self.num_experts})")
+        """Copy one per-expert checkpoint tensor (e.g. experts.3.up_proj.weight)
+        into place; a no-op for an expert another rank holds."""
+        if self.local_expert(expert) is None:
+            return
         target = self.shard_view(expert, shard, kind)
-        if tensor.shape != target.shape:
-            raise ValueError(
-                f"expert {expert} {shard} {kind} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
-            )
-        target.copy_(tensor.to(target.dtype))
+        copy_checkpoint_tensor(target, tensor, self.checkpoint_slice(shard, kind), f"expert {expert} {shard} {kind}")

@@ -27,7 +27,7 @@ def fused_experts_torch(
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]).
 
     hidden [T, H]; w13 [E, 2I, H] (gate rows, then up rows); w2 [E, H, I];
-    topk_weights [T, K] float32; topk_ids [T, K]; biases [E, 2I] and [E, H].
+    topk_weights [T, K] float32; topk_ids [T, K] (-1: not on this rank, skipped); biases [E, 2I] and [E, H].
     Each expert's output is rounded to hidden's dtype before it is weighted,
     as the reference implementations do. batch_invariant: each expert's matmuls
     take the library's many-row path whatever number of tokens it received.
@@ -36,10 +36,11 @@ def fused_experts_torch(
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.flatten().long()
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    # Id -1 (an expert another expert-parallel rank holds) sorts first and is skipped.
+    counts = torch.bincount(flat_ids + 1, minlength=w13.shape[0] + 1).tolist()
     token_of = order // topk_ids.shape[1]
-    start = 0
-    for expert, count in enumerate(counts):
+    start = counts[0]
+    for expert, count in enumerate(counts[1:]):
         if count == 0:
             continue
         rows = order[start:start + count]
