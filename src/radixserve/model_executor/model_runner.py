@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from radixserve.distributed import ParallelConfig, init_distributed
+from radixserve.distributed.rank_sync import min_over_ranks
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
@@ -108,7 +109,9 @@ class ModelRunner:
     def _init_memory(self) -> None:
         args = self.server_args
         page = args.page_size
-        num_tokens = self._profile_max_num_tokens() // page * page
+        # Scheduling is replicated over the tensor-parallel ranks, so their
+        # allocators must be the same size: every rank takes the smallest.
+        num_tokens = min_over_ranks(self._profile_max_num_tokens()) // page * page
         if num_tokens < page:
             raise ValueError(f"KV cache too small: {num_tokens} tokens with page_size {page}")
         self.max_total_num_tokens = num_tokens
