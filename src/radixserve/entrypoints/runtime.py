@@ -1,6 +1,7 @@
 """The runtime behind both the Engine and the HTTP server: the scheduler
-processes (one per tensor-parallel rank of this node) and the detokenizer, the TokenizerManager that talks to them, a watchdog on
-the children, and shutdown. Both front ends start and stop it the same way;
+processes (one per tensor-parallel rank of this node) and the detokenizer,
+the TokenizerManager that talks to them, a watchdog on the children, and
+shutdown. Both front ends start and stop it the same way;
 they differ only in what they do when a child dies (the Engine fails the
 pending calls, the server also exits non-zero so a supervisor restarts it).
 """
@@ -8,9 +9,11 @@ pending calls, the server also exits non-zero so a supervisor restarts it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
 import threading
 import time
@@ -73,6 +76,10 @@ def start_schedulers(server_args: ServerArgs, port_args: PortArgs) -> Tuple[List
     it is ready), in rank order."""
     ctx = mp.get_context("spawn")
     parent, meeting_point = os.getpid(), dist_init_method(server_args)
+    if server_args.tp_size > 1 and server_args.random_seed is None:
+        # One seed for every rank of the node: replicated values (dummy weights,
+        # the seeds drawn for unseeded requests) then match across ranks.
+        server_args = dataclasses.replace(server_args, random_seed=random.getrandbits(31))
     procs, readers = [], []
     for tp_rank in ranks_of_this_node(server_args):
         reader, writer = ctx.Pipe(duplex=False)
