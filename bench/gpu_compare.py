@@ -301,7 +301,7 @@ def table(rows: List[Row]) -> str:
              "our fraction of roofline |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.model} | {r.workload} | {r.metric} | {r.radixserve} | {r.transformers} | "
-                     f"{r.ratio()}x | {r.roofline:.3g} | {r.fraction_of_roofline()} |")
+                     f"{f'{r.ratio()}x' if r.ratio() else '-'} | {r.roofline:.3g} | {r.fraction_of_roofline()} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,8 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -141,7 +143,7 @@ def test_sampling_and_grammar_keep_ranks_in_lockstep(setup):
 def test_abort_mid_decode_frees_kv_on_every_rank(setup):
     engine, _, _, prompts, _ = setup
     result = {}
-    params = {"temperature": 0, "max_new_tokens": 150, "ignore_eos": True}
+    params = {"temperature": 0, "max_new_tokens": 180, "ignore_eos": True}  # 3 + 180 tokens fit the pool
     thread = threading.Thread(target=lambda: result.update(
         engine.generate(input_ids=prompts[0], sampling_params=params, rid="long-one")))
     thread.start()
@@ -154,7 +156,7 @@ def test_abort_mid_decode_frees_kv_on_every_rank(setup):
     thread.join(timeout=60)
     assert not thread.is_alive()
     assert result["meta_info"]["finish_reason"]["type"] == "abort"
-    assert len(result["output_ids"]) < 150
+    assert len(result["output_ids"]) < 180
     assert_ranks_free_and_agree(engine)
 
 
@@ -245,3 +247,33 @@ def test_rank_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_two_nodes_on_loopback(setup, tiny_model_factory, tmp_path):
+    """--nnodes 2: node 1 runs only rank 1 (no HTTP) and meets node 0's rank 0
+    at --dist-init-addr; node 0 serves, with transformers' tokens. When node 0
+    stops, node 1's ranks lose their peer and node 1's launcher exits on its own."""
+    _, path, _, prompts, expected = setup
+    addr = f"127.0.0.1:{free_port()}"
+    common = ["--tp", str(TP), "--nnodes", "2", "--dist-init-addr", addr, "--device", DEVICE]
+    with open(tmp_path / "node1.log", "w") as log1:
+        node1 = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--model-path", str(path),
+                                  *common, "--node-rank", "1"], stdout=log1, stderr=subprocess.STDOUT)
+    try:
+        with open(tmp_path / "node0.log", "w") as log0:
+            node0, base = start_server(path, *common, "--node-rank", "0", log=log0)
+        try:
+            r = httpx.post(f"{base}/generate", timeout=120,
+                           json={"input_ids": prompts[3], "sampling_params": GREEDY})
+            assert r.status_code == 200 and r.json()["output_ids"] == expected[3]
+            info = httpx.get(f"{base}/get_server_info", timeout=30).json()
+            assert [s["tp_rank"] for s in info["internal_states"]] == [0, 1]
+            assert node1.poll() is None  # node 1 serves nothing itself, and keeps running
+        finally:
+            node0.terminate()
+            assert node0.wait(timeout=60) == 0
+        assert node1.wait(timeout=120) != 0  # its rank failed once rank 0 was gone
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
