@@ -31,8 +31,11 @@ from tests.e2e.weight_trainer import broadcast_tensors
 from tests.e2e.weight_updates import perturbed_copy
 from tests.server_utils import free_port, start_server
 
-# cpu (gloo) by default; cuda runs the same tests on NCCL, one GPU per rank.
+# cpu (gloo) by default; cuda runs the same tests on NCCL, one GPU per rank
+# (float32 everywhere, as transformers' reference; small KV pools so that the
+# servers started here fit next to the module's engine on the same GPUs).
 DEVICE = os.environ.get("RADIXSERVE_TEST_DEVICE", "cpu")
+DEVICE_FLAGS = ["--device", DEVICE, "--dtype", "float32", "--max-total-tokens", "4096"]
 TP = 2
 PROMPT_LENS = [3, 7, 12, 18, 25, 31, 40, 47]
 NEW_TOKENS = 32
@@ -52,7 +55,7 @@ def setup(tiny_model_factory, tmp_path_factory):
     prompts = make_prompts(hf.config.vocab_size)
     expected = hf_greedy(hf, prompts, NEW_TOKENS)
     # Every parallelism argument, as the Engine takes them (SGLang's names).
-    engine = Engine(model_path=str(path), device=DEVICE, tp_size=TP, ep_size=1, nnodes=1, node_rank=0,
+    engine = Engine(model_path=str(path), device=DEVICE, dtype="float32", tp_size=TP, ep_size=1, nnodes=1, node_rank=0,
                     dist_init_addr=f"127.0.0.1:{free_port()}", dist_timeout=120, base_gpu_id=0,
                     chunked_prefill_size=16, max_total_tokens=192, log_level="warning")
     try:
@@ -214,7 +217,7 @@ def test_rank_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
     request fails with the dead-scheduler error, and the server exits non-zero
     instead of hanging in a collective."""
     with open(tmp_path / "log", "w") as log:
-        proc, base = start_server(tiny_model_factory("llama"), "--tp", str(TP), "--device", DEVICE,
+        proc, base = start_server(tiny_model_factory("llama"), "--tp", str(TP), *DEVICE_FLAGS,
                                   "--dist-timeout", "120", log=log)
     try:
         info = httpx.get(f"{base}/get_server_info", timeout=30).json()
@@ -255,10 +258,12 @@ def test_two_nodes_on_loopback(setup, tiny_model_factory, tmp_path):
     stops, node 1's ranks lose their peer and node 1's launcher exits on its own."""
     _, path, _, prompts, expected = setup
     addr = f"127.0.0.1:{free_port()}"
-    common = ["--tp", str(TP), "--nnodes", "2", "--dist-init-addr", addr, "--device", DEVICE]
+    common = ["--tp", str(TP), "--nnodes", "2", "--dist-init-addr", addr, *DEVICE_FLAGS]
     with open(tmp_path / "node1.log", "w") as log1:
+        # (one host: node 1's rank takes the second GPU)
         node1 = subprocess.Popen([sys.executable, "-m", "radixserve.launch_server", "--model-path", str(path),
-                                  *common, "--node-rank", "1"], stdout=log1, stderr=subprocess.STDOUT)
+                                  *common, "--node-rank", "1", "--base-gpu-id", "1"],
+                                 stdout=log1, stderr=subprocess.STDOUT)
     try:
         with open(tmp_path / "node0.log", "w") as log0:
             node0, base = start_server(path, *common, "--node-rank", "0", log=log0)
