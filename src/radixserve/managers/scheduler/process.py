@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 import zmq
 
-from radixserve.distributed.rank_sync import broadcast_from_first
+from radixserve.distributed.rank_sync import broadcast_messages
 from radixserve.managers.ipc import PortArgs, die_with_parent, make_socket
 from radixserve.managers.scheduler.core import Scheduler
 from radixserve.server_args import ServerArgs
@@ -64,14 +64,14 @@ def first_rank_receive(channel: ZmqChannel) -> Receive:
     follows the poll whether or not anything came, so an idle server makes one
     broadcast per poll timeout (1 s) rather than spinning."""
     def receive(timeout_s: float) -> List[Any]:
-        return broadcast_from_first(channel.receive(timeout_s))
+        return broadcast_messages(channel.receive(timeout_s))
 
     return receive
 
 
 def follower_receive(timeout_s: float) -> List[Any]:
     """Ranks other than 0: wait in the broadcast for rank 0's messages."""
-    return broadcast_from_first(None)
+    return broadcast_messages(None)
 
 
 def build_scheduler(server_args: ServerArgs, port_args: PortArgs, tp_rank: int = 0,
