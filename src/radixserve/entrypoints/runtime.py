@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
 import random
 import socket
@@ -104,18 +105,25 @@ def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
 
 def wait_until_ready(procs: List[mp.Process], readers: List[Any]) -> io.SchedulerReady:
     """Block until every scheduler rank has loaded the model; StartupError if
-    any child exits first, or a rank reports a failure. Returns rank 0's
+    a rank reports a failure or any child exits first. Returns rank 0's
     report (the ranks agreed on the sizes in it)."""
-    reports = []
-    for reader in readers:
-        while not reader.poll(0.5):
-            for p in procs:
-                if not p.is_alive():
-                    raise StartupError(f"{p.name} exited with code {p.exitcode} during start-up")
-        status, payload = reader.recv()
-        if status != "ready":
-            raise StartupError(f"the model could not be loaded: {payload}")
-        reports.append(payload)
+    reports: dict = {}
+
+    def read_ready_pipes() -> None:
+        for i, reader in enumerate(readers):
+            if i not in reports and reader.poll():
+                status, payload = reader.recv()
+                if status != "ready":
+                    raise StartupError(f"the model could not be loaded: {payload}")
+                reports[i] = payload
+
+    while len(reports) < len(readers):
+        mp_connection.wait([r for i, r in enumerate(readers) if i not in reports], timeout=0.5)
+        read_ready_pipes()
+        dead = [p for p in procs if not p.is_alive()]
+        if dead and len(reports) < len(readers):
+            read_ready_pipes()  # a rank that failed said why before it exited: prefer its words
+            raise StartupError(f"{dead[0].name} exited with code {dead[0].exitcode} during start-up")
     return reports[0]
 
 
