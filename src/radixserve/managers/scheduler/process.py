@@ -104,8 +104,10 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, ready_pi
                           tp_rank: int = 0, dist_init_method: Optional[str] = None) -> None:
     die_with_parent(parent_pid)
     name = "scheduler" if server_args.tp_size == 1 else f"scheduler tp{tp_rank}"
+    level = logging.getLevelName(server_args.log_level.upper())
     logging.basicConfig(
-        level=server_args.log_level.upper(),
+        # The other ranks' info lines would repeat rank 0's (same batches, same stats).
+        level=level if tp_rank == 0 else max(level, logging.WARNING),
         format=f"[%(asctime)s {name}] %(levelname)s %(message)s",
     )
     limit_threads(server_args)
