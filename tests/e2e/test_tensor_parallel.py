@@ -245,6 +245,11 @@ def test_rank_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
         if "response" in outcome:
             assert outcome["response"].status_code != 200
             assert "radixserve-scheduler" in outcome["response"].text and "exited" in outcome["response"].text
+        try:  # a later request fails too (unless the server has already gone)
+            later = httpx.post(f"{base}/generate", timeout=30, json={"input_ids": [11, 12]})
+            assert later.status_code != 200 and "exited" in later.text, later.text
+        except httpx.HTTPError:
+            pass
         assert proc.wait(timeout=60) != 0
     finally:
         if proc.poll() is None:
