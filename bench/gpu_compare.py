@@ -3,6 +3,7 @@
     python bench/gpu_compare.py --tokenizer-dir DIR --out results.json
         [--models llama8b,qwen0.6b,qwen30b-a3b:12,deepseek-v2-lite] [--workloads offline,bs1] [--skip-hf]
         [--num-requests 256 --input-len 512 --output-len 256] [--engine-arg key=value ...]
+        [--tp-size N [--ep-size M]]
     python bench/gpu_compare.py --smoke --out smoke.json   # tiny shapes, runs on a CPU
 
 1. The card: device-to-device copy bandwidth and bf16 GEMM rate (best of several).
@@ -15,6 +16,12 @@
                (t(256 tokens) - t(1 token)) / 255, best of 2.
                Ours: Engine.generate; transformers: model.generate.
 3. The roofline (formulas in roofline_*), our fraction of it, and the ratio to transformers.
+
+With --tp-size N > 1 our engine runs on N GPUs (one rank each) and the
+transformers peer is skipped: it runs on one GPU, so a ratio to it would not
+compare like with like. Compare against this script's own --tp-size 1 run of
+the same session instead. The roofline then assumes N cards (N times the
+bandwidth and the matmul rate, all-reduces free), an upper bound.
 """
 
 from __future__ import annotations
@@ -162,7 +169,7 @@ def ours(path: Path, args, engine_args: dict, vocab: int) -> Dict[str, float]:
     start = time.perf_counter()
     with Engine(model_path=str(path), load_format="dummy", dtype="bfloat16" if args.device == "cuda" else "float32",
                 mem_fraction_static=args.mem_fraction_static if args.device == "cuda" else None,
-                log_level="warning", **engine_args) as engine:
+                log_level="warning", **{"tp_size": args.tp_size, "ep_size": args.ep_size, **engine_args}) as engine:
         results["startup_s"] = round(time.perf_counter() - start, 1)
         greedy = {"temperature": 0, "ignore_eos": True}
         engine.generate(input_ids=random_prompts(4, 64, vocab, 99), sampling_params={**greedy, "max_new_tokens": 8})
@@ -297,7 +304,7 @@ def table(rows: List[Row]) -> str:
              "our fraction of roofline |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r.model} | {r.workload} | {r.metric} | {r.radixserve} | {r.transformers} | "
-                     f"{r.ratio()}x | {r.roofline:.3g} | {r.fraction_of_roofline()} |")
+                     f"{f'{r.ratio()}x' if r.ratio() else '-'} | {r.roofline:.3g} | {r.fraction_of_roofline()} |")
     return "\n".join(lines)
 
 
@@ -318,6 +325,9 @@ def main() -> None:
     p.add_argument("--mem-fraction-static", type=float, default=0.85)
     p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to our Engine")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks of our engine (one GPU each); "
+                                                          "above 1 the transformers peer is skipped")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks among them (MoE shapes)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and counts; runs on a CPU")
     p.add_argument("--work-dir", default="/tmp/gpu_compare")
     args = p.parse_args()
@@ -328,11 +338,18 @@ def main() -> None:
     root = Path(args.work_dir)
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir(root)
     engine_args = parse_engine_args(args.engine_arg)
+    if args.tp_size > 1 and not args.skip_hf:
+        print(f"--tp-size {args.tp_size}: skipping transformers (one GPU; compare with a --tp-size 1 run)",
+              flush=True)
+        args.skip_hf = True
 
     card = measure_card(args.device, args.smoke)
+    # The roofline of tp cards together: each reads 1/tp of the weights and does 1/tp of the FLOPs.
+    cards = {k: v * args.tp_size for k, v in card.items()}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": torch.cuda.get_device_name(0)
               if args.device == "cuda" else "cpu", "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "card": card, "engine_args": engine_args,
+              "tp_size": args.tp_size, "ep_size": args.ep_size,
               "workload": {"num_requests": args.num_requests, "input_len": args.input_len,
                            "output_len": args.output_len, "bs1_prompt": 128, "bs1_tokens": args.bs1_tokens},
               "models": {}}
@@ -348,17 +365,21 @@ def main() -> None:
         hf_res = {} if args.skip_hf else theirs(config, args, vocab)
         report["models"][name] = {"shape": asdict(shape), "radixserve": ours_res, "transformers": hf_res}
         if "offline" in args.workloads:
-            roof = roofline_offline_tok_s(shape, card, args.num_requests, args.input_len, args.output_len)
+            roof = roofline_offline_tok_s(shape, cards, args.num_requests, args.input_len, args.output_len)
             hf_n = hf_res.get("offline_requests", args.num_requests)
-            notes = [f"transformers on {hf_n} requests"] if hf_n != args.num_requests else []
+            notes = [f"transformers on {hf_n} requests"] if hf_n != args.num_requests and not args.skip_hf else []
+            if args.tp_size > 1:
+                notes.append(f"tp={args.tp_size}, ep={args.ep_size}; roofline of {args.tp_size} cards")
             if hf_res.get("offline_mode", "generate_batch") != "generate_batch":
                 notes.append(f"transformers: {hf_res['offline_mode']}")
             note = "; ".join(notes)
             rows.append(Row(name, f"offline {args.num_requests}x{args.input_len}/{args.output_len}", "output tok/s",
                             ours_res.get("offline_tok_s"), hf_res.get("offline_tok_s"), roof, note))
         if "bs1" in args.workloads:
-            roof = roofline_bs1_ms(shape, card, 128 + args.bs1_tokens // 2)
-            rows.append(Row(name, "batch-1 decode", "ms/token", ours_res.get("bs1_ms"), hf_res.get("bs1_ms"), roof))
+            roof = roofline_bs1_ms(shape, cards, 128 + args.bs1_tokens // 2)
+            note = f"tp={args.tp_size}, ep={args.ep_size}; roofline of {args.tp_size} cards" if args.tp_size > 1 else ""
+            rows.append(Row(name, "batch-1 decode", "ms/token", ours_res.get("bs1_ms"), hf_res.get("bs1_ms"), roof,
+                            note))
         print(json.dumps({name: report["models"][name]}), flush=True)
         report["rows"] = [{**asdict(r), "ratio": r.ratio(), "fraction_of_roofline": r.fraction_of_roofline()}
                           for r in rows]

@@ -227,8 +227,8 @@ class ServerArgs:
             if f.type in ("bool",) or isinstance(f.default, bool):
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
-            parser.add_argument(flag, type=_parse_type(f.type), default=f.default,
-                                choices=_PARSER_CHOICES.get(f.name), help=help_text)
+            parser.add_argument(flag, *_FLAG_ALIASES.get(f.name, ()), dest=f.name, type=_parse_type(f.type),
+                                default=f.default, choices=_PARSER_CHOICES.get(f.name), help=help_text)
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":
@@ -253,6 +253,13 @@ def configure_logging(log_level: str) -> None:
 _PARSER_CHOICES = {
     "tool_call_parser": SUPPORTED_TOOL_PARSERS,
     "reasoning_parser": SUPPORTED_REASONING_PARSERS,
+}
+
+
+# Other spellings SGLang accepts for the same flag.
+_FLAG_ALIASES = {
+    "tp_size": ("--tensor-parallel-size", "--tp"),
+    "ep_size": ("--expert-parallel-size", "--ep"),
 }
 
 

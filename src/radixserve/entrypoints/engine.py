@@ -164,11 +164,22 @@ class Engine:
                                    abort_all_requests: bool = False) -> Tuple[bool, str]:
         """Replace some or all weights, named as in the Hugging Face checkpoint (a
         transformers model's state_dict works as is). The tensors reach the
-        scheduler through shared memory, not as copies in a message."""
-        buffer = shared_tensor_bytes(named_tensors)
+        scheduler through shared memory, not as copies in a message (with tp > 1,
+        one handle per rank: all ranks must run on this node)."""
+        buffer = self._tensor_payload(named_tensors)
         req = io.UpdateWeightsFromTensorReq(buffer, flush_cache, weight_version, abort_all_requests)
         out = self._run(self.tokenizer_manager.update_weights(req))
         return out.success, out.message
+
+    def _tensor_payload(self, named_tensors: Any) -> Any:
+        args = self.server_args
+        if args.tp_size == 1:
+            return shared_tensor_bytes(named_tensors)
+        if args.nnodes > 1:
+            raise ValueError("update_weights_from_tensor shares memory with the ranks, so they must all run "
+                             "on this node (nnodes=1); use update_weights_from_distributed across nodes")
+        # Each pickle hands out its own handles, one process may open each.
+        return [shared_tensor_bytes(named_tensors) for _ in range(args.tp_size)]
 
     def pause_generation(self, mode: str = "in_place") -> None:
         """Stop scheduling: "in_place" keeps running requests (and their KV) waiting,

@@ -57,11 +57,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as e:
         fail(str(e), BAD_ARGUMENTS)
     configure_logging(args.log_level)
-    from radixserve.entrypoints.runtime import StartupError
+    from radixserve.entrypoints.runtime import StartupError, run_rank_node
     from radixserve.entrypoints.server import run_server
 
     try:
-        code = run_server(args)
+        # A node other than 0 only runs its ranks (no HTTP), until they exit.
+        code = run_rank_node(args) if args.node_rank > 0 else run_server(args)
     except ValueError as e:  # raised before anything is served: the model path
         logger.debug("start-up refused", exc_info=True)
         fail(str(e), BAD_ARGUMENTS)

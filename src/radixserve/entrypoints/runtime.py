@@ -1,6 +1,7 @@
-"""The runtime behind both the Engine and the HTTP server: the scheduler and
-detokenizer processes, the TokenizerManager that talks to them, a watchdog on
-the children, and shutdown. Both front ends start and stop it the same way;
+"""The runtime behind both the Engine and the HTTP server: the scheduler
+processes (one per tensor-parallel rank of this node) and the detokenizer,
+the TokenizerManager that talks to them, a watchdog on the children, and
+shutdown. Both front ends start and stop it the same way;
 they differ only in what they do when a child dies (the Engine fails the
 pending calls, the server also exits non-zero so a supervisor restarts it).
 """
@@ -8,12 +9,17 @@ pending calls, the server also exits non-zero so a supervisor restarts it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import os
+import random
+import socket
 import threading
+import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from radixserve.managers import io_struct as io
 from radixserve.managers.detokenizer_manager import run_detokenizer_process
@@ -44,32 +50,81 @@ def load_frontend_tokenizer(args: ServerArgs, source: Optional[ModelSource] = No
     return tokenizer
 
 
-def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
-    """Start the scheduler and the detokenizer (spawned: CUDA cannot be forked).
-    Returns (processes, the pipe on which the scheduler says it is ready)."""
+def scheduler_name(tp_rank: int) -> str:
+    """Rank 0 keeps the one-rank name, so a dead scheduler reads the same at any tp."""
+    return "radixserve-scheduler" if tp_rank == 0 else f"radixserve-scheduler-tp{tp_rank}"
+
+
+def ranks_of_this_node(server_args: ServerArgs) -> List[int]:
+    per_node = server_args.tp_size // server_args.nnodes
+    return [server_args.node_rank * per_node + i for i in range(per_node)]
+
+
+def dist_init_method(server_args: ServerArgs) -> Optional[str]:
+    """Where the ranks meet: --dist-init-addr, or a free port on loopback (one node)."""
+    if server_args.tp_size == 1:
+        return None
+    if server_args.dist_init_addr:
+        return f"tcp://{server_args.dist_init_addr}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def start_schedulers(server_args: ServerArgs, port_args: PortArgs) -> Tuple[List[mp.Process], List[Any]]:
+    """One scheduler process per tensor-parallel rank of this node (spawned:
+    CUDA cannot be forked). Returns (processes, the pipes on which each says
+    it is ready), in rank order."""
     ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
-    parent = os.getpid()
-    scheduler = ctx.Process(target=run_scheduler_process, args=(server_args, port_args, writer, parent),
-                            name="radixserve-scheduler", daemon=True)
-    detokenizer = ctx.Process(target=run_detokenizer_process, args=(server_args, port_args, parent),
+    parent, meeting_point = os.getpid(), dist_init_method(server_args)
+    if server_args.tp_size > 1 and server_args.random_seed is None:
+        # One seed for every rank of the node: replicated values (dummy weights,
+        # the seeds drawn for unseeded requests) then match across ranks.
+        server_args = dataclasses.replace(server_args, random_seed=random.getrandbits(31))
+    procs, readers = [], []
+    for tp_rank in ranks_of_this_node(server_args):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=run_scheduler_process, name=scheduler_name(tp_rank), daemon=True,
+                           args=(server_args, port_args, writer, parent, tp_rank, meeting_point))
+        proc.start()
+        procs.append(proc)
+        readers.append(reader)
+    return procs, readers
+
+
+def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
+    """The scheduler ranks and the detokenizer. Returns (processes, the
+    schedulers' ready pipes)."""
+    procs, readers = start_schedulers(server_args, port_args)
+    ctx = mp.get_context("spawn")
+    detokenizer = ctx.Process(target=run_detokenizer_process, args=(server_args, port_args, os.getpid()),
                               name="radixserve-detokenizer", daemon=True)
-    scheduler.start()
     detokenizer.start()
-    return [scheduler, detokenizer], reader
+    return procs + [detokenizer], readers
 
 
-def wait_until_ready(procs: List[mp.Process], reader: Any) -> io.SchedulerReady:
-    """Block until the scheduler has loaded the model; StartupError if it or the
-    detokenizer exits first, or the scheduler reports a failure."""
-    while not reader.poll(0.5):
-        for p in procs:
-            if not p.is_alive():
-                raise StartupError(f"{p.name} exited with code {p.exitcode} during start-up")
-    status, payload = reader.recv()
-    if status != "ready":
-        raise StartupError(f"the model could not be loaded: {payload}")
-    return payload
+def wait_until_ready(procs: List[mp.Process], readers: List[Any]) -> io.SchedulerReady:
+    """Block until every scheduler rank has loaded the model; StartupError if
+    a rank reports a failure or any child exits first. Returns rank 0's
+    report (the ranks agreed on the sizes in it)."""
+    reports: dict = {}
+
+    def read_ready_pipes() -> None:
+        for i, reader in enumerate(readers):
+            if i not in reports and reader.poll():
+                status, payload = reader.recv()
+                if status != "ready":
+                    raise StartupError(f"the model could not be loaded: {payload}")
+                reports[i] = payload
+
+    while len(reports) < len(readers):
+        mp_connection.wait([r for i, r in enumerate(readers) if i not in reports], timeout=0.5)
+        read_ready_pipes()
+        dead = [p for p in procs if not p.is_alive()]
+        if dead and len(reports) < len(readers):
+            read_ready_pipes()  # a rank that failed said why before it exited: prefer its words
+            raise StartupError(f"{dead[0].name} exited with code {dead[0].exitcode} during start-up")
+    return reports[0]
 
 
 def kill_processes(procs: List[mp.Process]) -> None:
@@ -102,13 +157,16 @@ class Runtime:
         """Check the model path (a ValueError before any process starts), start
         the children, load the tokenizer while they load the model, and wait
         for the scheduler. Nothing is left running or on disk if this raises."""
+        if server_args.node_rank > 0:
+            raise ValueError("node_rank > 0 runs only scheduler ranks, with no front end: start that node "
+                             "with python -m radixserve.launch_server")
         source = resolve_model_source(server_args.model_path)
         port_args = PortArgs.new()
         procs: List[mp.Process] = []
         try:
-            procs, reader = start_children(server_args, port_args)
+            procs, readers = start_children(server_args, port_args)
             tokenizer = load_frontend_tokenizer(server_args, source)
-            ready = wait_until_ready(procs, reader)
+            ready = wait_until_ready(procs, readers)
             tokenizer_manager = TokenizerManager(server_args, port_args, tokenizer, ready)
         except BaseException:
             kill_processes(procs)
@@ -127,8 +185,13 @@ class Runtime:
             dead = [p for p in self.procs if not p.is_alive()]
             if not dead or self._stopped.is_set():
                 continue
-            self.child_death = f"{dead[0].name} exited with code {dead[0].exitcode}"
+            # (all of them: with tp > 1 a dead rank takes the others down soon
+            # after, and the watchdog may see both at once)
+            self.child_death = "; ".join(f"{p.name} exited with code {p.exitcode}" for p in dead)
             logger.error("%s; failing every pending request", self.child_death)
+            # The other scheduler ranks would wait in their next collective
+            # (up to --dist-timeout): stop them now.
+            kill_processes([p for p in self.procs if p.name.startswith("radixserve-scheduler")])
             if self.loop is not None and not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self.tokenizer_manager.fail_all, self.child_death)
             if on_death is not None:
@@ -144,3 +207,23 @@ class Runtime:
         self._stopped.set()
         kill_processes(self.procs)
         self.port_args.remove()
+
+
+def run_rank_node(server_args: ServerArgs) -> int:
+    """A node with node_rank > 0: only its scheduler ranks (rank 0's node
+    serves the front end and broadcasts the requests to them). Blocks until
+    one of them exits, then stops the others; returns the exit code to use."""
+    port_args = PortArgs.new()  # (unused: these ranks bind no socket)
+    procs: List[mp.Process] = []
+    try:
+        procs, readers = start_schedulers(server_args, port_args)
+        wait_until_ready(procs, readers)
+        logger.info("node %d: ranks %s ready", server_args.node_rank, ranks_of_this_node(server_args))
+        while all(p.is_alive() for p in procs):
+            time.sleep(WATCH_INTERVAL_S)
+        dead = next(p for p in procs if not p.is_alive())
+        logger.error("%s exited with code %s; stopping this node's ranks", dead.name, dead.exitcode)
+        return 1 if dead.exitcode else 0
+    finally:
+        kill_processes(procs)
+        port_args.remove()

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from radixserve.distributed.rank_sync import broadcast_tensor_from_first
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 
 MASK32 = 0xFFFFFFFF
@@ -117,7 +118,18 @@ class Sampler:
     def forward(self, logits: torch.Tensor, info: SamplingBatchInfo) -> SamplerOutput:
         """logits: [bs, vocab] of the last position of each request."""
         logits = logits.float()
-        out = SamplerOutput(next_token_ids=self._choose(apply_logit_processors(logits, info), info))
+        next_token_ids = self._choose(apply_logit_processors(logits, info), info)
+        if not info.all_greedy or info.grammar_mask is not None:
+            # Tensor parallelism replicates scheduling, so one rank choosing a
+            # different token would desynchronise the ranks for good (other
+            # finish decisions, other KV allocations, a grammar in another
+            # state). Greedy rows agree by construction (the logits are equal
+            # on every rank after the gather); sampled rows depend on filters
+            # whose ties a kernel may break differently, and a grammar's mask
+            # must advance from the very same token: so take rank 0's ids. A
+            # [bs] int tensor, and no-op with one rank.
+            next_token_ids = broadcast_tensor_from_first(next_token_ids.contiguous())
+        out = SamplerOutput(next_token_ids=next_token_ids)
         if info.return_logprob:
             # Logprobs describe the model, before any processing (SGLang's default).
             raw = torch.log_softmax(logits, dim=-1)

@@ -132,9 +132,10 @@ class UpdateWeightsFromDiskReq(ControlReq):
 @dataclass
 class UpdateWeightsFromTensorReq(ControlReq):
     """named_tensors, pickled with torch's ForkingPickler: tensors travel as
-    shared-memory handles, not copies (the one large-payload exception)."""
+    shared-memory handles, not copies (the one large-payload exception).
+    With tp > 1, a list: one pickle per rank (a handle opens in one process)."""
 
-    serialized_named_tensors: bytes
+    serialized_named_tensors: Any  # bytes, or List[bytes] indexed by tp rank
     flush_cache: bool = True
     weight_version: Optional[str] = None
     abort_all_requests: bool = False

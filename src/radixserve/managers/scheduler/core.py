@@ -17,9 +17,11 @@ requests (status 500) and frees their KV; see fail_batch.
 from __future__ import annotations
 
 import logging
+import os
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set
 
+from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
 from radixserve.layers.sampler import Sampler
 from radixserve.managers import io_struct as io
 from radixserve.managers.batch_result import BatchResult
@@ -56,15 +58,16 @@ class Scheduler:
         args = self.server_args = server_args
         self.runner, self.send, self.eos_token_ids = runner, send, eos_token_ids
         self.device, self.pools = runner.device, runner.pools
+        self.tp_rank = getattr(runner, "tp_rank", 0)
         self.prefix_cache, self.allocator = runner.pools.prefix_cache, runner.pools.allocator
         self.sampler = Sampler()
         ratio = NewTokenRatio(args.schedule_conservativeness)
         self.grammar = GrammarWait(args.grammar_backend, not args.constrained_json_disable_any_whitespace,
-                                   tokenizer, runner.vocab_size, eos_token_ids)
+                                   tokenizer, runner.vocab_size, eos_token_ids, agree=broadcast_from_first)
         self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
                                    runner.max_total_num_tokens, self.grammar, ratio)
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
-        self.weights = WeightController(runner, self.prefix_cache, self.device)
+        self.weights = WeightController(runner, self.prefix_cache, self.device, self.tp_rank)
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
@@ -242,7 +245,18 @@ class Scheduler:
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
+            "tp_size": self.server_args.tp_size,
+            "ep_size": self.server_args.ep_size,
+            "internal_states": self.rank_states(),
         }
+
+    def rank_states(self) -> List[Dict[str, Any]]:
+        """Each rank's own view, in rank order (a collective: every rank answers
+        the same GetServerInfoReq at the same point of its loop). Scheduling is
+        replicated, so the ranks' KV counts must agree; the tests check it."""
+        mine = {"tp_rank": self.tp_rank, "pid": os.getpid(), "max_total_num_tokens": self.runner.max_total_num_tokens,
+                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats()}
+        return gather_objects(mine)
 
     # ---- scheduling ----
     def schedule_and_launch(self) -> Optional[BatchResult]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, List, Set, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 from radixserve.constrained.base import constraint_of
 from radixserve.constrained.xgrammar_backend import create_grammar_backend
@@ -19,8 +19,12 @@ logger = logging.getLogger(__name__)
 
 class GrammarWait:
     def __init__(self, backend_name: str, any_whitespace: bool, tokenizer: Any, vocab_size: int,
-                 eos_token_ids: Set[int]) -> None:
+                 eos_token_ids: Set[int], agree: Optional[Callable[[Any], Any]] = None) -> None:
+        """agree(value) -> rank 0's value: with tensor parallelism every rank
+        compiles on its own thread, at its own pace, but rank 0 decides which
+        compiles count as done, so all ranks queue a request at the same step."""
         self.backend_name = backend_name
+        self.agree = agree or (lambda value: value)
         self.queue: List[Req] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._make_backend = lambda: create_grammar_backend(
@@ -55,13 +59,16 @@ class GrammarWait:
     def collect(self) -> Tuple[List[Req], List[Req]]:
         """(compiled requests, ready to queue; requests ended: aborted or failed to compile)."""
         ready, ended, still = [], [], []
-        for req in self.queue:
-            if req.to_abort:
+        if not self.queue:  # (the same on every rank: no agreement needed)
+            return ready, ended
+        done = set(self.agree([i for i, r in enumerate(self.queue) if r.to_abort or r.grammar_future.done()]))
+        for i, req in enumerate(self.queue):
+            if i not in done:
+                still.append(req)
+            elif req.to_abort:
                 req.finished_reason = abort_reason()
                 ended.append(req)
-            elif not req.grammar_future.done():
-                still.append(req)
-            elif req.grammar_future.exception() is not None:
+            elif req.grammar_future.exception() is not None:  # (waits, on a rank behind rank 0)
                 req.finished_reason = abort_reason(str(req.grammar_future.exception()), 400)
                 ended.append(req)
             else:

@@ -37,8 +37,9 @@ def _error(e: BaseException) -> str:
 
 
 class WeightController:
-    def __init__(self, runner, prefix_cache, device: torch.device) -> None:
+    def __init__(self, runner, prefix_cache, device: torch.device, tp_rank: int = 0) -> None:
         self.runner = runner
+        self.tp_rank = tp_rank
         self.prefix_cache = prefix_cache
         self.version = "default"
         self.num_updates = 0
@@ -80,7 +81,7 @@ class WeightController:
             elif isinstance(msg, io.UpdateWeightsFromDistributedReq):
                 self._load_broadcast(msg)
             else:
-                self.runner.update_weights_from_tensor(pickle.loads(msg.serialized_named_tensors))
+                self.runner.update_weights_from_tensor(pickle.loads(self._own_payload(msg)))
         except Exception as e:  # a bad update is reported; the server keeps serving
             logger.error("weight update failed:\n%s", traceback.format_exc())
             return io.UpdateWeightsOut(False, _error(e), self.version)
@@ -90,6 +91,13 @@ class WeightController:
         self.version = msg.weight_version or str(self.num_updates)
         logger.info("weights updated: version %s", self.version)
         return io.UpdateWeightsOut(True, "", self.version)
+
+    def _own_payload(self, msg: io.UpdateWeightsFromTensorReq) -> bytes:
+        """With tensor parallelism the Engine pickles the tensors once per rank:
+        a shared-memory handle (a passed file descriptor on the CPU) can be
+        opened by one process only, so each rank opens its own."""
+        payload = msg.serialized_named_tensors
+        return payload[self.tp_rank] if isinstance(payload, list) else payload
 
     def _load_broadcast(self, msg: io.UpdateWeightsFromDistributedReq) -> None:
         received = self.groups.receive(msg.names, msg.dtypes, msg.shapes, msg.group_name)
@@ -106,9 +114,12 @@ class WeightController:
 
     # ---- process groups with a trainer ----
     def init_group(self, msg: io.InitWeightsUpdateGroupReq) -> io.WeightsUpdateGroupOut:
-        """Blocks the loop until the trainer joins (or the rendezvous times out)."""
+        """Blocks the loop until the trainer joins (or the rendezvous times out).
+        Every tensor-parallel rank joins as its own member, rank_offset + tp_rank
+        (the trainer passes world_size = its ranks + tp_size), and receives
+        every broadcast; the model's loader keeps this rank's shard of each."""
         try:
-            self.groups.init_group(msg.master_address, msg.master_port, msg.rank_offset,
+            self.groups.init_group(msg.master_address, msg.master_port, msg.rank_offset + self.tp_rank,
                                    msg.world_size, msg.group_name, msg.backend)
         except Exception as e:  # a group that fails to form is reported; serving carries on
             logger.error("init_weights_update_group failed:\n%s", traceback.format_exc())
