@@ -21,6 +21,7 @@ import os
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set
 
+from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
 from radixserve.layers.sampler import Sampler
 from radixserve.managers import io_struct as io
@@ -309,7 +310,10 @@ class Scheduler:
         With the overlap schedule the batch before it is still in flight: its
         tokens are delivered first (requests it finishes end normally). If the
         KV does not add up afterwards, the state is unknown: give up."""
-        if is_fatal(failure.cause):
+        # Under tensor parallelism a batch that failed may have failed on one
+        # rank only (or in a collective because a rank died): the ranks are
+        # no longer in lockstep, so the server stops rather than serve on.
+        if is_fatal(failure.cause) or get_tp_group().world_size > 1:
             raise failure.cause
         logger.error("a batch of %d request(s) failed; ending them and serving on:\n%s", len(failure.reqs),
                      "".join(traceback.format_exception(failure.cause)))
