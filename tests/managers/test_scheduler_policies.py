@@ -171,3 +171,23 @@ def test_pause_in_place_then_continue_and_pause_abort():
     assert h.scheduler.kv_cache_stats()["in_use_tokens"] == 0
     (bad,) = h.control(io.PauseGenerationReq("sideways"))
     assert not bad.success and "mode" in bad.message
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap):
+    """A retracted request finds its own tokens in the radix cache; pinning
+    them takes them out of what is evictable. Admission must count that
+    before it lets the request back in, or a lone running request finds the
+    pool full and is cut short. Every request gets all of its tokens."""
+    h = Harness(num_tokens=112, chunked_prefill_size=16, disable_overlap_schedule=not overlap)
+    rng = random.Random(7)
+    batch = {f"a{n}": ([rng.randrange(1, 100) for _ in range(n)], 24) for n in (3, 9, 17, 26, 33, 41)}
+    for rid, (prompt, n) in batch.items():
+        h.submit(rid, prompt, n)
+    h.run(max_steps=20000)
+    again = {"b33": (batch["a33"][0], 24), "b41": (batch["a41"][0], 24)}  # their prefixes are cached now
+    for rid, (prompt, n) in again.items():
+        h.submit(rid, prompt, n)
+    h.run(max_steps=20000)
+    assert h.scheduler.running.num_retractions > 0
+    assert_all_match_reference(h, {**batch, **again})

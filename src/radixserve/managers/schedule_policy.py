@@ -43,11 +43,12 @@ class PrefillAdder:
     def __init__(
         self, free_tokens: int, running_reqs: List[Req], ratio: float, page_size: int,
         chunk_budget: Optional[int], max_prefill_tokens: int,
-        lock: Callable[[Req], int] = lambda req: 0,
+        lock: Callable[[Req], int] = lambda req: 0, unlock: Callable[[Req], None] = lambda req: None,
     ) -> None:
-        """free_tokens counts evictable cache too; lock(req) pins a planned request's
-        cached prefix and returns how many tokens stopped being evictable."""
-        self.lock = lock
+        """free_tokens counts evictable cache too; lock(req) pins a request's
+        cached prefix and returns how many tokens stopped being evictable;
+        unlock(req) undoes it for a request that did not fit."""
+        self.lock, self.unlock = lock, unlock
         self.page_size = page_size
         reserved = sum(remaining_new_tokens(r) for r in running_reqs) * ratio
         self.rem_total = free_tokens - reserved
@@ -64,8 +65,23 @@ class PrefillAdder:
         return -(-n // self.page_size) * self.page_size
 
     def add(self, req: Req) -> bool:
-        """Plan req's next extend. False when it does not fit; the caller stops there
-        (first come, first served: nobody jumps the queue)."""
+        """Plan req's next extend. False when it does not fit, or when it was
+        chunked (nothing more fits this round); the caller stops there (first
+        come, first served: nobody jumps the queue)."""
+        # A new (or retracted) request pins its cached prefix first: those
+        # tokens were counted in free_tokens as evictable and are not any
+        # more, so the fit checks below must see the budget without them.
+        fresh = req.req_pool_idx is None
+        locked = self.lock(req) if fresh else 0
+        self.rem_total -= locked
+        planned_before = len(self.plans)
+        more = self._add_pinned(req)
+        if fresh and len(self.plans) == planned_before:
+            self.rem_total += locked
+            self.unlock(req)
+        return more
+
+    def _add_pinned(self, req: Req) -> bool:
         extend_len = req.seq_len - req.kv_len
         if self.rem_chunk is not None and extend_len > self.rem_chunk:
             # Chunk it: the budget left, page-aligned so the next chunk starts on a page.
@@ -93,8 +109,6 @@ class PrefillAdder:
         return 0 if self.lenient and not self.plans else self.page_size
 
     def _plan(self, req: Req, extend_len: int) -> None:
-        if req.req_pool_idx is None:  # a new (or retracted) request: pin its prefix now
-            self.rem_total -= self.lock(req)
         self.plans.append(
             ExtendPlan(
                 req, extend_len, input_logprob_positions(req, extend_len),

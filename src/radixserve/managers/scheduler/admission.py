@@ -114,7 +114,7 @@ class Admission:
         adder = PrefillAdder(
             self.pools.allocator.available_size() + self.prefix_cache.evictable_size(), running,
             self.ratio.value, self.pools.allocator.page_size, self.chunk_size, self.max_prefill_tokens,
-            lock=self.prefix_cache.lock,
+            lock=self.prefix_cache.lock, unlock=self.prefix_cache.unlock,
         )
         if self.chunked_req is not None:
             adder.add(self.chunked_req)
