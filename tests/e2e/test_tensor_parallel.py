@@ -1,7 +1,7 @@
 """Tensor parallelism, the process side: two scheduler ranks (gloo on the CPU,
 one intra-op thread each) that receive rank 0's messages and must stay in
-lockstep. Until the model itself is split each rank runs a full replica, so
-greedy tokens equal transformers' exactly; the same tests run on NCCL with
+lockstep, each holding half of the model; greedy tokens equal transformers'
+exactly (the other families: test_tensor_parallel_families.py); the same tests run on NCCL with
 RADIXSERVE_TEST_DEVICE=cuda (two GPUs) for the multi-GPU issue.
 
 One tp=2 engine is shared by the module (chunked prefill of 16 tokens and a
