@@ -174,12 +174,16 @@ def test_pause_in_place_then_continue_and_pause_abort():
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap):
+@pytest.mark.parametrize("conservativeness", [1.0, 0.05])
+def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap, conservativeness):
     """A retracted request finds its own tokens in the radix cache; pinning
     them takes them out of what is evictable. Admission must count that
-    before it lets the request back in, or a lone running request finds the
-    pool full and is cut short. Every request gets all of its tokens."""
-    h = Harness(num_tokens=112, chunked_prefill_size=16, disable_overlap_schedule=not overlap)
+    before it lets the request back in; and when optimistic admission (low
+    conservativeness) lets a chunked request take what a lone running request
+    needs, the chunked one steps back rather than the running one being cut
+    short. Every request gets all of its tokens."""
+    h = Harness(num_tokens=112, chunked_prefill_size=16, disable_overlap_schedule=not overlap,
+                schedule_conservativeness=conservativeness)
     rng = random.Random(7)
     batch = {f"a{n}": ([rng.randrange(1, 100) for _ in range(n)], 24) for n in (3, 9, 17, 26, 33, 41)}
     for rid, (prompt, n) in batch.items():

@@ -90,6 +90,12 @@ class Admission:
             self.chunked_req.to_abort = True
         return ended
 
+    def take_chunk(self) -> Optional[Req]:
+        """The half-prefilled request, out of its slot (the caller retracts it)."""
+        req = self.chunked_req
+        self.chunked_req, self.last_was_chunk = None, False
+        return req
+
     def take_aborted_chunk(self) -> Optional[Req]:
         req = self.chunked_req
         if req is None or not req.to_abort:

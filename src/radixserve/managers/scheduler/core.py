@@ -281,11 +281,24 @@ class Scheduler:
                 self.send(self.stats.on_prefill(batch.plans, self.admission.last_admitted))
                 return batch
         self.admission.last_was_chunk = False
+        self.retract_chunk_if_decode_needs_room()
         batch, ended = self.running.next_decode()
         self.emit(ended)
         if batch is not None:
             self.send_stats(self.stats.on_decode(len(batch)))
         return batch
+
+    def retract_chunk_if_decode_needs_room(self) -> None:
+        """A half-prefilled (chunked) request's KV is not the running requests'
+        to evict: when they cannot grow without it, it goes back to the front
+        of the queue (its finished chunks stay in the radix cache), rather than
+        a running request being retracted or, alone, cut short."""
+        if self.admission.chunked_req is None or self.running.is_empty() or self.running.decode_fits():
+            return
+        self.resolve_in_flight()  # its last chunk may be in flight: process it first
+        req = self.admission.take_chunk()
+        if req is not None and not req.finished:
+            self.running.retract(req)
 
     def launch_batch(self, batch: ScheduleBatch) -> BatchResult:
         """Forward and sample: the one call into the model runner. The sampled ids

@@ -102,6 +102,11 @@ class RunningBatch:
         batch = self.batch
         req = batch.reqs[-1]
         batch.filter(list(range(len(batch) - 1)))
+        self.retract(req)
+
+    def retract(self, req: Req) -> None:
+        """Free a request's own KV (what is in the radix cache stays there) and
+        requeue it at the front. It is not (or no longer) in the batch."""
         self.prefix_cache.release(req)
         req.reset_for_retract()
         self.requeue(req)
