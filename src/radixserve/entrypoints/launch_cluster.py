@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args, worker_flags = build_parser().parse_known_args(argv)
     if args.workers < 1:
@@ -190,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if importlib.util.find_spec("sglang_router") is None:
         print(f"{PROG}: error: sglang-router is not installed: pip install 'radixserve[router]'", file=sys.stderr)
         return 2
+    # SIGTERM during start-up stops what was started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     cluster = Cluster(start_workers(args, worker_flags), exit_on_worker_death=args.exit_on_worker_death)
     try:
         for worker in cluster.workers:
