@@ -113,7 +113,7 @@ def test_get_load_follows_the_scheduler(server):
         return records[0]
 
     def long_request() -> None:
-        generate(server, text="keep going", sampling_params={**GREEDY, "max_new_tokens": 300})
+        generate(server, text="keep going", rid="load-probe", sampling_params={**GREEDY, "max_new_tokens": 400})
 
     worker = threading.Thread(target=long_request)
     worker.start()
@@ -124,6 +124,7 @@ def test_get_load_follows_the_scheduler(server):
     kv = httpx.get(f"{server}/get_server_info").json()["kv_cache"]
     assert busy["num_reqs"] == 1 and busy["num_waiting_reqs"] in (0, 1)
     assert 0 <= busy["num_tokens"] <= kv["total_tokens"]
+    httpx.post(f"{server}/abort_request", json={"rid": "load-probe"})  # no need to wait for 400 tokens
     worker.join(timeout=180)
     assert load() == {"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0}
 
