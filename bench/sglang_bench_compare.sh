@@ -17,7 +17,7 @@ for round in 1 2; do
   echo "== round $round: sglang.bench_serving"
   flush
   .venv-sglang/bin/python bench/sglang_bench_serving.py --backend sglang --base-url "$URL" \
-      --tokenizer "$TOKENIZER" "${WORKLOAD[@]}" 2>&1 \
+      --tokenizer "$TOKENIZER" --output-file "${TMPDIR:-/tmp}/sglang_bench_serving.jsonl" "${WORKLOAD[@]}" 2>&1 \
     | grep -E "Successful requests|Benchmark duration|Total input tokens|Total generated tokens|Request throughput|Output token throughput|Mean TTFT|Mean ITL"
   echo "== round $round: radixserve.bench_serving"
   flush
