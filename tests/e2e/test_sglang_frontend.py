@@ -47,13 +47,13 @@ def qa_program():
     @sgl.function
     def qa(s, question):
         s += "Q: " + question + "\nA:"
-        s += sgl.gen("answer", max_tokens=16, temperature=0, stop="\n")
+        s += sgl.gen("answer", max_tokens=12, temperature=0, stop="\n")
         s += "\nIs that correct (yes or no)?"
         s += sgl.select("verdict", choices=[" yes", " no"])
         forks = s.fork(2)
         for i, f in enumerate(forks):
             f += f"\nFact {i + 1}:"
-            f += sgl.gen("fact", max_tokens=16, temperature=0, stop_regex=FACT_STOP)
+            f += sgl.gen("fact", max_tokens=12, temperature=0, stop_regex=FACT_STOP)
         forks.join()
         s += "\nYear founded: " + sgl.gen("year", regex=YEAR, max_tokens=8, temperature=0)
         return [(f.text(), f["fact"], f.get_meta_info("fact")) for f in forks]
@@ -78,7 +78,7 @@ def test_program_matches_generate_by_hand(server):
     text = state.text()
 
     asked = f"Q: {QUESTION}\nA:"
-    answer = by_hand(server, asked, max_new_tokens=16, stop="\n")["text"]
+    answer = by_hand(server, asked, max_new_tokens=12, stop="\n")["text"]
     assert state["answer"] == answer and answer.strip()
 
     scored = asked + answer + "\nIs that correct (yes or no)?"
@@ -90,7 +90,7 @@ def test_program_matches_generate_by_hand(server):
     for i, (fork_text, fact, meta) in enumerate(state.ret_value):
         sent = prefix + f"\nFact {i + 1}:"
         assert fork_text == sent + fact
-        want = by_hand(server, sent, max_new_tokens=16, stop_regex=FACT_STOP)
+        want = by_hand(server, sent, max_new_tokens=12, stop_regex=FACT_STOP)
         assert fact == want["text"]
         if meta["finish_reason"]["type"] == "stop":
             assert re.search(FACT_STOP, fact) and meta["finish_reason"]["matched"] == FACT_STOP
@@ -109,11 +109,11 @@ def test_run_batch_and_chat(server):
     @sgl.function
     def short(s, question):
         s += "Q: " + question + "\nA:"
-        s += sgl.gen("answer", max_tokens=8, temperature=0)
+        s += sgl.gen("answer", max_tokens=6, temperature=0)
 
     questions = ["What is 2 + 2?", "Name a colour."]
     states = short.run_batch([{"question": q} for q in questions])
-    want = by_hand(server, [f"Q: {q}\nA:" for q in questions], max_new_tokens=8)
+    want = by_hand(server, [f"Q: {q}\nA:" for q in questions], max_new_tokens=6)
     assert [s["answer"] for s in states] == [w["text"] for w in want]
 
     @sgl.function
