@@ -160,3 +160,26 @@ def test_is_greedy():
     assert SamplingParams(top_k=1).is_greedy
     assert not SamplingParams().is_greedy
     assert not SamplingParams(temperature=0.1, top_k=2).is_greedy
+
+
+@pytest.mark.parametrize("pattern, width", [
+    ("abc", 3), (r"\n\n", 2), ("a|bcd", 3), ("(ab){2}x?", 5), ("[0-9]{3}", 3), (r"\bend\b", 3),
+    (r"\d+", None), (".*", None), ("a{2,}", None),
+])
+def test_stop_regex_width(pattern, width):
+    from radixserve.sampling.sampling_params import regex_max_width
+
+    assert regex_max_width(pattern) == width
+
+
+def test_stop_regex_normalized():
+    sp = SamplingParams.from_dict({"stop_regex": r"\d{2}"})
+    sp.verify(VOCAB)
+    sp.normalize()
+    assert (sp.stop_regex_strs, sp.max_stop_regex_len) == ([r"\d{2}"], 2)
+    sp = SamplingParams.from_dict({"stop_regex": ["ab", r"\w+"]})
+    sp.normalize()
+    assert (sp.stop_regex_strs, sp.max_stop_regex_len) == (["ab", r"\w+"], None)
+    for bad in ("(", "", ["x", 1], 7, ["a"] * 33, "y" * 257):
+        with pytest.raises(ValueError, match="stop_regex"):
+            SamplingParams.from_dict({"stop_regex": bad}).verify(VOCAB)

@@ -18,11 +18,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from radixserve.entrypoints import worker_info
 from radixserve.entrypoints.http_guard import TransportGuard, error_response, until_disconnected
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
 from radixserve.managers import io_struct as io
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
+from radixserve.managers.native_fields import implemented_fields
 from radixserve.managers.tokenizer_manager import PreparedGenerate, TokenizerManager
 from radixserve.managers.validation import FieldError, check_int, check_json_value
 from radixserve.server_args import ServerArgs
@@ -195,16 +197,21 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         return Response(status_code=200)
 
     @app.get("/get_model_info")
+    @app.get("/model_info")
     async def model_info() -> dict:
-        args = state.server_args
-        return {"model_path": args.model_path, "tokenizer_path": args.tokenizer_path or args.model_path,
-                "served_model_name": state.served_model_name, "is_generation": True,
-                "context_length": state.tm.context_len}
+        return await asyncio.get_running_loop().run_in_executor(  # the first call reads the config
+            None, worker_info.model_info, state.server_args, state.served_model_name, state.tm.context_len)
 
     @app.get("/get_server_info")
+    @app.get("/server_info")
     async def server_info() -> dict:
         info = await state.tm.get_server_info()
-        return {**info, "model_path": state.server_args.model_path}
+        return await asyncio.get_running_loop().run_in_executor(
+            None, worker_info.server_info, state.server_args, state.served_model_name, info)
+
+    @app.get("/get_load")
+    async def get_load() -> list:
+        return worker_info.load_records(await state.tm.get_server_info())
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> JSONResponse:
@@ -323,12 +330,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     # ---- native generate ----
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = await json_object(request)
-        known = {"text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
-                 "top_logprobs_num", "return_text_in_logprobs", "stream"}
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise FieldError(unknown[0], f"unknown field(s) in /generate: {', '.join(unknown)}"[:500])
+        body = implemented_fields(await json_object(request))  # SGLang's fields, checked
         args = {k: v for k, v in body.items() if k != "text"}
         gen = GenerateReqInput(prompt=body.get("text"), **args)
         prepared = await prepare_native(gen)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -22,6 +23,9 @@ class Req:
 
         self.output_ids: List[int] = []
         self.finished_reason: Optional[Dict[str, Any]] = None
+        # A stop_regex match stays in the text (SGLang keeps it: its trim looks
+        # for the pattern itself in the text, which a match rarely equals).
+        self.stopped_by_regex = False
         self.to_abort = False
 
         # KV state: row in req_to_token and how many positions have KV slots.
@@ -90,6 +94,11 @@ class Req:
             if matched is not None:
                 self.finished_reason = {"type": "stop", "matched": matched}
                 return
+            pattern = self._matched_stop_regex(tokenizer)
+            if pattern is not None:
+                self.finished_reason = {"type": "stop", "matched": pattern}
+                self.stopped_by_regex = True
+                return
         if len(self.output_ids) >= sp.max_new_tokens:
             self.finished_reason = {"type": "length", "length": len(self.output_ids)}
         elif self.seq_len >= context_len:
@@ -108,4 +117,19 @@ class Req:
             # Only an occurrence that the newest token completed counts.
             if stop in tail and tail.count(stop) > newest.count(stop):
                 return stop
+        return None
+
+    def _matched_stop_regex(self, tokenizer: Any) -> Optional[str]:
+        """The first stop_regex found in the output's tail. The tail covers the
+        longest text a pattern can match (each token is at least a character);
+        a match that ended earlier was found at that earlier token."""
+        sp = self.sampling_params
+        if not sp.stop_regex_strs:
+            return None
+        width = sp.max_stop_regex_len
+        ids = self.output_ids if width is None else self.output_ids[-(width + 1):]
+        tail = tokenizer.decode(ids, skip_special_tokens=False)
+        for pattern in sp.stop_regex_strs:
+            if re.search(pattern, tail):
+                return pattern
         return None

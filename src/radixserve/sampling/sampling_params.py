@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Set, Union
 
@@ -20,6 +21,10 @@ GREEDY_TEMPERATURE = 1e-6
 # SGLang's bounds for the OpenAI penalties and for repetition_penalty.
 PENALTY_RANGE = (-2.0, 2.0)
 MAX_REPETITION_PENALTY = 2.0
+
+# stop_regex limits (SGLang's): patterns are searched on every new token.
+MAX_STOP_REGEX_COUNT = 32
+MAX_STOP_REGEX_BYTES = 256
 
 _DERIVED = {"derived": True}  # field metadata: filled by normalize(), not a user param
 
@@ -36,6 +41,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: Union[str, List[str], None] = None
+    stop_regex: Union[str, List[str], None] = None  # stop when the output text matches
     stop_token_ids: Optional[List[int]] = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
@@ -54,6 +60,9 @@ class SamplingParams:
     stop_strs: List[str] = field(default_factory=list, repr=False, metadata=_DERIVED)
     stop_token_set: Set[int] = field(default_factory=set, repr=False, metadata=_DERIVED)
     max_stop_str_len: int = field(default=0, repr=False, metadata=_DERIVED)  # in characters
+    stop_regex_strs: List[str] = field(default_factory=list, repr=False, metadata=_DERIVED)
+    # The longest text any stop_regex can match, in characters; None: unbounded.
+    max_stop_regex_len: Optional[int] = field(default=0, repr=False, metadata=_DERIVED)
 
     @classmethod
     def user_fields(cls) -> List[str]:
@@ -103,6 +112,7 @@ class SamplingParams:
             if value is not None:
                 check_text(name, value)
         self._verify_stop()
+        self._verify_stop_regex()
         self._verify_stop_token_ids(vocab_size)
         self._verify_logit_bias(vocab_size)
 
@@ -115,6 +125,27 @@ class SamplingParams:
             raise FieldError("stop", message[:300])
         for s in stops:
             check_text("stop", s)
+
+    def _verify_stop_regex(self) -> None:
+        patterns = [self.stop_regex] if isinstance(self.stop_regex, str) else self.stop_regex
+        if patterns is None:
+            return
+        if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+            message = f"stop_regex must be a non-empty string or a list of them, got {self.stop_regex!r}"
+            raise FieldError("stop_regex", message[:300])
+        # The scheduler runs these on every new token: keep them few and short.
+        if len(patterns) > MAX_STOP_REGEX_COUNT:
+            raise FieldError("stop_regex", f"stop_regex has {len(patterns)} patterns; at most "
+                                           f"{MAX_STOP_REGEX_COUNT} are allowed")
+        for pattern in patterns:
+            check_text("stop_regex", pattern)
+            if len(pattern.encode()) > MAX_STOP_REGEX_BYTES:
+                raise FieldError("stop_regex", f"stop_regex pattern is {len(pattern.encode())} bytes; "
+                                               f"at most {MAX_STOP_REGEX_BYTES} are allowed")
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as e:
+                raise FieldError("stop_regex", f"stop_regex {pattern!r} is not a valid regex: {e}"[:300]) from None
 
     def _verify_stop_token_ids(self, vocab_size: Optional[int]) -> None:
         if self.stop_token_ids is None:
@@ -146,6 +177,12 @@ class SamplingParams:
         # In characters: the detokenizer holds back this many minus one
         # characters of streamed text, since they could be a stop's prefix.
         self.max_stop_str_len = max((len(s) for s in self.stop_strs), default=0)
+        if self.stop_regex is None:
+            self.stop_regex_strs = []
+        else:
+            self.stop_regex_strs = [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex)
+        widths = [regex_max_width(p) for p in self.stop_regex_strs]
+        self.max_stop_regex_len = None if None in widths else max(widths, default=0)
         self.stop_token_set = set(self.stop_token_ids or ())
         if self.logit_bias:
             self.logit_bias = {_parse_token_key(k): float(v) for k, v in self.logit_bias.items()}
@@ -153,6 +190,19 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+
+def regex_max_width(pattern: str) -> Optional[int]:
+    """The longest text the pattern can match, in characters; None when a
+    repetition is unbounded (`+`, `*`, `{n,}`). The scheduler decodes only that
+    much of the output's tail to look for a match."""
+    try:
+        import re._parser as sre_parser  # the compiler's own parser: exact widths
+    except ImportError:  # Python 3.10
+        import sre_parse as sre_parser
+
+    high = sre_parser.parse(pattern).getwidth()[1]
+    return None if high >= sre_parser.MAXREPEAT - 1 else high
 
 
 def _unknown_message(unknown: List[Any], known: List[str]) -> str:

@@ -44,6 +44,22 @@ def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) ->
                    lambda: _auto_tokenizer(source.folder, gguf_file=source.path.name))
 
 
+def tokenizer_folder(source: ModelSource, tokenizer_path: Optional[str] = None) -> str:
+    """A local folder holding the tokenizer in HF format, for clients that load
+    it with transformers (SGLang's gateway and bench_serving). A GGUF's
+    tokenizer is extracted once into the cache that load_tokenizer keeps."""
+    if tokenizer_path:
+        path = Path(tokenizer_path).expanduser()
+        if path.is_dir():
+            return str(path.resolve())
+        source = resolve_model_source(tokenizer_path)
+    if source.kind == "hf":
+        return str(source.path)
+    load_tokenizer(source)  # fills the cache folder unless the home is read-only
+    cache = _cache_dir(source.path, "tokenizer")
+    return str(cache) if cache.is_dir() else str(source.path)
+
+
 def _auto_tokenizer(path: Path, **kwargs: Any) -> "PreTrainedTokenizerBase":
     """AutoTokenizer with clean_up_tokenization_spaces=False. transformers' GGUF
     conversion (and many tokenizer_config.json files) set it True, and a BPE

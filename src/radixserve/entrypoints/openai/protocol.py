@@ -69,6 +69,7 @@ class SGLangExtras(BaseModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    stop_regex: Union[str, List[str], None] = None
     rid: Optional[str] = None
     regex: Optional[str] = None
     ebnf: Optional[str] = None
@@ -111,6 +112,8 @@ class CommonRequest(SGLangExtras):
             params["max_new_tokens"] = max_new_tokens
         if self.stop is not None:
             params["stop"] = self.stop
+        if self.stop_regex is not None:
+            params["stop_regex"] = self.stop_regex
         if self.stop_token_ids:
             params["stop_token_ids"] = self.stop_token_ids
         if self.seed is not None:

@@ -74,7 +74,7 @@ def req_output(req: Req, weight_version: str) -> io.ReqOutput:
         cached_tokens=req.cached_tokens or 0,
         skip_special_tokens=sp.skip_special_tokens,
         spaces_between_special_tokens=sp.spaces_between_special_tokens,
-        no_stop_trim=sp.no_stop_trim,
+        no_stop_trim=sp.no_stop_trim or req.stopped_by_regex,
         stop_hold_back=max(sp.max_stop_str_len - 1, 0),
         queue_time=req.queue_time,
         first_token_at=req.first_token_at,

@@ -48,6 +48,11 @@ class ResultProcessor:
                 self.prefix_cache.cache_unfinished(req)
             if not plan.completes_prefill:
                 continue  # a chunk: its sample is meaningless
+            if req.sampling_params.max_new_tokens == 0:
+                # Prefill only (SGLang's select/fork send it to score or cache a
+                # prompt): no token, but the prompt's logprobs are recorded.
+                req.finished_reason = {"type": "length", "length": 0}
+                continue
             self._append_token(req, i, next_ids[i], host)
             if not req.finished:
                 keep.append(i)

@@ -1,0 +1,62 @@
+"""A radixserve cluster behind SGLang's gateway (radixserve.launch_cluster) for
+the gateway tests and the gateway benchmark script: start it, read which
+workers it started from its output, stop it."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+from tests.server_utils import free_port
+
+READY = re.compile(r"\[launch_cluster\] (worker \d+) ready at (\S+) \(pid (\d+)\)")
+
+
+@dataclass
+class ClusterHandle:
+    proc: subprocess.Popen
+    url: str  # the gateway
+    log: Path  # the launcher's own output
+    workers: Dict[str, str] = field(default_factory=dict)  # name -> URL
+    pids: Dict[str, int] = field(default_factory=dict)  # name -> pid
+
+    @property
+    def worker_urls(self) -> List[str]:
+        return [self.workers[name] for name in sorted(self.workers)]
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def start_cluster(model_path, log_dir: Path, *worker_flags: str, workers: int = 2, policy: str = "cache_aware",
+                  timeout_s: float = 240) -> ClusterHandle:
+    """launch_cluster on a free port; returns once it says the gateway is ready."""
+    port = free_port()
+    log = log_dir / "launch_cluster.out"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "radixserve.launch_cluster", "--workers", str(workers), "--router-policy", policy,
+             "--port", str(port), "--log-dir", str(log_dir), "--router-args=--log-level warn",
+             "--model-path", str(model_path), *worker_flags],
+            stdout=out, stderr=subprocess.STDOUT)
+    handle = ClusterHandle(proc, f"http://127.0.0.1:{port}", log)
+    deadline = time.time() + timeout_s
+    while "gateway" not in handle.output() or "ready" not in handle.output().split("gateway", 1)[1]:
+        if proc.poll() is not None or time.time() > deadline:
+            handle.stop()
+            raise RuntimeError(f"the cluster did not start:\n{handle.output()}")
+        time.sleep(0.5)
+    for name, url, pid in READY.findall(handle.output()):
+        handle.workers[name], handle.pids[name] = url, int(pid)
+    return handle
