@@ -65,7 +65,7 @@ def setup(tiny_model_factory, tmp_path_factory):
 
 
 def rank_states(engine) -> list:
-    return engine.get_server_info()["internal_states"]
+    return engine.get_server_info()["tp_ranks"]
 
 
 def assert_ranks_free_and_agree(engine) -> None:
@@ -103,7 +103,7 @@ def test_server_info_reports_parallelism_and_each_rank(setup):
     engine = setup[0]
     info = engine.get_server_info()
     assert (info["tp_size"], info["ep_size"]) == (TP, 1)
-    states = info["internal_states"]
+    states = info["tp_ranks"]
     assert len(states) == TP and len({s["pid"] for s in states}) == TP
     # The ranks' allocators are the same size (the smallest of their profiles).
     assert {s["max_total_num_tokens"] for s in states} == {info["max_total_num_tokens"]} == {192}
@@ -222,7 +222,7 @@ def test_rank_death_fails_requests_and_exits(tiny_model_factory, tmp_path):
     try:
         info = httpx.get(f"{base}/get_server_info", timeout=30).json()
         assert info["tp_size"] == TP
-        rank1 = info["internal_states"][1]["pid"]
+        rank1 = info["tp_ranks"][1]["pid"]
         outcome = {}
 
         def long_request() -> None:
@@ -277,7 +277,7 @@ def test_two_nodes_on_loopback(setup, tiny_model_factory, tmp_path):
                            json={"input_ids": prompts[3], "sampling_params": GREEDY})
             assert r.status_code == 200 and r.json()["output_ids"] == expected[3]
             info = httpx.get(f"{base}/get_server_info", timeout=30).json()
-            assert [s["tp_rank"] for s in info["internal_states"]] == [0, 1]
+            assert [s["tp_rank"] for s in info["tp_ranks"]] == [0, 1]
             assert node1.poll() is None  # node 1 serves nothing itself, and keeps running
         finally:
             node0.terminate()

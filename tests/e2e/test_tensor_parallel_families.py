@@ -54,7 +54,7 @@ def test_family_tp2_ep2_greedy_with_chunks_retraction_and_radix_hits(family, tmp
         again = engine.generate(input_ids=prompts[-2:], sampling_params=GREEDY)  # prefixes now cached
         assert [o["output_ids"] for o in again] == [o["output_ids"] for o in first[-2:]]
         assert all(o["meta_info"]["cached_tokens"] > 0 for o in again), [o["meta_info"] for o in again]
-        states = engine.get_server_info()["internal_states"]
+        states = engine.get_server_info()["tp_ranks"]
         assert [s["tp_rank"] for s in states] == [0, 1]
         for s in states:  # nothing held, nothing leaked, and both ranks agree
             kv = s["kv_cache"]

@@ -248,7 +248,7 @@ class Scheduler:
             "dtype": str(runner.dtype).removeprefix("torch."),
             "tp_size": self.server_args.tp_size,
             "ep_size": self.server_args.ep_size,
-            "internal_states": self.rank_states(),
+            "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
         }
 
     def rank_states(self) -> List[Dict[str, Any]]:
