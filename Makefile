@@ -42,10 +42,8 @@ $(SGLANG_VENV)/.stamp: Makefile
 serve: setup
 	$(PY) -m radixserve.launch_server $(ARGS)
 
-# Two pytest workers, a test file each at a time (module fixtures start once):
-# most of the suite waits on servers starting and answering, so two overlap well.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest tests
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache .hypothesis
