@@ -26,6 +26,8 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
+LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 
 
 @dataclass
@@ -96,6 +98,10 @@ class ServerArgs:
                                                  "None: a free local port (one node)")
     dist_timeout: Optional[int] = option(None, "seconds a collective may wait before failing; None: torch's")
     base_gpu_id: int = option(0, "the first GPU this node's ranks use (rank r uses base + r)")
+    dp_size: int = option(1, "data-parallel replicas behind this server, each with its own model copy, "
+                             "KV cache and --tp-size devices")
+    load_balance_method: str = option("auto", "how requests are spread over the --dp-size replicas: "
+                                              + "|".join(LOAD_BALANCE_METHODS))
 
     # HTTP server
     host: str = option("127.0.0.1", "address the HTTP server listens on")
@@ -193,6 +199,22 @@ class ServerArgs:
             raise ValueError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         if self.base_gpu_id < 0:
             raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError("dp_size > 1 runs every replica on this node (nnodes=1); across nodes, start one "
+                             "server per node and put SGLang's gateway in front (docs/gateway.md)")
+        if self.load_balance_method == "follow_bootstrap_room":
+            raise ValueError("load_balance_method follow_bootstrap_room needs prefill/decode disaggregation, "
+                             "which radixserve does not have yet; use " + "|".join(LOAD_BALANCE_METHODS))
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
+                             f"got {self.load_balance_method!r}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Scheduler processes on this node: every replica's tensor-parallel ranks here."""
+        return self.dp_size * self.tp_size // self.nnodes
 
     # ---- device-dependent defaults, resolved in the scheduler process ----
     def resolved_device(self) -> str:
@@ -260,6 +282,7 @@ _PARSER_CHOICES = {
 _FLAG_ALIASES = {
     "tp_size": ("--tensor-parallel-size", "--tp"),
     "ep_size": ("--expert-parallel-size", "--ep"),
+    "dp_size": ("--data-parallel-size", "--dp"),
 }
 
 

@@ -59,10 +59,11 @@ class Engine:
         input_ids: Union[List[int], List[List[int]], None] = None,
         rid: Union[str, List[str], None] = None, return_logprob: Union[bool, List[bool]] = False,
         logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
-        return_text_in_logprobs: bool = False, stream: bool = False,
+        return_text_in_logprobs: bool = False, stream: bool = False, routed_dp_rank: Optional[int] = None,
     ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
+        """routed_dp_rank: the data-parallel replica to serve it (None: --load-balance-method picks)."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank)
         if stream:
             return self._sync_stream(obj)
         results = self._run(self._collect(obj))
@@ -70,13 +71,13 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, rid=None,
                              return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
-                             return_text_in_logprobs=False, stream=False):
+                             return_text_in_logprobs=False, stream=False, routed_dp_rank=None):
         """Same arguments as generate. Await it for the result(s); with stream=True
         the awaited value is an async iterator of chunks."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank)
         if stream:
-            obj.split()  # raise bad-input errors at the call, not at the first chunk
+            obj.split(dp_size=self.server_args.dp_size)  # bad input raises at the call, not at a chunk
             return self._async_stream(obj)
         results = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(obj), self._loop))
         return results if self._is_list(obj, results) else results[0]
@@ -89,7 +90,7 @@ class Engine:
         return [r async for r in self.tokenizer_manager.generate_request(obj)]
 
     def _sync_stream(self, obj: GenerateReqInput) -> Iterator[Dict[str, Any]]:
-        obj.split()  # validate now, in the caller's frame
+        obj.split(dp_size=self.server_args.dp_size)  # validate now, in the caller's frame
         chunks: queue.Queue = queue.Queue()
         future = asyncio.run_coroutine_threadsafe(self._pump(obj, chunks.put), self._loop)
 
@@ -164,8 +165,8 @@ class Engine:
                                    abort_all_requests: bool = False) -> Tuple[bool, str]:
         """Replace some or all weights, named as in the Hugging Face checkpoint (a
         transformers model's state_dict works as is). The tensors reach the
-        scheduler through shared memory, not as copies in a message (with tp > 1,
-        one handle per rank: all ranks must run on this node)."""
+        scheduler through shared memory, not as copies in a message (with tp or
+        dp > 1, one handle per rank: all ranks must run on this node)."""
         buffer = self._tensor_payload(named_tensors)
         req = io.UpdateWeightsFromTensorReq(buffer, flush_cache, weight_version, abort_all_requests)
         out = self._run(self.tokenizer_manager.update_weights(req))
@@ -173,13 +174,14 @@ class Engine:
 
     def _tensor_payload(self, named_tensors: Any) -> Any:
         args = self.server_args
-        if args.tp_size == 1:
+        num_ranks = args.tp_size * args.dp_size
+        if num_ranks == 1:
             return shared_tensor_bytes(named_tensors)
         if args.nnodes > 1:
             raise ValueError("update_weights_from_tensor shares memory with the ranks, so they must all run "
                              "on this node (nnodes=1); use update_weights_from_distributed across nodes")
         # Each pickle hands out its own handles, one process may open each.
-        return [shared_tensor_bytes(named_tensors) for _ in range(args.tp_size)]
+        return [shared_tensor_bytes(named_tensors) for _ in range(num_ranks)]
 
     def pause_generation(self, mode: str = "in_place") -> None:
         """Stop scheduling: "in_place" keeps running requests (and their KV) waiting,

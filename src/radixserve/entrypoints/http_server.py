@@ -330,7 +330,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     # ---- native generate ----
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = implemented_fields(await json_object(request))  # SGLang's fields, checked
+        body = implemented_fields(await json_object(request), state.server_args.dp_size)  # SGLang's fields
         args = {k: v for k, v in body.items() if k != "text"}
         gen = GenerateReqInput(prompt=body.get("text"), **args)
         prepared = await prepare_native(gen)

@@ -1,5 +1,6 @@
 """The runtime behind both the Engine and the HTTP server: the scheduler
-processes (one per tensor-parallel rank of this node) and the detokenizer,
+processes (one per tensor-parallel rank of this node, for each data-parallel
+replica) and the detokenizer,
 the TokenizerManager that talks to them, a watchdog on the children, and
 shutdown. Both front ends start and stop it the same way;
 they differ only in what they do when a child dies (the Engine fails the
@@ -50,9 +51,11 @@ def load_frontend_tokenizer(args: ServerArgs, source: Optional[ModelSource] = No
     return tokenizer
 
 
-def scheduler_name(tp_rank: int) -> str:
-    """Rank 0 keeps the one-rank name, so a dead scheduler reads the same at any tp."""
-    return "radixserve-scheduler" if tp_rank == 0 else f"radixserve-scheduler-tp{tp_rank}"
+def scheduler_name(tp_rank: int, dp_rank: int = 0) -> str:
+    """Replica 0's rank 0 keeps the one-rank name, so a dead scheduler reads the
+    same at any tp and dp."""
+    name = "radixserve-scheduler" if dp_rank == 0 else f"radixserve-scheduler-dp{dp_rank}"
+    return name if tp_rank == 0 else f"{name}-tp{tp_rank}"
 
 
 def ranks_of_this_node(server_args: ServerArgs) -> List[int]:
@@ -61,7 +64,8 @@ def ranks_of_this_node(server_args: ServerArgs) -> List[int]:
 
 
 def dist_init_method(server_args: ServerArgs) -> Optional[str]:
-    """Where the ranks meet: --dist-init-addr, or a free port on loopback (one node)."""
+    """Where one replica's ranks meet: --dist-init-addr, or a free port on
+    loopback (one node; each replica gets its own)."""
     if server_args.tp_size == 1:
         return None
     if server_args.dist_init_addr:
@@ -72,23 +76,26 @@ def dist_init_method(server_args: ServerArgs) -> Optional[str]:
 
 
 def start_schedulers(server_args: ServerArgs, port_args: PortArgs) -> Tuple[List[mp.Process], List[Any]]:
-    """One scheduler process per tensor-parallel rank of this node (spawned:
-    CUDA cannot be forked). Returns (processes, the pipes on which each says
-    it is ready), in rank order."""
+    """One scheduler process per tensor-parallel rank of this node, for each
+    data-parallel replica (spawned: CUDA cannot be forked). Returns (processes,
+    the pipes on which each says it is ready), replica-major in rank order."""
     ctx = mp.get_context("spawn")
-    parent, meeting_point = os.getpid(), dist_init_method(server_args)
-    if server_args.tp_size > 1 and server_args.random_seed is None:
+    parent = os.getpid()
+    if server_args.ranks_per_node > 1 and server_args.random_seed is None:
         # One seed for every rank of the node: replicated values (dummy weights,
-        # the seeds drawn for unseeded requests) then match across ranks.
+        # the seeds drawn for unseeded requests) then match across ranks, and
+        # every replica answers a seeded request as replica 0 would.
         server_args = dataclasses.replace(server_args, random_seed=random.getrandbits(31))
     procs, readers = [], []
-    for tp_rank in ranks_of_this_node(server_args):
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=run_scheduler_process, name=scheduler_name(tp_rank), daemon=True,
-                           args=(server_args, port_args, writer, parent, tp_rank, meeting_point))
-        proc.start()
-        procs.append(proc)
-        readers.append(reader)
+    for dp_rank in range(server_args.dp_size):
+        meeting_point = dist_init_method(server_args)
+        for tp_rank in ranks_of_this_node(server_args):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=run_scheduler_process, name=scheduler_name(tp_rank, dp_rank), daemon=True,
+                               args=(server_args, port_args, writer, parent, tp_rank, meeting_point, dp_rank))
+            proc.start()
+            procs.append(proc)
+            readers.append(reader)
     return procs, readers
 
 
@@ -105,8 +112,8 @@ def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
 
 def wait_until_ready(procs: List[mp.Process], readers: List[Any]) -> io.SchedulerReady:
     """Block until every scheduler rank has loaded the model; StartupError if
-    a rank reports a failure or any child exits first. Returns rank 0's
-    report (the ranks agreed on the sizes in it)."""
+    a rank reports a failure or any child exits first. Returns replica 0's
+    rank 0's report (the ranks agreed on the sizes in it; the replicas are alike)."""
     reports: dict = {}
 
     def read_ready_pipes() -> None:

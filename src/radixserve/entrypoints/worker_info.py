@@ -46,8 +46,9 @@ def model_info(args: ServerArgs, served_model_name: str, context_len: int) -> Di
 
 def server_info(args: ServerArgs, served_model_name: str, scheduler_info: Dict[str, Any]) -> Dict[str, Any]:
     """SGLang's get_server_info: the server's arguments, the scheduler's live
-    state (also once per data-parallel rank under internal_states), and the
-    fields the gateway reads to register a worker."""
+    state (with --dp-size, the replicas' counters summed, and each replica's
+    own under internal_states), and the fields the gateway reads to register
+    a worker."""
     settings = {k: v for k, v in dataclasses.asdict(args).items() if k not in _SECRET_ARGS}
     identity = _model_identity(args.model_path, args.tokenizer_path)
     return {
@@ -56,20 +57,18 @@ def server_info(args: ServerArgs, served_model_name: str, scheduler_info: Dict[s
         "model_path": args.model_path,
         "served_model_name": served_model_name,
         "tokenizer_path": identity["tokenizer_path"],
-        "dp_size": 1,
         "disaggregation_mode": "null",
-        "internal_states": [scheduler_info],
+        "internal_states": scheduler_info["internal_states"],
         "version": __version__,
     }
 
 
 def load_records(scheduler_info: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """SGLang's /get_load: one record per data-parallel rank (one here). The
-    numbers are the scheduler's own, read live through the control channel."""
-    running, waiting = scheduler_info["num_running_reqs"], scheduler_info["num_waiting_reqs"]
+    """SGLang's /get_load: one record per data-parallel rank. The numbers are
+    the schedulers' own, read live through the control channel."""
     return [{
-        "dp_rank": 0,
-        "num_reqs": running + waiting,
-        "num_waiting_reqs": waiting,
-        "num_tokens": scheduler_info["kv_cache"]["in_use_tokens"],
-    }]
+        "dp_rank": state["dp_rank"],
+        "num_reqs": state["num_running_reqs"] + state["num_waiting_reqs"],
+        "num_waiting_reqs": state["num_waiting_reqs"],
+        "num_tokens": state["kv_cache"]["in_use_tokens"],
+    } for state in scheduler_info["internal_states"]]

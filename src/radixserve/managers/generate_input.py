@@ -31,6 +31,7 @@ class SingleRequest:
     return_text_in_logprobs: bool
     stream: bool
     index: int  # position in the caller's result list (prompt-major)
+    routed_dp_rank: Optional[int] = None  # the data-parallel replica asked for; None: the balancer picks
 
 
 @dataclass
@@ -44,6 +45,9 @@ class GenerateReqInput:
     top_logprobs_num: Union[int, List[int]] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    # The data-parallel replica that must serve every prompt (SGLang's
+    # routed_dp_rank; its gateway's --dp-aware mode sends data_parallel_rank).
+    routed_dp_rank: Optional[int] = None
 
     @property
     def is_batch(self) -> bool:
@@ -55,7 +59,7 @@ class GenerateReqInput:
         return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
 
     def split(self, max_prompts: Optional[int] = None, max_n: Optional[int] = None,
-              vocab_size: Optional[int] = None) -> List[SingleRequest]:
+              vocab_size: Optional[int] = None, dp_size: int = 1) -> List[SingleRequest]:
         """Validate and expand to single requests, prompt-major over n samples.
         Does not change self. vocab_size None skips the vocabulary checks."""
         prompts = self._prompts()
@@ -72,6 +76,10 @@ class GenerateReqInput:
         start = self._per_prompt(self.logprob_start_len, num, "logprob_start_len", int, default=-1)
         topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int, default=0)
         rids = self._rids(num)
+        routed = self.routed_dp_rank
+        if routed is not None:
+            check_int("routed_dp_rank", routed, minimum=0, maximum=dp_size - 1,
+                      what=f"a data-parallel rank in [0, {dp_size})")
         out: List[SingleRequest] = []
         for i, prompt in enumerate(prompts):
             check_int("logprob_start_len", start[i], minimum=-1)
@@ -94,6 +102,7 @@ class GenerateReqInput:
                     return_text_in_logprobs=with_text,
                     stream=stream,
                     index=len(out),
+                    routed_dp_rank=routed,
                 ))
         _check_unique_rids(out)
         return out

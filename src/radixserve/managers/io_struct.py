@@ -26,9 +26,11 @@ class ControlReq:
 
 @dataclass
 class ControlOut:
-    """The scheduler's reply to the ControlReq with this request_id."""
+    """The scheduler's reply to the ControlReq with this request_id (from
+    data-parallel replica dp_rank: each replica answers every control request)."""
 
     request_id: str = field(default="", kw_only=True)
+    dp_rank: int = field(default=0, kw_only=True)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class SchedulerStats:
     token_usage: float
     cache_hit_rate: float
     gen_throughput: float
+    dp_rank: int = 0  # the data-parallel replica that sent it
 
 
 @dataclass
@@ -133,9 +136,10 @@ class UpdateWeightsFromDiskReq(ControlReq):
 class UpdateWeightsFromTensorReq(ControlReq):
     """named_tensors, pickled with torch's ForkingPickler: tensors travel as
     shared-memory handles, not copies (the one large-payload exception).
-    With tp > 1, a list: one pickle per rank (a handle opens in one process)."""
+    With tp or dp > 1, a list: one pickle per rank (a handle opens in one
+    process), indexed by dp_rank * tp_size + tp_rank."""
 
-    serialized_named_tensors: Any  # bytes, or List[bytes] indexed by tp rank
+    serialized_named_tensors: Any  # bytes, or List[bytes] indexed by rank
     flush_cache: bool = True
     weight_version: Optional[str] = None
     abort_all_requests: bool = False

@@ -34,6 +34,10 @@ class PortArgs:
             ipc_dir=folder,
         )
 
+    def scheduler_input(self, dp_rank: int = 0) -> str:
+        """Where data-parallel replica dp_rank's first rank receives requests."""
+        return self.tokenizer_to_scheduler if dp_rank == 0 else f"{self.tokenizer_to_scheduler}-dp{dp_rank}"
+
     def remove(self) -> None:
         """Delete the socket files and their folder (the processes using them are gone)."""
         if self.ipc_dir:

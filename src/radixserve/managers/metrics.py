@@ -17,6 +17,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class Metrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
+        self.replica_stats: Dict[int, io.SchedulerStats] = {}  # the latest from each dp rank
         labels = {"model_name": model_name}
         self.labels = labels
 
@@ -83,11 +84,15 @@ class Metrics:
         self.errors.labels(**self.labels, status=str(status)).inc()
 
     def on_stats(self, stats: io.SchedulerStats) -> None:
-        self.num_running.set(stats.num_running_reqs)
-        self.num_queued.set(stats.num_queued_reqs)
-        self.token_usage.set(stats.token_usage)
-        self.cache_hit_rate.set(stats.cache_hit_rate)
-        self.gen_throughput.set(stats.gen_throughput)
+        """Each data-parallel replica reports its own; the gauges describe the
+        server: counts and throughput summed, ratios averaged over replicas."""
+        self.replica_stats[stats.dp_rank] = stats
+        every = list(self.replica_stats.values())
+        self.num_running.set(sum(s.num_running_reqs for s in every))
+        self.num_queued.set(sum(s.num_queued_reqs for s in every))
+        self.token_usage.set(sum(s.token_usage for s in every) / len(every))
+        self.cache_hit_rate.set(sum(s.cache_hit_rate for s in every) / len(every))
+        self.gen_throughput.set(sum(s.gen_throughput for s in every))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,7 @@ Three kinds of field:
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from radixserve.managers.validation import FieldError
 
@@ -45,7 +45,8 @@ DEFAULT_ONLY: Dict[str, Any] = {
     "cache_salt": None, "kv_hints": None,
 }
 
-# The data-parallel rank a request asks for: one replica (rank 0) serves here.
+# The data-parallel replica a request asks for (data_parallel_rank is the older
+# name, which SGLang's gateway sends in its --dp-aware mode): routed_dp_rank.
 DP_RANK_FIELDS = ("routed_dp_rank", "data_parallel_rank")
 
 # Not a GenerateReqInput field, but SGLang's gateway adds it (as null) to every
@@ -59,19 +60,29 @@ def known_fields() -> frozenset:
 
 
 def implemented_fields(body: Dict[str, Any], dp_size: int = 1) -> Dict[str, Any]:
-    """The fields of a /generate body that GenerateReqInput takes; every other
-    field is checked here (unknown: 400; unsupported and not default: 400)."""
+    """The fields of a /generate body that GenerateReqInput takes (the replica
+    asked for under its name routed_dp_rank); every other field is checked
+    here (unknown: 400; unsupported and not default: 400)."""
+    routed = {"routed_dp_rank": routed_dp_rank(body, dp_size)}
     for name, value in body.items():
-        if name in IMPLEMENTED or name in IGNORED or name in GATEWAY_EXTRAS:
+        if name in IMPLEMENTED or name in IGNORED or name in GATEWAY_EXTRAS or name in DP_RANK_FIELDS:
             continue
-        if name in DP_RANK_FIELDS:
-            _check_dp_rank(name, value, dp_size)
-        elif name in DEFAULT_ONLY:
+        if name in DEFAULT_ONLY:
             _check_default(name, value, DEFAULT_ONLY[name])
         else:
             unknown = sorted(str(k) for k in body if k not in known_fields() and k not in GATEWAY_EXTRAS)
             raise FieldError(name, f"unknown field(s) in /generate: {', '.join(unknown)}"[:500])
-    return {k: v for k, v in body.items() if k in IMPLEMENTED}
+    return {**{k: v for k, v in body.items() if k in IMPLEMENTED}, **routed}
+
+
+def routed_dp_rank(body: Dict[str, Any], dp_size: int) -> Optional[int]:
+    """The replica a body asks for under either name (checked), or None."""
+    ranks = {name: body[name] for name in DP_RANK_FIELDS if body.get(name) is not None}
+    for name, value in ranks.items():
+        _check_dp_rank(name, value, dp_size)
+    if len(set(ranks.values())) > 1:
+        raise FieldError("routed_dp_rank", f"routed_dp_rank and data_parallel_rank disagree: {ranks}")
+    return next(iter(ranks.values()), None)
 
 
 def _check_default(name: str, value: Any, default: Any) -> None:
@@ -84,8 +95,6 @@ def _check_default(name: str, value: Any, default: Any) -> None:
 
 
 def _check_dp_rank(name: str, value: Any, dp_size: int) -> None:
-    if value is None:
-        return
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < dp_size:
         raise FieldError(name, f"'{name}' must be a data-parallel rank in [0, {dp_size}) "
                                f"(this server has dp_size {dp_size}), got {value!r}"[:300])

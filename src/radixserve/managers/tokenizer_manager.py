@@ -22,6 +22,7 @@ import zmq.asyncio
 from radixserve.constrained.base import constraint_of
 from radixserve.constrained.xgrammar_backend import create_grammar_backend
 from radixserve.managers import io_struct as io
+from radixserve.managers.data_parallel import ReplicaDispatcher, merge_replies
 from radixserve.managers.generate_input import GenerateReqInput, RequestRejected, SingleRequest
 from radixserve.managers.metrics import Metrics
 from radixserve.managers.ipc import PortArgs, make_socket
@@ -70,7 +71,10 @@ class TokenizerManager:
         self.vocab_size = ready.vocab_size
         self.port_args = port_args
         self.states: Dict[str, ReqState] = {}
-        self._replies: Dict[str, asyncio.Future] = {}  # control request_id -> its caller's future
+        # With --dp-size N, which replica serves each request (and each one's load).
+        self.dispatcher = ReplicaDispatcher(server_args.dp_size, server_args.load_balance_method)
+        # control request_id -> its caller's future, and the replies in so far (one per replica)
+        self._replies: Dict[str, Tuple[asyncio.Future, List[io.ControlOut]]] = {}
         self._started = False
         self._dead: Optional[str] = None
         self.metrics: Optional[Metrics] = None
@@ -85,7 +89,8 @@ class TokenizerManager:
         if self._started:
             return
         ctx = zmq.asyncio.Context(2)
-        self.send_sock = make_socket(ctx, zmq.PUSH, self.port_args.tokenizer_to_scheduler, bind=False)
+        self.replica_socks = [make_socket(ctx, zmq.PUSH, self.port_args.scheduler_input(dp_rank), bind=False)
+                              for dp_rank in range(self.dispatcher.dp_size)]
         self.recv_sock = make_socket(ctx, zmq.PULL, self.port_args.detokenizer_to_tokenizer, bind=True)
         self._recv_task = asyncio.get_running_loop().create_task(self._handle_loop())
         self._started = True
@@ -93,7 +98,8 @@ class TokenizerManager:
     async def close(self) -> None:
         if self._started:
             self._recv_task.cancel()
-            self.send_sock.close()
+            for sock in self.replica_socks:
+                sock.close()
             self.recv_sock.close()
             self._started = False
         self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
@@ -108,7 +114,8 @@ class TokenizerManager:
                 prompt_tokens=len(state.prompt_ids), completion_tokens=len(state.output_ids), cached_tokens=0,
             ))
             state.event.set()
-        for fut in self._replies.values():
+        self.dispatcher.clear()
+        for fut, _ in self._replies.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(message))
 
@@ -140,7 +147,8 @@ class TokenizerManager:
                 raise FieldError("rid", f"rid {state.req.rid!r} is already in flight")
         for state in states:
             self.states[state.req.rid] = state
-            self.send_sock.send_pyobj(io.TokenizedGenerateReqInput(
+            replica = self.dispatcher.assign(state.req.rid, len(state.prompt_ids), state.req.routed_dp_rank)
+            self.replica_socks[replica].send_pyobj(io.TokenizedGenerateReqInput(
                 rid=state.req.rid, input_ids=state.prompt_ids, sampling_params=state.req.sampling_params,
                 stream=state.req.stream, return_logprob=state.req.return_logprob,
                 logprob_start_len=state.req.logprob_start_len, top_logprobs_num=state.req.top_logprobs_num,
@@ -207,7 +215,8 @@ class TokenizerManager:
     def _split_and_tokenize(self, obj: GenerateReqInput) -> List[Tuple[SingleRequest, List[int]]]:
         """In a tokenizer thread: every single request with its checked prompt ids
         (all checked before any is sent). The n copies of a prompt share one encode."""
-        singles = obj.split(self.server_args.max_batch_prompts, self.server_args.max_n, self.vocab_size)
+        args = self.server_args
+        singles = obj.split(args.max_batch_prompts, args.max_n, self.vocab_size, args.dp_size)
         encoded: Dict[str, List[int]] = {}
         checked = []
         for single in singles:
@@ -323,6 +332,7 @@ class TokenizerManager:
             if isinstance(msg, io.BatchStrOut):
                 now = time.monotonic()
                 for out in msg.outputs:
+                    self._count_progress(out)
                     state = self.states.get(out.rid)
                     if state is None:
                         continue  # the caller gave up on it
@@ -337,11 +347,25 @@ class TokenizerManager:
                 if self.metrics:
                     self.metrics.on_stats(msg)
             else:
-                fut = self._replies.get(getattr(msg, "request_id", None))
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
-                elif fut is None:
-                    logger.warning("a reply nobody waits for: %r", type(msg).__name__)
+                self._on_reply(msg)
+
+    def _count_progress(self, out: io.ReqOutput) -> None:
+        """The serving replica's load: what it generated, and its end."""
+        if out.finished_reason is not None:
+            self.dispatcher.on_finished(out.rid)
+        else:
+            self.dispatcher.on_generated(out.rid, len(out.new_token_ids))
+
+    def _on_reply(self, msg: io.ControlOut) -> None:
+        """A replica's reply; the caller gets one answer once every replica has replied."""
+        waiting = self._replies.get(getattr(msg, "request_id", None))
+        if waiting is None:
+            logger.warning("a reply nobody waits for: %r", type(msg).__name__)
+            return
+        fut, replies = waiting
+        replies.append(msg)
+        if len(replies) == self.dispatcher.dp_size and not fut.done():
+            fut.set_result(merge_replies(sorted(replies, key=lambda r: r.dp_rank)))
 
     def _log_request(self, state: ReqState, out: io.ReqOutput, now: float) -> None:
         line = (f"request {state.req.rid}: prompt_tokens={out.prompt_tokens} "
@@ -352,25 +376,31 @@ class TokenizerManager:
         logger.info(line)
 
     async def control(self, request: io.ControlReq) -> io.ControlOut:
-        """Send a control request to the scheduler and wait for the reply that
-        names its request_id (replies to concurrent calls may come in any order)."""
+        """Send a control request to the scheduler (every data-parallel replica)
+        and wait for the replies that name its request_id (replies to concurrent
+        calls may come in any order); the replicas' replies are folded into one."""
         self._ensure_started()
         if self._dead:
             raise RuntimeError(self._dead)
         if request.request_id in self._replies:
             raise ValueError(f"control request_id {request.request_id!r} is already waiting for a reply")
         fut = asyncio.get_running_loop().create_future()
-        self._replies[request.request_id] = fut
+        self._replies[request.request_id] = (fut, [])
         try:
-            self.send_sock.send_pyobj(request)
+            for sock in self.replica_socks:
+                sock.send_pyobj(request)
             return await fut
         finally:
             self._replies.pop(request.request_id, None)
 
     # ---- control ----
     def abort_request(self, rid: Optional[str] = None, abort_all: bool = False) -> None:
+        """Abort one request (on the replica serving it) or every request."""
         self._ensure_started()
-        self.send_sock.send_pyobj(io.AbortReq(rid=rid, abort_all=abort_all))
+        replica = None if abort_all or rid is None else self.dispatcher.replica_of(rid)
+        socks = self.replica_socks if replica is None else [self.replica_socks[replica]]
+        for sock in socks:
+            sock.send_pyobj(io.AbortReq(rid=rid, abort_all=abort_all))
 
     async def get_server_info(self) -> Dict[str, Any]:
         reply = await self.control(io.GetServerInfoReq())

@@ -44,15 +44,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, tp_rank: int = 0, dist_init_method: Optional[str] = None) -> None:
-        """One rank's runner. With tp_size > 1 every rank constructs one with
-        its tp_rank and the same dist_init_method ("tcp://host:port")."""
+    def __init__(self, server_args: ServerArgs, tp_rank: int = 0, dist_init_method: Optional[str] = None,
+                 dp_rank: int = 0) -> None:
+        """One rank's runner. With tp_size > 1 every rank of a replica constructs
+        one with its tp_rank and the replica's dist_init_method ("tcp://host:port");
+        dp_rank: which data-parallel replica it belongs to."""
         self.server_args = server_args
-        self.tp_rank = tp_rank
+        self.tp_rank, self.dp_rank = tp_rank, dp_rank
         self.device = torch.device(server_args.resolved_device())
         if self.device.type == "cuda" and self.device.index is None:
-            # set_device and memory queries need an index; rank r of this node uses base + r
-            local_rank = tp_rank % (server_args.tp_size // server_args.nnodes)
+            # set_device and memory queries need an index; rank r of replica d on
+            # this node uses base + d * (ranks per replica here) + r
+            per_replica = server_args.tp_size // server_args.nnodes
+            local_rank = dp_rank * per_replica + tp_rank % per_replica
             self.device = torch.device("cuda", server_args.base_gpu_id + local_rank)
         self.parallel = ParallelConfig(server_args.tp_size, tp_rank, server_args.ep_size)
         if self.device.type == "cuda":
@@ -100,8 +104,8 @@ class ModelRunner:
         if args.mem_fraction_static is not None:
             import os
 
-            # The host's memory is shared by this node's ranks.
-            ranks_here = max(args.tp_size // args.nnodes, 1)
+            # The host's memory is shared by this node's ranks (of every replica).
+            ranks_here = max(args.ranks_per_node, 1)
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // ranks_here
             weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
             return int(max(total * args.mem_fraction_static - weights, per_token) // per_token)

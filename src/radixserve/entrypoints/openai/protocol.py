@@ -74,6 +74,17 @@ class SGLangExtras(BaseModel):
     regex: Optional[str] = None
     ebnf: Optional[str] = None
     json_schema: Optional[str] = None
+    # The data-parallel replica to serve it (data_parallel_rank: the older name,
+    # which SGLang's gateway adds in its --dp-aware mode).
+    routed_dp_rank: Optional[int] = None
+    data_parallel_rank: Optional[int] = None
+
+    @property
+    def requested_dp_rank(self) -> Optional[int]:
+        if None not in (self.routed_dp_rank, self.data_parallel_rank) and self.routed_dp_rank != self.data_parallel_rank:
+            raise FieldError("routed_dp_rank", f"routed_dp_rank ({self.routed_dp_rank}) and data_parallel_rank "
+                                               f"({self.data_parallel_rank}) disagree")
+        return self.data_parallel_rank if self.routed_dp_rank is None else self.routed_dp_rank
 
     def log_unknown_fields(self) -> None:
         for name in (self.model_extra or {}):

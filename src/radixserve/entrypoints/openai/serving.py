@@ -96,6 +96,7 @@ class OpenAIServing:
             logprob_start_len=0 if (want_logprobs and req.echo) else -1,
             return_text_in_logprobs=True,
             stream=req.stream,
+            routed_dp_rank=req.requested_dp_rank,
         )
 
     def _prompt_texts(self, gen: GenerateReqInput) -> List[str]:
@@ -160,7 +161,7 @@ class OpenAIServing:
         gen = GenerateReqInput(
             input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
-            stream=req.stream,
+            stream=req.stream, routed_dp_rank=req.requested_dp_rank,
         )
         parsing = OutputParsing(
             tool_parser=tools.parser if tools.parses_calls else None,

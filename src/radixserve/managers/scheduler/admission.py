@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -22,14 +22,23 @@ from radixserve.managers.scheduler.outputs import BatchFailed, abort_reason
 from radixserve.server_args import ServerArgs
 
 
+def seed_of_replica(random_seed: Optional[int], dp_rank: int) -> Union[int, str, None]:
+    """The seed of the generator that draws unseeded requests' seeds. Data-parallel
+    replicas share --random-seed but must not draw the same seeds, or two samples
+    of one prompt sent to two replicas would come out the same."""
+    if random_seed is None or dp_rank == 0:
+        return random_seed
+    return f"{random_seed}/dp{dp_rank}"
+
+
 class Admission:
     def __init__(self, server_args: ServerArgs, pools, device: torch.device, max_running: int,
-                 max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio) -> None:
+                 max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio, dp_rank: int = 0) -> None:
         self.policy = server_args.schedule_policy
         self.max_queued = server_args.max_queued_requests
         self.max_prefill_tokens = server_args.max_prefill_tokens
         self.chunk_size = server_args.resolved_chunked_prefill_size()
-        self.seed_rng = random.Random(server_args.random_seed)
+        self.seed_rng = random.Random(seed_of_replica(server_args.random_seed, dp_rank))
         self.pools, self.device = pools, device
         self.prefix_cache = pools.prefix_cache
         self.max_running = max_running

@@ -60,19 +60,21 @@ class Scheduler:
         self.runner, self.send, self.eos_token_ids = runner, send, eos_token_ids
         self.device, self.pools = runner.device, runner.pools
         self.tp_rank = getattr(runner, "tp_rank", 0)
+        self.dp_rank = getattr(runner, "dp_rank", 0)
         self.prefix_cache, self.allocator = runner.pools.prefix_cache, runner.pools.allocator
         self.sampler = Sampler()
         ratio = NewTokenRatio(args.schedule_conservativeness)
         self.grammar = GrammarWait(args.grammar_backend, not args.constrained_json_disable_any_whitespace,
                                    tokenizer, runner.vocab_size, eos_token_ids, agree=broadcast_from_first)
         self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
-                                   runner.max_total_num_tokens, self.grammar, ratio)
+                                   runner.max_total_num_tokens, self.grammar, ratio, self.dp_rank)
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
-        self.weights = WeightController(runner, self.prefix_cache, self.device, self.tp_rank)
+        self.weights = WeightController(runner, self.prefix_cache, self.device,
+                                        self.dp_rank * args.tp_size + self.tp_rank)
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
-        self.stats = StatsReporter(self.gauges)
+        self.stats = StatsReporter(self.gauges, self.dp_rank)
         self.overlap = not args.disable_overlap_schedule
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
         self.num_overlapped_batches = 0  # launched while the previous one's results were pending
@@ -99,7 +101,7 @@ class Scheduler:
         """One turn: queue compiled requests, apply due updates, then schedule, launch, process."""
         self.emit(self.admission.move_compiled())
         for reply in self.weights.apply_ready(kv_in_use=self.kv_busy()):
-            self.send(reply)
+            self.send_reply(reply, reply.request_id)
         if self.in_flight is not None and self.must_resolve_before_scheduling():
             self.resolve_in_flight()
         launched = self.schedule_and_launch()
@@ -183,8 +185,13 @@ class Scheduler:
             self.resolve_in_flight()
         reply = handler(msg)
         if reply is not None:
-            reply.request_id = msg.request_id  # the caller waits for its own answer
-            self.send(reply)
+            self.send_reply(reply, msg.request_id)
+
+    def send_reply(self, reply: io.ControlOut, request_id: str) -> None:
+        """The caller waits for its own answer (request_id), folded with the
+        other data-parallel replicas' answers (dp_rank)."""
+        reply.request_id, reply.dp_rank = request_id, self.dp_rank
+        self.send(reply)
 
     def add_request(self, recv: io.TokenizedGenerateReqInput) -> None:
         try:
@@ -248,6 +255,8 @@ class Scheduler:
             "dtype": str(runner.dtype).removeprefix("torch."),
             "tp_size": self.server_args.tp_size,
             "ep_size": self.server_args.ep_size,
+            "dp_size": self.server_args.dp_size,
+            "dp_rank": self.dp_rank,
             "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
         }
 

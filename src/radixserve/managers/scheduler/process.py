@@ -6,7 +6,11 @@ the sockets: each loop turn it broadcasts what it received (an empty list
 too) to the other ranks, which block in that broadcast instead of polling, so
 every rank dispatches the same messages in the same order and reaches the same
 scheduling decisions. Only rank 0's outputs go to the detokenizer; the other
-ranks' are dropped."""
+ranks' are dropped.
+
+With data parallelism (--dp-size) each replica is such a group of ranks of
+its own, with its own input socket; every replica's rank 0 sends to the one
+detokenizer."""
 
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ class ZmqChannel:
     """Requests in from the TokenizerManager, everything out to the detokenizer
     (which passes control replies on to the TokenizerManager)."""
 
-    def __init__(self, port_args: PortArgs) -> None:
+    def __init__(self, port_args: PortArgs, dp_rank: int = 0) -> None:
         ctx = zmq.Context(2)
-        self.recv_sock = make_socket(ctx, zmq.PULL, port_args.tokenizer_to_scheduler, bind=True)
+        self.recv_sock = make_socket(ctx, zmq.PULL, port_args.scheduler_input(dp_rank), bind=True)
         self.send_sock = make_socket(ctx, zmq.PUSH, port_args.scheduler_to_detokenizer, bind=False)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_sock, zmq.POLLIN)
@@ -75,17 +79,17 @@ def follower_receive(timeout_s: float) -> List[Any]:
 
 
 def build_scheduler(server_args: ServerArgs, port_args: PortArgs, tp_rank: int = 0,
-                    dist_init_method: Optional[str] = None) -> Tuple[Scheduler, Receive]:
+                    dist_init_method: Optional[str] = None, dp_rank: int = 0) -> Tuple[Scheduler, Receive]:
     from radixserve.model_executor.model_runner import ModelRunner
     from radixserve.utils.hf_utils import get_eos_token_ids, load_tokenizer
 
     if server_args.random_seed is not None:
         torch.manual_seed(server_args.random_seed)  # before the model: dummy weights are random
-    runner = ModelRunner(server_args, tp_rank, dist_init_method)
+    runner = ModelRunner(server_args, tp_rank, dist_init_method, dp_rank)
     tokenizer = load_tokenizer(runner.source, server_args.tokenizer_path)
     eos_token_ids = get_eos_token_ids(runner.source, runner.config, tokenizer)
     if tp_rank == 0:
-        channel = ZmqChannel(port_args)
+        channel = ZmqChannel(port_args, dp_rank)
         send, receive = channel.send, first_rank_receive(channel)
     else:
         send, receive = drop_output, follower_receive
@@ -95,15 +99,25 @@ def build_scheduler(server_args: ServerArgs, port_args: PortArgs, tp_rank: int =
 def limit_threads(server_args: ServerArgs) -> None:
     """CPU ranks share the cores: each gets its share of intra-op threads, so
     two ranks on two cores do not each start two threads and thrash."""
-    ranks_here = server_args.tp_size // server_args.nnodes
+    ranks_here = server_args.ranks_per_node
     if ranks_here > 1 and server_args.resolved_device() == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
+def log_name(server_args: ServerArgs, tp_rank: int, dp_rank: int) -> str:
+    """scheduler, scheduler tp1, scheduler dp1, scheduler dp1 tp0: the parts that vary."""
+    parts = ["scheduler"]
+    if server_args.dp_size > 1:
+        parts.append(f"dp{dp_rank}")
+    if server_args.tp_size > 1:
+        parts.append(f"tp{tp_rank}")
+    return " ".join(parts)
+
+
 def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, ready_pipe, parent_pid: int,
-                          tp_rank: int = 0, dist_init_method: Optional[str] = None) -> None:
+                          tp_rank: int = 0, dist_init_method: Optional[str] = None, dp_rank: int = 0) -> None:
     die_with_parent(parent_pid)
-    name = "scheduler" if server_args.tp_size == 1 else f"scheduler tp{tp_rank}"
+    name = log_name(server_args, tp_rank, dp_rank)
     level = logging.getLevelName(server_args.log_level.upper())
     logging.basicConfig(
         # The other ranks' info lines would repeat rank 0's (same batches, same stats).
@@ -112,7 +126,7 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, ready_pi
     )
     limit_threads(server_args)
     try:
-        scheduler, receive = build_scheduler(server_args, port_args, tp_rank, dist_init_method)
+        scheduler, receive = build_scheduler(server_args, port_args, tp_rank, dist_init_method, dp_rank)
     except Exception as e:  # report start-up failures to the parent, then exit
         ready_pipe.send(("error", f"{type(e).__name__}: {e}"))
         logger.error("scheduler failed to start:\n%s", traceback.format_exc())

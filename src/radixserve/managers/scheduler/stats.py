@@ -30,8 +30,9 @@ class Gauges:
 
 
 class StatsReporter:
-    def __init__(self, gauges: Callable[[], Gauges]) -> None:
+    def __init__(self, gauges: Callable[[], Gauges], dp_rank: int = 0) -> None:
         self.gauges = gauges
+        self.dp_rank = dp_rank
         self.prompt_tokens = 0  # admitted prompt tokens, for the cache hit rate
         self.cached_tokens = 0
         self.decode_steps = 0
@@ -77,4 +78,5 @@ class StatsReporter:
             token_usage=g.token_usage,
             cache_hit_rate=self.cached_tokens / max(self.prompt_tokens, 1),
             gen_throughput=self.gen_throughput,
+            dp_rank=self.dp_rank,
         )

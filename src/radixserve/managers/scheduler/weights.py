@@ -37,9 +37,12 @@ def _error(e: BaseException) -> str:
 
 
 class WeightController:
-    def __init__(self, runner, prefix_cache, device: torch.device, tp_rank: int = 0) -> None:
+    def __init__(self, runner, prefix_cache, device: torch.device, rank: int = 0) -> None:
+        """rank: this process's place among all the server's ranks (dp_rank *
+        tp_size + tp_rank): which tensor pickle it opens, and its member rank in
+        a trainer's weight-update group."""
         self.runner = runner
-        self.tp_rank = tp_rank
+        self.rank = rank
         self.prefix_cache = prefix_cache
         self.version = "default"
         self.num_updates = 0
@@ -93,11 +96,11 @@ class WeightController:
         return io.UpdateWeightsOut(True, "", self.version)
 
     def _own_payload(self, msg: io.UpdateWeightsFromTensorReq) -> bytes:
-        """With tensor parallelism the Engine pickles the tensors once per rank:
+        """With tensor or data parallelism the Engine pickles the tensors once per rank:
         a shared-memory handle (a passed file descriptor on the CPU) can be
         opened by one process only, so each rank opens its own."""
         payload = msg.serialized_named_tensors
-        return payload[self.tp_rank] if isinstance(payload, list) else payload
+        return payload[self.rank] if isinstance(payload, list) else payload
 
     def _load_broadcast(self, msg: io.UpdateWeightsFromDistributedReq) -> None:
         received = self.groups.receive(msg.names, msg.dtypes, msg.shapes, msg.group_name)
@@ -115,11 +118,11 @@ class WeightController:
     # ---- process groups with a trainer ----
     def init_group(self, msg: io.InitWeightsUpdateGroupReq) -> io.WeightsUpdateGroupOut:
         """Blocks the loop until the trainer joins (or the rendezvous times out).
-        Every tensor-parallel rank joins as its own member, rank_offset + tp_rank
-        (the trainer passes world_size = its ranks + tp_size), and receives
+        Every rank of every replica joins as its own member, rank_offset + rank
+        (the trainer passes world_size = its ranks + dp_size * tp_size), and receives
         every broadcast; the model's loader keeps this rank's shard of each."""
         try:
-            self.groups.init_group(msg.master_address, msg.master_port, msg.rank_offset + self.tp_rank,
+            self.groups.init_group(msg.master_address, msg.master_port, msg.rank_offset + self.rank,
                                    msg.world_size, msg.group_name, msg.backend)
         except Exception as e:  # a group that fails to form is reported; serving carries on
             logger.error("init_weights_update_group failed:\n%s", traceback.format_exc())
