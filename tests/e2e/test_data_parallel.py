@@ -1,8 +1,10 @@
-"""Data parallelism inside one server (--dp-size 2, two scheduler replicas on
-the CPU): the same greedy tokens as transformers (and so as dp 1), both
+"""Data parallelism inside one server on the CPU. An Engine with two replicas
+of two tensor-parallel ranks each (--dp-size 2 --tp-size 2, four scheduler
+processes): the same greedy tokens as transformers (and so as dp 1), both
 replicas used, routed_dp_rank honoured, KV freed on both, unseeded samples
-that differ across replicas, weight updates that reach both; over HTTP,
-/get_load per replica and SGLang's gateway in its --dp-aware mode."""
+that differ across replicas, weight updates that reach every rank. Over HTTP
+(two replicas of one rank): /get_load per replica, total_tokens balancing, and
+SGLang's gateway in its --dp-aware mode."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tests.e2e.weight_updates import perturbed_copy
 from tests.server_utils import MODEL, free_port, running_server
 
 DP = 2
+TP = 2  # the Engine's replicas; the HTTP server's have one rank each
 PROMPT_LENS = [3, 9, 14, 22, 30, 41]
 NEW_TOKENS = 16
 GREEDY = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
@@ -38,7 +41,7 @@ def setup(tiny_model_factory):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(10, hf.config.vocab_size, (n,), generator=g).tolist() for n in PROMPT_LENS]
     expected = hf_greedy(hf, prompts, NEW_TOKENS)
-    engine = Engine(model_path=str(path), dp_size=DP, load_balance_method="round_robin", dtype="float32",
+    engine = Engine(model_path=str(path), dp_size=DP, tp_size=TP, load_balance_method="round_robin", dtype="float32",
                     chunked_prefill_size=16, max_total_tokens=192, log_level="warning")
     try:
         yield engine, hf, prompts, expected
@@ -59,6 +62,8 @@ def assert_replicas_free(engine) -> None:
     states = replicas(engine)
     assert [s["dp_rank"] for s in states] == list(range(DP))
     for s in states:
+        ranks = s["tp_ranks"]
+        assert len(ranks) == TP and all(r["kv_cache"] == s["kv_cache"] for r in ranks), states
         kv = s["kv_cache"]
         assert kv["in_use_tokens"] == 0, states
         assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], states
@@ -116,15 +121,15 @@ def test_weight_updates_reach_every_replica(setup, tmp_path):
     for rank in range(DP):
         assert greedy_ids(engine, prompts[:2], routed_dp_rank=rank) == want
     assert {s["weight_version"] for s in replicas(engine)} == {"dp-t"}
-    # From a trainer's process group: every replica's rank joins (1 + DP members).
+    # From a trainer's process group: every rank of every replica joins (1 + DP * TP members).
     back = perturbed_copy(hf, seed=22)
     port, group = free_port(), "dp_test_group"
     tensors = [t.contiguous() for t in back.state_dict().values()]
-    trainer = mp.get_context("spawn").Process(target=broadcast_tensors, args=(tensors, port, 1 + DP, group),
+    trainer = mp.get_context("spawn").Process(target=broadcast_tensors, args=(tensors, port, 1 + DP * TP, group),
                                               daemon=True)
     trainer.start()
     try:
-        ok, msg = engine.init_weights_update_group("127.0.0.1", port, 1, 1 + DP, group, "gloo")
+        ok, msg = engine.init_weights_update_group("127.0.0.1", port, 1, 1 + DP * TP, group, "gloo")
         assert ok, msg
         items = list(back.state_dict().items())
         ok, msg = engine.update_weights_from_distributed(
