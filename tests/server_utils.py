@@ -74,3 +74,14 @@ def children_of(pid: int) -> list:
             if int(fields[1]) == pid and fields[0] != "Z":
                 kids.append(int(entry))
     return kids
+
+
+def descendants_of(pid: int) -> list:
+    """Live processes below pid, at any depth (on the CPU the scheduler and the
+    detokenizer are children of the server's fork server)."""
+    found, frontier = [], [pid]
+    while frontier:
+        kids = children_of(frontier.pop())
+        found += kids
+        frontier += kids
+    return found

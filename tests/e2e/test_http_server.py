@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server_utils import MODEL, children_of, running_server, start_server
+from tests.server_utils import MODEL, descendants_of, running_server, start_server
 
 @pytest.fixture(scope="module")
 def server(tiny_model_factory):
@@ -184,7 +184,7 @@ def test_api_key_and_sigterm(tiny_model_factory):
         assert httpx.get(f"{base}/health").status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong").models.list()
-        kids = children_of(proc.pid)
+        kids = descendants_of(proc.pid)
         assert len(kids) >= 2
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -37,6 +37,31 @@ logger = logging.getLogger(__name__)
 # within this, and the pending requests fail at once after that.
 WATCH_INTERVAL_S = 0.2
 
+# What the CPU fork server imports once, before it forks any child: the
+# scheduler's and detokenizer's modules with torch, and the transformers modules
+# every model config pulls in (about 3 s of imports per process otherwise).
+FORK_SERVER_PRELOAD = [
+    "radixserve.managers.scheduler.process",
+    "radixserve.model_executor.model_runner",
+    "radixserve.managers.detokenizer_manager",
+    "transformers.activations",
+    "transformers.models.llama.configuration_llama",
+]
+
+
+def process_context(server_args: ServerArgs) -> Any:
+    """How the children start. On CUDA, spawned (a CUDA context does not
+    survive a fork). On the CPU, forked from a fork server that imported
+    FORK_SERVER_PRELOAD once: every rank and replica, and every later Engine of
+    this process, then starts without importing torch and transformers again.
+    The fork server keeps the environment it started with, so environment
+    variables set later in this process do not reach the children."""
+    if server_args.resolved_device() != "cpu":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    return ctx
+
 
 class StartupError(RuntimeError):
     """The runtime could not start (the scheduler failed to load the model, or a
@@ -77,9 +102,9 @@ def dist_init_method(server_args: ServerArgs) -> Optional[str]:
 
 def start_schedulers(server_args: ServerArgs, port_args: PortArgs) -> Tuple[List[mp.Process], List[Any]]:
     """One scheduler process per tensor-parallel rank of this node, for each
-    data-parallel replica (spawned: CUDA cannot be forked). Returns (processes,
-    the pipes on which each says it is ready), replica-major in rank order."""
-    ctx = mp.get_context("spawn")
+    data-parallel replica. Returns (processes, the pipes on which each says it
+    is ready), replica-major in rank order."""
+    ctx = process_context(server_args)
     parent = os.getpid()
     if server_args.ranks_per_node > 1 and server_args.random_seed is None:
         # One seed for every rank of the node: replicated values (dummy weights,
@@ -103,7 +128,7 @@ def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
     """The scheduler ranks and the detokenizer. Returns (processes, the
     schedulers' ready pipes)."""
     procs, readers = start_schedulers(server_args, port_args)
-    ctx = mp.get_context("spawn")
+    ctx = process_context(server_args)
     detokenizer = ctx.Process(target=run_detokenizer_process, args=(server_args, port_args, os.getpid()),
                               name="radixserve-detokenizer", daemon=True)
     detokenizer.start()

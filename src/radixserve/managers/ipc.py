@@ -56,21 +56,38 @@ def make_socket(ctx: zmq.Context, kind: int, endpoint: str, bind: bool) -> zmq.S
 
 
 def die_with_parent(parent: int) -> None:
-    """Children get SIGKILL when the parent dies (Ctrl-C, SIGTERM, crash), and a
-    watchdog thread covers a parent that died before prctl took effect."""
+    """A child dies with the launcher, pid `parent` (Ctrl-C, SIGTERM, crash): it
+    gets SIGKILL when its own parent exits (the launcher, or on the CPU the fork
+    server that forked it, which exits with the launcher), and a watchdog thread
+    covers a parent that died before prctl took effect."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
-    if os.getppid() != parent:
+    own_parent = os.getppid()
+
+    def orphaned() -> bool:
+        return os.getppid() != own_parent or not _is_running(parent)
+
+    if orphaned():
         os._exit(1)
 
     def watch() -> None:
         while True:
-            if os.getppid() != parent:
+            if orphaned():
                 os._exit(1)
             time.sleep(1.0)
 
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
