@@ -85,3 +85,20 @@ def descendants_of(pid: int) -> list:
         found += kids
         frontier += kids
     return found
+
+
+def is_alive(pid: int) -> bool:
+    """pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def processes_left(pids: list, deadline_s: float) -> list:
+    """The pids still alive once all have exited or deadline_s has passed."""
+    deadline = time.time() + deadline_s
+    while (alive := [p for p in pids if is_alive(p)]) and time.time() < deadline:
+        time.sleep(0.1)
+    return alive

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from radixserve import Engine
-from tests.server_utils import start_server
+from tests.server_utils import is_alive, processes_left, start_server
 
 SCRIPT = textwrap.dedent(
     """
@@ -31,16 +31,6 @@ SCRIPT = textwrap.dedent(
     time.sleep(600)
     """
 )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited already; it only waits for its parent to reap it.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def socket_folders(tmp: Path) -> list:
@@ -65,14 +55,14 @@ def test_children_die_with_parent(tiny_model_factory, tmp_path, how):
     children = [int(p) for p in proc.stdout.readline().split()]
     assert len(children) == 2
     if how != "raise":  # (with "raise" the parent is already on its way out)
-        assert all(alive(p) for p in children)
+        assert all(is_alive(p) for p in children)
         assert len(socket_folders(tmp_path)) == 1
     if how == "sigterm":
         proc.send_signal(signal.SIGTERM)
     elif how == "sigkill":
         proc.kill()
     proc.wait(timeout=30)
-    assert wait_until(lambda: not any(alive(p) for p in children))
+    assert processes_left(children, deadline_s=30) == []
     if how == "raise":  # the Engine shut down (atexit): its socket files are gone
         assert socket_folders(tmp_path) == []
 

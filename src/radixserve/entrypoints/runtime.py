@@ -39,8 +39,10 @@ WATCH_INTERVAL_S = 0.2
 
 # What the CPU fork server imports once, before it forks any child: the
 # scheduler's and detokenizer's modules with torch, and the transformers modules
-# every model config pulls in (about 3 s of imports per process otherwise).
+# every model config pulls in (about 3 s of imports per process otherwise), and
+# first the module that lets the fork server exit as soon as the launcher does.
 FORK_SERVER_PRELOAD = [
+    "radixserve.entrypoints.fork_server",
     "radixserve.managers.scheduler.process",
     "radixserve.model_executor.model_runner",
     "radixserve.managers.detokenizer_manager",
