@@ -65,6 +65,8 @@ class ServerArgs:
     max_prefill_tokens: int = option(16384, "most new prompt tokens in one prefill batch")
     schedule_conservativeness: float = option(1.0, "above 1 admits fewer requests (less retraction), "
                                                    "below 1 more")
+    enable_mixed_chunk: bool = option(False, "decode the running requests in the same forward as each "
+                                             "prefill (chunk), so new prompts do not stall them")
     stream_interval: int = option(1, "send a streaming chunk every this many tokens")
     incremental_streaming_output: bool = option(False, "each streamed chunk of /generate and the Engine "
                                                        "carries only its new text, not the text so far")
@@ -174,6 +176,10 @@ class ServerArgs:
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         self._validate_parallelism()
+        if self.enable_mixed_chunk and self.enable_deterministic_inference:
+            # A decode step inside a mixed batch runs the extend kernels: its
+            # numbers would depend on whether a prefill came along.
+            raise ValueError("enable_mixed_chunk cannot be combined with enable_deterministic_inference")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():

@@ -2,8 +2,8 @@
 skipped without CUDA).
 
 Greedy tokens of a tiny float32 model are identical between the torch-native
-and Triton attention backends, with and without CUDA graphs and the overlap
-schedule; bf16 logits of the Llama-3.1-8B shape agree between the backends.
+and Triton attention backends, with and without CUDA graphs, the overlap
+schedule and mixed batches; bf16 logits of the Llama-3.1-8B shape agree between the backends.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ VARIANTS = {
     "triton+overlap": {"disable_cuda_graph": True},
     "triton": {"disable_cuda_graph": True, "disable_overlap_schedule": True},
     "triton+graph+page16": {"page_size": 16},
+    # chunks of 64: later chunks run in one forward with the decodes of the requests already running
+    "triton+graph+overlap+mixed": {"enable_mixed_chunk": True, "chunked_prefill_size": 64},
 }
 
 

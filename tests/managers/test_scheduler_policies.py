@@ -25,10 +25,12 @@ def assert_all_match_reference(h: Harness, reqs: dict) -> None:
         assert h.tokens[rid] == reference_output(prompt, n), rid
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_batches_give_the_reference_outputs(overlap, page_size):
-    h = Harness(page_size=page_size, disable_overlap_schedule=not overlap)
+def test_batches_give_the_reference_outputs(overlap, page_size, mixed):
+    h = Harness(page_size=page_size, disable_overlap_schedule=not overlap, enable_mixed_chunk=mixed,
+                chunked_prefill_size=16)
     reqs = {f"r{i}": (p, 5 + i) for i, p in enumerate(prompts(12, seed=1, shared=9))}
     for rid, (prompt, n) in reqs.items():
         h.submit(rid, prompt, n)
@@ -36,6 +38,7 @@ def test_batches_give_the_reference_outputs(overlap, page_size):
     assert_all_match_reference(h, reqs)
     info = h.scheduler.server_info()
     assert (info["num_overlapped_batches"] > 0) == overlap
+    assert (info["num_mixed_batches"] > 0) == mixed
     assert info["kv_cache"]["in_use_tokens"] == 0 and info["kv_cache"]["cached_tokens"] > 0
 
 
@@ -73,28 +76,53 @@ def test_chunked_prefill_interleaves_with_decode():
     assert_all_match_reference(h, {"short": ([7, 8, 9], 100), "long": (long_prompt, 5)})
 
 
+def test_mixed_chunks_decode_in_every_forward():
+    # With --enable-mixed-chunk every chunk's forward carries the running
+    # request's decode step: one forward per chunk, and a token each time.
+    h = Harness(chunked_prefill_size=8, page_size=4, enable_mixed_chunk=True)
+    h.submit("short", [7, 8, 9], 100, stream=True)
+    h.run(until=lambda: len(h.tokens["short"]) >= 2)
+    long_prompt = prompts(1, seed=3, low=70, high=71)[0]
+    h.submit("long", long_prompt, 5)
+    chunks = 0
+    while "long" not in h.finish:
+        before, forwards = len(h.tokens["short"]), h.runner.num_forwards
+        h.step()
+        if h.scheduler.admission.chunked_req is not None:
+            chunks += 1
+            assert h.runner.num_forwards == forwards + 1 and len(h.tokens["short"]) > before
+    assert chunks >= 70 // 8 and h.scheduler.num_mixed_batches >= chunks
+    h.run()
+    assert_all_match_reference(h, {"short": ([7, 8, 9], 100), "long": (long_prompt, 5)})
+
+
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_retraction_storm(page_size):
+def test_retraction_storm(page_size, mixed):
     """Many requests admitted optimistically into a tiny pool: decode must retract,
-    again and again, and every request still gets exactly the reference output."""
+    again and again (with mixed chunks, while a prefill is planned in the same
+    forward), and every request still gets exactly the reference output."""
     h = Harness(num_tokens=96, page_size=page_size, max_running=16, schedule_conservativeness=0.05,
-                chunked_prefill_size=16)
+                chunked_prefill_size=16, enable_mixed_chunk=mixed)
     reqs = {f"r{i}": (p, 20 + i % 7) for i, p in enumerate(prompts(24, seed=4, low=4, high=20, shared=4))}
     for rid, (prompt, n) in reqs.items():
         h.submit(rid, prompt, n)
     h.run(max_steps=20000)
     assert h.scheduler.running.num_retractions > 5
+    assert (h.scheduler.num_mixed_batches > 0) == mixed
     assert_all_match_reference(h, reqs)
     assert h.scheduler.kv_cache_stats()["in_use_tokens"] == 0
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_abort_storm(overlap):
+def test_abort_storm(overlap, mixed):
     """Random aborts of waiting, running and half-prefilled (chunked) requests:
     each aborted one ends as aborted (or had already finished), the others get
     the reference output, and no KV is lost."""
     rng = random.Random(5)
-    h = Harness(num_tokens=160, page_size=2, chunked_prefill_size=12, disable_overlap_schedule=not overlap)
+    h = Harness(num_tokens=160, page_size=2, chunked_prefill_size=12, disable_overlap_schedule=not overlap,
+                enable_mixed_chunk=mixed)
     reqs = {f"r{i}": (p, rng.randrange(3, 25)) for i, p in enumerate(prompts(40, seed=6, low=3, high=50, shared=6))}
     pending, aborted = list(reqs), set()
     for _ in range(20000):
@@ -173,9 +201,10 @@ def test_pause_in_place_then_continue_and_pause_abort():
     assert not bad.success and "mode" in bad.message
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("conservativeness", [1.0, 0.05])
-def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap, conservativeness):
+def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap, conservativeness, mixed):
     """A retracted request finds its own tokens in the radix cache; pinning
     them takes them out of what is evictable. Admission must count that
     before it lets the request back in; and when optimistic admission (low
@@ -183,7 +212,7 @@ def test_retracted_request_pins_its_cached_prefix_before_it_is_admitted(overlap,
     needs, the chunked one steps back rather than the running one being cut
     short. Every request gets all of its tokens."""
     h = Harness(num_tokens=112, chunked_prefill_size=16, disable_overlap_schedule=not overlap,
-                schedule_conservativeness=conservativeness)
+                schedule_conservativeness=conservativeness, enable_mixed_chunk=mixed)
     rng = random.Random(7)
     batch = {f"a{n}": ([rng.randrange(1, 100) for _ in range(n)], 24) for n in (3, 9, 17, 26, 33, 41)}
     for rid, (prompt, n) in batch.items():

@@ -28,6 +28,9 @@ class BatchResult:
     plans: List["ExtendPlan"]  # extend only
     logits: "LogitsOutput"
     sample: "SamplerOutput"
+    # A mixed batch's running requests, sampled from the same forward; their
+    # tokens are processed before this (extend) part's.
+    decode_part: Optional["BatchResult"] = None
     _host_ids: Optional[torch.Tensor] = field(default=None, repr=False)
     _copied: Optional["torch.cuda.Event"] = field(default=None, repr=False)
 
@@ -42,6 +45,9 @@ class BatchResult:
             result._copied = torch.cuda.Event()
             result._copied.record()
         return result
+
+    def all_reqs(self) -> List["Req"]:
+        return (self.decode_part.reqs if self.decode_part is not None else []) + self.reqs
 
     def next_token_ids(self) -> List[int]:
         """The sampled ids on the host; waits for the forward to finish."""

@@ -183,9 +183,39 @@ class ScheduleBatch:
             kv_pool=self.pools.kv_pool,
         )
         if self.forward_mode.is_extend():
-            fb.extend_prefix_lens_cpu = self._prefix_lens
-            fb.extend_seq_lens_cpu = self._extend_lens
-            fb.extend_prefix_lens = torch.tensor(self._prefix_lens, device=self.device)
-            fb.extend_seq_lens = torch.tensor(self._extend_lens, device=self.device)
-            fb.extend_start_loc = torch.cumsum(fb.extend_seq_lens, 0) - fb.extend_seq_lens
+            set_extend_lens(fb, self._prefix_lens, self._extend_lens, self.device)
         return fb
+
+
+def set_extend_lens(fb: ForwardBatch, prefix_lens: List[int], extend_lens: List[int], device: torch.device) -> None:
+    fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu = prefix_lens, extend_lens
+    fb.extend_prefix_lens = torch.tensor(prefix_lens, device=device)
+    fb.extend_seq_lens = torch.tensor(extend_lens, device=device)
+    fb.extend_start_loc = torch.cumsum(fb.extend_seq_lens, 0) - fb.extend_seq_lens
+
+
+def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> ForwardBatch:
+    """One forward for a prepared decode step and a prepared extend batch
+    (--enable-mixed-chunk). The decode requests come first, each an extend of
+    one token on top of its KV, so the logits' first rows are theirs; their
+    input ids stay on the device (the overlap schedule may not have read them)."""
+    dec, ext = decode.to_forward_batch(), extend.to_forward_batch()
+    n = dec.batch_size
+    decode_rows = torch.arange(n, dtype=torch.int64, device=decode.device)
+    fb = ForwardBatch(
+        forward_mode=ForwardMode.MIXED,
+        batch_size=n + ext.batch_size,
+        input_ids=torch.cat([dec.input_ids, ext.input_ids]),
+        positions=torch.cat([dec.positions, ext.positions]),
+        req_pool_indices=torch.cat([dec.req_pool_indices, ext.req_pool_indices]),
+        seq_lens=torch.cat([dec.seq_lens, ext.seq_lens]),
+        out_cache_loc=torch.cat([dec.out_cache_loc, ext.out_cache_loc]),
+        seq_lens_cpu=dec.seq_lens_cpu + ext.seq_lens_cpu,
+        logits_indices=torch.cat([decode_rows, ext.logits_indices + n]),
+        last_logit_rows=torch.cat([decode_rows, ext.last_logit_rows + n]),
+        req_to_token_pool=dec.req_to_token_pool,
+        kv_pool=dec.kv_pool,
+    )
+    set_extend_lens(fb, [s - 1 for s in dec.seq_lens_cpu] + ext.extend_prefix_lens_cpu,
+                    [1] * n + ext.extend_seq_lens_cpu, decode.device)
+    return fb

@@ -22,9 +22,16 @@ if TYPE_CHECKING:
 class ForwardMode(IntEnum):
     EXTEND = auto()  # prefill, possibly on top of a cached prefix, possibly a chunk
     DECODE = auto()  # one new token per request
+    # Running requests' decode step and an extend batch in one forward; the
+    # decode requests come first, each an extend of one token (--enable-mixed-chunk).
+    MIXED = auto()
 
     def is_extend(self) -> bool:
-        return self == ForwardMode.EXTEND
+        """Extend-shaped: per-request prefix and new-token lengths (MIXED too)."""
+        return self != ForwardMode.DECODE
+
+    def is_mixed(self) -> bool:
+        return self == ForwardMode.MIXED
 
     def is_decode(self) -> bool:
         return self == ForwardMode.DECODE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 
@@ -35,6 +35,13 @@ CPU_MAX_TOTAL_TOKENS = 1 << 17
 class LogitsOutput:
     next_token_logits: torch.Tensor  # [bs, vocab] float32, at each request's last token
     all_logits: Optional[torch.Tensor]  # [num_logit_rows, vocab] when input logprobs asked
+
+    def split_mixed(self, num_decode: int) -> Tuple["LogitsOutput", "LogitsOutput"]:
+        """A mixed batch's logits as (its decode requests', its extend part's):
+        the first num_decode rows of both tensors are the decode requests'."""
+        extend_all = self.all_logits[num_decode:] if self.all_logits is not None else None
+        return (LogitsOutput(self.next_token_logits[:num_decode], None),
+                LogitsOutput(self.next_token_logits[num_decode:], extend_all))
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
@@ -27,7 +27,7 @@ from radixserve.layers.sampler import Sampler
 from radixserve.managers import io_struct as io
 from radixserve.managers.batch_result import BatchResult
 from radixserve.managers.req import Req
-from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.managers.schedule_batch import ScheduleBatch, mixed_forward_batch
 from radixserve.managers.schedule_policy import NewTokenRatio
 from radixserve.managers.scheduler.admission import Admission
 from radixserve.managers.scheduler.grammar import GrammarWait
@@ -76,9 +76,11 @@ class Scheduler:
                                        runner.context_len, tokenizer)
         self.stats = StatsReporter(self.gauges, self.dp_rank)
         self.overlap = not args.disable_overlap_schedule
+        self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
         self.num_overlapped_batches = 0  # launched while the previous one's results were pending
         self.num_failed_batches = 0
+        self.num_mixed_batches = 0  # a prefill (chunk) and the running requests' decode step in one forward
         self.was_idle = True
         self.handlers = self.control_table()
 
@@ -151,7 +153,7 @@ class Scheduler:
         except Exception as e:
             # The batch launched after it (if any) stays in flight: it is
             # processed in turn, and skips the requests failed here.
-            self.fail_batch(BatchFailed(result.reqs, e), resolve_first=False)
+            self.fail_batch(BatchFailed(result.all_reqs(), e), resolve_first=False)
             return
         self.send_outputs(outs)
 
@@ -245,6 +247,7 @@ class Scheduler:
             "num_retractions": self.running.num_retractions,
             "num_overlapped_batches": self.num_overlapped_batches,
             "num_failed_batches": self.num_failed_batches,
+            "num_mixed_batches": self.num_mixed_batches,
             "num_prefill_tokens": self.admission.num_prefill_tokens,
             "num_evictions": tree.num_evicted_nodes if tree else 0,
             "weight_version": self.weights.version,
@@ -271,31 +274,43 @@ class Scheduler:
     # ---- scheduling ----
     def schedule_and_launch(self) -> Optional[BatchResult]:
         try:
-            batch = self.schedule()
+            extend, decode = self.schedule()
+            if extend is not None and decode is not None:
+                return self.launch_mixed(decode, extend)
+            batch = extend if extend is not None else decode
             return self.launch_batch(batch) if batch is not None else None
         except BatchFailed as failure:
             self.fail_batch(failure)
             return None
 
-    def schedule(self) -> Optional[ScheduleBatch]:
+    def schedule(self) -> Tuple[Optional[ScheduleBatch], Optional[ScheduleBatch]]:
+        """(extend batch, decode batch) of the next forward; at most one of them
+        unless mixed chunks are on, when a prefill takes the running requests'
+        decode step along."""
         self.emit(self.reap_aborted())
         if self.weights.paused:
-            return None
+            return None, None
+        extend = None
         # Between chunks of a long prompt, let running requests decode one step,
-        # so a long prompt never stalls them for long.
-        if not (self.admission.last_was_chunk and not self.running.is_empty()):
+        # so a long prompt never stalls them for long (a mixed batch decodes
+        # them along with every chunk).
+        if self.mixed_chunk or not (self.admission.last_was_chunk and not self.running.is_empty()):
             # While weight updates wait for running requests to drain, admit none.
-            batch = self.admission.next_prefill(self.running.reqs, admit_new=not self.weights.pending)
-            if batch is not None:
-                self.send(self.stats.on_prefill(batch.plans, self.admission.last_admitted))
-                return batch
-        self.admission.last_was_chunk = False
-        self.retract_chunk_if_decode_needs_room()
-        batch, ended = self.running.next_decode()
+            extend = self.admission.next_prefill(self.running.reqs, admit_new=not self.weights.pending)
+            if extend is not None:
+                self.send(self.stats.on_prefill(extend.plans, self.admission.last_admitted))
+                if not self.mixed_chunk or self.running.is_empty():
+                    return extend, None
+        if extend is None:
+            self.admission.last_was_chunk = False
+            self.retract_chunk_if_decode_needs_room()
+        # (with an extend batch the decode step makes room by retracting running
+        # requests, never the chunk this very batch continues)
+        decode, ended = self.running.next_decode()
         self.emit(ended)
-        if batch is not None:
-            self.send_stats(self.stats.on_decode(len(batch)))
-        return batch
+        if decode is not None:
+            self.send_stats(self.stats.on_decode(len(decode)))
+        return extend, decode
 
     def retract_chunk_if_decode_needs_room(self) -> None:
         """A half-prefilled (chunked) request's KV is not the running requests'
@@ -315,17 +330,33 @@ class Scheduler:
         copied to the host asynchronously."""
         reqs = list(batch.reqs)
         try:
-            logits = self.runner.forward(batch.to_forward_batch())
-            if batch.sampling_info is None:
-                batch.sampling_info = SamplingBatchInfo.from_reqs(
-                    batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids)
-            self.grammar.set_mask(batch)
-            sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
-            batch.sampling_info.record(sample.next_token_ids)
-            batch.last_token_ids = sample.next_token_ids
-            return BatchResult.launched(batch, logits, sample)
+            return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
         except Exception as e:
             raise BatchFailed(reqs, e) from e
+
+    def launch_mixed(self, decode: ScheduleBatch, extend: ScheduleBatch) -> BatchResult:
+        """One forward for both; each part is then sampled as if it had run
+        alone, and the extend part's result carries the decode part's."""
+        reqs = decode.reqs + extend.reqs
+        try:
+            logits = self.runner.forward(mixed_forward_batch(decode, extend))
+            decode_logits, extend_logits = logits.split_mixed(len(decode))
+            result = self.sample(extend, extend_logits)
+            result.decode_part = self.sample(decode, decode_logits)
+        except Exception as e:
+            raise BatchFailed(reqs, e) from e
+        self.num_mixed_batches += 1
+        return result
+
+    def sample(self, batch: ScheduleBatch, logits: Any) -> BatchResult:
+        if batch.sampling_info is None:
+            batch.sampling_info = SamplingBatchInfo.from_reqs(
+                batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids)
+        self.grammar.set_mask(batch)
+        sample = self.sampler.forward(logits.next_token_logits, batch.sampling_info)
+        batch.sampling_info.record(sample.next_token_ids)
+        batch.last_token_ids = sample.next_token_ids
+        return BatchResult.launched(batch, logits, sample)
 
     def fail_batch(self, failure: BatchFailed, resolve_first: bool = True) -> None:
         """End the failed batch's requests with a 500 and free their KV; serve on.

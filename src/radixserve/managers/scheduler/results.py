@@ -3,7 +3,8 @@ outputs due now, which it returns (the loop sends them).
 
 Extend results: the prompt's KV joins the prefix cache at once, requests whose
 prefill completed take their first token and join the running batch. Decode
-results: one token each; finished requests give their KV back."""
+results: one token each; finished requests give their KV back. A mixed batch's
+result is both, decode part first."""
 
 from __future__ import annotations
 
@@ -30,9 +31,12 @@ class ResultProcessor:
         self.tokenizer = tokenizer
 
     def process(self, result: BatchResult) -> List[io.ReqOutput]:
-        if result.is_extend:
-            return self._process_extend(result)
-        return self._process_decode(result)
+        if not result.is_extend:
+            return self._process_decode(result)
+        # A mixed batch: the running requests' tokens first, then the new
+        # requests join the running batch.
+        outs = self._process_decode(result.decode_part) if result.decode_part is not None else []
+        return outs + self._process_extend(result)
 
     def _process_extend(self, result: BatchResult) -> List[io.ReqOutput]:
         batch = result.batch  # an extend batch is private: unchanged since launch
