@@ -352,3 +352,49 @@ def test_fixed_split_decode_is_batch_invariant(window, with_sinks):
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+# --- mixed batches (--enable-mixed-chunk) ---------------------------------------------------------
+
+@pytest.mark.parametrize("window,with_sinks,page_size", [(None, False, 1), (None, False, 16), (5, True, 16)])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_mixed_batch_matches_plain_attention(window, with_sinks, page_size, num_splits):
+    """Decode rows first, then extend rows, in one batch: the Triton backend
+    sends the decode rows to its decode kernel and the rest to its extend
+    kernel; both halves equal attention written from the definition."""
+    decode_lens = WINDOW_DECODE_LENS
+    cases = WINDOW_EXTEND_CASES
+    lens = decode_lens + [p + e for p, e in cases]
+    pools = Pools(lens, page_size, torch.float32)
+    attn = windowed_layer(4, window, with_sinks)
+    n, total = len(decode_lens), len(decode_lens) + sum(e for _, e in cases)
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(total, h * HEAD_DIM, generator=g).to(DEVICE) for h in (attn.num_heads, KV_HEADS, KV_HEADS))
+    prefixes = [d - 1 for d in decode_lens] + [p for p, _ in cases]
+    extends = [1] * n + [e for _, e in cases]
+    extend_lens = torch.tensor(extends, device=DEVICE)
+
+    def mixed_batch(backend):
+        return ForwardBatch(
+            forward_mode=ForwardMode.MIXED, batch_size=len(lens), input_ids=torch.zeros(total, dtype=torch.int64),
+            positions=torch.zeros(total, dtype=torch.int64), req_pool_indices=torch.tensor(pools.rows, device=DEVICE),
+            seq_lens=torch.tensor(lens, device=DEVICE),
+            out_cache_loc=torch.cat([pools.table.req_to_token[r, p:s] for r, p, s in zip(pools.rows, prefixes, lens)]),
+            seq_lens_cpu=lens, extend_prefix_lens=torch.tensor(prefixes, device=DEVICE), extend_seq_lens=extend_lens,
+            extend_start_loc=torch.cumsum(extend_lens, 0) - extend_lens, extend_prefix_lens_cpu=prefixes,
+            extend_seq_lens_cpu=extends, req_to_token_pool=pools.table, kv_pool=pools.kv, attn_backend=backend,
+            num_decode_rows=n,
+        )
+
+    outs = []
+    for backend in (TorchNativeAttnBackend(), TritonAttnBackend(DEVICE)):
+        fb = mixed_batch(backend)
+        backend.init_forward_metadata(fb)
+        if isinstance(backend, TritonAttnBackend):
+            fb.attn_metadata.decode_splits = num_splits  # (the CPU's default is 1)
+        outs.append(backend.forward(q, k, v, attn, fb))
+    starts = torch.cumsum(extend_lens, 0) - extend_lens
+    plain = torch.cat([reference_attention(pools, row, s, q[st:st + e], p, attn)
+                       for row, s, p, e, st in zip(pools.rows, lens, prefixes, extends, starts.tolist())])
+    for out in outs:
+        assert rel(out[:n], plain[:n]) < 1e-5 and rel(out[n:], plain[n:]) < 1e-5

@@ -215,6 +215,7 @@ def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> Forward
         last_logit_rows=torch.cat([decode_rows, ext.last_logit_rows + n]),
         req_to_token_pool=dec.req_to_token_pool,
         kv_pool=dec.kv_pool,
+        num_decode_rows=n,
     )
     set_extend_lens(fb, [s - 1 for s in dec.seq_lens_cpu] + ext.extend_prefix_lens_cpu,
                     [1] * n + ext.extend_seq_lens_cpu, decode.device)

@@ -62,6 +62,9 @@ class ForwardBatch:
     # Extend only: the row of each request's last new token among the rows
     # logits_indices picks (its next-token logits). [bs] int64.
     last_logit_rows: Optional[torch.Tensor] = None
+    # MIXED only: how many requests at the front are decode steps (one token
+    # each, so also how many tokens); backends may attend to them apart.
+    num_decode_rows: int = 0
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

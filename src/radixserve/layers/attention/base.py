@@ -44,4 +44,16 @@ class AttentionBackend(ABC):
         positions) and layer.sinks (extra per-head softmax logits)."""
         if forward_batch.forward_mode.is_decode():
             return self.forward_decode(q, k, v, layer, forward_batch)
+        if forward_batch.forward_mode.is_mixed():
+            return self.forward_mixed(q, k, v, layer, forward_batch)
+        return self.forward_extend(q, k, v, layer, forward_batch)
+
+    def forward_mixed(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        layer: "RadixAttention", forward_batch: "ForwardBatch",
+    ) -> torch.Tensor:
+        """A mixed batch: forward_batch.num_decode_rows one-token decode rows,
+        then an extend batch. A decode step is an extend of one token, so the
+        extend path is exact for all of it; a backend whose extend kernel wastes
+        work on one-token rows attends to them with its decode kernel instead."""
         return self.forward_extend(q, k, v, layer, forward_batch)

@@ -7,6 +7,7 @@ as is and replay it with new lengths in the same buffers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -23,6 +24,20 @@ from radixserve.layers.attention.paged_attention import (
 if TYPE_CHECKING:
     from radixserve.layers.attention.radix_attention import RadixAttention
     from radixserve.model_executor.forward_batch import ForwardBatch
+
+
+@dataclass
+class MixedMetadata:
+    """A mixed batch split in two: the decode rows' KV split count, and the
+    extend part's per-request tensors with its token offsets counted from its
+    own first token (its queries are passed as a slice of the batch's)."""
+
+    decode_splits: int
+    max_extend_len: int
+    req_pool_indices: torch.Tensor
+    prefix_lens: torch.Tensor
+    extend_lens: torch.Tensor
+    extend_starts: torch.Tensor
 
 
 class TritonAttnBackend(AttentionBackend, MLABackend):
@@ -43,6 +58,11 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         elif fb.forward_mode.is_decode():
             num_kv_heads = fb.kv_pool.k_buffers[0].shape[1]
             fb.attn_metadata = decode_num_splits(fb.batch_size, num_kv_heads, self.num_sms)
+        elif fb.forward_mode.is_mixed():
+            n = fb.num_decode_rows
+            fb.attn_metadata = MixedMetadata(
+                decode_num_splits(n, fb.kv_pool.k_buffers[0].shape[1], self.num_sms), max(fb.extend_seq_lens_cpu[n:]),
+                fb.req_pool_indices[n:], fb.extend_prefix_lens[n:], fb.extend_seq_lens[n:], fb.extend_start_loc[n:] - n)
         else:
             fb.attn_metadata = max(fb.extend_seq_lens_cpu, default=0)
 
@@ -65,6 +85,24 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
             layer.scaling, fb.attn_metadata, sliding_window=layer.sliding_window, sinks=layer.sinks,
             split_tokens=self.fixed_splits[1] if self.fixed_splits else None,
+        )
+        return out
+
+    def forward_mixed(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+        """The decode rows through the split-KV decode kernel: the extend kernel
+        would run a whole query tile over each one's context for one query."""
+        fb, meta, n = forward_batch, forward_batch.attn_metadata, forward_batch.num_decode_rows
+        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        table = fb.req_to_token_pool.req_to_token
+        out = torch.empty_like(q)
+        decode_attention(
+            q[:n], k_buf, v_buf, out[:n], table, fb.req_pool_indices[:n], fb.seq_lens[:n], layer.scaling,
+            meta.decode_splits, sliding_window=layer.sliding_window, sinks=layer.sinks,
+        )
+        extend_attention(
+            q[n:], k_buf, v_buf, out[n:], table, meta.req_pool_indices, meta.prefix_lens, meta.extend_lens,
+            meta.extend_starts, meta.max_extend_len, layer.scaling, sliding_window=layer.sliding_window,
+            sinks=layer.sinks,
         )
         return out
 
