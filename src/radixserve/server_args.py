@@ -28,6 +28,7 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
+QUANTIZATIONS = (None, "fp8")
 
 
 @dataclass
@@ -43,6 +44,8 @@ class ServerArgs:
     dtype: str = option("auto", "weights and activations: auto|float32|bfloat16|float16 (auto: "
                                 "bfloat16 on CUDA, float32 on the CPU)")
     device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
+    quantization: Optional[str] = option(None, "fp8: linear layers' weights quantized to FP8 E4M3 at load "
+                                               "(per output channel), activations per token; None: as loaded")
     context_length: Optional[int] = option(None, "longest prompt + output in tokens; None: the model config's")
     trust_remote_code: bool = option(False, "accepted for SGLang compatibility; no model code is "
                                             "downloaded, so it changes nothing")
@@ -176,6 +179,12 @@ class ServerArgs:
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         self._validate_parallelism()
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {'|'.join(map(str, QUANTIZATIONS))}, "
+                             f"got {self.quantization!r}")
+        if self.quantization and self.enable_deterministic_inference:
+            raise ValueError("quantization cannot be combined with enable_deterministic_inference "
+                             "(its batch-invariant GEMMs are bfloat16)")
         if self.enable_mixed_chunk and self.enable_deterministic_inference:
             # A decode step inside a mixed batch runs the extend kernels: its
             # numbers would depend on whether a prefill came along.

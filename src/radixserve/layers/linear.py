@@ -18,6 +18,7 @@ from torch import nn
 
 from radixserve.distributed import get_tp_group
 from radixserve.layers.batch_invariant import invariant_linear
+from radixserve.layers.fp8 import fp8_linear
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
 )
@@ -28,6 +29,8 @@ class Linear(nn.Module):
 
     # Set by the model runner under --enable-deterministic-inference.
     batch_invariant = False
+    # Per-output-channel scales once --quantization fp8 has made the weight FP8.
+    weight_scale: Optional[torch.Tensor] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -36,9 +39,14 @@ class Linear(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, bias)
         if self.batch_invariant:
-            return invariant_linear(x, self.weight, self.bias)
-        return torch.nn.functional.linear(x, self.weight, self.bias)
+            return invariant_linear(x, self.weight, bias)
+        return torch.nn.functional.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(Linear):
@@ -67,8 +75,7 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.world_size == 1:
             return super().forward(x)
-        linear = invariant_linear if self.batch_invariant else torch.nn.functional.linear
-        out = self.tp_group.all_reduce(linear(x, self.weight, None))
+        out = self.tp_group.all_reduce(self.matmul(x, None))
         return out if self.bias is None else out + self.bias
 
 

@@ -11,6 +11,7 @@ import torch
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
+from radixserve.layers.fp8 import quantize_linears, unquantized
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
@@ -77,6 +78,8 @@ class ModelRunner:
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
+        if server_args.quantization == "fp8":
+            self._quantize_fp8()
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -160,6 +163,14 @@ class ModelRunner:
             raise ValueError(f"attention_backend {name!r} cannot serve multi-head latent attention models")
         return backend
 
+    def _quantize_fp8(self) -> None:
+        """--quantization fp8: the linear layers' weights become FP8 now; their
+        unquantized copies are freed before the KV pool is sized."""
+        count = quantize_linears(self.model, skip=getattr(self.model, "UNQUANTIZED_LINEARS", ()))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("--quantization fp8: %d linear layers quantized to FP8 E4M3", count)
+
     def _use_batch_invariant_layers(self) -> None:
         """--enable-deterministic-inference: every layer with a batch-invariant
         mode (linear projections, the LM head, the experts) switches to it."""
@@ -192,18 +203,21 @@ class ModelRunner:
         source = resolve_model_source(model_path)
         if (load_format or "auto") != "auto":
             raise ValueError(f"load_format must be 'auto' for a weight update, got {load_format!r}")
-        load_weights(self.model, open_weights(source), strict=True)
+        with unquantized(self.model):
+            load_weights(self.model, open_weights(source), strict=True)
 
     @torch.inference_mode()
     def update_weights_from_tensor(self, named_tensors) -> None:
         """Some or all weights, by their Hugging Face names (a trainer's state_dict)."""
-        load_weights(self.model, ((n, t.to(self.device)) for n, t in named_tensors), strict=False)
+        with unquantized(self.model):
+            load_weights(self.model, ((n, t.to(self.device)) for n, t in named_tensors), strict=False)
 
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """The first truncate_size values of a weight, flattened, as floats.
         Under tensor parallelism: this rank's shard of it (its heads, columns,
         vocab slice; ValueError for an expert another rank holds)."""
-        return get_weight(self.model, name).flatten()[:truncate_size].float().tolist()
+        with unquantized(self.model):  # (FP8 linears: their real values)
+            return get_weight(self.model, name).flatten()[:truncate_size].float().tolist()
 
     def release_memory_occupation(self) -> "ReleasedMemory":
         """Free the KV pool (its contents are dropped) and, on CUDA, move the

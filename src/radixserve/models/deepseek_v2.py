@@ -164,6 +164,8 @@ class DeepseekV2ForCausalLM(LlamaForCausalLM):
     the last decoder layer (model.layers.61 in V3): the loader skips them."""
 
     CHECKPOINT_EXTRA_LAYERS = True
+    # Absorbed attention reads kv_b_proj's weight itself: --quantization fp8 keeps it.
+    UNQUANTIZED_LINEARS = ("kv_b_proj",)
 
     # MLA's absorption matmuls and attention have no batch-invariant mode yet.
     supports_deterministic_inference = False

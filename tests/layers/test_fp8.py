@@ -1,0 +1,151 @@
+"""--quantization fp8: the FP8 linear against a reference computed from the
+dequantized values in float32, the quantizer's error bound, which layers are
+quantized, the round trip weight updates rely on, and a whole tiny Llama
+against transformers with the same fake-quantized weights and activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from radixserve.layers.fp8 import (
+    FP8_DTYPE, fp8_linear, quantize_linears, quantize_per_row, unquantized,
+)
+from radixserve.layers.linear import Linear, MergedLinear
+from tests.conftest import load_hf_model
+from tests.models.deepseek_tiny import teacher_forced_logits
+
+E4M3_MANTISSA_STEP = 2.0 ** -3  # 3 mantissa bits: neighbours differ by at most 1/8 of the value
+E4M3_SMALLEST_STEP = 2.0 ** -9  # subnormal spacing, in units of the scale
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().view(-1, 1)
+
+
+def test_quantize_per_row_error_bound():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 96, generator=g) * torch.logspace(-3, 3, 32)[:, None]  # rows of very different sizes
+    q, scale = quantize_per_row(x)
+    assert q.dtype == FP8_DTYPE and scale.shape == (32, 1)
+    assert torch.allclose(dequantize(q, scale).abs().amax(1), x.abs().amax(1), rtol=1e-6, atol=0)  # row max kept
+    err = (dequantize(q, scale) - x).abs()
+    assert (err <= E4M3_MANTISSA_STEP / 2 * x.abs() + scale * E4M3_SMALLEST_STEP).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_equals_the_dequantized_product(bias, dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 64, generator=g).to(dtype)
+    w = torch.randn(48, 64, generator=g)
+    b = torch.randn(48, generator=g).to(dtype) if bias else None
+    wq, ws = quantize_per_row(w)
+    out = fp8_linear(x, wq, ws.view(-1), b)
+    xq, xs = quantize_per_row(x)
+    reference = dequantize(xq, xs) @ dequantize(wq, ws).T + (b.float() if bias else 0)
+    assert out.dtype == dtype and out.shape == (7, 48)
+    assert rel(out, reference) < (1e-6 if dtype == torch.float32 else 1e-2)
+    full = x.float() @ w.T + (b.float() if bias else 0)
+    assert rel(out, full) < 5e-2  # what quantization costs on random data
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv_proj = MergedLinear(64, {"q": 64, "k": 32, "v": 32})
+        self.gate = Linear(64, 16)  # a MoE router: kept
+        self.odd = Linear(64, 40)  # not a multiple of 16: kept
+        self.kv_b_proj = Linear(64, 64)  # named by the model: kept
+
+
+def test_quantize_linears_picks_the_layers():
+    torch.manual_seed(2)
+    block = Block()
+    for p in block.parameters():
+        nn.init.normal_(p)
+    assert quantize_linears(block, skip=("kv_b_proj",)) == 1
+    assert block.qkv_proj.weight.dtype == FP8_DTYPE
+    assert all(m.weight.dtype == torch.float32 for m in (block.gate, block.odd, block.kv_b_proj))
+
+
+def test_unquantized_round_trip_and_partial_update():
+    torch.manual_seed(3)
+    block = Block()
+    nn.init.normal_(block.qkv_proj.weight)
+    quantize_linears(block)
+    weight, scale = block.qkv_proj.weight, block.qkv_proj.weight_scale
+    before_q, before_scale = weight.data.clone(), scale.clone()
+    new_k = torch.randn(32, 64)
+    with unquantized(block):
+        real = block.qkv_proj.weight
+        assert real.dtype == torch.float32
+        assert torch.equal(real, dequantize(before_q, before_scale))
+        block.qkv_proj.load_shard("k", "weight", new_k)
+    # The same tensors (CUDA graphs hold their addresses), q and v rows untouched.
+    assert block.qkv_proj.weight is weight and block.qkv_proj.weight_scale is scale
+    untouched = torch.cat([torch.arange(0, 64), torch.arange(96, 128)])
+    assert torch.equal(weight.data[untouched].view(torch.uint8), before_q[untouched].view(torch.uint8))
+    assert torch.equal(scale[untouched], before_scale[untouched])
+    assert rel(dequantize(weight.data[64:96], scale[64:96]), new_k) < 5e-2
+
+
+def fake_quantize_linears(hf_model: nn.Module) -> None:
+    """transformers' model with our quantization applied by hand: each
+    projection's weight replaced by its per-channel FP8 value, each input
+    rounded per token to FP8 before the matmul (the LM head stays exact)."""
+    for name, module in hf_model.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
+            q, scale = quantize_per_row(module.weight.data)
+            module.weight.data = dequantize(q, scale)
+            module.register_forward_pre_hook(lambda _, args: (dequantize(*quantize_per_row(args[0].reshape(
+                -1, args[0].shape[-1]))).view(args[0].shape),))
+
+
+def test_tiny_llama_matches_fake_quantized_transformers(tiny_model_factory):
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    path = tiny_model_factory("llama")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 23, 40)]
+    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", quantization="fp8", max_total_tokens=512))
+    assert runner.model.model.layers[0].self_attn.qkv_proj.weight.dtype == FP8_DTYPE
+    ours = teacher_forced_logits(runner, prompts, chunks=[16, 16, 16], decode_steps=0)
+    hf = load_hf_model(path)
+    exact = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    fake_quantize_linears(hf)
+    with torch.no_grad():
+        reference = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    for o, r, e in zip(ours, reference, exact):
+        assert rel(o, r) < 1e-4  # the same arithmetic, up to float32 rounding (2e-7 measured)
+        assert rel(o, e) > 10 * rel(o, r)  # the reference is not the unquantized model
+
+
+def test_engine_serves_fp8_and_takes_weight_updates(tiny_model_factory):
+    """Through the Engine: a weight update into FP8 layers re-quantizes (new
+    q_proj values read back within FP8's error, outputs change), and loading
+    the original weights again gives back the original outputs exactly."""
+    from radixserve import Engine
+
+    path = tiny_model_factory("llama")
+    hf = load_hf_model(path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    original = hf.state_dict()[name]
+    changed = original + 0.5 * torch.randn(original.shape, generator=torch.Generator().manual_seed(5))
+    params = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+    prompts = [[5, 6, 7, 8], [300, 200, 100]]
+    with Engine(model_path=str(path), quantization="fp8", log_level="warning") as engine:
+        before = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+        assert engine.update_weights_from_tensor([(name, changed)])[0]
+        read = torch.tensor(engine.get_weights_by_name(name, truncate_size=original.numel()))
+        assert rel(read, changed.flatten()) < 5e-2 and rel(read, original.flatten()) > 0.2
+        after = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+        assert engine.update_weights_from_tensor([(name, original)])[0]
+        again = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
+    assert after != before and again == before
