@@ -1,6 +1,7 @@
 """Decode throughput of the engine against transformers' generate, same model, same run.
 
-    .venv/bin/python bench/cpu_decode_compare.py [--model-path SmolLM2-135M-Instruct]
+    .venv/bin/python bench/cpu_decode_compare.py [--model-path SmolLM2-135M-Instruct] [--batches 1,32]
+        [--engine-arg key=value ...] [--hf-dtypes float32,bfloat16]
 
 For batch 1 and for 32 concurrent requests (128 prompt tokens, 64 new tokens each,
 greedy, EOS ignored) it times a 1-token and a 64-token generation; decode tok/s =
@@ -57,22 +58,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", default="SmolLM2-135M-Instruct")
     parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--engine-arg", action="append", default=[], help="key=value for our Engine, e.g. "
+                                                                          "torchao_config=int8wo")
+    parser.add_argument("--hf-dtypes", default="float32", help="transformers' dtypes, each run in turn")
     args = parser.parse_args()
+    engine_args = dict(pair.split("=", 1) for pair in args.engine_arg)
     from transformers import AutoModelForCausalLM
 
     from radixserve.model_loader.source import resolve_model_source
 
     source = resolve_model_source(args.model_path)
     kwargs = {"gguf_file": source.path.name} if source.kind == "gguf" else {}
-    hf = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs).eval()
-    results = {"threads": torch.get_num_threads()}
+    hfs = {dt: AutoModelForCausalLM.from_pretrained(source.folder, dtype=getattr(torch, dt), **kwargs).eval()
+           for dt in args.hf_dtypes.split(",")}
+    vocab = next(iter(hfs.values())).config.vocab_size
+    results = {"threads": torch.get_num_threads(), "engine_args": engine_args}
     # The radix cache would serve the repeated prompts from cache; transformers recomputes them.
-    with Engine(model_path=args.model_path, log_level="warning", disable_radix_cache=True) as engine:
+    with Engine(model_path=args.model_path, log_level="warning", disable_radix_cache=True, **engine_args) as engine:
         for bs in map(int, args.batches.split(",")):
-            ids = prompts(bs, hf.config.vocab_size)
+            ids = prompts(bs, vocab)
             results[f"radixserve_bs{bs}"] = decode_rate(time_engine, engine, ids)
-            results[f"transformers_bs{bs}"] = decode_rate(time_hf, hf, ids)
-            print(json.dumps({k: v for k, v in results.items() if str(bs) in k}), flush=True)
+            for dt, hf in hfs.items():
+                results[f"transformers_{dt}_bs{bs}"] = decode_rate(time_hf, hf, ids)
+            print(json.dumps({k: v for k, v in results.items() if k.endswith(f"_bs{bs}")}), flush=True)
     print(json.dumps(results, indent=1))
 
 

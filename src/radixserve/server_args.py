@@ -46,6 +46,9 @@ class ServerArgs:
     device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
     quantization: Optional[str] = option(None, "fp8: linear layers' weights quantized to FP8 E4M3 at load "
                                                "(per output channel), activations per token; None: as loaded")
+    torchao_config: Optional[str] = option(None, "int8wo: linear and LM-head weights as int8 (per output "
+                                                 "channel), activations bfloat16 (--dtype auto picks it); "
+                                                 "None: as loaded")
     context_length: Optional[int] = option(None, "longest prompt + output in tokens; None: the model config's")
     trust_remote_code: bool = option(False, "accepted for SGLang compatibility; no model code is "
                                             "downloaded, so it changes nothing")
@@ -182,9 +185,13 @@ class ServerArgs:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {'|'.join(map(str, QUANTIZATIONS))}, "
                              f"got {self.quantization!r}")
-        if self.quantization and self.enable_deterministic_inference:
-            raise ValueError("quantization cannot be combined with enable_deterministic_inference "
-                             "(its batch-invariant GEMMs are bfloat16)")
+        if self.torchao_config not in (None, "", "int8wo"):
+            raise ValueError(f"torchao_config must be int8wo, got {self.torchao_config!r}")
+        if self.quantization and self.torchao_config:
+            raise ValueError("quantization and torchao_config cannot be combined; choose one")
+        if (self.quantization or self.torchao_config) and self.enable_deterministic_inference:
+            raise ValueError("quantization and torchao_config cannot be combined with "
+                             "enable_deterministic_inference (its batch-invariant GEMMs are bfloat16)")
         if self.enable_mixed_chunk and self.enable_deterministic_inference:
             # A decode step inside a mixed batch runs the extend kernels: its
             # numbers would depend on whether a prefill came along.

@@ -48,6 +48,9 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(nn.Module):
     batch_invariant = False  # set by the model runner under --enable-deterministic-inference
+    # A quantized copy of the weight (layers/quantization.py), which the forward
+    # reads instead; the weight stays (a tied embedding reads it).
+    weight_format = None
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -58,7 +61,9 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32, whatever the weights' dtype; every rank gets all of them."""
-        if self.batch_invariant:
+        if self.weight_format is not None:
+            logits = self.weight_format.matmul(hidden, self.qweight, self.qscale, None).float()
+        elif self.batch_invariant:
             logits = invariant_linear(hidden, self.weight).float()
         else:
             logits = nn.functional.linear(hidden, self.weight).float()

@@ -18,7 +18,6 @@ from torch import nn
 
 from radixserve.distributed import get_tp_group
 from radixserve.layers.batch_invariant import invariant_linear
-from radixserve.layers.fp8 import fp8_linear
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
 )
@@ -29,7 +28,9 @@ class Linear(nn.Module):
 
     # Set by the model runner under --enable-deterministic-inference.
     batch_invariant = False
-    # Per-output-channel scales once --quantization fp8 has made the weight FP8.
+    # Set when the weight is quantized (layers/quantization.py): its format and
+    # per-output-channel scales.
+    weight_format = None
     weight_scale: Optional[torch.Tensor] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
@@ -43,7 +44,7 @@ class Linear(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.weight_scale is not None:
-            return fp8_linear(x, self.weight, self.weight_scale, bias)
+            return self.weight_format.matmul(x, self.weight, self.weight_scale, bias)
         if self.batch_invariant:
             return invariant_linear(x, self.weight, bias)
         return torch.nn.functional.linear(x, self.weight, bias)

@@ -11,7 +11,7 @@ import torch
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
-from radixserve.layers.fp8 import quantize_linears, unquantized
+from radixserve.layers.quantization import FP8, INT8_WEIGHT_ONLY, quantize_linears, unquantized
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
@@ -45,9 +45,10 @@ class LogitsOutput:
                 LogitsOutput(self.next_token_logits[num_decode:], extend_all))
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, torchao_config: Optional[str] = None) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        # int8 weight-only's fast CPU kernel takes bfloat16 activations.
+        return torch.bfloat16 if device == "cuda" or torchao_config == "int8wo" else torch.float32
     return getattr(torch, dtype)
 
 
@@ -72,14 +73,14 @@ class ModelRunner:
         init_distributed(self.parallel, self.device, dist_init_method or "", server_args.dist_timeout)
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
-        self.dtype = resolve_dtype(server_args.dtype, self.device.type)
+        self.dtype = resolve_dtype(server_args.dtype, self.device.type, server_args.torchao_config)
         self.context_len = server_args.context_length or get_context_length(self.config)
         self.model = load_model(
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
-        if server_args.quantization == "fp8":
-            self._quantize_fp8()
+        if server_args.quantization == "fp8" or server_args.torchao_config == "int8wo":
+            self._quantize(FP8 if server_args.quantization == "fp8" else INT8_WEIGHT_ONLY)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -163,13 +164,13 @@ class ModelRunner:
             raise ValueError(f"attention_backend {name!r} cannot serve multi-head latent attention models")
         return backend
 
-    def _quantize_fp8(self) -> None:
-        """--quantization fp8: the linear layers' weights become FP8 now; their
-        unquantized copies are freed before the KV pool is sized."""
-        count = quantize_linears(self.model, skip=getattr(self.model, "UNQUANTIZED_LINEARS", ()))
+    def _quantize(self, fmt) -> None:
+        """--quantization fp8 / --torchao-config int8wo: the linear layers' weights
+        are quantized now; their unquantized copies are freed before the KV pool is sized."""
+        count = quantize_linears(self.model, fmt, skip=getattr(self.model, "UNQUANTIZED_LINEARS", ()))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        logger.info("--quantization fp8: %d linear layers quantized to FP8 E4M3", count)
+        logger.info("%s: %d weights quantized", fmt.name, count)
 
     def _use_batch_invariant_layers(self) -> None:
         """--enable-deterministic-inference: every layer with a batch-invariant

@@ -1,12 +1,14 @@
-"""What --quantization fp8 costs in accuracy, on a model with real weights.
+"""What a quantized weight format costs in accuracy, on a model with real weights.
 
-    python bench/fp8_accuracy.py [--model-path SmolLM2-135M-Instruct] [--prompts 100]
-        [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--out results.json]
+    python bench/quant_accuracy.py [--method fp8|int8wo] [--model-path SmolLM2-135M-Instruct]
+        [--prompts 100] [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--out results.json]
 
 The prompts are the first N lines of at least 40 characters of this
 repository's docs (real text, the same on every machine). Each prompt runs
-teacher-forced through two model runners on the same weights, unquantized and
-FP8, and every position's logits are compared: relative L2 error
+teacher-forced through two model runners on the same weights: the reference
+(unquantized, --dtype) and the quantized one (`--quantization fp8` or
+`--torchao-config int8wo`, with --dtype auto: int8wo runs its activations in
+bfloat16), and every position's logits are compared: relative L2 error
 ||fp8 - ref|| / ||ref|| over all positions, the mean KL divergence of the
 next-token distributions, and how often the top-1 token agrees.
 """
@@ -40,9 +42,10 @@ def doc_prompts(count: int) -> List[str]:
     return lines[:count]
 
 
-def logits_of(args: argparse.Namespace, ids: List[List[int]], quantization) -> List[torch.Tensor]:
-    runner = ModelRunner(ServerArgs(model_path=args.model_path, device=args.device, dtype=args.dtype,
-                                    quantization=quantization, max_total_tokens=4096))
+def logits_of(args: argparse.Namespace, ids: List[List[int]], method) -> List[torch.Tensor]:
+    flags = {"fp8": {"quantization": "fp8"}, "int8wo": {"torchao_config": "int8wo", "dtype": "auto"}}.get(method, {})
+    runner = ModelRunner(ServerArgs(**{"model_path": args.model_path, "device": args.device, "dtype": args.dtype,
+                                       "max_total_tokens": 4096, **flags}))
     out = []
     for start in range(0, len(ids), 8):  # a few prompts per forward
         batch = ids[start:start + 8]
@@ -54,6 +57,7 @@ def logits_of(args: argparse.Namespace, ids: List[List[int]], quantization) -> L
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="fp8", choices=["fp8", "int8wo"])
     p.add_argument("--model-path", default="SmolLM2-135M-Instruct")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--device", default="cpu")
@@ -65,10 +69,10 @@ def main() -> None:
     tokenizer = load_tokenizer(resolve_model_source(args.model_path))
     ids = [tokenizer.encode(text)[:128] for text in doc_prompts(args.prompts)]
     ref = torch.cat(logits_of(args, ids, None))
-    fp8 = torch.cat(logits_of(args, ids, "fp8"))
+    fp8 = torch.cat(logits_of(args, ids, args.method))
     kl = torch.nn.functional.kl_div(fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
     result = {
-        "model": args.model_path, "device": args.device, "dtype": args.dtype, "prompts": len(ids),
+        "method": args.method, "model": args.model_path, "device": args.device, "dtype": args.dtype, "prompts": len(ids),
         "positions": ref.shape[0],
         "rel_l2": ((fp8 - ref).norm() / ref.norm()).item(),
         "mean_kl": kl.sum(-1).mean().item(),

@@ -1,7 +1,8 @@
-"""--quantization fp8: the FP8 linear against a reference computed from the
-dequantized values in float32, the quantizer's error bound, which layers are
-quantized, the round trip weight updates rely on, and a whole tiny Llama
-against transformers with the same fake-quantized weights and activations."""
+"""--quantization fp8 and --torchao-config int8wo: each format's linear against
+a reference computed from the dequantized values in float32, the quantizer's
+error bound, which layers are quantized, the round trip weight updates rely
+on, a whole tiny Llama against transformers with the same fake-quantized
+weights (and, for FP8, activations), and the default model's answer."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from radixserve.layers.fp8 import (
-    FP8_DTYPE, fp8_linear, quantize_linears, quantize_per_row, unquantized,
+from radixserve.layers.quantization import (
+    FP8, FP8_DTYPE, INT8_WEIGHT_ONLY, fp8_linear, int8_weight_only_linear, quantize_linears, quantize_per_row,
+    unquantized,
 )
 from radixserve.layers.linear import Linear, MergedLinear
 from tests.conftest import load_hf_model
@@ -69,7 +71,7 @@ def test_quantize_linears_picks_the_layers():
     block = Block()
     for p in block.parameters():
         nn.init.normal_(p)
-    assert quantize_linears(block, skip=("kv_b_proj",)) == 1
+    assert quantize_linears(block, FP8, skip=("kv_b_proj",)) == 1
     assert block.qkv_proj.weight.dtype == FP8_DTYPE
     assert all(m.weight.dtype == torch.float32 for m in (block.gate, block.odd, block.kv_b_proj))
 
@@ -78,7 +80,7 @@ def test_unquantized_round_trip_and_partial_update():
     torch.manual_seed(3)
     block = Block()
     nn.init.normal_(block.qkv_proj.weight)
-    quantize_linears(block)
+    quantize_linears(block, FP8)
     weight, scale = block.qkv_proj.weight, block.qkv_proj.weight_scale
     before_q, before_scale = weight.data.clone(), scale.clone()
     new_k = torch.randn(32, 64)
@@ -149,3 +151,60 @@ def test_engine_serves_fp8_and_takes_weight_updates(tiny_model_factory):
         assert engine.update_weights_from_tensor([(name, original)])[0]
         again = [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=params)]
     assert after != before and again == before
+
+
+def test_int8_weight_only_linear_equals_the_dequantized_product():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 64, generator=g)
+    w = torch.randn(48, 64, generator=g)
+    wq, ws = quantize_per_row(w, torch.int8)
+    assert wq.dtype == torch.int8 and (dequantize(wq, ws) - w).abs().max() <= ws.max() / 2 + 1e-6
+    out = int8_weight_only_linear(x, wq, ws.view(-1), None)
+    assert rel(out, x @ dequantize(wq, ws).T) < 1e-6
+    fast = int8_weight_only_linear(x.bfloat16(), wq, ws.view(-1), None)  # the CPU's fast kernel
+    assert fast.dtype == torch.bfloat16 and rel(fast, x @ dequantize(wq, ws).T) < 1e-2
+
+
+def test_int8_weight_only_tiny_llama_matches_transformers_with_the_same_weights(tiny_model_factory):
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    path = tiny_model_factory("llama")
+    prompts = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(7)).tolist() for n in (6, 30)]
+    # float32 activations: the same arithmetic as the reference, to float32 rounding
+    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", torchao_config="int8wo", dtype="float32",
+                                    max_total_tokens=512))
+    assert runner.model.lm_head.qweight.dtype == torch.int8
+    ours = teacher_forced_logits(runner, prompts, chunks=[16, 16], decode_steps=0)
+    hf = load_hf_model(path)
+    with torch.no_grad():
+        exact = [hf(torch.tensor([p])).logits[0] for p in prompts]
+        for name, module in hf.named_modules():
+            if isinstance(module, nn.Linear):  # the LM head too
+                module.weight.data = dequantize(*quantize_per_row(module.weight.data, torch.int8))
+        reference = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    for o, r, e in zip(ours, reference, exact):
+        assert rel(o, r) < 1e-4 and rel(o, e) > 10 * rel(o, r)
+
+
+def test_int8_weight_only_default_model_still_answers():
+    from radixserve import Engine
+
+    with Engine(model_path="SmolLM2-135M-Instruct", torchao_config="int8wo", log_level="warning") as engine:
+        assert engine.get_server_info()["dtype"] == "bfloat16"
+        out = engine.generate(prompt="The capital of France is", sampling_params={"temperature": 0,
+                                                                                 "max_new_tokens": 4})
+    assert "Paris" in out["text"]
+
+
+def test_int8_weight_only_prefill_path_agrees_with_the_decode_kernel():
+    # Many rows take the dequantize-and-GEMM path; the same rows a few at a time
+    # take the int8 kernel: both are the dequantized product.
+    from radixserve.layers.quantization import INT8_DEQUANTIZE_FROM_ROWS
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(INT8_DEQUANTIZE_FROM_ROWS + 3, 64, generator=g)
+    wq, ws = quantize_per_row(torch.randn(32, 64, generator=g), torch.int8)
+    many = int8_weight_only_linear(x, wq, ws.view(-1), None)
+    few = torch.cat([int8_weight_only_linear(x[i:i + 4], wq, ws.view(-1), None) for i in range(0, len(x), 4)])
+    assert rel(many, few) < 1e-6 and rel(many, x @ dequantize(wq, ws).T) < 1e-6
