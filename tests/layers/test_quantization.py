@@ -208,3 +208,30 @@ def test_int8_weight_only_prefill_path_agrees_with_the_decode_kernel():
     many = int8_weight_only_linear(x, wq, ws.view(-1), None)
     few = torch.cat([int8_weight_only_linear(x[i:i + 4], wq, ws.view(-1), None) for i in range(0, len(x), 4)])
     assert rel(many, few) < 1e-6 and rel(many, x @ dequantize(wq, ws).T) < 1e-6
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_moe_and_mla_models_keep_routers_and_latent_projection(family, tmp_path, embedded_tokenizer_dir):
+    """The MoE routers and DeepSeek's kv_b_proj (absorbed attention reads its
+    weight) stay unquantized; the models run, near their unquantized logits."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+    from tests.models.deepseek_tiny import build_deepseek
+    from tests.models.moe_tiny import build_moe_model
+
+    if family == "deepseek_v3":
+        build_deepseek("v3", 1000, tmp_path, embedded_tokenizer_dir)
+    else:
+        build_moe_model(family, embedded_tokenizer_dir, tmp_path)
+    prompt = [[5, 6, 7, 8, 9, 10, 11]]
+    logits = {}
+    for fmt in ("none", "fp8", "int8wo"):
+        flags = {"fp8": {"quantization": "fp8"}, "int8wo": {"torchao_config": "int8wo", "dtype": "float32"}}
+        runner = ModelRunner(ServerArgs(model_path=str(tmp_path), device="cpu", max_total_tokens=256,
+                                        **flags.get(fmt, {})))
+        logits[fmt] = teacher_forced_logits(runner, prompt, chunks=[7], decode_steps=0)[0]
+        kept = {name: m.weight.dtype for name, m in runner.model.named_modules()
+                if name.endswith((".gate", ".kv_b_proj")) and hasattr(m, "weight")}
+        assert kept and all(dtype == torch.float32 for dtype in kept.values()), kept
+    for fmt in ("fp8", "int8wo"):
+        assert rel(logits[fmt], logits["none"]) < (0.3 if fmt == "fp8" else 0.05)
