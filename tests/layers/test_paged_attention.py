@@ -370,21 +370,14 @@ def test_mixed_batch_matches_plain_attention(window, with_sinks, page_size, num_
     n, total = len(decode_lens), len(decode_lens) + sum(e for _, e in cases)
     g = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(total, h * HEAD_DIM, generator=g).to(DEVICE) for h in (attn.num_heads, KV_HEADS, KV_HEADS))
-    prefixes = [d - 1 for d in decode_lens] + [p for p, _ in cases]
-    extends = [1] * n + [e for _, e in cases]
-    extend_lens = torch.tensor(extends, device=DEVICE)
+    # A decode row is an extend of one token on top of the rest of its request.
+    rows = [(d - 1, 1) for d in decode_lens] + cases
+    prefixes, extends = zip(*rows)
 
     def mixed_batch(backend):
-        return ForwardBatch(
-            forward_mode=ForwardMode.MIXED, batch_size=len(lens), input_ids=torch.zeros(total, dtype=torch.int64),
-            positions=torch.zeros(total, dtype=torch.int64), req_pool_indices=torch.tensor(pools.rows, device=DEVICE),
-            seq_lens=torch.tensor(lens, device=DEVICE),
-            out_cache_loc=torch.cat([pools.table.req_to_token[r, p:s] for r, p, s in zip(pools.rows, prefixes, lens)]),
-            seq_lens_cpu=lens, extend_prefix_lens=torch.tensor(prefixes, device=DEVICE), extend_seq_lens=extend_lens,
-            extend_start_loc=torch.cumsum(extend_lens, 0) - extend_lens, extend_prefix_lens_cpu=prefixes,
-            extend_seq_lens_cpu=extends, req_to_token_pool=pools.table, kv_pool=pools.kv, attn_backend=backend,
-            num_decode_rows=n,
-        )
+        fb = extend_batch(pools, rows, backend, total)
+        fb.forward_mode, fb.num_decode_rows = ForwardMode.MIXED, n
+        return fb
 
     outs = []
     for backend in (TorchNativeAttnBackend(), TritonAttnBackend(DEVICE)):
@@ -393,7 +386,7 @@ def test_mixed_batch_matches_plain_attention(window, with_sinks, page_size, num_
         if isinstance(backend, TritonAttnBackend):
             fb.attn_metadata.decode_splits = num_splits  # (the CPU's default is 1)
         outs.append(backend.forward(q, k, v, attn, fb))
-    starts = torch.cumsum(extend_lens, 0) - extend_lens
+    starts = torch.cumsum(torch.tensor(extends), 0) - torch.tensor(extends)
     plain = torch.cat([reference_attention(pools, row, s, q[st:st + e], p, attn)
                        for row, s, p, e, st in zip(pools.rows, lens, prefixes, extends, starts.tolist())])
     for out in outs:

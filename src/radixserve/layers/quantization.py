@@ -26,8 +26,6 @@ from torch import nn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 INT8_MAX = 127
-# cuBLASLt's FP8 GEMM needs both matrix dimensions of the weight in multiples of 16.
-FP8_ALIGNMENT = 16
 # Linears kept in their dtype: MoE routers (a tiny matmul whose errors move
 # tokens to other experts); models add the ones whose weight they read directly.
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -82,15 +80,25 @@ class WeightFormat:
     dtype: torch.dtype
     matmul: Callable[..., torch.Tensor]  # (x, q, scale [out], bias) -> y
     quantize_lm_head: bool  # the LM head too (int8: the largest single read of a CPU decode step)
+    alignment: int = 1  # both weight dimensions must be multiples of this for the kernel
 
 
-FP8 = WeightFormat("fp8", FP8_DTYPE, fp8_linear, quantize_lm_head=False)
+# cuBLASLt's FP8 GEMM needs both matrix dimensions of the weight in multiples of 16.
+FP8 = WeightFormat("fp8", FP8_DTYPE, fp8_linear, quantize_lm_head=False, alignment=16)
 INT8_WEIGHT_ONLY = WeightFormat("int8wo", torch.int8, int8_weight_only_linear, quantize_lm_head=True)
 
 
+def weight_format_of(quantization: Optional[str], torchao_config: Optional[str]) -> Optional[WeightFormat]:
+    """The format --quantization / --torchao-config ask for (ServerArgs allows one), or None."""
+    if quantization == "fp8":
+        return FP8
+    if torchao_config == "int8wo":
+        return INT8_WEIGHT_ONLY
+    return None
+
+
 def can_quantize(module: nn.Module, fmt: WeightFormat) -> bool:
-    out_features, in_features = module.weight.shape
-    return fmt is not FP8 or (out_features % FP8_ALIGNMENT == 0 and in_features % FP8_ALIGNMENT == 0)
+    return all(size % fmt.alignment == 0 for size in module.weight.shape)
 
 
 def quantize_linears(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = ()) -> int:

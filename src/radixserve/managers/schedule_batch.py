@@ -199,24 +199,28 @@ def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> Forward
     (--enable-mixed-chunk). The decode requests come first, each an extend of
     one token on top of its KV, so the logits' first rows are theirs; their
     input ids stay on the device (the overlap schedule may not have read them)."""
-    dec, ext = decode.to_forward_batch(), extend.to_forward_batch()
-    n = dec.batch_size
+    n = len(decode)
     decode_rows = torch.arange(n, dtype=torch.int64, device=decode.device)
+    decode_seq_lens = decode.seq_lens_cpu.tolist()
+
+    def both(name: str) -> torch.Tensor:
+        return torch.cat([getattr(decode, name), getattr(extend, name)])
+
     fb = ForwardBatch(
         forward_mode=ForwardMode.MIXED,
-        batch_size=n + ext.batch_size,
-        input_ids=torch.cat([dec.input_ids, ext.input_ids]),
-        positions=torch.cat([dec.positions, ext.positions]),
-        req_pool_indices=torch.cat([dec.req_pool_indices, ext.req_pool_indices]),
-        seq_lens=torch.cat([dec.seq_lens, ext.seq_lens]),
-        out_cache_loc=torch.cat([dec.out_cache_loc, ext.out_cache_loc]),
-        seq_lens_cpu=dec.seq_lens_cpu + ext.seq_lens_cpu,
-        logits_indices=torch.cat([decode_rows, ext.logits_indices + n]),
-        last_logit_rows=torch.cat([decode_rows, ext.last_logit_rows + n]),
-        req_to_token_pool=dec.req_to_token_pool,
-        kv_pool=dec.kv_pool,
+        batch_size=n + len(extend),
+        input_ids=both("input_ids"),
+        positions=both("positions"),
+        req_pool_indices=both("req_pool_indices"),
+        seq_lens=both("seq_lens"),
+        out_cache_loc=both("out_cache_loc"),
+        seq_lens_cpu=decode_seq_lens + extend.seq_lens_cpu.tolist(),
+        logits_indices=torch.cat([decode_rows, extend.logits_indices + n]),
+        last_logit_rows=torch.cat([decode_rows, extend.last_logit_rows + n]),
+        req_to_token_pool=decode.pools.req_to_token_pool,
+        kv_pool=decode.pools.kv_pool,
         num_decode_rows=n,
     )
-    set_extend_lens(fb, [s - 1 for s in dec.seq_lens_cpu] + ext.extend_prefix_lens_cpu,
-                    [1] * n + ext.extend_seq_lens_cpu, decode.device)
+    set_extend_lens(fb, [s - 1 for s in decode_seq_lens] + extend._prefix_lens,
+                    [1] * n + extend._extend_lens, decode.device)
     return fb

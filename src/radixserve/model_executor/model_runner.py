@@ -11,7 +11,7 @@ import torch
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
-from radixserve.layers.quantization import FP8, INT8_WEIGHT_ONLY, quantize_linears, unquantized
+from radixserve.layers.quantization import WeightFormat, quantize_linears, unquantized, weight_format_of
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
@@ -79,8 +79,9 @@ class ModelRunner:
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
-        if server_args.quantization == "fp8" or server_args.torchao_config == "int8wo":
-            self._quantize(FP8 if server_args.quantization == "fp8" else INT8_WEIGHT_ONLY)
+        weight_format = weight_format_of(server_args.quantization, server_args.torchao_config)
+        if weight_format is not None:
+            self._quantize(weight_format)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -164,7 +165,7 @@ class ModelRunner:
             raise ValueError(f"attention_backend {name!r} cannot serve multi-head latent attention models")
         return backend
 
-    def _quantize(self, fmt) -> None:
+    def _quantize(self, fmt: WeightFormat) -> None:
         """--quantization fp8 / --torchao-config int8wo: the linear layers' weights
         are quantized now; their unquantized copies are freed before the KV pool is sized."""
         count = quantize_linears(self.model, fmt, skip=getattr(self.model, "UNQUANTIZED_LINEARS", ()))
