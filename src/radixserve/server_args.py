@@ -29,6 +29,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 QUANTIZATIONS = (None, "fp8")
+# mem_cache/kv_dtype.py maps each to a torch dtype (auto: the model's).
+KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass
@@ -55,6 +57,9 @@ class ServerArgs:
 
     # Memory
     page_size: int = option(1, "tokens per KV-cache page (the allocation unit)")
+    kv_cache_dtype: str = option("auto", "what the KV cache stores: auto (the model's dtype)|bf16|bfloat16|"
+                                         "fp8_e4m3|fp8_e5m2 (FP8: half the bytes of bf16, values stored "
+                                         "unscaled and saturated)")
     max_total_tokens: Optional[int] = option(None, "KV-cache size in tokens; None: from --mem-fraction-static "
                                                    "on CUDA, a fixed pool on the CPU")
     mem_fraction_static: Optional[float] = option(None, "fraction of device memory for weights + KV cache, "
@@ -182,6 +187,9 @@ class ServerArgs:
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         self._validate_parallelism()
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {'|'.join(map(str, QUANTIZATIONS))}, "
                              f"got {self.quantization!r}")

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.mem_cache.kv_dtype import FP8_DTYPES
+
 
 @triton.jit
 def _rmsnorm_kernel(
@@ -123,13 +125,16 @@ def rotary(
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_stride, row_size,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, LIMIT: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < row_size
     slot = tl.load(loc_ptr + token)
     k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
     v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
+    if LIMIT > 0:  # an FP8 cache: saturate, as to_cache_dtype does
+        k = tl.clamp(k.to(tl.float32), -LIMIT, LIMIT)
+        v = tl.clamp(v.to(tl.float32), -LIMIT, LIMIT)
     tl.store(k_buf_ptr + slot * row_size + cols, k.to(k_buf_ptr.dtype.element_ty), mask=mask)
     tl.store(v_buf_ptr + slot * row_size + cols, v.to(v_buf_ptr.dtype.element_ty), mask=mask)
 
@@ -140,5 +145,6 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.T
     tokens = k.shape[0]
     row_size = k_buf.shape[1] * k_buf.shape[2]
     if tokens:
+        limit = torch.finfo(k_buf.dtype).max if k_buf.dtype in FP8_DTYPES else 0.0
         _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), row_size,
-                                    BLOCK=triton.next_power_of_2(row_size), num_warps=4)
+                                    BLOCK=triton.next_power_of_2(row_size), LIMIT=limit, num_warps=4)

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import torch
 
+from radixserve.mem_cache.kv_dtype import to_cache_dtype
+
 
 class ReqToTokenPool:
     """Row r maps position i of the request in row r to its KV slot."""
@@ -52,8 +54,8 @@ class KVPool:
 
             store_kv(k, v, loc, k_buf, v_buf)
             return
-        k_buf[loc] = k.to(k_buf.dtype)
-        v_buf[loc] = v.to(v_buf.dtype)
+        k_buf[loc] = to_cache_dtype(k, k_buf.dtype)
+        v_buf[loc] = to_cache_dtype(v, v_buf.dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

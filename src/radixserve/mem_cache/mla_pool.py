@@ -14,6 +14,8 @@ from typing import List
 
 import torch
 
+from radixserve.mem_cache.kv_dtype import to_cache_dtype
+
 
 class MLAKVPool:
     """Per layer one buffer `[num_slots, 1, kv_lora_rank + rope_dim]`: latent | rope key."""
@@ -41,7 +43,7 @@ class MLAKVPool:
     def set_mla_kv(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
         """latent: [T, kv_lora_rank] (normed), rope: [T, rope_dim] (rotated), for the slots in loc."""
         buf = self.latent_buffers[layer_id]
-        buf[loc] = torch.cat([latent, rope], dim=-1).to(buf.dtype).unsqueeze(1)
+        buf[loc] = to_cache_dtype(torch.cat([latent, rope], dim=-1), buf.dtype).unsqueeze(1)
 
     @staticmethod
     def bytes_per_token(num_layers: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype) -> int:

@@ -13,6 +13,7 @@ from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.quantization import WeightFormat, quantize_linears, unquantized, weight_format_of
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
+from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.prefix_cache import PrefixCache
@@ -74,6 +75,7 @@ class ModelRunner:
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
         self.dtype = resolve_dtype(server_args.dtype, self.device.type, server_args.torchao_config)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)
         self.model = load_model(
             self.source, self.config, self.dtype, self.device, server_args.load_format
@@ -96,7 +98,7 @@ class ModelRunner:
 
     def _profile_max_num_tokens(self) -> int:
         args = self.server_args
-        per_token = self._kv_layout().bytes_per_token(self.dtype)
+        per_token = self._kv_layout().bytes_per_token(self.kv_cache_dtype)
         if args.max_total_tokens is not None:
             return args.max_total_tokens
         if self.device.type == "cuda":
@@ -136,18 +138,18 @@ class ModelRunner:
         self.max_running_requests = max_running
         self.allocator = TokenAllocator(num_tokens, page, self.device)
         self.kv_layout = self._kv_layout()
-        self.kv_bytes_per_token = self.kv_layout.bytes_per_token(self.dtype)
+        self.kv_bytes_per_token = self.kv_layout.bytes_per_token(self.kv_cache_dtype)
         # +1 row: a spare row for a chunked request alongside a full running batch
         req_to_token_pool = ReqToTokenPool(max_running + 1, self.context_len + 1, self.device)
         self.pools = MemoryPools(
             req_to_token_pool=req_to_token_pool,
             allocator=self.allocator,
-            kv_pool=self.kv_layout.make_pool(self.allocator.num_slots, self.dtype, self.device),
+            kv_pool=self.kv_layout.make_pool(self.allocator.num_slots, self.kv_cache_dtype, self.device),
             prefix_cache=PrefixCache(req_to_token_pool, self.allocator, enabled=not args.disable_radix_cache),
         )
         logger.info(
             "KV cache: %d tokens (%s, %s; %d bytes per token, %.2f GiB), max running requests %d",
-            num_tokens, self.kv_layout.describe(), self.dtype, self.kv_bytes_per_token,
+            num_tokens, self.kv_layout.describe(), self.kv_cache_dtype, self.kv_bytes_per_token,
             self.kv_bytes_per_token * self.allocator.num_slots / 2**30, max_running,
         )
 

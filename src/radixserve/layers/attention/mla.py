@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.mem_cache.kv_dtype import as_cached
+
 if TYPE_CHECKING:
     from radixserve.layers.attention.mla_backend import MLABackend
     from radixserve.model_executor.forward_batch import ForwardBatch
@@ -106,16 +108,20 @@ def _expanded(
     k_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: MLAAttention, fb: "ForwardBatch",
 ) -> torch.Tensor:
     if any(fb.extend_prefix_lens_cpu):
-        latent, k_pe, kv_start_loc = gather_request_latents(layer, fb)
-    else:  # the new tokens are every key: no cache read
+        latent, k_pe, kv_start_loc = gather_request_latents(layer, fb, latent.dtype)
+    else:  # the new tokens are every key: no cache read, but the values the cache holds
         kv_start_loc = fb.extend_start_loc
+        cache_dtype = fb.kv_pool.latent_buffers[layer.layer_id].dtype
+        latent, k_pe = as_cached(latent, cache_dtype), as_cached(k_pe, cache_dtype)
     kv = F.linear(latent, kv_b_weight).view(latent.shape[0], layer.num_heads, -1)
     k_nope, v = kv.split([layer.qk_nope_head_dim, layer.v_head_dim], dim=-1)
     return backend.mla_attend_expanded(q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, fb)
 
 
-def gather_request_latents(layer: MLAAttention, fb: "ForwardBatch") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every position of every request (prefix and new) from the cache, packed
+def gather_request_latents(
+    layer: MLAAttention, fb: "ForwardBatch", dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every position of every request (prefix and new) from the cache, in dtype, packed
     request after request: (latent [S, lora], k_pe [S, rope], start of each request [bs])."""
     seq_lens = fb.seq_lens
     total = sum(fb.seq_lens_cpu)  # host-known: no device sync for the output size
@@ -125,7 +131,7 @@ def gather_request_latents(layer: MLAAttention, fb: "ForwardBatch") -> Tuple[tor
         kv_start_loc, seq_lens, output_size=total
     )
     slots = fb.req_to_token_pool.req_to_token[rows, positions]
-    cached = fb.kv_pool.latent_buffers[layer.layer_id][slots, 0]
+    cached = fb.kv_pool.latent_buffers[layer.layer_id][slots, 0].to(dtype)  # widened from an FP8 cache
     return cached[:, : layer.kv_lora_rank], cached[:, layer.kv_lora_rank:], kv_start_loc
 
 

@@ -65,8 +65,10 @@ def _mla_decode_split_kernel(
         n_mask = pos < end
         slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
         row_ptr = kv_ptr + slot[:, None] * stride_kv_slot
-        latent = tl.load(row_ptr + dl[None, :], mask=n_mask[:, None] & dl_mask[None, :], other=0.0)
-        rope = tl.load(row_ptr + D_LATENT + dr[None, :], mask=n_mask[:, None] & dr_mask[None, :], other=0.0)
+        # .to: an FP8 cache is widened to the query's dtype before the dots.
+        latent = tl.load(row_ptr + dl[None, :], mask=n_mask[:, None] & dl_mask[None, :], other=0.0).to(q_lat.dtype)
+        rope = tl.load(row_ptr + D_LATENT + dr[None, :], mask=n_mask[:, None] & dr_mask[None, :],
+                       other=0.0).to(q_pe.dtype)
         s = (dot(q_lat, tl.trans(latent), IEEE) + dot(q_pe, tl.trans(rope), IEEE)) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, latent, m_i, l_i, acc, IEEE)  # the latent is the value
@@ -160,10 +162,11 @@ def _mla_extend_kernel(
             key_row = tl.load(req_to_token_ptr + table_row * stride_table_row + pos, mask=n_mask, other=0)
         else:
             key_row = first_key_row + pos
+        # .to: keys read from an FP8 cache are widened to the queries' dtype.
         ka = tl.load(ka_ptr + key_row[:, None] * stride_ka_row + head * stride_ka_head + da[None, :],
-                     mask=n_mask[:, None] & (da < DA)[None, :], other=0.0)
+                     mask=n_mask[:, None] & (da < DA)[None, :], other=0.0).to(qa.dtype)
         kb = tl.load(kb_ptr + key_row[:, None] * stride_kb_row + head * stride_kb_head + db[None, :],
-                     mask=n_mask[:, None] & (db < DB)[None, :], other=0.0)
+                     mask=n_mask[:, None] & (db < DB)[None, :], other=0.0).to(qb.dtype)
         s = (dot(qa, tl.trans(ka), IEEE) + dot(qb, tl.trans(kb), IEEE)) * scale
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
         if V_IS_KEY_A:  # absorbed: the latent is both key part and value

@@ -31,9 +31,10 @@ def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scal
     """One block of keys in the online softmax (flash attention): score the
     visible keys, rescale what was accumulated to the new running maximum,
     add this block's weighted values. Returns the new (max, sum, acc)."""
-    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
+    # .to: an FP8 cache is widened to the query's dtype before the dot.
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.where(visible, dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
-    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
     return online_softmax_step(s, v, m_i, l_i, acc, IEEE)
 
 

@@ -110,7 +110,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             slots = kv_indices[i, :pos.stop]
             q_pos = torch.arange(pos.start, pos.stop, device=q.device)
             out[start:start + len(pos)] = blocked_attention(
-                q[start:start + len(pos)], k_buf[slots], v_buf[slots], q_pos, layer.scaling,
+                q[start:start + len(pos)], k_buf[slots].to(q.dtype), v_buf[slots].to(q.dtype), q_pos, layer.scaling,
                 layer.sliding_window, layer.sinks,
             )
             start += len(pos)
