@@ -1,14 +1,15 @@
 """What a quantized weight format costs in accuracy, on a model with real weights.
 
-    python bench/quant_accuracy.py [--method fp8|int8wo] [--model-path SmolLM2-135M-Instruct]
+    python bench/quant_accuracy.py [--method fp8|int8wo|int4wo-32|gguf|bf16] [--model-path SmolLM2-135M-Instruct]
         [--prompts 100] [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--out results.json]
 
 The prompts are the first N lines of at least 40 characters of this
 repository's docs (real text, the same on every machine). Each prompt runs
 teacher-forced through two model runners on the same weights: the reference
-(unquantized, --dtype) and the quantized one (`--quantization fp8` or
-`--torchao-config int8wo`, with --dtype auto: int8wo runs its activations in
-bfloat16), and every position's logits are compared: relative L2 error
+(unquantized, --dtype) and the quantized one (`--quantization fp8|gguf` or
+`--torchao-config int8wo|int4wo-32`, with --dtype auto: the int kernels run
+their activations in bfloat16; `bf16` is the unquantized model in bfloat16),
+and every position's logits are compared: relative L2 error
 ||fp8 - ref|| / ||ref|| over all positions, the mean KL divergence of the
 next-token distributions, and how often the top-1 token agrees.
 """
@@ -42,8 +43,18 @@ def doc_prompts(count: int) -> List[str]:
     return lines[:count]
 
 
+# method -> the quantized runner's flags (the int kernels pick bfloat16 activations with --dtype auto)
+METHODS = {
+    "fp8": {"quantization": "fp8"},
+    "int8wo": {"torchao_config": "int8wo", "dtype": "auto"},
+    "int4wo-32": {"torchao_config": "int4wo-32", "dtype": "auto"},
+    "gguf": {"quantization": "gguf", "dtype": "auto"},
+    "bf16": {"dtype": "bfloat16"},  # no quantization: what bfloat16 alone costs
+}
+
+
 def logits_of(args: argparse.Namespace, ids: List[List[int]], method) -> List[torch.Tensor]:
-    flags = {"fp8": {"quantization": "fp8"}, "int8wo": {"torchao_config": "int8wo", "dtype": "auto"}}.get(method, {})
+    flags = METHODS.get(method, {})
     runner = ModelRunner(ServerArgs(**{"model_path": args.model_path, "device": args.device, "dtype": args.dtype,
                                        "max_total_tokens": 4096, **flags}))
     out = []
@@ -57,7 +68,7 @@ def logits_of(args: argparse.Namespace, ids: List[List[int]], method) -> List[to
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="fp8", choices=["fp8", "int8wo"])
+    p.add_argument("--method", default="fp8", choices=list(METHODS))
     p.add_argument("--model-path", default="SmolLM2-135M-Instruct")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--device", default="cpu")

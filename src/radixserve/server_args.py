@@ -28,7 +28,8 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
-QUANTIZATIONS = (None, "fp8")
+QUANTIZATIONS = (None, "fp8", "gguf")
+TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
 # mem_cache/kv_dtype.py maps each to a torch dtype (auto: the model's).
 KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
 
@@ -47,10 +48,12 @@ class ServerArgs:
                                 "bfloat16 on CUDA, float32 on the CPU)")
     device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
     quantization: Optional[str] = option(None, "fp8: linear layers' weights quantized to FP8 E4M3 at load "
-                                               "(per output channel), activations per token; None: as loaded")
+                                               "(per output channel), activations per token; gguf (CPU, a .gguf "
+                                               "model): its 4-bit weights kept 4-bit (int4wo-32); None: as loaded")
     torchao_config: Optional[str] = option(None, "int8wo: linear and LM-head weights as int8 (per output "
-                                                 "channel), activations bfloat16 (--dtype auto picks it); "
-                                                 "None: as loaded")
+                                                 "channel); int4wo-32|64|128 (CPU): linear weights as int4 "
+                                                 "in groups of 32|64|128 inputs, LM head int8; activations "
+                                                 "bfloat16 (--dtype auto picks it); None: as loaded")
     context_length: Optional[int] = option(None, "longest prompt + output in tokens; None: the model config's")
     trust_remote_code: bool = option(False, "accepted for SGLang compatibility; no model code is "
                                             "downloaded, so it changes nothing")
@@ -193,8 +196,13 @@ class ServerArgs:
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {'|'.join(map(str, QUANTIZATIONS))}, "
                              f"got {self.quantization!r}")
-        if self.torchao_config not in (None, "", "int8wo"):
-            raise ValueError(f"torchao_config must be int8wo, got {self.torchao_config!r}")
+        if self.torchao_config not in TORCHAO_CONFIGS:
+            raise ValueError(f"torchao_config must be one of {'|'.join(c for c in TORCHAO_CONFIGS if c)}, "
+                             f"got {self.torchao_config!r}")
+        if (self.quantization == "gguf" or (self.torchao_config or "").startswith("int4wo")) \
+                and self.resolved_device() != "cpu":
+            raise ValueError("quantization=gguf and torchao_config=int4wo-* run on the CPU only "
+                             "(torch's int4 kernel there); on CUDA use quantization=fp8")
         if self.quantization and self.torchao_config:
             raise ValueError("quantization and torchao_config cannot be combined; choose one")
         if (self.quantization or self.torchao_config) and self.enable_deterministic_inference:

@@ -9,6 +9,13 @@ fewer bytes with one scale per output channel (w ~= q * scale[row]).
   left as they are (bfloat16), torch's int8 weight-only kernel
   (aten._weight_int8pack_mm, what torchao's int8wo runs on the CPU). A
   quarter of float32's bytes: a memory-bound CPU decode step reads them all.
+- INT4WO-G (--torchao-config int4wo-32|64|128; --quantization gguf is int4wo-32
+  for a GGUF file, whose 4-bit blocks are 32 values): 4-bit weights in groups
+  of G input values, each group with its own scale and zero point (w ~= (q - 8)
+  * scale + zero, torch's int4 CPU kernel aten._weight_int4pack_mm_for_cpu),
+  the LM head as int8. An eighth of float32's bytes; a GGUF's Q4_1 block
+  (w = d * q + m, its minimum at q = 0 and maximum at q = 15) is recovered from
+  its dequantized values exactly, up to the bfloat16 rounding of d and m. CPU only.
 
 Under tensor parallelism each rank quantizes its own shard (a row-parallel
 shard's per-channel scales are its own; the all-reduce adds the partial sums).
@@ -16,6 +23,7 @@ shard's per-channel scales are its own; the all-reduce adds the partial sums).
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Tuple
@@ -74,31 +82,121 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     return out.view(*shape[:-1], weight.shape[0])
 
 
+def per_row_dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 values of a weight quantized per row (FP8, int8): q * scale[row]."""
+    return q.float() * scale.float()[:, None]
+
+
+# ---- int4 with a scale and zero point per group of input values (CPU) ----
+
+INT4_OFFSET = 8  # the kernel computes (q - 8) * scale + zero for q in 0..15
+INT4_ROW_BLOCK = 64  # the packed layout interleaves rows in blocks of 64
+
+
+def quantize_int4_groups(w: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (packed uint8 [out, in / 2] in the CPU kernel's layout,
+    bfloat16 scales_and_zeros [in / group, out, 2]). Each group's minimum maps
+    to q = 0 and its maximum to q = 15 (asymmetric min/max, as GGUF's Q4_1)."""
+    out_f, in_f = w.shape
+    groups = w.float().view(out_f, in_f // group, group)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16)
+    # The zero point in the kernel's convention: the value of q = 8.
+    zero = (low + INT4_OFFSET * scale.float()).to(torch.bfloat16)
+    q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + INT4_OFFSET).round().clamp(0, 15)
+    q = q.to(torch.int32).view(out_f, in_f)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    if not torch.equal(unpack_int4(packed), q):  # the layout unpack_int4 assumes is torch's
+        raise RuntimeError("this torch build packs int4 weights in an unknown layout")
+    return packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The q values [out, in] (int32, 0..15) of a weight packed by
+    _convert_weight_to_int4pack_for_cpu: per block of 64 rows and per input
+    column, 32 bytes whose low nibbles are rows 0..31 and high nibbles rows 32..63."""
+    out_f, half_in = packed.shape
+    blocks = packed.view(out_f // INT4_ROW_BLOCK, 2 * half_in, INT4_ROW_BLOCK // 2).to(torch.int32)
+    rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [blocks, in, 64]
+    return rows.transpose(1, 2).reshape(out_f, 2 * half_in)
+
+
+def int4_dequantized(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The float32 values [out, in] the int4 kernel multiplies by."""
+    q = unpack_int4(packed)
+    out_f, in_f = q.shape
+    groups = scales_and_zeros.shape[0]
+    scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # each [out, groups]
+    values = (q.view(out_f, groups, in_f // groups) - INT4_OFFSET) * scale[..., None] + zero[..., None]
+    return values.view(out_f, in_f)
+
+
+def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                            bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., in] times an int4 weight -> [..., out] in x's dtype (the kernel
+    runs in bfloat16, the dtype of the scales)."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+    if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:  # a prefill: one ordinary GEMM, as for int8
+        out = torch.nn.functional.linear(rows, int4_dequantized(packed, scales_and_zeros).to(torch.bfloat16))
+    else:
+        group = shape[-1] // scales_and_zeros.shape[0]
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.view(*shape[:-1], packed.shape[0])
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     name: str
-    dtype: torch.dtype
-    matmul: Callable[..., torch.Tensor]  # (x, q, scale [out], bias) -> y
-    quantize_lm_head: bool  # the LM head too (int8: the largest single read of a CPU decode step)
-    alignment: int = 1  # both weight dimensions must be multiples of this for the kernel
+    matmul: Callable[..., torch.Tensor]  # (x, q, scale, bias) -> y
+    quantize: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]  # w [out, in] -> (q, scale)
+    dequantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (q, scale) -> float32 w
+    lm_head: Optional["WeightFormat"] = None  # the LM head's format, if it is quantized too
+    # Each weight dimension (out, in) must be a multiple of these for the kernel.
+    alignment: Tuple[int, int] = (1, 1)
+
+
+def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    def quantize(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        q, scale = quantize_per_row(w, dtype)
+        return q, scale.view(-1)
+    return quantize
 
 
 # cuBLASLt's FP8 GEMM needs both matrix dimensions of the weight in multiples of 16.
-FP8 = WeightFormat("fp8", FP8_DTYPE, fp8_linear, quantize_lm_head=False, alignment=16)
-INT8_WEIGHT_ONLY = WeightFormat("int8wo", torch.int8, int8_weight_only_linear, quantize_lm_head=True)
+FP8 = WeightFormat("fp8", fp8_linear, _per_row(FP8_DTYPE), per_row_dequantized, alignment=(16, 16))
+_INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), per_row_dequantized)
+# int8: the LM head too, the largest single read of a CPU decode step.
+INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+def int4_weight_only(group: int) -> WeightFormat:
+    """int4 in groups of `group` input values; the LM head as int8 (a 4-bit
+    head costs the most accuracy for the least time)."""
+    return WeightFormat(f"int4wo-{group}", int4_weight_only_linear,
+                        lambda w: quantize_int4_groups(w, group), int4_dequantized,
+                        lm_head=_INT8, alignment=(INT4_ROW_BLOCK, group))
 
 
 def weight_format_of(quantization: Optional[str], torchao_config: Optional[str]) -> Optional[WeightFormat]:
     """The format --quantization / --torchao-config ask for (ServerArgs allows one), or None."""
     if quantization == "fp8":
         return FP8
+    if quantization == "gguf":  # GGUF's 4-bit blocks hold 32 values
+        return int4_weight_only(32)
     if torchao_config == "int8wo":
         return INT8_WEIGHT_ONLY
+    if torchao_config and torchao_config.startswith("int4wo-"):
+        return int4_weight_only(int(torchao_config.split("-")[1]))
     return None
 
 
 def can_quantize(module: nn.Module, fmt: WeightFormat) -> bool:
-    return all(size % fmt.alignment == 0 for size in module.weight.shape)
+    return all(size % align == 0 for size, align in zip(module.weight.shape, fmt.alignment))
 
 
 def quantize_linears(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = ()) -> int:
@@ -113,22 +211,17 @@ def quantize_linears(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = 
     keep = set(ROUTER_NAMES) | set(skip)
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, LMHead) and fmt.quantize_lm_head:
-            module.weight_format = fmt
-            module.qweight, module.qscale = _quantized(module.weight.data, fmt)
+        if isinstance(module, LMHead) and fmt.lm_head is not None:
+            module.weight_format = fmt.lm_head
+            module.qweight, module.qscale = fmt.lm_head.quantize(module.weight.data)
             count += 1
         elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in keep and can_quantize(module, fmt):
             module.unquantized_dtype = module.weight.dtype
-            q, scale = _quantized(module.weight.data, fmt)
+            q, scale = fmt.quantize(module.weight.data)
             module.weight = nn.Parameter(q, requires_grad=False)
             module.weight_scale, module.weight_format = scale, fmt
             count += 1
     return count
-
-
-def _quantized(weight: torch.Tensor, fmt: WeightFormat) -> Tuple[torch.Tensor, torch.Tensor]:
-    q, scale = quantize_per_row(weight, fmt.dtype)
-    return q, scale.view(-1)
 
 
 @contextmanager
@@ -147,17 +240,18 @@ def unquantized(model: nn.Module) -> Iterator[None]:
              if isinstance(m, Linear) and m.weight_scale is not None]
     heads = [m for m in model.modules() if isinstance(m, LMHead) and m.weight_format is not None]
     for m, weight, scale in saved:
-        m.weight = nn.Parameter((weight.float() * scale[:, None]).to(m.unquantized_dtype), requires_grad=False)
+        m.weight = nn.Parameter(m.weight_format.dequantize(weight, scale).to(m.unquantized_dtype),
+                                requires_grad=False)
         m.weight_scale = None
     try:
         yield
     finally:
         for m, weight, scale in saved:
-            q, new_scale = _quantized(m.weight.data, m.weight_format)
+            q, new_scale = m.weight_format.quantize(m.weight.data)
             weight.data.copy_(q)
             scale.copy_(new_scale)
             m.weight, m.weight_scale = weight, scale
         for m in heads:
-            q, new_scale = _quantized(m.weight.data, m.weight_format)
+            q, new_scale = m.weight_format.quantize(m.weight.data)
             m.qweight.copy_(q)
             m.qscale.copy_(new_scale)

@@ -46,10 +46,11 @@ class LogitsOutput:
                 LogitsOutput(self.next_token_logits[num_decode:], extend_all))
 
 
-def resolve_dtype(dtype: str, device: str, torchao_config: Optional[str] = None) -> torch.dtype:
+def resolve_dtype(dtype: str, device: str, weight_format: Optional[WeightFormat] = None) -> torch.dtype:
     if dtype == "auto":
-        # int8 weight-only's fast CPU kernel takes bfloat16 activations.
-        return torch.bfloat16 if device == "cuda" or torchao_config == "int8wo" else torch.float32
+        # The int8 and int4 weight-only CPU kernels are fast with bfloat16 activations.
+        cpu_kernel_wants_bf16 = weight_format is not None and weight_format.name.startswith(("int8", "int4"))
+        return torch.bfloat16 if device == "cuda" or cpu_kernel_wants_bf16 else torch.float32
     return getattr(torch, dtype)
 
 
@@ -74,14 +75,17 @@ class ModelRunner:
         init_distributed(self.parallel, self.device, dist_init_method or "", server_args.dist_timeout)
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
-        self.dtype = resolve_dtype(server_args.dtype, self.device.type, server_args.torchao_config)
+        weight_format = weight_format_of(server_args.quantization, server_args.torchao_config)
+        if server_args.quantization == "gguf" and self.source.kind != "gguf":
+            raise ValueError(f"quantization=gguf needs a .gguf model; {server_args.model_path!r} is not one "
+                             f"(torchao_config=int4wo-32 quantizes any checkpoint the same way)")
+        self.dtype = resolve_dtype(server_args.dtype, self.device.type, weight_format)
         self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)
         self.model = load_model(
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
-        weight_format = weight_format_of(server_args.quantization, server_args.torchao_config)
         if weight_format is not None:
             self._quantize(weight_format)
         self.deterministic = server_args.enable_deterministic_inference

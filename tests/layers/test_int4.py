@@ -1,0 +1,165 @@
+"""int4 weight-only (--torchao-config int4wo-G, --quantization gguf): the
+packed layout against torch's own packer, the linear against the dequantized
+product, a GGUF Q4_1 file's blocks recovered, the update round trip, a tiny
+Llama against transformers with the same int4 weights, and the default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from radixserve.layers.linear import MergedLinear
+from radixserve.layers.quantization import (
+    INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
+    quantize_linears, quantize_per_row, unpack_int4, unquantized,
+)
+from radixserve.server_args import ServerArgs
+from tests.conftest import load_hf_model
+from tests.models.deepseek_tiny import teacher_forced_logits
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_unpack_reads_torchs_packed_layout():
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpack_int4(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)), q)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantizer_maps_each_groups_range_onto_0_to_15(group):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=g) * torch.logspace(-2, 1, 64)[:, None]
+    packed, scales_and_zeros = quantize_int4_groups(w, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (64, 128)
+    assert scales_and_zeros.shape == (256 // group, 64, 2) and scales_and_zeros.dtype == torch.bfloat16
+    q = unpack_int4(packed).view(64, -1, group)
+    assert (q.amin(-1) == 0).all() and (q.amax(-1) == 15).all()
+    scale = scales_and_zeros[..., 0].t().float()[..., None]  # [out, groups, 1]
+    err = (int4_dequantized(packed, scales_and_zeros) - w).view(64, -1, group).abs()
+    assert (err <= 0.51 * scale * (1 + 2 ** -7) + 1e-6).all()  # half a step, plus bf16's rounding of the step
+
+
+@pytest.mark.parametrize("rows", [3, INT8_DEQUANTIZE_FROM_ROWS + 5])  # the int4 kernel; a prefill's GEMM
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_equals_the_dequantized_product(rows, dtype):
+    g = torch.Generator().manual_seed(2)
+    w, x, bias = torch.randn(128, 96, generator=g), torch.randn(rows, 96, generator=g), torch.randn(128, generator=g)
+    packed, scales_and_zeros = quantize_int4_groups(w, 32)
+    out = int4_weight_only_linear(x.to(dtype), packed, scales_and_zeros, bias.to(dtype))
+    reference = x @ int4_dequantized(packed, scales_and_zeros).T + bias
+    assert out.dtype == dtype and out.shape == (rows, 128)
+    assert rel(out, reference) < 1e-2  # bfloat16 activations inside
+    assert rel(out, x @ w.T + bias) > 2e-2  # and it is the int4 weight, not the original
+
+
+def test_q4_1_blocks_are_recovered():
+    """GGUF's Q4_1 stores w = d * q + m per block of 32 (d, m float16; the
+    block's min at q = 0, max at q = 15): our groups of 32 hold the same q."""
+    g = torch.Generator().manual_seed(3)
+    d = (torch.rand(64, 6, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-8 * d * (1 + 0.1 * torch.randn(64, 6, 1, generator=g))).half().float()  # blocks roughly centred
+    q = torch.randint(0, 16, (64, 6, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    w = (d * q + m).view(64, 192)
+    packed, scales_and_zeros = quantize_int4_groups(w.bfloat16(), 32)  # as loaded with --dtype auto
+    assert torch.equal(unpack_int4(packed).view(64, 6, 32), q.int())
+    assert rel(int4_dequantized(packed, scales_and_zeros), w) < 5e-3  # d and m rounded to bfloat16
+
+
+def test_embedded_gguf_keeps_its_4bit_values():
+    """The packaged model's Q4_1 projections, against the gguf library's own dequantization."""
+    from radixserve.model_loader.gguf_weights import iterate_gguf_weights
+    from radixserve.model_loader.source import resolve_model_source
+
+    source = resolve_model_source("SmolLM2-135M-Instruct")
+    checked = 0
+    for name, w in iterate_gguf_weights(source.path):
+        if not name.startswith("model.layers.0."):
+            continue
+        if w.dim() == 2:
+            from_bf16 = quantize_int4_groups(w.bfloat16(), 32)
+            assert torch.equal(unpack_int4(from_bf16[0]), unpack_int4(quantize_int4_groups(w, 32)[0])), name
+            assert rel(int4_dequantized(*from_bf16), w) < 6e-3, name
+            checked += 1
+    assert checked == 7  # q, k, v, o, gate, up, down
+
+
+def test_update_round_trip_keeps_untouched_rows():
+    torch.manual_seed(4)
+    block = nn.Module()
+    block.qkv_proj = MergedLinear(64, {"q": 64, "k": 32, "v": 32})
+    nn.init.normal_(block.qkv_proj.weight)
+    assert quantize_linears(block, int4_weight_only(32)) == 1
+    weight, scales = block.qkv_proj.weight, block.qkv_proj.weight_scale
+    before = int4_dequantized(weight.data, scales)
+    before_packed, before_scales = weight.data.clone(), scales.clone()
+    new_k = torch.randn(32, 64)
+    with unquantized(block):
+        assert torch.equal(block.qkv_proj.weight, before)
+        block.qkv_proj.load_shard("k", "weight", new_k)
+    after = int4_dequantized(weight.data, scales)
+    assert block.qkv_proj.weight is weight and block.qkv_proj.weight_scale is scales  # same tensors
+    untouched = torch.cat([torch.arange(0, 64), torch.arange(96, 128)])
+    assert torch.equal(after[untouched], before[untouched])
+    assert rel(after[64:96], new_k) < 0.1 and not torch.equal(weight.data, before_packed)
+    assert not torch.equal(scales, before_scales)
+    packed_now, scales_now = weight.data.clone(), scales.clone()
+    with unquantized(block):
+        pass  # nothing changed: everything comes back bit for bit
+    assert torch.equal(weight.data, packed_now) and torch.equal(scales, scales_now)
+
+
+def int4_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """w's values as int4 in groups of 32. Groups lie within a row, so a
+    projection alone (k_proj: 32 rows, fewer than the packer's 64) is padded
+    with zero rows and gets the values it has inside our merged q|k|v."""
+    rows = w.shape[0]
+    padded = torch.cat([w, w.new_zeros(-rows % 64, w.shape[1])])
+    return int4_dequantized(*quantize_int4_groups(padded, 32))[:rows]
+
+
+def test_tiny_llama_matches_transformers_with_the_same_int4_weights(tiny_model_factory):
+    from radixserve.model_executor.model_runner import ModelRunner
+
+    path = tiny_model_factory("llama")
+    prompts = [torch.randint(10, 1000, (n,), generator=torch.Generator().manual_seed(5)).tolist() for n in (6, 30)]
+    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", torchao_config="int4wo-32",
+                                    max_total_tokens=512))
+    assert runner.dtype == torch.bfloat16 and runner.model.lm_head.qweight.dtype == torch.int8
+    ours = teacher_forced_logits(runner, prompts, chunks=[16, 16], decode_steps=0)
+    hf = load_hf_model(path)
+    with torch.no_grad():
+        exact = [hf(torch.tensor([p])).logits[0] for p in prompts]
+        for name, module in hf.named_modules():
+            if name.endswith("lm_head"):
+                q, scale = quantize_per_row(module.weight.data, torch.int8)
+                module.weight.data = q.float() * scale
+            elif isinstance(module, nn.Linear):
+                module.weight.data = int4_round_trip(module.weight.data.bfloat16())
+        reference = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    for o, r, e in zip(ours, reference, exact):
+        assert rel(o, r) < 2e-2 and rel(o, e) > 3 * rel(o, r)  # bfloat16 activations vs the int4 weights' error
+
+
+def test_flags_are_checked(tiny_model_factory):
+    from radixserve.model_executor.model_runner import ModelRunner
+
+    with pytest.raises(ValueError, match="torchao_config"):
+        ServerArgs(torchao_config="int4wo-7", device="cpu")
+    with pytest.raises(ValueError, match="CPU only"):
+        ServerArgs(quantization="gguf", device="cuda")
+    with pytest.raises(ValueError, match="quantization=gguf needs a .gguf model"):
+        ModelRunner(ServerArgs(model_path=str(tiny_model_factory("llama")), device="cpu", quantization="gguf"))
+
+
+def test_default_model_answers_with_its_gguf_weights():
+    from radixserve import Engine
+
+    with Engine(quantization="gguf", log_level="warning") as engine:
+        assert engine.get_server_info()["dtype"] == "bfloat16"
+        out = engine.generate(prompt="The capital of France is", sampling_params={"temperature": 0,
+                                                                                 "max_new_tokens": 4})
+    assert "Paris" in out["text"]
