@@ -1,11 +1,18 @@
 """Decode throughput of the engine against transformers' generate, same model, same run.
 
-    .venv/bin/python bench/cpu_decode_compare.py [--model-path SmolLM2-135M-Instruct] [--batches 1,32]
-        [--engine-arg key=value ...] [--hf-dtypes float32,bfloat16]
+    .venv/bin/python bench/cpu_decode_compare.py [--model-path SmolLM2-135M-Instruct] [--batches 1,8,32]
+        [--engine-arg key=value ...] [--hf-dtypes float32,bfloat16] [--http] [--out results.jsonl]
 
-For batch 1 and for 32 concurrent requests (128 prompt tokens, 64 new tokens each,
-greedy, EOS ignored) it times a 1-token and a 64-token generation; decode tok/s =
-63 * batch / (t64 - t1), so prefill is not counted.
+For each batch size (128 prompt tokens, 64 new tokens each, greedy, EOS
+ignored) it times a 1-token and a 64-token generation; decode tok/s =
+63 * batch / (t64 - t1), so prefill is not counted. The engine and each
+transformers model take turns in this process; none is busy while another runs.
+
+--http then closes them and starts the HTTP server with the same engine
+arguments, and drives it with our bench_serving: 96 prompts of 128 random
+tokens, 64 new tokens, 32 concurrent streaming clients (which share the CPU
+with the server). Its output tok/s compares with the engine's output tok/s
+at batch 32 (prefill included in both).
 """
 
 from __future__ import annotations
@@ -54,13 +61,42 @@ def decode_rate(timer, target, ids: list) -> dict:
             "output_tok_s": round(NEW_TOKENS * len(ids) / t64, 1), "t1_s": round(t1, 3), "t64_s": round(t64, 3)}
 
 
+def http_rate(model_path: str, engine_args: dict) -> dict:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from radixserve.bench_serving import parse_args, run_benchmark
+    from tests.server_utils import free_port, launch_on_port
+
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in engine_args.items()]
+    port = free_port()
+    server = launch_on_port(model_path, port, "--disable-radix-cache", *flags, timeout_s=300)
+    try:
+        argv = ["--backend", "sglang", "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "random",
+                "--num-prompts", "96", "--random-input-len", str(PROMPT_LEN), "--random-output-len",
+                str(NEW_TOKENS), "--random-range-ratio", "1.0", "--max-concurrency", "32"]
+        record = run_benchmark(parse_args(argv)).record
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "p99_itl_ms", "duration_s", "completed")
+    return {key: record.get(key) for key in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", default="SmolLM2-135M-Instruct")
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--engine-arg", action="append", default=[], help="key=value for our Engine, e.g. "
                                                                           "torchao_config=int8wo")
     parser.add_argument("--hf-dtypes", default="float32", help="transformers' dtypes, each run in turn")
+    parser.add_argument("--http", action="store_true", help="then the HTTP server at 32 streaming clients")
+    parser.add_argument("--out", help="append the results as one JSON line")
     args = parser.parse_args()
     engine_args = dict(pair.split("=", 1) for pair in args.engine_arg)
     from transformers import AutoModelForCausalLM
@@ -81,7 +117,23 @@ def main() -> None:
             for dt, hf in hfs.items():
                 results[f"transformers_{dt}_bs{bs}"] = decode_rate(time_hf, hf, ids)
             print(json.dumps({k: v for k, v in results.items() if k.endswith(f"_bs{bs}")}), flush=True)
+    del hfs
+    if args.http:
+        results["radixserve_http_c32"] = http_rate(args.model_path, engine_args)
+    results["cpu"] = cpu_name()
     print(json.dumps(results, indent=1))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(results) + "\n")
+
+
+def cpu_name() -> str:
+    """The CPU model and its matrix/vector extensions that matter here (AMX, AVX-512 BF16)."""
+    info = open("/proc/cpuinfo").read()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX-512'})"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What a quantized weight format costs in accuracy, on a model with real weights.
 
     python bench/quant_accuracy.py [--method fp8|int8wo|int4wo-32|gguf|bf16] [--model-path SmolLM2-135M-Instruct]
-        [--prompts 100] [--device cpu|cuda] [--dtype auto|float32|bfloat16] [--out results.json]
+        [--prompts 100] [--device cpu|cuda] [--dtype float32|bfloat16] [--out results.json]
 
 The prompts are the first N lines of at least 40 characters of this
 repository's docs (real text, the same on every machine). Each prompt runs
@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--model-path", default="SmolLM2-135M-Instruct")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", default="float32", help="the reference's dtype (and fp8's activations)")
     p.add_argument("--out")
     args = p.parse_args()
     from radixserve.model_loader.source import resolve_model_source

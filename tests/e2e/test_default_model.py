@@ -28,6 +28,8 @@ def test_chat_knows_paris(default_server):
     assert "Paris" in out["text"], out["text"]
     # The chat turn ends with <|im_end|>, one of the model's EOS tokens.
     assert out["meta_info"]["finish_reason"]["type"] in ("stop", "length")
-    kv = httpx.get(f"{default_server}/get_server_info").json()["kv_cache"]
+    info = httpx.get(f"{default_server}/get_server_info").json()
+    assert info["weight_format"] == "int4wo-32"  # the default on the CPU: the file's 4-bit weights
+    kv = info["kv_cache"]
     assert kv["in_use_tokens"] == 0, kv
     assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv

@@ -159,7 +159,45 @@ def test_default_model_answers_with_its_gguf_weights():
     from radixserve import Engine
 
     with Engine(quantization="gguf", log_level="warning") as engine:
-        assert engine.get_server_info()["dtype"] == "bfloat16"
+        info = engine.get_server_info()
+        assert info["dtype"] == "bfloat16" and info["weight_format"] == "int4wo-32"
         out = engine.generate(prompt="The capital of France is", sampling_params={"temperature": 0,
                                                                                  "max_new_tokens": 4})
     assert "Paris" in out["text"]
+
+
+@pytest.mark.parametrize("flags, device, expected", [
+    ({}, "cpu", "int4wo-32"),  # the default for a 4-bit GGUF on the CPU
+    ({"dtype": "float32"}, "cpu", None),  # an explicit dtype keeps the dequantized weights
+    ({"enable_deterministic_inference": True}, "cpu", None),
+    ({}, "cuda", None),
+    ({"quantization": "gguf"}, "cpu", "int4wo-32"),
+    ({"torchao_config": "int8wo"}, "cpu", "int8wo"),
+])
+def test_default_weight_format_for_a_4bit_gguf(flags, device, expected):
+    from types import SimpleNamespace
+
+    from radixserve.model_executor.model_runner import resolve_weight_format
+
+    args = ServerArgs(device="cpu", **flags)
+    fmt = resolve_weight_format(args, "gguf", SimpleNamespace(gguf_block_types=["Q4_1"]), device)
+    assert (fmt.name if fmt else None) == expected
+
+
+def test_other_ggufs_keep_their_dtype_by_default_and_gguf_makes_them_int8():
+    from types import SimpleNamespace
+
+    from radixserve.model_executor.model_runner import resolve_weight_format
+
+    q8 = SimpleNamespace(gguf_block_types=["Q8_0"])
+    assert resolve_weight_format(ServerArgs(device="cpu"), "gguf", q8, "cpu") is None
+    assert resolve_weight_format(ServerArgs(device="cpu", quantization="gguf"), "gguf", q8, "cpu").name == "int8wo"
+    hf = SimpleNamespace()  # a checkpoint folder's config: no GGUF block types
+    assert resolve_weight_format(ServerArgs(device="cpu"), "hf", hf, "cpu") is None
+
+
+def test_the_packaged_models_config_names_its_block_types():
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.utils.hf_utils import load_config
+
+    assert load_config(resolve_model_source("SmolLM2-135M-Instruct")).gguf_block_types == ["Q4_1"]

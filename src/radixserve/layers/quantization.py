@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -182,12 +182,27 @@ def int4_weight_only(group: int) -> WeightFormat:
                         lm_head=_INT8, alignment=(INT4_ROW_BLOCK, group))
 
 
-def weight_format_of(quantization: Optional[str], torchao_config: Optional[str]) -> Optional[WeightFormat]:
+# GGUF block types whose values are 4-bit codes in blocks (or sub-blocks) of 32:
+# int4 groups of 32 hold them (Q4_1 and Q4_K's w = d * q + m exactly, up to
+# bfloat16 scales; Q4_0's symmetric blocks to within a step).
+GGUF_4BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+
+
+def gguf_weight_format(block_types: Sequence[str]) -> WeightFormat:
+    """--quantization gguf: a file of 4-bit projections stays 4-bit (int4 in
+    groups of 32, its block size); any other file's projections become int8."""
+    if block_types and all(t in GGUF_4BIT_TYPES for t in block_types):
+        return int4_weight_only(32)
+    return INT8_WEIGHT_ONLY
+
+
+def weight_format_of(quantization: Optional[str], torchao_config: Optional[str],
+                     gguf_block_types: Sequence[str] = ()) -> Optional[WeightFormat]:
     """The format --quantization / --torchao-config ask for (ServerArgs allows one), or None."""
     if quantization == "fp8":
         return FP8
-    if quantization == "gguf":  # GGUF's 4-bit blocks hold 32 values
-        return int4_weight_only(32)
+    if quantization == "gguf":
+        return gguf_weight_format(gguf_block_types)
     if torchao_config == "int8wo":
         return INT8_WEIGHT_ONLY
     if torchao_config and torchao_config.startswith("int4wo-"):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
 
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
-from radixserve.layers.quantization import WeightFormat, quantize_linears, unquantized, weight_format_of
+from radixserve.layers.quantization import (
+    GGUF_4BIT_TYPES, WeightFormat, gguf_weight_format, quantize_linears, unquantized, weight_format_of,
+)
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
@@ -54,6 +56,23 @@ def resolve_dtype(dtype: str, device: str, weight_format: Optional[WeightFormat]
     return getattr(torch, dtype)
 
 
+def resolve_weight_format(args: ServerArgs, source_kind: str, config: Any, device_type: str) -> Optional[WeightFormat]:
+    """The flags' weight format; with none asked for, a GGUF of 4-bit
+    projections on the CPU keeps them 4-bit (as SGLang and vLLM serve a GGUF
+    quantized): the fastest choice there. `--dtype float32` (or any explicit
+    dtype) and deterministic mode keep the dequantized weights instead."""
+    block_types = getattr(config, "gguf_block_types", None) or ()
+    if args.quantization == "gguf" and source_kind != "gguf":
+        raise ValueError(f"quantization=gguf needs a .gguf model; {args.model_path!r} is not one "
+                         f"(torchao_config=int4wo-32 quantizes any checkpoint the same way)")
+    asked = weight_format_of(args.quantization, args.torchao_config, block_types)
+    if asked is not None or args.dtype != "auto" or device_type != "cpu" or args.enable_deterministic_inference:
+        return asked
+    if block_types and all(t in GGUF_4BIT_TYPES for t in block_types):
+        return gguf_weight_format(block_types)
+    return None
+
+
 class ModelRunner:
     def __init__(self, server_args: ServerArgs, tp_rank: int = 0, dist_init_method: Optional[str] = None,
                  dp_rank: int = 0) -> None:
@@ -75,10 +94,8 @@ class ModelRunner:
         init_distributed(self.parallel, self.device, dist_init_method or "", server_args.dist_timeout)
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
-        weight_format = weight_format_of(server_args.quantization, server_args.torchao_config)
-        if server_args.quantization == "gguf" and self.source.kind != "gguf":
-            raise ValueError(f"quantization=gguf needs a .gguf model; {server_args.model_path!r} is not one "
-                             f"(torchao_config=int4wo-32 quantizes any checkpoint the same way)")
+        weight_format = resolve_weight_format(server_args, self.source.kind, self.config, self.device.type)
+        self.weight_format = weight_format
         self.dtype = resolve_dtype(server_args.dtype, self.device.type, weight_format)
         self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import gguf
 import numpy as np
@@ -103,6 +103,13 @@ def _dequantize(tensor: Any) -> torch.Tensor:
     # GGUF lists dimensions innermost first; HF (row-major) wants them reversed.
     hf_shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     return torch.from_numpy(data.reshape(hf_shape))
+
+
+def projection_block_types(path: Path) -> List[str]:
+    """The GGUF block types of the file's 2-D layer weights (e.g. ["Q4_1"]):
+    what the file's projections are quantized as, sorted."""
+    reader = gguf.GGUFReader(str(path))
+    return sorted({t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2})
 
 
 def iterate_gguf_weights(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -27,8 +27,20 @@ def load_config(source: ModelSource) -> "PretrainedConfig":
 
     if source.kind == "hf":
         return AutoConfig.from_pretrained(source.path)
-    return _cached(source.path, "config", AutoConfig.from_pretrained,
-                   lambda: AutoConfig.from_pretrained(source.folder, gguf_file=source.path.name))
+    return _cached(source.path, "config", AutoConfig.from_pretrained, lambda: _gguf_config(source))
+
+
+def _gguf_config(source: ModelSource) -> "PretrainedConfig":
+    """transformers' config of a GGUF, plus `gguf_block_types`: how the file's
+    projections are quantized, which picks the CPU's default weight format
+    (saved with the config, so only the first load pays the file's parse)."""
+    from transformers import AutoConfig
+
+    from radixserve.model_loader.gguf_weights import projection_block_types
+
+    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.path.name)
+    config.gguf_block_types = projection_block_types(source.path)
+    return config
 
 
 def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) -> "PreTrainedTokenizerBase":
@@ -110,7 +122,8 @@ def _cache_dir(gguf_path: Path, what: str) -> Path:
     import transformers
 
     stat = gguf_path.stat()
-    ident = f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
+    # v2: configs carry gguf_block_types
+    ident = f"v2:{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{transformers.__version__}"
     key = hashlib.sha1(ident.encode()).hexdigest()[:16]
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "radixserve" / "gguf"
     return root / key / what

@@ -82,10 +82,10 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             positions = [range(n - 1, n) for n in fb.seq_lens_cpu]
             return self._blocked(_heads(q, layer, layer.num_heads), positions, kv_indices, layer, fb)
         bs, group = q.shape[0], layer.num_heads // layer.num_kv_heads
-        keys = fb.kv_pool.k_buffers[layer.layer_id][kv_indices].to(q.dtype)  # [bs, L, kvh, d]
-        values = fb.kv_pool.v_buffers[layer.layer_id][kv_indices].to(q.dtype)
+        keys = _gather(fb.kv_pool.k_buffers[layer.layer_id], kv_indices, q.dtype)  # [bs, kvh, L, d]
+        values = _gather(fb.kv_pool.v_buffers[layer.layer_id], kv_indices, q.dtype)
         qg = q.view(bs, layer.num_kv_heads, group, layer.head_dim)
-        scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * layer.scaling
+        scores = torch.matmul(qg, keys.transpose(2, 3)) * layer.scaling  # [bs, kvh, group, L]
         if layer.sliding_window is not None:
             # The query sits at seq_len - 1: it sees the last `window` positions.
             first_key = fb.seq_lens[:, None] - layer.sliding_window
@@ -96,7 +96,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         else:
             sinks = layer.sinks.view(1, layer.num_kv_heads, group, 1).expand(bs, -1, -1, -1)
             probs = _softmax_with_sinks(scores, sinks).to(q.dtype)
-        out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+        out = torch.matmul(probs, values)  # [bs, kvh, group, d]
         return out.reshape(bs, layer.num_heads * layer.head_dim)
 
     @staticmethod
@@ -126,6 +126,15 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         from radixserve.layers.attention.mla import expanded_attention_torch
 
         return expanded_attention_torch(q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, forward_batch)
+
+
+def _gather(buf: torch.Tensor, kv_indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """buf [slots, kv_heads, d] at kv_indices [bs, L] -> [bs, kv_heads, L, d] in dtype.
+    index_select over whole rows: on the CPU it is several times faster than
+    advanced indexing (buf[kv_indices]), which gathers element by element."""
+    bs, length = kv_indices.shape
+    rows = buf.view(buf.shape[0], -1).index_select(0, kv_indices.reshape(-1))
+    return rows.view(bs, length, *buf.shape[1:]).to(dtype).transpose(1, 2)
 
 
 def _heads(x: torch.Tensor, layer: "RadixAttention", num_heads: int | None = None) -> torch.Tensor:

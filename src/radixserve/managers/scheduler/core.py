@@ -256,6 +256,8 @@ class Scheduler:
             "kv_cache": self.kv_cache_stats(),
             "device": str(self.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
+            # the weight format in effect (a 4-bit GGUF on the CPU is int4 by default)
+            "weight_format": runner.weight_format.name if runner.weight_format else None,
             "tp_size": self.server_args.tp_size,
             "ep_size": self.server_args.ep_size,
             "dp_size": self.server_args.dp_size,
