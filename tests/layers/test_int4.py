@@ -25,7 +25,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_unpack_reads_torchs_packed_layout():
     q = torch.randint(0, 16, (192, 96), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(unpack_int4(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)), q)
+    assert torch.equal(unpack_int4(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)), q.to(torch.uint8))
 
 
 @pytest.mark.parametrize("group", [32, 64])
@@ -65,7 +65,7 @@ def test_q4_1_blocks_are_recovered():
     q[..., 0], q[..., 1] = 0, 15
     w = (d * q + m).view(64, 192)
     packed, scales_and_zeros = quantize_int4_groups(w.bfloat16(), 32)  # as loaded with --dtype auto
-    assert torch.equal(unpack_int4(packed).view(64, 6, 32), q.int())
+    assert torch.equal(unpack_int4(packed).view(64, 6, 32), q.to(torch.uint8))
     assert rel(int4_dequantized(packed, scales_and_zeros), w) < 5e-3  # d and m rounded to bfloat16
 
 

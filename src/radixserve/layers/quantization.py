@@ -106,17 +106,17 @@ def quantize_int4_groups(w: torch.Tensor, group: int) -> Tuple[torch.Tensor, tor
     q = ((groups - zero.float()[..., None]) / scale.float()[..., None] + INT4_OFFSET).round().clamp(0, 15)
     q = q.to(torch.int32).view(out_f, in_f)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    if not torch.equal(unpack_int4(packed), q):  # the layout unpack_int4 assumes is torch's
+    if not torch.equal(unpack_int4(packed), q.to(torch.uint8)):  # the layout unpack_int4 assumes is torch's
         raise RuntimeError("this torch build packs int4 weights in an unknown layout")
     return packed, torch.stack([scale.t(), zero.t()], dim=-1).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The q values [out, in] (int32, 0..15) of a weight packed by
+    """The q values [out, in] (uint8, 0..15) of a weight packed by
     _convert_weight_to_int4pack_for_cpu: per block of 64 rows and per input
     column, 32 bytes whose low nibbles are rows 0..31 and high nibbles rows 32..63."""
     out_f, half_in = packed.shape
-    blocks = packed.view(out_f // INT4_ROW_BLOCK, 2 * half_in, INT4_ROW_BLOCK // 2).to(torch.int32)
+    blocks = packed.view(out_f // INT4_ROW_BLOCK, 2 * half_in, INT4_ROW_BLOCK // 2)
     rows = torch.cat([blocks & 0xF, blocks >> 4], dim=-1)  # [blocks, in, 64]
     return rows.transpose(1, 2).reshape(out_f, 2 * half_in)
 
@@ -126,9 +126,10 @@ def int4_dequantized(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> to
     q = unpack_int4(packed)
     out_f, in_f = q.shape
     groups = scales_and_zeros.shape[0]
-    scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # each [out, groups]
-    values = (q.view(out_f, groups, in_f // groups) - INT4_OFFSET) * scale[..., None] + zero[..., None]
-    return values.view(out_f, in_f)
+    scale, zero = scales_and_zeros.float().permute(2, 1, 0)[..., None]  # each [out, groups, 1]
+    # (q - 8) * scale + zero in one pass (float32: faster than bfloat16 on the CPU)
+    values = torch.addcmul(zero - INT4_OFFSET * scale, q.view(out_f, groups, in_f // groups).float(), scale)
+    return values.reshape(out_f, in_f)
 
 
 def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
