@@ -35,6 +35,18 @@ class ReqToTokenPool:
         self.free_rows.append(row)
 
 
+def zeroed_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, except on the CPU: there the memory comes from numpy's
+    calloc, which the OS zeroes page by page on first touch, so a pool of
+    gigabytes costs nothing at start-up (torch.zeros writes every byte: seconds)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    same_size = {1: np.uint8, 2: np.uint16, 4: np.float32, 8: np.float64}[torch.empty((), dtype=dtype).element_size()]
+    return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
+
+
 class KVPool:
     """Per layer K and V buffers `[num_slots, kv_heads, head_dim]`."""
 
@@ -43,8 +55,8 @@ class KVPool:
         dtype: torch.dtype, device: torch.device,
     ) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_buffers = [zeroed_buffer(shape, dtype, device) for _ in range(num_layers)]
+        self.v_buffers = [zeroed_buffer(shape, dtype, device) for _ in range(num_layers)]
 
     def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] for the slots in loc."""

@@ -14,6 +14,7 @@ from typing import List
 
 import torch
 
+from radixserve.mem_cache.allocator import zeroed_buffer
 from radixserve.mem_cache.kv_dtype import to_cache_dtype
 
 
@@ -27,7 +28,7 @@ class MLAKVPool:
         self.kv_lora_rank = kv_lora_rank
         self.rope_dim = rope_dim
         shape = (num_slots, 1, kv_lora_rank + rope_dim)
-        self.latent_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.latent_buffers = [zeroed_buffer(shape, dtype, device) for _ in range(num_layers)]
 
     @property
     def k_buffers(self) -> List[torch.Tensor]:

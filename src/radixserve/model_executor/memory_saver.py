@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
+from radixserve.mem_cache.allocator import zeroed_buffer
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -70,7 +72,7 @@ def resume_kv_pool(pool: Any, released: ReleasedMemory) -> None:
     for name, specs in released.kv_specs.items():
         buffers = getattr(pool, name)
         for i, spec in enumerate(specs):
-            buffers[i] = torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+            buffers[i] = zeroed_buffer(spec.shape, spec.dtype, spec.device)
 
 
 def offload_weights(model: torch.nn.Module, released: ReleasedMemory) -> None:
