@@ -50,7 +50,7 @@ class FakeRunner:
 
     def __init__(self, num_tokens: int, page_size: int = 1, max_running: int = 8, context_len: int = 512,
                  radix: bool = True) -> None:
-        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.device, self.dtype, self.weight_format = torch.device("cpu"), torch.float32, None
         self.vocab_size, self.context_len, self.max_running_requests = VOCAB, context_len, max_running
         allocator = TokenAllocator(num_tokens, page_size, self.device)
         self.max_total_num_tokens = allocator.total_tokens
