@@ -62,13 +62,12 @@ def decode_rate(timer, target, ids: list) -> dict:
 
 
 def http_rate(model_path: str, engine_args: dict) -> dict:
-    import subprocess
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from radixserve.bench_serving import parse_args, run_benchmark
-    from tests.server_utils import free_port, launch_on_port
+    from tests.server_utils import free_port, launch_on_port, stop_server
 
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in engine_args.items()]
     port = free_port()
@@ -79,11 +78,7 @@ def http_rate(model_path: str, engine_args: dict) -> dict:
                 str(NEW_TOKENS), "--random-range-ratio", "1.0", "--max-concurrency", "32"]
         record = run_benchmark(parse_args(argv)).record
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "p99_itl_ms", "duration_s", "completed")
     return {key: record.get(key) for key in keys}
 

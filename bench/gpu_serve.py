@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ from bench_shapes import model_config  # noqa: E402
 from gpu_compare import default_tokenizer_dir, model_dir  # noqa: E402
 from radixserve.bench_serving import parse_args, run_benchmark  # noqa: E402
 from radixserve.benchmark.report import append_json_line, print_grid  # noqa: E402
-from tests.server_utils import free_port, launch_on_port  # noqa: E402
+from tests.server_utils import free_port, launch_on_port, stop_server  # noqa: E402
 
 # name -> (requests, input len, output len, range ratio, max concurrency or None: all at once)
 WORKLOADS: Dict[str, tuple] = {
@@ -93,11 +92,7 @@ def main() -> None:
                 append_json_line(args.out, record)
                 rows.append([record.get(key) for _, key in COLUMNS])
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop_server(server)
     print_grid([title for title, _ in COLUMNS], rows)
     print(json.dumps({"out": args.out, "rows": len(rows)}))
 

@@ -50,6 +50,16 @@ def start_server(model_path, *extra: str, log=subprocess.DEVNULL):
     return proc, f"http://127.0.0.1:{port}"
 
 
+def stop_server(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def running_server(model_path, *extra: str, log=subprocess.DEVNULL) -> Iterator[Tuple[subprocess.Popen, str]]:
     """start_server as a context: the server is stopped (and waited for) on exit."""
