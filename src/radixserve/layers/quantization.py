@@ -158,6 +158,9 @@ class WeightFormat:
     lm_head: Optional["WeightFormat"] = None  # the LM head's format, if it is quantized too
     # Each weight dimension (out, in) must be a multiple of these for the kernel.
     alignment: Tuple[int, int] = (1, 1)
+    # What --dtype auto means with this format (None: the device's usual dtype);
+    # the int8 and int4 CPU kernels are fast in bfloat16.
+    activation_dtype: Optional[torch.dtype] = None
 
 
 def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
@@ -169,7 +172,8 @@ def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor,
 
 # cuBLASLt's FP8 GEMM needs both matrix dimensions of the weight in multiples of 16.
 FP8 = WeightFormat("fp8", fp8_linear, _per_row(FP8_DTYPE), per_row_dequantized, alignment=(16, 16))
-_INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), per_row_dequantized)
+_INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), per_row_dequantized,
+                     activation_dtype=torch.bfloat16)
 # int8: the LM head too, the largest single read of a CPU decode step.
 INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -180,7 +184,7 @@ def int4_weight_only(group: int) -> WeightFormat:
     head costs the most accuracy for the least time)."""
     return WeightFormat(f"int4wo-{group}", int4_weight_only_linear,
                         lambda w: quantize_int4_groups(w, group), int4_dequantized,
-                        lm_head=_INT8, alignment=(INT4_ROW_BLOCK, group))
+                        lm_head=_INT8, alignment=(INT4_ROW_BLOCK, group), activation_dtype=torch.bfloat16)
 
 
 # GGUF block types whose values are 4-bit codes in blocks (or sub-blocks) of 32:
@@ -189,12 +193,14 @@ def int4_weight_only(group: int) -> WeightFormat:
 GGUF_4BIT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
+def is_4bit_gguf(block_types: Sequence[str]) -> bool:
+    return bool(block_types) and all(t in GGUF_4BIT_TYPES for t in block_types)
+
+
 def gguf_weight_format(block_types: Sequence[str]) -> WeightFormat:
     """--quantization gguf: a file of 4-bit projections stays 4-bit (int4 in
     groups of 32, its block size); any other file's projections become int8."""
-    if block_types and all(t in GGUF_4BIT_TYPES for t in block_types):
-        return int4_weight_only(32)
-    return INT8_WEIGHT_ONLY
+    return int4_weight_only(32) if is_4bit_gguf(block_types) else INT8_WEIGHT_ONLY
 
 
 def weight_format_of(quantization: Optional[str], torchao_config: Optional[str],

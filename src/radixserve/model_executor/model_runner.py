@@ -12,7 +12,7 @@ from radixserve.distributed import ParallelConfig, get_tp_group, init_distribute
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.quantization import (
-    GGUF_4BIT_TYPES, WeightFormat, gguf_weight_format, quantize_linears, unquantized, weight_format_of,
+    WeightFormat, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
 )
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
@@ -49,11 +49,11 @@ class LogitsOutput:
 
 
 def resolve_dtype(dtype: str, device: str, weight_format: Optional[WeightFormat] = None) -> torch.dtype:
-    if dtype == "auto":
-        # The int8 and int4 weight-only CPU kernels are fast with bfloat16 activations.
-        cpu_kernel_wants_bf16 = weight_format is not None and weight_format.name.startswith(("int8", "int4"))
-        return torch.bfloat16 if device == "cuda" or cpu_kernel_wants_bf16 else torch.float32
-    return getattr(torch, dtype)
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if weight_format is not None and weight_format.activation_dtype is not None:
+        return weight_format.activation_dtype
+    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def resolve_weight_format(args: ServerArgs, source_kind: str, config: Any, device_type: str) -> Optional[WeightFormat]:
@@ -68,9 +68,7 @@ def resolve_weight_format(args: ServerArgs, source_kind: str, config: Any, devic
     asked = weight_format_of(args.quantization, args.torchao_config, block_types)
     if asked is not None or args.dtype != "auto" or device_type != "cpu" or args.enable_deterministic_inference:
         return asked
-    if block_types and all(t in GGUF_4BIT_TYPES for t in block_types):
-        return gguf_weight_format(block_types)
-    return None
+    return gguf_weight_format(block_types) if is_4bit_gguf(block_types) else None
 
 
 class ModelRunner:
@@ -94,17 +92,16 @@ class ModelRunner:
         init_distributed(self.parallel, self.device, dist_init_method or "", server_args.dist_timeout)
         self.source = resolve_model_source(server_args.model_path)
         self.config = load_config(self.source)
-        weight_format = resolve_weight_format(server_args, self.source.kind, self.config, self.device.type)
-        self.weight_format = weight_format
-        self.dtype = resolve_dtype(server_args.dtype, self.device.type, weight_format)
+        self.weight_format = resolve_weight_format(server_args, self.source.kind, self.config, self.device.type)
+        self.dtype = resolve_dtype(server_args.dtype, self.device.type, self.weight_format)
         self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)
         self.model = load_model(
             self.source, self.config, self.dtype, self.device, server_args.load_format
         )
         self.vocab_size = self.config.vocab_size
-        if weight_format is not None:
-            self._quantize(weight_format)
+        if self.weight_format is not None:
+            self._quantize(self.weight_format)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
