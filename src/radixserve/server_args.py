@@ -45,7 +45,8 @@ class ServerArgs:
     load_format: str = option("auto", "auto: the checkpoint's weights; dummy: random weights of the "
                                       "checkpoint's shapes (benchmarks without a download)")
     dtype: str = option("auto", "weights and activations: auto|float32|bfloat16|float16 (auto: "
-                                "bfloat16 on CUDA, float32 on the CPU)")
+                                "bfloat16 on CUDA; on the CPU float32, or bfloat16 with int8/int4 "
+                                "weights, which a 4-bit GGUF gets by default)")
     device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
     quantization: Optional[str] = option(None, "fp8: linear layers' weights quantized to FP8 E4M3 at load "
                                                "(per output channel), activations per token; gguf (CPU, a .gguf "
