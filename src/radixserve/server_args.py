@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
 
@@ -30,8 +30,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 QUANTIZATIONS = (None, "fp8", "gguf")
 TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
-# mem_cache/kv_dtype.py maps each to a torch dtype (auto: the model's).
-KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16", "fp8_e4m3", "fp8_e5m2")
+# --kv-cache-dtype: SGLang's names -> torch dtype names (None: the model's
+# dtype; strings, so this module needs no torch). SGLang's fp4_e2m1 is not offered.
+KV_CACHE_DTYPES: Dict[str, Optional[str]] = {
+    "auto": None,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp8_e4m3": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
+}
 
 
 @dataclass

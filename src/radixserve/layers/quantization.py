@@ -176,7 +176,6 @@ _INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), pe
                      activation_dtype=torch.bfloat16)
 # int8: the LM head too, the largest single read of a CPU decode step.
 INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 def int4_weight_only(group: int) -> WeightFormat:

@@ -43,7 +43,7 @@ def zeroed_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> tor
         return torch.zeros(shape, dtype=dtype, device=device)
     import numpy as np
 
-    same_size = {1: np.uint8, 2: np.uint16, 4: np.float32, 8: np.float64}[torch.empty((), dtype=dtype).element_size()]
+    same_size = {1: np.uint8, 2: np.uint16, 4: np.float32, 8: np.float64}[dtype.itemsize]
     return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
 
 

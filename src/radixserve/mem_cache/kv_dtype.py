@@ -10,19 +10,10 @@ query's dtype before any arithmetic.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
-
 import torch
 
-# SGLang's names (server_args.KV_CACHE_DTYPES) -> torch dtype names (None: the
-# model's dtype). fp4_e2m1 is one of SGLang's values too; we do not offer it.
-KV_CACHE_DTYPES: Dict[str, Optional[str]] = {
-    "auto": None,
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp8_e4m3": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2",
-}
+from radixserve.server_args import KV_CACHE_DTYPES
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 

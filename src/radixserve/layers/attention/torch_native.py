@@ -110,8 +110,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             slots = kv_indices[i, :pos.stop]
             q_pos = torch.arange(pos.start, pos.stop, device=q.device)
             out[start:start + len(pos)] = blocked_attention(
-                q[start:start + len(pos)], k_buf[slots].to(q.dtype), v_buf[slots].to(q.dtype), q_pos, layer.scaling,
-                layer.sliding_window, layer.sinks,
+                q[start:start + len(pos)], _rows(k_buf, slots).to(q.dtype), _rows(v_buf, slots).to(q.dtype), q_pos,
+                layer.scaling, layer.sliding_window, layer.sinks,
             )
             start += len(pos)
         return out.flatten(1)
