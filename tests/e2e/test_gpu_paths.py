@@ -8,6 +8,8 @@ schedule and mixed batches; bf16 logits of the Llama-3.1-8B shape agree between 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -121,3 +123,46 @@ def test_fp8_kv_cache_greedy_identical_between_backends(reference):
     plain = greedy(path, attention_backend="torch_native", disable_cuda_graph=True, disable_overlap_schedule=True,
                    kv_cache_dtype="fp8_e4m3")
     assert greedy(path, attention_backend="triton", kv_cache_dtype="fp8_e4m3") == plain
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def serve_varied_requests(engine, vocab: int, context_len: int) -> None:
+    """Requests of many shapes: a batch of prompts from 1 to 1,100 tokens (one
+    prefill of up to 3,000 tokens), then singles with input logprobs, a
+    JSON-schema request, radix hits and mixed batches (chunks beside decodes)."""
+    g = torch.Generator().manual_seed(11)
+    lengths = [n for n in (1, 2, 3, 5, 15, 16, 17, 33, 100, 127, 129, 300, 511, 700, 1100) if n + 80 < context_len]
+    prompts = [torch.randint(10, vocab, (n,), generator=g).tolist() for n in lengths]
+    sampled = {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "ignore_eos": True}
+    engine.generate(input_ids=prompts, sampling_params=sampled)
+    for p in prompts[::3]:
+        engine.generate(input_ids=p, sampling_params={"max_new_tokens": 3, "temperature": 0},
+                        return_logprob=True, logprob_start_len=0, top_logprobs_num=2)
+    engine.generate(prompt="Say a number", sampling_params={"max_new_tokens": 10, "json_schema": json.dumps(SCHEMA)})
+    longer = [p + torch.randint(10, vocab, (37,), generator=g).tolist() for p in prompts] * 3
+    engine.generate(input_ids=longer, sampling_params={**sampled, "max_new_tokens": 40})
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v2"])
+def test_nothing_compiles_while_serving(arch, tiny_model_factory, embedded_tokenizer_dir, tmp_path):
+    """Every Triton kernel variant is compiled at start-up (kernel_warmup.py):
+    the scheduler's compile watch counts none during a varied workload in bf16,
+    with mixed batches and (DeepSeek) the fused MoE and MLA kernels."""
+    from transformers import AutoTokenizer
+
+    from tests.models.deepseek_tiny import build_deepseek
+
+    vocab = len(AutoTokenizer.from_pretrained(embedded_tokenizer_dir))
+    if arch == "llama":
+        path = tiny_model_factory("llama")
+    else:
+        path = tmp_path / "ds"
+        build_deepseek("v2", vocab, path, embedded_tokenizer_dir, max_position_embeddings=4096)
+    with Engine(model_path=str(path), dtype="bfloat16", enable_mixed_chunk=True, chunked_prefill_size=1024,
+                log_level="warning") as engine:
+        serve_varied_requests(engine, vocab, engine.get_server_info()["context_length"])
+        info = engine.get_server_info()
+        assert info["kernel_compiles_while_serving"] == 0
+        assert_no_leak(engine)

@@ -72,6 +72,16 @@ class XGrammarBackend(GrammarBackend):
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=rows)
 
 
+def warm_up_bitmask_kernel(device: torch.device, vocab_size: int) -> None:
+    """Compile xgrammar's GPU mask kernel (Triton) for each class of row count
+    it specialises on (1, a multiple of 16, any other), so that no constrained
+    request waits for the compile."""
+    for rows in (1, 2, 16):
+        logits = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+        bitmask = xgr.allocate_token_bitmask(rows, vocab_size).to(device)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab_size, indices=list(range(rows)))
+
+
 def clean_compiler_message(error: Exception) -> str:
     """The compiler's message without its time and C++ source path: the first
     line only (later lines may hold a native stack trace), at most 500 characters."""

@@ -43,7 +43,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@triton.jit
+# m (the batch's rows) is not specialised on: one compiled variant per shape of
+# weight, whatever the batch (kernel_warmup.py).
+@triton.jit(do_not_specialize=["m"])
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, m, n, k, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

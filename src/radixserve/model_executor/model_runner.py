@@ -108,6 +108,12 @@ class ModelRunner:
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = self._make_graph_runner()
+        if self.device.type == "cuda":
+            # Every Triton kernel variant a request can reach is compiled now,
+            # not inside the first requests (kernel_warmup.py says which).
+            from radixserve.model_executor.kernel_warmup import warm_up_kernels
+
+            warm_up_kernels(self)
 
     # ---- memory ----
     def _kv_layout(self) -> KVLayout:

@@ -100,7 +100,9 @@ def _cast(x, dtype: tl.constexpr):
     return out
 
 
-@triton.jit
+# The pair count varies with every batch: not specialised on (1, multiples of
+# 16), so each tile configuration is one compiled variant (kernel_warmup.py).
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_kernel(
     topk_ids_ptr, sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr, num_pairs,
     NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
@@ -167,7 +169,7 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
     return aligned
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # (as _align_kernel)
 def _grouped_gemm_kernel(
     a_ptr, w_ptr, bias_ptr, out_ptr, routing_weights_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,

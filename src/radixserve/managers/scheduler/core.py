@@ -39,6 +39,7 @@ from radixserve.managers.scheduler.stats import Gauges, StatsReporter
 from radixserve.managers.scheduler.weights import WeightController
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
+from radixserve.utils.jit_watch import JitCompileWatch
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Scheduler:
         ratio = NewTokenRatio(args.schedule_conservativeness)
         self.grammar = GrammarWait(args.grammar_backend, not args.constrained_json_disable_any_whitespace,
                                    tokenizer, runner.vocab_size, eos_token_ids, agree=broadcast_from_first)
+        self.grammar.warm_up(self.device)
         self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
                                    runner.max_total_num_tokens, self.grammar, ratio, self.dp_rank)
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
@@ -83,6 +85,8 @@ class Scheduler:
         self.num_mixed_batches = 0  # a prefill (chunk) and the running requests' decode step in one forward
         self.was_idle = True
         self.handlers = self.control_table()
+        # started by the scheduler process once it serves (process.py)
+        self.jit_watch = JitCompileWatch()
 
     def ready_info(self) -> io.SchedulerReady:
         runner = self.runner
@@ -258,6 +262,8 @@ class Scheduler:
             "dtype": str(runner.dtype).removeprefix("torch."),
             # the weight format in effect (a 4-bit GGUF on the CPU is int4 by default)
             "weight_format": runner.weight_format.name if runner.weight_format else None,
+            # Triton kernels compiled since serving began: 0 unless the start-up warm-up missed one
+            "kernel_compiles_while_serving": self.jit_watch.count,
             "tp_size": self.server_args.tp_size,
             "ep_size": self.server_args.ep_size,
             "dp_size": self.server_args.dp_size,

@@ -8,8 +8,10 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+import torch
+
 from radixserve.constrained.base import constraint_of
-from radixserve.constrained.xgrammar_backend import create_grammar_backend
+from radixserve.constrained.xgrammar_backend import create_grammar_backend, warm_up_bitmask_kernel
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.managers.scheduler.outputs import abort_reason
@@ -23,13 +25,18 @@ class GrammarWait:
         """agree(value) -> rank 0's value: with tensor parallelism every rank
         compiles on its own thread, at its own pace, but rank 0 decides which
         compiles count as done, so all ranks queue a request at the same step."""
-        self.backend_name = backend_name
+        self.backend_name, self.vocab_size = backend_name, vocab_size
         self.agree = agree or (lambda value: value)
         self.queue: List[Req] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._make_backend = lambda: create_grammar_backend(
             backend_name, tokenizer, vocab_size, any_whitespace, sorted(eos_token_ids))
         self._backend = None
+
+    def warm_up(self, device: torch.device) -> None:
+        """On a GPU, compile the mask kernel before serving (kernel_warmup.py says why)."""
+        if device.type == "cuda" and self.backend_name == "xgrammar":
+            warm_up_bitmask_kernel(device, self.vocab_size)
 
     def __len__(self) -> int:
         return len(self.queue)

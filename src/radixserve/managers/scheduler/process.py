@@ -132,6 +132,7 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, ready_pi
         logger.error("scheduler failed to start:\n%s", traceback.format_exc())
         os._exit(1)
     ready_pipe.send(("ready", scheduler.ready_info()))
+    scheduler.jit_watch.start()
     try:
         scheduler.event_loop(receive)
     except Exception:  # its state is unknown: the front end fails what is pending
