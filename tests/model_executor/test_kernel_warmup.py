@@ -32,6 +32,13 @@ def test_shapes_reach_every_moe_variant(max_tokens, top_k, dtype):
     assert reachable <= warmed
 
 
+def test_prefills_longer_than_the_context_are_split_over_requests():
+    for shape in warmup_shapes(3000, max_decode=4, context_len=512, mixed=False):
+        reqs = shape.requests()
+        assert all(cached + new <= 512 for cached, new in reqs)
+        assert sum(new for _, new in reqs) == shape.num_new + shape.num_decode
+
+
 def test_shapes_reach_every_decode_split_count_and_mixed_parity():
     from radixserve.layers.triton_utils import decode_split_count
 

@@ -123,7 +123,9 @@ def rotary(
     return q_out, k_out
 
 
-@triton.jit
+# loc may be a slice of the allocator's free-slot list, at any 8-byte offset:
+# one variant whatever its alignment (kernel_warmup.py).
+@triton.jit(do_not_specialize_on_alignment=["loc_ptr"])
 def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_stride, row_size,
                      BLOCK: tl.constexpr, LIMIT: tl.constexpr):
     token = tl.program_id(0)

@@ -48,12 +48,14 @@ EVEN_PREFIX = 64
 @dataclass(frozen=True)
 class WarmupShape:
     """One warm-up forward: `num_decode` requests taking a decode step and,
-    when num_new > 0, one request prefilling num_new tokens after `prefix_len`
-    cached ones."""
+    when num_new > 0, a prefill of num_new tokens: one request after
+    `prefix_len` cached tokens, continued by more requests where it would be
+    longer than max_request_len (the context length)."""
 
     num_decode: int = 0
     num_new: int = 0
     prefix_len: int = 0
+    max_request_len: int = 1 << 62
 
     @property
     def mode(self) -> ForwardMode:
@@ -64,7 +66,12 @@ class WarmupShape:
     def requests(self) -> List[Tuple[int, int]]:
         """(cached tokens, new tokens) of each request, decode steps first."""
         reqs = [(DECODE_CONTEXT, 1)] * self.num_decode
-        return reqs + [(self.prefix_len, self.num_new)] if self.num_new else reqs
+        if self.num_new:
+            first = min(self.num_new, self.max_request_len - self.prefix_len)
+            reqs.append((self.prefix_len, first))
+            for start in range(first, self.num_new, self.max_request_len):
+                reqs.append((0, min(self.max_request_len, self.num_new - start)))
+        return reqs
 
 
 def powers_of_two_up_to(limit: int) -> List[int]:
@@ -82,10 +89,11 @@ def warmup_shapes(max_new_tokens: int, max_decode: int, context_len: int, mixed:
     has max_decode requests."""
     # A mixed forward carries up to max_decode decode rows beside a full chunk.
     most_tokens = max_new_tokens + (max_decode if mixed else 0)
-    shapes = [WarmupShape(num_new=n) for n in powers_of_two_up_to(most_tokens)]
+    shapes = [WarmupShape(num_new=n, max_request_len=context_len) for n in powers_of_two_up_to(most_tokens)]
     long_prefix = max(0, min(LONG_PREFIX, context_len - FEW_NEW))
-    shapes += [WarmupShape(num_new=FEW_NEW, prefix_len=long_prefix),
-               WarmupShape(num_new=EVEN_PREFIX, prefix_len=max(0, min(EVEN_PREFIX, context_len - EVEN_PREFIX)))]
+    even_prefix = max(0, min(EVEN_PREFIX, context_len - EVEN_PREFIX))
+    shapes += [WarmupShape(num_new=FEW_NEW, prefix_len=long_prefix, max_request_len=context_len),
+               WarmupShape(num_new=EVEN_PREFIX, prefix_len=even_prefix, max_request_len=context_len)]
     decode_sizes = powers_of_two_up_to(max_decode)
     shapes += [WarmupShape(num_decode=n) for n in decode_sizes]
     if mixed:

@@ -27,7 +27,7 @@ from radixserve.layers.attention.paged_attention import decode_merge_kernel, onl
 from radixserve.layers.triton_utils import MIN_DOT, decode_split_count, dot, dot_block, exact_dot, extend_tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["req_pool_indices_ptr", "seq_lens_ptr"])  # (as below)
 def _mla_decode_split_kernel(
     q_lat_ptr, q_pe_ptr, kv_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     part_out_ptr, part_lse_ptr,
@@ -115,7 +115,9 @@ def mla_decode_attention(
     )
 
 
-@triton.jit
+# (index and length arrays: no variant per alignment, as paged_attention's kernels)
+@triton.jit(do_not_specialize_on_alignment=[
+    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr", "kv_starts_ptr"])
 def _mla_extend_kernel(
     qa_ptr, qb_ptr, ka_ptr, kb_ptr, v_ptr, out_ptr,
     req_to_token_ptr, req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr, kv_starts_ptr,

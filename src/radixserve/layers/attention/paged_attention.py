@@ -49,7 +49,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["req_pool_indices_ptr", "seq_lens_ptr"])  # (as _extend_kernel)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     part_out_ptr, part_lse_ptr,
@@ -185,7 +185,10 @@ def decode_attention(
     )
 
 
-@triton.jit
+# Index and length arrays may start anywhere in a larger tensor (a mixed batch's
+# extend half, a slice of the free-slot list): no variant per pointer alignment.
+@triton.jit(do_not_specialize_on_alignment=[
+    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, req_to_token_ptr, req_pool_indices_ptr,
     prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr,
