@@ -16,7 +16,10 @@ from torch import nn
 from radixserve.model_loader import loader
 from radixserve.model_loader.loader import iterate_weights, load_model
 from radixserve.model_loader.source import resolve_model_source
-from radixserve.utils.hf_utils import get_context_length, get_eos_token_ids, load_config, load_tokenizer
+from radixserve.model_loader.gguf_weights import hf_name, unpermute_rows
+from radixserve.utils.hf_utils import (
+    _cache_dir, get_context_length, get_eos_token_ids, load_config, load_tokenizer,
+)
 
 PACKAGED = "SmolLM2-135M-Instruct"
 Q = gguf.GGMLQuantizationType
@@ -166,6 +169,19 @@ def test_gguf_types_shapes_names_and_permutation(tmp_path, arch):
     assert ours["model.layers.0.mlp.down_proj.weight"].shape == (64, 96)  # not square: dims reversed right
     assert (ours["model.layers.0.mlp.down_proj.weight"] - torch.from_numpy(down)).abs().mean() < 0.2
     torch.testing.assert_close(ours["model.layers.0.self_attn.k_proj.bias"], torch.from_numpy(bias).float())
+    # The first open saved the file's index; a second one reads the tensors through it, and
+    # gets what the gguf package's own reader gives (dequantized by the same library).
+    assert (_cache_dir(path, "tensors") / "gguf_index.json").is_file()
+    again = dict(iterate_weights(resolve_model_source(str(path))))
+    for t in gguf.GGUFReader(str(path)).tensors:
+        name = hf_name(t.name)
+        if name is not None:
+            hf_shape = tuple(reversed(t.shape.tolist()))
+            expected = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+            expected = expected.reshape(hf_shape)
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                expected = unpermute_rows(expected, 4 if "q_proj" in name else 2)  # (checked above)
+            assert torch.equal(again[name], expected), name
 
 
 def test_unknown_gguf_tensor_is_named(tmp_path):

@@ -27,7 +27,7 @@ def load_config(source: ModelSource) -> "PretrainedConfig":
 
     if source.kind == "hf":
         return AutoConfig.from_pretrained(source.path)
-    return _cached(source.path, "config", AutoConfig.from_pretrained, lambda: _gguf_config(source))
+    return cached_from_gguf(source.path, "config", AutoConfig.from_pretrained, lambda: _gguf_config(source))
 
 
 def _gguf_config(source: ModelSource) -> "PretrainedConfig":
@@ -52,7 +52,7 @@ def load_tokenizer(source: ModelSource, tokenizer_path: Optional[str] = None) ->
         return _auto_tokenizer(Path(tokenizer_path).expanduser())
     if source.kind == "hf":
         return _auto_tokenizer(source.path)
-    return _cached(source.path, "tokenizer", _auto_tokenizer,
+    return cached_from_gguf(source.path, "tokenizer", _auto_tokenizer,
                    lambda: _auto_tokenizer(source.folder, gguf_file=source.path.name))
 
 
@@ -129,7 +129,7 @@ def _cache_dir(gguf_path: Path, what: str) -> Path:
     return root / key / what
 
 
-def _cached(gguf_path: Path, what: str, load_saved: Callable[[Path], Any], build: Callable[[], Any]) -> Any:
+def cached_from_gguf(gguf_path: Path, what: str, load_saved: Callable[[Path], Any], build: Callable[[], Any]) -> Any:
     cache = _cache_dir(gguf_path, what)
     if cache.is_dir():
         try:
