@@ -18,7 +18,7 @@ from radixserve.model_loader.loader import iterate_weights, load_model
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.model_loader.gguf_weights import hf_name, unpermute_rows
 from radixserve.utils.hf_utils import (
-    _cache_dir, get_context_length, get_eos_token_ids, load_config, load_tokenizer,
+    cache_dir, get_context_length, get_eos_token_ids, load_config, load_tokenizer,
 )
 
 PACKAGED = "SmolLM2-135M-Instruct"
@@ -171,7 +171,7 @@ def test_gguf_types_shapes_names_and_permutation(tmp_path, arch):
     torch.testing.assert_close(ours["model.layers.0.self_attn.k_proj.bias"], torch.from_numpy(bias).float())
     # The first open saved the file's index; a second one reads the tensors through it, and
     # gets what the gguf package's own reader gives (dequantized by the same library).
-    assert (_cache_dir(path, "tensors") / "gguf_index.json").is_file()
+    assert (cache_dir(path, "tensors") / "gguf_index.json").is_file()
     again = dict(iterate_weights(resolve_model_source(str(path))))
     for t in gguf.GGUFReader(str(path)).tensors:
         name = hf_name(t.name)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 import torch
+from torch import nn
 
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
@@ -20,11 +21,12 @@ from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.prefix_cache import PrefixCache
 from radixserve.model_executor.forward_batch import ForwardBatch
-from radixserve.model_loader.loader import load_model
+from radixserve.model_loader.loader import build_model, load_model
+from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.model_loader.weight_loader import get_weight, load_weights
 from radixserve.server_args import ServerArgs
-from radixserve.utils.hf_utils import get_context_length, load_config
+from radixserve.utils.hf_utils import cache_dir, get_context_length, load_config
 
 if TYPE_CHECKING:
     from radixserve.model_executor.memory_saver import ReleasedMemory
@@ -96,12 +98,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(server_args.dtype, self.device.type, self.weight_format)
         self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)
-        self.model = load_model(
-            self.source, self.config, self.dtype, self.device, server_args.load_format
-        )
+        self.model = self._load_model()
         self.vocab_size = self.config.vocab_size
-        if self.weight_format is not None:
-            self._quantize(self.weight_format)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -190,6 +188,29 @@ class ModelRunner:
         if isinstance(self.kv_layout, MLAKVLayout) and not isinstance(backend, MLABackend):
             raise ValueError(f"attention_backend {name!r} cannot serve multi-head latent attention models")
         return backend
+
+    def _load_model(self) -> nn.Module:
+        """The model with its weights, quantized when a weight format is in
+        effect. A GGUF's quantized weights come from the cache its first start
+        wrote (model_loader/quantized_cache.py), when there is one."""
+        args, fmt = self.server_args, self.weight_format
+        cache = None
+        if fmt is not None and self.source.kind == "gguf" and args.load_format == "auto" and args.tp_size == 1:
+            cache = cache_dir(self.source.path, cache_name(fmt, self.dtype)) / "model.safetensors"
+            if cache.is_file():
+                model = build_model(self.config, self.dtype, self.device)
+                try:
+                    load_quantized(model, cache, fmt)
+                    logger.info("%s weights from the cache %s", fmt.name, cache)
+                    return model
+                except (ValueError, OSError, RuntimeError) as e:  # rebuilt and written again below
+                    logger.warning("quantized weight cache %s unusable (%s); rebuilding", cache, e)
+        self.model = load_model(self.source, self.config, self.dtype, self.device, args.load_format)
+        if fmt is not None:
+            self._quantize(fmt)
+        if cache is not None:
+            save_quantized(self.model, cache)
+        return self.model
 
     def _quantize(self, fmt: WeightFormat) -> None:
         """--quantization fp8 / --torchao-config int8wo: the linear layers' weights

@@ -62,14 +62,7 @@ def load_model(
     weight file, for benchmarking shapes whose checkpoint is not at hand)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    model_cls = get_model_class(config)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_cls(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = build_model(config, dtype, device)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:
@@ -78,6 +71,18 @@ def load_model(
         with torch.no_grad():
             load_weights(model, progress)
     return model.eval()
+
+
+def build_model(config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The model for `config` on `device` in `dtype`, its weights not yet filled."""
+    model_cls = get_model_class(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return model_cls(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @torch.no_grad()

@@ -68,7 +68,7 @@ def tokenizer_folder(source: ModelSource, tokenizer_path: Optional[str] = None) 
     if source.kind == "hf":
         return str(source.path)
     load_tokenizer(source)  # fills the cache folder unless the home is read-only
-    cache = _cache_dir(source.path, "tokenizer")
+    cache = cache_dir(source.path, "tokenizer")
     return str(cache) if cache.is_dir() else str(source.path)
 
 
@@ -114,11 +114,13 @@ def get_context_length(config: Any) -> int:
     return DEFAULT_CONTEXT_LENGTH
 
 
-def _cache_dir(gguf_path: Path, what: str) -> Path:
-    """Reading a GGUF's config or tokenizer parses its whole vocabulary with the
-    gguf package (seconds); every process (scheduler, detokenizer, API) needs
-    both, so the first one saves them in HF format for the others. The key
-    changes when the file or the transformers version does."""
+def cache_dir(gguf_path: Path, what: str) -> Path:
+    """Where what a GGUF's first load derived is kept for later loads (`what`
+    names it). Reading a GGUF's config or tokenizer parses its whole vocabulary
+    with the gguf package (seconds); every process (scheduler, detokenizer,
+    API) needs both, so the first one saves them in HF format for the others;
+    also the file's tensor index and its quantized weights. The key changes
+    when the file or the transformers version does."""
     import transformers
 
     stat = gguf_path.stat()
@@ -130,7 +132,7 @@ def _cache_dir(gguf_path: Path, what: str) -> Path:
 
 
 def cached_from_gguf(gguf_path: Path, what: str, load_saved: Callable[[Path], Any], build: Callable[[], Any]) -> Any:
-    cache = _cache_dir(gguf_path, what)
+    cache = cache_dir(gguf_path, what)
     if cache.is_dir():
         try:
             return load_saved(cache)
