@@ -62,3 +62,7 @@ def test_second_start_of_the_default_model_reads_the_cache():
     want, got = quantized_tensors(first.model), quantized_tensors(second.model)
     assert set(got) == set(want)
     assert all(torch.equal(got[name], want[name]) for name in want)
+    # and the kernels run on them (they need aligned weights, which a plain load_file does not give)
+    prompt = [list(range(100, 108))]
+    expected = teacher_forced_logits(first, prompt, chunks=[8], decode_steps=0)[0]
+    assert torch.equal(teacher_forced_logits(second, prompt, chunks=[8], decode_steps=0)[0], expected)

@@ -68,7 +68,9 @@ def load_quantized(model: nn.Module, path: Path, fmt: WeightFormat) -> None:
     """Fill a freshly built model from a file save_quantized wrote for the same
     model, format and dtype: quantized layers take its codes and scales, the
     other parameters its values. Raises ValueError when the file does not fit."""
-    saved = load_file(str(path))
+    # Copies: load_file's tensors are views into one buffer at any 8-byte offset,
+    # and torch's packed int8/int4 CPU kernels crash on weights not 64-byte aligned.
+    saved = {name: t.clone() for name, t in load_file(str(path)).items()}
     missing = {name for name, _ in model.named_parameters()} - set(saved)
     if missing:
         raise ValueError(f"the cached weights lack {sorted(missing)[:3]}")
