@@ -63,11 +63,13 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             mask = key_pos <= query_pos
             if window is not None:
                 mask &= key_pos > query_pos - window
-            if layer.sinks is None:
-                oi = F.scaled_dot_product_attention(
-                    qi, ki, vi, attn_mask=mask, scale=layer.scaling,
-                    enable_gqa=layer.num_heads != layer.num_kv_heads,
-                )
+            gqa = layer.num_heads != layer.num_kv_heads
+            if layer.sinks is None and prefix == 0 and window is None:
+                # No cached prefix: plain causal attention, which SDPA runs in its
+                # fused kernel; an explicit mask sends it to the unfused math path.
+                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling, enable_gqa=gqa)
+            elif layer.sinks is None:
+                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scaling, enable_gqa=gqa)
             else:
                 oi = _attend_with_sinks(qi, ki, vi, mask, layer)
             out[start:start + extend] = oi.transpose(0, 1)
