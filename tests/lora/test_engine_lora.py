@@ -116,7 +116,7 @@ def test_load_and_unload_while_requests_run(served, tmp_path):
     arch, setup, engine, prompts, expected = served
     if arch != "llama":
         pytest.skip("one architecture is enough for the control path")
-    long_prompt, long_new = prompts[2], 300  # long enough to be running still when paused
+    long_prompt, long_new = prompts[2], 160  # long enough to be running still when paused
     long_want = reference_greedy(setup["base"], setup["attn"], [long_prompt], long_new)[0]
     first_chunk, result = threading.Event(), {}
 

@@ -303,17 +303,17 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         body = await json_object(request)
         out = await state.tm.load_lora_adapter(required(body, "lora_name", str), required(body, "lora_path", str),
                                                optional(body, "pinned", bool, False))
-        return lora_reply(out)
+        return lora_reply(out, "lora_path")
 
     @app.post("/unload_lora_adapter")
     async def unload_lora_adapter(request: Request) -> JSONResponse:
         """Waits until the adapter's running requests have finished (new ones are refused)."""
         body = await json_object(request)
-        return lora_reply(await state.tm.unload_lora_adapter(required(body, "lora_name", str)))
+        return lora_reply(await state.tm.unload_lora_adapter(required(body, "lora_name", str)), "lora_name")
 
-    def lora_reply(out: io.LoRAAdapterOut) -> JSONResponse:
+    def lora_reply(out: io.LoRAAdapterOut, param: str) -> JSONResponse:
         if not out.success:
-            return failed(400, out.message)
+            return failed(400, out.message, param=param)
         loaded = {ref.name: ref.path for ref in state.tm.lora.adapters()}
         return JSONResponse({"success": True, "error_message": "", "loaded_adapters": loaded})
 
