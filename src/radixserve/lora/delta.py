@@ -14,20 +14,25 @@ pre-multiplied by the adapter's scaling.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from radixserve.lora.triton_ops import Segments
 
 Rows = Union[slice, torch.Tensor]
 
 
 @dataclass
 class LoRABatch:
-    """This forward's rows grouped by adapter slot: (slot, rows) per adapter
-    present; rows without an adapter are in no group. Set once per forward by
-    the LoRA manager and read by every target."""
+    """This forward's rows by adapter slot, set once per forward by the LoRA
+    manager and read by every target; rows without an adapter are in none.
+    torch backend: groups, (slot, rows) per adapter present. Triton backend
+    (CUDA): segments, runs of rows with one slot, for the segmented kernels."""
 
     groups: List[Tuple[int, Rows]] = field(default_factory=list)
+    segments: Optional["Segments"] = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,10 @@ class LoRATarget:
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + each row's adapter delta: per adapter present, shrink its rows
         (x A^T, rank-wide) and expand them (@ B^T) into its rows of out."""
+        if self.batch.segments is not None:
+            from radixserve.lora.triton_ops import segmented_lora
+
+            return segmented_lora(x.contiguous(), self.A, self.B, out, self.batch.segments)
         for slot, rows in self.batch.groups:
             delta = (x[rows] @ self.A[slot].T) @ self.B[slot].T
             if isinstance(rows, slice):

@@ -46,6 +46,8 @@ class LoRAManager:
         self.modules = attach_targets(model, self.targets, self.max_per_batch, self.max_rank, self.batch,
                                       device, dtype)
         self.device = device
+        # The segmented Triton kernels on CUDA; the torch ops elsewhere.
+        self.use_triton = args.lora_backend == "triton" and device.type == "cuda"
         self.slots = SlotTable(self.max_per_batch, args.lora_eviction_policy)
         self.adapters: Dict[int, LoRAAdapter] = {}
         self.pinned: Set[int] = set()
@@ -106,7 +108,12 @@ class LoRAManager:
         present = [i for i in dict.fromkeys(lora_ids) if i is not None]
         self._make_resident(present)
         slots = [-1 if i is None else self.slots.slot_of[i] for i in lora_ids]
-        self.batch.groups = group_rows(slots, tokens, self.device)
+        if self.use_triton:
+            from radixserve.lora.triton_ops import segments_of
+
+            self.batch.segments = segments_of(slots, tokens, self.device)
+        else:
+            self.batch.groups = group_rows(slots, tokens, self.device)
 
     def _make_resident(self, lora_ids: Iterable[int]) -> None:
         ids = list(lora_ids)
