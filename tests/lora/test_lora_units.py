@@ -142,3 +142,26 @@ def test_segmented_triton_kernel_matches_torch_groups(slots, tokens):
     batch.segments = segments_of(slots, tokens, torch.device("cpu"))
     got = target.add_delta(x, base.clone())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_graph_segments_match_torch_groups():
+    """What a decode CUDA graph replays: one static segment per row (padding
+    and base rows of length 0), refilled per step; here under TRITON_INTERPRET=1."""
+    from radixserve.lora.triton_ops import decode_segments
+
+    torch.manual_seed(1)
+    batch = LoRABatch()
+    target = LoRATarget("model.layers.0.self_attn.o_proj", [TargetPart("o_proj", 0, 20)], 16, 20, 2, 4, batch,
+                        torch.device("cpu"), torch.float32)
+    for slot in range(2):
+        target.write(slot, {"model.layers.0.self_attn.o_proj": (torch.randn(4, 16), torch.randn(20, 4))}, 0.5)
+    static = decode_segments(8, torch.device("cpu"))
+    slots = [1, -1, 0, 1, 1]  # 5 requests in the graph of 8 rows
+    x, base = torch.randn(8, 16), torch.randn(8, 20)
+    batch.groups = group_rows(slots + [-1] * 3, [1] * 8, torch.device("cpu"))
+    want = target.add_delta(x, base.clone())
+    segs = static.head(8)
+    segs.lens.copy_(torch.tensor([int(s >= 0) for s in slots] + [0] * 3, dtype=torch.int32))
+    segs.slots.copy_(torch.tensor([max(s, 0) for s in slots] + [0] * 3, dtype=torch.int32))
+    batch.segments = segs
+    torch.testing.assert_close(target.add_delta(x, base.clone()), want)

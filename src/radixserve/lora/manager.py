@@ -48,6 +48,7 @@ class LoRAManager:
         self.device = device
         # The segmented Triton kernels on CUDA; the torch ops elsewhere.
         self.use_triton = args.lora_backend == "triton" and device.type == "cuda"
+        self._graph_segments = None  # static decode segments, once CUDA graphs are captured
         self.slots = SlotTable(self.max_per_batch, args.lora_eviction_policy)
         self.adapters: Dict[int, LoRAAdapter] = {}
         self.pinned: Set[int] = set()
@@ -109,11 +110,34 @@ class LoRAManager:
         self._make_resident(present)
         slots = [-1 if i is None else self.slots.slot_of[i] for i in lora_ids]
         if self.use_triton:
-            from radixserve.lora.triton_ops import segments_of
+            from radixserve.lora.triton_ops import segments_of  # (triton: CUDA only, imported when used)
 
-            self.batch.segments = segments_of(slots, tokens, self.device)
+            self.batch.segments, self.batch.groups = segments_of(slots, tokens, self.device), []
         else:
-            self.batch.groups = group_rows(slots, tokens, self.device)
+            self.batch.segments, self.batch.groups = None, group_rows(slots, tokens, self.device)
+
+    # ---- decode CUDA graphs (Triton backend) ----
+    def capture_decode(self, bs: int, max_bs: int) -> None:
+        """Before capturing the decode graph of bs rows: the batch reads one
+        static segment per row (length 0: no adapter), which replay refills."""
+        from radixserve.lora.triton_ops import decode_segments
+
+        if self._graph_segments is None or self._graph_segments.count < max_bs:
+            self._graph_segments = decode_segments(max_bs, self.device)
+        self.batch.segments = self._graph_segments.head(bs)
+
+    def prepare_decode(self, lora_ids: List[Optional[int]], bs: int) -> None:
+        """Before replaying the decode graph of bs rows (>= len(lora_ids), the
+        rest padding): adapters into slots, each row's slot into the static segments."""
+        present = [i for i in dict.fromkeys(lora_ids) if i is not None]
+        self._make_resident(present)
+        pad = bs - len(lora_ids)
+        lens = [0 if i is None else 1 for i in lora_ids] + [0] * pad
+        slots = [0 if i is None else self.slots.slot_of[i] for i in lora_ids] + [0] * pad
+        segs = self._graph_segments.head(bs)
+        segs.lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        segs.slots.copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
+        self.batch.segments = segs
 
     def _make_resident(self, lora_ids: Iterable[int]) -> None:
         ids = list(lora_ids)

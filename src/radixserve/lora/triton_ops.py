@@ -35,6 +35,17 @@ class Segments:
     def count(self) -> int:
         return self.starts.shape[0]
 
+    def head(self, n: int) -> "Segments":
+        """The first n segments (views: a CUDA graph keeps their addresses)."""
+        return Segments(self.starts[:n], self.lens[:n], self.slots[:n], self.max_len)
+
+
+def decode_segments(max_bs: int, device: torch.device) -> Segments:
+    """One segment per decode row, all of length 0 (no adapter) until filled:
+    the fixed shape a decode CUDA graph captures."""
+    zeros = torch.zeros(max_bs, dtype=torch.int32, device=device)
+    return Segments(torch.arange(max_bs, dtype=torch.int32, device=device), zeros, zeros.clone(), 1)
+
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, s_ptr, starts, lens, slots, K, W, stride_x, stride_as, stride_aw, stride_s,

@@ -218,9 +218,9 @@ class ModelRunner:
         args = self.server_args
         if self.device.type != "cuda" or args.disable_cuda_graph:
             return None
-        if self.lora_manager is not None:
-            # The LoRA row groups change with every batch; a graph would replay stale ones.
-            logger.warning("CUDA graphs are not used with --enable-lora yet")
+        if self.lora_manager is not None and not self.lora_manager.use_triton:
+            # The torch path's row groups change with every batch; a graph would replay stale ones.
+            logger.warning("CUDA graphs need --lora-backend triton; running without them")
             return None
         if args.resolved_attention_backend() != "triton":
             logger.warning("CUDA graphs need --attention-backend triton; running without them")
