@@ -298,6 +298,9 @@ class ServerArgs:
             return
         if self.tp_size > 1:
             raise ValueError("enable_lora with tp_size > 1 is not supported yet")
+        if self.enable_deterministic_inference:
+            # The adapters' matmuls run over each adapter's rows: their sums would change with the batch.
+            raise ValueError("enable_lora cannot be combined with enable_deterministic_inference yet")
         if not self.lora_paths and (self.max_lora_rank is None or not self.lora_target_modules):
             raise ValueError("enable_lora without lora_paths needs max_lora_rank and lora_target_modules "
                              "(the device slots are sized from them)")

@@ -72,6 +72,8 @@ def test_flags_parse_as_sglang_names_them(tmp_path):
     with pytest.raises(ValueError, match="max_loaded_loras \\(1\\) must be >= max_loras_per_batch"):
         ServerArgs(enable_lora=True, max_lora_rank=8, lora_target_modules=["all"], max_loaded_loras=1,
                    max_loras_per_batch=2)
+    with pytest.raises(ValueError, match="cannot be combined with enable_deterministic_inference"):
+        ServerArgs(lora_paths=["a=/x"], enable_deterministic_inference=True)
     with pytest.raises(ValueError, match="needs max_lora_rank and lora_target_modules"):
         ServerArgs(enable_lora=True)
     with pytest.raises(ValueError, match="lora_paths: adapter name 'a' appears more than once"):
