@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from radixserve.lora.adapter import load_adapter
-from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows
+from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows, row_slots
 from radixserve.lora.slots import SlotTable
 from radixserve.lora.spec import LoRASpec, normalize_targets, parse_lora_paths
 from radixserve.server_args import ServerArgs
@@ -115,7 +115,7 @@ def test_merged_projection_delta_matches_separate_projections():
     w = {f"model.layers.0.self_attn.{p.peft_name}": (torch.randn(2, 6), torch.randn(p.size, 2)) for p in parts[:2]}
     target.write(1, w, scaling=0.5)  # rank 2 in a rank-3 slot; v not targeted
     x = torch.randn(5, 6)
-    batch.groups = group_rows([-1, 1], [2, 3], torch.device("cpu"))
+    batch.set_groups(group_rows([-1, 1], [2, 3], torch.device("cpu")), row_slots([-1, 1], [2, 3], torch.device("cpu")))
     out = target.add_delta(x, torch.zeros(5, 16))
     assert out[:2].abs().sum() == 0 and out[2:, 12:].abs().sum() == 0
     for p in parts[:2]:
@@ -124,7 +124,7 @@ def test_merged_projection_delta_matches_separate_projections():
 
 
 @pytest.mark.parametrize("slots,tokens", [([2, -1, 0, 0, 1], [20, 3, 1, 5, 1]), ([1, 1, 1], [1, 1, 1]),
-                                          ([-1, -1], [4, 1])])
+                                          ([-1, -1], [4, 1]), ([0, 1, 2, 1], [1, 1, 1, 1])])
 def test_segmented_triton_kernel_matches_torch_groups(slots, tokens):
     """The CUDA path's kernels (here under TRITON_INTERPRET=1) against the torch
     path, through a merged target: prefill runs, decode rows, base-only batches."""
@@ -139,11 +139,14 @@ def test_segmented_triton_kernel_matches_torch_groups(slots, tokens):
         w = {f"model.layers.0.mlp.{p.peft_name}": (torch.randn(3, 24), torch.randn(p.size, 3)) for p in parts}
         target.write(slot, w, scaling=0.25 * (slot + 1))
     x, base = torch.randn(sum(tokens), 24), torch.randn(sum(tokens), 70)
-    batch.groups = group_rows(slots, tokens, torch.device("cpu"))
-    want = target.add_delta(x, base.clone())
+    want = base.clone()  # row by row
+    for row, slot in enumerate(row_slots(slots, tokens, torch.device("cpu")).tolist()):
+        if slot >= 0:
+            want[row] += x[row] @ target.A[slot].T @ target.B[slot]
+    batch.set_groups(group_rows(slots, tokens, torch.device("cpu")), row_slots(slots, tokens, torch.device("cpu")))
+    torch.testing.assert_close(target.add_delta(x, base.clone()), want, rtol=1e-5, atol=1e-5)  # torch path
     batch.segments = segments_of(slots, tokens, torch.device("cpu"))
-    got = target.add_delta(x, base.clone())
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(target.add_delta(x, base.clone()), want, rtol=1e-5, atol=1e-5)  # Triton kernels
 
 
 def test_decode_graph_segments_match_torch_groups():
@@ -160,7 +163,8 @@ def test_decode_graph_segments_match_torch_groups():
     static = decode_segments(8, torch.device("cpu"))
     slots = [1, -1, 0, 1, 1]  # 5 requests in the graph of 8 rows
     x, base = torch.randn(8, 16), torch.randn(8, 20)
-    batch.groups = group_rows(slots + [-1] * 3, [1] * 8, torch.device("cpu"))
+    padded = slots + [-1] * 3
+    batch.set_groups(group_rows(padded, [1] * 8, torch.device("cpu")), row_slots(padded, [1] * 8, torch.device("cpu")))
     want = target.add_delta(x, base.clone())
     segs = static.head(8)
     segs.lens.copy_(torch.tensor([int(s >= 0) for s in slots] + [0] * 3, dtype=torch.int32))

@@ -3,18 +3,25 @@
 A LoRATarget is attached to a linear layer (`linear.lora`); the layer adds
 `add_delta(x, out)` to its own product, so model files stay model math. It
 holds every device slot's weights for that projection:
-A [slots, parts * R, in] and B [slots, out, parts * R], R = --max-lora-rank.
+A [slots, W, in] and B [slots, W, out] with W = parts * R, R = --max-lora-rank.
 A merged projection (q|k|v, gate|up) has one part per projection: A stacks
-the parts' A, and B is block-diagonal (part p's rows read only part p's
-rank columns), so one shrink and one expand cover all parts. A rank below R
+the parts' A, and B is block-diagonal (part p's rank rows feed only part p's
+output columns), so one shrink and one expand cover all parts. A rank below R
 and an untargeted part are zeros, which add exactly nothing. B is stored
+transposed (rank-major, so its slots view as one [slots * W, out] matrix) and
 pre-multiplied by the adapter's scaling.
+
+The torch path: with one adapter in the batch, its rows alone (a slice when
+they are one run); with several, every row is shrunk against all slots at
+once, the columns of other slots' ranks are zeroed, and one matmul expands:
+three ops per projection whatever the number of adapters, instead of a
+gather, two matmuls and a scatter per adapter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -28,11 +35,26 @@ Rows = Union[slice, torch.Tensor]
 class LoRABatch:
     """This forward's rows by adapter slot, set once per forward by the LoRA
     manager and read by every target; rows without an adapter are in none.
-    torch backend: groups, (slot, rows) per adapter present. Triton backend
-    (CUDA): segments, runs of rows with one slot, for the segmented kernels."""
+    torch backend: groups, (slot, rows) per adapter present, and each row's
+    slot (-1: none). Triton backend (CUDA): segments, runs of rows with one
+    slot, for the segmented kernels."""
 
     groups: List[Tuple[int, Rows]] = field(default_factory=list)
+    row_slots: Optional[torch.Tensor] = None  # [rows] int64
     segments: Optional["Segments"] = None
+    _masks: Dict[Tuple[int, int, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def set_groups(self, groups: List[Tuple[int, Rows]], row_slots: torch.Tensor) -> None:
+        self.groups, self.row_slots, self.segments, self._masks = groups, row_slots, None, {}
+
+    def rank_mask(self, num_slots: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """[rows, num_slots * width]: 1 where the column belongs to the row's slot
+        (built once per forward and width, shared by the targets)."""
+        key = (num_slots, width, dtype)
+        if key not in self._masks:
+            column_slot = torch.arange(num_slots * width, device=self.row_slots.device) // width
+            self._masks[key] = (self.row_slots[:, None] == column_slot[None, :]).to(dtype)
+        return self._masks[key]
 
 
 @dataclass(frozen=True)
@@ -51,7 +73,7 @@ class LoRATarget:
         self.parts, self.max_rank, self.batch = parts, max_rank, batch
         width = len(parts) * max_rank
         self.A = torch.zeros(num_slots, width, in_features, device=device, dtype=dtype)
-        self.B = torch.zeros(num_slots, out_features, width, device=device, dtype=dtype)
+        self.B = torch.zeros(num_slots, width, out_features, device=device, dtype=dtype)
 
     def peft_path(self, part: TargetPart) -> str:
         """Where the adapter file keeps this part: the layer's path with its own projection name."""
@@ -69,17 +91,21 @@ class LoRATarget:
             a, b = ab
             rank = a.shape[0]
             self.A[slot, p * R:p * R + rank].copy_(a)
-            self.B[slot, part.offset:part.offset + part.size, p * R:p * R + rank].copy_(b * scaling)
+            self.B[slot, p * R:p * R + rank, part.offset:part.offset + part.size].copy_((b * scaling).T)
 
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + each row's adapter delta: per adapter present, shrink its rows
-        (x A^T, rank-wide) and expand them (@ B^T) into its rows of out."""
-        if self.batch.segments is not None:
+        """out + each row's adapter delta: shrink (x A^T, rank-wide), expand (@ B)."""
+        batch = self.batch
+        if batch.segments is not None:
             from radixserve.lora.triton_ops import segmented_lora
 
-            return segmented_lora(x.contiguous(), self.A, self.B, out, self.batch.segments)
-        for slot, rows in self.batch.groups:
-            delta = (x[rows] @ self.A[slot].T) @ self.B[slot].T
+            return segmented_lora(x.contiguous(), self.A, self.B, out, batch.segments)
+        if len(batch.groups) > 1:
+            slots, width, _ = self.A.shape
+            shrunk = (x @ self.A.view(slots * width, -1).T) * batch.rank_mask(slots, width, x.dtype)
+            return out.addmm_(shrunk, self.B.view(slots * width, -1))
+        for slot, rows in batch.groups:
+            delta = (x[rows] @ self.A[slot].T) @ self.B[slot]
             if isinstance(rows, slice):
                 out[rows] += delta
             else:
@@ -106,6 +132,11 @@ def group_rows(slots: List[int], tokens: List[int], device: torch.device) -> Lis
             idx = torch.cat([torch.arange(a, b) for a, b in merged]).to(device)
             groups.append((slot, idx))
     return groups
+
+
+def row_slots(slots: List[int], tokens: List[int], device: torch.device) -> torch.Tensor:
+    """Each row's slot (-1: no adapter)."""
+    return torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), torch.tensor(tokens)).to(device)
 
 
 def _merge(spans: List[Tuple[int, int]]) -> List[Tuple[int, int]]:

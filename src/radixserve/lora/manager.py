@@ -17,7 +17,7 @@ from torch import nn
 
 from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.lora.adapter import LoRAAdapter, load_adapter
-from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows
+from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows, row_slots
 from radixserve.lora.slots import SlotTable
 from radixserve.lora.spec import TARGET_MODULES, LoRASpec, normalize_targets, parse_lora_paths
 from radixserve.server_args import ServerArgs
@@ -114,7 +114,7 @@ class LoRAManager:
 
             self.batch.segments, self.batch.groups = segments_of(slots, tokens, self.device), []
         else:
-            self.batch.segments, self.batch.groups = None, group_rows(slots, tokens, self.device)
+            self.batch.set_groups(group_rows(slots, tokens, self.device), row_slots(slots, tokens, self.device))
 
     # ---- decode CUDA graphs (Triton backend) ----
     def capture_decode(self, bs: int, max_bs: int) -> None:

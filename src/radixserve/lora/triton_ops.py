@@ -3,8 +3,8 @@ rows come in segments (runs of consecutive rows with one adapter slot), and
 each program computes one tile of one segment against that slot's weights,
 so every adapter's rows run in the same two launches.
 
-shrink: s[rows] = x[rows] @ A[slot]^T    (A [slots, W, K], s [T, W])
-expand: out[rows] += s[rows] @ B[slot]^T (B [slots, N, W], out [T, N])
+shrink: s[rows] = x[rows] @ A[slot]^T  (A [slots, W, K], s [T, W])
+expand: out[rows] += s[rows] @ B[slot]  (B [slots, W, N], out [T, N])
 Rows outside every segment (the base model's) are neither read nor written.
 """
 
@@ -69,7 +69,7 @@ def _shrink_kernel(x_ptr, a_ptr, s_ptr, starts, lens, slots, K, W, stride_x, str
 
 
 @triton.jit
-def _expand_kernel(s_ptr, b_ptr, out_ptr, starts, lens, slots, N, W, stride_s, stride_bs, stride_bn, stride_out,
+def _expand_kernel(s_ptr, b_ptr, out_ptr, starts, lens, slots, N, W, stride_s, stride_bs, stride_bw, stride_out,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, IEEE: tl.constexpr):
     seg, mb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, length, slot = tl.load(starts + seg), tl.load(lens + seg), tl.load(slots + seg).to(tl.int64)
@@ -82,7 +82,7 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, starts, lens, slots, N, W, stride_s, s
         ws = w0 + tl.arange(0, BLOCK_W)
         wmask = ws < W
         sb = tl.load(s_ptr + rows64[:, None] * stride_s + ws[None, :], mask=rmask[:, None] & wmask[None, :], other=0.0)
-        bb = tl.load(b_ptr + slot * stride_bs + cols[None, :] * stride_bn + ws[:, None],
+        bb = tl.load(b_ptr + slot * stride_bs + ws[:, None] * stride_bw + cols[None, :],
                      mask=wmask[:, None] & cmask[None, :], other=0.0)
         acc += dot(sb, bb, IEEE)
     mask = rmask[:, None] & cmask[None, :]
@@ -92,13 +92,13 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, starts, lens, slots, N, W, stride_s, s
 
 
 def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor, segs: Segments) -> torch.Tensor:
-    """out[rows of each segment] += x A[slot]^T B[slot]^T, in place; returns out.
-    x [T, K], A [slots, W, K], B [slots, N, W], out [T, N]; rows contiguous."""
+    """out[rows of each segment] += x A[slot]^T B[slot], in place; returns out.
+    x [T, K], A [slots, W, K], B [slots, W, N], out [T, N]; rows contiguous."""
     if segs.count == 0:
         return out
     assert x.stride(1) == 1 and out.stride(1) == 1 and A.is_contiguous() and B.is_contiguous()
     T, K = x.shape
-    W, N = A.shape[1], B.shape[1]
+    W, N = A.shape[1], B.shape[2]
     s = torch.empty(T, W, device=x.device, dtype=x.dtype)
     ieee = exact_dot(x.dtype)
     row_blocks = triton.cdiv(segs.max_len, BLOCK_M)
