@@ -171,3 +171,39 @@ def test_decode_graph_segments_match_torch_groups():
     segs.slots.copy_(torch.tensor([max(s, 0) for s in slots] + [0] * 3, dtype=torch.int32))
     batch.segments = segs
     torch.testing.assert_close(target.add_delta(x, base.clone()), want)
+
+
+def test_manager_slots_admission_pinning_and_graph_segments(llama):
+    """The scheduler side on the tiny Llama: which adapters a batch admits,
+    pinned slots, the host-memory limit, and the decode graph's segments."""
+    from radixserve.lora.manager import LoRAManager
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.models.llama import LlamaForCausalLM
+    from radixserve.utils.hf_utils import load_config
+
+    model = LlamaForCausalLM(load_config(resolve_model_source(str(llama["base"]))))
+    args = ServerArgs(model_path=str(llama["base"]), lora_paths=[f"attn={llama['attn']}"], max_loras_per_batch=3,
+                      max_loaded_loras=4, max_lora_rank=8, lora_target_modules=["all"])
+    lora = LoRAManager(args, model, torch.device("cpu"), torch.float32)
+    assert model.model.layers[0].mlp.gate_up_proj.lora is not None  # every targeted projection carries one
+    lora.load(2, LoRASpec("mlp", str(llama["mlp"]), pinned=True))
+    lora.load(3, LoRASpec("all", str(llama["all"]), pinned=True))
+    assert {2, 3} <= set(lora.slots.slot_of)  # pinned: resident at once, and for good
+    with pytest.raises(ValueError, match="pinned adapters must leave at least one"):
+        lora.load(4, LoRASpec("attn2", str(llama["attn"]), pinned=True))
+    lora.load(4, LoRASpec("attn2", str(llama["attn"])))
+    with pytest.raises(ValueError, match="max_loaded_loras \\(4\\)"):
+        lora.load(5, LoRASpec("more", str(llama["attn"])))
+    # 3 slots, two pinned: a batch holds them and one other adapter at most.
+    assert lora.admits({1}, 2) and lora.admits({None}, 4) and lora.admits({1}, None)
+    assert not lora.admits({1}, 4)
+    lora.unload(3)
+    assert lora.admits({1}, 4) and lora.admits({1, 4}, 2)  # 2 is pinned: always admitted
+    lora.capture_decode(4, 8)
+    lora.prepare_decode([4, None, 1], 4)
+    segs = lora.batch.segments
+    assert segs.count == 4 and segs.lens.tolist() == [1, 0, 1, 0]
+    assert segs.slots.tolist() == [lora.slots.slot_of[4], 0, lora.slots.slot_of[1], 0]
+    assert lora.slots.slot_of[2] not in (lora.slots.slot_of[4], lora.slots.slot_of[1])  # pinned kept its slot
+    with pytest.raises(ValueError, match="no LoRA adapter with id 9"):
+        lora.unload(9)

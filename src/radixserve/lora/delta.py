@@ -47,6 +47,9 @@ class LoRABatch:
     def set_groups(self, groups: List[Tuple[int, Rows]], row_slots: torch.Tensor) -> None:
         self.groups, self.row_slots, self.segments, self._masks = groups, row_slots, None, {}
 
+    def set_segments(self, segments: "Segments") -> None:
+        self.groups, self.row_slots, self.segments, self._masks = [], None, segments, {}
+
     def rank_mask(self, num_slots: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """[rows, num_slots * width]: 1 where the column belongs to the row's slot
         (built once per forward and width, shared by the targets)."""

@@ -106,13 +106,11 @@ class LoRAManager:
 
     def prepare(self, lora_ids: List[Optional[int]], tokens: List[int]) -> None:
         """Before a forward: this batch's adapters in slots, rows grouped by slot."""
-        present = [i for i in dict.fromkeys(lora_ids) if i is not None]
-        self._make_resident(present)
-        slots = [-1 if i is None else self.slots.slot_of[i] for i in lora_ids]
+        slots = self._slots_of(lora_ids)
         if self.use_triton:
             from radixserve.lora.triton_ops import segments_of  # (triton: CUDA only, imported when used)
 
-            self.batch.segments, self.batch.groups = segments_of(slots, tokens, self.device), []
+            self.batch.set_segments(segments_of(slots, tokens, self.device))
         else:
             self.batch.set_groups(group_rows(slots, tokens, self.device), row_slots(slots, tokens, self.device))
 
@@ -124,20 +122,21 @@ class LoRAManager:
 
         if self._graph_segments is None or self._graph_segments.count < max_bs:
             self._graph_segments = decode_segments(max_bs, self.device)
-        self.batch.segments = self._graph_segments.head(bs)
+        self.batch.set_segments(self._graph_segments.head(bs))
 
     def prepare_decode(self, lora_ids: List[Optional[int]], bs: int) -> None:
         """Before replaying the decode graph of bs rows (>= len(lora_ids), the
         rest padding): adapters into slots, each row's slot into the static segments."""
-        present = [i for i in dict.fromkeys(lora_ids) if i is not None]
-        self._make_resident(present)
-        pad = bs - len(lora_ids)
-        lens = [0 if i is None else 1 for i in lora_ids] + [0] * pad
-        slots = [0 if i is None else self.slots.slot_of[i] for i in lora_ids] + [0] * pad
+        slots = self._slots_of(lora_ids) + [-1] * (bs - len(lora_ids))
         segs = self._graph_segments.head(bs)
-        segs.lens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        segs.slots.copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
-        self.batch.segments = segs
+        segs.lens.copy_(torch.tensor([int(s >= 0) for s in slots], dtype=torch.int32), non_blocking=True)
+        segs.slots.copy_(torch.tensor([max(s, 0) for s in slots], dtype=torch.int32), non_blocking=True)
+        self.batch.set_segments(segs)
+
+    def _slots_of(self, lora_ids: List[Optional[int]]) -> List[int]:
+        """Each request's slot (-1: the base model), its adapters made resident first."""
+        self._make_resident([i for i in dict.fromkeys(lora_ids) if i is not None])
+        return [-1 if i is None else self.slots.slot_of[i] for i in lora_ids]
 
     def _make_resident(self, lora_ids: Iterable[int]) -> None:
         ids = list(lora_ids)
