@@ -116,7 +116,7 @@ class ServerArgs:
 
     # LoRA adapters (lora/): many adapters on one base model, in one batch
     enable_lora: bool = option(False, "serve LoRA adapters (implied by --lora-paths)")
-    lora_paths: Optional[list] = option(None, "adapters to load at start-up: name=path (a PEFT folder with "
+    lora_paths: Optional[Any] = option(None, "adapters to load at start-up: name=path (a PEFT folder with "
                                               "adapter_config.json and adapter_model.safetensors) or a path, "
                                               "whose folder name is then its name", nargs="+")
     max_loras_per_batch: int = option(8, "most distinct adapters in one batch (device slots)")
@@ -292,8 +292,11 @@ class ServerArgs:
             raise ValueError(f"lora_eviction_policy must be lru|fifo, got {self.lora_eviction_policy!r}")
         from radixserve.lora.spec import normalize_targets, parse_lora_paths  # torch-free
 
-        parse_lora_paths(self.lora_paths)  # bad entries and repeated names fail here
+        specs = parse_lora_paths(self.lora_paths)  # bad entries and repeated names fail here
         normalize_targets(self.lora_target_modules or ())
+        if self.max_loaded_loras is not None and len(specs) > self.max_loaded_loras:
+            raise ValueError(f"lora_paths has {len(specs)} adapters, more than max_loaded_loras "
+                             f"({self.max_loaded_loras})")
         if not self.enable_lora:
             return
         if self.tp_size > 1:

@@ -69,6 +69,9 @@ def test_flags_parse_as_sglang_names_them(tmp_path):
     assert args.enable_lora and args.lora_paths == ["a=/x/a", "/y/b"]
     assert args.lora_target_modules == ["q_proj", "v_proj"] and args.max_loaded_loras == 4
     assert [s.name for s in parse_lora_paths(args.lora_paths)] == ["a", "b"]
+    assert parse_lora_paths({"x": "/p"}) == parse_lora_paths([{"lora_name": "x", "lora_path": "/p"}])
+    with pytest.raises(ValueError, match="lora_paths has 2 adapters, more than max_loaded_loras \\(1\\)"):
+        ServerArgs(lora_paths=["a=/x", "b=/y"], max_loaded_loras=1, max_loras_per_batch=1)
     with pytest.raises(ValueError, match="max_loaded_loras \\(1\\) must be >= max_loras_per_batch"):
         ServerArgs(enable_lora=True, max_lora_rank=8, lora_target_modules=["all"], max_loaded_loras=1,
                    max_loras_per_batch=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Iterable, List, Optional
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Union
 
 # The projections an adapter may target, by their PEFT (Hugging Face) names.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -42,9 +42,12 @@ def normalize_targets(names: Iterable[str], field: str = "lora_target_modules") 
     return frozenset(out)
 
 
-def parse_lora_paths(entries: Optional[List[Any]]) -> List[LoRASpec]:
+def parse_lora_paths(entries: Union[List[Any], Dict[str, str], None]) -> List[LoRASpec]:
     """--lora-paths entries: "name=path", a bare path (named after its folder),
-    or a dict {lora_name, lora_path, pinned} as SGLang's Engine accepts."""
+    or a dict {lora_name, lora_path, pinned}; or one dict name -> path (the
+    forms SGLang's Engine accepts)."""
+    if isinstance(entries, dict):
+        entries = [f"{name}={path}" for name, path in entries.items()]
     specs: List[LoRASpec] = []
     for entry in entries or []:
         if isinstance(entry, dict):
