@@ -153,27 +153,25 @@ def test_segmented_triton_kernel_matches_torch_groups(slots, tokens):
 
 
 def test_decode_graph_segments_match_torch_groups():
-    """What a decode CUDA graph replays: one static segment per row (padding
-    and base rows of length 0), refilled per step; here under TRITON_INTERPRET=1."""
-    from radixserve.lora.triton_ops import decode_segments
+    """What a decode CUDA graph replays: static per-slot segments over the
+    graph's rows (padding and base rows in none), refilled per step; here
+    under TRITON_INTERPRET=1."""
+    from radixserve.lora.triton_ops import DecodeSegments
 
     torch.manual_seed(1)
     batch = LoRABatch()
-    target = LoRATarget("model.layers.0.self_attn.o_proj", [TargetPart("o_proj", 0, 20)], 16, 20, 2, 4, batch,
+    target = LoRATarget("model.layers.0.self_attn.o_proj", [TargetPart("o_proj", 0, 20)], 16, 20, 3, 4, batch,
                         torch.device("cpu"), torch.float32)
-    for slot in range(2):
+    for slot in range(3):
         target.write(slot, {"model.layers.0.self_attn.o_proj": (torch.randn(4, 16), torch.randn(20, 4))}, 0.5)
-    static = decode_segments(8, torch.device("cpu"))
-    slots = [1, -1, 0, 1, 1]  # 5 requests in the graph of 8 rows
-    x, base = torch.randn(8, 16), torch.randn(8, 20)
-    padded = slots + [-1] * 3
-    batch.set_groups(group_rows(padded, [1] * 8, torch.device("cpu")), row_slots(padded, [1] * 8, torch.device("cpu")))
-    want = target.add_delta(x, base.clone())
-    segs = static.head(8)
-    segs.lens.copy_(torch.tensor([int(s >= 0) for s in slots] + [0] * 3, dtype=torch.int32))
-    segs.slots.copy_(torch.tensor([max(s, 0) for s in slots] + [0] * 3, dtype=torch.int32))
-    batch.segments = segs
-    torch.testing.assert_close(target.add_delta(x, base.clone()), want)
+    static = DecodeSegments(3, 16, torch.device("cpu"))
+    for slots in ([1, -1, 0, 1, 1, -1, -1, -1], [2, 2, 2, 2, 2, 2, 2, 2], [-1] * 8):  # a graph of 8 rows
+        x, base = torch.randn(8, 16), torch.randn(8, 20)
+        batch.set_groups(group_rows(slots, [1] * 8, torch.device("cpu")), row_slots(slots, [1] * 8, torch.device("cpu")))
+        want = target.add_delta(x, base.clone())
+        static.fill(slots)
+        batch.set_segments(static.view(8))
+        torch.testing.assert_close(target.add_delta(x, base.clone()), want)
 
 
 def test_manager_slots_admission_pinning_and_graph_segments(llama):
@@ -204,9 +202,11 @@ def test_manager_slots_admission_pinning_and_graph_segments(llama):
     assert lora.admits({1}, 4) and lora.admits({1, 4}, 2)  # 2 is pinned: always admitted
     lora.capture_decode(4, 8)
     lora.prepare_decode([4, None, 1], 4)
-    segs = lora.batch.segments
-    assert segs.count == 4 and segs.lens.tolist() == [1, 0, 1, 0]
-    assert segs.slots.tolist() == [lora.slots.slot_of[4], 0, lora.slots.slot_of[1], 0]
-    assert lora.slots.slot_of[2] not in (lora.slots.slot_of[4], lora.slots.slot_of[1])  # pinned kept its slot
+    segs, slot_of = lora.batch.segments, lora.slots.slot_of
+    assert segs.count == 3 and segs.max_len == 4  # one segment per slot; a slot may hold all 4 rows
+    assert slot_of[2] not in (slot_of[4], slot_of[1])  # the pinned one kept its slot
+    lens = segs.lens.tolist()
+    assert lens[slot_of[4]] == 1 and lens[slot_of[1]] == 1 and lens[slot_of[2]] == 0
+    assert segs.order[segs.starts[slot_of[4]]] == 0 and segs.order[segs.starts[slot_of[1]]] == 2
     with pytest.raises(ValueError, match="no LoRA adapter with id 9"):
         lora.unload(9)

@@ -116,22 +116,19 @@ class LoRAManager:
 
     # ---- decode CUDA graphs (Triton backend) ----
     def capture_decode(self, bs: int, max_bs: int) -> None:
-        """Before capturing the decode graph of bs rows: the batch reads one
-        static segment per row (length 0: no adapter), which replay refills."""
-        from radixserve.lora.triton_ops import decode_segments
+        """Before capturing the decode graph of bs rows: the batch reads static
+        segments, one per slot (all empty while capturing), which replay refills."""
+        from radixserve.lora.triton_ops import DecodeSegments
 
-        if self._graph_segments is None or self._graph_segments.count < max_bs:
-            self._graph_segments = decode_segments(max_bs, self.device)
-        self.batch.set_segments(self._graph_segments.head(bs))
+        if self._graph_segments is None or self._graph_segments.max_bs < max_bs:
+            self._graph_segments = DecodeSegments(self.max_per_batch, max_bs, self.device)
+        self.batch.set_segments(self._graph_segments.view(bs))
 
     def prepare_decode(self, lora_ids: List[Optional[int]], bs: int) -> None:
         """Before replaying the decode graph of bs rows (>= len(lora_ids), the
-        rest padding): adapters into slots, each row's slot into the static segments."""
-        slots = self._slots_of(lora_ids) + [-1] * (bs - len(lora_ids))
-        segs = self._graph_segments.head(bs)
-        segs.lens.copy_(torch.tensor([int(s >= 0) for s in slots], dtype=torch.int32), non_blocking=True)
-        segs.slots.copy_(torch.tensor([max(s, 0) for s in slots], dtype=torch.int32), non_blocking=True)
-        self.batch.set_segments(segs)
+        rest padding): adapters into slots, the rows by slot into the static segments."""
+        self._graph_segments.fill(self._slots_of(lora_ids) + [-1] * (bs - len(lora_ids)))
+        self.batch.set_segments(self._graph_segments.view(bs))
 
     def _slots_of(self, lora_ids: List[Optional[int]]) -> List[int]:
         """Each request's slot (-1: the base model), its adapters made resident first."""
