@@ -210,3 +210,16 @@ def test_manager_slots_admission_pinning_and_graph_segments(llama):
     assert segs.order[segs.starts[slot_of[4]]] == 0 and segs.order[segs.starts[slot_of[1]]] == 2
     with pytest.raises(ValueError, match="no LoRA adapter with id 9"):
         lora.unload(9)
+
+
+def test_bench_serving_requests_name_their_adapter():
+    """bench_serving --lora-name: lora_path on /generate, the model name on OpenAI routes."""
+    from radixserve.benchmark.backends import BackendConfig
+    from radixserve.benchmark.datasets import BenchRequest
+
+    req = BenchRequest("hi", [1, 2], 4, lora_name="sql")
+    assert BackendConfig("radixserve", "http://x", "base").body(req)["lora_path"] == "sql"
+    assert BackendConfig("openai", "http://x", "base").body(req)["model"] == "sql"
+    base = BenchRequest("hi", [1, 2], 4)
+    assert "lora_path" not in BackendConfig("sglang", "http://x", "base").body(base)
+    assert BackendConfig("openai-chat", "http://x", "base").body(base)["model"] == "base"
