@@ -19,16 +19,10 @@ from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.lora.adapter import LoRAAdapter, load_adapter
 from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows, row_slots
 from radixserve.lora.slots import SlotTable
-from radixserve.lora.spec import TARGET_MODULES, LoRASpec, normalize_targets, parse_lora_paths
+from radixserve.lora.spec import TARGET_MODULES, LoRASpec, initial_lora_ids, normalize_targets, parse_lora_paths
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
-
-
-def initial_lora_ids(args: ServerArgs) -> Dict[str, int]:
-    """Ids of the --lora-paths adapters: 1, 2, ... in order (front end and
-    schedulers agree on them without a message)."""
-    return {spec.name: i + 1 for i, spec in enumerate(parse_lora_paths(args.lora_paths))}
 
 
 class LoRAManager:
@@ -52,7 +46,7 @@ class LoRAManager:
         self.slots = SlotTable(self.max_per_batch, args.lora_eviction_policy)
         self.adapters: Dict[int, LoRAAdapter] = {}
         self.pinned: Set[int] = set()
-        for spec, adapter, lora_id in zip(specs, initial, initial_lora_ids(args).values()):
+        for (lora_id, spec), adapter in zip(initial_lora_ids(specs), initial):
             self._add(lora_id, adapter, spec.pinned)
         logger.info("LoRA: %d adapter(s), rank up to %d, targets %s, %d slots", len(self.adapters),
                     self.max_rank, ",".join(sorted(self.targets)), self.max_per_batch)

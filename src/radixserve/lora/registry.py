@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
-from radixserve.lora.spec import LoRASpec, check_lora_name
+from radixserve.lora.spec import LoRASpec, check_lora_name, initial_lora_ids
 from radixserve.managers.validation import FieldError
 
 
@@ -28,9 +28,8 @@ class LoRARef:
 
 class LoRARegistry:
     def __init__(self, initial: List[LoRASpec]) -> None:
-        # The --lora-paths adapters are 1, 2, ... (the schedulers number them alike).
         self.by_name: Dict[str, LoRARef] = {
-            s.name: LoRARef(s.name, s.path, i, s.pinned) for i, s in enumerate(initial, 1)}
+            s.name: LoRARef(s.name, s.path, i, s.pinned) for i, s in initial_lora_ids(initial)}
         self._last_id = len(initial)
         self._loading: set = set()  # names with a load under way
         self._in_flight: Dict[int, int] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Tuple, Union
 
 # The projections an adapter may target, by their PEFT (Hugging Face) names.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -68,6 +68,12 @@ def parse_lora_paths(entries: Union[List[Any], Dict[str, str], None]) -> List[Lo
         if names.count(spec.name) > 1:
             raise ValueError(f"lora_paths: adapter name {spec.name!r} appears more than once")
     return specs
+
+
+def initial_lora_ids(specs: List[LoRASpec]) -> List[Tuple[int, LoRASpec]]:
+    """The --lora-paths adapters' ids: 1, 2, ... in order, so the front end and
+    the schedulers agree on them without a message (later loads count on)."""
+    return list(enumerate(specs, 1))
 
 
 def check_lora_name(name: Any, field: str = "lora_name") -> str:
