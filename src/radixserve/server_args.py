@@ -299,8 +299,6 @@ class ServerArgs:
                              f"({self.max_loaded_loras})")
         if not self.enable_lora:
             return
-        if self.tp_size > 1:
-            raise ValueError("enable_lora with tp_size > 1 is not supported yet")
         if self.enable_deterministic_inference:
             # The adapters' matmuls run over each adapter's rows: their sums would change with the batch.
             raise ValueError("enable_lora cannot be combined with enable_deterministic_inference yet")

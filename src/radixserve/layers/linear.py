@@ -80,7 +80,10 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.world_size == 1:
             return super().forward(x)
-        out = self.tp_group.all_reduce(self.matmul(x, None))
+        partial = self.matmul(x, None)
+        if self.lora is not None:  # this rank's columns of A: a partial delta, summed with the product
+            partial = self.lora.add_delta(x, partial)
+        out = self.tp_group.all_reduce(partial)
         return out if self.bias is None else out + self.bias
 
 

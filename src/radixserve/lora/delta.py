@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from radixserve.layers.sharding import ShardSlice
+
 if TYPE_CHECKING:
     from radixserve.lora.triton_ops import Segments
 
@@ -66,17 +68,30 @@ class TargetPart:
 
     peft_name: str  # q_proj, ..., as PEFT names it
     offset: int  # first output row in the layer
-    size: int  # output rows
+    size: int  # output rows (this tensor-parallel rank's)
+    # Under tensor parallelism, the rows of the adapter's full B this rank
+    # keeps (a column-parallel layer's heads or columns); None: all of them.
+    rows: Optional[ShardSlice] = None
 
 
 class LoRATarget:
     def __init__(self, module_path: str, parts: List[TargetPart], in_features: int, out_features: int,
-                 num_slots: int, max_rank: int, batch: LoRABatch, device: torch.device, dtype: torch.dtype) -> None:
+                 num_slots: int, max_rank: int, batch: LoRABatch, device: torch.device, dtype: torch.dtype,
+                 in_columns: Optional[ShardSlice] = None) -> None:
+        """in_columns: a row-parallel layer's input columns on this rank: A is
+        sliced alike and B kept whole, so each rank's delta is a partial sum
+        that the layer's all-reduce completes."""
         self.module_path = module_path  # our module path, e.g. model.layers.0.self_attn.qkv_proj
         self.parts, self.max_rank, self.batch = parts, max_rank, batch
+        self.in_columns = in_columns
         width = len(parts) * max_rank
         self.A = torch.zeros(num_slots, width, in_features, device=device, dtype=dtype)
         self.B = torch.zeros(num_slots, width, out_features, device=device, dtype=dtype)
+
+    def full_shape(self, part: TargetPart) -> Tuple[int, int]:
+        """(in, out) of the whole projection, as the adapter file holds it."""
+        in_full = self.in_columns.full if self.in_columns is not None else self.A.shape[2]
+        return in_full, part.rows.full if part.rows is not None else part.size
 
     def peft_path(self, part: TargetPart) -> str:
         """Where the adapter file keeps this part: the layer's path with its own projection name."""
@@ -92,6 +107,10 @@ class LoRATarget:
             if ab is None:
                 continue
             a, b = ab
+            if self.in_columns is not None:
+                a = self.in_columns.take(a)
+            if part.rows is not None:
+                b = part.rows.take(b)
             rank = a.shape[0]
             self.A[slot, p * R:p * R + rank].copy_(a)
             self.B[slot, p * R:p * R + rank, part.offset:part.offset + part.size].copy_((b * scaling).T)

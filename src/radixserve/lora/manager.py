@@ -15,7 +15,7 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Set
 import torch
 from torch import nn
 
-from radixserve.layers.linear import Linear, MergedLinear
+from radixserve.layers.linear import Linear, MergedLinear, RowParallelLinear
 from radixserve.lora.adapter import LoRAAdapter, load_adapter
 from radixserve.lora.delta import LoRABatch, LoRATarget, TargetPart, group_rows, row_slots
 from radixserve.lora.slots import SlotTable
@@ -76,10 +76,10 @@ class LoRAManager:
             if path not in where:
                 raise ValueError(f"LoRA adapter {adapter.name!r}: {path} is not a projection of this model")
             target, part = where[path]
-            if a.shape[1] != target.A.shape[2] or b.shape[0] != part.size:
+            fan_in, fan_out = target.full_shape(part)
+            if a.shape[1] != fan_in or b.shape[0] != fan_out:
                 raise ValueError(f"LoRA adapter {adapter.name!r}: {path} has A {tuple(a.shape)}, "
-                                 f"B {tuple(b.shape)}; the model's projection is "
-                                 f"{target.A.shape[2]} -> {part.size}")
+                                 f"B {tuple(b.shape)}; the model's projection is {fan_in} -> {fan_out}")
 
     def unload(self, lora_id: int) -> None:
         """Forget an adapter (the front end lets its requests finish first)."""
@@ -149,7 +149,9 @@ class LoRAManager:
 def attach_targets(model: nn.Module, targets: FrozenSet[str], num_slots: int, max_rank: int, batch: LoRABatch,
                    device: torch.device, dtype: torch.dtype) -> List[LoRATarget]:
     """A LoRATarget on every linear layer holding a targeted projection; a
-    merged layer's parts are named through the model's STACKED_PARAMS."""
+    merged layer's parts are named through the model's STACKED_PARAMS. Under
+    tensor parallelism a merged (column-parallel) layer keeps its rows of B,
+    a row-parallel one its columns of A."""
     merged_names: Dict[str, Dict[str, str]] = {}  # our module leaf -> shard -> PEFT name
     for peft_name, (module, shard) in getattr(model, "STACKED_PARAMS", {}).items():
         merged_names.setdefault(module, {})[shard] = peft_name
@@ -158,18 +160,20 @@ def attach_targets(model: nn.Module, targets: FrozenSet[str], num_slots: int, ma
         leaf = path.rsplit(".", 1)[-1]
         if not isinstance(module, Linear):
             continue
+        in_columns = None
         if isinstance(module, MergedLinear) and leaf in merged_names:
-            parts = [TargetPart(merged_names[leaf][shard], off, size)
+            parts = [TargetPart(merged_names[leaf][shard], off, size, module.shard_sources[shard])
                      for shard, (off, size) in module.shard_offsets.items()]
-        elif leaf in TARGET_MODULES:
+        elif isinstance(module, RowParallelLinear) and leaf in TARGET_MODULES:
             parts = [TargetPart(leaf, 0, module.out_features)]
+            in_columns = getattr(module.weight, "shard_slice", None)
         else:
             continue
         parts = [p for p in parts if p.peft_name in targets]
         if not parts:
             continue
         target = LoRATarget(path, parts, module.in_features, module.out_features, num_slots, max_rank, batch,
-                            device, dtype)
+                            device, dtype, in_columns)
         module.lora = target
         out.append(target)
     if not out:
