@@ -123,9 +123,10 @@ class LoRATarget:
 
             return segmented_lora(x.contiguous(), self.A, self.B, out, batch.segments)
         if len(batch.groups) > 1:
-            slots, width, _ = self.A.shape
-            shrunk = (x @ self.A.view(slots * width, -1).T) * batch.rank_mask(slots, width, x.dtype)
-            return out.addmm_(shrunk, self.B.view(slots * width, -1))
+            # Slots up to the highest one present (a view: free slots are filled lowest first).
+            slots, width = max(slot for slot, _ in batch.groups) + 1, self.A.shape[1]
+            shrunk = (x @ self.A[:slots].view(slots * width, -1).T) * batch.rank_mask(slots, width, x.dtype)
+            return out.addmm_(shrunk, self.B[:slots].view(slots * width, -1))
         for slot, rows in batch.groups:
             delta = (x[rows] @ self.A[slot].T) @ self.B[slot]
             if isinstance(rows, slice):
