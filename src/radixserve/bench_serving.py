@@ -57,6 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="empty the server's prefix cache (POST /flush_cache) after the warm-up, so a "
                              "repeated run with the same seed does not start with its prompts cached")
     parser.add_argument("--output-file", default=None, help="append one JSON line with the results")
+    parser.add_argument("--lora-name", nargs="+", default=None,
+                        help="LoRA adapters the requests are spread over, in turn (request i uses name i mod N): "
+                             "lora_path on native backends, the OpenAI model name otherwise")
     args = parser.parse_args(argv)
     if args.dataset_name == "random-ids" and args.backend in CHAT_BACKENDS:
         parser.error("--dataset-name random-ids sends token ids, which chat messages cannot carry; "
@@ -179,6 +182,8 @@ def run_benchmark(args: argparse.Namespace) -> BenchResult:
     tokenizer = get_tokenizer(tokenizer_name)
     dataset = DatasetConfig.from_args(args)
     requests = sample_requests(dataset, tokenizer)
+    for i, req in enumerate(requests if args.lora_name else []):
+        req.lora_name = args.lora_name[i % len(args.lora_name)]
     # A short prompt of its own, so the warm-up leaves nothing in the prefix cache
     # that a measured request could hit.
     warmup = random_requests(tokenizer, random.Random(args.seed + 1), 1, WARMUP_INPUT_LEN,
@@ -191,7 +196,7 @@ def run_benchmark(args: argparse.Namespace) -> BenchResult:
         "tool": "bench_serving", "date": now_iso(), "backend": args.backend, "base_url": url,
         "model": model, "tokenizer": tokenizer_name, **vars(dataset), "num_prompts": len(requests),
         "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
-        "ignore_eos": not args.disable_ignore_eos,
+        "ignore_eos": not args.disable_ignore_eos, "lora_names": args.lora_name,
         **compute_metrics(outputs, duration, peak),
     }
     return BenchResult(requests, outputs, record)

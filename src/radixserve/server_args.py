@@ -18,11 +18,13 @@ from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSE
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field that is also a command-line flag with this help text."""
+def option(default: Any, help: str, nargs: Optional[str] = None, **kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag with this help text
+    (nargs: a list flag, e.g. "+" for one or more values)."""
+    metadata = {"help": help, "nargs": nargs}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -112,6 +114,22 @@ class ServerArgs:
         False, "bit-identical outputs whatever else is batched, however the prefill was chunked and "
                "whether the prefix came from the radix cache (slower kernels)")
 
+    # LoRA adapters (lora/): many adapters on one base model, in one batch
+    enable_lora: bool = option(False, "serve LoRA adapters (implied by --lora-paths)")
+    lora_paths: Optional[Any] = option(None, "adapters to load at start-up: name=path (a PEFT folder with "
+                                              "adapter_config.json and adapter_model.safetensors) or a path, "
+                                              "whose folder name is then its name", nargs="+")
+    max_loras_per_batch: int = option(8, "most distinct adapters in one batch (device slots)")
+    max_lora_rank: Optional[int] = option(None, "largest adapter rank (slots are this wide); None: the "
+                                                "largest rank of --lora-paths")
+    lora_target_modules: Optional[list] = option(
+        None, "projections adapters may target: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj "
+              "(qkv_proj, gate_up_proj, all); None: those of --lora-paths", nargs="+")
+    max_loaded_loras: Optional[int] = option(None, "most adapters held in host memory (>= "
+                                                   "--max-loras-per-batch); None: no limit")
+    lora_backend: str = option("triton", "triton|torch: the batched LoRA kernels (the CPU always runs torch)")
+    lora_eviction_policy: str = option("lru", "lru|fifo: which adapter leaves a device slot for a new one")
+
     # Parallelism (torch.distributed: NCCL on CUDA, gloo on the CPU)
     tp_size: int = option(1, "tensor-parallel ranks: one scheduler process and one device per rank")
     ep_size: int = option(1, "expert-parallel ranks among the tensor-parallel ones (divides --tp-size): "
@@ -198,6 +216,7 @@ class ServerArgs:
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         self._validate_parallelism()
+        self._validate_lora()
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -257,6 +276,36 @@ class ServerArgs:
             raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
                              f"got {self.load_balance_method!r}")
 
+    def _validate_lora(self) -> None:
+        if self.lora_paths:
+            self.enable_lora = True
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
+            raise ValueError(f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
+                             f"({self.max_loras_per_batch})")
+        if self.lora_backend not in ("triton", "torch"):
+            raise ValueError(f"lora_backend must be triton|torch, got {self.lora_backend!r}")
+        if self.lora_eviction_policy not in ("lru", "fifo"):
+            raise ValueError(f"lora_eviction_policy must be lru|fifo, got {self.lora_eviction_policy!r}")
+        from radixserve.lora.spec import normalize_targets, parse_lora_paths  # torch-free
+
+        specs = parse_lora_paths(self.lora_paths)  # bad entries and repeated names fail here
+        normalize_targets(self.lora_target_modules or ())
+        if self.max_loaded_loras is not None and len(specs) > self.max_loaded_loras:
+            raise ValueError(f"lora_paths has {len(specs)} adapters, more than max_loaded_loras "
+                             f"({self.max_loaded_loras})")
+        if not self.enable_lora:
+            return
+        if self.enable_deterministic_inference:
+            # The adapters' matmuls run over each adapter's rows: their sums would change with the batch.
+            raise ValueError("enable_lora cannot be combined with enable_deterministic_inference yet")
+        if not self.lora_paths and (self.max_lora_rank is None or not self.lora_target_modules):
+            raise ValueError("enable_lora without lora_paths needs max_lora_rank and lora_target_modules "
+                             "(the device slots are sized from them)")
+
     @property
     def ranks_per_node(self) -> int:
         """Scheduler processes on this node: every replica's tensor-parallel ranks here."""
@@ -296,7 +345,8 @@ class ServerArgs:
                 parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
                 continue
             parser.add_argument(flag, *_FLAG_ALIASES.get(f.name, ()), dest=f.name, type=_parse_type(f.type),
-                                default=f.default, choices=_PARSER_CHOICES.get(f.name), help=help_text)
+                                default=f.default, choices=_PARSER_CHOICES.get(f.name), help=help_text,
+                                nargs=f.metadata.get("nargs"))
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> "ServerArgs":

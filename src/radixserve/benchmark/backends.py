@@ -45,8 +45,9 @@ class BackendConfig:
             if self.ignore_eos:
                 params["ignore_eos"] = True
             prompt = {"input_ids": req.prompt_ids} if req.use_ids else {"text": req.prompt}
-            return {**prompt, "sampling_params": params, "stream": True}
-        body: Dict[str, Any] = {"model": self.model, "max_tokens": req.output_len, "temperature": 0.0,
+            lora = {"lora_path": req.lora_name} if req.lora_name else {}
+            return {**prompt, "sampling_params": params, "stream": True, **lora}
+        body: Dict[str, Any] = {"model": req.lora_name or self.model, "max_tokens": req.output_len, "temperature": 0.0,
                                 "stream": True, "stream_options": {"include_usage": True}}
         if self.ignore_eos:
             body["ignore_eos"] = True  # an SGLang / vLLM extra, in the body

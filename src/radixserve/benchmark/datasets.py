@@ -31,6 +31,7 @@ class BenchRequest:
     prompt_ids: List[int]  # the prompt as the server counts it (sent as is when use_ids)
     output_len: int  # max new tokens (exact when EOS is ignored)
     use_ids: bool = False  # send prompt_ids instead of the text
+    lora_name: Optional[str] = None  # the LoRA adapter to run it with (None: the base model)
 
     @property
     def prompt_len(self) -> int:

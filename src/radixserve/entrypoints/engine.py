@@ -60,10 +60,12 @@ class Engine:
         rid: Union[str, List[str], None] = None, return_logprob: Union[bool, List[bool]] = False,
         logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
         return_text_in_logprobs: bool = False, stream: bool = False, routed_dp_rank: Optional[int] = None,
+        lora_path: Union[str, List[Optional[str]], None] = None,
     ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
-        """routed_dp_rank: the data-parallel replica to serve it (None: --load-balance-method picks)."""
+        """routed_dp_rank: the data-parallel replica to serve it (None: --load-balance-method picks);
+        lora_path: the LoRA adapter's name, or one per prompt (None: the base model)."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path)
         if stream:
             return self._sync_stream(obj)
         results = self._run(self._collect(obj))
@@ -71,11 +73,11 @@ class Engine:
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, rid=None,
                              return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
-                             return_text_in_logprobs=False, stream=False, routed_dp_rank=None):
+                             return_text_in_logprobs=False, stream=False, routed_dp_rank=None, lora_path=None):
         """Same arguments as generate. Await it for the result(s); with stream=True
         the awaited value is an async iterator of chunks."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path)
         if stream:
             obj.split(dp_size=self.server_args.dp_size)  # bad input raises at the call, not at a chunk
             return self._async_stream(obj)
@@ -148,6 +150,28 @@ class Engine:
         if not out.success:
             logger.warning("flush_cache refused: %s", out.message)
         return out.success
+
+    # ---- LoRA adapters ----
+    def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> Dict[str, str]:
+        """Load a PEFT adapter folder under lora_name while serving (pinned: it
+        keeps a device slot for good). Returns the loaded adapters (name -> path);
+        ValueError naming the problem if it cannot be loaded."""
+        out = self._run(self.tokenizer_manager.load_lora_adapter(lora_name, lora_path, pinned))
+        if not out.success:
+            raise ValueError(out.message)
+        return self.loaded_lora_adapters()
+
+    def unload_lora_adapter(self, lora_name: str) -> Dict[str, str]:
+        """Requests naming it are refused from now on; it is dropped once its
+        running requests have finished (this call waits for them)."""
+        out = self._run(self.tokenizer_manager.unload_lora_adapter(lora_name))
+        if not out.success:
+            raise ValueError(out.message)
+        return self.loaded_lora_adapters()
+
+    def loaded_lora_adapters(self) -> Dict[str, str]:
+        registry = self.tokenizer_manager.lora
+        return {ref.name: ref.path for ref in registry.adapters()} if registry else {}
 
     # ---- live weights (RL) ----
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None,

@@ -44,7 +44,8 @@ class ServerState:
 ADMIN_PATHS = {"/flush_cache", "/abort_request", "/update_weights_from_disk", "/get_weights_by_name",
                "/pause_generation", "/continue_generation", "/init_weights_update_group",
                "/update_weights_from_distributed", "/destroy_weights_update_group",
-               "/release_memory_occupation", "/resume_memory_occupation"}
+               "/release_memory_occupation", "/resume_memory_occupation", "/load_lora_adapter",
+               "/unload_lora_adapter"}
 
 
 # /get_weights_by_name returns at most this many values of a weight (a whole
@@ -296,6 +297,26 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         check_int("truncate_size", size, minimum=0, maximum=MAX_WEIGHTS_TRUNCATE_SIZE)
         return await state.tm.get_weights_by_name(name, size)
 
+    # ---- LoRA adapters ----
+    @app.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> JSONResponse:
+        body = await json_object(request)
+        out = await state.tm.load_lora_adapter(required(body, "lora_name", str), required(body, "lora_path", str),
+                                               optional(body, "pinned", bool, False))
+        return lora_reply(out, "lora_path")
+
+    @app.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> JSONResponse:
+        """Waits until the adapter's running requests have finished (new ones are refused)."""
+        body = await json_object(request)
+        return lora_reply(await state.tm.unload_lora_adapter(required(body, "lora_name", str)), "lora_name")
+
+    def lora_reply(out: io.LoRAAdapterOut, param: str) -> JSONResponse:
+        if not out.success:
+            return failed(400, out.message, param=param)
+        loaded = {ref.name: ref.path for ref in state.tm.lora.adapters()}
+        return JSONResponse({"success": True, "error_message": "", "loaded_adapters": loaded})
+
     @app.post("/abort_request")
     async def abort_request(request: Request) -> dict:
         body = await json_object(request)
@@ -356,14 +377,15 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     # ---- OpenAI ----
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(state)]}
+        return {"object": "list", "data": [model_card(state)] + adapter_cards(state)}
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
-        if model_id != state.served_model_name:
+        cards = {card["id"]: card for card in [model_card(state)] + adapter_cards(state)}
+        if model_id not in cards:
             return error_response(404, f"The model '{model_id}' does not exist", code="model_not_found",
                                   param="model")
-        return JSONResponse(model_card(state))
+        return JSONResponse(cards[model_id])
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -390,6 +412,14 @@ async def streaming_response(request: Request, events: AsyncIterator[str]) -> St
     A client that leaves before that first event (a long queue) aborts it too."""
     first = await until_disconnected(request, events.__anext__())
     return StreamingResponse(prepend(first, events), media_type="text/event-stream")
+
+
+def adapter_cards(state: ServerState) -> list:
+    """One card per loaded LoRA adapter (its id is the `model` that selects it)."""
+    registry = state.tm.lora
+    return [{"id": ref.name, "object": "model", "created": 0, "owned_by": "radixserve", "root": ref.path,
+             "parent": state.served_model_name, "max_model_len": state.tm.context_len}
+            for ref in (registry.adapters() if registry else [])]
 
 
 def model_card(state: ServerState) -> dict:

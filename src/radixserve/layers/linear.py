@@ -32,6 +32,9 @@ class Linear(nn.Module):
     # per-output-channel scales.
     weight_format = None
     weight_scale: Optional[torch.Tensor] = None
+    # Set by the LoRA manager (lora/manager.py) on the projections adapters
+    # target: a LoRATarget whose add_delta adds the batch's adapter deltas.
+    lora = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -40,7 +43,8 @@ class Linear(nn.Module):
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
+        out = self.matmul(x, self.bias)
+        return out if self.lora is None else self.lora.add_delta(x, out)
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.weight_scale is not None:
@@ -76,7 +80,10 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_group.world_size == 1:
             return super().forward(x)
-        out = self.tp_group.all_reduce(self.matmul(x, None))
+        partial = self.matmul(x, None)
+        if self.lora is not None:  # this rank's columns of A: a partial delta, summed with the product
+            partial = self.lora.add_delta(x, partial)
+        out = self.tp_group.all_reduce(partial)
         return out if self.bias is None else out + self.bias
 
 

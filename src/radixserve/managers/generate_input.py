@@ -32,6 +32,7 @@ class SingleRequest:
     stream: bool
     index: int  # position in the caller's result list (prompt-major)
     routed_dp_rank: Optional[int] = None  # the data-parallel replica asked for; None: the balancer picks
+    lora_path: Optional[str] = None  # the LoRA adapter's name; None: the base model
 
 
 @dataclass
@@ -48,6 +49,8 @@ class GenerateReqInput:
     # The data-parallel replica that must serve every prompt (SGLang's
     # routed_dp_rank; its gateway's --dp-aware mode sends data_parallel_rank).
     routed_dp_rank: Optional[int] = None
+    # The LoRA adapter by name (SGLang's field name), or one per prompt; None: the base model.
+    lora_path: Union[str, List[Optional[str]], None] = None
 
     @property
     def is_batch(self) -> bool:
@@ -76,6 +79,7 @@ class GenerateReqInput:
         start = self._per_prompt(self.logprob_start_len, num, "logprob_start_len", int, default=-1)
         topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int, default=0)
         rids = self._rids(num)
+        loras = self._per_prompt(self.lora_path, num, "lora_path", str)
         routed = self.routed_dp_rank
         if routed is not None:
             check_int("routed_dp_rank", routed, minimum=0, maximum=dp_size - 1,
@@ -103,6 +107,7 @@ class GenerateReqInput:
                     stream=stream,
                     index=len(out),
                     routed_dp_rank=routed,
+                    lora_path=loras[i],
                 ))
         _check_unique_rids(out)
         return out

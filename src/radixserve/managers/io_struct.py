@@ -44,6 +44,7 @@ class TokenizedGenerateReqInput:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    lora_id: Optional[int] = None  # the adapter's id for this load of it; None: the base model
 
 
 @dataclass
@@ -231,6 +232,26 @@ class MemoryOccupationOut(ControlOut):
     success: bool
     message: str = ""
     num_bytes: int = 0  # released by a release, allocated again by a resume
+
+
+@dataclass
+class LoadLoRAAdapterReq(ControlReq):
+    lora_name: str
+    lora_path: str
+    lora_id: int  # unique per load (the front end counts)
+    pinned: bool = False
+
+
+@dataclass
+class UnloadLoRAAdapterReq(ControlReq):
+    lora_name: str
+    lora_id: int
+
+
+@dataclass
+class LoRAAdapterOut(ControlOut):
+    success: bool
+    message: str = ""
 
 
 @dataclass

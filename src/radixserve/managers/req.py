@@ -20,6 +20,8 @@ class Req:
         self.logprob_start_len = recv.logprob_start_len
         self.top_logprobs_num = recv.top_logprobs_num
         self.sampling_seed = sampling_seed
+        # The LoRA adapter's id (None: the base model); also its radix-cache namespace.
+        self.lora_id: Optional[int] = recv.lora_id
 
         self.output_ids: List[int] = []
         self.finished_reason: Optional[Dict[str, Any]] = None

@@ -181,6 +181,7 @@ class ScheduleBatch:
             last_logit_rows=self.last_logit_rows,
             req_to_token_pool=self.pools.req_to_token_pool,
             kv_pool=self.pools.kv_pool,
+            lora_ids=[r.lora_id for r in self.reqs],
         )
         if self.forward_mode.is_extend():
             set_extend_lens(fb, self._prefix_lens, self._extend_lens, self.device)
@@ -220,6 +221,7 @@ def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> Forward
         req_to_token_pool=decode.pools.req_to_token_pool,
         kv_pool=decode.pools.kv_pool,
         num_decode_rows=n,
+        lora_ids=[r.lora_id for r in decode.reqs + extend.reqs],
     )
     set_extend_lens(fb, [s - 1 for s in decode_seq_lens] + extend._prefix_lens,
                     [1] * n + extend._extend_lens, decode.device)

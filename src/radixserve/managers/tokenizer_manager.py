@@ -27,6 +27,8 @@ from radixserve.managers.generate_input import GenerateReqInput, RequestRejected
 from radixserve.managers.metrics import Metrics
 from radixserve.managers.ipc import PortArgs, make_socket
 from radixserve.managers.validation import FieldError
+from radixserve.lora.registry import LoRARef, LoRARegistry
+from radixserve.lora.spec import parse_lora_paths
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class TokenizerManager:
         self._tokenizer_pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="radixserve-tokenizer")
         if server_args.enable_metrics:
             self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
+        self.lora = LoRARegistry(parse_lora_paths(server_args.lora_paths)) if server_args.enable_lora else None
 
     # ---- lifecycle: sockets are bound to the loop that first uses them ----
     def _ensure_started(self) -> None:
@@ -145,13 +148,18 @@ class TokenizerManager:
         for state in states:
             if state.req.rid in self.states:
                 raise FieldError("rid", f"rid {state.req.rid!r} is already in flight")
-        for state in states:
+        # (an adapter unloaded since prepare() is refused here, before anything is sent)
+        lora_ids = [self.lora_id_of(state.req) for state in states]
+        if self.lora is not None:
+            self.lora.acquire(lora_ids)
+        for state, lora_id in zip(states, lora_ids):
             self.states[state.req.rid] = state
             replica = self.dispatcher.assign(state.req.rid, len(state.prompt_ids), state.req.routed_dp_rank)
             self.replica_socks[replica].send_pyobj(io.TokenizedGenerateReqInput(
                 rid=state.req.rid, input_ids=state.prompt_ids, sampling_params=state.req.sampling_params,
                 stream=state.req.stream, return_logprob=state.req.return_logprob,
                 logprob_start_len=state.req.logprob_start_len, top_logprobs_num=state.req.top_logprobs_num,
+                lora_id=lora_id,
             ))
         try:
             if obj.stream:
@@ -168,6 +176,8 @@ class TokenizerManager:
                 if not state.finished:  # the caller went away: stop the work
                     self.abort_request(state.req.rid)
                 self.states.pop(state.req.rid, None)
+            if self.lora is not None:
+                self.lora.release(lora_ids)
 
     async def _wait(self, state: ReqState) -> AsyncIterator[Dict[str, Any]]:
         while True:
@@ -227,8 +237,17 @@ class TokenizerManager:
                     encoded[single.prompt] = self.tokenizer.encode(single.prompt)
                 ids = list(encoded[single.prompt])
             self._check_tokens(single, ids)
+            self.lora_id_of(single)
             checked.append((single, ids))
         return checked
+
+    def lora_id_of(self, req: SingleRequest) -> Optional[int]:
+        """The id of the adapter the request names; FieldError("lora_path") if unknown."""
+        if req.lora_path is None:
+            return None
+        if self.lora is None:
+            raise FieldError("lora_path", "lora_path needs a server started with --enable-lora (or --lora-paths)")
+        return self.lora.resolve(req.lora_path)
 
     async def run_in_tokenizer(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run CPU-bound tokenizer work (encode, decode, chat templates) in the
@@ -420,6 +439,35 @@ class TokenizerManager:
 
     async def continue_generation(self) -> io.GenerationControlOut:
         return await self.control(io.ContinueGenerationReq())
+
+    # ---- LoRA adapters ----
+    def _lora_registry(self) -> LoRARegistry:
+        if self.lora is None:
+            raise ValueError("LoRA is not enabled; start the server with --enable-lora")
+        return self.lora
+
+    async def load_lora_adapter(self, lora_name: str, lora_path: str, pinned: bool = False) -> io.LoRAAdapterOut:
+        """Load an adapter while serving; ValueError for a bad name, path or adapter."""
+        registry = self._lora_registry()
+        if not isinstance(lora_path, str) or not lora_path:
+            raise FieldError("lora_path", "'lora_path' must be a non-empty string (a PEFT adapter folder)")
+        lora_id = registry.begin_load(lora_name)
+        ref = None
+        try:
+            out = await self.control(io.LoadLoRAAdapterReq(lora_name, lora_path, lora_id, bool(pinned)))
+            if out.success:
+                ref = LoRARef(lora_name, lora_path, lora_id, bool(pinned))
+        finally:
+            registry.end_load(ref, lora_name)
+        return out
+
+    async def unload_lora_adapter(self, lora_name: str) -> io.LoRAAdapterOut:
+        """New requests cannot name it from now on; its running requests finish
+        first, then its weights go."""
+        registry = self._lora_registry()
+        ref = registry.remove(lora_name)
+        await registry.wait_idle(ref.lora_id)
+        return await self.control(io.UnloadLoRAAdapterReq(lora_name, ref.lora_id))
 
     async def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         out = await self.control(io.GetWeightsByNameReq(name, truncate_size))

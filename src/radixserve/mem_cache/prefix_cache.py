@@ -52,7 +52,7 @@ class PrefixCache:
         if not req.input_logprobs_done:
             # Input logprobs need logits from position logprob_start_len - 1 on.
             limit = min(limit, max(req.logprob_start_len - 1, 0))
-        values, node = self.tree.match_prefix(req.fill_ids[:limit])
+        values, node = self.tree.match_prefix(req.fill_ids[:limit], req.lora_id)
         if values:
             req.prefix_slots = torch.cat(values)
             req.prefix_len = len(req.prefix_slots)
@@ -81,7 +81,7 @@ class PrefixCache:
         if self.tree is None:
             return
         aligned = self._insert(req)
-        values, node = self.tree.match_prefix(req.fill_ids[:aligned])
+        values, node = self.tree.match_prefix(req.fill_ids[:aligned], req.lora_id)
         slots = torch.cat(values) if values else self.table.new_empty(0)
         # The request now reads the tree's copy of every cached position.
         self.table[req.req_pool_idx, req.prefix_len:aligned] = slots[req.prefix_len:]
@@ -112,7 +112,7 @@ class PrefixCache:
         tree already held. Returns the aligned length."""
         aligned = req.kv_len // self.page_size * self.page_size
         slots = self.table[req.req_pool_idx, :aligned]
-        cached = self.tree.insert(req.fill_ids[:aligned], slots)
+        cached = self.tree.insert(req.fill_ids[:aligned], slots, req.lora_id)
         if cached > req.prefix_len:
             self.allocator.free(slots[req.prefix_len:cached])
         return aligned

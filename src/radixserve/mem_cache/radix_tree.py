@@ -4,6 +4,10 @@ Keys are compared in whole pages (page_size tokens), so every node boundary is
 page-aligned and a node's slots free as whole pages. Nodes in use by running
 requests are locked (lock_ref > 0) and never evicted; unlocked leaves are
 evicted least recently used first, fewest hits breaking ties.
+
+A namespace (a LoRA adapter's id) gets its own empty, permanently locked
+node under the root, so KV computed under one adapter never matches a
+request of another adapter or of the base model (namespace None: the root).
 """
 
 from __future__ import annotations
@@ -66,11 +70,23 @@ class RadixTree:
             n += 1
         return n // self.page_size * self.page_size
 
-    def match_prefix(self, key: List[int]) -> Tuple[List[torch.Tensor], TreeNode]:
+    def _namespace_root(self, namespace: Optional[int]) -> TreeNode:
+        """The root of a namespace's subtree; its child key cannot collide with
+        a page of token ids (those are tuples of ints)."""
+        if namespace is None:
+            return self.root
+        key = ("namespace", namespace)
+        node = self.root.children.get(key)
+        if node is None:
+            node = self.root.children[key] = TreeNode([], self.root.value, self.root)
+            node.lock_ref = 1  # like the root: never evicted, holds no tokens
+        return node
+
+    def match_prefix(self, key: List[int], namespace: Optional[int] = None) -> Tuple[List[torch.Tensor], TreeNode]:
         """The longest cached page-aligned prefix of key: its slot tensors (one per
         node on the path) and the deepest node, split so it ends exactly there."""
         key = key[: len(key) // self.page_size * self.page_size]
-        node, values, now = self.root, [], next(self._clock)
+        node, values, now = self._namespace_root(namespace), [], next(self._clock)
         while key:
             child = node.children.get(self._child_key(key))
             if child is None:
@@ -95,11 +111,11 @@ class RadixTree:
         return upper
 
     # ---- insert ----
-    def insert(self, key: List[int], value: torch.Tensor) -> int:
+    def insert(self, key: List[int], value: torch.Tensor, namespace: Optional[int] = None) -> int:
         """Add key (page-aligned length) with its slots. Returns how many leading
         tokens were cached already: the caller's slots for those are duplicates."""
         assert len(key) % self.page_size == 0 and len(key) == len(value)
-        node, done, now = self.root, 0, next(self._clock)
+        node, done, now = self._namespace_root(namespace), 0, next(self._clock)
         while done < len(key):
             rest = key[done:]
             child = node.children.get(self._child_key(rest))

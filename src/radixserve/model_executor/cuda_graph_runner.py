@@ -77,6 +77,8 @@ class CudaGraphRunner:
         # Largest first: the smaller graphs then fit in the memory pool it reserved.
         for bs in tqdm(reversed(self.batch_sizes), total=len(self.batch_sizes), desc="Capturing CUDA graphs"):
             fb = self._forward_batch(bs)
+            if self.runner.lora_manager is not None:
+                self.runner.lora_manager.capture_decode(bs, self.max_bs)
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm-up: lazy initialisation and Triton autotuning happen outside the graph
                     self._run(fb)
@@ -111,5 +113,7 @@ class CudaGraphRunner:
             self.req_pool_indices[raw:bs].fill_(self.padding_row)
             self.seq_lens[raw:bs].fill_(1)
             self.out_cache_loc[raw:bs].zero_()
+        if self.runner.lora_manager is not None:
+            self.runner.lora_manager.prepare_decode(fb.lora_ids or [None] * raw, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:raw]

@@ -65,6 +65,8 @@ class ForwardBatch:
     # MIXED only: how many requests at the front are decode steps (one token
     # each, so also how many tokens); backends may attend to them apart.
     num_decode_rows: int = 0
+    # Each request's LoRA adapter id (None: the base model), with --enable-lora.
+    lora_ids: Optional[List[Optional[int]]] = None
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

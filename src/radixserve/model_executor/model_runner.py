@@ -103,6 +103,8 @@ class ModelRunner:
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
+        # Adapter slots are allocated before the KV pool is sized from what is left.
+        self.lora_manager = self._make_lora_manager()
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = self._make_graph_runner()
@@ -231,10 +233,21 @@ class ModelRunner:
             if hasattr(module, "batch_invariant"):
                 module.batch_invariant = True
 
+    def _make_lora_manager(self):
+        if not self.server_args.enable_lora:
+            return None
+        from radixserve.lora.manager import LoRAManager
+
+        return LoRAManager(self.server_args, self.model, self.device, self.dtype)
+
     def _make_graph_runner(self):
         """Decode CUDA graphs, when on CUDA with a graph-safe attention backend."""
         args = self.server_args
         if self.device.type != "cuda" or args.disable_cuda_graph:
+            return None
+        if self.lora_manager is not None and not self.lora_manager.use_triton:
+            # The torch path's row groups change with every batch; a graph would replay stale ones.
+            logger.warning("CUDA graphs need --lora-backend triton; running without them")
             return None
         if args.resolved_attention_backend() != "triton":
             logger.warning("CUDA graphs need --attention-backend triton; running without them")
@@ -296,6 +309,9 @@ class ModelRunner:
             return LogitsOutput(self.graph_runner.replay(fb), None)
         fb.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(fb)
+        if self.lora_manager is not None:
+            tokens = [1] * fb.batch_size if fb.forward_mode.is_decode() else fb.extend_seq_lens_cpu
+            self.lora_manager.prepare(fb.lora_ids or [None] * fb.batch_size, tokens)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if fb.forward_mode.is_decode():
             return LogitsOutput(self.model.compute_logits(hidden), None)

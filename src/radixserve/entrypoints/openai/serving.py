@@ -64,9 +64,21 @@ class OpenAIServing:
         self.model = served_model_name
         self.template = ChatTemplate(tm.tokenizer)
 
-    def check_model(self, name: Optional[str]) -> None:
-        if name is not None and name != self.model:
-            raise ModelNotFound(f"The model '{name}' does not exist; this server serves '{self.model}'")
+    def check_model(self, name: Optional[str]) -> Optional[str]:
+        """The LoRA adapter a request's `model` names ("base:adapter" or the
+        adapter's name, as SGLang accepts), None for the base model."""
+        if name is None or name == self.model:
+            return None
+        registry = self.tm.lora
+        base, sep, adapter = name.rpartition(":")
+        if registry is not None and sep and base == self.model:
+            if adapter not in registry.by_name:
+                raise FieldError("model", f"model: unknown LoRA adapter {adapter!r} in {name!r} (loaded: "
+                                          f"{', '.join(sorted(registry.by_name)) or 'none'})")
+            return adapter
+        if registry is not None and name in registry.by_name:
+            return name
+        raise ModelNotFound(f"The model '{name}' does not exist; this server serves '{self.model}'")
 
     async def prepare(self, req: CommonRequest, gen: GenerateReqInput) -> PreparedGenerate:
         """Check and tokenize gen (TokenizerManager.prepare); a bad field is
@@ -81,7 +93,7 @@ class OpenAIServing:
 
     # ---- completions ----
     def completion_input(self, req: CompletionRequest) -> GenerateReqInput:
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         req.log_unknown_fields()
         prompt = req.prompt
         texts = isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str))
@@ -97,6 +109,7 @@ class OpenAIServing:
             return_text_in_logprobs=True,
             stream=req.stream,
             routed_dp_rank=req.requested_dp_rank,
+            lora_path=adapter,
         )
 
     def _prompt_texts(self, gen: GenerateReqInput) -> List[str]:
@@ -147,7 +160,7 @@ class OpenAIServing:
     async def chat_input(self, req: ChatCompletionRequest) -> ChatPlan:
         """Check the request, render its messages and tokenize them (in the
         tokenizer threads: templates and tokenizers are CPU work)."""
-        self.check_model(req.model)
+        adapter = self.check_model(req.model)
         req.log_unknown_fields()
         if not req.messages:
             raise FieldError("messages", "'messages' must not be empty")
@@ -161,7 +174,7 @@ class OpenAIServing:
         gen = GenerateReqInput(
             input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
-            stream=req.stream, routed_dp_rank=req.requested_dp_rank,
+            stream=req.stream, routed_dp_rank=req.requested_dp_rank, lora_path=adapter,
         )
         parsing = OutputParsing(
             tool_parser=tools.parser if tools.parses_calls else None,

@@ -33,7 +33,10 @@ def seed_of_replica(random_seed: Optional[int], dp_rank: int) -> Union[int, str,
 
 class Admission:
     def __init__(self, server_args: ServerArgs, pools, device: torch.device, max_running: int,
-                 max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio, dp_rank: int = 0) -> None:
+                 max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio, dp_rank: int = 0,
+                 lora=None) -> None:
+        """lora: the runner's LoRAManager with --enable-lora (it caps the
+        distinct adapters per batch), else None."""
         self.policy = server_args.schedule_policy
         self.max_queued = server_args.max_queued_requests
         self.max_prefill_tokens = server_args.max_prefill_tokens
@@ -45,6 +48,7 @@ class Admission:
         self.max_total_tokens = max_total_tokens
         self.grammar = grammar
         self.ratio = ratio
+        self.lora = lora
         self.waiting: List[Req] = []
         self.chunked_req: Optional[Req] = None
         self.last_was_chunk = False  # the last extend was a chunk: running requests decode next
@@ -138,15 +142,25 @@ class Admission:
                 # ahead of it, or a new chunked request would take its place and
                 # orphan it with its KV and locks. Decoding frees memory meanwhile.
                 return None
+        adapters = {r.lora_id for r in running} | {p.req.lora_id for p in adder.plans}
         for req in (self.waiting if admit_new else []):
             if len(running) + len(adder.plans) >= self.max_running:
                 break
+            if self.lora is not None and not self.lora.admits(adapters, req.lora_id):
+                continue  # its adapter would be one too many in this batch; it waits for a later one
             self.prefix_cache.match(req)
             if not adder.add(req):
                 break
+            adapters.add(req.lora_id)
         if not adder.plans:
             return None
         return self._build(adder)
+
+    def _dequeue(self, admitted: List[Req]) -> None:
+        """Admitted requests leave the queue (not always its head: a request
+        whose LoRA adapter did not fit the batch is skipped, keeping its place)."""
+        gone = set(map(id, admitted))
+        self.waiting = [r for r in self.waiting if id(r) not in gone]
 
     def _build(self, adder: PrefillAdder) -> Optional[ScheduleBatch]:
         admitted = [p.req for p in adder.plans if p.req is not self.chunked_req]
@@ -154,7 +168,7 @@ class Admission:
         try:
             prepared = batch.prepare_for_extend(adder.plans)
         except Exception as e:
-            self.waiting = self.waiting[len(admitted):]
+            self._dequeue(admitted)
             raise BatchFailed(batch.reqs, e) from e
         if not prepared:
             for req in admitted:
@@ -164,7 +178,7 @@ class Admission:
             if req.cached_tokens is None:  # first admission: prompt tokens served from cache
                 req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
                 req.queue_time = time.monotonic() - req.created_at
-        self.waiting = self.waiting[len(admitted):]
+        self._dequeue(admitted)
         self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)
         self.last_admitted = admitted
         self.chunked_req = adder.new_chunked_req

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
 from radixserve.layers.sampler import Sampler
+from radixserve.lora.spec import LoRASpec
 from radixserve.managers import io_struct as io
 from radixserve.managers.batch_result import BatchResult
 from radixserve.managers.req import Req
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 RESOLVE_FIRST = frozenset({
     io.AbortReq, io.GetServerInfoReq, io.FlushCacheReq, io.GetWeightsByNameReq, io.PauseGenerationReq,
     io.ReleaseMemoryOccupationReq, io.UpdateWeightsFromDiskReq, io.UpdateWeightsFromTensorReq,
-    io.UpdateWeightsFromDistributedReq,
+    io.UpdateWeightsFromDistributedReq, io.UnloadLoRAAdapterReq,
 })
 
 
@@ -69,7 +70,8 @@ class Scheduler:
                                    tokenizer, runner.vocab_size, eos_token_ids, agree=broadcast_from_first)
         self.grammar.warm_up(self.device)
         self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
-                                   runner.max_total_num_tokens, self.grammar, ratio, self.dp_rank)
+                                   runner.max_total_num_tokens, self.grammar, ratio, self.dp_rank,
+                                   lora=getattr(runner, "lora_manager", None))
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
         self.weights = WeightController(runner, self.prefix_cache, self.device,
                                         self.dp_rank * args.tp_size + self.tp_rank)
@@ -180,6 +182,8 @@ class Scheduler:
             io.PauseGenerationReq: lambda msg: weights.pause(msg, abort_all),
             io.ContinueGenerationReq: weights.resume_generation,
             io.GetWeightsByNameReq: weights.get_weights_by_name,
+            io.LoadLoRAAdapterReq: self.load_lora_adapter,
+            io.UnloadLoRAAdapterReq: self.unload_lora_adapter,
         }
 
     def dispatch(self, msg: Any) -> None:
@@ -229,6 +233,25 @@ class Scheduler:
             self.abort(io.AbortReq(abort_all=True))
         return refusal
 
+    def load_lora_adapter(self, msg: io.LoadLoRAAdapterReq) -> io.LoRAAdapterOut:
+        return self._lora_change(lambda lora: lora.load(
+            msg.lora_id, LoRASpec(msg.lora_name, msg.lora_path, msg.pinned)))
+
+    def unload_lora_adapter(self, msg: io.UnloadLoRAAdapterReq) -> io.LoRAAdapterOut:
+        """The front end sends it once no request of the adapter is left; its
+        cached prefixes stay in their own namespace until evicted."""
+        return self._lora_change(lambda lora: lora.unload(msg.lora_id))
+
+    def _lora_change(self, change: Callable[[Any], None]) -> io.LoRAAdapterOut:
+        lora = getattr(self.runner, "lora_manager", None)
+        if lora is None:
+            return io.LoRAAdapterOut(False, "LoRA is not enabled; start the server with --enable-lora")
+        try:
+            change(lora)
+        except ValueError as e:
+            return io.LoRAAdapterOut(False, str(e))
+        return io.LoRAAdapterOut(True)
+
     def flush_cache(self, msg: io.FlushCacheReq) -> io.FlushCacheOut:
         if not self.is_idle():
             return io.FlushCacheOut(False, "requests are running or waiting; flush refused")
@@ -268,6 +291,7 @@ class Scheduler:
             "ep_size": self.server_args.ep_size,
             "dp_size": self.server_args.dp_size,
             "dp_rank": self.dp_rank,
+            "lora": self.runner.lora_manager.info() if getattr(self.runner, "lora_manager", None) else None,
             "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
         }
 
