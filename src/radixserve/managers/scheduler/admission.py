@@ -74,6 +74,7 @@ class Admission:
             return req
         if not self.grammar.submit(req):
             self.waiting.append(req)
+        self.prefix_cache.on_arrival(req)  # the hierarchical cache starts fetching its prefix from storage
         return None
 
     def move_compiled(self) -> List[Req]:
@@ -139,7 +140,7 @@ class Admission:
                 # orphan it with its KV and locks. Decoding frees memory meanwhile.
                 return None
         for req in (self.waiting if admit_new else []):
-            if len(running) + len(adder.plans) >= self.max_running:
+            if len(running) + len(adder.plans) >= self.max_running or not self.prefix_cache.prefetch_ready(req):
                 break
             self.prefix_cache.match(req)
             if not adder.add(req):
@@ -163,6 +164,7 @@ class Admission:
         for req in admitted:
             if req.cached_tokens is None:  # first admission: prompt tokens served from cache
                 req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
+                req.cached_tokens_details = self.prefix_cache.cached_tokens_details(req)
                 req.queue_time = time.monotonic() - req.created_at
         self.waiting = self.waiting[len(admitted):]
         self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)

@@ -74,7 +74,7 @@ class Scheduler:
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
-        self.stats = StatsReporter(self.gauges, self.dp_rank)
+        self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats)
         self.overlap = not args.disable_overlap_schedule
         self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -228,7 +228,7 @@ class Scheduler:
     def flush_cache(self, msg: io.FlushCacheReq) -> io.FlushCacheOut:
         if not self.is_idle():
             return io.FlushCacheOut(False, "requests are running or waiting; flush refused")
-        self.prefix_cache.reset()
+        self.prefix_cache.reset(flush_storage=msg.flush_storage)
         return io.FlushCacheOut(True, "")
 
     def num_busy(self) -> int:
@@ -254,6 +254,7 @@ class Scheduler:
             "pending_weight_updates": len(self.weights.pending),
             "paused": self.weights.paused,
             "kv_cache": self.kv_cache_stats(),
+            "hicache": self.prefix_cache.tier_stats(),
             "device": str(self.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
             # the weight format in effect (a 4-bit GGUF on the CPU is int4 by default)

@@ -1,0 +1,134 @@
+"""The hierarchical KV cache through the Engine, on a tiny random model whose
+device pool is far smaller than the multi-turn working set: outputs identical
+to a run without it, later turns hit in host memory, every write policy, both
+pools' invariants; the file backend across a restart; failing storage
+backends degrade to recompute."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from radixserve import Engine
+from tests.conftest import assert_no_leak
+
+GREEDY = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
+CONVERSATIONS, TURNS = 8, 6
+DEVICE_TOKENS = 256  # the histories reach 8 x ~150 tokens
+SMALL = dict(max_total_tokens=DEVICE_TOKENS, chunked_prefill_size=64)
+
+
+def multi_turn(engine: Engine):
+    """8 conversations x 6 turns, each turn re-sending the whole history plus a
+    new user message. Returns (outputs, meta_infos) per turn."""
+    rng = random.Random(5)
+    histories = [[rng.randrange(10, 5000) for _ in range(30)] for _ in range(CONVERSATIONS)]
+    outputs, metas = [], []
+    for _ in range(TURNS):
+        results = engine.generate(input_ids=histories, sampling_params=GREEDY)
+        outputs.append([r["output_ids"] for r in results])
+        metas.append([r["meta_info"] for r in results])
+        for history, r in zip(histories, results):
+            history += r["output_ids"] + [rng.randrange(10, 5000) for _ in range(20)]
+    return outputs, metas
+
+
+def storage_prompts():
+    rng = random.Random(9)
+    return [[rng.randrange(10, 5000) for _ in range(70)] for _ in range(3)]
+
+
+def assert_pools_consistent(engine: Engine) -> dict:
+    assert_no_leak(engine)
+    host = engine.get_server_info()["hicache"]
+    assert host["host_total_tokens"] == host["host_free_tokens"] + host["host_cached_tokens"], host
+    return host
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_factory):
+    return str(tiny_model_factory("llama"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """The same workloads with the plain radix cache (same small device pool)."""
+    with Engine(model_path=model_path, **SMALL) as engine:
+        turns, _ = multi_turn(engine)
+        single = [o["output_ids"] for o in engine.generate(input_ids=storage_prompts(), sampling_params=GREEDY)]
+        return {"turns": turns, "storage": single}
+
+
+@pytest.mark.parametrize("policy,layout,io_backend", [
+    ("write_through", "page_first", "kernel"),
+    ("write_back", "layer_first", "direct"),
+    ("write_through_selective", "page_first_direct", "kernel"),
+])
+def test_multi_turn_identical_and_hits_host(model_path, reference, policy, layout, io_backend):
+    # The host pool holds the whole working set (LRU over a cyclic working set
+    # larger than the cache would hit nothing).
+    with Engine(model_path=model_path, enable_hierarchical_cache=True, hicache_ratio=6,
+                hicache_write_policy=policy, hicache_mem_layout=layout, hicache_io_backend=io_backend,
+                **SMALL) as engine:
+        turns, metas = multi_turn(engine)
+        assert turns == reference["turns"]
+        for meta in (m for turn in metas for m in turn):
+            details = meta["cached_tokens_details"]
+            assert meta["cached_tokens"] == details["device"] + details["host"] + details["storage"]
+        host_hits = [sum(m["cached_tokens_details"]["host"] for m in turn) for turn in metas]
+        assert host_hits[0] == 0
+        assert all(hits > 0 for hits in host_hits[2:]), host_hits  # evicted history came back from host
+        info = engine.get_server_info()
+        assert info["num_evictions"] > 0
+        host = assert_pools_consistent(engine)
+        assert host["hit_tokens"]["host"] == sum(host_hits)
+        assert host["bytes_host_to_device"] > 0 and host["bytes_device_to_host"] > 0
+        assert engine.flush_cache() is True
+        host = assert_pools_consistent(engine)
+        assert host["host_free_tokens"] == host["host_total_tokens"]
+
+
+def test_file_backend_hits_after_restart(model_path, reference, tmp_path):
+    args = dict(model_path=model_path, enable_hierarchical_cache=True, page_size=4,
+                hicache_storage_backend="file", hicache_file_backend_dir=str(tmp_path),
+                hicache_storage_prefetch_policy="wait_complete", **SMALL)
+    prompts = storage_prompts()
+    with Engine(**args) as engine:
+        first = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in first] == reference["storage"]
+        pages = sum(len(p) // 4 for p in prompts)  # each prompt's full pages (its output adds at most one)
+        for _ in range(500):  # bounded wait for the background writes
+            if engine.get_server_info()["hicache"]["storage_pages_written"] >= pages:
+                break
+            time.sleep(0.02)
+        assert engine.get_server_info()["hicache"]["storage_pages_written"] >= pages
+    assert len(list(Path(tmp_path).glob("*.kv"))) >= pages
+    with Engine(**args) as engine:  # a restart: empty device and host pools
+        again = engine.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in again] == reference["storage"]
+        for out, prompt in zip(again, prompts):
+            details = out["meta_info"]["cached_tokens_details"]
+            assert details["storage"] == (len(prompt) - 1) // 4 * 4, details  # all but the last token's page
+            assert out["meta_info"]["cached_tokens"] == details["storage"]
+        assert_pools_consistent(engine)
+        assert engine.flush_cache(flush_storage=True) is True
+    assert not list(Path(tmp_path).glob("*.kv"))
+
+
+@pytest.mark.parametrize("backend,policy", [("RaisingStorage", "wait_complete"), ("HangingStorage", "timeout")])
+def test_failing_storage_degrades_to_recompute(model_path, reference, backend, policy):
+    extra = {"module_path": "tests.e2e.hicache_backends", "class_name": backend,
+             "prefetch_timeout_base": 0.3, "prefetch_timeout_per_ki_token": 0}
+    with Engine(model_path=model_path, enable_hierarchical_cache=True, page_size=4,
+                hicache_storage_backend="dynamic", hicache_storage_backend_extra_config=json.dumps(extra),
+                hicache_storage_prefetch_policy=policy, **SMALL) as engine:
+        outs = engine.generate(input_ids=storage_prompts(), sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == reference["storage"]
+        assert all(o["meta_info"]["cached_tokens_details"]["storage"] == 0 for o in outs)
+        host = assert_pools_consistent(engine)
+        if backend == "RaisingStorage":
+            assert host["storage_errors"] > 0
