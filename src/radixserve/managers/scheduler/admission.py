@@ -54,6 +54,10 @@ class Admission:
     def queued(self) -> int:
         return len(self.waiting) + len(self.grammar)
 
+    def waiting_on_storage(self) -> bool:
+        """The head of the queue waits for its prefix from the storage tier."""
+        return bool(self.waiting) and not self.prefix_cache.prefetch_ready(self.waiting[0])
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.chunked_req is not None or len(self.grammar))
 

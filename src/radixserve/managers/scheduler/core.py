@@ -123,6 +123,8 @@ class Scheduler:
             return 1.0
         if len(self.grammar) and not self.admission.waiting and self.running.is_empty():
             return 0.005  # only compiling: wait a little, don't spin
+        if self.admission.waiting_on_storage() and self.running.is_empty() and self.in_flight is None:
+            return 0.002  # only a storage prefetch to wait for: leave its thread the CPU
         return 0.0
 
     def is_idle(self) -> bool:

@@ -77,7 +77,8 @@ class HiPrefixCache(PrefixCache):
         assert req.req_pool_idx is None
         key = req.fill_ids[:self.match_limit(req)]
         m = self.tree.match_tiers(key)
-        self._attach_prefetched(req, m, key)
+        if self.prefetch_ready(req):  # (a match for queue ordering must not cut a prefetch short)
+            self._attach_prefetched(req, m, key)
         loaded = self.tree.load(m)
         values = m.values + [n.value for n in loaded]
         device = sum(len(v) for v in m.values)
