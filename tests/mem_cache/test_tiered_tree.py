@@ -39,7 +39,7 @@ class Setup:
         t = self.tree
         assert self.alloc.total_tokens == self.alloc.available_size() + t.evictable_size() + t.protected_size()
         assert self.host.total_tokens == self.host.available_size() + t.host_size
-        for node in t._nodes():  # device-resident nodes hang from the root
+        for node in t.nodes():  # device-resident nodes hang from the root
             if node.on_device and node.parent is not t.root:
                 assert node.parent.on_device
             assert node.on_device or node.host_value is not None

@@ -68,6 +68,9 @@ class PrefixCache:
     def on_arrival(self, req: "Req") -> None:
         """A request joined the queue (the hierarchical cache starts a storage prefetch)."""
 
+    def on_weights_changed(self) -> None:
+        """The weights were updated: KV kept outside this process (storage) is stale."""
+
     def prefetch_ready(self, req: "Req") -> bool:
         """False while the request should wait for its prefix from storage."""
         return True

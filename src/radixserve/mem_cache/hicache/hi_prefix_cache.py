@@ -13,6 +13,7 @@ behind PrefixCache's interface so the scheduler barely knows.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -66,6 +67,7 @@ class HiPrefixCache(PrefixCache):
             storage = make_storage(config.storage_backend, StorageConfig(
                 tp_rank, tp_size, model_identity, config.file_dir, dict(config.extra_config or {})))
             self.storage_io = StorageIO(storage)
+        self.model_identity, self.tp_rank, self.tp_size = model_identity, tp_rank, tp_size
         self.seed = chain_seed(model_identity, tp_rank, tp_size)
         on_backup = self._write_to_storage if self.storage_io is not None else (lambda node: None)
         self.tree: TieredRadixTree = TieredRadixTree(allocator, self.host_pool, config.write_policy, on_backup)
@@ -164,12 +166,24 @@ class HiPrefixCache(PrefixCache):
 
         self.storage_io.write(keys, values, stored)
 
-    # ---- flush and stats ----
-    def reset(self, flush_storage: bool = False) -> None:
-        super().reset()
+    def on_weights_changed(self) -> None:
+        """Storage pages of the old weights must never match again, in this
+        process or a restarted one (which loads the original weights): pages
+        written from now on chain from a seed of their own."""
+        self.seed = chain_seed(f"{self.model_identity}|updated {uuid.uuid4().hex}", self.tp_rank, self.tp_size)
+        for node in self.tree.nodes():
+            node.page_keys, node.in_storage = None, False
+        self._cancel_prefetches()  # they look for pages of the old weights
+
+    def _cancel_prefetches(self) -> None:
         for job in self.prefetches.values():
             job.cancelled = True
         self.prefetches.clear()
+
+    # ---- flush and stats ----
+    def reset(self, flush_storage: bool = False) -> None:
+        super().reset()
+        self._cancel_prefetches()
         if flush_storage and self.storage_io is not None:
             self.storage_io.clear()
 

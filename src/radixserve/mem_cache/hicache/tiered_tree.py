@@ -302,12 +302,12 @@ class TieredRadixTree(RadixTree):
         return node.on_device and not any(c.on_device for c in node.children.values())
 
     def _device_leaves(self) -> List[TieredNode]:
-        return [n for n in self._nodes() if n.lock_ref == 0 and self._is_device_leaf(n)]
+        return [n for n in self.nodes() if n.lock_ref == 0 and self._is_device_leaf(n)]
 
     def _host_leaves(self) -> List[TieredNode]:
-        return [n for n in self._nodes() if not n.on_device and n.is_leaf and id(n) not in self._pinned]
+        return [n for n in self.nodes() if not n.on_device and n.is_leaf and id(n) not in self._pinned]
 
-    def _nodes(self) -> List[TieredNode]:
+    def nodes(self) -> List[TieredNode]:
         out, stack = [], list(self.root.children.values())
         while stack:
             node = stack.pop()
