@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from radixserve.mem_cache.allocator import zeroed_buffer
+
 
 def device_buffers(kv_pool) -> List[torch.Tensor]:
     """The device pool's per-token buffers, in a fixed order: K then V per layer
@@ -48,8 +50,10 @@ class HostKVPool:
         self.device = first.device
         shape = ((self.num_buffers, self.total_tokens) if self.layout == "layer_first"
                  else (self.total_tokens, self.num_buffers)) + self.row_shape
-        pin = first.is_cuda  # pinned pages let copies run asynchronously
-        self.data = torch.zeros(shape, dtype=first.dtype, pin_memory=pin)
+        if first.is_cuda:  # pinned pages let copies run asynchronously
+            self.data = torch.zeros(shape, dtype=first.dtype, pin_memory=True)
+        else:  # calloc'd: gigabytes cost nothing until touched
+            self.data = zeroed_buffer(shape, first.dtype, torch.device("cpu"))
         self.stream = torch.cuda.Stream(device=self.device) if first.is_cuda else None
         self.bytes_per_token = self.num_buffers * first[0].numel() * first.element_size()
         self.bytes_to_host = 0
