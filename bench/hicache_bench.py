@@ -8,7 +8,7 @@ come back from host memory. Reports throughput (prompt + output tokens over
 wall time), time to first token (p50/p99, streamed) and where the cached
 tokens came from.
 
-    python bench/hicache_bench.py                       # the default model on the CPU
+    python bench/hicache_bench.py    # the default model on the CPU (defaults sized for a 2-core box)
     python bench/hicache_bench.py --model-path /models/llama-8b --device-tokens 65536 ...
 """
 
@@ -73,13 +73,13 @@ def run(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="None: the packaged default model")
-    p.add_argument("--conversations", type=int, default=8)
-    p.add_argument("--turns", type=int, default=5)
-    p.add_argument("--first-len", type=int, default=256, help="tokens of each conversation's first message")
-    p.add_argument("--user-len", type=int, default=128, help="tokens of each later user message")
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--device-tokens", type=int, default=2048, help="device KV pool (--max-total-tokens)")
-    p.add_argument("--hicache-ratio", type=float, default=5.0)
+    p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--first-len", type=int, default=192, help="tokens of each conversation's first message")
+    p.add_argument("--user-len", type=int, default=64, help="tokens of each later user message")
+    p.add_argument("--output-len", type=int, default=8)
+    p.add_argument("--device-tokens", type=int, default=512, help="device KV pool (--max-total-tokens)")
+    p.add_argument("--hicache-ratio", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     off, on = run(args, hicache=False), run(args, hicache=True)

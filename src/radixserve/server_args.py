@@ -307,8 +307,10 @@ class ServerArgs:
         if self.hicache_storage_backend is not None and self.tp_size > 1:
             raise ValueError("a HiCache storage backend with tp_size > 1 is not supported yet (the ranks "
                              "would have to agree on prefetch progress); the host tier works with tp")
-        if self.hicache_storage_backend == "mooncake":
-            raise ValueError("--hicache-storage-backend mooncake is not implemented yet; use file or dynamic")
+        if self.hicache_storage_backend == "mooncake" and not self.hicache_storage_extra_config().get(
+                "master_server_address"):
+            raise ValueError("--hicache-storage-backend mooncake needs master_server_address (host:port of "
+                             "mooncake_master) in --hicache-storage-backend-extra-config")
         if self.hicache_storage_backend == "dynamic":
             extra = self.hicache_storage_extra_config()
             if not extra.get("module_path") or not extra.get("class_name"):

@@ -32,7 +32,7 @@ def test_defaults_are_sglangs():
     (dict(enable_hierarchical_cache=True, disable_radix_cache=True), "radix cache"),
     (dict(enable_hierarchical_cache=True, hicache_storage_backend="dynamic"), "module_path"),
     (dict(enable_hierarchical_cache=True, hicache_storage_backend="file", tp_size=2), "tp_size"),
-    (dict(enable_hierarchical_cache=True, hicache_storage_backend="mooncake"), "not implemented"),
+    (dict(enable_hierarchical_cache=True, hicache_storage_backend="mooncake"), "master_server_address"),
 ])
 def test_bad_combinations_fail_with_the_flag_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -7,9 +7,9 @@ storage_keys.py), so equal keys mean equal KV. A value is the page's bytes
 (every layer of its tokens, the host pool's page_first row order); backends
 store bytes and need not know shapes.
 
-Backends: `file` (one file per page in a folder that outlives the server) and
-`dynamic` (any HiCacheStorage subclass named by module_path and class_name in
-the extra config). Any backend may raise or hang: callers run it on a worker
+Backends: `file` (one file per page in a folder that outlives the server),
+`mooncake` (Mooncake's distributed store; mooncake_store.py) and `dynamic` (any
+HiCacheStorage subclass named by module_path and class_name in the extra config). Any backend may raise or hang: callers run it on a worker
 thread and treat errors as misses.
 """
 
@@ -108,6 +108,10 @@ class FileStorage(HiCacheStorage):
 def make_storage(backend: str, config: StorageConfig) -> HiCacheStorage:
     if backend == "file":
         return FileStorage(config)
+    if backend == "mooncake":
+        from radixserve.mem_cache.hicache.mooncake_store import MooncakeStorage
+
+        return MooncakeStorage(config)
     if backend == "dynamic":
         extra = config.extra_config
         module = importlib.import_module(extra["module_path"])
