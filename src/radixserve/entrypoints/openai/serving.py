@@ -122,7 +122,8 @@ class OpenAIServing:
                 choice["logprobs"] = completion_logprobs(r["meta_info"], req.echo)
             choices.append(choice)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model, "choices": choices, "usage": usage(results, req.n, req.return_cached_tokens_details)}
+                "model": self.model, "choices": choices,
+                "usage": usage(results, req.n, req.return_cached_tokens_details)}
 
     async def completions_stream(self, req: CompletionRequest, prepared: PreparedGenerate) -> AsyncIterator[str]:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -207,7 +208,8 @@ class OpenAIServing:
                 choice["logprobs"] = {"content": chat_logprobs(r["meta_info"])}
             choices.append(choice)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model, "choices": choices, "usage": usage(results, req.n, req.return_cached_tokens_details)}
+                "model": self.model, "choices": choices,
+                "usage": usage(results, req.n, req.return_cached_tokens_details)}
 
     async def chat_stream(self, req: ChatCompletionRequest, plan: ChatPlan) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

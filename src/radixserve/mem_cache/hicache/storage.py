@@ -9,8 +9,9 @@ store bytes and need not know shapes.
 
 Backends: `file` (one file per page in a folder that outlives the server),
 `mooncake` (Mooncake's distributed store; mooncake_store.py) and `dynamic` (any
-HiCacheStorage subclass named by module_path and class_name in the extra config). Any backend may raise or hang: callers run it on a worker
-thread and treat errors as misses.
+HiCacheStorage subclass named by module_path and class_name in the extra
+config). Any backend may raise or hang: callers run it on a worker thread and
+treat errors as misses.
 """
 
 from __future__ import annotations

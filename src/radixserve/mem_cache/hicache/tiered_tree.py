@@ -302,7 +302,16 @@ class TieredRadixTree(RadixTree):
         return node.on_device and not any(c.on_device for c in node.children.values())
 
     def _device_leaves(self) -> List[TieredNode]:
-        return [n for n in self.nodes() if n.lock_ref == 0 and self._is_device_leaf(n)]
+        """Unlocked device nodes without device children; host-only subtrees are
+        not walked (nothing below a host-only node is on the device)."""
+        out, stack = [], [c for c in self.root.children.values() if c.on_device]
+        while stack:
+            node = stack.pop()
+            on_device = [c for c in node.children.values() if c.on_device]
+            if not on_device and node.lock_ref == 0:
+                out.append(node)
+            stack.extend(on_device)
+        return out
 
     def _host_leaves(self) -> List[TieredNode]:
         return [n for n in self.nodes() if not n.on_device and n.is_leaf and id(n) not in self._pinned]
