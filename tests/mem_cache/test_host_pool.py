@@ -26,7 +26,7 @@ def make_pools(kind: str, layout: str, io_backend: str):
         dev = MLAKVPool(64, num_layers=2, kv_lora_rank=16, rope_dim=4, dtype=torch.float32,
                         device=torch.device("cpu"))
     filled(dev)
-    return dev, HostKVPool(device_buffers(dev), 32, PAGE, layout, io_backend)
+    return dev, HostKVPool(dev, 32, PAGE, layout, io_backend)
 
 
 def test_alloc_is_page_granular_and_counted():
@@ -78,3 +78,18 @@ def test_pages_for_storage_roundtrip(layout):
     host.load(torch.arange(0, 4), torch.arange(50, 54))
     for buf in device_buffers(dev):
         assert torch.equal(buf[50:54], buf[4:8])
+
+
+def test_loads_reach_the_device_pool_after_its_memory_is_released_and_resumed():
+    from radixserve.model_executor.memory_saver import ReleasedMemory, release_kv_pool, resume_kv_pool
+
+    dev, host = make_pools("mha", "page_first", "kernel")
+    src = torch.arange(4, 8)
+    want = [buf[src].clone() for buf in device_buffers(dev)]
+    host.backup(src, torch.arange(0, 4))
+    released = ReleasedMemory()
+    release_kv_pool(dev, released)  # the pool's tensors are replaced, not resized
+    resume_kv_pool(dev, released)
+    host.load(torch.arange(0, 4), src)
+    for buf, expected in zip(device_buffers(dev), want):
+        assert torch.equal(buf[src], expected)

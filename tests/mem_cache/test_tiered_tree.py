@@ -19,7 +19,7 @@ class Setup:
         self.alloc = TokenAllocator(device_tokens, PAGE, CPU)
         self.kv = KVPool(self.alloc.num_slots, num_layers=2, num_kv_heads=1, head_dim=4, dtype=torch.float32,
                          device=CPU)
-        self.host = HostKVPool(device_buffers(self.kv), host_tokens, PAGE)
+        self.host = HostKVPool(self.kv, host_tokens, PAGE)
         self.tree = TieredRadixTree(self.alloc, self.host, policy)
 
     def put(self, tokens):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
-from radixserve.mem_cache.hicache.host_pool import HostKVPool, device_buffers
+from radixserve.mem_cache.hicache.host_pool import HostKVPool
 from radixserve.mem_cache.hicache.storage import StorageConfig, make_storage
 from radixserve.mem_cache.hicache.storage_io import Prefetch, StorageIO
 from radixserve.mem_cache.hicache.storage_keys import chain_seed, page_keys
@@ -60,7 +60,7 @@ class HiPrefixCache(PrefixCache):
                  config: HiCacheConfig, model_identity: str, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__(req_to_token_pool, allocator, enabled=False)
         self.config = config
-        self.host_pool = HostKVPool(device_buffers(kv_pool), config.host_tokens, self.page_size,
+        self.host_pool = HostKVPool(kv_pool, config.host_tokens, self.page_size,
                                     config.mem_layout, config.io_backend)
         self.storage_io: Optional[StorageIO] = None
         if config.storage_backend is not None:

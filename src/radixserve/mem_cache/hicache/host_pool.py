@@ -36,9 +36,11 @@ def device_buffers(kv_pool) -> List[torch.Tensor]:
 
 
 class HostKVPool:
-    def __init__(self, buffers: List[torch.Tensor], num_tokens: int, page_size: int,
+    def __init__(self, kv_pool, num_tokens: int, page_size: int,
                  layout: str = "page_first", io_backend: str = "kernel") -> None:
-        self.device_buffers = buffers
+        """kv_pool: the device KVPool or MLAKVPool this pool backs."""
+        self.kv_pool = kv_pool
+        buffers = self.device_buffers
         self.page_size = page_size
         self.num_pages = num_tokens // page_size
         self.total_tokens = self.num_pages * page_size
@@ -59,6 +61,11 @@ class HostKVPool:
         self.bytes_to_host = 0
         self.bytes_to_device = 0
         self.clear()
+
+    @property
+    def device_buffers(self) -> List[torch.Tensor]:
+        """Looked up on every use: releasing and resuming memory replaces the pool's tensors."""
+        return device_buffers(self.kv_pool)
 
     # ---- allocation (page-granular; pages numbered from 0) ----
     def clear(self) -> None:
