@@ -64,7 +64,8 @@ async def workload(engine: Engine, args: argparse.Namespace) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
     extra = dict(enable_hierarchical_cache=True, hicache_ratio=args.hicache_ratio) if hicache else {}
-    with Engine(model_path=args.model_path, max_total_tokens=args.device_tokens, **extra) as engine:
+    with Engine(model_path=args.model_path, max_total_tokens=args.device_tokens,
+                enable_deterministic_inference=args.deterministic, **extra) as engine:
         result = asyncio.run(workload(engine, args))
         result["server"] = {k: engine.get_server_info().get(k) for k in ("num_prefill_tokens", "hicache")}
     return result
@@ -81,6 +82,9 @@ def main() -> None:
     p.add_argument("--device-tokens", type=int, default=512, help="device KV pool (--max-total-tokens)")
     p.add_argument("--hicache-ratio", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--deterministic", action="store_true",
+                   help="--enable-deterministic-inference: outputs independent of batching and cache hits, "
+                        "so on and off must agree token for token")
     args = p.parse_args()
     off, on = run(args, hicache=False), run(args, hicache=True)
     report = {"args": vars(args), "identical_outputs": off.pop("outputs") == on.pop("outputs"),
