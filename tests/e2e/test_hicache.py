@@ -132,3 +132,28 @@ def test_failing_storage_degrades_to_recompute(model_path, reference, backend, p
         host = assert_pools_consistent(engine)
         if backend == "RaisingStorage":
             assert host["storage_errors"] > 0
+
+
+def test_mla_latent_cache_round_trips_through_host(embedded_tokenizer_dir, tmp_path_factory):
+    """DeepSeek-V2's latent pool: a prefix evicted to the host comes back intact."""
+    from transformers import AutoTokenizer
+
+    from tests.models.deepseek_tiny import build_deepseek
+
+    path = tmp_path_factory.mktemp("deepseek_v2_hicache")
+    build_deepseek("v2", len(AutoTokenizer.from_pretrained(embedded_tokenizer_dir)), path, embedded_tokenizer_dir)
+    rng = random.Random(4)
+    a, b = ([rng.randrange(10, 5000) for _ in range(100)] for _ in range(2))
+    steps = [a, b, a + [7, 8]]  # b pushes a out of the 128-token device pool
+
+    def run(**hicache):
+        with Engine(model_path=str(path), max_total_tokens=128, **hicache) as engine:
+            outs = [engine.generate(input_ids=ids, sampling_params=GREEDY) for ids in steps]
+            if hicache:
+                assert_pools_consistent(engine)
+            return outs
+
+    plain, tiered = run(), run(enable_hierarchical_cache=True)
+    assert [o["output_ids"] for o in tiered] == [o["output_ids"] for o in plain]
+    assert plain[2]["meta_info"]["cached_tokens"] == 0
+    assert tiered[2]["meta_info"]["cached_tokens_details"]["host"] == 100
