@@ -140,7 +140,7 @@ class HostKVPool:
 
     def _gather_device(self, device_slots: torch.Tensor) -> torch.Tensor:
         index = device_slots.to(self.device)
-        return torch.stack([buf[index] for buf in self.device_buffers], dim=1)
+        return torch.stack([buf.index_select(0, index) for buf in self.device_buffers], dim=1)
 
     def _runs(self, host_slots: torch.Tensor) -> List[Tuple[int, int, int]]:
         """(first slot, length, offset in the transfer) of each copy: whole pages,
