@@ -76,6 +76,15 @@ def test_openai_usage_reports_tiers_when_asked():
     assert details == {"cached_tokens": 16, "cached_tokens_details": {"device": 4, "host": 8, "storage": 4}}
 
 
+def test_openai_requests_accept_the_flag():
+    from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                 "return_cached_tokens_details": True})
+    assert chat.return_cached_tokens_details is True and chat.model_extra == {}
+    assert CompletionRequest.model_validate({"prompt": "hi"}).return_cached_tokens_details is False
+
+
 def test_metrics_show_tier_hits_and_bytes():
     metrics = Metrics("m")
     tiers = {"hit_tokens": {"device": 5, "host": 7, "storage": 3}, "bytes_host_to_device": 1024,
