@@ -11,9 +11,11 @@ is `num_buffers` such rows. Two layouts (SGLang's names):
   device pool.
 
 Copies move whole pages. The io backend decides how many copies: `kernel`
-gathers every page of a transfer into one staging tensor and moves runs of
-consecutive host pages in one copy each; `direct` copies page by page. On
-CUDA they run on a side stream: a load makes the compute stream wait on it (no
+gathers every page of a transfer into one staging tensor and, on the CPU, moves
+it with one indexed copy; on CUDA, where asynchronous copies need contiguous
+pinned memory, with one copy per run of consecutive host pages (a page size of
+16 or more keeps runs long). `direct` copies page by page. On CUDA they run on
+a side stream: a load makes the compute stream wait on it (no
 host sync), and device slots that a backup still reads are fenced before reuse.
 """
 
@@ -92,17 +94,23 @@ class HostKVPool:
         """Device -> host for these slots (same length, page-aligned)."""
         with self._side_stream():
             staged = self._gather_device(device_slots)
-            for start, length, offset in self._runs(host_slots):
-                self._host_region(start, length).copy_(
-                    self._as_region(staged[offset:offset + length]), non_blocking=True)
+            if self._one_op():
+                self.data.index_copy_(self._slot_dim, host_slots, self._as_region(staged))
+            else:
+                for start, length, offset in self._runs(host_slots):
+                    self._host_region(start, length).copy_(
+                        self._as_region(staged[offset:offset + length]), non_blocking=True)
         self.bytes_to_host += len(host_slots) * self.bytes_per_token
 
     def load(self, host_slots: torch.Tensor, device_slots: torch.Tensor) -> None:
         """Host -> device; on CUDA the compute stream waits for it (no host sync)."""
         with self._side_stream():
-            parts = [self._from_region(self._host_region(start, length)).to(self.device, non_blocking=True)
-                     for start, length, _ in self._runs(host_slots)]
-            staged = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if self._one_op():
+                staged = self._from_region(self.data.index_select(self._slot_dim, host_slots))
+            else:
+                parts = [self._from_region(self._host_region(start, length)).to(self.device, non_blocking=True)
+                         for start, length, _ in self._runs(host_slots)]
+                staged = torch.cat(parts) if len(parts) > 1 else parts[0]
             index = device_slots.to(self.device)
             for b, buf in enumerate(self.device_buffers):
                 buf[index] = staged[:, b]
@@ -137,6 +145,15 @@ class HostKVPool:
             return torch.no_grad()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the KV was written there
         return torch.cuda.stream(self.stream)
+
+    def _one_op(self) -> bool:
+        """The kernel backend on the CPU: one indexed copy for the whole transfer
+        (on CUDA, asynchronous copies need contiguous pinned runs instead)."""
+        return self.stream is None and self.merge_runs
+
+    @property
+    def _slot_dim(self) -> int:
+        return 1 if self.layout == "layer_first" else 0
 
     def _gather_device(self, device_slots: torch.Tensor) -> torch.Tensor:
         index = device_slots.to(self.device)
