@@ -78,6 +78,43 @@ def run(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
     return result
 
 
+def run_in_process(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
+    """The same turns through a Scheduler and ModelRunner in this process, one turn's
+    conversations queued together: no HTTP, no subprocesses, so the process's CPU
+    seconds measure the serving work itself (wall time on a shared machine does not)."""
+    from radixserve.managers import io_struct as io
+    from radixserve.managers.scheduler import Scheduler
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.sampling.sampling_params import SamplingParams
+    from radixserve.server_args import ServerArgs
+
+    extra = dict(enable_hierarchical_cache=True, hicache_ratio=args.hicache_ratio) if hicache else {}
+    server_args = ServerArgs(model_path=args.model_path, max_total_tokens=args.device_tokens,
+                             grammar_backend="none", enable_deterministic_inference=args.deterministic, **extra)
+    sent: List[Any] = []
+    scheduler = Scheduler(server_args, ModelRunner(server_args), tokenizer=None, eos_token_ids=set(),
+                          send=sent.append)
+    rng = random.Random(args.seed)
+    histories = [[rng.randrange(100, 30000) for _ in range(args.first_len)] for _ in range(args.conversations)]
+    cpu, wall, outputs = time.process_time(), time.perf_counter(), []
+    for turn in range(args.turns):
+        for i, history in enumerate(histories):
+            params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+            params.normalize()
+            scheduler.dispatch(io.TokenizedGenerateReqInput(f"{turn}-{i}", list(history), params))
+        got: Dict[str, List[int]] = {}
+        while not scheduler.is_idle():
+            scheduler.step()
+            for out in (o for m in sent if isinstance(m, io.BatchTokenIDOut) for o in m.outputs):
+                got.setdefault(out.rid, []).extend(out.new_token_ids)
+            sent.clear()
+        for i, history in enumerate(histories):
+            outputs.append(got[f"{turn}-{i}"])
+            history += got[f"{turn}-{i}"] + [rng.randrange(100, 30000) for _ in range(args.user_len)]
+    return {"cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall, "outputs": outputs,
+            "num_prefill_tokens": scheduler.admission.num_prefill_tokens}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="None: the packaged default model")
@@ -92,7 +129,15 @@ def main() -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="--enable-deterministic-inference: outputs independent of batching and cache hits, "
                         "so on and off must agree token for token")
+    p.add_argument("--in-process", action="store_true", help="measure CPU seconds of the scheduler loop "
+                                                              "run in this process instead (see run_in_process)")
     args = p.parse_args()
+    if args.in_process:
+        off, on = run_in_process(args, hicache=False), run_in_process(args, hicache=True)
+        print(json.dumps({"args": vars(args), "identical_outputs": off.pop("outputs") == on.pop("outputs"),
+                          "hicache_off": off, "hicache_on": on,
+                          "cpu_ratio_on_over_off": on["cpu_s"] / off["cpu_s"]}, indent=2))
+        return
     off, on = run(args, hicache=False), run(args, hicache=True)
     report = {"args": vars(args), "identical_outputs": off.pop("outputs") == on.pop("outputs"),
               "hicache_off": off, "hicache_on": on,
