@@ -95,20 +95,20 @@ class HostKVPool:
         with self._side_stream():
             staged = self._gather_device(device_slots)
             if self._one_op():
-                self.data.index_copy_(self._slot_dim, host_slots, self._as_region(staged))
+                self.data.index_copy_(self._slot_dim, host_slots, self._swap(staged))
             else:
                 for start, length, offset in self._runs(host_slots):
                     self._host_region(start, length).copy_(
-                        self._as_region(staged[offset:offset + length]), non_blocking=True)
+                        self._swap(staged[offset:offset + length]), non_blocking=True)
         self.bytes_to_host += len(host_slots) * self.bytes_per_token
 
     def load(self, host_slots: torch.Tensor, device_slots: torch.Tensor) -> None:
         """Host -> device; on CUDA the compute stream waits for it (no host sync)."""
         with self._side_stream():
             if self._one_op():
-                staged = self._from_region(self.data.index_select(self._slot_dim, host_slots))
+                staged = self._swap(self.data.index_select(self._slot_dim, host_slots))
             else:
-                parts = [self._from_region(self._host_region(start, length)).to(self.device, non_blocking=True)
+                parts = [self._swap(self._host_region(start, length)).to(self.device, non_blocking=True)
                          for start, length, _ in self._runs(host_slots)]
                 staged = torch.cat(parts) if len(parts) > 1 else parts[0]
             index = device_slots.to(self.device)
@@ -128,16 +128,11 @@ class HostKVPool:
         """A copy of these slots' KV as `[tokens, buffers, heads, dim]` (for storage)."""
         if self.stream is not None:
             self.stream.synchronize()  # backups into these slots may still be in flight
-        if self.layout == "page_first":
-            return self.data[host_slots]
-        return self.data[:, host_slots].transpose(0, 1).contiguous()
+        return self._swap(self.data.index_select(self._slot_dim, host_slots)).contiguous()
 
     def write_pages(self, host_slots: torch.Tensor, values: torch.Tensor) -> None:
         """Fill these slots from `[tokens, buffers, heads, dim]` (from storage)."""
-        if self.layout == "page_first":
-            self.data[host_slots] = values
-        else:
-            self.data[:, host_slots] = values.transpose(0, 1)
+        self.data.index_copy_(self._slot_dim, host_slots, self._swap(values))
 
     # ---- helpers ----
     def _side_stream(self):
@@ -174,13 +169,8 @@ class HostKVPool:
         return runs
 
     def _host_region(self, start: int, length: int) -> torch.Tensor:
-        if self.layout == "page_first":
-            return self.data[start:start + length]
-        return self.data[:, start:start + length]
+        return self.data.narrow(self._slot_dim, start, length)
 
-    def _as_region(self, rows: torch.Tensor) -> torch.Tensor:
-        """`[tokens, buffers, ...]` rows in the host layout's axis order."""
-        return rows if self.layout == "page_first" else rows.transpose(0, 1)
-
-    def _from_region(self, region: torch.Tensor) -> torch.Tensor:
-        return region if self.layout == "page_first" else region.transpose(0, 1)
+    def _swap(self, t: torch.Tensor) -> torch.Tensor:
+        """`[tokens, buffers, ...]` <-> the host layout's axis order (its own inverse)."""
+        return t if self.layout == "page_first" else t.transpose(0, 1)
