@@ -15,6 +15,7 @@ import pytest
 
 from radixserve import Engine
 from tests.conftest import assert_no_leak
+from tests.server_utils import free_port
 
 GREEDY = {"temperature": 0, "max_new_tokens": 4, "ignore_eos": True}
 CONVERSATIONS, TURNS = 8, 6
@@ -157,3 +158,16 @@ def test_mla_latent_cache_round_trips_through_host(embedded_tokenizer_dir, tmp_p
     assert [o["output_ids"] for o in tiered] == [o["output_ids"] for o in plain]
     assert plain[2]["meta_info"]["cached_tokens"] == 0
     assert tiered[2]["meta_info"]["cached_tokens_details"]["host"] == 100
+
+
+def test_tensor_parallel_ranks_agree_on_every_tier(model_path, reference):
+    """tp=2 (gloo): each rank has its own host pool; scheduling is replicated, so
+    their device and host contents must match exactly."""
+    with Engine(model_path=model_path, enable_hierarchical_cache=True, hicache_ratio=6, tp_size=2,
+                dist_init_addr=f"127.0.0.1:{free_port()}", **SMALL) as engine:
+        turns, metas = multi_turn(engine)
+        assert turns == reference["turns"]
+        assert sum(m["cached_tokens_details"]["host"] for m in metas[-1]) > 0
+        ranks = engine.get_server_info()["tp_ranks"]
+        assert ranks[0]["kv_cache"] == ranks[1]["kv_cache"] and ranks[0]["hicache"] == ranks[1]["hicache"], ranks
+        assert_pools_consistent(engine)

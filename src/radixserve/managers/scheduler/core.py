@@ -273,7 +273,8 @@ class Scheduler:
         the same GetServerInfoReq at the same point of its loop). Scheduling is
         replicated, so the ranks' KV counts must agree; the tests check it."""
         mine = {"tp_rank": self.tp_rank, "pid": os.getpid(), "max_total_num_tokens": self.runner.max_total_num_tokens,
-                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats()}
+                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats(),
+                "hicache": self.prefix_cache.tier_stats()}
         return gather_objects(mine)
 
     # ---- scheduling ----
