@@ -171,3 +171,30 @@ def test_tensor_parallel_ranks_agree_on_every_tier(model_path, reference):
         ranks = engine.get_server_info()["tp_ranks"]
         assert ranks[0]["kv_cache"] == ranks[1]["kv_cache"] and ranks[0]["hicache"] == ranks[1]["hicache"], ranks
         assert_pools_consistent(engine)
+
+
+def test_http_reports_tiers_and_flushes_storage_on_request(tiny_model_factory, tmp_path):
+    """The server's side: usage.prompt_tokens_details.cached_tokens_details on the
+    OpenAI route when asked, /metrics tier counters, /flush_cache?flush_storage=true."""
+    import httpx
+
+    from tests.server_utils import running_server
+
+    flags = ["--enable-hierarchical-cache", "--enable-metrics", "--page-size", "4", "--max-total-tokens", "256",
+             "--hicache-storage-backend", "file", "--hicache-file-backend-dir", str(tmp_path)]
+    prompt = list(range(300, 360))
+    body = {"model": "m", "prompt": prompt, "max_tokens": 2, "temperature": 0, "return_cached_tokens_details": True}
+    with running_server(tiny_model_factory("llama"), *flags) as (_, base), httpx.Client(timeout=60) as client:
+        body["model"] = client.get(f"{base}/v1/models").json()["data"][0]["id"]
+        client.post(f"{base}/v1/completions", json=body).raise_for_status()
+        assert client.post(f"{base}/flush_cache").json()["success"]  # device and host only
+        for _ in range(500):  # bounded wait for the background storage writes
+            if list(tmp_path.glob("*.kv")):
+                break
+            time.sleep(0.02)
+        usage = client.post(f"{base}/v1/completions", json=body).json()["usage"]
+        details = usage["prompt_tokens_details"]
+        assert details["cached_tokens_details"]["storage"] == details["cached_tokens"] > 0, usage
+        assert 'radixserve:hicache_hit_tokens{model_name=' in client.get(f"{base}/metrics").text
+        assert client.post(f"{base}/flush_cache?flush_storage=true").json()["success"]
+        assert not list(tmp_path.glob("*.kv"))
