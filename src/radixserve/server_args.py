@@ -80,6 +80,30 @@ class ServerArgs:
     max_running_requests: Optional[int] = option(None, "most requests decoding at once; None: from the "
                                                        "KV-cache size (at most 1024)")
 
+    # Hierarchical KV cache (HiCache): device -> host memory -> storage
+    enable_hierarchical_cache: bool = option(False, "keep prefixes evicted from the device KV pool in a host "
+                                                    "memory pool (and optionally storage) and load them back")
+    hicache_ratio: float = option(2.0, "host KV pool size as a multiple of the device pool (> 1)")
+    hicache_size: int = option(0, "host KV pool size in GB; overrides --hicache-ratio when > 0")
+    hicache_write_policy: str = option("write_through", "when device KV is copied to the host: write_through "
+                                                        "(when it enters the radix tree)|write_through_selective "
+                                                        "(once its prefix is hit again)|write_back (at eviction)")
+    hicache_io_backend: str = option("kernel", "host<->device copies: kernel (one batched gather/scatter "
+                                               "per buffer)|direct (one copy per page)")
+    hicache_mem_layout: str = option("page_first", "host pool layout: page_first|page_first_direct (a page's "
+                                                   "tokens of every layer contiguous)|layer_first (one block "
+                                                   "per layer, like the device pool)")
+    hicache_storage_backend: Optional[str] = option(None, "third tier: file|mooncake|dynamic (a class named in "
+                                                          "--hicache-storage-backend-extra-config); None: none")
+    hicache_storage_backend_extra_config: Optional[str] = option(
+        None, "JSON object for the storage backend (dynamic: module_path, class_name; prefetch_timeout_base, "
+              "prefetch_timeout_per_ki_token in seconds)")
+    hicache_storage_prefetch_policy: str = option("timeout", "how long an arriving request waits for its "
+                                                             "prefix from storage: best_effort|wait_complete|"
+                                                             "timeout")
+    hicache_file_backend_dir: str = option("/tmp/radixserve_hicache", "folder of the file storage backend "
+                                                                      "(kept across restarts)")
+
     # Scheduling
     chunked_prefill_size: Optional[int] = option(None, "longest prefill chunk in tokens; -1 disables "
                                                        "chunking; None: 8192 on CUDA, 2048 on the CPU")
@@ -217,6 +241,7 @@ class ServerArgs:
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
         self._validate_parallelism()
         self._validate_lora()
+        self._validate_hicache()
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -306,6 +331,59 @@ class ServerArgs:
             raise ValueError("enable_lora without lora_paths needs max_lora_rank and lora_target_modules "
                              "(the device slots are sized from them)")
 
+    def _validate_hicache(self) -> None:
+        for name, choices in HICACHE_CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be one of {'|'.join(map(str, choices))}, got {value!r}")
+        if self.hicache_mem_layout in HICACHE_UNSUPPORTED_LAYOUTS:
+            raise ValueError(f"--hicache-mem-layout {self.hicache_mem_layout} is not supported: "
+                             f"{HICACHE_UNSUPPORTED_LAYOUTS[self.hicache_mem_layout]}")
+        if self.hicache_io_backend == "kernel_ascend":
+            raise ValueError("--hicache-io-backend kernel_ascend needs Ascend NPUs; use kernel or direct")
+        if self.hicache_ratio <= 1 and self.hicache_size <= 0:
+            raise ValueError(f"hicache_ratio must be > 1 (the host pool holds at least the device pool), "
+                             f"got {self.hicache_ratio}")
+        if self.hicache_size < 0:
+            raise ValueError(f"hicache_size must be >= 0 GB, got {self.hicache_size}")
+        if self.hicache_storage_backend_extra_config is not None:
+            self.hicache_storage_extra_config()  # fails early on bad JSON
+        if not self.enable_hierarchical_cache:
+            return
+        if self.disable_radix_cache:
+            raise ValueError("enable_hierarchical_cache needs the radix cache; drop disable_radix_cache")
+        if self.enable_lora:
+            # The tiered tree has no per-adapter namespaces yet (a prefix must never cross adapters).
+            raise ValueError("enable_hierarchical_cache cannot be combined with enable_lora yet")
+        if self.hicache_storage_backend is not None and self.tp_size > 1:
+            raise ValueError("a HiCache storage backend with tp_size > 1 is not supported yet (the ranks "
+                             "would have to agree on prefetch progress); the host tier works with tp")
+        if self.hicache_storage_backend == "mooncake" and not self.hicache_storage_extra_config().get(
+                "master_server_address"):
+            raise ValueError("--hicache-storage-backend mooncake needs master_server_address (host:port of "
+                             "mooncake_master) in --hicache-storage-backend-extra-config")
+        if self.hicache_storage_backend == "dynamic":
+            extra = self.hicache_storage_extra_config()
+            if not extra.get("module_path") or not extra.get("class_name"):
+                raise ValueError("--hicache-storage-backend dynamic needs module_path and class_name in "
+                                 "--hicache-storage-backend-extra-config")
+
+    def hicache_storage_extra_config(self) -> Dict[str, Any]:
+        """--hicache-storage-backend-extra-config as a dict ({} when unset)."""
+        import json
+
+        raw = self.hicache_storage_backend_extra_config
+        if not raw:
+            return {}
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"hicache_storage_backend_extra_config is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("hicache_storage_backend_extra_config must be a JSON object")
+        return value
+
     @property
     def ranks_per_node(self) -> int:
         """Scheduler processes on this node: every replica's tensor-parallel ranks here."""
@@ -371,6 +449,21 @@ def configure_logging(log_level: str) -> None:
 _PARSER_CHOICES = {
     "tool_call_parser": SUPPORTED_TOOL_PARSERS,
     "reasoning_parser": SUPPORTED_REASONING_PARSERS,
+}
+
+
+# HiCache choices: SGLang 0.5.23's names. page_head and page_first_kv_split are
+# accepted names that we refuse with a reason; kernel_ascend likewise.
+HICACHE_CHOICES: Dict[str, tuple] = {
+    "hicache_write_policy": ("write_through", "write_through_selective", "write_back"),
+    "hicache_io_backend": ("kernel", "direct", "kernel_ascend"),
+    "hicache_mem_layout": ("page_first", "page_first_direct", "layer_first", "page_first_kv_split", "page_head"),
+    "hicache_storage_backend": (None, "file", "mooncake", "dynamic"),
+    "hicache_storage_prefetch_policy": ("best_effort", "wait_complete", "timeout"),
+}
+HICACHE_UNSUPPORTED_LAYOUTS = {
+    "page_head": "it serves heterogeneous tensor parallelism, which radixserve does not have",
+    "page_first_kv_split": "use page_first (our K and V are already separate buffers within a page)",
 }
 
 

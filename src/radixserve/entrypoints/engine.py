@@ -145,8 +145,9 @@ class Engine:
         info["model_path"] = self.server_args.model_path
         return info
 
-    def flush_cache(self) -> bool:
-        out = self._run(self.tokenizer_manager.flush_cache())
+    def flush_cache(self, flush_storage: bool = False) -> bool:
+        """Empty the prefix cache (device and host tiers; storage too when asked)."""
+        out = self._run(self.tokenizer_manager.flush_cache(flush_storage))
         if not out.success:
             logger.warning("flush_cache refused: %s", out.message)
         return out.success

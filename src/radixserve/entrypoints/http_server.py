@@ -215,8 +215,10 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         return worker_info.load_records(await state.tm.get_server_info())
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache() -> JSONResponse:
-        out = await state.tm.flush_cache()
+    async def flush_cache(request: Request) -> JSONResponse:
+        # ?flush_storage=true also empties the hierarchical cache's storage tier
+        flush_storage = request.query_params.get("flush_storage", "").lower() in ("1", "true")
+        out = await state.tm.flush_cache(flush_storage)
         if not out.success:  # SGLang answers 400 too
             return failed(400, f"Cache not flushed: {out.message}")
         return JSONResponse({"success": True, "message": "Cache flushed."})

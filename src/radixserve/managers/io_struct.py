@@ -57,6 +57,8 @@ class ReqOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # {device, host, storage}: where the cached tokens came from (hierarchical cache only).
+    cached_tokens_details: Optional[Dict[str, int]] = None
     # Detokenizer settings, constant per request.
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -102,6 +104,7 @@ class SchedulerStats:
     cache_hit_rate: float
     gen_throughput: float
     dp_rank: int = 0  # the data-parallel replica that sent it
+    hicache: Optional[Dict[str, Any]] = None  # the hierarchical cache's counters (tier_stats), when on
 
 
 @dataclass
@@ -122,7 +125,7 @@ class GetServerInfoOut(ControlOut):
 
 @dataclass
 class FlushCacheReq(ControlReq):
-    pass
+    flush_storage: bool = False  # also the hierarchical cache's storage tier
 
 
 @dataclass

@@ -33,6 +33,13 @@ class Metrics:
         self.token_usage = gauge("token_usage", "Fraction of KV cache tokens in use")
         self.cache_hit_rate = gauge("cache_hit_rate", "Fraction of prompt tokens served from the prefix cache")
         self.gen_throughput = gauge("gen_throughput", "Generation throughput (tokens/s)")
+        tier_label = list(labels) + ["tier"]
+        self.hicache_hit_tokens = Gauge("radixserve:hicache_hit_tokens", "Prompt tokens served from each "
+                                        "tier of the hierarchical cache (device, host, storage), cumulative",
+                                        tier_label, registry=self.registry)
+        self.hicache_bytes = Gauge("radixserve:hicache_transfer_bytes", "Bytes the hierarchical cache moved "
+                                   "(tier: host_to_device, device_to_host), cumulative",
+                                   tier_label, registry=self.registry)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("inter_token_latency_seconds", "Time between output updates per token")
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency")
@@ -93,6 +100,14 @@ class Metrics:
         self.token_usage.set(sum(s.token_usage for s in every) / len(every))
         self.cache_hit_rate.set(sum(s.cache_hit_rate for s in every) / len(every))
         self.gen_throughput.set(sum(s.gen_throughput for s in every))
+        tiers = [s.hicache for s in every if s.hicache]
+        if tiers:
+            for tier in ("device", "host", "storage"):
+                self.hicache_hit_tokens.labels(**self.labels, tier=tier).set(
+                    sum(t["hit_tokens"][tier] for t in tiers))
+            for direction in ("host_to_device", "device_to_host"):
+                self.hicache_bytes.labels(**self.labels, tier=direction).set(
+                    sum(t[f"bytes_{direction}"] for t in tiers))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

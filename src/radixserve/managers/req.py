@@ -39,6 +39,10 @@ class Req:
         self.prefix_slots = None
         self.last_node = None
         self.cached_tokens: Optional[int] = None
+        # With the hierarchical cache: the matched prefix's tokens per tier
+        # (device, host, storage), and their dict as first admitted.
+        self.hit_tiers: Optional[Tuple[int, int, int]] = None
+        self.cached_tokens_details: Optional[Dict[str, int]] = None
         # Input logprobs are recorded once; a retracted request does not redo them.
         self.input_logprobs_done = not (self.return_logprob and self.logprob_start_len >= 0)
 

@@ -306,6 +306,8 @@ class TokenizerManager:
             cached_tokens=out.cached_tokens, finish_reason=out.finished_reason,
             weight_version=out.weight_version, e2e_latency=time.monotonic() - state.created,
         )
+        if out.cached_tokens_details is not None:
+            meta["cached_tokens_details"] = out.cached_tokens_details
         if state.req.return_logprob:
             self._add_logprobs(state, out)
         return {
@@ -425,8 +427,8 @@ class TokenizerManager:
         reply = await self.control(io.GetServerInfoReq())
         return reply.info
 
-    async def flush_cache(self) -> io.FlushCacheOut:
-        return await self.control(io.FlushCacheReq())
+    async def flush_cache(self, flush_storage: bool = False) -> io.FlushCacheOut:
+        return await self.control(io.FlushCacheReq(flush_storage=flush_storage))
 
     # ---- live weights ----
     async def update_weights(self, request: Any) -> io.UpdateWeightsOut:

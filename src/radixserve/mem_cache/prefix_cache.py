@@ -48,16 +48,40 @@ class PrefixCache:
         req.prefix_len, req.prefix_slots = 0, None
         if self.tree is None:
             return
-        limit = len(req.fill_ids) - 1
-        if not req.input_logprobs_done:
-            # Input logprobs need logits from position logprob_start_len - 1 on.
-            limit = min(limit, max(req.logprob_start_len - 1, 0))
-        values, node = self.tree.match_prefix(req.fill_ids[:limit], req.lora_id)
+        values, node = self.tree.match_prefix(req.fill_ids[:self.match_limit(req)], req.lora_id)
         if values:
             req.prefix_slots = torch.cat(values)
             req.prefix_len = len(req.prefix_slots)
         req.kv_len = req.prefix_len
         req.last_node = node
+
+    @staticmethod
+    def match_limit(req: "Req") -> int:
+        """How many leading tokens may come from the cache."""
+        limit = len(req.fill_ids) - 1
+        if not req.input_logprobs_done:
+            # Input logprobs need logits from position logprob_start_len - 1 on.
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    # ---- tiers (the hierarchical cache overrides these) ----
+    def on_arrival(self, req: "Req") -> None:
+        """A request joined the queue (the hierarchical cache starts a storage prefetch)."""
+
+    def on_weights_changed(self) -> None:
+        """The weights were updated: KV kept outside this process (storage) is stale."""
+
+    def prefetch_ready(self, req: "Req") -> bool:
+        """False while the request should wait for its prefix from storage."""
+        return True
+
+    def cached_tokens_details(self, req: "Req") -> Optional[dict]:
+        """{device, host, storage} tokens of the request's cached prefix; None without tiers."""
+        return None
+
+    def tier_stats(self) -> Optional[dict]:
+        """Host pool and storage counters (server info, /metrics); None without tiers."""
+        return None
 
     def lock(self, req: "Req") -> int:
         """Pin the request's prefix; returns tokens that stopped being evictable."""
@@ -122,8 +146,9 @@ class PrefixCache:
         self.req_pool.free(req.req_pool_idx)
         req.req_pool_idx = None
 
-    def reset(self) -> None:
-        """Empty the tree; only when no request holds KV (the caller checks)."""
+    def reset(self, flush_storage: bool = False) -> None:
+        """Empty the tree; only when no request holds KV (the caller checks).
+        flush_storage: also the storage tier's pages (the hierarchical cache)."""
         if self.tree is not None:
             self.tree.reset()
         self.allocator.clear()

@@ -37,6 +37,8 @@ class TreeNode:
 
 
 class RadixTree:
+    node_cls = TreeNode  # a subclass may keep more per node (the tiered tree does)
+
     def __init__(self, page_size: int, free_slots: Callable[[torch.Tensor], None]) -> None:
         self.page_size = page_size
         self.free_slots = free_slots
@@ -46,7 +48,7 @@ class RadixTree:
 
     def reset(self) -> None:
         """Forget everything (the caller frees the slots wholesale)."""
-        self.root = TreeNode([], None, None)
+        self.root = self.node_cls([], None, None)
         self.root.lock_ref = 1  # the root is never evicted
         self._evictable = 0
         self._protected = 0

@@ -19,7 +19,7 @@ from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
-from radixserve.mem_cache.prefix_cache import PrefixCache
+from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
@@ -165,11 +165,15 @@ class ModelRunner:
         self.kv_bytes_per_token = self.kv_layout.bytes_per_token(self.kv_cache_dtype)
         # +1 row: a spare row for a chunked request alongside a full running batch
         req_to_token_pool = ReqToTokenPool(max_running + 1, self.context_len + 1, self.device)
+        kv_pool = self.kv_layout.make_pool(self.allocator.num_slots, self.kv_cache_dtype, self.device)
+        # Storage keys name the model and its KV shape: pages of another model never match.
+        identity = f"{args.model_path}|{self.kv_cache_dtype}|{self.kv_layout.describe()}"
         self.pools = MemoryPools(
             req_to_token_pool=req_to_token_pool,
             allocator=self.allocator,
-            kv_pool=self.kv_layout.make_pool(self.allocator.num_slots, self.kv_cache_dtype, self.device),
-            prefix_cache=PrefixCache(req_to_token_pool, self.allocator, enabled=not args.disable_radix_cache),
+            kv_pool=kv_pool,
+            prefix_cache=make_prefix_cache(args, req_to_token_pool, self.allocator, kv_pool,
+                                           self.kv_bytes_per_token, identity, self.tp_rank),
         )
         logger.info(
             "KV cache: %d tokens (%s, %s; %d bytes per token, %.2f GiB), max running requests %d",

@@ -78,6 +78,9 @@ class SGLangExtras(BaseModel):
     # which SGLang's gateway adds in its --dp-aware mode).
     routed_dp_rank: Optional[int] = None
     data_parallel_rank: Optional[int] = None
+    # usage.prompt_tokens_details.cached_tokens_details: {device, host, storage}
+    # (with --enable-hierarchical-cache)
+    return_cached_tokens_details: bool = False
 
     @property
     def requested_dp_rank(self) -> Optional[int]:

@@ -36,13 +36,18 @@ def finish_reason(meta: Dict[str, Any]) -> Optional[str]:
     return None if reason is None else reason["type"]
 
 
-def usage(results: List[Dict[str, Any]], n: int) -> Dict[str, Any]:
-    """Prompt tokens count once per prompt (not per sample), as OpenAI does."""
+def usage(results: List[Dict[str, Any]], n: int, cached_details: bool = False) -> Dict[str, Any]:
+    """Prompt tokens count once per prompt (not per sample), as OpenAI does.
+    cached_details: add where the cached tokens came from (hierarchical cache)."""
     prompt = sum(r["meta_info"]["prompt_tokens"] for r in results[::n])
     cached = sum(r["meta_info"]["cached_tokens"] for r in results[::n])
     completion = sum(r["meta_info"]["completion_tokens"] for r in results)
+    details: Dict[str, Any] = {"cached_tokens": cached}
+    tiers = [r["meta_info"].get("cached_tokens_details") for r in results[::n]]
+    if cached_details and all(tiers):
+        details["cached_tokens_details"] = {k: sum(t[k] for t in tiers) for k in ("device", "host", "storage")}
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": details}
 
 
 def sse(payload: Any) -> str:
@@ -130,7 +135,8 @@ class OpenAIServing:
                 choice["logprobs"] = completion_logprobs(r["meta_info"], req.echo)
             choices.append(choice)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": self.model, "choices": choices, "usage": usage(results, req.n)}
+                "model": self.model, "choices": choices,
+                "usage": usage(results, req.n, req.return_cached_tokens_details)}
 
     async def completions_stream(self, req: CompletionRequest, prepared: PreparedGenerate) -> AsyncIterator[str]:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -153,7 +159,7 @@ class OpenAIServing:
         if req.stream_options and req.stream_options.include_usage:
             ordered = [finals[i] for i in sorted(finals)]
             yield sse({"id": cid, "object": "text_completion", "created": created, "model": self.model,
-                       "choices": [], "usage": usage(ordered, req.n)})
+                       "choices": [], "usage": usage(ordered, req.n, req.return_cached_tokens_details)})
         yield "data: [DONE]\n\n"
 
     # ---- chat ----
@@ -215,7 +221,8 @@ class OpenAIServing:
                 choice["logprobs"] = {"content": chat_logprobs(r["meta_info"])}
             choices.append(choice)
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model, "choices": choices, "usage": usage(results, req.n)}
+                "model": self.model, "choices": choices,
+                "usage": usage(results, req.n, req.return_cached_tokens_details)}
 
     async def chat_stream(self, req: ChatCompletionRequest, plan: ChatPlan) -> AsyncIterator[str]:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -246,7 +253,7 @@ class OpenAIServing:
                                                 "finish_reason": choice_finish_reason(reason, parser.has_calls)}]})
         if req.stream_options and req.stream_options.include_usage:
             ordered = [finals[i] for i in sorted(finals)]
-            yield sse({**head, "choices": [], "usage": usage(ordered, req.n)})
+            yield sse({**head, "choices": [], "usage": usage(ordered, req.n, req.return_cached_tokens_details)})
         yield "data: [DONE]\n\n"
 
 

@@ -58,6 +58,10 @@ class Admission:
     def queued(self) -> int:
         return len(self.waiting) + len(self.grammar)
 
+    def waiting_on_storage(self) -> bool:
+        """The head of the queue waits for its prefix from the storage tier."""
+        return bool(self.waiting) and not self.prefix_cache.prefetch_ready(self.waiting[0])
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.chunked_req is not None or len(self.grammar))
 
@@ -78,6 +82,7 @@ class Admission:
             return req
         if not self.grammar.submit(req):
             self.waiting.append(req)
+        self.prefix_cache.on_arrival(req)  # the hierarchical cache starts fetching its prefix from storage
         return None
 
     def move_compiled(self) -> List[Req]:
@@ -144,7 +149,7 @@ class Admission:
                 return None
         adapters = {r.lora_id for r in running} | {p.req.lora_id for p in adder.plans}
         for req in (self.waiting if admit_new else []):
-            if len(running) + len(adder.plans) >= self.max_running:
+            if len(running) + len(adder.plans) >= self.max_running or not self.prefix_cache.prefetch_ready(req):
                 break
             if self.lora is not None and not self.lora.admits(adapters, req.lora_id):
                 continue  # its adapter would be one too many in this batch; it waits for a later one
@@ -177,6 +182,7 @@ class Admission:
         for req in admitted:
             if req.cached_tokens is None:  # first admission: prompt tokens served from cache
                 req.cached_tokens = min(req.prefix_len, len(req.origin_input_ids))
+                req.cached_tokens_details = self.prefix_cache.cached_tokens_details(req)
                 req.queue_time = time.monotonic() - req.created_at
         self._dequeue(admitted)
         self.num_prefill_tokens += sum(p.extend_len for p in adder.plans)

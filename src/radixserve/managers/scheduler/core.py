@@ -78,7 +78,7 @@ class Scheduler:
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
-        self.stats = StatsReporter(self.gauges, self.dp_rank)
+        self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats)
         self.overlap = not args.disable_overlap_schedule
         self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -129,6 +129,8 @@ class Scheduler:
             return 1.0
         if len(self.grammar) and not self.admission.waiting and self.running.is_empty():
             return 0.005  # only compiling: wait a little, don't spin
+        if self.admission.waiting_on_storage() and self.running.is_empty() and self.in_flight is None:
+            return 0.002  # only a storage prefetch to wait for: leave its thread the CPU
         return 0.0
 
     def is_idle(self) -> bool:
@@ -255,7 +257,7 @@ class Scheduler:
     def flush_cache(self, msg: io.FlushCacheReq) -> io.FlushCacheOut:
         if not self.is_idle():
             return io.FlushCacheOut(False, "requests are running or waiting; flush refused")
-        self.prefix_cache.reset()
+        self.prefix_cache.reset(flush_storage=msg.flush_storage)
         return io.FlushCacheOut(True, "")
 
     def num_busy(self) -> int:
@@ -281,6 +283,7 @@ class Scheduler:
             "pending_weight_updates": len(self.weights.pending),
             "paused": self.weights.paused,
             "kv_cache": self.kv_cache_stats(),
+            "hicache": self.prefix_cache.tier_stats(),
             "device": str(self.device),
             "dtype": str(runner.dtype).removeprefix("torch."),
             # the weight format in effect (a 4-bit GGUF on the CPU is int4 by default)
@@ -300,7 +303,8 @@ class Scheduler:
         the same GetServerInfoReq at the same point of its loop). Scheduling is
         replicated, so the ranks' KV counts must agree; the tests check it."""
         mine = {"tp_rank": self.tp_rank, "pid": os.getpid(), "max_total_num_tokens": self.runner.max_total_num_tokens,
-                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats()}
+                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats(),
+                "hicache": self.prefix_cache.tier_stats()}
         return gather_objects(mine)
 
     # ---- scheduling ----

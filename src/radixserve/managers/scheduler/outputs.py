@@ -72,6 +72,7 @@ def req_output(req: Req, weight_version: str) -> io.ReqOutput:
         prompt_tokens=len(req.origin_input_ids),
         completion_tokens=len(req.output_ids),
         cached_tokens=req.cached_tokens or 0,
+        cached_tokens_details=req.cached_tokens_details,
         skip_special_tokens=sp.skip_special_tokens,
         spaces_between_special_tokens=sp.spaces_between_special_tokens,
         no_stop_trim=sp.no_stop_trim or req.stopped_by_regex,

@@ -30,8 +30,10 @@ class Gauges:
 
 
 class StatsReporter:
-    def __init__(self, gauges: Callable[[], Gauges], dp_rank: int = 0) -> None:
+    def __init__(self, gauges: Callable[[], Gauges], dp_rank: int = 0,
+                 tier_stats: Callable[[], Optional[dict]] = lambda: None) -> None:
         self.gauges = gauges
+        self.tier_stats = tier_stats  # the hierarchical cache's counters, or None
         self.dp_rank = dp_rank
         self.prompt_tokens = 0  # admitted prompt tokens, for the cache hit rate
         self.cached_tokens = 0
@@ -79,4 +81,5 @@ class StatsReporter:
             cache_hit_rate=self.cached_tokens / max(self.prompt_tokens, 1),
             gen_throughput=self.gen_throughput,
             dp_rank=self.dp_rank,
+            hicache=self.tier_stats(),
         )

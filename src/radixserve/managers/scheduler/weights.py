@@ -90,6 +90,7 @@ class WeightController:
             return io.UpdateWeightsOut(False, _error(e), self.version)
         if getattr(msg, "flush_cache", True):
             self.prefix_cache.reset()
+        self.prefix_cache.on_weights_changed()
         self.num_updates += 1
         self.version = msg.weight_version or str(self.num_updates)
         logger.info("weights updated: version %s", self.version)
