@@ -1,4 +1,4 @@
-"""Imported first by the CPU fork server (FORK_SERVER_PRELOAD in runtime.py).
+"""Imported first by the CPU fork server (FORK_SERVER_PRELOAD in child_processes.py).
 
 When the launcher exits, the fork server's interpreter would spend about a
 second tearing down torch's modules, outliving the server it belongs to. It has

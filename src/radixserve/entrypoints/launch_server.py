@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import List, NoReturn, Optional
 
+from radixserve.entrypoints.child_processes import start_fork_server_early
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.server_args import ServerArgs, configure_logging
 
@@ -57,6 +58,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except ValueError as e:
         fail(str(e), BAD_ARGUMENTS)
     configure_logging(args.log_level)
+    start_fork_server_early(args)  # its imports then overlap the ones below
     from radixserve.entrypoints.runtime import StartupError, run_rank_node
     from radixserve.entrypoints.server import run_server
 

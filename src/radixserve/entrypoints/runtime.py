@@ -19,13 +19,13 @@ import random
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
+from radixserve.entrypoints.child_processes import detokenizer_process, process_context, scheduler_process
 from radixserve.managers import io_struct as io
-from radixserve.managers.detokenizer_manager import run_detokenizer_process
 from radixserve.managers.ipc import PortArgs
-from radixserve.managers.scheduler import run_scheduler_process
 from radixserve.managers.tokenizer_manager import TokenizerManager
 from radixserve.model_loader.source import ModelSource, resolve_model_source
 from radixserve.server_args import ServerArgs
@@ -36,34 +36,6 @@ logger = logging.getLogger(__name__)
 # How often the watchdog looks at the children: a dead child is noticed
 # within this, and the pending requests fail at once after that.
 WATCH_INTERVAL_S = 0.2
-
-# What the CPU fork server imports once, before it forks any child: the
-# scheduler's and detokenizer's modules with torch, and the transformers modules
-# every model config pulls in (about 3 s of imports per process otherwise), and
-# first the module that lets the fork server exit as soon as the launcher does.
-FORK_SERVER_PRELOAD = [
-    "radixserve.entrypoints.fork_server",
-    "radixserve.managers.scheduler.process",
-    "radixserve.model_executor.model_runner",
-    "radixserve.managers.detokenizer_manager",
-    "transformers.activations",
-    "transformers.models.llama.configuration_llama",
-]
-
-
-def process_context(server_args: ServerArgs) -> Any:
-    """How the children start. On CUDA, spawned (a CUDA context does not
-    survive a fork). On the CPU, forked from a fork server that imported
-    FORK_SERVER_PRELOAD once: every rank and replica, and every later Engine of
-    this process, then starts without importing torch and transformers again.
-    The fork server keeps the environment it started with, so environment
-    variables set later in this process do not reach the children."""
-    if server_args.resolved_device() != "cpu":
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
-    return ctx
-
 
 class StartupError(RuntimeError):
     """The runtime could not start (the scheduler failed to load the model, or a
@@ -118,7 +90,7 @@ def start_schedulers(server_args: ServerArgs, port_args: PortArgs) -> Tuple[List
         meeting_point = dist_init_method(server_args)
         for tp_rank in ranks_of_this_node(server_args):
             reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=run_scheduler_process, name=scheduler_name(tp_rank, dp_rank), daemon=True,
+            proc = ctx.Process(target=scheduler_process, name=scheduler_name(tp_rank, dp_rank), daemon=True,
                                args=(server_args, port_args, writer, parent, tp_rank, meeting_point, dp_rank))
             proc.start()
             procs.append(proc)
@@ -131,7 +103,7 @@ def start_children(server_args: ServerArgs, port_args: PortArgs) -> tuple:
     schedulers' ready pipes)."""
     procs, readers = start_schedulers(server_args, port_args)
     ctx = process_context(server_args)
-    detokenizer = ctx.Process(target=run_detokenizer_process, args=(server_args, port_args, os.getpid()),
+    detokenizer = ctx.Process(target=detokenizer_process, args=(server_args, port_args, os.getpid()),
                               name="radixserve-detokenizer", daemon=True)
     detokenizer.start()
     return procs + [detokenizer], readers
@@ -198,8 +170,14 @@ class Runtime:
         port_args = PortArgs.new()
         procs: List[mp.Process] = []
         try:
-            procs, readers = start_children(server_args, port_args)
-            tokenizer = load_frontend_tokenizer(server_args, source)
+            # Starting the children waits for the CPU fork server's imports
+            # (seconds): the front end's tokenizer loads meanwhile.
+            with ThreadPoolExecutor(1) as pool:
+                children = pool.submit(start_children, server_args, port_args)
+                try:
+                    tokenizer = load_frontend_tokenizer(server_args, source)
+                finally:
+                    procs, readers = children.result()
             ready = wait_until_ready(procs, readers)
             tokenizer_manager = TokenizerManager(server_args, port_args, tokenizer, ready)
         except BaseException:

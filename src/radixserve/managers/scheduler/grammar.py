@@ -11,7 +11,6 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 import torch
 
 from radixserve.constrained.base import constraint_of
-from radixserve.constrained.xgrammar_backend import create_grammar_backend, warm_up_bitmask_kernel
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.managers.scheduler.outputs import abort_reason
@@ -29,13 +28,14 @@ class GrammarWait:
         self.agree = agree or (lambda value: value)
         self.queue: List[Req] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
-        self._make_backend = lambda: create_grammar_backend(
-            backend_name, tokenizer, vocab_size, any_whitespace, sorted(eos_token_ids))
+        self._backend_args = (backend_name, tokenizer, vocab_size, any_whitespace, sorted(eos_token_ids))
         self._backend = None
 
     def warm_up(self, device: torch.device) -> None:
         """On a GPU, compile the mask kernel before serving (kernel_warmup.py says why)."""
         if device.type == "cuda" and self.backend_name == "xgrammar":
+            from radixserve.constrained.xgrammar_backend import warm_up_bitmask_kernel
+
             warm_up_bitmask_kernel(device, self.vocab_size)
 
     def __len__(self) -> int:
@@ -43,9 +43,13 @@ class GrammarWait:
 
     @property
     def backend(self):
-        """Built on first use: reading the vocabulary takes a moment."""
+        """Built on first use: reading the vocabulary takes a moment, and
+        importing xgrammar would lengthen every start-up for servers that may
+        never see a constrained request."""
         if self._backend is None:
-            self._backend = self._make_backend()
+            from radixserve.constrained.xgrammar_backend import create_grammar_backend
+
+            self._backend = create_grammar_backend(*self._backend_args)
         return self._backend
 
     def submit(self, req: Req) -> bool:
