@@ -171,13 +171,13 @@ class Runtime:
         procs: List[mp.Process] = []
         try:
             # Starting the children waits for the CPU fork server's imports
-            # (seconds): the front end's tokenizer loads meanwhile.
+            # (seconds): the front end's tokenizer loads meanwhile, on a worker
+            # thread. The children start from this thread: a spawned child dies
+            # with the thread that started it (die_with_parent's PDEATHSIG).
             with ThreadPoolExecutor(1) as pool:
-                children = pool.submit(start_children, server_args, port_args)
-                try:
-                    tokenizer = load_frontend_tokenizer(server_args, source)
-                finally:
-                    procs, readers = children.result()
+                tokenizer_loaded = pool.submit(load_frontend_tokenizer, server_args, source)
+                procs, readers = start_children(server_args, port_args)
+                tokenizer = tokenizer_loaded.result()
             ready = wait_until_ready(procs, readers)
             tokenizer_manager = TokenizerManager(server_args, port_args, tokenizer, ready)
         except BaseException:
