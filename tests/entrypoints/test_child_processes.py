@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import subprocess
 import sys
+import time
 
 from radixserve import Engine
 from radixserve.entrypoints import runtime
@@ -17,6 +18,10 @@ def test_spawned_children_serve_after_start(tiny_model_factory, monkeypatch):
     # as soon as the start-up finished. The CPU normally forks them from the fork
     # server instead, so this test asks for spawn.
     monkeypatch.setattr(runtime, "process_context", lambda args: mp.get_context("spawn"))
+    # A slow tokenizer load: the children are surely running (and have set
+    # PDEATHSIG) before the start-up's threads finish.
+    load_tokenizer = runtime.load_frontend_tokenizer
+    monkeypatch.setattr(runtime, "load_frontend_tokenizer", lambda *a: (time.sleep(3), load_tokenizer(*a))[1])
     with Engine(model_path=str(tiny_model_factory("llama")), log_level="warning") as engine:
         out = engine.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3, "ignore_eos": True})
         assert len(out["output_ids"]) == 3
