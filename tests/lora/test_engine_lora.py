@@ -115,10 +115,9 @@ def test_logits_match_peft(served):
         start += len(ids)
 
 
+@pytest.mark.parametrize("served", ["llama"], indirect=True)  # one architecture is enough for the control path
 def test_load_and_unload_while_requests_run(served, tmp_path):
     arch, setup, engine, prompts, expected = served
-    if arch != "llama":
-        pytest.skip("one architecture is enough for the control path")
     long_prompt, long_new = prompts[2], 160  # long enough to be running still when paused
     long_want = reference_greedy(setup["base"], setup["attn"], [long_prompt], long_new)[0]
     first_chunk, result = threading.Event(), {}
@@ -162,10 +161,9 @@ def test_load_and_unload_while_requests_run(served, tmp_path):
     assert_no_leak(engine)
 
 
+@pytest.mark.parametrize("served", ["llama"], indirect=True)  # one architecture is enough for the error path
 def test_bad_adapters_are_refused_and_others_serve_on(served, tmp_path):
     arch, setup, engine, prompts, expected = served
-    if arch != "llama":
-        pytest.skip("one architecture is enough for the error path")
     with pytest.raises(ValueError, match="'missing'.*no adapter_config.json"):
         engine.load_lora_adapter("missing", str(tmp_path / "nowhere"))
     big = make_adapter(setup["base"], tmp_path / "big", 16, ["q_proj"], seed=5)

@@ -38,9 +38,9 @@ logger = logging.getLogger(__name__)
 
 DECODE_CONTEXT = 8  # earlier tokens of each warm-up request taking a decode step
 MIXED_NEW_TOKENS = 16  # the prefill part of a warm-up mixed batch
-# A prefill on a cached prefix, in the two shapes MLA attends differently: a
-# few new tokens on a long prefix (absorbed) and as many new tokens as cached
-# ones (expanded over the gathered prefix). (prefix, new tokens)
+# Prefills on a cached prefix, in the two shapes MLA attends differently: a few
+# new tokens on a long prefix (absorbed: FEW_NEW after LONG_PREFIX) and as many
+# new tokens as cached ones (expanded over the gathered prefix: EVEN_PREFIX each).
 LONG_PREFIX, FEW_NEW = 1024, 4
 EVEN_PREFIX = 64
 
