@@ -90,18 +90,27 @@ class RadixTree:
         key = key[: len(key) // self.page_size * self.page_size]
         node, values, now = self._namespace_root(namespace), [], next(self._clock)
         while key:
-            child = node.children.get(self._child_key(key))
+            child = self._matching_child(node, key, now)
             if child is None:
                 break
-            common = self._common_len(child.key, key)
-            if common == 0:
-                break
-            if common < len(child.key):
-                child = self._split(child, common)
-            child.last_access, child.hits = now, child.hits + 1
             values.append(child.value)
-            node, key = child, key[common:]
+            node, key = child, key[len(child.key):]
         return values, node
+
+    def _matching_child(self, node: TreeNode, key: List[int], now: int) -> Optional[TreeNode]:
+        """The child of node sharing a page-aligned prefix with key, split to end
+        where the shared part does, its access time and hit count updated; None
+        when no child shares a page."""
+        child = node.children.get(self._child_key(key))
+        if child is None:
+            return None
+        common = self._common_len(child.key, key)
+        if common == 0:
+            return None
+        if common < len(child.key):
+            child = self._split(child, common)
+        child.last_access, child.hits = now, child.hits + 1
+        return child
 
     def _split(self, node: TreeNode, at: int) -> TreeNode:
         """Cut node after `at` tokens; returns the new upper part."""

@@ -92,15 +92,9 @@ class TieredRadixTree(RadixTree):
         node, now = self.root, next(self._clock)
         m = TierMatch([], self.root)
         while key:
-            child = node.children.get(self._child_key(key))
+            child = self._matching_child(node, key, now)
             if child is None:
                 break
-            common = self._common_len(child.key, key)
-            if common == 0:
-                break
-            if common < len(child.key):
-                child = self._split(child, common)
-            child.last_access, child.hits = now, child.hits + 1
             if child.on_device:
                 m.values.append(child.value)
                 m.device_node = child
@@ -109,7 +103,7 @@ class TieredRadixTree(RadixTree):
                     self._backup(child)
             else:
                 m.host_nodes.append(child)
-            node, key = child, key[common:]
+            node, key = child, key[len(child.key):]
         return m
 
     def peek_len(self, key: List[int]) -> int:
