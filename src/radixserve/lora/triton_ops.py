@@ -42,31 +42,13 @@ class Segments:
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, a_ptr, s_ptr, order, starts, lens, slots, K, W, stride_x, stride_as, stride_aw, stride_s,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-    seg, mb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, length, slot = tl.load(starts + seg), tl.load(lens + seg), tl.load(slots + seg).to(tl.int64)
-    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask, cmask = rows < length, cols < W
-    row_ids = tl.load(order + start + rows, mask=rmask, other=0).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        xb = tl.load(x_ptr + row_ids[:, None] * stride_x + ks[None, :], mask=rmask[:, None] & kmask[None, :],
-                     other=0.0)
-        ab = tl.load(a_ptr + slot * stride_as + cols[None, :] * stride_aw + ks[:, None],
-                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += dot(xb, ab, IEEE)
-    tl.store(s_ptr + row_ids[:, None] * stride_s + cols[None, :], acc.to(s_ptr.dtype.element_ty),
-             mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _expand_kernel(s_ptr, b_ptr, out_ptr, order, starts, lens, slots, N, W, stride_s, stride_bs, stride_bw,
-                   stride_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                   IEEE: tl.constexpr):
+def _segmented_matmul_kernel(in_ptr, w_ptr, out_ptr, order, starts, lens, slots, K, N,
+                             stride_in, stride_ws, stride_wk, stride_wn, stride_out,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             ACCUMULATE: tl.constexpr, IEEE: tl.constexpr):
+    """out[rows] (+)= in[rows] @ w[slot] for each segment's rows, where
+    w[slot][k, n] sits at slot * stride_ws + k * stride_wk + n * stride_wn
+    (shrink reads A transposed, expand reads B as it is)."""
     seg, mb, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, length, slot = tl.load(starts + seg), tl.load(lens + seg), tl.load(slots + seg).to(tl.int64)
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,18 +56,19 @@ def _expand_kernel(s_ptr, b_ptr, out_ptr, order, starts, lens, slots, N, W, stri
     rmask, cmask = rows < length, cols < N
     row_ids = tl.load(order + start + rows, mask=rmask, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for w0 in range(0, W, BLOCK_W):
-        ws = w0 + tl.arange(0, BLOCK_W)
-        wmask = ws < W
-        sb = tl.load(s_ptr + row_ids[:, None] * stride_s + ws[None, :], mask=rmask[:, None] & wmask[None, :],
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        xb = tl.load(in_ptr + row_ids[:, None] * stride_in + ks[None, :], mask=rmask[:, None] & kmask[None, :],
                      other=0.0)
-        bb = tl.load(b_ptr + slot * stride_bs + ws[:, None] * stride_bw + cols[None, :],
-                     mask=wmask[:, None] & cmask[None, :], other=0.0)
-        acc += dot(sb, bb, IEEE)
+        wb = tl.load(w_ptr + slot * stride_ws + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                     mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += dot(xb, wb, IEEE)
     mask = rmask[:, None] & cmask[None, :]
     where = out_ptr + row_ids[:, None] * stride_out + cols[None, :]
-    total = tl.load(where, mask=mask, other=0.0).to(tl.float32) + acc
-    tl.store(where, total.to(out_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(where, mask=mask, other=0.0).to(tl.float32)
+    tl.store(where, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch.Tensor, segs: Segments) -> torch.Tensor:
@@ -100,13 +83,16 @@ def segmented_lora(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, out: torch
     ieee = exact_dot(x.dtype)
     row_blocks = triton.cdiv(segs.max_len, BLOCK_M)
     block_w = dot_block(min(W, 64))
-    _shrink_kernel[(segs.count, row_blocks, triton.cdiv(W, block_w))](
-        x, A, s, segs.order, segs.starts, segs.lens, segs.slots, K, W, x.stride(0), A.stride(0), A.stride(1),
-        s.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=block_w, BLOCK_K=BLOCK_K, IEEE=ieee)
+    grid = lambda n, block: (segs.count, row_blocks, triton.cdiv(n, block))  # noqa: E731
+    _segmented_matmul_kernel[grid(W, block_w)](  # shrink: s = x A[slot]^T
+        x, A, s, segs.order, segs.starts, segs.lens, segs.slots, K, W,
+        x.stride(0), A.stride(0), A.stride(2), A.stride(1), s.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_w, BLOCK_K=BLOCK_K, ACCUMULATE=False, IEEE=ieee)
     block_n = 64
-    _expand_kernel[(segs.count, row_blocks, triton.cdiv(N, block_n))](
-        s, B, out, segs.order, segs.starts, segs.lens, segs.slots, N, W, s.stride(0), B.stride(0), B.stride(1),
-        out.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_W=block_w, IEEE=ieee)
+    _segmented_matmul_kernel[grid(N, block_n)](  # expand: out += s B[slot]
+        s, B, out, segs.order, segs.starts, segs.lens, segs.slots, W, N,
+        s.stride(0), B.stride(0), B.stride(1), B.stride(2), out.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_w, ACCUMULATE=True, IEEE=ieee)
     return out
 
 
