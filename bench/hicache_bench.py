@@ -66,7 +66,7 @@ async def workload(engine: Engine, args: argparse.Namespace) -> Dict[str, Any]:
 
 def run(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
     extra = dict(enable_hierarchical_cache=True, hicache_ratio=args.hicache_ratio) if hicache else {}
-    with Engine(model_path=args.model_path, max_total_tokens=args.device_tokens,
+    with Engine(model_path=args.model_path, max_total_tokens=args.device_tokens, load_format=args.load_format,
                 enable_deterministic_inference=args.deterministic, **extra) as engine:
         children = [psutil.Process(p.pid) for p in engine._procs]
         cpu_before = sum(sum(c.cpu_times()[:2]) for c in children)
@@ -90,7 +90,8 @@ def run_in_process(args: argparse.Namespace, hicache: bool) -> Dict[str, Any]:
 
     extra = dict(enable_hierarchical_cache=True, hicache_ratio=args.hicache_ratio) if hicache else {}
     server_args = ServerArgs(model_path=args.model_path, max_total_tokens=args.device_tokens,
-                             grammar_backend="none", enable_deterministic_inference=args.deterministic, **extra)
+                             load_format=args.load_format, grammar_backend="none",
+                             enable_deterministic_inference=args.deterministic, **extra)
     sent: List[Any] = []
     scheduler = Scheduler(server_args, ModelRunner(server_args), tokenizer=None, eos_token_ids=set(),
                           send=sent.append)
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--device-tokens", type=int, default=512, help="device KV pool (--max-total-tokens)")
     p.add_argument("--hicache-ratio", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--load-format", default="auto", help="dummy: random weights of the model's shapes (the GPU runs)")
     p.add_argument("--deterministic", action="store_true",
                    help="--enable-deterministic-inference: outputs independent of batching and cache hits, "
                         "so on and off must agree token for token")
