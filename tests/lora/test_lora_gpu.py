@@ -30,3 +30,20 @@ def test_greedy_matches_peft_on_cuda(lora_setup, backend):
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY, lora_path=names)
         assert [o["output_ids"] for o in outs] == [want[n][i] for i, n in enumerate(names)]
         assert_no_leak(engine)
+
+
+def test_nothing_compiles_while_serving_with_adapters(lora_setup):
+    """The start-up warm-up runs its forwards through a loaded adapter, so the
+    segmented kernels' prefill and decode variants are compiled before serving:
+    mixed adapter/base batches of varied lengths, in bf16, compile nothing."""
+    setup = lora_setup("llama")
+    g = torch.Generator().manual_seed(8)
+    with Engine(model_path=str(setup["base"]), dtype="bfloat16", enable_mixed_chunk=True, chunked_prefill_size=256,
+                lora_paths=[f"{n}={setup[n]}" for n in ADAPTERS], log_level="warning") as engine:
+        for round_ in range(3):
+            lens = torch.randint(1, 300, (12,), generator=g).tolist()
+            prompts = [torch.randint(10, 40000, (n,), generator=g).tolist() for n in lens]
+            names = [(list(ADAPTERS) + [None])[(i + round_) % 4] for i in range(len(prompts))]
+            engine.generate(input_ids=prompts, sampling_params={**GREEDY, "max_new_tokens": 20}, lora_path=names)
+        assert engine.get_server_info()["kernel_compiles_while_serving"] == 0
+        assert_no_leak(engine)

@@ -14,7 +14,10 @@ power-of-two batch size (each split count; CUDA graphs cover the ones they
 capture) and, with --enable-mixed-chunk, mixed batches of odd and even decode
 counts. Integer arguments that vary with the batch (token and pair counts)
 are not specialised by the kernels themselves (do_not_specialize), so their
-values need no warm-up. Triton keeps what it compiled in its on-disk cache
+values need no warm-up. With --enable-lora every warm-up forward runs its rows
+through an adapter loaded at start-up (--lora-paths), so the segmented LoRA
+kernels compile here too (a server started with no adapter compiles them on
+its first LoRA request). Triton keeps what it compiled in its on-disk cache
 (~/.triton/cache, or TRITON_CACHE_DIR), so a restart loads instead of compiling.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -159,6 +162,7 @@ def _forward_batch(runner: "ModelRunner", shape: WarmupShape, taken: List[Tuple[
         seq_lens_cpu=seq_lens,
         req_to_token_pool=pools.req_to_token_pool,
         kv_pool=pools.kv_pool,
+        lora_ids=warmup_lora_ids(runner, len(reqs)),
     )
     if shape.mode.is_extend():
         ends = torch.cumsum(torch.tensor(new_lens, device=dev), 0)
@@ -168,3 +172,12 @@ def _forward_batch(runner: "ModelRunner", shape: WarmupShape, taken: List[Tuple[
         set_extend_lens(fb, prefix_lens, new_lens, dev)
     return fb
 
+
+
+def warmup_lora_ids(runner: "ModelRunner", batch_size: int) -> Optional[List[Optional[int]]]:
+    """Every row on one start-up adapter (the LoRA kernels skip base-model rows,
+    so those alone would compile nothing), or None without one."""
+    manager = runner.lora_manager
+    if manager is None or not manager.adapters:
+        return None
+    return [next(iter(manager.adapters))] * batch_size
