@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Opti
 
 from radixserve.entrypoints.runtime import Runtime
 from radixserve.managers import io_struct as io
+from radixserve.managers.embedding_input import EmbeddingReqInput, encode_request
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.server_args import ServerArgs, configure_logging
 
@@ -83,6 +84,18 @@ class Engine:
             return self._async_stream(obj)
         results = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(obj), self._loop))
         return results if self._is_list(obj, results) else results[0]
+
+    # ---- embeddings (--is-embedding) ----
+    def encode(self, prompt: Union[str, List[str], None] = None,
+               input_ids: Union[List[int], List[List[int]], None] = None,
+               dimensions: Optional[int] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+        """{"embedding": [...], "meta_info": {...}} per input (a list for a list
+        of inputs): the pooled, L2-normalized vector; dimensions truncates it
+        (matryoshka models only). ValueError for bad input."""
+        obj = EmbeddingReqInput(text=prompt, input_ids=input_ids, dimensions=dimensions,
+                                input_field="prompt" if prompt is not None else "input_ids")
+        results = self._run(encode_request(self.tokenizer_manager, obj))
+        return results if obj.is_batch else results[0]
 
     @staticmethod
     def _is_list(obj: GenerateReqInput, results: list) -> bool:

@@ -60,6 +60,10 @@ class Req:
         self.first_token_at: Optional[float] = None
         self.grammar = None  # a GrammarMatcher when the request is constrained
         self.grammar_future = None  # its compilation, while queued
+        # On an embedding server: the pooling of its prefill's hidden states
+        # (layers/pooler.py PooledState), then the finished vector.
+        self.pooled = None
+        self.embedding: Optional[List[float]] = None
 
     # ---- token views ----
     @property

@@ -213,10 +213,15 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    async def prepare(self, obj: GenerateReqInput) -> PreparedGenerate:
+    async def prepare(self, obj: GenerateReqInput, embedding: bool = False) -> PreparedGenerate:
         """Check and tokenize everything without sending anything; bad input is a
         ValueError (FieldError naming the field). The work that grows with the
-        request (checking ids, tokenizing) runs off the event loop."""
+        request (checking ids, tokenizing) runs off the event loop. embedding:
+        an embedding call (managers/embedding_input.py), the one kind of
+        request an --is-embedding server takes."""
+        if self.server_args.is_embedding and not embedding:
+            raise FieldError("model", "this server serves embeddings (--is-embedding): use /v1/embeddings "
+                                      "or /encode (Engine.encode), not generate or completions")
         checked = await self.run_in_tokenizer(self._split_and_tokenize, obj)
         states = [ReqState(req=single, prompt_ids=ids, created=time.monotonic()) for single, ids in checked]
         await self._check_constraints([single for single, _ in checked])
@@ -310,11 +315,14 @@ class TokenizerManager:
             meta["cached_tokens_details"] = out.cached_tokens_details
         if state.req.return_logprob:
             self._add_logprobs(state, out)
-        return {
+        result = {
             "text": out.new_text if incremental else state.text,
             "output_ids": list(out.new_token_ids) if incremental else list(state.output_ids),
             "meta_info": dict(meta),
         }
+        if out.embedding is not None:
+            result["embedding"] = out.embedding
+        return result
 
     def _add_logprobs(self, state: ReqState, out: io.ReqOutput) -> None:
         meta, with_text = state.meta, state.req.return_text_in_logprobs

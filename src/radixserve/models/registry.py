@@ -23,6 +23,10 @@ ARCHITECTURES: Dict[str, type] = {
     "GptOssForCausalLM": GptOssForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    # Bare decoders (no LM head), as embedding checkpoints are saved: --is-embedding only.
+    "LlamaModel": LlamaForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "Qwen3Model": Qwen3ForCausalLM,
 }
 
 # Configs without `architectures` (those read from GGUF metadata) name only a model_type.
