@@ -61,12 +61,15 @@ class Engine:
         rid: Union[str, List[str], None] = None, return_logprob: Union[bool, List[bool]] = False,
         logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
         return_text_in_logprobs: bool = False, stream: bool = False, routed_dp_rank: Optional[int] = None,
-        lora_path: Union[str, List[Optional[str]], None] = None,
+        lora_path: Union[str, List[Optional[str]], None] = None, image_data: Union[str, List[Any], None] = None,
     ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
         """routed_dp_rank: the data-parallel replica to serve it (None: --load-balance-method picks);
-        lora_path: the LoRA adapter's name, or one per prompt (None: the base model)."""
+        lora_path: the LoRA adapter's name, or one per prompt (None: the base model);
+        image_data: images for a vision-language model's image placeholders (data URLs or
+        file paths; a list per prompt for a batch)."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path,
+                               image_data)
         if stream:
             return self._sync_stream(obj)
         results = self._run(self._collect(obj))

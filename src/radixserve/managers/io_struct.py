@@ -45,6 +45,8 @@ class TokenizedGenerateReqInput:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     lora_id: Optional[int] = None  # the adapter's id for this load of it; None: the base model
+    # A vision-language model's images (multimodal/inputs.py MultimodalInputs); None: text only
+    mm_inputs: Optional[Any] = None
 
 
 @dataclass

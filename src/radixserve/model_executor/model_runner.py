@@ -26,6 +26,7 @@ from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.model_loader.weight_loader import get_weight, load_weights
+from radixserve.multimodal.embedder import image_embeds_for
 from radixserve.server_args import ServerArgs
 from radixserve.utils.hf_utils import cache_dir, get_context_length, load_config
 
@@ -104,7 +105,7 @@ class ModelRunner:
             read_pooling_config(self.source.folder if self.source.kind == "hf" else None)
             if server_args.is_embedding else None)
         self.model = self._load_model()
-        self.vocab_size = self.config.vocab_size
+        self.vocab_size = self.config.get_text_config().vocab_size  # (a VLM's is its decoder's)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -323,6 +324,8 @@ class ModelRunner:
         if self.lora_manager is not None:
             tokens = [1] * fb.batch_size if fb.forward_mode.is_decode() else fb.extend_seq_lens_cpu
             self.lora_manager.prepare(fb.lora_ids or [None] * fb.batch_size, tokens)
+        if fb.mm_items:
+            fb.mm_embeds = image_embeds_for(self.model, fb.mm_items, self.device)
         hidden = self.model(fb.input_ids, fb.positions, fb)
         if self.pooling is not None:
             return pool_extend(hidden, fb.extend_seq_lens, fb.logits_indices[fb.last_logit_rows], self.pooling)
