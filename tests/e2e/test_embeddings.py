@@ -1,7 +1,8 @@
 """--is-embedding end to end: vectors through Engine.encode, /v1/embeddings
 (httpx and the openai client) and /encode equal transformers' pooling of the
 same weights' hidden states (last-token and mean), with chunked prefills and
-the prefix cache in play; bad input is a 400 / ValueError naming the field."""
+the prefix cache in play; bad input is a 400 / ValueError naming the field.
+(A generative server refusing /v1/embeddings: tests/e2e/test_vision_language.py.)"""
 
 from __future__ import annotations
 
@@ -150,9 +151,3 @@ def test_embedding_server_refuses_bad_input(server, path, body, field):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field, r.text
     assert httpx.post(f"{server}/encode", json={"text": "fine"}, timeout=60).status_code == 200
-
-
-def test_generative_server_refuses_embeddings(default_server):
-    r = httpx.post(f"{default_server}/v1/embeddings", json={"input": "hello"}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
-    assert "--is-embedding" in r.json()["error"]["message"]
