@@ -156,6 +156,7 @@ class VisionTransformer(nn.Module):
             for _ in range(t):
                 full_bounds.append(full_bounds[-1] + h * w)
         x = self.patch_embed(patches)
+        order = order.to(x.device)
         x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
         # [N, 2 (row, col), head_dim/4] -> [N, head_dim/2]: row angles, then column angles
         angles = (vision_positions(grids, self.merge).to(x.device).float()[..., None] * self.inv_freq).flatten(1)
