@@ -77,18 +77,20 @@ def test_repeated_image_is_a_prefix_hit_and_another_image_is_not(server, images,
 
 
 def test_openai_client_sends_base64_images(server, model_dir, hf_model, images):
+    """Two images in one message, as base64 data URLs."""
     import openai
     from transformers import AutoTokenizer
 
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
-    content = [{"type": "text", "text": "What is in"}, {"type": "image_url", "image_url": {
-        "url": png_data_url(images[0]), "detail": "low"}}, {"type": "text", "text": "?"}]
+    content = [{"type": "text", "text": "Is"}, {"type": "image_url", "image_url": {"url": png_data_url(images[1])}},
+               {"type": "text", "text": "like"},
+               {"type": "image_url", "image_url": {"url": png_data_url(images[0]), "detail": "low"}}]
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
                                            max_tokens=NEW_TOKENS, temperature=0)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rendered = tok.apply_chat_template([{"role": "user", "content": f"What is in{IMAGE_PLACEHOLDER}?"}],
-                                       tokenize=False, add_generation_prompt=True)
-    expected = hf_greedy_with_images(hf_model, model_dir, rendered, images[:1], NEW_TOKENS)
+    text = f"Is{IMAGE_PLACEHOLDER}like{IMAGE_PLACEHOLDER}"
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    expected = hf_greedy_with_images(hf_model, model_dir, rendered, images[::-1], NEW_TOKENS)
     expected_text = tok.decode(expected[:reply.usage.completion_tokens], skip_special_tokens=True)
     assert reply.choices[0].message.content == expected_text
 

@@ -102,9 +102,9 @@ def image_processor_for(model_path: str, tokenizer: Any) -> Optional[ImageProces
     source = resolve_model_source(model_path)
     if source.kind != "hf":
         return None
-    processor = ImageProcessor.for_model(source.folder, load_config(source))
+    config = load_config(source)
+    processor = ImageProcessor.for_model(source.folder, config)
     if processor is not None:
-        config = load_config(source)
         processor.placeholder = "".join(tokenizer.convert_ids_to_tokens(
             [config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]))
     return processor
