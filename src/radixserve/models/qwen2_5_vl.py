@@ -42,11 +42,20 @@ class VisionAttention(nn.Module):
         dtype = q.dtype
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
-        out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [heads, n, d]
-            out[start:end] = F.scaled_dot_product_attention(*seg).transpose(0, 1)
-        return self.proj(out.reshape(n, -1))
+        return self.proj(segment_attention(q, k, v, cu_seqlens).reshape(n, -1))
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: List[int]) -> torch.Tensor:
+    """Bidirectional attention within each [bounds[i], bounds[i+1]) of [N, heads, d]
+    tensors, all segments in one call: padded to the longest, padding keys masked."""
+    lengths = torch.tensor(bounds[1:], device=q.device) - torch.tensor(bounds[:-1], device=q.device)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    offsets = torch.arange(longest, device=q.device)
+    valid = offsets[None, :] < lengths[:, None]  # [segments, longest]
+    rows = (torch.tensor(bounds[:-1], device=q.device)[:, None] + offsets).clamp(max=q.shape[0] - 1)
+    q_, k_, v_ = (t[rows].transpose(1, 2) for t in (q, k, v))  # [segments, heads, longest, d]
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=valid[:, None, None, :])
+    return out.transpose(1, 2)[valid]  # back to [N, heads, d], in order
 
 
 class VisionMLP(nn.Module):
