@@ -2,8 +2,9 @@
 
 An extend chunk may hold all, part or none of a request's image tokens (a
 chunked prefill splits them; a radix hit skips them). The encoder runs once
-per request, at the first chunk that needs its images, and its output is
-kept on the request's MultimodalInputs until its prefill is done."""
+per request, at the first chunk that needs its images (one call for every
+such request of the batch), and its output is kept on the request's
+MultimodalInputs until its prefill is done."""
 
 from __future__ import annotations
 
