@@ -22,7 +22,6 @@ from radixserve.managers.validation import FieldError, check_int
 if TYPE_CHECKING:
     from radixserve.managers.tokenizer_manager import TokenizerManager
 
-EmbeddingInput = Union[str, List[str], List[int], List[List[int]]]
 ENCODING_FORMATS = ("float", "base64")
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers.embedding import LMHead
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.rotary import MRotaryEmbedding
 from radixserve.mem_cache.kv_layout import default_kv_layout
@@ -200,8 +201,6 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         self.visual = VisionTransformer(config.vision_config)
         self.model = LlamaModel(text, self.block_options(text), rotary_cls=MRotaryEmbedding)
         self.tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
-        from radixserve.layers.embedding import LMHead
-
         self.lm_head = LMHead(text.vocab_size, text.hidden_size)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
