@@ -34,7 +34,9 @@ def hf_model(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with running_server(model_dir, "--chunked-prefill-size", str(CHUNK), "--context-length", str(CONTEXT)) as (_, base):
+    """--enable-mixed-chunk: a batch's image chunks share forwards with running decodes."""
+    with running_server(model_dir, "--chunked-prefill-size", str(CHUNK), "--context-length", str(CONTEXT),
+                        "--enable-mixed-chunk") as (_, base):
         yield base
 
 
@@ -54,8 +56,12 @@ def generate(server: str, text: str, image_data, **extra) -> dict:
 def test_one_and_two_images_match_transformers(server, model_dir, hf_model, images):
     one = f"Describe {IMAGE_PLACEHOLDER} briefly."
     two = f"Compare {IMAGE_PLACEHOLDER} with {IMAGE_PLACEHOLDER}, please."
-    got_one = generate(server, one, png_data_url(images[0]))
-    got_two = generate(server, two, [png_data_url(images[1]), png_data_url(images[0])])
+    # one batch: the text prompt decodes while the image prompts' chunks prefill
+    text_only, got_one, got_two = generate(server, ["Hello", one, two], [
+        None, png_data_url(images[0]), [png_data_url(images[1]), png_data_url(images[0])]])
+    assert text_only["meta_info"]["completion_tokens"] == NEW_TOKENS
+    info = httpx.get(f"{server}/get_server_info", timeout=30).json()
+    assert info["num_mixed_batches"] > 0
     assert got_one["output_ids"] == hf_greedy_with_images(hf_model, model_dir, one, images[:1], NEW_TOKENS)
     assert got_two["output_ids"] == hf_greedy_with_images(hf_model, model_dir, two, images[::-1], NEW_TOKENS)
     # 35 + 24 image tokens plus text: the prefill took several chunks, splitting the images
