@@ -51,6 +51,9 @@ class ServerArgs:
               f"name; nothing is downloaded. None: the packaged {DEFAULT_MODEL}")
     tokenizer_path: Optional[str] = option(None, "where the tokenizer comes from, if not the model's own "
                                                  "(a folder, a .gguf file or a packaged model name)")
+    is_embedding: bool = option(False, "serve embeddings (/v1/embeddings, /encode) of a decoder model "
+                                       "instead of generating: prefill only, pooled as the checkpoint's "
+                                       "sentence-transformers files say (last token otherwise), L2-normalized")
     load_format: str = option("auto", "auto: the checkpoint's weights; dummy: random weights of the "
                                       "checkpoint's shapes (benchmarks without a download)")
     dtype: str = option("auto", "weights and activations: auto|float32|bfloat16|float16 (auto: "
@@ -264,6 +267,8 @@ class ServerArgs:
             # A decode step inside a mixed batch runs the extend kernels: its
             # numbers would depend on whether a prefill came along.
             raise ValueError("enable_mixed_chunk cannot be combined with enable_deterministic_inference")
+        if self.is_embedding and self.enable_lora:
+            raise ValueError("is_embedding cannot be combined with enable_lora yet")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, Iterator, List, Opti
 
 from radixserve.entrypoints.runtime import Runtime
 from radixserve.managers import io_struct as io
+from radixserve.managers.embedding_input import EmbeddingReqInput, encode_request
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.server_args import ServerArgs, configure_logging
 
@@ -60,12 +61,15 @@ class Engine:
         rid: Union[str, List[str], None] = None, return_logprob: Union[bool, List[bool]] = False,
         logprob_start_len: Union[int, List[int]] = -1, top_logprobs_num: Union[int, List[int]] = 0,
         return_text_in_logprobs: bool = False, stream: bool = False, routed_dp_rank: Optional[int] = None,
-        lora_path: Union[str, List[Optional[str]], None] = None,
+        lora_path: Union[str, List[Optional[str]], None] = None, image_data: Union[str, List[Any], None] = None,
     ) -> Union[Dict[str, Any], List[Dict[str, Any]], Iterator[Dict[str, Any]]]:
         """routed_dp_rank: the data-parallel replica to serve it (None: --load-balance-method picks);
-        lora_path: the LoRA adapter's name, or one per prompt (None: the base model)."""
+        lora_path: the LoRA adapter's name, or one per prompt (None: the base model);
+        image_data: images for a vision-language model's image placeholders (data URLs or
+        file paths; a list per prompt for a batch)."""
         obj = GenerateReqInput(prompt, input_ids, sampling_params, rid, return_logprob, logprob_start_len,
-                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path)
+                               top_logprobs_num, return_text_in_logprobs, stream, routed_dp_rank, lora_path,
+                               image_data)
         if stream:
             return self._sync_stream(obj)
         results = self._run(self._collect(obj))
@@ -83,6 +87,18 @@ class Engine:
             return self._async_stream(obj)
         results = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._collect(obj), self._loop))
         return results if self._is_list(obj, results) else results[0]
+
+    # ---- embeddings (--is-embedding) ----
+    def encode(self, prompt: Union[str, List[str], None] = None,
+               input_ids: Union[List[int], List[List[int]], None] = None,
+               dimensions: Optional[int] = None) -> Union[Dict[str, Any], List[Dict[str, Any]]]:
+        """{"embedding": [...], "meta_info": {...}} per input (a list for a list
+        of inputs): the pooled, L2-normalized vector; dimensions truncates it
+        (matryoshka models only). ValueError for bad input."""
+        obj = EmbeddingReqInput(text=prompt, input_ids=input_ids, dimensions=dimensions,
+                                input_field="prompt" if prompt is not None else "input_ids")
+        results = self._run(encode_request(self.tokenizer_manager, obj))
+        return results if obj.is_batch else results[0]
 
     @staticmethod
     def _is_list(obj: GenerateReqInput, results: list) -> bool:

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.entrypoints import worker_info
 from radixserve.entrypoints.http_guard import TransportGuard, error_response, until_disconnected
+from radixserve.entrypoints.openai.embeddings import add_embedding_routes
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.entrypoints.openai.serving import ModelNotFound, OpenAIServing, prepend, sse
 from radixserve.managers import io_struct as io
@@ -405,6 +406,7 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
             return await streaming_response(request, serving.chat_stream(req, plan))
         return JSONResponse(await until_disconnected(request, serving.chat(req, plan)))
 
+    add_embedding_routes(app, state, serving, json_object)  # /v1/embeddings, /encode
     return app
 
 

@@ -15,6 +15,7 @@ import uvicorn
 from radixserve.entrypoints.http_guard import uvicorn_settings
 from radixserve.entrypoints.http_server import ServerState, create_app
 from radixserve.entrypoints.runtime import Runtime
+from radixserve.managers.embedding_input import EmbeddingReqInput, encode_request
 from radixserve.managers.generate_input import GenerateReqInput
 from radixserve.server_args import ServerArgs
 
@@ -37,9 +38,12 @@ def run_server(args: ServerArgs) -> int:
 
         async def warmup() -> None:
             runtime.loop = asyncio.get_running_loop()
-            gen = GenerateReqInput(input_ids=[0, 1, 2], sampling_params={"max_new_tokens": 2, "temperature": 0})
-            async for _ in tm.generate_request(gen):
-                pass
+            if args.is_embedding:
+                await encode_request(tm, EmbeddingReqInput(input_ids=[0, 1, 2]))
+            else:
+                gen = GenerateReqInput(input_ids=[0, 1, 2], sampling_params={"max_new_tokens": 2, "temperature": 0})
+                async for _ in tm.generate_request(gen):
+                    pass
             logger.info("model %s loaded and warmed up in %.1f s; serving on http://%s:%d",
                         state.served_model_name, time.monotonic() - start, args.host, args.port)
 

@@ -144,3 +144,31 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(dtype).view(shape)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary positions (Qwen2-VL, Qwen2.5-VL): each token has three
+    positions (time, height, width); the rotary frequencies are split into
+    `mrope_section` runs and run i turns with position i. A text token's three
+    positions are equal, so with 1-D positions this is plain rotary."""
+
+    def __init__(self, head_dim: int, max_position: int, params: Dict[str, Any]) -> None:
+        if params.get("rope_type") == "mrope":  # older configs' name for these unscaled frequencies
+            params = {**params, "rope_type": "default"}
+        super().__init__(head_dim, max_position, params)
+        sections = list(params.get("mrope_section") or [])
+        if sum(sections) != head_dim // 2:
+            raise ValueError(f"mrope_section {sections} must add up to head_dim / 2 = {head_dim // 2}")
+        # frequency j of the half head turns with position axis_of[j]
+        axis_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))
+        self.register_buffer("axis_of", axis_of.to(self.cos_sin_cache.device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] (text only) or [3, T] (time, height, width)."""
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [3, T, head_dim/2]
+        pick = self.axis_of.view(1, 1, -1).expand(1, positions.shape[1], -1)
+        cos = cos.gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim/2]
+        sin = sin.gather(0, pick)[0].unsqueeze(1)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -26,8 +26,8 @@ class BatchResult:
     is_extend: bool
     reqs: List["Req"]  # the batch's requests at launch, in row order
     plans: List["ExtendPlan"]  # extend only
-    logits: "LogitsOutput"
-    sample: "SamplerOutput"
+    logits: "LogitsOutput"  # an EmbeddingOutput on an embedding server
+    sample: Optional["SamplerOutput"]  # None on an embedding server
     # A mixed batch's running requests, sampled from the same forward; their
     # tokens are processed before this (extend) part's.
     decode_part: Optional["BatchResult"] = None
@@ -35,9 +35,12 @@ class BatchResult:
     _copied: Optional["torch.cuda.Event"] = field(default=None, repr=False)
 
     @classmethod
-    def launched(cls, batch: "ScheduleBatch", logits: "LogitsOutput", sample: "SamplerOutput") -> "BatchResult":
+    def launched(cls, batch: "ScheduleBatch", logits: "LogitsOutput",
+                 sample: Optional["SamplerOutput"]) -> "BatchResult":
         result = cls(batch, batch.forward_mode.is_extend(), list(batch.reqs),
                      list(batch.plans) if batch.forward_mode.is_extend() else [], logits, sample)
+        if sample is None:
+            return result
         ids = sample.next_token_ids
         if ids.is_cuda:
             # Queued behind the forward on the same stream; the CPU goes on.

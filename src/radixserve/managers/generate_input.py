@@ -33,6 +33,8 @@ class SingleRequest:
     index: int  # position in the caller's result list (prompt-major)
     routed_dp_rank: Optional[int] = None  # the data-parallel replica asked for; None: the balancer picks
     lora_path: Optional[str] = None  # the LoRA adapter's name; None: the base model
+    image_data: Optional[List[str]] = None  # images for the prompt's image placeholders, in order
+    mm_inputs: Optional[Any] = None  # the processed images (multimodal/inputs.py), set when tokenized
 
 
 @dataclass
@@ -51,6 +53,9 @@ class GenerateReqInput:
     routed_dp_rank: Optional[int] = None
     # The LoRA adapter by name (SGLang's field name), or one per prompt; None: the base model.
     lora_path: Union[str, List[Optional[str]], None] = None
+    # Images (SGLang's field): for one prompt a data URL / path or a list of them;
+    # for a batch one such entry per prompt.
+    image_data: Union[str, List[Any], None] = None
 
     @property
     def is_batch(self) -> bool:
@@ -80,6 +85,7 @@ class GenerateReqInput:
         topk = self._per_prompt(self.top_logprobs_num, num, "top_logprobs_num", int, default=0)
         rids = self._rids(num)
         loras = self._per_prompt(self.lora_path, num, "lora_path", str)
+        images = self._images_per_prompt(num)
         routed = self.routed_dp_rank
         if routed is not None:
             check_int("routed_dp_rank", routed, minimum=0, maximum=dp_size - 1,
@@ -87,6 +93,8 @@ class GenerateReqInput:
         out: List[SingleRequest] = []
         for i, prompt in enumerate(prompts):
             check_int("logprob_start_len", start[i], minimum=-1)
+            if images[i] and start[i] >= 0 and (logprob[i] or topk[i] > 0):
+                raise FieldError("logprob_start_len", "input logprobs are not available for prompts with images")
             check_int("top_logprobs_num", topk[i], minimum=0, maximum=vocab_size or INT64_MAX)
             sp = SamplingParams.from_dict(params[i])
             sp.verify(vocab_size)
@@ -108,6 +116,7 @@ class GenerateReqInput:
                     index=len(out),
                     routed_dp_rank=routed,
                     lora_path=loras[i],
+                    image_data=images[i],
                 ))
         _check_unique_rids(out)
         return out
@@ -131,6 +140,23 @@ class GenerateReqInput:
         for prompt in prompts:
             _check_prompt(prompt, field)
         return prompts
+
+    def _images_per_prompt(self, num: int) -> List[Optional[List[str]]]:
+        """image_data as one list of image sources (or None) per prompt."""
+        value = self.image_data
+        if value is None:
+            return [None] * num
+        entries = value if self.is_batch else [value]
+        if not isinstance(entries, list) or len(entries) != num:
+            raise FieldError("image_data", f"'image_data' needs one entry per prompt ({num})")
+        out: List[Optional[List[str]]] = []
+        for entry in entries:
+            items = [entry] if isinstance(entry, str) else entry
+            if items is not None and (not isinstance(items, list) or not all(isinstance(s, str) for s in items)):
+                raise FieldError("image_data", "'image_data' must be an image (a data URL or a file path) or a "
+                                               "list of them per prompt")
+            out.append(items or None)
+        return out
 
     def _rids(self, num: int) -> List[Optional[str]]:
         """One rid per prompt. One string for a batch becomes rid_0, rid_1, ...

@@ -45,6 +45,8 @@ class TokenizedGenerateReqInput:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     lora_id: Optional[int] = None  # the adapter's id for this load of it; None: the base model
+    # A vision-language model's images (multimodal/inputs.py MultimodalInputs); None: text only
+    mm_inputs: Optional[Any] = None
 
 
 @dataclass
@@ -78,6 +80,8 @@ class ReqOutput:
     first_token_at: Optional[float] = None
     # The weights that produced it (a request never spans a weight update).
     weight_version: str = "default"
+    # An embedding server's result: the pooled, L2-normalized vector (sent once, when finished).
+    embedding: Optional[List[float]] = None
 
 
 @dataclass
@@ -273,3 +277,7 @@ class SchedulerReady:
     vocab_size: int
     chunked_prefill_size: Optional[int]
     device: str
+    # --is-embedding: the vector's size, and the truncations `dimensions` may ask for
+    # (layers/pooler.py: matryoshka_dimensions; None: none).
+    hidden_size: int = 0
+    matryoshka_dimensions: Optional[List[int]] = None

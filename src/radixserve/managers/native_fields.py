@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 from radixserve.managers.validation import FieldError
 
 IMPLEMENTED = ("text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
-               "top_logprobs_num", "return_text_in_logprobs", "stream", "lora_path")
+               "top_logprobs_num", "return_text_in_logprobs", "stream", "lora_path", "image_data")
 
 IGNORED = (
     "log_metrics", "no_logs", "custom_labels",  # logging and metric labels
@@ -28,7 +28,7 @@ IGNORED = (
 
 # name -> default in sglang 0.5.23 (False for flags, None for optional values).
 DEFAULT_ONLY: Dict[str, Any] = {
-    "session_id": None, "input_embeds": None, "image_data": None, "video_data": None, "audio_data": None,
+    "session_id": None, "input_embeds": None, "video_data": None, "audio_data": None,
     "mm_hashes": None, "mm_content_hashes": None, "use_audio_in_video": False, "video_config": None,
     "watermark": None, "token_ids_logprob": None, "return_sampling_mask": None, "sampling_logprobs_mode": None,
     "return_flat_raw_top_logprobs": False, "return_flat_raw_output_top_logprobs": False,

@@ -22,6 +22,8 @@ class Req:
         self.sampling_seed = sampling_seed
         # The LoRA adapter's id (None: the base model); also its radix-cache namespace.
         self.lora_id: Optional[int] = recv.lora_id
+        # Images (multimodal/inputs.py): their pixels, token spans and M-RoPE positions.
+        self.mm = recv.mm_inputs
 
         self.output_ids: List[int] = []
         self.finished_reason: Optional[Dict[str, Any]] = None
@@ -60,6 +62,10 @@ class Req:
         self.first_token_at: Optional[float] = None
         self.grammar = None  # a GrammarMatcher when the request is constrained
         self.grammar_future = None  # its compilation, while queued
+        # On an embedding server: the pooling of its prefill's hidden states
+        # (layers/pooler.py PooledState), then the finished vector.
+        self.pooled = None
+        self.embedding: Optional[List[float]] = None
 
     # ---- token views ----
     @property

@@ -42,12 +42,16 @@ class ScheduleBatch:
         self.seq_lens = torch.empty(0, dtype=torch.int64, device=device)
         self.seq_lens_cpu = torch.empty(0, dtype=torch.int64)
         self.last_token_ids = torch.empty(0, dtype=torch.int64, device=device)
+        # M-RoPE: a decode position is its index + the request's delta (0 without images)
+        self.rope_deltas = torch.empty(0, dtype=torch.int64, device=device)
         # Per forward
         self.input_ids: Optional[torch.Tensor] = None
         self.positions: Optional[torch.Tensor] = None
         self.out_cache_loc: Optional[torch.Tensor] = None
         self.logits_indices: Optional[torch.Tensor] = None
         self.last_logit_rows: Optional[torch.Tensor] = None
+        self.mrope_positions: Optional[torch.Tensor] = None
+        self.mm_items: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -83,7 +87,14 @@ class ScheduleBatch:
         assert out_cache_loc is not None, "make_room promised enough slots"
 
         input_ids, positions, logit_rows, last_rows, start = [], [], [], [], 0
+        with_images = any(p.req.mm is not None for p in plans)
+        mrope, mm_items = [], []
         for p, prefix, seq in zip(plans, prefix_lens, seq_lens):
+            if with_images:
+                mm = p.req.mm
+                mrope.append(mm.positions(prefix, seq) if mm is not None else torch.arange(prefix, seq).expand(3, -1))
+                if mm is not None:
+                    mm_items.append((mm, prefix, seq))
             table[p.req.req_pool_idx, prefix:seq] = out_cache_loc[start:start + p.extend_len]
             input_ids.extend(p.req.fill_ids[prefix:seq])
             positions.append(torch.arange(prefix, seq))
@@ -102,6 +113,10 @@ class ScheduleBatch:
         self.logits_indices = torch.tensor(logit_rows, dtype=torch.int64, device=dev)
         self.last_logit_rows = torch.tensor(last_rows, dtype=torch.int64, device=dev)
         self._prefix_lens, self._extend_lens = prefix_lens, [p.extend_len for p in plans]
+        self.mrope_positions = torch.cat(mrope, dim=1).to(dev) if with_images else None
+        self.mm_items = mm_items or None
+        self.rope_deltas = torch.tensor([p.req.mm.rope_delta if p.req.mm is not None else 0 for p in plans],
+                                        dtype=torch.int64, device=dev)
         return True
 
     # ---- decode ----
@@ -121,7 +136,8 @@ class ScheduleBatch:
             return False
         table[self.req_pool_indices, self.seq_lens] = out_cache_loc
         self.input_ids = self.last_token_ids
-        self.positions = self.seq_lens.clone()
+        self.positions = self.seq_lens + self.rope_deltas
+        self.mrope_positions, self.mm_items = None, None
         self.out_cache_loc = out_cache_loc
         self.seq_lens = self.seq_lens + 1
         self.seq_lens_cpu = self.seq_lens_cpu + 1
@@ -143,6 +159,7 @@ class ScheduleBatch:
         self.seq_lens = self.seq_lens[dev_idx]
         self.seq_lens_cpu = self.seq_lens_cpu[idx]
         self.last_token_ids = self.last_token_ids[dev_idx]
+        self.rope_deltas = self.rope_deltas[dev_idx]
         if self.sampling_info is not None:
             self.sampling_info.filter(dev_idx, self.reqs)
 
@@ -163,6 +180,7 @@ class ScheduleBatch:
         self.seq_lens = torch.cat([self.seq_lens, other.seq_lens])
         self.seq_lens_cpu = torch.cat([self.seq_lens_cpu, other.seq_lens_cpu])
         self.last_token_ids = torch.cat([self.last_token_ids, other.last_token_ids])
+        self.rope_deltas = torch.cat([self.rope_deltas, other.rope_deltas])
 
     # ---- to the model ----
     def to_forward_batch(self) -> ForwardBatch:
@@ -182,6 +200,8 @@ class ScheduleBatch:
             req_to_token_pool=self.pools.req_to_token_pool,
             kv_pool=self.pools.kv_pool,
             lora_ids=[r.lora_id for r in self.reqs],
+            mrope_positions=self.mrope_positions,
+            mm_items=self.mm_items,
         )
         if self.forward_mode.is_extend():
             set_extend_lens(fb, self._prefix_lens, self._extend_lens, self.device)
@@ -222,7 +242,10 @@ def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> Forward
         kv_pool=decode.pools.kv_pool,
         num_decode_rows=n,
         lora_ids=[r.lora_id for r in decode.reqs + extend.reqs],
+        mm_items=extend.mm_items,
     )
+    if extend.mrope_positions is not None:
+        fb.mrope_positions = torch.cat([decode.positions.expand(3, -1), extend.mrope_positions], dim=1)
     set_extend_lens(fb, [s - 1 for s in decode_seq_lens] + extend._prefix_lens,
                     [1] * n + extend._extend_lens, decode.device)
     return fb

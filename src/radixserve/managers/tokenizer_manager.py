@@ -29,6 +29,7 @@ from radixserve.managers.ipc import PortArgs, make_socket
 from radixserve.managers.validation import FieldError
 from radixserve.lora.registry import LoRARef, LoRARegistry
 from radixserve.lora.spec import parse_lora_paths
+from radixserve.multimodal.processor import add_images, image_processor_for
 from radixserve.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class TokenizerManager:
         if server_args.enable_metrics:
             self.metrics = Metrics(server_args.served_model_name or server_args.model_path)
         self.lora = LoRARegistry(parse_lora_paths(server_args.lora_paths)) if server_args.enable_lora else None
+        self.image_processor = image_processor_for(server_args.model_path, tokenizer)  # None: text only
 
     # ---- lifecycle: sockets are bound to the loop that first uses them ----
     def _ensure_started(self) -> None:
@@ -159,7 +161,7 @@ class TokenizerManager:
                 rid=state.req.rid, input_ids=state.prompt_ids, sampling_params=state.req.sampling_params,
                 stream=state.req.stream, return_logprob=state.req.return_logprob,
                 logprob_start_len=state.req.logprob_start_len, top_logprobs_num=state.req.top_logprobs_num,
-                lora_id=lora_id,
+                lora_id=lora_id, mm_inputs=state.req.mm_inputs,
             ))
         try:
             if obj.stream:
@@ -213,10 +215,15 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    async def prepare(self, obj: GenerateReqInput) -> PreparedGenerate:
+    async def prepare(self, obj: GenerateReqInput, embedding: bool = False) -> PreparedGenerate:
         """Check and tokenize everything without sending anything; bad input is a
         ValueError (FieldError naming the field). The work that grows with the
-        request (checking ids, tokenizing) runs off the event loop."""
+        request (checking ids, tokenizing) runs off the event loop. embedding:
+        an embedding call (managers/embedding_input.py), the one kind of
+        request an --is-embedding server takes."""
+        if self.server_args.is_embedding and not embedding:
+            raise FieldError("model", "this server serves embeddings (--is-embedding): use /v1/embeddings "
+                                      "or /encode (Engine.encode), not generate or completions")
         checked = await self.run_in_tokenizer(self._split_and_tokenize, obj)
         states = [ReqState(req=single, prompt_ids=ids, created=time.monotonic()) for single, ids in checked]
         await self._check_constraints([single for single, _ in checked])
@@ -237,6 +244,7 @@ class TokenizerManager:
                     encoded[single.prompt] = self.tokenizer.encode(single.prompt)
                 ids = list(encoded[single.prompt])
             self._check_tokens(single, ids)
+            ids, single.mm_inputs = add_images(self.image_processor, ids, single.image_data, self.context_len)
             self.lora_id_of(single)
             checked.append((single, ids))
         return checked
@@ -310,11 +318,14 @@ class TokenizerManager:
             meta["cached_tokens_details"] = out.cached_tokens_details
         if state.req.return_logprob:
             self._add_logprobs(state, out)
-        return {
+        result = {
             "text": out.new_text if incremental else state.text,
             "output_ids": list(out.new_token_ids) if incremental else list(state.output_ids),
             "meta_info": dict(meta),
         }
+        if out.embedding is not None:
+            result["embedding"] = out.embedding
+        return result
 
     def _add_logprobs(self, state: ReqState, out: io.ReqOutput) -> None:
         meta, with_text = state.meta, state.req.return_text_in_logprobs

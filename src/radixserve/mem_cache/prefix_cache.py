@@ -59,6 +59,9 @@ class PrefixCache:
     def match_limit(req: "Req") -> int:
         """How many leading tokens may come from the cache."""
         limit = len(req.fill_ids) - 1
+        pooled = getattr(req, "pooled", None)
+        if pooled is not None and pooled.config.needs_every_token:
+            return 0  # mean pooling needs every token's hidden state computed
         if not req.input_logprobs_done:
             # Input logprobs need logits from position logprob_start_len - 1 on.
             limit = min(limit, max(req.logprob_start_len - 1, 0))

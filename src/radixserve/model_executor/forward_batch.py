@@ -67,6 +67,13 @@ class ForwardBatch:
     num_decode_rows: int = 0
     # Each request's LoRA adapter id (None: the base model), with --enable-lora.
     lora_ids: Optional[List[Optional[int]]] = None
+    # Vision-language models, extend batches with images: (time, height, width)
+    # positions [3, num_tokens] for M-RoPE, each request's images and the span
+    # of positions this forward computes (multimodal/embedder.py), and the
+    # image tokens' embeddings the runner fills from them.
+    mrope_positions: Optional[torch.Tensor] = None
+    mm_items: Optional[List[Any]] = None
+    mm_embeds: Optional[torch.Tensor] = None
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from torch import nn
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
+from radixserve.layers.pooler import EmbeddingOutput, PoolingConfig, pool_extend, read_pooling_config
 from radixserve.layers.quantization import (
     WeightFormat, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
 )
@@ -25,6 +26,7 @@ from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
 from radixserve.model_loader.source import resolve_model_source
 from radixserve.model_loader.weight_loader import get_weight, load_weights
+from radixserve.multimodal.embedder import image_embeds_for
 from radixserve.server_args import ServerArgs
 from radixserve.utils.hf_utils import cache_dir, get_context_length, load_config
 
@@ -98,8 +100,12 @@ class ModelRunner:
         self.dtype = resolve_dtype(server_args.dtype, self.device.type, self.weight_format)
         self.kv_cache_dtype = resolve_kv_cache_dtype(server_args.kv_cache_dtype, self.dtype)
         self.context_len = server_args.context_length or get_context_length(self.config)
+        # --is-embedding: extend forwards return pooled hidden states, never logits.
+        self.pooling: Optional[PoolingConfig] = (
+            read_pooling_config(self.source.folder if self.source.kind == "hf" else None)
+            if server_args.is_embedding else None)
         self.model = self._load_model()
-        self.vocab_size = self.config.vocab_size
+        self.vocab_size = self.config.get_text_config().vocab_size  # (a VLM's is its decoder's)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
             self._use_batch_invariant_layers()
@@ -211,7 +217,8 @@ class ModelRunner:
                     return model
                 except (ValueError, OSError, RuntimeError) as e:  # rebuilt and written again below
                     logger.warning("quantized weight cache %s unusable (%s); rebuilding", cache, e)
-        self.model = load_model(self.source, self.config, self.dtype, self.device, args.load_format)
+        self.model = load_model(self.source, self.config, self.dtype, self.device, args.load_format,
+                                with_lm_head=not args.is_embedding)
         if fmt is not None:
             self._quantize(fmt)
         if cache is not None:
@@ -247,8 +254,8 @@ class ModelRunner:
     def _make_graph_runner(self):
         """Decode CUDA graphs, when on CUDA with a graph-safe attention backend."""
         args = self.server_args
-        if self.device.type != "cuda" or args.disable_cuda_graph:
-            return None
+        if self.device.type != "cuda" or args.disable_cuda_graph or args.is_embedding:
+            return None  # (an embedding server never decodes)
         if self.lora_manager is not None and not self.lora_manager.use_triton:
             # The torch path's row groups change with every batch; a graph would replay stale ones.
             logger.warning("CUDA graphs need --lora-backend triton; running without them")
@@ -305,9 +312,10 @@ class ModelRunner:
 
     # ---- forward ----
     @torch.inference_mode()
-    def forward(self, forward_batch: ForwardBatch) -> LogitsOutput:
+    def forward(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
         """Logits of one batch: every request's next token, and the rows
-        `logits_indices` asks for (input logprobs) when there are more."""
+        `logits_indices` asks for (input logprobs) when there are more. An
+        embedding server's extend batches give pooled hidden states instead."""
         fb = forward_batch
         if self.graph_runner is not None and self.graph_runner.can_run(fb):
             return LogitsOutput(self.graph_runner.replay(fb), None)
@@ -316,7 +324,11 @@ class ModelRunner:
         if self.lora_manager is not None:
             tokens = [1] * fb.batch_size if fb.forward_mode.is_decode() else fb.extend_seq_lens_cpu
             self.lora_manager.prepare(fb.lora_ids or [None] * fb.batch_size, tokens)
+        if fb.mm_items:
+            fb.mm_embeds = image_embeds_for(self.model, fb.mm_items, self.device)
         hidden = self.model(fb.input_ids, fb.positions, fb)
+        if self.pooling is not None:
+            return pool_extend(hidden, fb.extend_seq_lens, fb.logits_indices[fb.last_logit_rows], self.pooling)
         if fb.forward_mode.is_decode():
             return LogitsOutput(self.model.compute_logits(hidden), None)
         logits = self.model.compute_logits(hidden[fb.logits_indices])

@@ -56,13 +56,18 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     load_format: str = "auto",
+    with_lm_head: bool = True,
 ) -> nn.Module:
     """The model for `config`, built on `device` in `dtype`, in eval mode, with
     weights from `source` ("auto") or small random values ("dummy": reads no
-    weight file, for benchmarking shapes whose checkpoint is not at hand)."""
+    weight file, for benchmarking shapes whose checkpoint is not at hand).
+    with_lm_head False (embedding serving): no LM head, which embedding
+    checkpoints (saved from the bare decoder) do not have."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     model = build_model(config, dtype, device)
+    if not with_lm_head:
+        model.lm_head = None
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -141,11 +141,15 @@ def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tupl
     if getattr(model, "CHECKPOINT_FUSED_EXPERTS", False):
         weights = split_fused_experts(weights)
     tied = getattr(model, "tied", False)
+    headless = hasattr(model, "lm_head") and model.lm_head is None  # an embedding model
     for name, tensor in weights:
+        if headless and not name.startswith(("model.", "lm_head.")):
+            name = "model." + name  # saved from the bare decoder (Qwen3-Embedding): no "model." prefix
         if num_layers is not None and _layer_index(name, default=-1) >= num_layers:
             continue
         name = _our_name(model, name)
-        if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied and name == "lm_head.weight") \
+                or (headless and name.startswith("lm_head.")):
             continue
         yield name, tensor
 

@@ -134,10 +134,12 @@ def dense_mlp(config: Any, layer_id: int, bias: bool = False) -> nn.Module:
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, opts: BlockOptions, make_mlp: Optional[MlpFactory] = None) -> None:
+    def __init__(self, config: Any, opts: BlockOptions, make_mlp: Optional[MlpFactory] = None,
+                 rotary_cls: type = RotaryEmbedding) -> None:
+        """rotary_cls: the rotary table's class (MRotaryEmbedding for Qwen2.5-VL)."""
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.rotary_emb = RotaryEmbedding(
+        self.rotary_emb = rotary_cls(
             head_dim_of(config), config.max_position_embeddings, rope_parameters(config)
         )
         self.layers = nn.ModuleList(
@@ -153,9 +155,12 @@ class LlamaModel(nn.Module):
         return run_decoder(self, input_ids, positions, forward_batch)
 
 
-def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-    """Embed, run `model.layers`, the final norm: the body every decoder family shares."""
-    hidden, residual = model.embed_tokens(input_ids), None
+def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any,
+                input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Embed (unless input_embeds are given), run `model.layers`, the final
+    norm: the body every decoder family shares."""
+    hidden = model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+    residual = None
     for layer in model.layers:
         hidden, residual = layer(positions, hidden, residual, forward_batch)
     if residual is None:  # no layers at all

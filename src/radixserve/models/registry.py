@@ -9,6 +9,7 @@ from radixserve.models.gpt_oss import GptOssForCausalLM
 from radixserve.models.llama import LlamaForCausalLM, MistralForCausalLM
 from radixserve.models.mixtral import MixtralForCausalLM
 from radixserve.models.qwen2 import Qwen2ForCausalLM
+from radixserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from radixserve.models.qwen3 import Qwen3ForCausalLM
 from radixserve.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
@@ -23,6 +24,11 @@ ARCHITECTURES: Dict[str, type] = {
     "GptOssForCausalLM": GptOssForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    # Bare decoders (no LM head), as embedding checkpoints are saved: --is-embedding only.
+    "LlamaModel": LlamaForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "Qwen3Model": Qwen3ForCausalLM,
 }
 
 # Configs without `architectures` (those read from GGUF metadata) name only a model_type.

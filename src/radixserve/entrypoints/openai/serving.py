@@ -15,6 +15,7 @@ from radixserve.entrypoints.openai.chat_output import (
     parse_reply,
     reply_message,
 )
+from radixserve.entrypoints.openai.chat_images import image_fields, renamed_image_error, take_images
 from radixserve.entrypoints.openai.chat_template import ChatTemplate, think_opened
 from radixserve.entrypoints.openai.protocol import ChatCompletionRequest, CommonRequest, CompletionRequest
 from radixserve.entrypoints.openai.tools import ToolPlan, forced_call_ebnf, plan_tools, tool_dicts
@@ -175,12 +176,16 @@ class OpenAIServing:
             raise FieldError("top_logprobs", "top_logprobs requires logprobs: true")
         args = self.tm.server_args
         tools = plan_tools(req, args.tool_call_parser)
+        fields = image_fields(req.messages)
+        processor = self.tm.image_processor
+        images = take_images(req.messages, processor.placeholder if processor is not None else None)
         prompt, ids = await self.tm.run_in_tokenizer(self._render_and_encode, req, tools)
         opened = think_opened(prompt)
         gen = GenerateReqInput(
             input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
             stream=req.stream, routed_dp_rank=req.requested_dp_rank, lora_path=adapter,
+            image_data=images or None,
         )
         parsing = OutputParsing(
             tool_parser=tools.parser if tools.parses_calls else None,
@@ -188,7 +193,10 @@ class OpenAIServing:
             think_opened=opened,
         )
         plan = ChatPlan(gen, parsing)
-        plan.prepared = await self.prepare(req, gen)
+        try:
+            plan.prepared = await self.prepare(req, gen)
+        except FieldError as e:
+            raise renamed_image_error(e, fields) from None
         return plan
 
     def _render_and_encode(self, req: ChatCompletionRequest, tools: ToolPlan) -> tuple:

@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
+from radixserve.layers.pooler import PooledState, PoolingConfig
 from radixserve.managers import io_struct as io
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
@@ -34,9 +35,10 @@ def seed_of_replica(random_seed: Optional[int], dp_rank: int) -> Union[int, str,
 class Admission:
     def __init__(self, server_args: ServerArgs, pools, device: torch.device, max_running: int,
                  max_total_tokens: int, grammar: GrammarWait, ratio: NewTokenRatio, dp_rank: int = 0,
-                 lora=None) -> None:
+                 lora=None, pooling: Optional[PoolingConfig] = None) -> None:
         """lora: the runner's LoRAManager with --enable-lora (it caps the
-        distinct adapters per batch), else None."""
+        distinct adapters per batch), else None. pooling: an embedding
+        server's pooling (every request is pooled, not sampled)."""
         self.policy = server_args.schedule_policy
         self.max_queued = server_args.max_queued_requests
         self.max_prefill_tokens = server_args.max_prefill_tokens
@@ -49,6 +51,7 @@ class Admission:
         self.grammar = grammar
         self.ratio = ratio
         self.lora = lora
+        self.pooling = pooling
         self.waiting: List[Req] = []
         self.chunked_req: Optional[Req] = None
         self.last_was_chunk = False  # the last extend was a chunk: running requests decode next
@@ -70,6 +73,8 @@ class Admission:
         """Queue a request; returns it, finished, when it is refused at once."""
         seed = recv.sampling_params.sampling_seed
         req = Req(recv, self.seed_rng.getrandbits(62) if seed is None else seed)
+        if self.pooling is not None:
+            req.pooled = PooledState(self.pooling)
         if len(req.origin_input_ids) + 1 > self.max_total_tokens:
             # It could never fit; fail it now instead of queueing it forever.
             req.finished_reason = abort_reason(

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
+from radixserve.layers.pooler import EmbeddingOutput, matryoshka_dimensions
 from radixserve.layers.sampler import Sampler
 from radixserve.lora.spec import LoRASpec
 from radixserve.managers import io_struct as io
@@ -71,7 +72,8 @@ class Scheduler:
         self.grammar.warm_up(self.device)
         self.admission = Admission(args, self.pools, self.device, runner.max_running_requests,
                                    runner.max_total_num_tokens, self.grammar, ratio, self.dp_rank,
-                                   lora=getattr(runner, "lora_manager", None))
+                                   lora=getattr(runner, "lora_manager", None),
+                                   pooling=getattr(runner, "pooling", None))
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
         self.weights = WeightController(runner, self.prefix_cache, self.device,
                                         self.dp_rank * args.tp_size + self.tp_rank)
@@ -95,7 +97,9 @@ class Scheduler:
         return io.SchedulerReady(
             max_total_num_tokens=runner.max_total_num_tokens, max_running_requests=runner.max_running_requests,
             context_length=runner.context_len, vocab_size=runner.vocab_size,
-            chunked_prefill_size=self.admission.chunk_size, device=str(self.device))
+            chunked_prefill_size=self.admission.chunk_size, device=str(self.device),
+            hidden_size=int(getattr(runner.config, "hidden_size", 0)) if hasattr(runner, "config") else 0,
+            matryoshka_dimensions=matryoshka_dimensions(runner.config) if hasattr(runner, "config") else None)
 
     # ---- the loop ----
     def event_loop(self, receive: Callable[[float], List[Any]]) -> None:
@@ -385,6 +389,8 @@ class Scheduler:
         return result
 
     def sample(self, batch: ScheduleBatch, logits: Any) -> BatchResult:
+        if isinstance(logits, EmbeddingOutput):
+            return BatchResult.launched(batch, logits, None)  # an embedding server samples nothing
         if batch.sampling_info is None:
             batch.sampling_info = SamplingBatchInfo.from_reqs(
                 batch.reqs, self.runner.vocab_size, self.device, self.eos_token_ids)

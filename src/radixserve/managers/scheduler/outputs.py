@@ -80,6 +80,7 @@ def req_output(req: Req, weight_version: str) -> io.ReqOutput:
         queue_time=req.queue_time,
         first_token_at=req.first_token_at,
         weight_version=weight_version,
+        embedding=req.embedding,
     )
     req.sent_output_len = len(req.output_ids)
     if req.return_logprob:

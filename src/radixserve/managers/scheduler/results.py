@@ -39,6 +39,8 @@ class ResultProcessor:
         return outs + self._process_extend(result)
 
     def _process_extend(self, result: BatchResult) -> List[io.ReqOutput]:
+        if result.sample is None:
+            return self._process_embedding(result)
         batch = result.batch  # an extend batch is private: unchanged since launch
         if result.logits.all_logits is not None:
             record_input_logprobs(result.plans, result.logits.all_logits)
@@ -65,6 +67,22 @@ class ResultProcessor:
         batch.filter(keep)
         self.running.absorb(batch)
         return outs
+
+    def _process_embedding(self, result: BatchResult) -> List[io.ReqOutput]:
+        """An embedding server's extend: each chunk's hidden states join the
+        request's pooling; a completed prefill ends the request with its vector
+        (no token, no decode) and its prompt's KV stays in the prefix cache."""
+        for i, plan in enumerate(result.plans):
+            req = plan.req
+            if not req.to_abort:
+                self.prefix_cache.cache_unfinished(req)
+            req.pooled.add(result.logits, i, plan.extend_len)
+            if plan.completes_prefill:
+                req.embedding = req.pooled.embedding()
+                req.finished_reason = {"type": "length", "length": 0}
+        done = [p.req for p in result.plans if p.completes_prefill]
+        release_kv(self.prefix_cache, done)
+        return self.outputs.build(done)
 
     def _process_decode(self, result: BatchResult) -> List[io.ReqOutput]:
         next_ids, host = result.next_token_ids(), result.host_logprobs()
