@@ -111,6 +111,8 @@ def warm_up_kernels(runner: "ModelRunner") -> int:
     max_new = args.resolved_chunked_prefill_size() or args.max_prefill_tokens
     shapes = warmup_shapes(min(max_new, runner.max_total_num_tokens // 2), runner.max_running_requests,
                            runner.context_len, args.enable_mixed_chunk)
+    if getattr(runner, "pooling", None) is not None:  # an embedding server only prefills
+        shapes = [s for s in shapes if s.mode == ForwardMode.EXTEND]
     start, ran = time.perf_counter(), 0
     for shape in tqdm(shapes, desc="Compiling kernels", disable=runner.tp_rank != 0):
         ran += run_warmup_forward(runner, shape)
