@@ -29,6 +29,7 @@ def option(default: Any, help: str, nargs: Optional[str] = None, **kwargs: Any) 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 QUANTIZATIONS = (None, "fp8", "gguf")
 TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
@@ -103,6 +104,21 @@ class ServerArgs:
                                                              "timeout")
     hicache_file_backend_dir: str = option("/tmp/radixserve_hicache", "folder of the file storage backend "
                                                                       "(kept across restarts)")
+
+    # Prefill/decode disaggregation (docs/architecture.md, "Prefill/decode disaggregation")
+    disaggregation_mode: str = option("null", "null: an ordinary server|prefill: computes prompts and writes "
+                                              "their KV to decode servers|decode: receives KV and decodes")
+    disaggregation_transfer_backend: str = option("mooncake", "the KV transfer engine: mooncake (TCP, or "
+                                                              "RDMA with --disaggregation-ib-device)|nixl "
+                                                              "(not available yet)")
+    disaggregation_bootstrap_port: int = option(8998, "prefill servers: port of the bootstrap server where "
+                                                      "decode servers look up the prefill ranks")
+    disaggregation_ib_device: Optional[str] = option(None, "RDMA devices for Mooncake (e.g. mlx5_0); None: TCP")
+    disaggregation_decode_enable_radix_cache: bool = option(False, "decode servers: keep a radix cache and "
+                                                                   "ask the prefill server only for the KV "
+                                                                   "past a cached prefix")
+    disaggregation_transfer_timeout: float = option(300.0, "seconds a request may wait for its KV (decode) or "
+                                                           "for its decode server (prefill) before it fails")
 
     # Scheduling
     chunked_prefill_size: Optional[int] = option(None, "longest prefill chunk in tokens; -1 disables "
@@ -242,6 +258,7 @@ class ServerArgs:
         self._validate_parallelism()
         self._validate_lora()
         self._validate_hicache()
+        self._validate_disaggregation()
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -295,8 +312,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 runs every replica on this node (nnodes=1); across nodes, start one "
                              "server per node and put SGLang's gateway in front (docs/gateway.md)")
         if self.load_balance_method == "follow_bootstrap_room":
-            raise ValueError("load_balance_method follow_bootstrap_room needs prefill/decode disaggregation, "
-                             "which radixserve does not have yet; use " + "|".join(LOAD_BALANCE_METHODS))
+            raise ValueError("load_balance_method follow_bootstrap_room is not supported: disaggregated "
+                             "servers run with dp_size 1; use " + "|".join(LOAD_BALANCE_METHODS))
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
             raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
                              f"got {self.load_balance_method!r}")
@@ -368,6 +385,36 @@ class ServerArgs:
             if not extra.get("module_path") or not extra.get("class_name"):
                 raise ValueError("--hicache-storage-backend dynamic needs module_path and class_name in "
                                  "--hicache-storage-backend-extra-config")
+
+    def _validate_disaggregation(self) -> None:
+        if self.disaggregation_mode not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation_mode must be one of {'|'.join(DISAGGREGATION_MODES)}, "
+                             f"got {self.disaggregation_mode!r}")
+        if self.disaggregation_transfer_backend not in ("mooncake", "nixl"):
+            raise ValueError("disaggregation_transfer_backend must be mooncake|nixl, "
+                             f"got {self.disaggregation_transfer_backend!r}")
+        if not 0 < self.disaggregation_bootstrap_port < 65536:
+            raise ValueError(f"disaggregation_bootstrap_port must be in [1, 65535], "
+                             f"got {self.disaggregation_bootstrap_port}")
+        if not self.disaggregation_transfer_timeout > 0:
+            raise ValueError(f"disaggregation_transfer_timeout must be > 0 seconds, "
+                             f"got {self.disaggregation_transfer_timeout}")
+        if self.disaggregation_mode == "null":
+            return
+        if self.disaggregation_transfer_backend == "nixl":
+            raise ValueError("disaggregation_transfer_backend nixl is not available yet; use mooncake")
+        if self.dp_size > 1 or self.nnodes > 1:
+            raise ValueError("a disaggregated server runs with dp_size 1 and nnodes 1; run more prefill or "
+                             "decode servers behind the gateway instead")
+        if self.enable_hierarchical_cache:
+            raise ValueError("disaggregation_mode cannot be combined with enable_hierarchical_cache yet")
+        if self.disaggregation_mode == "decode" and not self.disaggregation_decode_enable_radix_cache:
+            # As in SGLang: a decode server keeps no radix cache unless asked to.
+            self.disable_radix_cache = True
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.disaggregation_mode != "null"
 
     def hicache_storage_extra_config(self) -> Dict[str, Any]:
         """--hicache-storage-backend-extra-config as a dict ({} when unset)."""
@@ -447,6 +494,7 @@ def configure_logging(log_level: str) -> None:
 
 # The output parsers' names, checked at start-up so a typo fails before the model loads.
 _PARSER_CHOICES = {
+    "disaggregation_mode": DISAGGREGATION_MODES,
     "tool_call_parser": SUPPORTED_TOOL_PARSERS,
     "reasoning_parser": SUPPORTED_REASONING_PARSERS,
 }

@@ -22,6 +22,8 @@ class Req:
         self.sampling_seed = sampling_seed
         # The LoRA adapter's id (None: the base model); also its radix-cache namespace.
         self.lora_id: Optional[int] = recv.lora_id
+        # Prefill/decode disaggregation: where the other half of the request is.
+        self.bootstrap = recv.bootstrap
 
         self.output_ids: List[int] = []
         self.finished_reason: Optional[Dict[str, Any]] = None
