@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import time
 from typing import Any, Dict
 
@@ -24,3 +25,15 @@ def kv_settled(url: str, wait_s: float = 30.0) -> Dict[str, int]:
         if (info["kv_cache"]["in_use_tokens"] == 0 and info["num_running_reqs"] == 0) or time.time() > deadline:
             return info["kv_cache"]
         time.sleep(0.2)
+
+
+def as_float32(value):
+    """Logprobs are float32 values; the gateway prints some of them in float32's
+    shortest form, which reads back as a different float64: compare as float32."""
+    if isinstance(value, float):
+        return struct.unpack("f", struct.pack("f", value))[0]
+    if isinstance(value, list):
+        return [as_float32(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_float32(v) for k, v in value.items()}
+    return value

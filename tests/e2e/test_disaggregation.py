@@ -1,8 +1,12 @@
-"""One prefill and one decode server (tiny Llama) behind SGLang's gateway in
-its --pd-disaggregation mode, started by radixserve.launch_cluster: the same
-answers as an ordinary server (the decode server itself, asked directly
-without a bootstrap_room, takes the ordinary path), concurrency, client
-disconnects and, last, a killed prefill server."""
+"""Prefill/decode disaggregation behind SGLang's gateway in its
+--pd-disaggregation mode, clusters started by radixserve.launch_cluster: one
+prefill and one decode server of a tiny Llama, and of a tiny DeepSeek-V3 (MLA:
+one latent buffer per layer; 4-token pages; the decode server keeping a radix
+cache). The same answers as an ordinary server (the decode server itself,
+asked without a bootstrap_room, takes the ordinary path), concurrency, client
+disconnects, a decode-side cache hit moving only the rest and, last, a killed
+prefill server.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,17 @@ import importlib.util
 import json
 import os
 import signal
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from transformers import AutoTokenizer
+
 from tests.gateway_utils import start_cluster
-from tests.pd_utils import TIMEOUT_S, kv_settled, pd_info
+from tests.models.deepseek_tiny import build_deepseek
+from tests.pd_utils import TIMEOUT_S, as_float32, kv_settled, pd_info
 from tests.server_utils import MODEL
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang_router") is None or
@@ -27,11 +33,31 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang_router") is Non
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_model_factory, tmp_path_factory):
-    handle = start_cluster(tiny_model_factory("llama"), tmp_path_factory.mktemp("pd"), "--served-model-name", MODEL,
-                           "--disaggregation-transfer-timeout", str(TIMEOUT_S), "--enable-metrics", pd=(1, 1))
-    yield handle
-    handle.stop()
+def clusters(tiny_model_factory, embedded_tokenizer_dir, tmp_path_factory):
+    """A Llama cluster and a DeepSeek-V3 one (4-token pages, the decode server
+    keeping a radix cache), started together to share the start-up wait."""
+    mla_path = tmp_path_factory.mktemp("deepseek_v3")
+    build_deepseek("v3", len(AutoTokenizer.from_pretrained(embedded_tokenizer_dir)), mla_path, embedded_tokenizer_dir)
+    common = ("--served-model-name", MODEL, "--disaggregation-transfer-timeout", str(TIMEOUT_S))
+    with ThreadPoolExecutor(2) as pool:
+        llama = pool.submit(start_cluster, tiny_model_factory("llama"), tmp_path_factory.mktemp("pd"), *common,
+                            "--enable-metrics", pd=(1, 1))
+        mla = pool.submit(start_cluster, mla_path, tmp_path_factory.mktemp("pd_mla"), *common, "--page-size", "4",
+                          "--disaggregation-decode-enable-radix-cache", pd=(1, 1))
+        handles = [f.result() for f in (llama, mla)]
+    yield handles
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(clusters):
+    return clusters[0]
+
+
+@pytest.fixture(scope="module")
+def mla_cluster(clusters):
+    return clusters[1]
 
 
 def post(url: str, path: str, body: dict) -> dict:
@@ -51,18 +77,6 @@ def streamed_text(url: str, path: str, body: dict) -> str:
     if path == "/v1/completions":
         return "".join(c["choices"][0]["text"] for c in chunks)
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-
-
-def as_float32(value):
-    """Logprobs are float32 values; the gateway prints some of them in float32's
-    shortest form, which reads back as a different float64: compare as float32."""
-    if isinstance(value, float):
-        return struct.unpack("f", struct.pack("f", value))[0]
-    if isinstance(value, list):
-        return [as_float32(v) for v in value]
-    if isinstance(value, dict):
-        return {k: as_float32(v) for k, v in value.items()}
-    return value
 
 
 def test_answers_match_an_ordinary_server(cluster):
@@ -139,6 +153,58 @@ def test_bad_bootstrap_fields_are_refused_by_name(cluster):
                          ({"bootstrap_room": 1, "bootstrap_host": "h", "bootstrap_port": 70000}, "bootstrap_port")]:
         r = httpx.post(f"{decode}/generate", json={"text": "x", **extra}, timeout=30)
         assert r.status_code == 400 and field in r.text, r.text
+
+
+# ---- DeepSeek-V3: the latent cache, 4-token pages, the decode side's radix cache ----
+
+MLA_GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+
+
+def generate(url: str, ids: list) -> dict:
+    body = {"input_ids": ids, "sampling_params": MLA_GREEDY, "return_logprob": True}
+    r = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def flush_caches(cluster) -> None:
+    for url in cluster.worker_urls:
+        assert httpx.post(f"{url}/flush_cache", timeout=30).status_code == 200
+
+
+def test_mla_latent_cache_is_transferred_exactly(mla_cluster):
+    ordinary = mla_cluster.workers["decode 0"]  # without bootstrap fields: the ordinary path
+    prompts = [[(11 * i + 5 * j) % 3000 + 20 for j in range(n)] for i, n in enumerate([3, 9, 17, 40])]
+    for ids in prompts:
+        # Each computed from scratch: a radix hit computes the rest on top of
+        # the cached prefix, which may differ in the last bits.
+        flush_caches(mla_cluster)
+        ref = generate(ordinary, ids)
+        flush_caches(mla_cluster)
+        ours = generate(mla_cluster.url, ids)
+        assert ours["output_ids"] == ref["output_ids"]
+        assert as_float32(ours["meta_info"]["output_token_logprobs"]) == \
+            as_float32(ref["meta_info"]["output_token_logprobs"])
+    kv = kv_settled(ordinary)
+    assert kv["in_use_tokens"] == 0 and kv["total_tokens"] == kv["free_tokens"] + kv["cached_tokens"], kv
+
+
+def test_decode_radix_cache_moves_only_the_uncached_part(mla_cluster):
+    decode = mla_cluster.workers["decode 0"]
+    ids = [(7 * j) % 2500 + 30 for j in range(33)]
+    before = pd_info(decode)["transfer_bytes"]
+    first = generate(mla_cluster.url, ids)
+    between = pd_info(decode)["transfer_bytes"]
+    second = generate(mla_cluster.url, ids)
+    after = pd_info(decode)["transfer_bytes"]
+    assert second["output_ids"] == first["output_ids"]
+    # 32 of the 33 prompt tokens (whole 4-token pages, one token left to move) were the decode side's own
+    assert second["meta_info"]["cached_tokens"] == 32
+    # (each transfer also carries the first token's record, the same size both times)
+    assert after - between < (between - before) / 8, (before, between, after)
+    kv = kv_settled(decode)
+    assert kv["in_use_tokens"] == 0 and kv["cached_tokens"] > 0
+    assert kv["total_tokens"] == kv["free_tokens"] + kv["cached_tokens"], kv
 
 
 def test_killed_prefill_server_fails_waiting_requests_and_leaks_nothing(cluster):
