@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from radixserve.disaggregation.config import MODES as DISAGGREGATION_MODES
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -28,8 +29,7 @@ def option(default: Any, help: str, nargs: Optional[str] = None, **kwargs: Any) 
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
-DISAGGREGATION_MODES = ("null", "prefill", "decode")
+# SGLang's names; auto is round_robin (follow_bootstrap_room is refused: disaggregated servers have dp_size 1).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 QUANTIZATIONS = (None, "fp8", "gguf")
 TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
@@ -312,8 +312,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 runs every replica on this node (nnodes=1); across nodes, start one "
                              "server per node and put SGLang's gateway in front (docs/gateway.md)")
         if self.load_balance_method == "follow_bootstrap_room":
-            raise ValueError("load_balance_method follow_bootstrap_room is not supported: disaggregated "
-                             "servers run with dp_size 1; use " + "|".join(LOAD_BALANCE_METHODS))
+            raise ValueError("load_balance_method follow_bootstrap_room is not supported: prefill/decode "
+                             "disaggregation runs with dp_size 1; use " + "|".join(LOAD_BALANCE_METHODS))
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
             raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
                              f"got {self.load_balance_method!r}")
@@ -387,30 +387,9 @@ class ServerArgs:
                                  "--hicache-storage-backend-extra-config")
 
     def _validate_disaggregation(self) -> None:
-        if self.disaggregation_mode not in DISAGGREGATION_MODES:
-            raise ValueError(f"disaggregation_mode must be one of {'|'.join(DISAGGREGATION_MODES)}, "
-                             f"got {self.disaggregation_mode!r}")
-        if self.disaggregation_transfer_backend not in ("mooncake", "nixl"):
-            raise ValueError("disaggregation_transfer_backend must be mooncake|nixl, "
-                             f"got {self.disaggregation_transfer_backend!r}")
-        if not 0 < self.disaggregation_bootstrap_port < 65536:
-            raise ValueError(f"disaggregation_bootstrap_port must be in [1, 65535], "
-                             f"got {self.disaggregation_bootstrap_port}")
-        if not self.disaggregation_transfer_timeout > 0:
-            raise ValueError(f"disaggregation_transfer_timeout must be > 0 seconds, "
-                             f"got {self.disaggregation_transfer_timeout}")
-        if self.disaggregation_mode == "null":
-            return
-        if self.disaggregation_transfer_backend == "nixl":
-            raise ValueError("disaggregation_transfer_backend nixl is not available yet; use mooncake")
-        if self.dp_size > 1 or self.nnodes > 1:
-            raise ValueError("a disaggregated server runs with dp_size 1 and nnodes 1; run more prefill or "
-                             "decode servers behind the gateway instead")
-        if self.enable_hierarchical_cache:
-            raise ValueError("disaggregation_mode cannot be combined with enable_hierarchical_cache yet")
-        if self.disaggregation_mode == "decode" and not self.disaggregation_decode_enable_radix_cache:
-            # As in SGLang: a decode server keeps no radix cache unless asked to.
-            self.disable_radix_cache = True
+        from radixserve.disaggregation.config import validate_disaggregation  # torch-free
+
+        validate_disaggregation(self)
 
     @property
     def disaggregated(self) -> bool:
