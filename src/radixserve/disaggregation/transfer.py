@@ -44,7 +44,14 @@ def advertised_host(bind_host: str) -> str:
     own address when it binds every interface."""
     if bind_host not in ("0.0.0.0", "::", ""):
         return bind_host
-    return socket.gethostbyname(socket.gethostname())
+    try:
+        # The interface of the default route (a UDP connect sends nothing);
+        # the hostname may resolve to a loopback address (Debian's 127.0.1.1).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("10.255.255.255", 1))
+            return probe.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
 
 
 @dataclass
