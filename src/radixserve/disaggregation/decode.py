@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -29,7 +29,7 @@ from radixserve.disaggregation.bootstrap import RankRoute, lookup_route
 from radixserve.disaggregation.rank_agreement import agree
 from radixserve.disaggregation.stats import TransferStats
 from radixserve.disaggregation.transfer import (
-    FIRST_TOKEN_TOP_K, PAYLOAD_WIDTH, FirstTokenBoard, KVDestination, MooncakeEngine, advertised_host, kv_buffers, room_tag,
+    PAYLOAD_WIDTH, FirstTokenBoard, KVDestination, MooncakeEngine, advertised_host, kv_buffers, room_tag,
     slot_bytes)
 from radixserve.managers.req import Req
 from radixserve.managers.scheduler.outputs import abort_reason
@@ -70,16 +70,6 @@ class DecodeReceiver:
         logger.info("decode server: transfer engine %s", self.engine.session_id)
 
     # ---- arrivals ----
-    def check(self, req: Req) -> None:
-        """What a disaggregated request cannot ask of the decode side (ValueError: 400)."""
-        if req.grammar_future is not None or req.sampling_params.json_schema or req.sampling_params.regex \
-                or req.sampling_params.ebnf:
-            raise ValueError("structured outputs (json_schema, regex, ebnf) are not supported with "
-                             "prefill/decode disaggregation yet")
-        if req.top_logprobs_num > FIRST_TOKEN_TOP_K:
-            raise ValueError(f"top_logprobs_num must be <= {FIRST_TOKEN_TOP_K} with prefill/decode "
-                             f"disaggregation, got {req.top_logprobs_num}")
-
     def add(self, req: Req) -> None:
         # Its input logprobs are the prefill half's: the gateway puts them in front of ours (none).
         req.input_logprobs_done = True
@@ -189,7 +179,12 @@ class DecodeReceiver:
             start_pos=req.prefix_len, slots=self.table[row, req.prefix_len:prompt_len].tolist(),
             prompt_len=prompt_len, payload_addr=self.board.payload_addr(row),
             status_addr=self.board.status_addr(row), budget_s=max(item.deadline - now, 0.0))
-        self._outbox(route.endpoint).send_pyobj(dest, zmq.NOBLOCK)
+        try:
+            # JSON, not pickle: the peer is another host.
+            self._outbox(route.endpoint).send_json(asdict(dest), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            item.route = _failed_route(f"cannot send to the prefill rank at {route.endpoint}: {e}")
+            return
         item.sent_at = now
 
     def _outbox(self, endpoint: str) -> zmq.Socket:

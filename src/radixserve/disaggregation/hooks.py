@@ -11,9 +11,22 @@ from typing import Any, Callable, Dict, List, Optional
 
 from radixserve.disaggregation.decode import DecodeReceiver, first_token_host_lists, to_running_batch
 from radixserve.disaggregation.prefill import PrefillSender
+from radixserve.disaggregation.transfer import FIRST_TOKEN_TOP_K
 from radixserve.managers import io_struct as io
 from radixserve.managers.req import Req
 from radixserve.managers.scheduler.outputs import release_kv
+
+
+def check_disaggregated(recv: io.TokenizedGenerateReqInput) -> None:
+    """What a disaggregated request cannot ask for yet, refused alike on both
+    sides (ValueError: a 400), so neither half waits for the other in vain."""
+    sp = recv.sampling_params
+    if sp.json_schema or sp.regex or sp.ebnf:
+        raise ValueError("structured outputs (json_schema, regex, ebnf) are not supported with "
+                         "prefill/decode disaggregation yet")
+    if recv.top_logprobs_num > FIRST_TOKEN_TOP_K:
+        raise ValueError(f"top_logprobs_num must be <= {FIRST_TOKEN_TOP_K} with prefill/decode "
+                         f"disaggregation, got {recv.top_logprobs_num}")
 
 
 class Disaggregation:
@@ -36,6 +49,7 @@ class Disaggregation:
         False: the ordinary admission takes it. ValueError: refused (400)."""
         if recv.bootstrap is None:
             return False
+        check_disaggregated(recv)
         if self.prefill is not None:
             self.prefill.on_arrival(recv)
             return False
@@ -45,7 +59,6 @@ class Disaggregation:
         if len(req.origin_input_ids) + 1 > self.s.runner.max_total_num_tokens:
             raise ValueError(f"the prompt has {len(req.origin_input_ids)} tokens and can never fit the KV cache "
                              f"({self.s.runner.max_total_num_tokens} tokens)")
-        self.decode.check(req)
         self.decode.add(req)
         return True
 

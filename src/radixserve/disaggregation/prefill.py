@@ -83,6 +83,10 @@ class PrefillSender:
         """Called when a request's prefill ended it: keep it (and its KV) until the write."""
         if req.bootstrap is None or not req.output_ids or req.finished_reason.get("type") == "abort":
             return False
+        if req.bootstrap.room in self.held:
+            req.finished_reason = abort_reason(f"bootstrap_room {req.bootstrap.room} is already in use by "
+                                               "another request on this prefill server", 400)
+            return False
         self.held[req.bootstrap.room] = HeldRequest(req, time.monotonic() + self.timeout)
         return True
 
@@ -111,9 +115,12 @@ class PrefillSender:
     def _receive(self) -> None:
         while True:
             try:
-                dest: KVDestination = self.inbox.recv_pyobj(zmq.NOBLOCK)
+                dest = KVDestination(**self.inbox.recv_json(zmq.NOBLOCK))
             except zmq.Again:
                 return
+            except (ValueError, TypeError) as e:  # not from a decode server of ours
+                logger.warning("ignoring a malformed KV destination: %s", e)
+                continue
             self.destinations[dest.room] = (dest, time.monotonic() + dest.budget_s)
 
     def _start_write(self, held: HeldRequest, dest: KVDestination) -> None:

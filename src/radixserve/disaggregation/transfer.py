@@ -156,6 +156,9 @@ class MooncakeEngine:
         self.session_id = f"{hostname}:{self.engine.get_rpc_port()}"
 
     def register(self, tensors: List[torch.Tensor]) -> None:
+        if any(t.is_cuda for t in tensors) and _is_host_only_build():
+            raise RuntimeError("the KV cache is in GPU memory, which the installed mooncake-transfer-engine-non-cuda "
+                               "cannot read or write; install the CUDA build (pip install mooncake-transfer-engine)")
         for t in tensors:
             rc = self.engine.register_memory(t.data_ptr(), t.numel() * t.element_size())
             if rc != 0:
@@ -168,3 +171,13 @@ class MooncakeEngine:
         rc = self.engine.batch_transfer_sync_write(session, srcs, dsts, lengths)
         if rc != 0:
             raise TransferError(f"Mooncake write to {session} failed (code {rc})")
+
+
+def _is_host_only_build() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("mooncake-transfer-engine-non-cuda")
+        return True
+    except PackageNotFoundError:
+        return False
