@@ -29,6 +29,35 @@ def check_disaggregated(recv: io.TokenizedGenerateReqInput) -> None:
                          f"disaggregation, got {recv.top_logprobs_num}")
 
 
+class NoDisaggregation:
+    """An ordinary server (--disaggregation-mode null): every hook does nothing."""
+
+    def on_arrival(self, recv: io.TokenizedGenerateReqInput) -> bool:
+        return False
+
+    def step(self) -> None:
+        pass
+
+    def abort(self, matches: Callable[[Req], bool]) -> List[Req]:
+        return []
+
+    def has_work(self) -> bool:
+        return False
+
+    def kv_holders(self) -> List[Req]:
+        return []
+
+    def report(self, drain: bool = False) -> None:
+        return None
+
+
+def make_disaggregation(scheduler: Any, tp_size: int):
+    """The scheduler's handle for its --disaggregation-mode."""
+    if scheduler.server_args.disaggregated:
+        return Disaggregation(scheduler, tp_size)
+    return NoDisaggregation()
+
+
 class Disaggregation:
     def __init__(self, scheduler: Any, tp_size: int) -> None:
         """scheduler: the Scheduler (its pools, admission, running batch, results, emit, resolve_in_flight)."""

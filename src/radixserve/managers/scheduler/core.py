@@ -21,7 +21,7 @@ import os
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from radixserve.disaggregation.hooks import Disaggregation
+from radixserve.disaggregation.hooks import make_disaggregation
 from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
 from radixserve.layers.sampler import Sampler
@@ -79,10 +79,9 @@ class Scheduler:
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
-        # Prefill/decode disaggregation: None on an ordinary server.
-        self.pd = Disaggregation(self, get_tp_group().world_size) if args.disaggregated else None
+        self.pd = make_disaggregation(self, get_tp_group().world_size)  # prefill/decode disaggregation
         self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats,
-                                   lambda: self.pd.report(drain=True) if self.pd is not None else None)
+                                   lambda: self.pd.report(drain=True))
         self.overlap = not args.disable_overlap_schedule
         self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -112,8 +111,7 @@ class Scheduler:
     def step(self) -> None:
         """One turn: queue compiled requests, apply due updates, then schedule, launch, process."""
         self.emit(self.admission.move_compiled())
-        if self.pd is not None:
-            self.pd.step()
+        self.pd.step()
         for reply in self.weights.apply_ready(kv_in_use=self.kv_busy()):
             self.send_reply(reply, reply.request_id)
         if self.in_flight is not None and self.must_resolve_before_scheduling():
@@ -137,14 +135,13 @@ class Scheduler:
             return 0.005  # only compiling: wait a little, don't spin
         if self.admission.waiting_on_storage() and self.running.is_empty() and self.in_flight is None:
             return 0.002  # only a storage prefetch to wait for: leave its thread the CPU
-        if self.pd is not None and self.pd.has_work() and self.running.is_empty() and self.in_flight is None \
-                and not self.admission.has_work():
+        if self.pd.has_work() and self.running.is_empty() and self.in_flight is None and not self.admission.has_work():
             return 0.002  # only KV transfers to wait for: leave their threads the CPU
         return 0.0
 
     def is_idle(self) -> bool:
         return (not self.admission.has_work() and self.running.is_empty() and self.in_flight is None
-                and not self.weights.pending and not (self.pd is not None and self.pd.has_work()))
+                and not self.weights.pending and not self.pd.has_work())
 
     def must_resolve_before_scheduling(self) -> bool:
         """Cases where the next batch depends on the in-flight batch's results.
@@ -216,7 +213,7 @@ class Scheduler:
 
     def add_request(self, recv: io.TokenizedGenerateReqInput) -> None:
         try:
-            if self.pd is not None and self.pd.on_arrival(recv):
+            if self.pd.on_arrival(recv):
                 return
             refused = self.admission.add(recv)
         except Exception as e:  # one bad request must not take the scheduler down
@@ -236,9 +233,7 @@ class Scheduler:
             # An n > 1 request's copies share its rid as a prefix.
             return msg.abort_all or req.rid == msg.rid or req.rid.startswith(f"{msg.rid}#")
 
-        ended = self.admission.abort(matches)
-        if self.pd is not None:
-            ended += self.pd.abort(matches)
+        ended = self.admission.abort(matches) + self.pd.abort(matches)
         self.running.mark_aborted(matches)
         self.emit(ended + self.reap_aborted())
 
@@ -308,7 +303,7 @@ class Scheduler:
             "dp_size": self.server_args.dp_size,
             "dp_rank": self.dp_rank,
             "lora": self.runner.lora_manager.info() if getattr(self.runner, "lora_manager", None) else None,
-            "disaggregation": self.pd.report() if self.pd is not None else None,
+            "disaggregation": self.pd.report(),
             "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
         }
 
@@ -461,9 +456,8 @@ class Scheduler:
     # ---- memory ----
     def kv_holders(self) -> List[Req]:
         """Requests holding KV: running, the chunked one, and an in-flight extend batch's."""
-        holders = list(self.running.reqs)
-        if self.pd is not None:  # (finished ones too: their pages wait for the transfer to end)
-            holders += self.pd.kv_holders()
+        # (the disaggregated ones too, finished or not: their pages wait for a transfer to end)
+        holders = list(self.running.reqs) + self.pd.kv_holders()
         extra = [self.admission.chunked_req] if self.admission.chunked_req is not None else []
         if self.in_flight is not None and self.in_flight.is_extend:
             extra += self.in_flight.reqs
