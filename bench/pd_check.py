@@ -4,7 +4,9 @@ server itself, asked without bootstrap fields, takes the ordinary path. For the
 GPU machine (both servers on one GPU, half the memory each) as much as the CPU.
 
     .venv/bin/python bench/pd_check.py --model-path /models/Llama-3.1-8B-Instruct --load-format dummy \\
-        --mem-fraction-static 0.4
+        --random-seed 0 --mem-fraction-static 0.4
+
+(with --load-format dummy, --random-seed gives both servers the same random weights).
 
 Every flag it does not know goes to both servers. Prints one JSON line: how
 many greedy answers (and output logprobs, compared as float32) matched, one
