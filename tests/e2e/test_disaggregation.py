@@ -108,7 +108,7 @@ def test_32_concurrent_requests_of_mixed_lengths(cluster):
               for i in range(32)]
     with ThreadPoolExecutor(32) as pool:
         ours = list(pool.map(lambda b: post(cluster.url, "/generate", b)["output_ids"], bodies))
-    assert ours == [post(ordinary, "/generate", b)["output_ids"] for b in bodies]
+        assert ours == list(pool.map(lambda b: post(ordinary, "/generate", b)["output_ids"], bodies))
     for name in ("prefill 0", "decode 0"):
         kv = kv_settled(cluster.workers[name])
         assert kv["in_use_tokens"] == 0 and kv["total_tokens"] == kv["free_tokens"] + kv["cached_tokens"], kv
