@@ -174,10 +174,14 @@ class MooncakeEngine:
 
 
 def _is_host_only_build() -> bool:
+    """Only the -non-cuda wheel is installed (the CUDA one, mooncake-transfer-engine, is not)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        version("mooncake-transfer-engine-non-cuda")
-        return True
-    except PackageNotFoundError:
-        return False
+    def installed(name: str) -> bool:
+        try:
+            version(name)
+            return True
+        except PackageNotFoundError:
+            return False
+
+    return installed("mooncake-transfer-engine-non-cuda") and not installed("mooncake-transfer-engine")
