@@ -11,11 +11,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from tests.server_utils import free_port
 
-READY = re.compile(r"\[launch_cluster\] (worker \d+) ready at (\S+) \(pid (\d+)\)")
+READY = re.compile(r"\[launch_cluster\] ((?:worker|prefill|decode) \d+) ready at (\S+) \(pid (\d+)\)")
 
 
 @dataclass
@@ -40,14 +40,18 @@ class ClusterHandle:
 
 
 def start_cluster(model_path, log_dir: Path, *worker_flags: str, workers: int = 2, policy: str = "cache_aware",
-                  timeout_s: float = 240) -> ClusterHandle:
-    """launch_cluster on a free port; returns once it says the gateway is ready."""
+                  timeout_s: float = 240, pd: Tuple[int, int] = (0, 0)) -> ClusterHandle:
+    """launch_cluster on a free port; returns once it says the gateway is ready.
+    pd: (prefill servers, decode servers) for a disaggregated cluster."""
     port = free_port()
     log = log_dir / "launch_cluster.out"
+    # (the gateway's own Prometheus port on a free port too: its default may be taken)
+    router_args = f"--router-args=--log-level warn --prometheus-port {free_port()}"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "radixserve.launch_cluster", "--workers", str(workers), "--router-policy", policy,
-             "--port", str(port), "--log-dir", str(log_dir), "--router-args=--log-level warn",
+             "--prefill-workers", str(pd[0]), "--decode-workers", str(pd[1]),
+             "--port", str(port), "--log-dir", str(log_dir), router_args,
              "--model-path", str(model_path), *worker_flags],
             stdout=out, stderr=subprocess.STDOUT)
     handle = ClusterHandle(proc, f"http://127.0.0.1:{port}", log)

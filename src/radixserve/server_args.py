@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from radixserve.disaggregation.config import MODES as DISAGGREGATION_MODES
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -28,7 +29,7 @@ def option(default: Any, help: str, nargs: Optional[str] = None, **kwargs: Any) 
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-# SGLang's names; auto is round_robin (follow_bootstrap_room awaits disaggregation).
+# SGLang's names; auto is round_robin (follow_bootstrap_room is refused: disaggregated servers have dp_size 1).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
 QUANTIZATIONS = (None, "fp8", "gguf")
 TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
@@ -106,6 +107,21 @@ class ServerArgs:
                                                              "timeout")
     hicache_file_backend_dir: str = option("/tmp/radixserve_hicache", "folder of the file storage backend "
                                                                       "(kept across restarts)")
+
+    # Prefill/decode disaggregation (docs/architecture.md, "Prefill/decode disaggregation")
+    disaggregation_mode: str = option("null", "null: an ordinary server|prefill: computes prompts and writes "
+                                              "their KV to decode servers|decode: receives KV and decodes")
+    disaggregation_transfer_backend: str = option("mooncake", "the KV transfer engine: mooncake (TCP, or "
+                                                              "RDMA with --disaggregation-ib-device)|nixl "
+                                                              "(not available yet)")
+    disaggregation_bootstrap_port: int = option(8998, "prefill servers: port of the bootstrap server where "
+                                                      "decode servers look up the prefill ranks")
+    disaggregation_ib_device: Optional[str] = option(None, "RDMA devices for Mooncake (e.g. mlx5_0); None: TCP")
+    disaggregation_decode_enable_radix_cache: bool = option(False, "decode servers: keep a radix cache and "
+                                                                   "ask the prefill server only for the KV "
+                                                                   "past a cached prefix")
+    disaggregation_transfer_timeout: float = option(300.0, "seconds a request may wait for its KV (decode) or "
+                                                           "for its decode server (prefill) before it fails")
 
     # Scheduling
     chunked_prefill_size: Optional[int] = option(None, "longest prefill chunk in tokens; -1 disables "
@@ -245,6 +261,7 @@ class ServerArgs:
         self._validate_parallelism()
         self._validate_lora()
         self._validate_hicache()
+        self._validate_disaggregation()
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
@@ -269,6 +286,8 @@ class ServerArgs:
             raise ValueError("enable_mixed_chunk cannot be combined with enable_deterministic_inference")
         if self.is_embedding and self.enable_lora:
             raise ValueError("is_embedding cannot be combined with enable_lora yet")
+        if self.is_embedding and self.disaggregation_mode != "null":
+            raise ValueError("is_embedding cannot be combined with disaggregation_mode (an embedding is one prefill)")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         for name, supported in _PARSER_CHOICES.items():
@@ -300,8 +319,8 @@ class ServerArgs:
             raise ValueError("dp_size > 1 runs every replica on this node (nnodes=1); across nodes, start one "
                              "server per node and put SGLang's gateway in front (docs/gateway.md)")
         if self.load_balance_method == "follow_bootstrap_room":
-            raise ValueError("load_balance_method follow_bootstrap_room needs prefill/decode disaggregation, "
-                             "which radixserve does not have yet; use " + "|".join(LOAD_BALANCE_METHODS))
+            raise ValueError("load_balance_method follow_bootstrap_room is not supported: prefill/decode "
+                             "disaggregation runs with dp_size 1; use " + "|".join(LOAD_BALANCE_METHODS))
         if self.load_balance_method not in LOAD_BALANCE_METHODS:
             raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
                              f"got {self.load_balance_method!r}")
@@ -373,6 +392,15 @@ class ServerArgs:
             if not extra.get("module_path") or not extra.get("class_name"):
                 raise ValueError("--hicache-storage-backend dynamic needs module_path and class_name in "
                                  "--hicache-storage-backend-extra-config")
+
+    def _validate_disaggregation(self) -> None:
+        from radixserve.disaggregation.config import validate_disaggregation  # torch-free
+
+        validate_disaggregation(self)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.disaggregation_mode != "null"
 
     def hicache_storage_extra_config(self) -> Dict[str, Any]:
         """--hicache-storage-backend-extra-config as a dict ({} when unset)."""
@@ -452,6 +480,7 @@ def configure_logging(log_level: str) -> None:
 
 # The output parsers' names, checked at start-up so a typo fails before the model loads.
 _PARSER_CHOICES = {
+    "disaggregation_mode": DISAGGREGATION_MODES,
     "tool_call_parser": SUPPORTED_TOOL_PARSERS,
     "reasoning_parser": SUPPORTED_REASONING_PARSERS,
 }

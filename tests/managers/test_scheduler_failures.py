@@ -122,14 +122,14 @@ def test_failure_while_processing_results(overlap):
     overlap schedule): that result's requests fail, the next batch's others go on."""
     h = Harness(disable_overlap_schedule=not overlap)
     results = h.scheduler.results
-    real_append = results._append_token
+    real_append = results.append_token
 
     def append_or_fail(req, row, token, host):
         if req.rid == "doomed" and len(req.output_ids) == 3:
             raise RuntimeError("injected failure in result processing")
         real_append(req, row, token, host)
 
-    results._append_token = append_or_fail
+    results.append_token = append_or_fail
     h.submit("doomed", [1, 2, 3], 10)
     h.submit("neighbour", [4, 5], 10)
     h.run(until=lambda: "doomed" in h.finish)

@@ -1,4 +1,5 @@
 """python -m radixserve.launch_cluster --workers N [--router-policy P] [--port N] [worker flags]
+   python -m radixserve.launch_cluster --prefill-workers P --decode-workers D [...] [worker flags]
 
 N radixserve workers on free loopback ports with SGLang's Model Gateway
 (`sglang-router`, the `radixserve[router]` extra) in front of them on --port.
@@ -8,6 +9,10 @@ Every flag this launcher does not know is passed to each worker's
 dead worker is reported (which one, its exit code) and the gateway keeps
 serving from the others, unless --exit-on-worker-death asks to stop all; a
 dead gateway, or the last worker gone, stops all.
+
+With --prefill-workers and --decode-workers it starts a disaggregated cluster
+instead: prefill servers (each with its own bootstrap port) and decode
+servers, and the gateway in its --pd-disaggregation mode pairing them.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class Member:
     url: str
     proc: subprocess.Popen
     reported: bool = False  # its death was already reported
+    bootstrap_port: Optional[int] = None  # a prefill server's --disaggregation-bootstrap-port
 
 
 @dataclass
@@ -141,24 +147,50 @@ def log_file(log_dir: Optional[str], name: str):
     return open(Path(log_dir) / f"{name.replace(' ', '_')}.log", "w")
 
 
+def worker_roles(args: argparse.Namespace) -> List[str]:
+    """Each worker's role: "worker" (an ordinary server), "prefill" or "decode"."""
+    if args.prefill_workers or args.decode_workers:
+        return ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    return ["worker"] * args.workers
+
+
 def start_workers(args: argparse.Namespace, worker_flags: List[str]) -> List[Member]:
-    workers = []
-    for i in range(args.workers):
+    workers, counts = [], {}
+    for role in worker_roles(args):
+        i = counts[role] = counts.get(role, -1) + 1
         port = free_port(args.worker_host)
-        log = log_file(args.log_dir, f"worker {i}")
+        flags, bootstrap = [], None
+        if role == "prefill":
+            bootstrap = free_port(args.worker_host)
+            flags = ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap)]
+        elif role == "decode":
+            flags = ["--disaggregation-mode", "decode"]
+        log = log_file(args.log_dir, f"{role} {i}")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "radixserve.launch_server", *worker_flags,
+            [sys.executable, "-m", "radixserve.launch_server", *worker_flags, *flags,
              "--host", args.worker_host, "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT if log else None)
-        workers.append(Member(f"worker {i}", f"http://{args.worker_host}:{port}", proc))
+        workers.append(Member(f"{role} {i}", f"http://{args.worker_host}:{port}", proc, bootstrap_port=bootstrap))
     return workers
+
+
+def router_worker_flags(workers: List[Member]) -> List[str]:
+    """The gateway's worker list: plain URLs, or its PD mode's --prefill URL PORT / --decode URL."""
+    if not any(w.name.startswith(("prefill", "decode")) for w in workers):
+        return ["--worker-urls", *[w.url for w in workers]]
+    flags = ["--pd-disaggregation"]
+    for w in workers:
+        if w.name.startswith("prefill"):
+            flags += ["--prefill", w.url, str(w.bootstrap_port)]
+        else:
+            flags += ["--decode", w.url]
+    return flags
 
 
 def start_router(args: argparse.Namespace, workers: List[Member]) -> Member:
     log = log_file(args.log_dir, "router")
     command = [sys.executable, "-m", "sglang_router.launch_router", "--host", args.host, "--port", str(args.port),
-               "--policy", args.router_policy, "--worker-urls", *[w.url for w in workers],
-               *shlex.split(args.router_args)]
+               "--policy", args.router_policy, *router_worker_flags(workers), *shlex.split(args.router_args)]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None)
     return Member("router", f"http://{args.host}:{args.port}", proc)
 
@@ -167,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="how many radixserve workers")
+    parser.add_argument("--prefill-workers", type=int, default=0,
+                        help="prefill/decode disaggregation: this many prefill servers (with --decode-workers)")
+    parser.add_argument("--decode-workers", type=int, default=0,
+                        help="prefill/decode disaggregation: this many decode servers (with --prefill-workers)")
     parser.add_argument("--router-policy", choices=POLICIES, default="cache_aware",
                         help="the gateway's routing policy")
     parser.add_argument("--host", default="127.0.0.1", help="the gateway's address")
@@ -190,6 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, worker_flags = build_parser().parse_known_args(argv)
     if args.workers < 1:
         print(f"{PROG}: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    if (args.prefill_workers > 0) != (args.decode_workers > 0) or min(args.prefill_workers, args.decode_workers) < 0:
+        print(f"{PROG}: error: --prefill-workers and --decode-workers go together, both >= 1", file=sys.stderr)
         return 2
     if importlib.util.find_spec("sglang_router") is None:
         print(f"{PROG}: error: sglang-router is not installed: pip install 'radixserve[router]'", file=sys.stderr)

@@ -57,7 +57,7 @@ def server_info(args: ServerArgs, served_model_name: str, scheduler_info: Dict[s
         "model_path": args.model_path,
         "served_model_name": served_model_name,
         "tokenizer_path": identity["tokenizer_path"],
-        "disaggregation_mode": "null",
+        "disaggregation_mode": args.disaggregation_mode,
         "internal_states": scheduler_info["internal_states"],
         "version": __version__,
     }

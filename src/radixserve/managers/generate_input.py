@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
+from radixserve.managers.io_struct import BootstrapInfo
 from radixserve.managers.validation import INT64_MAX, FieldError, check_bool, check_int, check_text
 from radixserve.sampling.sampling_params import SamplingParams
 
@@ -35,6 +36,7 @@ class SingleRequest:
     lora_path: Optional[str] = None  # the LoRA adapter's name; None: the base model
     image_data: Optional[List[str]] = None  # images for the prompt's image placeholders, in order
     mm_inputs: Optional[Any] = None  # the processed images (multimodal/inputs.py), set when tokenized
+    bootstrap: Optional[BootstrapInfo] = None  # prefill/decode disaggregation (the gateway adds it)
 
 
 @dataclass
@@ -56,6 +58,11 @@ class GenerateReqInput:
     # Images (SGLang's field): for one prompt a data URL / path or a list of them;
     # for a batch one such entry per prompt.
     image_data: Union[str, List[Any], None] = None
+    # Prefill/decode disaggregation: the prefill server's bootstrap server and
+    # the room both halves share (SGLang's gateway adds them), or one per prompt.
+    bootstrap_host: Union[str, List[Optional[str]], None] = None
+    bootstrap_port: Union[int, List[Optional[int]], None] = None
+    bootstrap_room: Union[int, List[Optional[int]], None] = None
 
     @property
     def is_batch(self) -> bool:
@@ -86,6 +93,7 @@ class GenerateReqInput:
         rids = self._rids(num)
         loras = self._per_prompt(self.lora_path, num, "lora_path", str)
         images = self._images_per_prompt(num)
+        bootstraps = self._bootstraps(num)
         routed = self.routed_dp_rank
         if routed is not None:
             check_int("routed_dp_rank", routed, minimum=0, maximum=dp_size - 1,
@@ -101,6 +109,9 @@ class GenerateReqInput:
             sp.normalize()
             if max_n is not None and sp.n > max_n:
                 raise FieldError("n", f"n must be <= {max_n} (max_n), got {sp.n}")
+            if bootstraps[i] is not None and sp.n > 1:
+                raise FieldError("n", "n > 1 cannot be combined with bootstrap_room (a disaggregated "
+                                      "request has one prefill and one decode half)")
             base_rid = rids[i] or uuid.uuid4().hex
             for j in range(sp.n):
                 out.append(SingleRequest(
@@ -117,6 +128,7 @@ class GenerateReqInput:
                     routed_dp_rank=routed,
                     lora_path=loras[i],
                     image_data=images[i],
+                    bootstrap=bootstraps[i],
                 ))
         _check_unique_rids(out)
         return out
@@ -168,6 +180,27 @@ class GenerateReqInput:
             if rid is not None:
                 check_text("rid", rid)
         return rids
+
+    def _bootstraps(self, num: int) -> List[Optional[BootstrapInfo]]:
+        """Each prompt's pairing, checked; None where no bootstrap_room is given."""
+        hosts = self._per_prompt(self.bootstrap_host, num, "bootstrap_host", str)
+        ports = self._per_prompt(self.bootstrap_port, num, "bootstrap_port", int)
+        rooms = self._per_prompt(self.bootstrap_room, num, "bootstrap_room", int)
+        out: List[Optional[BootstrapInfo]] = []
+        for host, port, room in zip(hosts, ports, rooms):
+            if room is None:
+                out.append(None)
+                continue
+            check_int("bootstrap_room", room, minimum=0)
+            if not host:
+                raise FieldError("bootstrap_host", "bootstrap_room needs bootstrap_host (the prefill server's host)")
+            check_text("bootstrap_host", host)
+            if port is None:
+                raise FieldError("bootstrap_port", "bootstrap_room needs bootstrap_port (the prefill server's "
+                                                   "--disaggregation-bootstrap-port)")
+            check_int("bootstrap_port", port, minimum=1, maximum=65535, what="a port in [1, 65535]")
+            out.append(BootstrapInfo(host, port, room))
+        return out
 
     def _per_prompt(self, value, num: int, name: str, kind: type, default: Any = None) -> list:
         """One value per prompt, each of the right type; None becomes the default."""

@@ -34,6 +34,16 @@ class ControlOut:
 
 
 @dataclass
+class BootstrapInfo:
+    """Where a disaggregated request's other half is: the prefill server's
+    bootstrap server (host, port) and the room, the id both halves share."""
+
+    host: str
+    port: int
+    room: int
+
+
+@dataclass
 class TokenizedGenerateReqInput:
     """TokenizerManager -> Scheduler: one request (one of n samples)."""
 
@@ -47,6 +57,7 @@ class TokenizedGenerateReqInput:
     lora_id: Optional[int] = None  # the adapter's id for this load of it; None: the base model
     # A vision-language model's images (multimodal/inputs.py MultimodalInputs); None: text only
     mm_inputs: Optional[Any] = None
+    bootstrap: Optional[BootstrapInfo] = None  # prefill/decode disaggregation: the pairing
 
 
 @dataclass
@@ -109,6 +120,7 @@ class SchedulerStats:
     gen_throughput: float
     dp_rank: int = 0  # the data-parallel replica that sent it
     hicache: Optional[Dict[str, Any]] = None  # the hierarchical cache's counters (tier_stats), when on
+    disaggregation: Optional[Dict[str, Any]] = None  # KV transfer counters (prefill/decode disaggregation)
 
 
 @dataclass

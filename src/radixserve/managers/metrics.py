@@ -40,6 +40,16 @@ class Metrics:
         self.hicache_bytes = Gauge("radixserve:hicache_transfer_bytes", "Bytes the hierarchical cache moved "
                                    "(tier: host_to_device, device_to_host), cumulative",
                                    tier_label, registry=self.registry)
+        # Prefill/decode disaggregation (SGLang has the same three under other names)
+        self.kv_transfer_bytes = gauge("kv_transfer_bytes", "Bytes of KV (and first tokens) moved between "
+                                                            "prefill and decode servers, cumulative")
+        self.kv_transfer_failures = gauge("kv_transfer_failures", "Disaggregated requests whose KV transfer "
+                                                                  "failed or timed out, cumulative")
+        self.num_waiting_for_kv = gauge("num_requests_waiting_for_kv", "Requests waiting for their KV transfer "
+                                                                       "(decode) or their decode server (prefill)")
+        self.kv_transfer_latency = histogram("kv_transfer_latency_seconds", "Time one request's KV transfer took "
+                                                                            "(prefill: the write; decode: from "
+                                                                            "asking to having it)")
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token")
         self.itl = histogram("inter_token_latency_seconds", "Time between output updates per token")
         self.e2e = histogram("e2e_request_latency_seconds", "End-to-end request latency")
@@ -100,6 +110,7 @@ class Metrics:
         self.token_usage.set(sum(s.token_usage for s in every) / len(every))
         self.cache_hit_rate.set(sum(s.cache_hit_rate for s in every) / len(every))
         self.gen_throughput.set(sum(s.gen_throughput for s in every))
+        self._on_transfer_stats([s.disaggregation for s in every if s.disaggregation], stats)
         tiers = [s.hicache for s in every if s.hicache]
         if tiers:
             for tier in ("device", "host", "storage"):
@@ -108,6 +119,15 @@ class Metrics:
             for direction in ("host_to_device", "device_to_host"):
                 self.hicache_bytes.labels(**self.labels, tier=direction).set(
                     sum(t[f"bytes_{direction}"] for t in tiers))
+
+    def _on_transfer_stats(self, every: list, latest: io.SchedulerStats) -> None:
+        if not every:
+            return
+        self.kv_transfer_bytes.set(sum(d["transfer_bytes"] for d in every))
+        self.kv_transfer_failures.set(sum(d["num_failed_transfers"] for d in every))
+        self.num_waiting_for_kv.set(sum(d["num_waiting_for_kv"] for d in every))
+        for seconds in (latest.disaggregation or {}).get("new_transfer_latencies", []):
+            self.kv_transfer_latency.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

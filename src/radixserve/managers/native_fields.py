@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional
 from radixserve.managers.validation import FieldError
 
 IMPLEMENTED = ("text", "input_ids", "sampling_params", "rid", "return_logprob", "logprob_start_len",
-               "top_logprobs_num", "return_text_in_logprobs", "stream", "lora_path", "image_data")
+               "top_logprobs_num", "return_text_in_logprobs", "stream", "lora_path", "image_data",
+               "bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 IGNORED = (
     "log_metrics", "no_logs", "custom_labels",  # logging and metric labels
@@ -35,7 +36,7 @@ DEFAULT_ONLY: Dict[str, Any] = {
     "return_flat_raw_top_logprobs_b64": False, "return_hidden_states": False, "return_routed_experts": False,
     "routed_experts_start_len": 0, "return_indexer_topk": False, "modalities": None, "session_params": None,
     "lora_id": None, "custom_logit_processor": None, "positional_embed_overrides": None,
-    "bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None, "bootstrap_pair_key": None,
+    "bootstrap_pair_key": None,
     "decode_tp_size": None, "disagg_prefill_dp_rank": None, "background": False, "require_reasoning": False,
     "max_thinking_tokens": None, "priority": None, "extra_key": None, "return_bytes": False,
     "return_entropy": False, "return_prompt_token_ids": False, "need_wait_for_mm_inputs": None,

@@ -24,6 +24,8 @@ class Req:
         self.lora_id: Optional[int] = recv.lora_id
         # Images (multimodal/inputs.py): their pixels, token spans and M-RoPE positions.
         self.mm = recv.mm_inputs
+        # Prefill/decode disaggregation: where the other half of the request is.
+        self.bootstrap = recv.bootstrap
 
         self.output_ids: List[int] = []
         self.finished_reason: Optional[Dict[str, Any]] = None

@@ -161,7 +161,7 @@ class TokenizerManager:
                 rid=state.req.rid, input_ids=state.prompt_ids, sampling_params=state.req.sampling_params,
                 stream=state.req.stream, return_logprob=state.req.return_logprob,
                 logprob_start_len=state.req.logprob_start_len, top_logprobs_num=state.req.top_logprobs_num,
-                lora_id=lora_id, mm_inputs=state.req.mm_inputs,
+                lora_id=lora_id, mm_inputs=state.req.mm_inputs, bootstrap=state.req.bootstrap,
             ))
         try:
             if obj.stream:

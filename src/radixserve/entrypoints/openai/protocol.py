@@ -81,6 +81,14 @@ class SGLangExtras(BaseModel):
     # usage.prompt_tokens_details.cached_tokens_details: {device, host, storage}
     # (with --enable-hierarchical-cache)
     return_cached_tokens_details: bool = False
+    # Prefill/decode disaggregation: SGLang's gateway adds these to both halves of a request.
+    bootstrap_host: Optional[str] = None
+    bootstrap_port: Optional[int] = None
+    bootstrap_room: Optional[int] = None
+
+    def bootstrap_fields(self) -> Dict[str, Any]:
+        return {"bootstrap_host": self.bootstrap_host, "bootstrap_port": self.bootstrap_port,
+                "bootstrap_room": self.bootstrap_room}
 
     @property
     def requested_dp_rank(self) -> Optional[int]:

@@ -116,6 +116,7 @@ class OpenAIServing:
             stream=req.stream,
             routed_dp_rank=req.requested_dp_rank,
             lora_path=adapter,
+            **req.bootstrap_fields(),
         )
 
     def _prompt_texts(self, gen: GenerateReqInput) -> List[str]:
@@ -185,7 +186,7 @@ class OpenAIServing:
             input_ids=ids, sampling_params=self._chat_sampling_params(req, tools, len(ids), opened), rid=req.rid,
             return_logprob=req.logprobs, top_logprobs_num=top, return_text_in_logprobs=True,
             stream=req.stream, routed_dp_rank=req.requested_dp_rank, lora_path=adapter,
-            image_data=images or None,
+            image_data=images or None, **req.bootstrap_fields(),
         )
         parsing = OutputParsing(
             tool_parser=tools.parser if tools.parses_calls else None,

@@ -71,10 +71,7 @@ class Admission:
     # ---- arrivals ----
     def add(self, recv: io.TokenizedGenerateReqInput) -> Optional[Req]:
         """Queue a request; returns it, finished, when it is refused at once."""
-        seed = recv.sampling_params.sampling_seed
-        req = Req(recv, self.seed_rng.getrandbits(62) if seed is None else seed)
-        if self.pooling is not None:
-            req.pooled = PooledState(self.pooling)
+        req = self.new_req(recv)
         if len(req.origin_input_ids) + 1 > self.max_total_tokens:
             # It could never fit; fail it now instead of queueing it forever.
             req.finished_reason = abort_reason(
@@ -89,6 +86,14 @@ class Admission:
             self.waiting.append(req)
         self.prefix_cache.on_arrival(req)  # the hierarchical cache starts fetching its prefix from storage
         return None
+
+    def new_req(self, recv: io.TokenizedGenerateReqInput) -> Req:
+        """The request's scheduler state, with its sampling seed drawn if it has none."""
+        seed = recv.sampling_params.sampling_seed
+        req = Req(recv, self.seed_rng.getrandbits(62) if seed is None else seed)
+        if self.pooling is not None:
+            req.pooled = PooledState(self.pooling)
+        return req
 
     def move_compiled(self) -> List[Req]:
         """Compiled requests join the queue; returns the ones that ended instead."""

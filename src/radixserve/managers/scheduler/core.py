@@ -21,6 +21,7 @@ import os
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from radixserve.disaggregation.hooks import make_disaggregation
 from radixserve.distributed import get_tp_group
 from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
 from radixserve.layers.pooler import EmbeddingOutput, matryoshka_dimensions
@@ -80,7 +81,9 @@ class Scheduler:
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
-        self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats)
+        self.pd = make_disaggregation(self, get_tp_group().world_size)  # prefill/decode disaggregation
+        self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats,
+                                   lambda: self.pd.report(drain=True))
         self.overlap = not args.disable_overlap_schedule
         self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -112,6 +115,7 @@ class Scheduler:
     def step(self) -> None:
         """One turn: queue compiled requests, apply due updates, then schedule, launch, process."""
         self.emit(self.admission.move_compiled())
+        self.pd.step()
         for reply in self.weights.apply_ready(kv_in_use=self.kv_busy()):
             self.send_reply(reply, reply.request_id)
         if self.in_flight is not None and self.must_resolve_before_scheduling():
@@ -135,11 +139,13 @@ class Scheduler:
             return 0.005  # only compiling: wait a little, don't spin
         if self.admission.waiting_on_storage() and self.running.is_empty() and self.in_flight is None:
             return 0.002  # only a storage prefetch to wait for: leave its thread the CPU
+        if self.pd.has_work() and self.running.is_empty() and self.in_flight is None and not self.admission.has_work():
+            return 0.002  # only KV transfers to wait for: leave their threads the CPU
         return 0.0
 
     def is_idle(self) -> bool:
         return (not self.admission.has_work() and self.running.is_empty() and self.in_flight is None
-                and not self.weights.pending)
+                and not self.weights.pending and not self.pd.has_work())
 
     def must_resolve_before_scheduling(self) -> bool:
         """Cases where the next batch depends on the in-flight batch's results.
@@ -211,6 +217,8 @@ class Scheduler:
 
     def add_request(self, recv: io.TokenizedGenerateReqInput) -> None:
         try:
+            if self.pd.on_arrival(recv):
+                return
             refused = self.admission.add(recv)
         except Exception as e:  # one bad request must not take the scheduler down
             bad_input = isinstance(e, ValueError)
@@ -229,7 +237,7 @@ class Scheduler:
             # An n > 1 request's copies share its rid as a prefix.
             return msg.abort_all or req.rid == msg.rid or req.rid.startswith(f"{msg.rid}#")
 
-        ended = self.admission.abort(matches)
+        ended = self.admission.abort(matches) + self.pd.abort(matches)
         self.running.mark_aborted(matches)
         self.emit(ended + self.reap_aborted())
 
@@ -299,6 +307,7 @@ class Scheduler:
             "dp_size": self.server_args.dp_size,
             "dp_rank": self.dp_rank,
             "lora": self.runner.lora_manager.info() if getattr(self.runner, "lora_manager", None) else None,
+            "disaggregation": self.pd.report(),
             "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
         }
 
@@ -453,7 +462,8 @@ class Scheduler:
     # ---- memory ----
     def kv_holders(self) -> List[Req]:
         """Requests holding KV: running, the chunked one, and an in-flight extend batch's."""
-        holders = list(self.running.reqs)
+        # (the disaggregated ones too, finished or not: their pages wait for a transfer to end)
+        holders = list(self.running.reqs) + self.pd.kv_holders()
         extra = [self.admission.chunked_req] if self.admission.chunked_req is not None else []
         if self.in_flight is not None and self.in_flight.is_extend:
             extra += self.in_flight.reqs

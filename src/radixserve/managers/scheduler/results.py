@@ -9,7 +9,7 @@ result is both, decode part first."""
 from __future__ import annotations
 
 import time
-from typing import Any, List, Set
+from typing import Any, Callable, List, Optional, Set
 
 from radixserve.managers import io_struct as io
 from radixserve.managers.batch_result import BatchResult
@@ -29,6 +29,9 @@ class ResultProcessor:
         self.eos_token_ids = eos_token_ids
         self.context_len = context_len
         self.tokenizer = tokenizer
+        # Prefill/decode disaggregation (prefill side): takes a request its prefill
+        # ended and returns True to keep it, its KV and its answer until the KV is sent.
+        self.hand_off: Optional[Callable[[Req], bool]] = None
 
     def process(self, result: BatchResult) -> List[io.ReqOutput]:
         if not result.is_extend:
@@ -59,11 +62,13 @@ class ResultProcessor:
                 # prompt): no token, but the prompt's logprobs are recorded.
                 req.finished_reason = {"type": "length", "length": 0}
                 continue
-            self._append_token(req, i, next_ids[i], host)
+            self.append_token(req, i, next_ids[i], host)
             if not req.finished:
                 keep.append(i)
-        release_kv(self.prefix_cache, [p.req for p in result.plans if p.req.finished])
-        outs = self.outputs.build([p.req for p in result.plans if p.completes_prefill])
+        finished = [p.req for p in result.plans if p.req.finished]
+        kept = {id(r) for r in finished if self.hand_off is not None and self.hand_off(r)}
+        release_kv(self.prefix_cache, [r for r in finished if id(r) not in kept])
+        outs = self.outputs.build([p.req for p in result.plans if p.completes_prefill and id(p.req) not in kept])
         batch.filter(keep)
         self.running.absorb(batch)
         return outs
@@ -90,7 +95,7 @@ class ResultProcessor:
         for i, req in enumerate(result.reqs):
             if req.finished:
                 continue  # it ended one step earlier (overlap): this token is past its end
-            self._append_token(req, i, next_ids[i], host)
+            self.append_token(req, i, next_ids[i], host)
             live.append(req)
         finished = [r for r in live if r.finished]
         outs = self.outputs.build(live)
@@ -99,7 +104,7 @@ class ResultProcessor:
             self.running.remove(finished)
         return outs
 
-    def _append_token(self, req: Req, row: int, token: int, host) -> None:
+    def append_token(self, req: Req, row: int, token: int, host) -> None:
         if not req.output_ids:
             req.first_token_at = time.monotonic()
         req.output_ids.append(token)
