@@ -252,11 +252,12 @@ def to_running_batch(reqs: List[Req], pools, device: torch.device):
     """A ScheduleBatch of requests whose KV and first token arrived, in the
     state a completed extend leaves: seq_lens = the prompt's KV, the last token
     its first output token."""
-    from radixserve.managers.schedule_batch import ScheduleBatch
+    from radixserve.managers.schedule_batch import ScheduleBatch, rope_deltas_of
 
     batch = ScheduleBatch(reqs, pools, device)
     batch.req_pool_indices = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device)
     batch.seq_lens_cpu = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64)
     batch.seq_lens = batch.seq_lens_cpu.to(device)
     batch.last_token_ids = torch.tensor([r.output_ids[-1] for r in reqs], dtype=torch.int64, device=device)
+    batch.rope_deltas = rope_deltas_of(reqs, device)
     return batch

@@ -115,8 +115,7 @@ class ScheduleBatch:
         self._prefix_lens, self._extend_lens = prefix_lens, [p.extend_len for p in plans]
         self.mrope_positions = torch.cat(mrope, dim=1).to(dev) if with_images else None
         self.mm_items = mm_items or None
-        self.rope_deltas = torch.tensor([p.req.mm.rope_delta if p.req.mm is not None else 0 for p in plans],
-                                        dtype=torch.int64, device=dev)
+        self.rope_deltas = rope_deltas_of([p.req for p in plans], dev)
         return True
 
     # ---- decode ----
@@ -249,3 +248,8 @@ def mixed_forward_batch(decode: ScheduleBatch, extend: ScheduleBatch) -> Forward
     set_extend_lens(fb, [s - 1 for s in decode_seq_lens] + extend._prefix_lens,
                     [1] * n + extend._extend_lens, decode.device)
     return fb
+
+
+def rope_deltas_of(reqs: List[Req], device: torch.device) -> torch.Tensor:
+    """Each request's M-RoPE offset for its decode positions (0 without images)."""
+    return torch.tensor([r.mm.rope_delta if r.mm is not None else 0 for r in reqs], dtype=torch.int64, device=device)
