@@ -78,6 +78,8 @@ class ReqOutput:
     first_token_at: Optional[float] = None
     # The weights that produced it (a request never spans a weight update).
     weight_version: str = "default"
+    # With speculative decoding: (verify steps, drafts verified, drafts accepted) so far.
+    spec: Optional[Tuple[int, int, int]] = None
 
 
 @dataclass
@@ -105,6 +107,7 @@ class SchedulerStats:
     gen_throughput: float
     dp_rank: int = 0  # the data-parallel replica that sent it
     hicache: Optional[Dict[str, Any]] = None  # the hierarchical cache's counters (tier_stats), when on
+    spec_accept_length: Optional[float] = None  # tokens per verify step so far, with speculative decoding
 
 
 @dataclass

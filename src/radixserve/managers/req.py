@@ -60,6 +60,10 @@ class Req:
         self.first_token_at: Optional[float] = None
         self.grammar = None  # a GrammarMatcher when the request is constrained
         self.grammar_future = None  # its compilation, while queued
+        # Speculative decoding: verify steps, drafts verified, drafts accepted.
+        self.spec_verify_ct = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
 
     # ---- token views ----
     @property
