@@ -19,7 +19,7 @@ from radixserve.speculative.verify import accept
 
 VOCAB = 6
 ROWS = 20000
-TEMPERATURE, TOP_K, FREQ = 0.9, 5, 0.8
+TEMPERATURE, TOP_K, FREQ = 0.9, 5, 1.5
 DRAFT = 2  # the one draft token every row proposes
 EARLIER_OUTPUT = 3  # a token each request already produced (the penalty counts it)
 
@@ -51,7 +51,8 @@ def chi_square_critical(df: int, z: float = 3.09) -> float:
 def test_accepted_runs_follow_the_target_distribution():
     gen = torch.Generator().manual_seed(0)
     first, second = torch.randn(VOCAB, generator=gen) * 1.5, torch.randn(VOCAB, generator=gen) * 1.5
-    first[DRAFT] += 1.0  # make the draft likely enough that both branches are well sampled
+    first[DRAFT] = first.max()  # the draft is likely, so both branches are well sampled
+    second[DRAFT] = second.max() + 1.5  # and likely again next, so a missed penalty would show
     reqs = [make_req(seed=1000 + i, output=(EARLIER_OUTPUT,), temperature=TEMPERATURE, top_k=TOP_K,
                      frequency_penalty=FREQ) for i in range(ROWS)]
     info = batch_info(reqs)
@@ -69,6 +70,7 @@ def test_accepted_runs_follow_the_target_distribution():
     expected = {(x,): p_first[x].item() for x in range(VOCAB) if x != DRAFT}
     expected.update({(DRAFT, y): (p_first[DRAFT] * p_second[y]).item() for y in range(VOCAB)})
 
+    assert expected[(DRAFT, DRAFT)] > 0.05
     assert set(observed) <= {k for k, p in expected.items() if p > 0}  # top-k's cut tokens never appear
     cells = {k: p for k, p in expected.items() if p > 0}
     stat = sum((observed[k] - ROWS * p) ** 2 / (ROWS * p) for k, p in cells.items())
