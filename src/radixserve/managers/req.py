@@ -64,6 +64,9 @@ class Req:
         self.spec_verify_ct = 0
         self.spec_draft_tokens = 0
         self.spec_accepted_tokens = 0
+        # EAGLE-3: the target's captured hidden states not yet fed to the draft
+        # head, as (first position, [n, features]) pieces (speculative/eagle.py).
+        self.spec_features: List[Tuple[int, Any]] = []
 
     # ---- token views ----
     @property

@@ -157,13 +157,13 @@ def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tens
     """Embed, run `model.layers`, the final norm: the body every decoder family shares."""
     hidden, residual = model.embed_tokens(input_ids), None
     capture = getattr(forward_batch, "capture_aux_layers", None)  # an EAGLE-3 draft head's inputs
-    aux = []
+    aux = {}
     for i, layer in enumerate(model.layers):
         hidden, residual = layer(positions, hidden, residual, forward_batch)
         if capture and i in capture:
-            aux.append(hidden if residual is None else hidden + residual)
+            aux[i] = hidden if residual is None else hidden + residual
     if aux:
-        forward_batch.aux_hidden = torch.cat(aux, dim=-1)
+        forward_batch.aux_hidden = torch.cat([aux[i] for i in capture], dim=-1)
     if residual is None:  # no layers at all
         return model.norm(hidden)
     hidden, _ = model.norm(hidden, residual)

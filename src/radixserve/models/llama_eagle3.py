@@ -30,7 +30,7 @@ from radixserve.models.llama import LlamaForCausalLM, LlamaMLP, head_dim_of
 def aux_layer_ids(num_target_layers: int) -> List[int]:
     """The target layers whose outputs EAGLE-3 fuses: an early, a middle and a late one."""
     last = num_target_layers - 1
-    return sorted({min(1, last), max(num_target_layers // 2 - 1, 0), max(num_target_layers - 4, 0)})
+    return sorted([min(1, last), max(num_target_layers // 2 - 1, 0), max(num_target_layers - 4, 0)])
 
 
 class Eagle3Attention(nn.Module):
@@ -117,10 +117,11 @@ class LlamaForCausalLMEagle3(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     # ---- training (plain torch, several draft steps unrolled) ----
-    def train_forward(self, features: torch.Tensor, tokens: torch.Tensor, num_steps: int) -> List[torch.Tensor]:
-        """features: [B, T, 3H] target features at positions 0..T-1; tokens:
-        [B, T + num_steps] the sequence (token p+1+s is step s's input at
-        origin p). Returns each step's draft-vocabulary logits [B, T, V'].
+    def train_forward(self, features: torch.Tensor, step_inputs: torch.Tensor) -> List[torch.Tensor]:
+        """features: [B, T, 3H] target features at positions 0..T-1;
+        step_inputs: [S, B, T] the token each draft step reads at each origin
+        (step 0: the token after the origin; step s: the target's own
+        choice s tokens later). Returns each step's draft-vocabulary logits [B, T, V'].
 
         Step s at origin p stands at position p + s and sees, as at serving
         time, the first step's keys of positions <= p and its own chain's
@@ -130,8 +131,8 @@ class LlamaForCausalLMEagle3(nn.Module):
         positions = torch.arange(length, device=features.device)
         causal = torch.ones(length, length, dtype=torch.bool, device=features.device).tril()
         hidden, keys, values, logits = self.draft_hidden(features), [], [], []
-        for step in range(num_steps):
-            embeds = self.embed(tokens[:, step + 1:step + 1 + length]).to(hidden.dtype)
+        for step in range(step_inputs.shape[0]):
+            embeds = self.embed(step_inputs[step]).to(hidden.dtype)
             x = self.midlayer.attn_input(embeds, hidden).reshape(batch * length, -1)
             q, k, v = attn.qkv((positions + step).repeat(batch), x)
             q, k, v = (t.reshape(batch, length, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))

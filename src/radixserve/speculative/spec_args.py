@@ -24,12 +24,17 @@ def validate_speculative(args: Any) -> None:
     if algo not in ALGORITHMS:
         raise ValueError(f"speculative_algorithm must be one of {'|'.join(ALGORITHMS)}, got {algo!r}")
     _fill_sizes(args)
-    if algo == "STANDALONE" and not args.speculative_draft_model_path:
-        raise ValueError("speculative_algorithm=STANDALONE needs speculative_draft_model_path (a smaller "
-                         "model with the same tokenizer)")
-    if algo in ("EAGLE", "EAGLE3"):
-        raise ValueError(f"speculative_algorithm={algo} is not available yet in radixserve; "
-                         "use NGRAM or STANDALONE")
+    if algo == "EAGLE":
+        raise ValueError("speculative_algorithm=EAGLE (EAGLE-1/2 heads over the last hidden state) is not "
+                         "available yet in radixserve; use EAGLE3, NGRAM or STANDALONE")
+    if algo == "EAGLE3" and not args.speculative_draft_model_path:
+        args.speculative_draft_model_path = shipped_head(args.model_path)
+    if algo in ("STANDALONE", "EAGLE3") and not args.speculative_draft_model_path:
+        raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
+                         "smaller model with the same tokenizer; EAGLE3: a head folder, as train_eagle3 writes)")
+    if args.speculative_token_map is not None:
+        raise ValueError("speculative_token_map: radixserve's EAGLE-3 heads carry their reduced vocabulary "
+                         "(d2t) in the head folder; a separate token map file is not read")
     if args.speculative_ngram_match_type not in NGRAM_MATCH_TYPES:
         raise ValueError(f"speculative_ngram_match_type must be BFS|PROB, "
                          f"got {args.speculative_ngram_match_type!r}")
@@ -41,6 +46,14 @@ def validate_speculative(args: Any) -> None:
         raise ValueError("speculative_ngram_min_bfs_breadth must be <= speculative_ngram_max_bfs_breadth")
     _refuse_combinations(args)
     _turn_off_for_speculation(args)
+
+
+def shipped_head(model_path: str):
+    """The EAGLE-3 head radixserve ships for a packaged model (None for others)."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "heads" / str(model_path)
+    return str(folder) if (folder / "config.json").is_file() else None
 
 
 def _fill_sizes(args: Any) -> None:

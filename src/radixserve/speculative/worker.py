@@ -32,6 +32,10 @@ def make_drafter(args: Any, runner: Any) -> Any:
 
         return NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
                             args.speculative_ngram_capacity, args.speculative_ngram_match_type)
+    if algo == "EAGLE3":
+        from radixserve.speculative.eagle import Eagle3Drafter
+
+        return Eagle3Drafter(args, runner)
     if algo == "STANDALONE":
         from radixserve.speculative.standalone import StandaloneDrafter
 
@@ -70,13 +74,30 @@ class SpecWorker:
         if batch.sampling_info is None:
             batch.sampling_info = SamplingBatchInfo.from_reqs(batch.reqs, self.runner.vocab_size, batch.device,
                                                               self.eos_token_ids)
-        out = self.runner.forward(batch.to_forward_batch())
+        fb = batch.to_forward_batch()
+        self.before_target_forward(fb)
+        out = self.runner.forward(fb)
         logits = out.all_logits if out.all_logits is not None else out.next_token_logits
         result = accept(batch, logits, batch.sampling_info, self.sampler)
+        self.after_target_forward(batch, out)
         self.verify_ct += 1
         self.verified_rows += len(result.reqs)
         self.emitted += sum(map(len, result.tokens))
         return result
+
+    # ---- the target's hidden states, for draft heads that read them (EAGLE-3) ----
+    def before_target_forward(self, fb: Any) -> None:
+        fb.capture_aux_layers = getattr(self.drafter, "aux_layers", None)
+
+    def after_target_forward(self, batch: ScheduleBatch, out: Any) -> None:
+        """Every target forward's captured states wait on their requests for the next draft."""
+        if out.aux_hidden is None:
+            return
+        if batch.forward_mode.is_extend():
+            self.drafter.keep_features(batch.reqs, batch._prefix_lens, batch._extend_lens, out.aux_hidden)
+        else:  # a plain decode step: each request's input token stands at seq_len - 1
+            firsts = (batch.seq_lens_cpu - 1).tolist()
+            self.drafter.keep_features(batch.reqs, firsts, [1] * len(firsts), out.aux_hidden)
 
     def commit(self, result: SpecResult) -> None:
         """After the result was processed: the drafter keeps what was accepted."""

@@ -384,7 +384,13 @@ class Scheduler:
         try:
             if batch.spec_drafts is not None:
                 return self.spec.launch(batch)
-            return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
+            if self.spec is None:
+                return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
+            fb = batch.to_forward_batch()
+            self.spec.before_target_forward(fb)
+            logits = self.runner.forward(fb)
+            self.spec.after_target_forward(batch, logits)
+            return self.sample(batch, logits)
         except Exception as e:
             raise BatchFailed(reqs, e) from e
 
