@@ -131,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.7, help="of the target's answers (0: greedy)")
+    p.add_argument("--prompts", choices=("auto", "chat", "random"), default="auto",
+                   help="chat: generated chat requests; random: random token prompts; auto: chat when the "
+                        "tokenizer has a chat template")
     p.add_argument("--device", default="cpu", help="where the head trains")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
@@ -147,7 +150,8 @@ def main(argv=None) -> None:
     out = Path(args.output_dir)
     extra = json.loads(args.engine_args)
     with Engine(model_path=args.model_path, log_level="warning", **extra) as engine:
-        chat = getattr(engine.tokenizer, "chat_template", None) is not None
+        chat = args.prompts == "chat" or (args.prompts == "auto" and
+                                          getattr(engine.tokenizer, "chat_template", None) is not None)
         seqs = self_generated(engine, engine.tokenizer, args.num_prompts, args.max_new_tokens, args.seed, chat,
                               args.temperature)
     logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
