@@ -35,10 +35,11 @@ logger = logging.getLogger(__name__)
 STEP_WEIGHT = 0.8  # later draft steps count less (SpecForge's decay)
 
 
-def head_config(target_config, draft_vocab_size: int, layers: List[int]):
+def head_config(target_config, draft_vocab_size: int, layers: List[int], intermediate_size: int = 0):
     config = type(target_config).from_dict(target_config.to_dict())
     config.architectures = ["LlamaForCausalLMEagle3"]
     config.num_hidden_layers = 1
+    config.intermediate_size = intermediate_size or target_config.intermediate_size
     config.draft_vocab_size = draft_vocab_size
     config.target_hidden_size = target_config.hidden_size
     config.tie_word_embeddings = False
@@ -125,6 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--draft-vocab-size", type=int, default=4096)
+    p.add_argument("--intermediate-size", type=int, default=0, help="the head's MLP width (0: the target's)")
     p.add_argument("--num-steps", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--window", type=int, default=256, help="positions per training window")
@@ -161,7 +163,7 @@ def main(argv=None) -> None:
     capture = TargetFeatures(runner, layers)
     samples = [capture(s) for s in tqdm(seqs, desc="target hidden states", unit="seq")]
     vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
-    config = head_config(runner.config, len(vocab), layers)
+    config = head_config(runner.config, len(vocab), layers, args.intermediate_size)
     head = init_head(config, runner, vocab, args.device)
     target_to_draft = torch.full((runner.config.vocab_size,), -1, dtype=torch.int64)
     target_to_draft[vocab] = torch.arange(len(vocab))
