@@ -10,7 +10,7 @@ plain decode step."""
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 from radixserve.layers.sampler import Sampler
 from radixserve.managers.schedule_batch import ScheduleBatch
@@ -69,7 +69,24 @@ class SpecWorker:
         drafts = self.drafter.propose(batch.reqs, self.runner.vocab_size)
         return prepare_verify(batch, drafts)
 
-    def launch(self, batch: ScheduleBatch) -> SpecResult:
+    def next_decode(self, running: Any) -> Tuple[Optional[ScheduleBatch], List[Any]]:
+        """The running batch prepared for a verify step when it qualifies, else for a plain decode step."""
+        if self.wants(running.reqs):
+            return running.next_decode(self.tokens_per_req, self.prepare)
+        return running.next_decode()
+
+    def launch(self, batch: ScheduleBatch, sample: Callable[[ScheduleBatch, Any], Any]) -> Any:
+        """Any batch's forward: a verify step's, or a plain one's (its hidden
+        states kept for the draft head; `sample` is the scheduler's)."""
+        if batch.spec_drafts is not None:
+            return self.verify(batch)
+        fb = batch.to_forward_batch()
+        self.before_target_forward(fb)
+        logits = self.runner.forward(fb)
+        self.after_target_forward(batch, logits)
+        return sample(batch, logits)
+
+    def verify(self, batch: ScheduleBatch) -> SpecResult:
         """The verify forward and the accepted tokens (synchronously)."""
         if batch.sampling_info is None:
             batch.sampling_info = SamplingBatchInfo.from_reqs(batch.reqs, self.runner.vocab_size, batch.device,

@@ -350,19 +350,12 @@ class Scheduler:
             self.retract_chunk_if_decode_needs_room()
         # (with an extend batch the decode step makes room by retracting running
         # requests, never the chunk this very batch continues)
-        decode, ended = self.next_decode()
+        # (with speculation on, a verify step when the batch qualifies)
+        decode, ended = self.running.next_decode() if self.spec is None else self.spec.next_decode(self.running)
         self.emit(ended)
         if decode is not None:
             self.send_stats(self.stats.on_decode(len(decode)))
         return extend, decode
-
-    def next_decode(self) -> Tuple[Optional[ScheduleBatch], List[Req]]:
-        """The running batch prepared for a decode step, or for a speculative
-        verify step when speculation is on and the batch qualifies."""
-        spec = self.spec
-        if spec is not None and spec.wants(self.running.reqs):
-            return self.running.next_decode(spec.tokens_per_req, spec.prepare)
-        return self.running.next_decode()
 
     def retract_chunk_if_decode_needs_room(self) -> None:
         """A half-prefilled (chunked) request's KV is not the running requests'
@@ -382,15 +375,9 @@ class Scheduler:
         copied to the host asynchronously."""
         reqs = list(batch.reqs)
         try:
-            if batch.spec_drafts is not None:
-                return self.spec.launch(batch)
-            if self.spec is None:
-                return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
-            fb = batch.to_forward_batch()
-            self.spec.before_target_forward(fb)
-            logits = self.runner.forward(fb)
-            self.spec.after_target_forward(batch, logits)
-            return self.sample(batch, logits)
+            if self.spec is not None:
+                return self.spec.launch(batch, self.sample)
+            return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
         except Exception as e:
             raise BatchFailed(reqs, e) from e
 
