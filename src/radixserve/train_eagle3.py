@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -74,8 +75,13 @@ def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
     total = args.epochs * sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(total, 2), pct_start=0.05)
     bar = tqdm(total=total, desc="training", unit="window")
+    deadline = time.monotonic() + args.max_train_seconds if args.max_train_seconds else math.inf
     for _ in range(args.epochs):
         for features, inputs, labels in windows(samples, args.window, args.num_steps, rng):
+            if time.monotonic() > deadline:
+                logger.info("--max-train-seconds reached after %d windows", len(losses))
+                bar.close()
+                return losses
             # (captured under inference mode: cloned to become autograd inputs)
             logits = head.train_forward(features[None].clone().to(args.device), inputs[:, None].clone().to(args.device))
             loss = 0.0
@@ -131,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--window", type=int, default=256, help="positions per training window")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-train-seconds", type=float, default=0, help="stop training (and save) after this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.7, help="of the target's answers (0: greedy)")
     p.add_argument("--prompts", choices=("auto", "chat", "random"), default="auto",
