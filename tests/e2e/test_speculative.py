@@ -166,3 +166,17 @@ def test_unrelated_draft_accepts_almost_nothing(target, tiny_model_factory, base
     assert_same(got, outs)
     verified = [o["meta_info"] for o in got if o["meta_info"]["spec_verify_ct"]]
     assert verified and all(m["spec_accept_rate"] < 0.2 for m in verified)
+
+
+def test_default_model_ngram_same_tokens():
+    """The packaged SmolLM2-135M-Instruct: a rewriting prompt n-gram drafts match."""
+    text = "The cat sat on the mat. The dog lay by the door. The bird sang in the tree."
+    prompt = f"Repeat exactly: {text}\n{text}\n"
+    params = {"temperature": 0, "max_new_tokens": 24}
+    with Engine(log_level="warning") as engine:
+        want = engine.generate(prompt, params)
+    with Engine(log_level="warning", speculative_algorithm="NGRAM") as engine:
+        got = engine.generate(prompt, params)
+        assert_no_leak(engine)
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["spec_accept_rate"] > 0
