@@ -31,7 +31,8 @@ def validate_speculative(args: Any) -> None:
         args.speculative_draft_model_path = shipped_head(args.model_path)
     if algo in ("STANDALONE", "EAGLE3") and not args.speculative_draft_model_path:
         raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
-                         "smaller model with the same tokenizer; EAGLE3: a head folder, as train_eagle3 writes)")
+                         "smaller model with the same tokenizer; EAGLE3: a head folder, as `python -m "
+                         "radixserve.train_eagle3` writes; no head ships for this model)")
     if args.speculative_token_map is not None:
         raise ValueError("speculative_token_map: radixserve's EAGLE-3 heads carry their reduced vocabulary "
                          "(d2t) in the head folder; a separate token map file is not read")
@@ -49,7 +50,8 @@ def validate_speculative(args: Any) -> None:
 
 
 def shipped_head(model_path: str):
-    """The EAGLE-3 head radixserve ships for a packaged model (None for others)."""
+    """The EAGLE-3 head shipped for a packaged model, in speculative/heads/<name>/ (None
+    when there is none: none ships yet, see README "Speculative decoding")."""
     from pathlib import Path
 
     folder = Path(__file__).parent / "heads" / str(model_path)
