@@ -7,6 +7,7 @@ draft almost none, and the KV invariant holds after aborts."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -45,6 +46,16 @@ def workload() -> Tuple[List[List[int]], List[Dict]]:
     return ids, params
 
 
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def with_grammar(engine, ids) -> list:
+    """A JSON-schema request batched with a plain one (such a batch decodes without speculation)."""
+    return engine.generate(input_ids=ids[:2], sampling_params=[
+        {"temperature": 0, "max_new_tokens": 20, "json_schema": json.dumps(SCHEMA)},
+        {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True}])
+
+
 def generate(engine, ids, params) -> list:
     return engine.generate(input_ids=ids, sampling_params=params, return_logprob=True, top_logprobs_num=2)
 
@@ -62,7 +73,8 @@ def baseline(target):
         outs = generate(engine, ids, params)
         stops = stop_params(outs)
         stopped = generate(engine, ids[:2], stops)
-    return ids, params, outs, stops, stopped
+        grammar = with_grammar(engine, ids)
+    return ids, params, outs, stops, stopped, grammar
 
 
 def stop_params(outs: list) -> List[Dict]:
@@ -90,7 +102,7 @@ def spec_engine(target, **kwargs) -> Engine:
 
 
 def test_ngram_same_tokens_paged(target, baseline):
-    ids, params, outs, stops, stopped = baseline
+    ids, params, outs, stops, stopped, _ = baseline
     with spec_engine(target, speculative_algorithm="NGRAM", page_size=4) as engine:
         assert_same(generate(engine, ids, params), outs)
         assert_same(generate(engine, ids[:2], stops), stopped)
@@ -108,12 +120,19 @@ def self_draft(target, baseline):
 
 
 def test_self_draft_same_tokens(self_draft, baseline):
-    ids, params, outs, stops, stopped = baseline
+    ids, params, outs, stops, stopped, _ = baseline
     assert_same(generate(self_draft, ids, params), outs)
     got = generate(self_draft, ids[:2], stops)
     assert_same(got, stopped)
     # the stop token ended the request in the middle of an accepted run
     assert got[0]["meta_info"]["finish_reason"]["type"] == "stop" and len(got[0]["output_ids"]) == 7
+    assert_no_leak(self_draft)
+
+
+def test_grammar_batch_same_tokens(self_draft, baseline):
+    got = with_grammar(self_draft, baseline[0])
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in baseline[-1]]
+    assert got[0]["text"].lstrip().startswith("{")  # the constrained answer is a JSON object so far
     assert_no_leak(self_draft)
 
 
@@ -132,7 +151,7 @@ def test_self_draft_accepts_every_draft(self_draft, target):
 
 
 def test_self_draft_streaming(self_draft, baseline):
-    ids, params, outs, _, _ = baseline
+    ids, params, outs, _, _, _ = baseline
     chunks = list(self_draft.generate(input_ids=ids[0], sampling_params=params[0], stream=True))
     assert chunks[-1]["output_ids"] == outs[0]["output_ids"]
     assert len(chunks) < len(outs[0]["output_ids"])  # several tokens per streamed chunk
@@ -158,7 +177,7 @@ def test_abort_keeps_kv_invariant(self_draft):
 
 
 def test_unrelated_draft_accepts_almost_nothing(target, tiny_model_factory, baseline):
-    ids, params, outs, _, _ = baseline
+    ids, params, outs, _, _, _ = baseline
     draft = tiny_model_factory("qwen2")  # same tokenizer, other random weights
     with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(draft)) as engine:
         got = generate(engine, ids, params)
