@@ -140,21 +140,18 @@ class ServerArgs:
 
     # Speculative decoding (speculative/): SGLang's flags; checks in speculative/spec_args.py
     speculative_algorithm: Optional[str] = option(None, "EAGLE|EAGLE3|NGRAM|STANDALONE; None: off")
-    speculative_draft_model_path: Optional[str] = option(None, "the draft: a smaller model of the same "
-                                                               "tokenizer (STANDALONE) or a head folder (EAGLE)")
+    speculative_draft_model_path: Optional[str] = option(None, "STANDALONE: a smaller model, same tokenizer; "
+                                                               "EAGLE3: a head folder (train_eagle3)")
     speculative_num_steps: Optional[int] = option(None, "draft steps per verify; None: 3")
     speculative_eagle_topk: Optional[int] = option(None, "draft branches per step; only 1 (a chain) for now")
-    speculative_num_draft_tokens: Optional[int] = option(None, "tokens per verify (the last token and the "
-                                                               "drafts); None: num_steps + 1")
-    speculative_token_map: Optional[str] = option(None, "a reduced draft vocabulary (EAGLE heads)")
-    speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: fewest branches (trees only; chains use 1)")
-    speculative_ngram_max_bfs_breadth: int = option(10, "NGRAM: most branches (trees only; chains use 1)")
-    speculative_ngram_match_type: str = option("BFS", "NGRAM: BFS (the latest continuation of the longest "
-                                                      "match)|PROB (its most frequent next token)")
+    speculative_num_draft_tokens: Optional[int] = option(None, "tokens per verify; None: num_steps + 1")
+    speculative_token_map: Optional[str] = option(None, "not read: EAGLE-3 heads carry their d2t map")
+    speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: fewest branches (trees only)")
+    speculative_ngram_max_bfs_breadth: int = option(10, "NGRAM: most branches (trees only)")
+    speculative_ngram_match_type: str = option("BFS", "NGRAM: BFS (latest continuation)|PROB (most frequent)")
     speculative_ngram_max_trie_depth: int = option(18, "NGRAM: longest n-gram matched against the history")
     speculative_ngram_capacity: int = option(10_000_000, "NGRAM: most n-grams indexed per request")
-    speculative_max_batch_size: int = option(8, "radixserve's own: a running batch larger than this decodes "
-                                                "without speculation (it would cost throughput)")
+    speculative_max_batch_size: int = option(8, "radixserve's own: larger running batches decode without it")
 
     # LoRA adapters (lora/): many adapters on one base model, in one batch
     enable_lora: bool = option(False, "serve LoRA adapters (implied by --lora-paths)")
