@@ -157,6 +157,21 @@ class ServerArgs:
         False, "bit-identical outputs whatever else is batched, however the prefill was chunked and "
                "whether the prefix came from the radix cache (slower kernels)")
 
+    # Speculative decoding (speculative/): SGLang's flags; checks in speculative/spec_args.py
+    speculative_algorithm: Optional[str] = option(None, "EAGLE|EAGLE3|NGRAM|STANDALONE; None: off")
+    speculative_draft_model_path: Optional[str] = option(None, "STANDALONE: a smaller model, same tokenizer; "
+                                                               "EAGLE3: a head folder (train_eagle3)")
+    speculative_num_steps: Optional[int] = option(None, "draft steps per verify; None: 3")
+    speculative_eagle_topk: Optional[int] = option(None, "draft branches per step; only 1 (a chain) for now")
+    speculative_num_draft_tokens: Optional[int] = option(None, "tokens per verify; None: num_steps + 1")
+    speculative_token_map: Optional[str] = option(None, "not read: EAGLE-3 heads carry their d2t map")
+    speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: fewest branches (trees only)")
+    speculative_ngram_max_bfs_breadth: int = option(10, "NGRAM: most branches (trees only)")
+    speculative_ngram_match_type: str = option("BFS", "NGRAM: BFS (latest continuation)|PROB (most frequent)")
+    speculative_ngram_max_trie_depth: int = option(18, "NGRAM: longest n-gram matched against the history")
+    speculative_ngram_capacity: int = option(10_000_000, "NGRAM: most n-grams indexed per request")
+    speculative_max_batch_size: int = option(8, "radixserve's own: larger running batches decode without it")
+
     # LoRA adapters (lora/): many adapters on one base model, in one batch
     enable_lora: bool = option(False, "serve LoRA adapters (implied by --lora-paths)")
     lora_paths: Optional[Any] = option(None, "adapters to load at start-up: name=path (a PEFT folder with "
@@ -262,6 +277,9 @@ class ServerArgs:
         self._validate_lora()
         self._validate_hicache()
         self._validate_disaggregation()
+        from radixserve.speculative.spec_args import validate_speculative  # torch-free
+
+        validate_speculative(self)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {'|'.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")

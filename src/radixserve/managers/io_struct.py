@@ -93,6 +93,8 @@ class ReqOutput:
     weight_version: str = "default"
     # An embedding server's result: the pooled, L2-normalized vector (sent once, when finished).
     embedding: Optional[List[float]] = None
+    # With speculative decoding: (verify steps, drafts verified, drafts accepted) so far.
+    spec: Optional[Tuple[int, int, int]] = None
 
 
 @dataclass
@@ -121,6 +123,7 @@ class SchedulerStats:
     dp_rank: int = 0  # the data-parallel replica that sent it
     hicache: Optional[Dict[str, Any]] = None  # the hierarchical cache's counters (tier_stats), when on
     disaggregation: Optional[Dict[str, Any]] = None  # KV transfer counters (prefill/decode disaggregation)
+    spec_accept_length: Optional[float] = None  # tokens per verify step so far, with speculative decoding
 
 
 @dataclass

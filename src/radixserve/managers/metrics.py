@@ -33,6 +33,8 @@ class Metrics:
         self.token_usage = gauge("token_usage", "Fraction of KV cache tokens in use")
         self.cache_hit_rate = gauge("cache_hit_rate", "Fraction of prompt tokens served from the prefix cache")
         self.gen_throughput = gauge("gen_throughput", "Generation throughput (tokens/s)")
+        self.spec_accept_length = gauge("spec_accept_length", "Speculative decoding: mean tokens per verify "
+                                                              "step (0 without speculation)")
         tier_label = list(labels) + ["tier"]
         self.hicache_hit_tokens = Gauge("radixserve:hicache_hit_tokens", "Prompt tokens served from each "
                                         "tier of the hierarchical cache (device, host, storage), cumulative",
@@ -111,6 +113,9 @@ class Metrics:
         self.cache_hit_rate.set(sum(s.cache_hit_rate for s in every) / len(every))
         self.gen_throughput.set(sum(s.gen_throughput for s in every))
         self._on_transfer_stats([s.disaggregation for s in every if s.disaggregation], stats)
+        accept = [s.spec_accept_length for s in every if s.spec_accept_length is not None]
+        if accept:
+            self.spec_accept_length.set(sum(accept) / len(accept))
         tiers = [s.hicache for s in every if s.hicache]
         if tiers:
             for tier in ("device", "host", "storage"):

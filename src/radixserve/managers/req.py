@@ -68,6 +68,13 @@ class Req:
         # (layers/pooler.py PooledState), then the finished vector.
         self.pooled = None
         self.embedding: Optional[List[float]] = None
+        # Speculative decoding: verify steps, drafts verified, drafts accepted.
+        self.spec_verify_ct = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
+        # EAGLE-3: the target's captured hidden states not yet fed to the draft
+        # head, as (first position, [n, features]) pieces (speculative/eagle.py).
+        self.spec_features: List[Tuple[int, Any]] = []
 
     # ---- token views ----
     @property

@@ -52,6 +52,8 @@ class ScheduleBatch:
         self.last_logit_rows: Optional[torch.Tensor] = None
         self.mrope_positions: Optional[torch.Tensor] = None
         self.mm_items: Optional[list] = None
+        # A verify step's draft tokens per request (speculative/verify.py), else None
+        self.spec_drafts: Optional[List[List[int]]] = None
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -119,15 +121,18 @@ class ScheduleBatch:
         return True
 
     # ---- decode ----
-    def decode_tokens_needed(self) -> int:
-        """KV tokens the next decode step must allocate (whole pages)."""
+    def decode_tokens_needed(self, tokens_per_req: int = 1) -> int:
+        """KV tokens the next decode step must allocate (whole pages), when
+        each request adds tokens_per_req positions (more than one: a verify step)."""
         P = self.pools.allocator.page_size
         if P == 1:
-            return len(self.reqs)
-        return int((self.seq_lens_cpu % P == 0).sum()) * P
+            return len(self.reqs) * tokens_per_req
+        pages = (self.seq_lens_cpu + tokens_per_req + P - 1) // P - (self.seq_lens_cpu + P - 1) // P
+        return int(pages.sum()) * P
 
     def prepare_for_decode(self) -> bool:
         self.forward_mode = ForwardMode.DECODE
+        self.spec_drafts = None
         table = self.pools.req_to_token_pool.req_to_token
         last_locs = table[self.req_pool_indices, self.seq_lens - 1]
         out_cache_loc = self.pools.allocator.alloc_decode(self.seq_lens, last_locs, self.seq_lens_cpu)

@@ -316,6 +316,11 @@ class TokenizerManager:
         )
         if out.cached_tokens_details is not None:
             meta["cached_tokens_details"] = out.cached_tokens_details
+        if out.spec is not None:
+            verify_ct, drafts, accepted = out.spec
+            meta.update(spec_verify_ct=verify_ct,
+                        spec_accept_length=out.completion_tokens / verify_ct if verify_ct else 0.0,
+                        spec_accept_rate=accepted / drafts if drafts else 0.0)
         if state.req.return_logprob:
             self._add_logprobs(state, out)
         result = {

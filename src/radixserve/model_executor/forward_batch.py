@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum, auto
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 
@@ -74,6 +74,15 @@ class ForwardBatch:
     mrope_positions: Optional[torch.Tensor] = None
     mm_items: Optional[List[Any]] = None
     mm_embeds: Optional[torch.Tensor] = None
+
+    # Speculative decoding. A target forward collects the outputs of these
+    # layers for every token into aux_hidden ([T, layers x hidden]); a draft
+    # head's forward reads spec_hidden (its input features per token); with
+    # return_hidden the runner hands back the model's output hidden states.
+    capture_aux_layers: Optional[Tuple[int, ...]] = None
+    aux_hidden: Optional[torch.Tensor] = None
+    spec_hidden: Optional[torch.Tensor] = None
+    return_hidden: bool = False
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

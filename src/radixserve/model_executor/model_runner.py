@@ -43,6 +43,11 @@ CPU_MAX_TOTAL_TOKENS = 1 << 17
 class LogitsOutput:
     next_token_logits: torch.Tensor  # [bs, vocab] float32, at each request's last token
     all_logits: Optional[torch.Tensor]  # [num_logit_rows, vocab] when input logprobs asked
+    # Speculative decoding: the captured layers' outputs of every token
+    # (ForwardBatch.capture_aux_layers), and the hidden state at each
+    # request's last token (ForwardBatch.return_hidden).
+    aux_hidden: Optional[torch.Tensor] = None
+    hidden: Optional[torch.Tensor] = None
 
     def split_mixed(self, num_decode: int) -> Tuple["LogitsOutput", "LogitsOutput"]:
         """A mixed batch's logits as (its decode requests', its extend part's):
@@ -330,8 +335,14 @@ class ModelRunner:
         if self.pooling is not None:
             return pool_extend(hidden, fb.extend_seq_lens, fb.logits_indices[fb.last_logit_rows], self.pooling)
         if fb.forward_mode.is_decode():
-            return LogitsOutput(self.model.compute_logits(hidden), None)
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
-        next_token_logits = logits[fb.last_logit_rows]
-        has_input_rows = logits.shape[0] > next_token_logits.shape[0]
-        return LogitsOutput(next_token_logits, logits if has_input_rows else None)
+            out = LogitsOutput(self.model.compute_logits(hidden), None)
+            last_hidden = hidden
+        else:
+            logits = self.model.compute_logits(hidden[fb.logits_indices])
+            next_token_logits = logits[fb.last_logit_rows]
+            has_input_rows = logits.shape[0] > next_token_logits.shape[0]
+            out = LogitsOutput(next_token_logits, logits if has_input_rows else None)
+            last_hidden = hidden[fb.logits_indices][fb.last_logit_rows] if fb.return_hidden else None
+        out.aux_hidden = fb.aux_hidden
+        out.hidden = last_hidden if fb.return_hidden else None
+        return out

@@ -126,16 +126,24 @@ class SamplingBatchInfo:
         self.rows = torch.arange(len(reqs), dtype=torch.int64, device=self.rows.device)
         self.__dict__.update(_host_flags(reqs, self.vocab_size))
 
-    def record(self, next_token_ids: torch.Tensor) -> None:
+    def record(self, next_token_ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> None:
         """After a decode step: the sampled tokens join each request's history.
-        Tensor ops only; next_token_ids [bs] int64 on the batch's device."""
-        self.steps += 1
+        Tensor ops only; next_token_ids [bs] int64 on the batch's device.
+        mask ([bs] bool): only these rows' tokens count (a verify step's rows
+        whose draft chain was already rejected sample nothing more)."""
+        if mask is None:
+            self.steps += 1
+        else:
+            self.steps += mask.to(self.steps.dtype)
         if self.output_counts is not None:
             ones = torch.ones_like(next_token_ids, dtype=self.output_counts.dtype)
+            if mask is not None:
+                ones = ones * mask
             # Each row receives one token, so (row, token) pairs never repeat.
             self.output_counts.index_put_((self.rows, next_token_ids), ones, accumulate=True)
         if self.seen_mask is not None:
-            self.seen_mask[self.rows, next_token_ids] = True
+            seen = True if mask is None else self.seen_mask[self.rows, next_token_ids] | mask
+            self.seen_mask[self.rows, next_token_ids] = seen
 
 
 # Per-row tensors (axis 0 is the batch), filtered and merged row by row.

@@ -42,6 +42,8 @@ from radixserve.managers.scheduler.stats import Gauges, StatsReporter
 from radixserve.managers.scheduler.weights import WeightController
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
+from radixserve.speculative.verify import SpecResult
+from radixserve.speculative.worker import make_spec_worker
 from radixserve.utils.jit_watch import JitCompileWatch
 
 logger = logging.getLogger(__name__)
@@ -78,12 +80,15 @@ class Scheduler:
         self.running = RunningBatch(self.pools, self.device, ratio, self.admission.requeue_front)
         self.weights = WeightController(runner, self.prefix_cache, self.device,
                                         self.dp_rank * args.tp_size + self.tp_rank)
-        self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version)
+        # Speculative decoding (speculative/): drafts verified in one forward per decode step
+        self.spec = make_spec_worker(args, runner, eos_token_ids)
+        self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version, self.spec is not None)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
         self.pd = make_disaggregation(self, get_tp_group().world_size)  # prefill/decode disaggregation
         self.stats = StatsReporter(self.gauges, self.dp_rank, self.prefix_cache.tier_stats,
-                                   lambda: self.pd.report(drain=True))
+                                   lambda: self.pd.report(drain=True),
+                                   self.spec.mean_accept_length if self.spec is not None else lambda: None)
         self.overlap = not args.disable_overlap_schedule
         self.mixed_chunk = args.enable_mixed_chunk
         self.in_flight: Optional[BatchResult] = None  # launched, results not yet processed
@@ -168,6 +173,8 @@ class Scheduler:
             return
         try:
             outs = self.results.process(result)
+            if isinstance(result, SpecResult):
+                self.spec.commit(result)
         except Exception as e:
             # The batch launched after it (if any) stays in flight: it is
             # processed in turn, and skips the requests failed here.
@@ -289,6 +296,7 @@ class Scheduler:
             "num_overlapped_batches": self.num_overlapped_batches,
             "num_failed_batches": self.num_failed_batches,
             "num_mixed_batches": self.num_mixed_batches,
+            "speculative": self.spec.info() if self.spec is not None else None,
             "num_prefill_tokens": self.admission.num_prefill_tokens,
             "num_evictions": tree.num_evicted_nodes if tree else 0,
             "weight_version": self.weights.version,
@@ -355,7 +363,8 @@ class Scheduler:
             self.retract_chunk_if_decode_needs_room()
         # (with an extend batch the decode step makes room by retracting running
         # requests, never the chunk this very batch continues)
-        decode, ended = self.running.next_decode()
+        # (with speculation on, a verify step when the batch qualifies)
+        decode, ended = self.running.next_decode() if self.spec is None else self.spec.next_decode(self.running)
         self.emit(ended)
         if decode is not None:
             self.send_stats(self.stats.on_decode(len(decode)))
@@ -379,6 +388,8 @@ class Scheduler:
         copied to the host asynchronously."""
         reqs = list(batch.reqs)
         try:
+            if self.spec is not None:
+                return self.spec.launch(batch, self.sample)
             return self.sample(batch, self.runner.forward(batch.to_forward_batch()))
         except Exception as e:
             raise BatchFailed(reqs, e) from e

@@ -49,16 +49,20 @@ class OutputBuilder:
     """Turns requests into the ReqOutput messages due now: every finished one,
     and streamed ones with at least stream_interval new tokens."""
 
-    def __init__(self, stream_interval: int, weight_version: Callable[[], str]) -> None:
+    def __init__(self, stream_interval: int, weight_version: Callable[[], str], speculative: bool = False) -> None:
         self.stream_interval = stream_interval
         self.weight_version = weight_version
+        self.speculative = speculative  # outputs carry the verify counters
 
     def build(self, reqs: List[Req]) -> List[io.ReqOutput]:
         outs = []
         for req in reqs:
             new_tokens = len(req.output_ids) - req.sent_output_len
             if req.finished or (req.stream and new_tokens >= self.stream_interval):
-                outs.append(req_output(req, self.weight_version()))
+                out = req_output(req, self.weight_version())
+                if self.speculative:
+                    out.spec = (req.spec_verify_ct, req.spec_draft_tokens, req.spec_accepted_tokens)
+                outs.append(out)
         return outs
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, List, Optional, Set
 
+import torch
+
 from radixserve.managers import io_struct as io
 from radixserve.managers.batch_result import BatchResult
 from radixserve.managers.logprobs import record_input_logprobs, record_output_logprob
@@ -18,6 +20,7 @@ from radixserve.managers.req import Req
 from radixserve.managers.scheduler.grammar import GrammarWait
 from radixserve.managers.scheduler.outputs import OutputBuilder, release_kv
 from radixserve.managers.scheduler.running import RunningBatch
+from radixserve.speculative.verify import SpecResult, trim_kv
 
 
 class ResultProcessor:
@@ -34,6 +37,8 @@ class ResultProcessor:
         self.hand_off: Optional[Callable[[Req], bool]] = None
 
     def process(self, result: BatchResult) -> List[io.ReqOutput]:
+        if isinstance(result, SpecResult):
+            return self._process_verify(result)
         if not result.is_extend:
             return self._process_decode(result)
         # A mixed batch: the running requests' tokens first, then the new
@@ -97,6 +102,37 @@ class ResultProcessor:
                 continue  # it ended one step earlier (overlap): this token is past its end
             self.append_token(req, i, next_ids[i], host)
             live.append(req)
+        finished = [r for r in live if r.finished]
+        outs = self.outputs.build(live)
+        if finished:
+            release_kv(self.prefix_cache, finished)
+            self.running.remove(finished)
+        return outs
+
+    def _process_verify(self, result: SpecResult) -> List[io.ReqOutput]:
+        """A verify step: each request's accepted run, token by token, up to a
+        stop; then its KV is trimmed to the tokens kept (a rejected draft's
+        slots are freed now) and the batch's decode state follows."""
+        batch, live = result.batch, []
+        batch.spec_drafts = None
+        for row, req in enumerate(result.reqs):
+            if req.finished:
+                continue
+            start = req.kv_len - 1 - result.num_drafts[row]  # the position of its last token
+            kept = 0
+            for token, host in zip(result.tokens[row], result.logprobs):
+                self.append_token(req, row, token, host)
+                kept += 1
+                if req.finished:
+                    break
+            req.spec_verify_ct += 1
+            req.spec_draft_tokens += result.num_drafts[row]
+            req.spec_accepted_tokens += len(result.tokens[row]) - 1
+            trim_kv(self.prefix_cache, req, start + kept)
+            live.append(req)
+        batch.seq_lens_cpu = torch.tensor([r.kv_len for r in batch.reqs], dtype=torch.int64)
+        batch.seq_lens = batch.seq_lens_cpu.to(batch.device)
+        batch.last_token_ids = torch.tensor([r.output_ids[-1] for r in batch.reqs], device=batch.device)
         finished = [r for r in live if r.finished]
         outs = self.outputs.build(live)
         if finished:

@@ -70,15 +70,19 @@ class RunningBatch:
         needed = self.batch.decode_tokens_needed()
         return self.allocator.available_size() + self.prefix_cache.evictable_size() >= needed
 
-    def next_decode(self) -> Tuple[Optional[ScheduleBatch], List[Req]]:
-        """(the batch prepared for one decode step or None, requests ended for lack of memory)."""
+    def next_decode(self, tokens_per_req: int = 1, prepare: Optional[Callable[[ScheduleBatch], bool]] = None
+                    ) -> Tuple[Optional[ScheduleBatch], List[Req]]:
+        """(the batch prepared for one decode step or None, requests ended for lack of memory).
+        A speculative verify step passes its own prepare and the most KV
+        positions it may add per request."""
         batch = self.batch
+        prepare = prepare or ScheduleBatch.prepare_for_decode
         while True:
             if batch.is_empty():
                 return None, []
-            if self.prefix_cache.make_room(batch.decode_tokens_needed()):
+            if self.prefix_cache.make_room(batch.decode_tokens_needed(tokens_per_req)):
                 try:
-                    if batch.prepare_for_decode():
+                    if prepare(batch):
                         break
                 except Exception as e:
                     raise BatchFailed(batch.reqs, e) from e

@@ -32,9 +32,11 @@ class Gauges:
 class StatsReporter:
     def __init__(self, gauges: Callable[[], Gauges], dp_rank: int = 0,
                  tier_stats: Callable[[], Optional[dict]] = lambda: None,
-                 transfer_stats: Callable[[], Optional[dict]] = lambda: None) -> None:
+                 transfer_stats: Callable[[], Optional[dict]] = lambda: None,
+                 spec_accept_length: Callable[[], Optional[float]] = lambda: None) -> None:
         self.gauges = gauges
         self.transfer_stats = transfer_stats  # prefill/decode disaggregation's counters, or None
+        self.spec_accept_length = spec_accept_length
         self.tier_stats = tier_stats  # the hierarchical cache's counters, or None
         self.dp_rank = dp_rank
         self.prompt_tokens = 0  # admitted prompt tokens, for the cache hit rate
@@ -85,4 +87,5 @@ class StatsReporter:
             dp_rank=self.dp_rank,
             hicache=self.tier_stats(),
             disaggregation=self.transfer_stats(),
+            spec_accept_length=self.spec_accept_length(),
         )

@@ -1,0 +1,90 @@
+"""Speculative decoding against plain decoding, same machine, same run.
+
+For each configuration (no speculation, then the speculative flags given):
+batch-1 decode speed (output tokens / second over requests run one at a
+time, greedy) and the mean accept length; then throughput at larger batch
+sizes (all requests at once). Workload: `rewrite` (the model copies a given
+text back: n-gram drafts match) or `chat` (held-out chat prompts).
+
+    PYTHONPATH=src python bench/spec_bench.py --workload rewrite --spec NGRAM
+    PYTHONPATH=src python bench/spec_bench.py --workload chat --spec EAGLE3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Dict, List
+
+from radixserve import Engine
+
+TEXT = ("The river rose slowly through the night, and by morning the lower fields were under water. "
+        "Farmers moved their animals to the hills, and the school in the valley closed for the week. "
+        "By Friday the water had begun to fall, leaving mud and broken fences behind it.")
+CHAT_PROMPTS = [
+    "Explain why the sky is blue in three sentences.", "Write a short poem about autumn leaves.",
+    "What are the benefits of regular exercise?", "Describe how a bicycle works.",
+    "Give me three tips for learning a new language.", "What is the capital of France and why is it famous?",
+    "Summarize the story of Cinderella.", "How do plants make food from sunlight?",
+]
+
+
+def prompts(workload: str, count: int) -> List[List[Dict[str, str]]]:
+    if workload == "rewrite":
+        return [[{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]] * count
+    return [[{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}] for i in range(count)]
+
+
+def chat_ids(engine: Engine, messages) -> List[int]:
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[int]) -> Dict[str, float]:
+    params = {"temperature": 0, "max_new_tokens": new_tokens}
+    ids = [chat_ids(engine, m) for m in prompts(workload, max(batch_sizes + [4]))]
+    engine.generate(input_ids=ids[0], sampling_params={"temperature": 0, "max_new_tokens": 8})  # warm-up
+    tokens, seconds, accept = 0, 0.0, []
+    for one in ids[:4]:
+        start = time.perf_counter()
+        out = engine.generate(input_ids=one, sampling_params=params)
+        seconds += time.perf_counter() - start
+        tokens += out["meta_info"]["completion_tokens"]
+        accept.append(out["meta_info"].get("spec_accept_length", 1.0))
+    result = {"batch1_tok_s": tokens / seconds, "accept_length": sum(accept) / len(accept)}
+    for bs in batch_sizes:
+        start = time.perf_counter()
+        outs = engine.generate(input_ids=ids[:bs], sampling_params=params)
+        result[f"bs{bs}_tok_s"] = sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - start)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-path", default=None)
+    parser.add_argument("--workload", choices=("rewrite", "chat"), default="rewrite")
+    parser.add_argument("--spec", default="NGRAM", help="--speculative-algorithm to compare")
+    parser.add_argument("--draft", default=None, help="--speculative-draft-model-path")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--engine-args", default="{}", help="JSON of extra Engine arguments for both runs")
+    args = parser.parse_args()
+    extra = json.loads(args.engine_args)
+    spec = {"speculative_algorithm": args.spec, "speculative_num_steps": 3, "speculative_eagle_topk": 1,
+            "speculative_num_draft_tokens": 4}
+    if args.draft:
+        spec["speculative_draft_model_path"] = args.draft
+    results = {}
+    for name, kwargs in (("plain", {}), (args.spec, spec)):
+        with Engine(model_path=args.model_path, log_level="warning", **extra, **kwargs) as engine:
+            results[name] = measure(engine, args.workload, args.new_tokens, args.batch_sizes)
+        print(name, json.dumps(results[name]), flush=True)
+    base, fast = results["plain"], results[args.spec]
+    print("batch-1 speedup: %.2fx" % (fast["batch1_tok_s"] / base["batch1_tok_s"]))
+    for bs in args.batch_sizes:
+        print("batch %d throughput ratio: %.2f" % (bs, fast[f"bs{bs}_tok_s"] / base[f"bs{bs}_tok_s"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""A draft model's runner and KV: its own ModelRunner and pools (no prefix
+cache, no pages), one row of its request-to-token table per request, and
+extend/decode forwards built directly from lists.
+
+Per request, `kv_len` counts the draft KV entries that stay valid (computed
+from real tokens) and `spec_len` those of the last drafts too; `truncate`
+drops the latter. The table is compact: a draft head may skip positions it
+has no target features for, so RoPE positions are passed separately."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from radixserve.managers.schedule_batch import set_extend_lens
+from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.model_runner import LogitsOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftState:
+    row: int  # in the draft's request-to-token table
+    kv_len: int = 0  # KV entries computed from the real sequence
+    spec_len: int = 0  # entries including the last drafts'
+    next_position: int = 0  # the position the next entry stands at
+
+
+def draft_server_args(args, max_total_tokens: int, max_running: int):
+    """The draft runner's configuration: the target's, for the draft model,
+    without a prefix cache, pages, quantization or CUDA graphs."""
+    return dataclasses.replace(
+        args, model_path=args.speculative_draft_model_path, tokenizer_path=None, speculative_algorithm=None,
+        disable_radix_cache=True, page_size=1, max_total_tokens=max_total_tokens, max_running_requests=max_running,
+        disable_cuda_graph=True, enable_hierarchical_cache=False, hicache_storage_backend=None,
+        quantization=None, torchao_config=None)
+
+
+class DraftRunner:
+    def __init__(self, args, target) -> None:
+        from radixserve.model_executor.model_runner import ModelRunner
+
+        extra = target.max_running_requests * (args.speculative_num_steps + 1)
+        self.runner = ModelRunner(draft_server_args(args, target.max_total_num_tokens + extra,
+                                                    target.max_running_requests))
+        self.model = self.runner.model
+        self.pools = self.runner.pools
+        self.table = self.pools.req_to_token_pool.req_to_token
+        self.states: Dict[str, DraftState] = {}
+        logger.info("draft %s: %d KV tokens", args.speculative_draft_model_path, self.runner.max_total_num_tokens)
+
+    # ---- memory ----
+    def states_for(self, reqs: Sequence) -> List[DraftState]:
+        """Each request's state (new ones get a row); requests gone from the
+        batch give theirs back; the last drafts' entries are dropped."""
+        live = {r.rid for r in reqs}
+        for rid in [rid for rid in self.states if rid not in live]:
+            self.release(rid)
+        states = []
+        for req in reqs:
+            state = self.states.get(req.rid)
+            if state is None:
+                state = self.states[req.rid] = DraftState(self.pools.req_to_token_pool.alloc())
+            self.truncate(state, state.kv_len)
+            states.append(state)
+        return states
+
+    def release(self, rid: str) -> None:
+        state = self.states.pop(rid, None)
+        if state is not None:
+            self.pools.allocator.free(self.table[state.row, :state.spec_len])
+            self.pools.req_to_token_pool.free(state.row)
+
+    def truncate(self, state: DraftState, length: int) -> None:
+        if state.spec_len > length:
+            self.pools.allocator.free(self.table[state.row, length:state.spec_len])
+        state.kv_len = state.spec_len = length
+
+    def has_room(self, tokens: int) -> bool:
+        return tokens <= self.pools.allocator.available_size()
+
+    # ---- forwards ----
+    def extend(self, states: List[DraftState], ids: List[List[int]], positions: List[List[int]],
+               hidden: Optional[torch.Tensor] = None) -> LogitsOutput:
+        """New entries for each state (after its spec_len); logits (and the
+        output hidden state) at each one's last new token."""
+        dev = self.runner.device
+        prefix = [s.spec_len for s in states]
+        lens = [len(i) for i in ids]
+        seq = [p + n for p, n in zip(prefix, lens)]
+        slots = self.pools.allocator.alloc_extend(prefix, seq, [0] * len(states))
+        start = 0
+        for state, p, n in zip(states, prefix, seq):
+            self.table[state.row, p:n] = slots[start:start + n - p]
+            state.spec_len = n
+            start += n - p
+        fb = self._batch(ForwardMode.EXTEND, states, [t for i in ids for t in i],
+                         [p for ps in positions for p in ps], slots, seq, hidden)
+        last = torch.cumsum(torch.tensor(lens, device=dev), 0) - 1
+        fb.logits_indices, fb.last_logit_rows = last, torch.arange(len(states), device=dev)
+        set_extend_lens(fb, prefix, lens, dev)
+        return self.runner.forward(fb)
+
+    def decode(self, states: List[DraftState], ids: List[int], positions: List[int],
+               hidden: Optional[torch.Tensor] = None) -> LogitsOutput:
+        slots = self.pools.allocator.alloc_extend([s.spec_len for s in states],
+                                                  [s.spec_len + 1 for s in states], [0] * len(states))
+        for state, slot in zip(states, slots.tolist()):
+            self.table[state.row, state.spec_len] = slot
+            state.spec_len += 1
+        fb = self._batch(ForwardMode.DECODE, states, ids, positions, slots, [s.spec_len for s in states], hidden)
+        return self.runner.forward(fb)
+
+    def _batch(self, mode, states, ids, positions, slots, seq_lens, hidden) -> ForwardBatch:
+        dev = self.runner.device
+        return ForwardBatch(
+            forward_mode=mode, batch_size=len(states), input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            req_pool_indices=torch.tensor([s.row for s in states], device=dev),
+            seq_lens=torch.tensor(seq_lens, device=dev), out_cache_loc=slots, seq_lens_cpu=list(seq_lens),
+            req_to_token_pool=self.pools.req_to_token_pool, kv_pool=self.pools.kv_pool,
+            spec_hidden=hidden, return_hidden=hidden is not None)

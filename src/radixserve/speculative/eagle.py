@@ -1,0 +1,118 @@
+"""EAGLE-3 drafts: a one-layer head over the target's own hidden states
+(models/llama_eagle3.py), run by a DraftRunner with its own KV.
+
+Each target forward (prefill chunks, verify steps, plain decode steps run
+eagerly) captures three layers' outputs for every token; they wait on the
+request (`Req.spec_features`: (first position, [m, 3H]) pieces) until the
+next draft. The head pairs the features of position p with the token at
+p + 1, so drafting is one extend over the new pairs (the last pair ends at
+the request's last token and gives draft 1) and k - 1 decode steps feeding
+the head's own output back. Positions without features (a prefix from the
+radix cache, a CUDA-graph decode step) are skipped: the draft KV is compact;
+a request whose last pair is missing drafts nothing this step."""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Sequence, Tuple
+
+import torch
+
+from radixserve.models.llama_eagle3 import aux_layer_ids
+from radixserve.speculative.draft_runner import DraftRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Eagle3Drafter:
+    def __init__(self, args, target) -> None:
+        self.draft = DraftRunner(args, target)
+        self.head = self.draft.model
+        if not hasattr(self.head, "to_target_ids"):
+            raise ValueError(f"speculative_draft_model_path {args.speculative_draft_model_path!r} is not an "
+                             f"EAGLE-3 head (architectures: LlamaForCausalLMEagle3)")
+        self.head.embed = target.model.model.embed_tokens  # shared with the target
+        self.num_steps = args.speculative_num_steps
+        eagle = getattr(self.head.config, "eagle_config", None) or {}
+        layers = eagle.get("eagle_aux_hidden_state_layer_ids") or aux_layer_ids(target.config.num_hidden_layers)
+        self.aux_layers: Tuple[int, ...] = tuple(layers)
+        want = len(self.aux_layers) * target.config.hidden_size
+        if self.head.fc.in_features != want:
+            raise ValueError(f"the EAGLE-3 head fuses {self.head.fc.in_features} features; this target gives {want}")
+
+    # ---- the target's features ----
+    def keep_features(self, reqs: Sequence, firsts: List[int], lens: List[int], aux: torch.Tensor) -> None:
+        """aux: [sum(lens), 3H], request i's rows are positions firsts[i] onward."""
+        start = 0
+        for req, first, n in zip(reqs, firsts, lens):
+            req.spec_features.append((first, aux[start:start + n]))
+            start += n
+
+    def _new_pairs(self, req, next_position: int) -> Tuple[List[int], List[torch.Tensor]]:
+        """Positions (and their features) from next_position on whose next token is known."""
+        last = len(req.fill_ids) - 1
+        positions, feats = [], []
+        for first, piece in req.spec_features:
+            lo, hi = max(first, next_position), min(first + len(piece), last)
+            if hi > lo:
+                positions += range(lo, hi)
+                feats.append(piece[lo - first:hi - first])
+        req.spec_features = []
+        return positions, feats
+
+    # ---- drafting ----
+    def propose(self, reqs: Sequence, vocab_size: int) -> List[List[int]]:
+        draft = self.draft
+        states = draft.states_for(reqs)
+        drafts: List[List[int]] = [[] for _ in reqs]
+        rows, ids, positions, feats = [], [], [], []
+        for i, (req, state) in enumerate(zip(reqs, states)):
+            pos, f = self._new_pairs(req, state.next_position)
+            if pos:
+                history = req.fill_ids
+                rows.append(i)
+                ids.append([history[p + 1] for p in pos])
+                positions.append(pos)
+                feats += f
+                state.next_position = pos[-1] + 1
+        needed = sum(map(len, ids)) + len(rows) * self.num_steps
+        if not rows or not draft.has_room(needed):
+            return drafts
+        active = [states[i] for i in rows]
+        out = draft.extend(active, ids, positions, torch.cat(feats))
+        for state in active:
+            state.kv_len = state.spec_len  # entries from real tokens and target features
+        # only requests whose last pair ends at their last token can draft
+        ready = [j for j, i in enumerate(rows) if positions[j][-1] == len(reqs[i].fill_ids) - 2]
+        if not ready:
+            return drafts
+        index = torch.tensor(ready, device=out.hidden.device)
+        hidden, logits = out.hidden[index], out.next_token_logits[index]
+        chain_states = [active[j] for j in ready]
+        position = [positions[j][-1] + 1 for j in ready]
+        tokens = self._tokens(logits)
+        for j, t in zip(ready, tokens):
+            drafts[rows[j]].append(t)
+        for step in range(1, self.num_steps):
+            out = draft.decode(chain_states, tokens, [p + step - 1 for p in position], hidden)
+            hidden, tokens = out.hidden, self._tokens(out.next_token_logits)
+            for j, t in zip(ready, tokens):
+                drafts[rows[j]].append(t)
+        return drafts
+
+    def _tokens(self, logits: torch.Tensor) -> List[int]:
+        return self.head.to_target_ids(logits.argmax(-1)).tolist()
+
+    def commit(self, reqs: Sequence) -> None:
+        """Drop the chain's draft KV (the next extend recomputes accepted
+        positions from the target's features) and features of rejected drafts."""
+        for req in reqs:
+            state = self.draft.states.get(req.rid)
+            if req.finished:
+                self.draft.release(req.rid)
+                req.spec_features = []
+                continue
+            if state is not None:
+                self.draft.truncate(state, state.kv_len)
+            req.spec_features = [(first, piece[:max(req.kv_len - first, 0)])
+                                 for first, piece in req.spec_features if first < req.kv_len]

@@ -1,0 +1,115 @@
+"""Training data for an EAGLE-3 head, all produced offline by our own engine:
+prompts answered by the target itself (`self_generated`), then the target's
+captured hidden states and greedy choices at every position (`TargetFeatures`)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator, List, Sequence
+
+import torch
+
+from radixserve.managers.schedule_batch import set_extend_lens
+from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+
+TOPICS = ["the ocean", "a small town", "computers", "cooking pasta", "the moon", "friendship", "a rainy day",
+          "learning to swim", "ancient Rome", "electric cars", "a garden", "music lessons", "the human heart",
+          "mountains", "a lost cat", "saving money", "volcanoes", "chess", "a train journey", "honey bees",
+          "the internet", "winter sports", "photosynthesis", "a birthday party", "robots", "coffee",
+          "the solar system", "recycling", "a library", "dinosaurs", "public speaking", "bread baking"]
+TASKS = ["Write a short story about {}.", "Explain {} to a child.", "Give three facts about {}.",
+         "Describe {} in a few sentences.", "Write a poem about {}.", "What are the pros and cons of {}?",
+         "Summarize what people should know about {}.", "Write a friendly email about {}."]
+
+
+def chat_prompts(count: int, seed: int) -> List[List[dict]]:
+    """Chat requests built from topic and task templates (held-out evaluation uses another seed)."""
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": rng.choice(TASKS).format(rng.choice(TOPICS))}] for _ in range(count)]
+
+
+def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int, chat: bool,
+                   temperature: float = 0.7) -> List[List[int]]:
+    """Token sequences (prompt + the target's own answer). chat=False (a model
+    without a chat template, e.g. a tiny test model): random token prompts."""
+    rng = random.Random(seed)
+    if chat:
+        prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)
+                        ["input_ids"]) for m in chat_prompts(count, seed)]
+    else:
+        prompts = [[rng.randrange(10, min(tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
+                   for _ in range(count)]
+    params = [{"temperature": temperature, "top_p": 0.95, "max_new_tokens": max_new_tokens, "sampling_seed": seed + i}
+              for i in range(count)]
+    outs = engine.generate(input_ids=prompts, sampling_params=params)
+    return [p + o["output_ids"] for p, o in zip(prompts, outs)]
+
+
+@dataclass
+class Sample:
+    features: torch.Tensor  # [T, layers x hidden] the captured layers' outputs
+    greedy: torch.Tensor  # [T] int64: the target's argmax after each position
+    tokens: torch.Tensor  # [T] int64
+
+
+class TargetFeatures:
+    """Runs the target (a ModelRunner) over whole sequences, one at a time,
+    capturing `layers`; each sequence's KV is freed right after."""
+
+    def __init__(self, runner, layers: Sequence[int]) -> None:
+        self.runner, self.layers = runner, tuple(layers)
+        self.pools = runner.pools
+
+    @torch.inference_mode()
+    def __call__(self, ids: List[int]) -> Sample:
+        pools, dev, n = self.pools, self.runner.device, len(ids)
+        row = pools.req_to_token_pool.alloc()
+        slots = pools.allocator.alloc_extend([0], [n], [0])
+        pools.req_to_token_pool.req_to_token[row, :n] = slots
+        try:
+            fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=1,
+                              input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev),
+                              req_pool_indices=torch.tensor([row], device=dev), seq_lens=torch.tensor([n], device=dev),
+                              out_cache_loc=slots, seq_lens_cpu=[n], logits_indices=torch.arange(n, device=dev),
+                              last_logit_rows=torch.tensor([n - 1], device=dev),
+                              req_to_token_pool=pools.req_to_token_pool, kv_pool=pools.kv_pool,
+                              capture_aux_layers=self.layers)
+            set_extend_lens(fb, [0], [n], dev)
+            out = self.runner.forward(fb)
+            logits = out.all_logits if out.all_logits is not None else out.next_token_logits
+            return Sample(out.aux_hidden.float().cpu(), logits.argmax(-1).cpu(), torch.tensor(ids))
+        finally:
+            pools.allocator.free(slots)
+            pools.req_to_token_pool.free(row)
+
+
+def draft_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` target tokens the head may propose: those the target chose
+    most often (ties by id), sorted by id."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for s in samples:
+        counts += torch.bincount(s.greedy, minlength=vocab_size)
+    return counts.topk(min(size, vocab_size)).indices.sort().values
+
+
+def windows(samples: Sequence[Sample], length: int, num_steps: int, rng: random.Random) -> Iterator[tuple]:
+    """(features [T, F], step inputs [S, T], step labels [S, T]) windows of
+    each sample, in random order. Step s at origin p reads token p+1 (s = 0)
+    or the target's choice after p+s, and must predict the target's choice
+    after p+1+s; -1 where the window runs past the sample."""
+    order = [(i, start) for i, s in enumerate(samples) for start in range(0, max(len(s.tokens) - 1, 1), length)]
+    rng.shuffle(order)
+    for i, start in order:
+        s = samples[i]
+        total = len(s.tokens)
+        end = min(start + length, total - 1)  # origins need the next token
+        origins = torch.arange(start, end)
+        inputs, labels = [], []
+        for step in range(num_steps):
+            src = s.tokens if step == 0 else s.greedy
+            at = origins + 1 if step == 0 else origins + step
+            inputs.append(torch.where(at < total, src[at.clamp(max=total - 1)], 0))
+            target_at = origins + 1 + step
+            labels.append(torch.where(target_at < total, s.greedy[target_at.clamp(max=total - 1)], -1))
+        yield s.features[start:end], torch.stack(inputs), torch.stack(labels)

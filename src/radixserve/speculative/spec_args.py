@@ -1,0 +1,103 @@
+"""The speculative-decoding flags: checked, defaults filled in, and what
+speculation cannot run with yet turned off (with a warning) or refused.
+
+Torch-free: ServerArgs calls it before any process starts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = ("EAGLE", "EAGLE3", "NGRAM", "STANDALONE")
+NGRAM_MATCH_TYPES = ("BFS", "PROB")
+DEFAULT_NUM_STEPS = 3
+
+
+def validate_speculative(args: Any) -> None:
+    """args: a ServerArgs. Raises ValueError naming the flag; may switch off
+    features that cannot run with speculation yet."""
+    algo = args.speculative_algorithm
+    if algo is None:
+        return
+    if algo not in ALGORITHMS:
+        raise ValueError(f"speculative_algorithm must be one of {'|'.join(ALGORITHMS)}, got {algo!r}")
+    _fill_sizes(args)
+    if algo == "EAGLE":
+        raise ValueError("speculative_algorithm=EAGLE (EAGLE-1/2 heads over the last hidden state) is not "
+                         "available yet in radixserve; use EAGLE3, NGRAM or STANDALONE")
+    if algo == "EAGLE3" and not args.speculative_draft_model_path:
+        args.speculative_draft_model_path = shipped_head(args.model_path)
+    if algo in ("STANDALONE", "EAGLE3") and not args.speculative_draft_model_path:
+        raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
+                         "smaller model with the same tokenizer; EAGLE3: a head folder, as `python -m "
+                         "radixserve.train_eagle3` writes; no head ships for this model)")
+    if args.speculative_token_map is not None:
+        raise ValueError("speculative_token_map: radixserve's EAGLE-3 heads carry their reduced vocabulary "
+                         "(d2t) in the head folder; a separate token map file is not read")
+    if args.speculative_ngram_match_type not in NGRAM_MATCH_TYPES:
+        raise ValueError(f"speculative_ngram_match_type must be BFS|PROB, "
+                         f"got {args.speculative_ngram_match_type!r}")
+    for name in ("speculative_ngram_min_bfs_breadth", "speculative_ngram_max_bfs_breadth",
+                 "speculative_ngram_max_trie_depth", "speculative_ngram_capacity", "speculative_max_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.speculative_ngram_min_bfs_breadth > args.speculative_ngram_max_bfs_breadth:
+        raise ValueError("speculative_ngram_min_bfs_breadth must be <= speculative_ngram_max_bfs_breadth")
+    _refuse_combinations(args)
+    _turn_off_for_speculation(args)
+
+
+def shipped_head(model_path: str):
+    """The EAGLE-3 head shipped for a packaged model, in speculative/heads/<name>/ (None
+    when there is none: none ships yet, see README "Speculative decoding")."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "heads" / str(model_path)
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def _fill_sizes(args: Any) -> None:
+    if args.speculative_num_steps is None:
+        args.speculative_num_steps = DEFAULT_NUM_STEPS
+    if args.speculative_eagle_topk is None:
+        args.speculative_eagle_topk = 1
+    if args.speculative_num_draft_tokens is None:
+        args.speculative_num_draft_tokens = args.speculative_num_steps + 1
+    if args.speculative_num_steps < 1:
+        raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
+    if args.speculative_eagle_topk != 1:
+        raise ValueError(f"speculative_eagle_topk must be 1 (tree drafts are not available yet), "
+                         f"got {args.speculative_eagle_topk}")
+    if args.speculative_num_draft_tokens != args.speculative_num_steps + 1:
+        # A chain verifies the last token and one draft per step.
+        raise ValueError(f"speculative_num_draft_tokens must be speculative_num_steps + 1 "
+                         f"({args.speculative_num_steps + 1}) with speculative_eagle_topk=1, "
+                         f"got {args.speculative_num_draft_tokens}")
+
+
+def _refuse_combinations(args: Any) -> None:
+    refused = {
+        "tp_size > 1": args.tp_size > 1,
+        "enable_lora": args.enable_lora,
+        # a verify forward runs the extend kernels, a plain step the decode ones
+        "enable_deterministic_inference": args.enable_deterministic_inference,
+        "is_embedding": args.is_embedding,  # an embedding server never decodes
+        # the decode side's first step follows a transferred prefill the drafter never saw
+        "disaggregation_mode": args.disaggregation_mode != "null",
+    }
+    for what, present in refused.items():
+        if present:
+            raise ValueError(f"speculative_algorithm cannot be combined with {what} yet")
+
+
+def _turn_off_for_speculation(args: Any) -> None:
+    """The verify step reads its own results before the next batch is built,
+    and runs alone (not inside a mixed batch)."""
+    if not args.disable_overlap_schedule:
+        logger.warning("speculative decoding: the overlap scheduler is turned off")
+        args.disable_overlap_schedule = True
+    if args.enable_mixed_chunk:
+        logger.warning("speculative decoding: --enable-mixed-chunk is turned off")
+        args.enable_mixed_chunk = False

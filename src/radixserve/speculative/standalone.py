@@ -1,0 +1,54 @@
+"""STANDALONE drafts: a smaller model of the same tokenizer, run greedily by
+its own ModelRunner with its own KV pool (draft_runner.py).
+
+Drafting k tokens is one extend forward (catching up on the tokens the
+target accepted since, ending at the request's last token, whose logits give
+draft 1) and k - 1 decode forwards. After the verify step `commit` keeps the
+draft KV of accepted tokens (the target's kv_len says how far the real
+sequence has KV now) and frees the rest."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from radixserve.speculative.draft_runner import DraftRunner
+
+
+class StandaloneDrafter:
+    def __init__(self, args, target) -> None:
+        self.draft = DraftRunner(args, target)
+        self.num_steps = args.speculative_num_steps
+
+    def propose(self, reqs: Sequence, vocab_size: int) -> List[List[int]]:
+        draft = self.draft
+        states = draft.states_for(reqs)
+        histories = [r.fill_ids for r in reqs]
+        needed = sum(len(h) - s.kv_len for h, s in zip(histories, states)) + len(reqs) * self.num_steps
+        if not draft.has_room(needed):
+            return [[] for _ in reqs]  # the draft pool is full: verify the last tokens alone
+        ids = [h[s.kv_len:] for h, s in zip(histories, states)]
+        positions = [list(range(s.kv_len, len(h))) for h, s in zip(histories, states)]
+        for state, history in zip(states, histories):
+            state.kv_len = len(history)  # the real tokens, up to the last one
+        tokens = self._greedy(draft.extend(states, ids, positions), vocab_size)
+        drafts = [[t] for t in tokens]
+        for _ in range(self.num_steps - 1):
+            positions = [s.spec_len for s in states]
+            tokens = self._greedy(draft.decode(states, tokens, positions), vocab_size)
+            for chain, t in zip(drafts, tokens):
+                chain.append(t)
+        return drafts
+
+    def commit(self, reqs: Sequence) -> None:
+        for req in reqs:
+            state = self.draft.states.get(req.rid)
+            if state is None:
+                continue
+            if req.finished:
+                self.draft.release(req.rid)
+            else:
+                self.draft.truncate(state, min(req.kv_len, state.spec_len))
+
+    @staticmethod
+    def _greedy(out, vocab_size: int) -> List[int]:
+        return out.next_token_logits[:, :vocab_size].argmax(-1).tolist()

@@ -1,0 +1,134 @@
+"""The scheduler's side of speculative decoding: when a decode step
+speculates, which drafter proposes, and the verify step itself.
+
+A running batch speculates when it is small enough (`--speculative-max-batch-size`:
+at large batches the target's forward is compute-bound and verifying drafts
+costs more than it saves) and no request in it is constrained by a grammar
+(its mask would have to follow each draft token); otherwise the step is a
+plain decode step."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, List, Optional, Tuple
+
+from radixserve.layers.sampler import Sampler
+from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.speculative.verify import SpecResult, accept, prepare_verify
+
+logger = logging.getLogger(__name__)
+
+
+def make_spec_worker(args: Any, runner: Any, eos_token_ids) -> Optional["SpecWorker"]:
+    """The scheduler's worker, or None when speculation is off."""
+    if not args.speculative_algorithm:
+        return None
+    if hasattr(getattr(runner, "config", None), "vision_config"):  # verify steps know no M-RoPE positions
+        raise ValueError("speculative_algorithm cannot be combined with a vision-language model yet")
+    return SpecWorker(args, runner, eos_token_ids)
+
+
+def make_drafter(args: Any, runner: Any) -> Any:
+    algo = args.speculative_algorithm
+    if algo == "NGRAM":
+        from radixserve.speculative.ngram import NgramDrafter
+
+        return NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
+                            args.speculative_ngram_capacity, args.speculative_ngram_match_type)
+    if algo == "EAGLE3":
+        from radixserve.speculative.eagle import Eagle3Drafter
+
+        return Eagle3Drafter(args, runner)
+    if algo == "STANDALONE":
+        from radixserve.speculative.standalone import StandaloneDrafter
+
+        return StandaloneDrafter(args, runner)
+    raise ValueError(f"speculative_algorithm={algo} is not available")
+
+
+class SpecWorker:
+    def __init__(self, args: Any, runner: Any, eos_token_ids) -> None:
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+        self.drafter = make_drafter(args, runner)
+        self.num_steps = args.speculative_num_steps
+        self.max_batch_size = args.speculative_max_batch_size
+        self.algorithm = args.speculative_algorithm
+        self.sampler = Sampler()
+        self.verify_ct = 0  # verify steps so far
+        self.verified_rows = 0  # requests they verified (a step verifies its whole batch)
+        self.emitted = 0  # tokens they produced
+
+    @property
+    def tokens_per_req(self) -> int:
+        """KV positions one verify step may need per request."""
+        return self.num_steps + 1
+
+    def wants(self, reqs: List[Any]) -> bool:
+        return 0 < len(reqs) <= self.max_batch_size and all(r.grammar is None for r in reqs)
+
+    def prepare(self, batch: ScheduleBatch) -> bool:
+        """Draft, then allocate the verify step's KV (RunningBatch.next_decode made room)."""
+        drafts = self.drafter.propose(batch.reqs, self.runner.vocab_size)
+        return prepare_verify(batch, drafts)
+
+    def next_decode(self, running: Any) -> Tuple[Optional[ScheduleBatch], List[Any]]:
+        """The running batch prepared for a verify step when it qualifies, else for a plain decode step."""
+        if self.wants(running.reqs):
+            return running.next_decode(self.tokens_per_req, self.prepare)
+        return running.next_decode()
+
+    def launch(self, batch: ScheduleBatch, sample: Callable[[ScheduleBatch, Any], Any]) -> Any:
+        """Any batch's forward: a verify step's, or a plain one's (its hidden
+        states kept for the draft head; `sample` is the scheduler's)."""
+        if batch.spec_drafts is not None:
+            return self.verify(batch)
+        fb = batch.to_forward_batch()
+        self.before_target_forward(fb)
+        logits = self.runner.forward(fb)
+        self.after_target_forward(batch, logits)
+        return sample(batch, logits)
+
+    def verify(self, batch: ScheduleBatch) -> SpecResult:
+        """The verify forward and the accepted tokens (synchronously)."""
+        if batch.sampling_info is None:
+            batch.sampling_info = SamplingBatchInfo.from_reqs(batch.reqs, self.runner.vocab_size, batch.device,
+                                                              self.eos_token_ids)
+        fb = batch.to_forward_batch()
+        self.before_target_forward(fb)
+        out = self.runner.forward(fb)
+        logits = out.all_logits if out.all_logits is not None else out.next_token_logits
+        result = accept(batch, logits, batch.sampling_info, self.sampler)
+        self.after_target_forward(batch, out)
+        self.verify_ct += 1
+        self.verified_rows += len(result.reqs)
+        self.emitted += sum(map(len, result.tokens))
+        return result
+
+    # ---- the target's hidden states, for draft heads that read them (EAGLE-3) ----
+    def before_target_forward(self, fb: Any) -> None:
+        fb.capture_aux_layers = getattr(self.drafter, "aux_layers", None)
+
+    def after_target_forward(self, batch: ScheduleBatch, out: Any) -> None:
+        """Every target forward's captured states wait on their requests for the next draft."""
+        if out.aux_hidden is None:
+            return
+        if batch.forward_mode.is_extend():
+            self.drafter.keep_features(batch.reqs, batch._prefix_lens, batch._extend_lens, out.aux_hidden)
+        else:  # a plain decode step: each request's input token stands at seq_len - 1
+            firsts = (batch.seq_lens_cpu - 1).tolist()
+            self.drafter.keep_features(batch.reqs, firsts, [1] * len(firsts), out.aux_hidden)
+
+    def commit(self, result: SpecResult) -> None:
+        """After the result was processed: the drafter keeps what was accepted."""
+        self.drafter.commit(result.reqs)
+
+    def info(self) -> dict:
+        """For get_server_info."""
+        return {"algorithm": self.algorithm, "num_steps": self.num_steps, "verify_ct": self.verify_ct,
+                "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size}
+
+    def mean_accept_length(self) -> Optional[float]:
+        """Tokens per request per verify step, over every step so far."""
+        return self.emitted / self.verified_rows if self.verified_rows else None

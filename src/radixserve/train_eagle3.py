@@ -1,0 +1,186 @@
+"""Train an EAGLE-3 draft head for a target model, SpecForge-style, offline:
+
+    python -m radixserve.train_eagle3 --model-path SmolLM2-135M-Instruct --output-dir heads/smol \\
+        --num-prompts 2000 --draft-vocab-size 4096 --epochs 2
+
+1. The target answers generated chat prompts (our Engine, sampled) - or, for
+   a model without a chat template, random token prompts.
+2. Our ModelRunner runs each sequence once more, capturing three layers'
+   outputs and its greedy choice at every position.
+3. The head (models/llama_eagle3.py) learns to predict the target's choices
+   num_steps tokens ahead, unrolled as at serving time (training-time test),
+   over a reduced vocabulary of the target's most chosen tokens.
+
+Writes config.json + model.safetensors (SpecForge's names: the server loads
+it with --speculative-draft-model-path), loss.png and train_log.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+from tqdm import tqdm
+
+from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3, aux_layer_ids
+from radixserve.speculative.eagle_data import TargetFeatures, draft_vocabulary, self_generated, windows
+from radixserve.speculative.loss_plot import save_loss_plot
+
+logger = logging.getLogger(__name__)
+STEP_WEIGHT = 0.8  # later draft steps count less (SpecForge's decay)
+
+
+def head_config(target_config, draft_vocab_size: int, layers: List[int], intermediate_size: int = 0):
+    config = type(target_config).from_dict(target_config.to_dict())
+    config.architectures = ["LlamaForCausalLMEagle3"]
+    config.num_hidden_layers = 1
+    config.intermediate_size = intermediate_size or target_config.intermediate_size
+    config.draft_vocab_size = draft_vocab_size
+    config.target_hidden_size = target_config.hidden_size
+    config.tie_word_embeddings = False
+    config.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(layers)}
+    for key in ("gguf_block_types", "quantization_config"):
+        if hasattr(config, key):
+            delattr(config, key)
+    return config
+
+
+def init_head(config, target, vocab: torch.Tensor, device: str) -> LlamaForCausalLMEagle3:
+    torch.manual_seed(0)
+    head = LlamaForCausalLMEagle3(config).float()
+    for name, p in head.named_parameters():
+        if p.dtype.is_floating_point:
+            torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, std=0.02)
+    with torch.no_grad():
+        # start from the target's own head over the draft vocabulary
+        head.lm_head.weight.copy_(target.model.lm_head.weight[vocab].float())
+        head.d2t.copy_(vocab - torch.arange(len(vocab)))
+        head.t2d.zero_()
+        head.t2d[vocab] = True
+    head = head.to(device)
+    embed = target.model.model.embed_tokens.weight.detach().float().to(device)
+    head.embed = lambda ids: torch.nn.functional.embedding(ids, embed)
+    return head
+
+
+def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
+    losses, rng = [], random.Random(0)
+    total = args.epochs * sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(total, 2), pct_start=0.05)
+    bar = tqdm(total=total, desc="training", unit="window")
+    deadline = time.monotonic() + args.max_train_seconds if args.max_train_seconds else math.inf
+    for _ in range(args.epochs):
+        for features, inputs, labels in windows(samples, args.window, args.num_steps, rng):
+            if time.monotonic() > deadline:
+                logger.info("--max-train-seconds reached after %d windows", len(losses))
+                bar.close()
+                return losses
+            # (captured under inference mode: cloned to become autograd inputs)
+            logits = head.train_forward(features[None].clone().to(args.device), inputs[:, None].clone().to(args.device))
+            loss = 0.0
+            for step, step_logits in enumerate(logits):
+                target = labels[step].to(args.device)
+                mapped = torch.where(target >= 0, target_to_draft[target.clamp(min=0)], -1)
+                loss = loss + STEP_WEIGHT**step * torch.nn.functional.cross_entropy(
+                    step_logits[0], mapped, ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    bar.close()
+    return losses
+
+
+def save_head(head, config, out: Path, dtype: torch.dtype) -> None:
+    """SpecForge's names: q/k/v and gate/up unmerged."""
+    from safetensors.torch import save_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, p in head.named_parameters():
+        t = p.detach().cpu()
+        t = t.to(dtype) if t.dtype.is_floating_point else t
+        owner, _, kind = name.rpartition(".")
+        module = head.get_submodule(owner) if owner else None
+        if hasattr(module, "shard_offsets"):
+            base = owner.rpartition(".")[0]
+            parts = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "gate": "gate_proj", "up": "up_proj"}
+            for shard, (offset, size) in module.shard_offsets.items():
+                tensors[f"{base}.{parts[shard]}.{kind}"] = t[offset:offset + size].contiguous()
+        else:
+            tensors[name] = t.contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    config.torch_dtype = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(config.to_json_string())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default=None, help="the target (default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--draft-vocab-size", type=int, default=4096)
+    p.add_argument("--intermediate-size", type=int, default=0, help="the head's MLP width (0: the target's)")
+    p.add_argument("--num-steps", type=int, default=3, help="draft steps unrolled in training")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--window", type=int, default=256, help="positions per training window")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-train-seconds", type=float, default=0, help="stop training (and save) after this long")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.7, help="of the target's answers (0: greedy)")
+    p.add_argument("--prompts", choices=("auto", "chat", "random"), default="auto",
+                   help="chat: generated chat requests; random: random token prompts; auto: chat when the "
+                        "tokenizer has a chat template")
+    p.add_argument("--device", default="cpu", help="where the head trains")
+    p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    from radixserve import Engine
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
+    out = Path(args.output_dir)
+    extra = json.loads(args.engine_args)
+    with Engine(model_path=args.model_path, log_level="warning", **extra) as engine:
+        chat = args.prompts == "chat" or (args.prompts == "auto" and
+                                          getattr(engine.tokenizer, "chat_template", None) is not None)
+        seqs = self_generated(engine, engine.tokenizer, args.num_prompts, args.max_new_tokens, args.seed, chat,
+                              args.temperature)
+    logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
+    runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(map(len, seqs)) + 16,
+                                    max_running_requests=2, **extra))
+    layers = aux_layer_ids(runner.config.num_hidden_layers)
+    capture = TargetFeatures(runner, layers)
+    samples = [capture(s) for s in tqdm(seqs, desc="target hidden states", unit="seq")]
+    vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
+    config = head_config(runner.config, len(vocab), layers, args.intermediate_size)
+    head = init_head(config, runner, vocab, args.device)
+    target_to_draft = torch.full((runner.config.vocab_size,), -1, dtype=torch.int64)
+    target_to_draft[vocab] = torch.arange(len(vocab))
+    losses = train(head, samples, args, target_to_draft.to(args.device))
+    save_head(head, config, out, getattr(torch, args.save_dtype))
+    save_loss_plot(losses, out / "loss.png")
+    (out / "train_log.json").write_text(json.dumps({"args": vars(args), "sequences": len(seqs),
+                                                    "losses": losses[::max(len(losses) // 500, 1)]}))
+    logger.info("head written to %s (final loss %.3f)", out, sum(losses[-50:]) / max(len(losses[-50:]), 1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Speculative decoding end to end on a tiny random Llama: NGRAM and
+STANDALONE give exactly the tokens decoding without speculation gives
+(greedy, seeded sampling with penalties, stop tokens and strings and
+max_new_tokens inside accepted runs, logprobs, streaming), greedy tokens equal
+transformers', the target as its own draft accepts every draft, an unrelated
+draft almost none, and the KV invariant holds after aborts."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from typing import Dict, List, Tuple
+
+import pytest
+
+from radixserve import Engine
+from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
+
+NUM_STEPS = 3  # --speculative-num-steps; a verify step yields at most NUM_STEPS + 1 tokens
+LOGPROB_TOL = 1e-4
+
+
+def prompts(seed: int, count: int) -> List[List[int]]:
+    """Prompts that repeat themselves, so n-gram drafts find matches."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        body = [rng.randrange(10, 1000) for _ in range(rng.randint(4, 20))]
+        out.append(body * 3)
+    return out
+
+
+def workload() -> Tuple[List[List[int]], List[Dict]]:
+    ids = prompts(1, 6)
+    params = [
+        {"temperature": 0, "max_new_tokens": 17, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True},
+        {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 11, "max_new_tokens": 14, "ignore_eos": True},
+        {"temperature": 1.0, "top_k": 20, "frequency_penalty": 0.5, "repetition_penalty": 1.2,
+         "sampling_seed": 5, "max_new_tokens": 14, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 15, "presence_penalty": 0.7, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 3, "ignore_eos": True},
+    ]
+    return ids, params
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+
+def with_grammar(engine, ids) -> list:
+    """A JSON-schema request batched with a plain one (such a batch decodes without speculation)."""
+    return engine.generate(input_ids=ids[:2], sampling_params=[
+        {"temperature": 0, "max_new_tokens": 20, "json_schema": json.dumps(SCHEMA)},
+        {"temperature": 0, "max_new_tokens": 20, "ignore_eos": True}])
+
+
+def generate(engine, ids, params) -> list:
+    return engine.generate(input_ids=ids, sampling_params=params, return_logprob=True, top_logprobs_num=2)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def baseline(target):
+    """Outputs without speculation, and where their stops land (set after a first run)."""
+    ids, params = workload()
+    with Engine(model_path=str(target), log_level="warning") as engine:
+        outs = generate(engine, ids, params)
+        stops = stop_params(outs)
+        stopped = generate(engine, ids[:2], stops)
+        grammar = with_grammar(engine, ids)
+    return ids, params, outs, stops, stopped, grammar
+
+
+def stop_params(outs: list) -> List[Dict]:
+    """A stop token at output index 6 and a max_new_tokens of 7: both inside
+    the second accepted run of a draft that is always right."""
+    first = outs[0]["output_ids"]
+    return [{"temperature": 0, "max_new_tokens": 30, "stop_token_ids": [first[6]], "ignore_eos": True},
+            {"temperature": 0, "max_new_tokens": 7, "ignore_eos": True}]
+
+
+def assert_same(got: list, want: list) -> None:
+    for g, w in zip(got, want):
+        assert g["output_ids"] == w["output_ids"]
+        assert g["meta_info"]["finish_reason"] == w["meta_info"]["finish_reason"]
+        glp = [lp for lp, _, _ in g["meta_info"]["output_token_logprobs"]]
+        wlp = [lp for lp, _, _ in w["meta_info"]["output_token_logprobs"]]
+        assert len(glp) == len(wlp) and max(abs(a - b) for a, b in zip(glp, wlp)) < LOGPROB_TOL
+        gtop = [[tid for _, tid, _ in top] for top in g["meta_info"]["output_top_logprobs"]]
+        wtop = [[tid for _, tid, _ in top] for top in w["meta_info"]["output_top_logprobs"]]
+        assert gtop == wtop
+
+
+def spec_engine(target, **kwargs) -> Engine:
+    return Engine(model_path=str(target), log_level="warning", speculative_num_steps=NUM_STEPS, **kwargs)
+
+
+def test_ngram_same_tokens_paged(target, baseline):
+    ids, params, outs, stops, stopped, _ = baseline
+    with spec_engine(target, speculative_algorithm="NGRAM", page_size=4) as engine:
+        assert_same(generate(engine, ids, params), outs)
+        assert_same(generate(engine, ids[:2], stops), stopped)
+        info = engine.get_server_info()
+        assert_no_leak(engine)
+    assert info["speculative"]["verify_ct"] > 0 and info["speculative"]["mean_accept_length"] > 1.0
+
+
+@pytest.fixture(scope="module")
+def self_draft(target, baseline):
+    """STANDALONE with the target itself as the draft."""
+    with spec_engine(target, speculative_algorithm="STANDALONE",
+                     speculative_draft_model_path=str(target)) as engine:
+        yield engine
+
+
+def test_self_draft_same_tokens(self_draft, baseline):
+    ids, params, outs, stops, stopped, _ = baseline
+    assert_same(generate(self_draft, ids, params), outs)
+    got = generate(self_draft, ids[:2], stops)
+    assert_same(got, stopped)
+    # the stop token ended the request in the middle of an accepted run
+    assert got[0]["meta_info"]["finish_reason"]["type"] == "stop" and len(got[0]["output_ids"]) == 7
+    assert_no_leak(self_draft)
+
+
+def test_grammar_batch_same_tokens(self_draft, baseline):
+    got = with_grammar(self_draft, baseline[0])
+    assert [o["output_ids"] for o in got] == [o["output_ids"] for o in baseline[-1]]
+    assert got[0]["text"].lstrip().startswith("{")  # the constrained answer is a JSON object so far
+    assert_no_leak(self_draft)
+
+
+def test_self_draft_accepts_every_draft(self_draft, target):
+    runs = 5
+    new_tokens = 1 + runs * (NUM_STEPS + 1)  # the prefill's token, then full runs
+    ids = prompts(2, 3)
+    outs = self_draft.generate(input_ids=ids, sampling_params={"temperature": 0, "max_new_tokens": new_tokens,
+                                                               "ignore_eos": True})
+    hf = load_hf_model(target)
+    assert [o["output_ids"] for o in outs] == hf_greedy(hf, ids, new_tokens)
+    for out in outs:
+        meta = out["meta_info"]
+        assert meta["spec_verify_ct"] == runs and meta["spec_accept_rate"] == 1.0
+        assert meta["spec_accept_length"] == new_tokens / runs  # completion tokens / verify steps
+
+
+def test_self_draft_streaming(self_draft, baseline):
+    ids, params, outs, _, _, _ = baseline
+    chunks = list(self_draft.generate(input_ids=ids[0], sampling_params=params[0], stream=True))
+    assert chunks[-1]["output_ids"] == outs[0]["output_ids"]
+    assert len(chunks) < len(outs[0]["output_ids"])  # several tokens per streamed chunk
+
+
+def test_abort_keeps_kv_invariant(self_draft):
+    results = {}
+
+    def run():
+        results["out"] = self_draft.generate(input_ids=prompts(3, 1)[0], rid="spec-abort", sampling_params={
+            "temperature": 0, "max_new_tokens": 400, "ignore_eos": True})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 30
+    while self_draft.get_server_info()["num_running_reqs"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    self_draft.abort_request("spec-abort")
+    thread.join(timeout=30)
+    assert results["out"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(results["out"]["output_ids"]) < 400
+    assert_no_leak(self_draft)
+
+
+def test_unrelated_draft_accepts_almost_nothing(target, tiny_model_factory, baseline):
+    ids, params, outs, _, _, _ = baseline
+    draft = tiny_model_factory("qwen2")  # same tokenizer, other random weights
+    with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(draft)) as engine:
+        got = generate(engine, ids, params)
+        assert_no_leak(engine)
+    assert_same(got, outs)
+    verified = [o["meta_info"] for o in got if o["meta_info"]["spec_verify_ct"]]
+    assert verified and all(m["spec_accept_rate"] < 0.2 for m in verified)
+
+
+def test_default_model_ngram_same_tokens():
+    """The packaged SmolLM2-135M-Instruct: a rewriting prompt n-gram drafts match."""
+    text = "The cat sat on the mat. The dog lay by the door. The bird sang in the tree."
+    prompt = f"Repeat exactly: {text}\n{text}\n"
+    params = {"temperature": 0, "max_new_tokens": 24}
+    with Engine(log_level="warning") as engine:
+        want = engine.generate(prompt, params)
+    with Engine(log_level="warning", speculative_algorithm="NGRAM") as engine:
+        got = engine.generate(prompt, params)
+        assert_no_leak(engine)
+    assert got["output_ids"] == want["output_ids"]
+    assert got["meta_info"]["spec_accept_rate"] > 0
