@@ -117,7 +117,8 @@ def add_images(processor: Optional[ImageProcessor], ids: List[int], images: Opti
     if not images:
         return ids, None
     if processor is None:
-        raise FieldError("image_data", "this model takes no images (it is not a vision-language model we serve)")
+        raise FieldError("image_data", "image_data: this model takes no images "
+                                       "(it is not a vision-language model we serve)")
     expanded, mm = processor.process(ids, images, "image_data")
     if len(expanded) >= context_len:
         raise FieldError("image_data", f"with its images the prompt has {len(expanded)} tokens "

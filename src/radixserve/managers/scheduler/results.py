@@ -102,12 +102,7 @@ class ResultProcessor:
                 continue  # it ended one step earlier (overlap): this token is past its end
             self.append_token(req, i, next_ids[i], host)
             live.append(req)
-        finished = [r for r in live if r.finished]
-        outs = self.outputs.build(live)
-        if finished:
-            release_kv(self.prefix_cache, finished)
-            self.running.remove(finished)
-        return outs
+        return self._output_and_release(live)
 
     def _process_verify(self, result: SpecResult) -> List[io.ReqOutput]:
         """A verify step: each request's accepted run, token by token, up to a
@@ -133,6 +128,11 @@ class ResultProcessor:
         batch.seq_lens_cpu = torch.tensor([r.kv_len for r in batch.reqs], dtype=torch.int64)
         batch.seq_lens = batch.seq_lens_cpu.to(batch.device)
         batch.last_token_ids = torch.tensor([r.output_ids[-1] for r in batch.reqs], device=batch.device)
+        return self._output_and_release(live)
+
+    def _output_and_release(self, live: List[Req]) -> List[io.ReqOutput]:
+        """The running requests' outputs after a step; the finished ones leave
+        the running batch and give back their KV."""
         finished = [r for r in live if r.finished]
         outs = self.outputs.build(live)
         if finished:
