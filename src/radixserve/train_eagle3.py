@@ -95,7 +95,7 @@ def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
     bar.close()
