@@ -7,10 +7,28 @@ with fewer layers: `qwen30b-a3b:12`), DeepSeek-V2-Lite (MLA + MoE).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
-from typing import Tuple
+from pathlib import Path
+from typing import Optional, Tuple
 
 MODELS = ("llama8b", "qwen0.6b", "qwen30b-a3b", "deepseek-v2-lite")
+
+
+def save_default_tokenizer(out: Path, tokenizer_dir: Optional[str] = None) -> Path:
+    """The embedded model's tokenizer files in `out`: copied from tokenizer_dir
+    when given (the GPU machine has no packaged model), else read from the GGUF."""
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, out / f.name)
+        return out
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.utils.hf_utils import load_tokenizer
+
+    load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct")).save_pretrained(out)
+    return out
 
 
 def split_name(name: str) -> Tuple[str, int | None]:

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 
@@ -30,19 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
-from bench_shapes import model_config  # noqa: E402
+from bench_shapes import model_config, save_default_tokenizer  # noqa: E402
 from tests.embedding_models import cosine, save_embedding_model  # noqa: E402
 
 
-def build_checkpoint(name: str, work_dir: Path) -> Path:
-    from radixserve.model_loader.source import resolve_model_source
-    from radixserve.utils.hf_utils import load_tokenizer
-
+def build_checkpoint(name: str, work_dir: Path, tokenizer_dir: Optional[str]) -> Path:
     out = work_dir / f"embed-{name.replace(':', '-')}"
     if (out / "modules.json").is_file():
         return out
-    tok_dir = work_dir / "tokenizer"
-    load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct")).save_pretrained(tok_dir)
+    tok_dir = save_default_tokenizer(work_dir / "tokenizer", tokenizer_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model_config(name, smoke=False)
     if getattr(config, "layer_types", None):  # a shape with fewer layers keeps the per-layer list in step
@@ -110,10 +106,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--work-dir", default="/tmp/radixserve-embedding-bench")
+    p.add_argument("--tokenizer-dir", help="the embedded model's tokenizer files (default: read from its GGUF)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    path = build_checkpoint(args.model, Path(args.work_dir))
+    path = build_checkpoint(args.model, Path(args.work_dir), args.tokenizer_dir)
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(args.input_len)] for _ in range(args.num_requests)]
     ours_rate, ours_vecs = ours(path, prompts, args)

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from radixserve import Engine  # noqa: E402
-from bench_shapes import MODELS, Shape, model_config  # noqa: E402
+from bench_shapes import MODELS, Shape, model_config, save_default_tokenizer  # noqa: E402
 
 
 # ---------------------------------------------------------------- shapes
@@ -54,15 +54,6 @@ def model_dir(name: str, config, tokenizer_dir: Path, root: Path) -> Path:
     for f in tokenizer_dir.iterdir():
         if f.is_file():
             shutil.copy(f, out / f.name)
-    return out
-
-
-def default_tokenizer_dir(root: Path) -> Path:
-    from radixserve.model_loader.source import resolve_model_source
-    from radixserve.utils.hf_utils import load_tokenizer
-
-    out = root / "tokenizer"
-    load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct")).save_pretrained(out)
     return out
 
 
@@ -344,7 +335,7 @@ def main() -> None:
     if args.smoke:
         args.num_requests, args.input_len, args.output_len, args.bs1_tokens = 4, 16, 8, 8
     root = Path(args.work_dir)
-    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else default_tokenizer_dir(root)
+    tokenizer_dir = save_default_tokenizer(root / "tokenizer", args.tokenizer_dir)
     engine_args = parse_engine_args(args.engine_arg)
     if args.tp_size > 1 and not args.skip_hf:
         print(f"--tp-size {args.tp_size}: skipping transformers (one GPU; compare with a --tp-size 1 run)",

@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
+from bench_shapes import save_default_tokenizer  # noqa: E402
 from tests.vlm_models import VISION_TOKENS, make_image, png_data_url  # noqa: E402
 
 SEVEN_B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -50,15 +51,11 @@ SMOKE_VISION = dict(SEVEN_B_VISION, depth=2, hidden_size=32, intermediate_size=6
                     fullatt_block_indexes=[1])
 
 
-def write_model_dir(out: Path, smoke: bool) -> Path:
+def write_model_dir(out: Path, smoke: bool, tokenizer_dir: Optional[str]) -> Path:
     from transformers import AutoTokenizer, Qwen2_5_VLConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from radixserve.model_loader.source import resolve_model_source
-    from radixserve.utils.hf_utils import load_tokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    load_tokenizer(resolve_model_source("SmolLM2-135M-Instruct")).save_pretrained(out)
+    save_default_tokenizer(out, tokenizer_dir)
     tok = AutoTokenizer.from_pretrained(out)
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     tok.save_pretrained(out)
@@ -176,11 +173,13 @@ def main() -> None:
     p.add_argument("--hf-batch", type=int, default=16)
     p.add_argument("--engine-arg", action="append", default=[], help="key=value passed to our Engine")
     p.add_argument("--work-dir", default="/tmp/radixserve-vlm-bench")
+    p.add_argument("--tokenizer-dir", help="the embedded model's tokenizer files (default: read from its GGUF)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.smoke:
         args.num_requests, args.output_len, args.image_size, args.hf_batch = 4, 8, 112, 2
-    model_dir = write_model_dir(Path(args.work_dir) / ("smoke" if args.smoke else "qwen2.5-vl-7b"), args.smoke)
+    model_dir = write_model_dir(Path(args.work_dir) / ("smoke" if args.smoke else "qwen2.5-vl-7b"), args.smoke,
+                                args.tokenizer_dir)
     prompts, images = workload(model_dir, args)
     result = {"shape": "smoke" if args.smoke else "Qwen2.5-VL-7B", "num_requests": args.num_requests,
               "image_size": args.image_size, "text_len": args.text_len, "output_len": args.output_len,

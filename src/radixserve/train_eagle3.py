@@ -23,7 +23,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterator, List
 
 import torch
 from tqdm import tqdm
@@ -69,27 +69,51 @@ def init_head(config, target, vocab: torch.Tensor, device: str) -> LlamaForCausa
     return head
 
 
+def batches(samples, args, rng: random.Random) -> Iterator[tuple]:
+    """args.batch_size windows at a time, padded at the end to the longest:
+    padded positions have label -1 and, being last, are seen by no real one."""
+    group = []
+    for window in windows(samples, args.window, args.num_steps, rng):
+        group.append(window)
+        if len(group) == args.batch_size:
+            yield stack_windows(group)
+            group = []
+    if group:
+        yield stack_windows(group)
+
+
+def stack_windows(group: List[tuple]) -> tuple:
+    length = max(features.shape[0] for features, _, _ in group)
+    pad = torch.nn.functional.pad
+
+    features = torch.stack([pad(f.float(), (0, 0, 0, length - f.shape[0])) for f, _, _ in group])
+    inputs = torch.stack([pad(i, (0, length - i.shape[1]), value=0) for _, i, _ in group], 1)
+    labels = torch.stack([pad(l, (0, length - l.shape[1]), value=-1) for _, _, l in group], 1)
+    return features, inputs, labels
+
+
 def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
     losses, rng = [], random.Random(0)
-    total = args.epochs * sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
+    windows_per_epoch = sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
+    total = args.epochs * math.ceil(windows_per_epoch / args.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(total, 2), pct_start=0.05)
-    bar = tqdm(total=total, desc="training", unit="window")
+    bar = tqdm(total=total, desc="training", unit="step")
     deadline = time.monotonic() + args.max_train_seconds if args.max_train_seconds else math.inf
     for _ in range(args.epochs):
-        for features, inputs, labels in windows(samples, args.window, args.num_steps, rng):
+        for features, inputs, labels in batches(samples, args, rng):
             if time.monotonic() > deadline:
-                logger.info("--max-train-seconds reached after %d windows", len(losses))
+                logger.info("--max-train-seconds reached after %d steps", len(losses))
                 bar.close()
                 return losses
             # (captured under inference mode: cloned to become autograd inputs)
-            logits = head.train_forward(features[None].clone().to(args.device), inputs[:, None].clone().to(args.device))
+            logits = head.train_forward(features.clone().to(args.device), inputs.clone().to(args.device))
             loss = 0.0
             for step, step_logits in enumerate(logits):
                 target = labels[step].to(args.device)
                 mapped = torch.where(target >= 0, target_to_draft[target.clamp(min=0)], -1)
                 loss = loss + STEP_WEIGHT**step * torch.nn.functional.cross_entropy(
-                    step_logits[0], mapped, ignore_index=-1)
+                    step_logits.flatten(0, 1), mapped.flatten(), ignore_index=-1)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -121,7 +145,7 @@ def save_head(head, config, out: Path, dtype: torch.dtype) -> None:
             tensors[name] = t.contiguous()
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
-    config.torch_dtype = str(dtype).removeprefix("torch.")
+    config.dtype = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(config.to_json_string())
 
 
@@ -136,6 +160,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-steps", type=int, default=3, help="draft steps unrolled in training")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--window", type=int, default=256, help="positions per training window")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-train-seconds", type=float, default=0, help="stop training (and save) after this long")
     p.add_argument("--seed", type=int, default=0)

@@ -17,10 +17,23 @@ TOPICS = ["the ocean", "a small town", "computers", "cooking pasta", "the moon",
           "learning to swim", "ancient Rome", "electric cars", "a garden", "music lessons", "the human heart",
           "mountains", "a lost cat", "saving money", "volcanoes", "chess", "a train journey", "honey bees",
           "the internet", "winter sports", "photosynthesis", "a birthday party", "robots", "coffee",
-          "the solar system", "recycling", "a library", "dinosaurs", "public speaking", "bread baking"]
+          "the solar system", "recycling", "a library", "dinosaurs", "public speaking", "bread baking",
+          "the French Revolution", "climate change", "a job interview", "machine learning", "the stock market",
+          "a camping trip", "vaccines", "the Roman alphabet", "sleep", "a city at night", "earthquakes",
+          "writing a resume", "the water cycle", "a hospital", "video games", "the Great Wall of China",
+          "a football match", "time management", "airplanes", "the brain", "a farmer's market", "painting",
+          "social media", "renewable energy", "a first day at school", "the desert", "whales", "a thunderstorm",
+          "learning to code", "the printing press", "healthy breakfasts", "a museum visit", "rivers",
+          "an old lighthouse", "teamwork", "the history of tea", "a space station", "bicycles", "forests",
+          "the Olympic Games", "a detective", "gravity", "a wedding", "smartphones", "the Amazon rainforest",
+          "a haunted house", "democracy", "yoga", "a road trip", "chocolate", "the periodic table"]
 TASKS = ["Write a short story about {}.", "Explain {} to a child.", "Give three facts about {}.",
          "Describe {} in a few sentences.", "Write a poem about {}.", "What are the pros and cons of {}?",
-         "Summarize what people should know about {}.", "Write a friendly email about {}."]
+         "Summarize what people should know about {}.", "Write a friendly email about {}.",
+         "List five questions a student might ask about {}.", "Write a news headline and a short article about {}.",
+         "Compare {} with something similar.", "Give step-by-step advice related to {}.",
+         "Write a dialogue between two friends about {}.", "What is the history of {}?",
+         "Explain why {} matters, in one paragraph.", "Tell me a fun fact about {} and explain it."]
 
 
 def chat_prompts(count: int, seed: int) -> List[List[dict]]:
@@ -48,7 +61,7 @@ def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int
 
 @dataclass
 class Sample:
-    features: torch.Tensor  # [T, layers x hidden] the captured layers' outputs
+    features: torch.Tensor  # [T, layers x hidden] the captured layers' outputs (the target's dtype)
     greedy: torch.Tensor  # [T] int64: the target's argmax after each position
     tokens: torch.Tensor  # [T] int64
 
@@ -78,7 +91,7 @@ class TargetFeatures:
             set_extend_lens(fb, [0], [n], dev)
             out = self.runner.forward(fb)
             logits = out.all_logits if out.all_logits is not None else out.next_token_logits
-            return Sample(out.aux_hidden.float().cpu(), logits.argmax(-1).cpu(), torch.tensor(ids))
+            return Sample(out.aux_hidden.cpu(), logits.argmax(-1).cpu(), torch.tensor(ids))
         finally:
             pools.allocator.free(slots)
             pools.req_to_token_pool.free(row)
