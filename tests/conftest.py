@@ -121,3 +121,24 @@ def assert_no_leak(engine) -> None:
     kv = engine.get_server_info()["kv_cache"]
     assert kv["in_use_tokens"] == 0, kv
     assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
+
+
+def generate_then_abort(engine, input_ids, rid: str, max_new_tokens: int = 400) -> dict:
+    """A long greedy generation aborted once it runs; returns its result."""
+    import threading
+    import time
+
+    results = {}
+
+    def run():
+        results["out"] = engine.generate(input_ids=input_ids, rid=rid, sampling_params={
+            "temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 30
+    while engine.get_server_info()["num_running_reqs"] == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    engine.abort_request(rid)
+    thread.join(timeout=30)
+    return results["out"]

@@ -4,6 +4,7 @@ workers it started from its output, stop it."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+import httpx
 
 from tests.server_utils import free_port
 
@@ -64,3 +67,19 @@ def start_cluster(model_path, log_dir: Path, *worker_flags: str, workers: int = 
     for name, url, pid in READY.findall(handle.output()):
         handle.workers[name], handle.pids[name] = url, int(pid)
     return handle
+
+
+def post(url: str, path: str, body: dict) -> dict:
+    """A JSON POST that must answer 200."""
+    r = httpx.post(f"{url}{path}", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def streamed(url: str, path: str, body: dict) -> list:
+    """The JSON chunks of a streamed POST, which must end with [DONE]."""
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200
+        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]

@@ -273,9 +273,11 @@ class ServerArgs:
             raise ValueError(f"log_level must be one of {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():
             raise ValueError(f"chat_template {self.chat_template!r} is not a file; pass a Jinja template file")
-        self._validate_parallelism()
-        self._validate_lora()
-        self._validate_hicache()
+        from radixserve.server_args_checks import validate_hicache, validate_lora, validate_parallelism
+
+        validate_parallelism(self)
+        validate_lora(self)
+        validate_hicache(self)
         self._validate_disaggregation()
         from radixserve.speculative.spec_args import validate_speculative  # torch-free
 
@@ -313,103 +315,6 @@ class ServerArgs:
             if value is not None and value not in supported:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be one of {'|'.join(supported)}, got {value!r}")
-
-    def _validate_parallelism(self) -> None:
-        if self.tp_size < 1:
-            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
-        if self.ep_size < 1 or self.tp_size % self.ep_size:
-            raise ValueError(f"ep_size must divide tp_size ({self.tp_size}), got {self.ep_size}")
-        if self.nnodes < 1 or self.tp_size % self.nnodes:
-            raise ValueError(f"nnodes must divide tp_size ({self.tp_size}), got {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"node_rank must be in [0, nnodes), got {self.node_rank}")
-        if self.nnodes > 1 and not self.dist_init_addr:
-            raise ValueError("dist_init_addr (host:port of node 0) is required when nnodes > 1")
-        if self.dist_init_addr is not None and not _is_host_port(self.dist_init_addr):
-            raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
-        if self.dist_timeout is not None and self.dist_timeout < 1:
-            raise ValueError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
-        if self.base_gpu_id < 0:
-            raise ValueError(f"base_gpu_id must be >= 0, got {self.base_gpu_id}")
-        if self.dp_size < 1:
-            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
-        if self.dp_size > 1 and self.nnodes > 1:
-            raise ValueError("dp_size > 1 runs every replica on this node (nnodes=1); across nodes, start one "
-                             "server per node and put SGLang's gateway in front (docs/gateway.md)")
-        if self.load_balance_method == "follow_bootstrap_room":
-            raise ValueError("load_balance_method follow_bootstrap_room is not supported: prefill/decode "
-                             "disaggregation runs with dp_size 1; use " + "|".join(LOAD_BALANCE_METHODS))
-        if self.load_balance_method not in LOAD_BALANCE_METHODS:
-            raise ValueError(f"load_balance_method must be one of {'|'.join(LOAD_BALANCE_METHODS)}, "
-                             f"got {self.load_balance_method!r}")
-
-    def _validate_lora(self) -> None:
-        if self.lora_paths:
-            self.enable_lora = True
-        if self.max_loras_per_batch < 1:
-            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
-        if self.max_lora_rank is not None and self.max_lora_rank < 1:
-            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
-        if self.max_loaded_loras is not None and self.max_loaded_loras < self.max_loras_per_batch:
-            raise ValueError(f"max_loaded_loras ({self.max_loaded_loras}) must be >= max_loras_per_batch "
-                             f"({self.max_loras_per_batch})")
-        if self.lora_backend not in ("triton", "torch"):
-            raise ValueError(f"lora_backend must be triton|torch, got {self.lora_backend!r}")
-        if self.lora_eviction_policy not in ("lru", "fifo"):
-            raise ValueError(f"lora_eviction_policy must be lru|fifo, got {self.lora_eviction_policy!r}")
-        from radixserve.lora.spec import normalize_targets, parse_lora_paths  # torch-free
-
-        specs = parse_lora_paths(self.lora_paths)  # bad entries and repeated names fail here
-        normalize_targets(self.lora_target_modules or ())
-        if self.max_loaded_loras is not None and len(specs) > self.max_loaded_loras:
-            raise ValueError(f"lora_paths has {len(specs)} adapters, more than max_loaded_loras "
-                             f"({self.max_loaded_loras})")
-        if not self.enable_lora:
-            return
-        if self.enable_deterministic_inference:
-            # The adapters' matmuls run over each adapter's rows: their sums would change with the batch.
-            raise ValueError("enable_lora cannot be combined with enable_deterministic_inference yet")
-        if not self.lora_paths and (self.max_lora_rank is None or not self.lora_target_modules):
-            raise ValueError("enable_lora without lora_paths needs max_lora_rank and lora_target_modules "
-                             "(the device slots are sized from them)")
-
-    def _validate_hicache(self) -> None:
-        for name, choices in HICACHE_CHOICES.items():
-            value = getattr(self, name)
-            if value not in choices:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be one of {'|'.join(map(str, choices))}, got {value!r}")
-        if self.hicache_mem_layout in HICACHE_UNSUPPORTED_LAYOUTS:
-            raise ValueError(f"--hicache-mem-layout {self.hicache_mem_layout} is not supported: "
-                             f"{HICACHE_UNSUPPORTED_LAYOUTS[self.hicache_mem_layout]}")
-        if self.hicache_io_backend == "kernel_ascend":
-            raise ValueError("--hicache-io-backend kernel_ascend needs Ascend NPUs; use kernel or direct")
-        if self.hicache_ratio <= 1 and self.hicache_size <= 0:
-            raise ValueError(f"hicache_ratio must be > 1 (the host pool holds at least the device pool), "
-                             f"got {self.hicache_ratio}")
-        if self.hicache_size < 0:
-            raise ValueError(f"hicache_size must be >= 0 GB, got {self.hicache_size}")
-        if self.hicache_storage_backend_extra_config is not None:
-            self.hicache_storage_extra_config()  # fails early on bad JSON
-        if not self.enable_hierarchical_cache:
-            return
-        if self.disable_radix_cache:
-            raise ValueError("enable_hierarchical_cache needs the radix cache; drop disable_radix_cache")
-        if self.enable_lora:
-            # The tiered tree has no per-adapter namespaces yet (a prefix must never cross adapters).
-            raise ValueError("enable_hierarchical_cache cannot be combined with enable_lora yet")
-        if self.hicache_storage_backend is not None and self.tp_size > 1:
-            raise ValueError("a HiCache storage backend with tp_size > 1 is not supported yet (the ranks "
-                             "would have to agree on prefetch progress); the host tier works with tp")
-        if self.hicache_storage_backend == "mooncake" and not self.hicache_storage_extra_config().get(
-                "master_server_address"):
-            raise ValueError("--hicache-storage-backend mooncake needs master_server_address (host:port of "
-                             "mooncake_master) in --hicache-storage-backend-extra-config")
-        if self.hicache_storage_backend == "dynamic":
-            extra = self.hicache_storage_extra_config()
-            if not extra.get("module_path") or not extra.get("class_name"):
-                raise ValueError("--hicache-storage-backend dynamic needs module_path and class_name in "
-                                 "--hicache-storage-backend-extra-config")
 
     def _validate_disaggregation(self) -> None:
         from radixserve.disaggregation.config import validate_disaggregation  # torch-free
@@ -504,32 +409,12 @@ _PARSER_CHOICES = {
 }
 
 
-# HiCache choices: SGLang 0.5.23's names. page_head and page_first_kv_split are
-# accepted names that we refuse with a reason; kernel_ascend likewise.
-HICACHE_CHOICES: Dict[str, tuple] = {
-    "hicache_write_policy": ("write_through", "write_through_selective", "write_back"),
-    "hicache_io_backend": ("kernel", "direct", "kernel_ascend"),
-    "hicache_mem_layout": ("page_first", "page_first_direct", "layer_first", "page_first_kv_split", "page_head"),
-    "hicache_storage_backend": (None, "file", "mooncake", "dynamic"),
-    "hicache_storage_prefetch_policy": ("best_effort", "wait_complete", "timeout"),
-}
-HICACHE_UNSUPPORTED_LAYOUTS = {
-    "page_head": "it serves heterogeneous tensor parallelism, which radixserve does not have",
-    "page_first_kv_split": "use page_first (our K and V are already separate buffers within a page)",
-}
-
-
 # Other spellings SGLang accepts for the same flag.
 _FLAG_ALIASES = {
     "tp_size": ("--tensor-parallel-size", "--tp"),
     "ep_size": ("--expert-parallel-size", "--ep"),
     "dp_size": ("--data-parallel-size", "--dp"),
 }
-
-
-def _is_host_port(addr: str) -> bool:
-    host, _, port = addr.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
 
 
 def _parse_type(type_name: str):

@@ -11,7 +11,6 @@ prefill server.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import time
@@ -22,7 +21,7 @@ import pytest
 
 from transformers import AutoTokenizer
 
-from tests.gateway_utils import start_cluster
+from tests.gateway_utils import post, start_cluster, streamed
 from tests.models.deepseek_tiny import build_deepseek
 from tests.pd_utils import TIMEOUT_S, as_float32, kv_settled, pd_info
 from tests.server_utils import MODEL
@@ -60,18 +59,8 @@ def mla_cluster(clusters):
     return clusters[1]
 
 
-def post(url: str, path: str, body: dict) -> dict:
-    r = httpx.post(f"{url}{path}", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
 def streamed_text(url: str, path: str, body: dict) -> str:
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as r:
-        assert r.status_code == 200
-        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
-    assert lines[-1] == "[DONE]"
-    chunks = [json.loads(line) for line in lines[:-1]]
+    chunks = streamed(url, path, body)
     if path == "/generate":
         return chunks[-1]["text"]
     if path == "/v1/completions":

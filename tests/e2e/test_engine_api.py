@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, load_hf_model
+from tests.conftest import assert_no_leak, generate_then_abort, load_hf_model
 
 PROMPT = [15, 400, 2311, 98, 7, 1200, 64, 3]
 
@@ -187,20 +186,7 @@ def test_async_generate_and_stream(setup):
 
 def test_abort_frees_memory(setup):
     engine, _ = setup
-    results = {}
-
-    def run():
-        results["out"] = engine.generate(input_ids=PROMPT, rid="to-abort", sampling_params={
-            "temperature": 0, "max_new_tokens": 400, "ignore_eos": True})
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.time() + 30
-    while engine.get_server_info()["num_running_reqs"] == 0 and time.time() < deadline:
-        time.sleep(0.02)
-    engine.abort_request("to-abort")
-    t.join(timeout=30)
-    out = results["out"]
+    out = generate_then_abort(engine, PROMPT, "to-abort")
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert len(out["output_ids"]) < 400
     assert_no_leak(engine)

@@ -5,7 +5,6 @@ directly, prefix affinity, and a worker killed mid-run."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from radixserve.entrypoints.launch_cluster import Cluster, Member
-from tests.gateway_utils import start_cluster
+from tests.gateway_utils import post, start_cluster, streamed
 from tests.server_utils import MODEL
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang_router") is None, reason="sglang-router is not installed (pip install 'radixserve[router]')")
@@ -31,20 +30,6 @@ def cluster(tiny_model_factory, tmp_path_factory):
                            "--served-model-name", MODEL)
     yield handle
     handle.stop()
-
-
-def post(url: str, path: str, body: dict) -> dict:
-    r = httpx.post(f"{url}{path}", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def streamed(url: str, path: str, body: dict) -> list:
-    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=120) as r:
-        assert r.status_code == 200
-        lines = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
-    assert lines[-1] == "[DONE]"
-    return [json.loads(line) for line in lines[:-1]]
 
 
 def completion_text(chunks: list) -> str:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 from typing import Dict, List, Tuple
 
 import pytest
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, hf_greedy, load_hf_model
+from tests.conftest import assert_no_leak, generate_then_abort, hf_greedy, load_hf_model
 
 NUM_STEPS = 3  # --speculative-num-steps; a verify step yields at most NUM_STEPS + 1 tokens
 LOGPROB_TOL = 1e-4
@@ -158,21 +156,9 @@ def test_self_draft_streaming(self_draft, baseline):
 
 
 def test_abort_keeps_kv_invariant(self_draft):
-    results = {}
-
-    def run():
-        results["out"] = self_draft.generate(input_ids=prompts(3, 1)[0], rid="spec-abort", sampling_params={
-            "temperature": 0, "max_new_tokens": 400, "ignore_eos": True})
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.time() + 30
-    while self_draft.get_server_info()["num_running_reqs"] == 0 and time.time() < deadline:
-        time.sleep(0.01)
-    self_draft.abort_request("spec-abort")
-    thread.join(timeout=30)
-    assert results["out"]["meta_info"]["finish_reason"]["type"] == "abort"
-    assert len(results["out"]["output_ids"]) < 400
+    out = generate_then_abort(self_draft, prompts(3, 1)[0], "spec-abort")
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(out["output_ids"]) < 400
     assert_no_leak(self_draft)
 
 

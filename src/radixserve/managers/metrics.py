@@ -5,7 +5,7 @@ scheduler gauges arrive as SchedulerStats messages."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 

@@ -82,7 +82,7 @@ def resolve_weight_format(args: ServerArgs, source_kind: str, config: Any, devic
 
 class ModelRunner:
     def __init__(self, server_args: ServerArgs, tp_rank: int = 0, dist_init_method: Optional[str] = None,
-                 dp_rank: int = 0) -> None:
+                 dp_rank: int = 0, warm_up: bool = True) -> None:
         """One rank's runner. With tp_size > 1 every rank of a replica constructs
         one with its tp_rank and the replica's dist_init_method ("tcp://host:port");
         dp_rank: which data-parallel replica it belongs to."""
@@ -119,7 +119,7 @@ class ModelRunner:
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
         self.graph_runner = self._make_graph_runner()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and warm_up:
             # Every Triton kernel variant a request can reach is compiled now,
             # not inside the first requests (kernel_warmup.py says which).
             from radixserve.model_executor.kernel_warmup import warm_up_kernels

@@ -46,8 +46,11 @@ class DraftRunner:
         from radixserve.model_executor.model_runner import ModelRunner
 
         extra = target.max_running_requests * (args.speculative_num_steps + 1)
+        # An EAGLE head cannot run alone (it reads the target's embedding and
+        # features), so it skips the start-up kernel warm-up; the target's covers its kernels.
         self.runner = ModelRunner(draft_server_args(args, target.max_total_num_tokens + extra,
-                                                    target.max_running_requests))
+                                                    target.max_running_requests),
+                                  warm_up=args.speculative_algorithm == "STANDALONE")
         self.model = self.runner.model
         self.pools = self.runner.pools
         self.table = self.pools.req_to_token_pool.req_to_token

@@ -17,13 +17,12 @@ requests (status 500) and frees their KV; see fail_batch.
 from __future__ import annotations
 
 import logging
-import os
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from radixserve.disaggregation.hooks import make_disaggregation
 from radixserve.distributed import get_tp_group
-from radixserve.distributed.rank_sync import broadcast_from_first, gather_objects
+from radixserve.distributed.rank_sync import broadcast_from_first
 from radixserve.layers.pooler import EmbeddingOutput, matryoshka_dimensions
 from radixserve.layers.sampler import Sampler
 from radixserve.lora.spec import LoRASpec
@@ -38,6 +37,7 @@ from radixserve.managers.scheduler.outputs import (
     BatchFailed, OutputBuilder, SchedulerStateLost, abort_reason, is_fatal, release_kv)
 from radixserve.managers.scheduler.results import ResultProcessor
 from radixserve.managers.scheduler.running import RunningBatch
+from radixserve.managers.scheduler.server_info import server_info as scheduler_server_info
 from radixserve.managers.scheduler.stats import Gauges, StatsReporter
 from radixserve.managers.scheduler.weights import WeightController
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
@@ -283,50 +283,7 @@ class Scheduler:
         return len(self.kv_holders()) + self.admission.queued()
 
     def server_info(self) -> Dict[str, Any]:
-        runner, tree = self.runner, self.prefix_cache.tree
-        return {
-            "max_total_num_tokens": runner.max_total_num_tokens,
-            "max_running_requests": runner.max_running_requests,
-            "context_length": runner.context_len,
-            "chunked_prefill_size": self.admission.chunk_size,
-            "page_size": self.allocator.page_size,
-            "num_running_reqs": len(self.kv_holders()),
-            "num_waiting_reqs": len(self.admission.waiting),
-            "num_retractions": self.running.num_retractions,
-            "num_overlapped_batches": self.num_overlapped_batches,
-            "num_failed_batches": self.num_failed_batches,
-            "num_mixed_batches": self.num_mixed_batches,
-            "speculative": self.spec.info() if self.spec is not None else None,
-            "num_prefill_tokens": self.admission.num_prefill_tokens,
-            "num_evictions": tree.num_evicted_nodes if tree else 0,
-            "weight_version": self.weights.version,
-            "pending_weight_updates": len(self.weights.pending),
-            "paused": self.weights.paused,
-            "kv_cache": self.kv_cache_stats(),
-            "hicache": self.prefix_cache.tier_stats(),
-            "device": str(self.device),
-            "dtype": str(runner.dtype).removeprefix("torch."),
-            # the weight format in effect (a 4-bit GGUF on the CPU is int4 by default)
-            "weight_format": runner.weight_format.name if runner.weight_format else None,
-            # Triton kernels compiled since serving began: 0 unless the start-up warm-up missed one
-            "kernel_compiles_while_serving": self.jit_watch.count,
-            "tp_size": self.server_args.tp_size,
-            "ep_size": self.server_args.ep_size,
-            "dp_size": self.server_args.dp_size,
-            "dp_rank": self.dp_rank,
-            "lora": self.runner.lora_manager.info() if getattr(self.runner, "lora_manager", None) else None,
-            "disaggregation": self.pd.report(),
-            "tp_ranks": self.rank_states(),  # (internal_states is per data-parallel replica, as in SGLang)
-        }
-
-    def rank_states(self) -> List[Dict[str, Any]]:
-        """Each rank's own view, in rank order (a collective: every rank answers
-        the same GetServerInfoReq at the same point of its loop). Scheduling is
-        replicated, so the ranks' KV counts must agree; the tests check it."""
-        mine = {"tp_rank": self.tp_rank, "pid": os.getpid(), "max_total_num_tokens": self.runner.max_total_num_tokens,
-                "num_running_reqs": len(self.kv_holders()), "kv_cache": self.kv_cache_stats(),
-                "hicache": self.prefix_cache.tier_stats()}
-        return gather_objects(mine)
+        return scheduler_server_info(self)
 
     # ---- scheduling ----
     def schedule_and_launch(self) -> Optional[BatchResult]:
