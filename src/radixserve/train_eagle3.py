@@ -168,6 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", choices=("auto", "chat", "random"), default="auto",
                    help="chat: generated chat requests; random: random token prompts; auto: chat when the "
                         "tokenizer has a chat template")
+    p.add_argument("--self-instruct", type=float, default=0.5,
+                   help="the fraction of chat prompts whose question the target writes itself (the rest: templates)")
     p.add_argument("--device", default="cpu", help="where the head trains")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
@@ -183,11 +185,13 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     out = Path(args.output_dir)
     extra = json.loads(args.engine_args)
+    # all prompts go to the engine in one call (and the self-instruct questions, up to twice as many)
+    extra.setdefault("max_batch_prompts", max(2 * args.num_prompts, 1024))
     with Engine(model_path=args.model_path, log_level="warning", **extra) as engine:
         chat = args.prompts == "chat" or (args.prompts == "auto" and
                                           getattr(engine.tokenizer, "chat_template", None) is not None)
         seqs = self_generated(engine, engine.tokenizer, args.num_prompts, args.max_new_tokens, args.seed, chat,
-                              args.temperature)
+                              args.temperature, args.self_instruct)
     logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
     runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(map(len, seqs)) + 16,
                                     max_running_requests=2, **extra))

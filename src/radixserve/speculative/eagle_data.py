@@ -5,8 +5,9 @@ captured hidden states and greedy choices at every position (`TargetFeatures`)."
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -42,19 +43,54 @@ def chat_prompts(count: int, seed: int) -> List[List[dict]]:
     return [[{"role": "user", "content": rng.choice(TASKS).format(rng.choice(TOPICS))}] for _ in range(count)]
 
 
+QUESTION_REQUEST = ("Write one question that a curious person might ask an AI assistant about {}. "
+                    "Reply with the question only.")
+
+
+def template_ids(tokenizer, messages: List[List[dict]]) -> List[List[int]]:
+    return [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)
+                 ["input_ids"]) for m in messages]
+
+
+def self_instructed_prompts(engine, tokenizer, count: int, seed: int) -> List[List[dict]]:
+    """Chat requests whose questions the target itself wrote (sampled hot, for
+    variety): wider than the templates, still in the target's own words."""
+    rng = random.Random(seed + 1)
+    tries = 2 * count  # a small model often answers with something other than a question
+    asks = template_ids(tokenizer, [[{"role": "user", "content": QUESTION_REQUEST.format(rng.choice(TOPICS))}]
+                                    for _ in range(tries)])
+    params = [{"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 48, "sampling_seed": seed + 7919 * (i + 1)}
+              for i in range(tries)]
+    outs = engine.generate(input_ids=asks, sampling_params=params)
+    questions = [q for q in map(question_in, (o["text"] for o in outs)) if q]
+    return [[{"role": "user", "content": q}] for q in questions[:count]]
+
+
+def question_in(text: str) -> Optional[str]:
+    """The question a reply holds: a quoted one, or the reply's first line
+    when that is a question; None otherwise."""
+    quoted = [q.strip() for q in re.findall(r'"([^"]{8,300})"', text) if q.strip().endswith("?")]
+    if quoted:
+        return quoted[0]
+    line = text.strip().split("\n")[0].strip()
+    return line if 8 <= len(line) <= 300 and line.endswith("?") else None
+
+
 def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int, chat: bool,
-                   temperature: float = 0.7) -> List[List[int]]:
-    """Token sequences (prompt + the target's own answer). chat=False (a model
-    without a chat template, e.g. a tiny test model): random token prompts."""
+                   temperature: float = 0.7, self_instruct: float = 0.0) -> List[List[int]]:
+    """Token sequences (prompt + the target's own answer). Chat prompts come
+    from the templates and, for a `self_instruct` fraction of them, from
+    questions the target wrote. chat=False (a model without a chat template,
+    e.g. a tiny test model): random token prompts."""
     rng = random.Random(seed)
     if chat:
-        prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)
-                        ["input_ids"]) for m in chat_prompts(count, seed)]
+        asked = self_instructed_prompts(engine, tokenizer, int(count * self_instruct), seed) if self_instruct else []
+        prompts = template_ids(tokenizer, chat_prompts(count - len(asked), seed) + asked)
     else:
         prompts = [[rng.randrange(10, min(tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
                    for _ in range(count)]
     params = [{"temperature": temperature, "top_p": 0.95, "max_new_tokens": max_new_tokens, "sampling_seed": seed + i}
-              for i in range(count)]
+              for i in range(len(prompts))]
     outs = engine.generate(input_ids=prompts, sampling_params=params)
     return [p + o["output_ids"] for p, o in zip(prompts, outs)]
 
