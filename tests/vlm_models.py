@@ -1,4 +1,4 @@
-"""A tiny random Qwen2.5-VL checkpoint built with transformers (the embedded
+"""Tiny random Qwen2.5-VL and Qwen2-VL checkpoints built with transformers (the embedded
 model's tokenizer plus Qwen's vision tokens, the PIL image processor with
 small pixel limits), images to send it, and transformers' own greedy output
 for prompts with images: the reference the VLM tests compare against."""
@@ -20,7 +20,25 @@ MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64
 
 
 def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out_dir: Path) -> Path:
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                  in_channels=3)
+    return _build_tiny_vlm(tokenizer_dir, out_dir, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision)
+
+
+def build_tiny_qwen2_vl(tokenizer_dir: Path, out_dir: Path) -> Path:
+    """Qwen2-VL: the vision config names its width embed_dim and its output hidden_size."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=3, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu")
+    return _build_tiny_vlm(tokenizer_dir, out_dir, Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision)
+
+
+def _build_tiny_vlm(tokenizer_dir: Path, out_dir: Path, config_cls, model_cls, vision: dict) -> Path:
+    from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -30,14 +48,11 @@ def build_tiny_qwen2_5_vl(tokenizer_dir: Path, out_dir: Path) -> Path:
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
                 bos_token_id=tok.bos_token_id or 1, eos_token_id=2)
-    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                  in_channels=3)
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                              vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():  # random init leaves some weights at zero/one: make every part matter
         for name, p in model.named_parameters():
             if "norm" not in name and "ln_q" not in name:

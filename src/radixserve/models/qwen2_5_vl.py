@@ -9,7 +9,7 @@ The vision tower runs replicated (no tensor parallelism) in the model's dtype.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +70,19 @@ class VisionMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+Norm = Callable[[int], nn.Module]  # width -> a norm layer
+
+
+def rms_norm(dim: int) -> nn.Module:
+    return RMSNorm(dim, 1e-6)
+
+
 class VisionBlock(nn.Module):
-    def __init__(self, config: Any) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp: nn.Module, norm: Norm) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(config.hidden_size, 1e-6)
-        self.norm2 = RMSNorm(config.hidden_size, 1e-6)
-        self.attn = VisionAttention(config.hidden_size, config.num_heads)
-        self.mlp = VisionMLP(config.hidden_size, config.intermediate_size)
+        self.norm1, self.norm2 = norm(dim), norm(dim)
+        self.attn = VisionAttention(dim, num_heads)
+        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: List[int]) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
@@ -87,10 +93,10 @@ class PatchMerger(nn.Module):
     """Each 2x2 block of neighbouring patches (adjacent rows after the
     processor's ordering) into one token of the decoder's width."""
 
-    def __init__(self, out_dim: int, dim: int, merge: int) -> None:
+    def __init__(self, out_dim: int, dim: int, merge: int, norm: Norm) -> None:
         super().__init__()
         self.in_dim = dim * merge * merge
-        self.ln_q = RMSNorm(dim, 1e-6)
+        self.ln_q = norm(dim)
         self.mlp = nn.Sequential(nn.Linear(self.in_dim, self.in_dim), nn.GELU(), nn.Linear(self.in_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +106,11 @@ class PatchMerger(nn.Module):
 class PatchEmbed(nn.Module):
     """A Conv3d whose stride is its kernel: one matmul over flattened patches."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, dim: int) -> None:
         super().__init__()
-        self.embed_dim = config.hidden_size
+        self.embed_dim = dim
         p, t = config.patch_size, config.temporal_patch_size
-        self.proj = nn.Conv3d(config.in_channels, config.hidden_size, (t, p, p), (t, p, p), bias=False)
+        self.proj = nn.Conv3d(config.in_channels, dim, (t, p, p), (t, p, p), bias=False)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight.view(self.embed_dim, -1)
@@ -142,29 +148,39 @@ def window_order(grids: Sequence[Grid], merge: int, window: int) -> Tuple[torch.
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, config: Any) -> None:
+    """Qwen2.5-VL's tower by default; Qwen2-VL's (models/qwen2_vl.py) passes its
+    width, LayerNorms, fc1/fc2 MLP and no windows (every block attends a whole image)."""
+
+    def __init__(self, config: Any, dim: Optional[int] = None, out_dim: Optional[int] = None,
+                 norm: Norm = rms_norm, make_mlp: Optional[Callable[[], nn.Module]] = None,
+                 windowed: bool = True) -> None:
         super().__init__()
+        dim = dim or config.hidden_size
+        make_mlp = make_mlp or (lambda: VisionMLP(dim, config.intermediate_size))
         self.merge = config.spatial_merge_size
-        self.window = config.window_size // config.spatial_merge_size // config.patch_size
-        self.full_attention_blocks = set(config.fullatt_block_indexes)
-        self.patch_embed = PatchEmbed(config)
-        head_dim = config.hidden_size // config.num_heads
+        self.window = config.window_size // config.spatial_merge_size // config.patch_size if windowed else None
+        self.full_attention_blocks = set(config.fullatt_block_indexes) if windowed else set(range(config.depth))
+        self.patch_embed = PatchEmbed(config, dim)
+        head_dim = dim // config.num_heads
         theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
         quarter = head_dim // 2
         self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter),
                              persistent=False)
-        self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
-        self.merger = PatchMerger(config.out_hidden_size, config.hidden_size, self.merge)
+        self.blocks = nn.ModuleList(VisionBlock(dim, config.num_heads, make_mlp(), norm) for _ in range(config.depth))
+        self.merger = PatchMerger(out_dim or config.out_hidden_size, dim, self.merge, norm)
 
     def forward(self, patches: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """patches [num_patches, C*T*P*P] (the processor's pixel_values) ->
         [num_patches / merge^2, out_hidden], image after image."""
         unit = self.merge * self.merge
-        order, window_bounds = window_order(grids, self.merge, self.window)
         full_bounds = [0]  # full attention: within each frame of each image
         for t, h, w in grids:
             for _ in range(t):
                 full_bounds.append(full_bounds[-1] + h * w)
+        if self.window is None:
+            order, window_bounds = torch.arange(full_bounds[-1] // unit), full_bounds
+        else:
+            order, window_bounds = window_order(grids, self.merge, self.window)
         x = self.patch_embed(patches)
         order = order.to(x.device)
         x = x.view(-1, unit, x.shape[-1])[order].flatten(0, 1)
@@ -198,13 +214,17 @@ class Qwen2_5_VLForConditionalGeneration(LlamaForCausalLM):
         nn.Module.__init__(self)
         text = config.get_text_config()
         self.config = config
-        self.visual = VisionTransformer(config.vision_config)
+        self.visual = self.make_visual(config.vision_config)
         self.model = LlamaModel(text, self.block_options(text), rotary_cls=MRotaryEmbedding)
         self.tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(text, "tie_word_embeddings", False))
         self.lm_head = LMHead(text.vocab_size, text.hidden_size)
         if self.tied:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.vocab_size = text.vocab_size
+
+    @staticmethod
+    def make_visual(vision_config: Any) -> nn.Module:
+        return VisionTransformer(vision_config)
 
     def encode_images(self, pixel_values: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """Every image's merged tokens, in the decoder's width: [tokens, hidden]."""

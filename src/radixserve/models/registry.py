@@ -11,6 +11,7 @@ from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3
 from radixserve.models.mixtral import MixtralForCausalLM
 from radixserve.models.qwen2 import Qwen2ForCausalLM
 from radixserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from radixserve.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from radixserve.models.qwen3 import Qwen3ForCausalLM
 from radixserve.models.qwen_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
@@ -26,6 +27,7 @@ ARCHITECTURES: Dict[str, type] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
+    "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     # Bare decoders (no LM head), as embedding checkpoints are saved: --is-embedding only.
     "LlamaModel": LlamaForCausalLM,
     "Qwen2Model": Qwen2ForCausalLM,
