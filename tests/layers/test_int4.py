@@ -201,3 +201,18 @@ def test_the_packaged_models_config_names_its_block_types():
     from radixserve.utils.hf_utils import load_config
 
     assert load_config(resolve_model_source("SmolLM2-135M-Instruct")).gguf_block_types == ["Q4_1"]
+
+
+@pytest.mark.parametrize("gemm_dtype", [torch.bfloat16, torch.float32])
+def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
+    """A prefill's dequantized GEMM: bfloat16 where the CPU has bfloat16 units,
+    float32 elsewhere (the module decides once); either way the output keeps
+    the activations' dtype and equals that dtype's own product."""
+    import radixserve.layers.quantization as quantization
+
+    monkeypatch.setattr(quantization, "PREFILL_GEMM_DTYPE", gemm_dtype)
+    g = torch.Generator().manual_seed(5)
+    rows, weight = torch.randn(200, 96, generator=g).to(torch.bfloat16), torch.randn(64, 96, generator=g)
+    out = quantization.prefill_gemm(rows, weight)
+    want = torch.nn.functional.linear(rows.to(gemm_dtype), weight.to(gemm_dtype)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
