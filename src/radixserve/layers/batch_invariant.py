@@ -10,9 +10,12 @@ and in a batch. Here:
 - CUDA: one Triton kernel with a single fixed tile configuration. Every output
   element is the sum over K in the same BLOCK_K steps, in the same order,
   whatever M is (no split-K).
-- CPU: the rows are padded to at least MIN_ROWS before calling the library, so
-  it always takes its many-row path; tests/layers/test_batch_invariant.py
-  checks the property itself on the machine that runs them.
+- CPU: every library call gets exactly CPU_ROWS rows (the batch is split into
+  blocks of that many, the last one padded), so the library sees one shape
+  whatever the batch. Padding to a minimum alone was not enough: on a Xeon
+  without BF16 (2026-12-03), MKL summed a row differently in products of 63
+  to 128 rows than in one of 300 (K 1536). tests/layers/test_batch_invariant.py checks the property
+  itself on the machine that runs them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import triton.language as tl
 
 from radixserve.layers.triton_utils import dot, exact_dot
 
-MIN_ROWS = 16
+CPU_ROWS = 16  # rows per library GEMM call on the CPU
+MIN_ROWS = CPU_ROWS  # blocked attention pads its row blocks to at least this many
 # One configuration for every shape: changing it with M would change the sums.
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 64
 
@@ -34,12 +38,12 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """F.linear(x, weight, bias) computed the same way for every row count."""
     if x.is_cuda:
         return _triton_linear(x, weight, bias)
-    rows = x.shape[:-1].numel()
-    if rows >= MIN_ROWS:
-        return torch.nn.functional.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    padded = torch.cat([flat, flat.new_zeros(MIN_ROWS - rows, flat.shape[1])])
-    out = torch.nn.functional.linear(padded, weight, bias)[:rows]
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    pad = -rows % CPU_ROWS
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    out = torch.cat([torch.nn.functional.linear(chunk, weight, bias) for chunk in flat.split(CPU_ROWS)])[:rows]
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
