@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import torch
 
@@ -43,6 +44,8 @@ def start_long_request(engine, result: dict, tokens: int) -> threading.Thread:
     thread = threading.Thread(target=lambda: result.update(
         engine.generate(input_ids=PROMPTS[0], sampling_params=params)))
     thread.start()
-    while engine.get_server_info()["num_running_reqs"] == 0 and thread.is_alive():
+    # (bounded: an engine left released by a failed test would queue the request forever)
+    deadline = time.monotonic() + 60
+    while engine.get_server_info()["num_running_reqs"] == 0 and thread.is_alive() and time.monotonic() < deadline:
         pass
     return thread
