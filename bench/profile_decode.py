@@ -1,9 +1,14 @@
-"""Where a batch-1 decode step of the Llama-3.1-8B shape spends its time (needs CUDA).
+"""Where a batch-1 decode step spends its time (needs CUDA).
 
-    python bench/profile_decode.py OUT.txt TOKENIZER_DIR
+    python bench/profile_decode.py OUT.txt TOKENIZER_DIR [MODEL [key=value ...]]
+
+MODEL is a bench_shapes name (default llama8b); key=value pairs are ServerArgs
+fields (quantization=fp8). GPU time of one decode CUDA-graph replay, of the
+eager forward, of the matmuls alone
 
 GPU time of one decode CUDA-graph replay, of the eager forward, of the matmuls alone
-(every weight as a cuBLAS GEMV in one graph), and a per-kernel profile of the replay.
+(every bfloat16 weight as a cuBLAS GEMV in one graph), and a per-kernel profile
+of the replay with the kernel count per step.
 """
 import json
 import shutil
@@ -14,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from transformers import LlamaConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shapes import model_config
 from radixserve.managers.io_struct import TokenizedGenerateReqInput
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
@@ -39,14 +45,15 @@ def cuda_ms(fn, iters: int = 50) -> float:
 
 
 def main() -> None:
-    d = Path("/tmp/llama8b")
+    name = sys.argv[3] if len(sys.argv) > 3 else "llama8b"
+    extra = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    d = Path(f"/tmp/profile_{name}")
     d.mkdir(exist_ok=True)
-    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                rope_parameters={"rope_type": "default", "rope_theta": 500000.0}).save_pretrained(d)
+    model_config(name, smoke=False).save_pretrained(d)
     for f in Path(sys.argv[2]).iterdir():
         shutil.copy(f, d / f.name)
-    runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16", max_total_tokens=1 << 14))
+    runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16",
+                                    max_total_tokens=1 << 14, **extra))
     sp = SamplingParams.from_dict({"max_new_tokens": 2})
     sp.normalize()
     req = Req(TokenizedGenerateReqInput(rid="0", input_ids=list(range(100, 356)), sampling_params=sp), sampling_seed=0)
@@ -64,7 +71,9 @@ def main() -> None:
     runner.attn_backend.init_forward_metadata(fb)
     res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(fb.input_ids, fb.positions, fb)), 10)
     # The matmuls alone, weights read once each (cuBLAS GEMV), in one graph-free loop.
-    ws = [m.weight for n, m in runner.model.named_modules() if hasattr(m, "weight") and m.weight.dim() == 2 and "embed" not in n]
+    ws = [m.weight for n, m in runner.model.named_modules()
+          if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+          and m.weight.dtype == torch.bfloat16 and "embed" not in n]
     x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
     gemv = torch.cuda.CUDAGraph()
     with torch.cuda.graph(gemv):
@@ -77,7 +86,8 @@ def main() -> None:
         for _ in range(5):
             runner.graph_runner.replay(fb)
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14)
+    res["kernels_per_step"] = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / 5
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     print(table)
     print(json.dumps(res, indent=1))
     Path(sys.argv[1]).write_text(json.dumps(res, indent=1) + "\n" + table)

@@ -2,9 +2,10 @@
 fewer bytes with one scale per output channel (w ~= q * scale[row]).
 
 - FP8 (--quantization fp8): float8 E4M3 weights, activations quantized per
-  token on every call, the product through torch._scaled_mm (cuBLASLt on
-  CUDA), which multiplies the FP8 values exactly, accumulates in float32 and
-  applies both scales. Half the weight bytes of bfloat16.
+  token, the product through torch._scaled_mm (cuBLASLt on CUDA), which
+  multiplies the FP8 values exactly, accumulates in float32 and applies both
+  scales. Half the weight bytes of bfloat16. A decode's few rows on CUDA skip
+  the activation quantization (fp8_kernels' weight-only kernel).
 - INT8WO (--torchao-config int8wo, SGLang's flag): int8 weights, activations
   left as they are (bfloat16), torch's int8 weight-only kernel
   (aten._weight_int8pack_mm, what torchao's int8wo runs on the CPU). A
@@ -52,9 +53,20 @@ def quantize_per_row(x: torch.Tensor, dtype: torch.dtype = FP8_DTYPE) -> Tuple[t
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., in] (any float dtype) times an FP8 weight [out, in] with scales
-    [out] -> [..., out] in x's dtype; the activations are quantized per token."""
+    [out] -> [..., out] in x's dtype. The activations are quantized per token,
+    except for a few rows on CUDA, which multiply the widened weight as they are
+    (fp8_kernels: there the step is bound by reading the weight)."""
     shape = x.shape
-    xq, x_scale = quantize_per_row(x.reshape(-1, shape[-1]))
+    rows = x.reshape(-1, shape[-1])
+    if rows.is_cuda:
+        from radixserve.layers import fp8_kernels  # Triton: imported where it runs
+
+        if rows.shape[0] <= fp8_kernels.WEIGHT_ONLY_MAX_ROWS:  # a decode: read the weight once
+            out = fp8_kernels.fp8_weight_only_matmul(rows.contiguous(), weight, weight_scale, bias)
+            return out.view(*shape[:-1], weight.shape[0])
+        xq, x_scale = fp8_kernels.quantize_rows_fp8(rows)
+    else:
+        xq, x_scale = quantize_per_row(rows)
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
     if bias is not None:
         out = out + bias
