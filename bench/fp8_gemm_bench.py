@@ -7,9 +7,9 @@ runs), with the weight bytes per second it reaches.
 Ways: bf16 (F.linear on bfloat16 weights), torch-quant (quantize_per_row in
 torch, then torch._scaled_mm: the path before fp8_kernels), fused-quant
 (fp8_kernels.quantize_rows_fp8, then torch._scaled_mm), weight-only
-(fp8_kernels.fp8_weight_only_matmul with its default tiles). --sweep also
-times every tile configuration of the weight-only kernel and prints the best
-per shape.
+(fp8_kernels.fp8_weight_only_matmul with its default tiles: a GEMV for one
+row). --sweep also times every tile configuration of the weight-only kernels
+at 1 and 16 rows and prints the best per shape.
 """
 
 from __future__ import annotations
@@ -48,8 +48,13 @@ def fused_quant_scaled_mm(x, wq, ws):
 
 
 def sweep(x, wq, ws) -> list:
+    """Every tile configuration of the kernel that takes x's row count (one row: the GEMV)."""
     results = []
-    for bn, bk, warps, stages in itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [3, 4]):
+    if x.shape[0] == 1:
+        space = itertools.product([8, 16, 32], [128, 256, 512], [4, 8], [2, 3])
+    else:
+        space = itertools.product([16, 32, 64], [128, 256, 512], [4], [3, 4])
+    for bn, bk, warps, stages in space:
         tiles = fp8_kernels.WeightOnlyTiles(bn, bk, warps, stages)
         try:
             us = graph_time_us(lambda: fp8_kernels.fp8_weight_only_matmul(x, wq, ws, None, tiles))
@@ -86,7 +91,7 @@ def main() -> None:
                 us = graph_time_us(fn)
                 weight_bytes = n * k * (2 if way == "bf16" else 1)
                 record[way] = {"us": round(us, 2), "GB/s": round(weight_bytes / us / 1e3, 1)}
-            if args.sweep and rows == 1:
+            if args.sweep and rows in (1, 16):
                 best = sweep(x, wq, ws)[:3]
                 record["sweep_best"] = best
             records.append(record)

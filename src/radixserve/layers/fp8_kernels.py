@@ -9,9 +9,11 @@ than the bytes FP8 saves. Two kernels replace them:
 - `quantize_rows_fp8`: the per-token quantization in one kernel (the rows the
   FP8 GEMM takes when there are many rows, a prefill).
 - `fp8_weight_only_matmul`: for a few rows, no activation quantization at all.
-  The kernel reads the FP8 weight, widens it to the activations' dtype in
-  registers and multiplies on the tensor cores (W8A16): the same weight bytes as
-  the FP8 GEMM, one launch, and the activations keep their precision.
+  The kernel reads the FP8 weight, widens it in registers and multiplies the
+  activations as they are (W8A16): the same weight bytes as the FP8 GEMM, one
+  launch, and the activations keep their precision. One row (batch-1 decode)
+  is a matrix-vector product on the CUDA cores; more rows use the tensor cores
+  in tiles of 16 rows.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from radixserve.layers.triton_utils import INTERPRETED, MIN_DOT, dot, exact_dot
 
 FP8_MAX = 448.0  # float8 E4M3's largest value
 # Up to this many rows the weight-only kernel runs; from here the activations
-# are quantized and the FP8 GEMM runs on the FP8 tensor cores.
-WEIGHT_ONLY_MAX_ROWS = 32
+# are quantized and the FP8 GEMM runs on the FP8 tensor cores (on an H200, for
+# a Llama-8B layer's linears, 16 rows: weight-only 15-45 us against 20-48; at
+# 32 rows the FP8 GEMM is ahead: bench/fp8_gemm_bench.py).
+WEIGHT_ONLY_MAX_ROWS = 16
 
 
 @triton.jit
@@ -79,6 +83,25 @@ def quantize_rows_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, n, k,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    # products summed over K only at the end: one reduction per output, not per tile
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < k
+        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
 @dataclass(frozen=True)
 class WeightOnlyTiles:
     block_n: int
@@ -87,12 +110,13 @@ class WeightOnlyTiles:
     num_stages: int
 
 
-def weight_only_tiles(n: int, k: int) -> WeightOnlyTiles:
-    """Tiles for an [n, k] weight: enough column blocks to keep every SM
-    reading (a 4,096-wide output in blocks of 32 is 128 programs)."""
-    block_n = 32 if n >= 4096 else 16
-    return WeightOnlyTiles(block_n=block_n, block_k=256 if k >= 256 else max(MIN_DOT, triton.next_power_of_2(k)),
-                           num_warps=4, num_stages=4)
+def weight_only_tiles(rows: int, n: int, k: int) -> WeightOnlyTiles:
+    """Tiles for `rows` rows times an [n, k] weight, from the sweep of
+    bench/fp8_gemm_bench.py on an H200 (Llama-8B's linears)."""
+    block_k = 512 if k >= 512 else max(MIN_DOT, triton.next_power_of_2(k))
+    if rows == 1:
+        return WeightOnlyTiles(block_n=16, block_k=min(block_k, 256), num_warps=4, num_stages=3)
+    return WeightOnlyTiles(block_n=32, block_k=block_k, num_warps=4, num_stages=3)
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -132,7 +156,14 @@ def fp8_weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    tiles = tiles or weight_only_tiles(n, k)
+    tiles = tiles or weight_only_tiles(rows, n, k)
+    if rows == 1:
+        _fp8_gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
+            x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k,
+            HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+        return out
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(rows, MIN_DOT))
     _fp8_weight_only_kernel[grid](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out,
