@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_shapes import model_config  # noqa: E402
-from gpu_compare import default_tokenizer_dir, model_dir  # noqa: E402
+from bench_shapes import model_config, save_default_tokenizer  # noqa: E402
+from gpu_compare import model_dir  # noqa: E402
 from radixserve.bench_serving import parse_args, run_benchmark  # noqa: E402
 from radixserve.benchmark.report import append_json_line, print_grid  # noqa: E402
 from tests.server_utils import free_port, launch_on_port, stop_server  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
         raise SystemExit(f"unknown workload(s) {unknown}: {' | '.join(workloads)}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = args.tokenizer_dir or default_tokenizer_dir(Path(tmp))
+        tokenizer = save_default_tokenizer(Path(tmp) / "tokenizer", args.tokenizer_dir)
         folder = model_dir(args.model, model_config(args.model, args.smoke), tokenizer, Path(tmp))
         port = free_port()
         server = launch_on_port(folder, port, "--load-format", "dummy", *args.server_arg,
