@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from radixserve.utils.cpu_features import cpu_has_native_bf16
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 INT8_MAX = 127
@@ -77,13 +79,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # to dequantizing the weight and one ordinary GEMM (2.7x at 4,096 rows, 2x at
 # 128, on a 2-core AVX-512 CPU; the int8 kernel wins 9x at one row).
 INT8_DEQUANTIZE_FROM_ROWS = 128
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX).
-    (torch.cpu's private probes; a torch without them is assumed to have it.)"""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None) or all(probe is None for probe in probes)
 
 
 # A prefill's dequantized GEMM runs in bfloat16 where the CPU has bfloat16
