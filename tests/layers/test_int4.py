@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from radixserve.layers.linear import MergedLinear
+from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.layers.quantization import (
     INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
     quantize_linears, quantize_per_row, unpack_int4, unquantized,
@@ -213,6 +213,27 @@ def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
     monkeypatch.setattr(quantization, "PREFILL_GEMM_DTYPE", gemm_dtype)
     g = torch.Generator().manual_seed(5)
     rows, weight = torch.randn(200, 96, generator=g).to(torch.bfloat16), torch.randn(64, 96, generator=g)
-    out = quantization.prefill_gemm(rows, weight)
+    quantized = torch.zeros(64, 48, dtype=torch.uint8)  # stands for the packed weight the copy is kept on
+    out = quantization.prefill_gemm(rows, quantized, lambda: weight)
     want = torch.nn.functional.linear(rows.to(gemm_dtype), weight.to(gemm_dtype)).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+
+
+def test_prefill_keeps_one_dequantized_copy_until_an_update():
+    """The first prefill dequantizes the weight once and keeps the copy; a
+    weight update (`unquantized`) drops it, so the next prefill sees the new
+    values (checked against the int4 kernel, which reads the packed weight)."""
+    torch.manual_seed(6)
+    linear = Linear(64, 64)
+    nn.init.normal_(linear.weight)
+    quantize_linears(linear, int4_weight_only(32))
+    x = torch.randn(INT8_DEQUANTIZE_FROM_ROWS, 64).to(torch.bfloat16)
+    first = linear(x)
+    copy = linear.weight.dense_copy
+    assert torch.equal(linear(x), first) and linear.weight.dense_copy is copy  # made once
+    with unquantized(linear):
+        linear.weight.data.mul_(-1)
+    prefill = linear(x)
+    assert not hasattr(linear.weight, "dense_copy") or linear.weight.dense_copy is not copy
+    kernel_rows = torch.cat([linear(x[i:i + 8]) for i in range(0, len(x), 8)])  # the int4 kernel's path
+    assert rel(prefill, kernel_rows) < 2e-2 and rel(prefill, -first) < 5e-2

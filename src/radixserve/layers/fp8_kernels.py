@@ -27,7 +27,6 @@ import triton.language as tl
 
 from radixserve.layers.triton_utils import INTERPRETED, MIN_DOT, dot, exact_dot
 
-FP8_MAX = 448.0  # float8 E4M3's largest value
 # Up to this many rows the weight-only kernel runs; from here the activations
 # are quantized and the FP8 GEMM runs on the FP8 tensor cores (on an H200, for
 # a Llama-8B layer's linears, 16 rows: weight-only 15-45 us against 20-48; at
@@ -58,7 +57,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, x_stride, n_cols, BLOCK: tl.c
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         top = tl.maximum(top, tl.abs(x))
-    scale = tl.maximum(tl.max(top, axis=0), 1e-12) / 448.0
+    scale = tl.maximum(tl.max(top, axis=0), 1e-12) / 448.0  # E4M3's largest value
     tl.store(scale_ptr + row, scale)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
