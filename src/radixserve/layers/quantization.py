@@ -66,7 +66,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         if rows.shape[0] <= fp8_kernels.WEIGHT_ONLY_MAX_ROWS:  # a decode: read the weight once
             out = fp8_kernels.fp8_weight_only_matmul(rows.contiguous(), weight, weight_scale, bias)
             return out.view(*shape[:-1], weight.shape[0])
-        xq, x_scale = fp8_kernels.quantize_rows_fp8(rows)
+        xq, x_scale = fp8_kernels.quantize_rows_fp8(rows.contiguous())
     else:
         xq, x_scale = quantize_per_row(rows)
     out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)

@@ -20,6 +20,10 @@ from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.attention.blocked_attention import blocked_attention
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
+if TYPE_CHECKING:
+    from radixserve.layers.attention.radix_attention import RadixAttention
+    from radixserve.model_executor.forward_batch import ForwardBatch
+
 # A decode batch of up to this many requests attends in float32 on a CPU
 # without bfloat16 units, where a bfloat16 matmul is converted element by
 # element: one layer's decode attention of the default model's shape (9 heads,
@@ -36,10 +40,6 @@ class TorchAttnMetadata:
     # A decode of one request whose slots are consecutive: the first slot (its
     # keys are a slice of the pool, no gather needed), else None.
     consecutive_from: Optional[int] = None
-
-if TYPE_CHECKING:
-    from radixserve.layers.attention.radix_attention import RadixAttention
-    from radixserve.model_executor.forward_batch import ForwardBatch
 
 
 class TorchNativeAttnBackend(AttentionBackend, MLABackend):
