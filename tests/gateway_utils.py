@@ -45,7 +45,24 @@ class ClusterHandle:
 def start_cluster(model_path, log_dir: Path, *worker_flags: str, workers: int = 2, policy: str = "cache_aware",
                   timeout_s: float = 240, pd: Tuple[int, int] = (0, 0)) -> ClusterHandle:
     """launch_cluster on a free port; returns once it says the gateway is ready.
-    pd: (prefill servers, decode servers) for a disaggregated cluster."""
+    pd: (prefill servers, decode servers) for a disaggregated cluster. A port
+    picked free can be taken before the gateway binds it (two clusters starting
+    at once took the same Prometheus port): that start is retried, twice at most."""
+    for attempt in range(3):
+        try:
+            return _start_cluster_once(model_path, log_dir, worker_flags, workers, policy, timeout_s, pd)
+        except PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_cluster_once(model_path, log_dir: Path, worker_flags: Tuple[str, ...], workers: int, policy: str,
+                        timeout_s: float, pd: Tuple[int, int]) -> ClusterHandle:
     port = free_port()
     log = log_dir / "launch_cluster.out"
     # (the gateway's own Prometheus port on a free port too: its default may be taken)
@@ -62,7 +79,9 @@ def start_cluster(model_path, log_dir: Path, *worker_flags: str, workers: int = 
     while "gateway" not in handle.output() or "ready" not in handle.output().split("gateway", 1)[1]:
         if proc.poll() is not None or time.time() > deadline:
             handle.stop()
-            raise RuntimeError(f"the cluster did not start:\n{handle.output()}")
+            logs = handle.output() + "".join(f.read_text(errors="replace") for f in log_dir.glob("*.log"))
+            error = PortTaken if "Address already in use" in logs else RuntimeError
+            raise error(f"the cluster did not start:\n{handle.output()}")
         time.sleep(0.5)
     for name, url, pid in READY.findall(handle.output()):
         handle.workers[name], handle.pids[name] = url, int(pid)
