@@ -7,9 +7,11 @@ runs), with the weight bytes per second it reaches.
 Ways: bf16 (F.linear on bfloat16 weights), torch-quant (quantize_per_row in
 torch, then torch._scaled_mm: the path before fp8_kernels), fused-quant
 (fp8_kernels.quantize_rows_fp8, then torch._scaled_mm), weight-only
-(fp8_kernels.fp8_weight_only_matmul with its default tiles: a GEMV for one
-row). --sweep also times every tile configuration of the weight-only kernels
-at 1 and 16 rows and prints the best per shape.
+(fp8_kernels.fp8_weight_only_matmul with its default tiles; one row:
+layers/gemv.py, which bench/gemv_bench.py sweeps). --sweep also times every
+tile configuration of the weight-only kernel at 16 rows and prints the best.
+The weights are not rotated, so the smaller ones may be read from the L2
+cache (gemv_bench.py rotates them).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from radixserve.layers import fp8_kernels  # noqa: E402
+from radixserve.layers import fp8_kernels, gemv  # noqa: E402
 from radixserve.layers.quantization import quantize_per_row  # noqa: E402
 
 # (name, out, in) of one Llama-3.1-8B layer's linears
@@ -48,12 +50,9 @@ def fused_quant_scaled_mm(x, wq, ws):
 
 
 def sweep(x, wq, ws) -> list:
-    """Every tile configuration of the kernel that takes x's row count (one row: the GEMV)."""
+    """Every tile configuration of the weight-only kernel."""
     results = []
-    if x.shape[0] == 1:
-        space = itertools.product([8, 16, 32], [128, 256, 512], [4, 8], [2, 3])
-    else:
-        space = itertools.product([16, 32, 64], [128, 256, 512], [4], [3, 4])
+    space = itertools.product([16, 32, 64], [128, 256, 512], [4], [3, 4])
     for bn, bk, warps, stages in space:
         tiles = fp8_kernels.WeightOnlyTiles(bn, bk, warps, stages)
         try:
@@ -84,14 +83,15 @@ def main() -> None:
                 "bf16": lambda: torch.nn.functional.linear(x, w),
                 "torch-quant": lambda: torch_quant_scaled_mm(x, wq, ws),
                 "fused-quant": lambda: fused_quant_scaled_mm(x, wq, ws),
-                "weight-only": lambda: fp8_kernels.fp8_weight_only_matmul(x, wq, ws),
+                "weight-only": (lambda: gemv.gemv(x, wq, ws)) if rows == 1
+                else (lambda: fp8_kernels.fp8_weight_only_matmul(x, wq, ws)),
             }
             record = {"linear": name, "out": n, "in": k, "rows": rows}
             for way, fn in ways.items():
                 us = graph_time_us(fn)
                 weight_bytes = n * k * (2 if way == "bf16" else 1)
                 record[way] = {"us": round(us, 2), "GB/s": round(weight_bytes / us / 1e3, 1)}
-            if args.sweep and rows in (1, 16):
+            if args.sweep and rows == 16:
                 best = sweep(x, wq, ws)[:3]
                 record["sweep_best"] = best
             records.append(record)

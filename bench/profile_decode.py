@@ -4,11 +4,9 @@
 
 MODEL is a bench_shapes name (default llama8b); key=value pairs are ServerArgs
 fields (quantization=fp8). GPU time of one decode CUDA-graph replay, of the
-eager forward, of the matmuls alone
-
-GPU time of one decode CUDA-graph replay, of the eager forward, of the matmuls alone
-(every bfloat16 weight as a cuBLAS GEMV in one graph), and a per-kernel profile
-of the replay with the kernel count per step.
+eager forward, of the matmuls alone (every bfloat16 weight as a cuBLAS GEMV in
+one graph), and a per-kernel profile of the replay with the kernel count per
+step.
 """
 import json
 import shutil

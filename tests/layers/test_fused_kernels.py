@@ -49,17 +49,29 @@ def test_silu_and_mul(dtype, tol, rows, hidden):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_rotary_on_strided_views(dtype, tol):
-    """q and k as column slices of one fused qkv output, as the models pass them."""
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_rotary_on_strided_views(dtype, tol, head_norms):
+    """q and k as column slices of one fused qkv output, as the models pass them;
+    with head_norms, each head RMS-normalised first in the same kernel (Qwen3)."""
     head_dim, heads, kv_heads, tokens = (16, 4, 2, 6) if DEVICE == "cpu" else (128, 32, 8, 300)
     g = torch.Generator().manual_seed(2)
     rope = RotaryEmbedding(head_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 10).to(DEVICE, dtype)
     q, k = qkv[:, :heads * head_dim], qkv[:, heads * head_dim:(heads + kv_heads) * head_dim]
     positions = torch.randint(0, 512, (tokens,), generator=g)
-    ref_q, ref_k = RotaryEmbedding.forward(rope, positions, q.cpu(), k.cpu())  # torch path on CPU
-    got_q, got_k = fk.rotary(positions.to(DEVICE), q, k, rope.cos_sin_cache.to(DEVICE), head_dim)
+    norms = [None, None]
+    if head_norms:
+        norms = [RMSNorm(head_dim, eps=1e-6).to(dtype) for _ in range(2)]
+        with torch.no_grad():
+            for norm in norms:
+                norm.weight.copy_(torch.rand(head_dim, generator=g) + 0.5)
+    ref_q, ref_k = RotaryEmbedding.forward(rope, positions, q.cpu(), k.cpu(), *norms)  # torch path on CPU
+    fused = (norms[0].weight.to(DEVICE), norms[1].weight.to(DEVICE), 1e-6) if head_norms else None
+    got_q, got_k = fk.rotary(positions.to(DEVICE), q, k, rope.cos_sin_cache.to(DEVICE), head_dim, fused)
     assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol
+    if head_norms:  # the norms did something: the fused result is not the plain rotation's
+        plain_q, _ = RotaryEmbedding.forward(rope, positions, q.cpu(), k.cpu())
+        assert rel(got_q.cpu(), plain_q) > 0.5
 
 
 def test_empty_batch():

@@ -11,9 +11,9 @@ than the bytes FP8 saves. Two kernels replace them:
 - `fp8_weight_only_matmul`: for a few rows, no activation quantization at all.
   The kernel reads the FP8 weight, widens it in registers and multiplies the
   activations as they are (W8A16): the same weight bytes as the FP8 GEMM, one
-  launch, and the activations keep their precision. One row (batch-1 decode)
-  is a matrix-vector product on the CUDA cores; more rows use the tensor cores
-  in tiles of 16 rows.
+  launch, and the activations keep their precision. The rows go through the
+  tensor cores in tiles of 16; one row (batch-1 decode) is layers/gemv.py's
+  matrix-vector product on the CUDA cores instead (`fp8_linear` picks).
 """
 
 from __future__ import annotations
@@ -82,25 +82,6 @@ def quantize_rows_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, n, k,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n
-    # products summed over K only at the end: one reduction per output, not per tile
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_mask = ks < k
-        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
-    out = tl.sum(acc, axis=1) * tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
-
-
 @dataclass(frozen=True)
 class WeightOnlyTiles:
     block_n: int
@@ -109,12 +90,10 @@ class WeightOnlyTiles:
     num_stages: int
 
 
-def weight_only_tiles(rows: int, n: int, k: int) -> WeightOnlyTiles:
-    """Tiles for `rows` rows times an [n, k] weight, from the sweep of
+def weight_only_tiles(n: int, k: int) -> WeightOnlyTiles:
+    """Tiles for 2-16 rows times an [n, k] weight, from the sweep of
     bench/fp8_gemm_bench.py on an H200 (Llama-8B's linears)."""
     block_k = 512 if k >= 512 else max(MIN_DOT, triton.next_power_of_2(k))
-    if rows == 1:  # many narrow programs: 6.9 us for q|k|v (3.6 TB/s of FP8 weight), bf16 16.0 us
-        return WeightOnlyTiles(block_n=8, block_k=block_k, num_warps=8 if k >= 8192 else 4, num_stages=3)
     return WeightOnlyTiles(block_n=32, block_k=block_k, num_warps=4, num_stages=3)
 
 
@@ -155,14 +134,7 @@ def fp8_weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
-    tiles = tiles or weight_only_tiles(rows, n, k)
-    if rows == 1:
-        _fp8_gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
-            x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k,
-            HAS_BIAS=bias is not None, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )
-        return out
+    tiles = tiles or weight_only_tiles(n, k)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(rows, MIN_DOT))
     _fp8_weight_only_kernel[grid](
         x, weight, weight_scale, bias if bias is not None else weight_scale, out,

@@ -81,9 +81,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotary_kernel(
-    q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr,
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps,
     q_stride, k_stride, num_q_heads, num_k_heads,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
@@ -96,29 +96,43 @@ def _rotary_kernel(
     if head < num_q_heads:
         src = q_ptr + token * q_stride + head * HEAD_DIM
         dst = q_out_ptr + (token * num_q_heads + head) * HEAD_DIM
+        norm_ptr = q_norm_ptr
     else:
         src = k_ptr + token * k_stride + (head - num_q_heads) * HEAD_DIM
         dst = k_out_ptr + (token * num_k_heads + head - num_q_heads) * HEAD_DIM
+        norm_ptr = k_norm_ptr
     x1 = tl.load(src + offs, mask=mask, other=0.0)
     x2 = tl.load(src + half + offs, mask=mask, other=0.0)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:  # the head's RMSNorm first, rounded where RMSNorm rounds
+        rstd = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / HEAD_DIM + eps)
+        w1 = tl.load(norm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w2 = tl.load(norm_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
+        a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
+        b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
     tl.store(dst + offs, (a * cos - b * sin).to(x1.dtype), mask=mask)
     tl.store(dst + half + offs, (b * cos + a * sin).to(x1.dtype), mask=mask)
 
 
 def rotary(
-    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int,
+    head_norms: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotation of q [T, H*D] and k [T, KH*D] (row-strided views are
-    fine) by the float32 table cos_sin [max_pos, D] = [cos | sin]."""
+    fine) by the float32 table cos_sin [max_pos, D] = [cos | sin]. head_norms
+    (q weight [D], k weight [D], eps): each head RMS-normalised first, in the
+    same kernel (Qwen3's q/k norms: two kernels and two copies fewer)."""
     tokens = q.shape[0]
     num_q, num_k = q.shape[1] // head_dim, k.shape[1] // head_dim
     q_out = torch.empty((tokens, num_q * head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((tokens, num_k * head_dim), dtype=k.dtype, device=k.device)
+    q_weight, k_weight, eps = head_norms if head_norms is not None else (cos_sin, cos_sin, 0.0)
     if tokens:
         _rotary_kernel[(tokens, num_q + num_k)](
-            q, k, q_out, k_out, positions, cos_sin, q.stride(0), k.stride(0), num_q, num_k,
-            HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), num_warps=1,
+            q, k, q_out, k_out, positions, cos_sin, q_weight, k_weight, eps,
+            q.stride(0), k.stride(0), num_q, num_k,
+            HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_NORM=head_norms is not None,
+            num_warps=1,
         )
     return q_out, k_out
 

@@ -51,6 +51,11 @@ class Linear(nn.Module):
             return self.weight_format.matmul(x, self.weight, self.weight_scale, bias)
         if self.batch_invariant:
             return invariant_linear(x, self.weight, bias)
+        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1:
+            from radixserve.layers import gemv  # Triton: imported where it runs
+
+            if gemv.prefer_over_cublas(self.weight):  # a batch-1 decode step of a small matrix
+                return gemv.gemv(x, self.weight, None, bias)
         return torch.nn.functional.linear(x, self.weight, bias)
 
 

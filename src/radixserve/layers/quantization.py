@@ -61,8 +61,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     if rows.is_cuda:
-        from radixserve.layers import fp8_kernels  # Triton: imported where it runs
+        from radixserve.layers import fp8_kernels, gemv  # Triton: imported where it runs
 
+        if rows.shape[0] == 1:  # a batch-1 decode: a matrix-vector product
+            return gemv.gemv(rows.contiguous(), weight, weight_scale, bias).view(*shape[:-1], weight.shape[0])
         if rows.shape[0] <= fp8_kernels.WEIGHT_ONLY_MAX_ROWS:  # a decode: read the weight once
             out = fp8_kernels.fp8_weight_only_matmul(rows.contiguous(), weight, weight_scale, bias)
             return out.view(*shape[:-1], weight.shape[0])

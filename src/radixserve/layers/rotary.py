@@ -9,7 +9,7 @@ state, so batching and prefix caching never touch it.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -128,15 +128,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", table.to(device=device, dtype=torch.float32), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads*head_dim], k: [T, kv_heads*head_dim]; returns both rotated, same dtype."""
+        """q: [T, heads*head_dim], k: [T, kv_heads*head_dim]; returns both rotated, same dtype.
+        q_norm, k_norm: RMSNorms over each head, applied before rotating (Qwen3);
+        one kernel with the rotation on CUDA."""
         if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
             from radixserve.layers.fused_kernels import rotary
 
-            return rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
+            norms = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+            return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, norms)
+        q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _norm_heads(self, x: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
+        return x if norm is None else norm(x.reshape(-1, self.head_dim)).view(x.shape)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
@@ -163,10 +171,13 @@ class MRotaryEmbedding(RotaryEmbedding):
         axis_of = torch.repeat_interleave(torch.arange(3), torch.tensor(sections))
         self.register_buffer("axis_of", axis_of.to(self.cos_sin_cache.device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                q_norm: Optional[nn.Module] = None, k_norm: Optional[nn.Module] = None,
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] (text only) or [3, T] (time, height, width)."""
         if positions.dim() == 1:
-            return super().forward(positions, q, k)
+            return super().forward(positions, q, k, q_norm, k_norm)
+        q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [3, T, head_dim/2]
         pick = self.axis_of.view(1, 1, -1).expand(1, positions.shape[1], -1)
         cos = cos.gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim/2]

@@ -1,0 +1,87 @@
+"""One row times a weight on CUDA (a batch-1 decode step's linears), bound by
+reading the weight: bfloat16/float16 weights, or FP8 with per-channel scales.
+
+Streaming a weight at the memory bandwidth needs many bytes in flight on every
+SM: each program reads BLOCK_N weight rows, BLOCK_K columns per step, 32 bytes
+per thread, and keeps the products apart until the end (one reduction per
+output). cuBLAS reaches the bandwidth on a large bfloat16 matrix but not on a
+small one (Qwen3-0.6B's o projection: 12.6 us against this kernel's 3.9 on an
+H200), and has no GEMV for an FP8 weight with per-channel scales.
+`prefer_over_cublas` says where this kernel wins (bench/gemv_bench.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# A bfloat16 weight up to this many bytes: this kernel; larger, cuBLAS's GEMV,
+# which streams a large matrix at the bandwidth (on an H200, Llama-8B's 8.4-117
+# MB projections: cuBLAS equal or up to 6% ahead; Qwen3-0.6B's 2-12 MB ones:
+# this kernel 5-70% ahead).
+CUBLAS_FROM_BYTES = 40 << 20
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_mask = ks < k
+        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * x[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        out = out * tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
+
+
+def gemv_tiles(k: int, weight_bytes: int) -> GemvTiles:
+    """Tiles from the sweep of bench/gemv_bench.py on an H200 (Llama-8B and
+    Qwen3-0.6B's projections, bfloat16 and FP8): 4 rows per program, 1,024
+    columns per step (512 when K is 1,024), 32 bytes per thread per step. More
+    rows per program, or K split over programs, were not faster."""
+    block_k = 1024 if k >= 2048 else 512
+    return GemvTiles(block_n=4, block_k=min(block_k, triton.next_power_of_2(k)),
+                     num_warps=8 if weight_bytes >= 2 else 4)
+
+
+def prefer_over_cublas(weight: torch.Tensor) -> bool:
+    """Whether `gemv` beats cuBLAS for one row times this (unquantized) weight."""
+    return weight.numel() * weight.element_size() < CUBLAS_FROM_BYTES and weight.is_contiguous()
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
+         bias: Optional[torch.Tensor] = None, tiles: Optional[GemvTiles] = None) -> torch.Tensor:
+    """x [1, k] times weight [n, k] (contiguous; FP8 with float32 `scale` [n],
+    or x's dtype) plus bias -> [1, n] in x's dtype, accumulated in float32."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    if x.shape[0] != 1 or x.stride(-1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"gemv takes one contiguous row and a contiguous weight, not {tuple(x.shape)}")
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    tiles = tiles or gemv_tiles(k, weight.element_size())
+    _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
+        x, weight, scale if scale is not None else out, bias if bias is not None else out, out, n, k,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps)
+    return out

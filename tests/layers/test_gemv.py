@@ -1,0 +1,84 @@
+"""layers/gemv.py against the float32 product it stands for: one row times a
+bfloat16, float32 or FP8 (per-channel scales) weight, with and without bias,
+tiles that leave ragged ends. On the CPU under
+TRITON_INTERPRET=1 (conftest); on a GPU at a Llama-8B and a Qwen3-0.6B size
+with the tiles `gemv_tiles` picks, and through `Linear` and `fp8_linear`,
+which take it for one row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.layers import gemv as gemv_module
+from radixserve.layers.quantization import quantize_per_row
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def weight_and_reference(fmt: str, n: int, k: int, g: torch.Generator):
+    """(weight, scale or None, the float32 weight it stands for)."""
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 2, n)[:, None]
+    if fmt == "fp8":
+        wq, ws = quantize_per_row(w)
+        return wq, ws.view(-1), wq.float() * ws
+    w = w.to(getattr(torch, fmt))
+    return w, None, w.float()
+
+
+@pytest.mark.parametrize("fmt,dtype,tol", [("float32", torch.float32, 1e-6), ("bfloat16", torch.bfloat16, 1e-2),
+                                           ("fp8", torch.bfloat16, 1e-2), ("fp8", torch.float32, 1e-6)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_equals_the_float32_product(fmt, dtype, tol, bias):
+    g = torch.Generator().manual_seed(0)
+    n, k = 21, 300  # ragged against tiles of 8 rows and steps of 32 columns
+    w, scale, reference_w = weight_and_reference(fmt, n, k, g)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    tiles = gemv_module.GemvTiles(block_n=8, block_k=32, num_warps=4)
+    out = gemv_module.gemv(x.to(DEVICE), w.to(DEVICE), None if scale is None else scale.to(DEVICE),
+                           None if b is None else b.to(DEVICE), tiles)
+    reference = x.float() @ reference_w.T + (b.float() if bias else 0)
+    assert out.dtype == dtype and out.shape == (1, n)
+    assert rel(out.cpu(), reference) < tol
+
+
+def test_gemv_refuses_more_than_one_row():
+    with pytest.raises(ValueError, match="one contiguous row"):
+        gemv_module.gemv(torch.zeros(2, 8), torch.zeros(4, 8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n,k", [(4096, 14336), (1024, 3072), (151936, 1024)])
+@pytest.mark.parametrize("fmt", ["bfloat16", "fp8"])
+def test_gemv_at_model_sizes_with_its_own_tiles(n, k, fmt):
+    g = torch.Generator().manual_seed(0)
+    w, scale, reference_w = weight_and_reference(fmt, n, k, g)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    out = gemv_module.gemv(x.cuda(), w.cuda(), None if scale is None else scale.cuda())
+    assert rel(out.cpu(), x.float() @ reference_w.T) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_linear_takes_the_gemv_for_one_row_and_cublas_for_more():
+    from radixserve.layers.linear import Linear
+    from radixserve.layers.quantization import fp8_linear
+
+    g = torch.Generator().manual_seed(1)
+    layer = Linear(2048, 1024, bias=True).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(1024, 2048, generator=g) / 32)
+        layer.bias.copy_(torch.randn(1024, generator=g))
+    x = torch.randn(2, 2048, generator=g).to("cuda", torch.bfloat16)
+    reference = x.float() @ layer.weight.float().T + layer.bias.float()
+    one_row, two_rows = layer(x[:1]), layer(x)
+    assert rel(one_row, reference[:1]) < 1e-2 and rel(two_rows, reference) < 1e-2
+    wq, ws = quantize_per_row(layer.weight.float())
+    assert rel(fp8_linear(x[:1], wq, ws.view(-1), None), x[:1].float() @ (wq.float() * ws).T) < 1e-2
