@@ -48,6 +48,22 @@ def test_gemv_equals_the_float32_product(fmt, dtype, tol, bias):
     assert rel(out.cpu(), reference) < tol
 
 
+@pytest.mark.parametrize("fmt,dtype,tol", [("float32", torch.float32, 1e-6), ("bfloat16", torch.bfloat16, 1e-2),
+                                           ("fp8", torch.bfloat16, 1e-2)])
+def test_silu_gated_gemv_equals_silu_and_mul_then_the_product(fmt, dtype, tol):
+    from radixserve.layers.activation import SiluAndMul
+
+    g = torch.Generator().manual_seed(1)
+    n, k = 21, 300
+    w, scale, reference_w = weight_and_reference(fmt, n, k, g)
+    gate_up = (torch.randn(1, 2 * k, generator=g) * 3).to(dtype)
+    tiles = gemv_module.GemvTiles(block_n=8, block_k=32, num_warps=4)
+    out = gemv_module.gemv(gate_up.to(DEVICE), w.to(DEVICE), None if scale is None else scale.to(DEVICE),
+                           None, tiles, silu_gated=True)
+    reference = SiluAndMul()(gate_up).float() @ reference_w.T
+    assert out.shape == (1, n) and rel(out.cpu(), reference) < tol
+
+
 def test_gemv_refuses_more_than_one_row():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv_module.gemv(torch.zeros(2, 8), torch.zeros(4, 8))
@@ -80,5 +96,13 @@ def test_linear_takes_the_gemv_for_one_row_and_cublas_for_more():
     reference = x.float() @ layer.weight.float().T + layer.bias.float()
     one_row, two_rows = layer(x[:1]), layer(x)
     assert rel(one_row, reference[:1]) < 1e-2 and rel(two_rows, reference) < 1e-2
+    # with the MLP's activation fused in (one row) and not (two rows)
+    from radixserve.layers.activation import SiluAndMul
+
+    gate_up = torch.randn(2, 4096, generator=g).to("cuda", torch.bfloat16)
+    activated = SiluAndMul()(gate_up)
+    reference = activated.float() @ layer.weight.float().T + layer.bias.float()
+    assert rel(layer(gate_up[:1], activation=SiluAndMul()), reference[:1]) < 1e-2
+    assert rel(layer(gate_up, activation=SiluAndMul()), reference) < 1e-2
     wq, ws = quantize_per_row(layer.weight.float())
     assert rel(fp8_linear(x[:1], wq, ws.view(-1), None), x[:1].float() @ (wq.float() * ws).T) < 1e-2

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from radixserve.distributed import get_tp_group
+from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.batch_invariant import invariant_linear
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
@@ -42,7 +43,15 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None) -> torch.Tensor:
+        """activation: a gated activation applied to x first ([gate | up] ->
+        act(gate) * up); SiLU's is fused into a one-row product on CUDA."""
+        if activation is not None:
+            if self.lora is None and isinstance(activation, SiluAndMul):  # LoRA needs the activated rows
+                fused = self._gemv(x, self.bias, silu_gated=True)
+                if fused is not None:
+                    return fused
+            x = activation(x)
         out = self.matmul(x, self.bias)
         return out if self.lora is None else self.lora.add_delta(x, out)
 
@@ -51,12 +60,24 @@ class Linear(nn.Module):
             return self.weight_format.matmul(x, self.weight, self.weight_scale, bias)
         if self.batch_invariant:
             return invariant_linear(x, self.weight, bias)
-        if x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1:
-            from radixserve.layers import gemv  # Triton: imported where it runs
+        out = self._gemv(x, bias)
+        return out if out is not None else torch.nn.functional.linear(x, self.weight, bias)
 
-            if gemv.prefer_over_cublas(self.weight):  # a batch-1 decode step of a small matrix
-                return gemv.gemv(x, self.weight, None, bias)
-        return torch.nn.functional.linear(x, self.weight, bias)
+    def _gemv(self, x: torch.Tensor, bias: Optional[torch.Tensor], silu_gated: bool = False) -> Optional[torch.Tensor]:
+        """A batch-1 decode step's product through layers/gemv.py, where it
+        applies (one row on CUDA; an FP8 weight, or an unquantized one small
+        enough to beat cuBLAS), else None."""
+        if self.batch_invariant or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1):
+            return None
+        from radixserve.layers import gemv  # Triton: imported where it runs
+
+        if self.weight_scale is not None:
+            if self.weight_format.name != "fp8":
+                return None
+            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated)
+        if not gemv.prefer_over_cublas(self.weight):
+            return None
+        return gemv.gemv(x, self.weight, None, bias, silu_gated=silu_gated)
 
 
 class ColumnParallelLinear(Linear):
@@ -82,9 +103,11 @@ class RowParallelLinear(Linear):
         mark_sharded(self.weight, shard)
         self.tp_group = get_tp_group()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None) -> torch.Tensor:
         if self.tp_group.world_size == 1:
-            return super().forward(x)
+            return super().forward(x, activation)
+        if activation is not None:
+            x = activation(x)
         partial = self.matmul(x, None)
         if self.lora is not None:  # this rank's columns of A: a partial delta, summed with the product
             partial = self.lora.add_delta(x, partial)
