@@ -392,33 +392,3 @@ def test_mixed_batch_matches_plain_attention(window, with_sinks, page_size, num_
     for out in outs:
         assert rel(out[:n], plain[:n]) < 1e-5 and rel(out[n:], plain[n:]) < 1e-5
 
-
-@pytest.mark.parametrize("with_sinks", [False, True])
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_merge_inside_the_split_kernel_equals_the_merge_kernel(with_sinks, num_splits):
-    """With counters, the last split of each (request, KV head) merges them in
-    the split kernel: the same output as the separate merge kernel (up to the
-    order of a float sum), twice in a row on the same counters, which it leaves
-    zeroed. A zero-length row (padding) gives zeros."""
-    from radixserve.layers.attention.paged_attention import decode_attention
-
-    lens = DECODE_LENS + [0]
-    pools = Pools([max(n, 1) for n in lens], 16, torch.float32)
-    attn = windowed_layer(4, None, with_sinks)
-    g = torch.Generator().manual_seed(10)
-    q = torch.randn(len(lens), attn.num_heads * HEAD_DIM, generator=g).to(DEVICE)
-    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
-
-    def run(split_counters):
-        out = torch.full_like(q, float("nan"))
-        decode_attention(q, pools.kv.k_buffers[0], pools.kv.v_buffers[0], out, pools.table.req_to_token,
-                         torch.tensor(pools.rows, device=DEVICE), torch.tensor(lens, device=DEVICE), attn.scaling,
-                         num_splits, sinks=attn.sinks, split_counters=split_counters)
-        return out
-
-    separate = run(None)
-    for _ in range(2):
-        merged_here = run(counters)
-        assert rel(merged_here, separate) < 1e-6
-        assert not counters.any()
-    assert not merged_here[-1].any()

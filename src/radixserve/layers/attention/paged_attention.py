@@ -8,9 +8,7 @@ written to the pool before attention runs).
 - decode: one query token per request. Grid (request, KV head, split): each
   program takes the query heads that share one KV head (GQA) and a contiguous
   share of the request's positions, so a long context is spread over many
-  programs; the splits are merged by their log-sum-exp, by the last split of
-  each (request, KV head) to finish (it counts them on a counter in global
-  memory: no second kernel), or without counters by a second kernel. Every
+  programs; a second kernel merges the splits by their log-sum-exp. Every
   shape depends on the batch size only, and lengths are read on the device,
   so a CUDA graph can capture it.
 - extend: the new tokens of every request of a batch in one launch. Grid
@@ -54,12 +52,12 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
 @triton.jit(do_not_specialize_on_alignment=["req_pool_indices_ptr", "seq_lens_ptr"])  # (as _extend_kernel)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
-    part_out_ptr, part_lse_ptr, counters_ptr, out_ptr, sinks_ptr,
-    stride_q_tok, stride_kv_slot, stride_table_row, stride_out_tok,
+    part_out_ptr, part_lse_ptr,
+    stride_q_tok, stride_kv_slot, stride_table_row,
     scale, group, num_heads, window, split_tokens,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    FIXED_SPLITS: tl.constexpr, MERGE_HERE: tl.constexpr, HAS_SINKS: tl.constexpr,
+    FIXED_SPLITS: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,47 +109,6 @@ def _decode_split_kernel(
     lse = tl.where(has_keys, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
     tl.store(part_out_ptr + out_base[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
     tl.store(part_lse_ptr + out_base, lse, mask=h_mask)
-    if MERGE_HERE:
-        # Every thread's stores before the count (the barrier), published by the
-        # count's release; the last split to count sees all of them (acquire).
-        tl.debug_barrier()
-        counter = counters_ptr + req * (num_heads // group) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            tl.atomic_xchg(counter, 0)  # zero again for the next layer or step
-            _merge_head_group(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, req, head, h_mask, d,
-                              stride_out_tok, num_heads, NUM_SPLITS, HEAD_DIM, BLOCK_D, HAS_SINKS)
-
-
-@triton.jit
-def _merge_head_group(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, req, head, h_mask, d,
-                      stride_out_tok, num_heads, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
-    """decode_merge_kernel for the query heads `head` of one request, inside the
-    split kernel. The partials were written by other SMs: read them from L2
-    (.cg), not from a possibly stale L1 line."""
-    base = (req * num_heads + head) * NUM_SPLITS
-    s = tl.arange(0, NUM_SPLITS)
-    lse_all = tl.load(part_lse_ptr + base[:, None] + s[None, :], mask=h_mask[:, None], other=float("-inf"),
-                      cache_modifier=".cg")
-    m = tl.max(lse_all, 1)
-    if HAS_SINKS:  # the sink joins the denominator once, here, not once per split
-        sink = tl.load(sinks_ptr + head, mask=h_mask, other=float("-inf")).to(tl.float32)
-        m = tl.maximum(m, sink)
-    m_safe = tl.where(m > float("-inf"), m, 0.0)
-    total = tl.zeros(m.shape, tl.float32)
-    acc = tl.zeros([m.shape[0], BLOCK_D], tl.float32)
-    for split in range(NUM_SPLITS):
-        lse = tl.load(part_lse_ptr + base + split, mask=h_mask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)  # no keys (padding): weight 0, not NaN
-        part = tl.load(part_out_ptr + (base + split)[:, None] * BLOCK_D + d[None, :], mask=h_mask[:, None],
-                       other=0.0, cache_modifier=".cg")
-        acc += part * w[:, None]
-        total += w
-    if HAS_SINKS:
-        total += tl.exp(sink - m_safe)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + req * stride_out_tok + head[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=h_mask[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -200,15 +157,13 @@ def decode_attention(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, num_splits: int,
     sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
-    split_tokens: Optional[int] = None, split_counters: Optional[torch.Tensor] = None,
+    split_tokens: Optional[int] = None,
 ) -> None:
     """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out.
     sliding_window: the query sees its last `sliding_window` positions only;
     sinks: [heads] logits in each head's softmax denominator;
     split_tokens: each split takes this many positions (fixed_decode_splits:
-    batch-invariant) instead of an equal share of the request's length;
-    split_counters: zeroed int32, at least bs * kv_heads of them (left zeroed):
-    the last split merges, in the same kernel; without, a second kernel does."""
+    batch-invariant) instead of an equal share of the request's length."""
     bs = q.shape[0]
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
@@ -216,23 +171,18 @@ def decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     part_out = torch.empty((bs, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    merge_here = split_counters is not None and split_counters.numel() >= bs * num_kv_heads
-    sinks_arg = q if sinks is None else sinks
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
-        split_counters if merge_here else part_lse, out, sinks_arg,
-        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), out.stride(0), scale, group, num_heads,
-        sliding_window or 0, split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
+        split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=dot_block(group), BLOCK_N=64 if block_d <= 128 else 32,
         IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
-        FIXED_SPLITS=split_tokens is not None, MERGE_HERE=merge_here, HAS_SINKS=sinks is not None,
-        num_warps=4, num_stages=2,
+        FIXED_SPLITS=split_tokens is not None, num_warps=4, num_stages=2,
     )
-    if not merge_here:
-        decode_merge_kernel[(bs, num_heads)](
-            part_out, part_lse, out, sinks_arg, out.stride(0), head_dim, num_heads,
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=4,
-        )
+    decode_merge_kernel[(bs, num_heads)](
+        part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), head_dim, num_heads,
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=4,
+    )
 
 
 # Index and length arrays may start anywhere in a larger tensor (a mixed batch's

@@ -26,11 +26,6 @@ if TYPE_CHECKING:
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
-# Requests x KV heads a decode batch may have for its splits to be merged in the
-# split kernel (more: a separate merge kernel). 512 KiB.
-SPLIT_COUNTERS = 1 << 17
-
-
 @dataclass
 class MixedMetadata:
     """A mixed batch split in two: the decode rows' KV split count, and the
@@ -52,9 +47,6 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         instead of a split count chosen from the batch size."""
         # The CPU (the Triton interpreter in tests) has no SMs; any count works there.
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        # The decode kernel's per-(request, KV head) split counters, which it
-        # leaves zeroed: allocated once, so CUDA graphs replay on the same ones.
-        self.split_counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
         self.fixed_splits = None
         if deterministic_context_len is not None:
             self.fixed_splits = fixed_decode_splits(deterministic_context_len)
@@ -92,7 +84,7 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         decode_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
             layer.scaling, fb.attn_metadata, sliding_window=layer.sliding_window, sinks=layer.sinks,
-            split_tokens=self.fixed_splits[1] if self.fixed_splits else None, split_counters=self.split_counters,
+            split_tokens=self.fixed_splits[1] if self.fixed_splits else None,
         )
         return out
 
@@ -106,7 +98,6 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         decode_attention(
             q[:n], k_buf, v_buf, out[:n], table, fb.req_pool_indices[:n], fb.seq_lens[:n], layer.scaling,
             meta.decode_splits, sliding_window=layer.sliding_window, sinks=layer.sinks,
-            split_counters=self.split_counters,
         )
         extend_attention(
             q[n:], k_buf, v_buf, out[n:], table, meta.req_pool_indices, meta.prefix_lens, meta.extend_lens,
