@@ -200,6 +200,9 @@ class WeightFormat:
     # What --dtype auto means with this format (None: the device's usual dtype);
     # the int8 and int4 CPU kernels are fast in bfloat16.
     activation_dtype: Optional[torch.dtype] = None
+    # Block-scaled formats (layers/block_fp8.py): the (rows, cols) of a block
+    # sharing one scale; the weights are loaded quantized rather than quantized after.
+    block: Optional[Tuple[int, int]] = None
 
 
 def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
@@ -300,8 +303,10 @@ def unquantized(model: nn.Module) -> Iterator[None]:
              if isinstance(m, Linear) and m.weight_scale is not None]
     heads = [m for m in model.modules() if isinstance(m, LMHead) and m.weight_format is not None]
     for m, weight, scale in saved:
-        m.weight = nn.Parameter(m.weight_format.dequantize(weight, scale).to(m.unquantized_dtype),
-                                requires_grad=False)
+        dense = nn.Parameter(m.weight_format.dequantize(weight, scale).to(m.unquantized_dtype), requires_grad=False)
+        if hasattr(weight, "shard_slice"):  # a tensor-parallel shard: updates load this rank's slice
+            dense.shard_slice = weight.shard_slice
+        m.weight = dense
         m.weight_scale = None
     try:
         yield

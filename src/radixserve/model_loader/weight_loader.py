@@ -114,6 +114,22 @@ def get_weight(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, kind).data[offset:offset + size]
 
 
+def checkpoint_weight_owner(model: nn.Module, modules: Dict[str, nn.Module], name: str) -> Optional[nn.Module]:
+    """The module a checkpoint weight (Hugging Face name) loads into: its
+    merged projection for q/k/v or gate/up, its FusedMoE for an expert's, None
+    for an unknown name. `modules`: dict(model.named_modules())."""
+    name = _our_name(model, name)
+    expert = parse_expert_weight_name(name, model.EXPERT_PARAMS)
+    if expert is not None and expert.module in modules:
+        return modules[expert.module]
+    owner, _, proj = name.rpartition(".")[0].rpartition(".")
+    if proj in model.STACKED_PARAMS:
+        merged = modules.get(f"{owner}.{model.STACKED_PARAMS[proj][0]}")
+        if merged is not None:
+            return merged
+    return modules.get(name.rpartition(".")[0])
+
+
 def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
     """Names to fill: plain parameters, `name:shard` for each shard of a merged
     one, and `experts:index:shard.kind` for each expert of a FusedMoE."""
