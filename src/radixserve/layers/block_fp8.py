@@ -12,8 +12,8 @@ The product (`block_fp8_linear`), like `quantization.fp8_linear`:
 - CUDA, up to 16 rows: block_fp8_kernels' GEMM without activation quantization.
 - CUDA, more rows: the activations quantized per token and per B1 columns
   (one Triton kernel), then the block-scaled FP8 GEMM.
-- CPU: the same numerics in torch (activations quantized per group, the
-  weight dequantized for the call): a reference, not a fast path.
+- CPU: the weight dequantized for each call, the activations unquantized (the
+  weight-only path's numerics, in float32): a reference, not a fast path.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from radixserve.layers.quantization import FP8_DTYPE, FP8_MAX, ROUTER_NAMES, WeightFormat, quantize_per_row
+from radixserve.layers.quantization import FP8_DTYPE, FP8_MAX, ROUTER_NAMES, WeightFormat
 from radixserve.layers.sharding import ShardSlice, block_scale_slice, mark_sharded
 
 Block = Tuple[int, int]
@@ -70,26 +70,6 @@ def quantize_block_fp8(w: torch.Tensor, block: Block) -> Tuple[torch.Tensor, tor
     return q, scale
 
 
-def quantize_groups(x: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (E4M3 q [M, K], float32 scales [M, ceil(K/group)]): each
-    token's `group` columns quantized together (block_fp8_kernels.quantize_groups_fp8 in torch)."""
-    rows, cols = x.shape
-    groups = -(-cols // group)
-    padded = x.new_zeros(rows, groups * group, dtype=torch.float32)
-    padded[:, :cols] = x
-    q, scale = quantize_per_row(padded.view(rows * groups, group))
-    return q.view(rows, -1)[:, :cols], scale.view(rows, groups)
-
-
-def block_fp8_linear_torch(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                           block: Block) -> torch.Tensor:
-    """rows [M, K] times a block-FP8 weight -> float32 [M, N], in torch: the
-    activations quantized per group as on the GPU, both sides then widened."""
-    xq, x_scale = quantize_groups(rows, block[1])
-    x = dequantize_block_fp8(xq, x_scale, (1, block[1]))
-    return torch.nn.functional.linear(x, dequantize_block_fp8(weight, weight_scale, block))
-
-
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: Optional[torch.Tensor], block: Block) -> torch.Tensor:
     """x [..., K] (any float dtype) times an E4M3 weight [N, K] with block
@@ -108,9 +88,11 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
             xq, x_scale = block_fp8_kernels.quantize_groups_fp8(rows, block[1])
             out = block_fp8_kernels.block_fp8_matmul(xq, x_scale, weight, weight_scale, block, x.dtype, bias)
         return out.view(*shape[:-1], n)
-    out = block_fp8_linear_torch(rows, weight, weight_scale, block)
-    if bias is not None:
-        out = out + bias.float()
+    # The CPU: the weight dequantized for the call, the activations as they are
+    # (torch has no block-scaled FP8 GEMM here, so quantizing them would only
+    # add error), in float32: the CUDA weight-only path's numerics.
+    out = torch.nn.functional.linear(rows.float(), dequantize_block_fp8(weight, weight_scale, block),
+                                     None if bias is None else bias.float())
     return out.to(x.dtype).view(*shape[:-1], n)
 
 

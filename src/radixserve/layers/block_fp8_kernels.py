@@ -36,18 +36,20 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 @triton.jit
 def _quantize_groups_kernel(x_ptr, q_ptr, scale_ptr, x_stride, n_cols, n_groups,
-                            GROUP: tl.constexpr, SOFTWARE_ROUNDING: tl.constexpr):
+                            GROUP: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+                            SOFTWARE_ROUNDING: tl.constexpr):
+    # One row's GROUPS_PER_PROGRAM groups as a [groups, GROUP] tile: one max per group.
     row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1)
-    cols = group * GROUP + tl.arange(0, GROUP)
+    groups = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    cols = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0  # E4M3's largest value
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12) / 448.0  # E4M3's largest value
+    q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
     if SOFTWARE_ROUNDING:
         q = round_to_e4m3(q)
     tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row * n_groups + group, scale)
+    tl.store(scale_ptr + row * n_groups + groups, scale, mask=groups < n_groups)
 
 
 def check_group(group: int) -> None:
@@ -60,7 +62,7 @@ def check_group(group: int) -> None:
 def quantize_groups_fp8(x: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (E4M3 q [M, K], float32 scales [M, ceil(K / group)]) with
     x[m, k] ~= q[m, k] * scale[m, k // group]; each group's largest magnitude
-    maps to 448 (as `block_fp8.quantize_groups` in torch)."""
+    maps to 448 (DeepSeek's activation quantization)."""
     check_group(group)
     rows, cols = x.shape
     groups = triton.cdiv(cols, group)
@@ -69,8 +71,10 @@ def quantize_groups_fp8(x: torch.Tensor, group: int) -> Tuple[torch.Tensor, torc
     if rows and x.stride(-1) != 1:
         x = x.contiguous()
     if rows:
-        _quantize_groups_kernel[(rows, groups)](x, q, scale, x.stride(0), cols, groups, GROUP=group,
-                                                SOFTWARE_ROUNDING=INTERPRETED, num_warps=1 if group <= 128 else 4)
+        per_program = min(triton.next_power_of_2(groups), max(1, 2048 // group))  # up to 2,048 values
+        _quantize_groups_kernel[(rows, triton.cdiv(groups, per_program))](
+            x, q, scale, x.stride(0), cols, groups, GROUP=group, GROUPS_PER_PROGRAM=per_program,
+            SOFTWARE_ROUNDING=INTERPRETED, num_warps=4)
     return q, scale
 
 
