@@ -1,7 +1,9 @@
 """Block-scaled FP8 (DeepSeek's checkpoints kept in FP8): the Triton kernels
 against the dequantized product x @ dequantize_block_fp8(w, s).T, at ragged
 shapes and small blocks on the CPU (Triton's interpreter), and at DeepSeek-V3's
-sizes on a GPU; how a tensor-parallel shard cuts the block scales."""
+sizes on a GPU; the fused MoE kernel with block-FP8 experts against the torch
+experts on the dequantized weights; how a tensor-parallel shard cuts the block
+scales."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import torch
 
 from radixserve.layers import block_fp8_kernels, gemv
 from radixserve.layers.block_fp8 import block_fp8_linear, dequantize_block_fp8, quantize_block_fp8
+from radixserve.layers.moe.activation import ExpertActivation, apply_activation
+from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
+from radixserve.layers.moe.layer import ExpertBlockScales
+from radixserve.layers.moe.torch_experts import fused_experts_torch
 from radixserve.layers.quantization import FP8_DTYPE, quantize_per_row
 from radixserve.layers.sharding import ShardSlice, block_scale_slice
 
@@ -117,13 +123,76 @@ def test_a_shard_cuts_the_block_scales_on_block_boundaries():
         block_scale_slice(ShardSlice(0, 0, 100, 200), 128, "w")
 
 
+def quantized_then_dequantized(x: torch.Tensor, group: int) -> torch.Tensor:
+    """The values the FP8 GEMM sees for activations x: each token's groups through E4M3."""
+    q, scale = quantize_groups_reference(x, group)
+    return dequantize_block_fp8(q, scale, (1, group))
+
+
+def block_fp8_experts(num_experts: int, hidden: int, inter: int, block, seed: int, device: str = "cpu"):
+    """(E4M3 w13, w2, their ExpertBlockScales, the dequantized w13, w2) on `device`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g, device=device) / hidden ** 0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g, device=device) / inter ** 0.5
+    (q13, s13), (q2, s2) = quantize_block_fp8(w13, block), quantize_block_fp8(w2, block)
+    return q13, q2, ExpertBlockScales(s13, s2, block), dequantize_block_fp8(q13, s13, block), \
+        dequantize_block_fp8(q2, s2, block)
+
+
+def experts_with_quantized_inputs(x, w13, w2, weights, ids, group: int) -> torch.Tensor:
+    """Each token's experts with both GEMMs' inputs through E4M3 per group, per (token, choice)."""
+    out = torch.zeros(x.shape)
+    for t in range(x.shape[0]):
+        for weight, e in zip(weights[t].tolist(), ids[t].tolist()):
+            gate_up = quantized_then_dequantized(x[t:t + 1], group) @ w13[e].T
+            act = apply_activation(gate_up, ExpertActivation("silu"))
+            out[t] += weight * (quantized_then_dequantized(act, group) @ w2[e].T)[0]
+    return out
+
+
+# 5 tokens: a decode's, activations unquantized; 20: quantized per token and group
+@pytest.mark.parametrize("tokens", [5, 20])
+def test_fused_moe_with_block_fp8_experts(tokens):
+    block, num_experts, hidden, inter, top_k = (16, 16), 4, 48, 40, 2  # 40: down's K ends in a partial group
+    q13, q2, scales, w13, w2 = block_fp8_experts(num_experts, hidden, inter, block, seed=tokens)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(tokens)]).int()
+    weights = torch.rand(tokens, top_k, generator=g)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out = fused_experts_triton(dev(x), dev(q13), dev(q2), dev(weights), dev(ids), ExpertActivation("silu"),
+                               block_scales=ExpertBlockScales(dev(scales.w13), dev(scales.w2), block)).cpu()
+    unquantized = fused_experts_torch(x, w13, w2, weights, ids, ExpertActivation("silu"))
+    if tokens <= 16:
+        assert rel(out, unquantized) < 1e-5
+    else:
+        assert rel(out, experts_with_quantized_inputs(x, w13, w2, weights, ids, block[1])) < 1e-5
+        assert rel(out, unquantized) < 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("tokens", [1, 16, 300])
+def test_deepseek_v3_experts_on_gpu(tokens):
+    """8 of DeepSeek-V3's experts (hidden 7,168, intermediate 2,048), 4 chosen per token."""
+    block, num_experts, hidden, inter, top_k = (128, 128), 8, 7168, 2048, 4
+    q13, q2, scales, w13, w2 = block_fp8_experts(num_experts, hidden, inter, block, seed=tokens, device="cuda")
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)]).int().cuda()
+    weights = torch.rand(tokens, top_k, device="cuda")
+    out = fused_experts_triton(x, q13, q2, weights, ids, ExpertActivation("silu"), block_scales=scales)
+    ref = fused_experts_torch(x.float(), w13, w2, weights, ids, ExpertActivation("silu"))
+    assert out.dtype == torch.bfloat16
+    assert rel(out, ref) < (2e-2 if tokens <= 16 else 0.08)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("n,k", [(2048, 7168), (7168, 2048), (24576, 1536), (576, 7168)])
 @pytest.mark.parametrize("rows", [1, 16, 300])  # the GEMV, the weight-only GEMM, the FP8 GEMM
 def test_deepseek_v3_sizes_on_gpu(n, k, rows):
     block = (128, 128)
-    wq, ws = (t.cuda() for t in block_weight(n, k, block, seed=rows))
+    wq, ws = (t.cuda() for t in block_weight(n, k, block, seed=rows))  # (at most 176 MB in float32)
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     w = dequantize_block_fp8(wq, ws, block)
     out = block_fp8_linear(x, wq, ws, None, block)

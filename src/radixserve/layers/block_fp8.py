@@ -4,8 +4,9 @@ A weight W [N, K] is float8 E4M3 with one float32 scale per B0 x B1 block,
 [ceil(N/B0), ceil(K/B1)] (the last block of an axis partial when its size is
 not a multiple): W = q * scale[n // B0, k // B1]. The checkpoint's values and
 scales are loaded as they are (no dequantization, no requantization):
-`prepare_block_fp8_linears` turns the model's Linears into FP8 parameters with
-a `weight_scale` parameter before the weights stream in.
+`prepare_block_fp8` turns the model's Linears into FP8 parameters with a
+`weight_scale` parameter, and its FusedMoE experts into FP8 w13/w2 with
+`w13_scale`/`w2_scale`, before the weights stream in.
 
 The product (`block_fp8_linear`), like `quantization.fp8_linear`:
 - CUDA, one row: layers/gemv.py, the weight widened with its block scales.
@@ -19,7 +20,8 @@ The product (`block_fp8_linear`), like `quantization.fp8_linear`:
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Optional, Tuple
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,14 +60,15 @@ def dequantize_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block: Block
 
 
 def quantize_block_fp8(w: torch.Tensor, block: Block) -> Tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (E4M3 q [N, K], float32 scales [ceil(N/B0), ceil(K/B1)]),
-    each block's largest magnitude mapped to 448 (how DeepSeek's are made)."""
-    rows, cols = w.shape
+    """w [..., N, K] -> (E4M3 q [..., N, K], float32 scales [..., ceil(N/B0),
+    ceil(K/B1)]), each block's largest magnitude mapped to 448 (how DeepSeek's
+    are made)."""
+    *lead, rows, cols = w.shape
     grid = scale_grid((rows, cols), block)
-    padded = w.new_zeros(grid[0] * block[0], grid[1] * block[1], dtype=torch.float32)
-    padded[:rows, :cols] = w
-    tiles = padded.view(grid[0], block[0], grid[1], block[1])
-    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    padded = w.new_zeros(*lead, grid[0] * block[0], grid[1] * block[1], dtype=torch.float32)
+    padded[..., :rows, :cols] = w
+    tiles = padded.view(*lead, grid[0], block[0], grid[1], block[1])
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / FP8_MAX
     q = (w.float() / _expand_scales(scale, (rows, cols), block)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -110,40 +113,74 @@ def block_fp8_format(block: Block) -> WeightFormat:
     )
 
 
-def is_block_fp8_linear(module: Optional[nn.Module]) -> bool:
-    """Whether `module` is a Linear holding block-FP8 weights now (not inside `unquantized`)."""
+def holds_block_fp8(module: Optional[nn.Module]) -> bool:
+    """Whether `module` (a Linear or a FusedMoE) holds block-FP8 weights now,
+    not the dequantized copies of `quantization.unquantized`."""
     fmt = getattr(module, "weight_format", None)
-    return fmt is not None and fmt.block is not None and getattr(module, "weight_scale", None) is not None
+    if fmt is not None and fmt.block is not None and getattr(module, "weight_scale", None) is not None:
+        return True
+    return getattr(module, "w13_scale", None) is not None
 
 
-def prepare_block_fp8_linears(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = ()) -> int:
+def _fp8_parameter(like: torch.Tensor, shard: Optional[ShardSlice]) -> nn.Parameter:
+    empty = torch.empty(like.shape, dtype=FP8_DTYPE, device=like.device)
+    return mark_sharded(nn.Parameter(empty, requires_grad=False), shard)
+
+
+def _scale_parameter(shape: Tuple[int, ...], device: torch.device, shard: Optional[ShardSlice]) -> nn.Parameter:
+    empty = torch.empty(shape, dtype=torch.float32, device=device)
+    return mark_sharded(nn.Parameter(empty, requires_grad=False), shard)
+
+
+def prepare_block_fp8(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = ()) -> int:
     """Before loading: every Linear of the model, except routers and the names
     in `skip` (weights the model reads itself), gets an empty E4M3 weight and a
     float32 `weight_scale` parameter of its block grid, for the checkpoint's
-    values to be copied into. Under tensor parallelism a shard must start on
-    a block boundary (ValueError naming the layer otherwise). Returns how many."""
+    values to be copied into; every FusedMoE the same for w13 and w2
+    (`w13_scale`, `w2_scale`). Under tensor parallelism a shard must start on
+    a block boundary (ValueError naming the layer otherwise). Returns how many
+    modules were prepared."""
     from radixserve.layers.linear import Linear, MergedLinear
+    from radixserve.layers.moe.layer import FusedMoE
 
     keep = set(ROUTER_NAMES) | set(skip)
     count = 0
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or name.rsplit(".", 1)[-1] in keep:
+        if isinstance(module, FusedMoE):
+            _prepare_experts(module, fmt.block, name)
+        elif isinstance(module, Linear) and name.rsplit(".", 1)[-1] not in keep:
+            weight = module.weight
+            shard: Optional[ShardSlice] = getattr(weight, "shard_slice", None)
+            where = f"{name} (weight {tuple(weight.shape)}, blocks {fmt.block})"
+            if isinstance(module, MergedLinear):
+                check_merged_parts(module, fmt.block[0], where)
+            scale_shard = None if shard is None else block_scale_slice(shard, fmt.block[shard.dim], where)
+            module.unquantized_dtype = weight.dtype
+            module.weight = _fp8_parameter(weight, shard)
+            module.weight_scale = _scale_parameter(scale_grid(tuple(weight.shape), fmt.block), weight.device,
+                                                   scale_shard)
+            module.weight_format = fmt
+        else:
             continue
-        weight = module.weight
-        shard: Optional[ShardSlice] = getattr(weight, "shard_slice", None)
-        where = f"{name} (weight {tuple(weight.shape)}, blocks {fmt.block})"
-        if isinstance(module, MergedLinear):
-            check_merged_parts(module, fmt.block[0], where)
-        module.unquantized_dtype = weight.dtype
-        module.weight = mark_sharded(nn.Parameter(torch.empty(weight.shape, dtype=FP8_DTYPE, device=weight.device),
-                                                  requires_grad=False), shard)
-        scale = nn.Parameter(torch.empty(scale_grid(tuple(weight.shape), fmt.block), dtype=torch.float32,
-                                         device=weight.device), requires_grad=False)
-        scale_shard = None if shard is None else block_scale_slice(shard, fmt.block[shard.dim], where)
-        module.weight_scale = mark_sharded(scale, scale_shard)
-        module.weight_format = fmt
         count += 1
     return count
+
+
+def _prepare_experts(experts: nn.Module, block: Block, name: str) -> None:
+    """A FusedMoE's w13 [E, 2I, H] and w2 [E, H, I] as E4M3 with block scales.
+    gate's and up's rows must each be whole blocks, on every moe-tp rank."""
+    inter, full = experts.intermediate_size, experts.full_intermediate_size
+    where = f"{name} (intermediate size {full}, {inter} on this rank, blocks {block})"
+    if inter % block[0]:
+        raise ValueError(f"{where}: gate's and up's rows are not whole {block[0]}-row blocks")
+    block_scale_slice(ShardSlice(1, experts.inter_start, inter, full), block[1], where)  # down's columns
+    experts.unquantized_dtype = experts.w13.dtype
+    experts.weight_block = block
+    for attr in ("w13", "w2"):
+        weight = getattr(experts, attr)
+        setattr(experts, attr, _fp8_parameter(weight, None))
+        shape = (weight.shape[0], *scale_grid(tuple(weight.shape[1:]), block))
+        setattr(experts, attr + "_scale", _scale_parameter(shape, weight.device, None))
 
 
 def check_merged_parts(module: nn.Module, block_rows: int, where: str) -> None:
@@ -156,3 +193,25 @@ def check_merged_parts(module: nn.Module, block_rows: int, where: str) -> None:
             raise ValueError(f"{where}: part {part!r} has {size} rows, not a multiple of the "
                              f"{block_rows}-row block, so its blocks would mix with the next part's")
         block_scale_slice(module.shard_sources[part], block_rows, f"{where} part {part!r}")
+
+
+@contextmanager
+def unquantized_experts(model: nn.Module) -> Iterator[None]:
+    """`quantization.unquantized` for block-FP8 experts: w13/w2 dequantized to
+    the model's dtype for the duration (their scales set to None), quantized
+    per block back into the same tensors after."""
+    experts = [m for m in model.modules() if getattr(m, "w13_scale", None) is not None]
+    saved = [(m, attr, getattr(m, attr), getattr(m, attr + "_scale")) for m in experts for attr in ("w13", "w2")]
+    for m, attr, weight, scale in saved:
+        dense = dequantize_block_fp8(weight, scale, m.weight_block).to(m.unquantized_dtype)
+        setattr(m, attr, nn.Parameter(dense, requires_grad=False))
+        setattr(m, attr + "_scale", None)
+    try:
+        yield
+    finally:
+        for m, attr, weight, scale in saved:
+            q, new_scale = quantize_block_fp8(getattr(m, attr).data, m.weight_block)
+            weight.data.copy_(q)
+            scale.data.copy_(new_scale)
+            setattr(m, attr, weight)
+            setattr(m, attr + "_scale", scale)

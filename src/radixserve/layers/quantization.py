@@ -295,7 +295,8 @@ def unquantized(model: nn.Module) -> Iterator[None]:
     head's quantized copy is refreshed from its weight. A row whose values did
     not change comes back to the same quantized values and scale, so a partial
     update (q of q|k|v) leaves the other rows exact. Holds both copies of those
-    weights meanwhile."""
+    weights meanwhile. Block-FP8 experts too (block_fp8.unquantized_experts)."""
+    from radixserve.layers.block_fp8 import unquantized_experts
     from radixserve.layers.embedding import LMHead
     from radixserve.layers.linear import Linear
 
@@ -309,7 +310,8 @@ def unquantized(model: nn.Module) -> Iterator[None]:
         m.weight = dense
         m.weight_scale = None
     try:
-        yield
+        with unquantized_experts(model):
+            yield
     finally:
         for m, weight, scale in saved:
             q, new_scale = m.weight_format.quantize(m.weight.data)

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from radixserve.distributed import get_tp_group
-from radixserve.layers.block_fp8 import is_block_fp8_linear, prepare_block_fp8_linears
+from radixserve.layers.block_fp8 import holds_block_fp8, prepare_block_fp8
 from radixserve.layers.quantization import WeightFormat
 from radixserve.model_loader.fp8 import BlockFP8Weights, checkpoint_block_fp8_size, dequantize_fp8_if_quantized
 from radixserve.model_loader.gguf_weights import GGUFWeights
@@ -44,9 +44,9 @@ def open_weights(source: ModelSource, keep_fp8: Callable[[str], bool] = lambda n
 
 
 def block_fp8_weights_of(model: nn.Module) -> Callable[[str], bool]:
-    """Whether a checkpoint weight loads into one of the model's block-FP8 Linears."""
+    """Whether a checkpoint weight loads into one of the model's block-FP8 Linears or experts."""
     modules = dict(model.named_modules())
-    return lambda name: is_block_fp8_linear(checkpoint_weight_owner(model, modules, name))
+    return lambda name: holds_block_fp8(checkpoint_weight_owner(model, modules, name))
 
 
 def checkpoint_quantization_config(folder: Path) -> Optional[dict]:
@@ -82,7 +82,7 @@ def load_model(
     if not with_lm_head:
         model.lm_head = None
     if block_fp8 is not None:
-        prepare_block_fp8_linears(model, block_fp8, skip=getattr(model, "UNQUANTIZED_LINEARS", ()))
+        prepare_block_fp8(model, block_fp8, skip=getattr(model, "UNQUANTIZED_LINEARS", ()))
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -41,7 +41,8 @@ from radixserve.model_loader.fused_experts import fused_expert_weight, match_fus
 # Buffers some checkpoints carry that we recompute.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-_EXPERT_WEIGHT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)$")
+_EXPERT_WEIGHT = re.compile(
+    r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias|weight_scale)$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 WeightStream = Iterable[Tuple[str, torch.Tensor]]
@@ -54,7 +55,7 @@ class ExpertWeightName:
     module: str  # the FusedMoE module: model.layers.3.mlp.experts
     expert: int
     shard: str  # gate | up | down
-    kind: str  # weight | bias
+    kind: str  # weight | bias | weight_scale (a block-FP8 expert's scales)
 
 
 def parse_expert_weight_name(name: str, expert_params: Dict[str, str]) -> Optional[ExpertWeightName]:
@@ -139,7 +140,7 @@ def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Modu
         owner = modules[owner_name]
         if isinstance(owner, FusedMoE):
             shards = ("down",) if param_name.startswith("w2") else ("gate", "up")
-            kind = "bias" if param_name.endswith("bias") else "weight"
+            kind = {"bias": "bias", "scale": "weight_scale"}.get(param_name.rpartition("_")[2], "weight")
             expected.update(
                 f"{owner_name}:{e}:{shard}.{kind}" for e in owner.local_expert_ids() for shard in shards
             )
