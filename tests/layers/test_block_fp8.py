@@ -104,6 +104,10 @@ def test_block_matmul_bfloat16_and_gemv_with_block_scales():
     # one row: the GEMV reads each weight row with its block's scales
     one = gemv.gemv(x[:1].to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), None, scale_block=block)
     assert rel(one.cpu(), x[:1] @ w.T) < 1e-5
+    # and with the MLP's SiLU fused in (x = [gate | up], the down projection's input)
+    gate_up = torch.cat([x[1:2], x[2:3]], dim=-1)
+    one = gemv.gemv(gate_up.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), None, silu_gated=True, scale_block=block)
+    assert rel(one.cpu(), (torch.nn.functional.silu(x[1:2]) * x[2:3]) @ w.T) < 1e-5
 
 
 def test_wrong_scale_shapes_are_refused():

@@ -68,16 +68,17 @@ class Linear(nn.Module):
 
     def _gemv(self, x: torch.Tensor, bias: Optional[torch.Tensor], silu_gated: bool = False) -> Optional[torch.Tensor]:
         """A batch-1 decode step's product through layers/gemv.py, where it
-        applies (one row on CUDA; an FP8 weight, or an unquantized one small
-        enough to beat cuBLAS), else None."""
+        applies (one row on CUDA; an FP8 weight, per-channel or block-scaled, or
+        an unquantized one small enough to beat cuBLAS), else None."""
         if self.batch_invariant or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1):
             return None
         from radixserve.layers import gemv  # Triton: imported where it runs
 
         if self.weight_scale is not None:
-            if self.weight_format.name != "fp8":
+            fmt = self.weight_format  # FP8 with per-channel or (a block-FP8 checkpoint's) block scales
+            if fmt.name != "fp8" and fmt.block is None:
                 return None
-            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated)
+            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated, scale_block=fmt.block)
         if not gemv.prefer_over_cublas(self.weight):
             return None
         return gemv.gemv(x, self.weight, None, bias, silu_gated=silu_gated)
