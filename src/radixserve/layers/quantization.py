@@ -20,6 +20,10 @@ fewer bytes with one scale per output channel (w ~= q * scale[row]).
 
 Under tensor parallelism each rank quantizes its own shard (a row-parallel
 shard's per-channel scales are its own; the all-reduce adds the partial sums).
+
+A block-scaled FP8 checkpoint (DeepSeek-V3's) is not quantized here: its
+format (layers/block_fp8.py, `WeightFormat.block`) is the checkpoint's own,
+loaded as stored.
 """
 
 from __future__ import annotations

@@ -7,15 +7,18 @@ for DeepSeek), the last block of an axis partial when its size is not a
 multiple. W = fp8 value * its block's scale. Everything else (norms, router,
 embeddings) is stored unquantized and passes through.
 
-What stays FP8: the weights of the model's Linears when the runner serves the
-checkpoint in FP8 (on CUDA by default, on the CPU with --quantization fp8;
-layers/block_fp8.py): they pass through as they are, their scale renamed to
-the Linear's `<name>.weight_scale`. Every other FP8 weight is dequantized here
-to float32 (the model casts it to its dtype): the MoE experts (FusedMoE's
-w13/w2; the fused MoE kernel has no block-FP8 path yet), the linears a model
-reads directly rather than through Linear.forward (its UNQUANTIZED_LINEARS:
-DeepSeek's kv_b_proj, which absorbed MLA attention splits and multiplies
-itself), and everything on a runner that serves the checkpoint dequantized.
+What stays FP8, when the runner serves the checkpoint in FP8 (on CUDA by
+default, on the CPU with --quantization fp8; layers/block_fp8.py): the weights
+of the model's Linears and of its routed experts (FusedMoE). They pass through
+as they are, each scale renamed `<name>_scale` (a Linear's `weight_scale`, an
+expert's shard of `w13_scale`/`w2_scale`). Every other FP8 weight is
+dequantized here to float32 (the model casts it to its dtype): the linears a
+model reads directly rather than through Linear.forward (its
+UNQUANTIZED_LINEARS: DeepSeek's kv_b_proj, which absorbed MLA attention splits
+and multiplies itself), and everything on a runner that serves the checkpoint
+dequantized (and in a weight update, which loads into dequantized copies).
+Layers the model skips (DeepSeek-V3's multi-token-prediction layer) pass
+through undequantized, to be dropped.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from radixserve.model_loader.gguf_weights import GGUFWeights
 from radixserve.model_loader.hf_weights import HFWeights
 from radixserve.model_loader.mxfp4 import Mxfp4Weights, is_mxfp4
 from radixserve.model_loader.source import ModelSource
-from radixserve.model_loader.weight_loader import checkpoint_weight_owner, load_weights
+from radixserve.model_loader.weight_loader import checkpoint_weight_owner, is_extra_layer, load_weights
 from radixserve.models.registry import get_model_class
 
 LOAD_FORMATS = ("auto", "dummy")
@@ -44,9 +44,11 @@ def open_weights(source: ModelSource, keep_fp8: Callable[[str], bool] = lambda n
 
 
 def block_fp8_weights_of(model: nn.Module) -> Callable[[str], bool]:
-    """Whether a checkpoint weight loads into one of the model's block-FP8 Linears or experts."""
+    """Whether a checkpoint weight loads into one of the model's block-FP8
+    Linears or experts, or is skipped (not worth dequantizing: DeepSeek-V3's
+    multi-token-prediction layer is a whole MoE layer)."""
     modules = dict(model.named_modules())
-    return lambda name: holds_block_fp8(checkpoint_weight_owner(model, modules, name))
+    return lambda name: is_extra_layer(model, name) or holds_block_fp8(checkpoint_weight_owner(model, modules, name))
 
 
 def checkpoint_quantization_config(folder: Path) -> Optional[dict]:

@@ -154,7 +154,6 @@ def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Modu
 def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tuple[str, torch.Tensor]]:
     """The stream under our names: extra layers dropped, fused experts split,
     renames applied, recomputed buffers and a tied head skipped."""
-    num_layers = model.config.num_hidden_layers if getattr(model, "CHECKPOINT_EXTRA_LAYERS", False) else None
     if getattr(model, "CHECKPOINT_FUSED_EXPERTS", False):
         weights = split_fused_experts(weights)
     tied = getattr(model, "tied", False)
@@ -162,7 +161,7 @@ def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tupl
     for name, tensor in weights:
         if headless and not name.startswith(("model.", "lm_head.")):
             name = "model." + name  # saved from the bare decoder (Qwen3-Embedding): no "model." prefix
-        if num_layers is not None and _layer_index(name, default=-1) >= num_layers:
+        if is_extra_layer(model, name):
             continue
         name = _our_name(model, name)
         if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied and name == "lm_head.weight") \
@@ -197,6 +196,14 @@ def _our_name(model: nn.Module, checkpoint_name: str) -> str:
     for theirs, ours in getattr(model, "CHECKPOINT_RENAMES", ()):
         checkpoint_name = checkpoint_name.replace(theirs, ours)
     return checkpoint_name
+
+
+def is_extra_layer(model: nn.Module, checkpoint_name: str) -> bool:
+    """A weight of a layer past config.num_hidden_layers that the model skips
+    (CHECKPOINT_EXTRA_LAYERS: DeepSeek-V3's multi-token-prediction layer)."""
+    if not getattr(model, "CHECKPOINT_EXTRA_LAYERS", False):
+        return False
+    return _layer_index(checkpoint_name, default=-1) >= model.config.num_hidden_layers
 
 
 def _layer_index(name: str, default: int) -> int:

@@ -297,6 +297,7 @@ def _gemm_input(a: torch.Tensor, weight_scale: Optional[torch.Tensor], block: Op
     columns (a decode step is bound by reading the weights: a stays unquantized)."""
     if weight_scale is None:
         return a, None
+    block_fp8_kernels.check_group(block[1])  # (the K step is one group)
     if num_tokens <= WEIGHT_ONLY_MAX_ROWS:
         return a, GemmScales(weight_scale, block)
     aq, a_scale = block_fp8_kernels.quantize_groups_fp8(a, block[1])
