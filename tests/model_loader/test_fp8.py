@@ -198,3 +198,19 @@ def test_fp8_checkpoint_served_in_fp8(fp8_checkpoint):
     runner.update_weights_from_disk(str(fp8_dir))
     assert torch.equal(params[o_proj].view(torch.uint8), before.view(torch.uint8))
     assert ((logits(runner) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_dummy_weights_of_a_block_fp8_config_stay_fp8(fp8_checkpoint):
+    """--load-format dummy (benchmarking DeepSeek-V3's shapes without its
+    files): E4M3 values over their whole range, small positive block scales."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    runner = ModelRunner(ServerArgs(model_path=str(fp8_checkpoint[0]), device="cpu", max_total_tokens=512,
+                                    quantization="fp8", load_format="dummy"))
+    params = dict(runner.model.named_parameters())
+    for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.experts.w13"):
+        weight = params[name + (".weight" if "proj" in name else "")]
+        scale = params[name + (".weight_scale" if "proj" in name else "_scale")]
+        assert weight.dtype == torch.float8_e4m3fn and weight.float().abs().max() > 100
+        assert (scale > 0).all() and (scale < 1e-3).all()

@@ -123,7 +123,7 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
         if param.dtype == torch.float8_e4m3fn:  # block FP8: values of the E4M3 range, scaled down below
             param.copy_(torch.empty(param.shape, device=param.device).uniform_(-448, 448, generator=gen))
-        elif name.endswith("weight_scale"):
+        elif name.endswith("_scale"):  # their block scales (weight_scale, w13_scale, w2_scale)
             param.fill_(1e-3 / 448)
         else:
             param.uniform_(-1e-3, 1e-3, generator=gen)
