@@ -214,3 +214,31 @@ def test_dummy_weights_of_a_block_fp8_config_stay_fp8(fp8_checkpoint):
         scale = params[name + (".weight_scale" if "proj" in name else "_scale")]
         assert weight.dtype == torch.float8_e4m3fn and weight.float().abs().max() > 100
         assert (scale > 0).all() and (scale < 1e-3).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_checkpoint_kept_in_fp8_on_gpu(fp8_checkpoint):
+    """On CUDA a block-FP8 checkpoint stays FP8 by default. Decode-sized
+    forwards (up to 16 rows: activations unquantized, the GEMV for one row)
+    compute the dequantized model's logits; a 23-token prefill, whose
+    activations go through E4M3, stays close and picks mostly the same tokens."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+    from tests.models.deepseek_tiny import teacher_forced_logits
+
+    fp8_dir, ref_dir = fp8_checkpoint
+    common = dict(device="cuda", dtype="float32", max_total_tokens=512, disable_cuda_graph=True)
+    runner = ModelRunner(ServerArgs(model_path=str(fp8_dir), **common))
+    reference = ModelRunner(ServerArgs(model_path=str(ref_dir), **common))
+    assert runner.model.model.layers[1].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(4)
+    small = [torch.randint(10, 256, (12,), generator=g).tolist()]  # 4 rows, 6, then one (the GEMV) twice
+    ours = torch.cat(teacher_forced_logits(runner, small, chunks=[4, 6], decode_steps=2))
+    ref = torch.cat(teacher_forced_logits(reference, small, chunks=[4, 6], decode_steps=2))
+    assert ((ours - ref).norm() / ref.norm()) < 1e-4
+    prompt = [torch.randint(10, 256, (23,), generator=g).tolist()]
+    ours = teacher_forced_logits(runner, prompt, chunks=[23], decode_steps=0)[0]
+    ref = teacher_forced_logits(reference, prompt, chunks=[23], decode_steps=0)[0]
+    assert ((ours - ref).norm() / ref.norm()) < 0.3
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.7

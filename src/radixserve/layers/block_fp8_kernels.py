@@ -32,6 +32,9 @@ from radixserve.layers.fp8_kernels import round_to_e4m3
 from radixserve.layers.triton_utils import INTERPRETED, MIN_DOT, dot, exact_dot
 
 FP8_DTYPE = torch.float8_e4m3fn
+# An FP8 tl.dot takes K steps of at least 32 on the GPU; smaller column blocks
+# (the tests' 16) multiply in float32 instead (`dot`'s IEEE flag).
+MIN_FP8_DOT_K = 32
 
 
 @triton.jit
@@ -159,7 +162,7 @@ def block_fp8_matmul(x: torch.Tensor, x_scale: Optional[torch.Tensor], weight: t
         bias if bias is not None else weight_scale, out,
         rows, n, k, x.stride(0), out.stride(0), grid_shape[1],
         QUANTIZED_X=x_scale is not None, HAS_BIAS=bias is not None,
-        IEEE=INTERPRETED or (x_scale is None and exact_dot(x.dtype)),
+        IEEE=exact_dot(x.dtype) or (x_scale is not None and block[1] < MIN_FP8_DOT_K),
         GROUP_N=block[0], GROUP_K=block[1], BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

@@ -272,7 +272,8 @@ def _grouped_gemm(
     # A block-scaled weight steps through K one scale group at a time.
     block_k = min(config.block_k, dot_block(k_dim)) if scales is None else scales.block[1]
     w_scale = scales.weight.contiguous() if scales is not None else w
-    a_scale = scales.activations if scales is not None and scales.activations is not None else w_scale
+    quantized_a = scales is not None and scales.activations is not None
+    a_scale = scales.activations if quantized_a else w_scale
     grid = (aligned.block_expert_ids.numel(), triton.cdiv(n_out, block_n))
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, out,
@@ -283,9 +284,9 @@ def _grouped_gemm(
         bias.stride(0) if bias is not None else 0, out.stride(0), w_scale.stride(0),
         PAIRS_PER_A_ROW=pairs_per_a_row, HAS_BIAS=bias is not None, WEIGHTED=routing_weights is not None,
         BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=exact_dot(a.dtype),
+        IEEE=exact_dot(a.dtype) or (quantized_a and block_k < block_fp8_kernels.MIN_FP8_DOT_K),
         SCALE_BLOCK_N=scales.block[0] if scales is not None else 0,
-        QUANTIZED_A=scales is not None and scales.activations is not None,
+        QUANTIZED_A=quantized_a,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
