@@ -4,18 +4,21 @@ token: an expert-parallel rank's share), at a decode's and a prefill's row
 counts, timed inside a CUDA graph, with the weight bytes per second reached
 and the error against the dequantized weight's product.
 
-    python bench/block_fp8_bench.py [--rows 1,16,64,300,2048] [--out block_fp8.json]
+    python bench/block_fp8_bench.py [--rows 1,16,64,300,2048] [--out block_fp8.json] [--sweep]
 
 Ways: bf16 (F.linear, cuBLAS, on the dequantized weight in bfloat16) and
 block-fp8 (layers/block_fp8.block_fp8_linear: the GEMV for one row, the
 weight-only GEMM up to 16 rows, activation quantization + the FP8 GEMM above);
 for the experts, the fused MoE kernel on bfloat16 and on block-FP8 weights.
-Prints one table; about 30 s on an H200.
+Prints one table; about 30 s on an H200. --sweep then times every tile
+configuration of the GEMM (block_fp8_kernels.BlockGemmTiles) for each linear
+at each row count above one and prints the best (minutes: each one compiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -25,7 +28,10 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from radixserve.layers.block_fp8 import block_fp8_linear, dequantize_block_fp8, quantize_block_fp8  # noqa: E402
+from radixserve.layers import block_fp8_kernels  # noqa: E402
+from radixserve.layers.block_fp8 import (  # noqa: E402
+    WEIGHT_ONLY_MAX_ROWS, block_fp8_linear, dequantize_block_fp8, quantize_block_fp8,
+)
 from radixserve.layers.moe.activation import ExpertActivation  # noqa: E402
 from radixserve.layers.moe.fused_moe_triton import fused_experts_triton  # noqa: E402
 from radixserve.layers.moe.layer import ExpertBlockScales  # noqa: E402
@@ -65,6 +71,27 @@ def bench_linear(name: str, n: int, k: int, rows_list) -> list:
     return results
 
 
+def sweep_tiles(n: int, k: int, rows: int) -> tuple:
+    """(microseconds, tiles) of the fastest GEMM tiles for rows x [n, k], as block_fp8_linear calls it."""
+    w = torch.randn(n, k, device="cuda") / k ** 0.5
+    wq, ws = quantize_block_fp8(w, BLOCK)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    xq, xs = (x, None) if rows <= WEIGHT_ONLY_MAX_ROWS else block_fp8_kernels.quantize_groups_fp8(x, BLOCK[1])
+    best = (float("inf"), None)
+    for bm, bn, (warps, stages) in itertools.product([16, 32, 64, 128], [16, 32, 64, 128],
+                                                      [(4, 3), (4, 4), (8, 3)]):
+        if bm > 16 and rows <= WEIGHT_ONLY_MAX_ROWS:
+            continue
+        tiles = block_fp8_kernels.BlockGemmTiles(bm, bn, warps, stages)
+        try:
+            us = graph_time_us(lambda: block_fp8_kernels.block_fp8_matmul(xq, xs, wq, ws, BLOCK, x.dtype, None, tiles))
+        except Exception as exc:  # a tile too large for shared memory
+            print(f"  {tiles}: {type(exc).__name__}")
+            continue
+        best = min(best, (us, tiles), key=lambda r: r[0])
+    return best
+
+
 def bench_experts(rows_list) -> list:
     w13 = torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda") / HIDDEN ** 0.5
     w2 = torch.randn(EXPERTS, HIDDEN, INTER, device="cuda") / INTER ** 0.5
@@ -94,6 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,16,64,300,2048")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="then sweep the GEMM's tiles per shape")
     args = parser.parse_args()
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
@@ -107,6 +135,12 @@ def main() -> None:
               f"{r['bf16_us'] / r['fp8_us']:>7.2f}x {r['fp8_weight_gbs']:>9.0f} {r['rel_err']:>8.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.sweep:
+        print("best GEMM tiles (default: block_fp8_kernels.block_gemm_tiles)")
+        for (name, n, k), rows in itertools.product(DEEPSEEK_V3_LINEARS, [r for r in rows_list if r > 1]):
+            us, tiles = sweep_tiles(n, k, rows)
+            print(f"{name + f' {n}x{k}':<42} {rows:>5} {us:>9.1f} us  {tiles}  "
+                  f"(default {block_fp8_kernels.block_gemm_tiles(rows, n)})")
 
 
 if __name__ == "__main__":
