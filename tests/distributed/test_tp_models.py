@@ -32,7 +32,7 @@ CASES = [
 # the tiny DeepSeek-V3 starts on), served with --quantization fp8: the linears
 # and experts stay E4M3, each rank with its shard of the block scales; checked
 # against transformers on the dequantized checkpoint. (name, family, ep)
-BLOCK_FP8_CASES = [("deepseek_v3_fp8", "deepseek_v3", 1)]
+BLOCK_FP8_CASES = [("deepseek_v3_fp8", "deepseek_v3", 1), ("deepseek_v3_fp8_ep2", "deepseek_v3", 2)]
 FP8_BLOCK = (16, 16)
 ALL_NAMES = [c[0] for c in CASES + BLOCK_FP8_CASES]
 # Parameters every rank holds in full. Their share of these tiny models is what
@@ -64,10 +64,12 @@ def tp_run(tmp_path_factory):
         cases.append(TPCase(name, str(root / family), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1,
                             server_args=extra[0] if extra else {}))
     for name, family, ep in BLOCK_FP8_CASES:
-        fp8_dir, ref_dir = root / name, root / f"{name}_dequantized"
-        save_block_fp8_checkpoint(root / family, fp8_dir, ref_dir, FP8_BLOCK)
-        hf_models[name] = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-        sequences = [greedy_continuation(hf_models[name], p, NEW_TOKENS) for p in prompts]
+        fp8_dir, ref_dir = root / f"{family}_fp8", root / f"{family}_fp8_dequantized"
+        if not fp8_dir.exists():
+            save_block_fp8_checkpoint(root / family, fp8_dir, ref_dir, FP8_BLOCK)
+            hf_models[f"{family}_fp8"] = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+        hf_models[name] = hf = hf_models[f"{family}_fp8"]
+        sequences = [greedy_continuation(hf, p, NEW_TOKENS) for p in prompts]
         cases.append(TPCase(name, str(fp8_dir), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1,
                             server_args={"quantization": "fp8"}, full_tensors_folder=str(ref_dir)))
     out = root / "results"
@@ -175,20 +177,23 @@ def test_weight_update_from_full_tensors_loads_each_ranks_shard(tp_run, name):
         assert result["o_proj_shard_numel"] == hf.model.layers[0].self_attn.o_proj.weight.numel() // WORLD
 
 
-def test_block_fp8_ranks_hold_their_shards_in_fp8(tp_run):
+@pytest.mark.parametrize("name,ep", [(c[0], c[2]) for c in BLOCK_FP8_CASES])
+def test_block_fp8_ranks_hold_their_shards_in_fp8(tp_run, name, ep):
     """Each rank's shard of the block-FP8 weights, one byte a value, with its
-    blocks' scales: o_proj by input columns, the experts by intermediate rows."""
-    _, _, hf, results = tp_run["deepseek_v3_fp8"]
+    blocks' scales: o_proj by input columns, the experts by intermediate rows
+    (ep=1) or whole (ep=2: half of them)."""
+    _, _, hf, results = tp_run[name]
     cfg, rows = hf.config, FP8_BLOCK[0]
     o_in = cfg.num_attention_heads * cfg.v_head_dim // WORLD  # this rank's columns of o_proj
-    inter = cfg.moe_intermediate_size // WORLD  # this rank's rows of each expert's gate and of its up
+    experts = cfg.n_routed_experts // ep
+    inter = cfg.moe_intermediate_size * ep // WORLD  # this rank's rows of each expert's gate and of its up
     for result in results:
         sizes = result["param_bytes"]
         assert sizes["model.layers.0.self_attn.o_proj.weight"] == cfg.hidden_size * o_in
         assert sizes["model.layers.0.self_attn.o_proj.weight_scale"] == 4 * (cfg.hidden_size // rows) * (o_in // rows)
-        assert sizes["model.layers.1.mlp.experts.w13"] == cfg.n_routed_experts * 2 * inter * cfg.hidden_size
+        assert sizes["model.layers.1.mlp.experts.w13"] == experts * 2 * inter * cfg.hidden_size
         assert sizes["model.layers.1.mlp.experts.w13_scale"] == \
-            4 * cfg.n_routed_experts * (2 * inter // rows) * (cfg.hidden_size // rows)
+            4 * experts * (2 * inter // rows) * (cfg.hidden_size // rows)
 
 
 def test_deterministic_mode_is_batch_invariant_on_every_rank(tp_run):
