@@ -152,7 +152,7 @@ def test_fp8_checkpoint_served_in_fp8(fp8_checkpoint):
     the checkpoint's own values and block scales, and compute what the
     dequantized weights compute (the CPU path multiplies the activations
     unquantized, as the GPU's decode path does), through chunked extends and
-    decode steps; a weight update goes through the dequantized copies."""
+    decode steps; weight updates from a trainer and from the checkpoint."""
     from safetensors import safe_open
 
     from radixserve.model_executor.model_runner import ModelRunner
@@ -191,12 +191,15 @@ def test_fp8_checkpoint_served_in_fp8(fp8_checkpoint):
     assert ((ours - ref).norm() / ref.norm()) < 1e-5
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
-    # A weight update loads into dequantized copies, quantized back into the same FP8 tensors.
+    # A trainer's update loads into dequantized copies, quantized back into the same FP8 tensors ...
     before = params[o_proj].clone()
     runner.update_weights_from_tensor([(o_proj, torch.zeros(64, 96))])
-    assert not params[o_proj].float().any() and params[o_proj].dtype == torch.float8_e4m3fn
+    assert params[o_proj] is runner.model.get_parameter(o_proj) and params[o_proj].dtype == torch.float8_e4m3fn
+    assert not params[o_proj].float().any() and (params[o_proj + "_scale"] < 1e-12).all()  # (all-zero blocks)
+    # ... and one from the FP8 checkpoint straight into them: the checkpoint's bytes again.
     runner.update_weights_from_disk(str(fp8_dir))
     assert torch.equal(params[o_proj].view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(params[o_proj + "_scale"], checkpoint[o_proj + "_scale_inv"])
     assert ((logits(runner) - ref).norm() / ref.norm()) < 1e-5
 
 

@@ -23,7 +23,7 @@ from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.forward_batch import ForwardBatch
-from radixserve.model_loader.fp8 import block_fp8_size
+from radixserve.model_loader.fp8 import block_fp8_size, checkpoint_block_fp8_size
 from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
 from radixserve.model_loader.source import resolve_model_source
@@ -292,12 +292,20 @@ class ModelRunner:
     # ---- live weights (RL) ----
     @torch.inference_mode()
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
-        """Every weight from another checkpoint of the same architecture and shapes."""
-        from radixserve.model_loader.loader import open_weights
+        """Every weight from another checkpoint of the same architecture and
+        shapes. A block-FP8 checkpoint with the blocks this model keeps loads
+        straight into its FP8 weights; any other into dequantized copies."""
+        from radixserve.model_loader.loader import block_fp8_weights_of, open_weights
 
         source = resolve_model_source(model_path)
         if (load_format or "auto") != "auto":
             raise ValueError(f"load_format must be 'auto' for a weight update, got {load_format!r}")
+        fmt = self.weight_format
+        if fmt is not None and fmt.block is not None and source.kind == "hf" \
+                and checkpoint_block_fp8_size(source.folder) == fmt.block:
+            # (no dequantized copy of the whole model: DeepSeek-V3's would not fit)
+            load_weights(self.model, open_weights(source, block_fp8_weights_of(self.model)), strict=True)
+            return
         with unquantized(self.model):
             load_weights(self.model, open_weights(source), strict=True)
 
