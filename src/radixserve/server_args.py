@@ -62,7 +62,9 @@ class ServerArgs:
                                 "weights, which a 4-bit GGUF gets by default)")
     device: str = option("auto", "auto|cpu|cuda (auto: cuda when available)")
     quantization: Optional[str] = option(None, "fp8: linear layers' weights quantized to FP8 E4M3 at load "
-                                               "(per output channel), activations per token; gguf (CPU, a .gguf "
+                                               "(per output channel), activations per token (a block-FP8 checkpoint, "
+                                               "DeepSeek-V3's: kept in its own block-scaled FP8, as on CUDA by "
+                                               "default); gguf (CPU, a .gguf "
                                                "model): its 4-bit weights kept 4-bit (int4wo-32); None: as loaded")
     torchao_config: Optional[str] = option(None, "int8wo: linear and LM-head weights as int8 (per output "
                                                  "channel); int4wo-32|64|128 (CPU): linear weights as int4 "

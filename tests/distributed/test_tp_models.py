@@ -1,6 +1,7 @@
 """Every model family split over 2 tensor-parallel ranks (and 2 expert-parallel
-ones for the MoE families) against transformers on the same tiny random
-float32 weights: logits at every position through chunked prefill and decode
+ones for the MoE families), and a block-FP8 DeepSeek-V3 kept in FP8, against
+transformers on the same tiny random float32 weights (the FP8 one's dequantized):
+logits at every position through chunked prefill and decode
 steps of the real ModelRunner, greedy tokens, the same logits on both ranks,
 each rank holding about half of the parameters and a KV pool of its own heads.
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.tp_harness import TPCase, family_configs, load_result, run_ranks, save_checkpoint
+from tests.distributed.tp_harness import (
+    TPCase, family_configs, load_result, run_ranks, save_block_fp8_checkpoint, save_checkpoint,
+)
 
 WORLD = 2
 PROMPT_LENS = [5, 11, 17]
@@ -25,6 +28,13 @@ CASES = [
     # batch-invariant layers on each rank (an optional 4th item: extra ServerArgs)
     ("qwen3_moe_deterministic", "qwen3_moe", 1, {"enable_deterministic_inference": True}),
 ]
+# Block-FP8 twins of a family's checkpoint (blocks of 16, which every shard of
+# the tiny DeepSeek-V3 starts on), served with --quantization fp8: the linears
+# and experts stay E4M3, each rank with its shard of the block scales; checked
+# against transformers on the dequantized checkpoint. (name, family, ep)
+BLOCK_FP8_CASES = [("deepseek_v3_fp8", "deepseek_v3", 1), ("deepseek_v3_fp8_ep2", "deepseek_v3", 2)]
+FP8_BLOCK = (16, 16)
+ALL_NAMES = [c[0] for c in CASES + BLOCK_FP8_CASES]
 # Parameters every rank holds in full. Their share of these tiny models is what
 # keeps a rank's bytes off exactly 1/tp; the allowance per family says how far.
 REPLICATED = ("norm", ".gate.weight", "router", "shared_expert_gate", "q_a_proj", "kv_a_proj",
@@ -53,12 +63,21 @@ def tp_run(tmp_path_factory):
         sequences = [greedy_continuation(hf, p, NEW_TOKENS) for p in prompts]
         cases.append(TPCase(name, str(root / family), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1,
                             server_args=extra[0] if extra else {}))
+    for name, family, ep in BLOCK_FP8_CASES:
+        fp8_dir, ref_dir = root / f"{family}_fp8", root / f"{family}_fp8_dequantized"
+        if not fp8_dir.exists():
+            save_block_fp8_checkpoint(root / family, fp8_dir, ref_dir, FP8_BLOCK)
+            hf_models[f"{family}_fp8"] = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+        hf_models[name] = hf = hf_models[f"{family}_fp8"]
+        sequences = [greedy_continuation(hf, p, NEW_TOKENS) for p in prompts]
+        cases.append(TPCase(name, str(fp8_dir), WORLD, ep, sequences, decode_steps=NEW_TOKENS - 1,
+                            server_args={"quantization": "fp8"}, full_tensors_folder=str(ref_dir)))
     out = root / "results"
     out.mkdir()
     run_ranks(cases, WORLD, out)
-    families = {c[0]: c[1] for c in CASES}
+    families = {c[0]: c[1] for c in CASES + BLOCK_FP8_CASES}
     return {
-        case.name: (case, families[case.name], hf_models[families[case.name]],
+        case.name: (case, families[case.name], hf_models.get(case.name, hf_models[families[case.name]]),
                     [load_result(out, i, r) for r in range(WORLD)])
         for i, case in enumerate(cases)
     }
@@ -76,7 +95,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_logits_and_greedy_tokens_match_transformers(tp_run, name):
     case, _, hf, results = tp_run[name]
     for seq, ours in zip(case.sequences, results[0]["logits"]):
@@ -89,7 +108,7 @@ def test_logits_and_greedy_tokens_match_transformers(tp_run, name):
         assert ours[prompt_len - 1:-1].argmax(-1).tolist() == seq[prompt_len:]
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_every_rank_computes_the_same_logits(tp_run, name):
     """Sampling on each rank must pick the same ids: the logits after the
     gather are bit-identical."""
@@ -145,16 +164,36 @@ def test_kv_pool_holds_this_ranks_heads(tp_run, name):
         assert result["max_total_num_tokens"] == 1024  # per rank, as asked
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
+@pytest.mark.parametrize("name", ALL_NAMES)
 def test_weight_update_from_full_tensors_loads_each_ranks_shard(tp_run, name):
     """After zeroing every parameter, an update from the checkpoint's full
     tensors (a trainer's state_dict) restores exactly the same logits; reading
     a weight by name on a rank gives that rank's shard."""
     _, _, hf, results = tp_run[name]
     for result in results:
+        assert len(result["reloaded_logits"]) == len(result["logits"])
         for before, after in zip(result["logits"], result["reloaded_logits"]):
             assert torch.equal(before, after)
         assert result["o_proj_shard_numel"] == hf.model.layers[0].self_attn.o_proj.weight.numel() // WORLD
+
+
+@pytest.mark.parametrize("name,ep", [(c[0], c[2]) for c in BLOCK_FP8_CASES])
+def test_block_fp8_ranks_hold_their_shards_in_fp8(tp_run, name, ep):
+    """Each rank's shard of the block-FP8 weights, one byte a value, with its
+    blocks' scales: o_proj by input columns, the experts by intermediate rows
+    (ep=1) or whole (ep=2: half of them)."""
+    _, _, hf, results = tp_run[name]
+    cfg, rows = hf.config, FP8_BLOCK[0]
+    o_in = cfg.num_attention_heads * cfg.v_head_dim // WORLD  # this rank's columns of o_proj
+    experts = cfg.n_routed_experts // ep
+    inter = cfg.moe_intermediate_size * ep // WORLD  # this rank's rows of each expert's gate and of its up
+    for result in results:
+        sizes = result["param_bytes"]
+        assert sizes["model.layers.0.self_attn.o_proj.weight"] == cfg.hidden_size * o_in
+        assert sizes["model.layers.0.self_attn.o_proj.weight_scale"] == 4 * (cfg.hidden_size // rows) * (o_in // rows)
+        assert sizes["model.layers.1.mlp.experts.w13"] == experts * 2 * inter * cfg.hidden_size
+        assert sizes["model.layers.1.mlp.experts.w13_scale"] == \
+            4 * experts * (2 * inter // rows) * (cfg.hidden_size // rows)
 
 
 def test_deterministic_mode_is_batch_invariant_on_every_rank(tp_run):

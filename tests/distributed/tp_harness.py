@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +37,9 @@ class TPCase:
     sequences: List[List[int]]
     decode_steps: int
     server_args: Dict = field(default_factory=dict)
+    # Where a trainer's full tensors come from for the weight-update check
+    # (default: `folder`; a block-FP8 checkpoint's dequantized twin).
+    full_tensors_folder: Optional[str] = None
 
 
 def rendezvous_file(out_dir: Path, case_index: int) -> str:
@@ -104,7 +107,7 @@ def _reload_from_full_tensors(runner, case: TPCase) -> List[torch.Tensor]:
 
     for p in runner.model.parameters():
         p.data.zero_()
-    runner.update_weights_from_tensor(list(HFWeights(Path(case.folder))))
+    runner.update_weights_from_tensor(list(HFWeights(Path(case.full_tensors_folder or case.folder))))
     return chunked_then_decode_logits(runner, case.sequences, case.decode_steps)
 
 
@@ -193,6 +196,34 @@ def save_checkpoint(config, out: Path, gpt_oss: bool = False):
         shutil.rmtree(out)
     model.save_pretrained(out, max_shard_size="1MB")  # sharded, as big checkpoints are
     return model.eval()
+
+
+def save_block_fp8_checkpoint(saved: Path, fp8_dir: Path, ref_dir: Path, block: Tuple[int, int]) -> None:
+    """The checkpoint in `saved` in DeepSeek-V3's block-FP8 layout (2-D
+    projections as E4M3 + `_scale_inv`; norms, router, embeddings and head
+    unquantized) in fp8_dir, and its dequantized values in ref_dir."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from radixserve.layers.block_fp8 import dequantize_block_fp8, quantize_block_fp8
+    from radixserve.model_loader.hf_weights import HFWeights
+
+    quantized, reference = {}, {}
+    for name, tensor in HFWeights(saved):
+        if tensor.dim() == 2 and not any(s in name for s in ("norm", "embed_tokens", "lm_head", "mlp.gate.")):
+            q, scale = quantize_block_fp8(tensor, block)
+            quantized[name], quantized[name + "_scale_inv"] = q, scale
+            reference[name] = dequantize_block_fp8(q, scale, block)
+        else:
+            quantized[name] = reference[name] = tensor
+    config = json.loads((saved / "config.json").read_text())
+    for folder, tensors in ((fp8_dir, quantized), (ref_dir, reference)):
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block)}
+    (fp8_dir / "config.json").write_text(json.dumps(config))
 
 
 def family_configs() -> Dict[str, object]:

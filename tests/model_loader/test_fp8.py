@@ -145,3 +145,103 @@ def test_fp8_checkpoint_loads_as_its_dequantized_weights(fp8_checkpoint):
     assert rel_err() > 1e-2
     runner.update_weights_from_disk(str(fp8_dir))
     assert rel_err() < 1e-4
+
+
+def test_fp8_checkpoint_served_in_fp8(fp8_checkpoint):
+    """--quantization fp8 on a block-FP8 checkpoint: its linears stay E4M3 with
+    the checkpoint's own values and block scales, and compute what the
+    dequantized weights compute (the CPU path multiplies the activations
+    unquantized, as the GPU's decode path does), through chunked extends and
+    decode steps; weight updates from a trainer and from the checkpoint."""
+    from safetensors import safe_open
+
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+    from tests.models.deepseek_tiny import teacher_forced_logits
+
+    fp8_dir, ref_dir = fp8_checkpoint
+    runner = ModelRunner(ServerArgs(model_path=str(fp8_dir), device="cpu", max_total_tokens=512, quantization="fp8"))
+    reference = ModelRunner(ServerArgs(model_path=str(ref_dir), device="cpu", max_total_tokens=512))
+    params = dict(runner.model.named_parameters())
+    checkpoint = {}
+    for file in fp8_dir.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            checkpoint.update({n: f.get_tensor(n) for n in f.keys()})
+    # Stored as in the checkpoint: a Linear's weight and scales as they are ...
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert params[o_proj].dtype == torch.float8_e4m3fn
+    assert torch.equal(params[o_proj].view(torch.uint8), checkpoint[o_proj].view(torch.uint8))
+    assert torch.equal(params[o_proj + "_scale"], checkpoint[o_proj + "_scale_inv"])
+    merged = params["model.layers.0.mlp.gate_up_proj.weight_scale"]  # gate's block rows, then up's
+    assert torch.equal(merged, torch.cat([checkpoint[f"model.layers.0.mlp.{p}_proj.weight_scale_inv"]
+                                          for p in ("gate", "up")]))
+    fp8_names = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
+    # q_a, q_b, kv_a, o and the dense MLP's or the shared experts' gate_up and down, in 3 layers
+    assert len(fp8_names) == 3 * 6 + 2 * 2  # and the routed experts' w13 and w2 in the 2 MoE layers
+    # ... and the weights the model reads itself (absorbed attention's kv_b_proj), dequantized.
+    assert params["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float32
+
+    g = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(10, 256, (12,), generator=g).tolist() for _ in range(2)]
+
+    def logits(r):
+        return torch.cat(teacher_forced_logits(r, sequences, chunks=[3, 7], decode_steps=2))
+
+    ours, ref = logits(runner), logits(reference)
+    assert ((ours - ref).norm() / ref.norm()) < 1e-5
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+    # A trainer's update loads into dequantized copies, quantized back into the same FP8 tensors ...
+    before = params[o_proj].clone()
+    runner.update_weights_from_tensor([(o_proj, torch.zeros(64, 96))])
+    assert params[o_proj] is runner.model.get_parameter(o_proj) and params[o_proj].dtype == torch.float8_e4m3fn
+    assert not params[o_proj].float().any() and (params[o_proj + "_scale"] < 1e-12).all()  # (all-zero blocks)
+    # ... and one from the FP8 checkpoint straight into them: the checkpoint's bytes again.
+    runner.update_weights_from_disk(str(fp8_dir))
+    assert torch.equal(params[o_proj].view(torch.uint8), before.view(torch.uint8))
+    assert torch.equal(params[o_proj + "_scale"], checkpoint[o_proj + "_scale_inv"])
+    assert ((logits(runner) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_dummy_weights_of_a_block_fp8_config_stay_fp8(fp8_checkpoint):
+    """--load-format dummy (benchmarking DeepSeek-V3's shapes without its
+    files): E4M3 values over their whole range, small positive block scales."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    runner = ModelRunner(ServerArgs(model_path=str(fp8_checkpoint[0]), device="cpu", max_total_tokens=512,
+                                    quantization="fp8", load_format="dummy"))
+    params = dict(runner.model.named_parameters())
+    for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.experts.w13"):
+        weight = params[name + (".weight" if "proj" in name else "")]
+        scale = params[name + (".weight_scale" if "proj" in name else "_scale")]
+        assert weight.dtype == torch.float8_e4m3fn and weight.float().abs().max() > 100
+        assert (scale > 0).all() and (scale < 1e-3).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_checkpoint_kept_in_fp8_on_gpu(fp8_checkpoint):
+    """On CUDA a block-FP8 checkpoint stays FP8 by default. Decode-sized
+    forwards (up to 16 rows: activations unquantized, the GEMV for one row)
+    compute the dequantized model's logits; a 23-token prefill, whose
+    activations go through E4M3, stays close and picks mostly the same tokens."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+    from tests.models.deepseek_tiny import teacher_forced_logits
+
+    fp8_dir, ref_dir = fp8_checkpoint
+    common = dict(device="cuda", dtype="float32", max_total_tokens=512, disable_cuda_graph=True)
+    runner = ModelRunner(ServerArgs(model_path=str(fp8_dir), **common))
+    reference = ModelRunner(ServerArgs(model_path=str(ref_dir), **common))
+    assert runner.model.model.layers[1].mlp.experts.w13.dtype == torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(4)
+    small = [torch.randint(10, 256, (12,), generator=g).tolist()]  # 4 rows, 6, then one (the GEMV) twice
+    ours = torch.cat(teacher_forced_logits(runner, small, chunks=[4, 6], decode_steps=2))
+    ref = torch.cat(teacher_forced_logits(reference, small, chunks=[4, 6], decode_steps=2))
+    assert ((ours - ref).norm() / ref.norm()) < 1e-4
+    prompt = [torch.randint(10, 256, (23,), generator=g).tolist()]
+    ours = teacher_forced_logits(runner, prompt, chunks=[23], decode_steps=0)[0]
+    ref = teacher_forced_logits(reference, prompt, chunks=[23], decode_steps=0)[0]
+    assert ((ours - ref).norm() / ref.norm()) < 0.3
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.7

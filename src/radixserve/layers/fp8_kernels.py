@@ -35,7 +35,7 @@ WEIGHT_ONLY_MAX_ROWS = 16
 
 
 @triton.jit
-def _round_to_e4m3(x):
+def round_to_e4m3(x):
     """x (float32, |x| <= 448) rounded to the nearest E4M3 value, ties to even,
     in software: Triton 3.6's interpreter casts a value whose rounding carries
     into the next power of two wrongly (124.3 became 64)."""
@@ -65,7 +65,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, x_stride, n_cols, BLOCK: tl.c
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
         if SOFTWARE_ROUNDING:
-            q = _round_to_e4m3(q)
+            q = round_to_e4m3(q)
         tl.store(q_ptr + row * n_cols + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

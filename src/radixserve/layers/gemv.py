@@ -1,5 +1,6 @@
 """One row times a weight on CUDA (a batch-1 decode step's linears), bound by
-reading the weight: bfloat16/float16 weights, or FP8 with per-channel scales.
+reading the weight: bfloat16/float16 weights, or FP8 with per-channel scales
+or with one scale per block of rows and columns (DeepSeek's block-scaled FP8).
 
 Streaming a weight at the memory bandwidth needs many bytes in flight on every
 SM: each program reads BLOCK_N weight rows, BLOCK_K columns per step, 32 bytes
@@ -12,8 +13,10 @@ H200), and has no GEMV for an FP8 weight with per-channel scales.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -38,11 +41,14 @@ class GemvTiles:
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_GATED: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SCALE_BLOCK_N: tl.constexpr = 0, SCALE_BLOCK_K: tl.constexpr = 0):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * k
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if SCALE_BLOCK_N:  # block scales: this program's rows share one row of them (BLOCK_N divides SCALE_BLOCK_N)
+        scale_row = scale_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK_N) * tl.cdiv(k, SCALE_BLOCK_K)
     for start in range(0, k, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < k
@@ -52,10 +58,12 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
             up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
             x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
         x = x.to(tl.float32)
+        if SCALE_BLOCK_N:  # each column's block scale folded into x: one multiply per column, not per weight
+            x *= tl.load(scale_row + ks // SCALE_BLOCK_K, mask=k_mask, other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, axis=1)
-    if HAS_SCALE:
+    if HAS_SCALE and not SCALE_BLOCK_N:
         out = out * tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -79,11 +87,12 @@ def prefer_over_cublas(weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
          bias: Optional[torch.Tensor] = None, tiles: Optional[GemvTiles] = None,
-         silu_gated: bool = False) -> torch.Tensor:
+         silu_gated: bool = False, scale_block: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """x [1, k] times weight [n, k] (contiguous; FP8 with float32 `scale` [n],
     or x's dtype) plus bias -> [1, n] in x's dtype, accumulated in float32.
     silu_gated: x is [1, 2k] = [gate | up], and the product is of silu(gate) *
-    up (SiluAndMul fused in: one kernel fewer in a batch-1 MLP)."""
+    up (SiluAndMul fused in: one kernel fewer in a batch-1 MLP).
+    scale_block (B0, B1): `scale` is one per block instead, [ceil(n/B0), ceil(k/B1)]."""
     k = x.shape[-1] // 2 if silu_gated else x.shape[-1]
     n = weight.shape[0]
     if x.shape[0] != 1 or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
@@ -91,9 +100,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
                          f"not {tuple(x.shape)} and {tuple(weight.shape)}")
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     tiles = tiles or gemv_tiles(k, weight.element_size())
+    if scale_block is not None and scale_block[0] % tiles.block_n:  # a program's rows in one block
+        tiles = dataclasses.replace(tiles, block_n=math.gcd(tiles.block_n, scale_block[0]))
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         x, weight, scale if scale is not None else out, bias if bias is not None else out, out, n, k,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU_GATED=silu_gated,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
+        SCALE_BLOCK_N=scale_block[0] if scale_block else 0, SCALE_BLOCK_K=scale_block[1] if scale_block else 0,
         num_stages=1)  # as swept; under Triton's default (3) the FP8 gate_up took 43 us, not 36
     return out

@@ -20,7 +20,7 @@ from radixserve.distributed import get_tp_group
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.batch_invariant import invariant_linear
 from radixserve.layers.sharding import (
-    HeadShard, ShardSlice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
+    HeadShard, ShardSlice, block_scale_slice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
 )
 
 
@@ -30,9 +30,10 @@ class Linear(nn.Module):
     # Set by the model runner under --enable-deterministic-inference.
     batch_invariant = False
     # Set when the weight is quantized (layers/quantization.py): its format and
-    # per-output-channel scales.
+    # `weight_scale` (an instance attribute, None until then): per-output-channel
+    # scales, or a block-FP8 checkpoint's block scales, a parameter loaded with
+    # the weight (layers/block_fp8.py).
     weight_format = None
-    weight_scale: Optional[torch.Tensor] = None
     # Set by the LoRA manager (lora/manager.py) on the projections adapters
     # target: a LoRATarget whose add_delta adds the batch's adapter deltas.
     lora = None
@@ -42,6 +43,8 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        # Not a class attribute: a block-FP8 layer registers a parameter of this name.
+        self.weight_scale: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None) -> torch.Tensor:
         """activation: a gated activation applied to x first ([gate | up] ->
@@ -65,16 +68,17 @@ class Linear(nn.Module):
 
     def _gemv(self, x: torch.Tensor, bias: Optional[torch.Tensor], silu_gated: bool = False) -> Optional[torch.Tensor]:
         """A batch-1 decode step's product through layers/gemv.py, where it
-        applies (one row on CUDA; an FP8 weight, or an unquantized one small
-        enough to beat cuBLAS), else None."""
+        applies (one row on CUDA; an FP8 weight, per-channel or block-scaled, or
+        an unquantized one small enough to beat cuBLAS), else None."""
         if self.batch_invariant or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1):
             return None
         from radixserve.layers import gemv  # Triton: imported where it runs
 
         if self.weight_scale is not None:
-            if self.weight_format.name != "fp8":
+            fmt = self.weight_format  # FP8 with per-channel or (a block-FP8 checkpoint's) block scales
+            if fmt.name != "fp8" and fmt.block is None:
                 return None
-            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated)
+            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated, scale_block=fmt.block)
         if not gemv.prefer_over_cublas(self.weight):
             return None
         return gemv.gemv(x, self.weight, None, bias, silu_gated=silu_gated)
@@ -135,12 +139,16 @@ class MergedLinear(Linear):
     def load_shard(self, shard: str, param_name: str, tensor: torch.Tensor) -> None:
         """Copy this rank's rows of one checkpoint tensor (e.g. k_proj.weight)
         into its rows of the merged parameter."""
-        param = {"weight": self.weight, "bias": self.bias}.get(param_name)
+        param = {"weight": self.weight, "bias": self.bias, "weight_scale": self.weight_scale}.get(param_name)
         if param is None:
             raise ValueError(f"merged projection has no {param_name!r} for shard {shard!r}")
         offset, size = self.shard_offsets[shard]
-        copy_checkpoint_tensor(param.data[offset:offset + size], tensor, self.shard_sources[shard],
-                               f"shard {shard!r} {param_name}")
+        source = self.shard_sources[shard]
+        if param_name == "weight_scale":  # block scales: one per block of rows (block_fp8.check_merged_parts)
+            rows = self.weight_format.block[0]
+            offset, size = offset // rows, -(-size // rows)
+            source = block_scale_slice(source, rows, f"shard {shard!r}")
+        copy_checkpoint_tensor(param.data[offset:offset + size], tensor, source, f"shard {shard!r} {param_name}")
 
     def split_output(self, out: torch.Tensor) -> List[torch.Tensor]:
         """The merged output cut back into its projections (views, no copy)."""

@@ -20,6 +20,10 @@ fewer bytes with one scale per output channel (w ~= q * scale[row]).
 
 Under tensor parallelism each rank quantizes its own shard (a row-parallel
 shard's per-channel scales are its own; the all-reduce adds the partial sums).
+
+A block-scaled FP8 checkpoint (DeepSeek-V3's) is not quantized here: its
+format (layers/block_fp8.py, `WeightFormat.block`) is the checkpoint's own,
+loaded as stored.
 """
 
 from __future__ import annotations
@@ -200,6 +204,9 @@ class WeightFormat:
     # What --dtype auto means with this format (None: the device's usual dtype);
     # the int8 and int4 CPU kernels are fast in bfloat16.
     activation_dtype: Optional[torch.dtype] = None
+    # Block-scaled formats (layers/block_fp8.py): the (rows, cols) of a block
+    # sharing one scale; the weights are loaded quantized rather than quantized after.
+    block: Optional[Tuple[int, int]] = None
 
 
 def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
@@ -292,7 +299,8 @@ def unquantized(model: nn.Module) -> Iterator[None]:
     head's quantized copy is refreshed from its weight. A row whose values did
     not change comes back to the same quantized values and scale, so a partial
     update (q of q|k|v) leaves the other rows exact. Holds both copies of those
-    weights meanwhile."""
+    weights meanwhile. Block-FP8 experts too (block_fp8.unquantized_experts)."""
+    from radixserve.layers.block_fp8 import unquantized_experts
     from radixserve.layers.embedding import LMHead
     from radixserve.layers.linear import Linear
 
@@ -300,11 +308,14 @@ def unquantized(model: nn.Module) -> Iterator[None]:
              if isinstance(m, Linear) and m.weight_scale is not None]
     heads = [m for m in model.modules() if isinstance(m, LMHead) and m.weight_format is not None]
     for m, weight, scale in saved:
-        m.weight = nn.Parameter(m.weight_format.dequantize(weight, scale).to(m.unquantized_dtype),
-                                requires_grad=False)
+        dense = nn.Parameter(m.weight_format.dequantize(weight, scale).to(m.unquantized_dtype), requires_grad=False)
+        if hasattr(weight, "shard_slice"):  # a tensor-parallel shard: updates load this rank's slice
+            dense.shard_slice = weight.shard_slice
+        m.weight = dense
         m.weight_scale = None
     try:
-        yield
+        with unquantized_experts(model):
+            yield
     finally:
         for m, weight, scale in saved:
             q, new_scale = m.weight_format.quantize(m.weight.data)

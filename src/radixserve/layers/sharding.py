@@ -47,6 +47,19 @@ def even_slice(full: int, dim: int = 0) -> ShardSlice:
     return ShardSlice(dim, tp.rank_in_group * size, size, full)
 
 
+def block_scale_slice(shard: ShardSlice, block: int, what: str) -> ShardSlice:
+    """The slice of a block-scale tensor (one scale per `block` entries along
+    shard.dim) that goes with a weight slice: the weight slice must start on a
+    block and end on one or at the tensor's end, else no slice of scales
+    describes it (ValueError naming `what`)."""
+    end = shard.start + shard.size
+    if shard.start % block or (shard.size % block and end != shard.full):
+        raise ValueError(
+            f"{what}: entries [{shard.start}, {end}) of {shard.full} along dim {shard.dim} do not fall on "
+            f"{block}-blocks of the FP8 block scales; choose a tp_size whose shards are whole blocks")
+    return ShardSlice(shard.dim, shard.start // block, -(-shard.size // block), -(-shard.full // block))
+
+
 def mark_sharded(param: Optional[nn.Parameter], shard: ShardSlice) -> Optional[nn.Parameter]:
     """Record which slice of the checkpoint tensor `param` holds."""
     if param is not None:

@@ -12,6 +12,7 @@ from torch import nn
 from radixserve.distributed import ParallelConfig, get_tp_group, init_distributed
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
+from radixserve.layers.block_fp8 import block_fp8_format
 from radixserve.layers.pooler import EmbeddingOutput, PoolingConfig, pool_extend, read_pooling_config
 from radixserve.layers.quantization import (
     WeightFormat, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
@@ -22,6 +23,7 @@ from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.forward_batch import ForwardBatch
+from radixserve.model_loader.fp8 import block_fp8_size, checkpoint_block_fp8_size
 from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
 from radixserve.model_loader.source import resolve_model_source
@@ -74,10 +76,24 @@ def resolve_weight_format(args: ServerArgs, source_kind: str, config: Any, devic
     if args.quantization == "gguf" and source_kind != "gguf":
         raise ValueError(f"quantization=gguf needs a .gguf model; {args.model_path!r} is not one "
                          f"(torchao_config=int4wo-32 quantizes any checkpoint the same way)")
+    fp8_block = block_fp8_size(getattr(config, "quantization_config", None)) if source_kind == "hf" else None
+    if fp8_block is not None and keeps_block_fp8(args, device_type):
+        return block_fp8_format(fp8_block)
     asked = weight_format_of(args.quantization, args.torchao_config, block_types)
     if asked is not None or args.dtype != "auto" or device_type != "cpu" or args.enable_deterministic_inference:
         return asked
     return gguf_weight_format(block_types) if is_4bit_gguf(block_types) else None
+
+
+def keeps_block_fp8(args: ServerArgs, device_type: str) -> bool:
+    """Whether a block-FP8 checkpoint is served in FP8 (its block-scaled
+    GEMMs) rather than dequantized at load: on CUDA unless another format or
+    deterministic inference is asked for; on the CPU, which has no FP8 GEMM
+    (the torch reference path), only with --quantization fp8."""
+    if args.quantization == "fp8":
+        return True
+    return (device_type == "cuda" and args.quantization is None and args.torchao_config is None
+            and not args.enable_deterministic_inference)
 
 
 class ModelRunner:
@@ -222,9 +238,10 @@ class ModelRunner:
                     return model
                 except (ValueError, OSError, RuntimeError) as e:  # rebuilt and written again below
                     logger.warning("quantized weight cache %s unusable (%s); rebuilding", cache, e)
+        block_fp8 = fmt if fmt is not None and fmt.block is not None else None
         self.model = load_model(self.source, self.config, self.dtype, self.device, args.load_format,
-                                with_lm_head=not args.is_embedding)
-        if fmt is not None:
+                                with_lm_head=not args.is_embedding, block_fp8=block_fp8)
+        if fmt is not None and block_fp8 is None:  # (a block-FP8 checkpoint's linears were loaded in FP8)
             self._quantize(fmt)
         if cache is not None:
             save_quantized(self.model, cache)
@@ -275,12 +292,20 @@ class ModelRunner:
     # ---- live weights (RL) ----
     @torch.inference_mode()
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
-        """Every weight from another checkpoint of the same architecture and shapes."""
-        from radixserve.model_loader.loader import open_weights
+        """Every weight from another checkpoint of the same architecture and
+        shapes. A block-FP8 checkpoint with the blocks this model keeps loads
+        straight into its FP8 weights; any other into dequantized copies."""
+        from radixserve.model_loader.loader import block_fp8_weights_of, open_weights
 
         source = resolve_model_source(model_path)
         if (load_format or "auto") != "auto":
             raise ValueError(f"load_format must be 'auto' for a weight update, got {load_format!r}")
+        fmt = self.weight_format
+        if fmt is not None and fmt.block is not None and source.kind == "hf" \
+                and checkpoint_block_fp8_size(source.folder) == fmt.block:
+            # (no dequantized copy of the whole model: DeepSeek-V3's would not fit)
+            load_weights(self.model, open_weights(source, block_fp8_weights_of(self.model)), strict=True)
+            return
         with unquantized(self.model):
             load_weights(self.model, open_weights(source), strict=True)
 

@@ -41,7 +41,8 @@ from radixserve.model_loader.fused_experts import fused_expert_weight, match_fus
 # Buffers some checkpoints carry that we recompute.
 IGNORED_WEIGHT_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
-_EXPERT_WEIGHT = re.compile(r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias)$")
+_EXPERT_WEIGHT = re.compile(
+    r"^(?P<owner>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.(?P<kind>weight|bias|weight_scale)$")
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 WeightStream = Iterable[Tuple[str, torch.Tensor]]
@@ -54,7 +55,7 @@ class ExpertWeightName:
     module: str  # the FusedMoE module: model.layers.3.mlp.experts
     expert: int
     shard: str  # gate | up | down
-    kind: str  # weight | bias
+    kind: str  # weight | bias | weight_scale (a block-FP8 expert's scales)
 
 
 def parse_expert_weight_name(name: str, expert_params: Dict[str, str]) -> Optional[ExpertWeightName]:
@@ -114,6 +115,22 @@ def get_weight(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(module, kind).data[offset:offset + size]
 
 
+def checkpoint_weight_owner(model: nn.Module, modules: Dict[str, nn.Module], name: str) -> Optional[nn.Module]:
+    """The module a checkpoint weight (Hugging Face name) loads into: its
+    merged projection for q/k/v or gate/up, its FusedMoE for an expert's, None
+    for an unknown name. `modules`: dict(model.named_modules())."""
+    name = _our_name(model, name)
+    expert = parse_expert_weight_name(name, model.EXPERT_PARAMS)
+    if expert is not None and expert.module in modules:
+        return modules[expert.module]
+    owner, _, proj = name.rpartition(".")[0].rpartition(".")
+    if proj in model.STACKED_PARAMS:
+        merged = modules.get(f"{owner}.{model.STACKED_PARAMS[proj][0]}")
+        if merged is not None:
+            return merged
+    return modules.get(name.rpartition(".")[0])
+
+
 def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Module]) -> Set[str]:
     """Names to fill: plain parameters, `name:shard` for each shard of a merged
     one, and `experts:index:shard.kind` for each expert of a FusedMoE."""
@@ -123,7 +140,7 @@ def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Modu
         owner = modules[owner_name]
         if isinstance(owner, FusedMoE):
             shards = ("down",) if param_name.startswith("w2") else ("gate", "up")
-            kind = "bias" if param_name.endswith("bias") else "weight"
+            kind = {"bias": "bias", "scale": "weight_scale"}.get(param_name.rpartition("_")[2], "weight")
             expected.update(
                 f"{owner_name}:{e}:{shard}.{kind}" for e in owner.local_expert_ids() for shard in shards
             )
@@ -137,7 +154,6 @@ def expected_weights(params: Dict[str, nn.Parameter], modules: Dict[str, nn.Modu
 def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tuple[str, torch.Tensor]]:
     """The stream under our names: extra layers dropped, fused experts split,
     renames applied, recomputed buffers and a tied head skipped."""
-    num_layers = model.config.num_hidden_layers if getattr(model, "CHECKPOINT_EXTRA_LAYERS", False) else None
     if getattr(model, "CHECKPOINT_FUSED_EXPERTS", False):
         weights = split_fused_experts(weights)
     tied = getattr(model, "tied", False)
@@ -145,7 +161,7 @@ def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tupl
     for name, tensor in weights:
         if headless and not name.startswith(("model.", "lm_head.")):
             name = "model." + name  # saved from the bare decoder (Qwen3-Embedding): no "model." prefix
-        if num_layers is not None and _layer_index(name, default=-1) >= num_layers:
+        if is_extra_layer(model, name):
             continue
         name = _our_name(model, name)
         if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied and name == "lm_head.weight") \
@@ -180,6 +196,14 @@ def _our_name(model: nn.Module, checkpoint_name: str) -> str:
     for theirs, ours in getattr(model, "CHECKPOINT_RENAMES", ()):
         checkpoint_name = checkpoint_name.replace(theirs, ours)
     return checkpoint_name
+
+
+def is_extra_layer(model: nn.Module, checkpoint_name: str) -> bool:
+    """A weight of a layer past config.num_hidden_layers that the model skips
+    (CHECKPOINT_EXTRA_LAYERS: DeepSeek-V3's multi-token-prediction layer)."""
+    if not getattr(model, "CHECKPOINT_EXTRA_LAYERS", False):
+        return False
+    return _layer_index(checkpoint_name, default=-1) >= model.config.num_hidden_layers
 
 
 def _layer_index(name: str, default: int) -> int:

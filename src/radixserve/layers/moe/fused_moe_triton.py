@@ -14,19 +14,32 @@ routing weight multiplies in float32, and the K outputs of a token are summed
 in float32. One rounding more: each weighted expert output is stored in the
 input dtype before that sum (exact for float32; for 16-bit inputs it halves
 the bytes of the [T*K, H] buffer at a cost of one rounding).
+
+Block-FP8 experts (DeepSeek-V3's, `ExpertBlockScales`): the GEMM steps
+through K one scale group (B1 columns) at a time and scales each step's
+product by the weight's block scales; past a decode's 16 tokens the
+activations are quantized per token and per group first
+(block_fp8_kernels.quantize_groups_fp8) and the product is FP8 x FP8 on the
+tensor cores, scaled by both; up to 16 tokens they stay as they are and the
+FP8 weight tile is widened in registers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers import block_fp8_kernels
+from radixserve.layers.block_fp8 import WEIGHT_ONLY_MAX_ROWS
 from radixserve.layers.moe.activation import ExpertActivation
 from radixserve.layers.triton_utils import INTERPRETED, dot, dot_block, exact_dot
+
+if TYPE_CHECKING:
+    from radixserve.layers.moe.layer import ExpertBlockScales
 
 # Triton's interpreter casts float32 to bfloat16 by truncation, a GPU rounds
 # to nearest: rounded in software there, the CPU tests see the GPU's rounding.
@@ -171,15 +184,20 @@ def align_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
 
 @triton.jit(do_not_specialize=["num_pairs"])  # (as _align_kernel)
 def _grouped_gemm_kernel(
-    a_ptr, w_ptr, bias_ptr, out_ptr, routing_weights_ptr,
+    a_ptr, w_ptr, bias_ptr, out_ptr, routing_weights_ptr, a_scale_ptr, w_scale_ptr,
     sorted_pair_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
-    num_pairs, n_out, k_dim,
-    stride_am, stride_we, stride_wn, stride_be, stride_om,
+    num_pairs, n_out, k_dim, k_groups,
+    stride_am, stride_we, stride_wn, stride_be, stride_om, stride_se,
     PAIRS_PER_A_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_BLOCK_N: tl.constexpr, QUANTIZED_A: tl.constexpr,
 ):
     """out[pair] = a[pair // PAIRS_PER_A_ROW] @ w[expert]^T (+ bias[expert]),
-    rounded to out's dtype, times the pair's routing weight when WEIGHTED."""
+    rounded to out's dtype, times the pair's routing weight when WEIGHTED.
+    SCALE_BLOCK_N > 0: w is block-FP8, one scale per SCALE_BLOCK_N rows and
+    BLOCK_K columns (w_scale [E, ceil(N/SCALE_BLOCK_N), k_groups]); each K
+    step's product is scaled by its block scales, and with QUANTIZED_A by a's
+    per-row group scales too (a_scale [rows, k_groups], a in E4M3)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
@@ -195,12 +213,24 @@ def _grouped_gemm_kernel(
     a_ptrs = a_ptr + a_row[:, None] * stride_am + ks[None, :]
     w_ptrs = w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
 
+    if SCALE_BLOCK_N:
+        w_scale_ptrs = w_scale_ptr + expert * stride_se + (cols // SCALE_BLOCK_N) * k_groups
+        a_scale_ptrs = a_scale_ptr + a_row * k_groups
+
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):
         k_mask = ks < k_dim - k0
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += dot(a, w, IEEE)
+        if SCALE_BLOCK_N:  # one K step is one group of block scales
+            w_scale = tl.load(w_scale_ptrs + k0 // BLOCK_K, mask=col_mask, other=0.0)
+            if QUANTIZED_A:  # FP8 x FP8 on the tensor cores
+                a_scale = tl.load(a_scale_ptrs + k0 // BLOCK_K, mask=row_mask, other=0.0)
+                acc += dot(a, w, IEEE) * a_scale[:, None] * w_scale[None, :]
+            else:  # the FP8 weight widened to a's dtype
+                acc += dot(a, w.to(a.dtype), IEEE) * w_scale[None, :]
+        else:
+            acc += dot(a, w, IEEE)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -218,10 +248,20 @@ def _unit_stride_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@dataclass(frozen=True)
+class GemmScales:
+    """Block scales for one grouped GEMM: the weight's [E, ceil(N/B0),
+    ceil(K/B1)], and the activations' [rows, ceil(K/B1)] when a is E4M3."""
+
+    weight: torch.Tensor
+    block: Tuple[int, int]
+    activations: Optional[torch.Tensor] = None
+
+
 def _grouped_gemm(
     a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
     aligned: AlignedPairs, config: MoeKernelConfig, pairs_per_a_row: int,
-    routing_weights: Optional[torch.Tensor] = None,
+    routing_weights: Optional[torch.Tensor] = None, scales: Optional[GemmScales] = None,
 ) -> None:
     """out [pairs, N] from a [rows, K] and w [E, N, K], one launch for all experts."""
     n_out, k_dim = w.shape[1], w.shape[2]
@@ -229,20 +269,40 @@ def _grouped_gemm(
     bias = _unit_stride_rows(bias) if bias is not None else None
     # Tiles no wider than the problem: the interpreter's cost grows with tile area.
     block_n = min(config.block_n, dot_block(n_out))
-    block_k = min(config.block_k, dot_block(k_dim))
+    # A block-scaled weight steps through K one scale group at a time.
+    block_k = min(config.block_k, dot_block(k_dim)) if scales is None else scales.block[1]
+    w_scale = scales.weight.contiguous() if scales is not None else w
+    quantized_a = scales is not None and scales.activations is not None
+    a_scale = scales.activations if quantized_a else w_scale
     grid = (aligned.block_expert_ids.numel(), triton.cdiv(n_out, block_n))
     _grouped_gemm_kernel[grid](
         a, w, bias if bias is not None else w, out,
-        routing_weights if routing_weights is not None else out,
+        routing_weights if routing_weights is not None else out, a_scale, w_scale,
         aligned.sorted_pair_ids, aligned.block_expert_ids, aligned.num_padded_rows,
-        out.shape[0], n_out, k_dim,
+        out.shape[0], n_out, k_dim, triton.cdiv(k_dim, block_k),
         a.stride(0), w.stride(0), w.stride(1),
-        bias.stride(0) if bias is not None else 0, out.stride(0),
+        bias.stride(0) if bias is not None else 0, out.stride(0), w_scale.stride(0),
         PAIRS_PER_A_ROW=pairs_per_a_row, HAS_BIAS=bias is not None, WEIGHTED=routing_weights is not None,
         BLOCK_M=aligned.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=exact_dot(a.dtype),
+        IEEE=exact_dot(a.dtype) or (quantized_a and block_k < block_fp8_kernels.MIN_FP8_DOT_K),
+        SCALE_BLOCK_N=scales.block[0] if scales is not None else 0,
+        QUANTIZED_A=quantized_a,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+
+
+def _gemm_input(a: torch.Tensor, weight_scale: Optional[torch.Tensor], block: Optional[Tuple[int, int]],
+                num_tokens: int) -> Tuple[torch.Tensor, Optional[GemmScales]]:
+    """What a grouped GEMM reads for activations a: a itself, or for block-FP8
+    experts past a decode's few tokens, a quantized per token and per B1
+    columns (a decode step is bound by reading the weights: a stays unquantized)."""
+    if weight_scale is None:
+        return a, None
+    block_fp8_kernels.check_group(block[1])  # (the K step is one group)
+    if num_tokens <= WEIGHT_ONLY_MAX_ROWS:
+        return a, GemmScales(weight_scale, block)
+    aq, a_scale = block_fp8_kernels.quantize_groups_fp8(a, block[1])
+    return aq, GemmScales(weight_scale, block, a_scale)
 
 
 @triton.jit
@@ -292,9 +352,11 @@ def fused_experts_triton(
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
     batch_invariant: bool = False,
+    block_scales: Optional["ExpertBlockScales"] = None,
 ) -> torch.Tensor:
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
-    rounding of fused_experts_torch. No host sync: CUDA-graph capturable."""
+    rounding of fused_experts_torch. No host sync: CUDA-graph capturable.
+    block_scales: w13 and w2 are block-FP8 (layers/moe/layer.py)."""
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(hidden)
@@ -303,12 +365,16 @@ def fused_experts_triton(
     aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)
     num_pairs = num_tokens * top_k
 
+    block, w13_scale, w2_scale = (block_scales.block, block_scales.w13, block_scales.w2) \
+        if block_scales is not None else (None, None, None)
     gate_up = torch.empty((num_pairs, 2 * inter), dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(hidden, w13, w13_bias, gate_up, aligned, config, pairs_per_a_row=top_k)
+    a, scales = _gemm_input(hidden, w13_scale, block, num_tokens)
+    _grouped_gemm(a, w13, w13_bias, gate_up, aligned, config, pairs_per_a_row=top_k, scales=scales)
     act = gated_activation(gate_up, activation)
     down = torch.empty((num_pairs, hidden.shape[1]), dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(act, w2, w2_bias, down, aligned, config, pairs_per_a_row=1,
-                  routing_weights=topk_weights.contiguous().view(-1).float())
+    a, scales = _gemm_input(act, w2_scale, block, num_tokens)
+    _grouped_gemm(a, w2, w2_bias, down, aligned, config, pairs_per_a_row=1,
+                  routing_weights=topk_weights.contiguous().view(-1).float(), scales=scales)
     down = down.view(num_tokens, top_k, -1)
     if batch_invariant:  # a library reduction may regroup the sum with the batch size
         total = down[:, 0].float()

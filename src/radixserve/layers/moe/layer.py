@@ -3,19 +3,33 @@
 w13 [E, 2I, H] holds each expert's gate rows then up rows; w2 [E, H, I] its
 down projection. On CUDA the Triton kernel runs every expert in one launch
 per projection; elsewhere the torch loop does (both: fused_experts below).
+A block-FP8 checkpoint's experts (layers/block_fp8.py) are E4M3 with one
+float32 scale per block, w13_scale [E, ceil(2I/B0), ceil(H/B1)] and w2_scale
+[E, ceil(H/B0), ceil(I/B1)] (`ExpertBlockScales`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
 from radixserve.distributed import get_parallel_config, get_tp_group
 from radixserve.layers.moe.activation import ExpertActivation
-from radixserve.layers.sharding import ShardSlice, copy_checkpoint_tensor
+from radixserve.layers.sharding import ShardSlice, block_scale_slice, copy_checkpoint_tensor
 from radixserve.layers.moe.torch_experts import fused_experts_torch
+
+
+@dataclass(frozen=True)
+class ExpertBlockScales:
+    """The block scales of E4M3 expert weights: w13 [E, ceil(2I/B0), ceil(H/B1)],
+    w2 [E, ceil(H/B0), ceil(I/B1)], block (B0, B1)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    block: Tuple[int, int]
 
 
 def fused_experts(
@@ -28,15 +42,22 @@ def fused_experts(
     w13_bias: Optional[torch.Tensor] = None,
     w2_bias: Optional[torch.Tensor] = None,
     batch_invariant: bool = False,
+    block_scales: Optional[ExpertBlockScales] = None,
 ) -> torch.Tensor:
     """The weighted sum of each token's chosen experts: Triton on CUDA, torch elsewhere.
-    batch_invariant: a token's result does not depend on the other tokens."""
+    batch_invariant: a token's result does not depend on the other tokens.
+    block_scales: w13 and w2 are block-FP8 (on the CPU: dequantized for the call)."""
     if hidden.is_cuda:
         from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
 
         return fused_experts_triton(
-            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant
+            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant, block_scales
         )
+    if block_scales is not None:  # a reference, not a fast path: the CPU has no FP8 GEMM
+        from radixserve.layers.block_fp8 import dequantize_block_fp8
+
+        w13 = dequantize_block_fp8(w13, block_scales.w13, block_scales.block).to(hidden.dtype)
+        w2 = dequantize_block_fp8(w2, block_scales.w2, block_scales.block).to(hidden.dtype)
     return fused_experts_torch(
         hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant
     )
@@ -83,17 +104,27 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(local, hidden_size, inter))
         self.register_parameter("w13_bias", nn.Parameter(torch.empty(local, 2 * inter)) if bias else None)
         self.register_parameter("w2_bias", nn.Parameter(torch.empty(local, hidden_size)) if bias else None)
+        # Block-FP8 experts (block_fp8.prepare_block_fp8): the block size and scales.
+        self.weight_block: Optional[Tuple[int, int]] = None
+        self.register_parameter("w13_scale", None)
+        self.register_parameter("w2_scale", None)
+
+    def block_scales(self) -> Optional[ExpertBlockScales]:
+        """The experts' block scales when they are block-FP8 now (not inside `unquantized`)."""
+        if self.w13_scale is None:
+            return None
+        return ExpertBlockScales(self.w13_scale, self.w2_scale, self.weight_block)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_group.world_size == 1:
             return fused_experts(
                 hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias,
-                self.batch_invariant,
+                self.batch_invariant, self.block_scales(),
             )
         topk_weights, topk_ids = self._local_choices(topk_weights, topk_ids, hidden.is_cuda)
         partial = fused_experts(
             hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias,
-            self.w2_bias if self.adds_down_bias else None, self.batch_invariant,
+            self.w2_bias if self.adds_down_bias else None, self.batch_invariant, self.block_scales(),
         )
         return self.tp_group.all_reduce(partial)
 
@@ -122,19 +153,18 @@ class FusedMoE(nn.Module):
         return range(self.first_expert, self.first_expert + self.num_local_experts)
 
     def shard_view(self, expert: int, shard: str, kind: str = "weight") -> torch.Tensor:
-        """This rank's slice of w13/w2 (or their biases) that one checkpoint
-        tensor fills: shard "gate", "up" or "down"; kind "weight" or "bias".
-        `expert` is a global id and must be one this rank holds."""
+        """This rank's slice of w13/w2 (or their biases or block scales) that
+        one checkpoint tensor fills: shard "gate", "up" or "down"; kind
+        "weight", "bias" or "weight_scale". `expert` is a global id and must be
+        one this rank holds."""
         local = self.local_expert(expert)
         if local is None:
             raise ValueError(f"expert {expert} is held by another expert-parallel rank")
-        inter = self.intermediate_size
-        if shard == "down":
-            param = self.w2 if kind == "weight" else self.w2_bias
-            rows = slice(None)
-        else:
-            param = self.w13 if kind == "weight" else self.w13_bias
-            rows = slice(0, inter) if shard == "gate" else slice(inter, 2 * inter)
+        # gate's rows, then up's: in blocks of rows for the scales (whole blocks: prepare_block_fp8)
+        inter = self.intermediate_size if kind != "weight_scale" else self.intermediate_size // self.weight_block[0]
+        suffix = {"weight": "", "bias": "_bias", "weight_scale": "_scale"}[kind]
+        param = getattr(self, ("w2" if shard == "down" else "w13") + suffix)
+        rows = slice(None) if shard == "down" else slice(0, inter) if shard == "gate" else slice(inter, 2 * inter)
         if param is None:
             raise ValueError(f"experts have no {kind}")
         return param.data[local, rows]
@@ -142,11 +172,15 @@ class FusedMoE(nn.Module):
     def checkpoint_slice(self, shard: str, kind: str) -> Optional[ShardSlice]:
         """The part of a per-expert checkpoint tensor this rank keeps: its
         columns of the intermediate axis (rows of gate/up, columns of down's
-        weight); down's bias whole."""
+        weight, and their blocks of scales); down's bias whole."""
         full, start, size = self.full_intermediate_size, self.inter_start, self.intermediate_size
-        if shard != "down":
-            return ShardSlice(0, start, size, full)
-        return ShardSlice(1, start, size, full) if kind == "weight" else None
+        if shard == "down" and kind == "bias":
+            return None
+        weight_slice = ShardSlice(0 if shard != "down" else 1, start, size, full)
+        if kind != "weight_scale":
+            return weight_slice
+        block = self.weight_block[weight_slice.dim]
+        return block_scale_slice(weight_slice, block, f"experts' {shard} (intermediate size {full})")
 
     def load_expert(self, expert: int, shard: str, kind: str, tensor: torch.Tensor) -> None:
         """Copy one per-expert checkpoint tensor (e.g. experts.3.up_proj.weight)
