@@ -36,6 +36,7 @@ class GemvTiles:
     block_n: int
     block_k: int
     num_warps: int
+    num_stages: int = 1  # software pipelining of the K loop (1: none, as the sweep ran)
 
 
 @triton.jit
@@ -71,13 +72,18 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
 
 
 def gemv_tiles(k: int, weight_bytes: int) -> GemvTiles:
-    """Tiles from the sweep of bench/gemv_bench.py on an H200 (Llama-8B and
-    Qwen3-0.6B's projections, bfloat16 and FP8): 4 rows per program, 1,024
-    columns per step (512 when K is 1,024), 32 bytes per thread per step. More
-    rows per program, or K split over programs, were not faster."""
+    """Tiles from H200 measurements. bfloat16 (bench/gemv_bench.py's sweep on
+    Llama-8B's and Qwen3-0.6B's projections): 4 rows per program, 1,024
+    columns per step (512 when K is 1,024), 32 bytes per thread per step; more
+    rows per program, or K split over programs, were not faster. FP8: the tiles
+    of the kernel this one replaced (8 rows, 512 columns, three stages), which
+    served Llama-8B's batch-1 step in 3.39 ms; the sweep's FP8 choice, timed
+    alone, gave 3.85 ms in the served step."""
+    if weight_bytes == 1:
+        return GemvTiles(block_n=8, block_k=min(512, triton.next_power_of_2(k)),
+                         num_warps=8 if k >= 8192 else 4, num_stages=3)
     block_k = 1024 if k >= 2048 else 512
-    return GemvTiles(block_n=4, block_k=min(block_k, triton.next_power_of_2(k)),
-                     num_warps=8 if weight_bytes >= 2 else 4)
+    return GemvTiles(block_n=4, block_k=min(block_k, triton.next_power_of_2(k)), num_warps=8)
 
 
 def prefer_over_cublas(weight: torch.Tensor) -> bool:
@@ -107,5 +113,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU_GATED=silu_gated,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
         SCALE_BLOCK_N=scale_block[0] if scale_block else 0, SCALE_BLOCK_K=scale_block[1] if scale_block else 0,
-        num_stages=1)  # as swept; under Triton's default (3) the FP8 gate_up took 43 us, not 36
+        num_stages=tiles.num_stages)
     return out
