@@ -91,6 +91,15 @@ def prefer_over_cublas(weight: torch.Tensor) -> bool:
     return weight.numel() * weight.element_size() < CUBLAS_FROM_BYTES and weight.is_contiguous()
 
 
+def fuse_activation(weight: torch.Tensor) -> bool:
+    """Whether to fuse the MLP's SiLU into the one-row product with this weight
+    (any format). Every program recomputes the activation over all of K, so it
+    pays on small weights: Qwen3-0.6B's batch-1 step 1.095 -> 1.056 ms. On
+    Llama-8B's FP8 down projection (58 MB) the fused step measured 3.49 ms
+    against 3.39 unfused a session earlier, so large weights stay unfused."""
+    return weight.numel() * weight.element_size() < CUBLAS_FROM_BYTES
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
          bias: Optional[torch.Tensor] = None, tiles: Optional[GemvTiles] = None,
          silu_gated: bool = False, scale_block: Optional[Tuple[int, int]] = None) -> torch.Tensor:

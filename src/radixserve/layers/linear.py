@@ -69,11 +69,14 @@ class Linear(nn.Module):
     def _gemv(self, x: torch.Tensor, bias: Optional[torch.Tensor], silu_gated: bool = False) -> Optional[torch.Tensor]:
         """A batch-1 decode step's product through layers/gemv.py, where it
         applies (one row on CUDA; an FP8 weight, per-channel or block-scaled, or
-        an unquantized one small enough to beat cuBLAS), else None."""
+        an unquantized one small enough to beat cuBLAS; with the SiLU fused in,
+        a small weight only), else None."""
         if self.batch_invariant or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1):
             return None
         from radixserve.layers import gemv  # Triton: imported where it runs
 
+        if silu_gated and not gemv.fuse_activation(self.weight):
+            return None
         if self.weight_scale is not None:
             fmt = self.weight_format  # FP8 with per-channel or (a block-FP8 checkpoint's) block scales
             if fmt.name != "fp8" and fmt.block is None:
