@@ -24,10 +24,11 @@ import triton.language as tl
 
 from radixserve.layers import triton_utils  # noqa: F401  (the interpreter shim: loops bounded by scalars)
 
-# A bfloat16 weight up to this many bytes: this kernel; larger, cuBLAS's GEMV,
-# which streams a large matrix at the bandwidth (on an H200, Llama-8B's 8.4-117
-# MB projections: cuBLAS equal or up to 6% ahead; Qwen3-0.6B's 2-12 MB ones:
-# this kernel 5-70% ahead).
+# A bfloat16 weight under this many bytes: this kernel; larger, cuBLAS's GEMV,
+# which streams a large matrix at the bandwidth (on an H200, bench/gemv_bench.py:
+# Llama-8B's 50-235 MB projections, cuBLAS equal or up to 20% ahead, its 34 MB
+# o projection equal; Qwen3-0.6B's 4-13 MB ones, this kernel 12-70% ahead on
+# three, 8% behind on gate|up).
 CUBLAS_FROM_BYTES = 40 << 20
 
 
