@@ -76,7 +76,7 @@ def gemv_tiles(k: int, weight_bytes: int) -> GemvTiles:
     """Tiles from H200 measurements. bfloat16 (bench/gemv_bench.py's sweep on
     Llama-8B's and Qwen3-0.6B's projections): 4 rows per program, 1,024
     columns per step (512 when K is 1,024), 32 bytes per thread per step; more
-    rows per program, or K split over programs, were not faster. FP8: the tiles
+    rows per program, or K split over programs, were not faster (split-K: 2% on one shape). FP8: the tiles
     of the kernel this one replaced (8 rows, 512 columns, three stages), which
     served Llama-8B's batch-1 step in 3.39 ms; the sweep's FP8 choice, timed
     alone, gave 3.85 ms in the served step."""
