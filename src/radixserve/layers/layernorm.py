@@ -25,8 +25,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
+        # HF's order: normalized in float32, rounded to x's dtype, then scaled.
+        # F.rms_norm does the float32 part in one call from Python (the CPU
+        # decode step is made of small calls, each costing more to launch than to run).
+        h = torch.nn.functional.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
+        out = self.weight * h.to(x.dtype)
         return out if residual is None else (out, residual)

@@ -179,17 +179,21 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., in] times an int4 weight -> [..., out] in x's dtype (the kernel
     runs in bfloat16, the dtype of the scales)."""
-    shape = x.shape
-    rows = x.reshape(-1, shape[-1])
+    # A decode step calls this 4 times a layer: no reshape or cast that would
+    # do nothing (each torch call costs microseconds on the CPU).
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:  # a prefill: one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:
-        group = shape[-1] // scales_and_zeros.shape[0]
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), packed, group, scales_and_zeros)
-    out = out.to(x.dtype)
+        group = x.shape[-1] // scales_and_zeros.shape[0]
+        if rows.dtype != torch.bfloat16:
+            rows = rows.to(torch.bfloat16)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
-    return out.view(*shape[:-1], packed.shape[0])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], packed.shape[0])
 
 
 @dataclass(frozen=True)

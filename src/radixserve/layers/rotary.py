@@ -140,18 +140,43 @@ class RotaryEmbedding(nn.Module):
             norms = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
             return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, norms)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, head_dim/2]
+        cos, sin = self._whole_head_tables()
+        cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, head_dim]
+        qk = _side_by_side(q, k)
+        if qk is not None:  # q | k columns of one q|k|v output: rotated in one pass
+            return self._rotate(qk, cos, sin).split([q.shape[-1], k.shape[-1]], dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _norm_heads(self, x: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
         return x if norm is None else norm(x.reshape(-1, self.head_dim)).view(x.shape)
 
+    def _whole_head_tables(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos|cos and -sin|sin per position [max_position, head_dim], made on
+        first use off CUDA: with them a rotation is x * cos + (x with its halves
+        swapped) * sin, five torch calls instead of eleven. A CPU decode step is
+        made of small calls, each costing more to launch than to run."""
+        tables = self.__dict__.get("_tables")
+        if tables is None or tables[0].device != self.cos_sin_cache.device:
+            cos, sin = self.cos_sin_cache.chunk(2, dim=-1)
+            tables = self._tables = (torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
+        return tables
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads*head_dim]; cos, sin [T, 1, head_dim] (`_whole_head_tables`, or an
+        MRotary's); returns [x1 * cos - x2 * sin, x2 * cos + x1 * sin] per head, x's dtype."""
         shape, dtype = x.shape, x.dtype
         x = x.reshape(shape[0], -1, self.head_dim).float()
-        x1, x2 = x.chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        out = x * cos + x.roll(self.head_dim // 2, dims=-1) * sin
         return out.to(dtype).view(shape)
+
+
+def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """[q | k] as one view when k's columns follow q's in the same rows (a
+    2-D slice of a q|k|v output), else None."""
+    if q.dim() != 2 or k.dim() != 2 or q.stride(-1) != 1 or k.stride(-1) != 1 or q.stride(0) != k.stride(0) \
+            or q.dtype != k.dtype or k.data_ptr() != q.data_ptr() + q.shape[1] * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], q.shape[1] + k.shape[1]), q.stride())
 
 
 class MRotaryEmbedding(RotaryEmbedding):
@@ -178,8 +203,8 @@ class MRotaryEmbedding(RotaryEmbedding):
         if positions.dim() == 1:
             return super().forward(positions, q, k, q_norm, k_norm)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
-        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # [3, T, head_dim/2]
-        pick = self.axis_of.view(1, 1, -1).expand(1, positions.shape[1], -1)
-        cos = cos.gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim/2]
-        sin = sin.gather(0, pick)[0].unsqueeze(1)
+        cos, sin = self._whole_head_tables()
+        pick = self.axis_of.repeat(2).view(1, 1, -1).expand(1, positions.shape[1], -1)
+        cos = cos[positions].gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim]
+        sin = sin[positions].gather(0, pick)[0].unsqueeze(1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -40,6 +40,8 @@ class TorchAttnMetadata:
     # A decode of one request whose slots are consecutive: the first slot (its
     # keys are a slice of the pool, no gather needed), else None.
     consecutive_from: Optional[int] = None
+    # Every request as long as the longest: nothing is padded, no mask needed.
+    unpadded: bool = False
 
 
 class TorchNativeAttnBackend(AttentionBackend, MLABackend):
@@ -52,7 +54,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         # Slot of every position of every request, padded to the longest one.
         kv_indices = fb.req_to_token_pool.req_to_token[fb.req_pool_indices, :max_len]
         valid = torch.arange(max_len, device=kv_indices.device)[None, :] < fb.seq_lens[:, None]
-        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _consecutive_from(kv_indices, fb))
+        unpadded = bool(fb.seq_lens_cpu) and min(fb.seq_lens_cpu) == max_len
+        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _consecutive_from(kv_indices, fb), unpadded)
 
     def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
         fb = forward_batch
@@ -117,7 +120,9 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             # The query sits at seq_len - 1: it sees the last `window` positions.
             first_key = fb.seq_lens[:, None] - layer.sliding_window
             valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= first_key)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        elif not meta.unpadded:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         if layer.sinks is None:
             probs = torch.softmax(scores.float(), dim=-1).to(dtype)
         else:
