@@ -1,6 +1,6 @@
 """The torch-native decode's CPU shortcuts against attention written from the
-definition: one request whose slots are consecutive reads its keys as a slice
-of the pool (no gather), and a small bfloat16 batch on a CPU without bfloat16
+definition: one request whose slots form a few runs of consecutive slots reads
+its keys as slices of the pool (no gather), and a small bfloat16 batch on a CPU without bfloat16
 units computes in float32."""
 
 from __future__ import annotations
@@ -30,24 +30,39 @@ def inputs(attn, bs, dtype, seed):
             for heads in (attn.num_heads, KV_HEADS, KV_HEADS)]
 
 
+def moved(pools, n, order):
+    """Pools holding the same keys and values as `pools` (one request of n
+    tokens) with position i's KV in the slot `order(slots)[i]`."""
+    out = Pools([n], page_size=1, dtype=torch.float32)
+    slots = pools.table.req_to_token[pools.rows[0], :n]
+    placed = order(slots)
+    out.table.req_to_token[out.rows[0], :n] = placed
+    for src, dst in zip(pools.kv.k_buffers + pools.kv.v_buffers, out.kv.k_buffers + out.kv.v_buffers):
+        dst[placed] = src[slots]
+    return out
+
+
 @pytest.mark.parametrize("window,with_sinks", [(None, False), (8, True)])
-def test_one_request_reads_consecutive_slots_as_a_slice(window, with_sinks):
+def test_one_request_reads_runs_of_consecutive_slots_as_slices(window, with_sinks):
     n = 40
     attn = windowed_layer(4, window, with_sinks)
     q, k, v = inputs(attn, 1, torch.float32, 0)
     pools = Pools([n], page_size=1, dtype=torch.float32)
     out, meta = decode(pools, [n], attn, q, k, v)
-    assert meta.consecutive_from == int(pools.table.req_to_token[pools.rows[0], 0])
+    first = int(pools.table.req_to_token[pools.rows[0], 0])
+    assert meta.slot_runs == [(first, first + n)]
     assert rel(out, reference_attention(pools, pools.rows[0], n, q, n - 1, attn)) < 1e-5
 
-    # The same keys and values in slots out of order: the gather path, the same answer.
-    shuffled = Pools([n], page_size=1, dtype=torch.float32)
-    row, scattered = shuffled.rows[0], pools.table.req_to_token[pools.rows[0], :n].flip(0)
-    shuffled.table.req_to_token[row, :n] = scattered
-    for src, dst in zip(pools.kv.k_buffers + pools.kv.v_buffers, shuffled.kv.k_buffers + shuffled.kv.v_buffers):
-        dst[scattered] = src[pools.table.req_to_token[pools.rows[0], :n]]
-    out_gathered, meta = decode(shuffled, [n], attn, q, k, v)
-    assert meta.consecutive_from is None
+    # Two runs (a cached prefix and the request's own slots): read run by run, the same answer.
+    split = moved(pools, n, lambda slots: torch.cat([slots[25:], slots[:25]]))
+    out_runs, meta = decode(split, [n], attn, q, k, v)
+    second = int(pools.table.req_to_token[pools.rows[0], 25])
+    assert meta.slot_runs == [(second, second + n - 25), (first, first + 25)]
+    assert rel(out_runs, out) < 1e-6
+
+    # Slots out of order (more runs than MAX_SLOT_RUNS): the gather path, the same answer.
+    out_gathered, meta = decode(moved(pools, n, lambda slots: slots.flip(0)), [n], attn, q, k, v)
+    assert meta.slot_runs is None
     assert rel(out_gathered, out) < 1e-6
 
 
@@ -57,7 +72,7 @@ def test_a_batch_of_several_requests_gathers():
     q, k, v = inputs(attn, 2, torch.float32, 1)
     pools = Pools(lens, page_size=1, dtype=torch.float32)
     out, meta = decode(pools, lens, attn, q, k, v)
-    assert meta.consecutive_from is None
+    assert meta.slot_runs is None
     plain = torch.cat([reference_attention(pools, r, n, q[i:i + 1], n - 1, attn)
                        for i, (r, n) in enumerate(zip(pools.rows, lens))])
     assert rel(out, plain) < 1e-5

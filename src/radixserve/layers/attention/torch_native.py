@@ -10,7 +10,7 @@ depend on the batch, the chunking or the radix cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +32,20 @@ if TYPE_CHECKING:
 # than it saved (2-core AVX-512 Xeon without BF16).
 FLOAT32_DECODE_MAX_BATCH = 8
 
+# A lone decode request whose slots form at most this many runs of consecutive
+# slots reads its keys run by run (a cached prefix and the request's own slots
+# are two runs); more runs, and it gathers them.
+MAX_SLOT_RUNS = 8
+
 
 @dataclass
 class TorchAttnMetadata:
     kv_indices: torch.Tensor  # [bs, longest] the slot of every position, padded
     valid: torch.Tensor  # [bs, longest] which of them are real
-    # A decode of one request whose slots are consecutive: the first slot (its
-    # keys are a slice of the pool, no gather needed), else None.
-    consecutive_from: Optional[int] = None
+    # A decode of one request whose slots form a few runs of consecutive slots:
+    # the runs as (first, stop) slot ranges, in position order (its keys are
+    # slices of the pool: no gather), else None.
+    slot_runs: Optional[List[Tuple[int, int]]] = None
     # Every request as long as the longest: nothing is padded, no mask needed.
     unpadded: bool = False
 
@@ -55,7 +61,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         kv_indices = fb.req_to_token_pool.req_to_token[fb.req_pool_indices, :max_len]
         valid = torch.arange(max_len, device=kv_indices.device)[None, :] < fb.seq_lens[:, None]
         unpadded = bool(fb.seq_lens_cpu) and min(fb.seq_lens_cpu) == max_len
-        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _consecutive_from(kv_indices, fb), unpadded)
+        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _slot_runs(kv_indices, fb), unpadded)
 
     def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
         fb = forward_batch
@@ -109,8 +115,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         bs, group = q.shape[0], layer.num_heads // layer.num_kv_heads
         dtype = _decode_dtype(q, bs)
         k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
-        if meta.consecutive_from is not None:
-            keys, values = (_slice(buf, meta.consecutive_from, kv_indices.shape[1], dtype) for buf in (k_buf, v_buf))
+        if meta.slot_runs is not None:
+            keys, values = (_from_runs(buf, meta.slot_runs, dtype) for buf in (k_buf, v_buf))
         else:
             keys = _gather(k_buf, kv_indices, dtype)  # [bs, kvh, L, d]
             values = _gather(v_buf, kv_indices, dtype)
@@ -176,20 +182,38 @@ def _decode_dtype(q: torch.Tensor, bs: int) -> torch.dtype:
     return q.dtype
 
 
-def _consecutive_from(kv_indices: torch.Tensor, fb: "ForwardBatch") -> Optional[int]:
-    """The first slot of a CPU decode of one request whose slots are consecutive
-    (a lone request's usually are: its prefill took a run of free slots and
-    each decode step the next one), else None. One host read per batch."""
+def _slot_runs(kv_indices: torch.Tensor, fb: "ForwardBatch") -> Optional[List[Tuple[int, int]]]:
+    """The (first, stop) slot ranges of a CPU decode of one request, if its
+    slots form at most MAX_SLOT_RUNS runs of consecutive slots (a lone request's
+    usually do: its prefill took a run of free slots, each decode step the
+    next one, and a cached prefix is one more run), else None. Found once per
+    batch, used by every layer."""
     if kv_indices.device.type != "cpu" or kv_indices.shape[0] != 1 or not fb.forward_mode.is_decode():
         return None
     row = kv_indices[0]
-    first = int(row[0]) if len(row) else 0
-    return first if len(row) and torch.equal(row, torch.arange(first, first + len(row), dtype=row.dtype)) else None
+    if len(row) == 0:
+        return None
+    breaks = ((row[1:] - row[:-1]) != 1).nonzero().flatten().tolist()
+    if len(breaks) >= MAX_SLOT_RUNS:
+        return None
+    starts, stops = [0] + [b + 1 for b in breaks], [b + 1 for b in breaks] + [len(row)]
+    first = row[starts].tolist()
+    return [(f, f + stop - start) for f, start, stop in zip(first, starts, stops)]
 
 
-def _slice(buf: torch.Tensor, first: int, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """buf [slots, kv_heads, d] at slots first..first+length-1 -> [1, kv_heads, length, d]: a view, no gather."""
-    return buf[first:first + length].to(dtype).transpose(0, 1).unsqueeze(0)
+def _from_runs(buf: torch.Tensor, runs: List[Tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+    """buf [slots, kv_heads, d] at the slot ranges `runs`, in order -> [1, kv_heads, L, d]
+    in dtype: a view for one run; else each run copied (and cast) straight into
+    the result, one pass over the keys where a gather and a cast take two."""
+    if len(runs) == 1:
+        first, stop = runs[0]
+        return buf[first:stop].to(dtype).transpose(0, 1).unsqueeze(0)
+    out = torch.empty(sum(stop - first for first, stop in runs), *buf.shape[1:], dtype=dtype, device=buf.device)
+    at = 0
+    for first, stop in runs:
+        out[at:at + stop - first].copy_(buf[first:stop])
+        at += stop - first
+    return out.transpose(0, 1).unsqueeze(0)
 
 
 def _gather(buf: torch.Tensor, kv_indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
