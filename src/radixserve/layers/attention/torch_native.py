@@ -126,8 +126,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             # The query sits at seq_len - 1: it sees the last `window` positions.
             first_key = fb.seq_lens[:, None] - layer.sliding_window
             valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= first_key)
-            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        elif not meta.unpadded:
+        if layer.sliding_window is not None or not meta.unpadded:
             scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         if layer.sinks is None:
             probs = torch.softmax(scores.float(), dim=-1).to(dtype)
