@@ -165,7 +165,11 @@ class ModelRunner:
                     f"mem_fraction_static={fraction} leaves no room for the KV cache "
                     f"after {used_by_weights / 2**30:.1f} GiB of weights"
                 )
-            return int(budget // per_token)
+            # The allocator's free list holds one int64 per page, and freeing
+            # concatenates a new one beside the old: 16 bytes a page besides the
+            # KV. A tiny model's pool has about 1e9 slots, whose free list (7.4
+            # GiB with an FP8 cache) overflowed the headroom when left uncounted.
+            return int(budget // (per_token + 16 / args.page_size))
         if args.mem_fraction_static is not None:
             import os
 
