@@ -64,7 +64,7 @@ def main() -> None:
     batch.prepare_for_decode()
     res = {}
     fb = batch.to_forward_batch()
-    res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runner.replay(fb))
+    res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runners[0].replay(fb))
     fb.attn_backend = runner.attn_backend
     runner.attn_backend.init_forward_metadata(fb)
     res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(fb.input_ids, fb.positions, fb)), 10)
@@ -82,7 +82,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            runner.graph_runner.replay(fb)
+            runner.graph_runners[0].replay(fb)
         torch.cuda.synchronize()
     res["kernels_per_step"] = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / 5
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)

@@ -151,9 +151,11 @@ class ServerArgs:
     # Kernels and the GPU fast path
     attention_backend: Optional[str] = option(None, "torch_native|triton; None: triton on CUDA, "
                                                     "torch_native on the CPU")
-    disable_cuda_graph: bool = option(False, "run decode without CUDA graphs")
+    disable_cuda_graph: bool = option(False, "run decode and short prefills without CUDA graphs")
     cuda_graph_max_bs: Optional[int] = option(None, "largest decode batch captured in a CUDA graph; "
                                                     "None: 256, or fewer when memory is short")
+    prefill_cuda_graph_max_tokens: int = option(
+        512, "longest prefill (new tokens of one request) replayed from a CUDA graph; 0: prefills run eagerly")
     disable_overlap_schedule: bool = option(False, "do not prepare the next batch while the GPU runs this one")
     enable_deterministic_inference: bool = option(
         False, "bit-identical outputs whatever else is batched, however the prefill was chunked and "
@@ -271,6 +273,8 @@ class ServerArgs:
             )
         if self.cuda_graph_max_bs is not None and self.cuda_graph_max_bs < 1:
             raise ValueError(f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs}")
+        if self.prefill_cuda_graph_max_tokens < 0:
+            raise ValueError(f"prefill_cuda_graph_max_tokens must be >= 0, got {self.prefill_cuda_graph_max_tokens}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.chat_template is not None and not Path(self.chat_template).expanduser().is_file():

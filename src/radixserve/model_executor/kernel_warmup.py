@@ -10,11 +10,12 @@ of a new size. So before serving, the runner does forwards whose shapes reach
 every variant: prefills of every power-of-two token count up to the largest
 one forward takes (each MoE tile bucket and chunk size), a prefill on top of a
 cached prefix (MLA's absorbed and expanded forms), decode steps of every
-power-of-two batch size (each split count; CUDA graphs cover the ones they
-capture) and, with --enable-mixed-chunk, mixed batches of odd and even decode
-counts. Integer arguments that vary with the batch (token and pair counts)
-are not specialised by the kernels themselves (do_not_specialize), so their
-values need no warm-up. With --enable-lora every warm-up forward runs its rows
+power-of-two batch size (each split count) and, with --enable-mixed-chunk,
+mixed batches of odd and even decode counts. The forwards run eagerly: the
+CUDA graphs compiled their own shapes when they were captured. Integer
+arguments that vary with the batch (token and pair counts) are not
+specialised by the kernels themselves (do_not_specialize), so their values
+need no warm-up. With --enable-lora every warm-up forward runs its rows
 through an adapter loaded at start-up (--lora-paths), so the segmented LoRA
 kernels compile here too (a server started with no adapter compiles them on
 its first LoRA request). Triton keeps what it compiled in its on-disk cache
@@ -138,7 +139,9 @@ def run_warmup_forward(runner: "ModelRunner", shape: WarmupShape) -> bool:
                 return False
             taken.append((row, slots))
             pools.req_to_token_pool.req_to_token[row, :cached + new] = slots
-        runner.forward(_forward_batch(runner, shape, taken))
+        # Eager even where a CUDA graph would take the shape: a request the
+        # graphs do not take (input logprobs, a batch) runs these kernels.
+        runner.forward_eager(_forward_batch(runner, shape, taken))
         return True
     finally:
         for row, slots in taken:

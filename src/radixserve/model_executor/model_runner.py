@@ -134,7 +134,7 @@ class ModelRunner:
         self.lora_manager = self._make_lora_manager()
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
-        self.graph_runner = self._make_graph_runner()
+        self.graph_runners = self._make_graph_runners()
         if self.device.type == "cuda" and warm_up:
             # Every Triton kernel variant a request can reach is compiled now,
             # not inside the first requests (kernel_warmup.py says which).
@@ -277,21 +277,29 @@ class ModelRunner:
 
         return LoRAManager(self.server_args, self.model, self.device, self.dtype)
 
-    def _make_graph_runner(self):
-        """Decode CUDA graphs, when on CUDA with a graph-safe attention backend."""
+    def _make_graph_runners(self) -> list:
+        """Decode CUDA graphs, and graphs for one request's short prefill, when
+        on CUDA with a graph-safe attention backend."""
         args = self.server_args
         if self.device.type != "cuda" or args.disable_cuda_graph or args.is_embedding:
-            return None  # (an embedding server never decodes)
+            return []  # (an embedding server never decodes)
         if self.lora_manager is not None and not self.lora_manager.use_triton:
             # The torch path's row groups change with every batch; a graph would replay stale ones.
             logger.warning("CUDA graphs need --lora-backend triton; running without them")
-            return None
+            return []
         if args.resolved_attention_backend() != "triton":
             logger.warning("CUDA graphs need --attention-backend triton; running without them")
-            return None
+            return []
         from radixserve.model_executor.cuda_graph_runner import CudaGraphRunner
+        from radixserve.model_executor.prefill_graph_runner import PrefillGraphRunner
 
-        return CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))
+        runners = [CudaGraphRunner(self, min(args.cuda_graph_max_bs or 256, self.max_running_requests))]
+        # MLA picks its attention form and gathers from the host-side lengths,
+        # which a graph would freeze; adapters are prepared per batch.
+        if (args.prefill_cuda_graph_max_tokens > 0 and self.lora_manager is None
+                and not isinstance(self.kv_layout, MLAKVLayout)):
+            runners.append(PrefillGraphRunner(self, args.prefill_cuda_graph_max_tokens))
+        return runners
 
     # ---- live weights (RL) ----
     @torch.inference_mode()
@@ -331,18 +339,18 @@ class ModelRunner:
         weights to host memory. The caller makes sure no request holds KV."""
         from radixserve.model_executor.memory_saver import release_memory
 
-        # The decode graphs replay the addresses about to be freed: drop them
-        # first, so their memory pool is freed too.
-        self.graph_runner = None
+        # The graphs replay the addresses about to be freed: drop them first,
+        # so their memory pools are freed too.
+        self.graph_runners = []
         return release_memory(self.model, self.pools.kv_pool, self.device)
 
     def resume_memory_occupation(self, released: "ReleasedMemory") -> None:
-        """Weights back on the device, the KV pool recreated (zeros), decode
+        """Weights back on the device, the KV pool recreated (zeros), CUDA
         graphs captured again over the new addresses."""
         from radixserve.model_executor.memory_saver import resume_memory
 
         resume_memory(self.pools.kv_pool, released)
-        self.graph_runner = self._make_graph_runner()
+        self.graph_runners = self._make_graph_runners()
 
     # ---- forward ----
     @torch.inference_mode()
@@ -350,9 +358,15 @@ class ModelRunner:
         """Logits of one batch: every request's next token, and the rows
         `logits_indices` asks for (input logprobs) when there are more. An
         embedding server's extend batches give pooled hidden states instead."""
+        for graphs in self.graph_runners:
+            if graphs.can_run(forward_batch):
+                return LogitsOutput(graphs.replay(forward_batch), None)
+        return self.forward_eager(forward_batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
+        """forward without CUDA graphs (the start-up warm-up compiles the kernels this path takes)."""
         fb = forward_batch
-        if self.graph_runner is not None and self.graph_runner.can_run(fb):
-            return LogitsOutput(self.graph_runner.replay(fb), None)
         fb.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(fb)
         if self.lora_manager is not None:
