@@ -4,6 +4,7 @@ naming its field; rids are unique within a request; split never changes its inpu
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 
@@ -115,8 +116,6 @@ class CountingTokenizer:
         self.tokenizer, self.calls, self.threads = tokenizer, 0, set()
 
     def encode(self, text, **kwargs):
-        import threading
-
         self.calls += 1
         self.threads.add(threading.current_thread().name)
         return self.tokenizer.encode(text, **kwargs)
@@ -124,8 +123,8 @@ class CountingTokenizer:
 
 def test_prepare_tokenizes_each_prompt_once_off_the_event_loop(embedded_tokenizer_dir):
     """TokenizerManager.prepare (no sockets are opened before a request is sent):
-    one encode per distinct prompt, in the tokenizer threads, and its states
-    are what generate_request sends."""
+    one encode per distinct prompt, in the tokenizer threads (a single short
+    prompt on the event loop), and its states are what generate_request sends."""
     import asyncio
 
     from transformers import AutoTokenizer
@@ -152,6 +151,17 @@ def test_prepare_tokenizes_each_prompt_once_off_the_event_loop(embedded_tokenize
     with pytest.raises(FieldError) as info:
         asyncio.run(tm.prepare(GenerateReqInput(input_ids=[1, len(tokenizer)])))
     assert info.value.field == "input_ids"
+
+    from radixserve.managers.tokenizer_manager import INLINE_PROMPT_LIMIT
+
+    counting.threads.clear()
+    assert [s.prompt_ids for s in asyncio.run(tm.prepare(GenerateReqInput(prompt="The cat"))).states] == [
+        tokenizer.encode("The cat")]
+    assert counting.threads == {threading.main_thread().name}
+    counting.threads.clear()
+    with pytest.raises(FieldError):  # (longer than the context)
+        asyncio.run(tm.prepare(GenerateReqInput(prompt="a" * (INLINE_PROMPT_LIMIT + 1))))
+    assert all(name.startswith("radixserve-tokenizer") for name in counting.threads) and counting.threads
 
 
 def test_null_means_the_default():

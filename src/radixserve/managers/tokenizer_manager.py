@@ -38,6 +38,10 @@ T = TypeVar("T")
 # does not hold up everyone else's; HF fast tokenizers encode concurrently
 # and release the GIL while they do.
 TOKENIZER_THREADS = 2
+# One prompt of at most this many characters or token ids (and no image) is
+# checked and tokenized on the event loop: a fraction of a millisecond, less
+# than handing it to a tokenizer thread and waking the loop again.
+INLINE_PROMPT_LIMIT = 2048
 
 
 @dataclass
@@ -210,7 +214,10 @@ class TokenizerManager:
         if self.server_args.is_embedding and not embedding:
             raise FieldError("model", "this server serves embeddings (--is-embedding): use /v1/embeddings "
                                       "or /encode (Engine.encode), not generate or completions")
-        checked = await self.run_in_tokenizer(self._split_and_tokenize, obj)
+        if is_short_single(obj):  # the hop to a tokenizer thread and back costs more than this work
+            checked = self._split_and_tokenize(obj)
+        else:
+            checked = await self.run_in_tokenizer(self._split_and_tokenize, obj)
         states = [ReqState(req=single, prompt_ids=ids, created=time.monotonic()) for single, ids in checked]
         await self._check_constraints([single for single, _ in checked])
         return PreparedGenerate(obj, states)
@@ -431,3 +438,13 @@ def _raise_if_rejected(out: io.ReqOutput) -> None:
     if status == 400:
         raise ValueError(reason["message"])
     raise RequestRejected(status, reason["message"])
+
+
+def is_short_single(obj: GenerateReqInput) -> bool:
+    """One prompt short enough to check and tokenize on the event loop, no images."""
+    if obj.image_data is not None:
+        return False
+    if obj.prompt is not None:
+        return isinstance(obj.prompt, str) and len(obj.prompt) <= INLINE_PROMPT_LIMIT
+    ids = obj.input_ids
+    return isinstance(ids, list) and len(ids) <= INLINE_PROMPT_LIMIT and not (ids and isinstance(ids[0], list))
