@@ -31,10 +31,19 @@ def weight_and_reference(fmt: str, n: int, k: int, g: torch.Generator):
     return w, None, w.float()
 
 
+@pytest.fixture(params=[False, True], ids=["plain", "pdl"])
+def pdl(request, monkeypatch):
+    """Both launches: plain, and with programmatic dependent launch (the first
+    weight tile read before the wait; the interpreter runs that path without
+    the waits)."""
+    monkeypatch.setattr(gemv_module, "use_pdl", lambda device: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt,dtype,tol", [("float32", torch.float32, 1e-6), ("bfloat16", torch.bfloat16, 1e-2),
                                            ("fp8", torch.bfloat16, 1e-2), ("fp8", torch.float32, 1e-6)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gemv_equals_the_float32_product(fmt, dtype, tol, bias):
+def test_gemv_equals_the_float32_product(fmt, dtype, tol, bias, pdl):
     g = torch.Generator().manual_seed(0)
     n, k = 21, 300  # ragged against tiles of 8 rows and steps of 32 columns
     w, scale, reference_w = weight_and_reference(fmt, n, k, g)
@@ -50,7 +59,7 @@ def test_gemv_equals_the_float32_product(fmt, dtype, tol, bias):
 
 @pytest.mark.parametrize("fmt,dtype,tol", [("float32", torch.float32, 1e-6), ("bfloat16", torch.bfloat16, 1e-2),
                                            ("fp8", torch.bfloat16, 1e-2)])
-def test_silu_gated_gemv_equals_silu_and_mul_then_the_product(fmt, dtype, tol):
+def test_silu_gated_gemv_equals_silu_and_mul_then_the_product(fmt, dtype, tol, pdl):
     from radixserve.layers.activation import SiluAndMul
 
     g = torch.Generator().manual_seed(1)

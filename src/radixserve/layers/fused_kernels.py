@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.layers.triton_utils import pdl_wait, use_pdl
 from radixserve.mem_cache.kv_dtype import FP8_DTYPES
 
 
@@ -23,11 +24,12 @@ from radixserve.mem_cache.kv_dtype import FP8_DTYPES
 def _rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     x_stride, res_stride, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    pdl_wait(USE_PDL)
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
@@ -48,11 +50,12 @@ def rms_norm(
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else out
     if rows:
+        pdl = use_pdl(x.device)
         _rmsnorm_kernel[(rows,)](
             x, residual if residual is not None else x, weight, out, res_out,
             x.stride(0), residual.stride(0) if residual is not None else 0, n, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-            num_warps=4 if n <= 2048 else 8,
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
+            num_warps=4 if n <= 2048 else 8, launch_pdl=pdl,
         )
     return out if residual is None else (out, res_out)
 
@@ -83,13 +86,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps,
     q_stride, k_stride, num_q_heads, num_k_heads,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
     half = HEAD_DIM // 2
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < half
+    pdl_wait(USE_PDL)
     pos = tl.load(pos_ptr + token)
     cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + offs, mask=mask, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + offs, mask=mask, other=0.0)
@@ -128,11 +132,12 @@ def rotary(
     k_out = torch.empty((tokens, num_k * head_dim), dtype=k.dtype, device=k.device)
     q_weight, k_weight, eps = head_norms if head_norms is not None else (cos_sin, cos_sin, 0.0)
     if tokens:
+        pdl = use_pdl(q.device)
         _rotary_kernel[(tokens, num_q + num_k)](
             q, k, q_out, k_out, positions, cos_sin, q_weight, k_weight, eps,
             q.stride(0), k.stride(0), num_q, num_k,
             HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_NORM=head_norms is not None,
-            num_warps=1,
+            USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
         )
     return q_out, k_out
 
@@ -141,10 +146,11 @@ def rotary(
 # one variant whatever its alignment (kernel_warmup.py).
 @triton.jit(do_not_specialize_on_alignment=["loc_ptr"])
 def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_stride, row_size,
-                     BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+                     BLOCK: tl.constexpr, LIMIT: tl.constexpr, USE_PDL: tl.constexpr = False):
     token = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < row_size
+    pdl_wait(USE_PDL)
     slot = tl.load(loc_ptr + token)
     k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
     v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
@@ -162,5 +168,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.T
     row_size = k_buf.shape[1] * k_buf.shape[2]
     if tokens:
         limit = torch.finfo(k_buf.dtype).max if k_buf.dtype in FP8_DTYPES else 0.0
+        pdl = use_pdl(k.device)
         _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), row_size,
-                                    BLOCK=triton.next_power_of_2(row_size), LIMIT=limit, num_warps=4)
+                                    BLOCK=triton.next_power_of_2(row_size), LIMIT=limit, USE_PDL=pdl, num_warps=4,
+                                    launch_pdl=pdl)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers import triton_utils  # noqa: F401  (the interpreter shim: loops bounded by scalars)
+from radixserve.layers.triton_utils import pdl_wait, use_pdl  # (also the interpreter shim: loops bounded by scalars)
 
 # A bfloat16 weight under this many bytes: this kernel; larger, cuBLAS's GEMV,
 # which streams a large matrix at the bandwidth (on an H200, bench/gemv_bench.py:
@@ -41,27 +41,47 @@ class GemvTiles:
 
 
 @triton.jit
+def _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
+               SCALE_BLOCK_K: tl.constexpr):
+    """x's columns ks in float32, activated and block-scaled as the product needs."""
+    x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
+    if SILU_GATED:  # x = [gate | up]: silu(gate) * up, rounded where SiluAndMul rounds
+        gate = x.to(tl.float32)
+        up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
+        x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
+    x = x.to(tl.float32)
+    if SCALE_BLOCK_N:  # each column's block scale folded into x: one multiply per column, not per weight
+        x *= tl.load(scale_row + ks // SCALE_BLOCK_K, mask=k_mask, other=0.0)
+    return x
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_GATED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SCALE_BLOCK_N: tl.constexpr = 0, SCALE_BLOCK_K: tl.constexpr = 0):
+                 SCALE_BLOCK_N: tl.constexpr = 0, SCALE_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * k
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    scale_row = scale_ptr
     if SCALE_BLOCK_N:  # block scales: this program's rows share one row of them (BLOCK_N divides SCALE_BLOCK_N)
         scale_row = scale_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK_N) * tl.cdiv(k, SCALE_BLOCK_K)
-    for start in range(0, k, BLOCK_K):
+    first_k = 0
+    if USE_PDL:
+        # The weights are no kernel's output: the first tile is read while the
+        # kernel before this one finishes, then this waits for x.
+        ks = tl.arange(0, BLOCK_K)
+        k_mask = ks < k
+        w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        pdl_wait(USE_PDL)
+        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K)
+        acc += w.to(tl.float32) * x[None, :]
+        first_k = BLOCK_K
+    for start in range(first_k, k, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < k
-        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
-        if SILU_GATED:  # x = [gate | up]: silu(gate) * up, rounded where SiluAndMul rounds
-            gate = x.to(tl.float32)
-            up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
-            x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
-        x = x.to(tl.float32)
-        if SCALE_BLOCK_N:  # each column's block scale folded into x: one multiply per column, not per weight
-            x *= tl.load(scale_row + ks // SCALE_BLOCK_K, mask=k_mask, other=0.0)
+        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K)
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, axis=1)
@@ -116,6 +136,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
                          f"not {tuple(x.shape)} and {tuple(weight.shape)}")
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     tiles = tiles or gemv_tiles(k, weight.element_size())
+    pdl = use_pdl(x.device)
     if scale_block is not None and scale_block[0] % tiles.block_n:  # a program's rows in one block
         tiles = dataclasses.replace(tiles, block_n=math.gcd(tiles.block_n, scale_block[0]))
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
@@ -123,5 +144,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU_GATED=silu_gated,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
         SCALE_BLOCK_N=scale_block[0] if scale_block else 0, SCALE_BLOCK_K=scale_block[1] if scale_block else 0,
-        num_stages=tiles.num_stages)
+        USE_PDL=pdl, num_stages=tiles.num_stages, launch_pdl=pdl)
     return out

@@ -79,3 +79,35 @@ def extend_tile(dtype: torch.dtype, widest_block: int) -> int:
     if widest_block >= 512:
         return 16
     return 32 if dtype == torch.float32 or widest_block > 128 else 64
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it
+# may start while the kernel before it finishes; it waits (gdc_wait) before it
+# reads what that kernel wrote or writes anything, and lets the next one start
+# (gdc_launch_dependents) once its own programs run. The batch-1 decode chain
+# of small kernels overlaps each start with the previous tail, and the GEMV
+# reads its first weight tile before waiting. RADIXSERVE_DISABLE_PDL=1 turns it
+# off (to compare).
+_PDL: dict = {}
+# The interpreter has no grid-dependency instructions; its tests still run the
+# kernels' PDL code paths (the GEMV's first tile read early), without the waits.
+_GDC = tl.constexpr(not INTERPRETED)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch."""
+    if device.type != "cuda" or INTERPRETED or os.environ.get("RADIXSERVE_DISABLE_PDL") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL:
+        _PDL[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _PDL[index]
+
+
+@triton.jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """Before the first read of another kernel's output and the first write."""
+    if USE_PDL:
+        if _GDC:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
