@@ -8,6 +8,7 @@ module that imports it runs under TRITON_INTERPRET=1 (the CPU tests).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -87,21 +88,20 @@ def extend_tile(dtype: torch.dtype, widest_block: int) -> int:
 # (gdc_launch_dependents) once its own programs run. The batch-1 decode chain
 # of small kernels overlaps each start with the previous tail, and the GEMV
 # reads its first weight tile before waiting. RADIXSERVE_DISABLE_PDL=1 turns it
-# off (to compare).
-_PDL: dict = {}
+# off (to compare); it is read once, and use_pdl's answer cached per device,
+# since every launch of those kernels asks.
+_PDL_OFF = INTERPRETED or os.environ.get("RADIXSERVE_DISABLE_PDL") == "1"
 # The interpreter has no grid-dependency instructions; its tests still run the
 # kernels' PDL code paths (the GEMV's first tile read early), without the waits.
 _GDC = tl.constexpr(not INTERPRETED)
 
 
+@functools.lru_cache(maxsize=None)
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch."""
-    if device.type != "cuda" or INTERPRETED or os.environ.get("RADIXSERVE_DISABLE_PDL") == "1":
+    if _PDL_OFF or device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PDL:
-        _PDL[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _PDL[index]
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 import torch
 from tqdm import tqdm
@@ -34,6 +34,21 @@ def capture_batch_sizes(max_bs: int) -> List[int]:
     if sizes[-1] != max_bs:
         sizes.append(max_bs)
     return sizes
+
+
+def capture_graph(forward: Callable[[], torch.Tensor], pool, stream: torch.cuda.Stream
+                  ) -> Tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """forward run twice on `stream` (lazy initialisation and Triton autotuning
+    happen outside the graph), then captured into a graph on memory pool
+    `pool`. Returns the graph and the output tensor its replays overwrite."""
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        output = forward()
+    return graph, output
 
 
 class CudaGraphRunner:
@@ -79,14 +94,7 @@ class CudaGraphRunner:
             fb = self._forward_batch(bs)
             if self.runner.lora_manager is not None:
                 self.runner.lora_manager.capture_decode(bs, self.max_bs)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy initialisation and Triton autotuning happen outside the graph
-                    self._run(fb)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                self.logits[bs] = self._run(fb)
-            self.graphs[bs] = graph
+            self.graphs[bs], self.logits[bs] = capture_graph(lambda: self._run(fb), self.pool, stream)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         logger.info("CUDA graphs: captured %d batch sizes (1..%d) in %.1f s",

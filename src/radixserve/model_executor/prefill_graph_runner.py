@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List
 import torch
 from tqdm import tqdm
 
+from radixserve.model_executor.cuda_graph_runner import capture_graph
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ class PrefillGraphRunner:
             out_cache_loc=self.out_cache_loc[:tokens], seq_lens_cpu=[tokens],
             extend_prefix_lens=self.prefix_len, extend_seq_lens=self.extend_len, extend_start_loc=self.start_loc,
             extend_prefix_lens_cpu=[0], extend_seq_lens_cpu=[tokens],
-            logits_indices=self.logits_index, last_logit_rows=self.start_loc,
+            logits_indices=self.logits_index,
             req_to_token_pool=pools.req_to_token_pool, kv_pool=pools.kv_pool,
             attn_backend=self.runner.attn_backend,
         )
@@ -123,14 +124,7 @@ class PrefillGraphRunner:
                 self.graphs[tokens] = graph = EagerReplay(lambda fb=fb: self._run(fb))
                 self.logits[tokens] = graph.output
                 continue
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: lazy initialisation happens outside the graph
-                    self._run(fb)
-            stream.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.logits[tokens] = self._run(fb)
-            self.graphs[tokens] = graph
+            self.graphs[tokens], self.logits[tokens] = capture_graph(lambda: self._run(fb), pool, stream)
         if capture:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
