@@ -80,6 +80,18 @@ def test_empty_batch():
     assert fk.silu_and_mul(torch.empty(0, 128, device=DEVICE)).shape == (0, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs 9 GB of GPU memory")
+def test_silu_and_mul_past_two_billion_elements():
+    """A 75,000-token prefill of Llama-8B's MLP: [T, 2 x 14,336] has more than
+    2^31 elements, so the row offsets must not be 32-bit. The last rows (the
+    ones an overflow would send elsewhere) match torch."""
+    rows, inter = 75_000, 14_336
+    x = torch.randn(rows, 2 * inter, dtype=torch.bfloat16, device=DEVICE)
+    out = fk.silu_and_mul(x)
+    assert rel(out[-8:].cpu(), SiluAndMul()(x[-8:].cpu())) < 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_store_kv_on_strided_views(dtype):
     """K and V as column slices of one qkv output land in the pool rows at loc."""

@@ -26,7 +26,7 @@ def _rmsnorm_kernel(
     x_stride, res_stride, n_cols, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 in a long prefill
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     pdl_wait(USE_PDL)
@@ -62,7 +62,8 @@ def rms_norm(
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n_cols, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    # int64: [T, 2I] passes 2^31 elements from T = 74,899 tokens at Llama-8B's I.
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
@@ -88,7 +89,7 @@ def _rotary_kernel(
     q_stride, k_stride, num_q_heads, num_k_heads,
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     half = HEAD_DIM // 2
     offs = tl.arange(0, HALF_BLOCK)
@@ -147,11 +148,11 @@ def rotary(
 @triton.jit(do_not_specialize_on_alignment=["loc_ptr"])
 def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_stride, row_size,
                      BLOCK: tl.constexpr, LIMIT: tl.constexpr, USE_PDL: tl.constexpr = False):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < row_size
     pdl_wait(USE_PDL)
-    slot = tl.load(loc_ptr + token)
+    slot = tl.load(loc_ptr + token).to(tl.int64)  # a layer's buffer may pass 2^31 elements
     k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
     v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
     if LIMIT > 0:  # an FP8 cache: saturate, as to_cache_dtype does
