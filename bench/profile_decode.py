@@ -1,12 +1,13 @@
-"""Where a batch-1 decode step spends its time (needs CUDA).
+"""Where a decode step spends its time (needs CUDA).
 
     python bench/profile_decode.py OUT.txt TOKENIZER_DIR [MODEL [key=value ...]]
 
 MODEL is a bench_shapes name (default llama8b); key=value pairs are ServerArgs
-fields (quantization=fp8). GPU time of one decode CUDA-graph replay, of the
-eager forward, of the matmuls alone (every bfloat16 weight as a cuBLAS GEMV in
-one graph), and a per-kernel profile of the replay with the kernel count per
-step.
+fields (quantization=fp8), plus `batch` (decode batch size, default 1) and
+`context` (tokens of each request before the step, default 256). GPU time of
+one decode CUDA-graph replay, of the eager forward, of the matmuls alone (every
+bfloat16 weight as a cuBLAS product in one loop, at the batch's rows), and a
+per-kernel profile of the replay with the kernel count per step.
 """
 import json
 import shutil
@@ -45,34 +46,39 @@ def cuda_ms(fn, iters: int = 50) -> float:
 def main() -> None:
     name = sys.argv[3] if len(sys.argv) > 3 else "llama8b"
     extra = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    batch_size, context = int(extra.pop("batch", 1)), int(extra.pop("context", 256))
     d = Path(f"/tmp/profile_{name}")
     d.mkdir(exist_ok=True)
     model_config(name, smoke=False).save_pretrained(d)
     for f in Path(sys.argv[2]).iterdir():
         shutil.copy(f, d / f.name)
+    tokens = batch_size * (context + 8)
     runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16",
-                                    max_total_tokens=1 << 14, **extra))
+                                    max_total_tokens=max(tokens, 1 << 14), max_running_requests=max(batch_size, 8),
+                                    cuda_graph_max_bs=max(batch_size, 8), **extra))
     sp = SamplingParams.from_dict({"max_new_tokens": 2})
     sp.normalize()
-    req = Req(TokenizedGenerateReqInput(rid="0", input_ids=list(range(100, 356)), sampling_params=sp), sampling_seed=0)
-    adder = PrefillAdder(1 << 14, [], 0.7, 1, None, 16384)
-    adder.add(req)
-    batch = ScheduleBatch([req], runner.pools, runner.device)
+    reqs = [Req(TokenizedGenerateReqInput(rid=str(i), input_ids=[100 + (i + j) % 1000 for j in range(context)],
+                                          sampling_params=sp), sampling_seed=0) for i in range(batch_size)]
+    adder = PrefillAdder(max(tokens, 1 << 14), [], 0.7, 1, None, tokens)
+    for req in reqs:
+        adder.add(req)
+    batch = ScheduleBatch(reqs, runner.pools, runner.device)
     batch.prepare_for_extend(adder.plans)
     out = runner.forward(batch.to_forward_batch())
     batch.last_token_ids = out.next_token_logits.argmax(-1)
     batch.prepare_for_decode()
-    res = {}
+    res = {"batch": batch_size, "context": context}
     fb = batch.to_forward_batch()
     res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runners[0].replay(fb))
     fb.attn_backend = runner.attn_backend
     runner.attn_backend.init_forward_metadata(fb)
     res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(fb.input_ids, fb.positions, fb)), 10)
-    # The matmuls alone, weights read once each (cuBLAS GEMV), in one graph-free loop.
+    # The matmuls alone, weights read once each (cuBLAS), in one graph.
     ws = [m.weight for n, m in runner.model.named_modules()
           if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
           and m.weight.dtype == torch.bfloat16 and "embed" not in n]
-    x = {w.shape[1]: torch.randn(1, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
+    x = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
     gemv = torch.cuda.CUDAGraph()
     with torch.cuda.graph(gemv):
         for w in ws:
