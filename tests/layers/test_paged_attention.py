@@ -117,6 +117,24 @@ def test_decode_matches_torch_native(dtype, group, page_size, num_splits):
     assert rel(ours, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("num_splits", [None, 4])
+def test_decode_with_the_large_batch_tiles(monkeypatch, num_splits):
+    """The tiles a large bfloat16 batch takes (decode_tiles: 32 keys, 2 warps),
+    forced onto a small batch, against the torch backend."""
+    from radixserve.layers.attention import paged_attention
+
+    monkeypatch.setattr(paged_attention, "MANY_DECODE_PROGRAMS", 1)
+    assert paged_attention.decode_tiles(torch.bfloat16, torch.bfloat16, HEAD_DIM, 1, False).block_n == 32
+    pools = Pools(DECODE_LENS, 1, torch.bfloat16)
+    attn = layer(4)
+    g = torch.Generator().manual_seed(3)
+    bs = len(DECODE_LENS)
+    q, k, v = (torch.randn(bs, n * HEAD_DIM, generator=g).to(DEVICE, torch.bfloat16)
+               for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    ref, ours = run_both(lambda b: decode_batch(pools, DECODE_LENS, b, bs), q, k, v, attn, num_splits)
+    assert rel(ours, ref) < TOL[torch.bfloat16]
+
+
 def test_decode_replays_with_new_values_in_the_same_buffers():
     """The CUDA-graph pattern: inputs overwritten in place, kernel run again;
     plus a padding row (seq_len 1 on the table's zero row) and seq_len 0."""

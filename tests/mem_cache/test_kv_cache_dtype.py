@@ -113,6 +113,30 @@ def test_backends_attend_over_the_stored_values(mode, cache_dtype):
         assert rel(out, reference) < 1e-5, type(backend).__name__
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_triton_decode_over_fp8_with_bfloat16_queries(cache_dtype):
+    """A bfloat16 model's decode over an FP8 pool: the Triton kernel widens the
+    cache to float16 and rounds its queries to float16 (decode_tiles). Against
+    attention in float32 over the same stored values and the same bfloat16
+    queries, it differs by bfloat16 rounding only."""
+    attn = RadixAttention(KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0)
+    fp8_pool, (q, k, v), fp8_batch = attention_batch(cache_dtype, ForwardMode.DECODE)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    ref_pool, _, ref_batch = attention_batch(torch.float32, ForwardMode.DECODE)
+    backend = TritonAttnBackend(torch.device("cpu"))
+    fb = fp8_batch(backend)
+    backend.init_forward_metadata(fb)
+    out = backend.forward(q, k, v, attn, fb)
+    ref_pool.k_buffers[0].copy_(fp8_pool.k_buffers[0].float())
+    ref_pool.v_buffers[0].copy_(fp8_pool.v_buffers[0].float())
+    ref_backend = TorchNativeAttnBackend()
+    fb = ref_batch(ref_backend)
+    ref_backend.init_forward_metadata(fb)
+    reference = ref_backend.forward(q.float(), *(kv_dtype.as_cached(x.float(), cache_dtype) for x in (k, v)), attn, fb)
+    assert out.dtype == torch.bfloat16
+    assert rel(out, reference) < 1e-2
+
+
 def fp8_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA with keys and values rounded through E4M3 first (for
     MLA only the rope part of the key: its other part and the values come from

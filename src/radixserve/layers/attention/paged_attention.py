@@ -18,6 +18,7 @@ written to the pool before attention runs).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.triton_utils import decode_split_count, dot, dot_block, exact_dot, extend_tile
+from radixserve.mem_cache.kv_dtype import FP8_DTYPES
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE: tl.constexpr):
@@ -57,7 +59,7 @@ def _decode_split_kernel(
     scale, group, num_heads, window, split_tokens,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    FIXED_SPLITS: tl.constexpr,
+    FIXED_SPLITS: tl.constexpr, FP16_DOTS: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,6 +93,11 @@ def _decode_split_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + req * stride_q_tok + head[:, None] * HEAD_DIM + d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    if FP16_DOTS:
+        # An FP8 cache widens to float16 in one instruction per pair (to
+        # bfloat16 it takes three), exactly; _attend_block widens the keys and
+        # values to q's dtype, so q becomes float16 (clamped to its range).
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -152,6 +159,36 @@ def fixed_decode_splits(context_len: int, max_splits: int = 64) -> tuple:
     return triton.next_power_of_2(triton.cdiv(context_len, split_tokens)), split_tokens
 
 
+@dataclass(frozen=True)
+class DecodeTiles:
+    block_n: int  # keys per loop step
+    num_warps: int
+    num_stages: int
+    fp16_dots: bool  # widen an FP8 cache to float16 rather than to q's bfloat16
+
+
+# From this many (request, KV head) programs on, bfloat16 decode takes blocks
+# of 32 keys over 2 warps: 9% faster at 256 requests of 640 tokens (8 KV
+# heads), 6% slower at 64 (H200, Llama-8B's heads; docs/benchmarks.md).
+MANY_DECODE_PROGRAMS = 1024
+
+
+def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, programs: int,
+                 fixed_splits: bool) -> DecodeTiles:
+    """The decode kernel's tiles, from a sweep on the H200. An FP8 cache under
+    16-bit queries: float16 dots over blocks of 128 keys, 2 warps, 3 stages
+    (0.69x the time of the bfloat16-widening default, averaged over 256 x 640,
+    64 x 1,024 and 1 x 2,048 tokens). Deterministic mode keeps one block size
+    whatever the batch (its key blocks must start at the same positions)."""
+    if block_d > 128:
+        return DecodeTiles(32, 4, 2, False)  # within shared memory
+    if cache_dtype in FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16):
+        return DecodeTiles(128, 2, 3, True)
+    if programs >= MANY_DECODE_PROGRAMS and not fixed_splits:
+        return DecodeTiles(32, 2, 2, False)
+    return DecodeTiles(64, 4, 2, False)
+
+
 def decode_attention(
     q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, out: torch.Tensor,
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -171,13 +208,14 @@ def decode_attention(
     block_d = triton.next_power_of_2(head_dim)
     part_out = torch.empty((bs, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    tiles = decode_tiles(k_buffer.dtype, q.dtype, block_d, bs * num_kv_heads, split_tokens is not None)
     _decode_split_kernel[(bs, num_kv_heads, num_splits)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
         split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_H=dot_block(group), BLOCK_N=64 if block_d <= 128 else 32,
-        IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
-        FIXED_SPLITS=split_tokens is not None, num_warps=4, num_stages=2,
+        BLOCK_H=dot_block(group), BLOCK_N=tiles.block_n, IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
+        FIXED_SPLITS=split_tokens is not None, FP16_DOTS=tiles.fp16_dots, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
     decode_merge_kernel[(bs, num_heads)](
         part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), head_dim, num_heads,
