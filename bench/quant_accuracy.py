@@ -1,7 +1,8 @@
 """What a quantized weight format costs in accuracy, on a model with real weights.
 
-    python bench/quant_accuracy.py [--method fp8|int8wo|int4wo-32|gguf|bf16] [--model-path SmolLM2-135M-Instruct]
+    python bench/quant_accuracy.py [--method fp8|int8wo|int4wo-32|gguf|w8a8_int8|bf16] [--model-path SmolLM2-135M-Instruct]
         [--prompts 100] [--device cpu|cuda] [--dtype float32|bfloat16] [--out results.json]
+        [--prompts-per-forward 8] [--chunk N]
 
 The prompts are the first N lines of at least 40 characters of this
 repository's docs (real text, the same on every machine). Each prompt runs
@@ -9,7 +10,11 @@ teacher-forced through two model runners on the same weights: the reference
 (unquantized, --dtype) and the quantized one (`--quantization fp8|gguf` or
 `--torchao-config int8wo|int4wo-32`, with --dtype auto: the int kernels run
 their activations in bfloat16; `bf16` is the unquantized model in bfloat16),
-and every position's logits are compared: relative L2 error
+and every position's logits are compared (the quantized runner's forwards hold
+--prompts-per-forward prompts, in extends of --chunk tokens each, so the row
+count picks the kernel a CPU int4 or int8 format runs: a prefill's
+dequantized GEMM from 128 rows, the 4-bit or 8-bit kernel below):
+relative L2 error
 ||fp8 - ref|| / ||ref|| over all positions, the mean KL divergence of the
 next-token distributions, and how often the top-1 token agrees.
 """
@@ -49,6 +54,7 @@ METHODS = {
     "int8wo": {"torchao_config": "int8wo", "dtype": "auto"},
     "int4wo-32": {"torchao_config": "int4wo-32", "dtype": "auto"},
     "gguf": {"quantization": "gguf", "dtype": "auto"},
+    "w8a8_int8": {"quantization": "w8a8_int8"},
     "bf16": {"dtype": "bfloat16"},  # no quantization: what bfloat16 alone costs
 }
 
@@ -57,10 +63,12 @@ def logits_of(args: argparse.Namespace, ids: List[List[int]], method) -> List[to
     flags = METHODS.get(method, {})
     runner = ModelRunner(ServerArgs(**{"model_path": args.model_path, "device": args.device, "dtype": args.dtype,
                                        "max_total_tokens": 4096, **flags}))
-    out = []
-    for start in range(0, len(ids), 8):  # a few prompts per forward
-        batch = ids[start:start + 8]
-        out += [x.float().cpu() for x in teacher_forced_logits(runner, batch, chunks=[max(map(len, batch))],
+    out, per_forward = [], args.prompts_per_forward if method else 8
+    for start in range(0, len(ids), per_forward):
+        batch = ids[start:start + per_forward]
+        longest = max(map(len, batch))
+        chunk = args.chunk if method and args.chunk else longest
+        out += [x.float().cpu() for x in teacher_forced_logits(runner, batch, chunks=[chunk] * -(-longest // chunk),
                                                                 decode_steps=0)]
     del runner
     return out
@@ -74,6 +82,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="the reference's dtype (and fp8's activations)")
     p.add_argument("--out")
+    p.add_argument("--prompts-per-forward", type=int, default=8, help="prompts batched in each forward")
+    p.add_argument("--chunk", type=int, help="new tokens per extend of each prompt (default: all at once)")
     args = p.parse_args()
     from radixserve.model_loader.source import resolve_model_source
 
@@ -84,6 +94,7 @@ def main() -> None:
     kl = torch.nn.functional.kl_div(fp8.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
     result = {
         "method": args.method, "model": args.model_path, "device": args.device, "dtype": args.dtype, "prompts": len(ids),
+        "prompts_per_forward": args.prompts_per_forward, "chunk": args.chunk,
         "positions": ref.shape[0],
         "rel_l2": ((fp8 - ref).norm() / ref.norm()).item(),
         "mean_kl": kl.sum(-1).mean().item(),

@@ -31,7 +31,7 @@ def option(default: Any, help: str, nargs: Optional[str] = None, **kwargs: Any) 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # SGLang's names; auto is round_robin (follow_bootstrap_room is refused: disaggregated servers have dp_size 1).
 LOAD_BALANCE_METHODS = ("auto", "round_robin", "total_requests", "total_tokens")
-QUANTIZATIONS = (None, "fp8", "gguf")
+QUANTIZATIONS = (None, "fp8", "gguf", "w8a8_int8")
 TORCHAO_CONFIGS = (None, "", "int8wo", "int4wo-32", "int4wo-64", "int4wo-128")
 # --kv-cache-dtype: SGLang's names -> torch dtype names (None: the model's
 # dtype; strings, so this module needs no torch). SGLang's fp4_e2m1 is not offered.
@@ -65,7 +65,8 @@ class ServerArgs:
                                                "(per output channel), activations per token (a block-FP8 checkpoint, "
                                                "DeepSeek-V3's: kept in its own block-scaled FP8, as on CUDA by "
                                                "default); gguf (CPU, a .gguf "
-                                               "model): its 4-bit weights kept 4-bit (int4wo-32); None: as loaded")
+                                               "model): its 4-bit weights kept 4-bit (int4wo-32); w8a8_int8 (CPU): "
+                                               "int8 weights and per-token int8 activations; None: as loaded")
     torchao_config: Optional[str] = option(None, "int8wo: linear and LM-head weights as int8 (per output "
                                                  "channel); int4wo-32|64|128 (CPU): linear weights as int4 "
                                                  "in groups of 32|64|128 inputs, LM head int8; activations "
@@ -297,10 +298,10 @@ class ServerArgs:
         if self.torchao_config not in TORCHAO_CONFIGS:
             raise ValueError(f"torchao_config must be one of {'|'.join(c for c in TORCHAO_CONFIGS if c)}, "
                              f"got {self.torchao_config!r}")
-        if (self.quantization == "gguf" or (self.torchao_config or "").startswith("int4wo")) \
+        if (self.quantization in ("gguf", "w8a8_int8") or (self.torchao_config or "").startswith("int4wo")) \
                 and self.resolved_device() != "cpu":
-            raise ValueError("quantization=gguf and torchao_config=int4wo-* run on the CPU only "
-                             "(torch's int4 kernel there); on CUDA use quantization=fp8")
+            raise ValueError("quantization=gguf|w8a8_int8 and torchao_config=int4wo-* run on the CPU only "
+                             "(torch's int4 and int8 kernels there); on CUDA use quantization=fp8")
         if self.quantization and self.torchao_config:
             raise ValueError("quantization and torchao_config cannot be combined; choose one")
         if (self.quantization or self.torchao_config) and self.enable_deterministic_inference:

@@ -97,16 +97,17 @@ def test_unquantized_round_trip_and_partial_update():
     assert rel(dequantize(weight.data[64:96], scale[64:96]), new_k) < 5e-2
 
 
-def fake_quantize_linears(hf_model: nn.Module) -> None:
+def fake_quantize_linears(hf_model: nn.Module, dtype: torch.dtype = FP8_DTYPE, lm_head: bool = False) -> None:
     """transformers' model with our quantization applied by hand: each
-    projection's weight replaced by its per-channel FP8 value, each input
-    rounded per token to FP8 before the matmul (the LM head stays exact)."""
+    projection's weight replaced by its per-channel value in dtype (FP8 or
+    int8), each input rounded per token to dtype before the matmul (the LM
+    head too with lm_head, else it stays exact)."""
     for name, module in hf_model.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
-            q, scale = quantize_per_row(module.weight.data)
+        if isinstance(module, nn.Linear) and (lm_head or not name.endswith("lm_head")):
+            q, scale = quantize_per_row(module.weight.data, dtype)
             module.weight.data = dequantize(q, scale)
             module.register_forward_pre_hook(lambda _, args: (dequantize(*quantize_per_row(args[0].reshape(
-                -1, args[0].shape[-1]))).view(args[0].shape),))
+                -1, args[0].shape[-1]), dtype)).view(args[0].shape),))
 
 
 def test_tiny_llama_matches_fake_quantized_transformers(tiny_model_factory):
@@ -127,6 +128,36 @@ def test_tiny_llama_matches_fake_quantized_transformers(tiny_model_factory):
     for o, r, e in zip(ours, reference, exact):
         assert rel(o, r) < 1e-4  # the same arithmetic, up to float32 rounding (2e-7 measured)
         assert rel(o, e) > 10 * rel(o, r)  # the reference is not the unquantized model
+
+
+def test_w8a8_int8_tiny_llama_matches_fake_quantized_transformers(tiny_model_factory):
+    """--quantization w8a8_int8: int8 weights per channel and int8 activations
+    per token, the LM head too; the int32 sums are exact, so only float32
+    rounding of the scales separates it from transformers with the same rounding."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+
+    path = tiny_model_factory("llama")
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in (5, 23)]
+    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", quantization="w8a8_int8", max_total_tokens=512))
+    assert runner.dtype == torch.float32 and runner.weight_format.name == "w8a8_int8"
+    assert runner.model.lm_head.qweight.dtype == torch.int8
+    ours = teacher_forced_logits(runner, prompts, chunks=[16, 16], decode_steps=0)
+    hf = load_hf_model(path)
+    exact = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    fake_quantize_linears(hf, torch.int8, lm_head=True)
+    with torch.no_grad():
+        reference = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    for o, r, e in zip(ours, reference, exact):
+        assert rel(o, r) < 1e-4 and rel(o, e) > 10 * rel(o, r)
+
+
+def test_w8a8_int8_is_cpu_only():
+    from radixserve.server_args import ServerArgs
+
+    with pytest.raises(ValueError, match="CPU only"):
+        ServerArgs(quantization="w8a8_int8", device="cuda")
 
 
 def test_engine_serves_fp8_and_takes_weight_updates(tiny_model_factory):

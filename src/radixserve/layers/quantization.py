@@ -10,6 +10,11 @@ fewer bytes with one scale per output channel (w ~= q * scale[row]).
   left as they are (bfloat16), torch's int8 weight-only kernel
   (aten._weight_int8pack_mm, what torchao's int8wo runs on the CPU). A
   quarter of float32's bytes: a memory-bound CPU decode step reads them all.
+- W8A8_INT8 (--quantization w8a8_int8, SGLang's name; CPU): int8 weights per
+  output channel and int8 activations per token, multiplied in int8 with
+  int32 sums (torch._int_mm). Fast where rows share each weight, but the
+  per-token rounding of the activations costs a model without calibrated
+  scales much accuracy (docs/benchmarks.md); opt-in only.
 - INT4WO-G (--torchao-config int4wo-32|64|128; --quantization gguf is int4wo-32
   for a GGUF file, whose 4-bit blocks are 32 values): 4-bit weights in groups
   of G input values, each group with its own scale and zero point (w ~= (q - 8)
@@ -125,6 +130,21 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     return out.view(*shape[:-1], weight.shape[0])
 
 
+def w8a8_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [..., in] times an int8 weight [out, in] with float32 scales [1, out]
+    -> [..., out] in x's dtype: x quantized to int8 per token, the product in
+    int8 with int32 sums (torch._int_mm: the CPU's VNNI or AMX dot products),
+    both scales applied after."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    xq, x_scale = quantize_per_row(rows, torch.int8)
+    out = torch._int_mm(xq, weight.t()).float().mul_(x_scale).mul_(weight_scale)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype).view(*shape[:-1], weight.shape[0])
+
+
 def per_row_dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The float32 values of a weight quantized per row (FP8, int8): q * scale[row]."""
     return q.float() * scale.float()[:, None]
@@ -228,6 +248,18 @@ _INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), pe
 INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
 
 
+def _quantize_w8a8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, scale = quantize_per_row(w, torch.int8)
+    return q, scale.view(1, -1)
+
+
+# --quantization w8a8_int8 (CPU): the LM head too. Activations keep the model's
+# dtype around the products (float32 by default on the CPU).
+_W8A8 = WeightFormat("w8a8_int8", w8a8_int8_linear, _quantize_w8a8,
+                     lambda q, scale: per_row_dequantized(q, scale.view(-1)))
+W8A8_INT8 = dataclasses.replace(_W8A8, lm_head=_W8A8)
+
+
 def int4_weight_only(group: int) -> WeightFormat:
     """int4 in groups of `group` input values; the LM head as int8 (a 4-bit
     head costs the most accuracy for the least time)."""
@@ -259,6 +291,8 @@ def weight_format_of(quantization: Optional[str], torchao_config: Optional[str],
         return FP8
     if quantization == "gguf":
         return gguf_weight_format(gguf_block_types)
+    if quantization == "w8a8_int8":
+        return W8A8_INT8
     if torchao_config == "int8wo":
         return INT8_WEIGHT_ONLY
     if torchao_config and torchao_config.startswith("int4wo-"):
