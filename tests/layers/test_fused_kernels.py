@@ -13,6 +13,8 @@ from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# With CUDA every test runs at real sizes: `pytest -m gpu` selects them there.
+pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
 # (dtype, tolerance): a kernel may round differently from torch by one ulp of the dtype
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
 SIZES = [(5, 96), (1, 64)] if DEVICE == "cpu" else [(1, 4096), (300, 4096), (7, 1024)]

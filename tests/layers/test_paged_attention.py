@@ -15,6 +15,8 @@ from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+# With CUDA every test runs at real sizes: `pytest -m gpu` selects them there.
+pytestmark = [pytest.mark.gpu] if CUDA else []
 HEAD_DIM = 128 if CUDA else 16
 KV_HEADS = 8 if CUDA else 2
 # Prefix and new-token lengths per request (prefix 0, a 1-token extend, a long prefix).
