@@ -132,14 +132,14 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
 
 def w8a8_int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [..., in] times an int8 weight [out, in] with float32 scales [1, out]
+    """x [..., in] times an int8 weight [out, in] with float32 scales [out]
     -> [..., out] in x's dtype: x quantized to int8 per token, the product in
     int8 with int32 sums (torch._int_mm: the CPU's VNNI or AMX dot products),
     both scales applied after."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     xq, x_scale = quantize_per_row(rows, torch.int8)
-    out = torch._int_mm(xq, weight.t()).float().mul_(x_scale).mul_(weight_scale)
+    out = torch._int_mm(xq, weight.t()).float().mul_(x_scale).mul_(weight_scale.view(1, -1))
     if bias is not None:
         out = out + bias
     return out.to(x.dtype).view(*shape[:-1], weight.shape[0])
@@ -248,15 +248,9 @@ _INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), pe
 INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
 
 
-def _quantize_w8a8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    q, scale = quantize_per_row(w, torch.int8)
-    return q, scale.view(1, -1)
-
-
-# --quantization w8a8_int8 (CPU): the LM head too. Activations keep the model's
-# dtype around the products (float32 by default on the CPU).
-_W8A8 = WeightFormat("w8a8_int8", w8a8_int8_linear, _quantize_w8a8,
-                     lambda q, scale: per_row_dequantized(q, scale.view(-1)))
+# --quantization w8a8_int8 (CPU): int8wo's weights and scales, the LM head too;
+# activations keep the model's dtype around the products (float32 by default on the CPU).
+_W8A8 = dataclasses.replace(_INT8, name="w8a8_int8", matmul=w8a8_int8_linear, activation_dtype=None)
 W8A8_INT8 = dataclasses.replace(_W8A8, lm_head=_W8A8)
 
 
