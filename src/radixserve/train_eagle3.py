@@ -34,6 +34,7 @@ from radixserve.speculative.loss_plot import save_loss_plot
 
 logger = logging.getLogger(__name__)
 STEP_WEIGHT = 0.8  # later draft steps count less (SpecForge's decay)
+SAVE_SECONDS = 20  # kept from --time-budget for saving the head and its plot
 
 
 def head_config(target_config, draft_vocab_size: int, layers: List[int], intermediate_size: int = 0):
@@ -92,7 +93,7 @@ def stack_windows(group: List[tuple]) -> tuple:
     return features, inputs, labels
 
 
-def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
+def train(head, samples, args, target_to_draft: torch.Tensor, started: float) -> List[float]:
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
     losses, rng = [], random.Random(0)
     windows_per_epoch = sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
@@ -100,6 +101,8 @@ def train(head, samples, args, target_to_draft: torch.Tensor) -> List[float]:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(total, 2), pct_start=0.05)
     bar = tqdm(total=total, desc="training", unit="step")
     deadline = time.monotonic() + args.max_train_seconds if args.max_train_seconds else math.inf
+    if args.time_budget:
+        deadline = min(deadline, started + args.time_budget - SAVE_SECONDS)
     for _ in range(args.epochs):
         for features, inputs, labels in batches(samples, args, rng):
             if time.monotonic() > deadline:
@@ -163,6 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=1, help="windows per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-train-seconds", type=float, default=0, help="stop training (and save) after this long")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="stop training so that the whole run (generation included) ends within this many seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.7, help="of the target's answers (0: greedy)")
     p.add_argument("--prompts", choices=("auto", "chat", "random"), default="auto",
@@ -182,6 +187,7 @@ def main(argv=None) -> None:
     from radixserve.server_args import ServerArgs
 
     args = parse_args(argv)
+    started = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     out = Path(args.output_dir)
     extra = json.loads(args.engine_args)
@@ -203,7 +209,7 @@ def main(argv=None) -> None:
     head = init_head(config, runner, vocab, args.device)
     target_to_draft = torch.full((runner.config.vocab_size,), -1, dtype=torch.int64)
     target_to_draft[vocab] = torch.arange(len(vocab))
-    losses = train(head, samples, args, target_to_draft.to(args.device))
+    losses = train(head, samples, args, target_to_draft.to(args.device), started)
     save_head(head, config, out, getattr(torch, args.save_dtype))
     save_loss_plot(losses, out / "loss.png")
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "sequences": len(seqs),

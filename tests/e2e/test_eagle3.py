@@ -71,3 +71,12 @@ def test_not_a_head_is_refused(target):
     with pytest.raises(Exception, match="not an EAGLE-3 head"):
         Engine(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
                speculative_draft_model_path=str(target))
+
+
+def test_time_budget_spent_by_generation_still_writes_a_head(target, tmp_path):
+    """--time-budget counts from the start: a budget the generation already
+    used up trains no step, and the untrained head is still written."""
+    train_eagle3(["--model-path", str(target), "--output-dir", str(tmp_path), "--prompts", "random",
+                  "--num-prompts", "2", "--max-new-tokens", "4", "--draft-vocab-size", "64", "--time-budget", "1"])
+    assert json.loads((tmp_path / "train_log.json").read_text())["losses"] == []
+    assert (tmp_path / "model.safetensors").stat().st_size > 0
