@@ -18,10 +18,16 @@ from tests.conftest import load_hf_model
 from tests.models.deepseek_tiny import build_deepseek, teacher_forced_logits
 
 E4M3 = torch.float8_e4m3fn
+# Under CUDA the attention tests run there (the Triton kernels compiled for the
+# GPU); on the CPU, Triton's interpreter runs them.
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+pytestmark = [pytest.mark.gpu] if CUDA else []
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+    a, b = a.float().cpu(), b.float().cpu()
+    return ((a - b).norm() / b.norm()).item()
 
 
 def test_flag_values_and_bad_value():
@@ -58,12 +64,12 @@ def attention_batch(cache_dtype: torch.dtype, mode: ForwardMode):
     """Requests of LENS over one pool in cache_dtype (prefixes filled with
     random KV), their new tokens' q/k/v, and a ForwardBatch factory."""
     seqs = [p + e for p, e in LENS]
-    alloc = TokenAllocator(sum(seqs) + 8, 1, torch.device("cpu"))
-    table = ReqToTokenPool(len(seqs), max(seqs) + 1, torch.device("cpu"))
-    pool = KVPool(alloc.num_slots, 1, KV_HEADS, HEAD_DIM, cache_dtype, torch.device("cpu"))
+    alloc = TokenAllocator(sum(seqs) + 8, 1, DEVICE)
+    table = ReqToTokenPool(len(seqs), max(seqs) + 1, DEVICE)
+    pool = KVPool(alloc.num_slots, 1, KV_HEADS, HEAD_DIM, cache_dtype, DEVICE)
     g = torch.Generator().manual_seed(1)
-    pool.set_kv(0, torch.arange(alloc.num_slots), *(torch.randn(alloc.num_slots, KV_HEADS, HEAD_DIM, generator=g)
-                                                     for _ in range(2)))
+    pool.set_kv(0, torch.arange(alloc.num_slots, device=DEVICE),
+                *(torch.randn(alloc.num_slots, KV_HEADS, HEAD_DIM, generator=g).to(DEVICE) for _ in range(2)))
     rows = [table.alloc() for _ in seqs]
     for row, n in zip(rows, seqs):
         table.req_to_token[row, :n] = alloc.alloc_extend([0], [n], [0])
@@ -72,18 +78,19 @@ def attention_batch(cache_dtype: torch.dtype, mode: ForwardMode):
     else:
         prefixes, news = [p for p, _ in LENS], [e for _, e in LENS]
     total = sum(news)
-    q, k, v = (torch.randn(total, n * HEAD_DIM, generator=g) for n in (KV_HEADS * GROUP, KV_HEADS, KV_HEADS))
+    q, k, v = (torch.randn(total, n * HEAD_DIM, generator=g).to(DEVICE) for n in (KV_HEADS * GROUP, KV_HEADS, KV_HEADS))
     out_loc = torch.cat([table.req_to_token[r, p:s] for r, p, s in zip(rows, prefixes, seqs)])
-    lens = torch.tensor(news)
+    lens = torch.tensor(news, device=DEVICE)
 
     def batch(backend):
-        extend = dict(extend_prefix_lens=torch.tensor(prefixes), extend_seq_lens=lens,
+        extend = dict(extend_prefix_lens=torch.tensor(prefixes, device=DEVICE), extend_seq_lens=lens,
                       extend_start_loc=torch.cumsum(lens, 0) - lens, extend_prefix_lens_cpu=prefixes,
                       extend_seq_lens_cpu=news) if mode == ForwardMode.EXTEND else {}
         return ForwardBatch(
-            forward_mode=mode, batch_size=len(seqs), input_ids=torch.zeros(total, dtype=torch.int64),
-            positions=torch.zeros(total, dtype=torch.int64), req_pool_indices=torch.tensor(rows),
-            seq_lens=torch.tensor(seqs), out_cache_loc=out_loc, seq_lens_cpu=seqs, req_to_token_pool=table,
+            forward_mode=mode, batch_size=len(seqs), input_ids=torch.zeros(total, dtype=torch.int64, device=DEVICE),
+            positions=torch.zeros(total, dtype=torch.int64, device=DEVICE),
+            req_pool_indices=torch.tensor(rows, device=DEVICE), seq_lens=torch.tensor(seqs, device=DEVICE),
+            out_cache_loc=out_loc, seq_lens_cpu=seqs, req_to_token_pool=table,
             kv_pool=pool, attn_backend=backend, **extend)
 
     return pool, (q, k, v), batch
@@ -106,7 +113,7 @@ def test_backends_attend_over_the_stored_values(mode, cache_dtype):
     fb = ref_batch(ref_backend)
     ref_backend.init_forward_metadata(fb)
     reference = ref_backend.forward(q, *rounded, attn, fb)
-    for backend in (TorchNativeAttnBackend(), TritonAttnBackend(torch.device("cpu"))):
+    for backend in (TorchNativeAttnBackend(), TritonAttnBackend(DEVICE)):
         fb = fp8_batch(backend)
         backend.init_forward_metadata(fb)
         out = backend.forward(q, k, v, attn, fb)
@@ -123,7 +130,7 @@ def test_triton_decode_over_fp8_with_bfloat16_queries(cache_dtype):
     fp8_pool, (q, k, v), fp8_batch = attention_batch(cache_dtype, ForwardMode.DECODE)
     q, k, v = (x.bfloat16() for x in (q, k, v))
     ref_pool, _, ref_batch = attention_batch(torch.float32, ForwardMode.DECODE)
-    backend = TritonAttnBackend(torch.device("cpu"))
+    backend = TritonAttnBackend(DEVICE)
     fb = fp8_batch(backend)
     backend.init_forward_metadata(fb)
     out = backend.forward(q, k, v, attn, fb)
@@ -171,8 +178,9 @@ def reference_logits(hf, sequences, fp8: bool):
 def fp8_cache_runner(path, backend: str):
     from radixserve.model_executor.model_runner import ModelRunner
 
-    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", kv_cache_dtype="fp8_e4m3",
-                                    attention_backend=backend, max_total_tokens=256))
+    runner = ModelRunner(ServerArgs(model_path=str(path), device=DEVICE.type, kv_cache_dtype="fp8_e4m3",
+                                    attention_backend=backend, max_total_tokens=256, dtype="float32",
+                                    disable_cuda_graph=True))
     assert runner.pools.kv_pool.k_buffers[0].dtype == E4M3
     return runner
 
