@@ -1,7 +1,7 @@
 """The torch-native decode's CPU shortcuts against attention written from the
 definition: one request whose slots form a few runs of consecutive slots reads
 its keys as slices of the pool (no gather), and a small bfloat16 batch on a CPU without bfloat16
-units computes in float32."""
+units computes in float32; so do short extends (speculative verify steps)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from radixserve.layers.attention import torch_native
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 from tests.layers.test_paged_attention import (
-    DEVICE, HEAD_DIM, KV_HEADS, Pools, decode_batch, layer, reference_attention, rel, windowed_layer,
+    DEVICE, HEAD_DIM, KV_HEADS, Pools, decode_batch, extend_batch, layer, reference_attention, rel, windowed_layer,
 )
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU shortcuts")
@@ -98,3 +98,29 @@ def test_bfloat16_without_bf16_units_attends_in_float32(monkeypatch, bs):
     assert errors[False] < 2.3e-3, errors
     big = torch.zeros(torch_native.FLOAT32_DECODE_MAX_BATCH + 1, 8, dtype=torch.bfloat16)
     assert torch_native._decode_dtype(big, big.shape[0]) == torch.bfloat16  # large batches: converting costs more
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_verify_shaped_extends_attend_like_decode(monkeypatch, native):
+    """A verify step's extends (the last token and up to 3 drafts on a cached
+    prefix) take the grouped-matmul path: float32 arithmetic for bfloat16 on a
+    CPU without bfloat16 units, bfloat16 where it has them; one extend past
+    SHORT_EXTEND keeps SDPA. All against attention from the definition."""
+    monkeypatch.setattr(torch_native, "cpu_has_native_bf16", lambda: native)
+    cases = [(60, 4), (33, 1), (7, 3), (20, torch_native.SHORT_EXTEND + 1)]
+    seqs = [p + e for p, e in cases]
+    attn = layer(3)
+    total = sum(e for _, e in cases)
+    q, k, v = inputs(attn, total, torch.bfloat16, 3)
+    pools = Pools(seqs, page_size=1, dtype=torch.bfloat16)
+    backend = TorchNativeAttnBackend()
+    fb = extend_batch(pools, cases, backend, total)
+    backend.init_forward_metadata(fb)
+    out = backend.forward(q, k, v, attn, fb)
+    assert out.dtype == torch.bfloat16
+    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
+    errors = [rel(out[s:s + e], reference_attention(pools, row, p + e, q[s:s + e], p, attn))
+              for row, (p, e), s in zip(pools.rows, cases, starts)]
+    # float32 arithmetic: the output's bfloat16 rounding (as decode above); bfloat16's own: about 3x that
+    assert max(errors[:3]) < (1e-2 if native else 2.3e-3), errors
+    assert errors[3] < 1e-2, errors

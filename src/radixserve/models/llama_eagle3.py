@@ -99,7 +99,7 @@ class LlamaForCausalLMEagle3(nn.Module):
     def draft_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's fused features (3 x its hidden size) through fc; a
         previous draft step's output passes unchanged."""
-        hidden = hidden.to(self.fc.weight.dtype)
+        hidden = hidden.to(self.norm.weight.dtype)  # the activations' dtype (fc.weight may be int8)
         return self.fc(hidden) if hidden.shape[-1] != self.config.hidden_size else hidden
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:

@@ -31,14 +31,19 @@ class DraftState:
     next_position: int = 0  # the position the next entry stands at
 
 
-def draft_server_args(args, max_total_tokens: int, max_running: int):
+def draft_server_args(args, max_total_tokens: int, max_running: int, device_type: str):
     """The draft runner's configuration: the target's, for the draft model,
-    without a prefix cache, pages, quantization or CUDA graphs."""
+    without a prefix cache, pages or CUDA graphs, and without the target's
+    quantization. On the CPU an EAGLE-3 head's weights are int8: each draft
+    step reads all of them for a few rows, and in float32 the three draft
+    steps cost a third of a plain decode step. (A STANDALONE draft keeps
+    them as loaded: the target itself as its own draft agrees with it exactly.)"""
+    int8_head = device_type == "cpu" and args.dtype == "auto" and args.speculative_algorithm == "EAGLE3"
     return dataclasses.replace(
         args, model_path=args.speculative_draft_model_path, tokenizer_path=None, speculative_algorithm=None,
         disable_radix_cache=True, page_size=1, max_total_tokens=max_total_tokens, max_running_requests=max_running,
         disable_cuda_graph=True, enable_hierarchical_cache=False, hicache_storage_backend=None,
-        quantization=None, torchao_config=None)
+        quantization=None, torchao_config="int8wo" if int8_head else None)
 
 
 class DraftRunner:
@@ -49,7 +54,7 @@ class DraftRunner:
         # An EAGLE head cannot run alone (it reads the target's embedding and
         # features), so it skips the start-up kernel warm-up; the target's covers its kernels.
         self.runner = ModelRunner(draft_server_args(args, target.max_total_num_tokens + extra,
-                                                    target.max_running_requests),
+                                                    target.max_running_requests, target.device.type),
                                   warm_up=args.speculative_algorithm == "STANDALONE")
         self.model = self.runner.model
         self.pools = self.runner.pools
