@@ -176,6 +176,9 @@ class ServerArgs:
     speculative_ngram_max_trie_depth: int = option(18, "NGRAM: longest n-gram matched against the history")
     speculative_ngram_capacity: int = option(10_000_000, "NGRAM: most n-grams indexed per request")
     speculative_max_batch_size: int = option(8, "radixserve's own: larger running batches decode without it")
+    disable_speculative_adaptive: bool = option(
+        False, "radixserve's own: speculate whenever the batch qualifies, even where the measured "
+               "step times say plain decoding is faster")
 
     # LoRA adapters (lora/): many adapters on one base model, in one batch
     enable_lora: bool = option(False, "serve LoRA adapters (implied by --lora-paths)")

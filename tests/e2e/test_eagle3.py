@@ -59,7 +59,8 @@ def test_head_folder_layout(head):
 def test_trained_head_accepts_and_keeps_tokens(target, head):
     prompts = train_prompts(3)
     with Engine(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
-                speculative_draft_model_path=str(head), speculative_num_steps=3) as engine:
+                speculative_draft_model_path=str(head), speculative_num_steps=3,
+                disable_speculative_adaptive=True) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
         assert_no_leak(engine)
     assert [o["output_ids"] for o in outs] == hf_greedy(load_hf_model(target), prompts, NEW_TOKENS)

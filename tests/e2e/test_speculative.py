@@ -96,6 +96,8 @@ def assert_same(got: list, want: list) -> None:
 
 
 def spec_engine(target, **kwargs) -> Engine:
+    """Speculation on every qualifying step (no governor): these tests count verify steps."""
+    kwargs.setdefault("disable_speculative_adaptive", True)
     return Engine(model_path=str(target), log_level="warning", speculative_num_steps=NUM_STEPS, **kwargs)
 
 
@@ -180,8 +182,26 @@ def test_default_model_ngram_same_tokens():
     params = {"temperature": 0, "max_new_tokens": 24}
     with Engine(log_level="warning") as engine:
         want = engine.generate(prompt, params)
-    with Engine(log_level="warning", speculative_algorithm="NGRAM") as engine:
+    with Engine(log_level="warning", speculative_algorithm="NGRAM", disable_speculative_adaptive=True) as engine:
         got = engine.generate(prompt, params)
         assert_no_leak(engine)
     assert got["output_ids"] == want["output_ids"]
     assert got["meta_info"]["spec_accept_rate"] > 0
+
+
+def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
+    """With the governor on (the default), a long request at batch 1 runs a
+    probe of verify steps, then one of plain steps, and its tokens are plain
+    decoding's whatever the governor chose."""
+    ids, params, outs, _, _, _ = baseline
+    long_params = {"temperature": 0, "max_new_tokens": 120, "ignore_eos": True}
+    with Engine(model_path=str(target), log_level="warning") as engine:
+        want = engine.generate(input_ids=ids[0], sampling_params=long_params)["output_ids"]
+    with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
+                     disable_speculative_adaptive=False) as engine:
+        out = engine.generate(input_ids=ids[0], sampling_params=long_params)
+        costs = engine.get_server_info()["speculative"]["adaptive"]["1"]
+        assert_no_leak(engine)
+    assert out["output_ids"] == want
+    assert out["meta_info"]["spec_verify_ct"] >= 15  # the first probe: speculation
+    assert costs["speculate_s_per_token"] > 0 and costs["plain_s_per_token"] > 0

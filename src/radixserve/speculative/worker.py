@@ -3,9 +3,11 @@ speculates, which drafter proposes, and the verify step itself.
 
 A running batch speculates when it is small enough (`--speculative-max-batch-size`:
 at large batches the target's forward is compute-bound and verifying drafts
-costs more than it saves) and no request in it is constrained by a grammar
-(its mask would have to follow each draft token); otherwise the step is a
-plain decode step."""
+costs more than it saves), no request in it is constrained by a grammar
+(its mask would have to follow each draft token) and, unless
+`--disable-speculative-adaptive`, the governor (governor.py) has measured
+that speculating costs less per token than plain steps; otherwise the step is
+a plain decode step."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from radixserve.layers.sampler import Sampler
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
+from radixserve.speculative.governor import SpecGovernor
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
 
 logger = logging.getLogger(__name__)
@@ -59,13 +62,15 @@ class SpecWorker:
         self.verify_ct = 0  # verify steps so far
         self.verified_rows = 0  # requests they verified (a step verifies its whole batch)
         self.emitted = 0  # tokens they produced
+        self.governor = None if args.disable_speculative_adaptive else SpecGovernor()
+        self._counts_at_step = (0, 0)  # (emitted, verified_rows) when the timed step started
 
     @property
     def tokens_per_req(self) -> int:
         """KV positions one verify step may need per request."""
         return self.num_steps + 1
 
-    def wants(self, reqs: List[Any]) -> bool:
+    def eligible(self, reqs: List[Any]) -> bool:
         return 0 < len(reqs) <= self.max_batch_size and all(r.grammar is None for r in reqs)
 
     def prepare(self, batch: ScheduleBatch) -> bool:
@@ -75,15 +80,30 @@ class SpecWorker:
 
     def next_decode(self, running: Any) -> Tuple[Optional[ScheduleBatch], List[Any]]:
         """The running batch prepared for a verify step when it qualifies, else for a plain decode step."""
-        if self.wants(running.reqs):
+        speculate = self.eligible(running.reqs)
+        if self.governor is not None:
+            self._close_timed_step()
+            if speculate:
+                speculate = self.governor.choose(len(running.reqs))
+                self.governor.step_started(len(running.reqs), speculate)
+                self._counts_at_step = (self.emitted, self.verified_rows)
+        if speculate:
             return running.next_decode(self.tokens_per_req, self.prepare)
         return running.next_decode()
+
+    def _close_timed_step(self) -> None:
+        """The last decode step's results are processed: its tokens per request
+        (a verify step's accepted runs; one for a plain step) go to the governor."""
+        emitted, rows = self.emitted - self._counts_at_step[0], self.verified_rows - self._counts_at_step[1]
+        self.governor.step_finished(emitted / rows if rows else 1.0)
 
     def launch(self, batch: ScheduleBatch, sample: Callable[[ScheduleBatch, Any], Any]) -> Any:
         """Any batch's forward: a verify step's, or a plain one's (its hidden
         states kept for the draft head; `sample` is the scheduler's)."""
         if batch.spec_drafts is not None:
             return self.verify(batch)
+        if self.governor is not None and batch.forward_mode.is_extend():
+            self.governor.interrupt()  # a prefill's time is no decode step's
         fb = batch.to_forward_batch()
         self.before_target_forward(fb)
         logits = self.runner.forward(fb)
@@ -127,7 +147,8 @@ class SpecWorker:
     def info(self) -> dict:
         """For get_server_info."""
         return {"algorithm": self.algorithm, "num_steps": self.num_steps, "verify_ct": self.verify_ct,
-                "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size}
+                "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size,
+                "adaptive": None if self.governor is None else self.governor.info()}
 
     def mean_accept_length(self) -> Optional[float]:
         """Tokens per request per verify step, over every step so far."""

@@ -1,0 +1,117 @@
+"""Whether speculation pays, judged from the decode steps the server actually ran.
+
+A verify cycle (drafts, then one target forward over them) costs more than a
+plain decode step; it pays only while the tokens it keeps per request
+outweigh that. How much more depends on the machine: on a 2-core CPU a cycle
+of the default model with an EAGLE-3 head cost about 1.9 plain steps, on an
+H200 about 40 (eager forwards against one CUDA-graph replay). So the governor
+measures both modes, per batch-size bucket: seconds per emitted token per
+request, a moving average over the steps of each mode. It speculates while
+that is cheaper than plain decoding, and now and then it runs `probe_steps`
+of the other mode, because the accept length changes with the text and costs
+change with the batch's lengths: every `recheck_every` eligible steps, or
+less often when the other mode is so much dearer that probing it would take
+more than `probe_share` of the time (on the H200 a verify cycle cost 40 plain
+steps).
+
+Outputs never depend on it: a verify step emits exactly the tokens plain
+decoding would have."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+EMA_WEIGHT = 0.25  # of the newest step in a mode's moving average
+BUCKET_EDGES = (1, 2, 4, 8, 16, 32)  # batch sizes sharing a decision: 1, 2, 3-4, 5-8, ...
+
+
+def bucket_of(batch_size: int) -> int:
+    for edge in BUCKET_EDGES:
+        if batch_size <= edge:
+            return edge
+    return BUCKET_EDGES[-1] * 2
+
+
+@dataclass
+class BucketState:
+    cost: Dict[bool, Optional[float]] = field(default_factory=lambda: {True: None, False: None})
+    probe_mode: Optional[bool] = None  # the mode being measured, if a probe runs
+    probe_left: int = 0
+    since_probe: int = 0
+    # A probe's first sample replaces the mode's old average: it is the news.
+    stale: Dict[bool, bool] = field(default_factory=lambda: {True: False, False: False})
+
+    def choose(self, probe_steps: int, recheck_every: int, probe_share: float) -> bool:
+        for mode in (True, False):  # measure speculation first, then plain steps
+            if self.cost[mode] is None and self.probe_mode is None:
+                self.start_probe(mode, probe_steps)
+        if self.probe_mode is not None:
+            mode = self.probe_mode
+            self.probe_left -= 1
+            if self.probe_left <= 0:
+                self.probe_mode = None
+            return mode
+        best = self.cost[True] < self.cost[False]
+        self.since_probe += 1
+        # A probe of the losing mode costs probe_steps x (its cost / the winner's) winner steps;
+        # waiting long enough keeps probes to about probe_share of the time.
+        ratio = self.cost[not best] / max(self.cost[best], 1e-12)
+        if self.since_probe >= max(recheck_every, probe_steps * ratio / probe_share):
+            self.start_probe(not best, probe_steps)
+        return best
+
+    def start_probe(self, mode: bool, steps: int) -> None:
+        self.probe_mode, self.probe_left, self.since_probe = mode, steps, 0
+        self.stale[mode] = True
+
+    def record(self, mode: bool, cost: float) -> None:
+        old = self.cost[mode]
+        self.cost[mode] = cost if old is None or self.stale[mode] else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * cost
+        self.stale[mode] = False
+
+
+@dataclass
+class SpecGovernor:
+    probe_steps: int = 16
+    recheck_every: int = 256  # eligible steps between probes of the other mode, at least
+    probe_share: float = 0.05  # and long enough that probes take about this share of the time
+    clock: Callable[[], float] = time.perf_counter
+    buckets: Dict[int, BucketState] = field(default_factory=dict)
+    # The step being timed: (bucket, speculated, started at); its cost is
+    # known when the next decode step starts (its results are processed by then).
+    _open: Optional[tuple] = None
+    _last_mode: Dict[int, bool] = field(default_factory=dict)
+
+    def choose(self, batch_size: int) -> bool:
+        """Whether a speculation-eligible decode step of this size speculates."""
+        bucket = bucket_of(batch_size)
+        state = self.buckets.setdefault(bucket, BucketState())
+        return state.choose(self.probe_steps, self.recheck_every, self.probe_share)
+
+    def step_started(self, batch_size: int, speculated: bool) -> None:
+        self._open = (bucket_of(batch_size), speculated, self.clock())
+
+    def step_finished(self, tokens_per_request: float) -> None:
+        """The open step's tokens are known: record its cost, unless it was the
+        first step after a change of mode (an EAGLE head after plain CUDA-graph
+        steps lacks their features, and drafts nothing at first)."""
+        if self._open is None:
+            return
+        bucket, mode, started = self._open
+        self._open = None
+        changed = self._last_mode.get(bucket) != mode
+        self._last_mode[bucket] = mode
+        if changed or tokens_per_request <= 0:
+            return
+        self.buckets.setdefault(bucket, BucketState()).record(mode, (self.clock() - started) / tokens_per_request)
+
+    def interrupt(self) -> None:
+        """Something other than the open step ran (a prefill): its time is not the step's."""
+        self._open = None
+
+    def info(self) -> dict:
+        """Per bucket: the measured seconds per token per request of each mode."""
+        return {str(b): {"speculate_s_per_token": s.cost[True], "plain_s_per_token": s.cost[False]}
+                for b, s in sorted(self.buckets.items())}

@@ -1,0 +1,85 @@
+"""The speculation governor's decisions from measured step times (a fake clock):
+it measures speculation first, then plain steps, keeps the cheaper mode per
+batch-size bucket, re-probes the other one, and ignores the first step after a
+change of mode and steps a prefill interrupted."""
+
+from __future__ import annotations
+
+from radixserve.speculative.governor import SpecGovernor, bucket_of
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(gov: SpecGovernor, clock: Clock, steps: int, batch: int, cost: dict) -> list:
+    """`steps` eligible decode steps; cost[mode] = (seconds, tokens per request)."""
+    modes = []
+    for _ in range(steps):
+        mode = gov.choose(batch)
+        gov.step_started(batch, mode)
+        seconds, tokens = cost[mode]
+        clock.now += seconds
+        gov.step_finished(tokens)
+        modes.append(mode)
+    return modes
+
+
+def test_keeps_the_cheaper_mode_and_rechecks():
+    clock = Clock()
+    gov = SpecGovernor(probe_steps=4, recheck_every=10, probe_share=1.0, clock=clock)
+    # speculation: 0.03 s per cycle for 1.5 tokens (0.02 s/token); plain: 0.01 s per token
+    slow_spec = {True: (0.03, 1.5), False: (0.01, 1.0)}
+    modes = run(gov, clock, 8 + 10 + 4, 1, slow_spec)
+    assert modes[:4] == [True] * 4 and modes[4:8] == [False] * 4  # the two probes
+    assert modes[8:18] == [False] * 10  # plain is cheaper
+    assert modes[18:22] == [True] * 4  # the recheck probes speculation again
+    info = gov.info()["1"]
+    assert abs(info["speculate_s_per_token"] - 0.02) < 1e-9 and abs(info["plain_s_per_token"] - 0.01) < 1e-9
+    # the text turns repetitive: speculation now keeps 3.5 tokens per cycle (0.0086 s/token)
+    fast_spec = {True: (0.03, 3.5), False: (0.01, 1.0)}
+    modes = run(gov, clock, 30, 1, fast_spec)
+    first_probe = modes.index(True)  # the next recheck: its first sample replaces the old average
+    assert first_probe <= 10 and modes[first_probe:first_probe + 14] == [True] * 14
+
+
+def test_buckets_decide_apart():
+    clock = Clock()
+    gov = SpecGovernor(probe_steps=3, recheck_every=100, probe_share=1.0, clock=clock)
+    run(gov, clock, 6, 1, {True: (0.01, 3.0), False: (0.01, 1.0)})  # batch 1: speculation wins
+    run(gov, clock, 6, 8, {True: (0.05, 1.2), False: (0.01, 1.0)})  # batch 5-8: plain wins
+    assert gov.choose(1) is True and gov.choose(7) is False
+    assert bucket_of(1) == 1 and bucket_of(3) == bucket_of(4) == 4 and bucket_of(8) == 8
+
+
+def test_first_step_after_a_change_and_interrupted_steps_are_not_counted():
+    clock = Clock()
+    gov = SpecGovernor(probe_steps=2, recheck_every=100, probe_share=1.0, clock=clock)
+    gov.step_started(1, True)
+    clock.now += 5.0  # the first verify step after plain steps: not a fair sample
+    gov.step_finished(1.0)
+    assert gov.info() == {}
+    gov.step_started(1, True)
+    clock.now += 0.02
+    gov.interrupt()  # a prefill ran before this step's results were counted
+    clock.now += 7.0
+    gov.step_finished(2.0)
+    assert gov.info() == {}
+    gov.step_started(1, True)
+    clock.now += 0.02
+    gov.step_finished(2.0)
+    assert abs(gov.info()["1"]["speculate_s_per_token"] - 0.01) < 1e-12
+
+
+def test_a_much_dearer_mode_is_probed_rarely():
+    """Speculation at 40x a plain step's cost (an eager verify cycle against a CUDA-graph
+    replay): probes of it wait until they take about probe_share of the time."""
+    clock = Clock()
+    gov = SpecGovernor(probe_steps=4, recheck_every=10, probe_share=0.05, clock=clock)
+    modes = run(gov, clock, 8 + 2000, 1, {True: (0.04, 1.0), False: (0.001, 1.0)})
+    # after the two first probes: plain until 4 x 40 / 0.05 = 3,200 steps have passed
+    assert modes[8:] == [False] * 2000
