@@ -194,7 +194,7 @@ def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
     probe of verify steps, then one of plain steps, and its tokens are plain
     decoding's whatever the governor chose."""
     ids, params, outs, _, _, _ = baseline
-    long_params = {"temperature": 0, "max_new_tokens": 120, "ignore_eos": True}
+    long_params = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
     with Engine(model_path=str(target), log_level="warning") as engine:
         want = engine.generate(input_ids=ids[0], sampling_params=long_params)["output_ids"]
     with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
@@ -203,5 +203,5 @@ def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
         costs = engine.get_server_info()["speculative"]["adaptive"]["1"]
         assert_no_leak(engine)
     assert out["output_ids"] == want
-    assert out["meta_info"]["spec_verify_ct"] >= 15  # the first probe: speculation
+    assert out["meta_info"]["spec_verify_ct"] >= 63  # the first probe: speculation
     assert costs["speculate_s_per_token"] > 0 and costs["plain_s_per_token"] > 0

@@ -31,7 +31,7 @@ def run(gov: SpecGovernor, clock: Clock, steps: int, batch: int, cost: dict) -> 
 
 def test_keeps_the_cheaper_mode_and_rechecks():
     clock = Clock()
-    gov = SpecGovernor(probe_steps=4, recheck_every=10, probe_share=1.0, clock=clock)
+    gov = SpecGovernor(first_probe_steps=4, probe_steps=4, recheck_every=10, probe_share=1.0, clock=clock)
     # speculation: 0.03 s per cycle for 1.5 tokens (0.02 s/token); plain: 0.01 s per token
     slow_spec = {True: (0.03, 1.5), False: (0.01, 1.0)}
     modes = run(gov, clock, 8 + 10 + 4, 1, slow_spec)
@@ -49,7 +49,7 @@ def test_keeps_the_cheaper_mode_and_rechecks():
 
 def test_buckets_decide_apart():
     clock = Clock()
-    gov = SpecGovernor(probe_steps=3, recheck_every=100, probe_share=1.0, clock=clock)
+    gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=100, probe_share=1.0, clock=clock)
     run(gov, clock, 6, 1, {True: (0.01, 3.0), False: (0.01, 1.0)})  # batch 1: speculation wins
     run(gov, clock, 6, 8, {True: (0.05, 1.2), False: (0.01, 1.0)})  # batch 5-8: plain wins
     assert gov.choose(1) is True and gov.choose(7) is False
@@ -58,7 +58,7 @@ def test_buckets_decide_apart():
 
 def test_first_step_after_a_change_and_interrupted_steps_are_not_counted():
     clock = Clock()
-    gov = SpecGovernor(probe_steps=2, recheck_every=100, probe_share=1.0, clock=clock)
+    gov = SpecGovernor(first_probe_steps=2, probe_steps=2, recheck_every=100, probe_share=1.0, clock=clock)
     gov.step_started(1, True)
     clock.now += 5.0  # the first verify step after plain steps: not a fair sample
     gov.step_finished(1.0)
@@ -79,7 +79,7 @@ def test_a_much_dearer_mode_is_probed_rarely():
     """Speculation at 40x a plain step's cost (an eager verify cycle against a CUDA-graph
     replay): probes of it wait until they take about probe_share of the time."""
     clock = Clock()
-    gov = SpecGovernor(probe_steps=4, recheck_every=10, probe_share=0.05, clock=clock)
+    gov = SpecGovernor(first_probe_steps=4, probe_steps=4, recheck_every=10, probe_share=0.05, clock=clock)
     modes = run(gov, clock, 8 + 2000, 1, {True: (0.04, 1.0), False: (0.001, 1.0)})
     # after the two first probes: plain until 4 x 40 / 0.05 = 3,200 steps have passed
     assert modes[8:] == [False] * 2000
