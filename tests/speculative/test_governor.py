@@ -47,11 +47,16 @@ def test_keeps_the_cheaper_mode_and_rechecks():
     assert first_probe <= 10 and modes[first_probe:first_probe + 14] == [True] * 14
 
 
-def test_buckets_decide_apart():
+def test_buckets_decide_apart_starting_from_the_nearest_one():
     clock = Clock()
-    gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=100, probe_share=1.0, clock=clock)
+    gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=20, probe_share=1.0, clock=clock)
     run(gov, clock, 6, 1, {True: (0.01, 3.0), False: (0.01, 1.0)})  # batch 1: speculation wins
-    run(gov, clock, 6, 8, {True: (0.05, 1.2), False: (0.01, 1.0)})  # batch 5-8: plain wins
+    # batch 5-8 starts speculating (batch 1's verdict), without a first probe
+    modes = run(gov, clock, 30, 8, {True: (0.05, 1.2), False: (0.01, 1.0)})
+    assert modes[0] is True
+    # ... its own samples and batch 1's ratio (1/3) make plain look dearer (0.125 s/token) until
+    # the recheck measures plain steps (0.01): then plain wins there
+    assert modes[-5:] == [False] * 5
     assert gov.choose(1) is True and gov.choose(7) is False
     assert bucket_of(1) == 1 and bucket_of(3) == bucket_of(4) == 4 and bucket_of(8) == 8
 

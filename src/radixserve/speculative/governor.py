@@ -42,8 +42,16 @@ class BucketState:
     since_probe: int = 0
     # A probe's first sample replaces the mode's old average: it is the news.
     stale: Dict[bool, bool] = field(default_factory=lambda: {True: False, False: False})
+    # Speculation's cost / plain's in the nearest measured bucket: a new bucket
+    # starts in the mode that won there and estimates the other from its own
+    # first samples, rather than probing both (a draining batch passes through
+    # every bucket; first probes in each cost more than they tell).
+    prior: Optional[float] = None
 
     def choose(self, probe_steps: int, recheck_every: int, probe_share: float, first_probe_steps: int) -> bool:
+        unmeasured = self.cost[True] is None and self.cost[False] is None
+        if unmeasured and self.prior is not None:
+            return self.prior < 1
         for mode in (True, False):  # measure speculation first, then plain steps
             if self.cost[mode] is None and self.probe_mode is None:
                 self.start_probe(mode, first_probe_steps)
@@ -70,6 +78,10 @@ class BucketState:
         old = self.cost[mode]
         self.cost[mode] = cost if old is None or self.stale[mode] else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * cost
         self.stale[mode] = False
+        if self.prior is not None and self.cost[not mode] is None:  # the other mode, by the prior's ratio
+            self.cost[not mode] = cost / self.prior if mode else cost * self.prior
+            self.stale[not mode] = True  # its first probe replaces the estimate
+        self.prior = None
 
 
 @dataclass
@@ -90,8 +102,18 @@ class SpecGovernor:
     def choose(self, batch_size: int) -> bool:
         """Whether a speculation-eligible decode step of this size speculates."""
         bucket = bucket_of(batch_size)
-        state = self.buckets.setdefault(bucket, BucketState())
+        state = self.buckets.get(bucket)
+        if state is None:
+            state = self.buckets[bucket] = BucketState(prior=self.nearest_ratio(bucket))
         return state.choose(self.probe_steps, self.recheck_every, self.probe_share, self.first_probe_steps)
+
+    def nearest_ratio(self, bucket: int) -> Optional[float]:
+        """Speculation's cost / plain's in the nearest bucket that measured both."""
+        known = [(abs(b - bucket), b) for b, s in self.buckets.items() if None not in s.cost.values()]
+        if not known:
+            return None
+        cost = self.buckets[min(known)[1]].cost
+        return cost[True] / max(cost[False], 1e-12)
 
     def step_started(self, batch_size: int, speculated: bool) -> None:
         self._open = (bucket_of(batch_size), speculated, self.clock())
