@@ -41,12 +41,15 @@ def chat_ids(engine: Engine, messages) -> List[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[int]) -> Dict[str, float]:
+def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[int], batch1_requests: int = 4,
+            warmup_requests: int = 0) -> Dict[str, float]:
     params = {"temperature": 0, "max_new_tokens": new_tokens}
-    ids = [chat_ids(engine, m) for m in prompts(workload, max(batch_sizes + [4]))]
+    ids = [chat_ids(engine, m) for m in prompts(workload, max(batch_sizes + [batch1_requests + warmup_requests]))]
     engine.generate(input_ids=ids[0], sampling_params={"temperature": 0, "max_new_tokens": 8})  # warm-up
+    for one in ids[:warmup_requests]:  # untimed: e.g. for the speculation governor's first probes
+        engine.generate(input_ids=one, sampling_params=params)
     tokens, seconds = 0, 0.0
-    for one in ids[:4]:
+    for one in ids[warmup_requests:warmup_requests + batch1_requests]:
         start = time.perf_counter()
         out = engine.generate(input_ids=one, sampling_params=params)
         seconds += time.perf_counter() - start
@@ -72,6 +75,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--engine-args", default="{}", help="JSON of extra Engine arguments for both runs")
+    parser.add_argument("--batch1-requests", type=int, default=4, help="timed requests, one at a time")
+    parser.add_argument("--warmup-requests", type=int, default=0,
+                        help="untimed requests before them (the governor's first probes run there)")
     args = parser.parse_args()
     extra = json.loads(args.engine_args)
     spec = {"speculative_algorithm": args.spec, "speculative_num_steps": 3, "speculative_eagle_topk": 1,
@@ -81,7 +87,8 @@ def main() -> None:
     results = {}
     for name, kwargs in (("plain", {}), (args.spec, spec)):
         with Engine(model_path=args.model_path, log_level="warning", **extra, **kwargs) as engine:
-            results[name] = measure(engine, args.workload, args.new_tokens, args.batch_sizes)
+            results[name] = measure(engine, args.workload, args.new_tokens, args.batch_sizes, args.batch1_requests,
+                                    args.warmup_requests)
         print(name, json.dumps(results[name]), flush=True)
     base, fast = results["plain"], results[args.spec]
     print("batch-1 speedup: %.2fx" % (fast["batch1_tok_s"] / base["batch1_tok_s"]))
