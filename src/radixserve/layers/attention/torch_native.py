@@ -84,6 +84,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         start = 0
         short_dtype = _decode_dtype(q, len(fb.extend_seq_lens_cpu))
         for i, (prefix, extend) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
+            if extend == 0:  # (a request with nothing new in this batch: no rows)
+                continue
             seq = prefix + extend
             window = layer.sliding_window
             # Keys before the first query's window are seen by no query of this request.
