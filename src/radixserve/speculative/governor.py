@@ -48,13 +48,14 @@ class BucketState:
     # every bucket; first probes in each cost more than they tell).
     prior: Optional[float] = None
 
-    def choose(self, probe_steps: int, recheck_every: int, probe_share: float, first_probe_steps: int) -> bool:
+    def choose(self, limits: "SpecGovernor") -> bool:
+        """This step's mode; `limits` holds the probe lengths and how often to recheck."""
         unmeasured = self.cost[True] is None and self.cost[False] is None
         if unmeasured and self.prior is not None:
             return self.prior < 1
         for mode in (True, False):  # measure speculation first, then plain steps
             if self.cost[mode] is None and self.probe_mode is None:
-                self.start_probe(mode, first_probe_steps)
+                self.start_probe(mode, limits.first_probe_steps)
         if self.probe_mode is not None:
             mode = self.probe_mode
             self.probe_left -= 1
@@ -66,8 +67,8 @@ class BucketState:
         # A probe of the losing mode costs probe_steps x (its cost / the winner's) winner steps;
         # waiting long enough keeps probes to about probe_share of the time.
         ratio = self.cost[not best] / max(self.cost[best], 1e-12)
-        if self.since_probe >= max(recheck_every, probe_steps * ratio / probe_share):
-            self.start_probe(not best, probe_steps)
+        if self.since_probe >= max(limits.recheck_every, limits.probe_steps * ratio / limits.probe_share):
+            self.start_probe(not best, limits.probe_steps)
         return best
 
     def start_probe(self, mode: bool, steps: int) -> None:
@@ -105,7 +106,7 @@ class SpecGovernor:
         state = self.buckets.get(bucket)
         if state is None:
             state = self.buckets[bucket] = BucketState(prior=self.nearest_ratio(bucket))
-        return state.choose(self.probe_steps, self.recheck_every, self.probe_share, self.first_probe_steps)
+        return state.choose(self)
 
     def nearest_ratio(self, bucket: int) -> Optional[float]:
         """Speculation's cost / plain's in the nearest bucket that measured both."""
