@@ -134,6 +134,7 @@ class ModelRunner:
         self.lora_manager = self._make_lora_manager()
         self._init_memory()
         self.attn_backend = self._make_attn_backend()
+        self.spec_graph_shapes: list = []  # speculative decoding's forwards (add_spec_graphs)
         self.graph_runners = self._make_graph_runners()
         if self.device.type == "cuda" and warm_up:
             # Every Triton kernel variant a request can reach is compiled now,
@@ -278,6 +279,28 @@ class ModelRunner:
         return LoRAManager(self.server_args, self.model, self.device, self.dtype)
 
     def _make_graph_runners(self) -> list:
+        return self._make_plain_graph_runners() + self._make_spec_graph_runners()
+
+    def add_spec_graphs(self, shapes: list) -> None:
+        """CUDA graphs for speculative decoding's forwards (SpecGraphShape each;
+        the speculative worker knows them), where this runner can take them;
+        they are captured again after a memory release, as the others are."""
+        self.spec_graph_shapes = list(shapes)
+        self.graph_runners += self._make_spec_graph_runners()
+
+    def _make_spec_graph_runners(self) -> list:
+        if not self.spec_graph_shapes:
+            return []
+        from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, spec_graph_support
+
+        why_not = spec_graph_support(self)
+        if why_not is not None:
+            if self.device.type == "cuda":
+                logger.warning("speculative decoding runs without CUDA graphs: %s", why_not)
+            return []
+        return [SpecGraphRunner(self, shape) for shape in self.spec_graph_shapes]
+
+    def _make_plain_graph_runners(self) -> list:
         """Decode CUDA graphs, and graphs for one request's short prefill, when
         on CUDA with a graph-safe attention backend."""
         args = self.server_args
@@ -360,7 +383,8 @@ class ModelRunner:
         embedding server's extend batches give pooled hidden states instead."""
         for graphs in self.graph_runners:
             if graphs.can_run(forward_batch):
-                return LogitsOutput(graphs.replay(forward_batch), None)
+                out = graphs.replay(forward_batch)
+                return out if isinstance(out, LogitsOutput) else LogitsOutput(out, None)
         return self.forward_eager(forward_batch)
 
     @torch.inference_mode()

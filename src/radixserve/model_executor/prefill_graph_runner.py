@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple, Union
 
 import torch
 from tqdm import tqdm
@@ -56,13 +56,18 @@ class EagerReplay:
     """Stands in for a CUDA graph where there is none (the CPU tests): replay
     reruns the same forward on the same static buffers into the same output."""
 
-    def __init__(self, forward: Callable[[], torch.Tensor]) -> None:
+    def __init__(self, forward: Callable[[], Union[torch.Tensor, Tuple[torch.Tensor, ...]]]) -> None:
         self.forward = forward
         self.output = forward()
 
     @torch.inference_mode()
     def replay(self) -> None:
-        self.output.copy_(self.forward())
+        new = self.forward()
+        if isinstance(new, torch.Tensor):
+            self.output.copy_(new)
+            return
+        for static, value in zip(self.output, new):
+            static.copy_(value)
 
 
 class PrefillGraphRunner:

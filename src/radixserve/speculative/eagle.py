@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.models.llama_eagle3 import aux_layer_ids
 from radixserve.speculative.draft_runner import DraftRunner
 
@@ -39,6 +40,13 @@ class Eagle3Drafter:
         want = len(self.aux_layers) * target.config.hidden_size
         if self.head.fc.in_features != want:
             raise ValueError(f"the EAGLE-3 head fuses {self.head.fc.in_features} features; this target gives {want}")
+
+    def graph_shapes(self, width: int, max_bs: int) -> List[SpecGraphShape]:
+        """The head's forwards: its extend over new (feature, token) pairs, which
+        after a verify step are at most `width` per request, and its one-token
+        steps over its own output hidden state."""
+        return [SpecGraphShape(width, max_bs, spec_hidden_dim=self.head.fc.in_features),
+                SpecGraphShape(1, max_bs, spec_hidden_dim=self.head.config.hidden_size)]
 
     # ---- the target's features ----
     def keep_features(self, reqs: Sequence, firsts: List[int], lens: List[int], aux: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
+from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.speculative.draft_runner import DraftRunner
 
 
@@ -18,6 +19,11 @@ class StandaloneDrafter:
     def __init__(self, args, target) -> None:
         self.draft = DraftRunner(args, target)
         self.num_steps = args.speculative_num_steps
+
+    def graph_shapes(self, width: int, max_bs: int) -> List[SpecGraphShape]:
+        """The draft's catch-up extend (the tokens a verify step emitted: at
+        most `width` per request) and its one-token steps."""
+        return [SpecGraphShape(width, max_bs), SpecGraphShape(1, max_bs)]
 
     def propose(self, reqs: Sequence, vocab_size: int) -> List[List[int]]:
         draft = self.draft

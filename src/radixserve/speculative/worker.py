@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from radixserve.layers.sampler import Sampler
 from radixserve.managers.schedule_batch import ScheduleBatch
+from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.speculative.governor import SpecGovernor
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
@@ -64,6 +65,17 @@ class SpecWorker:
         self.emitted = 0  # tokens they produced
         self.governor = None if args.disable_speculative_adaptive else SpecGovernor()
         self._counts_at_step = (0, 0)  # (emitted, verified_rows) when the timed step started
+        if runner.device.type == "cuda" and not args.disable_cuda_graph:
+            self._add_graphs()
+
+    def _add_graphs(self) -> None:
+        """CUDA graphs for the verify step and the draft model's forwards, for
+        batches up to the largest that speculates."""
+        max_bs = min(self.max_batch_size, self.runner.max_running_requests)
+        aux_layers = getattr(self.drafter, "aux_layers", None)
+        self.runner.add_spec_graphs([SpecGraphShape(self.tokens_per_req, max_bs, aux_layers=aux_layers)])
+        if hasattr(self.drafter, "graph_shapes"):
+            self.drafter.draft.runner.add_spec_graphs(self.drafter.graph_shapes(self.tokens_per_req, max_bs))
 
     @property
     def tokens_per_req(self) -> int:
