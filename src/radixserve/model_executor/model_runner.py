@@ -19,7 +19,7 @@ from radixserve.layers.quantization import (
 )
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
-from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, kv_layout_of
+from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, default_kv_layout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.forward_batch import ForwardBatch
@@ -148,11 +148,22 @@ class ModelRunner:
         """What the model caches per token (per-head K/V, or MLA's latent): its class says."""
         return kv_layout_of(self.model, self.config)
 
+    def _draft_kv_bytes_per_token(self) -> int:
+        """A speculative draft model's KV per token: its pool holds as many
+        tokens as this one's, so the memory that sizes this pool pays for both
+        (an equal-sized STANDALONE draft would otherwise ask for a second pool
+        as large as the first). Its weights come out of the headroom."""
+        args = self.server_args
+        if args.speculative_algorithm not in ("EAGLE3", "STANDALONE") or not args.speculative_draft_model_path:
+            return 0
+        config = load_config(resolve_model_source(args.speculative_draft_model_path))
+        return default_kv_layout(config.get_text_config()).bytes_per_token(self.kv_cache_dtype)
+
     def _profile_max_num_tokens(self) -> int:
         args = self.server_args
-        per_token = self._kv_layout().bytes_per_token(self.kv_cache_dtype)
         if args.max_total_tokens is not None:
             return args.max_total_tokens
+        per_token = self._kv_layout().bytes_per_token(self.kv_cache_dtype) + self._draft_kv_bytes_per_token()
         if self.device.type == "cuda":
             total = torch.cuda.get_device_properties(self.device).total_memory
             used_by_weights = torch.cuda.memory_allocated(self.device)

@@ -67,6 +67,7 @@ class SpecGraphRunner:
         self.spec_hidden = (torch.zeros(rows, shape.spec_hidden_dim, dtype=runner.dtype, device=dev)
                             if shape.spec_hidden_dim else None)
         self.graphs: Dict[int, object] = {}
+        self.replays = 0  # (get_server_info shows them: which forwards took a graph)
         self.outputs: Dict[int, Tuple[torch.Tensor, ...]] = {}
         self.capture_seconds = self._capture_all(capture)
 
@@ -148,6 +149,7 @@ class SpecGraphRunner:
             self.spec_hidden.index_copy_(0, rows, fb.spec_hidden.to(self.spec_hidden.dtype))
         self._copy_requests(fb, raw, bs)
         self.graphs[bs].replay()
+        self.replays += 1
         return self._outputs(fb, self.outputs[bs], rows)
 
     def _copy_requests(self, fb: ForwardBatch, raw: int, bs: int) -> None:

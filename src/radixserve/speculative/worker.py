@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from radixserve.layers.sampler import Sampler
 from radixserve.managers.schedule_batch import ScheduleBatch
-from radixserve.model_executor.spec_graph_runner import SpecGraphShape
+from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, SpecGraphShape
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.speculative.governor import SpecGovernor
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
@@ -49,6 +49,11 @@ def make_drafter(args: Any, runner: Any) -> Any:
 
         return StandaloneDrafter(args, runner)
     raise ValueError(f"speculative_algorithm={algo} is not available")
+
+
+def graph_replays(runner: Any) -> int:
+    """Forwards of `runner` that replayed a speculative CUDA graph."""
+    return sum(g.replays for g in getattr(runner, "graph_runners", ()) if isinstance(g, SpecGraphRunner))
 
 
 class SpecWorker:
@@ -160,7 +165,9 @@ class SpecWorker:
         """For get_server_info."""
         return {"algorithm": self.algorithm, "num_steps": self.num_steps, "verify_ct": self.verify_ct,
                 "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size,
-                "adaptive": None if self.governor is None else self.governor.info()}
+                "adaptive": None if self.governor is None else self.governor.info(),
+                "graph_replays": {"target": graph_replays(self.runner),
+                                  "draft": graph_replays(getattr(getattr(self.drafter, "draft", None), "runner", None))}}
 
     def mean_accept_length(self) -> Optional[float]:
         """Tokens per request per verify step, over every step so far."""
