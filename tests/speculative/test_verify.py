@@ -88,3 +88,31 @@ def test_greedy_rows_accept_the_matching_prefix():
                             last_logit_rows=torch.tensor([3, 7]))
     result = accept(batch, logits, batch_info(batch.reqs), Sampler())
     assert result.tokens == [[4, 1, 2, 5], [3, 3]]
+
+
+def test_greedy_fast_path_matches_the_sampler_path():
+    """accept() takes one argmax over all positions for plain greedy batches;
+    the position-by-position sampler path must give the same runs and steps."""
+    from radixserve.speculative.verify import accept_greedy, accept_sampled, is_plain_greedy
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        bs = 1 + trial % 4
+        drafts = [torch.randint(0, VOCAB, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+                  for _ in range(bs)]
+        lens = torch.tensor([len(d) + 1 for d in drafts])
+        logits = torch.randn(int(lens.sum()), VOCAB, generator=g)
+        for row, d in zip((torch.cumsum(lens, 0) - lens).tolist(), drafts):  # most drafts right, some not
+            for j, token in enumerate(d):
+                if torch.rand(1, generator=g).item() < 0.8:
+                    logits[row + j, token] += 10.0
+        batch = SimpleNamespace(spec_drafts=drafts, reqs=[make_req(temperature=0)] * bs,
+                                last_logit_rows=torch.cumsum(lens, 0) - 1)
+        fast_info, slow_info = batch_info(batch.reqs), batch_info(batch.reqs)
+        assert is_plain_greedy(fast_info)
+        fast = accept_greedy(batch, logits, fast_info)
+        slow = accept_sampled(batch, logits, slow_info, Sampler())
+        assert fast.tokens == slow.tokens and fast.num_drafts == slow.num_drafts
+        assert torch.equal(fast_info.steps, slow_info.steps)
+    assert not is_plain_greedy(batch_info([make_req(temperature=0, frequency_penalty=0.5)]))
+    assert not is_plain_greedy(batch_info([make_req(temperature=0.7)]))

@@ -85,13 +85,51 @@ def prepare_verify(batch: ScheduleBatch, drafts: List[List[int]]) -> bool:
 
 def accept(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatchInfo, sampler: Sampler) -> SpecResult:
     """logits: [num_tokens, vocab], one row per verified position, in batch order."""
-    drafts: List[List[int]] = batch.spec_drafts
-    dev = logits.device
+    if is_plain_greedy(info):
+        return accept_greedy(batch, logits, info)
+    return accept_sampled(batch, logits, info, sampler)
+
+
+def is_plain_greedy(info: SamplingBatchInfo) -> bool:
+    """Every row greedy, and nothing that changes logits from one position to
+    the next (penalties, a bias, min_new_tokens) or asks for logprobs: each
+    position's token is the argmax of its own logits."""
+    return (info.all_greedy and not info.return_logprob and info.grammar_mask is None and info.seen_mask is None
+            and info.output_counts is None and info.logit_bias is None and info.stop_mask is None)
+
+
+def _draft_layout(drafts: List[List[int]], last_logit_rows: torch.Tensor):
+    """(width, [bs] drafts per request, [bs] each request's first row, [bs, width - 1] drafts padded with -1)."""
+    dev = last_logit_rows.device
     bs, width = len(drafts), max(len(d) for d in drafts) + 1
     num_drafts = torch.tensor([len(d) for d in drafts], device=dev)
-    starts = batch.last_logit_rows - num_drafts
     padded = torch.tensor([d + [-1] * (width - 1 - len(d)) for d in drafts], dtype=torch.int64,
                           device=dev).reshape(bs, width - 1)
+    return width, num_drafts, last_logit_rows - num_drafts, padded
+
+
+def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatchInfo) -> SpecResult:
+    """One argmax over every verified position, then each request's run: its
+    drafts as far as they equal the argmax, and the argmax after them."""
+    drafts: List[List[int]] = batch.spec_drafts
+    width, num_drafts, starts, padded = _draft_layout(drafts, batch.last_logit_rows)
+    offsets = torch.minimum(torch.arange(width, device=logits.device)[None, :], num_drafts[:, None])
+    chosen = logits.argmax(-1)[starts[:, None] + offsets]  # [bs, width]
+    counts = 1 + (chosen[:, :-1] == padded).int().cumprod(1).sum(1)
+    info.steps += counts.to(info.steps.dtype)  # (as a token-by-token record of the emitted ones)
+    rows = torch.cat([chosen, counts[:, None]], 1).tolist()  # the step's one host sync
+    tokens = [row[:row[-1]] for row in rows]
+    return SpecResult(batch, list(batch.reqs), tokens, [len(d) for d in drafts],
+                      [(None, None, None)] * width)
+
+
+def accept_sampled(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatchInfo,
+                   sampler: Sampler) -> SpecResult:
+    """Position by position through the target's own sampler (module docstring)."""
+    drafts: List[List[int]] = batch.spec_drafts
+    dev = logits.device
+    width, num_drafts, starts, padded = _draft_layout(drafts, batch.last_logit_rows)
+    bs = len(drafts)
     alive = torch.ones(bs, dtype=torch.bool, device=dev)
     chosen, emitted, outs = [], [], []
     for i in range(width):
