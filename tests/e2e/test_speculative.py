@@ -191,8 +191,8 @@ def test_default_model_ngram_same_tokens():
 
 def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
     """With the governor on (the default), a long request at batch 1 runs a
-    probe of verify steps, then one of plain steps, and its tokens are plain
-    decoding's whatever the governor chose."""
+    probe of verify steps, then one of plain steps (overlapped, as without
+    speculation), and its tokens are plain decoding's whatever the governor chose."""
     ids, params, outs, _, _, _ = baseline
     long_params = {"temperature": 0, "max_new_tokens": 400, "ignore_eos": True}
     with Engine(model_path=str(target), log_level="warning") as engine:
@@ -200,8 +200,11 @@ def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
     with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
                      disable_speculative_adaptive=False) as engine:
         out = engine.generate(input_ids=ids[0], sampling_params=long_params)
-        costs = engine.get_server_info()["speculative"]["adaptive"]["1"]
+        info = engine.get_server_info()
         assert_no_leak(engine)
     assert out["output_ids"] == want
     assert out["meta_info"]["spec_verify_ct"] >= 63  # the first probe: speculation
+    costs = info["speculative"]["adaptive"]["1"]
     assert costs["speculate_s_per_token"] > 0 and costs["plain_s_per_token"] > 0
+    # the plain steps ran under the overlap schedule: each launched while the one before was in flight
+    assert info["num_overlapped_batches"] > 0

@@ -37,10 +37,10 @@ def test_index_grows_incrementally():
     assert index.propose(history, 2, False) == [7, 5]
 
 
-def test_flags_checked_and_overlap_turned_off():
-    args = ServerArgs(speculative_algorithm="NGRAM")
+def test_flags_checked_and_mixed_chunks_turned_off():
+    args = ServerArgs(speculative_algorithm="NGRAM", enable_mixed_chunk=True)
     assert (args.speculative_num_steps, args.speculative_eagle_topk, args.speculative_num_draft_tokens) == (3, 1, 4)
-    assert args.disable_overlap_schedule and not args.enable_mixed_chunk
+    assert not args.disable_overlap_schedule and not args.enable_mixed_chunk
     for kwargs, field in [
         (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm"),
         (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path"),

@@ -93,11 +93,9 @@ def _refuse_combinations(args: Any) -> None:
 
 
 def _turn_off_for_speculation(args: Any) -> None:
-    """The verify step reads its own results before the next batch is built,
-    and runs alone (not inside a mixed batch)."""
-    if not args.disable_overlap_schedule:
-        logger.warning("speculative decoding: the overlap scheduler is turned off")
-        args.disable_overlap_schedule = True
+    """A verify step runs alone (not inside a mixed batch). (The overlap
+    schedule stays: plain steps overlap, and the scheduler processes the step
+    in flight before a verify step is built.)"""
     if args.enable_mixed_chunk:
         logger.warning("speculative decoding: --enable-mixed-chunk is turned off")
         args.enable_mixed_chunk = False

@@ -70,6 +70,7 @@ class SpecWorker:
         self.emitted = 0  # tokens they produced
         self.governor = None if args.disable_speculative_adaptive else SpecGovernor()
         self._counts_at_step = (0, 0)  # (emitted, verified_rows) when the timed step started
+        self._planned: Optional[bool] = None  # plan_next_decode's decision, for the next decode step
         if runner.device.type == "cuda" and not args.disable_cuda_graph:
             self._add_graphs()
 
@@ -95,15 +96,31 @@ class SpecWorker:
         drafts = self.drafter.propose(batch.reqs, self.runner.vocab_size)
         return prepare_verify(batch, drafts)
 
+    def _decide(self, reqs: List[Any]) -> bool:
+        """Whether a decode step of these requests speculates."""
+        return self.eligible(reqs) and (self.governor is None or self.governor.choose(len(reqs)))
+
+    def plan_next_decode(self, running: Any) -> bool:
+        """Under the overlap schedule, while a plain step is in flight: the next
+        decode step's mode, decided now. True: it speculates, and its drafts
+        need the in-flight step's tokens, so the scheduler processes them first;
+        False: the plain step overlaps as without speculation."""
+        self._planned = self._decide(running.reqs)
+        return self._planned
+
     def next_decode(self, running: Any) -> Tuple[Optional[ScheduleBatch], List[Any]]:
         """The running batch prepared for a verify step when it qualifies, else for a plain decode step."""
-        speculate = self.eligible(running.reqs)
+        reqs = running.reqs
+        planned, self._planned = self._planned, None
         if self.governor is not None:
             self._close_timed_step()
-            if speculate:
-                speculate = self.governor.choose(len(running.reqs))
-                self.governor.step_started(len(running.reqs), speculate)
-                self._counts_at_step = (self.emitted, self.verified_rows)
+        if planned is not None:  # (a plan to speculate came with the in-flight step processed)
+            speculate = planned and self.eligible(reqs)
+        else:
+            speculate = self._decide(reqs)
+        if self.governor is not None and self.eligible(reqs):
+            self.governor.step_started(len(reqs), speculate)
+            self._counts_at_step = (self.emitted, self.verified_rows)
         if speculate:
             return running.next_decode(self.tokens_per_req, self.prepare)
         return running.next_decode()

@@ -160,6 +160,8 @@ class Scheduler:
         decode step that does not fit needs."""
         running = self.running
         return (self.in_flight.is_extend
+                or isinstance(self.in_flight, SpecResult)  # accepted runs change every request's state
+                or (self.spec is not None and not running.is_empty() and self.spec.plan_next_decode(running))
                 or (not running.is_empty() and running.batch.sampling_info is None)
                 or any(r.grammar is not None for r in running.reqs)
                 or not running.decode_fits())
