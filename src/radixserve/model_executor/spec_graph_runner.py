@@ -62,7 +62,8 @@ class SpecGraphRunner:
 
         self.input_ids, self.positions, self.out_cache_loc = ints(rows), ints(rows), ints(rows)
         self.req_pool_indices = ints(self.max_bs, self.padding_row)
-        self.seq_lens, self.prefix_lens, self.extend_lens = ints(self.max_bs, 1), ints(self.max_bs), ints(self.max_bs, 1)
+        self.seq_lens, self.extend_lens = ints(self.max_bs, 1), ints(self.max_bs, 1)
+        self.prefix_lens = ints(self.max_bs)
         self.start_loc = torch.arange(self.max_bs, device=dev) * shape.width
         self.spec_hidden = (torch.zeros(rows, shape.spec_hidden_dim, dtype=runner.dtype, device=dev)
                             if shape.spec_hidden_dim else None)
@@ -119,7 +120,7 @@ class SpecGraphRunner:
 
     # ---- replay ----
     def can_run(self, fb: ForwardBatch) -> bool:
-        """A batch of the captured kind: as many requests as the largest bucket,
+        """A batch of the captured kind: at most as many requests as the largest bucket,
         each with at most `width` new tokens, the same captured layers and
         draft features, no images or adapters."""
         if fb.forward_mode != self.mode or fb.batch_size > self.max_bs:
@@ -133,13 +134,12 @@ class SpecGraphRunner:
     @torch.inference_mode()
     def replay(self, fb: ForwardBatch) -> "LogitsOutput":
         """The LogitsOutput the eager forward gives for fb."""
-        from radixserve.model_executor.model_runner import LogitsOutput
-
         raw = fb.batch_size
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, raw)]
         lens = [1] * raw if self.mode == ForwardMode.DECODE else fb.extend_seq_lens_cpu
         # fb's token k of request i -> static row i * width + (its index within the request)
-        rows = torch.tensor([i * self.width + j for i, n in enumerate(lens) for j in range(n)], device=fb.input_ids.device)
+        rows = torch.tensor([i * self.width + j for i, n in enumerate(lens) for j in range(n)],
+                            device=fb.input_ids.device)
         used = bs * self.width
         for static, given in ((self.input_ids, fb.input_ids), (self.positions, fb.positions),
                               (self.out_cache_loc, fb.out_cache_loc)):

@@ -114,7 +114,7 @@ class SpecWorker:
         planned, self._planned = self._planned, None
         if self.governor is not None:
             self._close_timed_step()
-        if planned is not None:  # (a plan to speculate came with the in-flight step processed)
+        if planned is not None:  # decided while the last step was in flight (plan_next_decode)
             speculate = planned and self.eligible(reqs)
         else:
             speculate = self._decide(reqs)
@@ -180,11 +180,12 @@ class SpecWorker:
 
     def info(self) -> dict:
         """For get_server_info."""
+        draft = getattr(self.drafter, "draft", None)  # a DraftRunner (STANDALONE, EAGLE-3)
         return {"algorithm": self.algorithm, "num_steps": self.num_steps, "verify_ct": self.verify_ct,
                 "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size,
                 "adaptive": None if self.governor is None else self.governor.info(),
                 "graph_replays": {"target": graph_replays(self.runner),
-                                  "draft": graph_replays(getattr(getattr(self.drafter, "draft", None), "runner", None))}}
+                                  "draft": graph_replays(getattr(draft, "runner", None))}}
 
     def mean_accept_length(self) -> Optional[float]:
         """Tokens per request per verify step, over every step so far."""
