@@ -208,3 +208,25 @@ def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
     assert costs["speculate_s_per_token"] > 0 and costs["plain_s_per_token"] > 0
     # the plain steps ran under the overlap schedule: each launched while the one before was in flight
     assert info["num_overlapped_batches"] > 0
+
+
+def test_governor_switching_modes_under_overlap_keeps_tokens(target, baseline):
+    """A batch of four long requests (greedy, seeded sampling with penalties,
+    logprobs) while the governor moves between verify steps and overlapped
+    plain steps, and requests finish at different steps: every token, finish
+    reason and logprob equals plain decoding's."""
+    ids, _, _, _, _, _ = baseline
+    params = [{"temperature": 0, "max_new_tokens": 260, "ignore_eos": True},
+              {"temperature": 0.8, "top_p": 0.9, "sampling_seed": 3, "max_new_tokens": 200, "ignore_eos": True},
+              {"temperature": 1.0, "top_k": 20, "frequency_penalty": 0.4, "sampling_seed": 9,
+               "max_new_tokens": 150, "ignore_eos": True},
+              {"temperature": 0, "max_new_tokens": 90, "presence_penalty": 0.5, "ignore_eos": True}]
+    with Engine(model_path=str(target), log_level="warning") as engine:
+        want = generate(engine, ids[:4], params)
+    with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
+                     disable_speculative_adaptive=False) as engine:
+        got = generate(engine, ids[:4], params)
+        info = engine.get_server_info()
+        assert_no_leak(engine)
+    assert_same(got, want)
+    assert info["speculative"]["verify_ct"] > 0 and info["num_overlapped_batches"] > 0
