@@ -11,8 +11,8 @@ from torch import nn
 
 from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.layers.quantization import (
-    AMX_DEQUANTIZE_FROM_ROWS, INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear,
-    quantize_int4_groups, quantize_linears, quantize_per_row, unpack_int4, unquantized,
+    INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
+    quantize_linears, quantize_per_row, unpack_int4, unquantized,
 )
 from radixserve.server_args import ServerArgs
 from tests.conftest import load_hf_model
@@ -42,8 +42,7 @@ def test_quantizer_maps_each_groups_range_onto_0_to_15(group):
     assert (err <= 0.51 * scale * (1 + 2 ** -7) + 1e-6).all()  # half a step, plus bf16's rounding of the step
 
 
-# the int4 kernel; a decode batch that takes the dense GEMM on an AMX CPU (the kernel elsewhere); a prefill's GEMM
-@pytest.mark.parametrize("rows", [3, AMX_DEQUANTIZE_FROM_ROWS, INT8_DEQUANTIZE_FROM_ROWS + 5])
+@pytest.mark.parametrize("rows", [3, INT8_DEQUANTIZE_FROM_ROWS + 5])  # the int4 kernel; a prefill's GEMM
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_equals_the_dequantized_product(rows, dtype):
     g = torch.Generator().manual_seed(2)
@@ -238,17 +237,3 @@ def test_prefill_keeps_one_dequantized_copy_until_an_update():
     assert not hasattr(linear.weight, "dense_copy") or linear.weight.dense_copy is not copy
     kernel_rows = torch.cat([linear(x[i:i + 8]) for i in range(0, len(x), 8)])  # the int4 kernel's path
     assert rel(prefill, kernel_rows) < 2e-2 and rel(prefill, -first) < 5e-2
-
-
-def test_dense_gemm_threshold_follows_the_cpu():
-    """On a CPU with AMX a bfloat16 decode batch of 8 rows takes the dense
-    bfloat16 GEMM (faster there than the int4/int8 kernels); float32 rows, and
-    any rows elsewhere, only from a prefill's size."""
-    from radixserve.layers.quantization import takes_dense_gemm
-    from radixserve.utils.cpu_features import cpu_has_amx
-
-    bf16 = torch.bfloat16
-    assert not takes_dense_gemm(torch.zeros(AMX_DEQUANTIZE_FROM_ROWS - 1, 8, dtype=bf16))
-    assert takes_dense_gemm(torch.zeros(AMX_DEQUANTIZE_FROM_ROWS, 8, dtype=bf16)) == cpu_has_amx()
-    assert not takes_dense_gemm(torch.zeros(AMX_DEQUANTIZE_FROM_ROWS, 8))
-    assert takes_dense_gemm(torch.zeros(INT8_DEQUANTIZE_FROM_ROWS, 8))

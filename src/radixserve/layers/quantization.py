@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from radixserve.utils.cpu_features import cpu_has_amx, cpu_has_native_bf16
+from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -91,20 +91,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # 2.7x at 4,096 rows, 2x at 128; int4 2.1x at 128, 576 -> 1,536, 2-core AVX-512
 # CPU; the int8 kernel wins 9x at one row).
 INT8_DEQUANTIZE_FROM_ROWS = 128
-# With AMX the dense bfloat16 GEMM wins from 8 rows: the kernels' time grows
-# with the rows, the AMX GEMM's hardly (2-core AMX Xeon, 32 rows: int4 686 us
-# against 162 us for 3,072 x 576; the int8 LM head 13.8 ms against 3.1 ms;
-# at 8 rows 1.1x to 1.5x, at 4 rows the kernels still win). So a decode batch
-# of 8 or more takes the dense copy there, when its activations are bfloat16
-# (the formats' default; float32 activations keep float32 arithmetic below a prefill).
-AMX_DEQUANTIZE_FROM_ROWS = 8
-
-
-def takes_dense_gemm(rows: torch.Tensor) -> bool:
-    """Whether these rows go through the dequantized copy rather than the kernel."""
-    if rows.device.type == "cpu" and rows.dtype == torch.bfloat16 and cpu_has_amx():
-        return rows.shape[0] >= AMX_DEQUANTIZE_FROM_ROWS
-    return rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS
 
 
 # A prefill's dequantized GEMM runs in bfloat16 where the CPU has bfloat16
@@ -135,7 +121,7 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     scale = weight_scale.to(x.dtype)
-    if takes_dense_gemm(rows):
+    if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:
         out = prefill_gemm(rows, weight, lambda: per_row_dequantized(weight, weight_scale))
     else:
         out = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)
@@ -216,7 +202,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # A decode step calls this 4 times a layer: no reshape or cast that would
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if takes_dense_gemm(rows):  # a prefill (or a decode batch on AMX): one ordinary GEMM, as for int8
+    if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:  # a prefill: one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:
         group = x.shape[-1] // scales_and_zeros.shape[0]
