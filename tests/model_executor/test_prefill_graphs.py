@@ -71,7 +71,7 @@ def check_cases(runner, graphs: PrefillGraphRunner, hf, tol: float) -> None:
         assert graphs.can_run(batch)
         eager = runner.forward_eager(batch).next_token_logits.clone()
         before = kv_snapshot(runner)
-        replayed = graphs.replay(extend_batch(runner, row, cached, ids[cached:])).clone()
+        replayed = graphs.replay(extend_batch(runner, row, cached, ids[cached:])).next_token_logits.clone()
         with torch.no_grad():
             expected = hf(torch.tensor([ids], device=runner.device)).logits[0, -1].float()
         for ours in (eager[0], replayed[0]):

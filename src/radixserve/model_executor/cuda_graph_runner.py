@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.logits_output import LogitsOutput
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
@@ -105,8 +106,8 @@ class CudaGraphRunner:
     def can_run(self, forward_batch: ForwardBatch) -> bool:
         return forward_batch.forward_mode.is_decode() and forward_batch.batch_size <= self.max_bs
 
-    def replay(self, forward_batch: ForwardBatch) -> torch.Tensor:
-        """Logits [batch_size, vocab] of one decode step."""
+    def replay(self, forward_batch: ForwardBatch) -> LogitsOutput:
+        """One decode step's logits ([batch_size, vocab])."""
         fb = forward_batch
         raw = fb.batch_size
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, raw)]
@@ -124,4 +125,4 @@ class CudaGraphRunner:
         if self.runner.lora_manager is not None:
             self.runner.lora_manager.prepare_decode(fb.lora_ids or [None] * raw, bs)
         self.graphs[bs].replay()
-        return self.logits[bs][:raw]
+        return LogitsOutput(self.logits[bs][:raw], None)

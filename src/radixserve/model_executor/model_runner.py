@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, default_kv_lay
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.forward_batch import ForwardBatch
+from radixserve.model_executor.logits_output import LogitsOutput
 from radixserve.model_loader.fp8 import block_fp8_size, checkpoint_block_fp8_size
 from radixserve.model_loader.loader import build_model, load_model
 from radixserve.model_loader.quantized_cache import cache_name, load_quantized, save_quantized
@@ -39,24 +39,6 @@ logger = logging.getLogger(__name__)
 
 CPU_KV_POOL_BYTES = 2 << 30  # on CPU, with no size given, the pool takes at most 2 GiB
 CPU_MAX_TOTAL_TOKENS = 1 << 17
-
-
-@dataclass
-class LogitsOutput:
-    next_token_logits: torch.Tensor  # [bs, vocab] float32, at each request's last token
-    all_logits: Optional[torch.Tensor]  # [num_logit_rows, vocab] when input logprobs asked
-    # Speculative decoding: the captured layers' outputs of every token
-    # (ForwardBatch.capture_aux_layers), and the hidden state at each
-    # request's last token (ForwardBatch.return_hidden).
-    aux_hidden: Optional[torch.Tensor] = None
-    hidden: Optional[torch.Tensor] = None
-
-    def split_mixed(self, num_decode: int) -> Tuple["LogitsOutput", "LogitsOutput"]:
-        """A mixed batch's logits as (its decode requests', its extend part's):
-        the first num_decode rows of both tensors are the decode requests'."""
-        extend_all = self.all_logits[num_decode:] if self.all_logits is not None else None
-        return (LogitsOutput(self.next_token_logits[:num_decode], None),
-                LogitsOutput(self.next_token_logits[num_decode:], extend_all))
 
 
 def resolve_dtype(dtype: str, device: str, weight_format: Optional[WeightFormat] = None) -> torch.dtype:
@@ -394,8 +376,7 @@ class ModelRunner:
         embedding server's extend batches give pooled hidden states instead."""
         for graphs in self.graph_runners:
             if graphs.can_run(forward_batch):
-                out = graphs.replay(forward_batch)
-                return out if isinstance(out, LogitsOutput) else LogitsOutput(out, None)
+                return graphs.replay(forward_batch)
         return self.forward_eager(forward_batch)
 
     @torch.inference_mode()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from radixserve.model_executor.cuda_graph_runner import capture_graph
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.logits_output import LogitsOutput
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
@@ -147,8 +148,8 @@ class PrefillGraphRunner:
                 and fb.spec_hidden is None and not fb.return_hidden)
 
     @torch.inference_mode()
-    def replay(self, fb: ForwardBatch) -> torch.Tensor:
-        """Next-token logits [1, vocab] of the request's extend."""
+    def replay(self, fb: ForwardBatch) -> LogitsOutput:
+        """The request's next-token logits ([1, vocab])."""
         n = fb.input_ids.shape[0]
         tokens = self.buckets[bisect.bisect_left(self.buckets, n)]
         for static, given in ((self.input_ids, fb.input_ids), (self.positions, fb.positions),
@@ -161,4 +162,4 @@ class PrefillGraphRunner:
         self.extend_len.copy_(fb.extend_seq_lens)
         self.logits_index.copy_(fb.logits_indices)
         self.graphs[tokens].replay()
-        return self.logits[tokens]
+        return LogitsOutput(self.logits[tokens], None)

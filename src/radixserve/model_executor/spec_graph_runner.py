@@ -28,10 +28,11 @@ import torch
 
 from radixserve.model_executor.cuda_graph_runner import capture_batch_sizes, capture_graph
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.model_executor.logits_output import LogitsOutput
 from radixserve.model_executor.prefill_graph_runner import EagerReplay
 
 if TYPE_CHECKING:
-    from radixserve.model_executor.model_runner import LogitsOutput, ModelRunner
+    from radixserve.model_executor.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -122,17 +123,17 @@ class SpecGraphRunner:
     def can_run(self, fb: ForwardBatch) -> bool:
         """A batch of the captured kind: at most as many requests as the largest bucket,
         each with at most `width` new tokens, the same captured layers and
-        draft features, no images or adapters."""
+        draft features, no images (speculation refuses adapters at start-up)."""
         if fb.forward_mode != self.mode or fb.batch_size > self.max_bs:
             return False
-        if fb.mm_items or fb.mrope_positions is not None or (fb.lora_ids and any(i is not None for i in fb.lora_ids)):
+        if fb.mm_items or fb.mrope_positions is not None:
             return False
         if fb.capture_aux_layers != self.shape.aux_layers or (fb.spec_hidden is None) != (self.spec_hidden is None):
             return False
         return self.mode == ForwardMode.DECODE or max(fb.extend_seq_lens_cpu) <= self.width
 
     @torch.inference_mode()
-    def replay(self, fb: ForwardBatch) -> "LogitsOutput":
+    def replay(self, fb: ForwardBatch) -> LogitsOutput:
         """The LogitsOutput the eager forward gives for fb."""
         raw = fb.batch_size
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, raw)]
@@ -165,10 +166,8 @@ class SpecGraphRunner:
             self.prefix_lens[raw:bs].zero_()
             self.extend_lens[raw:bs].fill_(1)
 
-    def _outputs(self, fb: ForwardBatch, outputs: Tuple[torch.Tensor, ...], rows: torch.Tensor) -> "LogitsOutput":
+    def _outputs(self, fb: ForwardBatch, outputs: Tuple[torch.Tensor, ...], rows: torch.Tensor) -> LogitsOutput:
         """The static outputs at fb's own rows, picked as the eager forward picks them."""
-        from radixserve.model_executor.model_runner import LogitsOutput
-
         logits = outputs[0][rows]
         hidden = outputs[1][rows] if fb.return_hidden else None
         if self.mode == ForwardMode.DECODE:
@@ -190,8 +189,6 @@ def spec_graph_support(runner: "ModelRunner") -> Optional[str]:
         return "no CUDA"
     if runner.server_args.resolved_attention_backend() != "triton":
         return "they need --attention-backend triton"
-    if runner.lora_manager is not None:
-        return "adapters are prepared per batch"
     from radixserve.mem_cache.kv_layout import MLAKVLayout
 
     if isinstance(runner.kv_layout, MLAKVLayout):

@@ -114,11 +114,12 @@ class SpecWorker:
         planned, self._planned = self._planned, None
         if self.governor is not None:
             self._close_timed_step()
+        eligible = self.eligible(reqs)
         if planned is not None:  # decided while the last step was in flight (plan_next_decode)
-            speculate = planned and self.eligible(reqs)
+            speculate = planned and eligible
         else:
-            speculate = self._decide(reqs)
-        if self.governor is not None and self.eligible(reqs):
+            speculate = eligible and (self.governor is None or self.governor.choose(len(reqs)))
+        if self.governor is not None and eligible:
             self.governor.step_started(len(reqs), speculate)
             self._counts_at_step = (self.emitted, self.verified_rows)
         if speculate:
