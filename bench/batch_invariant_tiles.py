@@ -5,7 +5,7 @@ Qwen3-0.6B projection shapes, against cuBLAS (runs on CUDA only).
 
 Prints, per tile configuration, the milliseconds of one model step's
 projections (28 layers of q|k|v, o, gate|up, down, plus the LM head on up to
-256 rows) at 1, 64, 256 and 2048 rows; the last line is the whole result as JSON.
+256 rows) at 1, 64, 256, 2048 and 8192 rows; the last line is the whole result as JSON.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from radixserve.layers.batch_invariant import _linear_kernel  # noqa: E402
 LAYERS = 28
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
 LM_HEAD = (151936, 1024)
-ROWS = [1, 64, 256, 2048]
+ROWS = [1, 64, 256, 2048, 8192]
 CONFIGS = [(64, 64, 64, 4, 3), (32, 32, 128, 4, 3), (64, 32, 128, 4, 3), (16, 64, 128, 4, 4),
-           (32, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3)]
+           (32, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+           (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+           (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
 
 
 def step_ms(linear, weights, rows: int) -> float:

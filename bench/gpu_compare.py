@@ -160,7 +160,7 @@ def ours(path: Path, args, engine_args: dict, vocab: int) -> Dict[str, float]:
     start = time.perf_counter()
     with Engine(model_path=str(path), load_format="dummy", dtype="bfloat16" if args.device == "cuda" else "float32",
                 mem_fraction_static=args.mem_fraction_static if args.device == "cuda" else None,
-                log_level="warning", **{"tp_size": args.tp_size, "ep_size": args.ep_size, **engine_args}) as engine:
+                **{"log_level": "warning", "tp_size": args.tp_size, "ep_size": args.ep_size, **engine_args}) as engine:
         results["startup_s"] = round(time.perf_counter() - start, 1)
         greedy = {"temperature": 0, "ignore_eos": True}
         engine.generate(input_ids=random_prompts(4, 64, vocab, 99), sampling_params={**greedy, "max_new_tokens": 8})

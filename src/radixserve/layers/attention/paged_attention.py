@@ -63,28 +63,12 @@ def _decode_split_kernel(
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
-    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     row = tl.load(req_pool_indices_ptr + req)
     # The splits share the visible positions only: with a sliding window the
     # query (at seq_len - 1) sees the last `window` of them, and no program
     # reads a key outside it.
     first = tl.maximum(seq_len - window, 0) if HAS_WINDOW else 0
-    if FIXED_SPLITS:
-        # Deterministic mode: split s holds positions [s, s + 1) * split_tokens
-        # and its key blocks start at multiples of BLOCK_N, whatever the batch
-        # or the length, so a request's sums never change grouping. The loop
-        # starts at the block holding `first`, so every block it visits has a
-        # visible key (no -inf - -inf in the running max).
-        lo = split * split_tokens
-        end = tl.minimum(lo + split_tokens, seq_len)
-        has_keys = end > tl.maximum(lo, first)
-        start = tl.where(has_keys, tl.maximum(lo, first // BLOCK_N * BLOCK_N), end)
-    else:
-        split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
-        start = first + split * split_len
-        end = tl.minimum(start + split_len, seq_len)
-        has_keys = end > start
 
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -98,24 +82,60 @@ def _decode_split_kernel(
         # bfloat16 it takes three), exactly; _attend_block widens the keys and
         # values to q's dtype, so q becomes float16 (clamped to its range).
         q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    out_base = (req * num_heads + head) * NUM_SPLITS
+    table_row = req_to_token_ptr + row * stride_table_row
+    if FIXED_SPLITS:
+        # Deterministic mode: split s holds positions [s, s + 1) * split_tokens
+        # and its key blocks start at multiples of BLOCK_N, whatever the batch
+        # or the length, so a request's sums never change grouping. The grid's
+        # third axis holds fewer programs than splits (as many as the batch
+        # size calls for): each takes every num_programs-th split, and each
+        # split is still summed on its own.
+        for split in range(tl.program_id(2), NUM_SPLITS, tl.num_programs(2)):
+            lo = split * split_tokens
+            end = tl.minimum(lo + split_tokens, seq_len)
+            # The loop starts at the block holding `first`, so every block it
+            # visits has a visible key (no -inf - -inf in the running max).
+            start = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
+            _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, out_base + split, d,
+                              h_mask, d_mask, kv_head, first, start, end, end > tl.maximum(lo, first),
+                              stride_kv_slot, scale, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, True)
+    else:
+        split = tl.program_id(2)
+        split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
+        start = first + split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+        _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, out_base + split, d,
+                          h_mask, d_mask, kv_head, first, start, end, end > start,
+                          stride_kv_slot, scale, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, False)
 
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
-        n_mask = (pos < end) & (pos >= first) if FIXED_SPLITS else pos < end
-        slot = tl.load(req_to_token_ptr + row * stride_table_row + pos, mask=n_mask, other=0)
-        kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask,
-                                      n_mask[None, :], scale, IEEE)
 
-    out_base = (req * num_heads + head) * NUM_SPLITS + split
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-    tl.store(part_out_ptr + out_base[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
-    tl.store(part_lse_ptr + out_base, lse, mask=h_mask)
+@triton.jit
+def _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, out_row, d, h_mask, d_mask,
+                      kv_head, first, start, end, has_keys, stride_kv_slot, scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      IEEE: tl.constexpr, MASK_FIRST: tl.constexpr):
+    """Attention of q's heads over positions [start, end) of one request:
+    stores the normalised partial output and its log-sum-exp at out_row. A
+    split with no keys stores only an lse of -inf; the merge reads nothing
+    else of it (most fixed splits of a short request are empty)."""
+    if has_keys:
+        m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+        l_i = tl.zeros([q.shape[0]], tl.float32)
+        acc = tl.zeros([q.shape[0], BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            n_mask = (pos < end) & (pos >= first) if MASK_FIRST else pos < end
+            slot = tl.load(table_row + pos, mask=n_mask, other=0)
+            kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask,
+                                          n_mask[None, :], scale, IEEE)
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(part_out_ptr + out_row[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
+        tl.store(part_lse_ptr + out_row, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), mask=h_mask)
+    else:
+        tl.store(part_lse_ptr + out_row, tl.full(out_row.shape, float("-inf"), tl.float32), mask=h_mask)
 
 
 @triton.jit
@@ -135,8 +155,10 @@ def decode_merge_kernel(
         sink = tl.load(sinks_ptr + head).to(tl.float32)
         m = tl.maximum(m, sink)
     # No keys at all (a zero-length padding row): output zeros, not NaN.
-    w = tl.where(lse > float("-inf"), tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
-    parts = tl.load(part_out_ptr + (base + s)[:, None] * BLOCK_D + d[None, :])
+    has_keys = lse > float("-inf")
+    w = tl.where(has_keys, tl.exp(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+    # An empty split stored no output: its rows are not read (their weight is 0).
+    parts = tl.load(part_out_ptr + (base + s)[:, None] * BLOCK_D + d[None, :], mask=has_keys[:, None], other=0.0)
     total = tl.sum(w, 0)
     if HAS_SINKS:
         total += tl.exp(sink - m)
@@ -194,13 +216,15 @@ def decode_attention(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, num_splits: int,
     sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
-    split_tokens: Optional[int] = None,
+    split_tokens: Optional[int] = None, split_programs: Optional[int] = None,
 ) -> None:
     """q, out: [bs, heads*D]; k/v_buffer: [slots, kv_heads, D]. Writes out.
     sliding_window: the query sees its last `sliding_window` positions only;
     sinks: [heads] logits in each head's softmax denominator;
     split_tokens: each split takes this many positions (fixed_decode_splits:
-    batch-invariant) instead of an equal share of the request's length."""
+    batch-invariant) instead of an equal share of the request's length;
+    split_programs: with split_tokens, the programs per (request, KV head)
+    that share the splits (default: one per split)."""
     bs = q.shape[0]
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
@@ -209,7 +233,8 @@ def decode_attention(
     part_out = torch.empty((bs, num_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     tiles = decode_tiles(k_buffer.dtype, q.dtype, block_d, bs * num_kv_heads, split_tokens is not None)
-    _decode_split_kernel[(bs, num_kv_heads, num_splits)](
+    programs = min(split_programs or num_splits, num_splits) if split_tokens else num_splits
+    _decode_split_kernel[(bs, num_kv_heads, programs)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
         split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,

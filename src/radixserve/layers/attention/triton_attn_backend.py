@@ -53,9 +53,8 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         fb = forward_batch
-        if fb.forward_mode.is_decode() and self.fixed_splits is not None:
-            fb.attn_metadata = self.fixed_splits[0]
-        elif fb.forward_mode.is_decode():
+        if fb.forward_mode.is_decode():
+            # Deterministic mode: this many programs share the fixed splits.
             num_kv_heads = fb.kv_pool.k_buffers[0].shape[1]
             fb.attn_metadata = decode_num_splits(fb.batch_size, num_kv_heads, self.num_sms)
         elif fb.forward_mode.is_mixed():
@@ -83,8 +82,9 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         out = torch.empty_like(q)
         decode_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
-            layer.scaling, fb.attn_metadata, sliding_window=layer.sliding_window, sinks=layer.sinks,
-            split_tokens=self.fixed_splits[1] if self.fixed_splits else None,
+            layer.scaling, self.fixed_splits[0] if self.fixed_splits else fb.attn_metadata,
+            sliding_window=layer.sliding_window, sinks=layer.sinks,
+            split_tokens=self.fixed_splits[1] if self.fixed_splits else None, split_programs=fb.attn_metadata,
         )
         return out
 
