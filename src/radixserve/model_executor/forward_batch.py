@@ -83,6 +83,10 @@ class ForwardBatch:
     aux_hidden: Optional[torch.Tensor] = None
     spec_hidden: Optional[torch.Tensor] = None
     return_hidden: bool = False
+    # A verify step of draft trees (speculative/tree.py), extend only: per new
+    # token, the bits of the request's new tokens it sees (bit k: its k-th new
+    # token); every token sees the whole cached prefix. None: causal.
+    spec_tree_mask: Optional[torch.Tensor] = None
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

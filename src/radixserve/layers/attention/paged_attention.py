@@ -13,7 +13,9 @@ written to the pool before attention runs).
   so a CUDA graph can capture it.
 - extend: the new tokens of every request of a batch in one launch. Grid
   (request, block of new tokens, query head); new token j of a request with
-  prefix p sees positions 0..p+j.
+  prefix p sees positions 0..p+j. A speculative verify of draft trees passes
+  a bitmask per new token (speculative/tree.py): new token j then sees the
+  prefix and those of the request's new tokens its bits name.
 """
 
 from __future__ import annotations
@@ -251,13 +253,13 @@ def decode_attention(
 # Index and length arrays may start anywhere in a larger tensor (a mixed batch's
 # extend half, a slice of the free-slot list): no variant per pointer alignment.
 @triton.jit(do_not_specialize_on_alignment=[
-    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr"])
+    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr", "tree_mask_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, req_to_token_ptr, req_pool_indices_ptr,
-    prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr,
+    prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr, tree_mask_ptr,
     sinks_ptr, stride_q_tok, stride_out_tok, stride_kv_slot, stride_table_row, scale, group, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr,
+    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_TREE: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     m_block = tl.program_id(1)
@@ -276,7 +278,10 @@ def _extend_kernel(
     d_mask = d < HEAD_DIM
     q = tl.load(q_ptr + (first_tok + m)[:, None] * stride_q_tok + head * HEAD_DIM + d[None, :],
                 mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    q_pos = prefix + m  # absolute position of each query
+    q_pos = prefix + m  # absolute position of each query (a tree's rows: causal bound only)
+    if HAS_TREE:
+        # Bit k of a query's mask: it sees the request's k-th new token.
+        tree_bits = tl.load(tree_mask_ptr + first_tok + m, mask=m_mask, other=0)
 
     if HAS_SINKS:
         # The sink is one more logit with a zero value: the online softmax
@@ -310,6 +315,10 @@ def _extend_kernel(
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if HAS_WINDOW:
             visible &= pos[None, :] > q_pos[:, None] - window
+        if HAS_TREE:
+            new = pos - prefix  # the key's index among the new tokens (< 0: the prefix)
+            bit = tl.minimum(tl.maximum(new, 0), 63).to(tl.int64)
+            visible &= (new[None, :] < 0) | (((tree_bits[:, None] >> bit[None, :]) & 1) != 0)
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -322,11 +331,14 @@ def extend_attention(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
     extend_lens: torch.Tensor, extend_starts: torch.Tensor, max_extend_len: int, scale: float,
     sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
+    tree_mask: Optional[torch.Tensor] = None,
 ) -> None:
     """q, out: [T, heads*D] (the new tokens of all requests, packed); k/v_buffer:
     [slots, kv_heads, D] already holding the new tokens' K/V. Writes out.
     sliding_window: a query at p sees positions p - sliding_window + 1 .. p;
-    sinks: [heads] logits in each head's softmax denominator."""
+    sinks: [heads] logits in each head's softmax denominator;
+    tree_mask: [T] int64, the request's new tokens each one sees (bit k: the
+    k-th; at most 64 new tokens per request) on top of its whole prefix."""
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
     block_d = triton.next_power_of_2(head_dim)
@@ -334,9 +346,10 @@ def extend_attention(
     grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
-        q if sinks is None else sinks,
+        prefix_lens if tree_mask is None else tree_mask, q if sinks is None else sinks,
         q.stride(0), out.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, num_heads // num_kv_heads,
         sliding_window or 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=exact_dot(q.dtype),
-        HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None, num_warps=4, num_stages=2,
+        HAS_WINDOW=sliding_window is not None, HAS_SINKS=sinks is not None, HAS_TREE=tree_mask is not None,
+        num_warps=4, num_stages=2,
     )

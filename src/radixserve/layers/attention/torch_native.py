@@ -103,10 +103,12 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             mask = key_pos <= query_pos
             if window is not None:
                 mask &= key_pos > query_pos - window
+            if fb.spec_tree_mask is not None:
+                mask &= _tree_visible(fb.spec_tree_mask[start:start + extend], key_pos - prefix)
             gqa = layer.num_heads != layer.num_kv_heads
             if short:
                 oi = _grouped_attention(qi, ki, vi, mask, layer)
-            elif layer.sinks is None and prefix == 0 and window is None:
+            elif layer.sinks is None and prefix == 0 and window is None and fb.spec_tree_mask is None:
                 # No cached prefix: plain causal attention, which SDPA runs in its
                 # fused kernel; an explicit mask sends it to the unfused math path.
                 oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling, enable_gqa=gqa)
@@ -251,6 +253,14 @@ def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(kv_heads, group * queries, -1), v)
     return out.view(layer.num_heads, queries, layer.head_dim)
+
+
+def _tree_visible(bits: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
+    """A verify step of draft trees: which keys each new token sees. bits [Q]
+    int64 (bit k: the request's k-th new token); new_index [1, L], each key's
+    index among the new tokens (< 0: the cached prefix, which every query sees)."""
+    shift = new_index.clamp(0, 63)
+    return (new_index < 0) | (((bits[:, None] >> shift) & 1) != 0)
 
 
 def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
