@@ -79,6 +79,9 @@ def main() -> None:
           if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
           and m.weight.dtype == torch.bfloat16 and "embed" not in n]
     x = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
+    # cuBLAS's handle is made on first use, which a capture may not do (in
+    # deterministic mode no layer has called cuBLAS yet).
+    F.linear(x[ws[0].shape[1]], ws[0])
     gemv = torch.cuda.CUDAGraph()
     with torch.cuda.graph(gemv):
         for w in ws:
