@@ -167,11 +167,14 @@ class ServerArgs:
     speculative_draft_model_path: Optional[str] = option(None, "STANDALONE: a smaller model, same tokenizer; "
                                                                "EAGLE3: a head folder (train_eagle3)")
     speculative_num_steps: Optional[int] = option(None, "draft steps per verify; None: 3")
-    speculative_eagle_topk: Optional[int] = option(None, "draft branches per step; only 1 (a chain) for now")
-    speculative_num_draft_tokens: Optional[int] = option(None, "tokens per verify; None: num_steps + 1")
+    speculative_eagle_topk: Optional[int] = option(
+        None, "draft branches per step: only 1 (NGRAM's trees take the bfs breadths)")
+    speculative_num_draft_tokens: Optional[int] = option(
+        None, "tokens per verify (last token + drafts); None: num_steps + 1; NGRAM trees: 2..64")
     speculative_token_map: Optional[str] = option(None, "not read: EAGLE-3 heads carry their d2t map")
-    speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: fewest branches (trees only)")
-    speculative_ngram_max_bfs_breadth: int = option(10, "NGRAM: most branches (trees only)")
+    speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: a tree node's children at the deepest level")
+    speculative_ngram_max_bfs_breadth: int = option(
+        10, "NGRAM: a tree node's children at the first level; 1: a chain")
     speculative_ngram_match_type: str = option("BFS", "NGRAM: BFS (latest continuation)|PROB (most frequent)")
     speculative_ngram_max_trie_depth: int = option(18, "NGRAM: longest n-gram matched against the history")
     speculative_ngram_capacity: int = option(10_000_000, "NGRAM: most n-grams indexed per request")

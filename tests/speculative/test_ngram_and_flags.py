@@ -40,12 +40,25 @@ def test_index_grows_incrementally():
 def test_flags_checked_and_mixed_chunks_turned_off():
     args = ServerArgs(speculative_algorithm="NGRAM", enable_mixed_chunk=True)
     assert (args.speculative_num_steps, args.speculative_eagle_topk, args.speculative_num_draft_tokens) == (3, 1, 4)
+    # NGRAM trees: more nodes than one per step
+    args = ServerArgs(speculative_algorithm="NGRAM", speculative_num_steps=2, speculative_num_draft_tokens=8)
+    assert (args.speculative_num_steps, args.speculative_num_draft_tokens) == (2, 8)
     assert not args.disable_overlap_schedule and not args.enable_mixed_chunk
     for kwargs, field in [
         (dict(speculative_algorithm="MEDUSA"), "speculative_algorithm"),
         (dict(speculative_algorithm="STANDALONE"), "speculative_draft_model_path"),
         (dict(speculative_algorithm="NGRAM", speculative_eagle_topk=4), "speculative_eagle_topk"),
-        (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=9), "speculative_num_draft_tokens"),
+        (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=9, speculative_ngram_max_bfs_breadth=1),
+         "speculative_num_draft_tokens"),  # a chain: num_steps + 1
+        (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=65), "speculative_num_draft_tokens"),
+        (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1), "speculative_num_draft_tokens"),
+        (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=2),
+         "speculative_eagle_topk"),
+        (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_num_draft_tokens=8),
+         "speculative_num_draft_tokens"),
+        (dict(speculative_algorithm="NGRAM", speculative_ngram_min_bfs_breadth=3, speculative_ngram_max_bfs_breadth=2),
+         "speculative_ngram_min_bfs_breadth"),
+        (dict(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=0), "speculative_ngram_max_bfs_breadth"),
         (dict(speculative_algorithm="NGRAM", speculative_ngram_match_type="DFS"), "speculative_ngram_match_type"),
         (dict(speculative_algorithm="NGRAM", enable_lora=True, max_lora_rank=8, lora_target_modules=["all"]),
          "enable_lora"),

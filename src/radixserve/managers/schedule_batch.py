@@ -52,8 +52,10 @@ class ScheduleBatch:
         self.last_logit_rows: Optional[torch.Tensor] = None
         self.mrope_positions: Optional[torch.Tensor] = None
         self.mm_items: Optional[list] = None
-        # A verify step's draft tokens per request (speculative/verify.py), else None
-        self.spec_drafts: Optional[List[List[int]]] = None
+        # A verify step's draft trees per request (speculative/verify.py), else None,
+        # and each verified row's tree mask when a tree branches (else causal attention)
+        self.spec_drafts: Optional[list] = None
+        self.spec_tree_mask: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -132,7 +134,7 @@ class ScheduleBatch:
 
     def prepare_for_decode(self) -> bool:
         self.forward_mode = ForwardMode.DECODE
-        self.spec_drafts = None
+        self.spec_drafts, self.spec_tree_mask = None, None
         table = self.pools.req_to_token_pool.req_to_token
         last_locs = table[self.req_pool_indices, self.seq_lens - 1]
         out_cache_loc = self.pools.allocator.alloc_decode(self.seq_lens, last_locs, self.seq_lens_cpu)
@@ -206,6 +208,7 @@ class ScheduleBatch:
             lora_ids=[r.lora_id for r in self.reqs],
             mrope_positions=self.mrope_positions,
             mm_items=self.mm_items,
+            spec_tree_mask=self.spec_tree_mask,
         )
         if self.forward_mode.is_extend():
             set_extend_lens(fb, self._prefix_lens, self._extend_lens, self.device)

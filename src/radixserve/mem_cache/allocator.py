@@ -69,6 +69,13 @@ class KVPool:
         k_buf[loc] = to_cache_dtype(k, k_buf.dtype)
         v_buf[loc] = to_cache_dtype(v, v_buf.dtype)
 
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every layer's K and V at slots src copied to slots dst (all read
+        before any is written, so the two may overlap): a speculative tree's
+        accepted nodes moved to their positions' slots when pages must stay whole."""
+        for buf in self.k_buffers + self.v_buffers:
+            buf[dst] = buf[src]
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -145,7 +145,7 @@ class PrefillGraphRunner:
         return (fb.forward_mode == ForwardMode.EXTEND and fb.batch_size == 1
                 and fb.input_ids.shape[0] <= self.max_tokens and fb.logits_indices.shape[0] == 1
                 and not fb.mm_items and fb.mrope_positions is None and fb.capture_aux_layers is None
-                and fb.spec_hidden is None and not fb.return_hidden)
+                and fb.spec_hidden is None and not fb.return_hidden and fb.spec_tree_mask is None)
 
     @torch.inference_mode()
     def replay(self, fb: ForwardBatch) -> LogitsOutput:

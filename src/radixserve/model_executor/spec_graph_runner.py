@@ -14,6 +14,9 @@ tokens; its spare rows are padding (token 0 at position 0 writing the
 reserved KV slot 0) that no real query attends to, and padded requests use
 the request table's padding row. Every other layer works row by row. The
 outputs are gathered back to the caller's compact layout after the replay.
+A verify graph for draft trees (`tree=True`) also captures the tree-mask
+input of the extend kernel (speculative/tree.py); a batch of chains replays
+it with the causal masks, which attend exactly as the plain kernel does.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from radixserve.model_executor.cuda_graph_runner import capture_batch_sizes, cap
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_executor.logits_output import LogitsOutput
 from radixserve.model_executor.prefill_graph_runner import EagerReplay
+from radixserve.speculative.tree import causal_row_masks
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
@@ -45,6 +49,7 @@ class SpecGraphShape:
     max_bs: int
     aux_layers: Optional[Tuple[int, ...]] = None  # a target read by an EAGLE-3 head: the layers it captures
     spec_hidden_dim: int = 0  # a draft head: the width of its input features (0: none)
+    tree: bool = False  # a verify step whose drafts may branch: the extend reads per-token tree masks
 
 
 class SpecGraphRunner:
@@ -68,6 +73,10 @@ class SpecGraphRunner:
         self.start_loc = torch.arange(self.max_bs, device=dev) * shape.width
         self.spec_hidden = (torch.zeros(rows, shape.spec_hidden_dim, dtype=runner.dtype, device=dev)
                             if shape.spec_hidden_dim else None)
+        # Every request's rows start as a chain's: row j sees rows 0..j.
+        self.causal_masks = (torch.tensor(causal_row_masks(shape.width), dtype=torch.int64, device=dev)
+                             .repeat(self.max_bs) if shape.tree else None)
+        self.tree_mask = self.causal_masks.clone() if shape.tree else None
         self.graphs: Dict[int, object] = {}
         self.replays = 0  # (get_server_info shows them: which forwards took a graph)
         self.outputs: Dict[int, Tuple[torch.Tensor, ...]] = {}
@@ -86,6 +95,7 @@ class SpecGraphRunner:
             req_to_token_pool=pools.req_to_token_pool, kv_pool=pools.kv_pool, attn_backend=self.runner.attn_backend,
             capture_aux_layers=self.shape.aux_layers,
             spec_hidden=None if self.spec_hidden is None else self.spec_hidden[:rows],
+            spec_tree_mask=None if self.tree_mask is None else self.tree_mask[:rows],
         )
         if self.mode == ForwardMode.EXTEND:
             fb.extend_prefix_lens, fb.extend_seq_lens = self.prefix_lens[:bs], self.extend_lens[:bs]
@@ -130,6 +140,8 @@ class SpecGraphRunner:
             return False
         if fb.capture_aux_layers != self.shape.aux_layers or (fb.spec_hidden is None) != (self.spec_hidden is None):
             return False
+        if fb.spec_tree_mask is not None and not self.shape.tree:
+            return False
         return self.mode == ForwardMode.DECODE or max(fb.extend_seq_lens_cpu) <= self.width
 
     @torch.inference_mode()
@@ -148,6 +160,10 @@ class SpecGraphRunner:
             static.index_copy_(0, rows, given)
         if self.spec_hidden is not None:
             self.spec_hidden.index_copy_(0, rows, fb.spec_hidden.to(self.spec_hidden.dtype))
+        if self.tree_mask is not None:
+            self.tree_mask[:used].copy_(self.causal_masks[:used])  # chains, and the padding rows
+            if fb.spec_tree_mask is not None:
+                self.tree_mask.index_copy_(0, rows, fb.spec_tree_mask)
         self._copy_requests(fb, raw, bs)
         self.graphs[bs].replay()
         self.replays += 1

@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 ALGORITHMS = ("EAGLE", "EAGLE3", "NGRAM", "STANDALONE")
 NGRAM_MATCH_TYPES = ("BFS", "PROB")
 DEFAULT_NUM_STEPS = 3
+MAX_TREE_ROWS = 64  # as speculative/tree.py (kept torch-free here)
 
 
 def validate_speculative(args: Any) -> None:
@@ -23,6 +24,7 @@ def validate_speculative(args: Any) -> None:
         return
     if algo not in ALGORITHMS:
         raise ValueError(f"speculative_algorithm must be one of {'|'.join(ALGORITHMS)}, got {algo!r}")
+    _check_ngram(args)
     _fill_sizes(args)
     if algo == "EAGLE":
         raise ValueError("speculative_algorithm=EAGLE (EAGLE-1/2 heads over the last hidden state) is not "
@@ -36,6 +38,12 @@ def validate_speculative(args: Any) -> None:
     if args.speculative_token_map is not None:
         raise ValueError("speculative_token_map: radixserve's EAGLE-3 heads carry their reduced vocabulary "
                          "(d2t) in the head folder; a separate token map file is not read")
+    _refuse_combinations(args)
+    _turn_off_for_speculation(args)
+
+
+def _check_ngram(args: Any) -> None:
+    """The NGRAM flags (checked whatever the algorithm: they are SGLang's and always parsed)."""
     if args.speculative_ngram_match_type not in NGRAM_MATCH_TYPES:
         raise ValueError(f"speculative_ngram_match_type must be BFS|PROB, "
                          f"got {args.speculative_ngram_match_type!r}")
@@ -44,9 +52,8 @@ def validate_speculative(args: Any) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.speculative_ngram_min_bfs_breadth > args.speculative_ngram_max_bfs_breadth:
-        raise ValueError("speculative_ngram_min_bfs_breadth must be <= speculative_ngram_max_bfs_breadth")
-    _refuse_combinations(args)
-    _turn_off_for_speculation(args)
+        raise ValueError(f"speculative_ngram_min_bfs_breadth ({args.speculative_ngram_min_bfs_breadth}) must be "
+                         f"<= speculative_ngram_max_bfs_breadth ({args.speculative_ngram_max_bfs_breadth})")
 
 
 def shipped_head(model_path: str):
@@ -68,13 +75,29 @@ def _fill_sizes(args: Any) -> None:
     if args.speculative_num_steps < 1:
         raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
     if args.speculative_eagle_topk != 1:
-        raise ValueError(f"speculative_eagle_topk must be 1 (tree drafts are not available yet), "
-                         f"got {args.speculative_eagle_topk}")
-    if args.speculative_num_draft_tokens != args.speculative_num_steps + 1:
+        if args.speculative_algorithm == "NGRAM":
+            raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
+                             f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
+                             f"got {args.speculative_eagle_topk}")
+        raise ValueError(f"speculative_eagle_topk must be 1: tree drafts from a draft model are not available "
+                         f"yet (NGRAM builds trees), got {args.speculative_eagle_topk}")
+    if ngram_trees(args):
+        # A tree verifies the last token and up to num_draft_tokens - 1 drafts
+        # on at most num_steps levels; each row's mask is one int64.
+        if not 2 <= args.speculative_num_draft_tokens <= MAX_TREE_ROWS:
+            raise ValueError(f"speculative_num_draft_tokens must be in [2, {MAX_TREE_ROWS}] for NGRAM trees, "
+                             f"got {args.speculative_num_draft_tokens}")
+    elif args.speculative_num_draft_tokens != args.speculative_num_steps + 1:
         # A chain verifies the last token and one draft per step.
         raise ValueError(f"speculative_num_draft_tokens must be speculative_num_steps + 1 "
-                         f"({args.speculative_num_steps + 1}) with speculative_eagle_topk=1, "
+                         f"({args.speculative_num_steps + 1}) for a chain (speculative_eagle_topk=1, "
+                         f"NGRAM with speculative_ngram_max_bfs_breadth=1), "
                          f"got {args.speculative_num_draft_tokens}")
+
+
+def ngram_trees(args: Any) -> bool:
+    """NGRAM drafts trees (more than one branch per node allowed)."""
+    return args.speculative_algorithm == "NGRAM" and args.speculative_ngram_max_bfs_breadth > 1
 
 
 def _refuse_combinations(args: Any) -> None:

@@ -19,6 +19,7 @@ from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, SpecGraphShape
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.speculative.governor import SpecGovernor
+from radixserve.speculative.tree import as_tree
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,18 @@ def make_spec_worker(args: Any, runner: Any, eos_token_ids) -> Optional["SpecWor
 def make_drafter(args: Any, runner: Any) -> Any:
     algo = args.speculative_algorithm
     if algo == "NGRAM":
-        from radixserve.speculative.ngram import NgramDrafter
+        from radixserve.speculative.ngram import NgramDrafter, TreeShape
 
-        return NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
-                            args.speculative_ngram_capacity, args.speculative_ngram_match_type)
+        shape = TreeShape(args.speculative_num_draft_tokens - 1, args.speculative_num_steps,
+                          args.speculative_ngram_min_bfs_breadth, args.speculative_ngram_max_bfs_breadth)
+        drafter = NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
+                               args.speculative_ngram_capacity, args.speculative_ngram_match_type, shape)
+        if drafter.makes_trees and (_is_mla(runner) or _has_sliding_window(runner)):
+            # MLA's attention takes no tree mask; a window would count a tree
+            # node's position by its row, not its depth.
+            raise ValueError("speculative_ngram_max_bfs_breadth > 1 (tree drafts) cannot be combined with an MLA "
+                             "or sliding-window model yet; use 1 for chains")
+        return drafter
     if algo == "EAGLE3":
         from radixserve.speculative.eagle import Eagle3Drafter
 
@@ -49,6 +58,20 @@ def make_drafter(args: Any, runner: Any) -> Any:
 
         return StandaloneDrafter(args, runner)
     raise ValueError(f"speculative_algorithm={algo} is not available")
+
+
+def _is_mla(runner: Any) -> bool:
+    from radixserve.mem_cache.kv_layout import MLAKVLayout
+
+    return isinstance(getattr(runner, "kv_layout", None), MLAKVLayout)
+
+
+def _has_sliding_window(runner: Any) -> bool:
+    from radixserve.layers.attention.radix_attention import RadixAttention
+
+    model = getattr(runner, "model", None)
+    return model is not None and any(getattr(m, "sliding_window", None) is not None
+                                     for m in model.modules() if isinstance(m, RadixAttention))
 
 
 def graph_replays(runner: Any) -> int:
@@ -62,6 +85,9 @@ class SpecWorker:
         self.eos_token_ids = eos_token_ids
         self.drafter = make_drafter(args, runner)
         self.num_steps = args.speculative_num_steps
+        self.num_draft_tokens = args.speculative_num_draft_tokens
+        self.makes_trees = getattr(self.drafter, "makes_trees", False)
+        self.off_first_branch = 0  # accepted paths that left a node's first child (trees only)
         self.max_batch_size = args.speculative_max_batch_size
         self.algorithm = args.speculative_algorithm
         self.sampler = Sampler()
@@ -79,14 +105,16 @@ class SpecWorker:
         batches up to the largest that speculates."""
         max_bs = min(self.max_batch_size, self.runner.max_running_requests)
         aux_layers = getattr(self.drafter, "aux_layers", None)
-        self.runner.add_spec_graphs([SpecGraphShape(self.tokens_per_req, max_bs, aux_layers=aux_layers)])
+        self.runner.add_spec_graphs([SpecGraphShape(self.tokens_per_req, max_bs, aux_layers=aux_layers,
+                                                    tree=self.makes_trees)])
         if hasattr(self.drafter, "graph_shapes"):
             self.drafter.draft.runner.add_spec_graphs(self.drafter.graph_shapes(self.tokens_per_req, max_bs))
 
     @property
     def tokens_per_req(self) -> int:
-        """KV positions one verify step may need per request."""
-        return self.num_steps + 1
+        """KV positions one verify step may need per request: its last token
+        and its drafts (a chain: one per step; a tree: up to num_draft_tokens - 1)."""
+        return self.num_draft_tokens
 
     def eligible(self, reqs: List[Any]) -> bool:
         return 0 < len(reqs) <= self.max_batch_size and all(r.grammar is None for r in reqs)
@@ -159,6 +187,9 @@ class SpecWorker:
         self.verify_ct += 1
         self.verified_rows += len(result.reqs)
         self.emitted += sum(map(len, result.tokens))
+        if self.makes_trees:
+            self.off_first_branch += sum(not as_tree(d).on_first_branch(p)
+                                         for d, p in zip(batch.spec_drafts, result.paths))
         return result
 
     # ---- the target's hidden states, for draft heads that read them (EAGLE-3) ----
@@ -183,6 +214,8 @@ class SpecWorker:
         """For get_server_info."""
         draft = getattr(self.drafter, "draft", None)  # a DraftRunner (STANDALONE, EAGLE-3)
         return {"algorithm": self.algorithm, "num_steps": self.num_steps, "verify_ct": self.verify_ct,
+                "num_draft_tokens": self.num_draft_tokens, "trees": self.makes_trees,
+                "off_first_branch": self.off_first_branch,
                 "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size,
                 "adaptive": None if self.governor is None else self.governor.info(),
                 "graph_replays": {"target": graph_replays(self.runner),

@@ -20,7 +20,7 @@ from radixserve.managers.req import Req
 from radixserve.managers.scheduler.grammar import GrammarWait
 from radixserve.managers.scheduler.outputs import OutputBuilder, release_kv
 from radixserve.managers.scheduler.running import RunningBatch
-from radixserve.speculative.verify import SpecResult, trim_kv
+from radixserve.speculative.verify import SpecResult, keep_accepted_kv
 
 
 class ResultProcessor:
@@ -106,10 +106,10 @@ class ResultProcessor:
 
     def _process_verify(self, result: SpecResult) -> List[io.ReqOutput]:
         """A verify step: each request's accepted run, token by token, up to a
-        stop; then its KV is trimmed to the tokens kept (a rejected draft's
-        slots are freed now) and the batch's decode state follows."""
+        stop; then its KV keeps the accepted path's nodes for the tokens kept
+        (every other node's slot is freed now) and the batch's decode state follows."""
         batch, live = result.batch, []
-        batch.spec_drafts = None
+        batch.spec_drafts, batch.spec_tree_mask = None, None
         for row, req in enumerate(result.reqs):
             if req.finished:
                 continue
@@ -123,7 +123,8 @@ class ResultProcessor:
             req.spec_verify_ct += 1
             req.spec_draft_tokens += result.num_drafts[row]
             req.spec_accepted_tokens += len(result.tokens[row]) - 1
-            trim_kv(self.prefix_cache, req, start + kept)
+            path = result.paths[row] if result.paths is not None else None
+            keep_accepted_kv(self.prefix_cache, batch.pools.kv_pool, req, start, path, kept)
             live.append(req)
         batch.seq_lens_cpu = torch.tensor([r.kv_len for r in batch.reqs], dtype=torch.int64)
         batch.seq_lens = batch.seq_lens_cpu.to(batch.device)
