@@ -230,3 +230,53 @@ def test_governor_switching_modes_under_overlap_keeps_tokens(target, baseline):
         assert_no_leak(engine)
     assert_same(got, want)
     assert info["speculative"]["verify_ct"] > 0 and info["num_overlapped_batches"] > 0
+
+
+# ---- NGRAM trees (breadth > 1) ----
+TREE_ARGS = dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8, speculative_ngram_max_bfs_breadth=3)
+
+
+def branching_prompts() -> List[List[int]]:
+    """Prompts of three distinct tokens in random order: their n-gram tries
+    branch, and on these four the target's greedy continuation takes a
+    branch other than the first at some verify steps (found by trying
+    candidates of this construction with the tiny Llama)."""
+    rng = random.Random(5)
+    candidates = []
+    for _ in range(30):
+        alphabet = [rng.randrange(10, 1000) for _ in range(3)]
+        candidates.append([rng.choice(alphabet) for _ in range(30)])
+    return [candidates[i] for i in (1, 4, 25, 29)]
+
+
+def tree_params() -> List[Dict]:
+    return [{"temperature": 0, "max_new_tokens": 40, "ignore_eos": True}] * 2 + [
+        {"temperature": 0.7, "top_k": 8, "frequency_penalty": 0.3, "sampling_seed": 7, "max_new_tokens": 30,
+         "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 33, "presence_penalty": 0.4, "ignore_eos": True}]
+
+
+@pytest.fixture(scope="module")
+def tree_baseline(target):
+    with Engine(model_path=str(target), log_level="warning") as engine:
+        return generate(engine, branching_prompts(), tree_params())
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_ngram_trees_same_tokens(target, baseline, tree_baseline, page_size):
+    """Greedy (a non-first branch accepted too), seeded sampling with
+    penalties, logprobs, stops inside accepted runs: plain decoding's tokens;
+    the KV invariant after the batches and after an abort. One-slot pages
+    take the accepted path by rewriting the request's table, larger pages by
+    moving its KV."""
+    ids, params, outs, stops, stopped, _ = baseline
+    with spec_engine(target, page_size=page_size, **TREE_ARGS) as engine:
+        assert_same(generate(engine, branching_prompts(), tree_params()), tree_baseline)
+        info = engine.get_server_info()["speculative"]
+        assert info["trees"] and info["off_first_branch"] > 0
+        assert_same(generate(engine, ids, params), outs)
+        assert_same(generate(engine, ids[:2], stops), stopped)
+        assert_no_leak(engine)
+        out = generate_then_abort(engine, branching_prompts()[0], "tree-abort")
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert_no_leak(engine)

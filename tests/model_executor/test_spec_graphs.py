@@ -197,3 +197,26 @@ def test_draft_head_steps_match_eager(tiny_model_factory, tmp_path):
         return fb
 
     replay_and_compare(head, steps, step_batch)
+
+
+def test_tree_verify_batch_matches_eager(tiny_model_factory):
+    """A verify graph for draft trees: per-token tree masks (and positions at
+    prefix + depth) read from static buffers; a batch of chains (no masks)
+    replays it with the causal ones; a graph without trees refuses masks."""
+    from radixserve.speculative.tree import DraftTree
+
+    runner = runner_for(tiny_model_factory("llama"))
+    graphs = graphs_for(runner, SpecGraphShape(WIDTH, 4, tree=True))
+    trees = [DraftTree([5, 6, 7], [-1, -1, 0]), DraftTree([8], [-1]), DraftTree([9, 10, 11], [-1, -1, -1])]
+    reqs = Requests(runner, [(7, 4), (12, 2), (5, 4)])
+
+    def tree_batch():
+        fb = reqs.new_tokens(every_logit=True)
+        fb.positions = torch.tensor([c + d for (c, _), t in zip(reqs.specs, trees) for d in t.row_depths()],
+                                    device=DEVICE)
+        fb.spec_tree_mask = torch.tensor([m for t in trees for m in t.row_masks()], device=DEVICE)
+        return fb
+
+    assert not graphs_for(runner, SpecGraphShape(WIDTH, 4)).can_run(tree_batch())
+    replay_and_compare(runner, graphs, tree_batch)
+    replay_and_compare(runner, graphs, lambda: reqs.new_tokens(every_logit=True))  # chains
