@@ -110,7 +110,7 @@ def mla_decode_attention(
         num_stages=2,
     )
     decode_merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out, out, out.stride(0), out.stride(1), num_heads,
+        part_out, part_lse, out, out, seq_lens, out.stride(0), out.stride(1), num_heads, 0,
         NUM_SPLITS=num_splits, HEAD_DIM=d_latent, BLOCK_D=block_dl, HAS_SINKS=False, num_warps=4,
     )
 

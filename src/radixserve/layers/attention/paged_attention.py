@@ -92,8 +92,9 @@ def _decode_split_kernel(
         # or the length, so a request's sums never change grouping. The grid's
         # third axis holds fewer programs than splits (as many as the batch
         # size calls for): each takes every num_programs-th split, and each
-        # split is still summed on its own.
-        for split in range(tl.program_id(2), NUM_SPLITS, tl.num_programs(2)):
+        # split is still summed on its own. Splits past the request's length
+        # are not visited; the merge does not read them either.
+        for split in range(tl.program_id(2), tl.cdiv(seq_len, split_tokens), tl.num_programs(2)):
             lo = split * split_tokens
             end = tl.minimum(lo + split_tokens, seq_len)
             # The loop starts at the block holding `first`, so every block it
@@ -142,15 +143,18 @@ def _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, ou
 
 @triton.jit
 def decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, stride_out_head, num_heads,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, seq_lens_ptr, stride_out_tok, stride_out_head, num_heads,
+    split_tokens, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr, FIXED_SPLITS: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     base = (req * num_heads + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s)
+    # Fixed splits: those past the request's length were never written.
+    written = NUM_SPLITS if not FIXED_SPLITS else tl.cdiv(tl.load(seq_lens_ptr + req), split_tokens)
+    lse = tl.load(part_lse_ptr + base + s, mask=s < written, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_SINKS:
         # The sink joins the denominator once, here, not once per split.
@@ -202,13 +206,15 @@ def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, p
     """The decode kernel's tiles, from a sweep on the H200. An FP8 cache under
     16-bit queries: float16 dots over blocks of 128 keys, 2 warps, 3 stages
     (0.69x the time of the bfloat16-widening default, averaged over 256 x 640,
-    64 x 1,024 and 1 x 2,048 tokens). Deterministic mode keeps one block size
-    whatever the batch (its key blocks must start at the same positions)."""
+    64 x 1,024 and 1 x 2,048 tokens). Deterministic mode keeps one tile
+    whatever the batch (its key blocks must start at the same positions and
+    be summed alike): the large-batch one, since offline throughput is what
+    that mode pays most for."""
     if block_d > 128:
         return DecodeTiles(32, 4, 2, False)  # within shared memory
     if cache_dtype in FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16):
         return DecodeTiles(128, 2, 3, True)
-    if programs >= MANY_DECODE_PROGRAMS and not fixed_splits:
+    if programs >= MANY_DECODE_PROGRAMS or fixed_splits:
         return DecodeTiles(32, 2, 2, False)
     return DecodeTiles(64, 4, 2, False)
 
@@ -245,8 +251,9 @@ def decode_attention(
         num_stages=tiles.num_stages,
     )
     decode_merge_kernel[(bs, num_heads)](
-        part_out, part_lse, out, q if sinks is None else sinks, out.stride(0), head_dim, num_heads,
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None, num_warps=4,
+        part_out, part_lse, out, q if sinks is None else sinks, seq_lens, out.stride(0), head_dim, num_heads,
+        split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None,
+        FIXED_SPLITS=split_tokens is not None, num_warps=4,
     )
 
 
