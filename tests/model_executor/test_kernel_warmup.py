@@ -77,3 +77,27 @@ def test_warm_up_gives_back_every_slot_and_changes_no_answer(arch, tiny_model_fa
     after = teacher_forced_logits(runner, prompts, chunks=[16, 64], decode_steps=0)
     for b, a in zip(before, after):
         assert torch.equal(a, b)
+
+
+def test_ngram_trees_warm_up_the_tree_extend(tiny_model_factory):
+    """With NGRAM draft trees the plan adds one extend with tree masks (the
+    Triton extend kernel's tree variant), which runs and gives its slots back."""
+    from types import SimpleNamespace
+
+    from radixserve.model_executor.kernel_warmup import run_warmup_forward, warmup_plan
+    from radixserve.model_executor.model_runner import ModelRunner
+
+    def plan(**spec):
+        args = ServerArgs(chunked_prefill_size=64, **spec)
+        runner = SimpleNamespace(server_args=args, max_total_num_tokens=4096, max_running_requests=4,
+                                 context_len=512, pooling=None)
+        return [s for s in warmup_plan(runner) if s.tree]
+
+    assert len(plan(speculative_algorithm="NGRAM")) == 1
+    assert plan(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1) == [] == plan()
+    runner = ModelRunner(ServerArgs(model_path=str(tiny_model_factory("llama")), device="cpu", dtype="float32",
+                                    attention_backend="triton", max_total_tokens=256, max_running_requests=4,
+                                    speculative_algorithm="NGRAM"), warm_up=False)
+    free = runner.pools.allocator.available_size()
+    assert run_warmup_forward(runner, plan(speculative_algorithm="NGRAM")[0])
+    assert runner.pools.allocator.available_size() == free

@@ -10,8 +10,9 @@ of a new size. So before serving, the runner does forwards whose shapes reach
 every variant: prefills of every power-of-two token count up to the largest
 one forward takes (each MoE tile bucket and chunk size), a prefill on top of a
 cached prefix (MLA's absorbed and expanded forms), decode steps of every
-power-of-two batch size (each split count) and, with --enable-mixed-chunk,
-mixed batches of odd and even decode counts. The forwards run eagerly: the
+power-of-two batch size (each split count), with --enable-mixed-chunk,
+mixed batches of odd and even decode counts and, with NGRAM draft trees, an
+extend with tree masks (speculative/tree.py). The forwards run eagerly: the
 CUDA graphs compiled their own shapes when they were captured. Integer
 arguments that vary with the batch (token and pair counts) are not
 specialised by the kernels themselves (do_not_specialize), so their values
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.speculative.spec_args import ngram_trees
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
@@ -60,6 +62,7 @@ class WarmupShape:
     num_new: int = 0
     prefix_len: int = 0
     max_request_len: int = 1 << 62
+    tree: bool = False  # a speculative verify of draft trees: the extend reads tree masks (causal ones here)
 
     @property
     def mode(self) -> ForwardMode:
@@ -105,15 +108,23 @@ def warmup_shapes(max_new_tokens: int, max_decode: int, context_len: int, mixed:
     return shapes
 
 
-def warm_up_kernels(runner: "ModelRunner") -> int:
-    """Run the warm-up forwards on the runner's pools (every slot and row is
-    given back). Returns how many ran; a shape the KV pool cannot hold is skipped."""
+def warmup_plan(runner: "ModelRunner") -> List[WarmupShape]:
+    """The warm-up forwards of this runner's server."""
     args = runner.server_args
     max_new = args.resolved_chunked_prefill_size() or args.max_prefill_tokens
     shapes = warmup_shapes(min(max_new, runner.max_total_num_tokens // 2), runner.max_running_requests,
                            runner.context_len, args.enable_mixed_chunk)
     if getattr(runner, "pooling", None) is not None:  # an embedding server only prefills
         shapes = [s for s in shapes if s.mode == ForwardMode.EXTEND]
+    if ngram_trees(args):  # verify steps of draft trees: the extend kernel's tree variant
+        shapes.append(WarmupShape(num_new=FEW_NEW, prefix_len=DECODE_CONTEXT, tree=True))
+    return shapes
+
+
+def warm_up_kernels(runner: "ModelRunner") -> int:
+    """Run the warm-up forwards on the runner's pools (every slot and row is
+    given back). Returns how many ran; a shape the KV pool cannot hold is skipped."""
+    shapes = warmup_plan(runner)
     start, ran = time.perf_counter(), 0
     for shape in tqdm(shapes, desc="Compiling kernels", disable=runner.tp_rank != 0):
         ran += run_warmup_forward(runner, shape)
@@ -175,6 +186,10 @@ def _forward_batch(runner: "ModelRunner", shape: WarmupShape, taken: List[Tuple[
         fb.last_logit_rows = torch.arange(len(reqs), device=dev)
         fb.num_decode_rows = shape.num_decode if shape.mode.is_mixed() else 0
         set_extend_lens(fb, prefix_lens, new_lens, dev)
+    if shape.tree:
+        from radixserve.speculative.tree import causal_row_masks
+
+        fb.spec_tree_mask = torch.tensor([m for n in new_lens for m in causal_row_masks(n)], device=dev)
     return fb
 
 

@@ -146,8 +146,8 @@ def best_first(root: TrieNode, shape: TreeShape, by_frequency: bool) -> DraftTre
     """PROB: the max_nodes nodes of highest path probability (a node's share
     of its parent's occurrences, times its parent's), each node's children
     limited to its level's breadth; laid out in BFS order."""
-    chosen: Dict[int, TrieNode] = {}  # id(node) -> node, the nodes taken
-    heap: List[Tuple[float, int, TrieNode, TrieNode, int]] = []
+    chosen = set()  # id() of the nodes taken
+    heap: List[Tuple[float, int, TrieNode, int]] = []  # (-probability, offer order, node, depth)
     tie = 0
 
     def offer(parent: TrieNode, prob: float, depth: int) -> None:
@@ -156,12 +156,12 @@ def best_first(root: TrieNode, shape: TreeShape, by_frequency: bool) -> DraftTre
             return
         for child in parent.ranked(by_frequency)[:shape.breadth(depth)]:
             tie += 1  # earlier offers (better ranked) win ties
-            heapq.heappush(heap, (-prob * child.count / parent.count, tie, child, parent, depth))
+            heapq.heappush(heap, (-prob * child.count / parent.count, tie, child, depth))
 
     offer(root, 1.0, 1)
     while heap and len(chosen) < shape.max_nodes:
-        neg_prob, _, node, _, depth = heapq.heappop(heap)
-        chosen[id(node)] = node
+        neg_prob, _, node, depth = heapq.heappop(heap)
+        chosen.add(id(node))
         offer(node, -neg_prob, depth + 1)
     tree = DraftTree()
     frontier: List[Tuple[TrieNode, int]] = [(root, -1)]

@@ -206,7 +206,7 @@ def keep_accepted_kv(prefix_cache, kv_pool, req: Req, start: int, path: Optional
     node's slot is freed now. With one-slot pages the table is rewritten in
     path order (no KV moves); with larger pages a page's slots must stay in
     position order, so the accepted nodes' KV is copied to the path's positions."""
-    rows = list(path or [])[:kept - 1]
+    rows = list(range(1, kept)) if path is None else list(path[:kept - 1])  # (None: a chain)
     if rows == list(range(1, kept)):  # a chain's prefix: the nodes already stand in path order
         trim_kv(prefix_cache, req, start + kept)
         return

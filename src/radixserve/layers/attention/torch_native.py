@@ -1,6 +1,7 @@
 """Attention over the paged KV cache in plain torch: runs on any device.
 
-Extend loops over requests (each a causal block on top of its cached prefix);
+Extend loops over requests (each a causal block on top of its cached prefix,
+or a speculative draft tree's mask: ForwardBatch.spec_tree_mask);
 decode is one padded, batched computation. The Triton backend replaces both.
 Deterministic mode (--enable-deterministic-inference) runs both, request by
 request, through blocked_attention.py, whose result for a query does not
