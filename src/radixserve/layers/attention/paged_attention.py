@@ -208,13 +208,13 @@ def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, p
     (0.69x the time of the bfloat16-widening default, averaged over 256 x 640,
     64 x 1,024 and 1 x 2,048 tokens). Deterministic mode keeps one tile
     whatever the batch (its key blocks must start at the same positions and
-    be summed alike): the large-batch one, since offline throughput is what
-    that mode pays most for."""
+    be summed alike). The large-batch tile there made 256 x 640 tokens
+    slower, not faster (H200, docs/benchmarks.md), so it keeps the default."""
     if block_d > 128:
         return DecodeTiles(32, 4, 2, False)  # within shared memory
     if cache_dtype in FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16):
         return DecodeTiles(128, 2, 3, True)
-    if programs >= MANY_DECODE_PROGRAMS or fixed_splits:
+    if programs >= MANY_DECODE_PROGRAMS and not fixed_splits:
         return DecodeTiles(32, 2, 2, False)
     return DecodeTiles(64, 4, 2, False)
 
