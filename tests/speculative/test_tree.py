@@ -280,3 +280,17 @@ def test_accepted_path_kv_becomes_the_next_positions(page_size):
     assert alloc.available_size() == alloc.total_tokens - used  # every other node's slot is free again
     if page_size == 1:
         assert table.req_to_token[row, prefix + 2] == node_slots[4]  # the table moved, not the KV
+
+
+def test_trees_refused_where_attention_takes_no_tree_mask():
+    """A sliding window counts a node's position by its row, MLA takes no mask:
+    NGRAM trees are refused there, naming the flag; chains are not."""
+    from radixserve.layers.attention.radix_attention import RadixAttention
+    from radixserve.server_args import ServerArgs
+    from radixserve.speculative.worker import make_drafter
+
+    windowed = SimpleNamespace(model=torch.nn.ModuleList([RadixAttention(2, 8, 1.0, 2, 0, sliding_window=16)]))
+    with pytest.raises(ValueError, match="speculative_ngram_max_bfs_breadth"):
+        make_drafter(ServerArgs(speculative_algorithm="NGRAM"), windowed)
+    chain = make_drafter(ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1), windowed)
+    assert not chain.makes_trees
