@@ -124,7 +124,10 @@ def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatc
     """One argmax over every verified position, then each request's walk down
     its tree: the child whose draft equals the argmax at the current node, and
     the argmax at the last node reached."""
-    trees, walk = _walk(batch, logits.device)
+    trees = [as_tree(d) for d in batch.spec_drafts]
+    if all(t.is_chain() for t in trees):
+        return _accept_greedy_chains(batch, trees, logits, info)
+    walk = TreeWalk.build(trees, batch.last_logit_rows.to(logits.device))
     chosen_all = logits.argmax(-1)
     node = torch.zeros_like(walk.first_rows)
     alive = torch.ones_like(node, dtype=torch.bool)
@@ -137,6 +140,26 @@ def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatc
             node, alive = _descend(walk, node, token, alive)
             nodes.append(node)
     return _result(batch, trees, info, chosen, emitted, nodes, [(None, None, None)] * len(chosen), greedy=True)
+
+
+def _accept_greedy_chains(batch: ScheduleBatch, chains: List[DraftTree], logits: torch.Tensor,
+                          info: SamplingBatchInfo) -> SpecResult:
+    """Chains only: the walk in a few whole-batch ops (no step per depth):
+    each request's drafts as far as they equal the argmax, then the argmax after them."""
+    dev = logits.device
+    bs, width = len(chains), 1 + max(len(c) for c in chains)
+    num_drafts = torch.tensor([len(c) for c in chains], device=dev)
+    padded = torch.tensor([c.tokens + [-1] * (width - 1 - len(c)) for c in chains], dtype=torch.int64,
+                          device=dev).reshape(bs, width - 1)
+    starts = batch.last_logit_rows.to(dev) - num_drafts
+    offsets = torch.minimum(torch.arange(width, device=dev)[None, :], num_drafts[:, None])
+    chosen = logits.argmax(-1)[starts[:, None] + offsets]  # [bs, width]
+    counts = 1 + (chosen[:, :-1] == padded).int().cumprod(1).sum(1)
+    info.steps += counts.to(info.steps.dtype)  # (as a token-by-token record of the emitted ones)
+    rows = torch.cat([chosen, counts[:, None]], 1).tolist()  # the step's one host sync
+    tokens = [row[:row[-1]] for row in rows]
+    return SpecResult(batch, list(batch.reqs), tokens, [len(c) for c in chains], [(None, None, None)] * width,
+                      paths=[list(range(1, len(t))) for t in tokens])
 
 
 def accept_sampled(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatchInfo,
