@@ -1,7 +1,8 @@
 """A speculative verify step over draft trees: each new token attends to its
 request's whole cached prefix and to its own ancestors in the tree (and
 itself), in both attention backends, against a dense reference written from
-the definition (softmax over explicitly masked scores). A chain's masks are
+the definition (softmax over explicitly masked scores). With a sliding
+window, a node counts as standing at prefix + its depth. A chain's masks are
 the causal ones and give exactly the plain extend's output."""
 
 from __future__ import annotations
@@ -42,15 +43,21 @@ def row_visible(tree: DraftTree) -> torch.Tensor:
 
 def dense_reference(pools, row, prefix, tree, q, attn) -> torch.Tensor:
     """Scores of every query over every key of the request, masked to the
-    prefix plus the query's ancestors, softmax (with the sink's logit in the
-    denominator), weighted values. q [rows, heads*D] -> float32."""
+    prefix plus the query's ancestors (and, with a window, to keys whose
+    position is within it: a node's is prefix + its depth), softmax (with the
+    sink's logit in the denominator), weighted values. q [rows, heads*D] -> float32."""
     rows = 1 + len(tree)
     slots = pools.table.req_to_token[row, :prefix + rows].long()
     group = attn.num_heads // attn.num_kv_heads
     k = pools.kv.k_buffers[0][slots].float().repeat_interleave(group, dim=1)
     v = pools.kv.v_buffers[0][slots].float().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,lhd->hql", q.float().view(rows, attn.num_heads, HEAD_DIM), k) * attn.scaling
-    visible = torch.cat([torch.ones(rows, prefix, dtype=torch.bool), row_visible(tree)], 1).to(DEVICE)
+    visible = torch.cat([torch.ones(rows, prefix, dtype=torch.bool), row_visible(tree)], 1)
+    if attn.sliding_window is not None:
+        depths = torch.tensor(tree.row_depths())
+        key_pos = torch.cat([torch.arange(prefix), prefix + depths])
+        visible &= key_pos[None, :] > (prefix + depths)[:, None] - attn.sliding_window
+    visible = visible.to(DEVICE)
     scores = scores.masked_fill(~visible, float("-inf"))
     if attn.sinks is not None:
         sink = attn.sinks.float().view(-1, 1, 1).expand(-1, rows, 1)
@@ -60,32 +67,37 @@ def dense_reference(pools, row, prefix, tree, q, attn) -> torch.Tensor:
     return torch.einsum("hql,lhd->qhd", probs, v).reshape(rows, -1)
 
 
-def verify_inputs(trees, prefixes, page_size, group, with_sinks, seed=0):
+def verify_inputs(trees, prefixes, page_size, group, with_sinks, seed=0, window=None):
     cases = [(p, 1 + len(t)) for p, t in zip(prefixes, trees)]
     pools = Pools([p + n for p, n in cases], page_size, torch.float32, seed=seed)
-    attn = windowed_layer(group, None, with_sinks)
+    attn = windowed_layer(group, window, with_sinks)
     total = sum(n for _, n in cases)
     g = torch.Generator().manual_seed(seed + 1)
     q, k, v = (torch.randn(total, n * HEAD_DIM, generator=g).to(DEVICE)
                for n in (attn.num_heads, KV_HEADS, KV_HEADS))
     masks = torch.tensor([m for t in trees for m in t.row_masks()], dtype=torch.int64, device=DEVICE)
-    return pools, attn, cases, total, (q, k, v), masks
+    positions = torch.tensor([p + d for p, t in zip(prefixes, trees) for d in t.row_depths()], device=DEVICE)
+    return pools, attn, cases, total, (q, k, v), (masks, positions)
 
 
-def run(backend, pools, attn, cases, total, qkv, masks):
+def run(backend, pools, attn, cases, total, qkv, tree):
     fb = extend_batch(pools, cases, backend, total)
-    fb.spec_tree_mask = masks
+    if tree is not None:
+        fb.spec_tree_mask, fb.positions = tree
     backend.init_forward_metadata(fb)
     return backend.forward(*qkv, attn, fb)
 
 
-@pytest.mark.parametrize("page_size,group,with_sinks", [(1, 1, False), (4, 2, False), (1, 2, True)])
+@pytest.mark.parametrize("page_size,group,with_sinks,window",
+                         [(1, 1, False, None), (4, 2, False, None), (1, 2, True, None), (1, 2, False, 3),
+                          (4, 1, True, 6)])
 @pytest.mark.parametrize("backend", ["torch_native", "triton"])
-def test_tree_attention_matches_dense_reference(backend, page_size, group, with_sinks):
+def test_tree_attention_matches_dense_reference(backend, page_size, group, with_sinks, window):
     for shift, seed in ((0, 0), (2, 7)):  # the same trees at other prefix lengths and in another order
         trees = TREES[shift:] + TREES[:shift]
         prefixes = [p + 3 * shift for p in PREFIXES]
-        pools, attn, cases, total, qkv, masks = verify_inputs(trees, prefixes, page_size, group, with_sinks, seed)
+        pools, attn, cases, total, qkv, masks = verify_inputs(trees, prefixes, page_size, group, with_sinks, seed,
+                                                              window)
         impl = TorchNativeAttnBackend() if backend == "torch_native" else TritonAttnBackend(DEVICE)
         out = run(impl, pools, attn, cases, total, qkv, masks)
         # the new tokens' K/V are in the pool now: the reference reads them there
@@ -96,10 +108,11 @@ def test_tree_attention_matches_dense_reference(backend, page_size, group, with_
             start += n
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("backend", ["torch_native", "triton"])
-def test_chain_masks_attend_exactly_as_causal(backend):
+def test_chain_masks_attend_exactly_as_causal(backend, window):
     chains = [DraftTree.chain([3, 4, 5]), DraftTree.chain([]), DraftTree.chain([9] * 6)]
-    pools, attn, cases, total, qkv, masks = verify_inputs(chains, [4, 9, 2], 1, 2, False)
+    pools, attn, cases, total, qkv, masks = verify_inputs(chains, [4, 9, 2], 1, 2, False, window=window)
     impl = TorchNativeAttnBackend() if backend == "torch_native" else TritonAttnBackend(DEVICE)
     with_masks = run(impl, pools, attn, cases, total, qkv, masks)
     plain = run(impl, pools, attn, cases, total, qkv, None)

@@ -283,14 +283,14 @@ def test_accepted_path_kv_becomes_the_next_positions(page_size):
 
 
 def test_trees_refused_where_attention_takes_no_tree_mask():
-    """A sliding window counts a node's position by its row, MLA takes no mask:
-    NGRAM trees are refused there, naming the flag; chains are not."""
-    from radixserve.layers.attention.radix_attention import RadixAttention
+    """MLA's attention takes no tree mask: NGRAM trees are refused there,
+    naming the flag; chains are not."""
+    from radixserve.mem_cache.kv_layout import MLAKVLayout
     from radixserve.server_args import ServerArgs
     from radixserve.speculative.worker import make_drafter
 
-    windowed = SimpleNamespace(model=torch.nn.ModuleList([RadixAttention(2, 8, 1.0, 2, 0, sliding_window=16)]))
+    mla = SimpleNamespace(kv_layout=MLAKVLayout(2, 16, 8))
     with pytest.raises(ValueError, match="speculative_ngram_max_bfs_breadth"):
-        make_drafter(ServerArgs(speculative_algorithm="NGRAM"), windowed)
-    chain = make_drafter(ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1), windowed)
+        make_drafter(ServerArgs(speculative_algorithm="NGRAM"), mla)
+    chain = make_drafter(ServerArgs(speculative_algorithm="NGRAM", speculative_ngram_max_bfs_breadth=1), mla)
     assert not chain.makes_trees

@@ -43,11 +43,9 @@ def make_drafter(args: Any, runner: Any) -> Any:
                           args.speculative_ngram_min_bfs_breadth, args.speculative_ngram_max_bfs_breadth)
         drafter = NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
                                args.speculative_ngram_capacity, args.speculative_ngram_match_type, shape)
-        if drafter.makes_trees and (_is_mla(runner) or _has_sliding_window(runner)):
-            # MLA's attention takes no tree mask; a window would count a tree
-            # node's position by its row, not its depth.
+        if drafter.makes_trees and _is_mla(runner):
             raise ValueError("speculative_ngram_max_bfs_breadth > 1 (tree drafts) cannot be combined with an MLA "
-                             "or sliding-window model yet; use 1 for chains")
+                             "model yet (its attention takes no tree mask); use 1 for chains")
         return drafter
     if algo == "EAGLE3":
         from radixserve.speculative.eagle import Eagle3Drafter
@@ -64,14 +62,6 @@ def _is_mla(runner: Any) -> bool:
     from radixserve.mem_cache.kv_layout import MLAKVLayout
 
     return isinstance(getattr(runner, "kv_layout", None), MLAKVLayout)
-
-
-def _has_sliding_window(runner: Any) -> bool:
-    from radixserve.layers.attention.radix_attention import RadixAttention
-
-    model = getattr(runner, "model", None)
-    return model is not None and any(getattr(m, "sliding_window", None) is not None
-                                     for m in model.modules() if isinstance(m, RadixAttention))
 
 
 def graph_replays(runner: Any) -> int:

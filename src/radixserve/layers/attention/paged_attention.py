@@ -260,10 +260,11 @@ def decode_attention(
 # Index and length arrays may start anywhere in a larger tensor (a mixed batch's
 # extend half, a slice of the free-slot list): no variant per pointer alignment.
 @triton.jit(do_not_specialize_on_alignment=[
-    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr", "tree_mask_ptr"])
+    "req_pool_indices_ptr", "prefix_lens_ptr", "extend_lens_ptr", "extend_starts_ptr", "tree_mask_ptr",
+    "tree_positions_ptr"])
 def _extend_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, req_to_token_ptr, req_pool_indices_ptr,
-    prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr, tree_mask_ptr,
+    prefix_lens_ptr, extend_lens_ptr, extend_starts_ptr, tree_mask_ptr, tree_positions_ptr,
     sinks_ptr, stride_q_tok, stride_out_tok, stride_kv_slot, stride_table_row, scale, group, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_TREE: tl.constexpr = False,
@@ -289,6 +290,10 @@ def _extend_kernel(
     if HAS_TREE:
         # Bit k of a query's mask: it sees the request's k-th new token.
         tree_bits = tl.load(tree_mask_ptr + first_tok + m, mask=m_mask, other=0)
+        if HAS_WINDOW:
+            # A tree node stands at prefix + its depth, not at prefix + its row:
+            # the window counts those positions.
+            q_win = tl.load(tree_positions_ptr + first_tok + m, mask=m_mask, other=0)
 
     if HAS_SINKS:
         # The sink is one more logit with a zero value: the online softmax
@@ -313,6 +318,12 @@ def _extend_kernel(
     # absolute positions however the prompt was chunked (deterministic mode
     # relies on it).
     window_lo = tl.maximum(prefix + m_block * BLOCK_M - window + 1, 0) if HAS_WINDOW else 0
+    if HAS_TREE:
+        if HAS_WINDOW:
+            # From the block's shallowest node's window: a key whose row is
+            # before the bound stands before it too (a node's depth <= its row).
+            shallowest = tl.min(tl.where(m_mask, q_win, prefix + extend_len), 0)
+            window_lo = tl.maximum(shallowest - window + 1, 0)
     for n0 in range(window_lo // BLOCK_N * BLOCK_N, kv_end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         n_mask = (pos < kv_end) & (pos >= window_lo)
@@ -320,12 +331,17 @@ def _extend_kernel(
         kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        if HAS_WINDOW:
-            visible &= pos[None, :] > q_pos[:, None] - window
         if HAS_TREE:
             new = pos - prefix  # the key's index among the new tokens (< 0: the prefix)
             bit = tl.minimum(tl.maximum(new, 0), 63).to(tl.int64)
             visible &= (new[None, :] < 0) | (((tree_bits[:, None] >> bit[None, :]) & 1) != 0)
+            if HAS_WINDOW:
+                in_tree = n_mask & (new >= 0)
+                key_win = tl.where(in_tree, tl.load(tree_positions_ptr + first_tok + tl.maximum(new, 0),
+                                                    mask=in_tree, other=0), pos)
+                visible &= key_win[None, :] > q_win[:, None] - window
+        elif HAS_WINDOW:
+            visible &= pos[None, :] > q_pos[:, None] - window
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask, visible, scale, IEEE)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -338,14 +354,16 @@ def extend_attention(
     req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
     extend_lens: torch.Tensor, extend_starts: torch.Tensor, max_extend_len: int, scale: float,
     sliding_window: Optional[int] = None, sinks: Optional[torch.Tensor] = None,
-    tree_mask: Optional[torch.Tensor] = None,
+    tree_mask: Optional[torch.Tensor] = None, tree_positions: Optional[torch.Tensor] = None,
 ) -> None:
     """q, out: [T, heads*D] (the new tokens of all requests, packed); k/v_buffer:
     [slots, kv_heads, D] already holding the new tokens' K/V. Writes out.
     sliding_window: a query at p sees positions p - sliding_window + 1 .. p;
     sinks: [heads] logits in each head's softmax denominator;
     tree_mask: [T] int64, the request's new tokens each one sees (bit k: the
-    k-th; at most 64 new tokens per request) on top of its whole prefix."""
+    k-th; at most 64 new tokens per request) on top of its whole prefix;
+    tree_positions: [T], with tree_mask and a window: each new token's
+    position (prefix + its depth in the tree), which the window counts."""
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
     block_d = triton.next_power_of_2(head_dim)
@@ -353,7 +371,8 @@ def extend_attention(
     grid = (len(extend_lens), triton.cdiv(max_extend_len, block), num_heads)
     _extend_kernel[grid](
         q, k_buffer, v_buffer, out, req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_starts,
-        prefix_lens if tree_mask is None else tree_mask, q if sinks is None else sinks,
+        prefix_lens if tree_mask is None else tree_mask, prefix_lens if tree_positions is None else tree_positions,
+        q if sinks is None else sinks,
         q.stride(0), out.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, num_heads // num_kv_heads,
         sliding_window or 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, IEEE=exact_dot(q.dtype),

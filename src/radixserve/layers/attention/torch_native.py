@@ -102,10 +102,12 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             key_pos = torch.arange(first_key, seq, device=q.device)[None, :]
             query_pos = torch.arange(prefix, seq, device=q.device)[:, None]
             mask = key_pos <= query_pos
-            if window is not None:
-                mask &= key_pos > query_pos - window
             if fb.spec_tree_mask is not None:
                 mask &= _tree_visible(fb.spec_tree_mask[start:start + extend], key_pos - prefix)
+                # A tree node stands at prefix + its depth, not its row: the window counts those.
+                query_pos, key_pos = _tree_positions(fb.positions[start:start + extend], key_pos, prefix)
+            if window is not None:
+                mask &= key_pos > query_pos - window
             gqa = layer.num_heads != layer.num_kv_heads
             if short:
                 oi = _grouped_attention(qi, ki, vi, mask, layer)
@@ -262,6 +264,15 @@ def _tree_visible(bits: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
     index among the new tokens (< 0: the cached prefix, which every query sees)."""
     shift = new_index.clamp(0, 63)
     return (new_index < 0) | (((bits[:, None] >> shift) & 1) != 0)
+
+
+def _tree_positions(positions: torch.Tensor, key_pos: torch.Tensor, prefix: int):
+    """(query positions [Q, 1], key positions [1, L]) of a tree's verify step:
+    the new tokens at their given positions (prefix + depth), the prefix's
+    keys at their own."""
+    key_pos = key_pos.clone()
+    key_pos[:, key_pos.shape[1] - len(positions):] = positions
+    return positions[:, None], key_pos
 
 
 def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

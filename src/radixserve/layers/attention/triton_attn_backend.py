@@ -73,6 +73,7 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
             fb.extend_prefix_lens, fb.extend_seq_lens, fb.extend_start_loc, fb.attn_metadata, layer.scaling,
             sliding_window=layer.sliding_window, sinks=layer.sinks, tree_mask=fb.spec_tree_mask,
+            tree_positions=fb.positions if fb.spec_tree_mask is not None else None,
         )
         return out
 
