@@ -11,7 +11,8 @@ every variant: prefills of every power-of-two token count up to the largest
 one forward takes (each MoE tile bucket and chunk size), a prefill on top of a
 cached prefix (MLA's absorbed and expanded forms), decode steps of every
 power-of-two batch size (each split count), with --enable-mixed-chunk,
-mixed batches of odd and even decode counts and, with NGRAM draft trees, an
+mixed batches of odd and even decode counts and, with draft trees (NGRAM, or
+EAGLE3 with --speculative-eagle-topk > 1), an
 extend with tree masks (speculative/tree.py). The forwards run eagerly: the
 CUDA graphs compiled their own shapes when they were captured. Integer
 arguments that vary with the batch (token and pair counts) are not
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
-from radixserve.speculative.spec_args import ngram_trees
+from radixserve.speculative.spec_args import draft_trees
 
 if TYPE_CHECKING:
     from radixserve.model_executor.model_runner import ModelRunner
@@ -116,7 +117,7 @@ def warmup_plan(runner: "ModelRunner") -> List[WarmupShape]:
                            runner.context_len, args.enable_mixed_chunk)
     if getattr(runner, "pooling", None) is not None:  # an embedding server only prefills
         shapes = [s for s in shapes if s.mode == ForwardMode.EXTEND]
-    if ngram_trees(args):  # verify steps of draft trees: the extend kernel's tree variant
+    if draft_trees(args):  # verify steps of draft trees: the extend kernel's tree variant
         shapes.append(WarmupShape(num_new=FEW_NEW, prefix_len=DECODE_CONTEXT, tree=True))
     return shapes
 

@@ -46,11 +46,19 @@ def draft_server_args(args, max_total_tokens: int, max_running: int, device_type
         quantization=None, torchao_config="int8wo" if int8_head else None)
 
 
+def draft_rows_per_req(args) -> int:
+    """Draft KV entries a request may hold beyond its real tokens while
+    drafting: one per step for a chain; for top-K trees, a step's frontier
+    and its ancestors (at most K per level below the last)."""
+    steps, topk = args.speculative_num_steps, getattr(args, "speculative_eagle_topk", None) or 1
+    return max(steps, topk * (steps - 1))
+
+
 class DraftRunner:
     def __init__(self, args, target) -> None:
         from radixserve.model_executor.model_runner import ModelRunner
 
-        extra = target.max_running_requests * (args.speculative_num_steps + 1)
+        extra = target.max_running_requests * (draft_rows_per_req(args) + 1)
         # An EAGLE head cannot run alone (it reads the target's embedding and
         # features), so it skips the start-up kernel warm-up; the target's covers its kernels.
         self.runner = ModelRunner(draft_server_args(args, target.max_total_num_tokens + extra,
@@ -89,14 +97,23 @@ class DraftRunner:
             self.pools.allocator.free(self.table[state.row, length:state.spec_len])
         state.kv_len = state.spec_len = length
 
+    def kv_info(self) -> dict:
+        """The draft pool's accounting: every slot is free or held by a request's entries."""
+        return {"total_tokens": self.pools.allocator.total_tokens, "free_tokens": self.pools.allocator.available_size(),
+                "in_use_tokens": sum(s.spec_len for s in self.states.values())}
+
     def has_room(self, tokens: int) -> bool:
         return tokens <= self.pools.allocator.available_size()
 
     # ---- forwards ----
     def extend(self, states: List[DraftState], ids: List[List[int]], positions: List[List[int]],
-               hidden: Optional[torch.Tensor] = None) -> LogitsOutput:
+               hidden: Optional[torch.Tensor] = None, tree_masks: Optional[List[List[int]]] = None,
+               logit_rows: Optional[List[List[int]]] = None) -> LogitsOutput:
         """New entries for each state (after its spec_len); logits (and the
-        output hidden state) at each one's last new token."""
+        output hidden state) at each one's last new token, or at the new
+        tokens `logit_rows` names (per state, indices among its new ones).
+        tree_masks: per new token the bits of its state's new tokens it sees
+        (tree.py), on top of the state's earlier entries."""
         dev = self.runner.device
         prefix = [s.spec_len for s in states]
         lens = [len(i) for i in ids]
@@ -109,8 +126,14 @@ class DraftRunner:
             start += n - p
         fb = self._batch(ForwardMode.EXTEND, states, [t for i in ids for t in i],
                          [p for ps in positions for p in ps], slots, seq, hidden)
-        last = torch.cumsum(torch.tensor(lens, device=dev), 0) - 1
-        fb.logits_indices, fb.last_logit_rows = last, torch.arange(len(states), device=dev)
+        if logit_rows is None:
+            logit_rows = [[n - 1] for n in lens]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        wanted = [s + r for s, rows in zip(starts, logit_rows) for r in rows]
+        fb.logits_indices = torch.tensor(wanted, dtype=torch.int64, device=dev)
+        fb.last_logit_rows = torch.arange(len(wanted), device=dev)
+        if tree_masks is not None:
+            fb.spec_tree_mask = torch.tensor([m for ms in tree_masks for m in ms], dtype=torch.int64, device=dev)
         set_extend_lens(fb, prefix, lens, dev)
         return self.runner.forward(fb)
 

@@ -9,7 +9,15 @@ p + 1, so drafting is one extend over the new pairs (the last pair ends at
 the request's last token and gives draft 1) and k - 1 decode steps feeding
 the head's own output back. Positions without features (a prefix from the
 radix cache, a CUDA-graph decode step) are skipped: the draft KV is compact;
-a request whose last pair is missing drafts nothing this step."""
+a request whose last pair is missing drafts nothing this step.
+
+With --speculative-eagle-topk K > 1 the drafts are a tree (topk_tree.py):
+each later step is one extend over every request's frontier and the
+frontier's ancestors, each node at its depth's position and seeing only
+its own ancestors (a tree mask); its entries are dropped before the next step
+(a node must not see its cousins) and after the last. These extends carry
+tree masks, so they run eagerly (the draft's CUDA graphs cover the chain's
+forwards; the verify graph covers trees)."""
 
 from __future__ import annotations
 
@@ -20,7 +28,9 @@ import torch
 
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.models.llama_eagle3 import aux_layer_ids
-from radixserve.speculative.draft_runner import DraftRunner
+from radixserve.speculative.draft_runner import DraftRunner, DraftState
+from radixserve.speculative.topk_tree import TopKTree
+from radixserve.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +44,21 @@ class Eagle3Drafter:
                              f"EAGLE-3 head (architectures: LlamaForCausalLMEagle3)")
         self.head.embed = target.model.model.embed_tokens  # shared with the target
         self.num_steps = args.speculative_num_steps
+        self.topk = args.speculative_eagle_topk or 1
+        self.tree_budget = args.speculative_num_draft_tokens - 1
+        if self.topk > self.head.draft_vocab_size:
+            raise ValueError(f"speculative_eagle_topk ({self.topk}) exceeds the head's draft vocabulary "
+                             f"({self.head.draft_vocab_size})")
         eagle = getattr(self.head.config, "eagle_config", None) or {}
         layers = eagle.get("eagle_aux_hidden_state_layer_ids") or aux_layer_ids(target.config.num_hidden_layers)
         self.aux_layers: Tuple[int, ...] = tuple(layers)
         want = len(self.aux_layers) * target.config.hidden_size
         if self.head.fc.in_features != want:
             raise ValueError(f"the EAGLE-3 head fuses {self.head.fc.in_features} features; this target gives {want}")
+
+    @property
+    def makes_trees(self) -> bool:
+        return self.topk > 1
 
     def graph_shapes(self, width: int, max_bs: int) -> List[SpecGraphShape]:
         """The head's forwards: its extend over new (feature, token) pairs, which
@@ -83,7 +102,7 @@ class Eagle3Drafter:
                 positions.append(pos)
                 feats += f
                 state.next_position = pos[-1] + 1
-        needed = sum(map(len, ids)) + len(rows) * self.num_steps
+        needed = sum(map(len, ids)) + len(rows) * max(self.num_steps, self.topk * (self.num_steps - 1))
         if not rows or not draft.has_room(needed):
             return drafts
         active = [states[i] for i in rows]
@@ -98,6 +117,11 @@ class Eagle3Drafter:
         hidden, logits = out.hidden[index], out.next_token_logits[index]
         chain_states = [active[j] for j in ready]
         position = [positions[j][-1] + 1 for j in ready]
+        if self.makes_trees:
+            trees = self._trees(chain_states, position, hidden, logits)
+            for j, tree in zip(ready, trees):
+                drafts[rows[j]] = tree
+            return drafts
         tokens = self._tokens(logits)
         for j, t in zip(ready, tokens):
             drafts[rows[j]].append(t)
@@ -107,6 +131,49 @@ class Eagle3Drafter:
             for j, t in zip(ready, tokens):
                 drafts[rows[j]].append(t)
         return drafts
+
+    # ---- top-K trees ----
+    def _topk(self, logits: torch.Tensor) -> Tuple[List[List[int]], List[List[float]]]:
+        """Each row's K likeliest target tokens and their log-probabilities (one host sync)."""
+        values, ids = logits.float().log_softmax(-1).topk(self.topk, dim=-1)
+        return self.head.to_target_ids(ids).tolist(), values.tolist()
+
+    def _trees(self, states: List[DraftState], base: List[int], hidden: torch.Tensor,
+               logits: torch.Tensor) -> List[DraftTree]:
+        """Per request: base[i] is where its depth-1 nodes stand (its last
+        token's position), hidden/logits the head's output after its last pair."""
+        tokens, logprobs = self._topk(logits)
+        trees = [TopKTree(self.topk) for _ in states]
+        for i, tree in enumerate(trees):
+            tree.expand([-1], [tokens[i]], [logprobs[i]], [hidden[i]])  # a node's source: its input hidden
+        for _ in range(1, self.num_steps):
+            self._step(states, base, trees)
+        return [t.best_tree(self.tree_budget) for t in trees]
+
+    def _step(self, states: List[DraftState], base: List[int], trees: List[TopKTree]) -> None:
+        """One extend over every request's frontier and its ancestors; each
+        frontier node's top-K children; the next frontiers."""
+        active = [i for i, t in enumerate(trees) if t.frontier]
+        if not active:
+            return
+        rows = [trees[i].step_rows() for i in active]
+        ids = [[trees[i].candidates[n].token for n in r.nodes] for i, r in zip(active, rows)]
+        # a node of depth d reads its parent's output: it stands d - 1 after the depth-1 nodes
+        positions = [[base[i] + trees[i].candidates[n].depth - 1 for n in r.nodes] for i, r in zip(active, rows)]
+        sources = [trees[i].candidates[n].source for i, r in zip(active, rows) for n in r.nodes]
+        chosen = [states[i] for i in active]
+        out = self.draft.extend(chosen, ids, positions, torch.stack(sources), tree_masks=[r.masks for r in rows],
+                                logit_rows=[r.frontier_rows for r in rows])
+        for state in chosen:
+            self.draft.truncate(state, state.kv_len)  # a node must not see the next step's cousins
+        tokens, logprobs = self._topk(out.next_token_logits)
+        start = 0
+        for i in active:
+            tree = trees[i]
+            parents = list(tree.frontier)
+            end = start + len(parents)
+            tree.expand(parents, tokens[start:end], logprobs[start:end], [out.hidden[r] for r in range(start, end)])
+            start = end
 
     def _tokens(self, logits: torch.Tensor) -> List[int]:
         return self.head.to_target_ids(logits.argmax(-1)).tolist()

@@ -70,22 +70,26 @@ def _fill_sizes(args: Any) -> None:
         args.speculative_num_steps = DEFAULT_NUM_STEPS
     if args.speculative_eagle_topk is None:
         args.speculative_eagle_topk = 1
-    if args.speculative_num_draft_tokens is None:
-        args.speculative_num_draft_tokens = args.speculative_num_steps + 1
     if args.speculative_num_steps < 1:
         raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
-    if args.speculative_eagle_topk != 1:
+    if args.speculative_eagle_topk < 1:
+        raise ValueError(f"speculative_eagle_topk must be >= 1, got {args.speculative_eagle_topk}")
+    if args.speculative_eagle_topk != 1 and args.speculative_algorithm != "EAGLE3":
         if args.speculative_algorithm == "NGRAM":
             raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
                              f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
                              f"got {args.speculative_eagle_topk}")
-        raise ValueError(f"speculative_eagle_topk must be 1: tree drafts from a draft model are not available "
-                         f"yet (NGRAM builds trees), got {args.speculative_eagle_topk}")
-    if ngram_trees(args):
+        raise ValueError(f"speculative_eagle_topk must be 1 with {args.speculative_algorithm}: top-K draft trees "
+                         f"are drafted by EAGLE3 only (NGRAM builds its own trees), got {args.speculative_eagle_topk}")
+    if args.speculative_num_draft_tokens is None:
+        args.speculative_num_draft_tokens = (args.speculative_num_steps + 1 if not eagle_trees(args)
+                                             else min(1 + args.speculative_eagle_topk * args.speculative_num_steps,
+                                                      MAX_TREE_ROWS))
+    if ngram_trees(args) or eagle_trees(args):
         # A tree verifies the last token and up to num_draft_tokens - 1 drafts
         # on at most num_steps levels; each row's mask is one int64.
         if not 2 <= args.speculative_num_draft_tokens <= MAX_TREE_ROWS:
-            raise ValueError(f"speculative_num_draft_tokens must be in [2, {MAX_TREE_ROWS}] for NGRAM trees, "
+            raise ValueError(f"speculative_num_draft_tokens must be in [2, {MAX_TREE_ROWS}] for draft trees, "
                              f"got {args.speculative_num_draft_tokens}")
     elif args.speculative_num_draft_tokens != args.speculative_num_steps + 1:
         # A chain verifies the last token and one draft per step.
@@ -93,6 +97,35 @@ def _fill_sizes(args: Any) -> None:
                          f"({args.speculative_num_steps + 1}) for a chain (speculative_eagle_topk=1, "
                          f"NGRAM with speculative_ngram_max_bfs_breadth=1), "
                          f"got {args.speculative_num_draft_tokens}")
+    if eagle_trees(args):
+        _check_eagle_tree(args)
+
+
+def _check_eagle_tree(args: Any) -> None:
+    """Top-K trees: the root's K children must fit the budget; the budget must
+    be reachable (K at the first level, K * K candidates at each later one);
+    a draft step's rows (the frontier and its ancestors: K per level below
+    the last) each carry one int64 mask."""
+    topk, steps, nodes = args.speculative_eagle_topk, args.speculative_num_steps, args.speculative_num_draft_tokens - 1
+    if topk > nodes:
+        raise ValueError(f"speculative_eagle_topk ({topk}) must be <= speculative_num_draft_tokens - 1 ({nodes})")
+    reachable = topk + (steps - 1) * topk * topk
+    if nodes > reachable:
+        raise ValueError(f"speculative_num_draft_tokens - 1 ({nodes}) exceeds the {reachable} candidates "
+                         f"speculative_num_steps={steps} steps of speculative_eagle_topk={topk} make")
+    if topk * (steps - 1) > MAX_TREE_ROWS:
+        raise ValueError(f"speculative_num_steps ({steps}) - 1 times speculative_eagle_topk ({topk}) must be "
+                         f"<= {MAX_TREE_ROWS} (the draft rows of one tree step)")
+
+
+def eagle_trees(args: Any) -> bool:
+    """EAGLE-3 drafts top-K trees."""
+    return args.speculative_algorithm == "EAGLE3" and (args.speculative_eagle_topk or 1) > 1
+
+
+def draft_trees(args: Any) -> bool:
+    """Verify steps may carry trees (NGRAM with breadth > 1, EAGLE-3 with top-K > 1)."""
+    return ngram_trees(args) or eagle_trees(args)
 
 
 def ngram_trees(args: Any) -> bool:

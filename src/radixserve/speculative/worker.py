@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, List, Optional, Tuple
 
+import torch
+
 from radixserve.layers.sampler import Sampler
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, SpecGraphShape
@@ -50,7 +52,11 @@ def make_drafter(args: Any, runner: Any) -> Any:
     if algo == "EAGLE3":
         from radixserve.speculative.eagle import Eagle3Drafter
 
-        return Eagle3Drafter(args, runner)
+        drafter = Eagle3Drafter(args, runner)
+        if drafter.makes_trees and _is_mla(runner):
+            raise ValueError("speculative_eagle_topk > 1 (tree drafts) cannot be combined with an MLA model yet "
+                             "(its attention takes no tree mask); use 1 for chains")
+        return drafter
     if algo == "STANDALONE":
         from radixserve.speculative.standalone import StandaloneDrafter
 
@@ -67,6 +73,16 @@ def _is_mla(runner: Any) -> bool:
 def graph_replays(runner: Any) -> int:
     """Forwards of `runner` that replayed a speculative CUDA graph."""
     return sum(g.replays for g in getattr(runner, "graph_runners", ()) if isinstance(g, SpecGraphRunner))
+
+
+def path_rows(rows: Any, lens: List[int], paths: List[List[int]]) -> Tuple[Any, List[int]]:
+    """Of a verify forward's per-row outputs (request i's lens[i] rows in a
+    row), each request's root row and its accepted rows in path order."""
+    index, start = [], 0
+    for n, path in zip(lens, paths):
+        index += [start] + [start + r for r in path]
+        start += n
+    return rows[torch.tensor(index, dtype=torch.int64, device=rows.device)], [1 + len(p) for p in paths]
 
 
 class SpecWorker:
@@ -173,7 +189,7 @@ class SpecWorker:
         out = self.runner.forward(fb)
         logits = out.all_logits if out.all_logits is not None else out.next_token_logits
         result = accept(batch, logits, batch.sampling_info, self.sampler)
-        self.after_target_forward(batch, out)
+        self.after_target_forward(batch, out, result.paths if self.makes_trees else None)
         self.verify_ct += 1
         self.verified_rows += len(result.reqs)
         self.emitted += sum(map(len, result.tokens))
@@ -186,12 +202,17 @@ class SpecWorker:
     def before_target_forward(self, fb: Any) -> None:
         fb.capture_aux_layers = getattr(self.drafter, "aux_layers", None)
 
-    def after_target_forward(self, batch: ScheduleBatch, out: Any) -> None:
-        """Every target forward's captured states wait on their requests for the next draft."""
+    def after_target_forward(self, batch: ScheduleBatch, out: Any, paths: Optional[List[List[int]]] = None) -> None:
+        """Every target forward's captured states wait on their requests for
+        the next draft. paths: a tree verify's accepted rows per request; only
+        the root's and theirs are kept, in path order (the positions they now hold)."""
         if out.aux_hidden is None:
             return
         if batch.forward_mode.is_extend():
-            self.drafter.keep_features(batch.reqs, batch._prefix_lens, batch._extend_lens, out.aux_hidden)
+            aux, lens = out.aux_hidden, batch._extend_lens
+            if paths is not None:
+                aux, lens = path_rows(aux, lens, paths)
+            self.drafter.keep_features(batch.reqs, batch._prefix_lens, lens, aux)
         else:  # a plain decode step: each request's input token stands at seq_len - 1
             firsts = (batch.seq_lens_cpu - 1).tolist()
             self.drafter.keep_features(batch.reqs, firsts, [1] * len(firsts), out.aux_hidden)
@@ -208,6 +229,7 @@ class SpecWorker:
                 "off_first_branch": self.off_first_branch,
                 "mean_accept_length": self.mean_accept_length(), "max_batch_size": self.max_batch_size,
                 "adaptive": None if self.governor is None else self.governor.info(),
+                "draft_kv": None if draft is None else draft.kv_info(),
                 "graph_replays": {"target": graph_replays(self.runner),
                                   "draft": graph_replays(getattr(draft, "runner", None))}}
 
