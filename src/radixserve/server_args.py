@@ -168,10 +168,10 @@ class ServerArgs:
                                                                "EAGLE3: a head folder (train_eagle3)")
     speculative_num_steps: Optional[int] = option(None, "draft steps per verify; None: 3")
     speculative_eagle_topk: Optional[int] = option(
-        None, "EAGLE3: tokens kept per step (> 1: a top-K draft tree); others: only 1 "
+        None, "EAGLE3/STANDALONE: tokens kept per step (> 1: a top-K draft tree); NGRAM: only 1 "
               "(NGRAM's trees take the bfs breadths)")
     speculative_num_draft_tokens: Optional[int] = option(
-        None, "tokens per verify (last token + drafts); None: num_steps + 1 (EAGLE3 trees: "
+        None, "tokens per verify (last token + drafts); None: num_steps + 1 (top-K trees: "
               "min(1 + topk * num_steps, 64)); trees: 2..64")
     speculative_token_map: Optional[str] = option(None, "not read: EAGLE-3 heads carry their d2t map")
     speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: a tree node's children at the deepest level")

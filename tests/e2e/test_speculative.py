@@ -157,6 +157,27 @@ def test_self_draft_streaming(self_draft, baseline):
     assert len(chunks) < len(outs[0]["output_ids"])  # several tokens per streamed chunk
 
 
+def test_self_draft_trees_same_tokens(target, baseline):
+    """STANDALONE top-K trees (the target as its own draft: its first branch
+    is always the target's choice): the same tokens, and both KV pools
+    balance after the run and after an abort."""
+    ids, params, outs, _, _, _ = baseline
+    with spec_engine(target, speculative_algorithm="STANDALONE", speculative_draft_model_path=str(target),
+                     speculative_eagle_topk=2, speculative_num_draft_tokens=6) as engine:
+        assert_same(generate(engine, ids[:2], params[:2]), outs[:2])
+        # greedy: the target's token is always a node's first (likeliest) child
+        assert engine.get_server_info()["speculative"]["off_first_branch"] == 0
+        assert_same(generate(engine, ids, params), outs)
+        spec = engine.get_server_info()["speculative"]
+        assert_no_leak(engine)
+        out = generate_then_abort(engine, prompts(3, 1)[0], "standalone-tree-abort")
+        assert out["meta_info"]["finish_reason"]["type"] == "abort"
+        assert_no_leak(engine)
+        kv = engine.get_server_info()["speculative"]["draft_kv"]
+    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"], kv
+    assert spec["trees"] and spec["mean_accept_length"] > 1.5, spec
+
+
 def test_abort_keeps_kv_invariant(self_draft):
     out = generate_then_abort(self_draft, prompts(3, 1)[0], "spec-abort")
     assert out["meta_info"]["finish_reason"]["type"] == "abort"

@@ -52,8 +52,8 @@ def test_flags_checked_and_mixed_chunks_turned_off():
          "speculative_num_draft_tokens"),  # a chain: num_steps + 1
         (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=65), "speculative_num_draft_tokens"),
         (dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=1), "speculative_num_draft_tokens"),
-        (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=2),
-         "speculative_eagle_topk"),
+        (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=4,
+              speculative_num_draft_tokens=4), "speculative_eagle_topk"),  # more root children than nodes
         (dict(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_num_draft_tokens=8),
          "speculative_num_draft_tokens"),
         (dict(speculative_algorithm="NGRAM", speculative_ngram_min_bfs_breadth=3, speculative_ngram_max_bfs_breadth=2),

@@ -1,4 +1,4 @@
-"""Top-K draft trees (EAGLE-3, --speculative-eagle-topk > 1): the frontier
+"""Top-K draft trees (EAGLE-3 and STANDALONE, --speculative-eagle-topk > 1): the frontier
 kept at each step, cumulative scores, the budget and the BFS layout, against
 a brute-force reference over a toy draft model; and the flags."""
 
@@ -168,5 +168,8 @@ def test_eagle_tree_flags():
     ]:
         with pytest.raises(ValueError, match=field):
             eagle_args(**kwargs)
-    with pytest.raises(ValueError, match="speculative_eagle_topk must be 1 with STANDALONE"):
-        ServerArgs(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=2)
+    # STANDALONE drafts the same trees; NGRAM takes its breadth from its own flags
+    args = ServerArgs(speculative_algorithm="STANDALONE", speculative_draft_model_path="x", speculative_eagle_topk=2)
+    assert args.speculative_num_draft_tokens == 7
+    with pytest.raises(ValueError, match="speculative_eagle_topk must be 1 with NGRAM"):
+        ServerArgs(speculative_algorithm="NGRAM", speculative_eagle_topk=2)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_executor.model_runner import LogitsOutput
+from radixserve.speculative.topk_tree import TopKTree
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,36 @@ class DraftRunner:
             fb.spec_tree_mask = torch.tensor([m for ms in tree_masks for m in ms], dtype=torch.int64, device=dev)
         set_extend_lens(fb, prefix, lens, dev)
         return self.runner.forward(fb)
+
+    def tree_step(self, states: List[DraftState], base: List[int], trees: List[TopKTree],
+                  topk: Callable[[torch.Tensor], Tuple[List[List[int]], List[List[float]]]]) -> None:
+        """One top-K tree draft step (topk_tree.py): one extend over every
+        request's frontier and its ancestors, a node of depth d at base + d - 1
+        seeing its own ancestors only (tree masks); topk(logits) gives each
+        frontier node's K likeliest (tokens, log-probabilities). A node's
+        `source`, when set, is its input hidden state (EAGLE-3). The step's
+        entries are freed at once: the next step's nodes must not see their cousins."""
+        active = [i for i, t in enumerate(trees) if t.frontier]
+        if not active:
+            return
+        rows = [trees[i].step_rows() for i in active]
+        nodes = [[trees[i].candidates[n] for n in r.nodes] for i, r in zip(active, rows)]
+        sources = [c.source for cs in nodes for c in cs]
+        hidden = torch.stack(sources) if sources[0] is not None else None
+        chosen = [states[i] for i in active]
+        out = self.extend(chosen, [[c.token for c in cs] for cs in nodes],
+                          [[base[i] + c.depth - 1 for c in cs] for i, cs in zip(active, nodes)], hidden,
+                          tree_masks=[r.masks for r in rows], logit_rows=[r.frontier_rows for r in rows])
+        for state in chosen:
+            self.truncate(state, state.kv_len)
+        tokens, logprobs = topk(out.next_token_logits)
+        start = 0
+        for i in active:
+            parents = list(trees[i].frontier)
+            end = start + len(parents)
+            outputs = [out.hidden[r] for r in range(start, end)] if out.hidden is not None else ()
+            trees[i].expand(parents, tokens[start:end], logprobs[start:end], outputs)
+            start = end
 
     def decode(self, states: List[DraftState], ids: List[int], positions: List[int],
                hidden: Optional[torch.Tensor] = None) -> LogitsOutput:

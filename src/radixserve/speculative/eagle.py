@@ -13,8 +13,9 @@ a request whose last pair is missing drafts nothing this step.
 
 With --speculative-eagle-topk K > 1 the drafts are a tree (topk_tree.py):
 each later step is one extend over every request's frontier and the
-frontier's ancestors, each node at its depth's position and seeing only
-its own ancestors (a tree mask); its entries are dropped before the next step
+frontier's ancestors (DraftRunner.tree_step), each node at its depth's
+position and seeing only its own ancestors (a tree mask), reading its
+parent's output hidden state; its entries are dropped before the next step
 (a node must not see its cousins) and after the last. These extends carry
 tree masks, so they run eagerly (the draft's CUDA graphs cover the chain's
 forwards; the verify graph covers trees)."""
@@ -147,33 +148,8 @@ class Eagle3Drafter:
         for i, tree in enumerate(trees):
             tree.expand([-1], [tokens[i]], [logprobs[i]], [hidden[i]])  # a node's source: its input hidden
         for _ in range(1, self.num_steps):
-            self._step(states, base, trees)
+            self.draft.tree_step(states, base, trees, self._topk)
         return [t.best_tree(self.tree_budget) for t in trees]
-
-    def _step(self, states: List[DraftState], base: List[int], trees: List[TopKTree]) -> None:
-        """One extend over every request's frontier and its ancestors; each
-        frontier node's top-K children; the next frontiers."""
-        active = [i for i, t in enumerate(trees) if t.frontier]
-        if not active:
-            return
-        rows = [trees[i].step_rows() for i in active]
-        ids = [[trees[i].candidates[n].token for n in r.nodes] for i, r in zip(active, rows)]
-        # a node of depth d reads its parent's output: it stands d - 1 after the depth-1 nodes
-        positions = [[base[i] + trees[i].candidates[n].depth - 1 for n in r.nodes] for i, r in zip(active, rows)]
-        sources = [trees[i].candidates[n].source for i, r in zip(active, rows) for n in r.nodes]
-        chosen = [states[i] for i in active]
-        out = self.draft.extend(chosen, ids, positions, torch.stack(sources), tree_masks=[r.masks for r in rows],
-                                logit_rows=[r.frontier_rows for r in rows])
-        for state in chosen:
-            self.draft.truncate(state, state.kv_len)  # a node must not see the next step's cousins
-        tokens, logprobs = self._topk(out.next_token_logits)
-        start = 0
-        for i in active:
-            tree = trees[i]
-            parents = list(tree.frontier)
-            end = start + len(parents)
-            tree.expand(parents, tokens[start:end], logprobs[start:end], [out.hidden[r] for r in range(start, end)])
-            start = end
 
     def _tokens(self, logits: torch.Tensor) -> List[int]:
         return self.head.to_target_ids(logits.argmax(-1)).tolist()

@@ -14,6 +14,7 @@ ALGORITHMS = ("EAGLE", "EAGLE3", "NGRAM", "STANDALONE")
 NGRAM_MATCH_TYPES = ("BFS", "PROB")
 DEFAULT_NUM_STEPS = 3
 MAX_TREE_ROWS = 64  # as speculative/tree.py (kept torch-free here)
+TOPK_ALGORITHMS = ("EAGLE3", "STANDALONE")  # draft models that draft top-K trees
 
 
 def validate_speculative(args: Any) -> None:
@@ -74,13 +75,13 @@ def _fill_sizes(args: Any) -> None:
         raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
     if args.speculative_eagle_topk < 1:
         raise ValueError(f"speculative_eagle_topk must be >= 1, got {args.speculative_eagle_topk}")
-    if args.speculative_eagle_topk != 1 and args.speculative_algorithm != "EAGLE3":
+    if args.speculative_eagle_topk != 1 and args.speculative_algorithm not in TOPK_ALGORITHMS:
         if args.speculative_algorithm == "NGRAM":
             raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
                              f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
                              f"got {args.speculative_eagle_topk}")
         raise ValueError(f"speculative_eagle_topk must be 1 with {args.speculative_algorithm}: top-K draft trees "
-                         f"are drafted by EAGLE3 only (NGRAM builds its own trees), got {args.speculative_eagle_topk}")
+                         f"are drafted by EAGLE3 and STANDALONE, got {args.speculative_eagle_topk}")
     if args.speculative_num_draft_tokens is None:
         args.speculative_num_draft_tokens = (args.speculative_num_steps + 1 if not eagle_trees(args)
                                              else min(1 + args.speculative_eagle_topk * args.speculative_num_steps,
@@ -119,12 +120,12 @@ def _check_eagle_tree(args: Any) -> None:
 
 
 def eagle_trees(args: Any) -> bool:
-    """EAGLE-3 drafts top-K trees."""
-    return args.speculative_algorithm == "EAGLE3" and (args.speculative_eagle_topk or 1) > 1
+    """A draft model (EAGLE-3 head or STANDALONE) drafts top-K trees."""
+    return args.speculative_algorithm in TOPK_ALGORITHMS and (args.speculative_eagle_topk or 1) > 1
 
 
 def draft_trees(args: Any) -> bool:
-    """Verify steps may carry trees (NGRAM with breadth > 1, EAGLE-3 with top-K > 1)."""
+    """Verify steps may carry trees (NGRAM with breadth > 1, EAGLE-3 or STANDALONE with top-K > 1)."""
     return ngram_trees(args) or eagle_trees(args)
 
 

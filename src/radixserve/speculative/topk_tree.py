@@ -1,4 +1,4 @@
-"""Top-K draft trees (EAGLE-3 with --speculative-eagle-topk K > 1), the
+"""Top-K draft trees (EAGLE-3 or STANDALONE with --speculative-eagle-topk K > 1), the
 bookkeeping without any model: candidates with cumulative log-probabilities,
 the frontier kept after each draft step, and the final tree.
 

@@ -53,15 +53,20 @@ def make_drafter(args: Any, runner: Any) -> Any:
         from radixserve.speculative.eagle import Eagle3Drafter
 
         drafter = Eagle3Drafter(args, runner)
-        if drafter.makes_trees and _is_mla(runner):
-            raise ValueError("speculative_eagle_topk > 1 (tree drafts) cannot be combined with an MLA model yet "
-                             "(its attention takes no tree mask); use 1 for chains")
-        return drafter
+        return _refuse_trees_on_mla(drafter, runner)
     if algo == "STANDALONE":
         from radixserve.speculative.standalone import StandaloneDrafter
 
-        return StandaloneDrafter(args, runner)
+        drafter = StandaloneDrafter(args, runner)
+        return _refuse_trees_on_mla(drafter, runner)
     raise ValueError(f"speculative_algorithm={algo} is not available")
+
+
+def _refuse_trees_on_mla(drafter: Any, runner: Any) -> Any:
+    if drafter.makes_trees and _is_mla(runner):
+        raise ValueError("speculative_eagle_topk > 1 (tree drafts) cannot be combined with an MLA model yet "
+                         "(its attention takes no tree mask); use 1 for chains")
+    return drafter
 
 
 def _is_mla(runner: Any) -> bool:
