@@ -30,10 +30,7 @@ if TYPE_CHECKING:
 # element: one layer's decode attention of the default model's shape (9 heads,
 # 256 keys) took 190 us in bfloat16 against 115 in float32 at batch 1, 1,120
 # against 706 at batch 8; at 32 the conversion of the gathered keys cost more
-# than it saved (2-core AVX-512 Xeon without BF16). A lone request attends in
-# float32 on every CPU: on a Xeon with AMX (2026-12-04) the same layer took 130
-# us in bfloat16 against 76 in float32 (192 keys) and 228 against 132 (600
-# keys); bfloat16 products this small pay the library's per-call set-up.
+# than it saved (2-core AVX-512 Xeon without BF16).
 FLOAT32_DECODE_MAX_BATCH = 8
 
 # An extend of at most this many queries per request (a speculative verify
@@ -195,11 +192,10 @@ def _rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_dtype(q: torch.Tensor, bs: int) -> torch.dtype:
-    """The dtype decode attention computes in: q's, except float32 for a
-    bfloat16 request alone, or a small bfloat16 batch on a CPU without
-    bfloat16 units."""
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and (
-            bs == 1 or (bs <= FLOAT32_DECODE_MAX_BATCH and not cpu_has_native_bf16())):
+    """The dtype decode attention computes in: q's, except float32 for a small
+    bfloat16 batch on a CPU without bfloat16 units."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and bs <= FLOAT32_DECODE_MAX_BATCH \
+            and not cpu_has_native_bf16():
         return torch.float32
     return q.dtype
 
