@@ -20,6 +20,7 @@ from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_executor.model_runner import LogitsOutput
 from radixserve.speculative.topk_tree import TopKTree
+from radixserve.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
@@ -47,19 +48,19 @@ def draft_server_args(args, max_total_tokens: int, max_running: int, device_type
         quantization=None, torchao_config="int8wo" if int8_head else None)
 
 
-def draft_rows_per_req(args) -> int:
+def draft_rows_per_req(num_steps: int, topk: int) -> int:
     """Draft KV entries a request may hold beyond its real tokens while
     drafting: one per step for a chain; for top-K trees, a step's frontier
     and its ancestors (at most K per level below the last)."""
-    steps, topk = args.speculative_num_steps, getattr(args, "speculative_eagle_topk", None) or 1
-    return max(steps, topk * (steps - 1))
+    return max(num_steps, topk * (num_steps - 1))
 
 
 class DraftRunner:
     def __init__(self, args, target) -> None:
         from radixserve.model_executor.model_runner import ModelRunner
 
-        extra = target.max_running_requests * (draft_rows_per_req(args) + 1)
+        extra = target.max_running_requests * (
+            draft_rows_per_req(args.speculative_num_steps, args.speculative_eagle_topk or 1) + 1)
         # An EAGLE head cannot run alone (it reads the target's embedding and
         # features), so it skips the start-up kernel warm-up; the target's covers its kernels.
         self.runner = ModelRunner(draft_server_args(args, target.max_total_num_tokens + extra,
@@ -137,6 +138,22 @@ class DraftRunner:
             fb.spec_tree_mask = torch.tensor([m for ms in tree_masks for m in ms], dtype=torch.int64, device=dev)
         set_extend_lens(fb, prefix, lens, dev)
         return self.runner.forward(fb)
+
+    def draft_trees(self, states: List[DraftState], base: List[int], first_logits: torch.Tensor,
+                    topk: Callable[[torch.Tensor], Tuple[List[List[int]], List[List[float]]]], k: int,
+                    num_steps: int, budget: int, first_sources: Optional[torch.Tensor] = None) -> List[DraftTree]:
+        """Top-k trees for `states` (topk_tree.py): the root's children from
+        first_logits (row i: request i's logits after its last token; its
+        first_sources row, if any, those children's input hidden state), then
+        num_steps - 1 tree steps; each tree the `budget` best candidates."""
+        tokens, logprobs = topk(first_logits)
+        trees = [TopKTree(k) for _ in states]
+        for i, tree in enumerate(trees):
+            sources = [first_sources[i]] if first_sources is not None else ()
+            tree.expand([-1], [tokens[i]], [logprobs[i]], sources)
+        for _ in range(1, num_steps):
+            self.tree_step(states, base, trees, topk)
+        return [t.best_tree(budget) for t in trees]
 
     def tree_step(self, states: List[DraftState], base: List[int], trees: List[TopKTree],
                   topk: Callable[[torch.Tensor], Tuple[List[List[int]], List[List[float]]]]) -> None:

@@ -29,8 +29,7 @@ import torch
 
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.models.llama_eagle3 import aux_layer_ids
-from radixserve.speculative.draft_runner import DraftRunner, DraftState
-from radixserve.speculative.topk_tree import TopKTree
+from radixserve.speculative.draft_runner import DraftRunner, DraftState, draft_rows_per_req
 from radixserve.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,7 @@ class Eagle3Drafter:
                 positions.append(pos)
                 feats += f
                 state.next_position = pos[-1] + 1
-        needed = sum(map(len, ids)) + len(rows) * max(self.num_steps, self.topk * (self.num_steps - 1))
+        needed = sum(map(len, ids)) + len(rows) * draft_rows_per_req(self.num_steps, self.topk)
         if not rows or not draft.has_room(needed):
             return drafts
         active = [states[i] for i in rows]
@@ -143,13 +142,9 @@ class Eagle3Drafter:
                logits: torch.Tensor) -> List[DraftTree]:
         """Per request: base[i] is where its depth-1 nodes stand (its last
         token's position), hidden/logits the head's output after its last pair."""
-        tokens, logprobs = self._topk(logits)
-        trees = [TopKTree(self.topk) for _ in states]
-        for i, tree in enumerate(trees):
-            tree.expand([-1], [tokens[i]], [logprobs[i]], [hidden[i]])  # a node's source: its input hidden
-        for _ in range(1, self.num_steps):
-            self.draft.tree_step(states, base, trees, self._topk)
-        return [t.best_tree(self.tree_budget) for t in trees]
+        # a node's source: its input hidden state (its parent's output)
+        return self.draft.draft_trees(states, base, logits, self._topk, self.topk, self.num_steps,
+                                      self.tree_budget, first_sources=hidden)
 
     def _tokens(self, logits: torch.Tensor) -> List[int]:
         return self.head.to_target_ids(logits.argmax(-1)).tolist()

@@ -19,8 +19,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
-from radixserve.speculative.draft_runner import DraftRunner
-from radixserve.speculative.topk_tree import TopKTree
+from radixserve.speculative.draft_runner import DraftRunner, draft_rows_per_req
 
 
 class StandaloneDrafter:
@@ -43,8 +42,8 @@ class StandaloneDrafter:
         draft = self.draft
         states = draft.states_for(reqs)
         histories = [r.fill_ids for r in reqs]
-        per_req = max(self.num_steps, self.topk * (self.num_steps - 1))
-        needed = sum(len(h) - s.kv_len for h, s in zip(histories, states)) + len(reqs) * per_req
+        needed = sum(len(h) - s.kv_len for h, s in zip(histories, states)) + \
+            len(reqs) * draft_rows_per_req(self.num_steps, self.topk)
         if not draft.has_room(needed):
             return [[] for _ in reqs]  # the draft pool is full: verify the last tokens alone
         ids = [h[s.kv_len:] for h, s in zip(histories, states)]
@@ -80,13 +79,7 @@ class StandaloneDrafter:
             values, ids = rows[:, :vocab_size].float().log_softmax(-1).topk(self.topk, dim=-1)
             return ids.tolist(), values.tolist()
 
-        tokens, logprobs = topk(logits)
-        trees = [TopKTree(self.topk) for _ in states]
-        for i, tree in enumerate(trees):
-            tree.expand([-1], [tokens[i]], [logprobs[i]])
-        for _ in range(1, self.num_steps):
-            self.draft.tree_step(states, base, trees, topk)
-        return [t.best_tree(self.tree_budget) for t in trees]
+        return self.draft.draft_trees(states, base, logits, topk, self.topk, self.num_steps, self.tree_budget)
 
     @staticmethod
     def _greedy(out, vocab_size: int) -> List[int]:
