@@ -11,8 +11,19 @@ from radixserve.layers.batch_invariant import _triton_linear, invariant_linear
 SHAPES = [(64, 128), (576, 1536), (1536, 576)]  # tiny test model, SmolLM2-135M projections
 
 
+@pytest.fixture(params=["default", 16], ids=["own-threads", "16-threads"])
+def cpu_threads(request):
+    """The machine's own thread count, and 16 (MKL splits its work otherwise
+    with many threads; oversubscribing a small machine only slows it)."""
+    before = torch.get_num_threads()
+    if request.param != "default":
+        torch.set_num_threads(request.param)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("k,n", SHAPES)
-def test_cpu_rows_are_batch_invariant(k, n):
+def test_cpu_rows_are_batch_invariant(k, n, cpu_threads):
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(300, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     full = invariant_linear(x, w, b)

@@ -1,4 +1,4 @@
-"""The Triton MLA kernels (interpreted on the CPU) against plain float64
+"""The Triton MLA kernels (compiled on CUDA, interpreted on the CPU) against plain float64
 attention: 20 heads (two head blocks, the second partial), latent 40 and rope
 24 (neither a power of two), a paged cache with shuffled slots, requests of
 unlike lengths (one a single token), several KV splits."""
@@ -17,13 +17,24 @@ from radixserve.layers.attention.mla_triton import (
 HEADS, LATENT, ROPE, NOPE, V = 20, 40, 24, 12, 28
 SCALE = 0.3
 SEQ_LENS = [1, 37, 70]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape: int, generator: torch.Generator) -> torch.Tensor:
+    """Seeded on the CPU (the same values on either device), placed on DEVICE."""
+    return torch.randn(*shape, generator=generator).to(DEVICE)
+
+
+def tensor(values) -> torch.Tensor:
+    return torch.tensor(values, device=DEVICE)
 
 
 def reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_pos: int) -> torch.Tensor:
     """q [n, H, dk] at positions first_pos.., keys [L, H or 1, dk], values [L, H or 1, dv] -> [n, H, dv]."""
     q, keys, values = q.double(), keys.double().expand(-1, HEADS, -1), values.double().expand(-1, HEADS, -1)
     scores = torch.einsum("qhd,khd->hqk", q, keys) * SCALE
-    visible = torch.arange(keys.shape[0])[None, :] <= (first_pos + torch.arange(q.shape[0]))[:, None]
+    visible = torch.arange(keys.shape[0], device=q.device)[None, :] <= \
+        (first_pos + torch.arange(q.shape[0], device=q.device))[:, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, values)
 
@@ -34,23 +45,23 @@ def paged_cache():
     positions map to scattered slots."""
     g = torch.Generator().manual_seed(0)
     num_slots = sum(SEQ_LENS) + 1
-    kv = torch.randn(num_slots, 1, LATENT + ROPE, generator=g)
+    kv = randn(num_slots, 1, LATENT + ROPE, generator=g)
     table = torch.zeros(4, 80, dtype=torch.int64)
     slots = torch.randperm(num_slots - 1, generator=g) + 1
     rows, start = [2, 0, 3], 0
     for row, n in zip(rows, SEQ_LENS):
         table[row, :n] = slots[start:start + n]
         start += n
-    return kv, table, torch.tensor(rows)
+    return kv, table.to(DEVICE), tensor(rows)
 
 
 def test_decode_matches_reference(paged_cache):
     kv, table, rows = paged_cache
     g = torch.Generator().manual_seed(1)
-    q_latent = torch.randn(len(SEQ_LENS), HEADS, LATENT, generator=g)
-    q_pe = torch.randn(len(SEQ_LENS), HEADS + 3, ROPE, generator=g)[:, :HEADS]  # strided, as the model's views
-    out = torch.empty(len(SEQ_LENS), HEADS, LATENT)
-    mla_decode_attention(q_latent, q_pe, kv, out, table, rows, torch.tensor(SEQ_LENS), SCALE, num_splits=4)
+    q_latent = randn(len(SEQ_LENS), HEADS, LATENT, generator=g)
+    q_pe = randn(len(SEQ_LENS), HEADS + 3, ROPE, generator=g)[:, :HEADS]  # strided, as the model's views
+    out = torch.empty(len(SEQ_LENS), HEADS, LATENT, device=DEVICE)
+    mla_decode_attention(q_latent, q_pe, kv, out, table, rows, tensor(SEQ_LENS), SCALE, num_splits=4)
     for i, (row, n) in enumerate(zip(rows.tolist(), SEQ_LENS)):
         keys = kv[table[row, :n]]
         q = torch.cat([q_latent[i:i + 1], q_pe[i:i + 1]], dim=-1)
@@ -64,10 +75,10 @@ def test_absorbed_extend_matches_reference(paged_cache):
     extends = [n - p for n, p in zip(SEQ_LENS, prefixes)]
     total = sum(extends)
     g = torch.Generator().manual_seed(2)
-    q_latent, q_pe = torch.randn(total, HEADS, LATENT, generator=g), torch.randn(total, HEADS, ROPE, generator=g)
-    out = torch.empty(total, HEADS, LATENT)
-    starts = torch.tensor([0, extends[0], extends[0] + extends[1]])
-    mla_extend_latent_attention(q_latent, q_pe, kv, out, table, rows, torch.tensor(prefixes), torch.tensor(extends),
+    q_latent, q_pe = randn(total, HEADS, LATENT, generator=g), randn(total, HEADS, ROPE, generator=g)
+    out = torch.empty(total, HEADS, LATENT, device=DEVICE)
+    starts = tensor([0, extends[0], extends[0] + extends[1]])
+    mla_extend_latent_attention(q_latent, q_pe, kv, out, table, rows, tensor(prefixes), tensor(extends),
                                 starts, max(extends), SCALE)
     for i, (row, n, p) in enumerate(zip(rows.tolist(), SEQ_LENS, prefixes)):
         keys = kv[table[row, :n]]
@@ -81,13 +92,13 @@ def test_expanded_extend_matches_reference():
     prefixes, extends = [0, 20, 5], [1, 17, 65]
     seqs = [p + e for p, e in zip(prefixes, extends)]
     g = torch.Generator().manual_seed(3)
-    k_nope, k_pe = torch.randn(sum(seqs), HEADS, NOPE, generator=g), torch.randn(sum(seqs), ROPE, generator=g)
-    v = torch.randn(sum(seqs), HEADS, V, generator=g)
-    q_nope = torch.randn(sum(extends), HEADS, NOPE, generator=g)
-    q_pe = torch.randn(sum(extends), HEADS, ROPE, generator=g)
-    out = torch.empty(sum(extends), HEADS, V)
-    q_starts, kv_starts = torch.tensor([0, 1, 18]), torch.tensor([0, 1, 38])
-    mla_extend_expanded_attention(q_nope, q_pe, k_nope, k_pe, v, out, torch.tensor(prefixes), torch.tensor(extends),
+    k_nope, k_pe = randn(sum(seqs), HEADS, NOPE, generator=g), randn(sum(seqs), ROPE, generator=g)
+    v = randn(sum(seqs), HEADS, V, generator=g)
+    q_nope = randn(sum(extends), HEADS, NOPE, generator=g)
+    q_pe = randn(sum(extends), HEADS, ROPE, generator=g)
+    out = torch.empty(sum(extends), HEADS, V, device=DEVICE)
+    q_starts, kv_starts = tensor([0, 1, 18]), tensor([0, 1, 38])
+    mla_extend_expanded_attention(q_nope, q_pe, k_nope, k_pe, v, out, tensor(prefixes), tensor(extends),
                                   q_starts, kv_starts, max(extends), SCALE)
     for i, (p, e, n) in enumerate(zip(prefixes, extends, seqs)):
         ks, qs = kv_starts[i].item(), q_starts[i].item()

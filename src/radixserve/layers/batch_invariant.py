@@ -14,8 +14,14 @@ and in a batch. Here:
   blocks of that many, the last one padded), so the library sees one shape
   whatever the batch. Padding to a minimum alone was not enough: on a Xeon
   without BF16 (2026-12-03), MKL summed a row differently in products of 63
-  to 128 rows than in one of 300 (K 1536). tests/layers/test_batch_invariant.py checks the property
-  itself on the machine that runs them.
+  to 128 rows than in one of 300 (K 1536). One shape is not enough either:
+  with 12 or more threads and K large beside N (K 1536, N 576), MKL's
+  x @ W^T summed a row differently by its place in the block (seen on the
+  H200 host's 16 cores, 2026-12-04). So each block is computed as W @ x^T:
+  the library splits its work over the weight's rows, and a row of x is one
+  column whose place changes nothing (checked up to 64 threads, bf16 and
+  float32). tests/layers/test_batch_invariant.py checks the property itself on
+  the machine that runs them, at its own thread count and at 16 threads.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     pad = -rows % CPU_ROWS
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
-    out = torch.cat([torch.nn.functional.linear(chunk, weight, bias) for chunk in flat.split(CPU_ROWS)])[:rows]
+    out = torch.cat([torch.mm(weight, chunk.t()).t() for chunk in flat.split(CPU_ROWS)])[:rows]
+    if bias is not None:
+        out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
