@@ -142,3 +142,30 @@ def generate_then_abort(engine, input_ids, rid: str, max_new_tokens: int = 400) 
     engine.abort_request(rid)
     thread.join(timeout=30)
     return results["out"]
+
+
+def write_eagle_head(target: Path, out: Path, seed: int = 0, std: float = 0.1) -> Path:
+    """A random EAGLE-1/2 head for `target` in the EAGLE authors' layout: one
+    transformers LlamaDecoderLayer (its weights under `layers.0.`, without the
+    input norm the head skips), `fc` (2H -> H, with bias), and a copy of an
+    embedding that the server must ignore (it uses the target's)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    config = LlamaConfig.from_pretrained(target)
+    config.num_hidden_layers, config.architectures = 1, ["LlamaForCausalLMEagle"]
+    torch.manual_seed(seed)
+    layer = LlamaDecoderLayer(config, 0)
+    fc = torch.nn.Linear(2 * config.hidden_size, config.hidden_size)
+    for p in list(layer.parameters()) + list(fc.parameters()):
+        torch.nn.init.normal_(p, std=std)
+    tensors = {f"layers.0.{k}": v for k, v in layer.state_dict().items() if not k.startswith("input_layernorm.")}
+    tensors.update({"fc.weight": fc.weight, "fc.bias": fc.bias,
+                    "embed_tokens.weight": torch.randn(config.vocab_size, config.hidden_size)})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config.to_dict()))
+    return out

@@ -165,15 +165,17 @@ class ServerArgs:
     # Speculative decoding (speculative/): SGLang's flags; checks in speculative/spec_args.py
     speculative_algorithm: Optional[str] = option(None, "EAGLE|EAGLE3|NGRAM|STANDALONE; None: off")
     speculative_draft_model_path: Optional[str] = option(None, "STANDALONE: a smaller model, same tokenizer; "
-                                                               "EAGLE3: a head folder (train_eagle3)")
+                                                               "EAGLE3: a head folder (train_eagle3); "
+                                                               "EAGLE: an EAGLE-1/2 head folder")
     speculative_num_steps: Optional[int] = option(None, "draft steps per verify; None: 3")
     speculative_eagle_topk: Optional[int] = option(
-        None, "EAGLE3/STANDALONE: tokens kept per step (> 1: a top-K draft tree); NGRAM: only 1 "
+        None, "EAGLE/EAGLE3/STANDALONE: tokens kept per step (> 1: a top-K draft tree); NGRAM: only 1 "
               "(NGRAM's trees take the bfs breadths)")
     speculative_num_draft_tokens: Optional[int] = option(
         None, "tokens per verify (last token + drafts); None: num_steps + 1 (top-K trees: "
               "min(1 + topk * num_steps, 64)); trees: 2..64")
-    speculative_token_map: Optional[str] = option(None, "not read: EAGLE-3 heads carry their d2t map")
+    speculative_token_map: Optional[str] = option(
+        None, "EAGLE: a torch file of the hot token ids the head drafts over (EAGLE-3 heads carry their d2t)")
     speculative_ngram_min_bfs_breadth: int = option(1, "NGRAM: a tree node's children at the deepest level")
     speculative_ngram_max_bfs_breadth: int = option(
         10, "NGRAM: a tree node's children at the first level; 1: a chain")

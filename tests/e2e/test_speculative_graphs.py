@@ -1,8 +1,8 @@
 """Speculative decoding through CUDA graphs (the verify step and the draft
 model's forwards replay graphs captured at start-up): greedy tokens equal to
 decoding without speculation, for STANDALONE with the target as its own draft
-(every draft accepted) and for EAGLE-3 with an untrained head (drafts
-rejected: both ends of the accepted-run range), and the graphs were used.
+(every draft accepted) and for EAGLE-3 and EAGLE-1/2 with untrained heads
+(drafts rejected: both ends of the accepted-run range), and the graphs were used.
 float32 keeps the verify step's and the decode step's kernels from
 disagreeing on a near tie of the tiny random model."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak
+from tests.conftest import assert_no_leak, write_eagle_head
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 NUM_STEPS = 3
@@ -60,9 +60,10 @@ def plain_tokens(target):
         return greedy(engine)
 
 
-@pytest.mark.parametrize("algorithm", ["STANDALONE", "EAGLE3"])
-def test_graphed_speculation_keeps_greedy_tokens(algorithm, target, untrained_head, plain_tokens):
-    draft = target if algorithm == "STANDALONE" else untrained_head
+@pytest.mark.parametrize("algorithm", ["STANDALONE", "EAGLE3", "EAGLE"])
+def test_graphed_speculation_keeps_greedy_tokens(algorithm, target, untrained_head, plain_tokens, tmp_path):
+    draft = {"STANDALONE": lambda: target, "EAGLE3": lambda: untrained_head,
+             "EAGLE": lambda: write_eagle_head(target, tmp_path / "eagle_head")}[algorithm]()
     with engine_for(target, speculative_algorithm=algorithm, speculative_draft_model_path=str(draft),
                     speculative_num_steps=NUM_STEPS, disable_speculative_adaptive=True) as engine:
         assert greedy(engine) == plain_tokens

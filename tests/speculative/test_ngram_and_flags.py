@@ -62,6 +62,12 @@ def test_flags_checked_and_mixed_chunks_turned_off():
         (dict(speculative_algorithm="NGRAM", speculative_ngram_match_type="DFS"), "speculative_ngram_match_type"),
         (dict(speculative_algorithm="NGRAM", enable_lora=True, max_lora_rank=8, lora_target_modules=["all"]),
          "enable_lora"),
+        (dict(speculative_algorithm="EAGLE"), "speculative_draft_model_path"),
+        # a token map narrows an EAGLE-1/2 head only, and must exist
+        (dict(speculative_algorithm="EAGLE3", speculative_draft_model_path="x", speculative_token_map=__file__),
+         "speculative_token_map"),
+        (dict(speculative_algorithm="EAGLE", speculative_draft_model_path="x", speculative_token_map="/no/map.pt"),
+         "speculative_token_map"),
     ]:
         with pytest.raises(ValueError, match=field):
             ServerArgs(**kwargs)

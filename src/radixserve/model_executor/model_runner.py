@@ -136,7 +136,7 @@ class ModelRunner:
         (an equal-sized STANDALONE draft would otherwise ask for a second pool
         as large as the first). Its weights come out of the headroom."""
         args = self.server_args
-        if args.speculative_algorithm not in ("EAGLE3", "STANDALONE") or not args.speculative_draft_model_path:
+        if args.speculative_algorithm not in ("EAGLE", "EAGLE3", "STANDALONE") or not args.speculative_draft_model_path:
             return 0
         config = load_config(resolve_model_source(args.speculative_draft_model_path))
         return default_kv_layout(config.get_text_config()).bytes_per_token(self.kv_cache_dtype)

@@ -13,6 +13,8 @@ parameters (see LlamaForCausalLM):
   (GPT-OSS; split here by fused_experts.py).
 - `CHECKPOINT_EXTRA_LAYERS`: layers past config.num_hidden_layers are skipped
   (DeepSeek-V3's multi-token-prediction layer).
+- `CHECKPOINT_IGNORED_PREFIXES`: checkpoint weights the model does not read
+  (an EAGLE head's copy of the target's embedding, which it shares instead).
 
 The functions here apply those maps; the model files hold model math only.
 
@@ -161,7 +163,7 @@ def _checkpoint_stream(model: nn.Module, weights: WeightStream) -> Iterator[Tupl
     for name, tensor in weights:
         if headless and not name.startswith(("model.", "lm_head.")):
             name = "model." + name  # saved from the bare decoder (Qwen3-Embedding): no "model." prefix
-        if is_extra_layer(model, name):
+        if is_extra_layer(model, name) or name.startswith(getattr(model, "CHECKPOINT_IGNORED_PREFIXES", ())):
             continue
         name = _our_name(model, name)
         if name.endswith(IGNORED_WEIGHT_SUFFIXES) or (tied and name == "lm_head.weight") \

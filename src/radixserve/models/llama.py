@@ -158,17 +158,21 @@ def run_decoder(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tens
     norm: the body every decoder family shares."""
     hidden = model.embed_tokens(input_ids) if input_embeds is None else input_embeds
     residual = None
-    capture = getattr(forward_batch, "capture_aux_layers", None)  # an EAGLE-3 draft head's inputs
+    # An EAGLE draft head's inputs: layer i's output, or (i == the layer count)
+    # the final-normed output an EAGLE-1/2 head reads.
+    capture = getattr(forward_batch, "capture_aux_layers", None)
     aux = {}
     for i, layer in enumerate(model.layers):
         hidden, residual = layer(positions, hidden, residual, forward_batch)
         if capture and i in capture:
             aux[i] = hidden if residual is None else hidden + residual
-    if aux:
-        forward_batch.aux_hidden = torch.cat([aux[i] for i in capture], dim=-1)
     if residual is None:  # no layers at all
-        return model.norm(hidden)
-    hidden, _ = model.norm(hidden, residual)
+        hidden = model.norm(hidden)
+    else:
+        hidden, _ = model.norm(hidden, residual)
+    if capture:
+        aux[len(model.layers)] = hidden
+        forward_batch.aux_hidden = torch.cat([aux[i] for i in capture], dim=-1)
     return hidden
 
 

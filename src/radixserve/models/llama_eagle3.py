@@ -96,6 +96,18 @@ class LlamaForCausalLMEagle3(nn.Module):
         # The target's token embedding, set by whoever runs the head (not a parameter of it).
         self.embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
+    # ---- the interface EagleDrafter reads (shared with LlamaForCausalLMEagle) ----
+    def target_feature_layers(self, num_target_layers: int) -> Tuple[int, ...]:
+        eagle = getattr(self.config, "eagle_config", None) or {}
+        return tuple(eagle.get("eagle_aux_hidden_state_layer_ids") or aux_layer_ids(num_target_layers))
+
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.in_features
+
+    def attach_target(self, target_model: nn.Module) -> None:
+        self.embed = target_model.model.embed_tokens  # the token embedding is the target's
+
     def draft_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The target's fused features (3 x its hidden size) through fc; a
         previous draft step's output passes unchanged."""

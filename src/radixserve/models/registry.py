@@ -7,6 +7,7 @@ from typing import Any, Dict, List
 from radixserve.models.deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from radixserve.models.gpt_oss import GptOssForCausalLM
 from radixserve.models.llama import LlamaForCausalLM, MistralForCausalLM
+from radixserve.models.llama_eagle import LlamaForCausalLMEagle
 from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3
 from radixserve.models.mixtral import MixtralForCausalLM
 from radixserve.models.qwen2 import Qwen2ForCausalLM
@@ -32,7 +33,8 @@ ARCHITECTURES: Dict[str, type] = {
     "LlamaModel": LlamaForCausalLM,
     "Qwen2Model": Qwen2ForCausalLM,
     "Qwen3Model": Qwen3ForCausalLM,
-    "LlamaForCausalLMEagle3": LlamaForCausalLMEagle3,  # a draft head (speculative decoding)
+    "LlamaForCausalLMEagle": LlamaForCausalLMEagle,  # draft heads (speculative decoding)
+    "LlamaForCausalLMEagle3": LlamaForCausalLMEagle3,
 }
 
 # Configs without `architectures` (those read from GGUF metadata) name only a model_type.

@@ -36,11 +36,11 @@ class DraftState:
 def draft_server_args(args, max_total_tokens: int, max_running: int, device_type: str):
     """The draft runner's configuration: the target's, for the draft model,
     without a prefix cache, pages or CUDA graphs, and without the target's
-    quantization. On the CPU an EAGLE-3 head's weights are int8: each draft
+    quantization. On the CPU an EAGLE head's weights are int8: each draft
     step reads all of them for a few rows, and in float32 the three draft
     steps cost a third of a plain decode step. (A STANDALONE draft keeps
     them as loaded: the target itself as its own draft agrees with it exactly.)"""
-    int8_head = device_type == "cpu" and args.dtype == "auto" and args.speculative_algorithm == "EAGLE3"
+    int8_head = device_type == "cpu" and args.dtype == "auto" and args.speculative_algorithm in ("EAGLE", "EAGLE3")
     return dataclasses.replace(
         args, model_path=args.speculative_draft_model_path, tokenizer_path=None, speculative_algorithm=None,
         disable_radix_cache=True, page_size=1, max_total_tokens=max_total_tokens, max_running_requests=max_running,

@@ -1,8 +1,10 @@
-"""EAGLE-3 drafts: a one-layer head over the target's own hidden states
-(models/llama_eagle3.py), run by a DraftRunner with its own KV.
+"""EAGLE drafts: a small head over the target's own hidden states, run by a
+DraftRunner with its own KV. EAGLE3 heads (models/llama_eagle3.py) read three
+of the target's layers; EAGLE (EAGLE-1/2) heads (models/llama_eagle.py) read
+its final-normed output and may draft over a token map's "hot" tokens.
 
 Each target forward (prefill chunks, verify steps, plain decode steps run
-eagerly) captures three layers' outputs for every token; they wait on the
+eagerly) captures the head's features for every token; they wait on the
 request (`Req.spec_features`: (first position, [m, 3H]) pieces) until the
 next draft. The head pairs the features of position p with the token at
 p + 1, so drafting is one extend over the new pairs (the last pair ends at
@@ -28,33 +30,39 @@ from typing import List, Sequence, Tuple
 import torch
 
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
-from radixserve.models.llama_eagle3 import aux_layer_ids
 from radixserve.speculative.draft_runner import DraftRunner, DraftState, draft_rows_per_req
 from radixserve.speculative.tree import DraftTree
 
 logger = logging.getLogger(__name__)
 
+# --speculative-algorithm -> (the head's architecture, its name in messages)
+HEADS = {"EAGLE": ("LlamaForCausalLMEagle", "EAGLE"), "EAGLE3": ("LlamaForCausalLMEagle3", "EAGLE-3")}
 
-class Eagle3Drafter:
+
+class EagleDrafter:
     def __init__(self, args, target) -> None:
         self.draft = DraftRunner(args, target)
         self.head = self.draft.model
-        if not hasattr(self.head, "to_target_ids"):
+        architecture, name = HEADS[args.speculative_algorithm]
+        if type(self.head).__name__ != architecture:
             raise ValueError(f"speculative_draft_model_path {args.speculative_draft_model_path!r} is not an "
-                             f"EAGLE-3 head (architectures: LlamaForCausalLMEagle3)")
-        self.head.embed = target.model.model.embed_tokens  # shared with the target
+                             f"{name} head (architectures: {architecture})")
+        if args.speculative_token_map is not None:
+            self.head.attach_target(target.model, load_token_map(args.speculative_token_map,
+                                                                 target.config.vocab_size))
+        else:
+            self.head.attach_target(target.model)
         self.num_steps = args.speculative_num_steps
         self.topk = args.speculative_eagle_topk or 1
         self.tree_budget = args.speculative_num_draft_tokens - 1
         if self.topk > self.head.draft_vocab_size:
             raise ValueError(f"speculative_eagle_topk ({self.topk}) exceeds the head's draft vocabulary "
                              f"({self.head.draft_vocab_size})")
-        eagle = getattr(self.head.config, "eagle_config", None) or {}
-        layers = eagle.get("eagle_aux_hidden_state_layer_ids") or aux_layer_ids(target.config.num_hidden_layers)
-        self.aux_layers: Tuple[int, ...] = tuple(layers)
+        self.aux_layers: Tuple[int, ...] = self.head.target_feature_layers(target.config.num_hidden_layers)
         want = len(self.aux_layers) * target.config.hidden_size
-        if self.head.fc.in_features != want:
-            raise ValueError(f"the EAGLE-3 head fuses {self.head.fc.in_features} features; this target gives {want}")
+        if self.head.feature_dim != want:
+            raise ValueError(f"the {name} head reads {self.head.feature_dim} features per token; "
+                             f"this target gives {want}")
 
     @property
     def makes_trees(self) -> bool:
@@ -64,12 +72,12 @@ class Eagle3Drafter:
         """The head's forwards: its extend over new (feature, token) pairs, which
         after a verify step are at most `width` per request, and its one-token
         steps over its own output hidden state."""
-        return [SpecGraphShape(width, max_bs, spec_hidden_dim=self.head.fc.in_features),
+        return [SpecGraphShape(width, max_bs, spec_hidden_dim=self.head.feature_dim),
                 SpecGraphShape(1, max_bs, spec_hidden_dim=self.head.config.hidden_size)]
 
     # ---- the target's features ----
     def keep_features(self, reqs: Sequence, firsts: List[int], lens: List[int], aux: torch.Tensor) -> None:
-        """aux: [sum(lens), 3H], request i's rows are positions firsts[i] onward."""
+        """aux: [sum(lens), feature_dim], request i's rows are positions firsts[i] onward."""
         start = 0
         for req, first, n in zip(reqs, firsts, lens):
             req.spec_features.append((first, aux[start:start + n]))
@@ -162,3 +170,22 @@ class Eagle3Drafter:
                 self.draft.truncate(state, state.kv_len)
             req.spec_features = [(first, piece[:max(req.kv_len - first, 0)])
                                  for first, piece in req.spec_features if first < req.kv_len]
+
+
+def load_token_map(path: str, vocab_size: int) -> torch.Tensor:
+    """--speculative-token-map: a torch file holding the hot token ids (a 1-D
+    integer tensor or list, as SGLang's FR-Spec maps); their order is the draft vocabulary's."""
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"speculative_token_map {path!r} cannot be read as a torch file of token ids: {e}") from e
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"speculative_token_map {path!r} must hold a non-empty 1-D integer tensor of token ids, "
+                         f"got {ids.dtype} of shape {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ValueError(f"speculative_token_map {path!r} holds ids outside the target's vocabulary [0, {vocab_size})")
+    if len(torch.unique(ids)) != len(ids):
+        raise ValueError(f"speculative_token_map {path!r} repeats token ids")
+    return ids

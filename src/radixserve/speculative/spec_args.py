@@ -14,7 +14,7 @@ ALGORITHMS = ("EAGLE", "EAGLE3", "NGRAM", "STANDALONE")
 NGRAM_MATCH_TYPES = ("BFS", "PROB")
 DEFAULT_NUM_STEPS = 3
 MAX_TREE_ROWS = 64  # as speculative/tree.py (kept torch-free here)
-TOPK_ALGORITHMS = ("EAGLE3", "STANDALONE")  # draft models that draft top-K trees
+TOPK_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")  # draft models that draft top-K trees
 
 
 def validate_speculative(args: Any) -> None:
@@ -27,20 +27,32 @@ def validate_speculative(args: Any) -> None:
         raise ValueError(f"speculative_algorithm must be one of {'|'.join(ALGORITHMS)}, got {algo!r}")
     _check_ngram(args)
     _fill_sizes(args)
-    if algo == "EAGLE":
-        raise ValueError("speculative_algorithm=EAGLE (EAGLE-1/2 heads over the last hidden state) is not "
-                         "available yet in radixserve; use EAGLE3, NGRAM or STANDALONE")
     if algo == "EAGLE3" and not args.speculative_draft_model_path:
         args.speculative_draft_model_path = shipped_head(args.model_path)
-    if algo in ("STANDALONE", "EAGLE3") and not args.speculative_draft_model_path:
+    if algo != "NGRAM" and not args.speculative_draft_model_path:
         raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
                          "smaller model with the same tokenizer; EAGLE3: a head folder, as `python -m "
-                         "radixserve.train_eagle3` writes; no head ships for this model)")
-    if args.speculative_token_map is not None:
-        raise ValueError("speculative_token_map: radixserve's EAGLE-3 heads carry their reduced vocabulary "
-                         "(d2t) in the head folder; a separate token map file is not read")
+                         "radixserve.train_eagle3` writes (no head ships for this model); EAGLE: an "
+                         "EAGLE-1/2 head folder)")
+    _check_token_map(args)
     _refuse_combinations(args)
     _turn_off_for_speculation(args)
+
+
+def _check_token_map(args: Any) -> None:
+    """A token map narrows an EAGLE-1/2 head's vocabulary (its contents are
+    checked when the head loads: speculative/eagle.py load_token_map)."""
+    path = args.speculative_token_map
+    if path is None:
+        return
+    if args.speculative_algorithm != "EAGLE":
+        raise ValueError(f"speculative_token_map is read with speculative_algorithm=EAGLE only (EAGLE-3 heads "
+                         f"carry their reduced vocabulary, d2t, in the head folder), got "
+                         f"{args.speculative_algorithm}")
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ValueError(f"speculative_token_map {path!r} is not a file")
 
 
 def _check_ngram(args: Any) -> None:
@@ -75,13 +87,10 @@ def _fill_sizes(args: Any) -> None:
         raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
     if args.speculative_eagle_topk < 1:
         raise ValueError(f"speculative_eagle_topk must be >= 1, got {args.speculative_eagle_topk}")
-    if args.speculative_eagle_topk != 1 and args.speculative_algorithm not in TOPK_ALGORITHMS:
-        if args.speculative_algorithm == "NGRAM":
-            raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
-                             f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
-                             f"got {args.speculative_eagle_topk}")
-        raise ValueError(f"speculative_eagle_topk must be 1 with {args.speculative_algorithm}: top-K draft trees "
-                         f"are drafted by EAGLE3 and STANDALONE, got {args.speculative_eagle_topk}")
+    if args.speculative_eagle_topk != 1 and args.speculative_algorithm not in TOPK_ALGORITHMS:  # NGRAM
+        raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
+                         f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
+                         f"got {args.speculative_eagle_topk}")
     if args.speculative_num_draft_tokens is None:
         args.speculative_num_draft_tokens = (args.speculative_num_steps + 1 if not eagle_trees(args)
                                              else min(1 + args.speculative_eagle_topk * args.speculative_num_steps,
@@ -120,12 +129,12 @@ def _check_eagle_tree(args: Any) -> None:
 
 
 def eagle_trees(args: Any) -> bool:
-    """A draft model (EAGLE-3 head or STANDALONE) drafts top-K trees."""
+    """A draft model (an EAGLE or EAGLE-3 head, or STANDALONE) drafts top-K trees."""
     return args.speculative_algorithm in TOPK_ALGORITHMS and (args.speculative_eagle_topk or 1) > 1
 
 
 def draft_trees(args: Any) -> bool:
-    """Verify steps may carry trees (NGRAM with breadth > 1, EAGLE-3 or STANDALONE with top-K > 1)."""
+    """Verify steps may carry trees (NGRAM with breadth > 1, a draft model with top-K > 1)."""
     return ngram_trees(args) or eagle_trees(args)
 
 

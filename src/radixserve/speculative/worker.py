@@ -49,10 +49,10 @@ def make_drafter(args: Any, runner: Any) -> Any:
             raise ValueError("speculative_ngram_max_bfs_breadth > 1 (tree drafts) cannot be combined with an MLA "
                              "model yet (its attention takes no tree mask); use 1 for chains")
         return drafter
-    if algo == "EAGLE3":
-        from radixserve.speculative.eagle import Eagle3Drafter
+    if algo in ("EAGLE", "EAGLE3"):
+        from radixserve.speculative.eagle import EagleDrafter
 
-        drafter = Eagle3Drafter(args, runner)
+        drafter = EagleDrafter(args, runner)
         return _refuse_trees_on_mla(drafter, runner)
     if algo == "STANDALONE":
         from radixserve.speculative.standalone import StandaloneDrafter

@@ -1,0 +1,86 @@
+"""EAGLE-1/2 draft head for Llama-family targets (the EAGLE authors' checkpoint
+layout, as SGLang's `LlamaForCausalLMEagle` loads it: `fc.weight`, `fc.bias`,
+`layers.N.*`; an `embed_tokens` or `lm_head` in the file is not read).
+
+fc maps [embedding of token t+1 ; the target's last hidden state at t (after
+its final norm, what its LM head reads)] to the hidden size; then ordinary
+decoder layers, the first without its input norm, and no final norm: the
+output is both the next draft step's hidden input and, through the target's
+own LM head, the draft logits. With a token map (`--speculative-token-map`)
+the logits cover only its "hot" tokens: draft id d is target id hot[d]."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import nn
+
+from radixserve.layers.embedding import LMHead
+from radixserve.layers.linear import Linear
+from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
+from radixserve.models.llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, dense_mlp, head_dim_of
+
+
+class LlamaForCausalLMEagle(nn.Module):
+    STACKED_PARAMS = LlamaForCausalLM.STACKED_PARAMS
+    EXPERT_PARAMS: dict = {}
+    # the target's embedding and LM head are used (SGLang does the same); a copy in the file is skipped
+    CHECKPOINT_IGNORED_PREFIXES = ("embed_tokens.", "lm_head.", "model.embed_tokens.")
+    CHECKPOINT_RENAMES = (("model.layers.", "layers."), ("model.fc.", "fc."))
+    tied = False
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), config.max_position_embeddings,
+                                          rope_parameters(config))
+        self.fc = Linear(2 * hidden, hidden, bias=True)
+        opts = LlamaForCausalLM.block_options(config)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, LlamaAttention(config, i, self.rotary_emb, opts), dense_mlp(config, i, opts.mlp_bias))
+            for i in range(config.num_hidden_layers))
+        self.layers[0].input_layernorm = nn.Identity()  # fc's output enters attention unnormalised
+        # Set by attach_target (the target's, not parameters of the head).
+        self._target: Tuple[Any, ...] = ()
+        self.hot_ids: Optional[torch.Tensor] = None
+        self.draft_vocab_size = config.vocab_size
+
+    # ---- the interface EagleDrafter reads (shared with LlamaForCausalLMEagle3) ----
+    def target_feature_layers(self, num_target_layers: int) -> Tuple[int, ...]:
+        """Layer num_target_layers stands for the target's output after its final norm."""
+        return (num_target_layers,)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.hidden_size
+
+    def attach_target(self, target_model: nn.Module, hot_ids: Optional[torch.Tensor] = None) -> None:
+        """Share the target's embedding and LM head; with hot_ids, the head's rows of those tokens only."""
+        embed, head = target_model.model.embed_tokens, target_model.lm_head
+        if hot_ids is not None:
+            rows = LMHead(len(hot_ids), head.weight.shape[1]).to(head.weight.device)
+            rows.weight = nn.Parameter(head.weight.data[hot_ids.to(head.weight.device)], requires_grad=False)
+            head, self.hot_ids, self.draft_vocab_size = rows, hot_ids.to(head.weight.device), len(hot_ids)
+        self._target = (embed, head)  # a tuple: not registered as submodules of the head
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        """Each token's output hidden state. forward_batch.spec_hidden: [T, H],
+        the target's features (first step) or a previous step's output."""
+        embed = self._target[0]
+        # the activations' dtype (a norm's weight: fc.weight may be int8)
+        feature = forward_batch.spec_hidden.to(self.layers[0].post_attention_layernorm.weight.dtype)
+        hidden = self.fc(torch.cat([embed(input_ids).to(feature.dtype), feature], dim=-1))
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, forward_batch)
+        return hidden + residual
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the draft vocabulary (all tokens, or the token map's)."""
+        head = self._target[1]
+        return head(hidden.to(head.weight.dtype))  # the head may run in another dtype than the target
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids if self.hot_ids is None else self.hot_ids[draft_ids]
