@@ -3,6 +3,10 @@
     python -m radixserve.train_eagle3 --model-path SmolLM2-135M-Instruct --output-dir heads/smol \\
         --num-prompts 2000 --draft-vocab-size 4096 --epochs 2
 
+(`--head eagle` trains an EAGLE-1/2 head instead: over the target's
+final-normed output, drafting through the target's LM head rows of the draft
+vocabulary, which it writes as token_map.pt for --speculative-token-map.)
+
 1. The target answers generated chat prompts (our Engine, sampled) - or, for
    a model without a chat template, random token prompts.
 2. Our ModelRunner runs each sequence once more, capturing three layers'
@@ -28,6 +32,7 @@ from typing import Dict, Iterator, List
 import torch
 from tqdm import tqdm
 
+from radixserve.models.llama_eagle import LlamaForCausalLMEagle
 from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3, aux_layer_ids
 from radixserve.speculative.eagle_data import TargetFeatures, draft_vocabulary, self_generated, windows
 from radixserve.speculative.loss_plot import save_loss_plot
@@ -37,36 +42,51 @@ STEP_WEIGHT = 0.8  # later draft steps count less (SpecForge's decay)
 SAVE_SECONDS = 20  # kept from --time-budget for saving the head and its plot
 
 
-def head_config(target_config, draft_vocab_size: int, layers: List[int], intermediate_size: int = 0):
+def feature_layers(kind: str, num_target_layers: int) -> List[int]:
+    """The target layers a head reads (the layer count: the output after the final norm)."""
+    return aux_layer_ids(num_target_layers) if kind == "eagle3" else [num_target_layers]
+
+
+def head_config(target_config, draft_vocab_size: int, layers: List[int], intermediate_size: int = 0,
+                kind: str = "eagle3"):
     config = type(target_config).from_dict(target_config.to_dict())
-    config.architectures = ["LlamaForCausalLMEagle3"]
     config.num_hidden_layers = 1
     config.intermediate_size = intermediate_size or target_config.intermediate_size
-    config.draft_vocab_size = draft_vocab_size
-    config.target_hidden_size = target_config.hidden_size
     config.tie_word_embeddings = False
-    config.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(layers)}
+    if kind == "eagle3":
+        config.architectures = ["LlamaForCausalLMEagle3"]
+        config.draft_vocab_size = draft_vocab_size
+        config.target_hidden_size = target_config.hidden_size
+        config.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(layers)}
+    else:  # the draft vocabulary is the token map, written beside the head
+        config.architectures = ["LlamaForCausalLMEagle"]
     for key in ("gguf_block_types", "quantization_config"):
         if hasattr(config, key):
             delattr(config, key)
     return config
 
 
-def init_head(config, target, vocab: torch.Tensor, device: str) -> LlamaForCausalLMEagle3:
+def init_head(config, target, vocab: torch.Tensor, device: str, kind: str = "eagle3") -> torch.nn.Module:
     torch.manual_seed(0)
-    head = LlamaForCausalLMEagle3(config).float()
+    head = (LlamaForCausalLMEagle3 if kind == "eagle3" else LlamaForCausalLMEagle)(config).float()
     for name, p in head.named_parameters():
         if p.dtype.is_floating_point:
             torch.nn.init.ones_(p) if name.endswith("norm.weight") else torch.nn.init.normal_(p, std=0.02)
-    with torch.no_grad():
-        # start from the target's own head over the draft vocabulary
-        head.lm_head.weight.copy_(target.model.lm_head.weight[vocab].float())
-        head.d2t.copy_(vocab - torch.arange(len(vocab)))
-        head.t2d.zero_()
-        head.t2d[vocab] = True
-    head = head.to(device)
+    rows = target.model.lm_head.weight[vocab].detach().float()  # the target's head over the draft vocabulary
     embed = target.model.model.embed_tokens.weight.detach().float().to(device)
-    head.embed = lambda ids: torch.nn.functional.embedding(ids, embed)
+    if kind == "eagle3":
+        with torch.no_grad():  # its own LM head starts as the target's
+            head.lm_head.weight.copy_(rows)
+            head.d2t.copy_(vocab - torch.arange(len(vocab)))
+            head.t2d.zero_()
+            head.t2d[vocab] = True
+        head = head.to(device)
+        head.embed = lambda ids: torch.nn.functional.embedding(ids, embed)
+    else:  # drafts through the target's head rows, frozen
+        head = head.to(device)
+        rows = rows.to(device)
+        head.set_target(lambda ids: torch.nn.functional.embedding(ids, embed),
+                        lambda hidden: torch.nn.functional.linear(hidden, rows), vocab.to(device))
     return head
 
 
@@ -156,6 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="the target (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--head", choices=("eagle3", "eagle"), default="eagle3",
+                   help="eagle3: an EAGLE-3 head (--speculative-algorithm EAGLE3); eagle: an EAGLE-1/2 head and "
+                        "its token_map.pt (--speculative-algorithm EAGLE --speculative-token-map)")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--draft-vocab-size", type=int, default=4096)
@@ -201,16 +224,18 @@ def main(argv=None) -> None:
     logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
     runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(map(len, seqs)) + 16,
                                     max_running_requests=2, **extra))
-    layers = aux_layer_ids(runner.config.num_hidden_layers)
+    layers = feature_layers(args.head, runner.config.num_hidden_layers)
     capture = TargetFeatures(runner, layers)
     samples = [capture(s) for s in tqdm(seqs, desc="target hidden states", unit="seq")]
     vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
-    config = head_config(runner.config, len(vocab), layers, args.intermediate_size)
-    head = init_head(config, runner, vocab, args.device)
+    config = head_config(runner.config, len(vocab), layers, args.intermediate_size, args.head)
+    head = init_head(config, runner, vocab, args.device, args.head)
     target_to_draft = torch.full((runner.config.vocab_size,), -1, dtype=torch.int64)
     target_to_draft[vocab] = torch.arange(len(vocab))
     losses = train(head, samples, args, target_to_draft.to(args.device), started)
     save_head(head, config, out, getattr(torch, args.save_dtype))
+    if args.head == "eagle":
+        torch.save(vocab.clone(), out / "token_map.pt")
     save_loss_plot(losses, out / "loss.png")
     (out / "train_log.json").write_text(json.dumps({"args": vars(args), "sequences": len(seqs),
                                                     "losses": losses[::max(len(losses) // 500, 1)]}))

@@ -15,6 +15,7 @@ import torch
 from radixserve.layers.sampler import Sampler
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.sampling.sampling_params import SamplingParams
+from radixserve.speculative.tree import DraftTree
 from radixserve.speculative.verify import accept
 
 VOCAB = 6
@@ -57,7 +58,7 @@ def test_accepted_runs_follow_the_target_distribution():
                      frequency_penalty=FREQ) for i in range(ROWS)]
     info = batch_info(reqs)
     logits = torch.stack([first, second]).repeat(ROWS, 1)  # rows 2i, 2i+1: request i's two positions
-    batch = SimpleNamespace(spec_drafts=[[DRAFT]] * ROWS, reqs=reqs,
+    batch = SimpleNamespace(spec_drafts=[DraftTree.chain([DRAFT])] * ROWS, reqs=reqs,
                             last_logit_rows=torch.arange(ROWS) * 2 + 1)
     result = accept(batch, logits, info, Sampler())
 
@@ -84,7 +85,8 @@ def test_greedy_rows_accept_the_matching_prefix():
     for row, token in enumerate([4, 1, 2, 5, 3, 3, 0, 1]):
         logits[row, token] = 5.0
     # request 0 verifies [4, 1, 2] at rows 0..3 (argmax 4, 1, 2, 5); request 1 [3, 0, 0] at rows 4..7
-    batch = SimpleNamespace(spec_drafts=[[4, 1, 2], [3, 0, 0]], reqs=[make_req(temperature=0)] * 2,
+    batch = SimpleNamespace(spec_drafts=[DraftTree.chain([4, 1, 2]), DraftTree.chain([3, 0, 0])],
+                            reqs=[make_req(temperature=0)] * 2,
                             last_logit_rows=torch.tensor([3, 7]))
     result = accept(batch, logits, batch_info(batch.reqs), Sampler())
     assert result.tokens == [[4, 1, 2, 5], [3, 3]]
@@ -106,7 +108,7 @@ def test_greedy_fast_path_matches_the_sampler_path():
             for j, token in enumerate(d):
                 if torch.rand(1, generator=g).item() < 0.8:
                     logits[row + j, token] += 10.0
-        batch = SimpleNamespace(spec_drafts=drafts, reqs=[make_req(temperature=0)] * bs,
+        batch = SimpleNamespace(spec_drafts=[DraftTree.chain(d) for d in drafts], reqs=[make_req(temperature=0)] * bs,
                                 last_logit_rows=torch.cumsum(lens, 0) - 1)
         fast_info, slow_info = batch_info(batch.reqs), batch_info(batch.reqs)
         assert is_plain_greedy(fast_info)

@@ -73,10 +73,14 @@ class LlamaAttention(nn.Module):
             sinks=head_sharded_parameter(heads) if opts.attn_sinks else None,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+    def qkv(self, positions: torch.Tensor, hidden: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """q, k (normed where the family norms them, rotated) and v."""
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
         q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q, k, v, forward_batch))
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+        return self.o_proj(self.attn(*self.qkv(positions, hidden), forward_batch))
 
 
 class LlamaMLP(nn.Module):

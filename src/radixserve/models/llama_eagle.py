@@ -11,7 +11,7 @@ the logits cover only its "hot" tokens: draft id d is target id hot[d]."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from radixserve.layers.embedding import LMHead
 from radixserve.layers.linear import Linear
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.models.llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, dense_mlp, head_dim_of
+from radixserve.models.llama_eagle3 import unrolled_step_attention
 
 
 class LlamaForCausalLMEagle(nn.Module):
@@ -42,8 +43,9 @@ class LlamaForCausalLMEagle(nn.Module):
             DecoderLayer(config, LlamaAttention(config, i, self.rotary_emb, opts), dense_mlp(config, i, opts.mlp_bias))
             for i in range(config.num_hidden_layers))
         self.layers[0].input_layernorm = nn.Identity()  # fc's output enters attention unnormalised
-        # Set by attach_target (the target's, not parameters of the head).
-        self._target: Tuple[Any, ...] = ()
+        # Set by attach_target or set_target (the target's, not parameters of the head).
+        self.embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.target_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.hot_ids: Optional[torch.Tensor] = None
         self.draft_vocab_size = config.vocab_size
 
@@ -58,29 +60,58 @@ class LlamaForCausalLMEagle(nn.Module):
 
     def attach_target(self, target_model: nn.Module, hot_ids: Optional[torch.Tensor] = None) -> None:
         """Share the target's embedding and LM head; with hot_ids, the head's rows of those tokens only."""
-        embed, head = target_model.model.embed_tokens, target_model.lm_head
+        head = target_model.lm_head
         if hot_ids is not None:
+            hot_ids = hot_ids.to(head.weight.device)
             rows = LMHead(len(hot_ids), head.weight.shape[1]).to(head.weight.device)
-            rows.weight = nn.Parameter(head.weight.data[hot_ids.to(head.weight.device)], requires_grad=False)
-            head, self.hot_ids, self.draft_vocab_size = rows, hot_ids.to(head.weight.device), len(hot_ids)
-        self._target = (embed, head)  # a tuple: not registered as submodules of the head
+            rows.weight = nn.Parameter(head.weight.data[hot_ids], requires_grad=False)
+            head = rows
+        dtype = head.weight.dtype  # the head may run in another dtype than the target
+        self.set_target(target_model.model.embed_tokens, lambda hidden: head(hidden.to(dtype)), hot_ids)
+
+    def set_target(self, embed: Callable[[torch.Tensor], torch.Tensor],
+                   logits: Callable[[torch.Tensor], torch.Tensor], hot_ids: Optional[torch.Tensor] = None) -> None:
+        """embed: token ids -> the target's embeddings; logits: hidden -> float32
+        logits over the draft vocabulary (hot_ids' tokens, in that order, if given)."""
+        # plain attributes: a module assigned here would become a submodule of the head
+        self.__dict__["embed"], self.__dict__["target_logits"] = embed, logits
+        if hot_ids is not None:
+            self.hot_ids, self.draft_vocab_size = hot_ids, len(hot_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: Any) -> torch.Tensor:
         """Each token's output hidden state. forward_batch.spec_hidden: [T, H],
         the target's features (first step) or a previous step's output."""
-        embed = self._target[0]
         # the activations' dtype (a norm's weight: fc.weight may be int8)
         feature = forward_batch.spec_hidden.to(self.layers[0].post_attention_layernorm.weight.dtype)
-        hidden = self.fc(torch.cat([embed(input_ids).to(feature.dtype), feature], dim=-1))
         residual = None
+        hidden = self._fc(input_ids, feature)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, forward_batch)
         return hidden + residual
 
+    def _fc(self, input_ids: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.embed(input_ids).to(feature.dtype), feature], dim=-1))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits over the draft vocabulary (all tokens, or the token map's)."""
-        head = self._target[1]
-        return head(hidden.to(head.weight.dtype))  # the head may run in another dtype than the target
+        return self.target_logits(hidden)
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids if self.hot_ids is None else self.hot_ids[draft_ids]
+
+    # ---- training (plain torch, several draft steps unrolled; one-layer heads) ----
+    def train_forward(self, features: torch.Tensor, step_inputs: torch.Tensor) -> List[torch.Tensor]:
+        """features: [B, T, H] the target's final-normed hidden states at
+        positions 0..T-1; step_inputs: [S, B, T] the token each draft step
+        reads at each origin. Returns each step's draft-vocabulary logits
+        [B, T, V'] (what each step sees: llama_eagle3.unrolled_step_attention)."""
+        if len(self.layers) != 1:
+            raise ValueError("train_forward trains one-layer EAGLE heads")
+        layer = self.layers[0]
+        hidden, keys, values, logits = features, [], [], []
+        for step in range(step_inputs.shape[0]):
+            x = self._fc(step_inputs[step], hidden)  # the first layer has no input norm
+            hidden = x + unrolled_step_attention(layer.self_attn, x, step, keys, values)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            logits.append(self.compute_logits(hidden))
+        return logits

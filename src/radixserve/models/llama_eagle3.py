@@ -133,34 +133,39 @@ class LlamaForCausalLMEagle3(nn.Module):
         """features: [B, T, 3H] target features at positions 0..T-1;
         step_inputs: [S, B, T] the token each draft step reads at each origin
         (step 0: the token after the origin; step s: the target's own
-        choice s tokens later). Returns each step's draft-vocabulary logits [B, T, V'].
-
-        Step s at origin p stands at position p + s and sees, as at serving
-        time, the first step's keys of positions <= p and its own chain's
-        keys of steps 1..s at p."""
-        batch, length, _ = features.shape
-        attn = self.midlayer.self_attn
-        positions = torch.arange(length, device=features.device)
-        causal = torch.ones(length, length, dtype=torch.bool, device=features.device).tril()
+        choice s tokens later). Returns each step's draft-vocabulary logits
+        [B, T, V'] (what each step sees: unrolled_step_attention)."""
         hidden, keys, values, logits = self.draft_hidden(features), [], [], []
         for step in range(step_inputs.shape[0]):
             embeds = self.embed(step_inputs[step]).to(hidden.dtype)
-            x = self.midlayer.attn_input(embeds, hidden).reshape(batch * length, -1)
-            q, k, v = attn.qkv((positions + step).repeat(batch), x)
-            q, k, v = (t.reshape(batch, length, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            group = attn.num_heads // attn.num_kv_heads
-            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            keys.append(k)
-            values.append(v)
-            scale = attn.head_dim**-0.5
-            first = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
-            chain = [(q * key).sum(-1, keepdim=True) * scale for key in keys[1:]]
-            probs = torch.softmax(torch.cat([first] + chain, dim=-1), dim=-1)
-            out = probs[..., :length] @ values[0]
-            for i, value in enumerate(values[1:]):
-                out = out + probs[..., length + i:length + i + 1] * value
-            out = out.transpose(1, 2).reshape(batch, length, -1)
-            hidden = self.midlayer.finish(hidden, attn.o_proj(out))
+            x = self.midlayer.attn_input(embeds, hidden)
+            out = unrolled_step_attention(self.midlayer.self_attn, x, step, keys, values)
+            hidden = self.midlayer.finish(hidden, out)
             logits.append(self.compute_logits(hidden))
         return logits
+
+
+def unrolled_step_attention(attn: nn.Module, x: torch.Tensor, step: int, keys: List[torch.Tensor],
+                            values: List[torch.Tensor]) -> torch.Tensor:
+    """Draft step `step` of training, for every origin p of x [B, T, D] at
+    once (attn: a module with qkv(positions, x), o_proj and the head counts).
+    Step s at origin p stands at position p + s and sees, as at serving time,
+    the first step's keys of positions <= p and its own chain's keys of steps
+    1..s at p; keys/values collect each step's (per head). Returns o_proj's output [B, T, H]."""
+    batch, length, _ = x.shape
+    positions = torch.arange(length, device=x.device) + step
+    q, k, v = attn.qkv(positions.repeat(batch), x.reshape(batch * length, -1))
+    q, k, v = (t.reshape(batch, length, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    group = attn.num_heads // attn.num_kv_heads
+    keys.append(k.repeat_interleave(group, 1))
+    values.append(v.repeat_interleave(group, 1))
+    scale = attn.head_dim**-0.5
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    first = (q @ keys[0].transpose(-1, -2) * scale).masked_fill(~causal, float("-inf"))
+    chain = [(q * key).sum(-1, keepdim=True) * scale for key in keys[1:]]
+    probs = torch.softmax(torch.cat([first] + chain, dim=-1), dim=-1)
+    out = probs[..., :length] @ values[0]
+    for i, value in enumerate(values[1:]):
+        out = out + probs[..., length + i:length + i + 1] * value
+    return attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 

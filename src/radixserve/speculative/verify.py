@@ -116,7 +116,7 @@ def is_plain_greedy(info: SamplingBatchInfo) -> bool:
 
 
 def _walk(batch: ScheduleBatch, dev: torch.device) -> Tuple[List[DraftTree], TreeWalk]:
-    trees = [as_tree(d) for d in batch.spec_drafts]
+    trees = batch.spec_drafts  # DraftTrees (prepare_verify)
     return trees, TreeWalk.build(trees, batch.last_logit_rows.to(dev))
 
 
@@ -124,7 +124,7 @@ def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatc
     """One argmax over every verified position, then each request's walk down
     its tree: the child whose draft equals the argmax at the current node, and
     the argmax at the last node reached."""
-    trees = [as_tree(d) for d in batch.spec_drafts]
+    trees = batch.spec_drafts  # DraftTrees (prepare_verify)
     if all(t.is_chain() for t in trees):
         return _accept_greedy_chains(batch, trees, logits, info)
     walk = TreeWalk.build(trees, batch.last_logit_rows.to(logits.device))

@@ -21,7 +21,6 @@ from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, SpecGraphShape
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.speculative.governor import SpecGovernor
-from radixserve.speculative.tree import as_tree
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
 
 logger = logging.getLogger(__name__)
@@ -199,11 +198,11 @@ class SpecWorker:
         self.verified_rows += len(result.reqs)
         self.emitted += sum(map(len, result.tokens))
         if self.makes_trees:
-            self.off_first_branch += sum(not as_tree(d).on_first_branch(p)
-                                         for d, p in zip(batch.spec_drafts, result.paths))
+            self.off_first_branch += sum(not tree.on_first_branch(p)
+                                         for tree, p in zip(batch.spec_drafts, result.paths))
         return result
 
-    # ---- the target's hidden states, for draft heads that read them (EAGLE-3) ----
+    # ---- the target's hidden states, for draft heads that read them (EAGLE, EAGLE-3) ----
     def before_target_forward(self, fb: Any) -> None:
         fb.capture_aux_layers = getattr(self.drafter, "aux_layers", None)
 
