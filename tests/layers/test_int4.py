@@ -219,6 +219,31 @@ def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
     assert out.dtype == torch.bfloat16 and torch.equal(out, want)
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_decode_batches_take_the_dense_copy_only_with_amx(monkeypatch, amx):
+    """In a decode step (quantization.decode_step) 16 or more bfloat16 rows go
+    through the dense copy where the CPU has AMX, 15 never; outside one (a short
+    prefill) the int4 kernel takes any row count below a prefill's 128."""
+    import radixserve.layers.quantization as quantization
+
+    monkeypatch.setattr(quantization, "cpu_has_amx", lambda: amx)
+    torch.manual_seed(7)
+    linear = Linear(64, 64)
+    nn.init.normal_(linear.weight)
+    quantize_linears(linear, int4_weight_only(32))
+    x = torch.randn(quantization.AMX_DECODE_DENSE_FROM_ROWS, 64).to(torch.bfloat16)
+    kernel = linear(x)
+    assert "dense_copy" not in linear.weight.__dict__
+    with quantization.decode_step():
+        linear(x[:-1])
+        assert "dense_copy" not in linear.weight.__dict__
+        decode = linear(x)
+    assert ("dense_copy" in linear.weight.__dict__) == amx
+    assert rel(decode, kernel) < 2e-2
+    linear(x)  # the step is over: back to the kernel below 128 rows
+    assert torch.equal(linear(x), kernel)
+
+
 def test_prefill_keeps_one_dequantized_copy_until_an_update():
     """The first prefill dequantizes the weight once and keeps the copy; a
     weight update (`unquantized`) drops it, so the next prefill sees the new

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from radixserve.utils.cpu_features import cpu_has_native_bf16
+from radixserve.utils.cpu_features import cpu_has_amx, cpu_has_native_bf16
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -91,6 +91,39 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # 2.7x at 4,096 rows, 2x at 128; int4 2.1x at 128, 576 -> 1,536, 2-core AVX-512
 # CPU; the int8 kernel wins 9x at one row).
 INT8_DEQUANTIZE_FROM_ROWS = 128
+# With AMX a decode step of this many bfloat16 rows or more takes the dense copy
+# too: the kernels' time grows with the rows, the AMX GEMM's hardly (2-core AMX
+# Xeon, 32 rows: int4 686 us against 162 us for 3,072 x 576; the int8 LM head
+# 13.8 ms against 3.1 ms). In the whole default model, which then reads 4x the
+# weight bytes, the dense copy lost at 8 requests (-13 to -18% decode tok/s) and
+# won from 16 (+9% at 16, +19% at 24, +52% at 32; docs/benchmarks.md).
+# Decode steps only: a short prompt's prefill keeps the kernels, so its KV and
+# first token are what they were (with every 8- to 127-row extend on the dense
+# copy, the default model's answer to "What is the capital of France?" changed
+# after other requests had filled the radix cache, 2026-12-04).
+AMX_DECODE_DENSE_FROM_ROWS = 16
+_bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() on AMX
+
+
+@contextmanager
+def decode_step() -> Iterator[None]:
+    """Linear layers called within run one decode step (ModelRunner)."""
+    global _bf16_dense_from_rows
+    if not cpu_has_amx():
+        yield
+        return
+    _bf16_dense_from_rows = AMX_DECODE_DENSE_FROM_ROWS
+    try:
+        yield
+    finally:
+        _bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS
+
+
+def takes_dense_gemm(rows: torch.Tensor) -> bool:
+    """Whether these rows go through the dequantized copy rather than the kernel."""
+    if rows.dtype == torch.bfloat16 and rows.device.type == "cpu":
+        return rows.shape[0] >= _bf16_dense_from_rows
+    return rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS
 
 
 # A prefill's dequantized GEMM runs in bfloat16 where the CPU has bfloat16
@@ -121,7 +154,7 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
     scale = weight_scale.to(x.dtype)
-    if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:
+    if takes_dense_gemm(rows):
         out = prefill_gemm(rows, weight, lambda: per_row_dequantized(weight, weight_scale))
     else:
         out = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)
@@ -202,7 +235,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # A decode step calls this 4 times a layer: no reshape or cast that would
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS:  # a prefill: one ordinary GEMM, as for int8
+    if takes_dense_gemm(rows):  # a prefill (or an AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:
         group = x.shape[-1] // scales_and_zeros.shape[0]

@@ -14,7 +14,7 @@ from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.block_fp8 import block_fp8_format
 from radixserve.layers.pooler import EmbeddingOutput, PoolingConfig, pool_extend, read_pooling_config
 from radixserve.layers.quantization import (
-    WeightFormat, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
+    WeightFormat, decode_step, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
 )
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
@@ -382,6 +382,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_eager(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
         """forward without CUDA graphs (the start-up warm-up compiles the kernels this path takes)."""
+        if forward_batch.forward_mode.is_decode():
+            with decode_step():  # the CPU's quantized GEMMs may pick another path (quantization.py)
+                return self._forward_eager(forward_batch)
+        return self._forward_eager(forward_batch)
+
+    def _forward_eager(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
         fb = forward_batch
         fb.attn_backend = self.attn_backend
         self.attn_backend.init_forward_metadata(fb)
