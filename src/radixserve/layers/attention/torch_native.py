@@ -140,7 +140,10 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             keys = _gather(k_buf, kv_indices, dtype)  # [bs, kvh, L, d]
             values = _gather(v_buf, kv_indices, dtype)
         qg = q.view(bs, layer.num_kv_heads, group, layer.head_dim).to(dtype)
-        scores = torch.matmul(qg, keys.transpose(2, 3)) * layer.scaling  # [bs, kvh, group, L]
+        # keys are a strided view of [slot, head, dim] rows: as the left operand the
+        # library reads them in place, as a transposed right one it copied them first
+        # (the same bits; 2-core AMX Xeon, bf16, 32 requests x 160 keys: 317 -> 114 us a layer)
+        scores = torch.matmul(keys, qg.transpose(2, 3)).transpose(2, 3) * layer.scaling  # [bs, kvh, group, L]
         if layer.sliding_window is not None:
             # The query sits at seq_len - 1: it sees the last `window` positions.
             first_key = fb.seq_lens[:, None] - layer.sliding_window
