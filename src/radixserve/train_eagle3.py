@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List
 import torch
 from tqdm import tqdm
 
-from radixserve.models.llama_eagle import LlamaForCausalLMEagle
+from radixserve.models.llama_eagle import LlamaForCausalLMEagle, rows_logits
 from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3, aux_layer_ids
 from radixserve.speculative.eagle_data import TargetFeatures, draft_vocabulary, self_generated, windows
 from radixserve.speculative.loss_plot import save_loss_plot
@@ -85,8 +85,7 @@ def init_head(config, target, vocab: torch.Tensor, device: str, kind: str = "eag
     else:  # drafts through the target's head rows, frozen
         head = head.to(device)
         rows = rows.to(device)
-        head.set_target(lambda ids: torch.nn.functional.embedding(ids, embed),
-                        lambda hidden: torch.nn.functional.linear(hidden, rows), vocab.to(device))
+        head.set_target(lambda ids: torch.nn.functional.embedding(ids, embed), rows_logits(rows), vocab.to(device))
     return head
 
 

@@ -12,7 +12,7 @@ one forward takes (each MoE tile bucket and chunk size), a prefill on top of a
 cached prefix (MLA's absorbed and expanded forms), decode steps of every
 power-of-two batch size (each split count), with --enable-mixed-chunk,
 mixed batches of odd and even decode counts and, with draft trees (NGRAM, or
-EAGLE3 with --speculative-eagle-topk > 1), an
+a draft model with --speculative-eagle-topk > 1), an
 extend with tree masks (speculative/tree.py). The forwards run eagerly: the
 CUDA graphs compiled their own shapes when they were captured. Integer
 arguments that vary with the batch (token and pair counts) are not

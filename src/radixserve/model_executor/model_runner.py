@@ -30,6 +30,7 @@ from radixserve.model_loader.source import resolve_model_source
 from radixserve.model_loader.weight_loader import get_weight, load_weights
 from radixserve.multimodal.embedder import image_embeds_for
 from radixserve.server_args import ServerArgs
+from radixserve.speculative.spec_args import DRAFT_MODEL_ALGORITHMS
 from radixserve.utils.hf_utils import cache_dir, get_context_length, load_config
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class ModelRunner:
         (an equal-sized STANDALONE draft would otherwise ask for a second pool
         as large as the first). Its weights come out of the headroom."""
         args = self.server_args
-        if args.speculative_algorithm not in ("EAGLE", "EAGLE3", "STANDALONE") or not args.speculative_draft_model_path:
+        if args.speculative_algorithm not in DRAFT_MODEL_ALGORITHMS or not args.speculative_draft_model_path:
             return 0
         config = load_config(resolve_model_source(args.speculative_draft_model_path))
         return default_kv_layout(config.get_text_config()).bytes_per_token(self.kv_cache_dtype)

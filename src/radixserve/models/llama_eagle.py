@@ -16,7 +16,6 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from radixserve.layers.embedding import LMHead
 from radixserve.layers.linear import Linear
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.models.llama import DecoderLayer, LlamaAttention, LlamaForCausalLM, dense_mlp, head_dim_of
@@ -61,13 +60,13 @@ class LlamaForCausalLMEagle(nn.Module):
     def attach_target(self, target_model: nn.Module, hot_ids: Optional[torch.Tensor] = None) -> None:
         """Share the target's embedding and LM head; with hot_ids, the head's rows of those tokens only."""
         head = target_model.lm_head
-        if hot_ids is not None:
+        if hot_ids is None:
+            dtype = head.weight.dtype  # the head may run in another dtype than the target
+            logits = lambda hidden: head(hidden.to(dtype))  # noqa: E731
+        else:
             hot_ids = hot_ids.to(head.weight.device)
-            rows = LMHead(len(hot_ids), head.weight.shape[1]).to(head.weight.device)
-            rows.weight = nn.Parameter(head.weight.data[hot_ids], requires_grad=False)
-            head = rows
-        dtype = head.weight.dtype  # the head may run in another dtype than the target
-        self.set_target(target_model.model.embed_tokens, lambda hidden: head(hidden.to(dtype)), hot_ids)
+            logits = rows_logits(head.weight.data[hot_ids])
+        self.set_target(target_model.model.embed_tokens, logits, hot_ids)
 
     def set_target(self, embed: Callable[[torch.Tensor], torch.Tensor],
                    logits: Callable[[torch.Tensor], torch.Tensor], hot_ids: Optional[torch.Tensor] = None) -> None:
@@ -115,3 +114,8 @@ class LlamaForCausalLMEagle(nn.Module):
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             logits.append(self.compute_logits(hidden))
         return logits
+
+
+def rows_logits(rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """hidden -> float32 logits over `rows` (an LM head's rows of the draft vocabulary)."""
+    return lambda hidden: torch.nn.functional.linear(hidden.to(rows.dtype), rows).float()

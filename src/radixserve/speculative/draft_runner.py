@@ -19,6 +19,7 @@ import torch
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_executor.model_runner import LogitsOutput
+from radixserve.speculative.spec_args import HEAD_ALGORITHMS
 from radixserve.speculative.topk_tree import TopKTree
 from radixserve.speculative.tree import DraftTree
 
@@ -40,7 +41,7 @@ def draft_server_args(args, max_total_tokens: int, max_running: int, device_type
     step reads all of them for a few rows, and in float32 the three draft
     steps cost a third of a plain decode step. (A STANDALONE draft keeps
     them as loaded: the target itself as its own draft agrees with it exactly.)"""
-    int8_head = device_type == "cpu" and args.dtype == "auto" and args.speculative_algorithm in ("EAGLE", "EAGLE3")
+    int8_head = device_type == "cpu" and args.dtype == "auto" and args.speculative_algorithm in HEAD_ALGORITHMS
     return dataclasses.replace(
         args, model_path=args.speculative_draft_model_path, tokenizer_path=None, speculative_algorithm=None,
         disable_radix_cache=True, page_size=1, max_total_tokens=max_total_tokens, max_running_requests=max_running,

@@ -14,7 +14,9 @@ ALGORITHMS = ("EAGLE", "EAGLE3", "NGRAM", "STANDALONE")
 NGRAM_MATCH_TYPES = ("BFS", "PROB")
 DEFAULT_NUM_STEPS = 3
 MAX_TREE_ROWS = 64  # as speculative/tree.py (kept torch-free here)
-TOPK_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE")  # draft models that draft top-K trees
+HEAD_ALGORITHMS = ("EAGLE", "EAGLE3")  # a draft head over the target's hidden states
+# a draft model of its own (a head or STANDALONE): its own KV pool; top-K trees
+DRAFT_MODEL_ALGORITHMS = HEAD_ALGORITHMS + ("STANDALONE",)
 
 
 def validate_speculative(args: Any) -> None:
@@ -29,7 +31,7 @@ def validate_speculative(args: Any) -> None:
     _fill_sizes(args)
     if algo == "EAGLE3" and not args.speculative_draft_model_path:
         args.speculative_draft_model_path = shipped_head(args.model_path)
-    if algo != "NGRAM" and not args.speculative_draft_model_path:
+    if algo in DRAFT_MODEL_ALGORITHMS and not args.speculative_draft_model_path:
         raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
                          "smaller model with the same tokenizer; EAGLE3: a head folder, as `python -m "
                          "radixserve.train_eagle3` writes (no head ships for this model); EAGLE: an "
@@ -87,7 +89,7 @@ def _fill_sizes(args: Any) -> None:
         raise ValueError(f"speculative_num_steps must be >= 1, got {args.speculative_num_steps}")
     if args.speculative_eagle_topk < 1:
         raise ValueError(f"speculative_eagle_topk must be >= 1, got {args.speculative_eagle_topk}")
-    if args.speculative_eagle_topk != 1 and args.speculative_algorithm not in TOPK_ALGORITHMS:  # NGRAM
+    if args.speculative_eagle_topk != 1 and args.speculative_algorithm not in DRAFT_MODEL_ALGORITHMS:  # NGRAM
         raise ValueError(f"speculative_eagle_topk must be 1 with NGRAM (its trees' breadth is "
                          f"speculative_ngram_min_bfs_breadth..speculative_ngram_max_bfs_breadth), "
                          f"got {args.speculative_eagle_topk}")
@@ -130,7 +132,7 @@ def _check_eagle_tree(args: Any) -> None:
 
 def eagle_trees(args: Any) -> bool:
     """A draft model (an EAGLE or EAGLE-3 head, or STANDALONE) drafts top-K trees."""
-    return args.speculative_algorithm in TOPK_ALGORITHMS and (args.speculative_eagle_topk or 1) > 1
+    return args.speculative_algorithm in DRAFT_MODEL_ALGORITHMS and (args.speculative_eagle_topk or 1) > 1
 
 
 def draft_trees(args: Any) -> bool:

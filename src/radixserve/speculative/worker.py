@@ -21,6 +21,7 @@ from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.model_executor.spec_graph_runner import SpecGraphRunner, SpecGraphShape
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.speculative.governor import SpecGovernor
+from radixserve.speculative.spec_args import HEAD_ALGORITHMS
 from radixserve.speculative.verify import SpecResult, accept, prepare_verify
 
 logger = logging.getLogger(__name__)
@@ -44,26 +45,21 @@ def make_drafter(args: Any, runner: Any) -> Any:
                           args.speculative_ngram_min_bfs_breadth, args.speculative_ngram_max_bfs_breadth)
         drafter = NgramDrafter(args.speculative_num_steps, args.speculative_ngram_max_trie_depth,
                                args.speculative_ngram_capacity, args.speculative_ngram_match_type, shape)
-        if drafter.makes_trees and _is_mla(runner):
-            raise ValueError("speculative_ngram_max_bfs_breadth > 1 (tree drafts) cannot be combined with an MLA "
-                             "model yet (its attention takes no tree mask); use 1 for chains")
-        return drafter
-    if algo in ("EAGLE", "EAGLE3"):
+        return _refuse_trees_on_mla(drafter, runner, "speculative_ngram_max_bfs_breadth")
+    if algo in HEAD_ALGORITHMS:
         from radixserve.speculative.eagle import EagleDrafter
 
-        drafter = EagleDrafter(args, runner)
-        return _refuse_trees_on_mla(drafter, runner)
+        return _refuse_trees_on_mla(EagleDrafter(args, runner), runner, "speculative_eagle_topk")
     if algo == "STANDALONE":
         from radixserve.speculative.standalone import StandaloneDrafter
 
-        drafter = StandaloneDrafter(args, runner)
-        return _refuse_trees_on_mla(drafter, runner)
+        return _refuse_trees_on_mla(StandaloneDrafter(args, runner), runner, "speculative_eagle_topk")
     raise ValueError(f"speculative_algorithm={algo} is not available")
 
 
-def _refuse_trees_on_mla(drafter: Any, runner: Any) -> Any:
+def _refuse_trees_on_mla(drafter: Any, runner: Any, flag: str) -> Any:
     if drafter.makes_trees and _is_mla(runner):
-        raise ValueError("speculative_eagle_topk > 1 (tree drafts) cannot be combined with an MLA model yet "
+        raise ValueError(f"{flag} > 1 (tree drafts) cannot be combined with an MLA model yet "
                          "(its attention takes no tree mask); use 1 for chains")
     return drafter
 
