@@ -78,9 +78,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             out = fp8_kernels.fp8_weight_only_matmul(rows.contiguous(), weight, weight_scale, bias)
             return out.view(*shape[:-1], weight.shape[0])
         xq, x_scale = fp8_kernels.quantize_rows_fp8(rows.contiguous())
+        out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
     else:
+        # The CPU has no FP8 arithmetic: the dequantized operands' product in
+        # float32. That is what oneDNN's _scaled_mm computes, but torch 2.11's
+        # takes only per-tensor scales there (an internal assert).
         xq, x_scale = quantize_per_row(rows)
-    out = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1), out_dtype=x.dtype)
+        out = torch.nn.functional.linear(xq.float() * x_scale, per_row_dequantized(weight, weight_scale)).to(x.dtype)
     if bias is not None:
         out = out + bias
     return out.view(*shape[:-1], weight.shape[0])
