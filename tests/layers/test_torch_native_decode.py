@@ -1,12 +1,15 @@
 """The torch-native decode's CPU shortcuts against attention written from the
 definition: one request whose slots form a few runs of consecutive slots reads
 its keys as slices of the pool (no gather), and a small bfloat16 batch on a CPU without bfloat16
-units computes in float32; so do short extends (speculative verify steps)."""
+units computes in float32; so do short extends (speculative verify steps); and
+masked attention takes SDPA's fused kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from radixserve.layers.attention import torch_native
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
@@ -103,9 +106,9 @@ def test_bfloat16_without_bf16_units_attends_in_float32(monkeypatch, bs):
 @pytest.mark.parametrize("native", [True, False])
 def test_verify_shaped_extends_attend_like_decode(monkeypatch, native):
     """A verify step's extends (the last token and up to 3 drafts on a cached
-    prefix) take the grouped-matmul path: float32 arithmetic for bfloat16 on a
+    prefix) attend in decode's dtype: float32 arithmetic for bfloat16 on a
     CPU without bfloat16 units, bfloat16 where it has them; one extend past
-    SHORT_EXTEND keeps SDPA. All against attention from the definition."""
+    SHORT_EXTEND keeps bfloat16. All against attention from the definition."""
     monkeypatch.setattr(torch_native, "cpu_has_native_bf16", lambda: native)
     cases = [(60, 4), (33, 1), (7, 3), (20, torch_native.SHORT_EXTEND + 1)]
     seqs = [p + e for p, e in cases]
@@ -124,3 +127,34 @@ def test_verify_shaped_extends_attend_like_decode(monkeypatch, native):
     # float32 arithmetic: the output's bfloat16 rounding (as decode above); bfloat16's own: about 3x that
     assert max(errors[:3]) < (1e-2 if native else 2.3e-3), errors
     assert errors[3] < 1e-2, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_attention_takes_the_fused_kernel(dtype):
+    """Padded decode batches, extends on a cached prefix, a verify-sized extend
+    and a first chunk all run with only SDPA's fused (flash) kernel allowed: a
+    3-D call, which the fused kernel refuses, would fall to the unfused path,
+    7-10x slower for a chunk on a cached prefix. Right against the definition."""
+    attn = layer(4)
+    lens = [50, 17, 33]
+    q, k, v = inputs(attn, len(lens), dtype, 4)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        pools = Pools(lens, page_size=1, dtype=dtype)
+        out, meta = decode(pools, lens, attn, q, k, v)
+    assert not meta.unpadded
+    plain = torch.cat([reference_attention(pools, r, n, q[i:i + 1], n - 1, attn)
+                       for i, (r, n) in enumerate(zip(pools.rows, lens))])
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(out, plain) < tolerance
+    cases = [(60, 4), (0, 24), (30, 20)]
+    total = sum(e for _, e in cases)
+    q, k, v = inputs(attn, total, dtype, 5)
+    pools = Pools([p + e for p, e in cases], page_size=1, dtype=dtype)
+    backend = TorchNativeAttnBackend()
+    fb = extend_batch(pools, cases, backend, total)
+    backend.init_forward_metadata(fb)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = backend.forward(q, k, v, attn, fb)
+    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
+    for row, (p, e), s in zip(pools.rows, cases, starts):
+        assert rel(out[s:s + e], reference_attention(pools, row, p + e, q[s:s + e], p, attn)) < tolerance

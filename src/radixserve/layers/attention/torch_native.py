@@ -2,7 +2,9 @@
 
 Extend loops over requests (each a causal block on top of its cached prefix,
 or a speculative draft tree's mask: ForwardBatch.spec_tree_mask);
-decode is one padded, batched computation. The Triton backend replaces both.
+decode is one padded, batched computation. Both go through SDPA's fused
+kernel, except layers with attention sinks (gpt-oss), which SDPA lacks.
+The Triton backend replaces both.
 Deterministic mode (--enable-deterministic-inference) runs both, request by
 request, through blocked_attention.py, whose result for a query does not
 depend on the batch, the chunking or the radix cache.
@@ -30,14 +32,14 @@ if TYPE_CHECKING:
 # element: one layer's decode attention of the default model's shape (9 heads,
 # 256 keys) took 190 us in bfloat16 against 115 in float32 at batch 1, 1,120
 # against 706 at batch 8; at 32 the conversion of the gathered keys cost more
-# than it saved (2-core AVX-512 Xeon without BF16).
+# than it saved (2-core AVX-512 Xeon without BF16; measured with grouped
+# matmuls, before decode went through SDPA's fused kernel).
 FLOAT32_DECODE_MAX_BATCH = 8
 
 # An extend of at most this many queries per request (a speculative verify
-# step: the last token and its drafts) attends as decode does: grouped
-# matmuls, in float32 on a CPU without bfloat16 units. SDPA with a mask
-# takes its unfused path there: 300 us a layer in bfloat16 for 4 queries over
-# 300 keys of the default model, against 116 us this way (2-core AVX-512 Xeon).
+# step: the last token and its drafts) attends in decode's dtype (float32 for a
+# small batch on a CPU without bfloat16 units), so its greedy choices agree with
+# plain decoding's.
 SHORT_EXTEND = 16
 
 # A lone decode request whose slots form at most this many runs of consecutive
@@ -108,17 +110,12 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
                 query_pos, key_pos = _tree_positions(fb.positions[start:start + extend], key_pos, prefix)
             if window is not None:
                 mask &= key_pos > query_pos - window
-            gqa = layer.num_heads != layer.num_kv_heads
-            if short:
-                oi = _grouped_attention(qi, ki, vi, mask, layer)
-            elif layer.sinks is None and prefix == 0 and window is None and fb.spec_tree_mask is None:
-                # No cached prefix: plain causal attention, which SDPA runs in its
-                # fused kernel; an explicit mask sends it to the unfused math path.
-                oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=layer.scaling, enable_gqa=gqa)
-            elif layer.sinks is None:
-                oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=layer.scaling, enable_gqa=gqa)
-            else:
+            if layer.sinks is not None:
                 oi = _attend_with_sinks(qi, ki, vi, mask, layer)
+            elif prefix == 0 and window is None and fb.spec_tree_mask is None:
+                oi = _sdpa(qi.to(dtype), ki, vi, None, layer, causal=True)
+            else:
+                oi = _sdpa(qi.to(dtype), ki, vi, mask, layer)
             out[start:start + extend] = oi.transpose(0, 1)
             start += extend
         return out.flatten(1)
@@ -139,23 +136,15 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         else:
             keys = _gather(k_buf, kv_indices, dtype)  # [bs, kvh, L, d]
             values = _gather(v_buf, kv_indices, dtype)
-        qg = q.view(bs, layer.num_kv_heads, group, layer.head_dim).to(dtype)
-        # keys are a strided view of [slot, head, dim] rows: as the left operand the
-        # library reads them in place, as a transposed right one it copied them first
-        # (the same bits; 2-core AMX Xeon, bf16, 32 requests x 160 keys: 317 -> 114 us a layer)
-        scores = torch.matmul(keys, qg.transpose(2, 3)).transpose(2, 3) * layer.scaling  # [bs, kvh, group, L]
         if layer.sliding_window is not None:
             # The query sits at seq_len - 1: it sees the last `window` positions.
             first_key = fb.seq_lens[:, None] - layer.sliding_window
             valid = valid & (torch.arange(valid.shape[1], device=valid.device)[None, :] >= first_key)
-        if layer.sliding_window is not None or not meta.unpadded:
-            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        if layer.sinks is None:
-            probs = torch.softmax(scores.float(), dim=-1).to(dtype)
-        else:
-            sinks = layer.sinks.view(1, layer.num_kv_heads, group, 1).expand(bs, -1, -1, -1)
-            probs = _softmax_with_sinks(scores, sinks).to(dtype)
-        out = torch.matmul(probs, values)  # [bs, kvh, group, d]
+        mask = valid[:, None, None, :] if layer.sliding_window is not None or not meta.unpadded else None
+        if layer.sinks is not None:
+            return _decode_with_sinks(q.view(bs, layer.num_kv_heads, group, layer.head_dim).to(dtype),
+                                      keys, values, mask, layer).to(q.dtype)
+        out = _sdpa(q.view(bs, layer.num_heads, 1, layer.head_dim).to(dtype), keys, values, mask, layer)
         return out.reshape(bs, layer.num_heads * layer.head_dim).to(q.dtype)
 
     @staticmethod
@@ -248,17 +237,37 @@ def _heads(x: torch.Tensor, layer: "RadixAttention", num_heads: int | None = Non
     return x.view(x.shape[0], num_heads or layer.num_kv_heads, layer.head_dim)
 
 
-def _grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+          layer: "RadixAttention", causal: bool = False) -> torch.Tensor:
+    """SDPA over q [(bs,) heads, Q, d] and k, v [(bs,) kv_heads, L, d] in k's
+    dtype, mask broadcastable to [(bs,) 1, Q, L] (True: visible), as 4-D
+    tensors: only those take the CPU's fused kernel (with or without a mask),
+    which accumulates in float32 and reads strided keys in place; 3-D ones fall
+    to the unfused path (default model, 4 queries
+    over 300 keys: 56 against 172 us a layer, 512 over 1,024: 2.3 against 22
+    ms; 2-core AMX Xeon, bfloat16)."""
+    batched = q.dim() == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+                                         scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
+    return out if batched else out[0]
+
+
+def _decode_with_sinks(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
                        layer: "RadixAttention") -> torch.Tensor:
-    """q [heads, Q, d] (any dtype; computed in k's); k, v [kv_heads, L, d];
-    mask [Q, L] (True: visible). Each KV head's query heads in one matmul,
-    without repeating the keys. Returns [heads, Q, d] in k's dtype."""
-    kv_heads, group, queries = layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, q.shape[1]
-    qg = q.to(k.dtype).reshape(kv_heads, group * queries, layer.head_dim)
-    scores = torch.matmul(qg, k.transpose(1, 2)).view(kv_heads, group, queries, -1) * layer.scaling
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")).float(), dim=-1).to(v.dtype)
-    out = torch.matmul(probs.view(kv_heads, group * queries, -1), v)
-    return out.view(layer.num_heads, queries, layer.head_dim)
+    """A decode step with attention sinks, which SDPA lacks: qg [bs, kv_heads,
+    group, d], keys and values [bs, kv_heads, L, d], mask [bs, 1, 1, L] or None.
+    Returns [bs, heads * d] in the keys' dtype."""
+    bs, kv_heads, group, _ = qg.shape
+    # keys are a strided view of [slot, head, dim] rows: as the left operand the
+    # library reads them in place, as a transposed right one it copied them first.
+    scores = torch.matmul(keys, qg.transpose(2, 3)).transpose(2, 3) * layer.scaling  # [bs, kvh, group, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sinks = layer.sinks.view(1, kv_heads, group, 1).expand(bs, -1, -1, -1)
+    probs = _softmax_with_sinks(scores, sinks).to(keys.dtype)
+    return torch.matmul(probs, values).reshape(bs, -1)
 
 
 def _tree_visible(bits: torch.Tensor, new_index: torch.Tensor) -> torch.Tensor:
