@@ -32,6 +32,7 @@ from radixserve.multimodal.embedder import image_embeds_for
 from radixserve.server_args import ServerArgs
 from radixserve.speculative.spec_args import DRAFT_MODEL_ALGORITHMS
 from radixserve.utils.hf_utils import cache_dir, get_context_length, load_config
+from radixserve.utils.cpu_malloc import keep_freed_memory
 
 if TYPE_CHECKING:
     from radixserve.model_executor.memory_saver import ReleasedMemory
@@ -109,6 +110,10 @@ class ModelRunner:
             read_pooling_config(self.source.folder if self.source.kind == "hf" else None)
             if server_args.is_embedding else None)
         self.model = self._load_model()
+        if self.device.type == "cpu":
+            # From here each layer's large tensors reuse the last layer's freed memory
+            # (after the load, whose temporaries go back to the system).
+            keep_freed_memory()
         self.vocab_size = self.config.get_text_config().vocab_size  # (a VLM's is its decoder's)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:
