@@ -137,6 +137,16 @@ def takes_dense_gemm(rows: torch.Tensor) -> bool:
 PREFILL_GEMM_DTYPE = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+# On a CPU with bfloat16 units the copy is kept in oneDNN's blocked layout (the
+# one torch.compile's CPU backend packs weights into) instead of being reordered
+# inside every call: the same bits, and on a 2-core AMX Xeon 1.4-2.7x faster up
+# to 128 rows (3,072 x 576 at 32 rows 156 -> 111 us; the LM head 2,628 -> 1,564
+# us), even at 4,096; a batch-32 decode step of the default model 62.3 -> 56.4 ms.
+ONEDNN_PACKED_BF16 = (cpu_has_native_bf16() and torch.backends.mkldnn.is_available()
+                      and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+ONEDNN_PACK_ROWS = 32  # the row count the layout is chosen for; any count multiplies correctly
+
+
 def prefill_gemm(rows: torch.Tensor, weight: torch.Tensor, dequantize: Callable[[], torch.Tensor]) -> torch.Tensor:
     """rows [n, in] times the quantized `weight` [out, in] -> [n, out] in rows'
     dtype, through a dequantized copy of it (`dequantize()`), made on the first
@@ -148,7 +158,13 @@ def prefill_gemm(rows: torch.Tensor, weight: torch.Tensor, dequantize: Callable[
     dtype = PREFILL_GEMM_DTYPE if rows.device.type == "cpu" else rows.dtype
     dense = weight.__dict__.get("dense_copy")
     if dense is None or dense.dtype != dtype:
-        dense = weight.dense_copy = dequantize().to(dtype)
+        dense = dequantize().to(dtype)
+        if dtype == torch.bfloat16 and rows.device.type == "cpu" and ONEDNN_PACKED_BF16:
+            dense = torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_PACK_ROWS)
+            dense.onednn_packed = True
+        weight.dense_copy = dense
+    if dense.__dict__.get("onednn_packed"):
+        return torch.ops.mkldnn._linear_pointwise(rows.to(dtype), dense, None, "none", [], "").to(rows.dtype)
     return torch.nn.functional.linear(rows.to(dtype), dense).to(rows.dtype)
 
 
