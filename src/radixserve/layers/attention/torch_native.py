@@ -239,13 +239,12 @@ def _heads(x: torch.Tensor, layer: "RadixAttention", num_heads: int | None = Non
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
           layer: "RadixAttention", causal: bool = False) -> torch.Tensor:
-    """SDPA over q [(bs,) heads, Q, d] and k, v [(bs,) kv_heads, L, d] in k's
-    dtype, mask broadcastable to [(bs,) 1, Q, L] (True: visible), as 4-D
+    """SDPA over q [(bs,) heads, Q, d] and k, v [(bs,) kv_heads, L, d] in q's
+    dtype, mask broadcastable to [(bs,) 1, Q, L] (True: visible), always as 4-D
     tensors: only those take the CPU's fused kernel (with or without a mask),
-    which accumulates in float32 and reads strided keys in place; 3-D ones fall
-    to the unfused path (default model, 4 queries
-    over 300 keys: 56 against 172 us a layer, 512 over 1,024: 2.3 against 22
-    ms; 2-core AMX Xeon, bfloat16)."""
+    which accumulates in float32 and reads strided keys in place. 3-D ones fall
+    to the unfused path: for the default model, 4 queries over 300 keys took 172
+    against 56 us a layer, 512 over 1,024 22 against 2.3 ms (2-core AMX Xeon, bf16)."""
     batched = q.dim() == 4
     if not batched:
         q, k, v = q[None], k[None], v[None]
