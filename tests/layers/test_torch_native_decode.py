@@ -6,6 +6,8 @@ masked attention takes SDPA's fused kernel."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -31,6 +33,28 @@ def inputs(attn, bs, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(bs, heads * HEAD_DIM, generator=g).to(dtype)
             for heads in (attn.num_heads, KV_HEADS, KV_HEADS)]
+
+
+def decoded_by_definition(pools, lens, attn, q):
+    """Each request's decode query over its keys, one at a time from the definition."""
+    return torch.cat([reference_attention(pools, r, n, q[i:i + 1], n - 1, attn)
+                      for i, (r, n) in enumerate(zip(pools.rows, lens))])
+
+
+def extend_errors(attn, cases, dtype, seed, context=contextlib.nullcontext):
+    """One extend batch of (prefix, new tokens) cases through the backend (inside
+    `context()`): its output and each request's relative error against the definition."""
+    total = sum(e for _, e in cases)
+    q, k, v = inputs(attn, total, dtype, seed)
+    pools = Pools([p + e for p, e in cases], page_size=1, dtype=dtype)
+    backend = TorchNativeAttnBackend()
+    fb = extend_batch(pools, cases, backend, total)
+    backend.init_forward_metadata(fb)
+    with context():
+        out = backend.forward(q, k, v, attn, fb)
+    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
+    return out, [rel(out[s:s + e], reference_attention(pools, row, p + e, q[s:s + e], p, attn))
+                 for row, (p, e), s in zip(pools.rows, cases, starts)]
 
 
 def moved(pools, n, order):
@@ -76,9 +100,7 @@ def test_a_batch_of_several_requests_gathers():
     pools = Pools(lens, page_size=1, dtype=torch.float32)
     out, meta = decode(pools, lens, attn, q, k, v)
     assert meta.slot_runs is None
-    plain = torch.cat([reference_attention(pools, r, n, q[i:i + 1], n - 1, attn)
-                       for i, (r, n) in enumerate(zip(pools.rows, lens))])
-    assert rel(out, plain) < 1e-5
+    assert rel(out, decoded_by_definition(pools, lens, attn, q)) < 1e-5
 
 
 @pytest.mark.parametrize("bs", [1, 3])
@@ -111,19 +133,8 @@ def test_verify_shaped_extends_attend_like_decode(monkeypatch, native):
     SHORT_EXTEND keeps bfloat16. All against attention from the definition."""
     monkeypatch.setattr(torch_native, "cpu_has_native_bf16", lambda: native)
     cases = [(60, 4), (33, 1), (7, 3), (20, torch_native.SHORT_EXTEND + 1)]
-    seqs = [p + e for p, e in cases]
-    attn = layer(3)
-    total = sum(e for _, e in cases)
-    q, k, v = inputs(attn, total, torch.bfloat16, 3)
-    pools = Pools(seqs, page_size=1, dtype=torch.bfloat16)
-    backend = TorchNativeAttnBackend()
-    fb = extend_batch(pools, cases, backend, total)
-    backend.init_forward_metadata(fb)
-    out = backend.forward(q, k, v, attn, fb)
+    out, errors = extend_errors(layer(3), cases, torch.bfloat16, 3)
     assert out.dtype == torch.bfloat16
-    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
-    errors = [rel(out[s:s + e], reference_attention(pools, row, p + e, q[s:s + e], p, attn))
-              for row, (p, e), s in zip(pools.rows, cases, starts)]
     # float32 arithmetic: the output's bfloat16 rounding (as decode above); bfloat16's own: about 3x that
     assert max(errors[:3]) < (1e-2 if native else 2.3e-3), errors
     assert errors[3] < 1e-2, errors
@@ -142,19 +153,8 @@ def test_masked_attention_takes_the_fused_kernel(dtype):
         pools = Pools(lens, page_size=1, dtype=dtype)
         out, meta = decode(pools, lens, attn, q, k, v)
     assert not meta.unpadded
-    plain = torch.cat([reference_attention(pools, r, n, q[i:i + 1], n - 1, attn)
-                       for i, (r, n) in enumerate(zip(pools.rows, lens))])
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel(out, plain) < tolerance
+    assert rel(out, decoded_by_definition(pools, lens, attn, q)) < tolerance
     cases = [(60, 4), (0, 24), (30, 20)]
-    total = sum(e for _, e in cases)
-    q, k, v = inputs(attn, total, dtype, 5)
-    pools = Pools([p + e for p, e in cases], page_size=1, dtype=dtype)
-    backend = TorchNativeAttnBackend()
-    fb = extend_batch(pools, cases, backend, total)
-    backend.init_forward_metadata(fb)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = backend.forward(q, k, v, attn, fb)
-    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
-    for row, (p, e), s in zip(pools.rows, cases, starts):
-        assert rel(out[s:s + e], reference_attention(pools, row, p + e, q[s:s + e], p, attn)) < tolerance
+    _, errors = extend_errors(attn, cases, dtype, 5, lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+    assert max(errors) < tolerance, errors

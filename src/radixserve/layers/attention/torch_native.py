@@ -239,8 +239,8 @@ def _heads(x: torch.Tensor, layer: "RadixAttention", num_heads: int | None = Non
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
           layer: "RadixAttention", causal: bool = False) -> torch.Tensor:
-    """SDPA over q [(bs,) heads, Q, d] and k, v [(bs,) kv_heads, L, d] in q's
-    dtype, mask broadcastable to [(bs,) 1, Q, L] (True: visible), always as 4-D
+    """SDPA over q [(bs,) heads, Q, d] and k, v [(bs,) kv_heads, L, d], all in
+    one dtype, mask broadcastable to [(bs,) 1, Q, L] (True: visible), always as 4-D
     tensors: only those take the CPU's fused kernel (with or without a mask),
     which accumulates in float32 and reads strided keys in place. 3-D ones fall
     to the unfused path: for the default model, 4 queries over 300 keys took 172
@@ -248,7 +248,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
     batched = q.dim() == 4
     if not batched:
         q, k, v = q[None], k[None], v[None]
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal,
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                          scale=layer.scaling, enable_gqa=layer.num_heads != layer.num_kv_heads)
     return out if batched else out[0]
 
