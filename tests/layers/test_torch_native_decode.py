@@ -2,7 +2,8 @@
 definition: one request whose slots form a few runs of consecutive slots reads
 its keys as slices of the pool (no gather), and a small bfloat16 batch on a CPU without bfloat16
 units computes in float32; so do short extends (speculative verify steps); and
-masked attention takes SDPA's fused kernel."""
+masked attention takes SDPA's fused kernel. These are the torch path's: the
+CPU kernels (tests/layers/test_cpu_kernels.py) are switched off here."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from radixserve.layers import cpu_kernels
 from radixserve.layers.attention import torch_native
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 from tests.layers.test_paged_attention import (
@@ -20,6 +22,15 @@ from tests.layers.test_paged_attention import (
 )
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU shortcuts")
+
+
+@pytest.fixture(autouse=True)
+def torch_path(monkeypatch):
+    """Decode without the CPU kernels (RADIXSERVE_CPU_KERNELS=0), which would take it."""
+    monkeypatch.setenv("RADIXSERVE_CPU_KERNELS", "0")
+    cpu_kernels._library.cache_clear()
+    yield
+    cpu_kernels._library.cache_clear()  # rebuilt (loaded from the cache) with the environment restored
 
 
 def decode(pools, lens, attn, q, k, v):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers import cpu_kernels
+
 
 class SiluAndMul(nn.Module):
     """x = [gate, up] on the last axis -> silu(gate) * up."""
@@ -15,5 +17,7 @@ class SiluAndMul(nn.Module):
             from radixserve.layers.fused_kernels import silu_and_mul
 
             return silu_and_mul(x)
+        if cpu_kernels.takes_bf16_rows(x):
+            return cpu_kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

@@ -1,4 +1,5 @@
-"""RMSNorm, with the residual add fused into the same call (one kernel on CUDA)."""
+"""RMSNorm, with the residual add fused into the same call (one kernel on
+CUDA, and on the CPU in bfloat16: cpu_kernels)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from radixserve.layers import cpu_kernels
 
 
 class RMSNorm(nn.Module):
@@ -22,6 +25,8 @@ class RMSNorm(nn.Module):
             from radixserve.layers.fused_kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
+        if x.dim() == 2 and cpu_kernels.takes_bf16_rows(x, residual, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             residual = x

@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from radixserve.layers import cpu_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -140,12 +142,20 @@ class RotaryEmbedding(nn.Module):
             norms = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
             return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, norms)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
+        qk = _side_by_side(q, k)
+        if cpu_kernels.takes_rows(q) and cpu_kernels.takes_rows(k) and positions.dtype == torch.int64 \
+                and positions.is_contiguous():  # the CPU's fused kernel: one call (q | k side by side) or two
+            if qk is not None:
+                return self._rotate_in_kernel(qk, positions).split([q.shape[-1], k.shape[-1]], dim=-1)
+            return self._rotate_in_kernel(q, positions), self._rotate_in_kernel(k, positions)
         cos, sin = self._whole_head_tables()
         cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # [T, 1, head_dim]
-        qk = _side_by_side(q, k)
         if qk is not None:  # q | k columns of one q|k|v output: rotated in one pass
             return self._rotate(qk, cos, sin).split([q.shape[-1], k.shape[-1]], dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate_in_kernel(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.rotary(x, positions, self.cos_sin_cache, self.head_dim)
 
     def _norm_heads(self, x: torch.Tensor, norm: Optional[nn.Module]) -> torch.Tensor:
         return x if norm is None else norm(x.reshape(-1, self.head_dim)).view(x.shape)
@@ -203,6 +213,12 @@ class MRotaryEmbedding(RotaryEmbedding):
         if positions.dim() == 1:
             return super().forward(positions, q, k, q_norm, k_norm)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
+        qk = _side_by_side(q, k)
+        if cpu_kernels.takes_rows(q) and cpu_kernels.takes_rows(k) and positions.dtype == torch.int64 \
+                and positions.is_contiguous():  # the CPU's fused kernel: one call (q | k side by side) or two
+            if qk is not None:
+                return self._rotate_in_kernel(qk, positions).split([q.shape[-1], k.shape[-1]], dim=-1)
+            return self._rotate_in_kernel(q, positions), self._rotate_in_kernel(k, positions)
         cos, sin = self._whole_head_tables()
         pick = self.axis_of.repeat(2).view(1, 1, -1).expand(1, positions.shape[1], -1)
         cos = cos[positions].gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim]

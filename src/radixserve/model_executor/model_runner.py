@@ -12,6 +12,7 @@ from radixserve.distributed import ParallelConfig, get_tp_group, init_distribute
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.block_fp8 import block_fp8_format
+from radixserve.layers import cpu_kernels
 from radixserve.layers.pooler import EmbeddingOutput, PoolingConfig, pool_extend, read_pooling_config
 from radixserve.layers.quantization import (
     WeightFormat, decode_step, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
@@ -114,6 +115,7 @@ class ModelRunner:
             # From here each layer's large tensors reuse the last layer's freed memory
             # (after the load, whose temporaries go back to the system).
             keep_freed_memory()
+            cpu_kernels.available()  # built (or loaded) now, not in the first request
         self.vocab_size = self.config.get_text_config().vocab_size  # (a VLM's is its decoder's)
         self.deterministic = server_args.enable_deterministic_inference
         if self.deterministic:

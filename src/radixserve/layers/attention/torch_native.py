@@ -3,7 +3,9 @@
 Extend loops over requests (each a causal block on top of its cached prefix,
 or a speculative draft tree's mask: ForwardBatch.spec_tree_mask);
 decode is one padded, batched computation. Both go through SDPA's fused
-kernel, except layers with attention sinks (gpt-oss), which SDPA lacks.
+kernel, except layers with attention sinks (gpt-oss), which SDPA lacks. On the
+CPU, decode runs cpu_kernels' paged kernel instead where it is built: it reads
+the keys in the pool in place, where SDPA needs them gathered first.
 The Triton backend replaces both.
 Deterministic mode (--enable-deterministic-inference) runs both, request by
 request, through blocked_attention.py, whose result for a query does not
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
+from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.blocked_attention import blocked_attention
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
@@ -129,8 +132,13 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             positions = [range(n - 1, n) for n in fb.seq_lens_cpu]
             return self._blocked(_heads(q, layer, layer.num_heads), positions, kv_indices, layer, fb)
         bs, group = q.shape[0], layer.num_heads // layer.num_kv_heads
-        dtype = _decode_dtype(q, bs)
         k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
+        if layer.sinks is None and cpu_kernels.takes_decode_attention(q, k_buf, v_buf):
+            # The CPU's fused kernel reads every request's keys where they lie in
+            # the pool: no gather, no padding, no mask.
+            return cpu_kernels.decode_attention(q, k_buf, v_buf, kv_indices, fb.seq_lens, layer.num_kv_heads,
+                                                layer.scaling, layer.sliding_window)
+        dtype = _decode_dtype(q, bs)
         if meta.slot_runs is not None:
             keys, values = (_from_runs(buf, meta.slot_runs, dtype) for buf in (k_buf, v_buf))
         else:

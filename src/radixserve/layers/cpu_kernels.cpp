@@ -1,0 +1,301 @@
+// The CPU decode step's fused kernels, compiled on first use by cpu_kernels.py
+// with this machine's C++ compiler (-O3 -march=native -fopenmp) and called
+// through ctypes. Plain C ABI, no torch headers: it builds in about a second.
+//
+// Why they exist: a CPU decode step of a small model is made of small torch
+// calls, each costing more to launch than to run, and its attention gathered
+// every request's keys out of the paged pool before SDPA read them again.
+// Here decode attention reads the pool in place, and the RMSNorm (with its
+// residual add) and the gated activation are one call each.
+//
+// Threads: OpenMP, the runtime torch itself runs on (the library links
+// libgomp.so.1, which resolves to the copy torch already loaded), so the
+// kernels use torch's thread count and its pool.
+//
+// bfloat16 values are uint16_t; arithmetic is in float32, results are rounded
+// to nearest even, as torch rounds.
+
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+inline void store(float* p, int64_t i, float x) { p[i] = x; }
+inline void store(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
+
+// e^x in float32 to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6
+// polynomial for e^r), written so the compiler vectorizes it: libm's expf is
+// a scalar call per element, and a decode step takes tens of thousands.
+inline float fast_exp(float x) {
+  x = std::min(88.0f, std::max(-87.0f, x));
+  // n = x / ln2 rounded to nearest: adding and taking away 1.5 * 2^23 rounds
+  // a float to an integer in one vectorizable pair (floorf does not vectorize here).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+
+// Softmax of each of `rows` score rows of length n, in place.
+void softmax_rows(float* scores, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * n;
+    float top = s[0];
+    for (int64_t l = 1; l < n; ++l) top = std::max(top, s[l]);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t l = 0; l < n; ++l) {
+      s[l] = fast_exp(s[l] - top);
+      sum += s[l];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t l = 0; l < n; ++l) s[l] *= inv;
+  }
+}
+
+// Keys ahead of the one being read whose rows are prefetched: a request's
+// decode slots lie a batch apart in the pool, a stride the hardware
+// prefetcher does not follow.
+constexpr int64_t PREFETCH_AHEAD = 8;
+
+// One decode query per request over its keys in the paged pool, read where
+// they lie (slot by slot); scores and the softmax in float32. A task is one
+// request's KV heads, all of them when the batch alone keeps every thread
+// busy (each slot's row is then read whole, in order), else one.
+// HEAD_DIM: the key and value head size when known at compile time (the
+// common 64 and 128: fully unrolled loops ran 2x faster), else 0.
+template <typename T, int HEAD_DIM>
+void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, T* out,
+                      const int64_t* slots, int64_t slots_row_stride, const int64_t* seq_lens,
+                      int64_t batch, int64_t heads, int64_t kv_heads, int64_t key_dim, int64_t value_dim,
+                      int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride, int64_t v_head_stride,
+                      int64_t window, float scale) {
+  const int64_t dk = HEAD_DIM ? HEAD_DIM : key_dim, dv = HEAD_DIM ? HEAD_DIM : value_dim;
+  const int64_t group = heads / kv_heads;
+  const int64_t task_kv_heads = batch >= 2 * omp_get_max_threads() ? kv_heads : 1;
+  const int64_t tasks_per_request = kv_heads / task_kv_heads, task_heads = task_kv_heads * group;
+#pragma omp parallel
+  {
+    std::vector<float> qf(task_heads * dk), row(std::max(dk, dv)), acc(task_heads * dv), scores;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * tasks_per_request; ++task) {
+      const int64_t b = task / tasks_per_request, h0 = task % tasks_per_request * task_kv_heads;
+      const int64_t len = seq_lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int64_t* slot = slots + b * slots_row_stride + first;
+      T* o = out + (b * heads + h0 * group) * dv;
+      if (n <= 0) {
+        for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, 0.0f);
+        continue;
+      }
+      const T* qb = q + b * q_row_stride + h0 * group * dk;
+      for (int64_t i = 0; i < task_heads * dk; ++i) qf[i] = load(qb, i) * scale;
+      scores.resize(task_heads * n);
+      for (int64_t l = 0; l < n; ++l) {
+        if (l + PREFETCH_AHEAD < n) __builtin_prefetch(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride);
+        for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
+          const T* kp = k + slot[l] * k_slot_stride + (h0 + kh) * k_head_stride;
+#pragma omp simd
+          for (int64_t i = 0; i < dk; ++i) row[i] = load(kp, i);
+          for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
+            const float* qg = &qf[g * dk];
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < dk; ++i) s += qg[i] * row[i];
+            scores[g * n + l] = s;
+          }
+        }
+      }
+      softmax_rows(scores.data(), task_heads, n);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t l = 0; l < n; ++l) {
+        if (l + PREFETCH_AHEAD < n) __builtin_prefetch(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride);
+        for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
+          const T* vp = v + slot[l] * v_slot_stride + (h0 + kh) * v_head_stride;
+#pragma omp simd
+          for (int64_t i = 0; i < dv; ++i) row[i] = load(vp, i);
+          for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
+            const float p = scores[g * n + l];
+            float* ag = &acc[g * dv];
+#pragma omp simd
+            for (int64_t i = 0; i < dv; ++i) ag[i] += p * row[i];
+          }
+        }
+      }
+      for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, acc[i]);
+    }
+  }
+}
+
+template <typename T, typename... Rest>
+void decode_attention_any_dim(const T* q, int64_t q_row_stride, const T* k, const T* v, T* out, const int64_t* slots,
+                              int64_t slots_row_stride, const int64_t* seq_lens, int64_t batch, int64_t heads,
+                              int64_t kv_heads, int64_t dk, int64_t dv, Rest... rest) {
+  if (dk == 64 && dv == 64) {
+    decode_attention<T, 64>(q, q_row_stride, k, v, out, slots, slots_row_stride, seq_lens, batch, heads, kv_heads,
+                            dk, dv, rest...);
+  } else if (dk == 128 && dv == 128) {
+    decode_attention<T, 128>(q, q_row_stride, k, v, out, slots, slots_row_stride, seq_lens, batch, heads, kv_heads,
+                             dk, dv, rest...);
+  } else {
+    decode_attention<T, 0>(q, q_row_stride, k, v, out, slots, slots_row_stride, seq_lens, batch, heads, kv_heads,
+                           dk, dv, rest...);
+  }
+}
+
+// One row of silu(gate) * up, x = [gate | up].
+void silu_and_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t cols) {
+#pragma omp simd
+  for (int64_t i = 0; i < cols; ++i) {
+    const float g = bf16_to_float(gate[i]);
+    const float silu = bf16_to_float(float_to_bf16(g / (1.0f + fast_exp(-g))));
+    out[i] = float_to_bf16(silu * bf16_to_float(up[i]));
+  }
+}
+
+// Rows worth of elements below which a kernel stays on the calling thread:
+// waking the pool costs more than a decode step's row of a small model.
+constexpr int64_t PARALLEL_FROM = 1 << 15;
+
+// x1 * cos - x2 * sin | x2 * cos + x1 * sin per head, in float32, rounded once.
+template <typename T>
+void rotary(const T* x, int64_t x_stride, const int64_t* positions, const float* table, T* out, int64_t rows,
+            int64_t heads, int64_t head_dim) {
+  const int64_t half = head_dim / 2;
+#pragma omp parallel for if (rows * heads * head_dim >= PARALLEL_FROM)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* cos = table + positions[r] * head_dim;
+    const float* sin = cos + half;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* xh = x + r * x_stride + h * head_dim;
+      T* o = out + (r * heads + h) * head_dim;
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = load(xh, j), x2 = load(xh, j + half);
+        store(o, j, x1 * cos[j] - x2 * sin[j]);
+        store(o, j + half, x2 * cos[j] + x1 * sin[j]);
+      }
+    }
+  }
+}
+
+
+}  // namespace
+
+extern "C" {
+
+int radixserve_openmp_threads() { return omp_get_max_threads(); }
+
+// dtype: 0 float32, 1 bfloat16 (q, the pool and out share it). q [batch, heads * dk]
+// with row stride q_row_stride; out [batch, heads * dv] contiguous; slots
+// [batch, >= longest] (row stride slots_row_stride); window 0: none.
+void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride, const void* k, const void* v,
+                                 void* out, const int64_t* slots, int64_t slots_row_stride,
+                                 const int64_t* seq_lens, int64_t batch, int64_t heads, int64_t kv_heads,
+                                 int64_t dk, int64_t dv, int64_t k_slot_stride, int64_t k_head_stride,
+                                 int64_t v_slot_stride, int64_t v_head_stride, int64_t window, float scale) {
+  if (dtype == 0) {
+    decode_attention_any_dim(static_cast<const float*>(q), q_row_stride, static_cast<const float*>(k),
+                             static_cast<const float*>(v), static_cast<float*>(out), slots, slots_row_stride,
+                             seq_lens, batch, heads, kv_heads, dk, dv, k_slot_stride, k_head_stride, v_slot_stride,
+                             v_head_stride, window, scale);
+  } else {
+    decode_attention_any_dim(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k),
+                             static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), slots, slots_row_stride,
+                             seq_lens, batch, heads, kv_heads, dk, dv, k_slot_stride, k_head_stride, v_slot_stride,
+                             v_head_stride, window, scale);
+  }
+}
+
+// bfloat16 RMSNorm in transformers' order: s = x + residual (rounded; written
+// to residual_out when residual is given), normalized in float32, rounded,
+// times weight, rounded. x and residual rows have strides; outputs are contiguous.
+void radixserve_rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* residual, int64_t residual_stride,
+                              const uint16_t* weight, uint16_t* out, uint16_t* residual_out, int64_t rows,
+                              int64_t cols, float eps) {
+#pragma omp parallel if (rows * cols >= PARALLEL_FROM)
+  {
+    std::vector<float> s(cols);
+#pragma omp for
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint16_t* xr = x + r * x_stride;
+      if (residual != nullptr) {
+        const uint16_t* rr = residual + r * residual_stride;
+        uint16_t* ro = residual_out + r * cols;
+#pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) {
+          ro[i] = float_to_bf16(bf16_to_float(xr[i]) + bf16_to_float(rr[i]));
+          s[i] = bf16_to_float(ro[i]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < cols; ++i) s[i] = bf16_to_float(xr[i]);
+      }
+      float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < cols; ++i) squares += s[i] * s[i];
+      const float inv_rms = 1.0f / __builtin_sqrtf(squares / static_cast<float>(cols) + eps);
+      uint16_t* o = out + r * cols;
+#pragma omp simd
+      for (int64_t i = 0; i < cols; ++i) {
+        const float normed = bf16_to_float(float_to_bf16(s[i] * inv_rms));
+        o[i] = float_to_bf16(bf16_to_float(weight[i]) * normed);
+      }
+    }
+  }
+}
+
+// bfloat16 silu(gate) * up over x = [gate | up] rows (row stride x_stride),
+// each rounded as torch rounds them: out [rows, cols] contiguous.
+void radixserve_silu_and_mul_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t rows, int64_t cols) {
+#pragma omp parallel for if (rows * cols >= PARALLEL_FROM)
+  for (int64_t r = 0; r < rows; ++r) silu_and_mul_row(x + r * x_stride, x + r * x_stride + cols, out + r * cols, cols);
+}
+
+// Rotary embedding of `heads` heads of head_dim values in each row of x (row
+// stride x_stride; q's and k's heads side by side), the halves of each head
+// turned by the row's position: table [positions, head_dim] float32, cos of
+// the half's frequencies then their sin. out [rows, heads * head_dim] contiguous.
+void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t* positions, const float* table,
+                       void* out, int64_t rows, int64_t heads, int64_t head_dim) {
+  if (dtype == 0) {
+    rotary(static_cast<const float*>(x), x_stride, positions, table, static_cast<float*>(out), rows, heads, head_dim);
+  } else {
+    rotary(static_cast<const uint16_t*>(x), x_stride, positions, table, static_cast<uint16_t*>(out), rows, heads,
+           head_dim);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,180 @@
+"""The CPU decode step's fused kernels (cpu_kernels.cpp), built on first use.
+
+Four kernels, each replacing several small torch calls (a CPU decode step of
+a small model is made of them, each costing more to launch than to run):
+paged decode attention that reads the keys where they lie in the pool (the
+torch path gathers them first), RMSNorm with its residual add, SiLU-and-mul,
+and rotary embedding. float32 sums, results rounded as torch rounds them.
+
+The source is compiled with this machine's C++ compiler (`$CXX`, else g++;
+-O3 -march=native -fopenmp, about a second) into a cache directory
+(`$RADIXSERVE_CACHE_DIR`, else ~/.cache/radixserve) under a name made of the
+source, the flags and the CPU's feature flags, so later processes only load
+it. No compiler, or RADIXSERVE_CPU_KERNELS=0, and every caller keeps its torch
+path: `available()` says which one runs.
+
+Callers test `takes_*` (dtypes, strides, no autograd) and fall back otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native builds for them), '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library's path, compiling it unless a process already did."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), _cpu_flags().encode()]))
+    cache = Path(os.environ.get("RADIXSERVE_CACHE_DIR", Path.home() / ".cache" / "radixserve")) / "cpu_kernels"
+    target = cache / f"cpu_kernels_{key.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    # Compiled under a temporary name and renamed: processes starting together
+    # never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, target)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> Optional[ctypes.CDLL]:
+    if os.environ.get("RADIXSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        logger.warning("no C++ compiler (g++ or $CXX): the CPU path runs without its fused kernels")
+        return None
+    try:
+        path = _build(compiler)
+    except (OSError, subprocess.CalledProcessError) as e:
+        logger.warning("the CPU kernels did not build (%s): the CPU path runs without them",
+                       getattr(e, "stderr", None) or e)
+        return None
+    lib = ctypes.CDLL(str(path))
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.radixserve_openmp_threads.restype = ctypes.c_int
+    lib.radixserve_decode_attention.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
+                                                *[i64] * 10, f32]
+    lib.radixserve_rms_norm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
+    lib.radixserve_silu_and_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64]
+    lib.radixserve_rotary.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (building them if need be)."""
+    return _library() is not None
+
+
+def takes_rows(x: torch.Tensor) -> bool:
+    """Whether the kernels run on x: 2-D float32 or bfloat16 CPU rows with a
+    contiguous last axis, outside autograd (the kernels have no backward)."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPE_CODES and x.dim() == 2 and x.stride(-1) == 1
+            and not torch.is_grad_enabled() and available())
+
+
+def takes_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
+    """Whether decode_attention runs these: q's rows (takes_rows), a pool of
+    q's dtype with each head's values contiguous."""
+    return (k_buf.dtype == q.dtype and v_buf.dtype == q.dtype and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1
+            and takes_rows(q))
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
+                     seq_lens: torch.Tensor, num_kv_heads: int, scale: float, window: Optional[int]) -> torch.Tensor:
+    """One decode query per request over its keys in the paged pool, read in place.
+
+    q [bs, heads * dk]; k_buf [pool slots, kv_heads, dk], v_buf [.., kv_heads, dv];
+    slots [bs, >= longest] int64, request i's positions' slots in order;
+    seq_lens [bs] int64; window: the query sees only its last `window` positions.
+    Returns [bs, heads * dv] in q's dtype.
+    """
+    bs = q.shape[0]
+    dk, dv = k_buf.shape[-1], v_buf.shape[-1]
+    heads = q.shape[1] // dk
+    if slots.dtype != torch.int64 or slots.stride(-1) != 1 or seq_lens.dtype != torch.int64 \
+            or not seq_lens.is_contiguous():
+        raise ValueError("decode_attention takes int64 slots with a contiguous last axis and contiguous seq_lens")
+    out = torch.empty(bs, heads * dv, dtype=q.dtype)
+    _library().radixserve_decode_attention(
+        _DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), out.data_ptr(),
+        slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(), bs, heads, num_kv_heads, dk, dv,
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), window or 0, scale)
+    return out
+
+
+def takes_bf16_rows(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether the bfloat16 row kernels (rms_norm, silu_and_mul) run x and the
+    other tensors given: bfloat16 rows (takes_rows), the others bfloat16 with a
+    contiguous last axis too."""
+    return (x.dtype == torch.bfloat16 and takes_rows(x)
+            and all(t is None or (t.dtype == torch.bfloat16 and t.stride(-1) == 1) for t in others))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None):
+    """norm(x) * weight, or with residual (norm(x + residual) * weight, x + residual),
+    rounded as transformers' bfloat16 RMSNorm rounds. x, residual [rows, cols],
+    weight [cols], all bfloat16 (takes_bf16_rows)."""
+    rows, cols = x.shape
+    out = torch.empty(rows, cols, dtype=x.dtype)
+    summed = None if residual is None else torch.empty(rows, cols, dtype=x.dtype)
+    _library().radixserve_rms_norm_bf16(
+        x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(),
+        None if summed is None else summed.data_ptr(), rows, cols, eps)
+    return out if residual is None else (out, summed)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] [rows, 2 * cols] bfloat16 -> silu(gate) * up [rows, cols]."""
+    rows, cols = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, cols, dtype=x.dtype)
+    _library().radixserve_silu_and_mul_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), rows, cols)
+    return out
+
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Each head of x [rows, heads * head_dim] (takes_rows) turned by its row's
+    position: table [positions, head_dim] float32 (cos | sin of the half head's
+    frequencies), positions [rows] int64 -> [rows, heads * head_dim] in x's dtype."""
+    rows, width = x.shape
+    if positions.dtype != torch.int64 or not positions.is_contiguous() or table.dtype != torch.float32 \
+            or not table.is_contiguous():
+        raise ValueError("rotary takes contiguous int64 positions and a contiguous float32 table")
+    out = torch.empty(rows, width, dtype=x.dtype)
+    _library().radixserve_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), positions.data_ptr(),
+                                 table.data_ptr(), out.data_ptr(), rows, width // head_dim, head_dim)
+    return out

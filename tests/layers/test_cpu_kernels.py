@@ -1,0 +1,228 @@
+"""The CPU's fused kernels (layers/cpu_kernels.cpp) against independent
+references: decode attention against attention written from the definition in
+float64 over the same paged pool, RMSNorm and SiLU-and-mul against torch's own
+bfloat16 computation, and the torch-native backend's decode through the
+kernel against the definition (windows included; poisoned keys outside a
+window are never read)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixserve.layers import cpu_kernels
+from radixserve.layers.activation import SiluAndMul
+from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+from radixserve.layers.layernorm import RMSNorm
+from tests.layers.test_paged_attention import (
+    DEVICE, HEAD_DIM, KV_HEADS, Pools, decode_batch, poison_outside_windows, reference_attention, rel, windowed_layer,
+)
+
+pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU kernels")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_built():
+    # make setup installs a compiler; without one every caller keeps its torch path
+    assert cpu_kernels.available(), "the CPU kernels did not build (is g++ installed?)"
+
+
+def paged_pool(lengths, kv_heads, dk, dv, dtype, seed):
+    """A pool whose slots are a shuffled range (so no request's keys are in
+    order) and each request's slot table, padded with slot 0 past its length."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths) + 5
+    k_buf = torch.randn(total, kv_heads, dk, generator=g).to(dtype)
+    v_buf = torch.randn(total, kv_heads, dv, generator=g).to(dtype)
+    order = torch.randperm(total, generator=g)
+    slots = torch.zeros(len(lengths), max(lengths), dtype=torch.int64)
+    at = 0
+    for i, n in enumerate(lengths):
+        slots[i, :n] = order[at:at + n]
+        at += n
+    return k_buf, v_buf, slots
+
+
+def attention_by_definition(q, k_buf, v_buf, slots, lengths, kv_heads, scale, window):
+    """Each request's query over its visible keys, in float64, one request at a time."""
+    heads = q.shape[1] // k_buf.shape[-1]
+    group = heads // kv_heads
+    out = []
+    for i, n in enumerate(lengths):
+        first = 0 if window is None else max(0, n - window)
+        picked = slots[i, first:n]
+        k = k_buf[picked].double().repeat_interleave(group, dim=1)  # [L, heads, dk]
+        v = v_buf[picked].double().repeat_interleave(group, dim=1)
+        qh = q[i].double().view(heads, -1)
+        weights = (torch.einsum("hd,lhd->hl", qh, k) * scale).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", weights, v).reshape(-1))
+    return torch.stack(out)
+
+
+# Head sizes 64 and 128 take the kernel's unrolled code, 40 and the mixed pair its general one.
+@pytest.mark.parametrize("dk,dv", [(64, 64), (128, 128), (40, 40), (64, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths,window", [([37], None), ([1, 90, 12], None), ([50, 3, 70, 9, 33, 64, 2, 41], None),
+                                            ([50, 3, 70, 9, 33, 64, 2, 41], 16), ([90], 8)])
+def test_decode_attention_against_the_definition(dk, dv, dtype, lengths, window):
+    """One to eight requests (a task per KV head below twice the thread count,
+    per request above it), groups of 3 query heads, keys in shuffled slots."""
+    kv_heads, group = 2, 3
+    k_buf, v_buf, slots = paged_pool(lengths, kv_heads, dk, dv, dtype, seed=len(lengths) + dk)
+    g = torch.Generator().manual_seed(1)
+    # q as a view into a wider row (the qkv projection's output): a row stride of its own
+    qkv = torch.randn(len(lengths), kv_heads * group * dk + 7, generator=g).to(dtype)
+    q = qkv[:, :kv_heads * group * dk]
+    seq_lens = torch.tensor(lengths)
+    scale = dk ** -0.5
+    out = cpu_kernels.decode_attention(q, k_buf, v_buf, slots, seq_lens, kv_heads, scale, window)
+    assert out.shape == (len(lengths), kv_heads * group * dv) and out.dtype == dtype
+    exact = attention_by_definition(q, k_buf, v_buf, slots, lengths, kv_heads, scale, window)
+    # float32: arithmetic error only; bfloat16: the output's rounding (2^-9 relative) dominates
+    assert rel(out, exact) < (2e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@torch.inference_mode()  # as the engine runs
+def test_backend_decode_runs_the_kernel(window):
+    """The torch-native backend's CPU decode goes through the kernel (no sinks):
+    right against the definition, and with the keys before each window poisoned
+    with NaN, the same answer (it never reads them)."""
+    lens = [1, 7, 40, 2, 19, 33]
+    pools = Pools(lens, 1, torch.float32)
+    attn = windowed_layer(4, window, with_sinks=False)
+    assert cpu_kernels.takes_decode_attention(torch.zeros(1, 4, dtype=torch.float32), pools.kv.k_buffers[0],
+                                              pools.kv.v_buffers[0])
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(len(lens), n * HEAD_DIM, generator=g) for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+
+    def decode():
+        backend = TorchNativeAttnBackend()
+        fb = decode_batch(pools, lens, backend, len(lens))
+        backend.init_forward_metadata(fb)
+        return backend.forward(q, k, v, attn, fb)
+
+    out = decode()
+    plain = torch.cat([reference_attention(pools, row, n, q[i:i + 1], n - 1, attn)
+                       for i, (row, n) in enumerate(zip(pools.rows, lens))])
+    assert rel(out, plain) < 1e-5
+    if window is not None:
+        poison_outside_windows(pools, [n - window for n in lens])
+        assert torch.equal(decode(), out)
+
+
+def ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bfloat16 steps apart a and b are, elementwise (same-sign values)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_rms_norm_rounds_as_torch_does(rows):
+    """bfloat16 RMSNorm with and without the residual add, against the module's
+    torch path (transformers' order of roundings): the sum exactly, the output
+    within one bfloat16 step (float32 sums in another order can round the
+    other way) and nearly always equal."""
+    cols = 576
+    g = torch.Generator().manual_seed(rows)
+    x, residual = (torch.randn(rows, cols, generator=g).to(torch.bfloat16) for _ in range(2))
+    norm = RMSNorm(cols, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(cols, generator=g))
+        out, summed = cpu_kernels.rms_norm(x, norm.weight, norm.eps, residual)
+        alone = cpu_kernels.rms_norm(x, norm.weight, norm.eps)
+    summed_ref = x + residual
+    assert torch.equal(summed, summed_ref)
+    for ours, source in ((out, summed_ref), (alone, x)):
+        ref = norm.weight * F.rms_norm(source.float(), (cols,), eps=norm.eps).to(torch.bfloat16)
+        assert ulps_apart(ours, ref).max() <= 1
+        assert (ours == ref).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_silu_and_mul_rounds_as_torch_does(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = (4 * torch.randn(rows, 2 * 1536, generator=g)).to(torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    with torch.no_grad():
+        ours = cpu_kernels.silu_and_mul(x)
+    assert ulps_apart(ours, ref).max() <= 1
+    assert (ours == ref).float().mean() > 0.99
+
+
+def test_modules_take_the_kernels_only_outside_autograd():
+    """RMSNorm and SiluAndMul run the kernels under no_grad (the engine runs in
+    inference mode) and torch where a gradient is wanted (a draft head's training)."""
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    norm = RMSNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert cpu_kernels.takes_bf16_rows(x, None, norm.weight)
+    assert not cpu_kernels.takes_bf16_rows(x, None, norm.weight)
+    assert norm(x).requires_grad  # the torch path, with a graph
+    assert not cpu_kernels.takes_bf16_rows(x.float())
+    with torch.no_grad():
+        assert torch.equal(SiluAndMul()(torch.cat([x, x], dim=-1)), cpu_kernels.silu_and_mul(torch.cat([x, x], -1)))
+
+
+def test_one_openmp_runtime_in_the_process():
+    """The kernels' OpenMP is torch's: one libgomp mapped, and the kernels see
+    torch's thread count (two runtimes would each keep a pool spinning on the cores)."""
+    cpu_kernels.available()
+    with open("/proc/self/maps") as maps:
+        libraries = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(libraries) == 1, libraries
+    assert cpu_kernels._library().radixserve_openmp_threads() == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("env", [{"RADIXSERVE_CPU_KERNELS": "0"}, {"CXX": "no-such-compiler"}])
+def test_switched_off_or_no_compiler_keeps_the_torch_path(env, tmp_path):
+    """RADIXSERVE_CPU_KERNELS=0, or no compiler (and nothing built yet): not
+    available, and the modules run their torch code (same result as the
+    torch computation)."""
+    code = ("import torch; from radixserve.layers import cpu_kernels as c; from radixserve.layers.layernorm import RMSNorm\n"
+            "x = torch.randn(2, 8).to(torch.bfloat16); n = RMSNorm(8).to(torch.bfloat16)\n"
+            "with torch.no_grad(): y = n(x)\n"
+            "ref = n.weight * torch.nn.functional.rms_norm(x.float(), (8,), eps=n.eps).to(torch.bfloat16)\n"
+            "print(c.available(), torch.equal(y, ref))")
+    run_env = {**os.environ, "RADIXSERVE_CACHE_DIR": str(tmp_path), **env}
+    result = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_rotary_against_the_torch_path(dtype, side_by_side):
+    """RotaryEmbedding's kernel path (q | k as one slice of a q|k|v row, or two
+    tensors) against its own torch path (the kernels switched off), which the
+    model tests hold to transformers: float32 to rounding, bfloat16 within one step."""
+    from radixserve.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(5, (6 + 2 + 2) * 64, generator=g).to(dtype)
+    q, k = qkv[:, :6 * 64], qkv[:, 6 * 64:8 * 64]
+    if not side_by_side:
+        q, k = q.contiguous(), k.contiguous()
+    positions = torch.tensor([0, 1, 17, 300, 511])
+    with torch.no_grad():
+        assert cpu_kernels.takes_rows(q)
+        ours = rope(positions, q, k)
+        cpu_kernels._library.cache_clear()
+        os.environ["RADIXSERVE_CPU_KERNELS"] = "0"
+        try:
+            reference = rope(positions, q, k)
+        finally:
+            del os.environ["RADIXSERVE_CPU_KERNELS"]
+            cpu_kernels._library.cache_clear()
+    for a, b in zip(ours, reference):
+        if dtype == torch.float32:
+            assert rel(a, b) < 1e-6
+        else:
+            assert ulps_apart(a, b).max() <= 1 and (a == b).float().mean() > 0.99
+
