@@ -76,12 +76,11 @@ def _library() -> Optional[ctypes.CDLL]:
         logger.warning("no C++ compiler (g++ or $CXX): the CPU path runs without its fused kernels")
         return None
     try:
-        path = _build(compiler)
+        lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as e:
-        logger.warning("the CPU kernels did not build (%s): the CPU path runs without them",
+        logger.warning("the CPU kernels did not build or load (%s): the CPU path runs without them",
                        getattr(e, "stderr", None) or e)
         return None
-    lib = ctypes.CDLL(str(path))
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.radixserve_openmp_threads.restype = ctypes.c_int
     lib.radixserve_decode_attention.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
