@@ -91,15 +91,15 @@ def test_decode_attention_against_the_definition(dk, dv, dtype, lengths, window)
 @torch.inference_mode()  # as the engine runs
 def test_backend_decode_runs_the_kernel(window):
     """The torch-native backend's CPU decode goes through the kernel (no sinks):
-    right against the definition, and with the keys before each window poisoned
-    with NaN, the same answer (it never reads them)."""
+    the step's K/V stored at its slots, the output right against the definition,
+    and with the keys before each window poisoned with NaN, the same answer (it
+    never reads them)."""
     lens = [1, 7, 40, 2, 19, 33]
     pools = Pools(lens, 1, torch.float32)
     attn = windowed_layer(4, window, with_sinks=False)
-    assert cpu_kernels.takes_decode_attention(torch.zeros(1, 4, dtype=torch.float32), pools.kv.k_buffers[0],
-                                              pools.kv.v_buffers[0])
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(len(lens), n * HEAD_DIM, generator=g) for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    assert cpu_kernels.takes_decode_attention(q, pools.kv.k_buffers[0], pools.kv.v_buffers[0], k, v)
 
     def decode():
         backend = TorchNativeAttnBackend()
@@ -108,6 +108,10 @@ def test_backend_decode_runs_the_kernel(window):
         return backend.forward(q, k, v, attn, fb)
 
     out = decode()
+    # The step's own K/V went into the pool at its slots (the kernel stores them itself).
+    new_slots = torch.stack([pools.table.req_to_token[r, n - 1] for r, n in zip(pools.rows, lens)])
+    assert torch.equal(pools.kv.k_buffers[0][new_slots], k.view(len(lens), KV_HEADS, HEAD_DIM))
+    assert torch.equal(pools.kv.v_buffers[0][new_slots], v.view(len(lens), KV_HEADS, HEAD_DIM))
     plain = torch.cat([reference_attention(pools, row, n, q[i:i + 1], n - 1, attn)
                        for i, (row, n) in enumerate(zip(pools.rows, lens))])
     assert rel(out, plain) < 1e-5

@@ -185,6 +185,17 @@ void silu_and_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, i
   }
 }
 
+// The new tokens' K or V rows [count, heads * d] (row stride in elements) into
+// the pool at their slots, one head at a time (strides in elements, `size`
+// bytes each): the decode step's KV store, done here to save two torch calls.
+void store_rows(char* pool, const void* rows, int64_t row_stride, const int64_t* slots, int64_t count, int64_t heads,
+                int64_t d, int64_t slot_stride, int64_t head_stride, int64_t size) {
+  const char* src = static_cast<const char*>(rows);
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t h = 0; h < heads; ++h)
+      memcpy(pool + (slots[t] * slot_stride + h * head_stride) * size, src + (t * row_stride + h * d) * size, d * size);
+}
+
 // Rows worth of elements below which a kernel stays on the calling thread:
 // waking the pool costs more than a decode step's row of a small model.
 constexpr int64_t PARALLEL_FROM = 1 << 15;
@@ -218,14 +229,25 @@ extern "C" {
 
 int radixserve_openmp_threads() { return omp_get_max_threads(); }
 
-// dtype: 0 float32, 1 bfloat16 (q, the pool and out share it). q [batch, heads * dk]
+// dtype: 0 float32, 1 bfloat16 (q, the pool and out share it). With new_slots,
+// first stores each request's new key and value rows (new_k, new_v [batch,
+// kv_heads * d], row strides in elements) into the pool at new_slots[i]. q [batch, heads * dk]
 // with row stride q_row_stride; out [batch, heads * dv] contiguous; slots
 // [batch, >= longest] (row stride slots_row_stride); window 0: none.
-void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride, const void* k, const void* v,
+void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride, void* k, void* v,
                                  void* out, const int64_t* slots, int64_t slots_row_stride,
                                  const int64_t* seq_lens, int64_t batch, int64_t heads, int64_t kv_heads,
                                  int64_t dk, int64_t dv, int64_t k_slot_stride, int64_t k_head_stride,
-                                 int64_t v_slot_stride, int64_t v_head_stride, int64_t window, float scale) {
+                                 int64_t v_slot_stride, int64_t v_head_stride, int64_t window, float scale,
+                                 const void* new_k, int64_t new_k_stride, const void* new_v, int64_t new_v_stride,
+                                 const int64_t* new_slots) {
+  const int64_t size = dtype == 0 ? 4 : 2;
+  if (new_slots != nullptr) {
+    store_rows(static_cast<char*>(k), new_k, new_k_stride, new_slots, batch, kv_heads, dk, k_slot_stride,
+               k_head_stride, size);
+    store_rows(static_cast<char*>(v), new_v, new_v_stride, new_slots, batch, kv_heads, dv, v_slot_stride,
+               v_head_stride, size);
+  }
   if (dtype == 0) {
     decode_attention_any_dim(static_cast<const float*>(q), q_row_stride, static_cast<const float*>(k),
                              static_cast<const float*>(v), static_cast<float*>(out), slots, slots_row_stride,

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -84,7 +84,7 @@ def _library() -> Optional[ctypes.CDLL]:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.radixserve_openmp_threads.restype = ctypes.c_int
     lib.radixserve_decode_attention.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
-                                                *[i64] * 10, f32]
+                                                *[i64] * 10, f32, ptr, i64, ptr, i64, ptr]
     lib.radixserve_rms_norm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
     lib.radixserve_silu_and_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64]
     lib.radixserve_rotary.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
@@ -103,21 +103,27 @@ def takes_rows(x: torch.Tensor) -> bool:
             and not torch.is_grad_enabled() and available())
 
 
-def takes_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> bool:
+def takes_decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether decode_attention runs these: q's rows (takes_rows), a pool of
-    q's dtype with each head's values contiguous."""
+    q's dtype with each head's values contiguous, and the step's new k and v
+    rows ([bs, kv_heads * d]) in that dtype with a unit inner stride."""
     return (k_buf.dtype == q.dtype and v_buf.dtype == q.dtype and k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1
-            and takes_rows(q))
+            and k.dtype == q.dtype and v.dtype == q.dtype and k.dim() == 2 and v.dim() == 2
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and takes_rows(q))
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor,
-                     seq_lens: torch.Tensor, num_kv_heads: int, scale: float, window: Optional[int]) -> torch.Tensor:
+                     seq_lens: torch.Tensor, num_kv_heads: int, scale: float, window: Optional[int],
+                     new_kv: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """One decode query per request over its keys in the paged pool, read in place.
 
     q [bs, heads * dk]; k_buf [pool slots, kv_heads, dk], v_buf [.., kv_heads, dv];
     slots [bs, >= longest] int64, request i's positions' slots in order;
     seq_lens [bs] int64; window: the query sees only its last `window` positions.
-    Returns [bs, heads * dv] in q's dtype.
+    new_kv: (slots [bs] int64, k [bs, kv_heads * dk], v [bs, kv_heads * dv]) in the
+    pool's dtype with unit inner strides, stored into the pool first (the step's
+    own tokens). Returns [bs, heads * dv] in q's dtype.
     """
     bs = q.shape[0]
     dk, dv = k_buf.shape[-1], v_buf.shape[-1]
@@ -125,11 +131,17 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if slots.dtype != torch.int64 or slots.stride(-1) != 1 or seq_lens.dtype != torch.int64 \
             or not seq_lens.is_contiguous():
         raise ValueError("decode_attention takes int64 slots with a contiguous last axis and contiguous seq_lens")
+    new = (None, 0, None, 0, None)
+    if new_kv is not None:
+        new_slots, k, v = new_kv
+        if not (new_slots.dtype == torch.int64 and new_slots.is_contiguous() and len(new_slots) == bs):
+            raise ValueError("decode_attention's new_kv: contiguous int64 slots, one a request")
+        new = (k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), new_slots.data_ptr())
     out = torch.empty(bs, heads * dv, dtype=q.dtype)
     _library().radixserve_decode_attention(
         _DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), k_buf.data_ptr(), v_buf.data_ptr(), out.data_ptr(),
         slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(), bs, heads, num_kv_heads, dk, dv,
-        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), window or 0, scale)
+        k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1), window or 0, scale, *new)
     return out
 
 

@@ -125,19 +125,20 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
 
     def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
         fb = forward_batch
-        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         meta: TorchAttnMetadata = fb.attn_metadata
         kv_indices, valid = meta.kv_indices, meta.valid
+        k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
+        if not self.deterministic and layer.sinks is None \
+                and cpu_kernels.takes_decode_attention(q, k_buf, v_buf, k, v):
+            # The CPU's fused kernel stores the step's K/V and reads every
+            # request's keys where they lie in the pool: no gather, no padding, no mask.
+            return cpu_kernels.decode_attention(q, k_buf, v_buf, kv_indices, fb.seq_lens, layer.num_kv_heads,
+                                                layer.scaling, layer.sliding_window, (fb.out_cache_loc, k, v))
+        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         if self.deterministic:
             positions = [range(n - 1, n) for n in fb.seq_lens_cpu]
             return self._blocked(_heads(q, layer, layer.num_heads), positions, kv_indices, layer, fb)
         bs, group = q.shape[0], layer.num_heads // layer.num_kv_heads
-        k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
-        if layer.sinks is None and cpu_kernels.takes_decode_attention(q, k_buf, v_buf):
-            # The CPU's fused kernel reads every request's keys where they lie in
-            # the pool: no gather, no padding, no mask.
-            return cpu_kernels.decode_attention(q, k_buf, v_buf, kv_indices, fb.seq_lens, layer.num_kv_heads,
-                                                layer.scaling, layer.sliding_window)
         dtype = _decode_dtype(q, bs)
         if meta.slot_runs is not None:
             keys, values = (_from_runs(buf, meta.slot_runs, dtype) for buf in (k_buf, v_buf))
