@@ -269,3 +269,23 @@ def test_moe_and_mla_models_keep_routers_and_latent_projection(family, tmp_path,
         assert kept and all(dtype == torch.float32 for dtype in kept.values()), kept
     for fmt in ("fp8", "int8wo"):
         assert rel(logits[fmt], logits["none"]) < (0.3 if fmt == "fp8" else 0.05)
+
+
+def test_int8_formats_leave_input_sizes_the_kernel_gets_wrong_unquantized():
+    """int8wo (and its LM head) quantizes only weights whose input size is a
+    multiple of 16: torch's int8 CPU kernel returned infinities for 40 inputs.
+    The 40-input layer stays exact, the 64-input one is quantized and close."""
+    from radixserve.layers.linear import Linear
+    from radixserve.layers.quantization import INT8_WEIGHT_ONLY, quantize_linears
+
+    g = torch.Generator().manual_seed(0)
+    odd, even = Linear(40, 32), Linear(64, 32)
+    for layer in (odd, even):
+        layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=g))
+    model = torch.nn.Sequential(odd, even).to(torch.bfloat16)
+    x40, x64 = (torch.randn(3, n, generator=g).to(torch.bfloat16) for n in (40, 64))
+    exact40, exact64 = x40.float() @ odd.weight.float().T, x64.float() @ even.weight.float().T
+    assert quantize_linears(model, INT8_WEIGHT_ONLY) == 1
+    assert odd.weight_scale is None and even.weight_scale is not None
+    with torch.no_grad():
+        assert rel(odd(x40), exact40) < 1e-2 and rel(even(x64), exact64) < 1e-2

@@ -295,8 +295,10 @@ def _per_row(dtype: torch.dtype) -> Callable[[torch.Tensor], Tuple[torch.Tensor,
 
 # cuBLASLt's FP8 GEMM needs both matrix dimensions of the weight in multiples of 16.
 FP8 = WeightFormat("fp8", fp8_linear, _per_row(FP8_DTYPE), per_row_dequantized, alignment=(16, 16))
+# Input sizes in multiples of 16: torch 2.13's int8 CPU kernel (_weight_int8pack_mm)
+# returned infinities or garbage for 40, 100, 200 and 232 input values (right for 48, 64, 208).
 _INT8 = WeightFormat("int8wo", int8_weight_only_linear, _per_row(torch.int8), per_row_dequantized,
-                     activation_dtype=torch.bfloat16)
+                     alignment=(1, 16), activation_dtype=torch.bfloat16)
 # int8: the LM head too, the largest single read of a CPU decode step.
 INT8_WEIGHT_ONLY = dataclasses.replace(_INT8, lm_head=_INT8)
 
@@ -364,6 +366,8 @@ def quantize_linears(model: nn.Module, fmt: WeightFormat, skip: Iterable[str] = 
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, LMHead) and fmt.lm_head is not None:
+            if not can_quantize(module, fmt.lm_head):
+                continue
             module.weight_format = fmt.lm_head
             module.qweight, module.qscale = fmt.lm_head.quantize(module.weight.data)
             count += 1
