@@ -199,31 +199,42 @@ def test_switched_off_or_no_compiler_keeps_the_torch_path(env, tmp_path):
     assert result.stdout.split() == ["False", "True"]
 
 
+def with_kernels_off(fn):
+    """fn() with the kernels switched off (RADIXSERVE_CPU_KERNELS=0): the torch path."""
+    cpu_kernels._library.cache_clear()
+    os.environ["RADIXSERVE_CPU_KERNELS"] = "0"
+    try:
+        return fn()
+    finally:
+        del os.environ["RADIXSERVE_CPU_KERNELS"]
+        cpu_kernels._library.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("side_by_side", [True, False])
-def test_rotary_against_the_torch_path(dtype, side_by_side):
+@pytest.mark.parametrize("multimodal", [False, True])
+def test_rotary_against_the_torch_path(dtype, side_by_side, multimodal):
     """RotaryEmbedding's kernel path (q | k as one slice of a q|k|v row, or two
     tensors) against its own torch path (the kernels switched off), which the
-    model tests hold to transformers: float32 to rounding, bfloat16 within one step."""
-    from radixserve.layers.rotary import RotaryEmbedding
+    model tests hold to transformers: float32 to rounding, bfloat16 within one
+    step. Qwen2.5-VL's rotary with three position axes (time, height, width)
+    keeps its torch path and its meaning (the kernel takes one position a row)."""
+    from radixserve.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 
-    rope = RotaryEmbedding(64, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    params = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]}
+    rope = (MRotaryEmbedding if multimodal else RotaryEmbedding)(64, 512, params)
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(5, (6 + 2 + 2) * 64, generator=g).to(dtype)
     q, k = qkv[:, :6 * 64], qkv[:, 6 * 64:8 * 64]
     if not side_by_side:
         q, k = q.contiguous(), k.contiguous()
     positions = torch.tensor([0, 1, 17, 300, 511])
+    if multimodal:  # three different axes, as an image's tokens have
+        positions = torch.stack([positions, positions.flip(0), torch.tensor([3, 3, 9, 40, 2])])
     with torch.no_grad():
         assert cpu_kernels.takes_rows(q)
         ours = rope(positions, q, k)
-        cpu_kernels._library.cache_clear()
-        os.environ["RADIXSERVE_CPU_KERNELS"] = "0"
-        try:
-            reference = rope(positions, q, k)
-        finally:
-            del os.environ["RADIXSERVE_CPU_KERNELS"]
-            cpu_kernels._library.cache_clear()
+        reference = with_kernels_off(lambda: rope(positions, q, k))
     for a, b in zip(ours, reference):
         if dtype == torch.float32:
             assert rel(a, b) < 1e-6

@@ -182,9 +182,9 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, head_d
     position: table [positions, head_dim] float32 (cos | sin of the half head's
     frequencies), positions [rows] int64 -> [rows, heads * head_dim] in x's dtype."""
     rows, width = x.shape
-    if positions.dtype != torch.int64 or not positions.is_contiguous() or table.dtype != torch.float32 \
-            or not table.is_contiguous():
-        raise ValueError("rotary takes contiguous int64 positions and a contiguous float32 table")
+    if positions.dtype != torch.int64 or positions.shape != (rows,) or not positions.is_contiguous() \
+            or table.dtype != torch.float32 or not table.is_contiguous():
+        raise ValueError("rotary takes one contiguous int64 position a row and a contiguous float32 table")
     out = torch.empty(rows, width, dtype=x.dtype)
     _library().radixserve_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), positions.data_ptr(),
                                  table.data_ptr(), out.data_ptr(), rows, width // head_dim, head_dim)

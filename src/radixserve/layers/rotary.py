@@ -143,8 +143,9 @@ class RotaryEmbedding(nn.Module):
             return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, norms)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
         qk = _side_by_side(q, k)
-        if cpu_kernels.takes_rows(q) and cpu_kernels.takes_rows(k) and positions.dtype == torch.int64 \
-                and positions.is_contiguous():  # the CPU's fused kernel: one call (q | k side by side) or two
+        if cpu_kernels.takes_rows(q) and cpu_kernels.takes_rows(k) and positions.dim() == 1 \
+                and positions.dtype == torch.int64 and positions.is_contiguous():
+            # the CPU's fused kernel: one call (q | k side by side) or two
             if qk is not None:
                 return self._rotate_in_kernel(qk, positions).split([q.shape[-1], k.shape[-1]], dim=-1)
             return self._rotate_in_kernel(q, positions), self._rotate_in_kernel(k, positions)
@@ -213,12 +214,6 @@ class MRotaryEmbedding(RotaryEmbedding):
         if positions.dim() == 1:
             return super().forward(positions, q, k, q_norm, k_norm)
         q, k = self._norm_heads(q, q_norm), self._norm_heads(k, k_norm)
-        qk = _side_by_side(q, k)
-        if cpu_kernels.takes_rows(q) and cpu_kernels.takes_rows(k) and positions.dtype == torch.int64 \
-                and positions.is_contiguous():  # the CPU's fused kernel: one call (q | k side by side) or two
-            if qk is not None:
-                return self._rotate_in_kernel(qk, positions).split([q.shape[-1], k.shape[-1]], dim=-1)
-            return self._rotate_in_kernel(q, positions), self._rotate_in_kernel(k, positions)
         cos, sin = self._whole_head_tables()
         pick = self.axis_of.repeat(2).view(1, 1, -1).expand(1, positions.shape[1], -1)
         cos = cos[positions].gather(0, pick)[0].unsqueeze(1)  # [T, 1, head_dim]
