@@ -5,8 +5,9 @@
 // Why they exist: a CPU decode step of a small model is made of small torch
 // calls, each costing more to launch than to run, and its attention gathered
 // every request's keys out of the paged pool before SDPA read them again.
-// Here decode attention reads the pool in place, and the RMSNorm (with its
-// residual add) and the gated activation are one call each.
+// Here decode attention stores the step's K/V and reads the pool in place, and
+// the RMSNorm (with its residual add), the gated activation and the rotary
+// embedding are one call each.
 //
 // Threads: OpenMP, the runtime torch itself runs on (the library links
 // libgomp.so.1, which resolves to the copy torch already loaded), so the
@@ -196,8 +197,8 @@ void store_rows(char* pool, const void* rows, int64_t row_stride, const int64_t*
       memcpy(pool + (slots[t] * slot_stride + h * head_stride) * size, src + (t * row_stride + h * d) * size, d * size);
 }
 
-// Rows worth of elements below which a kernel stays on the calling thread:
-// waking the pool costs more than a decode step's row of a small model.
+// Elements below which a row kernel stays on the calling thread: waking the
+// pool costs more than a decode step's few rows of a small model take.
 constexpr int64_t PARALLEL_FROM = 1 << 15;
 
 // x1 * cos - x2 * sin | x2 * cos + x1 * sin per head, in float32, rounded once.

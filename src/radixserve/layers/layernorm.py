@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
             from radixserve.layers.fused_kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps, residual)
-        if x.dim() == 2 and cpu_kernels.takes_bf16_rows(x, residual, self.weight):
+        if cpu_kernels.takes_bf16_rows(x, residual, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual

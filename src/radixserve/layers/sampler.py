@@ -109,8 +109,8 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) ->
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-    """The index of each row's largest logit (the first on a tie, as argmax).
+def row_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value (the first on a tie, as argmax).
     On the CPU through max(): its kernel ran 2.7x faster than argmax's over
     the default model's vocabulary (32 x 49,152 float32: 415 against 1,109 us,
     2-core AMX Xeon), and a greedy batch-32 decode step spent 1.1 ms in it."""
@@ -154,9 +154,9 @@ class Sampler:
     @staticmethod
     def _choose(processed: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         if info.all_greedy:
-            return greedy_ids(processed)
+            return row_argmax(processed)
         noise = seeded_gumbel(info.seeds, info.steps, processed.shape[-1])
-        sampled = greedy_ids(filter_logits(processed, info) + noise)
+        sampled = row_argmax(filter_logits(processed, info) + noise)
         if not info.any_greedy:
             return sampled
-        return torch.where(info.greedy, greedy_ids(processed), sampled)
+        return torch.where(info.greedy, row_argmax(processed), sampled)

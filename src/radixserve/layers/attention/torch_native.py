@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from radixserve.layers.attention.base import AttentionBackend
-from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers import cpu_kernels
+from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.blocked_attention import blocked_attention
+from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 if TYPE_CHECKING:
