@@ -90,6 +90,15 @@ void softmax_rows(float* scores, int64_t rows, int64_t n) {
 // prefetcher does not follow.
 constexpr int64_t PREFETCH_AHEAD = 8;
 
+// Every cache line of the `bytes` from p (a task's part of a slot's row): a
+// whole 384-byte row of the default model's keys is six lines, and prefetching
+// only the first left a batch-32 decode step 9% slower (45.6-47.8 against
+// 41.2-43.1 ms, three runs each, 2-core AMX Xeon).
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at);
+}
+
 // One decode query per request over its keys in the paged pool, read where
 // they lie (slot by slot); scores and the softmax in float32. A task is one
 // request's KV heads, all of them when the batch alone keeps every thread
@@ -106,6 +115,8 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
   const int64_t group = heads / kv_heads;
   const int64_t task_kv_heads = batch >= 2 * omp_get_max_threads() ? kv_heads : 1;
   const int64_t tasks_per_request = kv_heads / task_kv_heads, task_heads = task_kv_heads * group;
+  const int64_t row_bytes_k = ((task_kv_heads - 1) * k_head_stride + dk) * sizeof(T);
+  const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + dv) * sizeof(T);
 #pragma omp parallel
   {
     std::vector<float> qf(task_heads * dk), row(std::max(dk, dv)), acc(task_heads * dv), scores;
@@ -125,7 +136,7 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
       for (int64_t i = 0; i < task_heads * dk; ++i) qf[i] = load(qb, i) * scale;
       scores.resize(task_heads * n);
       for (int64_t l = 0; l < n; ++l) {
-        if (l + PREFETCH_AHEAD < n) __builtin_prefetch(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride);
+        if (l + PREFETCH_AHEAD < n) prefetch_row(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride, row_bytes_k);
         for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
           const T* kp = k + slot[l] * k_slot_stride + (h0 + kh) * k_head_stride;
 #pragma omp simd
@@ -142,7 +153,7 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
       softmax_rows(scores.data(), task_heads, n);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t l = 0; l < n; ++l) {
-        if (l + PREFETCH_AHEAD < n) __builtin_prefetch(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride);
+        if (l + PREFETCH_AHEAD < n) prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride, row_bytes_v);
         for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
           const T* vp = v + slot[l] * v_slot_stride + (h0 + kh) * v_head_stride;
 #pragma omp simd
