@@ -276,7 +276,6 @@ def test_int8_formats_leave_input_sizes_the_kernel_gets_wrong_unquantized():
     multiple of 16: torch's int8 CPU kernel returned infinities for 40 inputs.
     The 40-input layer stays exact, the 64-input one is quantized and close."""
     from radixserve.layers.linear import Linear
-    from radixserve.layers.quantization import INT8_WEIGHT_ONLY, quantize_linears
 
     g = torch.Generator().manual_seed(0)
     odd, even = Linear(40, 32), Linear(64, 32)
