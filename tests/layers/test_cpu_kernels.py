@@ -7,6 +7,7 @@ window are never read)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -199,15 +200,21 @@ def test_switched_off_or_no_compiler_keeps_the_torch_path(env, tmp_path):
     assert result.stdout.split() == ["False", "True"]
 
 
-def with_kernels_off(fn):
-    """fn() with the kernels switched off (RADIXSERVE_CPU_KERNELS=0): the torch path."""
-    cpu_kernels._library.cache_clear()
+@contextlib.contextmanager
+def kernels_off():
+    """Inside, the kernels are switched off (RADIXSERVE_CPU_KERNELS=0): the layers
+    run their torch path. Also the fixture of tests/layers/test_torch_native_decode.py."""
+    saved = os.environ.get("RADIXSERVE_CPU_KERNELS")
     os.environ["RADIXSERVE_CPU_KERNELS"] = "0"
+    cpu_kernels._library.cache_clear()
     try:
-        return fn()
+        yield
     finally:
-        del os.environ["RADIXSERVE_CPU_KERNELS"]
-        cpu_kernels._library.cache_clear()
+        if saved is None:
+            del os.environ["RADIXSERVE_CPU_KERNELS"]
+        else:
+            os.environ["RADIXSERVE_CPU_KERNELS"] = saved
+        cpu_kernels._library.cache_clear()  # loaded again (from the cache) on next use
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -235,6 +242,7 @@ def test_rotary_against_the_torch_path(dtype, side_by_side, multimodal):
     with torch.no_grad():
         assert cpu_kernels.takes_rows(q)
         ours = rope(positions, q, k)
-        reference = with_kernels_off(lambda: rope(positions, q, k))
+        with kernels_off():
+            reference = rope(positions, q, k)
     for a, b in zip(ours, reference):
         assert torch.equal(a, b)

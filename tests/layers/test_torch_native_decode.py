@@ -14,9 +14,9 @@ import torch
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from radixserve.layers import cpu_kernels
 from radixserve.layers.attention import torch_native
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+from tests.layers.test_cpu_kernels import kernels_off
 from tests.layers.test_paged_attention import (
     DEVICE, HEAD_DIM, KV_HEADS, Pools, decode_batch, extend_batch, layer, reference_attention, rel, windowed_layer,
 )
@@ -25,12 +25,10 @@ pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU shortcuts")
 
 
 @pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    """Decode without the CPU kernels (RADIXSERVE_CPU_KERNELS=0), which would take it."""
-    monkeypatch.setenv("RADIXSERVE_CPU_KERNELS", "0")
-    cpu_kernels._library.cache_clear()
-    yield
-    cpu_kernels._library.cache_clear()  # rebuilt (loaded from the cache) with the environment restored
+def torch_path():
+    """Decode without the CPU kernels, which would take it."""
+    with kernels_off():
+        yield
 
 
 def decode(pools, lens, attn, q, k, v):
