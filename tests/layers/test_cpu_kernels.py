@@ -33,6 +33,18 @@ def kernels_built():
     assert cpu_kernels.available(), "the CPU kernels did not build (is g++ installed?)"
 
 
+@pytest.fixture(params=["native", "x86-64-v3"])
+def kernel_build(request, monkeypatch):
+    """The kernels built for this CPU (its AVX-512 BF16 code where it has
+    them) and for AVX2 only (the plain C++ code every CPU runs)."""
+    monkeypatch.setenv(cpu_kernels.MARCH_ENV, request.param)
+    cpu_kernels._library.cache_clear()
+    assert cpu_kernels.available()
+    yield request.param
+    monkeypatch.undo()
+    cpu_kernels._library.cache_clear()
+
+
 def paged_pool(lengths, kv_heads, dk, dv, dtype, seed):
     """A pool whose slots are a shuffled range (so no request's keys are in
     order) and each request's slot table, padded with slot 0 past its length."""
@@ -70,7 +82,7 @@ def attention_by_definition(q, k_buf, v_buf, slots, lengths, kv_heads, scale, wi
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths,window", [([37], None), ([1, 90, 12], None), ([50, 3, 70, 9, 33, 64, 2, 41], None),
                                             ([50, 3, 70, 9, 33, 64, 2, 41], 16), ([90], 8)])
-def test_decode_attention_against_the_definition(dk, dv, dtype, lengths, window):
+def test_decode_attention_against_the_definition(dk, dv, dtype, lengths, window, kernel_build):
     """One to eight requests (a task per KV head below twice the thread count,
     per request above it), groups of 3 query heads, keys in shuffled slots."""
     kv_heads, group = 2, 3
@@ -246,3 +258,38 @@ def test_rotary_against_the_torch_path(dtype, side_by_side, multimodal):
             reference = rope(positions, q, k)
     for a, b in zip(ours, reference):
         assert torch.equal(a, b)
+
+amx_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_available()),
+                              reason="the int4 kernel runs on CPUs with AMX")
+
+
+@amx_only
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (64, 128, 128)])
+def test_int4_amx_linear_against_the_dequantized_weight(rows, out_features, in_features, group):
+    """The AMX kernel's product against float64 over the bfloat16 values the
+    dense copy holds ((q - 8) * scale + zero, rounded): rows below, at and past
+    one and two tiles of 16, x a view with a row stride of its own."""
+    from radixserve.layers.quantization import int4_dequantized, quantize_int4_groups, unpack_int4
+
+    g = torch.Generator().manual_seed(rows + out_features)
+    packed, scales_and_zeros = quantize_int4_groups(torch.randn(out_features, in_features, generator=g), group)
+    wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
+    x = wide[:, :in_features]
+    out = cpu_kernels.int4_linear_amx(x, cpu_kernels.pack_int4_for_amx(unpack_int4(packed)), scales_and_zeros)
+    dense = int4_dequantized(packed, scales_and_zeros).to(torch.bfloat16)
+    exact = x.double() @ dense.double().T
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert rel(out, exact) < 4e-3  # the output's bfloat16 rounding
+    assert (ulps_apart(out, exact.to(torch.bfloat16))[exact.abs() > 1e-2] <= 1).all()
+
+
+@torch.inference_mode()
+def test_int4_amx_takes_only_whole_blocks():
+    """Shapes the kernel's 32 x 32 blocks do not tile stay off it (amx_takes_int4)."""
+    rows = torch.randn(8, 96).to(torch.bfloat16)
+    amx = cpu_kernels.amx_available()
+    assert cpu_kernels.amx_takes_int4(rows, 64, 32) == amx
+    assert not cpu_kernels.amx_takes_int4(rows, 48, 32)  # output columns not a multiple of 32
+    assert not cpu_kernels.amx_takes_int4(rows[:, :80], 64, 16)  # inputs, group
+    assert not cpu_kernels.amx_takes_int4(rows.float(), 64, 32)

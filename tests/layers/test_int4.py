@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from radixserve.layers import cpu_kernels
 from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.layers.quantization import (
     INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
@@ -234,6 +235,7 @@ def test_decode_batches_take_the_dense_copy_only_with_amx(monkeypatch, amx):
     import radixserve.layers.quantization as quantization
 
     monkeypatch.setattr(quantization, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the AMX int4 kernel: its own test below
     torch.manual_seed(7)
     linear = Linear(64, 64)
     nn.init.normal_(linear.weight)
@@ -249,6 +251,35 @@ def test_decode_batches_take_the_dense_copy_only_with_amx(monkeypatch, amx):
     assert rel(decode, kernel) < 2e-2
     linear(x)  # the step is over: back to the kernel below 128 rows
     assert torch.equal(linear(x), kernel)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int4 kernel needs a CPU with AMX")
+def test_decode_batches_take_the_amx_kernel_until_an_update():
+    """On AMX a decode step's 8 to 64 bfloat16 rows go through the AMX int4
+    kernel (no dense copy made), equal to the product with the dequantized
+    weight; 7 rows keep torch's kernel; after a weight update (`unquantized`)
+    the kernel's copy of the weight is made again from the new values."""
+    import radixserve.layers.quantization as quantization
+
+    torch.manual_seed(8)
+    linear = Linear(96, 128)
+    nn.init.normal_(linear.weight)
+    quantize_linears(linear, int4_weight_only(32))
+    x = torch.randn(64, 96).to(torch.bfloat16)
+    with torch.inference_mode(), quantization.decode_step():
+        assert "amx_copy" not in linear.weight.__dict__
+        torch_kernel = linear(x[:7])
+        assert "amx_copy" not in linear.weight.__dict__
+        out = linear(x)
+    assert "amx_copy" in linear.weight.__dict__ and "dense_copy" not in linear.weight.__dict__
+    dense = int4_dequantized(linear.weight, linear.weight_scale).to(torch.bfloat16)
+    assert rel(out, x.double() @ dense.double().T) < 4e-3
+    assert rel(torch_kernel, out[:7]) < 2e-2
+    with unquantized(linear):
+        linear.weight.data.mul_(-1)
+    assert "amx_copy" not in linear.weight.__dict__
+    with torch.inference_mode(), quantization.decode_step():
+        assert rel(linear(x[:8]), -out[:8]) < 2e-2
 
 
 def test_prefill_keeps_one_dequantized_copy_until_an_update():

@@ -16,9 +16,12 @@
 // bfloat16 values are uint16_t; arithmetic is in float32, results are rounded
 // to nearest even, as torch rounds.
 
+#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
@@ -171,6 +174,134 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
   }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// The bfloat16 decode attention written with AVX-512 BF16 instructions, for
+// head sizes D a multiple of 32. The general loop above reduces every key's
+// dot product to a scalar on its own; here a score is two (D = 64) bfloat16
+// dot-product instructions, and sixteen keys' partial sums are reduced
+// together (sum_lanes_16). Same tasks, prefetches and float32 softmax.
+
+// v[j]'s lanes summed, for j < 16, as lane j of one vector: a transposing
+// reduction tree (45 instructions for sixteen sums).
+inline __m512 sum_lanes_16(const __m512* v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // [a0+a2, b0+b2, a1+a3, b1+b3] in each 128-bit lane
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // four vectors' partial sums side by side in each 128-bit lane
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 low = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 high = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(low, high, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// 16 bfloat16 values as float32 (exact: a shift).
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// A task's scores, [task heads, n]: scale * q_h . k_l for each query head h
+// over the keys of its KV head, sixteen keys at a time. A block's key rows
+// (all the task's KV heads: one read of each row, as in the general loop)
+// stay in L1 while every query head takes them; the next block's are prefetched.
+template <int D>
+void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int64_t n, int64_t k_slot_stride,
+                 int64_t k_head_stride, int64_t kv_heads, int64_t group, float scale, int64_t row_bytes,
+                 float* scores) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  __m512 part[16];
+  for (int64_t l0 = 0; l0 < n; l0 += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, n - l0));
+    for (int64_t l = l0 + 16; l < std::min(n, l0 + 32); ++l) prefetch_row(k + slot[l] * k_slot_stride, row_bytes);
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+        __m512bh qv[D / 32];
+        for (int c = 0; c < D / 32; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + h * D + 32 * c);
+        for (int j = 0; j < 16; ++j) {
+          __m512 acc = _mm512_setzero_ps();
+          if (j < count) {
+            const uint16_t* kp = k + slot[l0 + j] * k_slot_stride + kh * k_head_stride;
+            for (int c = 0; c < D / 32; ++c)
+              acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kp + 32 * c));
+          }
+          part[j] = acc;
+        }
+        _mm512_mask_storeu_ps(scores + h * n + l0, static_cast<__mmask16>((1u << count) - 1),
+                              _mm512_mul_ps(sum_lanes_16(part), scale_v));
+      }
+    }
+  }
+}
+
+// out_h = sum_l weights[h, l] * v_l for each query head h, rounded to
+// bfloat16, sixteen values rows at a time (read once, as the keys are).
+template <int D>
+void bf16_weighted_values(const float* weights, const uint16_t* v, const int64_t* slot, int64_t n,
+                          int64_t v_slot_stride, int64_t v_head_stride, int64_t kv_heads, int64_t group,
+                          int64_t row_bytes, float* acc, uint16_t* out) {
+  std::fill(acc, acc + kv_heads * group * D, 0.0f);
+  for (int64_t l0 = 0; l0 < n; l0 += 16) {
+    const int64_t end = std::min(n, l0 + 16);
+    for (int64_t l = l0 + 16; l < std::min(n, l0 + 32); ++l) prefetch_row(v + slot[l] * v_slot_stride, row_bytes);
+    for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
+        __m512 a[D / 16];
+        for (int c = 0; c < D / 16; ++c) a[c] = _mm512_loadu_ps(acc + h * D + 16 * c);
+        for (int64_t l = l0; l < end; ++l) {
+          const uint16_t* vp = v + slot[l] * v_slot_stride + kh * v_head_stride;
+          const __m512 w = _mm512_set1_ps(weights[h * n + l]);
+          for (int c = 0; c < D / 16; ++c) a[c] = _mm512_fmadd_ps(w, bf16x16_to_ps(vp + 16 * c), a[c]);
+        }
+        for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + h * D + 16 * c, a[c]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < kv_heads * group * D; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + i)));
+}
+
+template <int D>
+void decode_attention_bf16_avx512(const uint16_t* q, int64_t q_row_stride, const uint16_t* k, const uint16_t* v,
+                                  uint16_t* out, const int64_t* slots, int64_t slots_row_stride,
+                                  const int64_t* seq_lens, int64_t batch, int64_t heads, int64_t kv_heads,
+                                  int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride,
+                                  int64_t v_head_stride, int64_t window, float scale) {
+  const int64_t group = heads / kv_heads;
+  const int64_t task_kv_heads = batch >= 2 * omp_get_max_threads() ? kv_heads : 1;
+  const int64_t tasks_per_request = kv_heads / task_kv_heads, task_heads = task_kv_heads * group;
+  const int64_t row_bytes_k = ((task_kv_heads - 1) * k_head_stride + D) * 2;
+  const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + D) * 2;
+#pragma omp parallel
+  {
+    std::vector<float> scores, acc(task_heads * D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * tasks_per_request; ++task) {
+      const int64_t b = task / tasks_per_request, h0 = task % tasks_per_request * task_kv_heads;
+      const int64_t len = seq_lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      const int64_t* slot = slots + b * slots_row_stride + first;
+      uint16_t* o = out + (b * heads + h0 * group) * D;
+      if (n <= 0) {
+        memset(o, 0, task_heads * D * sizeof(uint16_t));
+        continue;
+      }
+      scores.resize(task_heads * n);
+      bf16_scores<D>(q + b * q_row_stride + h0 * group * D, k + h0 * k_head_stride, slot, n, k_slot_stride,
+                     k_head_stride, task_kv_heads, group, scale, row_bytes_k, scores.data());
+      softmax_rows(scores.data(), task_heads, n);
+      bf16_weighted_values<D>(scores.data(), v + h0 * v_head_stride, slot, n, v_slot_stride, v_head_stride,
+                              task_kv_heads, group, row_bytes_v, acc.data(), o);
+    }
+  }
+}
+#endif
+
 template <typename T, typename... Rest>
 void decode_attention_any_dim(const T* q, int64_t q_row_stride, const T* k, const T* v, T* out, const int64_t* slots,
                               int64_t slots_row_stride, const int64_t* seq_lens, int64_t batch, int64_t heads,
@@ -239,6 +370,131 @@ __attribute__((optimize("fp-contract=off"))) void rotary(const T* x, int64_t x_s
 }
 
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// int4 weights times bfloat16 rows on AMX: the decode step's linear layers on
+// a CPU with AMX. Each 32 x 32 block of the weight is dequantized in
+// registers to bfloat16 (as the dense copy holds it) and multiplied on the tile
+// unit, so a step reads 4 bits a weight rather than the dense copy's 16.
+//
+// The packed weight (cpu_kernels.py packs it): per block of 32 output columns
+// and 32 input values, two B tiles (columns 0..15, 16..31) of 256 bytes. A B
+// tile holds 16 rows of 32 bfloat16, row r = the pairs (k = 2r, 2r + 1) of its
+// 16 columns (AMX's pairs layout). Its 256 bytes are four 64-byte chunks;
+// chunk c's low nibbles are rows 4c and 4c + 1 (32 bytes each), its high
+// nibbles rows 4c + 2 and 4c + 3. Scales and zeros: torch's int4 layout,
+// bfloat16 [K / group, N, 2], w = (q - 8) * scale + zero.
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands AMX's tile state to a process only on request.
+bool amx_permitted() {
+  constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  static const bool permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return permitted;
+}
+
+// Tiles: 0, 1 the rows (A) 0..15 and 16..31; 2, 3 the weight's B tiles; 4..7
+// the sums, C[m block][column tile] = 4 + m + 2 * t.
+void configure_tiles(int64_t rows) {
+  TileConfig cfg;
+  const int64_t second = std::max<int64_t>(0, rows - 16);
+  const int64_t a_rows[2] = {std::min<int64_t>(16, rows), second};
+  for (int m = 0; m < 2; ++m) {
+    if (a_rows[m] == 0) continue;
+    cfg.rows[m] = cfg.rows[4 + m] = cfg.rows[6 + m] = static_cast<uint8_t>(a_rows[m]);
+    cfg.colsb[m] = cfg.colsb[4 + m] = cfg.colsb[6 + m] = 64;
+  }
+  cfg.rows[2] = cfg.rows[3] = 16;
+  cfg.colsb[2] = cfg.colsb[3] = 64;
+  _tile_loadconfig(&cfg);
+}
+
+// The scales (or zeros, odd = 1) of 16 columns as float32 pairs for a B
+// tile row's first (half 0) or last 16 values: lane j -> column 8 * half + j / 2.
+inline __m512 pair_lanes(__m512i scales_zeros, int half, int odd) {
+  alignas(64) uint16_t idx[32];
+  for (int j = 0; j < 16; ++j) idx[2 * j] = 0, idx[2 * j + 1] = static_cast<uint16_t>(2 * (8 * half + j / 2) + odd);
+  const __m512i picked = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(idx), scales_zeros);
+  return _mm512_castsi512_ps(picked);  // a bfloat16 in a float32's high half is that float32
+}
+
+// One B tile: 256 packed bytes -> 16 rows of 32 bfloat16 at `tile`.
+inline void dequantize_tile(const uint8_t* packed, const uint16_t* scales_zeros, uint16_t* tile) {
+  const __m512i sz = _mm512_loadu_si512(scales_zeros);  // 16 columns' (scale, zero)
+  __m512 scale[2], shift[2];
+  for (int half = 0; half < 2; ++half) {
+    scale[half] = pair_lanes(sz, half, 0);
+    // (q - 8) * scale + zero = q * scale + (zero - 8 * scale), as int4_dequantized computes it
+    shift[half] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[half], pair_lanes(sz, half, 1));
+  }
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i bytes = _mm512_loadu_si512(packed + 64 * c);
+    const __m512i nibbles[2] = {_mm512_and_si512(bytes, low_nibbles),
+                                _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles)};
+    for (int hi = 0; hi < 2; ++hi) {
+      for (int r = 0; r < 2; ++r) {
+        __m512 w[2];
+        for (int half = 0; half < 2; ++half) {
+          const __m128i q = _mm512_extracti32x4_epi32(nibbles[hi], 2 * r + half);
+          w[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), scale[half], shift[half]);
+        }
+        _mm512_storeu_si512(tile + (4 * c + 2 * hi + r) * 32, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+      }
+    }
+  }
+}
+
+// Rows (at most 32) of x times the weight's columns n0..n0 + 31, rounded to
+// bfloat16 into out (row stride n); tiles configured for these rows
+// (configure_tiles). Each 32 x 32 block is dequantized into b_tiles just
+// before its products: dequantizing a whole column strip first and then
+// multiplying was 1.6x slower (the strip left L1).
+void int4_amx_block(const uint16_t* x, int64_t x_stride, const uint8_t* packed, const uint16_t* scales_zeros,
+                    uint16_t* out, int64_t rows, int64_t n, int64_t k, int64_t group, int64_t n0, uint16_t* b_tiles,
+                    float* sums) {
+  _tile_zero(4);
+  _tile_zero(6);
+  if (rows > 16) {
+    _tile_zero(5);
+    _tile_zero(7);
+  }
+  const uint8_t* block = packed + (n0 / 32) * (k / 32) * 512;
+  for (int64_t k0 = 0; k0 < k; k0 += 32) {
+    const uint16_t* sz = scales_zeros + ((k0 / group) * n + n0) * 2;
+    dequantize_tile(block + k0 * 16, sz, b_tiles);
+    dequantize_tile(block + k0 * 16 + 256, sz + 32, b_tiles + 512);
+    _tile_loadd(2, b_tiles, 64);
+    _tile_loadd(3, b_tiles + 512, 64);
+    _tile_loadd(0, x + k0, x_stride * 2);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(6, 0, 3);
+    if (rows > 16) {
+      _tile_loadd(1, x + 16 * x_stride + k0, x_stride * 2);
+      _tile_dpbf16ps(5, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  // sums [32 rows][32 columns] float32, then rounded into out
+  _tile_stored(4, sums, 128);
+  _tile_stored(6, sums + 16, 128);
+  if (rows > 16) {
+    _tile_stored(5, sums + 16 * 32, 128);
+    _tile_stored(7, sums + 16 * 32 + 16, 128);
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    _mm512_storeu_si512(out + m * n + n0, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sums + m * 32 + 16),
+                                                                      _mm512_loadu_ps(sums + m * 32)));
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -269,12 +525,29 @@ void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride,
                              static_cast<const float*>(v), static_cast<float*>(out), slots, slots_row_stride,
                              seq_lens, batch, heads, kv_heads, dk, dv, k_slot_stride, k_head_stride, v_slot_stride,
                              v_head_stride, window, scale);
-  } else {
-    decode_attention_any_dim(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k),
-                             static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), slots, slots_row_stride,
-                             seq_lens, batch, heads, kv_heads, dk, dv, k_slot_stride, k_head_stride, v_slot_stride,
-                             v_head_stride, window, scale);
+    return;
   }
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const auto* q16 = static_cast<const uint16_t*>(q);
+  const auto *k16 = static_cast<const uint16_t*>(k), *v16 = static_cast<const uint16_t*>(v);
+  auto* out16 = static_cast<uint16_t*>(out);
+  if (dk == 64 && dv == 64) {
+    decode_attention_bf16_avx512<64>(q16, q_row_stride, k16, v16, out16, slots, slots_row_stride, seq_lens, batch,
+                                     heads, kv_heads, k_slot_stride, k_head_stride, v_slot_stride, v_head_stride,
+                                     window, scale);
+    return;
+  }
+  if (dk == 128 && dv == 128) {
+    decode_attention_bf16_avx512<128>(q16, q_row_stride, k16, v16, out16, slots, slots_row_stride, seq_lens, batch,
+                                      heads, kv_heads, k_slot_stride, k_head_stride, v_slot_stride, v_head_stride,
+                                      window, scale);
+    return;
+  }
+#endif
+  decode_attention_any_dim(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k),
+                           static_cast<const uint16_t*>(v), static_cast<uint16_t*>(out), slots, slots_row_stride,
+                           seq_lens, batch, heads, kv_heads, dk, dv, k_slot_stride, k_head_stride, v_slot_stride,
+                           v_head_stride, window, scale);
 }
 
 // bfloat16 RMSNorm in transformers' order: s = x + residual (rounded; written
@@ -334,6 +607,49 @@ void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t
     rotary(static_cast<const uint16_t*>(x), x_stride, positions, table, static_cast<uint16_t*>(out), rows, heads,
            head_dim);
   }
+}
+
+// Whether radixserve_int4_linear_amx runs here: built with AMX and the
+// process allowed to use it.
+int radixserve_amx_available() {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// out [rows, n] bfloat16 (contiguous) = x [rows, k] bfloat16 (row stride
+// x_stride) times an int4 weight packed for AMX (see int4_amx_block), its
+// bfloat16 scales_zeros [k / group, n, 2]. n, k and group multiples of 32.
+// Returns 0, or -1 where AMX is not available (nothing written).
+int radixserve_int4_linear_amx(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
+                               const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
+                               int64_t group) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (!amx_permitted()) return -1;
+#pragma omp parallel
+  {
+    alignas(64) uint16_t b_tiles[2 * 512];
+    alignas(64) float sums[32 * 32];
+    int64_t configured_rows = -1;
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < n; n0 += 32) {
+      // more than 32 rows dequantize each block again for each 32 (decode batches rarely have more)
+      for (int64_t m0 = 0; m0 < rows; m0 += 32) {
+        const int64_t block_rows = std::min<int64_t>(32, rows - m0);
+        if (block_rows != configured_rows) configure_tiles(configured_rows = block_rows);
+        int4_amx_block(x + m0 * x_stride, x_stride, packed, scales_zeros, out + m0 * n, block_rows, n, k, group, n0,
+                       b_tiles, sums);
+      }
+    }
+    if (configured_rows >= 0) _tile_release();
+  }
+  return 0;
+#else
+  (void)x, (void)x_stride, (void)packed, (void)scales_zeros, (void)out, (void)rows, (void)n, (void)k, (void)group;
+  return -1;
+#endif
 }
 
 }  // extern "C"

@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from radixserve.layers import cpu_kernels
 from radixserve.utils.cpu_features import cpu_has_amx, cpu_has_native_bf16
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -107,20 +108,44 @@ INT8_DEQUANTIZE_FROM_ROWS = 128
 # after other requests had filled the radix cache, 2026-12-04).
 AMX_DECODE_DENSE_FROM_ROWS = 16
 _bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() on AMX
+# int4 weights in a decode step of this many rows go through the AMX kernel
+# (cpu_kernels.int4_linear_amx), which reads the int4 weight itself and runs
+# the dense copy's arithmetic on the tile unit: 2x faster than the dense copy
+# at 32 rows and 2x faster than torch's int4 kernel at 8 (3,072 x 576, weights
+# not in cache, 2-core AMX Xeon: 108 against 218 and 747 us at 32 rows; 100
+# against 174 and 200 at 8; at 4 rows torch's kernel ties, at 1 it wins, 60
+# against 96). Past 32 rows each weight block is dequantized once per 32 rows.
+AMX_INT4_DECODE_ROWS = range(8, 65)
+_amx_decode = False  # set by decode_step() on AMX
 
 
 @contextmanager
 def decode_step() -> Iterator[None]:
     """Linear layers called within run one decode step (ModelRunner)."""
-    global _bf16_dense_from_rows
+    global _bf16_dense_from_rows, _amx_decode
     if not cpu_has_amx():
         yield
         return
-    _bf16_dense_from_rows = AMX_DECODE_DENSE_FROM_ROWS
+    _bf16_dense_from_rows, _amx_decode = AMX_DECODE_DENSE_FROM_ROWS, True
     try:
         yield
     finally:
-        _bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS
+        _bf16_dense_from_rows, _amx_decode = INT8_DEQUANTIZE_FROM_ROWS, False
+
+
+def takes_amx_int4(rows: torch.Tensor, packed: torch.Tensor, group: int) -> bool:
+    """Whether a decode step's rows times this int4 weight run on the AMX kernel."""
+    return (_amx_decode and rows.shape[0] in AMX_INT4_DECODE_ROWS
+            and cpu_kernels.amx_takes_int4(rows, packed.shape[0], group))
+
+
+def amx_int4_copy(packed: torch.Tensor) -> torch.Tensor:
+    """The AMX kernel's layout of an int4 weight (half a byte a weight, as
+    torch's), made on first use and kept on the weight; unquantized() drops it."""
+    copy = packed.__dict__.get("amx_copy")
+    if copy is None:
+        copy = packed.amx_copy = cpu_kernels.pack_int4_for_amx(unpack_int4(packed))
+    return copy
 
 
 def takes_dense_gemm(rows: torch.Tensor) -> bool:
@@ -255,10 +280,12 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # A decode step calls this 4 times a layer: no reshape or cast that would
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if takes_dense_gemm(rows):  # a prefill (or an AMX decode batch): one ordinary GEMM, as for int8
+    group = x.shape[-1] // scales_and_zeros.shape[0]
+    if takes_amx_int4(rows, packed, group):
+        out = cpu_kernels.int4_linear_amx(rows, amx_int4_copy(packed), scales_and_zeros)
+    elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:
-        group = x.shape[-1] // scales_and_zeros.shape[0]
         if rows.dtype != torch.bfloat16:
             rows = rows.to(torch.bfloat16)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group, scales_and_zeros)
@@ -411,7 +438,8 @@ def unquantized(model: nn.Module) -> Iterator[None]:
             weight.data.copy_(q)
             scale.copy_(new_scale)
             m.weight, m.weight_scale = weight, scale
-            weight.__dict__.pop("dense_copy", None)  # prefill_gemm's copy of the old values
+            for copy in ("dense_copy", "amx_copy"):  # prefill_gemm's and the AMX kernel's, of the old values
+                weight.__dict__.pop(copy, None)
         for m in heads:
             q, new_scale = m.weight_format.quantize(m.weight.data)
             m.qweight.copy_(q)
