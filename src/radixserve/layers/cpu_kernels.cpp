@@ -70,19 +70,25 @@ inline float fast_exp(float x) {
   return p * two_n;
 }
 
+// e^(s - max s) over a score row of length n, in place; returns the row's sum.
+float exp_row(float* s, int64_t n) {
+  float top = s[0];
+#pragma omp simd reduction(max : top)
+  for (int64_t l = 1; l < n; ++l) top = std::max(top, s[l]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t l = 0; l < n; ++l) {
+    s[l] = fast_exp(s[l] - top);
+    sum += s[l];
+  }
+  return sum;
+}
+
 // Softmax of each of `rows` score rows of length n, in place.
 void softmax_rows(float* scores, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     float* s = scores + r * n;
-    float top = s[0];
-    for (int64_t l = 1; l < n; ++l) top = std::max(top, s[l]);
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < n; ++l) {
-      s[l] = fast_exp(s[l] - top);
-      sum += s[l];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_row(s, n);
 #pragma omp simd
     for (int64_t l = 0; l < n; ++l) s[l] *= inv;
   }
@@ -217,7 +223,6 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
   __m512 part[16];
   for (int64_t l0 = 0; l0 < n; l0 += 16) {
     const int count = static_cast<int>(std::min<int64_t>(16, n - l0));
-    for (int64_t l = l0 + 16; l < std::min(n, l0 + 32); ++l) prefetch_row(k + slot[l] * k_slot_stride, row_bytes);
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
       for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
         __m512bh qv[D / 32];
@@ -225,6 +230,8 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
         for (int j = 0; j < 16; ++j) {
           __m512 acc = _mm512_setzero_ps();
           if (j < count) {
+            // the next block's rows, one a key: a burst of a whole block's stalled on the CPU's fill buffers
+            if (h == 0 && l0 + 16 + j < n) prefetch_row(k + slot[l0 + 16 + j] * k_slot_stride, row_bytes);
             const uint16_t* kp = k + slot[l0 + j] * k_slot_stride + kh * k_head_stride;
             for (int c = 0; c < D / 32; ++c)
               acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kp + 32 * c));
@@ -238,31 +245,41 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
   }
 }
 
-// out_h = sum_l weights[h, l] * v_l for each query head h, rounded to
-// bfloat16, sixteen values rows at a time (read once, as the keys are).
+// out_h = sum_l weights[h, l] * v_l / sums[h] for each query head h (the
+// softmax's division left to the end), rounded to bfloat16. A block of 16
+// keys' value rows of a KV head is widened to float32 once, into `rows`, for
+// all its query heads.
 template <int D>
-void bf16_weighted_values(const float* weights, const uint16_t* v, const int64_t* slot, int64_t n,
-                          int64_t v_slot_stride, int64_t v_head_stride, int64_t kv_heads, int64_t group,
-                          int64_t row_bytes, float* acc, uint16_t* out) {
+void bf16_weighted_values(const float* weights, const float* sums, const uint16_t* v, const int64_t* slot,
+                          int64_t n, int64_t v_slot_stride, int64_t v_head_stride, int64_t kv_heads, int64_t group,
+                          int64_t row_bytes, float* acc, float* rows, uint16_t* out) {
   std::fill(acc, acc + kv_heads * group * D, 0.0f);
   for (int64_t l0 = 0; l0 < n; l0 += 16) {
-    const int64_t end = std::min(n, l0 + 16);
-    for (int64_t l = l0 + 16; l < std::min(n, l0 + 32); ++l) prefetch_row(v + slot[l] * v_slot_stride, row_bytes);
+    const int64_t count = std::min<int64_t>(16, n - l0);
     for (int64_t kh = 0; kh < kv_heads; ++kh) {
+      for (int64_t j = 0; j < count; ++j) {
+        // the next block's rows, one a key (a block's burst stalled on the fill buffers)
+        if (kh == 0 && l0 + 16 + j < n) prefetch_row(v + slot[l0 + 16 + j] * v_slot_stride, row_bytes);
+        const uint16_t* vp = v + slot[l0 + j] * v_slot_stride + kh * v_head_stride;
+        for (int c = 0; c < D / 16; ++c) _mm512_store_ps(rows + j * D + 16 * c, bf16x16_to_ps(vp + 16 * c));
+      }
       for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
         __m512 a[D / 16];
         for (int c = 0; c < D / 16; ++c) a[c] = _mm512_loadu_ps(acc + h * D + 16 * c);
-        for (int64_t l = l0; l < end; ++l) {
-          const uint16_t* vp = v + slot[l] * v_slot_stride + kh * v_head_stride;
-          const __m512 w = _mm512_set1_ps(weights[h * n + l]);
-          for (int c = 0; c < D / 16; ++c) a[c] = _mm512_fmadd_ps(w, bf16x16_to_ps(vp + 16 * c), a[c]);
+        for (int64_t j = 0; j < count; ++j) {
+          const __m512 w = _mm512_set1_ps(weights[h * n + l0 + j]);
+          for (int c = 0; c < D / 16; ++c) a[c] = _mm512_fmadd_ps(w, _mm512_load_ps(rows + j * D + 16 * c), a[c]);
         }
         for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + h * D + 16 * c, a[c]);
       }
     }
   }
-  for (int64_t i = 0; i < kv_heads * group * D; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc + i)));
+  for (int64_t h = 0; h < kv_heads * group; ++h) {
+    const __m512 inv = _mm512_set1_ps(1.0f / sums[h]);
+    for (int c = 0; c < D / 16; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * D + 16 * c),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + h * D + 16 * c), inv)));
+  }
 }
 
 template <int D>
@@ -278,7 +295,8 @@ void decode_attention_bf16_avx512(const uint16_t* q, int64_t q_row_stride, const
   const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + D) * 2;
 #pragma omp parallel
   {
-    std::vector<float> scores, acc(task_heads * D);
+    std::vector<float> scores, acc(task_heads * D), sums(task_heads);
+    alignas(64) float rows[16 * D];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * tasks_per_request; ++task) {
       const int64_t b = task / tasks_per_request, h0 = task % tasks_per_request * task_kv_heads;
@@ -294,9 +312,9 @@ void decode_attention_bf16_avx512(const uint16_t* q, int64_t q_row_stride, const
       scores.resize(task_heads * n);
       bf16_scores<D>(q + b * q_row_stride + h0 * group * D, k + h0 * k_head_stride, slot, n, k_slot_stride,
                      k_head_stride, task_kv_heads, group, scale, row_bytes_k, scores.data());
-      softmax_rows(scores.data(), task_heads, n);
-      bf16_weighted_values<D>(scores.data(), v + h0 * v_head_stride, slot, n, v_slot_stride, v_head_stride,
-                              task_kv_heads, group, row_bytes_v, acc.data(), o);
+      for (int64_t h = 0; h < task_heads; ++h) sums[h] = exp_row(scores.data() + h * n, n);
+      bf16_weighted_values<D>(scores.data(), sums.data(), v + h0 * v_head_stride, slot, n, v_slot_stride,
+                              v_head_stride, task_kv_heads, group, row_bytes_v, acc.data(), rows, o);
     }
   }
 }
