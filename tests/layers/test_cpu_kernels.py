@@ -260,24 +260,41 @@ def test_rotary_against_the_torch_path(dtype, side_by_side, multimodal):
         assert torch.equal(a, b)
 
 amx_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_available()),
-                              reason="the int4 kernel runs on CPUs with AMX")
+                              reason="the quantized linears' kernels run on CPUs with AMX")
+
+
+def int4_on_amx(w: torch.Tensor, group: int):
+    """(the AMX kernel's product, the dense copy's bfloat16 values) of w in int4."""
+    from radixserve.layers.quantization import int4_dequantized, quantize_int4_groups, unpack_int4
+
+    packed, scales_and_zeros = quantize_int4_groups(w, group)
+    amx = cpu_kernels.pack_int4_for_amx(unpack_int4(packed))
+    return (lambda x: cpu_kernels.int4_linear_amx(x, amx, scales_and_zeros),
+            int4_dequantized(packed, scales_and_zeros).to(torch.bfloat16))
+
+
+def int8_on_amx(w: torch.Tensor, group: int):
+    from radixserve.layers.quantization import per_row_dequantized, quantize_per_row
+
+    q, scale = quantize_per_row(w, torch.int8)
+    amx = cpu_kernels.pack_int8_for_amx(q)
+    return (lambda x: cpu_kernels.int8_linear_amx(x, amx, scale.view(-1)),
+            per_row_dequantized(q, scale.view(-1)).to(torch.bfloat16))
 
 
 @amx_only
+@pytest.mark.parametrize("fmt", [int4_on_amx, int8_on_amx])
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (64, 128, 128)])
-def test_int4_amx_linear_against_the_dequantized_weight(rows, out_features, in_features, group):
-    """The AMX kernel's product against float64 over the bfloat16 values the
-    dense copy holds ((q - 8) * scale + zero, rounded): rows below, at and past
-    one and two tiles of 16, x a view with a row stride of its own."""
-    from radixserve.layers.quantization import int4_dequantized, quantize_int4_groups, unpack_int4
-
+def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_features, group):
+    """The AMX kernels' products (int4 in groups, int8 per row) against float64
+    over the bfloat16 values the dense copy holds: rows below, at and past one
+    and two tiles of 16, x a view with a row stride of its own."""
     g = torch.Generator().manual_seed(rows + out_features)
-    packed, scales_and_zeros = quantize_int4_groups(torch.randn(out_features, in_features, generator=g), group)
+    matmul, dense = fmt(torch.randn(out_features, in_features, generator=g), group)
     wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
     x = wide[:, :in_features]
-    out = cpu_kernels.int4_linear_amx(x, cpu_kernels.pack_int4_for_amx(unpack_int4(packed)), scales_and_zeros)
-    dense = int4_dequantized(packed, scales_and_zeros).to(torch.bfloat16)
+    out = matmul(x)
     exact = x.double() @ dense.double().T
     assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     assert rel(out, exact) < 4e-3  # the output's bfloat16 rounding
@@ -285,11 +302,11 @@ def test_int4_amx_linear_against_the_dequantized_weight(rows, out_features, in_f
 
 
 @torch.inference_mode()
-def test_int4_amx_takes_only_whole_blocks():
-    """Shapes the kernel's 32 x 32 blocks do not tile stay off it (amx_takes_int4)."""
+def test_amx_takes_only_whole_blocks():
+    """Shapes the kernels' 32 x 32 blocks do not tile stay off them (amx_takes)."""
     rows = torch.randn(8, 96).to(torch.bfloat16)
     amx = cpu_kernels.amx_available()
-    assert cpu_kernels.amx_takes_int4(rows, 64, 32) == amx
-    assert not cpu_kernels.amx_takes_int4(rows, 48, 32)  # output columns not a multiple of 32
-    assert not cpu_kernels.amx_takes_int4(rows[:, :80], 64, 16)  # inputs, group
-    assert not cpu_kernels.amx_takes_int4(rows.float(), 64, 32)
+    assert cpu_kernels.amx_takes(rows, 64) == amx and cpu_kernels.amx_takes(rows, 64, 32) == amx
+    assert not cpu_kernels.amx_takes(rows, 48, 32)  # output columns not a multiple of 32
+    assert not cpu_kernels.amx_takes(rows[:, :80], 64, 16)  # inputs, group
+    assert not cpu_kernels.amx_takes(rows.float(), 64, 32)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from radixserve.layers import cpu_kernels
 from radixserve.layers.quantization import (
     FP8, FP8_DTYPE, INT8_WEIGHT_ONLY, fp8_linear, int8_weight_only_linear, quantize_linears, quantize_per_row,
     unquantized,
@@ -194,6 +195,34 @@ def test_int8_weight_only_linear_equals_the_dequantized_product():
     assert rel(out, x @ dequantize(wq, ws).T) < 1e-6
     fast = int8_weight_only_linear(x.bfloat16(), wq, ws.view(-1), None)  # the CPU's fast kernel
     assert fast.dtype == torch.bfloat16 and rel(fast, x @ dequantize(wq, ws).T) < 1e-2
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int8 kernel needs a CPU with AMX")
+def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
+    """On AMX a decode step's 2 to 32 bfloat16 rows times an int8 weight (the
+    LM head's format) go through the AMX kernel, equal to the product with the
+    dequantized weight; one row keeps torch's kernel; an update
+    (`unquantized`) drops the kernel's copy, so the next step sees new values."""
+    import radixserve.layers.quantization as quantization
+
+    torch.manual_seed(9)
+    linear = Linear(96, 64)
+    nn.init.normal_(linear.weight)
+    quantize_linears(linear, INT8_WEIGHT_ONLY)
+    x = torch.randn(32, 96).to(torch.bfloat16)
+    with torch.inference_mode(), quantization.decode_step():
+        one = linear(x[:1])
+        assert "amx_copy" not in linear.weight.__dict__
+        out = linear(x)
+    assert "amx_copy" in linear.weight.__dict__
+    dense = dequantize(linear.weight, linear.weight_scale.view(-1, 1)).to(torch.bfloat16)
+    assert rel(out, x.double() @ dense.double().T) < 4e-3
+    assert rel(one, out[:1]) < 1e-2
+    with unquantized(linear):
+        linear.weight.data.mul_(-1)
+    assert "amx_copy" not in linear.weight.__dict__
+    with torch.inference_mode(), quantization.decode_step():
+        assert rel(linear(x[:2]), -out[:2]) < 1e-2
 
 
 def test_int8_weight_only_tiny_llama_matches_transformers_with_the_same_weights(tiny_model_factory):

@@ -20,8 +20,6 @@
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <vector>
@@ -387,132 +385,6 @@ __attribute__((optimize("fp-contract=off"))) void rotary(const T* x, int64_t x_s
   }
 }
 
-
-
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-// int4 weights times bfloat16 rows on AMX: the decode step's linear layers on
-// a CPU with AMX. Each 32 x 32 block of the weight is dequantized in
-// registers to bfloat16 (as the dense copy holds it) and multiplied on the tile
-// unit, so a step reads 4 bits a weight rather than the dense copy's 16.
-//
-// The packed weight (cpu_kernels.py packs it): per block of 32 output columns
-// and 32 input values, two B tiles (columns 0..15, 16..31) of 256 bytes. A B
-// tile holds 16 rows of 32 bfloat16, row r = the pairs (k = 2r, 2r + 1) of its
-// 16 columns (AMX's pairs layout). Its 256 bytes are four 64-byte chunks;
-// chunk c's low nibbles are rows 4c and 4c + 1 (32 bytes each), its high
-// nibbles rows 4c + 2 and 4c + 3. Scales and zeros: torch's int4 layout,
-// bfloat16 [K / group, N, 2], w = (q - 8) * scale + zero.
-
-struct TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Linux hands AMX's tile state to a process only on request.
-bool amx_permitted() {
-  constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-  static const bool permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  return permitted;
-}
-
-// Tiles: 0, 1 the rows (A) 0..15 and 16..31; 2, 3 the weight's B tiles; 4..7
-// the sums, C[m block][column tile] = 4 + m + 2 * t.
-void configure_tiles(int64_t rows) {
-  TileConfig cfg;
-  const int64_t second = std::max<int64_t>(0, rows - 16);
-  const int64_t a_rows[2] = {std::min<int64_t>(16, rows), second};
-  for (int m = 0; m < 2; ++m) {
-    if (a_rows[m] == 0) continue;
-    cfg.rows[m] = cfg.rows[4 + m] = cfg.rows[6 + m] = static_cast<uint8_t>(a_rows[m]);
-    cfg.colsb[m] = cfg.colsb[4 + m] = cfg.colsb[6 + m] = 64;
-  }
-  cfg.rows[2] = cfg.rows[3] = 16;
-  cfg.colsb[2] = cfg.colsb[3] = 64;
-  _tile_loadconfig(&cfg);
-}
-
-// The scales (or zeros, odd = 1) of 16 columns as float32 pairs for a B
-// tile row's first (half 0) or last 16 values: lane j -> column 8 * half + j / 2.
-inline __m512 pair_lanes(__m512i scales_zeros, int half, int odd) {
-  alignas(64) uint16_t idx[32];
-  for (int j = 0; j < 16; ++j) idx[2 * j] = 0, idx[2 * j + 1] = static_cast<uint16_t>(2 * (8 * half + j / 2) + odd);
-  const __m512i picked = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(idx), scales_zeros);
-  return _mm512_castsi512_ps(picked);  // a bfloat16 in a float32's high half is that float32
-}
-
-// One B tile: 256 packed bytes -> 16 rows of 32 bfloat16 at `tile`.
-inline void dequantize_tile(const uint8_t* packed, const uint16_t* scales_zeros, uint16_t* tile) {
-  const __m512i sz = _mm512_loadu_si512(scales_zeros);  // 16 columns' (scale, zero)
-  __m512 scale[2], shift[2];
-  for (int half = 0; half < 2; ++half) {
-    scale[half] = pair_lanes(sz, half, 0);
-    // (q - 8) * scale + zero = q * scale + (zero - 8 * scale), as int4_dequantized computes it
-    shift[half] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[half], pair_lanes(sz, half, 1));
-  }
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  for (int c = 0; c < 4; ++c) {
-    const __m512i bytes = _mm512_loadu_si512(packed + 64 * c);
-    const __m512i nibbles[2] = {_mm512_and_si512(bytes, low_nibbles),
-                                _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles)};
-    for (int hi = 0; hi < 2; ++hi) {
-      for (int r = 0; r < 2; ++r) {
-        __m512 w[2];
-        for (int half = 0; half < 2; ++half) {
-          const __m128i q = _mm512_extracti32x4_epi32(nibbles[hi], 2 * r + half);
-          w[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), scale[half], shift[half]);
-        }
-        _mm512_storeu_si512(tile + (4 * c + 2 * hi + r) * 32, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
-      }
-    }
-  }
-}
-
-// Rows (at most 32) of x times the weight's columns n0..n0 + 31, rounded to
-// bfloat16 into out (row stride n); tiles configured for these rows
-// (configure_tiles). Each 32 x 32 block is dequantized into b_tiles just
-// before its products: dequantizing a whole column strip first and then
-// multiplying was 1.6x slower (the strip left L1).
-void int4_amx_block(const uint16_t* x, int64_t x_stride, const uint8_t* packed, const uint16_t* scales_zeros,
-                    uint16_t* out, int64_t rows, int64_t n, int64_t k, int64_t group, int64_t n0, uint16_t* b_tiles,
-                    float* sums) {
-  _tile_zero(4);
-  _tile_zero(6);
-  if (rows > 16) {
-    _tile_zero(5);
-    _tile_zero(7);
-  }
-  const uint8_t* block = packed + (n0 / 32) * (k / 32) * 512;
-  for (int64_t k0 = 0; k0 < k; k0 += 32) {
-    const uint16_t* sz = scales_zeros + ((k0 / group) * n + n0) * 2;
-    dequantize_tile(block + k0 * 16, sz, b_tiles);
-    dequantize_tile(block + k0 * 16 + 256, sz + 32, b_tiles + 512);
-    _tile_loadd(2, b_tiles, 64);
-    _tile_loadd(3, b_tiles + 512, 64);
-    _tile_loadd(0, x + k0, x_stride * 2);
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(6, 0, 3);
-    if (rows > 16) {
-      _tile_loadd(1, x + 16 * x_stride + k0, x_stride * 2);
-      _tile_dpbf16ps(5, 1, 2);
-      _tile_dpbf16ps(7, 1, 3);
-    }
-  }
-  // sums [32 rows][32 columns] float32, then rounded into out
-  _tile_stored(4, sums, 128);
-  _tile_stored(6, sums + 16, 128);
-  if (rows > 16) {
-    _tile_stored(5, sums + 16 * 32, 128);
-    _tile_stored(7, sums + 16 * 32 + 16, 128);
-  }
-  for (int64_t m = 0; m < rows; ++m)
-    _mm512_storeu_si512(out + m * n + n0, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(sums + m * 32 + 16),
-                                                                      _mm512_loadu_ps(sums + m * 32)));
-}
-#endif
-
 }  // namespace
 
 extern "C" {
@@ -625,49 +497,6 @@ void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t
     rotary(static_cast<const uint16_t*>(x), x_stride, positions, table, static_cast<uint16_t*>(out), rows, heads,
            head_dim);
   }
-}
-
-// Whether radixserve_int4_linear_amx runs here: built with AMX and the
-// process allowed to use it.
-int radixserve_amx_available() {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  return amx_permitted() ? 1 : 0;
-#else
-  return 0;
-#endif
-}
-
-// out [rows, n] bfloat16 (contiguous) = x [rows, k] bfloat16 (row stride
-// x_stride) times an int4 weight packed for AMX (see int4_amx_block), its
-// bfloat16 scales_zeros [k / group, n, 2]. n, k and group multiples of 32.
-// Returns 0, or -1 where AMX is not available (nothing written).
-int radixserve_int4_linear_amx(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
-                               const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
-                               int64_t group) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-  if (!amx_permitted()) return -1;
-#pragma omp parallel
-  {
-    alignas(64) uint16_t b_tiles[2 * 512];
-    alignas(64) float sums[32 * 32];
-    int64_t configured_rows = -1;
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < n; n0 += 32) {
-      // more than 32 rows dequantize each block again for each 32 (decode batches rarely have more)
-      for (int64_t m0 = 0; m0 < rows; m0 += 32) {
-        const int64_t block_rows = std::min<int64_t>(32, rows - m0);
-        if (block_rows != configured_rows) configure_tiles(configured_rows = block_rows);
-        int4_amx_block(x + m0 * x_stride, x_stride, packed, scales_zeros, out + m0 * n, block_rows, n, k, group, n0,
-                       b_tiles, sums);
-      }
-    }
-    if (configured_rows >= 0) _tile_release();
-  }
-  return 0;
-#else
-  (void)x, (void)x_stride, (void)packed, (void)scales_zeros, (void)out, (void)rows, (void)n, (void)k, (void)group;
-  return -1;
-#endif
 }
 
 }  // extern "C"

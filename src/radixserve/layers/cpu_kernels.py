@@ -33,7 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_suffix(".cpp")
+# the kernels of the decode step, and the quantized linears on AMX: one library
+SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_kernels_amx.cpp")]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The instruction set the kernels are built for: the machine's own by default.
 # The source has AVX-512 BF16 paths with plain-C++ fallbacks; a narrower target
@@ -55,7 +56,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     """The compiled library's path, compiling it unless a process already did."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     flags = [*FLAGS, f"-march={os.environ.get(MARCH_ENV, 'native')}"]
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_flags().encode()]))
     cache = Path(os.environ.get("RADIXSERVE_CACHE_DIR", Path.home() / ".cache" / "radixserve")) / "cpu_kernels"
@@ -67,7 +68,7 @@ def _build(compiler: str) -> Path:
     # never load a half-written file.
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built)], check=True, capture_output=True, text=True)
         os.replace(built, target)
     return target
 
@@ -94,6 +95,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_silu_and_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64]
     lib.radixserve_rotary.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
+    lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     return lib
 
 
@@ -197,51 +199,82 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, head_d
     return out
 
 
-# ---- int4 linear layers on AMX ----
+# ---- quantized linear layers on AMX (cpu_kernels_amx.cpp) ----
 
-AMX_BLOCK = 32  # the kernel's blocks of output columns and of input values
+AMX_BLOCK = 32  # the kernels' blocks of output columns and of input values
 
 
 @functools.lru_cache(maxsize=None)
 def amx_available() -> bool:
-    """Whether int4_linear_amx runs here: the kernels built with AMX (a CPU
-    that has it) and Linux granting the process its tile state."""
+    """Whether the AMX kernels run here: built with AMX (a CPU that has it)
+    and Linux granting the process its tile state."""
     lib = _library()
     return lib is not None and lib.radixserve_amx_available() == 1
 
 
-def amx_takes_int4(rows: torch.Tensor, out_features: int, group: int) -> bool:
-    """Whether int4_linear_amx multiplies these rows by an [out_features, in] int4 weight."""
+def amx_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
+    """Whether an AMX kernel multiplies these rows by an [out_features, in]
+    weight (int4 in groups of `group` input values, or int8 per row)."""
     return (rows.dtype == torch.bfloat16 and takes_rows(rows) and out_features % AMX_BLOCK == 0
             and rows.shape[1] % AMX_BLOCK == 0 and group % AMX_BLOCK == 0 and amx_available())
 
 
-def pack_int4_for_amx(q: torch.Tensor) -> torch.Tensor:
-    """q values [out, in] (uint8, 0..15) -> the kernel's layout (cpu_kernels.cpp,
-    int4_amx_block): per 32 x 32 block, two tiles of 16 rows of (k, k + 1) pairs,
-    two rows to each nibble half of a 64-byte chunk. Half a byte a weight."""
+def _tile_order(q: torch.Tensor) -> torch.Tensor:
+    """q [out, in] -> [out / 32, in / 32, 2 tiles, 16 tile rows, 32]: per 32 x 32
+    block, the B tiles of its columns 0..15 and 16..31, row r = the pairs
+    (k = 2r, 2r + 1) of the tile's 16 columns."""
     n, k = q.shape
-    # [column block, tile, column, k block, tile row, pair] -> [column block, k block, tile, tile row, 32]
-    tiles = q.view(n // 32, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 32, 2, 16, 32)
-    # tile row = 4 * chunk + 2 * (high nibble) + row within the half
-    halves = tiles.view(n // 32, k // 32, 2, 4, 2, 2, 32)
+    return q.view(n // 32, 2, 16, k // 32, 16, 2).permute(0, 3, 1, 4, 2, 5).reshape(n // 32, k // 32, 2, 16, 32)
+
+
+def pack_int4_for_amx(q: torch.Tensor) -> torch.Tensor:
+    """q values [out, in] (uint8, 0..15) -> the int4 kernel's layout: two tile
+    rows to each nibble half of a 64-byte chunk. Half a byte a weight."""
+    n, k = q.shape
+    halves = _tile_order(q).view(n // 32, k // 32, 2, 4, 2, 2, 32)  # tile row = 4 chunk + 2 high + row
     packed = halves[:, :, :, :, 0] | (halves[:, :, :, :, 1] << 4)
     return packed.contiguous().view(n // 32, k // 32 * 512)
+
+
+def pack_int8_for_amx(q: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [out, in] -> the int8 kernel's layout (tile order)."""
+    n, k = q.shape
+    return _tile_order(q).contiguous().view(n // 32, k // 32 * 1024)
+
+
+def _amx_out(rows: torch.Tensor, out_features: int) -> torch.Tensor:
+    return torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+
+
+def _amx_ran(status: int) -> None:
+    if status != 0:
+        raise RuntimeError("the AMX kernels: this CPU or process has no AMX")
 
 
 def int4_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """rows [m, in] bfloat16 times the int4 weight packed by pack_int4_for_amx,
     with torch's bfloat16 scales_and_zeros [in / group, out, 2] -> [m, out]
     bfloat16; the weight's values are (q - 8) * scale + zero rounded to
-    bfloat16, as the dense copy holds them (amx_takes_int4 says where it runs)."""
-    out_features, k = packed.shape[0] * 32, rows.shape[1]
-    group = k // scales_and_zeros.shape[0]
+    bfloat16, as the dense copy holds them (amx_takes says where it runs)."""
+    out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
     if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
         raise ValueError("int4_linear_amx takes contiguous bfloat16 scales_and_zeros")
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    status = _library().radixserve_int4_linear_amx(rows.data_ptr(), rows.stride(0), packed.data_ptr(),
-                                                   scales_and_zeros.data_ptr(), out.data_ptr(), rows.shape[0],
-                                                   out_features, k, group)
-    if status != 0:
-        raise RuntimeError("int4_linear_amx: this CPU or process has no AMX")
+    out = _amx_out(rows, out_features)
+    _amx_ran(_library().radixserve_int4_linear_amx(
+        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
+        rows.shape[0], out_features, k, k // scales_and_zeros.shape[0]))
+    return out
+
+
+def int8_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows [m, in] bfloat16 times the int8 weight packed by pack_int8_for_amx,
+    with float32 scales [out] -> [m, out] bfloat16; the weight's values are
+    q * scale rounded to bfloat16, as the dense copy holds them."""
+    out_features = packed.shape[0] * AMX_BLOCK
+    if scales.dtype != torch.float32 or not scales.is_contiguous():
+        raise ValueError("int8_linear_amx takes contiguous float32 scales")
+    out = _amx_out(rows, out_features)
+    _amx_ran(_library().radixserve_int8_linear_amx(
+        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
+        out_features, rows.shape[1]))
     return out

@@ -116,6 +116,11 @@ _bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() on
 # against 174 and 200 at 8; at 4 rows torch's kernel ties, at 1 it wins, 60
 # against 96). Past 32 rows each weight block is dequantized once per 32 rows.
 AMX_INT4_DECODE_ROWS = range(8, 65)
+# int8 (the LM head's format): the kernel ties torch's at one row and wins from
+# two (the default model's LM head, 49,152 x 576: 924 against 1,584 us at 4
+# rows, 968 against 3,243 at 8); the dense copy wins past 32 (1,377 against
+# 1,729 us at 32, 2,777 against 2,086 at 64).
+AMX_INT8_DECODE_ROWS = range(2, 33)
 _amx_decode = False  # set by decode_step() on AMX
 
 
@@ -133,18 +138,17 @@ def decode_step() -> Iterator[None]:
         _bf16_dense_from_rows, _amx_decode = INT8_DEQUANTIZE_FROM_ROWS, False
 
 
-def takes_amx_int4(rows: torch.Tensor, packed: torch.Tensor, group: int) -> bool:
-    """Whether a decode step's rows times this int4 weight run on the AMX kernel."""
-    return (_amx_decode and rows.shape[0] in AMX_INT4_DECODE_ROWS
-            and cpu_kernels.amx_takes_int4(rows, packed.shape[0], group))
+def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, group: int = cpu_kernels.AMX_BLOCK) -> bool:
+    """Whether a decode step's rows times a quantized weight run on an AMX kernel."""
+    return _amx_decode and rows.shape[0] in decode_rows and cpu_kernels.amx_takes(rows, out_features, group)
 
 
-def amx_int4_copy(packed: torch.Tensor) -> torch.Tensor:
-    """The AMX kernel's layout of an int4 weight (half a byte a weight, as
-    torch's), made on first use and kept on the weight; unquantized() drops it."""
-    copy = packed.__dict__.get("amx_copy")
+def amx_copy(weight: torch.Tensor, pack: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The AMX kernels' layout of a quantized weight (`pack()`: as many bytes),
+    made on first use and kept on the weight; unquantized() drops it."""
+    copy = weight.__dict__.get("amx_copy")
     if copy is None:
-        copy = packed.amx_copy = cpu_kernels.pack_int4_for_amx(unpack_int4(packed))
+        copy = weight.amx_copy = pack()
     return copy
 
 
@@ -198,11 +202,13 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     """x [..., in] times an int8 weight [out, in] with scales [out] -> [..., out]."""
     shape = x.shape
     rows = x.reshape(-1, shape[-1])
-    scale = weight_scale.to(x.dtype)
-    if takes_dense_gemm(rows):
+    if takes_amx(rows, weight.shape[0], AMX_INT8_DECODE_ROWS) and weight_scale.dtype == torch.float32:
+        out = cpu_kernels.int8_linear_amx(rows, amx_copy(weight, lambda: cpu_kernels.pack_int8_for_amx(weight)),
+                                          weight_scale)
+    elif takes_dense_gemm(rows):
         out = prefill_gemm(rows, weight, lambda: per_row_dequantized(weight, weight_scale))
     else:
-        out = torch.ops.aten._weight_int8pack_mm(rows, weight, scale)
+        out = torch.ops.aten._weight_int8pack_mm(rows, weight, weight_scale.to(x.dtype))
     if bias is not None:
         out = out + bias
     return out.view(*shape[:-1], weight.shape[0])
@@ -281,8 +287,9 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     group = x.shape[-1] // scales_and_zeros.shape[0]
-    if takes_amx_int4(rows, packed, group):
-        out = cpu_kernels.int4_linear_amx(rows, amx_int4_copy(packed), scales_and_zeros)
+    if takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, group):
+        out = cpu_kernels.int4_linear_amx(rows, amx_copy(packed, lambda: cpu_kernels.pack_int4_for_amx(
+            unpack_int4(packed))), scales_and_zeros)
     elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:
@@ -444,4 +451,5 @@ def unquantized(model: nn.Module) -> Iterator[None]:
             q, new_scale = m.weight_format.quantize(m.weight.data)
             m.qweight.copy_(q)
             m.qscale.copy_(new_scale)
-            m.qweight.__dict__.pop("dense_copy", None)
+            for copy in ("dense_copy", "amx_copy"):
+                m.qweight.__dict__.pop(copy, None)

@@ -1,0 +1,252 @@
+// Quantized weights times bfloat16 rows on AMX: the decode step's linear
+// layers (and LM head) on a CPU with AMX. Compiled with cpu_kernels.cpp into
+// one library (cpu_kernels.py). Each 32 x 32 block of the weight is
+// dequantized in registers to the bfloat16 values the dense copy holds and
+// multiplied on the tile unit, so a step reads the quantized weight (4 or 8
+// bits a value) rather than the dense copy's 16, and does the dense copy's
+// arithmetic (float32 sums of bfloat16 products).
+//
+// Packed weights (cpu_kernels.py packs them): per block of 32 output columns
+// and 32 input values, two B tiles (columns 0..15, 16..31). A B tile holds 16
+// rows of 32 bfloat16, row r = the pairs (k = 2r, 2r + 1) of its 16 columns
+// (AMX's pairs layout). In an int8 weight a tile is those 512 values in that
+// order; in an int4 weight it is 256 bytes, four 64-byte chunks, chunk c's
+// low nibbles rows 4c and 4c + 1 (32 bytes each), its high nibbles rows
+// 4c + 2 and 4c + 3.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define RADIXSERVE_AMX 1
+#endif
+
+namespace {
+
+#ifdef RADIXSERVE_AMX
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux hands AMX's tile state to a process only on request.
+bool amx_permitted() {
+  constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  static const bool permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return permitted;
+}
+
+// Tiles: 0, 1 the rows (A) 0..15 and 16..31; 2, 3 the weight's B tiles; 4..7
+// the sums, C[m block][column tile] = 4 + m + 2 * t.
+void configure_tiles(int64_t rows) {
+  TileConfig cfg;
+  const int64_t a_rows[2] = {std::min<int64_t>(16, rows), std::max<int64_t>(0, rows - 16)};
+  for (int m = 0; m < 2; ++m) {
+    if (a_rows[m] == 0) continue;
+    cfg.rows[m] = cfg.rows[4 + m] = cfg.rows[6 + m] = static_cast<uint8_t>(a_rows[m]);
+    cfg.colsb[m] = cfg.colsb[4 + m] = cfg.colsb[6 + m] = 64;
+  }
+  cfg.rows[2] = cfg.rows[3] = 16;
+  cfg.colsb[2] = cfg.colsb[3] = 64;
+  // ldtilecfg by hand: GCC 12's _tile_loadconfig does not tell the compiler it
+  // reads the config, which then dropped the stores of its rows and columns
+  // as dead (an invalid config: SIGSEGV here, SIGILL at the first tile use).
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+// Lane j of a B tile row's first (half 0) or last 16 values is column 8 * half + j / 2.
+
+// Of 16 columns' bfloat16 (scale, zero) pairs, the scales (odd = 0) or zeros
+// (odd = 1) as float32 in that lane order.
+inline __m512 pair_lanes_bf16(__m512i scales_zeros, int half, int odd) {
+  alignas(64) uint16_t idx[32];
+  for (int j = 0; j < 16; ++j) idx[2 * j] = 0, idx[2 * j + 1] = static_cast<uint16_t>(2 * (8 * half + j / 2) + odd);
+  const __m512i picked = _mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, _mm512_load_si512(idx), scales_zeros);
+  return _mm512_castsi512_ps(picked);  // a bfloat16 in a float32's high half is that float32
+}
+
+// Of 16 columns' float32 scales, those in that lane order.
+inline __m512 pair_lanes_f32(__m512 scales, int half) {
+  alignas(64) int32_t idx[16];
+  for (int j = 0; j < 16; ++j) idx[j] = 8 * half + j / 2;
+  return _mm512_permutexvar_ps(_mm512_load_si512(idx), scales);
+}
+
+// Two float32 halves of a B tile row rounded into it (32 bfloat16).
+inline void store_tile_row(uint16_t* row, __m512 first, __m512 last) {
+  _mm512_storeu_si512(row, (__m512i)_mm512_cvtne2ps_pbh(last, first));
+}
+
+// int4 in groups of input values (torch's int4 CPU format): scales and zeros
+// bfloat16 [k / group, n, 2], w = (q - 8) * scale + zero.
+struct Int4Groups {
+  const uint8_t* packed;
+  const uint16_t* scales_zeros;
+  int64_t n, k, group;
+
+  // The B tile of columns n0..n0 + 15 at input values k0..k0 + 31 into `tile`.
+  void dequantize(int64_t n0, int64_t k0, uint16_t* tile) const {
+    const uint8_t* bytes_at = packed + (n0 / 32) * (k / 32) * 512 + (k0 / 32) * 512 + (n0 % 32 / 16) * 256;
+    const __m512i sz = _mm512_loadu_si512(scales_zeros + ((k0 / group) * n + n0) * 2);
+    __m512 scale[2], shift[2];
+    for (int half = 0; half < 2; ++half) {
+      scale[half] = pair_lanes_bf16(sz, half, 0);
+      // (q - 8) * scale + zero = q * scale + (zero - 8 * scale), as int4_dequantized computes it
+      shift[half] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[half], pair_lanes_bf16(sz, half, 1));
+    }
+    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i bytes = _mm512_loadu_si512(bytes_at + 64 * c);
+      const __m512i nibbles[2] = {_mm512_and_si512(bytes, low_nibbles),
+                                  _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles)};
+      for (int hi = 0; hi < 2; ++hi) {
+        for (int r = 0; r < 2; ++r) {
+          __m512 w[2];
+          for (int half = 0; half < 2; ++half) {
+            const __m128i q = _mm512_extracti32x4_epi32(nibbles[hi], 2 * r + half);
+            w[half] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), scale[half], shift[half]);
+          }
+          store_tile_row(tile + (4 * c + 2 * hi + r) * 32, w[0], w[1]);
+        }
+      }
+    }
+  }
+};
+
+// int8 with a float32 scale per output column (int8wo): w = q * scale.
+struct Int8Rows {
+  const int8_t* packed;
+  const float* scales;
+  int64_t n, k;
+
+  void dequantize(int64_t n0, int64_t k0, uint16_t* tile) const {
+    const int8_t* q = packed + (n0 / 32) * (k / 32) * 1024 + (k0 / 32) * 1024 + (n0 % 32 / 16) * 512;
+    const __m512 column_scales = _mm512_loadu_ps(scales + n0);
+    const __m512 scale[2] = {pair_lanes_f32(column_scales, 0), pair_lanes_f32(column_scales, 1)};
+    for (int r = 0; r < 16; ++r) {
+      __m512 w[2];
+      for (int half = 0; half < 2; ++half) {
+        const __m128i values = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * 32 + 16 * half));
+        w[half] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(values)), scale[half]);
+      }
+      store_tile_row(tile + r * 32, w[0], w[1]);
+    }
+  }
+};
+
+// Rows (at most 32) of x times the weight's columns n0..n0 + 31, rounded to
+// bfloat16 into out (row stride n); tiles configured for these rows
+// (configure_tiles). Each 32 x 32 block is dequantized into b_tiles just
+// before its products: dequantizing a whole column strip first and then
+// multiplying was 1.6x slower (the strip left L1).
+template <typename Weight>
+void amx_block(const uint16_t* x, int64_t x_stride, const Weight& weight, uint16_t* out, int64_t rows, int64_t n0,
+               uint16_t* b_tiles, float* sums) {
+  _tile_zero(4);
+  _tile_zero(6);
+  if (rows > 16) {
+    _tile_zero(5);
+    _tile_zero(7);
+  }
+  for (int64_t k0 = 0; k0 < weight.k; k0 += 32) {
+    weight.dequantize(n0, k0, b_tiles);
+    weight.dequantize(n0 + 16, k0, b_tiles + 512);
+    _tile_loadd(2, b_tiles, 64);
+    _tile_loadd(3, b_tiles + 512, 64);
+    _tile_loadd(0, x + k0, x_stride * 2);
+    _tile_dpbf16ps(4, 0, 2);
+    _tile_dpbf16ps(6, 0, 3);
+    if (rows > 16) {
+      _tile_loadd(1, x + 16 * x_stride + k0, x_stride * 2);
+      _tile_dpbf16ps(5, 1, 2);
+      _tile_dpbf16ps(7, 1, 3);
+    }
+  }
+  // sums [32 rows][32 columns] float32, then rounded into out
+  _tile_stored(4, sums, 128);
+  _tile_stored(6, sums + 16, 128);
+  if (rows > 16) {
+    _tile_stored(5, sums + 16 * 32, 128);
+    _tile_stored(7, sums + 16 * 32 + 16, 128);
+  }
+  for (int64_t m = 0; m < rows; ++m)
+    store_tile_row(out + m * weight.n + n0, _mm512_loadu_ps(sums + m * 32), _mm512_loadu_ps(sums + m * 32 + 16));
+}
+
+// out [rows, n] = x [rows, k] (row stride x_stride) times the weight, column
+// blocks of 32 shared among the threads.
+template <typename Weight>
+void amx_linear(const uint16_t* x, int64_t x_stride, const Weight& weight, uint16_t* out, int64_t rows) {
+#pragma omp parallel
+  {
+    alignas(64) uint16_t b_tiles[2 * 512];
+    alignas(64) float sums[32 * 32];
+    int64_t configured_rows = -1;
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < weight.n; n0 += 32) {
+      // more than 32 rows dequantize each block again for each 32 (decode batches rarely have more)
+      for (int64_t m0 = 0; m0 < rows; m0 += 32) {
+        const int64_t block_rows = std::min<int64_t>(32, rows - m0);
+        if (block_rows != configured_rows) configure_tiles(configured_rows = block_rows);
+        amx_block(x + m0 * x_stride, x_stride, weight, out + m0 * weight.n, block_rows, n0, b_tiles, sums);
+      }
+    }
+    if (configured_rows >= 0) _tile_release();
+  }
+}
+
+#endif  // RADIXSERVE_AMX
+
+}  // namespace
+
+extern "C" {
+
+// Whether the functions below run here: built with AMX and the process
+// allowed to use it. Where not, they return -1 and write nothing.
+int radixserve_amx_available() {
+#ifdef RADIXSERVE_AMX
+  return amx_permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// out [rows, n] bfloat16 (contiguous) = x [rows, k] bfloat16 (row stride
+// x_stride) times an int4 weight packed for AMX, its bfloat16 scales_zeros
+// [k / group, n, 2]. n, k and group multiples of 32. Returns 0, or -1.
+int radixserve_int4_linear_amx(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
+                               const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
+                               int64_t group) {
+#ifdef RADIXSERVE_AMX
+  if (!amx_permitted()) return -1;
+  amx_linear(x, x_stride, Int4Groups{packed, scales_zeros, n, k, group}, out, rows);
+  return 0;
+#else
+  (void)x, (void)x_stride, (void)packed, (void)scales_zeros, (void)out, (void)rows, (void)n, (void)k, (void)group;
+  return -1;
+#endif
+}
+
+// The same for an int8 weight packed for AMX with float32 scales [n].
+int radixserve_int8_linear_amx(const uint16_t* x, int64_t x_stride, const int8_t* packed, const float* scales,
+                               uint16_t* out, int64_t rows, int64_t n, int64_t k) {
+#ifdef RADIXSERVE_AMX
+  if (!amx_permitted()) return -1;
+  amx_linear(x, x_stride, Int8Rows{packed, scales, n, k}, out, rows);
+  return 0;
+#else
+  (void)x, (void)x_stride, (void)packed, (void)scales, (void)out, (void)rows, (void)n, (void)k;
+  return -1;
+#endif
+}
+
+}  // extern "C"
