@@ -9,7 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixserve.layers.sampler import Sampler, apply_logit_processors, filter_logits, seeded_uniform
+from radixserve.layers import cpu_kernels
+from radixserve.layers.sampler import (
+    Sampler, apply_logit_processors, filter_logits, row_argmax, seeded_gumbel, seeded_uniform,
+)
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.sampling.sampling_params import SamplingParams
 
@@ -64,7 +67,40 @@ def _decode(reqs, logits_per_step, row):
     return tokens
 
 
-def test_seeded_row_same_alone_and_in_any_batch():
+@pytest.fixture(params=["torch", "cpu_kernel"])
+def sampling_path(request):
+    """Unfiltered sampled rows on the CPU: torch's noise and argmax (with
+    autograd on, as in these tests), or the fused kernel (cpu_kernels.
+    gumbel_argmax), which the engine's inference mode takes."""
+    if request.param == "torch":
+        yield request.param
+        return
+    assert cpu_kernels.available()
+    with torch.inference_mode():
+        yield request.param
+
+
+def test_the_fused_kernel_picks_what_torch_picks():
+    """cpu_kernels.gumbel_argmax against argmax(logits / t + seeded_gumbel):
+    the same pick on every row whose two best torch values are not within
+    float32 noise of each other (the kernel's logarithms differ in the last bits)."""
+    g = torch.Generator().manual_seed(11)
+    rows, vocab = 512, 1000
+    logits = torch.randn(rows, vocab, generator=g) * 4
+    temperatures = torch.rand(rows, generator=g) * 1.5 + 0.1
+    seeds = torch.randint(-2**62, 2**62, (rows,), generator=g)
+    steps = torch.randint(0, 5000, (rows,), generator=g)
+    values = logits / temperatures[:, None] + seeded_gumbel(seeds, steps, vocab)
+    with torch.inference_mode():
+        picked = cpu_kernels.gumbel_argmax(logits, temperatures, seeds, steps)
+    best_two = values.topk(2, dim=-1).values
+    clear = (best_two[:, 0] - best_two[:, 1]) > 1e-4 * best_two[:, 0].abs().clamp(min=1)
+    assert clear.sum() > 500
+    assert torch.equal(picked[clear], row_argmax(values)[clear])
+    assert cpu_kernels.gumbel_argmax(logits.double(), temperatures, seeds, steps) is None  # float32 rows only
+
+
+def test_seeded_row_same_alone_and_in_any_batch(sampling_path):
     vocab, steps = 50, 12
     mine = [randn(1, vocab, seed=100 + s) for s in range(steps)]
     others = [randn(5, vocab, seed=200 + s) for s in range(steps)]
@@ -83,7 +119,7 @@ def test_seeded_row_same_alone_and_in_any_batch():
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
-def test_different_seeds_and_steps_differ():
+def test_different_seeds_and_steps_differ(sampling_path):
     flat = torch.zeros(256, 1000)  # uniform: every token equally likely
     by_seed = sample(flat, [make_req(seed=s) for s in range(256)])
     # 256 draws from 1000 tokens: about 30 repeats expected, not 200.
@@ -116,14 +152,14 @@ CHI2_7_P001 = 24.3
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_distribution_over_seeds_matches_softmax(temperature):
+def test_distribution_over_seeds_matches_softmax(temperature, sampling_path):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 1.5, 0.2]])
     draws = 20000
     tokens = sample(logits.expand(draws, -1), [make_req(seed=s, temperature=temperature) for s in range(draws)])
     assert _chi_square(tokens, torch.softmax(logits[0] / temperature, -1)) < CHI2_7_P001
 
 
-def test_distribution_over_steps_matches_softmax():
+def test_distribution_over_steps_matches_softmax(sampling_path):
     logits = torch.tensor([[0.3, -0.5, 1.2, 0.0, 0.8, -1.5, 0.1, 0.6]])
     draws = 20000
     info = batch_info([make_req(seed=42) for _ in range(draws)])

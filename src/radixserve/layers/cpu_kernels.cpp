@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -385,6 +386,46 @@ __attribute__((optimize("fp-contract=off"))) void rotary(const T* x, int64_t x_s
   }
 }
 
+
+// ---- sampling: argmax(logits / temperature + Gumbel noise) per row ----
+
+// ln x for x > 0 normal, to about 2 ulp (Cephes' logf: x = m 2^e with m in
+// [sqrt(1/2), sqrt(2)), a degree-8 polynomial in m - 1), vectorizable.
+inline float fast_log(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  int32_t e = static_cast<int32_t>(bits >> 23) - 126;
+  bits = (bits & 0x007fffffu) | 0x3f000000u;  // m in [0.5, 1)
+  float m;
+  memcpy(&m, &bits, sizeof m);
+  const bool small = m < 0.707106781186547524f;
+  e -= small ? 1 : 0;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * fe;
+}
+
+// The sampler's 32-bit hash (sampler._mix32): bijective on uint32.
+inline uint32_t mix32(uint32_t x) {
+  constexpr uint32_t MUL = 0x45D9F3Bu;
+  x = ((x >> 16) ^ x) * MUL;
+  x = ((x >> 16) ^ x) * MUL;
+  return (x >> 16) ^ x;
+}
+
 }  // namespace
 
 extern "C" {
@@ -496,6 +537,43 @@ void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t
   } else {
     rotary(static_cast<const uint16_t*>(x), x_stride, positions, table, static_cast<uint16_t*>(out), rows, heads,
            head_dim);
+  }
+}
+
+// Gumbel-max sampling of each of `rows` float32 logit rows (row stride
+// `stride`, `vocab` values): the index of the largest logits / temperature +
+// g, g = -ln(-ln u) with u the sampler's seeded uniform of (seed, step,
+// token) (sampler.seeded_uniform: the same bits of u). The first index on
+// ties. out: int64 [rows].
+void radixserve_gumbel_argmax(const float* logits, int64_t stride, const float* temperatures, const int64_t* seeds,
+                              const int64_t* steps, int64_t* out, int64_t rows, int64_t vocab) {
+  constexpr uint32_t SEED_SALT = 0x243F6A88u, TOKEN_SALT = 0x9E3779B9u;
+#pragma omp parallel
+  {
+    std::vector<float> values(vocab);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint64_t seed = static_cast<uint64_t>(seeds[r]);
+      uint32_t key = mix32(static_cast<uint32_t>(seed) ^ SEED_SALT);
+      key = mix32(key ^ static_cast<uint32_t>(seed >> 32));
+      key = mix32(key ^ static_cast<uint32_t>(static_cast<uint64_t>(steps[r])));
+      const float* __restrict row = logits + r * stride;
+      float* __restrict v = values.data();
+      const float temperature = temperatures[r];
+#pragma omp simd
+      for (int64_t j = 0; j < vocab; ++j) {
+        const uint32_t bits = mix32(key ^ mix32(static_cast<uint32_t>(j) ^ TOKEN_SALT));
+        // 23 bits, so k + 0.5 is exact and u stays inside (0, 1)
+        const float u = (static_cast<float>(static_cast<int32_t>(bits >> 9)) + 0.5f) * (1.0f / 8388608.0f);
+        v[j] = row[j] / temperature - fast_log(-fast_log(u));
+      }
+      float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+      for (int64_t j = 0; j < vocab; ++j) top = std::max(top, v[j]);
+      int64_t pick = 0;
+      while (pick < vocab - 1 && !(values[pick] == top)) ++pick;
+      out[r] = pick;
+    }
   }
 }
 

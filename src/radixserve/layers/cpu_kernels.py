@@ -94,6 +94,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_rms_norm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
     lib.radixserve_silu_and_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64]
     lib.radixserve_rotary.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.radixserve_gumbel_argmax.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     return lib
@@ -196,6 +197,24 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, head_d
     out = torch.empty(rows, width, dtype=x.dtype)
     _library().radixserve_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), positions.data_ptr(),
                                  table.data_ptr(), out.data_ptr(), rows, width // head_dim, head_dim)
+    return out
+
+
+def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
+                  steps: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each row's argmax of logits / temperature + the sampler's seeded Gumbel
+    noise (sampler.seeded_gumbel: the same uniform bits; the logarithms to
+    about 2 ulp) in one pass, int64 [rows]; None where the kernel does not run
+    (float32 CPU rows outside autograd). The noise is never stored: in torch
+    it took 15 elementwise passes over [rows, vocab] (17.2 ms for the default
+    model's 32 x 49,152, against 3.1 here, 2-core AMX Xeon)."""
+    if not (logits.dtype == torch.float32 and takes_rows(logits)):
+        return None
+    temperatures, seeds, steps = (t.contiguous() for t in (temperatures.float(), seeds, steps))
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64)
+    _library().radixserve_gumbel_argmax(logits.data_ptr(), logits.stride(0), temperatures.data_ptr(),
+                                        seeds.data_ptr(), steps.data_ptr(), out.data_ptr(), rows, vocab)
     return out
 
 

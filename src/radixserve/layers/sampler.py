@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from radixserve.layers import cpu_kernels
 from radixserve.distributed.rank_sync import broadcast_tensor_from_first
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 
@@ -155,8 +156,11 @@ class Sampler:
     def _choose(processed: torch.Tensor, info: SamplingBatchInfo) -> torch.Tensor:
         if info.all_greedy:
             return row_argmax(processed)
-        noise = seeded_gumbel(info.seeds, info.steps, processed.shape[-1])
-        sampled = row_argmax(filter_logits(processed, info) + noise)
+        sampled = None if info.need_filter else cpu_kernels.gumbel_argmax(processed, info.temperatures, info.seeds,
+                                                                          info.steps)
+        if sampled is None:
+            noise = seeded_gumbel(info.seeds, info.steps, processed.shape[-1])
+            sampled = row_argmax(filter_logits(processed, info) + noise)
         if not info.any_greedy:
             return sampled
         return torch.where(info.greedy, row_argmax(processed), sampled)

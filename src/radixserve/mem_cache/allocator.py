@@ -161,5 +161,14 @@ class TokenAllocator:
         so every page starts at a multiple of the page size)."""
         if len(slots) == 0:
             return
-        pages = slots[:: self.page_size] // self.page_size
-        self.free_pages = torch.cat([self.free_pages, pages.to(self.free_pages.device)])
+        pages = slots[:: self.page_size].to(self.free_pages.device) // self.page_size
+        # On the CPU freed pages are handed out again first: the pool's memory
+        # is zeroed by the OS page by page on first touch (zeroed_buffer), and
+        # taking pages in order through the whole pool faulted in fresh memory
+        # for every new request (a default-model prefill of 32 x 128 tokens
+        # spent 347 of 1,080 ms storing K and V); reused pages are also the
+        # ones still in cache. On CUDA the order is kept (first freed, first reused).
+        if self.device.type == "cpu":
+            self.free_pages = torch.cat([pages, self.free_pages])
+        else:
+            self.free_pages = torch.cat([self.free_pages, pages])

