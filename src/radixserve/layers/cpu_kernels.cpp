@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -107,10 +108,38 @@ inline void prefetch_row(const void* p, int64_t bytes) {
   for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at);
 }
 
+// The tasks of one decode attention call. A task is one request's KV heads,
+// all of them when the batch alone keeps every thread busy (each slot's row
+// is then read whole, in order), else one.
+struct DecodeTasks {
+  int64_t group, kv_heads, per_request;  // query heads a KV head; KV heads a task; tasks a request
+  DecodeTasks(int64_t batch, int64_t heads, int64_t all_kv_heads)
+      : group(heads / all_kv_heads),
+        kv_heads(batch >= 2 * omp_get_max_threads() ? all_kv_heads : 1),
+        per_request(all_kv_heads / kv_heads) {}
+  int64_t heads() const { return kv_heads * group; }
+};
+
+// body(state, request, first KV head, its visible slots, how many) for every
+// task, on the OpenMP threads, each with its own state = make_state(). With a
+// window a request sees only its last `window` positions.
+template <typename MakeState, typename Body>
+void for_each_task(const DecodeTasks& tasks, int64_t batch, const int64_t* slots, int64_t slots_row_stride,
+                   const int64_t* seq_lens, int64_t window, MakeState make_state, Body body) {
+#pragma omp parallel
+  {
+    auto state = make_state();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * tasks.per_request; ++task) {
+      const int64_t b = task / tasks.per_request, h0 = task % tasks.per_request * tasks.kv_heads;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, seq_lens[b] - window) : 0;
+      body(state, b, h0, slots + b * slots_row_stride + first, seq_lens[b] - first);
+    }
+  }
+}
+
 // One decode query per request over its keys in the paged pool, read where
-// they lie (slot by slot); scores and the softmax in float32. A task is one
-// request's KV heads, all of them when the batch alone keeps every thread
-// busy (each slot's row is then read whole, in order), else one.
+// they lie (slot by slot); scores and the softmax in float32 (DecodeTasks).
 // HEAD_DIM: the key and value head size when known at compile time (the
 // common 64 and 128: fully unrolled loops ran 2x faster), else 0.
 template <typename T, int HEAD_DIM>
@@ -120,63 +149,62 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
                       int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride, int64_t v_head_stride,
                       int64_t window, float scale) {
   const int64_t dk = HEAD_DIM ? HEAD_DIM : key_dim, dv = HEAD_DIM ? HEAD_DIM : value_dim;
-  const int64_t group = heads / kv_heads;
-  const int64_t task_kv_heads = batch >= 2 * omp_get_max_threads() ? kv_heads : 1;
-  const int64_t tasks_per_request = kv_heads / task_kv_heads, task_heads = task_kv_heads * group;
+  const DecodeTasks tasks(batch, heads, kv_heads);
+  const int64_t group = tasks.group, task_kv_heads = tasks.kv_heads, task_heads = tasks.heads();
   const int64_t row_bytes_k = ((task_kv_heads - 1) * k_head_stride + dk) * sizeof(T);
   const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + dv) * sizeof(T);
-#pragma omp parallel
-  {
-    std::vector<float> qf(task_heads * dk), row(std::max(dk, dv)), acc(task_heads * dv), scores;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * tasks_per_request; ++task) {
-      const int64_t b = task / tasks_per_request, h0 = task % tasks_per_request * task_kv_heads;
-      const int64_t len = seq_lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
-      const int64_t* slot = slots + b * slots_row_stride + first;
-      T* o = out + (b * heads + h0 * group) * dv;
-      if (n <= 0) {
-        for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, 0.0f);
-        continue;
-      }
-      const T* qb = q + b * q_row_stride + h0 * group * dk;
-      for (int64_t i = 0; i < task_heads * dk; ++i) qf[i] = load(qb, i) * scale;
-      scores.resize(task_heads * n);
-      for (int64_t l = 0; l < n; ++l) {
-        if (l + PREFETCH_AHEAD < n) prefetch_row(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride, row_bytes_k);
-        for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
-          const T* kp = k + slot[l] * k_slot_stride + (h0 + kh) * k_head_stride;
-#pragma omp simd
-          for (int64_t i = 0; i < dk; ++i) row[i] = load(kp, i);
-          for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
-            const float* qg = &qf[g * dk];
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < dk; ++i) s += qg[i] * row[i];
-            scores[g * n + l] = s;
-          }
-        }
-      }
-      softmax_rows(scores.data(), task_heads, n);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t l = 0; l < n; ++l) {
-        if (l + PREFETCH_AHEAD < n) prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride, row_bytes_v);
-        for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
-          const T* vp = v + slot[l] * v_slot_stride + (h0 + kh) * v_head_stride;
-#pragma omp simd
-          for (int64_t i = 0; i < dv; ++i) row[i] = load(vp, i);
-          for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
-            const float p = scores[g * n + l];
-            float* ag = &acc[g * dv];
-#pragma omp simd
-            for (int64_t i = 0; i < dv; ++i) ag[i] += p * row[i];
-          }
-        }
-      }
-      for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, acc[i]);
+  struct State {
+    std::vector<float> qf, row, acc, scores;
+  };
+  const auto make_state = [&] {
+    return State{std::vector<float>(task_heads * dk), std::vector<float>(std::max(dk, dv)),
+                 std::vector<float>(task_heads * dv), {}};
+  };
+  for_each_task(tasks, batch, slots, slots_row_stride, seq_lens, window, make_state,
+                [&](State& st, int64_t b, int64_t h0, const int64_t* slot, int64_t n) {
+    T* o = out + (b * heads + h0 * group) * dv;
+    if (n <= 0) {
+      for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, 0.0f);
+      return;
     }
-  }
+    float *qf = st.qf.data(), *row = st.row.data(), *acc = st.acc.data();
+    const T* qb = q + b * q_row_stride + h0 * group * dk;
+    for (int64_t i = 0; i < task_heads * dk; ++i) qf[i] = load(qb, i) * scale;
+    st.scores.resize(task_heads * n);
+    float* scores = st.scores.data();
+    for (int64_t l = 0; l < n; ++l) {
+      if (l + PREFETCH_AHEAD < n) prefetch_row(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride, row_bytes_k);
+      for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
+        const T* kp = k + slot[l] * k_slot_stride + (h0 + kh) * k_head_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < dk; ++i) row[i] = load(kp, i);
+        for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
+          const float* qg = qf + g * dk;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < dk; ++i) s += qg[i] * row[i];
+          scores[g * n + l] = s;
+        }
+      }
+    }
+    softmax_rows(scores, task_heads, n);
+    std::fill(acc, acc + task_heads * dv, 0.0f);
+    for (int64_t l = 0; l < n; ++l) {
+      if (l + PREFETCH_AHEAD < n) prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride, row_bytes_v);
+      for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
+        const T* vp = v + slot[l] * v_slot_stride + (h0 + kh) * v_head_stride;
+#pragma omp simd
+        for (int64_t i = 0; i < dv; ++i) row[i] = load(vp, i);
+        for (int64_t g = kh * group; g < (kh + 1) * group; ++g) {
+          const float p = scores[g * n + l];
+          float* ag = acc + g * dv;
+#pragma omp simd
+          for (int64_t i = 0; i < dv; ++i) ag[i] += p * row[i];
+        }
+      }
+    }
+    for (int64_t i = 0; i < task_heads * dv; ++i) store(o, i, acc[i]);
+  });
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -287,35 +315,31 @@ void decode_attention_bf16_avx512(const uint16_t* q, int64_t q_row_stride, const
                                   const int64_t* seq_lens, int64_t batch, int64_t heads, int64_t kv_heads,
                                   int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride,
                                   int64_t v_head_stride, int64_t window, float scale) {
-  const int64_t group = heads / kv_heads;
-  const int64_t task_kv_heads = batch >= 2 * omp_get_max_threads() ? kv_heads : 1;
-  const int64_t tasks_per_request = kv_heads / task_kv_heads, task_heads = task_kv_heads * group;
+  const DecodeTasks tasks(batch, heads, kv_heads);
+  const int64_t group = tasks.group, task_kv_heads = tasks.kv_heads, task_heads = tasks.heads();
   const int64_t row_bytes_k = ((task_kv_heads - 1) * k_head_stride + D) * 2;
   const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + D) * 2;
-#pragma omp parallel
-  {
-    std::vector<float> scores, acc(task_heads * D), sums(task_heads);
-    alignas(64) float rows[16 * D];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * tasks_per_request; ++task) {
-      const int64_t b = task / tasks_per_request, h0 = task % tasks_per_request * task_kv_heads;
-      const int64_t len = seq_lens[b];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-      const int64_t n = len - first;
-      const int64_t* slot = slots + b * slots_row_stride + first;
-      uint16_t* o = out + (b * heads + h0 * group) * D;
-      if (n <= 0) {
-        memset(o, 0, task_heads * D * sizeof(uint16_t));
-        continue;
-      }
-      scores.resize(task_heads * n);
-      bf16_scores<D>(q + b * q_row_stride + h0 * group * D, k + h0 * k_head_stride, slot, n, k_slot_stride,
-                     k_head_stride, task_kv_heads, group, scale, row_bytes_k, scores.data());
-      for (int64_t h = 0; h < task_heads; ++h) sums[h] = exp_row(scores.data() + h * n, n);
-      bf16_weighted_values<D>(scores.data(), sums.data(), v + h0 * v_head_stride, slot, n, v_slot_stride,
-                              v_head_stride, task_kv_heads, group, row_bytes_v, acc.data(), rows, o);
+  struct State {
+    std::vector<float> scores, acc, sums;
+    alignas(64) float rows[16 * D];  // a block's value rows in float32
+  };
+  const auto make_state = [&] { return std::make_unique<State>(State{{}, std::vector<float>(task_heads * D),
+                                                                      std::vector<float>(task_heads), {}}); };
+  for_each_task(tasks, batch, slots, slots_row_stride, seq_lens, window, make_state,
+                [&](std::unique_ptr<State>& st, int64_t b, int64_t h0, const int64_t* slot, int64_t n) {
+    uint16_t* o = out + (b * heads + h0 * group) * D;
+    if (n <= 0) {
+      memset(o, 0, task_heads * D * sizeof(uint16_t));
+      return;
     }
-  }
+    st->scores.resize(task_heads * n);
+    float* scores = st->scores.data();
+    bf16_scores<D>(q + b * q_row_stride + h0 * group * D, k + h0 * k_head_stride, slot, n, k_slot_stride,
+                   k_head_stride, task_kv_heads, group, scale, row_bytes_k, scores);
+    for (int64_t h = 0; h < task_heads; ++h) st->sums[h] = exp_row(scores + h * n, n);
+    bf16_weighted_values<D>(scores, st->sums.data(), v + h0 * v_head_stride, slot, n, v_slot_stride, v_head_stride,
+                            task_kv_heads, group, row_bytes_v, st->acc.data(), st->rows, o);
+  });
 }
 #endif
 
