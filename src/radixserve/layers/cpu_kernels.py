@@ -38,7 +38,7 @@ SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_ker
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The instruction set the kernels are built for: the machine's own by default.
 # The source has AVX-512 BF16 paths with plain-C++ fallbacks; a narrower target
-# (RADIXSERVE_CPU_KERNELS_MARCH=x86-64-v3) builds the fallbacks, as the tests do.
+# (RADIXSERVE_CPU_KERNELS_MARCH=x86-64-v2) builds the fallbacks, as the tests do.
 MARCH_ENV = "RADIXSERVE_CPU_KERNELS_MARCH"
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
