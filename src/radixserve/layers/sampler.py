@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from radixserve.layers import cpu_kernels
 from radixserve.distributed.rank_sync import broadcast_tensor_from_first
+from radixserve.layers import cpu_kernels
 from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 
 MASK32 = 0xFFFFFFFF
