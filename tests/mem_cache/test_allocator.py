@@ -52,3 +52,16 @@ def test_allocator_matches_reference(page_size, program):
     for r in reqs:
         alloc.free(torch.tensor(r))
     assert alloc.available_size() == alloc.total_tokens
+
+
+def test_cpu_hands_freed_pages_out_first():
+    """On the CPU a finished request's pages are the next ones handed out (its
+    memory is already faulted in and likely cached); the untouched rest of the
+    pool waits until they are used up."""
+    alloc = TokenAllocator(64, 4, torch.device("cpu"))
+    first = alloc.alloc_extend([0], [8], [0])  # pages 1, 2
+    alloc.alloc_extend([0], [8], [0])  # pages 3, 4
+    alloc.free(first)
+    assert torch.equal(alloc.alloc_extend([0], [4], [0]), torch.arange(4, 8))  # page 1 again
+    assert torch.equal(alloc.alloc_decode(torch.tensor([0]), torch.tensor([0])), torch.tensor([8]))  # page 2
+    assert torch.equal(alloc.alloc_decode(torch.tensor([0]), torch.tensor([0])), torch.tensor([20]))  # then page 5
