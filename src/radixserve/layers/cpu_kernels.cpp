@@ -22,7 +22,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -70,10 +69,10 @@ inline float fast_exp(float x) {
   return p * two_n;
 }
 
-// e^(s - max s) over a score row of length n, in place; returns the row's sum.
-float exp_row(float* s, int64_t n) {
-  // The maximum in 16 lanes: GCC left a max reduction scalar (one vmaxss a
-  // value, each waiting on the last), 63% of this function's time.
+// The largest of s[0..n), n >= 1, in 16 lanes: GCC leaves a max reduction
+// scalar (one vmaxss a value, each waiting on the last), which was 63% of the
+// softmax's time.
+inline float max_of(const float* s, int64_t n) {
   float lanes[16];
   std::fill(lanes, lanes + 16, s[0]);
   int64_t l = 0;
@@ -82,6 +81,12 @@ float exp_row(float* s, int64_t n) {
   for (; l < n; ++l) lanes[0] = lanes[0] > s[l] ? lanes[0] : s[l];
   float top = lanes[0];
   for (int i = 1; i < 16; ++i) top = top > lanes[i] ? top : lanes[i];
+  return top;
+}
+
+// e^(s - max s) over a score row of length n, in place; returns the row's sum.
+float exp_row(float* s, int64_t n) {
+  const float top = max_of(s, n);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t l = 0; l < n; ++l) {
@@ -600,9 +605,7 @@ void radixserve_gumbel_argmax(const float* logits, int64_t stride, const float* 
         const float u = (static_cast<float>(static_cast<int32_t>(bits >> 9)) + 0.5f) * (1.0f / 8388608.0f);
         v[j] = row[j] / temperature - fast_log(-fast_log(u));
       }
-      float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-      for (int64_t j = 0; j < vocab; ++j) top = std::max(top, v[j]);
+      const float top = max_of(v, vocab);
       int64_t pick = 0;
       while (pick < vocab - 1 && !(values[pick] == top)) ++pick;
       out[r] = pick;
