@@ -21,13 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from radixserve.bench_one_batch import make_batch
 from radixserve.layers import cpu_kernels
-from radixserve.managers.io_struct import TokenizedGenerateReqInput
-from radixserve.managers.req import Req
-from radixserve.managers.schedule_batch import ScheduleBatch
-from radixserve.managers.schedule_policy import PrefillAdder
 from radixserve.model_executor.model_runner import ModelRunner
-from radixserve.sampling.sampling_params import SamplingParams
 from radixserve.server_args import ServerArgs
 
 KERNELS = ["decode_attention", "rms_norm", "silu_and_mul", "rotary", "int4_linear_amx", "int8_linear_amx",
@@ -65,16 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     bs, context = args.batch, args.context
     runner = ModelRunner(ServerArgs(model_path=None, max_running_requests=max(bs, 8)))
-    params = SamplingParams.from_dict({"max_new_tokens": args.steps + 8})
-    params.normalize()
-    reqs = [Req(TokenizedGenerateReqInput(rid=str(i), input_ids=[100 + (7 * i + j) % 1000 for j in range(context)],
-                                          sampling_params=params), sampling_seed=0) for i in range(bs)]
-    tokens = bs * (context + args.steps + 8)
-    adder = PrefillAdder(max(tokens, 1 << 14), [], 0.7, 1, None, tokens)
-    for req in reqs:
-        adder.add(req)
-    batch = ScheduleBatch(reqs, runner.pools, runner.device)
-    batch.prepare_for_extend(adder.plans)
+    prompts = [[100 + (7 * i + j) % 1000 for j in range(context)] for i in range(bs)]
+    batch, plans = make_batch(runner, prompts, args.steps + 8)
+    batch.prepare_for_extend(plans)
     out = runner.forward(batch.to_forward_batch())
     batch.last_token_ids = out.next_token_logits.max(dim=-1).indices
 

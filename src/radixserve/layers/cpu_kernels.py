@@ -261,10 +261,6 @@ def pack_int8_for_amx(q: torch.Tensor) -> torch.Tensor:
     return _tile_order(q).contiguous().view(n // 32, k // 32 * 1024)
 
 
-def _amx_out(rows: torch.Tensor, out_features: int) -> torch.Tensor:
-    return torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-
-
 def _amx_ran(status: int) -> None:
     if status != 0:
         raise RuntimeError("the AMX kernels: this CPU or process has no AMX")
@@ -278,7 +274,7 @@ def int4_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: 
     out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
     if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
         raise ValueError("int4_linear_amx takes contiguous bfloat16 scales_and_zeros")
-    out = _amx_out(rows, out_features)
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
     _amx_ran(_library().radixserve_int4_linear_amx(
         rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
         rows.shape[0], out_features, k, k // scales_and_zeros.shape[0]))
@@ -292,7 +288,7 @@ def int8_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     out_features = packed.shape[0] * AMX_BLOCK
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         raise ValueError("int8_linear_amx takes contiguous float32 scales")
-    out = _amx_out(rows, out_features)
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
     _amx_ran(_library().radixserve_int8_linear_amx(
         rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
         out_features, rows.shape[1]))
