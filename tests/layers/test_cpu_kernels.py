@@ -50,14 +50,15 @@ def kernel_build(request, monkeypatch):
     cpu_kernels._library.cache_clear()
 
 
-def paged_pool(lengths, kv_heads, dk, dv, dtype, seed):
+def paged_pool(lengths, kv_heads, dk, dv, dtype, seed, in_order=False):
     """A pool whose slots are a shuffled range (so no request's keys are in
-    order) and each request's slot table, padded with slot 0 past its length."""
+    order; in_order: each request's keys in a run of slots, as a prompt's
+    are) and each request's slot table, padded with slot 0 past its length."""
     g = torch.Generator().manual_seed(seed)
     total = sum(lengths) + 5
     k_buf = torch.randn(total, kv_heads, dk, generator=g).to(dtype)
     v_buf = torch.randn(total, kv_heads, dv, generator=g).to(dtype)
-    order = torch.randperm(total, generator=g)
+    order = torch.arange(total) if in_order else torch.randperm(total, generator=g)
     slots = torch.zeros(len(lengths), max(lengths), dtype=torch.int64)
     at = 0
     for i, n in enumerate(lengths):
@@ -103,6 +104,25 @@ def test_decode_attention_against_the_definition(dk, dv, dtype, lengths, window,
     exact = attention_by_definition(q, k_buf, v_buf, slots, lengths, kv_heads, scale, window)
     # float32: arithmetic error only; bfloat16: the output's rounding (2^-9 relative) dominates
     assert rel(out, exact) < (2e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("kv_heads,group", [(3, 3), (8, 4), (1, 24)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("in_order", [False, True])
+@pytest.mark.parametrize("lengths", [[1, 90, 12], [50, 3, 70, 9, 33, 64, 2, 41]])
+def test_bfloat16_decode_attention_head_layouts(kv_heads, group, head_dim, in_order, lengths, kernel_build):
+    """The bfloat16 kernel's task shapes: the default model's 3 x 3 heads (one
+    task a request on AMX), 32 heads (two tasks of 16), 24 query heads on one
+    KV head (more than a tile's 16 columns: the vector path); keys in runs of
+    slots (read in place by the tile loads) or shuffled (gathered)."""
+    k_buf, v_buf, slots = paged_pool(lengths, kv_heads, head_dim, head_dim, torch.bfloat16, seed=kv_heads + group,
+                                     in_order=in_order)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(len(lengths), kv_heads * group * head_dim, generator=g).to(torch.bfloat16)
+    seq_lens = torch.tensor(lengths)
+    out = cpu_kernels.decode_attention(q, k_buf, v_buf, slots, seq_lens, kv_heads, head_dim ** -0.5, None)
+    exact = attention_by_definition(q, k_buf, v_buf, slots, lengths, kv_heads, head_dim ** -0.5, None)
+    assert rel(out, exact) < 4e-3
 
 
 @pytest.mark.parametrize("window", [None, 6])

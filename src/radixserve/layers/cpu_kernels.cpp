@@ -25,6 +25,15 @@
 #include <memory>
 #include <vector>
 
+// Decode attention's scores on AMX tiles (cpu_kernels_amx.cpp).
+namespace radixserve_amx {
+bool attention_available();
+int64_t attention_scratch(int64_t kv_heads, int64_t head_dim);
+void attention_scores(const uint16_t* q, int64_t head_dim, int64_t group, int64_t kv_heads, const uint16_t* k,
+                      const int64_t* slot, int64_t n, int64_t k_slot_stride, int64_t k_head_stride,
+                      int64_t row_bytes, float* scores, uint16_t* scratch);
+}  // namespace radixserve_amx
+
 namespace {
 
 inline float bf16_to_float(uint16_t h) {
@@ -121,14 +130,21 @@ inline void prefetch_row(const void* p, int64_t bytes) {
 }
 
 // The tasks of one decode attention call. A task is one request's KV heads,
-// all of them when the batch alone keeps every thread busy (each slot's row
-// is then read whole, in order), else one.
+// as many as keep its query heads within max_heads, when the batch alone keeps
+// every thread busy (each slot's row is then read in few runs, in order),
+// else one.
 struct DecodeTasks {
   int64_t group, kv_heads, per_request;  // query heads a KV head; KV heads a task; tasks a request
-  DecodeTasks(int64_t batch, int64_t heads, int64_t all_kv_heads)
-      : group(heads / all_kv_heads),
-        kv_heads(batch >= 2 * omp_get_max_threads() ? all_kv_heads : 1),
-        per_request(all_kv_heads / kv_heads) {}
+  DecodeTasks(int64_t batch, int64_t heads, int64_t all_kv_heads, int64_t max_heads = INT64_MAX)
+      : group(heads / all_kv_heads), kv_heads(1) {
+    if (batch >= 2 * omp_get_max_threads())
+      for (int64_t n = all_kv_heads; n >= 1; --n)
+        if (all_kv_heads % n == 0 && n * group <= max_heads) {
+          kv_heads = n;
+          break;
+        }
+    per_request = all_kv_heads / kv_heads;
+  }
   int64_t heads() const { return kv_heads * group; }
 };
 
@@ -220,11 +236,16 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-// The bfloat16 decode attention written with AVX-512 BF16 instructions, for
-// head sizes D a multiple of 32. The general loop above reduces every key's
-// dot product to a scalar on its own; here a score is two (D = 64) bfloat16
-// dot-product instructions, and sixteen keys' partial sums are reduced
-// together (sum_lanes_16). Same tasks, prefetches and float32 softmax.
+// The bfloat16 decode attention written with AVX-512 BF16 instructions (and
+// AMX's tiles for the scores where the CPU has them), for head sizes 64 and
+// 128. Scores are kept key-major: row l holds every query head's score for key
+// l, padded to 16 lanes a row, so the softmax runs down the rows with one
+// vector a key and the weighted sum of values broadcasts a key's weight to a
+// few heads at once (12 independent sums for the default model's 3 heads x
+// 64 values: the general loop's one head at a time waited on each sum's
+// latency).
+
+constexpr int64_t LANES = 16;
 
 // v[j]'s lanes summed, for j < 16, as lane j of one vector: a transposing
 // reduction tree (45 instructions for sixteen sums).
@@ -250,15 +271,17 @@ inline __m512 bf16x16_to_ps(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// A task's scores, [task heads, n]: scale * q_h . k_l for each query head h
-// over the keys of its KV head, sixteen keys at a time. A block's key rows
-// (all the task's KV heads: one read of each row, as in the general loop)
-// stay in L1 while every query head takes them; the next block's are prefetched.
+// A task's unscaled scores q_h . k_l, key-major with `stride` floats a key,
+// without AMX: sixteen keys' dot products for one query head at a time, two
+// (D = 64) bfloat16 dot-product instructions a key reduced together
+// (sum_lanes_16). A block's key rows (all the task's KV heads) stay in L1
+// while every query head takes them; the next block's are prefetched.
 template <int D>
 void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int64_t n, int64_t k_slot_stride,
-                 int64_t k_head_stride, int64_t kv_heads, int64_t group, float scale, int64_t row_bytes,
-                 float* scores) {
-  const __m512 scale_v = _mm512_set1_ps(scale);
+                 int64_t k_head_stride, int64_t kv_heads, int64_t group, int64_t row_bytes, float* scores,
+                 int64_t stride) {
+  const __m512i key_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(static_cast<int>(stride)));
   __m512 part[16];
   for (int64_t l0 = 0; l0 < n; l0 += 16) {
     const int count = static_cast<int>(std::min<int64_t>(16, n - l0));
@@ -277,48 +300,98 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
           }
           part[j] = acc;
         }
-        _mm512_mask_storeu_ps(scores + h * n + l0, static_cast<__mmask16>((1u << count) - 1),
-                              _mm512_mul_ps(sum_lanes_16(part), scale_v));
+        _mm512_mask_i32scatter_ps(scores + l0 * stride + h, static_cast<__mmask16>((1u << count) - 1), key_rows,
+                                  sum_lanes_16(part), 4);
       }
     }
   }
 }
 
-// out_h = sum_l weights[h, l] * v_l / sums[h] for each query head h (the
-// softmax's division left to the end), rounded to bfloat16. A block of 16
-// keys' value rows of a KV head is widened to float32 once, into `rows`, for
-// all its query heads.
-template <int D>
-void bf16_weighted_values(const float* weights, const float* sums, const uint16_t* v, const int64_t* slot,
-                          int64_t n, int64_t v_slot_stride, int64_t v_head_stride, int64_t kv_heads, int64_t group,
-                          int64_t row_bytes, float* acc, float* rows, uint16_t* out) {
-  std::fill(acc, acc + kv_heads * group * D, 0.0f);
-  for (int64_t l0 = 0; l0 < n; l0 += 16) {
-    const int64_t count = std::min<int64_t>(16, n - l0);
-    for (int64_t kh = 0; kh < kv_heads; ++kh) {
-      for (int64_t j = 0; j < count; ++j) {
-        // the next block's rows, one a key (a block's burst stalled on the fill buffers)
-        if (kh == 0 && l0 + 16 + j < n) prefetch_row(v + slot[l0 + 16 + j] * v_slot_stride, row_bytes);
-        const uint16_t* vp = v + slot[l0 + j] * v_slot_stride + kh * v_head_stride;
-        for (int c = 0; c < D / 16; ++c) _mm512_store_ps(rows + j * D + 16 * c, bf16x16_to_ps(vp + 16 * c));
-      }
-      for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {
-        __m512 a[D / 16];
-        for (int c = 0; c < D / 16; ++c) a[c] = _mm512_loadu_ps(acc + h * D + 16 * c);
-        for (int64_t j = 0; j < count; ++j) {
-          const __m512 w = _mm512_set1_ps(weights[h * n + l0 + j]);
-          for (int c = 0; c < D / 16; ++c) a[c] = _mm512_fmadd_ps(w, _mm512_load_ps(rows + j * D + 16 * c), a[c]);
-        }
-        for (int c = 0; c < D / 16; ++c) _mm512_storeu_ps(acc + h * D + 16 * c, a[c]);
-      }
+// fast_exp on 16 lanes (the same polynomial; 2^n applied by scalef).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// e^(scale * (s - max s)) down each head's column of n key-major score rows
+// (`stride` floats a row, a multiple of 16), in place; the columns' sums
+// into sums[stride]. scale > 0, so the largest score is the largest scaled.
+void softmax_columns(float* scores, int64_t n, int64_t stride, float scale, float* sums) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t c = 0; c < stride; c += LANES) {
+    __m512 top = _mm512_loadu_ps(scores + c), sum = _mm512_setzero_ps();
+    for (int64_t l = 1; l < n; ++l) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + l * stride + c));
+    for (int64_t l = 0; l < n; ++l) {
+      float* row = scores + l * stride + c;
+      const __m512 e = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row), top), scale_v));
+      _mm512_storeu_ps(row, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(sums + c, sum);
+  }
+}
+
+// out_h = sum_l weights[l, h] * v_l / sums[h] for HEADS query heads of one KV
+// head (weights key-major, `stride` floats a key), rounded to bfloat16. Each
+// value row is widened once and taken by every head: HEADS x D / 16
+// independent sums. With prefetch_bytes, prefetches the rows PREFETCH_AHEAD
+// keys on (the task's first KV head's pass brings every head's rows).
+template <int D, int HEADS>
+void bf16_weighted_values(const float* weights, int64_t stride, const float* sums, const uint16_t* v,
+                          const int64_t* slot, int64_t n, int64_t v_slot_stride, int64_t prefetch_bytes,
+                          uint16_t* out) {
+  __m512 acc[HEADS][D / 16];
+  for (int h = 0; h < HEADS; ++h)
+    for (int c = 0; c < D / 16; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n; ++l) {
+    if (prefetch_bytes > 0 && l + PREFETCH_AHEAD < n)
+      prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride, prefetch_bytes);
+    const uint16_t* vp = v + slot[l] * v_slot_stride;
+    __m512 row[D / 16];
+    for (int c = 0; c < D / 16; ++c) row[c] = bf16x16_to_ps(vp + 16 * c);
+    for (int h = 0; h < HEADS; ++h) {
+      const __m512 w = _mm512_set1_ps(weights[l * stride + h]);
+      for (int c = 0; c < D / 16; ++c) acc[h][c] = _mm512_fmadd_ps(w, row[c], acc[h][c]);
     }
   }
-  for (int64_t h = 0; h < kv_heads * group; ++h) {
+  for (int h = 0; h < HEADS; ++h) {
     const __m512 inv = _mm512_set1_ps(1.0f / sums[h]);
     for (int c = 0; c < D / 16; ++c)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + h * D + 16 * c),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + h * D + 16 * c), inv)));
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[h][c], inv)));
   }
+}
+
+// The heads a weighted-values pass takes at once: their sums, a value row
+// and a broadcast weight fit the 32 vector registers.
+template <int D>
+constexpr int values_pass_heads() { return D == 64 ? 6 : 2; }
+
+// bf16_weighted_values for `heads` (1 to values_pass_heads) heads: the head
+// count is a template argument so that the sums stay in registers.
+template <int D, int HEADS = values_pass_heads<D>()>
+void bf16_weighted_values_n(int64_t heads, const float* weights, int64_t stride, const float* sums,
+                            const uint16_t* v, const int64_t* slot, int64_t n, int64_t v_slot_stride,
+                            int64_t prefetch_bytes, uint16_t* out) {
+  if constexpr (HEADS > 1) {
+    if (heads < HEADS) {
+      bf16_weighted_values_n<D, HEADS - 1>(heads, weights, stride, sums, v, slot, n, v_slot_stride, prefetch_bytes,
+                                           out);
+      return;
+    }
+  }
+  bf16_weighted_values<D, HEADS>(weights, stride, sums, v, slot, n, v_slot_stride, prefetch_bytes, out);
 }
 
 template <int D>
@@ -327,30 +400,48 @@ void decode_attention_bf16_avx512(const uint16_t* q, int64_t q_row_stride, const
                                   const int64_t* seq_lens, int64_t batch, int64_t heads, int64_t kv_heads,
                                   int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride,
                                   int64_t v_head_stride, int64_t window, float scale) {
-  const DecodeTasks tasks(batch, heads, kv_heads);
+  // tasks of at most 16 query heads where AMX takes the scores (a tile's 16 columns)
+  const bool amx = radixserve_amx::attention_available();
+  const DecodeTasks tasks(batch, heads, kv_heads, amx ? LANES : INT64_MAX);
   const int64_t group = tasks.group, task_kv_heads = tasks.kv_heads, task_heads = tasks.heads();
+  const bool amx_scores = amx && task_heads <= LANES;
+  const int64_t stride = (task_heads + LANES - 1) / LANES * LANES;
   const int64_t row_bytes_k = ((task_kv_heads - 1) * k_head_stride + D) * 2;
   const int64_t row_bytes_v = ((task_kv_heads - 1) * v_head_stride + D) * 2;
   struct State {
-    std::vector<float> scores, acc, sums;
-    alignas(64) float rows[16 * D];  // a block's value rows in float32
+    std::vector<float> scores, sums;
+    std::vector<uint16_t> scratch;
   };
-  const auto make_state = [&] { return std::make_unique<State>(State{{}, std::vector<float>(task_heads * D),
-                                                                      std::vector<float>(task_heads), {}}); };
+  const auto make_state = [&] {
+    return State{{}, std::vector<float>(stride),
+                 std::vector<uint16_t>(amx_scores ? radixserve_amx::attention_scratch(task_kv_heads, D) : 0)};
+  };
   for_each_task(tasks, batch, slots, slots_row_stride, seq_lens, window, make_state,
-                [&](std::unique_ptr<State>& st, int64_t b, int64_t h0, const int64_t* slot, int64_t n) {
+                [&](State& st, int64_t b, int64_t h0, const int64_t* slot, int64_t n) {
     uint16_t* o = out + (b * heads + h0 * group) * D;
     if (n <= 0) {
       memset(o, 0, task_heads * D * sizeof(uint16_t));
       return;
     }
-    st->scores.resize(task_heads * n);
-    float* scores = st->scores.data();
-    bf16_scores<D>(q + b * q_row_stride + h0 * group * D, k + h0 * k_head_stride, slot, n, k_slot_stride,
-                   k_head_stride, task_kv_heads, group, scale, row_bytes_k, scores);
-    for (int64_t h = 0; h < task_heads; ++h) st->sums[h] = exp_row(scores + h * n, n);
-    bf16_weighted_values<D>(scores, st->sums.data(), v + h0 * v_head_stride, slot, n, v_slot_stride, v_head_stride,
-                            task_kv_heads, group, row_bytes_v, st->acc.data(), st->rows, o);
+    st.scores.resize((n + LANES - 1) / LANES * LANES * stride);
+    float* scores = st.scores.data();
+    const uint16_t* qb = q + b * q_row_stride + h0 * group * D;
+    const uint16_t* kb = k + h0 * k_head_stride;
+    if (amx_scores) {
+      radixserve_amx::attention_scores(qb, D, group, task_kv_heads, kb, slot, n, k_slot_stride, k_head_stride,
+                                       row_bytes_k, scores, st.scratch.data());
+    } else {
+      bf16_scores<D>(qb, kb, slot, n, k_slot_stride, k_head_stride, task_kv_heads, group, row_bytes_k, scores,
+                     stride);
+    }
+    softmax_columns(scores, n, stride, scale, st.sums.data());
+    for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
+      for (int64_t h = kh * group; h < (kh + 1) * group; h += values_pass_heads<D>()) {
+        bf16_weighted_values_n<D>(std::min<int64_t>(values_pass_heads<D>(), (kh + 1) * group - h), scores + h,
+                                  stride, st.sums.data() + h, v + (h0 + kh) * v_head_stride, slot, n, v_slot_stride,
+                                  h == 0 ? row_bytes_v : 0, o + h * D);
+      }
+    }
   });
 }
 #endif

@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -63,6 +64,12 @@ void configure_tiles(int64_t rows) {
   asm volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
+// Every cache line of `bytes` from p.
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(c + at, _MM_HINT_T0);
+}
+
 // Lane j of a B tile row's first (half 0) or last 16 values is column 8 * half + j / 2.
 
 // Of 16 columns' bfloat16 (scale, zero) pairs, the scales (odd = 0) or zeros
@@ -92,6 +99,12 @@ struct Int4Groups {
   const uint8_t* packed;
   const uint16_t* scales_zeros;
   int64_t n, k, group;
+
+  // Into the caches: the 32 x 32 block at (n0, k0), and its scales and zeros.
+  void prefetch(int64_t n0, int64_t k0) const {
+    prefetch_lines(packed + (n0 / 32) * (k / 32) * 512 + (k0 / 32) * 512, 512);
+    if (k0 % group == 0) prefetch_lines(scales_zeros + ((k0 / group) * n + n0) * 2, 128);
+  }
 
   // The B tile of columns n0..n0 + 15 at input values k0..k0 + 31 into `tile`.
   void dequantize(int64_t n0, int64_t k0, uint16_t* tile) const {
@@ -128,6 +141,11 @@ struct Int8Rows {
   const float* scales;
   int64_t n, k;
 
+  void prefetch(int64_t n0, int64_t k0) const {
+    prefetch_lines(packed + (n0 / 32) * (k / 32) * 1024 + (k0 / 32) * 1024, 1024);
+    if (k0 == 0) prefetch_lines(scales + n0, 128);
+  }
+
   void dequantize(int64_t n0, int64_t k0, uint16_t* tile) const {
     const int8_t* q = packed + (n0 / 32) * (k / 32) * 1024 + (k0 / 32) * 1024 + (n0 % 32 / 16) * 512;
     const __m512 column_scales = _mm512_loadu_ps(scales + n0);
@@ -148,9 +166,13 @@ struct Int8Rows {
 // (configure_tiles). Each 32 x 32 block is dequantized into b_tiles just
 // before its products: dequantizing a whole column strip first and then
 // multiplying was 1.6x slower (the strip left L1).
+// next_n0: the column block this thread takes next (-1: none), whose weight
+// is prefetched a block of input values at a time: the weight streams from
+// memory while this block computes (without, a step's cold weights took
+// 1.6x the time of warm ones).
 template <typename Weight>
 void amx_block(const uint16_t* x, int64_t x_stride, const Weight& weight, uint16_t* out, int64_t rows, int64_t n0,
-               uint16_t* b_tiles, float* sums) {
+               int64_t next_n0, uint16_t* b_tiles, float* sums) {
   _tile_zero(4);
   _tile_zero(6);
   if (rows > 16) {
@@ -158,6 +180,7 @@ void amx_block(const uint16_t* x, int64_t x_stride, const Weight& weight, uint16
     _tile_zero(7);
   }
   for (int64_t k0 = 0; k0 < weight.k; k0 += 32) {
+    if (next_n0 >= 0) weight.prefetch(next_n0, k0);
     weight.dequantize(n0, k0, b_tiles);
     weight.dequantize(n0 + 16, k0, b_tiles + 512);
     _tile_loadd(2, b_tiles, 64);
@@ -191,13 +214,17 @@ void amx_linear(const uint16_t* x, int64_t x_stride, const Weight& weight, uint1
     alignas(64) uint16_t b_tiles[2 * 512];
     alignas(64) float sums[32 * 32];
     int64_t configured_rows = -1;
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < weight.n; n0 += 32) {
+    // each thread a run of column blocks, so that it knows its next
+    const int64_t blocks = weight.n / 32, threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
+    for (int64_t blk = first; blk < last; ++blk) {
       // more than 32 rows dequantize each block again for each 32 (decode batches rarely have more)
       for (int64_t m0 = 0; m0 < rows; m0 += 32) {
         const int64_t block_rows = std::min<int64_t>(32, rows - m0);
+        const int64_t next_n0 = m0 + 32 >= rows && blk + 1 < last ? (blk + 1) * 32 : -1;
         if (block_rows != configured_rows) configure_tiles(configured_rows = block_rows);
-        amx_block(x + m0 * x_stride, x_stride, weight, out + m0 * weight.n, block_rows, n0, b_tiles, sums);
+        amx_block(x + m0 * x_stride, x_stride, weight, out + m0 * weight.n, block_rows, blk * 32, next_n0, b_tiles,
+                  sums);
       }
     }
     if (configured_rows >= 0) _tile_release();
@@ -207,6 +234,136 @@ void amx_linear(const uint16_t* x, int64_t x_stride, const Weight& weight, uint1
 #endif  // RADIXSERVE_AMX
 
 }  // namespace
+
+// Decode attention's scores on the tile unit (cpu_kernels.cpp's bfloat16
+// decode attention calls this for tasks of at most 16 query heads). Sixteen
+// keys' scores for every head of the task come from one tile product a 32
+// values of a key row: A = 16 keys' rows (read from the pool in place when
+// their slots are consecutive, as a prompt's are, else gathered), B = the
+// query heads' values in AMX's pairs layout, zero for the heads of other KV
+// heads; C = [16 keys, heads] float32, stored key-major.
+namespace radixserve_amx {
+
+bool attention_available() {
+#ifdef RADIXSERVE_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// In bfloat16 values: the B tiles (one a 32 values of the task's key row)
+// and four blocks' gathered key rows.
+int64_t attention_scratch(int64_t kv_heads, int64_t head_dim) {
+  return kv_heads * head_dim / 32 * 512 + 4 * 16 * kv_heads * head_dim;
+}
+
+#ifdef RADIXSERVE_AMX
+namespace {
+
+bool consecutive(const int64_t* slot) {
+  for (int j = 1; j < 16; ++j)
+    if (slot[j] != slot[0] + j) return false;
+  return true;
+}
+
+// B tile c: row r holds, for each query head h, its values 2r and 2r + 1 of
+// the key row's values 32c..32c + 31 when h reads that KV head, else zeros.
+void query_tiles(const uint16_t* q, int64_t head_dim, int64_t group, int64_t kv_heads, uint16_t* tiles) {
+  const int64_t per_head = head_dim / 32;
+  std::fill(tiles, tiles + kv_heads * per_head * 512, 0);
+  for (int64_t c = 0; c < kv_heads * per_head; ++c) {
+    const int64_t kh = c / per_head, d0 = c % per_head * 32;
+    for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
+      for (int64_t r = 0; r < 16; ++r) {
+        tiles[c * 512 + r * 32 + 2 * h] = q[h * head_dim + d0 + 2 * r];
+        tiles[c * 512 + r * 32 + 2 * h + 1] = q[h * head_dim + d0 + 2 * r + 1];
+      }
+  }
+}
+
+}  // namespace
+#endif
+
+// scores [16-key blocks covering n, 16] float32: q_h . k_l unscaled, for the
+// task's group * kv_heads (at most 16) query heads q [heads, head_dim] over
+// keys k + slot[l] * k_slot_stride (its KV heads k_head_stride apart). scratch:
+// attention_scratch values. row_bytes: a slot's key row for the task, prefetched a block ahead.
+void attention_scores(const uint16_t* q, int64_t head_dim, int64_t group, int64_t kv_heads, const uint16_t* k,
+                      const int64_t* slot, int64_t n, int64_t k_slot_stride, int64_t k_head_stride,
+                      int64_t row_bytes, float* scores, uint16_t* scratch) {
+#ifdef RADIXSERVE_AMX
+  const int64_t per_head = head_dim / 32, chunks = kv_heads * per_head, row = kv_heads * head_dim;
+  uint16_t *q_tiles = scratch, *gathered = scratch + chunks * 512;
+  query_tiles(q, head_dim, group, kv_heads, q_tiles);
+  // tiles 0, 1: key rows (A, taken in turn); 2..5: four blocks' scores (C); 6: the query (B)
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = static_cast<uint16_t>(t < 2 ? 64 : group * kv_heads * 4);
+  asm volatile("ldtilecfg %0" : : "m"(cfg));
+  // Four blocks of 16 keys at a time: a tile product waits on the last into
+  // the same sums, so one block's six in a row ran at their latency.
+  for (int64_t l0 = 0; l0 < n; l0 += 64) {
+    const int blocks = static_cast<int>(std::min<int64_t>(4, (n - l0 + 15) / 16));
+    const uint16_t* a[4];
+    int64_t a_stride[4], a_head[4];
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int64_t first = l0 + 16 * blk, count = std::min<int64_t>(16, n - first);
+      if (count == 16 && consecutive(slot + first)) {
+        a[blk] = k + slot[first] * k_slot_stride, a_stride[blk] = k_slot_stride * 2, a_head[blk] = k_head_stride;
+        continue;
+      }
+      uint16_t* to = gathered + blk * 16 * row;
+      for (int64_t j = 0; j < 16; ++j)
+        for (int64_t kh = 0; kh < kv_heads; ++kh) {
+          uint16_t* dst = to + j * row + kh * head_dim;
+          if (j < count) memcpy(dst, k + slot[first + j] * k_slot_stride + kh * k_head_stride, head_dim * 2);
+          else std::fill(dst, dst + head_dim, 0);
+        }
+      a[blk] = to, a_stride[blk] = row * 2, a_head[blk] = head_dim;
+    }
+    // the next four blocks' rows where they are not in a run of slots (the
+    // hardware prefetcher follows runs; prefetching those too stalled here)
+    for (int64_t j = l0 + 64; j < std::min(n, l0 + 128); ++j) {
+      if (slot[j] == slot[j - 1] + 1) continue;
+      const char* p = reinterpret_cast<const char*>(k + slot[j] * k_slot_stride);
+      for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(p + at);
+    }
+    const auto key_rows = [&](int blk, int64_t c) { return a[blk] + c / per_head * a_head[blk] + c % per_head * 32; };
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_zero(4);
+    _tile_zero(5);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_loadd(6, q_tiles + c * 512, 64);
+      _tile_loadd(0, key_rows(0, c), a_stride[0]);
+      _tile_dpbf16ps(2, 0, 6);
+      if (blocks > 1) {
+        _tile_loadd(1, key_rows(1, c), a_stride[1]);
+        _tile_dpbf16ps(3, 1, 6);
+      }
+      if (blocks > 2) {
+        _tile_loadd(0, key_rows(2, c), a_stride[2]);
+        _tile_dpbf16ps(4, 0, 6);
+      }
+      if (blocks > 3) {
+        _tile_loadd(1, key_rows(3, c), a_stride[3]);
+        _tile_dpbf16ps(5, 1, 6);
+      }
+    }
+    float* at = scores + l0 * 16;
+    _tile_stored(2, at, 64);
+    if (blocks > 1) _tile_stored(3, at + 256, 64);
+    if (blocks > 2) _tile_stored(4, at + 512, 64);
+    if (blocks > 3) _tile_stored(5, at + 768, 64);
+  }
+  _tile_release();
+#else
+  (void)q, (void)head_dim, (void)group, (void)kv_heads, (void)k, (void)slot, (void)n, (void)k_slot_stride,
+      (void)k_head_stride, (void)row_bytes, (void)scores, (void)scratch;
+#endif
+}
+
+}  // namespace radixserve_amx
 
 extern "C" {
 
