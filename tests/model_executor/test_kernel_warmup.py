@@ -101,3 +101,19 @@ def test_ngram_trees_warm_up_the_tree_extend(tiny_model_factory):
     free = runner.pools.allocator.available_size()
     assert run_warmup_forward(runner, plan(speculative_algorithm="NGRAM")[0])
     assert runner.pools.allocator.available_size() == free
+
+
+def test_cpu_start_up_makes_the_quantized_weights_copies():
+    """The packaged default model (4-bit GGUF weights) leaves start-up with
+    each quantized linear's dense copy for prefills and, on an AMX CPU, its
+    packed copy for decode steps: neither is made inside a first request."""
+    from radixserve.layers import cpu_kernels
+    from radixserve.model_executor.model_runner import ModelRunner
+
+    runner = ModelRunner(ServerArgs(model_path=None, device="cpu"))
+    layers = runner.model.model.layers
+    linears = [layers[0].self_attn.qkv_proj, layers[0].mlp.down_proj, layers[-1].mlp.gate_up_proj]
+    for linear in linears:
+        copies = linear.weight.__dict__
+        assert "dense_copy" in copies
+        assert ("amx_copy" in copies) == cpu_kernels.amx_available()

@@ -132,6 +132,10 @@ class ModelRunner:
             from radixserve.model_executor.kernel_warmup import warm_up_kernels
 
             warm_up_kernels(self)
+        elif self.device.type == "cpu" and warm_up:
+            from radixserve.model_executor.kernel_warmup import warm_up_cpu_weights
+
+            warm_up_cpu_weights(self)
 
     # ---- memory ----
     def _kv_layout(self) -> KVLayout:
