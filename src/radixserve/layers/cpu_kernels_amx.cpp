@@ -288,7 +288,8 @@ void query_tiles(const uint16_t* q, int64_t head_dim, int64_t group, int64_t kv_
 // scores [16-key blocks covering n, 16] float32: q_h . k_l unscaled, for the
 // task's group * kv_heads (at most 16) query heads q [heads, head_dim] over
 // keys k + slot[l] * k_slot_stride (its KV heads k_head_stride apart). scratch:
-// attention_scratch values. row_bytes: a slot's key row for the task, prefetched a block ahead.
+// attention_scratch values. row_bytes: a slot's key row for the task (the rows four
+// blocks ahead that start a run of slots are prefetched).
 void attention_scores(const uint16_t* q, int64_t head_dim, int64_t group, int64_t kv_heads, const uint16_t* k,
                       const int64_t* slot, int64_t n, int64_t k_slot_stride, int64_t k_head_stride,
                       int64_t row_bytes, float* scores, uint16_t* scratch) {

@@ -137,7 +137,7 @@ def warm_up_kernels(runner: "ModelRunner") -> int:
     return ran
 
 
-def cpu_warmup_plan() -> List[WarmupShape]:
+def cpu_warmup_plan(context_len: int) -> List[WarmupShape]:
     """A CPU runner's start-up forwards. Nothing compiles on the CPU, but a
     quantized linear makes copies of its weight on first use: the dense copy
     prefills multiply by (a prefill of INT8_DEQUANTIZE_FROM_ROWS tokens or
@@ -147,13 +147,14 @@ def cpu_warmup_plan() -> List[WarmupShape]:
     from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, AMX_INT8_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
 
     decode_rows = max(AMX_INT4_DECODE_ROWS.start, AMX_INT8_DECODE_ROWS.start)
-    return [WarmupShape(num_new=INT8_DEQUANTIZE_FROM_ROWS), WarmupShape(num_decode=decode_rows)]
+    return [WarmupShape(num_new=INT8_DEQUANTIZE_FROM_ROWS, max_request_len=context_len),
+            WarmupShape(num_decode=decode_rows)]
 
 
 def warm_up_cpu_weights(runner: "ModelRunner") -> int:
     """Run cpu_warmup_plan's forwards (the pools given back; an embedding
     runner only prefills). Returns how many ran."""
-    shapes = cpu_warmup_plan()
+    shapes = cpu_warmup_plan(runner.context_len)
     if getattr(runner, "pooling", None) is not None:
         shapes = [s for s in shapes if s.mode == ForwardMode.EXTEND]
     start = time.perf_counter()
