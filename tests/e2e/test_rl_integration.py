@@ -144,7 +144,7 @@ def test_release_and_resume_memory_occupation(setup):
     # While released a request waits in the queue; it runs after resume.
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(
-        engine.generate(input_ids=PROMPTS[1], sampling_params=GREEDY)))
+        engine.generate(input_ids=PROMPTS[1], sampling_params=GREEDY)), daemon=True)  # a failed test must not hang the run
     thread.start()
     deadline = time.monotonic() + 60
     while engine.get_server_info()["num_waiting_reqs"] == 0 and thread.is_alive() and time.monotonic() < deadline:

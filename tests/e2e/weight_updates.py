@@ -42,7 +42,7 @@ def engine_with_new_weights(tiny_model_factory, tmp_path_factory, seed: int):
 def start_long_request(engine, result: dict, tokens: int) -> threading.Thread:
     params = {**GREEDY, "max_new_tokens": tokens}
     thread = threading.Thread(target=lambda: result.update(
-        engine.generate(input_ids=PROMPTS[0], sampling_params=params)))
+        engine.generate(input_ids=PROMPTS[0], sampling_params=params)), daemon=True)
     thread.start()
     # (bounded: an engine left released by a failed test would queue the request forever)
     deadline = time.monotonic() + 60

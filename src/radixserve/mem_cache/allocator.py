@@ -6,6 +6,8 @@ padding later) write their K/V there harmlessly.
 
 from __future__ import annotations
 
+import math
+import mmap
 from typing import List, Optional
 
 import torch
@@ -36,15 +38,18 @@ class ReqToTokenPool:
 
 
 def zeroed_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """torch.zeros, except on the CPU: there the memory comes from numpy's
-    calloc, which the OS zeroes page by page on first touch, so a pool of
-    gigabytes costs nothing at start-up (torch.zeros writes every byte: seconds)."""
-    if device.type != "cpu":
+    """torch.zeros, except on the CPU: there the memory is an anonymous mmap,
+    which the OS zeroes page by page on first touch, so a pool of gigabytes
+    costs nothing at start-up (torch.zeros writes every byte: seconds). Not
+    calloc: once glibc has freed a large block its mmap threshold rises, and a
+    calloc of a pool released and resumed would come from the heap and be
+    zeroed by hand, making all of it resident at once. The tensor holds the
+    mmap, which is unmapped (given back to the OS) when the tensor is freed."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel == 0:
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
-
-    same_size = {1: np.uint8, 2: np.uint16, 4: np.float32, 8: np.float64}[dtype.itemsize]
-    return torch.from_numpy(np.zeros(shape, dtype=same_size)).view(dtype)
+    memory = mmap.mmap(-1, numel * dtype.itemsize)
+    return torch.frombuffer(memory, dtype=dtype, count=numel).view(shape)
 
 
 class KVPool:

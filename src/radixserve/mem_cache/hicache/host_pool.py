@@ -56,7 +56,7 @@ class HostKVPool:
                  else (self.total_tokens, self.num_buffers)) + self.row_shape
         if first.is_cuda:  # pinned pages let copies run asynchronously
             self.data = torch.zeros(shape, dtype=first.dtype, pin_memory=True)
-        else:  # calloc'd: gigabytes cost nothing until touched
+        else:  # an anonymous mmap: gigabytes cost nothing until touched
             self.data = zeroed_buffer(shape, first.dtype, torch.device("cpu"))
         self.stream = torch.cuda.Stream(device=self.device) if first.is_cuda else None
         self.bytes_per_token = self.num_buffers * first[0].numel() * first.element_size()
