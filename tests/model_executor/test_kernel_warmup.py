@@ -117,3 +117,5 @@ def test_cpu_start_up_makes_the_quantized_weights_copies():
         copies = linear.weight.__dict__
         assert "dense_copy" in copies
         assert ("amx_copy" in copies) == cpu_kernels.amx_available()
+    # and its decode batches' layers run in one C++ call there (cpu_decode_layers.py)
+    assert (runner.cpu_decode_layers is not None) == cpu_kernels.amx_available()

@@ -25,6 +25,8 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_kernels_common.h"
+
 // Decode attention's scores on AMX tiles (cpu_kernels_amx.cpp).
 namespace radixserve_amx {
 bool attention_available();
@@ -35,6 +37,9 @@ void attention_scores(const uint16_t* q, int64_t head_dim, int64_t group, int64_
 }  // namespace radixserve_amx
 
 namespace {
+
+using radixserve_cpu::fast_exp;
+using radixserve_cpu::prefetch_lines;
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -54,29 +59,6 @@ inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
 inline void store(float* p, int64_t i, float x) { p[i] = x; }
 inline void store(uint16_t* p, int64_t i, float x) { p[i] = float_to_bf16(x); }
-
-// e^x in float32 to about 2 ulp (Cephes' expf: x = n ln2 + r, a degree-6
-// polynomial for e^r), written so the compiler vectorizes it: libm's expf is
-// a scalar call per element, and a decode step takes tens of thousands.
-inline float fast_exp(float x) {
-  x = std::min(88.0f, std::max(-87.0f, x));
-  // n = x / ln2 rounded to nearest: adding and taking away 1.5 * 2^23 rounds
-  // a float to an integer in one vectorizable pair (floorf does not vectorize here).
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 
 // The largest of s[0..n), n >= 1, in 16 lanes: GCC leaves a max reduction
 // scalar (one vmaxss a value, each waiting on the last), which was 63% of the
@@ -118,16 +100,11 @@ void softmax_rows(float* scores, int64_t rows, int64_t n) {
 // Keys ahead of the one being read whose rows are prefetched: a request's
 // decode slots lie a batch apart in the pool, a stride the hardware
 // prefetcher does not follow.
+// prefetch_lines takes every cache line of a task's part of a slot's row: a
+// whole 384-byte row of the default model's keys is six lines, and
+// prefetching only the first left a batch-32 decode step 9% slower
+// (45.6-47.8 against 41.2-43.1 ms, three runs each, 2-core AMX Xeon).
 constexpr int64_t PREFETCH_AHEAD = 8;
-
-// Every cache line of the `bytes` from p (a task's part of a slot's row): a
-// whole 384-byte row of the default model's keys is six lines, and prefetching
-// only the first left a batch-32 decode step 9% slower (45.6-47.8 against
-// 41.2-43.1 ms, three runs each, 2-core AMX Xeon).
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at);
-}
 
 // The tasks of one decode attention call. A task is one request's KV heads,
 // as many as keep its query heads within max_heads, when the batch alone keeps
@@ -201,7 +178,7 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
     st.scores.resize(task_heads * n);
     float* scores = st.scores.data();
     for (int64_t l = 0; l < n; ++l) {
-      if (l + PREFETCH_AHEAD < n) prefetch_row(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride, row_bytes_k);
+      if (l + PREFETCH_AHEAD < n) prefetch_lines(k + slot[l + PREFETCH_AHEAD] * k_slot_stride + h0 * k_head_stride, row_bytes_k);
       for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
         const T* kp = k + slot[l] * k_slot_stride + (h0 + kh) * k_head_stride;
 #pragma omp simd
@@ -218,7 +195,7 @@ void decode_attention(const T* q, int64_t q_row_stride, const T* k, const T* v, 
     softmax_rows(scores, task_heads, n);
     std::fill(acc, acc + task_heads * dv, 0.0f);
     for (int64_t l = 0; l < n; ++l) {
-      if (l + PREFETCH_AHEAD < n) prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride, row_bytes_v);
+      if (l + PREFETCH_AHEAD < n) prefetch_lines(v + slot[l + PREFETCH_AHEAD] * v_slot_stride + h0 * v_head_stride, row_bytes_v);
       for (int64_t kh = 0; kh < task_kv_heads; ++kh) {
         const T* vp = v + slot[l] * v_slot_stride + (h0 + kh) * v_head_stride;
 #pragma omp simd
@@ -293,7 +270,7 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
           __m512 acc = _mm512_setzero_ps();
           if (j < count) {
             // the next block's rows, one a key: a burst of a whole block's stalled on the CPU's fill buffers
-            if (h == 0 && l0 + 16 + j < n) prefetch_row(k + slot[l0 + 16 + j] * k_slot_stride, row_bytes);
+            if (h == 0 && l0 + 16 + j < n) prefetch_lines(k + slot[l0 + 16 + j] * k_slot_stride, row_bytes);
             const uint16_t* kp = k + slot[l0 + j] * k_slot_stride + kh * k_head_stride;
             for (int c = 0; c < D / 32; ++c)
               acc = _mm512_dpbf16_ps(acc, qv[c], (__m512bh)_mm512_loadu_si512(kp + 32 * c));
@@ -307,23 +284,6 @@ void bf16_scores(const uint16_t* q, const uint16_t* k, const int64_t* slot, int6
   }
 }
 
-// fast_exp on 16 lanes (the same polynomial; 2^n applied by scalef).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // e^(scale * (s - max s)) down each head's column of n key-major score rows
 // (`stride` floats a row, a multiple of 16), in place; the columns' sums
 // into sums[stride]. scale > 0, so the largest score is the largest scaled.
@@ -334,7 +294,7 @@ void softmax_columns(float* scores, int64_t n, int64_t stride, float scale, floa
     for (int64_t l = 1; l < n; ++l) top = _mm512_max_ps(top, _mm512_loadu_ps(scores + l * stride + c));
     for (int64_t l = 0; l < n; ++l) {
       float* row = scores + l * stride + c;
-      const __m512 e = exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row), top), scale_v));
+      const __m512 e = radixserve_cpu::exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(row), top), scale_v));
       _mm512_storeu_ps(row, e);
       sum = _mm512_add_ps(sum, e);
     }
@@ -356,7 +316,7 @@ void bf16_weighted_values(const float* weights, int64_t stride, const float* sum
     for (int c = 0; c < D / 16; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < n; ++l) {
     if (prefetch_bytes > 0 && l + PREFETCH_AHEAD < n)
-      prefetch_row(v + slot[l + PREFETCH_AHEAD] * v_slot_stride, prefetch_bytes);
+      prefetch_lines(v + slot[l + PREFETCH_AHEAD] * v_slot_stride, prefetch_bytes);
     const uint16_t* vp = v + slot[l] * v_slot_stride;
     __m512 row[D / 16];
     for (int c = 0; c < D / 16; ++c) row[c] = bf16x16_to_ps(vp + 16 * c);

@@ -34,7 +34,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 # the kernels of the decode step, and the quantized linears on AMX: one library
-SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_kernels_amx.cpp")]
+SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_kernels_amx.cpp"),
+           Path(__file__).with_name("cpu_decode_layers.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_kernels_common.h")]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The instruction set the kernels are built for: the machine's own by default.
 # The source has AVX-512 BF16 paths with plain-C++ fallbacks; a narrower target
@@ -56,7 +58,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     """The compiled library's path, compiling it unless a process already did."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     flags = [*FLAGS, f"-march={os.environ.get(MARCH_ENV, 'native')}"]
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), _cpu_flags().encode()]))
     cache = Path(os.environ.get("RADIXSERVE_CACHE_DIR", Path.home() / ".cache" / "radixserve")) / "cpu_kernels"
@@ -97,6 +99,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_gumbel_argmax.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.radixserve_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -293,3 +296,12 @@ def int8_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
         rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
         out_features, rows.shape[1]))
     return out
+
+
+def decode_layers(shape: ctypes.c_void_p, layers: ctypes.Array, num_layers: int, batch: ctypes.c_void_p,
+                  hidden: torch.Tensor, residual: torch.Tensor, scratch: torch.Tensor) -> int:
+    """Every decoder layer of a decode step (cpu_decode_layers.cpp; the structs
+    are model_executor/cpu_decode_layers.py's). hidden: the embeddings in, the
+    last layer's output out; residual: the stream before it. 0 when done."""
+    return _library().radixserve_decode_layers(shape, layers, num_layers, batch, hidden.data_ptr(),
+                                               residual.data_ptr(), scratch.data_ptr())

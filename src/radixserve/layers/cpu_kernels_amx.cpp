@@ -23,6 +23,8 @@
 
 #include <algorithm>
 
+#include "cpu_kernels_common.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define RADIXSERVE_AMX 1
 #endif
@@ -30,6 +32,8 @@
 namespace {
 
 #ifdef RADIXSERVE_AMX
+
+using radixserve_cpu::prefetch_lines;
 
 struct TileConfig {
   uint8_t palette = 1;
@@ -62,12 +66,6 @@ void configure_tiles(int64_t rows) {
   // reads the config, which then dropped the stores of its rows and columns
   // as dead (an invalid config: SIGSEGV here, SIGILL at the first tile use).
   asm volatile("ldtilecfg %0" : : "m"(cfg));
-}
-
-// Every cache line of `bytes` from p.
-inline void prefetch_lines(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t at = 0; at < bytes; at += 64) _mm_prefetch(c + at, _MM_HINT_T0);
 }
 
 // Lane j of a B tile row's first (half 0) or last 16 values is column 8 * half + j / 2.
@@ -326,8 +324,7 @@ void attention_scores(const uint16_t* q, int64_t head_dim, int64_t group, int64_
     // hardware prefetcher follows runs; prefetching those too stalled here)
     for (int64_t j = l0 + 64; j < std::min(n, l0 + 128); ++j) {
       if (slot[j] == slot[j - 1] + 1) continue;
-      const char* p = reinterpret_cast<const char*>(k + slot[j] * k_slot_stride);
-      for (int64_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(p + at);
+      prefetch_lines(k + slot[j] * k_slot_stride, row_bytes);
     }
     const auto key_rows = [&](int blk, int64_t c) { return a[blk] + c / per_head * a_head[blk] + c % per_head * 32; };
     _tile_zero(2);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
@@ -22,6 +23,7 @@ from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
 from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, default_kv_layout, kv_layout_of
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
+from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_executor.logits_output import LogitsOutput
 from radixserve.model_loader.fp8 import block_fp8_size, checkpoint_block_fp8_size
@@ -126,6 +128,11 @@ class ModelRunner:
         self.attn_backend = self._make_attn_backend()
         self.spec_graph_shapes: list = []  # speculative decoding's forwards (add_spec_graphs)
         self.graph_runners = self._make_graph_runners()
+        # A CPU decode batch's layers in one C++ call where the model qualifies
+        # (cpu_decode_layers.py); RADIXSERVE_CPU_FUSED_LAYERS=0 keeps them eager.
+        self.cpu_decode_layers = None
+        if os.environ.get("RADIXSERVE_CPU_FUSED_LAYERS", "1") != "0":
+            self.cpu_decode_layers = CpuDecodeLayers.for_model(self.model, self.device, self.dtype, self.lora_manager)
         if self.device.type == "cuda" and warm_up:
             # Every Triton kernel variant a request can reach is compiled now,
             # not inside the first requests (kernel_warmup.py says which).
@@ -408,7 +415,10 @@ class ModelRunner:
             self.lora_manager.prepare(fb.lora_ids or [None] * fb.batch_size, tokens)
         if fb.mm_items:
             fb.mm_embeds = image_embeds_for(self.model, fb.mm_items, self.device)
-        hidden = self.model(fb.input_ids, fb.positions, fb)
+        if self.cpu_decode_layers is not None and self.cpu_decode_layers.takes(fb):
+            hidden = self.cpu_decode_layers.forward(fb)
+        else:
+            hidden = self.model(fb.input_ids, fb.positions, fb)
         if self.pooling is not None:
             return pool_extend(hidden, fb.extend_seq_lens, fb.logits_indices[fb.last_logit_rows], self.pooling)
         if fb.forward_mode.is_decode():

@@ -1,0 +1,129 @@
+// A decode step's decoder layers of a Llama-shaped model in one call from
+// Python (model_executor/cpu_decode_layers.py): RMSNorm, q|k|v, rotary,
+// attention over the paged pool, o, RMSNorm, gate|up, SiLU, down, for every
+// layer. Each part is the kernel the eager path calls, with the same inputs,
+// so the results are the eager path's bit for bit; what goes is the Python
+// between the kernels (about a third of a batch-32 step on a 2-core CPU, during
+// which the other OpenMP thread waits). int4 weights on AMX only: the
+// formats of the default model's decode step.
+
+#include <stdint.h>
+#include <string.h>
+
+extern "C" {
+// cpu_kernels.cpp and cpu_kernels_amx.cpp
+void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride, void* k, void* v, void* out,
+                                 const int64_t* slots, int64_t slots_row_stride, const int64_t* seq_lens,
+                                 int64_t batch, int64_t heads, int64_t kv_heads, int64_t dk, int64_t dv,
+                                 int64_t k_slot_stride, int64_t k_head_stride, int64_t v_slot_stride,
+                                 int64_t v_head_stride, int64_t window, float scale, const void* new_k,
+                                 int64_t new_k_stride, const void* new_v, int64_t new_v_stride,
+                                 const int64_t* new_slots);
+void radixserve_rms_norm_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* residual, int64_t residual_stride,
+                              const uint16_t* weight, uint16_t* out, uint16_t* residual_out, int64_t rows,
+                              int64_t cols, float eps);
+void radixserve_silu_and_mul_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t rows, int64_t cols);
+void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t* positions, const float* table,
+                       void* out, int64_t rows, int64_t heads, int64_t head_dim);
+int radixserve_int4_linear_amx(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
+                               const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
+                               int64_t group);
+}
+
+namespace {
+
+// An int4 weight [n, k] in the AMX kernel's layout, groups of `group` inputs.
+struct Int4Weight {
+  const uint8_t* packed;
+  const uint16_t* scales_zeros;
+  int64_t n, k, group;
+};
+
+// The layout of this struct and the next two is mirrored by ctypes
+// Structures in model_executor/cpu_decode_layers.py.
+struct DecodeLayer {
+  const uint16_t* input_norm;
+  const uint16_t* post_attention_norm;
+  Int4Weight qkv, o, gate_up, down;
+  uint16_t* k_buf;
+  uint16_t* v_buf;
+  int64_t window;  // 0: none
+};
+
+struct DecodeShape {
+  int64_t hidden, heads, kv_heads, head_dim, intermediate;
+  int64_t k_slot_stride, k_head_stride, v_slot_stride, v_head_stride;
+  float eps, scale;
+  const float* rope_table;  // [positions, head_dim] cos | sin
+};
+
+struct DecodeBatch {
+  int64_t rows;
+  const int64_t* positions;
+  const int64_t* slots;  // [rows, >= longest]: each request's slots in position order
+  int64_t slots_row_stride;
+  const int64_t* seq_lens;
+  const int64_t* new_slots;  // [rows]: where this step's keys and values go
+};
+
+// bfloat16 buffers [rows, width] for one step.
+struct Scratch {
+  uint16_t *normed, *qkv, *qk, *attn, *gate_up, *act;
+};
+
+int linear(const Int4Weight& w, const uint16_t* x, uint16_t* out, int64_t rows) {
+  return radixserve_int4_linear_amx(x, w.k, w.packed, w.scales_zeros, out, rows, w.n, w.k, w.group);
+}
+
+int run_layer(const DecodeShape& s, const DecodeLayer& layer, const DecodeBatch& b, uint16_t* hidden,
+              uint16_t* residual, bool first, const Scratch& t) {
+  const int64_t rows = b.rows, q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
+  const int64_t qkv_width = q_width + 2 * kv_width, qk_width = q_width + kv_width;
+  if (first) {  // no residual yet: the embeddings are it
+    memcpy(residual, hidden, rows * s.hidden * sizeof(uint16_t));
+    radixserve_rms_norm_bf16(hidden, s.hidden, nullptr, 0, layer.input_norm, t.normed, nullptr, rows, s.hidden, s.eps);
+  } else {
+    radixserve_rms_norm_bf16(hidden, s.hidden, residual, s.hidden, layer.input_norm, t.normed, residual, rows,
+                             s.hidden, s.eps);
+  }
+  if (linear(layer.qkv, t.normed, t.qkv, rows) != 0) return -1;
+  // q | k turned in one pass (their columns side by side in q|k|v); v read where it lies
+  radixserve_rotary(1, t.qkv, qkv_width, b.positions, s.rope_table, t.qk, rows, s.heads + s.kv_heads, s.head_dim);
+  radixserve_decode_attention(1, t.qk, qk_width, layer.k_buf, layer.v_buf, t.attn, b.slots, b.slots_row_stride,
+                              b.seq_lens, rows, s.heads, s.kv_heads, s.head_dim, s.head_dim, s.k_slot_stride,
+                              s.k_head_stride, s.v_slot_stride, s.v_head_stride, layer.window, s.scale,
+                              t.qk + q_width, qk_width, t.qkv + qk_width, qkv_width, b.new_slots);
+  if (linear(layer.o, t.attn, hidden, rows) != 0) return -1;
+  radixserve_rms_norm_bf16(hidden, s.hidden, residual, s.hidden, layer.post_attention_norm, t.normed, residual, rows,
+                           s.hidden, s.eps);
+  if (linear(layer.gate_up, t.normed, t.gate_up, rows) != 0) return -1;
+  radixserve_silu_and_mul_bf16(t.gate_up, 2 * s.intermediate, t.act, rows, s.intermediate);
+  return linear(layer.down, t.act, hidden, rows);
+}
+
+}  // namespace
+
+extern "C" {
+
+// hidden [rows, hidden]: the embeddings in, the last layer's output out;
+// residual [rows, hidden]: the residual stream before that output (the final
+// norm adds them, as after the eager layers). scratch: bfloat16 values for
+// rows x (hidden + q|k|v + q|k + q + 2 intermediate + intermediate). 0 when
+// done; -1 when AMX is not available (nothing meaningful written).
+int radixserve_decode_layers(const DecodeShape* shape, const DecodeLayer* layers, int64_t num_layers,
+                             const DecodeBatch* batch, uint16_t* hidden, uint16_t* residual, uint16_t* scratch) {
+  const DecodeShape& s = *shape;
+  const int64_t rows = batch->rows, q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
+  Scratch t;
+  t.normed = scratch;
+  t.qkv = t.normed + rows * s.hidden;
+  t.qk = t.qkv + rows * (q_width + 2 * kv_width);
+  t.attn = t.qk + rows * (q_width + kv_width);
+  t.gate_up = t.attn + rows * q_width;
+  t.act = t.gate_up + rows * 2 * s.intermediate;
+  for (int64_t i = 0; i < num_layers; ++i)
+    if (run_layer(s, layers[i], *batch, hidden, residual, i == 0, t) != 0) return -1;
+  return 0;
+}
+
+}  // extern "C"

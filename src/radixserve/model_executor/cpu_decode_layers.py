@@ -1,0 +1,173 @@
+"""A CPU decode step's decoder layers in one C++ call (layers/cpu_decode_layers.cpp).
+
+On a CPU with AMX, a decode batch of the default model runs every layer as a
+chain of fused kernels (RMSNorm, the int4 AMX linears, rotary, paged decode
+attention, SiLU-and-mul), called one by one from Python. At 32 requests on a
+2-core Xeon, about a third of the step was that Python (module calls, checks,
+ctypes), and the second OpenMP thread idled through it. `CpuDecodeLayers`
+calls the same kernels in the same order from C++, so its outputs are the
+eager path's bit for bit; the embedding, the final norm, the LM head and
+sampling stay in Python.
+
+It takes a model only where every layer is the plain Llama block (RMSNorm,
+no biases, no q/k norms, no attention sinks, standard rotary from a table)
+with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
+the torch-native attention backend; a batch only where the eager path would
+take the AMX int4 kernel (decode rows in AMX_INT4_DECODE_ROWS). Anything else
+runs eagerly. The weights' AMX copies are looked up each step (a dict lookup
+per weight), so a weight update, which drops them, is seen at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+from radixserve.layers import cpu_kernels, quantization
+from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+
+i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+
+
+class Int4Weight(ctypes.Structure):
+    _fields_ = [("packed", ptr), ("scales_zeros", ptr), ("n", i64), ("k", i64), ("group", i64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("input_norm", ptr), ("post_attention_norm", ptr), ("qkv", Int4Weight), ("o", Int4Weight),
+                ("gate_up", Int4Weight), ("down", Int4Weight), ("k_buf", ptr), ("v_buf", ptr), ("window", i64)]
+
+
+class DecodeShape(ctypes.Structure):
+    _fields_ = [("hidden", i64), ("heads", i64), ("kv_heads", i64), ("head_dim", i64), ("intermediate", i64),
+                ("k_slot_stride", i64), ("k_head_stride", i64), ("v_slot_stride", i64), ("v_head_stride", i64),
+                ("eps", f32), ("scale", f32), ("rope_table", ptr)]
+
+
+class DecodeBatch(ctypes.Structure):
+    _fields_ = [("rows", i64), ("positions", ptr), ("slots", ptr), ("slots_row_stride", i64), ("seq_lens", ptr),
+                ("new_slots", ptr)]
+
+
+@dataclass
+class _Int4Linear:
+    module: Any  # the Linear; its AMX copy is looked up on it each step
+
+    def struct(self) -> Int4Weight:
+        packed, scales = self.module.weight, self.module.weight_scale
+        copy = quantization.amx_copy(packed, lambda: cpu_kernels.pack_int4_for_amx(quantization.unpack_int4(packed)))
+        n, k = copy.shape[0] * cpu_kernels.AMX_BLOCK, self.module.in_features
+        return Int4Weight(copy.data_ptr(), scales.data_ptr(), n, k, k // scales.shape[0])
+
+
+def _is_int4(linear: Any) -> bool:
+    fmt = getattr(linear, "weight_format", None)
+    return (fmt is not None and fmt.matmul is quantization.int4_weight_only_linear and linear.bias is None
+            and getattr(linear, "lora", None) is None and linear.weight_scale.dtype == torch.bfloat16
+            and linear.weight_scale.is_contiguous() and linear.in_features % cpu_kernels.AMX_BLOCK == 0
+            and linear.weight_scale.shape[0] > 0
+            and (linear.in_features // linear.weight_scale.shape[0]) % cpu_kernels.AMX_BLOCK == 0)
+
+
+def _plain_llama_layer(layer: Any) -> bool:
+    from radixserve.models.llama import DecoderLayer, LlamaAttention, LlamaMLP
+
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (type(layer) is DecoderLayer and type(attn) is LlamaAttention and type(mlp) is LlamaMLP
+            and attn.q_norm is None and attn.attn.sinks is None
+            and all(_is_int4(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+            and attn.o_proj.tp_group.world_size == 1
+            and layer.input_layernorm.weight.dtype == torch.bfloat16)
+
+
+class CpuDecodeLayers:
+    """The decoder layers of one model for CPU decode batches (see the module's doc)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        layers = model.model.layers
+        attn, mlp = layers[0].self_attn, layers[0].mlp
+        table = attn.rotary_emb.cos_sin_cache
+        self.linears = [[_Int4Linear(m) for m in (l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj,
+                                                   l.mlp.down_proj)] for l in layers]
+        self.intermediate = mlp.down_proj.in_features
+        self.shape = DecodeShape(
+            hidden=layers[0].input_layernorm.weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim, intermediate=self.intermediate, eps=layers[0].input_layernorm.eps,
+            scale=attn.attn.scaling, rope_table=table.data_ptr())
+        self.table = table  # (kept alive: the shape holds its address)
+        self.q_width, self.kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        self._structs: Optional[ctypes.Array] = None
+        self._sources: List[Any] = []  # what _structs point into
+
+    @classmethod
+    def for_model(cls, model: Any, device: torch.device, dtype: torch.dtype, lora: Any) -> Optional["CpuDecodeLayers"]:
+        """The fused layers for this model, or None where it does not qualify."""
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if device.type != "cpu" or dtype != torch.bfloat16 or lora is not None or not layers \
+                or not cpu_kernels.amx_available() or not all(_plain_llama_layer(l) for l in layers):
+            return None
+        tables = {id(l.self_attn.rotary_emb.cos_sin_cache) for l in layers}
+        return cls(model) if len(tables) == 1 else None
+
+    def takes(self, fb: Any) -> bool:
+        """Whether this decode batch runs here rather than eagerly."""
+        k_buf = fb.kv_pool.k_buffers[0]
+        return (fb.forward_mode.is_decode() and fb.batch_size in quantization.AMX_INT4_DECODE_ROWS
+                and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
+                and not fb.capture_aux_layers and not fb.return_hidden
+                and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
+                and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
+                and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
+
+    def forward(self, fb: Any) -> torch.Tensor:
+        """The final-normed hidden states [bs, hidden] of a decode batch (takes(fb))."""
+        meta = fb.attn_metadata
+        slots, seq_lens, new_slots = meta.kv_indices, fb.seq_lens.contiguous(), fb.out_cache_loc.contiguous()
+        if slots.dtype != torch.int64 or slots.stride(-1) != 1:
+            slots = slots.to(torch.int64).contiguous()
+        hidden = self.model.model.embed_tokens(fb.input_ids).to(torch.bfloat16).contiguous()
+        rows = hidden.shape[0]
+        residual = torch.empty_like(hidden)
+        widths = self.shape.hidden + (self.q_width + 2 * self.kv_width) + (self.q_width + self.kv_width) \
+            + self.q_width + 3 * self.intermediate  # normed, q|k|v, q|k, attention, gate|up, SiLU * up
+        scratch = torch.empty(rows * widths, dtype=torch.bfloat16)
+        layers = self._layers(fb)
+        batch = DecodeBatch(rows, fb.positions.data_ptr(), slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(),
+                            new_slots.data_ptr())
+        status = cpu_kernels.decode_layers(ctypes.byref(self.shape), layers, len(layers), ctypes.byref(batch),
+                                           hidden, residual, scratch)
+        if status != 0:
+            raise RuntimeError("the fused CPU decode layers: this CPU or process has no AMX")
+        out, _ = self.model.model.norm(hidden, residual)
+        return out
+
+    def _layers(self, fb: Any) -> ctypes.Array:
+        """The layers' structs, rebuilt when a weight's AMX copy or a KV buffer
+        is not the one they were built from (a weight update, a resumed pool)."""
+        pool = fb.kv_pool
+        sources = [lin.module.weight.__dict__.get("amx_copy") for layer in self.linears for lin in layer]
+        sources += pool.k_buffers + pool.v_buffers
+        if self._structs is None or len(sources) != len(self._sources) \
+                or any(a is not b for a, b in zip(sources, self._sources)):
+            self._structs = self._build_layers(pool)
+            self._sources = [lin.module.weight.__dict__.get("amx_copy") for layer in self.linears for lin in layer]
+            self._sources += pool.k_buffers + pool.v_buffers
+        return self._structs
+
+    def _build_layers(self, pool: Any) -> ctypes.Array:
+        k0, v0 = pool.k_buffers[0], pool.v_buffers[0]
+        s = self.shape
+        s.k_slot_stride, s.k_head_stride, s.v_slot_stride, s.v_head_stride = (
+            k0.stride(0), k0.stride(1), v0.stride(0), v0.stride(1))
+        structs: List[DecodeLayer] = []
+        for i, (layer, linears) in enumerate(zip(self.model.model.layers, self.linears)):
+            qkv, o, gate_up, down = (lin.struct() for lin in linears)
+            structs.append(DecodeLayer(
+                layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                qkv, o, gate_up, down, pool.k_buffers[i].data_ptr(), pool.v_buffers[i].data_ptr(),
+                layer.self_attn.attn.sliding_window or 0))
+        return (DecodeLayer * len(structs))(*structs)

@@ -1,0 +1,94 @@
+"""The CPU decode step's layers in one C++ call (cpu_decode_layers.py) against
+the eager layers: the same forward batch both ways gives bit-identical logits
+and writes the same K/V, step after step, ragged batches and weight updates
+included; models and batches it does not take run eagerly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.layers import cpu_kernels
+from radixserve.server_args import ServerArgs
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the fused layers run on a CPU with AMX")
+
+
+def int4_runner(path):
+    from radixserve.model_executor.model_runner import ModelRunner
+
+    return ModelRunner(ServerArgs(model_path=str(path), device="cpu", torchao_config="int4wo-32",
+                                  max_total_tokens=4096, max_running_requests=64))
+
+
+def prefilled(runner, prompts, steps):
+    from radixserve.bench_one_batch import make_batch
+
+    batch, plans = make_batch(runner, prompts, steps + 4)
+    batch.prepare_for_extend(plans)
+    batch.last_token_ids = runner.forward(batch.to_forward_batch()).next_token_logits.argmax(dim=-1)
+    return batch
+
+
+def both_ways(runner, batch):
+    """One decode step eagerly, then the same forward batch through the fused
+    layers: (eager logits, fused logits, eager K/V, fused K/V) of the step's slots."""
+    fused = runner.cpu_decode_layers
+    batch.prepare_for_decode()
+    fb = batch.to_forward_batch()
+    pool = runner.pools.kv_pool
+
+    def kv():
+        return [buf[fb.out_cache_loc].clone() for buf in pool.k_buffers + pool.v_buffers]
+
+    runner.cpu_decode_layers = None
+    eager = runner.forward(fb).next_token_logits.clone()
+    eager_kv = kv()
+    for buf in pool.k_buffers + pool.v_buffers:  # the fused step must write them itself
+        buf[fb.out_cache_loc] = 0
+    runner.cpu_decode_layers = fused
+    assert fused.takes(fb)
+    out = runner.forward(fb).next_token_logits
+    batch.last_token_ids = out.argmax(dim=-1)
+    return eager, out, eager_kv, kv()
+
+
+@pytest.mark.parametrize("batch_size", [8, 13, 33])
+def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size):
+    runner = int4_runner(tiny_model_factory("llama"))
+    assert runner.cpu_decode_layers is not None
+    gen = torch.Generator().manual_seed(batch_size)
+    prompts = [torch.randint(10, 1000, (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 90, (batch_size,), generator=gen)]
+    batch = prefilled(runner, prompts, steps=6)
+    for _ in range(6):
+        eager, fused, eager_kv, fused_kv = both_ways(runner, batch)
+        assert torch.equal(eager, fused)
+        assert all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
+
+
+def test_weight_updates_reach_the_fused_layers(tiny_model_factory):
+    runner = int4_runner(tiny_model_factory("llama"))
+    batch = prefilled(runner, [[11 + i, 200, 300 + i] for i in range(8)], steps=3)
+    before, _, _, _ = both_ways(runner, batch)
+    name = "model.layers.1.mlp.down_proj.weight"
+    shape = (runner.model.model.layers[1].mlp.down_proj.out_features,
+             runner.model.model.layers[1].mlp.down_proj.in_features)
+    runner.update_weights_from_tensor([(name, torch.randn(shape, generator=torch.Generator().manual_seed(3)))])
+    eager, fused, _, _ = both_ways(runner, batch)
+    assert torch.equal(eager, fused)
+    assert not torch.equal(eager, before)  # (a different step too, but the new weight shows in both)
+
+
+def test_what_runs_eagerly(tiny_model_factory):
+    from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
+
+    runner = int4_runner(tiny_model_factory("llama"))
+    batch = prefilled(runner, [[5, 6, 7]] * 4, steps=2)
+    batch.prepare_for_decode()
+    fb = batch.to_forward_batch()
+    fb.attn_backend = runner.attn_backend
+    assert not runner.cpu_decode_layers.takes(fb)  # 4 rows: torch's int4 kernel, not AMX's
+    qwen3 = int4_runner(tiny_model_factory("qwen3"))  # q/k norms
+    assert qwen3.cpu_decode_layers is None
+    assert CpuDecodeLayers.for_model(runner.model, runner.device, torch.float32, None) is None
