@@ -183,6 +183,12 @@ class TokenizerManager:
                 return
 
     async def _stream(self, states: List[ReqState], tag_index: bool) -> AsyncIterator[Dict[str, Any]]:
+        if len(states) == 1 and not tag_index:
+            # One request, the usual stream: its outputs directly, without a
+            # pump task and a queue (two more task switches a token).
+            async for chunk in self._wait(states[0]):
+                yield chunk
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(state: ReqState) -> None:
