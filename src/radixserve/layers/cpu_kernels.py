@@ -5,6 +5,9 @@ a small model is made of them, each costing more to launch than to run):
 paged decode attention that reads the keys where they lie in the pool (the
 torch path gathers them first), RMSNorm with its residual add, SiLU-and-mul,
 and rotary embedding. float32 sums, results rounded as torch rounds them.
+cpu_kernels_amx.cpp holds the quantized linears on AMX, cpu_decode_layers.cpp
+a decode step's decoder layers made of these kernels in one call, and
+cpu_kernels_common.h what the sources share.
 
 The source is compiled with this machine's C++ compiler (`$CXX`, else g++;
 -O3 -march=native -fopenmp, about a second) into a cache directory

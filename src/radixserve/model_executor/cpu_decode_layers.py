@@ -68,6 +68,7 @@ def _is_int4(linear: Any) -> bool:
     return (fmt is not None and fmt.matmul is quantization.int4_weight_only_linear and linear.bias is None
             and getattr(linear, "lora", None) is None and linear.weight_scale.dtype == torch.bfloat16
             and linear.weight_scale.is_contiguous() and linear.in_features % cpu_kernels.AMX_BLOCK == 0
+            and linear.out_features % cpu_kernels.AMX_BLOCK == 0
             and linear.weight_scale.shape[0] > 0
             and (linear.in_features // linear.weight_scale.shape[0]) % cpu_kernels.AMX_BLOCK == 0)
 
