@@ -74,7 +74,10 @@ def test_weight_updates_reach_the_fused_layers(tiny_model_factory):
     name = "model.layers.1.mlp.down_proj.weight"
     shape = (runner.model.model.layers[1].mlp.down_proj.out_features,
              runner.model.model.layers[1].mlp.down_proj.in_features)
-    runner.update_weights_from_tensor([(name, torch.randn(shape, generator=torch.Generator().manual_seed(3)))])
+    gen = torch.Generator().manual_seed(3)
+    norm = runner.model.model.layers[0].input_layernorm.weight
+    runner.update_weights_from_tensor([(name, torch.randn(shape, generator=gen)),
+                                       ("model.layers.0.input_layernorm.weight", 1 + torch.rand(norm.shape, generator=gen))])
     eager, fused, _, _ = both_ways(runner, batch)
     assert torch.equal(eager, fused)
     assert not torch.equal(eager, before)  # (a different step too, but the new weight shows in both)

@@ -14,8 +14,9 @@ no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
 take the AMX int4 kernel (decode rows in AMX_INT4_DECODE_ROWS). Anything else
-runs eagerly. The weights' AMX copies are looked up each step (a dict lookup
-per weight), so a weight update, which drops them, is seen at once.
+runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
+KV buffers): they are compared with the structs' each step, so a weight
+update or a resumed pool is seen at once.
 """
 
 from __future__ import annotations
@@ -91,18 +92,17 @@ class CpuDecodeLayers:
         self.model = model
         layers = model.model.layers
         attn, mlp = layers[0].self_attn, layers[0].mlp
-        table = attn.rotary_emb.cos_sin_cache
         self.linears = [[_Int4Linear(m) for m in (l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj,
                                                    l.mlp.down_proj)] for l in layers]
         self.intermediate = mlp.down_proj.in_features
         self.shape = DecodeShape(
             hidden=layers[0].input_layernorm.weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim, intermediate=self.intermediate, eps=layers[0].input_layernorm.eps,
-            scale=attn.attn.scaling, rope_table=table.data_ptr())
-        self.table = table  # (kept alive: the shape holds its address)
+            scale=attn.attn.scaling)
+        self.rotary = attn.rotary_emb  # its cos | sin table, shared by every layer (for_model)
         self.q_width, self.kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         self._structs: Optional[ctypes.Array] = None
-        self._sources: List[Any] = []  # what _structs point into
+        self._built_from: List[Optional[int]] = []  # the addresses _structs hold
 
     @classmethod
     def for_model(cls, model: Any, device: torch.device, dtype: torch.dtype, lora: Any) -> Optional["CpuDecodeLayers"]:
@@ -111,8 +111,8 @@ class CpuDecodeLayers:
         if device.type != "cpu" or dtype != torch.bfloat16 or lora is not None or not layers \
                 or not cpu_kernels.amx_available() or not all(_plain_llama_layer(l) for l in layers):
             return None
-        tables = {id(l.self_attn.rotary_emb.cos_sin_cache) for l in layers}
-        return cls(model) if len(tables) == 1 else None
+        rotaries = {id(l.self_attn.rotary_emb) for l in layers}
+        return cls(model) if len(rotaries) == 1 else None
 
     def takes(self, fb: Any) -> bool:
         """Whether this decode batch runs here rather than eagerly."""
@@ -147,23 +147,31 @@ class CpuDecodeLayers:
         return out
 
     def _layers(self, fb: Any) -> ctypes.Array:
-        """The layers' structs, rebuilt when a weight's AMX copy or a KV buffer
-        is not the one they were built from (a weight update, a resumed pool)."""
-        pool = fb.kv_pool
-        sources = [lin.module.weight.__dict__.get("amx_copy") for layer in self.linears for lin in layer]
-        sources += pool.k_buffers + pool.v_buffers
-        if self._structs is None or len(sources) != len(self._sources) \
-                or any(a is not b for a, b in zip(sources, self._sources)):
-            self._structs = self._build_layers(pool)
-            self._sources = [lin.module.weight.__dict__.get("amx_copy") for layer in self.linears for lin in layer]
-            self._sources += pool.k_buffers + pool.v_buffers
+        """The layers' structs, rebuilt when any address they hold has changed
+        (a weight update drops the AMX copies or swaps a tensor's storage; a
+        resumed pool has new buffers)."""
+        addresses = self._addresses(fb.kv_pool)
+        if self._structs is None or addresses != self._built_from:
+            self._structs = self._build_layers(fb.kv_pool)
+            self._built_from = self._addresses(fb.kv_pool)  # (the AMX copies exist now)
         return self._structs
+
+    def _addresses(self, pool: Any) -> List[Optional[int]]:
+        """Every address the structs hold; None for an AMX copy not made yet."""
+        out: List[Optional[int]] = [self.rotary.cos_sin_cache.data_ptr()]
+        for layer, linears in zip(self.model.model.layers, self.linears):
+            out += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
+            for lin in linears:
+                copy = lin.module.weight.__dict__.get("amx_copy")
+                out += [None if copy is None else copy.data_ptr(), lin.module.weight_scale.data_ptr()]
+        return out + [buf.data_ptr() for buf in pool.k_buffers + pool.v_buffers]
 
     def _build_layers(self, pool: Any) -> ctypes.Array:
         k0, v0 = pool.k_buffers[0], pool.v_buffers[0]
         s = self.shape
         s.k_slot_stride, s.k_head_stride, s.v_slot_stride, s.v_head_stride = (
             k0.stride(0), k0.stride(1), v0.stride(0), v0.stride(1))
+        s.rope_table = self.rotary.cos_sin_cache.data_ptr()
         structs: List[DecodeLayer] = []
         for i, (layer, linears) in enumerate(zip(self.model.model.layers, self.linears)):
             qkv, o, gate_up, down = (lin.struct() for lin in linears)
