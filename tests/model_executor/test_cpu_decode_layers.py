@@ -83,6 +83,20 @@ def test_weight_updates_reach_the_fused_layers(tiny_model_factory):
     assert not torch.equal(eager, before)  # (a different step too, but the new weight shows in both)
 
 
+def test_reads_and_released_memory_reach_the_fused_layers(tiny_model_factory):
+    """A weight read re-quantizes (dropping the AMX copies) and a resumed pool
+    has new buffers: the fused layers' structs follow both."""
+    runner = int4_runner(tiny_model_factory("llama"))
+    batch = prefilled(runner, [[21 + i, 400, 500 + i] for i in range(9)], steps=4)
+    both_ways(runner, batch)
+    runner.get_weights_by_name("model.layers.0.self_attn.qkv_proj.weight", 4)
+    eager, fused, eager_kv, fused_kv = both_ways(runner, batch)
+    assert torch.equal(eager, fused) and all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
+    runner.resume_memory_occupation(runner.release_memory_occupation())
+    eager, fused, eager_kv, fused_kv = both_ways(runner, batch)
+    assert torch.equal(eager, fused) and all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
+
+
 def test_what_runs_eagerly(tiny_model_factory):
     from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
 

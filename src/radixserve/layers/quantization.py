@@ -279,6 +279,11 @@ def int4_dequantized(packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> to
     return values.reshape(out_f, in_f)
 
 
+def int4_amx_copy(packed: torch.Tensor) -> torch.Tensor:
+    """The AMX int4 kernel's layout of torch's packed int4 weight (amx_copy)."""
+    return amx_copy(packed, lambda: cpu_kernels.pack_int4_for_amx(unpack_int4(packed)))
+
+
 def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                             bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., in] times an int4 weight -> [..., out] in x's dtype (the kernel
@@ -288,8 +293,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     group = x.shape[-1] // scales_and_zeros.shape[0]
     if takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, group):
-        out = cpu_kernels.int4_linear_amx(rows, amx_copy(packed, lambda: cpu_kernels.pack_int4_for_amx(
-            unpack_int4(packed))), scales_and_zeros)
+        out = cpu_kernels.int4_linear_amx(rows, int4_amx_copy(packed), scales_and_zeros)
     elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
     else:

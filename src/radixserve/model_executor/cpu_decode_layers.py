@@ -15,14 +15,13 @@ with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
 take the AMX int4 kernel (decode rows in AMX_INT4_DECODE_ROWS). Anything else
 runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
-KV buffers): they are compared with the structs' each step, so a weight
-update or a resumed pool is seen at once.
+KV buffers), kept in structs until ModelRunner, which makes every weight
+update and pool release or resume, calls forget().
 """
 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import torch
@@ -53,15 +52,11 @@ class DecodeBatch(ctypes.Structure):
                 ("new_slots", ptr)]
 
 
-@dataclass
-class _Int4Linear:
-    module: Any  # the Linear; its AMX copy is looked up on it each step
-
-    def struct(self) -> Int4Weight:
-        packed, scales = self.module.weight, self.module.weight_scale
-        copy = quantization.amx_copy(packed, lambda: cpu_kernels.pack_int4_for_amx(quantization.unpack_int4(packed)))
-        n, k = copy.shape[0] * cpu_kernels.AMX_BLOCK, self.module.in_features
-        return Int4Weight(copy.data_ptr(), scales.data_ptr(), n, k, k // scales.shape[0])
+def _int4_struct(linear: Any) -> Int4Weight:
+    """An int4 Linear's AMX copy (made now if need be) and scales."""
+    copy, scales = quantization.int4_amx_copy(linear.weight), linear.weight_scale
+    return Int4Weight(copy.data_ptr(), scales.data_ptr(), linear.out_features, linear.in_features,
+                      linear.in_features // scales.shape[0])
 
 
 def _is_int4(linear: Any) -> bool:
@@ -92,8 +87,8 @@ class CpuDecodeLayers:
         self.model = model
         layers = model.model.layers
         attn, mlp = layers[0].self_attn, layers[0].mlp
-        self.linears = [[_Int4Linear(m) for m in (l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj,
-                                                   l.mlp.down_proj)] for l in layers]
+        self.linears = [(l.self_attn.qkv_proj, l.self_attn.o_proj, l.mlp.gate_up_proj, l.mlp.down_proj)
+                        for l in layers]
         self.intermediate = mlp.down_proj.in_features
         self.shape = DecodeShape(
             hidden=layers[0].input_layernorm.weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
@@ -101,8 +96,7 @@ class CpuDecodeLayers:
             scale=attn.attn.scaling)
         self.rotary = attn.rotary_emb  # its cos | sin table, shared by every layer (for_model)
         self.q_width, self.kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        self._structs: Optional[ctypes.Array] = None
-        self._built_from: List[Optional[int]] = []  # the addresses _structs hold
+        self._structs: Optional[ctypes.Array] = None  # built on first use (forget)
 
     @classmethod
     def for_model(cls, model: Any, device: torch.device, dtype: torch.dtype, lora: Any) -> Optional["CpuDecodeLayers"]:
@@ -146,25 +140,16 @@ class CpuDecodeLayers:
         out, _ = self.model.model.norm(hidden, residual)
         return out
 
-    def _layers(self, fb: Any) -> ctypes.Array:
-        """The layers' structs, rebuilt when any address they hold has changed
-        (a weight update drops the AMX copies or swaps a tensor's storage; a
-        resumed pool has new buffers)."""
-        addresses = self._addresses(fb.kv_pool)
-        if self._structs is None or addresses != self._built_from:
-            self._structs = self._build_layers(fb.kv_pool)
-            self._built_from = self._addresses(fb.kv_pool)  # (the AMX copies exist now)
-        return self._structs
+    def forget(self) -> None:
+        """Drop the structs: their addresses are stale once weights are updated
+        (which drops the AMX copies) or the KV pool is released or resumed.
+        ModelRunner calls this after each such change; the next step rebuilds."""
+        self._structs = None
 
-    def _addresses(self, pool: Any) -> List[Optional[int]]:
-        """Every address the structs hold; None for an AMX copy not made yet."""
-        out: List[Optional[int]] = [self.rotary.cos_sin_cache.data_ptr()]
-        for layer, linears in zip(self.model.model.layers, self.linears):
-            out += [layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr()]
-            for lin in linears:
-                copy = lin.module.weight.__dict__.get("amx_copy")
-                out += [None if copy is None else copy.data_ptr(), lin.module.weight_scale.data_ptr()]
-        return out + [buf.data_ptr() for buf in pool.k_buffers + pool.v_buffers]
+    def _layers(self, fb: Any) -> ctypes.Array:
+        if self._structs is None:
+            self._structs = self._build_layers(fb.kv_pool)
+        return self._structs
 
     def _build_layers(self, pool: Any) -> ctypes.Array:
         k0, v0 = pool.k_buffers[0], pool.v_buffers[0]
@@ -174,7 +159,7 @@ class CpuDecodeLayers:
         s.rope_table = self.rotary.cos_sin_cache.data_ptr()
         structs: List[DecodeLayer] = []
         for i, (layer, linears) in enumerate(zip(self.model.model.layers, self.linears)):
-            qkv, o, gate_up, down = (lin.struct() for lin in linears)
+            qkv, o, gate_up, down = map(_int4_struct, linears)
             structs.append(DecodeLayer(
                 layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                 qkv, o, gate_up, down, pool.k_buffers[i].data_ptr(), pool.v_buffers[i].data_ptr(),

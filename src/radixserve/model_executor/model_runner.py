@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -81,6 +82,20 @@ def keeps_block_fp8(args: ServerArgs, device_type: str) -> bool:
         return True
     return (device_type == "cuda" and args.quantization is None and args.torchao_config is None
             and not args.enable_deterministic_inference)
+
+
+def _moves_weights_or_pools(method: Callable) -> Callable:
+    """A ModelRunner method after which weights (or their quantized copies) or
+    the KV pool may live elsewhere: the fused CPU decode layers, which hold
+    their addresses, are rebuilt on their next step."""
+    @functools.wraps(method)
+    def wrapper(self: "ModelRunner", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if getattr(self, "cpu_decode_layers", None) is not None:
+                self.cpu_decode_layers.forget()
+    return wrapper
 
 
 class ModelRunner:
@@ -337,6 +352,7 @@ class ModelRunner:
         return runners
 
     # ---- live weights (RL) ----
+    @_moves_weights_or_pools
     @torch.inference_mode()
     def update_weights_from_disk(self, model_path: str, load_format: Optional[str] = None) -> None:
         """Every weight from another checkpoint of the same architecture and
@@ -356,12 +372,14 @@ class ModelRunner:
         with unquantized(self.model):
             load_weights(self.model, open_weights(source), strict=True)
 
+    @_moves_weights_or_pools
     @torch.inference_mode()
     def update_weights_from_tensor(self, named_tensors) -> None:
         """Some or all weights, by their Hugging Face names (a trainer's state_dict)."""
         with unquantized(self.model):
             load_weights(self.model, ((n, t.to(self.device)) for n, t in named_tensors), strict=False)
 
+    @_moves_weights_or_pools
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
         """The first truncate_size values of a weight, flattened, as floats.
         Under tensor parallelism: this rank's shard of it (its heads, columns,
@@ -369,6 +387,7 @@ class ModelRunner:
         with unquantized(self.model):  # (FP8 linears: their real values)
             return get_weight(self.model, name).flatten()[:truncate_size].float().tolist()
 
+    @_moves_weights_or_pools
     def release_memory_occupation(self) -> "ReleasedMemory":
         """Free the KV pool (its contents are dropped) and, on CUDA, move the
         weights to host memory. The caller makes sure no request holds KV."""
@@ -379,6 +398,7 @@ class ModelRunner:
         self.graph_runners = []
         return release_memory(self.model, self.pools.kv_pool, self.device)
 
+    @_moves_weights_or_pools
     def resume_memory_occupation(self, released: "ReleasedMemory") -> None:
         """Weights back on the device, the KV pool recreated (zeros), CUDA
         graphs captured again over the new addresses."""
