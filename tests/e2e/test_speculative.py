@@ -210,6 +210,30 @@ def test_default_model_ngram_same_tokens():
     assert got["meta_info"]["spec_accept_rate"] > 0
 
 
+def test_default_model_chat_same_tokens():
+    """The packaged model in bfloat16 on its int4 kernels, chat answers one at a
+    time: n-gram draft trees accept some tokens and the answers are plain
+    decoding's token for token. (Each verified token attends as a decode
+    query; with the extend path's attention instead, the bicycle answer drifted
+    from plain decoding's.)"""
+    questions = ["Explain why the sky is blue in three sentences.", "Describe how a bicycle works."]
+    params = {"temperature": 0, "max_new_tokens": 96}
+
+    def answers(**flags) -> List[Dict]:
+        with Engine(log_level="warning", **flags) as engine:
+            chats = [engine.tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                                          add_generation_prompt=True, return_dict=True)
+                     for q in questions]
+            outs = [engine.generate(input_ids=list(c["input_ids"]), sampling_params=params) for c in chats]
+            assert_no_leak(engine)
+        return outs
+
+    want = answers()
+    got = answers(speculative_algorithm="NGRAM", disable_speculative_adaptive=True)
+    assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+    assert sum(g["meta_info"]["spec_verify_ct"] for g in got) < sum(len(g["output_ids"]) for g in got)
+
+
 def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):
     """With the governor on (the default), a long request at batch 1 runs a
     probe of verify steps, then one of plain steps (overlapped, as without

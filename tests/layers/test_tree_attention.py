@@ -1,7 +1,10 @@
 """A speculative verify step over draft trees: each new token attends to its
 request's whole cached prefix and to its own ancestors in the tree (and
 itself), in both attention backends, against a dense reference written from
-the definition (softmax over explicitly masked scores). With a sliding
+the definition (softmax over explicitly masked scores). The torch backend runs
+twice: with autograd on (masked SDPA) and in inference mode, where on the CPU
+each new token attends as a decode query over its prefix and ancestors
+(cpu_kernels.decode_attention). With a sliding
 window, a node counts as standing at prefix + its depth. A chain's masks are
 the causal ones and give exactly the plain extend's output."""
 
@@ -80,26 +83,33 @@ def verify_inputs(trees, prefixes, page_size, group, with_sinks, seed=0, window=
     return pools, attn, cases, total, (q, k, v), (masks, positions)
 
 
-def run(backend, pools, attn, cases, total, qkv, tree):
+BACKENDS = ["torch_native", "torch_native_inference", "triton"]
+
+
+def make_backend(name: str):
+    return TritonAttnBackend(DEVICE) if name == "triton" else TorchNativeAttnBackend()
+
+
+def run(backend, pools, attn, cases, total, qkv, tree, inference: bool = False):
     fb = extend_batch(pools, cases, backend, total)
     if tree is not None:
         fb.spec_tree_mask, fb.positions = tree
-    backend.init_forward_metadata(fb)
-    return backend.forward(*qkv, attn, fb)
+    with torch.inference_mode(inference):
+        backend.init_forward_metadata(fb)
+        return backend.forward(*qkv, attn, fb)
 
 
 @pytest.mark.parametrize("page_size,group,with_sinks,window",
                          [(1, 1, False, None), (4, 2, False, None), (1, 2, True, None), (1, 2, False, 3),
                           (4, 1, True, 6)])
-@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tree_attention_matches_dense_reference(backend, page_size, group, with_sinks, window):
     for shift, seed in ((0, 0), (2, 7)):  # the same trees at other prefix lengths and in another order
         trees = TREES[shift:] + TREES[:shift]
         prefixes = [p + 3 * shift for p in PREFIXES]
         pools, attn, cases, total, qkv, masks = verify_inputs(trees, prefixes, page_size, group, with_sinks, seed,
                                                               window)
-        impl = TorchNativeAttnBackend() if backend == "torch_native" else TritonAttnBackend(DEVICE)
-        out = run(impl, pools, attn, cases, total, qkv, masks)
+        out = run(make_backend(backend), pools, attn, cases, total, qkv, masks, backend.endswith("inference"))
         # the new tokens' K/V are in the pool now: the reference reads them there
         start = 0
         for row, (prefix, n), tree in zip(pools.rows, cases, trees):
@@ -109,13 +119,13 @@ def test_tree_attention_matches_dense_reference(backend, page_size, group, with_
 
 
 @pytest.mark.parametrize("window", [None, 3])
-@pytest.mark.parametrize("backend", ["torch_native", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_chain_masks_attend_exactly_as_causal(backend, window):
     chains = [DraftTree.chain([3, 4, 5]), DraftTree.chain([]), DraftTree.chain([9] * 6)]
     pools, attn, cases, total, qkv, masks = verify_inputs(chains, [4, 9, 2], 1, 2, False, window=window)
-    impl = TorchNativeAttnBackend() if backend == "torch_native" else TritonAttnBackend(DEVICE)
-    with_masks = run(impl, pools, attn, cases, total, qkv, masks)
-    plain = run(impl, pools, attn, cases, total, qkv, None)
+    impl, inference = make_backend(backend), backend.endswith("inference")
+    with_masks = run(impl, pools, attn, cases, total, qkv, masks, inference)
+    plain = run(impl, pools, attn, cases, total, qkv, None, inference)
     assert torch.equal(with_masks, plain)
 
 

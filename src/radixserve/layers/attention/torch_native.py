@@ -61,6 +61,11 @@ class TorchAttnMetadata:
     slot_runs: Optional[List[Tuple[int, int]]] = None
     # Every request as long as the longest: nothing is padded, no mask needed.
     unpadded: bool = False
+    # An extend whose every request continues its prefix by a few tokens (a
+    # speculative chain's verify, a short follow-up): each new token as a decode
+    # query of its own, (its request's slots [rows, longest], its sequence
+    # length [rows]), for decode_attention; else None.
+    short_extend_rows: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class TorchNativeAttnBackend(AttentionBackend, MLABackend):
@@ -74,10 +79,22 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         kv_indices = fb.req_to_token_pool.req_to_token[fb.req_pool_indices, :max_len]
         valid = torch.arange(max_len, device=kv_indices.device)[None, :] < fb.seq_lens[:, None]
         unpadded = bool(fb.seq_lens_cpu) and min(fb.seq_lens_cpu) == max_len
-        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _slot_runs(kv_indices, fb), unpadded)
+        fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _slot_runs(kv_indices, fb), unpadded,
+                                             None if self.deterministic else _short_extend_rows(kv_indices, fb))
 
     def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
         fb = forward_batch
+        short_rows = fb.attn_metadata.short_extend_rows
+        if short_rows is not None and layer.sinks is None:
+            k_buf, v_buf = fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
+            if cpu_kernels.takes_decode_attention(q, k_buf, v_buf, k, v):
+                # Query j of a request sees its first prefix + j + 1 positions: a
+                # decode query of that length. The kernel stores the new K/V, then
+                # reads the pool in place, as plain decoding does (a verify step's
+                # greedy choices then agree with plain decoding's).
+                slots, seq_lens = short_rows
+                return cpu_kernels.decode_attention(q, k_buf, v_buf, slots, seq_lens, layer.num_kv_heads,
+                                                    layer.scaling, layer.sliding_window, (fb.out_cache_loc, k, v))
         fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         k_buf = fb.kv_pool.k_buffers[layer.layer_id]
         v_buf = fb.kv_pool.v_buffers[layer.layer_id]
@@ -198,6 +215,47 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         from radixserve.layers.attention.mla import expanded_attention_torch
 
         return expanded_attention_torch(q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, forward_batch)
+
+
+def _short_extend_rows(kv_indices: torch.Tensor, fb: "ForwardBatch") -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """TorchAttnMetadata.short_extend_rows, on the CPU, for an extend of a few
+    tokens a request over a cached prefix: a chain's token j sees the prefix
+    and tokens 0..j; a draft tree's node, the prefix and its own ancestors."""
+    if fb.forward_mode.is_decode() or kv_indices.device.type != "cpu":
+        return None
+    prefixes, extends = fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu
+    if not extends or min(prefixes) == 0 or max(extends) > SHORT_EXTEND:
+        return None
+    if fb.spec_tree_mask is not None:
+        return _tree_rows(kv_indices, fb, prefixes, extends)
+    request_of_row = torch.repeat_interleave(torch.arange(len(extends)), torch.tensor(extends))
+    seq_lens = [prefix + j + 1 for prefix, extend in zip(prefixes, extends) for j in range(extend)]
+    return kv_indices.index_select(0, request_of_row), torch.tensor(seq_lens, dtype=torch.int64)
+
+
+def _tree_rows(kv_indices: torch.Tensor, fb: "ForwardBatch", prefixes: List[int],
+               extends: List[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """Each draft-tree node's slots: the prefix's, then its ancestors' and its
+    own in depth order, which is the order of the path's positions, so the node
+    attends exactly as plain decoding of that path would. None when the nodes
+    are not stored parents first (then a node's ancestors are not in depth order)."""
+    rows, lens, start = [], [], 0
+    for i, (prefix, extend) in enumerate(zip(prefixes, extends)):
+        bits = fb.spec_tree_mask[start:start + extend]
+        new = torch.arange(extend)
+        visible = ((bits[:, None] >> new[None, :]) & 1) != 0  # [node, new token]
+        count = visible.sum(1)
+        if not torch.equal(fb.positions[start:start + extend].cpu(), prefix + count - 1):
+            return None
+        # The visible tokens' indices first, ascending (stable: the others after them).
+        order = torch.where(visible, new, extend + new).argsort(dim=1)
+        own = kv_indices[i, prefix:prefix + extend][order]
+        rows.append(torch.cat([kv_indices[i, :prefix].expand(extend, prefix), own], dim=1))
+        lens.append(prefix + count)
+        start += extend
+    longest = max(row.shape[1] for row in rows)
+    slots = torch.cat([F.pad(row, (0, longest - row.shape[1])) for row in rows])
+    return slots, torch.cat(lens).to(torch.int64)
 
 
 def _rows(buf: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
