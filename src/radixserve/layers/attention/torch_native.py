@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 FLOAT32_DECODE_MAX_BATCH = 8
 
 # An extend of at most this many queries per request (a speculative verify
-# step: the last token and its drafts) attends in decode's dtype (float32 for a
-# small batch on a CPU without bfloat16 units), so its greedy choices agree with
-# plain decoding's.
+# step: the last token and its drafts) attends as decode queries: through the
+# decode kernel when the CPU kernels take it (short_extend_rows), else in
+# decode's dtype (float32 for a small batch on a CPU without bfloat16 units), so
+# its greedy choices agree with plain decoding's.
 SHORT_EXTEND = 16
 
 # A lone decode request whose slots form at most this many runs of consecutive
