@@ -242,11 +242,10 @@ def _tree_rows(kv_indices: torch.Tensor, fb: "ForwardBatch", prefixes: List[int]
     are not stored parents first (then a node's ancestors are not in depth order)."""
     rows, lens, start = [], [], 0
     for i, (prefix, extend) in enumerate(zip(prefixes, extends)):
-        bits = fb.spec_tree_mask[start:start + extend]
         new = torch.arange(extend)
-        visible = ((bits[:, None] >> new[None, :]) & 1) != 0  # [node, new token]
+        visible = _tree_visible(fb.spec_tree_mask[start:start + extend], new[None, :])  # [node, new token]
         count = visible.sum(1)
-        if not torch.equal(fb.positions[start:start + extend].cpu(), prefix + count - 1):
+        if not torch.equal(fb.positions[start:start + extend], prefix + count - 1):
             return None
         # The visible tokens' indices first, ascending (stable: the others after them).
         order = torch.where(visible, new, extend + new).argsort(dim=1)
