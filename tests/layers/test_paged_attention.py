@@ -371,6 +371,16 @@ def test_fixed_split_decode_is_batch_invariant(window, with_sinks):
     assert torch.equal(run(list(range(bs)), programs=3), batched)
     for i in range(bs):
         assert torch.equal(run([i]), batched[i:i + 1]), i
+    if window is None and not with_sinks:
+        # A request within one split skips the merge: its bits are those a
+        # one-split merge gives (the default mode with one split, same tile).
+        short = [i for i in range(bs) if lens[i] <= split_tokens]
+        assert short and len(short) < bs
+        one_split = torch.empty(len(short), q.shape[1], device=DEVICE)
+        decode_attention(q[short], pools.kv.k_buffers[0], pools.kv.v_buffers[0], one_split, table,
+                         torch.tensor([pools.rows[i] for i in short], device=DEVICE),
+                         torch.tensor([lens[i] for i in short], device=DEVICE), attn.scaling, 1)
+        assert torch.equal(one_split, batched[short])
 
 
 def triton_next_pow2(n: int) -> int:

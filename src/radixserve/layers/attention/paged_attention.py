@@ -8,7 +8,8 @@ written to the pool before attention runs).
 - decode: one query token per request. Grid (request, KV head, split): each
   program takes the query heads that share one KV head (GQA) and a contiguous
   share of the request's positions, so a long context is spread over many
-  programs; a second kernel merges the splits by their log-sum-exp. Every
+  programs; a second kernel merges the splits by their log-sum-exp (in
+  deterministic mode a request within one fixed split skips it). Every
   shape depends on the batch size only, and lengths are read on the device,
   so a CUDA graph can capture it.
 - extend: the new tokens of every request of a batch in one launch. Grid
@@ -56,12 +57,12 @@ def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
 @triton.jit(do_not_specialize_on_alignment=["req_pool_indices_ptr", "seq_lens_ptr"])  # (as _extend_kernel)
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
-    part_out_ptr, part_lse_ptr,
-    stride_q_tok, stride_kv_slot, stride_table_row,
+    part_out_ptr, part_lse_ptr, out_ptr,
+    stride_q_tok, stride_kv_slot, stride_table_row, stride_out_tok,
     scale, group, num_heads, window, split_tokens,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    FIXED_SPLITS: tl.constexpr, FP16_DOTS: tl.constexpr = False,
+    FIXED_SPLITS: tl.constexpr, ONE_SPLIT_DIRECT: tl.constexpr, FP16_DOTS: tl.constexpr = False,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -94,15 +95,29 @@ def _decode_split_kernel(
         # size calls for): each takes every num_programs-th split, and each
         # split is still summed on its own. Splits past the request's length
         # are not visited; the merge does not read them either.
-        for split in range(tl.program_id(2), tl.cdiv(seq_len, split_tokens), tl.num_programs(2)):
-            lo = split * split_tokens
-            end = tl.minimum(lo + split_tokens, seq_len)
-            # The loop starts at the block holding `first`, so every block it
-            # visits has a visible key (no -inf - -inf in the running max).
-            start = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
-            _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, out_base + split, d,
-                              h_mask, d_mask, kv_head, first, start, end, end > tl.maximum(lo, first),
-                              stride_kv_slot, scale, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, True)
+        num_written = tl.cdiv(seq_len, split_tokens)
+        if ONE_SPLIT_DIRECT and num_written == 1:
+            # A request within one split: its output is that split's, which
+            # the merge would copy bit for bit (weight exp(0) = 1, total 1).
+            # Store it here; the merge skips this request.
+            if tl.program_id(2) == 0:
+                m_i, l_i, acc = _attend_range(q, k_ptr, v_ptr, table_row, d, d_mask, kv_head, first,
+                                              first // BLOCK_N * BLOCK_N, seq_len, stride_kv_slot, scale,
+                                              HEAD_DIM, BLOCK_N, IEEE, True)
+                # + 0.0: a -0.0 becomes +0.0, as the merge's sum makes it.
+                result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None] + 0.0
+                tl.store(out_ptr + req * stride_out_tok + head[:, None] * HEAD_DIM + d[None, :],
+                         result.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+        else:
+            for split in range(tl.program_id(2), num_written, tl.num_programs(2)):
+                lo = split * split_tokens
+                end = tl.minimum(lo + split_tokens, seq_len)
+                # The loop starts at the block holding `first`, so every block it
+                # visits has a visible key (no -inf - -inf in the running max).
+                start = tl.maximum(lo, first // BLOCK_N * BLOCK_N)
+                _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, out_base + split, d,
+                                  h_mask, d_mask, kv_head, first, start, end, end > tl.maximum(lo, first),
+                                  stride_kv_slot, scale, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, True)
     else:
         split = tl.program_id(2)
         split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
@@ -123,17 +138,8 @@ def _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, ou
     split with no keys stores only an lse of -inf; the merge reads nothing
     else of it (most fixed splits of a short request are empty)."""
     if has_keys:
-        m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
-        l_i = tl.zeros([q.shape[0]], tl.float32)
-        acc = tl.zeros([q.shape[0], BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            n_mask = (pos < end) & (pos >= first) if MASK_FIRST else pos < end
-            slot = tl.load(table_row + pos, mask=n_mask, other=0)
-            kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask,
-                                          n_mask[None, :], scale, IEEE)
+        m_i, l_i, acc = _attend_range(q, k_ptr, v_ptr, table_row, d, d_mask, kv_head, first, start, end,
+                                      stride_kv_slot, scale, HEAD_DIM, BLOCK_N, IEEE, MASK_FIRST)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(part_out_ptr + out_row[:, None] * BLOCK_D + d[None, :], out, mask=h_mask[:, None])
         tl.store(part_lse_ptr + out_row, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), mask=h_mask)
@@ -142,18 +148,50 @@ def _decode_one_split(q, k_ptr, v_ptr, table_row, part_out_ptr, part_lse_ptr, ou
 
 
 @triton.jit
+def _attend_range(q, k_ptr, v_ptr, table_row, d, d_mask, kv_head, first, start, end, stride_kv_slot, scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, MASK_FIRST: tl.constexpr):
+    """The online softmax of q's heads over positions [start, end) of one
+    request, in blocks of BLOCK_N from start: the running (max, sum, acc)."""
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        n_mask = (pos < end) & (pos >= first) if MASK_FIRST else pos < end
+        slot = tl.load(table_row + pos, mask=n_mask, other=0)
+        kv_off = slot[:, None] * stride_kv_slot + kv_head * HEAD_DIM + d[None, :]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, k_ptr, v_ptr, kv_off, kv_mask,
+                                      n_mask[None, :], scale, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, seq_lens_ptr, stride_out_tok, stride_out_head, num_heads,
     split_tokens, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_SINKS: tl.constexpr, FIXED_SPLITS: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr, FIXED_SPLITS: tl.constexpr = False, ONE_SPLIT_DIRECT: tl.constexpr = False,
 ):
     req = tl.program_id(0)
+    # Fixed splits: those past the request's length were never written.
+    written = NUM_SPLITS if not FIXED_SPLITS else tl.cdiv(tl.load(seq_lens_ptr + req), split_tokens)
+    if ONE_SPLIT_DIRECT:
+        if written != 1:  # else the split kernel stored the output
+            _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, stride_out_head,
+                          num_heads, req, written, NUM_SPLITS, HEAD_DIM, BLOCK_D, HAS_SINKS)
+    else:
+        _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, stride_out_head, num_heads,
+                      req, written, NUM_SPLITS, HEAD_DIM, BLOCK_D, HAS_SINKS)
+
+
+@triton.jit
+def _merge_splits(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_out_tok, stride_out_head, num_heads,
+                  req, written, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  HAS_SINKS: tl.constexpr):
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     base = (req * num_heads + head) * NUM_SPLITS
-    # Fixed splits: those past the request's length were never written.
-    written = NUM_SPLITS if not FIXED_SPLITS else tl.cdiv(tl.load(seq_lens_ptr + req), split_tokens)
     lse = tl.load(part_lse_ptr + base + s, mask=s < written, other=float("-inf"))
     m = tl.max(lse, 0)
     if HAS_SINKS:
@@ -242,18 +280,20 @@ def decode_attention(
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q.device)
     tiles = decode_tiles(k_buffer.dtype, q.dtype, block_d, bs * num_kv_heads, split_tokens is not None)
     programs = min(split_programs or num_splits, num_splits) if split_tokens else num_splits
+    # Fixed splits, no sinks: a request within one split skips the merge.
+    one_split_direct = split_tokens is not None and sinks is None
     _decode_split_kernel[(bs, num_kv_heads, programs)](
-        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse,
-        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), scale, group, num_heads, sliding_window or 0,
-        split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse, out,
+        q.stride(0), k_buffer.stride(0), req_to_token.stride(0), out.stride(0), scale, group, num_heads,
+        sliding_window or 0, split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=dot_block(group), BLOCK_N=tiles.block_n, IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
-        FIXED_SPLITS=split_tokens is not None, FP16_DOTS=tiles.fp16_dots, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        FIXED_SPLITS=split_tokens is not None, ONE_SPLIT_DIRECT=one_split_direct, FP16_DOTS=tiles.fp16_dots,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     decode_merge_kernel[(bs, num_heads)](
         part_out, part_lse, out, q if sinks is None else sinks, seq_lens, out.stride(0), head_dim, num_heads,
         split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None,
-        FIXED_SPLITS=split_tokens is not None, num_warps=4,
+        FIXED_SPLITS=split_tokens is not None, ONE_SPLIT_DIRECT=one_split_direct, num_warps=4,
     )
 
 

@@ -1,0 +1,101 @@
+"""Times the Triton decode attention (the split kernel and the merge) on a GPU,
+in the default mode and in deterministic mode (fixed splits), each call
+replayed from a CUDA graph so launches do not count.
+
+    python3 bench/decode_attention_bench.py --shape qwen0.6b --cases 256x640,64x1024,1x2048
+    python3 bench/decode_attention_bench.py --tile 32,2 --split-tokens 512   # an experiment
+
+--tile and --split-tokens change deterministic mode's key block (keys, warps)
+and split length for this run only: ways to try a choice before making it the
+kernel's. One JSON line per (case, mode) to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from radixserve.layers.attention import paged_attention as pa
+
+# (query heads, KV heads, head dim, context length) of the real models. The
+# context length sets deterministic mode's split length (fixed_decode_splits);
+# bench/bench_shapes.py's configs use 8,192 (--context-len 8192 to match them).
+SHAPES = {"qwen0.6b": (16, 8, 128, 40960), "llama8b": (32, 8, 128, 131072)}
+
+
+def time_call(fn, calls_per_graph: int = 20, replays: int = 10) -> float:
+    """Microseconds per fn() call, from CUDA-graph replays."""
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * calls_per_graph)
+
+
+def bench_case(shape: str, batch: int, context: int, deterministic: bool, split_tokens: int | None,
+               context_len: int | None = None) -> dict:
+    heads, kv_heads, head_dim, det_context = SHAPES[shape]
+    det_context = context_len or det_context
+    dev = torch.device("cuda")
+    slots = batch * context
+    k = torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    # Each request's positions in a shuffled set of slots, as a busy pool holds them.
+    table = torch.randperm(slots, device=dev, dtype=torch.int32).view(batch, context)
+    rows = torch.arange(batch, device=dev)
+    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    q = torch.randn(batch, heads * head_dim, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    programs = pa.decode_num_splits(batch, kv_heads, num_sms)
+    if deterministic:
+        num_splits, tokens = pa.fixed_decode_splits(det_context)
+        if split_tokens:
+            tokens = split_tokens
+            num_splits = 1 << (-(-det_context // tokens) - 1).bit_length()
+        kwargs = dict(num_splits=num_splits, split_tokens=tokens, split_programs=programs)
+    else:
+        kwargs = dict(num_splits=programs)
+    fn = lambda: pa.decode_attention(q, k, v, out, table, rows, lens, head_dim ** -0.5, **kwargs)  # noqa: E731
+    us = time_call(fn)
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * k.element_size()
+    return dict(shape=shape, batch=batch, context=context, deterministic=deterministic,
+                split_tokens=kwargs.get("split_tokens"), programs_per_head=programs, us=round(us, 2),
+                kv_tb_per_s=round(kv_bytes / us / 1e6, 3))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen0.6b", choices=sorted(SHAPES))
+    p.add_argument("--cases", default="256x640,64x1024,1x2048,1x8192", help="BATCHxCONTEXT,...")
+    p.add_argument("--tile", help="deterministic mode's key block: KEYS,WARPS")
+    p.add_argument("--split-tokens", type=int, help="deterministic mode's split length")
+    p.add_argument("--context-len", type=int, help="the model's context length (default: the real model's)")
+    p.add_argument("--label", default="", help="copied into each JSON line")
+    args = p.parse_args()
+    if args.tile:
+        keys, warps = (int(x) for x in args.tile.split(","))
+        default_tiles = pa.decode_tiles
+        pa.decode_tiles = lambda cache, qd, bd, progs, fixed: (  # noqa: E731
+            pa.DecodeTiles(keys, warps, 2, False) if fixed else default_tiles(cache, qd, bd, progs, fixed))
+    for case in args.cases.split(","):
+        batch, context = (int(x) for x in case.split("x"))
+        for deterministic in (False, True):
+            row = bench_case(args.shape, batch, context, deterministic, args.split_tokens, args.context_len)
+            row.update(label=args.label, tile=args.tile)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
