@@ -143,3 +143,23 @@ def test_cli_with_rate_and_concurrency(server, tmp_path):
 def test_random_ids_with_chat_is_refused():
     with pytest.raises(SystemExit):
         bench_serving.parse_args(["--backend", "openai-chat", "--dataset-name", "random-ids"])
+
+
+def test_a_refused_request_is_recorded_not_raised(server):
+    """A request the server answers with an error status is a failed output
+    carrying the status and the server's message; the run goes on."""
+    import asyncio
+
+    import aiohttp
+
+    from radixserve.benchmark.backends import BackendConfig, send_request
+    from radixserve.benchmark.datasets import BenchRequest
+
+    async def send(req: BenchRequest):
+        async with aiohttp.ClientSession() as session:
+            return await send_request(session, BackendConfig("radixserve", server, None), req)
+
+    refused = asyncio.run(send(BenchRequest(prompt="Hi", prompt_ids=[1], output_len=-3)))
+    assert not refused.success and refused.error.startswith("HTTP 400") and "max_new_tokens" in refused.error
+    ok = asyncio.run(send(BenchRequest(prompt="Hello", prompt_ids=[1], output_len=3)))
+    assert ok.success and ok.output_len == 3, ok.error

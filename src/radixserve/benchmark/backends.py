@@ -59,13 +59,13 @@ class BackendConfig:
 
 
 async def sse_events(response: Any) -> AsyncIterator[Dict[str, Any]]:
-    """The JSON payloads of `data:` lines, up to `data: [DONE]`."""
-    async for line in response.aiter_lines():
+    """The JSON payloads of `data:` lines of an aiohttp response, up to `data: [DONE]`."""
+    async for line in response.content:
         line = line.strip()
-        if not line.startswith("data:"):
+        if not line.startswith(b"data:"):
             continue
-        payload = line[len("data:"):].strip()
-        if payload == "[DONE]":
+        payload = line[len(b"data:"):].strip()
+        if payload == b"[DONE]":
             return
         yield json.loads(payload)
 
@@ -94,16 +94,17 @@ class StreamTimer:
         out.itl = self.gaps
 
 
-async def send_request(client: Any, cfg: BackendConfig, req: BenchRequest) -> RequestOutput:
-    """Stream one request; failures are recorded in the result, never raised."""
+async def send_request(session: Any, cfg: BackendConfig, req: BenchRequest) -> RequestOutput:
+    """Stream one request over an aiohttp session; failures are recorded in the
+    result, never raised."""
     out = RequestOutput(prompt_len=req.prompt_len)
     try:
         body = cfg.body(req)
         timer = StreamTimer()
-        async with client.stream("POST", cfg.url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                out.error = f"HTTP {response.status_code}: {text[:500]}"
+        async with session.post(cfg.url, json=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                out.error = f"HTTP {response.status}: {text[:500]}"
                 return out
             if cfg.backend in NATIVE_BACKENDS:
                 await _read_native(response, timer, out)
