@@ -274,6 +274,10 @@ class ServerArgs:
             raise ValueError(
                 f"chunked_prefill_size must be positive or -1, got {self.chunked_prefill_size}"
             )
+        if self.chunked_prefill_size is not None and 0 < self.chunked_prefill_size < self.page_size:
+            # A chunk holds whole pages: a smaller one never admits a long prompt.
+            raise ValueError(f"chunked_prefill_size ({self.chunked_prefill_size}) must be at least "
+                             f"page_size ({self.page_size})")
         if self.schedule_policy not in ("fcfs", "lpm", "dfs-weight", "random"):
             raise ValueError(
                 f"schedule_policy must be fcfs|lpm|dfs-weight|random, got {self.schedule_policy!r}"
@@ -372,8 +376,8 @@ class ServerArgs:
 
     def resolved_chunked_prefill_size(self) -> Optional[int]:
         size = self.chunked_prefill_size
-        if size is None:
-            size = 8192 if self.resolved_device() == "cuda" else 2048
+        if size is None:  # at least a page (see _validate)
+            size = max(8192 if self.resolved_device() == "cuda" else 2048, self.page_size)
         return None if size == -1 else size
 
     def resolved_attention_backend(self) -> str:

@@ -61,6 +61,8 @@ def test_help_describes_every_flag_and_its_default():
     (["--log-level", "loud"], "log_level must be one of debug|info|warning|error|critical"),
     (["--port", "eighty"], "argument --port: invalid int value"),
     (["--chat-template", "/no/such/template.jinja"], "chat_template '/no/such/template.jinja' is not a file"),
+    # a chunk smaller than a page never admitted a long prompt: the scheduler spun forever
+    (["--page-size", "16", "--chunked-prefill-size", "8"], "chunked_prefill_size (8) must be at least page_size (16)"),
 ])
 def test_bad_command_line_ends_in_one_line(argv, says):
     out = launch(*argv)
@@ -93,3 +95,10 @@ def test_model_that_fails_to_load_ends_in_one_line(tiny_model_factory, tmp_path)
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("python -m radixserve.launch_server: error: the model could not be loaded: ")
     assert "NoSuchModelForCausalLM" in last
+
+
+def test_default_chunk_holds_at_least_a_page():
+    """The default chunk (2,048 tokens on the CPU) grows to a page larger than it."""
+    assert ServerArgs(device="cpu").resolved_chunked_prefill_size() == 2048
+    assert ServerArgs(device="cpu", page_size=4096).resolved_chunked_prefill_size() == 4096
+    assert ServerArgs(device="cpu", page_size=16, chunked_prefill_size=16).resolved_chunked_prefill_size() == 16
