@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from gpu_compare import parse_engine_args
 from radixserve import Engine
 
 PROMPT_LEN, NEW_TOKENS = 128, 64
@@ -69,7 +70,8 @@ def http_rate(model_path: str, engine_args: dict) -> dict:
     from radixserve.bench_serving import parse_args, run_benchmark
     from tests.server_utils import free_port, launch_on_port, stop_server
 
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in engine_args.items()]
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}")
+             for key, value in engine_args.items() if value is not False]
     port = free_port()
     server = launch_on_port(model_path, port, "--disable-radix-cache", *flags, timeout_s=300)
     try:
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="then the HTTP server at 32 streaming clients")
     parser.add_argument("--out", help="append the results as one JSON line")
     args = parser.parse_args()
-    engine_args = dict(pair.split("=", 1) for pair in args.engine_arg)
+    engine_args = parse_engine_args(args.engine_arg)
     from transformers import AutoModelForCausalLM
 
     from radixserve.model_loader.source import resolve_model_source

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 import logging
+import numbers
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -252,6 +253,8 @@ class ServerArgs:
         self._validate()
 
     def _validate(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_scalar_type(f.name, getattr(self, f.name), str(f.type))
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -436,6 +439,22 @@ _FLAG_ALIASES = {
     "ep_size": ("--expert-parallel-size", "--ep"),
     "dp_size": ("--data-parallel-size", "--dp"),
 }
+
+
+_SCALAR_TYPES = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
+
+
+def _check_scalar_type(name: str, value: Any, annotation: str) -> None:
+    """A scalar option holds a value of its type: Engine(page_size="16") is refused here,
+    naming the field, instead of failing later as a TypeError in a comparison."""
+    optional = annotation.startswith("Optional[")
+    base = annotation[len("Optional["):-1] if optional else annotation
+    accepted = _SCALAR_TYPES.get(base)
+    if accepted is None or (value is None and optional):
+        return
+    if isinstance(value, bool) and base != "bool" or not isinstance(value, accepted):
+        raise ValueError(f"{name} must be {'None or ' if optional else ''}{base}, "
+                         f"got {value!r} ({type(value).__name__})")
 
 
 def _parse_type(type_name: str):

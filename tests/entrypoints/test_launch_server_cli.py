@@ -80,6 +80,13 @@ def test_engine_refuses_bad_model_path_before_starting_processes():
         Engine(model_path="/no/such/checkpoint")
     with pytest.raises(ValueError, match="log_level"):
         Engine(log_level="loud")
+    # a value of the wrong type names its field (it failed later as a TypeError in a comparison)
+    with pytest.raises(ValueError, match=r"page_size must be int, got '16' \(str\)"):
+        Engine(page_size="16")
+    with pytest.raises(ValueError, match=r"mem_fraction_static must be None or float, got 'half'"):
+        Engine(mem_fraction_static="half")
+    with pytest.raises(ValueError, match=r"disable_radix_cache must be bool, got 1 \(int\)"):
+        Engine(disable_radix_cache=1)
     assert set(children_of(os.getpid())) <= before
 
 

@@ -1,5 +1,5 @@
 // What both of the CPU kernels' sources use (cpu_kernels.cpp,
-// cpu_kernels_amx.cpp): cache-line prefetches and e^x in float32.
+// cpu_kernels_amx.cpp): cache-line prefetches, e^x in float32, bfloat16 conversions.
 #pragma once
 
 #include <immintrin.h>
@@ -57,6 +57,32 @@ inline __m512 exp_ps(__m512 x) {
   __m512 p = _mm512_set1_ps(c::p[0]);
   for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c::p[i]));
   return _mm512_scalef_ps(_mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f)), n);
+}
+
+// 16 bfloat16 values as float32 (exact: a shift).
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// float32 to bfloat16 bits in the low half of each 32-bit lane, rounded to
+// nearest even, NaN kept NaN: the scalar float_to_bf16 on 16 lanes. Integer
+// arithmetic, not vcvtneps2bf16, which flushes subnormals where torch keeps them.
+inline __m512i bf16_bits_ps(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i high = _mm512_srli_epi32(u, 16);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+}
+
+// x rounded to bfloat16 and widened back (an intermediate torch rounds).
+inline __m512 round_to_bf16_ps(__m512 x) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits_ps(x), 16)); }
+
+// x rounded to bfloat16, stored to p[0..16).
+inline void store_bf16x16(uint16_t* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_ps(x)));
 }
 #endif
 
