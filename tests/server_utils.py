@@ -71,6 +71,12 @@ def running_server(model_path, *extra: str, log=subprocess.DEVNULL) -> Iterator[
         proc.wait(timeout=30)
 
 
+def whole_pages(base_url: str, tokens: int) -> int:
+    """tokens rounded down to the server's KV pages: the longest prefix its radix cache can match."""
+    page = httpx.get(f"{base_url}/get_server_info").json()["page_size"]
+    return tokens // page * page
+
+
 def children_of(pid: int) -> list:
     """Live (non-zombie) child processes of pid."""
     kids = []

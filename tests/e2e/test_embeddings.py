@@ -49,7 +49,8 @@ def llama_mean(embedded_tokenizer_dir, tokenizer, tmp_path_factory):
 def engine(qwen3_last):
     from radixserve import Engine
 
-    eng = Engine(str(qwen3_last), is_embedding=True, chunked_prefill_size=CHUNK)
+    # page_size=1: the tests count token-exact prefix hits (the CPU default page is 16)
+    eng = Engine(str(qwen3_last), is_embedding=True, chunked_prefill_size=CHUNK, page_size=1)
     yield eng
     eng.shutdown()
 

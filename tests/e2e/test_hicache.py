@@ -150,7 +150,8 @@ def test_mla_latent_cache_round_trips_through_host(embedded_tokenizer_dir, tmp_p
     steps = [a, b, a + [7, 8]]  # b pushes a out of the 128-token device pool
 
     def run(**hicache):
-        with Engine(model_path=str(path), max_total_tokens=128, dtype="float32", **hicache) as engine:
+        # page_size=1: the test counts token-exact hits (the CPU default page is 16)
+        with Engine(model_path=str(path), max_total_tokens=128, dtype="float32", page_size=1, **hicache) as engine:
             outs = [engine.generate(input_ids=ids, sampling_params=GREEDY) for ids in steps]
             if hicache:
                 assert_pools_consistent(engine)

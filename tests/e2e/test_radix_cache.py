@@ -86,7 +86,7 @@ def test_lpm_runs_the_cached_prefix_before_it_is_evicted(model_path, policy):
     prefix_a, b1, b2 = ([rng.randrange(10, 5000) for _ in range(60)] for _ in range(3))
     a_plus_x = prefix_a + [rng.randrange(10, 5000) for _ in range(4)]
     with Engine(model_path=model_path, schedule_policy=policy, max_total_tokens=120,
-                max_running_requests=1) as engine:
+                max_running_requests=1, page_size=1) as engine:  # token-exact prefill counts
         engine.generate(input_ids=prefix_a, sampling_params=GREEDY)
         before = engine.get_server_info()["num_prefill_tokens"]
         # Paused, the three requests all reach the waiting queue before any is scheduled.

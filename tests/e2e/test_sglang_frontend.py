@@ -11,7 +11,7 @@ import re
 import httpx
 import pytest
 
-from tests.server_utils import running_server
+from tests.server_utils import running_server, whole_pages
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sglang") is None,
                                 reason="sglang is not installed (test-only: see docs/gateway.md)")
@@ -23,7 +23,11 @@ YEAR = r"[0-9]{4}"
 
 @pytest.fixture(scope="module")
 def server():
-    with running_server("SmolLM2-135M-Instruct") as (_, base):
+    # float32: a fork's answer and the same prompt's by hand are computed in batches of
+    # other sizes, from other cache hits, and the default int4/bfloat16 path is not
+    # batch-invariant: after a kernel change that kept random test rows bit-identical
+    # (the AVX-512 RMSNorm), one fork's greedy answer differed by a near-tie.
+    with running_server("SmolLM2-135M-Instruct", "--dtype", "float32") as (_, base):
         import sglang as sgl
 
         sgl.set_default_backend(sgl.RuntimeEndpoint(base))
@@ -95,7 +99,7 @@ def test_program_matches_generate_by_hand(server):
         if meta["finish_reason"]["type"] == "stop":
             assert re.search(FACT_STOP, fact) and meta["finish_reason"]["matched"] == FACT_STOP
         # The fork's prompt reused the shared prefix from the radix cache.
-        assert meta["cached_tokens"] >= prefix_tokens - 1, (meta, prefix_tokens)
+        assert meta["cached_tokens"] >= whole_pages(server, prefix_tokens - 1) > 0, (meta, prefix_tokens)
 
     year_prompt = prefix + "\nYear founded: "
     assert text == year_prompt + state["year"]

@@ -81,7 +81,7 @@ def test_engine_refuses_bad_model_path_before_starting_processes():
     with pytest.raises(ValueError, match="log_level"):
         Engine(log_level="loud")
     # a value of the wrong type names its field (it failed later as a TypeError in a comparison)
-    with pytest.raises(ValueError, match=r"page_size must be int, got '16' \(str\)"):
+    with pytest.raises(ValueError, match=r"page_size must be None or int, got '16' \(str\)"):
         Engine(page_size="16")
     with pytest.raises(ValueError, match=r"mem_fraction_static must be None or float, got 'half'"):
         Engine(mem_fraction_static="half")
@@ -102,6 +102,17 @@ def test_model_that_fails_to_load_ends_in_one_line(tiny_model_factory, tmp_path)
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("python -m radixserve.launch_server: error: the model could not be loaded: ")
     assert "NoSuchModelForCausalLM" in last
+
+
+def test_default_page_size_is_the_devices():
+    """Pages of 16 on the CPU (a request's keys in runs its decode attention reads
+    whole), never more than the prefill chunk; single slots on a GPU; a set value wins."""
+    assert ServerArgs(device="cpu").resolved_page_size() == 16
+    assert ServerArgs(device="cpu", chunked_prefill_size=8).resolved_page_size() == 8
+    assert ServerArgs(device="cpu", chunked_prefill_size=-1).resolved_page_size() == 16
+    assert ServerArgs(device="cuda").resolved_page_size() == 1
+    assert ServerArgs(device="cpu", page_size=1).resolved_page_size() == 1
+    assert ServerArgs(device="cuda", page_size=64).resolved_chunked_prefill_size() == 8192
 
 
 def test_default_chunk_holds_at_least_a_page():

@@ -34,7 +34,8 @@ def served(request, lora_setup):
                 for name in (None, *ADAPTERS)}
     # Qwen2's engine also decodes the running requests inside every prefill (mixed batches).
     engine = Engine(model_path=str(setup["base"]), lora_paths=[f"{n}={setup[n]}" for n in ADAPTERS],
-                    max_loras_per_batch=2, chunked_prefill_size=16, enable_mixed_chunk=request.param == "qwen2")
+                    max_loras_per_batch=2, chunked_prefill_size=16, enable_mixed_chunk=request.param == "qwen2",
+                    page_size=1)  # token-exact radix hits (the CPU default page is 16)
     yield request.param, setup, engine, prompts, expected
     engine.shutdown()
 

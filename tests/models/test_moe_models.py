@@ -64,7 +64,8 @@ def test_prefill_logits_match(moe_setup):
 
 def test_greedy_matches_generate_with_chunks_and_radix_hits(moe_setup):
     _, path, _, prompts, expected = moe_setup
-    with Engine(model_path=str(path), chunked_prefill_size=16, max_total_tokens=2048) as engine:
+    # page_size=1: short prompts must hit the radix cache (the CPU default page is 16)
+    with Engine(model_path=str(path), chunked_prefill_size=16, max_total_tokens=2048, page_size=1) as engine:
         outs = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == expected
         # Again: every prompt's prefix now comes from the radix cache.

@@ -197,7 +197,7 @@ class ModelRunner:
             # concatenates a new one beside the old: 16 bytes a page besides the
             # KV. A tiny model's pool has about 1e9 slots, whose free list (7.4
             # GiB with an FP8 cache) overflowed the headroom when left uncounted.
-            return int(budget // (per_token + 16 / args.page_size))
+            return int(budget // (per_token + 16 / args.resolved_page_size()))
         if args.mem_fraction_static is not None:
             import os
 
@@ -210,7 +210,7 @@ class ModelRunner:
 
     def _init_memory(self) -> None:
         args = self.server_args
-        page = args.page_size
+        page = args.resolved_page_size()
         # Every rank takes the smallest rank's pool: they schedule the same
         # batches, and capture the same CUDA graphs (whose collectives must pair up).
         num_tokens = get_tp_group().min_over_ranks(self._profile_max_num_tokens()) // page * page

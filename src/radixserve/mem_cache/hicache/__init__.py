@@ -16,7 +16,7 @@ from radixserve.mem_cache.prefix_cache import PrefixCache
 def host_pool_tokens(args: Any, device_tokens: int, bytes_per_token: int) -> int:
     """--hicache-size (GB, 1e9 bytes as SGLang counts) or --hicache-ratio times
     the device pool, in whole pages; never less than the device pool."""
-    page = args.page_size
+    page = args.resolved_page_size()
     if args.hicache_size > 0:
         tokens = int(args.hicache_size * 1e9 // bytes_per_token)
     else:
