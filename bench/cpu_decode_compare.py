@@ -13,6 +13,8 @@ arguments, and drives it with our bench_serving: 96 prompts of 128 random
 tokens, 64 new tokens, 32 concurrent streaming clients (which share the CPU
 with the server). Its output tok/s compares with the engine's output tok/s
 at batch 32 (prefill included in both).
+
+It ends with issue 20's ratios as a markdown table, for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -119,9 +121,32 @@ def main() -> None:
         results["radixserve_http_c32"] = http_rate(args.model_path, engine_args)
     results["cpu"] = cpu_name()
     print(json.dumps(results, indent=1))
+    print(targets_table(results))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(results) + "\n")
+
+
+def targets_table(results: dict) -> str:
+    """Issue 20's ratios as a markdown table: each batch's decode tok/s against
+    transformers (float32 at batch 1, the better dtype above), HTTP against offline."""
+    lines = ["| | radixserve | transformers | ratio |", "| --- | --- | --- | --- |"]
+    prefix = "radixserve_bs"
+    for bs in sorted(int(k[len(prefix):]) for k in results if k.startswith(prefix)):
+        peers = {k.split("_")[1]: v["decode_tok_s"] for k, v in results.items()
+                 if k.startswith("transformers_") and k.endswith(f"_bs{bs}")}
+        if bs == 1 and "float32" in peers:
+            peers = {"float32": peers["float32"]}
+        if not peers:
+            continue
+        dtype, peer = max(peers.items(), key=lambda item: item[1])
+        ours = results[f"{prefix}{bs}"]["decode_tok_s"]
+        lines.append(f"| batch {bs}, decode tok/s | {ours:,.1f} | {peer:,.1f} ({dtype}) | {ours / peer:.2f}x |")
+    http, offline = results.get("radixserve_http_c32"), results.get("radixserve_bs32")
+    if http and offline:
+        lines.append(f"| HTTP, 32 streaming clients, output tok/s | {http['output_throughput']:,.1f} | "
+                     f"offline batch 32: {offline['output_tok_s']:,.1f} | {http['output_throughput'] / offline['output_tok_s']:.3f} |")
+    return "\n".join(lines)
 
 
 def cpu_name() -> str:
