@@ -25,8 +25,8 @@ YEAR = r"[0-9]{4}"
 def server():
     # float32: a fork's answer and the same prompt's by hand are computed in batches of
     # other sizes, from other cache hits, and the default int4/bfloat16 path is not
-    # batch-invariant: after a kernel change that kept random test rows bit-identical
-    # (the AVX-512 RMSNorm), one fork's greedy answer differed by a near-tie.
+    # batch-invariant: after the AVX-512 RMSNorm summed its squares in another order
+    # (one bfloat16 step in about 0.07% of rows), one fork's greedy answer differed by a near-tie.
     with running_server("SmolLM2-135M-Instruct", "--dtype", "float32") as (_, base):
         import sglang as sgl
 

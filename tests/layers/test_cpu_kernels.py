@@ -198,14 +198,17 @@ def test_silu_and_mul_rounds_as_torch_does(rows):
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="the plain C++ build is chosen by an x86-64 -march")
-def test_vector_norm_and_activation_equal_the_plain_code(monkeypatch):
-    """The AVX-512 loops of RMSNorm and silu * up give the plain C++ code's bits,
-    tails (widths not a multiple of 16), NaN, infinities and subnormals included."""
+def test_vector_norm_and_activation_agree_with_the_plain_code(monkeypatch):
+    """The AVX-512 loops of silu * up and of RMSNorm's residual sum give the plain
+    C++ code's bits; RMSNorm's output is within two bfloat16 steps of it, nearly
+    always equal (the vector loop sums the squares in 16 lanes, the plain one in
+    order: a step in the normalized value can round to two after the weight). Tails
+    (widths not a multiple of 16), NaN, infinities and subnormals included."""
     g = torch.Generator().manual_seed(3)
-    x = (4 * torch.randn(37, 2 * 1539, generator=g)).to(torch.bfloat16)
+    x = (4 * torch.randn(400, 2 * 1539, generator=g)).to(torch.bfloat16)
     specials = [float("nan"), float("inf"), -float("inf"), 1e-39, -1e-39, 0.0, -0.0, 90.0, -90.0, 3e38, -3e38, 1e-40]
     x[0, :len(specials)] = torch.tensor(specials).to(torch.bfloat16)
-    h, residual = ((3 * torch.randn(37, 579, generator=g)).to(torch.bfloat16) for _ in range(2))
+    h, residual = ((3 * torch.randn(400, 579, generator=g)).to(torch.bfloat16) for _ in range(2))
     h[0, :len(specials)] = torch.tensor(specials).to(torch.bfloat16)
     weight = torch.randn(579, generator=g).to(torch.bfloat16)
 
@@ -213,14 +216,23 @@ def test_vector_norm_and_activation_equal_the_plain_code(monkeypatch):
         monkeypatch.setenv(cpu_kernels.MARCH_ENV, march)
         cpu_kernels._library.cache_clear()
         with torch.no_grad():
-            return [cpu_kernels.silu_and_mul(x), *cpu_kernels.rms_norm(h, weight, 1e-5, residual),
-                    cpu_kernels.rms_norm(h, weight, 1e-5)]
+            return (cpu_kernels.silu_and_mul(x), *cpu_kernels.rms_norm(h, weight, 1e-5, residual),
+                    cpu_kernels.rms_norm(h, weight, 1e-5))
+
+    def bits(t):
+        return t.view(torch.int16)
 
     try:
-        for vector, plain in zip(outputs("native"), outputs("x86-64-v2")):
-            assert torch.equal(vector.view(torch.int16), plain.view(torch.int16))
+        (silu, normed, summed, alone), plain = outputs("native"), outputs("x86-64-v2")
     finally:
         cpu_kernels._library.cache_clear()
+    assert torch.equal(bits(silu), bits(plain[0]))
+    assert torch.equal(bits(summed), bits(plain[2]))
+    for ours, theirs in ((normed, plain[1]), (alone, plain[3])):
+        assert torch.equal(ours.isnan(), theirs.isnan())
+        finite = ~ours.isnan()
+        assert ulps_apart(ours[finite], theirs[finite]).max() <= 2
+        assert (ours[finite] == theirs[finite]).float().mean() > 0.99
 
 
 def test_modules_take_the_kernels_only_outside_autograd():

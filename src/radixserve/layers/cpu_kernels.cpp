@@ -442,8 +442,9 @@ void silu_and_mul_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, i
 }
 
 // One row of radixserve_rms_norm_bf16 (s: cols floats of scratch). The
-// vector loops do what the scalar tails do, 16 values at a time: GCC left the
-// scalar loops unvectorized.
+// vector loops do what the scalar tails do, 16 values at a time (GCC left the
+// scalar loops unvectorized), except that the squares are summed in 16 lanes:
+// the output can differ from the plain build's by a bfloat16 step or two.
 void rms_norm_row(const uint16_t* xr, const uint16_t* rr, const uint16_t* weight, uint16_t* o, uint16_t* ro,
                   int64_t cols, float eps, float* s) {
   float squares = 0.0f;
