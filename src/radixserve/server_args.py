@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import logging
 import numbers
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from radixserve.disaggregation.config import MODES as DISAGGREGATION_MODES
 from radixserve.parsers import SUPPORTED_REASONING_PARSERS, SUPPORTED_TOOL_PARSERS
@@ -256,7 +256,7 @@ class ServerArgs:
 
     def _validate(self) -> None:
         for f in dataclasses.fields(self):
-            _check_scalar_type(f.name, getattr(self, f.name), str(f.type))
+            _check_scalar_type(f.name, getattr(self, f.name), f.type)
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -457,11 +457,18 @@ _FLAG_ALIASES = {
 _SCALAR_TYPES = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,), "str": (str,)}
 
 
-def _check_scalar_type(name: str, value: Any, annotation: str) -> None:
+def _annotation(type_name: Any) -> Tuple[str, bool]:
+    """A field's annotation (a string: the module has postponed annotations) as
+    (the type's name, whether None is allowed): "Optional[int]" -> ("int", True)."""
+    name = str(type_name)
+    optional = name.startswith("Optional[")
+    return (name[len("Optional["):-1] if optional else name), optional
+
+
+def _check_scalar_type(name: str, value: Any, type_name: Any) -> None:
     """A scalar option holds a value of its type: Engine(page_size="16") is refused here,
     naming the field, instead of failing later as a TypeError in a comparison."""
-    optional = annotation.startswith("Optional[")
-    base = annotation[len("Optional["):-1] if optional else annotation
+    base, optional = _annotation(type_name)
     accepted = _SCALAR_TYPES.get(base)
     if accepted is None or (value is None and optional):
         return
@@ -470,10 +477,6 @@ def _check_scalar_type(name: str, value: Any, annotation: str) -> None:
                          f"got {value!r} ({type(value).__name__})")
 
 
-def _parse_type(type_name: str):
-    name = str(type_name)
-    if "int" in name:
-        return int
-    if "float" in name:
-        return float
-    return str
+def _parse_type(type_name: Any):
+    """The command line's converter for a field's values (bool flags are store_true)."""
+    return {"int": int, "float": float}.get(_annotation(type_name)[0], str)
