@@ -12,7 +12,12 @@ transformers model take turns in this process; none is busy while another runs.
 arguments, and drives it with our bench_serving: 96 prompts of 128 random
 tokens, 64 new tokens, 32 concurrent streaming clients (which share the CPU
 with the server). Its output tok/s compares with the engine's output tok/s
-at batch 32 (prefill included in both).
+at batch 32 (prefill included in both). Both are measured alike: the
+offline figure is the faster of two timed runs after warm-up runs, the HTTP
+one the faster of two rounds after a warm-up round of the same 96 requests
+(on three fresh servers the first round gave 765-797 tok/s and the next
+ones 815-872, its API process using about twice the CPU a token). Both
+measured rounds are kept in the results.
 
 It ends with issue 20's ratios as a markdown table, for docs/benchmarks.md.
 """
@@ -29,6 +34,7 @@ from gpu_compare import parse_engine_args
 from radixserve import Engine
 
 PROMPT_LEN, NEW_TOKENS = 128, 64
+HTTP_ROUNDS = 2  # measured, after one warm-up round
 
 
 def prompts(batch: int, vocab: int) -> list:
@@ -76,15 +82,19 @@ def http_rate(model_path: str, engine_args: dict) -> dict:
              for key, value in engine_args.items() if value is not False]
     port = free_port()
     server = launch_on_port(model_path, port, "--disable-radix-cache", *flags, timeout_s=300)
+    argv = ["--backend", "sglang", "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "random",
+            "--num-prompts", "96", "--random-input-len", str(PROMPT_LEN), "--random-output-len",
+            str(NEW_TOKENS), "--random-range-ratio", "1.0", "--max-concurrency", "32"]
     try:
-        argv = ["--backend", "sglang", "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "random",
-                "--num-prompts", "96", "--random-input-len", str(PROMPT_LEN), "--random-output-len",
-                str(NEW_TOKENS), "--random-range-ratio", "1.0", "--max-concurrency", "32"]
-        record = run_benchmark(parse_args(argv)).record
+        # Measured as the offline figure is: the best of two runs after a warm-up of the same shape.
+        rounds = [run_benchmark(parse_args(argv)).record for _ in range(1 + HTTP_ROUNDS)][1:]
     finally:
         stop_server(server)
+    best = max(rounds, key=lambda record: record["output_throughput"])
     keys = ("output_throughput", "median_ttft_ms", "median_itl_ms", "p99_itl_ms", "duration_s", "completed")
-    return {key: record.get(key) for key in keys}
+    result = {key: best.get(key) for key in keys}
+    result["output_throughput_rounds"] = [round(record["output_throughput"], 1) for record in rounds]
+    return result
 
 
 def main() -> None:
