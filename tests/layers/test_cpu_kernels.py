@@ -327,13 +327,18 @@ amx_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_a
 
 
 def int4_on_amx(w: torch.Tensor, group: int):
-    """(the AMX kernel's product, the dense copy's bfloat16 values) of w in int4."""
-    from radixserve.layers.quantization import int4_dequantized, quantize_int4_groups, unpack_int4
+    """(the AMX kernel's product, the weight's values it multiplies by for so
+    many rows) of w in int4: up to 8 rows (q - 8) * scale + zero exactly, from 9
+    those values rounded to bfloat16, as the dense copy holds them."""
+    from radixserve.layers.quantization import AMX_INT4_FEW_ROWS, quantize_int4_groups, unpack_int4
 
     packed, scales_and_zeros = quantize_int4_groups(w, group)
     amx = cpu_kernels.pack_int4_for_amx(unpack_int4(packed))
+    scale, zero = scales_and_zeros.double().permute(2, 1, 0)  # [out, groups] each
+    q = unpack_int4(packed).double().view(w.shape[0], -1, group)
+    exact = ((q - 8) * scale[..., None] + zero[..., None]).view(w.shape)
     return (lambda x: cpu_kernels.int4_linear_amx(x, amx, scales_and_zeros),
-            int4_dequantized(packed, scales_and_zeros).to(torch.bfloat16))
+            lambda rows: exact if rows in AMX_INT4_FEW_ROWS else exact.to(torch.bfloat16))
 
 
 def int8_on_amx(w: torch.Tensor, group: int):
@@ -342,26 +347,41 @@ def int8_on_amx(w: torch.Tensor, group: int):
     q, scale = quantize_per_row(w, torch.int8)
     amx = cpu_kernels.pack_int8_for_amx(q)
     return (lambda x: cpu_kernels.int8_linear_amx(x, amx, scale.view(-1)),
-            per_row_dequantized(q, scale.view(-1)).to(torch.bfloat16))
+            lambda rows: per_row_dequantized(q, scale.view(-1)).to(torch.bfloat16))
 
 
 @amx_only
 @pytest.mark.parametrize("fmt", [int4_on_amx, int8_on_amx])
-@pytest.mark.parametrize("rows", [1, 5, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 70])
 @pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (64, 128, 128)])
 def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_features, group):
     """The AMX kernels' products (int4 in groups, int8 per row) against float64
-    over the bfloat16 values the dense copy holds: rows below, at and past one
-    and two tiles of 16, x a view with a row stride of its own."""
+    over the weight's values: rows on both sides of the int4 kernel's two ways
+    (8 and 9) and of one and two tiles of 16, x a view with a row stride of its own."""
     g = torch.Generator().manual_seed(rows + out_features)
-    matmul, dense = fmt(torch.randn(out_features, in_features, generator=g), group)
+    matmul, weight_for = fmt(torch.randn(out_features, in_features, generator=g), group)
     wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
     x = wide[:, :in_features]
     out = matmul(x)
-    exact = x.double() @ dense.double().T
+    exact = x.double() @ weight_for(rows).double().T
     assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
     assert rel(out, exact) < 4e-3  # the output's bfloat16 rounding
     assert (ulps_apart(out, exact.to(torch.bfloat16))[exact.abs() > 1e-2] <= 1).all()
+
+
+@amx_only
+@pytest.mark.parametrize("group", [32, 64])
+def test_amx_int4_few_rows_do_not_depend_on_each_other(group):
+    """Up to 8 rows, each row's product is the same bits alone as beside others:
+    a batch-1 decode and a speculative verify of its drafts (a few rows) must
+    give the same token, and a decode batch's requests must not steer each other."""
+    g = torch.Generator().manual_seed(group)
+    matmul, _ = int4_on_amx(torch.randn(128, 256, generator=g), group)
+    x = torch.randn(8, 256, generator=g).to(torch.bfloat16)
+    together = matmul(x)
+    for rows in range(1, 9):
+        assert torch.equal(matmul(x[:rows]), together[:rows])
+        assert torch.equal(matmul(x[rows - 1:rows]), together[rows - 1:rows])
 
 
 @torch.inference_mode()

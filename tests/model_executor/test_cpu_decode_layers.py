@@ -53,7 +53,7 @@ def both_ways(runner, batch):
     return eager, out, eager_kv, kv()
 
 
-@pytest.mark.parametrize("batch_size", [8, 13, 33])
+@pytest.mark.parametrize("batch_size", [1, 4, 8, 13, 33])
 def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size):
     runner = int4_runner(tiny_model_factory("llama"))
     assert runner.cpu_decode_layers is not None
@@ -101,11 +101,11 @@ def test_what_runs_eagerly(tiny_model_factory):
     from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
 
     runner = int4_runner(tiny_model_factory("llama"))
-    batch = prefilled(runner, [[5, 6, 7]] * 4, steps=2)
+    batch = prefilled(runner, [[5, 6, 7]] * 65, steps=2)
     batch.prepare_for_decode()
     fb = batch.to_forward_batch()
     fb.attn_backend = runner.attn_backend
-    assert not runner.cpu_decode_layers.takes(fb)  # 4 rows: torch's int4 kernel, not AMX's
+    assert not runner.cpu_decode_layers.takes(fb)  # 65 rows: the dense copy's GEMM, not AMX's kernel
     qwen3 = int4_runner(tiny_model_factory("qwen3"))  # q/k norms
     assert qwen3.cpu_decode_layers is None
     assert CpuDecodeLayers.for_model(runner.model, runner.device, torch.float32, None) is None

@@ -113,9 +113,14 @@ _bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() on
 # the dense copy's arithmetic on the tile unit: 2x faster than the dense copy
 # at 32 rows and 2x faster than torch's int4 kernel at 8 (3,072 x 576, weights
 # not in cache, 2-core AMX Xeon: 108 against 218 and 747 us at 32 rows; 100
-# against 174 and 200 at 8; at 4 rows torch's kernel ties, at 1 it wins, 60
-# against 96). Past 32 rows each weight block is dequantized once per 32 rows.
+# against 174 and 200 at 8). Past 32 rows each weight block is dequantized once
+# per 32 rows. Up to 8 rows the kernel multiplies by the weight's integers and
+# scales each group's sums (cpu_kernels_amx.cpp's amx_int4_few_rows: 44 us at
+# one row and 54 at eight against torch's 51 and 182), in any forward, not
+# only a decode step: a speculative verify's few rows and a short extend then
+# take the kernel a batch-1 decode takes, and get the rows it would.
 AMX_INT4_DECODE_ROWS = range(8, 65)
+AMX_INT4_FEW_ROWS = range(1, 9)
 # int8 (the LM head's format): the kernel ties torch's at one row and wins from
 # two (the default model's LM head, 49,152 x 576: 924 against 1,584 us at 4
 # rows, 968 against 3,243 at 8); the dense copy wins past 32 (1,377 against
@@ -292,7 +297,8 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     group = x.shape[-1] // scales_and_zeros.shape[0]
-    if takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, group):
+    if (takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, group)
+            or (rows.shape[0] in AMX_INT4_FEW_ROWS and cpu_kernels.amx_takes(rows, packed.shape[0], group))):
         out = cpu_kernels.int4_linear_amx(rows, int4_amx_copy(packed), scales_and_zeros)
     elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))

@@ -13,7 +13,7 @@ It takes a model only where every layer is the plain Llama block (RMSNorm,
 no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
-take the AMX int4 kernel (decode rows in AMX_INT4_DECODE_ROWS). Anything else
+take the AMX int4 kernel (1 to 64 decode rows). Anything else
 runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
 KV buffers), kept in structs until ModelRunner, which makes every weight
 update and pool release or resume, calls forget().
@@ -28,6 +28,9 @@ import torch
 
 from radixserve.layers import cpu_kernels, quantization
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
+
+# The decode batches whose int4 linears all run on the AMX kernel (quantization.py)
+FUSED_ROWS = range(quantization.AMX_INT4_FEW_ROWS.start, quantization.AMX_INT4_DECODE_ROWS.stop)
 
 i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
@@ -111,7 +114,7 @@ class CpuDecodeLayers:
     def takes(self, fb: Any) -> bool:
         """Whether this decode batch runs here rather than eagerly."""
         k_buf = fb.kv_pool.k_buffers[0]
-        return (fb.forward_mode.is_decode() and fb.batch_size in quantization.AMX_INT4_DECODE_ROWS
+        return (fb.forward_mode.is_decode() and fb.batch_size in FUSED_ROWS
                 and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
                 and not fb.capture_aux_layers and not fb.return_hidden
                 and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
