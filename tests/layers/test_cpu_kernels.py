@@ -370,13 +370,13 @@ def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_f
 
 
 @amx_only
-@pytest.mark.parametrize("group", [32, 64])
-def test_amx_int4_few_rows_do_not_depend_on_each_other(group):
+@pytest.mark.parametrize("fmt,group", [(int4_on_amx, 32), (int4_on_amx, 64), (int8_on_amx, 32)])
+def test_amx_few_rows_do_not_depend_on_each_other(fmt, group):
     """Up to 8 rows, each row's product is the same bits alone as beside others:
     a batch-1 decode and a speculative verify of its drafts (a few rows) must
     give the same token, and a decode batch's requests must not steer each other."""
     g = torch.Generator().manual_seed(group)
-    matmul, _ = int4_on_amx(torch.randn(128, 256, generator=g), group)
+    matmul, _ = fmt(torch.randn(128, 256, generator=g), group)
     x = torch.randn(8, 256, generator=g).to(torch.bfloat16)
     together = matmul(x)
     for rows in range(1, 9):

@@ -109,3 +109,67 @@ def test_what_runs_eagerly(tiny_model_factory):
     qwen3 = int4_runner(tiny_model_factory("qwen3"))  # q/k norms
     assert qwen3.cpu_decode_layers is None
     assert CpuDecodeLayers.for_model(runner.model, runner.device, torch.float32, None) is None
+
+
+def verify_both_ways(runner, make_batch):
+    """A verify-shaped extend eagerly, then through the fused layers: (eager
+    output, fused output, eager K/V, fused K/V) of the new tokens' slots."""
+    fused = runner.cpu_decode_layers
+    pool = runner.pools.kv_pool
+    fb = make_batch()
+
+    def kv():
+        return [buf[fb.out_cache_loc].clone() for buf in pool.k_buffers + pool.v_buffers]
+
+    runner.cpu_decode_layers = None
+    eager = runner.forward_eager(fb)
+    eager_kv = kv()
+    for buf in pool.k_buffers + pool.v_buffers:  # the fused forward must write them itself
+        buf[fb.out_cache_loc] = 0
+    runner.cpu_decode_layers = fused
+    fb = make_batch()
+    runner.attn_backend.init_forward_metadata(fb)
+    fb.attn_backend = runner.attn_backend
+    assert fused.takes(fb)
+    return eager, runner.forward_eager(fb), eager_kv, kv()
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_fused_layers_take_a_speculative_verify(tiny_model_factory, tree):
+    """A verify (a few tokens a request over its cached prefix, each a decode
+    query; a chain, or a draft tree with its mask) of at most 8 rows runs
+    through the fused layers with the eager layers' bits: every position's
+    logits, the K/V, and the EAGLE-3 layers' outputs the next draft reads."""
+    from radixserve.speculative.tree import DraftTree
+    from tests.model_executor.test_spec_graphs import Requests
+
+    runner = int4_runner(tiny_model_factory("llama"))
+    specs = [(9, 4), (14, 3)]  # 7 rows
+    reqs = Requests(runner, specs)
+    trees = [DraftTree([5, 6, 7], [-1, -1, 0]), DraftTree([9, 10], [-1, -1])]  # the last token and its drafts
+
+    def verify():
+        fb = reqs.new_tokens(every_logit=True)
+        fb.capture_aux_layers = (0, 1, 2)  # both layers' outputs and the final-normed one
+        if tree:
+            fb.positions = torch.tensor([c + d for (c, _), t in zip(specs, trees) for d in t.row_depths()])
+            fb.spec_tree_mask = torch.tensor([m for t in trees for m in t.row_masks()])
+        return fb
+
+    eager, fused, eager_kv, fused_kv = verify_both_ways(runner, verify)
+    for name in ("next_token_logits", "all_logits", "aux_hidden"):
+        assert torch.equal(getattr(eager, name), getattr(fused, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
+
+
+def test_a_verify_of_more_than_8_rows_runs_eagerly(tiny_model_factory):
+    """From 9 rows the eager layers multiply an extend on torch's int4 kernel,
+    not the AMX one: the fused layers leave it to them."""
+    from tests.model_executor.test_spec_graphs import Requests
+
+    runner = int4_runner(tiny_model_factory("llama"))
+    reqs = Requests(runner, [(9, 4), (14, 4), (6, 1)])
+    fb = reqs.new_tokens(every_logit=True)
+    runner.attn_backend.init_forward_metadata(fb)
+    fb.attn_backend = runner.attn_backend
+    assert fb.attn_metadata.short_extend_rows is not None and not runner.cpu_decode_layers.takes(fb)

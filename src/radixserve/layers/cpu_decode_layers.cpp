@@ -1,4 +1,5 @@
-// A decode step's decoder layers of a Llama-shaped model in one call from
+// A decode step's decoder layers of a Llama-shaped model (or a speculative
+// verify's, whose tokens attend as decode queries) in one call from
 // Python (model_executor/cpu_decode_layers.py): RMSNorm, q|k|v, rotary,
 // attention over the paged pool, o, RMSNorm, gate|up, SiLU, down, for every
 // layer. Each part is the kernel the eager path calls, with the same inputs,
@@ -28,6 +29,8 @@ void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t
 int radixserve_int4_linear_amx(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
                                const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
                                int64_t group);
+void radixserve_add_bf16(const uint16_t* a, int64_t a_stride, const uint16_t* b, int64_t b_stride, uint16_t* out,
+                         int64_t out_stride, int64_t rows, int64_t cols);
 }
 
 namespace {
@@ -57,13 +60,22 @@ struct DecodeShape {
   const float* rope_table;  // [positions, head_dim] cos | sin
 };
 
+// A row is a decode query: a decode batch's request, or one token of a
+// speculative verify (its slots: the prefix's, then its own ancestors' and its
+// own, as plain decoding of its path would see them).
 struct DecodeBatch {
   int64_t rows;
   const int64_t* positions;
-  const int64_t* slots;  // [rows, >= longest]: each request's slots in position order
+  const int64_t* slots;  // [rows, >= longest]: each row's slots in position order
   int64_t slots_row_stride;
   const int64_t* seq_lens;
   const int64_t* new_slots;  // [rows]: where this step's keys and values go
+  // An EAGLE-3 target's captured layers: layer capture[j]'s output plus the
+  // residual stream into aux + j * hidden (row stride aux_stride); -1: none.
+  const int64_t* capture;
+  int64_t num_capture;
+  uint16_t* aux;
+  int64_t aux_stride;
 };
 
 // bfloat16 buffers [rows, width] for one step.
@@ -121,8 +133,13 @@ int radixserve_decode_layers(const DecodeShape* shape, const DecodeLayer* layers
   t.attn = t.qk + rows * (q_width + kv_width);
   t.gate_up = t.attn + rows * q_width;
   t.act = t.gate_up + rows * 2 * s.intermediate;
-  for (int64_t i = 0; i < num_layers; ++i)
+  for (int64_t i = 0; i < num_layers; ++i) {
     if (run_layer(s, layers[i], *batch, hidden, residual, i == 0, t) != 0) return -1;
+    for (int64_t j = 0; j < batch->num_capture; ++j)
+      if (batch->capture[j] == i)
+        radixserve_add_bf16(hidden, s.hidden, residual, s.hidden, batch->aux + j * s.hidden, batch->aux_stride, rows,
+                            s.hidden);
+  }
   return 0;
 }
 

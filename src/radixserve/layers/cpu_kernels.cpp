@@ -640,6 +640,16 @@ void radixserve_silu_and_mul_bf16(const uint16_t* x, int64_t x_stride, uint16_t*
   for (int64_t r = 0; r < rows; ++r) silu_and_mul_row(x + r * x_stride, x + r * x_stride + cols, out + r * cols, cols);
 }
 
+// out = a + b in bfloat16 (each sum rounded as torch rounds it), rows of
+// `cols` values with their own row strides: an EAGLE-3 head's input, a layer's
+// output plus the residual stream, from the fused decode layers.
+void radixserve_add_bf16(const uint16_t* a, int64_t a_stride, const uint16_t* b, int64_t b_stride, uint16_t* out,
+                         int64_t out_stride, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * out_stride + c] = float_to_bf16(bf16_to_float(a[r * a_stride + c]) + bf16_to_float(b[r * b_stride + c]));
+}
+
 // Rotary embedding of `heads` heads of head_dim values in each row of x (row
 // stride x_stride; q's and k's heads side by side), the halves of each head
 // turned by the row's position: table [positions, head_dim] float32, cos of

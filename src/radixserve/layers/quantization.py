@@ -126,6 +126,11 @@ AMX_INT4_FEW_ROWS = range(1, 9)
 # rows, 968 against 3,243 at 8); the dense copy wins past 32 (1,377 against
 # 1,729 us at 32, 2,777 against 2,086 at 64).
 AMX_INT8_DECODE_ROWS = range(2, 33)
+# Only in a decode step: with the AMX kernel for 1-8 rows in any forward too (so
+# that a verify's LM head, 924 against torch's 1,584 us at 4 rows, and a batch-1
+# decode's shared it) the default model's answer to "What is the capital of
+# France?" lost " Paris", whether the kernel rounded the weights to bfloat16 or
+# scaled its sums (2026-12-05). Torch's int8 kernel serves both at 1-8 rows.
 _amx_decode = False  # set by decode_step() on AMX
 
 
@@ -143,9 +148,13 @@ def decode_step() -> Iterator[None]:
         _bf16_dense_from_rows, _amx_decode = INT8_DEQUANTIZE_FROM_ROWS, False
 
 
-def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, group: int = cpu_kernels.AMX_BLOCK) -> bool:
-    """Whether a decode step's rows times a quantized weight run on an AMX kernel."""
-    return _amx_decode and rows.shape[0] in decode_rows and cpu_kernels.amx_takes(rows, out_features, group)
+def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_rows: range = range(0),
+              group: int = cpu_kernels.AMX_BLOCK) -> bool:
+    """Whether rows times a quantized weight run on an AMX kernel: a decode
+    step's decode_rows, or few_rows in any forward."""
+    count = rows.shape[0]
+    return ((_amx_decode and count in decode_rows) or count in few_rows) \
+        and cpu_kernels.amx_takes(rows, out_features, group)
 
 
 def amx_copy(weight: torch.Tensor, pack: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -297,8 +306,7 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
     # do nothing (each torch call costs microseconds on the CPU).
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     group = x.shape[-1] // scales_and_zeros.shape[0]
-    if (takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, group)
-            or (rows.shape[0] in AMX_INT4_FEW_ROWS and cpu_kernels.amx_takes(rows, packed.shape[0], group))):
+    if takes_amx(rows, packed.shape[0], AMX_INT4_DECODE_ROWS, AMX_INT4_FEW_ROWS, group):
         out = cpu_kernels.int4_linear_amx(rows, int4_amx_copy(packed), scales_and_zeros)
     elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))

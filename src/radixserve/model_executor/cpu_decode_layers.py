@@ -13,7 +13,8 @@ It takes a model only where every layer is the plain Llama block (RMSNorm,
 no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
-take the AMX int4 kernel (1 to 64 decode rows). Anything else
+take the AMX int4 kernel (1 to 64 decode rows, or a speculative verify of at
+most 8 tokens, each a decode query over its own slots). Anything else
 runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
 KV buffers), kept in structs until ModelRunner, which makes every weight
 update and pool release or resume, calls forget().
@@ -52,7 +53,7 @@ class DecodeShape(ctypes.Structure):
 
 class DecodeBatch(ctypes.Structure):
     _fields_ = [("rows", i64), ("positions", ptr), ("slots", ptr), ("slots_row_stride", i64), ("seq_lens", ptr),
-                ("new_slots", ptr)]
+                ("new_slots", ptr), ("capture", ptr), ("num_capture", i64), ("aux", ptr), ("aux_stride", i64)]
 
 
 def _int4_struct(linear: Any) -> Int4Weight:
@@ -112,19 +113,30 @@ class CpuDecodeLayers:
         return cls(model) if len(rotaries) == 1 else None
 
     def takes(self, fb: Any) -> bool:
-        """Whether this decode batch runs here rather than eagerly."""
+        """Whether this batch runs here rather than eagerly: a decode batch, or a
+        speculative verify (an extend of a few tokens a request, each attending
+        as a decode query: short_extend_rows) of at most 8 rows, which the eager
+        layers also multiply on the AMX kernel."""
         k_buf = fb.kv_pool.k_buffers[0]
-        return (fb.forward_mode.is_decode() and fb.batch_size in FUSED_ROWS
-                and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
-                and not fb.capture_aux_layers and not fb.return_hidden
+        if fb.forward_mode.is_decode():
+            rows_here = fb.batch_size in FUSED_ROWS
+        else:
+            rows_here = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
+                         and fb.input_ids.shape[0] in quantization.AMX_INT4_FEW_ROWS and not fb.mm_items)
+        return (rows_here and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
                 and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
                 and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
                 and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
 
     def forward(self, fb: Any) -> torch.Tensor:
-        """The final-normed hidden states [bs, hidden] of a decode batch (takes(fb))."""
+        """The final-normed hidden states [rows, hidden] of a batch it takes
+        (takes(fb)), and fb.aux_hidden where fb.capture_aux_layers asks for it."""
         meta = fb.attn_metadata
-        slots, seq_lens, new_slots = meta.kv_indices, fb.seq_lens.contiguous(), fb.out_cache_loc.contiguous()
+        if fb.forward_mode.is_decode():
+            slots, seq_lens = meta.kv_indices, fb.seq_lens.contiguous()
+        else:
+            slots, seq_lens = meta.short_extend_rows
+        new_slots = fb.out_cache_loc.contiguous()
         if slots.dtype != torch.int64 or slots.stride(-1) != 1:
             slots = slots.to(torch.int64).contiguous()
         hidden = self.model.model.embed_tokens(fb.input_ids).to(torch.bfloat16).contiguous()
@@ -134,13 +146,23 @@ class CpuDecodeLayers:
             + self.q_width + 3 * self.intermediate  # normed, q|k|v, q|k, attention, gate|up, SiLU * up
         scratch = torch.empty(rows * widths, dtype=torch.bfloat16)
         layers = self._layers(fb)
+        capture = list(fb.capture_aux_layers or ())
+        # the captured layers' columns side by side, as run_decoder concatenates them
+        aux = torch.empty(rows, len(capture) * self.shape.hidden, dtype=torch.bfloat16) if capture else None
+        capture_ids = torch.tensor(capture, dtype=torch.int64)
         batch = DecodeBatch(rows, fb.positions.data_ptr(), slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(),
-                            new_slots.data_ptr())
+                            new_slots.data_ptr(), capture_ids.data_ptr(), len(capture),
+                            aux.data_ptr() if capture else None, aux.stride(0) if capture else 0)
         status = cpu_kernels.decode_layers(ctypes.byref(self.shape), layers, len(layers), ctypes.byref(batch),
                                            hidden, residual, scratch)
         if status != 0:
             raise RuntimeError("the fused CPU decode layers: this CPU or process has no AMX")
         out, _ = self.model.model.norm(hidden, residual)
+        if capture:
+            for j, layer in enumerate(capture):
+                if layer == len(layers):  # the final-normed output (an EAGLE-1/2 head's input)
+                    aux[:, j * self.shape.hidden:(j + 1) * self.shape.hidden] = out
+            fb.aux_hidden = aux
         return out
 
     def forget(self) -> None:
