@@ -92,6 +92,14 @@ inline void store_tile_row(uint16_t* row, __m512 first, __m512 last) {
   _mm512_storeu_si512(row, (__m512i)_mm512_cvtne2ps_pbh(last, first));
 }
 
+// A 64-byte chunk c of an int4 B tile: its low nibbles (tile rows 4c, 4c + 1)
+// and its high nibbles (rows 4c + 2, 4c + 3), a byte each.
+inline void split_nibbles(const uint8_t* chunk, __m512i nibbles[2]) {
+  const __m512i bytes = _mm512_loadu_si512(chunk), low_nibbles = _mm512_set1_epi8(0x0F);
+  nibbles[0] = _mm512_and_si512(bytes, low_nibbles);
+  nibbles[1] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles);
+}
+
 // int4 in groups of input values (torch's int4 CPU format): scales and zeros
 // bfloat16 [k / group, n, 2], w = (q - 8) * scale + zero.
 struct Int4Groups {
@@ -105,9 +113,14 @@ struct Int4Groups {
     if (k0 % group == 0) prefetch_lines(scales_zeros + ((k0 / group) * n + n0) * 2, 128);
   }
 
-  // The B tile of columns n0..n0 + 15 at input values k0..k0 + 31 into `tile`.
+  // The 256 packed bytes of the B tile of columns n0..n0 + 15 at input values k0..k0 + 31.
+  const uint8_t* tile_bytes(int64_t n0, int64_t k0) const {
+    return packed + (n0 / 32) * (k / 32) * 512 + (k0 / 32) * 512 + (n0 % 32 / 16) * 256;
+  }
+
+  // That B tile's values into `tile`.
   void dequantize(int64_t n0, int64_t k0, uint16_t* tile) const {
-    const uint8_t* bytes_at = packed + (n0 / 32) * (k / 32) * 512 + (k0 / 32) * 512 + (n0 % 32 / 16) * 256;
+    const uint8_t* bytes_at = tile_bytes(n0, k0);
     const __m512i sz = _mm512_loadu_si512(scales_zeros + ((k0 / group) * n + n0) * 2);
     __m512 scale[2], shift[2];
     for (int half = 0; half < 2; ++half) {
@@ -115,11 +128,9 @@ struct Int4Groups {
       // (q - 8) * scale + zero = q * scale + (zero - 8 * scale), as int4_dequantized computes it
       shift[half] = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), scale[half], pair_lanes_bf16(sz, half, 1));
     }
-    const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
     for (int c = 0; c < 4; ++c) {
-      const __m512i bytes = _mm512_loadu_si512(bytes_at + 64 * c);
-      const __m512i nibbles[2] = {_mm512_and_si512(bytes, low_nibbles),
-                                  _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles)};
+      __m512i nibbles[2];
+      split_nibbles(bytes_at + 64 * c, nibbles);
       for (int hi = 0; hi < 2; ++hi) {
         for (int r = 0; r < 2; ++r) {
           __m512 w[2];
@@ -262,12 +273,10 @@ inline __m512i q_minus_8_table() {
 
 // The B tile of columns n0..n0 + 15 at input values k0..k0 + 31 as q - 8.
 inline void int4_q_tile(const Int4Groups& w, int64_t n0, int64_t k0, __m512i table, uint16_t* tile) {
-  const uint8_t* bytes_at = w.packed + (n0 / 32) * (w.k / 32) * 512 + (k0 / 32) * 512 + (n0 % 32 / 16) * 256;
-  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const uint8_t* bytes_at = w.tile_bytes(n0, k0);
   for (int c = 0; c < 4; ++c) {
-    const __m512i bytes = _mm512_loadu_si512(bytes_at + 64 * c);
-    const __m512i nibbles[2] = {_mm512_and_si512(bytes, low_nibbles),
-                                _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low_nibbles)};
+    __m512i nibbles[2];
+    split_nibbles(bytes_at + 64 * c, nibbles);
     for (int hi = 0; hi < 2; ++hi) {
       const __m512i rows[2] = {_mm512_cvtepu8_epi16(_mm512_castsi512_si256(nibbles[hi])),
                                _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(nibbles[hi], 1))};
