@@ -255,10 +255,11 @@ def test_decode_batches_take_the_dense_copy_only_with_amx(monkeypatch, amx):
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int4 kernel needs a CPU with AMX")
 def test_decode_batches_take_the_amx_kernel_until_an_update():
-    """On AMX a decode step's 8 to 64 bfloat16 rows go through the AMX int4
-    kernel (no dense copy made), equal to the product with the dequantized
-    weight; 7 rows keep torch's kernel; after a weight update (`unquantized`)
-    the kernel's copy of the weight is made again from the new values."""
+    """On AMX a decode step's 1 to 64 bfloat16 rows go through the AMX int4
+    kernel (no dense copy made): up to 8 rows, in any forward, with the weight's
+    unrounded values; from 9, in a decode step, with the dense copy's bfloat16
+    ones. 9 rows outside a decode step keep torch's kernel. After a weight
+    update (`unquantized`) the kernel's copy is made again from the new values."""
     import radixserve.layers.quantization as quantization
 
     torch.manual_seed(8)
@@ -266,20 +267,24 @@ def test_decode_batches_take_the_amx_kernel_until_an_update():
     nn.init.normal_(linear.weight)
     quantize_linears(linear, int4_weight_only(32))
     x = torch.randn(64, 96).to(torch.bfloat16)
-    with torch.inference_mode(), quantization.decode_step():
+    with torch.inference_mode():
         assert "amx_copy" not in linear.weight.__dict__
-        torch_kernel = linear(x[:7])
+        torch_kernel = linear(x[:9])  # an extend of 9 rows
         assert "amx_copy" not in linear.weight.__dict__
-        out = linear(x)
-    assert "amx_copy" in linear.weight.__dict__ and "dense_copy" not in linear.weight.__dict__
-    dense = int4_dequantized(linear.weight, linear.weight_scale).to(torch.bfloat16)
-    assert rel(out, x.double() @ dense.double().T) < 4e-3
-    assert rel(torch_kernel, out[:7]) < 2e-2
+        few = linear(x[:8])
+        assert "amx_copy" in linear.weight.__dict__
+        with quantization.decode_step():
+            out = linear(x)
+    assert "dense_copy" not in linear.weight.__dict__
+    exact = int4_dequantized(linear.weight, linear.weight_scale)
+    assert rel(few, x[:8].double() @ exact.double().T) < 4e-3
+    assert rel(out, x.double() @ exact.to(torch.bfloat16).double().T) < 4e-3
+    assert rel(torch_kernel, out[:9]) < 2e-2
     with unquantized(linear):
         linear.weight.data.mul_(-1)
     assert "amx_copy" not in linear.weight.__dict__
     with torch.inference_mode(), quantization.decode_step():
-        assert rel(linear(x[:8]), -out[:8]) < 2e-2
+        assert rel(linear(x[:8]), -few) < 2e-2 and rel(linear(x[:16]), -out[:16]) < 2e-2
 
 
 def test_prefill_keeps_one_dequantized_copy_until_an_update():
