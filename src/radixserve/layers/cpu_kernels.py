@@ -276,8 +276,8 @@ def int4_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: 
     """rows [m, in] bfloat16 times the int4 weight packed by pack_int4_for_amx,
     with torch's bfloat16 scales_and_zeros [in / group, out, 2] -> [m, out]
     bfloat16; the weight's values are (q - 8) * scale + zero, rounded to
-    bfloat16 as the dense copy holds them from 9 rows, unrounded up to 8
-    (amx_takes says where it runs)."""
+    bfloat16 as the dense copy holds them from 9 rows, unrounded up to 8 (where
+    in / group <= 256; amx_takes says where it runs)."""
     out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
     if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
         raise ValueError("int4_linear_amx takes contiguous bfloat16 scales_and_zeros")

@@ -342,7 +342,7 @@ void int4_few_rows_blocks(const uint16_t* x, int64_t x_stride, const Int4Groups&
 
 template <int ROWS>
 void amx_int4_few_rows(const uint16_t* x, int64_t x_stride, const Int4Groups& w, uint16_t* out) {
-  float sums_x[ROWS * 256];  // k / group <= 256 (amx_int4_takes_few_rows)
+  float sums_x[ROWS * 256];  // k / group <= 256 (int4_takes_few_rows)
   group_sums(x, x_stride, ROWS, w.k, w.group, sums_x);
   const __m512i table = q_minus_8_table();
 #pragma omp parallel
