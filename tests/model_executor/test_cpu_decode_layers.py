@@ -30,31 +30,40 @@ def prefilled(runner, prompts, steps):
     return batch
 
 
-def both_ways(runner, batch):
+def both_ways(runner, batch, capture=None):
     """One decode step eagerly, then the same forward batch through the fused
-    layers: (eager logits, fused logits, eager K/V, fused K/V) of the step's slots."""
+    layers: (eager logits, fused logits, eager K/V, fused K/V) of the step's
+    slots. With `capture` (EAGLE-3's layers) the logits come with the captured
+    layers' outputs concatenated after them."""
     fused = runner.cpu_decode_layers
     batch.prepare_for_decode()
     fb = batch.to_forward_batch()
+    fb.capture_aux_layers = capture
     pool = runner.pools.kv_pool
 
     def kv():
         return [buf[fb.out_cache_loc].clone() for buf in pool.k_buffers + pool.v_buffers]
 
+    def outputs(result):
+        logits = result.next_token_logits.clone()
+        return logits if capture is None else torch.cat([logits, result.aux_hidden.float()], dim=-1)
+
     runner.cpu_decode_layers = None
-    eager = runner.forward(fb).next_token_logits.clone()
+    eager = outputs(runner.forward(fb))
     eager_kv = kv()
     for buf in pool.k_buffers + pool.v_buffers:  # the fused step must write them itself
         buf[fb.out_cache_loc] = 0
     runner.cpu_decode_layers = fused
     assert fused.takes(fb)
-    out = runner.forward(fb).next_token_logits
-    batch.last_token_ids = out.argmax(dim=-1)
-    return eager, out, eager_kv, kv()
+    result = runner.forward(fb)
+    batch.last_token_ids = result.next_token_logits.argmax(dim=-1)
+    return eager, outputs(result), eager_kv, kv()
 
 
-@pytest.mark.parametrize("batch_size", [1, 4, 8, 13, 33])
-def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size):
+@pytest.mark.parametrize("batch_size,capture", [(1, None), (4, (0, 2)), (8, None), (13, (1,)), (33, None)])
+def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size, capture):
+    """Logits and K/V, and where an EAGLE-3 target asks for them (capture) the
+    layers' outputs (the final-normed one is layer 2 of this 2-layer model)."""
     runner = int4_runner(tiny_model_factory("llama"))
     assert runner.cpu_decode_layers is not None
     gen = torch.Generator().manual_seed(batch_size)
@@ -62,7 +71,7 @@ def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size):
                for n in torch.randint(1, 90, (batch_size,), generator=gen)]
     batch = prefilled(runner, prompts, steps=6)
     for _ in range(6):
-        eager, fused, eager_kv, fused_kv = both_ways(runner, batch)
+        eager, fused, eager_kv, fused_kv = both_ways(runner, batch, capture)
         assert torch.equal(eager, fused)
         assert all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
 
