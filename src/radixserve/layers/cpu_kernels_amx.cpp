@@ -259,16 +259,22 @@ void amx_linear(const uint16_t* x, int64_t x_stride, const Weight& weight, uint1
 
 constexpr int64_t INT4_FEW_ROWS = 8;
 
-// q -> bfloat16(q - 8) for q in 0..15 (a 32-entry table: vpermw reads 5 bits).
+// q -> bfloat16(q - 8) for q in 0..15 (a 32-entry table: vpermw reads 5 bits),
+// made once.
 inline __m512i q_minus_8_table() {
-  alignas(64) uint16_t table[32];
-  for (int i = 0; i < 32; ++i) {
-    const float value = static_cast<float>((i & 15) - 8);
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    table[i] = static_cast<uint16_t>(bits >> 16);  // small integers: the low half is zero
-  }
-  return _mm512_load_si512(table);
+  struct Table {
+    alignas(64) uint16_t values[32];
+    Table() {
+      for (int i = 0; i < 32; ++i) {
+        const float value = static_cast<float>((i & 15) - 8);
+        uint32_t bits;
+        memcpy(&bits, &value, 4);
+        values[i] = static_cast<uint16_t>(bits >> 16);  // small integers: the low half is zero
+      }
+    }
+  };
+  static const Table table;
+  return _mm512_load_si512(table.values);
 }
 
 // The B tile of columns n0..n0 + 15 at input values k0..k0 + 31 as q - 8.

@@ -148,12 +148,16 @@ def decode_step() -> Iterator[None]:
         _bf16_dense_from_rows, _amx_decode = INT8_DEQUANTIZE_FROM_ROWS, False
 
 
+def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows: range = range(0)) -> bool:
+    """Whether `count` rows take an AMX kernel by their number: decode_rows in a
+    decode step, few_rows in any forward (CpuDecodeLayers follows the same rule)."""
+    return count in few_rows or (in_decode_step and count in decode_rows)
+
+
 def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_rows: range = range(0),
               group: int = cpu_kernels.AMX_BLOCK) -> bool:
-    """Whether rows times a quantized weight run on an AMX kernel: a decode
-    step's decode_rows, or few_rows in any forward."""
-    count = rows.shape[0]
-    return ((_amx_decode and count in decode_rows) or count in few_rows) \
+    """Whether rows times a quantized weight run on an AMX kernel (amx_row_count)."""
+    return amx_row_count(rows.shape[0], _amx_decode, decode_rows, few_rows) \
         and cpu_kernels.amx_takes(rows, out_features, group)
 
 

@@ -30,9 +30,6 @@ import torch
 from radixserve.layers import cpu_kernels, quantization
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
-# The decode batches whose int4 linears all run on the AMX kernel (quantization.py)
-FUSED_ROWS = range(quantization.AMX_INT4_FEW_ROWS.start, quantization.AMX_INT4_DECODE_ROWS.stop)
-
 i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
@@ -118,12 +115,13 @@ class CpuDecodeLayers:
         as a decode query: short_extend_rows) of at most 8 rows, which the eager
         layers also multiply on the AMX kernel."""
         k_buf = fb.kv_pool.k_buffers[0]
-        if fb.forward_mode.is_decode():
-            rows_here = fb.batch_size in FUSED_ROWS
-        else:
-            rows_here = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
-                         and fb.input_ids.shape[0] in quantization.AMX_INT4_FEW_ROWS and not fb.mm_items)
-        return (rows_here and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
+        decode = fb.forward_mode.is_decode()
+        verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
+                  and not fb.mm_items)
+        on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode, quantization.AMX_INT4_DECODE_ROWS,
+                                            quantization.AMX_INT4_FEW_ROWS)
+        return ((decode or verify) and on_amx
+                and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
                 and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
                 and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
                 and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
@@ -147,12 +145,13 @@ class CpuDecodeLayers:
         scratch = torch.empty(rows * widths, dtype=torch.bfloat16)
         layers = self._layers(fb)
         capture = list(fb.capture_aux_layers or ())
-        # the captured layers' columns side by side, as run_decoder concatenates them
-        aux = torch.empty(rows, len(capture) * self.shape.hidden, dtype=torch.bfloat16) if capture else None
-        capture_ids = torch.tensor(capture, dtype=torch.int64)
         batch = DecodeBatch(rows, fb.positions.data_ptr(), slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(),
-                            new_slots.data_ptr(), capture_ids.data_ptr(), len(capture),
-                            aux.data_ptr() if capture else None, aux.stride(0) if capture else 0)
+                            new_slots.data_ptr())
+        if capture:  # the captured layers' columns side by side, as run_decoder concatenates them
+            aux = torch.empty(rows, len(capture) * self.shape.hidden, dtype=torch.bfloat16)
+            capture_ids = torch.tensor(capture, dtype=torch.int64)
+            batch.capture, batch.num_capture = capture_ids.data_ptr(), len(capture)
+            batch.aux, batch.aux_stride = aux.data_ptr(), aux.stride(0)
         status = cpu_kernels.decode_layers(ctypes.byref(self.shape), layers, len(layers), ctypes.byref(batch),
                                            hidden, residual, scratch)
         if status != 0:
