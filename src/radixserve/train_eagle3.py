@@ -26,20 +26,26 @@ import logging
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 from tqdm import tqdm
 
 from radixserve.models.llama_eagle import LlamaForCausalLMEagle, rows_logits
 from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3, aux_layer_ids
-from radixserve.speculative.eagle_data import TargetFeatures, draft_vocabulary, self_generated, windows
+from radixserve.speculative.eagle_data import (TargetFeatures, answered, draft_vocabulary, self_generated,
+                                               self_instructed_prompts, template_ids, windows)
+from radixserve.speculative.eagle_eval import evaluate_head
 from radixserve.speculative.loss_plot import save_loss_plot
 
 logger = logging.getLogger(__name__)
 STEP_WEIGHT = 0.8  # later draft steps count less (SpecForge's decay)
 SAVE_SECONDS = 20  # kept from --time-budget for saving the head and its plot
+WARMUP = 0.05  # of the run: the learning rate rises from 4% to its peak, then falls to zero on a cosine
+CAPTURE_BATCH_SEQS = 256  # sequences per capture forward, at most
+HELD_OUT_SEED = 1000  # held-out prompts come from seed + this
 
 
 def feature_layers(kind: str, num_target_layers: int) -> List[int]:
@@ -112,22 +118,34 @@ def stack_windows(group: List[tuple]) -> tuple:
     return features, inputs, labels
 
 
+def lr_factor(progress: float) -> float:
+    if progress < WARMUP:
+        return 0.04 + 0.96 * progress / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * min((progress - WARMUP) / (1 - WARMUP), 1.0)))
+
+
 def train(head, samples, args, target_to_draft: torch.Tensor, started: float) -> List[float]:
+    """Progress (for the learning rate) is the larger of the steps done and
+    the training time spent, so a run that a time limit stops still anneals."""
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
     losses, rng = [], random.Random(0)
     windows_per_epoch = sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
-    total = args.epochs * math.ceil(windows_per_epoch / args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=max(total, 2), pct_start=0.05)
+    total = max(args.epochs * math.ceil(windows_per_epoch / args.batch_size), 2)
     bar = tqdm(total=total, desc="training", unit="step")
-    deadline = time.monotonic() + args.max_train_seconds if args.max_train_seconds else math.inf
+    train_start = time.monotonic()
+    deadline = train_start + args.max_train_seconds if args.max_train_seconds else math.inf
     if args.time_budget:
         deadline = min(deadline, started + args.time_budget - SAVE_SECONDS)
     for _ in range(args.epochs):
         for features, inputs, labels in batches(samples, args, rng):
-            if time.monotonic() > deadline:
-                logger.info("--max-train-seconds reached after %d steps", len(losses))
+            now = time.monotonic()
+            if now > deadline:
+                logger.info("the time limit stopped training after %d steps", len(losses))
                 bar.close()
                 return losses
+            progress = max(len(losses) / total, (now - train_start) / max(deadline - train_start, 1e-9))
+            for group in opt.param_groups:
+                group["lr"] = args.lr * lr_factor(progress)
             # (captured under inference mode: cloned to become autograd inputs)
             logits = head.train_forward(features.clone().to(args.device), inputs.clone().to(args.device))
             loss = 0.0
@@ -140,7 +158,6 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
             opt.step()
-            sched.step()
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
@@ -197,14 +214,65 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tokenizer has a chat template")
     p.add_argument("--self-instruct", type=float, default=0.5,
                    help="the fraction of chat prompts whose question the target writes itself (the rest: templates)")
-    p.add_argument("--device", default="cpu", help="where the head trains")
+    p.add_argument("--eval-prompts", type=int, default=0,
+                   help="held-out prompts (other seeds) the target answers greedily, on which the head's walked "
+                        "accept length and per-step agreement are measured after training (in train_log.json)")
+    p.add_argument("--sequences", default=None,
+                   help="a file of the target's answers (training and held-out): read when it exists, else "
+                        "written after generation, so later runs train on the same data")
+    p.add_argument("--capture-batch-tokens", type=int, default=4096,
+                   help="tokens per target forward while capturing hidden states")
+    p.add_argument("--device", default="cpu", help="where the head trains (and the captured features are kept)")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def held_out_prompts(engine, args, chat: bool, seqs: List[List[int]]) -> List[List[int]]:
+    """--eval-prompts prompts of another seed that no training sequence starts
+    with: questions the target writes itself (chat) or random tokens."""
+    if not args.eval_prompts:
+        return []
+    seed = args.seed + HELD_OUT_SEED
+    if chat:
+        prompts = template_ids(engine.tokenizer, self_instructed_prompts(engine, engine.tokenizer,
+                                                                         2 * args.eval_prompts, seed))
+    else:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(10, min(engine.tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
+                   for _ in range(args.eval_prompts)]
+    return [p for p in prompts if not any(s[:len(p)] == p for s in seqs)][:args.eval_prompts]
+
+
+def generate_sequences(args, extra: dict) -> Tuple[List[List[int]], List[List[int]], List[int]]:
+    """The target's answers: training sequences, held-out greedy sequences and their prompts' lengths."""
     from radixserve import Engine
+
+    with Engine(model_path=args.model_path, log_level="warning", **extra) as engine:
+        chat = args.prompts == "chat" or (args.prompts == "auto" and
+                                          getattr(engine.tokenizer, "chat_template", None) is not None)
+        seqs = self_generated(engine, engine.tokenizer, args.num_prompts, args.max_new_tokens, args.seed, chat,
+                              args.temperature, args.self_instruct)
+        held_out = held_out_prompts(engine, args, chat, seqs)
+        held_out_seqs = answered(engine, held_out, args.max_new_tokens, 0.0, args.seed) if held_out else []
+    return seqs, held_out_seqs, list(map(len, held_out))
+
+
+def save_sequences(path: str, seqs: List[List[int]], held_out: List[List[int]], prompt_lens: List[int]) -> None:
+    flat = lambda group: torch.tensor([t for s in group for t in s], dtype=torch.int32)  # noqa: E731
+    torch.save({"train": flat(seqs), "train_lens": torch.tensor(list(map(len, seqs))),
+                "held_out": flat(held_out), "held_out_lens": torch.tensor(list(map(len, held_out)), dtype=torch.int64),
+                "held_out_prompt_lens": torch.tensor(prompt_lens, dtype=torch.int64)}, path)
+
+
+def load_sequences(path: str) -> Tuple[List[List[int]], List[List[int]], List[int]]:
+    data = torch.load(path)
+    split = lambda flat, lens: [s.tolist() for s in flat.split(lens.tolist())]  # noqa: E731
+    return (split(data["train"], data["train_lens"]), split(data["held_out"], data["held_out_lens"]),
+            data["held_out_prompt_lens"].tolist())
+
+
+def main(argv=None) -> None:
     from radixserve.model_executor.model_runner import ModelRunner
     from radixserve.server_args import ServerArgs
 
@@ -215,17 +283,19 @@ def main(argv=None) -> None:
     extra = json.loads(args.engine_args)
     # all prompts go to the engine in one call (and the self-instruct questions, up to twice as many)
     extra.setdefault("max_batch_prompts", max(2 * args.num_prompts, 1024))
-    with Engine(model_path=args.model_path, log_level="warning", **extra) as engine:
-        chat = args.prompts == "chat" or (args.prompts == "auto" and
-                                          getattr(engine.tokenizer, "chat_template", None) is not None)
-        seqs = self_generated(engine, engine.tokenizer, args.num_prompts, args.max_new_tokens, args.seed, chat,
-                              args.temperature, args.self_instruct)
+    if args.sequences and Path(args.sequences).exists():
+        seqs, held_out_seqs, prompt_lens = load_sequences(args.sequences)
+    else:
+        seqs, held_out_seqs, prompt_lens = generate_sequences(args, extra)
+        if args.sequences:
+            save_sequences(args.sequences, seqs, held_out_seqs, prompt_lens)
     logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
-    runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(map(len, seqs)) + 16,
-                                    max_running_requests=2, **extra))
+    longest = max(map(len, seqs + held_out_seqs))
+    runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(args.capture_batch_tokens, longest)
+                                    + 16, max_running_requests=CAPTURE_BATCH_SEQS, disable_cuda_graph=True, **extra))
     layers = feature_layers(args.head, runner.config.num_hidden_layers)
-    capture = TargetFeatures(runner, layers)
-    samples = [capture(s) for s in tqdm(seqs, desc="target hidden states", unit="seq")]
+    capture = TargetFeatures(runner, layers, args.capture_batch_tokens, CAPTURE_BATCH_SEQS, args.device)
+    samples = list(tqdm(capture.all(seqs), total=len(seqs), desc="target hidden states", unit="seq"))
     vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
     config = head_config(runner.config, len(vocab), layers, args.intermediate_size, args.head)
     head = init_head(config, runner, vocab, args.device, args.head)
@@ -236,8 +306,17 @@ def main(argv=None) -> None:
     if args.head == "eagle":
         torch.save(vocab.clone(), out / "token_map.pt")
     save_loss_plot(losses, out / "loss.png")
-    (out / "train_log.json").write_text(json.dumps({"args": vars(args), "sequences": len(seqs),
-                                                    "losses": losses[::max(len(losses) // 500, 1)]}))
+    log = {"args": vars(args), "sequences": len(seqs), "tokens": sum(map(len, seqs)),
+           "losses": losses[::max(len(losses) // 500, 1)], "steps": len(losses)}
+    if held_out_seqs:
+        del samples
+        evaluation = evaluate_head(head.eval(), list(capture.all(held_out_seqs)), prompt_lens, vocab,
+                                   args.num_steps, args.device)
+        log["held_out"] = {"prompts": len(held_out_seqs), **asdict(evaluation)}
+        logger.info("held-out prompts: walked accept length %.3f over %d verify steps; per-step agreement %s",
+                    evaluation.accept_length, evaluation.verify_steps,
+                    " ".join(f"{a:.3f}" for a in evaluation.step_agreement))
+    (out / "train_log.json").write_text(json.dumps(log))
     logger.info("head written to %s (final loss %.3f)", out, sum(losses[-50:]) / max(len(losses[-50:]), 1))
 
 

@@ -43,3 +43,31 @@ def test_batches_pad_the_shorter_windows_with_ignored_labels():
     short = 0 if (labels[:, 0, 4:] == -1).all() else 1
     assert (labels[:, short, 4:] == -1).all() and (features[short, 4:] == 0).all()
     assert (labels[0, 1 - short] >= 0).all()
+
+
+def test_greedy_data_uses_each_template_once():
+    from radixserve.speculative.eagle_data import TASKS, TOPICS, chat_prompts
+
+    everything = [m[0]["content"] for m in chat_prompts(10**6, 0, unique=True)]
+    assert len(everything) == len(set(everything)) == len(TASKS) * len(TOPICS)
+    assert [m[0]["content"] for m in chat_prompts(5, 0, unique=True)] == everything[:5]
+
+
+def test_batched_capture_equals_one_sequence_at_a_time(tiny_model_factory):
+    """Several sequences in one extend forward give each the features and
+    greedy choices it gets alone (batches split by tokens and by count)."""
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.server_args import ServerArgs
+    from radixserve.speculative.eagle_data import TargetFeatures
+
+    runner = ModelRunner(ServerArgs(model_path=str(tiny_model_factory("llama")), device="cpu", max_total_tokens=256,
+                                    max_running_requests=4, dtype="float32"))
+    rng = random.Random(1)
+    seqs = [[rng.randrange(10, 1000) for _ in range(rng.randint(3, 40))] for _ in range(9)]
+    alone = [TargetFeatures(runner, [0, 1])(s) for s in seqs]
+    batched = list(TargetFeatures(runner, [0, 1], max_batch_tokens=100, max_batch_seqs=3).all(seqs))
+    assert [b.tokens.tolist() for b in batched] == seqs
+    for a, b in zip(alone, batched):
+        assert torch.equal(a.greedy, b.greedy)
+        torch.testing.assert_close(a.features, b.features, rtol=1e-4, atol=1e-5)
+    assert runner.pools.allocator.available_size() == runner.pools.allocator.total_tokens  # each batch freed

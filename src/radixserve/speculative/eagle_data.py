@@ -27,19 +27,42 @@ TOPICS = ["the ocean", "a small town", "computers", "cooking pasta", "the moon",
           "learning to code", "the printing press", "healthy breakfasts", "a museum visit", "rivers",
           "an old lighthouse", "teamwork", "the history of tea", "a space station", "bicycles", "forests",
           "the Olympic Games", "a detective", "gravity", "a wedding", "smartphones", "the Amazon rainforest",
-          "a haunted house", "democracy", "yoga", "a road trip", "chocolate", "the periodic table"]
+          "a haunted house", "democracy", "yoga", "a road trip", "chocolate", "the periodic table",
+          "penguins", "the Renaissance", "origami", "a marathon", "tides", "credit cards", "a bakery",
+          "the immune system", "jazz", "glaciers", "a science fair", "carpentry", "the Moon landing",
+          "microplastics", "a submarine", "birdwatching", "the Silk Road", "spreadsheets", "a tiny house",
+          "bacteria", "the Nile", "knitting", "a power outage", "insurance", "ants", "the Eiffel Tower",
+          "a spelling bee", "nuclear energy", "tigers", "the Industrial Revolution", "a zoo", "taxes",
+          "a coral reef", "sushi", "the Wright brothers", "a pharmacy", "hurricanes", "the violin",
+          "a chess tournament", "lighthouses", "the speed of light", "composting", "a flea market",
+          "electric guitars", "the Arctic", "kindness", "a dentist visit", "black holes", "pottery",
+          "the Vikings", "a podcast", "rain forests", "password security", "a hiking trail", "the lungs",
+          "ice cream", "Shakespeare", "a volunteer project", "satellites", "a village festival", "octopuses",
+          "the metric system", "meditation", "a bus driver", "the Pyramids of Giza", "budgeting",
+          "wolves", "a snowstorm", "the telephone", "homework", "a vegetable soup", "magnets", "kites",
+          "the Sahara", "a fire station", "languages", "a treasure map", "the ocean floor", "trains",
+          "a mystery novel", "vitamins", "an island", "the first computers", "a dog park", "bridges"]
 TASKS = ["Write a short story about {}.", "Explain {} to a child.", "Give three facts about {}.",
          "Describe {} in a few sentences.", "Write a poem about {}.", "What are the pros and cons of {}?",
          "Summarize what people should know about {}.", "Write a friendly email about {}.",
          "List five questions a student might ask about {}.", "Write a news headline and a short article about {}.",
          "Compare {} with something similar.", "Give step-by-step advice related to {}.",
          "Write a dialogue between two friends about {}.", "What is the history of {}?",
-         "Explain why {} matters, in one paragraph.", "Tell me a fun fact about {} and explain it."]
+         "Explain why {} matters, in one paragraph.", "Tell me a fun fact about {} and explain it.",
+         "Write a short speech about {}.", "What are common mistakes people make with {}?",
+         "Give me a simple plan for a week related to {}.", "How would you teach a beginner about {}?",
+         "Write a limerick about {}.", "What would the world be like without {}?",
+         "Describe a typical day involving {}.", "Give two arguments for and two against {}."]
 
 
-def chat_prompts(count: int, seed: int) -> List[List[dict]]:
-    """Chat requests built from topic and task templates (held-out evaluation uses another seed)."""
+def chat_prompts(count: int, seed: int, unique: bool = False) -> List[List[dict]]:
+    """Chat requests built from topic and task templates; unique: no request
+    twice (at most len(TASKS) x len(TOPICS))."""
     rng = random.Random(seed)
+    if unique:
+        pairs = [(task, topic) for task in TASKS for topic in TOPICS]
+        rng.shuffle(pairs)
+        return [[{"role": "user", "content": task.format(topic)}] for task, topic in pairs[:count]]
     return [[{"role": "user", "content": rng.choice(TASKS).format(rng.choice(TOPICS))}] for _ in range(count)]
 
 
@@ -54,7 +77,8 @@ def template_ids(tokenizer, messages: List[List[dict]]) -> List[List[int]]:
 
 def self_instructed_prompts(engine, tokenizer, count: int, seed: int) -> List[List[dict]]:
     """Chat requests whose questions the target itself wrote (sampled hot, for
-    variety): wider than the templates, still in the target's own words."""
+    variety), each question once: wider than the templates, still in the
+    target's own words."""
     rng = random.Random(seed + 1)
     tries = 2 * count  # a small model often answers with something other than a question
     asks = template_ids(tokenizer, [[{"role": "user", "content": QUESTION_REQUEST.format(rng.choice(TOPICS))}]
@@ -62,8 +86,8 @@ def self_instructed_prompts(engine, tokenizer, count: int, seed: int) -> List[Li
     params = [{"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 48, "sampling_seed": seed + 7919 * (i + 1)}
               for i in range(tries)]
     outs = engine.generate(input_ids=asks, sampling_params=params)
-    questions = [q for q in map(question_in, (o["text"] for o in outs)) if q]
-    return [[{"role": "user", "content": q}] for q in questions[:count]]
+    questions = dict.fromkeys(q for q in map(question_in, (o["text"] for o in outs)) if q)
+    return [[{"role": "user", "content": q}] for q in list(questions)[:count]]
 
 
 def question_in(text: str) -> Optional[str]:
@@ -80,15 +104,24 @@ def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int
                    temperature: float = 0.7, self_instruct: float = 0.0) -> List[List[int]]:
     """Token sequences (prompt + the target's own answer). Chat prompts come
     from the templates and, for a `self_instruct` fraction of them, from
-    questions the target wrote. chat=False (a model without a chat template,
-    e.g. a tiny test model): random token prompts."""
+    questions the target wrote. Greedy answers (temperature 0) to a repeated
+    prompt would repeat too: then every template is used once at most and
+    the target writes the questions still missing. chat=False (a model
+    without a chat template, e.g. a tiny test model): random token prompts."""
     rng = random.Random(seed)
     if chat:
-        asked = self_instructed_prompts(engine, tokenizer, int(count * self_instruct), seed) if self_instruct else []
-        prompts = template_ids(tokenizer, chat_prompts(count - len(asked), seed) + asked)
+        asked_count = int(count * self_instruct)
+        templates = chat_prompts(count - asked_count, seed, unique=temperature == 0)
+        asked_count = count - len(templates)
+        asked = self_instructed_prompts(engine, tokenizer, asked_count, seed) if asked_count else []
+        prompts = template_ids(tokenizer, templates + asked)
     else:
         prompts = [[rng.randrange(10, min(tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
                    for _ in range(count)]
+    return answered(engine, prompts, max_new_tokens, temperature, seed)
+
+
+def answered(engine, prompts: List[List[int]], max_new_tokens: int, temperature: float, seed: int) -> List[List[int]]:
     params = [{"temperature": temperature, "top_p": 0.95, "max_new_tokens": max_new_tokens, "sampling_seed": seed + i}
               for i in range(len(prompts))]
     outs = engine.generate(input_ids=prompts, sampling_params=params)
@@ -103,34 +136,62 @@ class Sample:
 
 
 class TargetFeatures:
-    """Runs the target (a ModelRunner) over whole sequences, one at a time,
-    capturing `layers`; each sequence's KV is freed right after."""
+    """Runs the target (a ModelRunner) over whole sequences, several per
+    extend forward, capturing `layers`; each batch's KV is freed right after.
+    The runner's pools must hold max_batch_tokens (or the longest sequence)
+    and max_batch_seqs requests. The features are kept on store_device."""
 
-    def __init__(self, runner, layers: Sequence[int]) -> None:
-        self.runner, self.layers = runner, tuple(layers)
+    def __init__(self, runner, layers: Sequence[int], max_batch_tokens: int = 0, max_batch_seqs: int = 1,
+                 store_device: str = "cpu") -> None:
+        self.runner, self.layers, self.store_device = runner, tuple(layers), store_device
         self.pools = runner.pools
+        self.max_batch_tokens, self.max_batch_seqs = max_batch_tokens, max_batch_seqs
+
+    def __call__(self, ids: List[int]) -> Sample:
+        return self.batch([ids])[0]
+
+    def all(self, seqs: Sequence[List[int]]) -> Iterator[Sample]:
+        """Samples of `seqs`, in order, batched up to max_batch_tokens tokens."""
+        group: List[List[int]] = []
+        for ids in seqs:
+            if group and (sum(map(len, group)) + len(ids) > self.max_batch_tokens
+                          or len(group) == self.max_batch_seqs):
+                yield from self.batch(group)
+                group = []
+            group.append(ids)
+        if group:
+            yield from self.batch(group)
 
     @torch.inference_mode()
-    def __call__(self, ids: List[int]) -> Sample:
-        pools, dev, n = self.pools, self.runner.device, len(ids)
-        row = pools.req_to_token_pool.alloc()
-        slots = pools.allocator.alloc_extend([0], [n], [0])
-        pools.req_to_token_pool.req_to_token[row, :n] = slots
+    def batch(self, seqs: List[List[int]]) -> List[Sample]:
+        pools, dev = self.pools, self.runner.device
+        lens = [len(ids) for ids in seqs]
+        rows = [pools.req_to_token_pool.alloc() for _ in seqs]
+        slots = pools.allocator.alloc_extend([0] * len(seqs), lens, [0] * len(seqs))
+        starts = [sum(lens[:i]) for i in range(len(seqs))]
         try:
-            fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=1,
-                              input_ids=torch.tensor(ids, device=dev), positions=torch.arange(n, device=dev),
-                              req_pool_indices=torch.tensor([row], device=dev), seq_lens=torch.tensor([n], device=dev),
-                              out_cache_loc=slots, seq_lens_cpu=[n], logits_indices=torch.arange(n, device=dev),
-                              last_logit_rows=torch.tensor([n - 1], device=dev),
+            for row, start, n in zip(rows, starts, lens):
+                pools.req_to_token_pool.req_to_token[row, :n] = slots[start:start + n]
+            total = sum(lens)
+            fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=len(seqs),
+                              input_ids=torch.tensor([t for ids in seqs for t in ids], device=dev),
+                              positions=torch.cat([torch.arange(n) for n in lens]).to(dev),
+                              req_pool_indices=torch.tensor(rows, device=dev), seq_lens=torch.tensor(lens, device=dev),
+                              out_cache_loc=slots, seq_lens_cpu=lens, logits_indices=torch.arange(total, device=dev),
+                              last_logit_rows=torch.tensor([s + n - 1 for s, n in zip(starts, lens)], device=dev),
                               req_to_token_pool=pools.req_to_token_pool, kv_pool=pools.kv_pool,
                               capture_aux_layers=self.layers)
-            set_extend_lens(fb, [0], [n], dev)
+            set_extend_lens(fb, [0] * len(seqs), lens, dev)
             out = self.runner.forward(fb)
             logits = out.all_logits if out.all_logits is not None else out.next_token_logits
-            return Sample(out.aux_hidden.cpu(), logits.argmax(-1).cpu(), torch.tensor(ids))
+            greedy = logits.argmax(-1).cpu()
+            features = out.aux_hidden.to(self.store_device)
+            return [Sample(features[s:s + n].clone(), greedy[s:s + n], torch.tensor(ids))
+                    for s, n, ids in zip(starts, lens, seqs)]
         finally:
-            pools.allocator.free(slots)
-            pools.req_to_token_pool.free(row)
+            for row, start, n in zip(rows, starts, lens):  # free() takes one request's slots at a time
+                pools.allocator.free(slots[start:start + n])
+                pools.req_to_token_pool.free(row)
 
 
 def draft_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) -> torch.Tensor:
