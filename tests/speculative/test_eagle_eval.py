@@ -50,3 +50,7 @@ def test_accept_length_is_one_plus_the_steps_drafted_right(right):
     assert result.verify_steps == cycles
     assert result.accept_length == pytest.approx(tokens / cycles)
     assert result.step_agreement == pytest.approx([1.0 if s < right else 0.0 for s in range(steps)])
+    assert result.vocab_coverage == 1.0
+    half = torch.arange(VOCAB) + (torch.arange(VOCAB) >= VOCAB // 2) * VOCAB  # its upper half: ids never chosen
+    partial = evaluate_head(RightForSteps(right, labels), [sample], [prompt_len], half, steps, "cpu")
+    assert 0.3 < partial.vocab_coverage < 0.7  # the answer cycles through all VOCAB ids

@@ -19,6 +19,7 @@ class DraftEvaluation:
     accept_length: float  # tokens per verify step of the walk (drafts accepted + the target's own)
     step_agreement: List[float]  # per draft step: top-1 agreement with the target over all answer positions
     verify_steps: int
+    vocab_coverage: float  # of the target's choices in the answers, the share the draft vocabulary holds
 
 
 @torch.no_grad()
@@ -29,6 +30,7 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
     verify_steps = tokens = 0
     agree = torch.zeros(num_steps)
     counted = torch.zeros(num_steps)
+    covered = choices = 0
     for sample, prompt_len in zip(samples, prompt_lens):
         length = len(sample.tokens)
         if length - prompt_len < 2:
@@ -40,9 +42,13 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
         answer = slice(prompt_len - 1, None)
         agree += hits[:, answer].sum(1)
         counted += (labels[:, answer] >= 0).sum(1)
+        first = labels[0, answer][labels[0, answer] >= 0]
+        covered += int(torch.isin(first, draft_to_target.cpu()).sum())
+        choices += len(first)
         origin = prompt_len - 1
         while origin < length - 1:
             accepted = int(hits[:, origin].int().cumprod(0).sum())
             verify_steps, tokens = verify_steps + 1, tokens + accepted + 1
             origin += accepted + 1
-    return DraftEvaluation(tokens / max(verify_steps, 1), (agree / counted.clamp(min=1)).tolist(), verify_steps)
+    return DraftEvaluation(tokens / max(verify_steps, 1), (agree / counted.clamp(min=1)).tolist(), verify_steps,
+                           covered / max(choices, 1))
