@@ -55,17 +55,20 @@ def test_greedy_data_uses_each_template_once():
 
 def test_batched_capture_equals_one_sequence_at_a_time(tiny_model_factory):
     """Several sequences in one extend forward give each the features and
-    greedy choices it gets alone (batches split by tokens and by count)."""
+    greedy choices it gets alone (batches split by count and by the pool's pages)."""
     from radixserve.model_executor.model_runner import ModelRunner
     from radixserve.server_args import ServerArgs
     from radixserve.speculative.eagle_data import TargetFeatures
 
     runner = ModelRunner(ServerArgs(model_path=str(tiny_model_factory("llama")), device="cpu", max_total_tokens=256,
-                                    max_running_requests=4, dtype="float32"))
+                                    max_running_requests=9, dtype="float32", page_size=16))
     rng = random.Random(1)
     seqs = [[rng.randrange(10, 1000) for _ in range(rng.randint(3, 40))] for _ in range(9)]
     alone = [TargetFeatures(runner, [0, 1])(s) for s in seqs]
-    batched = list(TargetFeatures(runner, [0, 1], max_batch_tokens=100, max_batch_seqs=3).all(seqs))
+    by_count = list(TargetFeatures(runner, [0, 1], max_batch_tokens=1000, max_batch_seqs=3).all(seqs))
+    # the pool (256 tokens in pages of 16) holds fewer than all 9: batches split by whole pages
+    batched = list(TargetFeatures(runner, [0, 1], max_batch_tokens=1000, max_batch_seqs=9).all(seqs))
+    assert [b.tokens.tolist() for b in by_count] == seqs
     assert [b.tokens.tolist() for b in batched] == seqs
     for a, b in zip(alone, batched):
         assert torch.equal(a.greedy, b.greedy)

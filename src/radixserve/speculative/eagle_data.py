@@ -151,14 +151,19 @@ class TargetFeatures:
         return self.batch([ids])[0]
 
     def all(self, seqs: Sequence[List[int]]) -> Iterator[Sample]:
-        """Samples of `seqs`, in order, batched up to max_batch_tokens tokens."""
+        """Samples of `seqs`, in order, batched up to max_batch_tokens tokens
+        (counted in whole KV pages, as the pool hands them out)."""
+        page = self.pools.allocator.page_size
+        budget = min(self.max_batch_tokens, self.pools.allocator.available_size())
         group: List[List[int]] = []
+        used = 0
         for ids in seqs:
-            if group and (sum(map(len, group)) + len(ids) > self.max_batch_tokens
-                          or len(group) == self.max_batch_seqs):
+            cost = -(-len(ids) // page) * page
+            if group and (used + cost > budget or len(group) == self.max_batch_seqs):
                 yield from self.batch(group)
-                group = []
+                group, used = [], 0
             group.append(ids)
+            used += cost
         if group:
             yield from self.batch(group)
 
@@ -168,6 +173,8 @@ class TargetFeatures:
         lens = [len(ids) for ids in seqs]
         rows = [pools.req_to_token_pool.alloc() for _ in seqs]
         slots = pools.allocator.alloc_extend([0] * len(seqs), lens, [0] * len(seqs))
+        if slots is None:
+            raise ValueError(f"{sum(lens)} tokens in {len(seqs)} sequences do not fit the target's KV pool")
         starts = [sum(lens[:i]) for i in range(len(seqs))]
         try:
             for row, start, n in zip(rows, starts, lens):
