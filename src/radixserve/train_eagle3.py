@@ -128,7 +128,8 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
     """Progress (for the learning rate) is the larger of the steps done and
     the training time spent, so a run that a time limit stops still anneals."""
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
-    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it: the head's float32 matmuls
+    if str(args.device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the head's float32 matmuls in TF32
     losses, rng = [], random.Random(0)
     windows_per_epoch = sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
     total = max(args.epochs * math.ceil(windows_per_epoch / args.batch_size), 2)
