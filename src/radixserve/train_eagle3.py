@@ -35,8 +35,8 @@ from tqdm import tqdm
 
 from radixserve.models.llama_eagle import LlamaForCausalLMEagle, rows_logits
 from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3, aux_layer_ids
-from radixserve.speculative.eagle_data import (TargetFeatures, answered, draft_vocabulary, self_generated,
-                                               self_instructed_prompts, template_ids, windows)
+from radixserve.speculative.eagle_data import (TargetFeatures, answered, draft_vocabulary, random_prompts,
+                                               self_generated, self_instructed_prompts, template_ids, windows)
 from radixserve.speculative.eagle_eval import evaluate_head
 from radixserve.speculative.loss_plot import save_loss_plot
 
@@ -240,9 +240,7 @@ def held_out_prompts(engine, args, chat: bool, seqs: List[List[int]]) -> List[Li
         prompts = template_ids(engine.tokenizer, self_instructed_prompts(engine, engine.tokenizer,
                                                                          2 * args.eval_prompts, seed))
     else:
-        rng = random.Random(seed)
-        prompts = [[rng.randrange(10, min(engine.tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
-                   for _ in range(args.eval_prompts)]
+        prompts = random_prompts(args.eval_prompts, engine.tokenizer.vocab_size, seed)
     return [p for p in prompts if not any(s[:len(p)] == p for s in seqs)][:args.eval_prompts]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -39,7 +40,7 @@ def head(target, tmp_path_factory):
     train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--prompts", "random",
                   "--num-prompts", "3", "--max-new-tokens", str(NEW_TOKENS), "--temperature", "0",
                   "--draft-vocab-size", "128", "--epochs", "12", "--window", "64", "--lr", "2e-2",
-                  "--save-dtype", "float32"])
+                  "--save-dtype", "float32", "--eval-prompts", "4", "--sequences", str(out / "sequences.pt")])
     return out
 
 
@@ -60,14 +61,78 @@ def test_head_folder_layout(head):
 
 def test_trained_head_accepts_and_keeps_tokens(target, head):
     prompts = train_prompts(3)
+    # float32 (not "auto"): the head keeps its float32 weights, as the offline walk below runs it
     with Engine(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
                 speculative_draft_model_path=str(head), speculative_num_steps=3,
-                disable_speculative_adaptive=True) as engine:
+                disable_speculative_adaptive=True, dtype="float32") as engine:
         outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
         assert_no_leak(engine)
     assert [o["output_ids"] for o in outs] == hf_greedy(load_hf_model(target), prompts, NEW_TOKENS)
     rates = [o["meta_info"]["spec_accept_rate"] for o in outs]
     assert sum(rates) / len(rates) > 0.15, rates  # 0.29-0.38 seen; an untrained head gets ~0
+    walked = offline_walk(target, head, [p + o["output_ids"] for p, o in zip(prompts, outs)], list(map(len, prompts)))
+    assert_walk_matches_serving(walked, outs)
+
+
+def offline_walk(target, head_dir, seqs, prompt_lens):
+    """speculative/eagle_eval's walk of the saved head over `seqs`, with the
+    target's features captured by a ModelRunner (as train_eagle3 does)."""
+    import torch
+
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.model_loader.loader import load_model
+    from radixserve.model_loader.source import resolve_model_source
+    from radixserve.server_args import ServerArgs
+    from radixserve.speculative.eagle_data import TargetFeatures
+    from radixserve.speculative.eagle_eval import evaluate_head
+    from radixserve.utils.hf_utils import load_config
+
+    source = resolve_model_source(str(head_dir))
+    head = load_model(source, load_config(source), torch.float32, torch.device("cpu"))
+    runner = ModelRunner(ServerArgs(model_path=str(target), device="cpu", max_total_tokens=256))
+    head.embed = runner.model.model.embed_tokens
+    samples = [TargetFeatures(runner, head.target_feature_layers(runner.config.num_hidden_layers))(s) for s in seqs]
+    vocab = head.to_target_ids(torch.arange(head.config.draft_vocab_size))
+    return evaluate_head(head, samples, prompt_lens, vocab, 3, "cpu")
+
+
+def assert_walk_matches_serving(walked, outs) -> None:
+    """The walk verifies where serving verified, as often; its tokens are
+    serving's after the prefill's first, but for the last verify's drafts
+    past the answer's end (serving cuts them: at most num_steps per answer)."""
+    steps = sum(o["meta_info"]["spec_verify_ct"] for o in outs)
+    served = sum(o["meta_info"]["completion_tokens"] - 1 for o in outs)
+    assert walked.verify_steps == steps, (walked, steps)
+    assert served <= round(walked.accept_length * steps) <= served + 3 * len(outs), (walked, served)
+
+
+def test_held_out_walk_matches_serving(target, head):
+    """train_eagle3 --eval-prompts: held-out greedy answers (no training
+    prompt among them), and the walked accept length it reports is what
+    serving them measures."""
+    from radixserve.train_eagle3 import load_sequences
+
+    log = json.loads((head / "train_log.json").read_text())["held_out"]
+    _, held_out, prompt_lens = load_sequences(str(head / "sequences.pt"))
+    prompts = [s[:n] for s, n in zip(held_out, prompt_lens)]
+    assert log["prompts"] == len(prompts) == 4 and not set(map(tuple, prompts)) & set(map(tuple, train_prompts(3)))
+    with Engine(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
+                speculative_draft_model_path=str(head), speculative_num_steps=3,
+                disable_speculative_adaptive=True) as engine:
+        outs = engine.generate(input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": NEW_TOKENS})
+    assert [p + o["output_ids"] for p, o in zip(prompts, outs)] == held_out  # the same greedy answers
+    # (a head trained on 3 random prompts drafts nothing right on new ones: the counts are what is checked)
+    assert_walk_matches_serving(SimpleNamespace(**{k: log[k] for k in ("verify_steps", "accept_length")}), outs)
+    assert 0 < log["vocab_coverage"] <= 1
+
+
+def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
+    """--sequences FILE, when it exists, replaces generation: a run asking for
+    1 prompt trains on the file's 3 answers."""
+    train_eagle3(["--model-path", str(target), "--output-dir", str(tmp_path), "--num-prompts", "1",
+                  "--draft-vocab-size", "64", "--sequences", str(head / "sequences.pt")])
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert log["sequences"] == 3 and "held_out" in log
 
 
 SAMPLED = [{"temperature": 0.8, "top_p": 0.9, "sampling_seed": 7, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},

@@ -42,10 +42,11 @@ def test_accept_length_is_one_plus_the_steps_drafted_right(right):
     sample, prompt_len, steps = greedy_sample(42), 6, 3
     labels = torch.stack([torch.cat([sample.greedy[1 + s:], torch.full((1 + s,), -1)])[:-1] for s in range(steps)])
     result = evaluate_head(RightForSteps(right, labels), [sample], [prompt_len], torch.arange(VOCAB), steps, "cpu")
-    # origins prompt_len-1 .. 40, each verify moving right+1 tokens; near the end labels run out (-1: rejected)
+    # from origin prompt_len-1, each verify moving right+1 tokens, until the answer is complete (origin 40);
+    # step s at origin p has a label (the target's choice after p + 1 + s) while p + 1 + s <= 41
     origin, cycles, tokens = prompt_len - 1, 0, 0
-    while origin < 41:
-        accepted = min(right, 40 - origin)  # step s at origin p predicts position p + 2 + s, which must exist
+    while origin < 40:
+        accepted = min(right, 41 - origin)
         cycles, tokens, origin = cycles + 1, tokens + accepted + 1, origin + accepted + 1
     assert result.verify_steps == cycles
     assert result.accept_length == pytest.approx(tokens / cycles)

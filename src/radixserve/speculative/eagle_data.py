@@ -108,7 +108,6 @@ def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int
     prompt would repeat too: then every template is used once at most and
     the target writes the questions still missing. chat=False (a model
     without a chat template, e.g. a tiny test model): random token prompts."""
-    rng = random.Random(seed)
     if chat:
         asked_count = int(count * self_instruct)
         templates = chat_prompts(count - asked_count, seed, unique=temperature == 0)
@@ -116,9 +115,14 @@ def self_generated(engine, tokenizer, count: int, max_new_tokens: int, seed: int
         asked = self_instructed_prompts(engine, tokenizer, asked_count, seed) if asked_count else []
         prompts = template_ids(tokenizer, templates + asked)
     else:
-        prompts = [[rng.randrange(10, min(tokenizer.vocab_size, 1000)) for _ in range(rng.randint(4, 24))]
-                   for _ in range(count)]
+        prompts = random_prompts(count, tokenizer.vocab_size, seed)
     return answered(engine, prompts, max_new_tokens, temperature, seed)
+
+
+def random_prompts(count: int, vocab_size: int, seed: int) -> List[List[int]]:
+    """Prompts of 4-24 random token ids (below 1,000), for a model without a chat template."""
+    rng = random.Random(seed)
+    return [[rng.randrange(10, min(vocab_size, 1000)) for _ in range(rng.randint(4, 24))] for _ in range(count)]
 
 
 def answered(engine, prompts: List[List[int]], max_new_tokens: int, temperature: float, seed: int) -> List[List[int]]:
@@ -138,8 +142,9 @@ class Sample:
 class TargetFeatures:
     """Runs the target (a ModelRunner) over whole sequences, several per
     extend forward, capturing `layers`; each batch's KV is freed right after.
-    The runner's pools must hold max_batch_tokens (or the longest sequence)
-    and max_batch_seqs requests. The features are kept on store_device."""
+    The runner's pools must hold max_batch_tokens (0: one sequence per
+    forward) or the longest sequence, and max_batch_seqs requests. The
+    features are kept on store_device."""
 
     def __init__(self, runner, layers: Sequence[int], max_batch_tokens: int = 0, max_batch_seqs: int = 1,
                  store_device: str = "cpu") -> None:
@@ -171,10 +176,10 @@ class TargetFeatures:
     def batch(self, seqs: List[List[int]]) -> List[Sample]:
         pools, dev = self.pools, self.runner.device
         lens = [len(ids) for ids in seqs]
-        rows = [pools.req_to_token_pool.alloc() for _ in seqs]
         slots = pools.allocator.alloc_extend([0] * len(seqs), lens, [0] * len(seqs))
         if slots is None:
             raise ValueError(f"{sum(lens)} tokens in {len(seqs)} sequences do not fit the target's KV pool")
+        rows = [pools.req_to_token_pool.alloc() for _ in seqs]
         starts = [sum(lens[:i]) for i in range(len(seqs))]
         try:
             for row, start, n in zip(rows, starts, lens):

@@ -1,7 +1,9 @@
 """What a draft head would get at serving time, measured offline: its drafts
 on held-out sequences the target answered greedily, walked as a chain
-speculation of `num_steps` drafts walks them (each verify starts where the
-last accepted token ends), from the end of each prompt."""
+speculation of `num_steps` drafts walks them: from the end of each prompt,
+each verify starting where the last accepted token ends, until the answer is
+complete (the verify steps are serving's; the last one's accepted drafts may
+run past the answer, where serving would cut them)."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
         covered += int(torch.isin(first, draft_to_target.cpu()).sum())
         choices += len(first)
         origin = prompt_len - 1
-        while origin < length - 1:
+        while origin < length - 2:  # as serving: no verify once the answer is complete
             accepted = int(hits[:, origin].int().cumprod(0).sum())
             verify_steps, tokens = verify_steps + 1, tokens + accepted + 1
             origin += accepted + 1
