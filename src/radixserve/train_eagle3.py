@@ -7,13 +7,16 @@
 final-normed output, drafting through the target's LM head rows of the draft
 vocabulary, which it writes as token_map.pt for --speculative-token-map.)
 
-1. The target answers generated chat prompts (our Engine, sampled) - or, for
-   a model without a chat template, random token prompts.
-2. Our ModelRunner runs each sequence once more, capturing three layers'
-   outputs and its greedy choice at every position.
+1. The target answers generated chat prompts (our Engine, sampled, or
+   greedy with --temperature 0) - or, for a model without a chat template,
+   random token prompts.
+2. Our ModelRunner runs the sequences once more, many per forward, capturing
+   three layers' outputs and its greedy choice at every position.
 3. The head (models/llama_eagle3.py) learns to predict the target's choices
    num_steps tokens ahead, unrolled as at serving time (training-time test),
    over a reduced vocabulary of the target's most chosen tokens.
+4. With --eval-prompts, its drafts are walked over held-out greedy answers
+   (speculative/eagle_eval.py): the accept length serving would measure.
 
 Writes config.json + model.safetensors (SpecForge's names: the server loads
 it with --speculative-draft-model-path), loss.png and train_log.json."""
