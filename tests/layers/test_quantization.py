@@ -199,10 +199,12 @@ def test_int8_weight_only_linear_equals_the_dequantized_product():
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int8 kernel needs a CPU with AMX")
 def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
-    """On AMX a decode step's 2 to 32 bfloat16 rows times an int8 weight (the
+    """On AMX a decode step's 1 to 32 bfloat16 rows times an int8 weight (the
     LM head's format) go through the AMX kernel, equal to the product with the
-    dequantized weight; one row keeps torch's kernel; an update
-    (`unquantized`) drops the kernel's copy, so the next step sees new values."""
+    dequantized weight, each row the same bits alone as among others (a batch-1
+    step and a verify's rows); a prompt's row outside a decode step keeps torch's
+    kernel; an update (`unquantized`) drops the kernel's copy, so the next step
+    sees new values."""
     import radixserve.layers.quantization as quantization
 
     torch.manual_seed(9)
@@ -210,14 +212,17 @@ def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
     nn.init.normal_(linear.weight)
     quantize_linears(linear, INT8_WEIGHT_ONLY)
     x = torch.randn(32, 96).to(torch.bfloat16)
-    with torch.inference_mode(), quantization.decode_step():
-        one = linear(x[:1])
+    with torch.inference_mode():
+        prompt_row = linear(x[:1])
         assert "amx_copy" not in linear.weight.__dict__
-        out = linear(x)
-    assert "amx_copy" in linear.weight.__dict__
+        with quantization.decode_step():
+            one = linear(x[:1])
+            assert "amx_copy" in linear.weight.__dict__
+            out = linear(x)
     dense = dequantize(linear.weight, linear.weight_scale.view(-1, 1)).to(torch.bfloat16)
     assert rel(out, x.double() @ dense.double().T) < 4e-3
-    assert rel(one, out[:1]) < 1e-2
+    assert torch.equal(one, out[:1])
+    assert rel(prompt_row, out[:1]) < 1e-2
     with unquantized(linear):
         linear.weight.data.mul_(-1)
     assert "amx_copy" not in linear.weight.__dict__

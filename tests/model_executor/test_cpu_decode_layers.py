@@ -171,9 +171,11 @@ def test_fused_layers_take_a_speculative_verify(tiny_model_factory, tree):
     assert all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
 
 
-def test_a_verify_of_more_than_8_rows_runs_eagerly(tiny_model_factory):
-    """From 9 rows the eager layers multiply an extend on torch's int4 kernel,
-    not the AMX one: the fused layers leave it to them."""
+def test_an_extend_of_more_than_8_rows_runs_eagerly_unless_it_is_a_verify(tiny_model_factory):
+    """From 9 rows the eager layers multiply an ordinary extend on torch's int4
+    kernel, not the AMX one: the fused layers leave it to them. A verify runs
+    as a decode step (as_decode_step), whose rows take the AMX kernel up to 64:
+    the fused layers take it, with the eager layers' bits."""
     from tests.model_executor.test_spec_graphs import Requests
 
     runner = int4_runner(tiny_model_factory("llama"))
@@ -182,3 +184,33 @@ def test_a_verify_of_more_than_8_rows_runs_eagerly(tiny_model_factory):
     runner.attn_backend.init_forward_metadata(fb)
     fb.attn_backend = runner.attn_backend
     assert fb.attn_metadata.short_extend_rows is not None and not runner.cpu_decode_layers.takes(fb)
+
+    def verify():
+        fb = reqs.new_tokens(every_logit=True)
+        fb.as_decode_step = True
+        return fb
+
+    eager, fused, eager_kv, fused_kv = verify_both_ways(runner, verify)
+    assert torch.equal(eager.all_logits, fused.all_logits)
+    assert all(torch.equal(a, b) for a, b in zip(eager_kv, fused_kv))
+
+
+@pytest.mark.parametrize("new", [4, 8])
+def test_a_verify_gives_each_row_the_logits_of_a_decode_step(tiny_model_factory, new):
+    """Speculative greedy decoding gives plain greedy decoding's tokens only if
+    a verify's row for a token has the logits a batch-1 decode step of that
+    token has: the same bits, the int8 LM head included (on AMX from one row in
+    both). Up to 8 rows, where the int4 kernel multiplies each row alone (past
+    8 it dequantizes blocks for all rows, as a decode batch of 9 does)."""
+    from radixserve.model_executor.forward_batch import ForwardMode
+    from tests.model_executor.test_spec_graphs import Requests
+
+    runner = int4_runner(tiny_model_factory("llama"))
+    assert runner.weight_format.lm_head is not None  # the LM head is int8
+    reqs = Requests(runner, [(9, new)])
+    fb = reqs.new_tokens(every_logit=True)
+    fb.as_decode_step = True
+    verified = runner.forward(fb).all_logits
+    steps = [runner.forward(reqs.batch([0], [9 + j], [1], mode=ForwardMode.DECODE)).next_token_logits
+             for j in range(new)]
+    assert torch.equal(verified, torch.cat(steps))

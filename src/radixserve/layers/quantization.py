@@ -124,13 +124,14 @@ AMX_INT4_FEW_ROWS = range(1, 9)
 # int8 (the LM head's format): the kernel ties torch's at one row and wins from
 # two (the default model's LM head, 49,152 x 576: 924 against 1,584 us at 4
 # rows, 968 against 3,243 at 8); the dense copy wins past 32 (1,377 against
-# 1,729 us at 32, 2,777 against 2,086 at 64).
-AMX_INT8_DECODE_ROWS = range(2, 33)
-# Only in a decode step: with the AMX kernel for 1-8 rows in any forward too (so
-# that a verify's LM head, 924 against torch's 1,584 us at 4 rows, and a batch-1
-# decode's shared it) the default model's answer to "What is the capital of
-# France?" lost " Paris", whether the kernel rounded the weights to bfloat16 or
-# scaled its sums (2026-12-05). Torch's int8 kernel serves both at 1-8 rows.
+# 1,729 us at 32, 2,777 against 2,086 at 64). From one row, so that a batch-1
+# decode step and a speculative verify (a decode step too: ForwardBatch.as_decode_step)
+# give each row the same logits, the verify's 4 rows at the kernel's price.
+AMX_INT8_DECODE_ROWS = range(1, 33)
+# Only in decode steps: with the AMX kernel in any forward (a prompt's last row
+# too) the default model's answer to "What is the capital of France?" lost
+# " Paris", whether the kernel rounded the weights to bfloat16 or scaled its
+# sums (2026-12-05): a prefill's LM head stays on torch's int8 kernel.
 _amx_decode = False  # set by decode_step() on AMX
 
 

@@ -209,6 +209,7 @@ class ScheduleBatch:
             mrope_positions=self.mrope_positions,
             mm_items=self.mm_items,
             spec_tree_mask=self.spec_tree_mask,
+            as_decode_step=self.spec_drafts is not None,
         )
         if self.forward_mode.is_extend():
             set_extend_lens(fb, self._prefix_lens, self._extend_lens, self.device)

@@ -13,8 +13,8 @@ It takes a model only where every layer is the plain Llama block (RMSNorm,
 no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
-take the AMX int4 kernel (1 to 64 decode rows, or a speculative verify of at
-most 8 tokens, each a decode query over its own slots). Anything else
+take the AMX int4 kernel (1 to 64 decode rows, or a speculative verify of as
+many tokens, each a decode query over its own slots). Anything else
 runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
 KV buffers), kept in structs until ModelRunner, which makes every weight
 update and pool release or resume, calls forget().
@@ -112,14 +112,15 @@ class CpuDecodeLayers:
     def takes(self, fb: Any) -> bool:
         """Whether this batch runs here rather than eagerly: a decode batch, or a
         speculative verify (an extend of a few tokens a request, each attending
-        as a decode query: short_extend_rows) of at most 8 rows, which the eager
-        layers also multiply on the AMX kernel."""
+        as a decode query: short_extend_rows) that the eager layers would also
+        multiply on the AMX kernel: up to 8 rows in any forward, up to 64 where
+        it runs as a decode step (ForwardBatch.as_decode_step)."""
         k_buf = fb.kv_pool.k_buffers[0]
         decode = fb.forward_mode.is_decode()
         verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
                   and not fb.mm_items)
-        on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode, quantization.AMX_INT4_DECODE_ROWS,
-                                            quantization.AMX_INT4_FEW_ROWS)
+        on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode or fb.as_decode_step,
+                                            quantization.AMX_INT4_DECODE_ROWS, quantization.AMX_INT4_FEW_ROWS)
         return ((decode or verify) and on_amx
                 and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
                 and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16

@@ -87,6 +87,10 @@ class ForwardBatch:
     # token, the bits of the request's new tokens it sees (bit k: its k-th new
     # token); every token sees the whole cached prefix. None: causal.
     spec_tree_mask: Optional[torch.Tensor] = None
+    # An extend whose rows are multiplied as a decode step's (quantization.decode_step):
+    # a verify step's (each row then gets the logits a plain decode step would)
+    # and an EAGLE head's draft forwards (whose rounding only moves drafts).
+    as_decode_step: bool = False
 
     # Memory (the scheduler's pools) and kernels (attached by the model runner)
     req_to_token_pool: Optional["ReqToTokenPool"] = None

@@ -421,7 +421,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_eager(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
         """forward without CUDA graphs (the start-up warm-up compiles the kernels this path takes)."""
-        if forward_batch.forward_mode.is_decode():
+        if forward_batch.forward_mode.is_decode() or forward_batch.as_decode_step:
             with decode_step():  # the CPU's quantized GEMMs may pick another path (quantization.py)
                 return self._forward_eager(forward_batch)
         return self._forward_eager(forward_batch)

@@ -29,6 +29,7 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
                   draft_to_target: torch.Tensor, num_steps: int, device: str) -> DraftEvaluation:
     """samples: greedy target answers (tokens == the target's choices);
     draft_to_target: the target id of each draft-vocabulary id."""
+    draft_to_target = draft_to_target.cpu()  # the walk runs on the host; the head on `device`
     verify_steps = tokens = 0
     agree = torch.zeros(num_steps)
     counted = torch.zeros(num_steps)
@@ -39,13 +40,13 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
             continue
         (features, inputs, labels), = windows([sample], length, num_steps, random.Random(0))
         logits = head.train_forward(features[None].float().to(device), inputs[:, None].to(device))
-        drafts = torch.stack([draft_to_target[step[0].argmax(-1)].cpu() for step in logits])  # [S, T-1]
+        drafts = torch.stack([draft_to_target[step[0].argmax(-1).cpu()] for step in logits])  # [S, T-1]
         hits = (drafts == labels) & (labels >= 0)
         answer = slice(prompt_len - 1, None)
         agree += hits[:, answer].sum(1)
         counted += (labels[:, answer] >= 0).sum(1)
         first = labels[0, answer][labels[0, answer] >= 0]
-        covered += int(torch.isin(first, draft_to_target.cpu()).sum())
+        covered += int(torch.isin(first, draft_to_target).sum())
         choices += len(first)
         origin = prompt_len - 1
         while origin < length - 2:  # as serving: no verify once the answer is complete
