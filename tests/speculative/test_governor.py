@@ -88,3 +88,21 @@ def test_a_much_dearer_mode_is_probed_rarely():
     modes = run(gov, clock, 8 + 2000, 1, {True: (0.04, 1.0), False: (0.001, 1.0)})
     # after the two first probes: plain until 4 x 40 / 0.05 = 3,200 steps have passed
     assert modes[8:] == [False] * 2000
+
+
+def test_cost_is_seconds_over_tokens_not_a_mean_of_per_step_ratios():
+    """Verify steps keep 1 to 4 tokens: speculation at 0.014 s a cycle keeping 1 and 3
+    tokens by turns costs 0.007 s a token (28 ms / 4 tokens), cheaper than plain steps
+    at 0.008; the mean of the steps' own ratios (0.0093) would have called it dearer."""
+    clock = Clock()
+    gov = SpecGovernor(first_probe_steps=8, probe_steps=8, recheck_every=100, probe_share=1.0, clock=clock)
+    modes = []
+    for step in range(60):
+        mode = gov.choose(1)
+        gov.step_started(1, mode)
+        clock.now += 0.014 if mode else 0.008
+        gov.step_finished((1.0, 3.0)[step % 2] if mode else 1.0)
+        modes.append(mode)
+    assert modes[16:] == [True] * 44
+    info = gov.info()["1"]
+    assert abs(info["speculate_s_per_token"] - 0.007) < 1e-3 and abs(info["plain_s_per_token"] - 0.008) < 1e-9
