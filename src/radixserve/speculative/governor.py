@@ -40,8 +40,7 @@ def bucket_of(batch_size: int) -> int:
 
 @dataclass
 class BucketState:
-    cost: Dict[bool, Optional[float]] = field(default_factory=lambda: {True: None, False: None})
-    # Per mode: moving averages of (step seconds, tokens per request); cost = their ratio.
+    # Per mode: moving averages of (step seconds, tokens per request); its cost is their ratio.
     averages: Dict[bool, Optional[Tuple[float, float]]] = field(default_factory=lambda: {True: None, False: None})
     probe_mode: Optional[bool] = None  # the mode being measured, if a probe runs
     probe_left: int = 0
@@ -54,13 +53,19 @@ class BucketState:
     # every bucket; first probes in each cost more than they tell).
     prior: Optional[float] = None
 
+    @property
+    def cost(self) -> Dict[bool, Optional[float]]:
+        """Seconds per emitted token per request of each mode (None: not measured yet)."""
+        return {mode: None if avg is None else avg[0] / avg[1] for mode, avg in self.averages.items()}
+
     def choose(self, limits: "SpecGovernor") -> bool:
         """This step's mode; `limits` holds the probe lengths and how often to recheck."""
-        unmeasured = self.cost[True] is None and self.cost[False] is None
+        cost = self.cost
+        unmeasured = cost[True] is None and cost[False] is None
         if unmeasured and self.prior is not None:
             return self.prior < 1
         for mode in (True, False):  # measure speculation first, then plain steps
-            if self.cost[mode] is None and self.probe_mode is None:
+            if cost[mode] is None and self.probe_mode is None:
                 self.start_probe(mode, limits.first_probe_steps)
         if self.probe_mode is not None:
             mode = self.probe_mode
@@ -68,11 +73,11 @@ class BucketState:
             if self.probe_left <= 0:
                 self.probe_mode = None
             return mode
-        best = self.cost[True] < self.cost[False]
+        best = cost[True] < cost[False]
         self.since_probe += 1
         # A probe of the losing mode costs probe_steps x (its cost / the winner's) winner steps;
         # waiting long enough keeps probes to about probe_share of the time.
-        ratio = self.cost[not best] / max(self.cost[best], 1e-12)
+        ratio = cost[not best] / max(cost[best], 1e-12)
         if self.since_probe >= max(limits.recheck_every, limits.probe_steps * ratio / limits.probe_share):
             self.start_probe(not best, limits.probe_steps)
         return best
@@ -88,11 +93,10 @@ class BucketState:
         else:
             self.averages[mode] = ((1 - EMA_WEIGHT) * old[0] + EMA_WEIGHT * seconds,
                                    (1 - EMA_WEIGHT) * old[1] + EMA_WEIGHT * tokens)
-        average_seconds, average_tokens = self.averages[mode]
-        cost = self.cost[mode] = average_seconds / average_tokens
         self.stale[mode] = False
-        if self.prior is not None and self.cost[not mode] is None:  # the other mode, by the prior's ratio
-            self.cost[not mode] = cost / self.prior if mode else cost * self.prior
+        if self.prior is not None and self.averages[not mode] is None:  # the other mode, by the prior's ratio
+            seconds, tokens = self.averages[mode]
+            self.averages[not mode] = (seconds / self.prior if mode else seconds * self.prior, tokens)
             self.stale[not mode] = True  # its first probe replaces the estimate
         self.prior = None
 
