@@ -123,6 +123,15 @@ def assert_no_leak(engine) -> None:
     assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
 
 
+def assert_draft_kv_balanced(engine) -> dict:
+    """A speculative engine's draft pool: every slot free, a request's own or
+    in the draft's prefix tree (an aborted request's own are freed at the
+    next draft, so they may be in use still). Returns the counts."""
+    kv = engine.get_server_info()["speculative"]["draft_kv"]
+    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
+    return kv
+
+
 def generate_then_abort(engine, input_ids, rid: str, max_new_tokens: int = 400) -> dict:
     """A long greedy generation aborted once it runs; returns its result."""
     import threading

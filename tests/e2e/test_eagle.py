@@ -15,7 +15,7 @@ import torch
 
 from radixserve import Engine
 from radixserve.train_eagle3 import main as train_eagle3
-from tests.conftest import assert_no_leak, generate_then_abort, hf_greedy, load_hf_model, write_eagle_head
+from tests.conftest import assert_draft_kv_balanced, assert_no_leak, generate_then_abort, hf_greedy, load_hf_model, write_eagle_head
 from tests.e2e.test_eagle3 import train_prompts
 
 NEW_TOKENS = 12
@@ -55,8 +55,7 @@ def run(engine) -> tuple:
 
 def assert_pools_balanced(engine) -> None:
     assert_no_leak(engine)
-    kv = engine.get_server_info()["speculative"]["draft_kv"]
-    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"], kv
+    assert_draft_kv_balanced(engine)
 
 
 @pytest.mark.parametrize("flags", [

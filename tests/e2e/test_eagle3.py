@@ -18,7 +18,7 @@ from PIL import Image
 
 from radixserve import Engine
 from radixserve.train_eagle3 import main as train_eagle3
-from tests.conftest import assert_no_leak, generate_then_abort, hf_greedy, load_hf_model
+from tests.conftest import assert_draft_kv_balanced, assert_no_leak, generate_then_abort, hf_greedy, load_hf_model
 
 NEW_TOKENS = 16
 
@@ -135,6 +135,32 @@ def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
     assert log["sequences"] == 3 and "held_out" in log
 
 
+def test_a_cached_prefix_keeps_the_heads_context(target, head):
+    """A prefix taken from the radix cache comes with the head's draft KV
+    (speculative/draft_prefix.py): the training prompts asked again draft
+    exactly as with no cache at all (without the draft's tree the head saw
+    none of the cached tokens, and verified more often), the target still
+    reuses the prompts, and both pools balance."""
+    prompts = train_prompts(3) * 2
+    params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
+    kwargs = dict(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
+                  speculative_draft_model_path=str(head), speculative_num_steps=3,
+                  disable_speculative_adaptive=True, dtype="float32", page_size=1)
+    runs = {}
+    for cache in (False, True):
+        with Engine(disable_radix_cache=not cache, **kwargs) as engine:
+            runs[cache] = [engine.generate(input_ids=p, sampling_params=params) for p in prompts]  # one at a time
+            assert_no_leak(engine)
+            kv = assert_draft_kv_balanced(engine)
+    cold, warm = runs[False], runs[True]
+    assert [o["output_ids"] for o in warm] == [o["output_ids"] for o in cold]
+    assert [o["meta_info"]["spec_verify_ct"] for o in warm] == [o["meta_info"]["spec_verify_ct"] for o in cold]
+    # The draft's match ends a token short of the target's (its entry of a prompt's last cached
+    # token pairs it with the next one), so the target gives back that token.
+    assert [o["meta_info"]["cached_tokens"] for o in warm] == [0] * 3 + [len(p) - 2 for p in prompts[3:]]
+    assert kv["in_use_tokens"] == 0 and kv["cached_tokens"] > 0
+
+
 SAMPLED = [{"temperature": 0.8, "top_p": 0.9, "sampling_seed": 7, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
            {"temperature": 1.0, "top_k": 20, "sampling_seed": 3, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}]
 
@@ -151,11 +177,6 @@ def tree_workload(engine) -> tuple:
 def plain_outputs(target):
     with Engine(model_path=str(target), log_level="warning") as engine:
         return tree_workload(engine)
-
-
-def assert_draft_kv_balanced(engine) -> None:
-    kv = engine.get_server_info()["speculative"]["draft_kv"]
-    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"], kv
 
 
 @pytest.mark.parametrize("topk,draft_tokens", [(2, 6), (4, 10)])

@@ -14,7 +14,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from radixserve import Engine
-from tests.conftest import assert_no_leak, generate_then_abort, hf_greedy, load_hf_model
+from tests.conftest import assert_draft_kv_balanced, assert_no_leak, generate_then_abort, hf_greedy, load_hf_model
 
 NUM_STEPS = 3  # --speculative-num-steps; a verify step yields at most NUM_STEPS + 1 tokens
 LOGPROB_TOL = 1e-4
@@ -173,8 +173,7 @@ def test_self_draft_trees_same_tokens(target, baseline):
         out = generate_then_abort(engine, prompts(3, 1)[0], "standalone-tree-abort")
         assert out["meta_info"]["finish_reason"]["type"] == "abort"
         assert_no_leak(engine)
-        kv = engine.get_server_info()["speculative"]["draft_kv"]
-    assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"], kv
+        assert_draft_kv_balanced(engine)
     assert spec["trees"] and spec["mean_accept_length"] > 1.5, spec
 
 

@@ -71,7 +71,7 @@ def drafter_for(target, head, token_map=None):
 
 def run_head(drafter: EagleDrafter, feats: torch.Tensor):
     """The head over every (feature t, token t + 1) pair of IDS: (hidden, logits) per pair."""
-    states = drafter.draft.states_for([SimpleNamespace(rid="r")])
+    states = drafter.draft.states_for([SimpleNamespace(rid="r", fill_ids=IDS, lora_id=None)])
     n = len(IDS) - 1
     out = drafter.draft.extend(states, [IDS[1:]], [list(range(n))], feats[:-1], logit_rows=[list(range(n))])
     drafter.draft.release("r")

@@ -8,7 +8,7 @@ released; with the cache disabled its slots are simply freed.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Protocol
 
 import torch
 
@@ -19,6 +19,14 @@ if TYPE_CHECKING:
     from radixserve.managers.req import Req
 
 
+class PrefixFollower(Protocol):
+    def target_limit(self, tokens: List[int], namespace: Optional[int], matched: int) -> int:
+        """How many of `matched` cached leading tokens the target may take."""
+
+    def reset(self) -> None:
+        """The target's cache was emptied (no request holds KV)."""
+
+
 class PrefixCache:
     def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: TokenAllocator, enabled: bool) -> None:
         self.req_pool = req_to_token_pool
@@ -26,6 +34,10 @@ class PrefixCache:
         self.allocator = allocator
         self.page_size = allocator.page_size
         self.tree: Optional[RadixTree] = RadixTree(self.page_size, allocator.free) if enabled else None
+        # A second cache kept in step with this one: an EAGLE head's draft KV
+        # (speculative/draft_prefix.py). It may ask for part of a match to be
+        # recomputed, and it is emptied with this one.
+        self.follower: Optional[PrefixFollower] = None
 
     # ---- sizes ----
     def evictable_size(self) -> int:
@@ -48,7 +60,12 @@ class PrefixCache:
         req.prefix_len, req.prefix_slots = 0, None
         if self.tree is None:
             return
-        values, node = self.tree.match_prefix(req.fill_ids[:self.match_limit(req)], req.lora_id)
+        key = req.fill_ids[:self.match_limit(req)]
+        values, node = self.tree.match_prefix(key, req.lora_id)
+        matched = sum(map(len, values))
+        keep = self.follower_keeps(req, matched)
+        if keep < matched:
+            values, node = self.tree.match_prefix(key[:keep], req.lora_id)
         if values:
             req.prefix_slots = torch.cat(values)
             req.prefix_len = len(req.prefix_slots)
@@ -66,6 +83,12 @@ class PrefixCache:
             # Input logprobs need logits from position logprob_start_len - 1 on.
             limit = min(limit, max(req.logprob_start_len - 1, 0))
         return limit
+
+    def follower_keeps(self, req: "Req", matched: int) -> int:
+        """How many of a request's `matched` cached tokens to take."""
+        if self.follower is None:
+            return matched
+        return self.follower.target_limit(req.fill_ids, req.lora_id, matched)
 
     # ---- tiers (the hierarchical cache overrides these) ----
     def on_arrival(self, req: "Req") -> None:
@@ -155,3 +178,5 @@ class PrefixCache:
         if self.tree is not None:
             self.tree.reset()
         self.allocator.clear()
+        if self.follower is not None:
+            self.follower.reset()

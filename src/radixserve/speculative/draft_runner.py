@@ -1,6 +1,8 @@
-"""A draft model's runner and KV: its own ModelRunner and pools (no prefix
-cache, no pages), one row of its request-to-token table per request, and
-extend/decode forwards built directly from lists.
+"""A draft model's runner and KV: its own ModelRunner and pools (no pages),
+one row of its request-to-token table per request, and extend/decode
+forwards built directly from lists. An EAGLE head's entries outlive their
+request in a prefix tree of their own (draft_prefix.py) when the target has
+a radix cache.
 
 Per request, `kv_len` counts the draft KV entries that stay valid (computed
 from real tokens) and `spec_len` those of the last drafts too; `truncate`
@@ -12,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.model_executor.model_runner import LogitsOutput
+from radixserve.speculative.draft_prefix import DraftPrefixTree
 from radixserve.speculative.spec_args import HEAD_ALGORITHMS
 from radixserve.speculative.topk_tree import TopKTree
 from radixserve.speculative.tree import DraftTree
@@ -32,6 +35,9 @@ class DraftState:
     kv_len: int = 0  # KV entries computed from the real sequence
     spec_len: int = 0  # entries including the last drafts'
     next_position: int = 0  # the position the next entry stands at
+    shared_len: int = 0  # leading entries the prefix tree owns (locked through `node`)
+    dense_len: int = 0  # leading entries that stand at their own positions (they may join the tree)
+    node: Optional[Any] = None
 
 
 def draft_server_args(args, max_total_tokens: int, max_running: int, device_type: str):
@@ -74,12 +80,22 @@ class DraftRunner:
         # on AMX, torch's int8 kernel took 0.6 ms of each 3.2 ms draft at one row.
         self.extends_as_decode = args.speculative_algorithm in HEAD_ALGORITHMS
         self.states: Dict[str, DraftState] = {}
+        self.prefix = self._follow_prefix_cache(args, target)
         logger.info("draft %s: %d KV tokens", args.speculative_draft_model_path, self.runner.max_total_num_tokens)
+
+    def _follow_prefix_cache(self, args, target) -> Optional[DraftPrefixTree]:
+        """A head's entries kept across requests, beside the target's radix cache."""
+        target_cache = getattr(getattr(target, "pools", None), "prefix_cache", None)
+        if args.speculative_algorithm not in HEAD_ALGORITHMS or getattr(target_cache, "tree", None) is None:
+            return None
+        target_cache.follower = self
+        return DraftPrefixTree(self.pools.allocator, target.config.vocab_size)
 
     # ---- memory ----
     def states_for(self, reqs: Sequence) -> List[DraftState]:
-        """Each request's state (new ones get a row); requests gone from the
-        batch give theirs back; the last drafts' entries are dropped."""
+        """Each request's state (new ones get a row, and the prefix tree's
+        entries for their first positions); requests gone from the batch give
+        theirs back; the last drafts' entries are dropped."""
         live = {r.rid for r in reqs}
         for rid in [rid for rid in self.states if rid not in live]:
             self.release(rid)
@@ -87,16 +103,57 @@ class DraftRunner:
         for req in reqs:
             state = self.states.get(req.rid)
             if state is None:
-                state = self.states[req.rid] = DraftState(self.pools.req_to_token_pool.alloc())
+                state = self.states[req.rid] = self._new_state(req)
             self.truncate(state, state.kv_len)
             states.append(state)
         return states
 
+    def _new_state(self, req) -> DraftState:
+        state = DraftState(self.pools.req_to_token_pool.alloc())
+        if self.prefix is not None:
+            slots, state.node = self.prefix.match(req.fill_ids, req.lora_id)
+            self.prefix.lock(state.node)
+            if slots is not None:
+                n = state.kv_len = state.spec_len = state.next_position = state.shared_len = len(slots)
+                state.dense_len = n
+                self.table[state.row, :n] = slots
+        return state
+
     def release(self, rid: str) -> None:
+        """A request left (aborted, retracted): its own entries are freed."""
         state = self.states.pop(rid, None)
         if state is not None:
-            self.pools.allocator.free(self.table[state.row, :state.spec_len])
-            self.pools.req_to_token_pool.free(state.row)
+            self._drop(state, state.shared_len)
+
+    def finish(self, req) -> None:
+        """A request ended: its entries that stand at their own positions join
+        the prefix tree (when there is one); the rest are freed."""
+        state = self.states.pop(req.rid, None)
+        if state is None:
+            return
+        kept = state.shared_len
+        if self.prefix is not None and state.dense_len > state.shared_len:
+            kept = state.dense_len
+            self.prefix.insert(req.fill_ids, req.lora_id, self.table[state.row, :kept], state.shared_len)
+        self._drop(state, kept)
+
+    def _drop(self, state: DraftState, kept: int) -> None:
+        """Free a state's entries after the first `kept` (the tree's) and its row."""
+        self.pools.allocator.free(self.table[state.row, kept:state.spec_len])
+        self.pools.req_to_token_pool.free(state.row)
+        if self.prefix is not None:
+            self.prefix.unlock(state.node)
+
+    # ---- in step with the target's radix cache (PrefixCache.follower) ----
+    def target_limit(self, tokens: List[int], namespace: Optional[int], matched: int) -> int:
+        return self.prefix.target_limit(tokens, namespace, matched)
+
+    def reset(self) -> None:
+        """The target's cache was emptied, which happens only when no request
+        runs or waits: every state left is stale, and every entry goes."""
+        for rid in list(self.states):
+            self.release(rid)
+        self.prefix.clear()
 
     def truncate(self, state: DraftState, length: int) -> None:
         if state.spec_len > length:
@@ -104,11 +161,15 @@ class DraftRunner:
         state.kv_len = state.spec_len = length
 
     def kv_info(self) -> dict:
-        """The draft pool's accounting: every slot is free or held by a request's entries."""
+        """The draft pool's accounting: every slot is free, held by a request's
+        own entries or in the prefix tree."""
         return {"total_tokens": self.pools.allocator.total_tokens, "free_tokens": self.pools.allocator.available_size(),
-                "in_use_tokens": sum(s.spec_len for s in self.states.values())}
+                "in_use_tokens": sum(s.spec_len - s.shared_len for s in self.states.values()),
+                "cached_tokens": 0 if self.prefix is None else self.prefix.size()}
 
     def has_room(self, tokens: int) -> bool:
+        if self.prefix is not None:
+            self.prefix.make_room(tokens)
         return tokens <= self.pools.allocator.available_size()
 
     # ---- forwards ----

@@ -9,9 +9,11 @@ request (`Req.spec_features`: (first position, [m, 3H]) pieces) until the
 next draft. The head pairs the features of position p with the token at
 p + 1, so drafting is one extend over the new pairs (the last pair ends at
 the request's last token and gives draft 1) and k - 1 decode steps feeding
-the head's own output back. Positions without features (a prefix from the
-radix cache, a CUDA-graph decode step) are skipped: the draft KV is compact;
-a request whose last pair is missing drafts nothing this step.
+the head's own output back. A finished request's entries stay in the draft's
+prefix tree (draft_prefix.py), for the next request that shares its tokens.
+Positions without features (a prefix the target took from its radix cache
+beyond the draft's, a CUDA-graph decode step) are skipped: the draft KV is
+compact; a request whose last pair is missing drafts nothing this step.
 
 With --speculative-eagle-topk K > 1 the drafts are a tree (topk_tree.py):
 each later step is one extend over every request's frontier and the
@@ -114,9 +116,13 @@ class EagleDrafter:
         if not rows or not draft.has_room(needed):
             return drafts
         active = [states[i] for i in rows]
+        dense = [s.dense_len == s.kv_len and pos == list(range(s.kv_len, s.kv_len + len(pos)))
+                 for s, pos in zip(active, positions)]
         out = draft.extend(active, ids, positions, torch.cat(feats))
-        for state in active:
+        for state, whole in zip(active, dense):
             state.kv_len = state.spec_len  # entries from real tokens and target features
+            if whole:  # no position skipped so far: entry i stands at position i
+                state.dense_len = state.kv_len
         # only requests whose last pair ends at their last token can draft
         ready = [j for j, i in enumerate(rows) if positions[j][-1] == len(reqs[i].fill_ids) - 2]
         if not ready:
@@ -163,7 +169,7 @@ class EagleDrafter:
         for req in reqs:
             state = self.draft.states.get(req.rid)
             if req.finished:
-                self.draft.release(req.rid)
+                self.draft.finish(req)
                 req.spec_features = []
                 continue
             if state is not None:

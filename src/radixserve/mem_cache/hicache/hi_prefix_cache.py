@@ -78,6 +78,8 @@ class HiPrefixCache(PrefixCache):
     def match(self, req: "Req") -> None:
         assert req.req_pool_idx is None
         key = req.fill_ids[:self.match_limit(req)]
+        if self.follower is not None:  # (what the tree holds; a storage prefetch is attached below)
+            key = key[:self.follower_keeps(req, self.tree.peek_len(key))]
         m = self.tree.match_tiers(key)
         if self.prefetch_ready(req):  # (a match for queue ordering must not cut a prefetch short)
             self._attach_prefetched(req, m, key)
