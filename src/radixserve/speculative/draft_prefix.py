@@ -55,7 +55,7 @@ class DraftPrefixTree:
     def target_limit(self, tokens: Sequence[int], namespace: Optional[int], limit: int) -> int:
         """How many leading tokens the target may take from its cache (up to
         `limit`) so that the head has features from where its entries end."""
-        slots, _ = self.match(tokens, namespace)
+        slots, _ = self.match(tokens[:limit + 2], namespace)  # (no further than the target's match)
         cached = 0 if slots is None else len(slots)
         return cached if cached < limit <= cached + CATCH_UP_TOKENS else limit
 
