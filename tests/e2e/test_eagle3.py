@@ -135,7 +135,8 @@ def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
     assert log["sequences"] == 3 and "held_out" in log
 
 
-def test_a_cached_prefix_keeps_the_heads_context(target, head):
+@pytest.mark.parametrize("tiers", [{}, {"enable_hierarchical_cache": True}], ids=["radix", "hicache"])
+def test_a_cached_prefix_keeps_the_heads_context(target, head, tiers):
     """A prefix taken from the radix cache comes with the head's draft KV
     (speculative/draft_prefix.py): the training prompts asked again draft
     exactly as with no cache at all (without the draft's tree the head saw
@@ -148,7 +149,7 @@ def test_a_cached_prefix_keeps_the_heads_context(target, head):
                   disable_speculative_adaptive=True, dtype="float32", page_size=1)
     runs = {}
     for cache in (False, True):
-        with Engine(disable_radix_cache=not cache, **kwargs) as engine:
+        with Engine(disable_radix_cache=not cache, **kwargs, **(tiers if cache else {})) as engine:
             runs[cache] = [engine.generate(input_ids=p, sampling_params=params) for p in prompts]  # one at a time
             assert_no_leak(engine)
             kv = assert_draft_kv_balanced(engine)
