@@ -132,9 +132,12 @@ class DraftRunner:
         if state is None:
             return
         kept = state.shared_len
-        if self.prefix is not None and state.dense_len > state.shared_len:
-            kept = state.dense_len
-            self.prefix.insert(req.fill_ids, req.lora_id, self.table[state.row, :kept], state.shared_len)
+        tokens = req.fill_ids
+        # (an entry's key needs its next token: never more entries than tokens - 1)
+        dense = min(state.dense_len, len(tokens) - 1)
+        if self.prefix is not None and dense > state.shared_len:
+            kept = dense
+            self.prefix.insert(tokens, req.lora_id, self.table[state.row, :kept], state.shared_len)
         self._drop(state, kept)
 
     def _drop(self, state: DraftState, kept: int) -> None:
