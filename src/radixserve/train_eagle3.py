@@ -196,7 +196,7 @@ def save_head(head, config, out: Path, dtype: torch.dtype) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", default=None, help="the target (default: the packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--output-dir", required=True)
+    p.add_argument("--output-dir", help="where the head goes (required unless --generate-only)")
     p.add_argument("--head", choices=("eagle3", "eagle"), default="eagle3",
                    help="eagle3: an EAGLE-3 head (--speculative-algorithm EAGLE3); eagle: an EAGLE-1/2 head and "
                         "its token_map.pt (--speculative-algorithm EAGLE --speculative-token-map)")
@@ -222,15 +222,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=0,
                    help="held-out prompts (other seeds) the target answers greedily, on which the head's walked "
                         "accept length and per-step agreement are measured after training (in train_log.json)")
-    p.add_argument("--sequences", default=None,
-                   help="a file of the target's answers (training and held-out): read when it exists, else "
-                        "written after generation, so later runs train on the same data")
+    p.add_argument("--sequences", nargs="+", default=None, metavar="FILE",
+                   help="files of the target's answers (training and held-out): read when they all exist (their "
+                        "answers together, e.g. from runs on several machines), else one file, written after "
+                        "generation, so later runs train on the same data")
+    p.add_argument("--generate-only", action="store_true",
+                   help="write the answers to --sequences and stop (to train elsewhere, or on several such files)")
     p.add_argument("--capture-batch-tokens", type=int, default=4096,
                    help="tokens per target forward while capturing hidden states")
     p.add_argument("--device", default="cpu", help="where the head trains (and the captured features are kept)")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.generate_only and not args.sequences:
+        p.error("--generate-only needs --sequences FILE to write the answers to")
+    if not args.generate_only and not args.output_dir:
+        p.error("--output-dir is required (unless --generate-only)")
 
 
 def held_out_prompts(engine, args, chat: bool, seqs: List[List[int]]) -> List[List[int]]:
@@ -268,6 +280,40 @@ def save_sequences(path: str, seqs: List[List[int]], held_out: List[List[int]], 
                 "held_out_prompt_lens": torch.tensor(prompt_lens, dtype=torch.int64)}, path)
 
 
+def answers(args, extra: dict) -> Tuple[List[List[int]], List[List[int]], List[int]]:
+    """(training answers, held-out answers, held-out prompt lengths): read from
+    --sequences when every file exists, else generated (and saved to it)."""
+    files = args.sequences or []
+    if files and all(Path(f).exists() for f in files):
+        return merged_sequences(files)
+    if len(files) > 1:
+        missing = [f for f in files if not Path(f).exists()]
+        raise ValueError(f"sequences: {missing} do not exist (of several files, all are read and none is written)")
+    seqs, held_out_seqs, prompt_lens = generate_sequences(args, extra)
+    if files:
+        save_sequences(files[0], seqs, held_out_seqs, prompt_lens)
+    return seqs, held_out_seqs, prompt_lens
+
+
+def merged_sequences(paths: List[str]) -> Tuple[List[List[int]], List[List[int]], List[int]]:
+    """Every file's answers; a training answer that begins with a held-out
+    prompt (another file's seeds may repeat one) is dropped, so the held-out
+    walk stays held out."""
+    seqs: List[List[int]] = []
+    held_out: List[List[int]] = []
+    prompt_lens: List[int] = []
+    for path in paths:
+        train, held, lens = load_sequences(path)
+        seqs, held_out, prompt_lens = seqs + train, held_out + held, prompt_lens + lens
+    prompts: Dict[int, set] = {}
+    for seq, n in zip(held_out, prompt_lens):
+        prompts.setdefault(n, set()).add(tuple(seq[:n]))
+    kept = [s for s in seqs if not any(tuple(s[:n]) in group for n, group in prompts.items())]
+    if len(kept) < len(seqs):
+        logger.info("%d training answers dropped: they begin with a held-out prompt", len(seqs) - len(kept))
+    return kept, held_out, prompt_lens
+
+
 def load_sequences(path: str) -> Tuple[List[List[int]], List[List[int]], List[int]]:
     data = torch.load(path)
     split = lambda flat, lens: [s.tolist() for s in flat.split(lens.tolist())]  # noqa: E731
@@ -282,17 +328,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.monotonic()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
-    out = Path(args.output_dir)
     extra = json.loads(args.engine_args)
     # all prompts go to the engine in one call (and the self-instruct questions, up to twice as many)
     extra.setdefault("max_batch_prompts", max(2 * args.num_prompts, 1024))
-    if args.sequences and Path(args.sequences).exists():
-        seqs, held_out_seqs, prompt_lens = load_sequences(args.sequences)
-    else:
-        seqs, held_out_seqs, prompt_lens = generate_sequences(args, extra)
-        if args.sequences:
-            save_sequences(args.sequences, seqs, held_out_seqs, prompt_lens)
+    seqs, held_out_seqs, prompt_lens = answers(args, extra)
     logger.info("%d self-generated sequences, %d tokens", len(seqs), sum(map(len, seqs)))
+    if args.generate_only:
+        return
+    out = Path(args.output_dir)
     longest = max(map(len, seqs + held_out_seqs))
     # (+ a margin for the partly filled last page of the longest sequence)
     runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(args.capture_batch_tokens, longest)

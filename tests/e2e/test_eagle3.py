@@ -162,6 +162,30 @@ def test_a_cached_prefix_keeps_the_heads_context(target, head, tiers):
     assert kv["in_use_tokens"] == 0 and kv["cached_tokens"] > 0
 
 
+def test_answers_from_several_runs_train_one_head(target, head, tmp_path):
+    """--generate-only writes the answers and stops (no head); --sequences A B
+    trains on both files' answers, dropping a training answer that begins with
+    one of their held-out prompts."""
+    from radixserve.train_eagle3 import load_sequences, save_sequences
+
+    other = tmp_path / "other.pt"
+    train_eagle3(["--model-path", str(target), "--generate-only", "--prompts", "random", "--num-prompts", "2",
+                  "--max-new-tokens", "4", "--seed", "7", "--sequences", str(other)])
+    assert len(load_sequences(str(other))[0]) == 2 and not list(tmp_path.glob("*.safetensors"))
+    # a third file whose one training answer begins with a held-out prompt of the first
+    first_train, first_held, first_lens = load_sequences(str(head / "sequences.pt"))
+    clash = tmp_path / "clash.pt"
+    save_sequences(str(clash), [first_held[0][:first_lens[0]] + [5, 6]], [], [])
+    out = tmp_path / "head"
+    train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--draft-vocab-size", "64",
+                  "--sequences", str(head / "sequences.pt"), str(other), str(clash)])
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["sequences"] == len(first_train) + 2 and log["held_out"]["prompts"] == len(first_held)
+    with pytest.raises(ValueError, match="sequences"):
+        train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--sequences", str(other),
+                      str(tmp_path / "missing.pt")])
+
+
 SAMPLED = [{"temperature": 0.8, "top_p": 0.9, "sampling_seed": 7, "max_new_tokens": NEW_TOKENS, "ignore_eos": True},
            {"temperature": 1.0, "top_k": 20, "sampling_seed": 3, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}]
 
