@@ -304,7 +304,9 @@ def merged_sequences(paths: List[str]) -> Tuple[List[List[int]], List[List[int]]
     prompt_lens: List[int] = []
     for path in paths:
         train, held, lens = load_sequences(path)
-        seqs, held_out, prompt_lens = seqs + train, held_out + held, prompt_lens + lens
+        seqs += train
+        held_out += held
+        prompt_lens += lens
     prompts: Dict[int, set] = {}
     for seq, n in zip(held_out, prompt_lens):
         prompts.setdefault(n, set()).add(tuple(seq[:n]))
