@@ -296,9 +296,10 @@ def answers(args, extra: dict) -> Tuple[List[List[int]], List[List[int]], List[i
 
 
 def merged_sequences(paths: List[str]) -> Tuple[List[List[int]], List[List[int]], List[int]]:
-    """Every file's answers; a training answer that begins with a held-out
-    prompt (another file's seeds may repeat one) is dropped, so the held-out
-    walk stays held out."""
+    """Every file's answers, each once (greedy answers to a template prompt
+    that two seeds both drew are equal); a training answer that begins with a
+    held-out prompt (another file's seeds may repeat one) is dropped, so the
+    held-out walk stays held out."""
     seqs: List[List[int]] = []
     held_out: List[List[int]] = []
     prompt_lens: List[int] = []
@@ -310,9 +311,11 @@ def merged_sequences(paths: List[str]) -> Tuple[List[List[int]], List[List[int]]
     prompts: Dict[int, set] = {}
     for seq, n in zip(held_out, prompt_lens):
         prompts.setdefault(n, set()).add(tuple(seq[:n]))
-    kept = [s for s in seqs if not any(tuple(s[:n]) in group for n, group in prompts.items())]
+    unique = [list(s) for s in dict.fromkeys(map(tuple, seqs))]
+    kept = [s for s in unique if not any(tuple(s[:n]) in group for n, group in prompts.items())]
     if len(kept) < len(seqs):
-        logger.info("%d training answers dropped: they begin with a held-out prompt", len(seqs) - len(kept))
+        logger.info("%d training answers dropped: repeated, or beginning with a held-out prompt",
+                    len(seqs) - len(kept))
     return kept, held_out, prompt_lens
 
 

@@ -164,8 +164,8 @@ def test_a_cached_prefix_keeps_the_heads_context(target, head, tiers):
 
 def test_answers_from_several_runs_train_one_head(target, head, tmp_path):
     """--generate-only writes the answers and stops (no head); --sequences A B
-    trains on both files' answers, dropping a training answer that begins with
-    one of their held-out prompts."""
+    trains on both files' answers, each once, dropping a training answer that
+    begins with one of their held-out prompts."""
     from radixserve.train_eagle3 import load_sequences, save_sequences
 
     other = tmp_path / "other.pt"
@@ -178,7 +178,7 @@ def test_answers_from_several_runs_train_one_head(target, head, tmp_path):
     save_sequences(str(clash), [first_held[0][:first_lens[0]] + [5, 6]], [], [])
     out = tmp_path / "head"
     train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--draft-vocab-size", "64",
-                  "--sequences", str(head / "sequences.pt"), str(other), str(clash)])
+                  "--sequences", str(head / "sequences.pt"), str(other), str(clash), str(other)])
     log = json.loads((out / "train_log.json").read_text())
     assert log["sequences"] == len(first_train) + 2 and log["held_out"]["prompts"] == len(first_held)
     with pytest.raises(ValueError, match="sequences"):
