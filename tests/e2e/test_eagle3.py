@@ -141,7 +141,7 @@ def test_a_cached_prefix_keeps_the_heads_context(target, head, tiers):
     (speculative/draft_prefix.py): the training prompts asked again draft
     exactly as with no cache at all (without the draft's tree the head saw
     none of the cached tokens, and verified more often), the target still
-    reuses the prompts, and both pools balance."""
+    reuses the prompts, both pools balance, and a flush empties both."""
     prompts = train_prompts(3) * 2
     params = {"temperature": 0, "max_new_tokens": NEW_TOKENS, "ignore_eos": True}
     kwargs = dict(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
@@ -153,6 +153,8 @@ def test_a_cached_prefix_keeps_the_heads_context(target, head, tiers):
             runs[cache] = [engine.generate(input_ids=p, sampling_params=params) for p in prompts]  # one at a time
             assert_no_leak(engine)
             kv = assert_draft_kv_balanced(engine)
+            assert engine.flush_cache()  # the draft's tree is emptied with the target's
+            assert assert_draft_kv_balanced(engine)["cached_tokens"] == 0
     cold, warm = runs[False], runs[True]
     assert [o["output_ids"] for o in warm] == [o["output_ids"] for o in cold]
     assert [o["meta_info"]["spec_verify_ct"] for o in warm] == [o["meta_info"]["spec_verify_ct"] for o in cold]
