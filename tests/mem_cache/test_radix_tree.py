@@ -107,3 +107,15 @@ def test_lru_evicts_oldest_leaf_first():
     tree.evict(1)
     assert freed == [13]  # the [.., 4] leaf was least recently used
     assert tree.evict(1) == 1 and freed[-1] == 20
+
+
+def test_peek_len_counts_what_match_would_take_and_changes_nothing():
+    tree = RadixTree(2, lambda s: None)
+    tree.insert([1, 2, 3, 4], torch.tensor([10, 11, 12, 13]))
+    tree.insert([1, 2, 3, 4], torch.tensor([30, 31, 32, 33]), namespace=7)
+    before = [(n.key, n.hits, n.last_access) for n in tree._leaves()]
+    assert tree.peek_len([1, 2, 3, 9, 9]) == 2  # pages of 2: the shared page only
+    assert tree.peek_len([1, 2, 3, 4, 5]) == 4
+    assert tree.peek_len([1, 2], namespace=7) == 2 and tree.peek_len([1, 2], namespace=8) == 0
+    assert [(n.key, n.hits, n.last_access) for n in tree._leaves()] == before  # no split, no access
+    assert sum(map(len, tree.match_prefix([1, 2, 3, 4, 5])[0])) == 4

@@ -97,6 +97,22 @@ class RadixTree:
             node, key = child, key[len(child.key):]
         return values, node
 
+    def peek_len(self, key: List[int], namespace: Optional[int] = None) -> int:
+        """Tokens of key the tree holds (in any tier, for the tiered tree); changes
+        nothing: no split, no access time or hit count."""
+        node = self.root if namespace is None else self.root.children.get(("namespace", namespace))
+        done = 0
+        while node is not None and done < len(key):
+            child = node.children.get(self._child_key(key[done:]))
+            if child is None:
+                break
+            common = self._common_len(child.key, key[done:])
+            done += common
+            if common < len(child.key):
+                break
+            node = child
+        return done
+
     def _matching_child(self, node: TreeNode, key: List[int], now: int) -> Optional[TreeNode]:
         """The child of node sharing a page-aligned prefix with key, split to end
         where the shared part does, its access time and hit count updated; None

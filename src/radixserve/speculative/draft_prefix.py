@@ -55,8 +55,8 @@ class DraftPrefixTree:
     def target_limit(self, tokens: Sequence[int], namespace: Optional[int], limit: int) -> int:
         """How many leading tokens the target may take from its cache (up to
         `limit`) so that the head has features from where its entries end."""
-        slots, _ = self.match(tokens[:limit + 2], namespace)  # (no further than the target's match)
-        cached = 0 if slots is None else len(slots)
+        # (a peek, no further than the target's match: the target asks for every request it orders)
+        cached = self.tree.peek_len(self.pair_keys(tokens, min(limit, len(tokens) - 2)), namespace)
         return cached if cached < limit <= cached + CATCH_UP_TOKENS else limit
 
     # ---- ownership ----

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from radixserve.managers.schedule_batch import set_extend_lens
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
+from radixserve.mem_cache.radix_tree import TreeNode
 from radixserve.model_executor.model_runner import LogitsOutput
 from radixserve.speculative.draft_prefix import DraftPrefixTree
 from radixserve.speculative.spec_args import HEAD_ALGORITHMS
@@ -37,7 +38,7 @@ class DraftState:
     next_position: int = 0  # the position the next entry stands at
     shared_len: int = 0  # leading entries the prefix tree owns (locked through `node`)
     dense_len: int = 0  # leading entries that stand at their own positions (they may join the tree)
-    node: Optional[Any] = None
+    node: Optional[TreeNode] = None
 
 
 def draft_server_args(args, max_total_tokens: int, max_running: int, device_type: str):
@@ -109,15 +110,15 @@ class DraftRunner:
         return states
 
     def _new_state(self, req) -> DraftState:
-        state = DraftState(self.pools.req_to_token_pool.alloc())
-        if self.prefix is not None:
-            slots, state.node = self.prefix.match(req.fill_ids, req.lora_id)
-            self.prefix.lock(state.node)
-            if slots is not None:
-                n = state.kv_len = state.spec_len = state.next_position = state.shared_len = len(slots)
-                state.dense_len = n
-                self.table[state.row, :n] = slots
-        return state
+        row = self.pools.req_to_token_pool.alloc()
+        if self.prefix is None:
+            return DraftState(row)
+        slots, node = self.prefix.match(req.fill_ids, req.lora_id)
+        self.prefix.lock(node)
+        n = 0 if slots is None else len(slots)
+        if n:
+            self.table[row, :n] = slots
+        return DraftState(row, kv_len=n, spec_len=n, next_position=n, shared_len=n, dense_len=n, node=node)
 
     def release(self, rid: str) -> None:
         """A request left (aborted, retracted): its own entries are freed."""
@@ -132,12 +133,9 @@ class DraftRunner:
         if state is None:
             return
         kept = state.shared_len
-        tokens = req.fill_ids
-        # (an entry's key needs its next token: never more entries than tokens - 1)
-        dense = min(state.dense_len, len(tokens) - 1)
-        if self.prefix is not None and dense > state.shared_len:
-            kept = dense
-            self.prefix.insert(tokens, req.lora_id, self.table[state.row, :kept], state.shared_len)
+        if self.prefix is not None and state.dense_len > state.shared_len:
+            kept = state.dense_len
+            self.prefix.insert(req.fill_ids, req.lora_id, self.table[state.row, :kept], state.shared_len)
         self._drop(state, kept)
 
     def _drop(self, state: DraftState, kept: int) -> None:

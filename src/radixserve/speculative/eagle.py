@@ -116,7 +116,8 @@ class EagleDrafter:
         if not rows or not draft.has_room(needed):
             return drafts
         active = [states[i] for i in rows]
-        dense = [s.dense_len == s.kv_len and pos == list(range(s.kv_len, s.kv_len + len(pos)))
+        # (positions increase: they are contiguous from kv_len when the last is kv_len + count - 1)
+        dense = [s.dense_len == s.kv_len == pos[0] and pos[-1] == pos[0] + len(pos) - 1
                  for s, pos in zip(active, positions)]
         out = draft.extend(active, ids, positions, torch.cat(feats))
         for state, whole in zip(active, dense):

@@ -106,20 +106,6 @@ class TieredRadixTree(RadixTree):
             node, key = child, key[len(child.key):]
         return m
 
-    def peek_len(self, key: List[int]) -> int:
-        """Tokens of key the tree holds in any tier; changes nothing."""
-        node, done = self.root, 0
-        while done < len(key):
-            child = node.children.get(self._child_key(key[done:]))
-            if child is None:
-                break
-            common = self._common_len(child.key, key[done:])
-            done += common
-            if common < len(child.key):
-                break
-            node = child
-        return done
-
     def _split(self, node: TieredNode, at: int) -> TieredNode:
         upper = TieredNode(node.key[:at], None if node.value is None else node.value[:at], node.parent)
         upper.lock_ref, upper.last_access, upper.hits = node.lock_ref, node.last_access, node.hits
