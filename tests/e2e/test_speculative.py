@@ -197,9 +197,9 @@ def test_unrelated_draft_accepts_almost_nothing(target, tiny_model_factory, base
 
 def test_default_model_same_tokens():
     """The packaged SmolLM2-135M-Instruct (bfloat16 on its int4 kernels), each
-    request alone: n-gram drafts on a rewriting prompt, and n-gram trees on
-    chat answers, accept tokens, and every answer is plain decoding's token for
-    token. (A verified token attends as a decode query; with the extend path's
+    request alone: n-gram drafts on a rewriting prompt, n-gram trees on chat
+    answers, and the shipped EAGLE-3 head accept tokens, and every answer is
+    plain decoding's token for token. (A verified token attends as a decode query; with the extend path's
     attention instead, the bicycle answer drifted from plain decoding's.)"""
     text = "The cat sat on the mat. The dog lay by the door. The bird sang in the tree."
     rewrite = {"text": f"Repeat exactly: {text}\n{text}\n", "max_new_tokens": 24}
@@ -222,6 +222,12 @@ def test_default_model_same_tokens():
     assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
     assert got[0]["meta_info"]["spec_accept_rate"] > 0
     assert sum(g["meta_info"]["spec_verify_ct"] for g in got[1:]) < sum(len(g["output_ids"]) for g in got[1:])
+    # the shipped EAGLE-3 head, found without a draft path: the same tokens, and on the chat
+    # answers well over one token a verify (it walks about 2 there; an untrained head, about 1)
+    got = answers(speculative_algorithm="EAGLE3", disable_speculative_adaptive=True)
+    assert [g["output_ids"] for g in got] == [w["output_ids"] for w in want]
+    chat = [g["meta_info"] for g in got[1:]]
+    assert sum(m["completion_tokens"] for m in chat) / sum(m["spec_verify_ct"] for m in chat) > 1.5
 
 
 def test_governor_measures_both_modes_and_keeps_tokens(target, baseline):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from radixserve.server_args import ServerArgs
@@ -71,3 +74,13 @@ def test_flags_checked_and_mixed_chunks_turned_off():
     ]:
         with pytest.raises(ValueError, match=field):
             ServerArgs(**kwargs)
+
+
+def test_eagle3_finds_the_shipped_head_for_the_default_model_only(tmp_path):
+    head = Path(ServerArgs(speculative_algorithm="EAGLE3").speculative_draft_model_path)
+    config = json.loads((head / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and (head / "model.safetensors").is_file()
+    # a path given wins; another model has no head to find
+    assert ServerArgs(speculative_algorithm="EAGLE3", speculative_draft_model_path="x").speculative_draft_model_path == "x"
+    with pytest.raises(ValueError, match="speculative_draft_model_path"):
+        ServerArgs(model_path=str(tmp_path), speculative_algorithm="EAGLE3")

@@ -6,7 +6,7 @@ Torch-free: ServerArgs calls it before any process starts."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def validate_speculative(args: Any) -> None:
     if algo in DRAFT_MODEL_ALGORITHMS and not args.speculative_draft_model_path:
         raise ValueError(f"speculative_algorithm={algo} needs speculative_draft_model_path (STANDALONE: a "
                          "smaller model with the same tokenizer; EAGLE3: a head folder, as `python -m "
-                         "radixserve.train_eagle3` writes (no head ships for this model); EAGLE: an "
+                         "radixserve.train_eagle3` writes (a head ships only for the default model); EAGLE: an "
                          "EAGLE-1/2 head folder)")
     _check_token_map(args)
     _refuse_combinations(args)
@@ -71,9 +71,9 @@ def _check_ngram(args: Any) -> None:
                          f"<= speculative_ngram_max_bfs_breadth ({args.speculative_ngram_max_bfs_breadth})")
 
 
-def shipped_head(model_path: str):
-    """The EAGLE-3 head shipped for a packaged model, in speculative/heads/<name>/ (None
-    when there is none: none ships yet, see README "Speculative decoding")."""
+def shipped_head(model_path: str) -> Optional[str]:
+    """The EAGLE-3 head shipped for a packaged model, in speculative/heads/<name>/
+    (the default model's; None for any other model)."""
     from pathlib import Path
 
     folder = Path(__file__).parent / "heads" / str(model_path)
