@@ -103,6 +103,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.radixserve_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
+    lib.radixserve_eagle3_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
 
 
@@ -309,3 +310,14 @@ def decode_layers(shape: ctypes.c_void_p, layers: ctypes.Array, num_layers: int,
     last layer's output out; residual: the stream before it. 0 when done."""
     return _library().radixserve_decode_layers(shape, layers, num_layers, batch, hidden.data_ptr(),
                                                residual.data_ptr(), scratch.data_ptr())
+
+
+def eagle3_layer(shape: ctypes.c_void_p, layer: ctypes.c_void_p, batch: ctypes.c_void_p, embeds: torch.Tensor,
+                 features: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor) -> int:
+    """An EAGLE-3 head's layer for a batch of decode queries (cpu_decode_layers.cpp;
+    the structs are model_executor/cpu_eagle3_layer.py's). features: the target's
+    fused features or the previous step's output (rows with a contiguous last
+    axis); out: the layer's output. 0 when done."""
+    return _library().radixserve_eagle3_layer(shape, layer, batch, embeds.data_ptr(), features.data_ptr(),
+                                              features.stride(0), features.shape[1], out.data_ptr(),
+                                              scratch.data_ptr())

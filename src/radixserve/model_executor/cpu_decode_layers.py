@@ -23,7 +23,7 @@ update and pool release or resume, calls forget().
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 
@@ -115,29 +115,11 @@ class CpuDecodeLayers:
         as a decode query: short_extend_rows) that the eager layers would also
         multiply on the AMX kernel: up to 8 rows in any forward, up to 64 where
         it runs as a decode step (ForwardBatch.as_decode_step)."""
-        k_buf = fb.kv_pool.k_buffers[0]
-        decode = fb.forward_mode.is_decode()
-        verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
-                  and not fb.mm_items)
-        on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode or fb.as_decode_step,
-                                            quantization.AMX_INT4_DECODE_ROWS, quantization.AMX_INT4_FEW_ROWS)
-        return ((decode or verify) and on_amx
-                and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
-                and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
-                and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
-                and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
+        return decode_queries_on_amx(fb, quantization.AMX_INT4_DECODE_ROWS, quantization.AMX_INT4_FEW_ROWS)
 
     def forward(self, fb: Any) -> torch.Tensor:
         """The final-normed hidden states [rows, hidden] of a batch it takes
         (takes(fb)), and fb.aux_hidden where fb.capture_aux_layers asks for it."""
-        meta = fb.attn_metadata
-        if fb.forward_mode.is_decode():
-            slots, seq_lens = meta.kv_indices, fb.seq_lens.contiguous()
-        else:
-            slots, seq_lens = meta.short_extend_rows
-        new_slots = fb.out_cache_loc.contiguous()
-        if slots.dtype != torch.int64 or slots.stride(-1) != 1:
-            slots = slots.to(torch.int64).contiguous()
         hidden = self.model.model.embed_tokens(fb.input_ids).to(torch.bfloat16).contiguous()
         rows = hidden.shape[0]
         residual = torch.empty_like(hidden)
@@ -146,8 +128,7 @@ class CpuDecodeLayers:
         scratch = torch.empty(rows * widths, dtype=torch.bfloat16)
         layers = self._layers(fb)
         capture = list(fb.capture_aux_layers or ())
-        batch = DecodeBatch(rows, fb.positions.data_ptr(), slots.data_ptr(), slots.stride(0), seq_lens.data_ptr(),
-                            new_slots.data_ptr())
+        batch, _alive = decode_batch(fb)  # (_alive: the tensors batch points into)
         if capture:  # the captured layers' columns side by side, as run_decoder concatenates them
             aux = torch.empty(rows, len(capture) * self.shape.hidden, dtype=torch.bfloat16)
             capture_ids = torch.tensor(capture, dtype=torch.int64)
@@ -177,11 +158,7 @@ class CpuDecodeLayers:
         return self._structs
 
     def _build_layers(self, pool: Any) -> ctypes.Array:
-        k0, v0 = pool.k_buffers[0], pool.v_buffers[0]
-        s = self.shape
-        s.k_slot_stride, s.k_head_stride, s.v_slot_stride, s.v_head_stride = (
-            k0.stride(0), k0.stride(1), v0.stride(0), v0.stride(1))
-        s.rope_table = self.rotary.cos_sin_cache.data_ptr()
+        set_pool_strides(self.shape, pool, self.rotary)
         structs: List[DecodeLayer] = []
         for i, (layer, linears) in enumerate(zip(self.model.model.layers, self.linears)):
             qkv, o, gate_up, down = map(_int4_struct, linears)
@@ -190,3 +167,46 @@ class CpuDecodeLayers:
                 qkv, o, gate_up, down, pool.k_buffers[i].data_ptr(), pool.v_buffers[i].data_ptr(),
                 layer.self_attn.attn.sliding_window or 0))
         return (DecodeLayer * len(structs))(*structs)
+
+
+def decode_queries_on_amx(fb: Any, decode_rows: range, few_rows: range = range(0)) -> bool:
+    """Whether a forward batch runs as decode queries through the fused kernels:
+    a decode batch, or a speculative verify (an extend of a few tokens a
+    request, each attending as a decode query: short_extend_rows), with as many
+    rows as the eager linears would also multiply on the AMX kernel (few_rows
+    in any forward, decode_rows where it runs as a decode step:
+    ForwardBatch.as_decode_step), torch-native attention over a bfloat16 pool."""
+    k_buf = fb.kv_pool.k_buffers[0]
+    decode = fb.forward_mode.is_decode()
+    verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
+              and not fb.mm_items)
+    on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode or fb.as_decode_step, decode_rows, few_rows)
+    return ((decode or verify) and on_amx
+            and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
+            and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
+            and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
+            and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
+
+
+def decode_batch(fb: Any) -> Tuple[DecodeBatch, List[torch.Tensor]]:
+    """The C++ side's view of a batch decode_queries_on_amx took, and the
+    tensors it points into (to be kept alive until the call returns)."""
+    meta = fb.attn_metadata
+    if fb.forward_mode.is_decode():
+        slots, seq_lens = meta.kv_indices, fb.seq_lens.contiguous()
+    else:
+        slots, seq_lens = meta.short_extend_rows
+    new_slots = fb.out_cache_loc.contiguous()
+    if slots.dtype != torch.int64 or slots.stride(-1) != 1:
+        slots = slots.to(torch.int64).contiguous()
+    batch = DecodeBatch(fb.input_ids.shape[0], fb.positions.data_ptr(), slots.data_ptr(), slots.stride(0),
+                        seq_lens.data_ptr(), new_slots.data_ptr())
+    return batch, [slots, seq_lens, new_slots]
+
+
+def set_pool_strides(shape: DecodeShape, pool: Any, rotary: Any) -> None:
+    """The KV pool's strides and the rotary table's address, as of now."""
+    k0, v0 = pool.k_buffers[0], pool.v_buffers[0]
+    shape.k_slot_stride, shape.k_head_stride, shape.v_slot_stride, shape.v_head_stride = (
+        k0.stride(0), k0.stride(1), v0.stride(0), v0.stride(1))
+    shape.rope_table = rotary.cos_sin_cache.data_ptr()

@@ -25,6 +25,7 @@ from radixserve.mem_cache.kv_layout import KVLayout, MLAKVLayout, default_kv_lay
 from radixserve.mem_cache.memory_pools import MemoryPools
 from radixserve.mem_cache.hicache import make_prefix_cache
 from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
+from radixserve.model_executor.cpu_eagle3_layer import CpuEagle3Layer
 from radixserve.model_executor.forward_batch import ForwardBatch
 from radixserve.model_executor.logits_output import LogitsOutput
 from radixserve.model_loader.fp8 import block_fp8_size, checkpoint_block_fp8_size
@@ -143,11 +144,14 @@ class ModelRunner:
         self.attn_backend = self._make_attn_backend()
         self.spec_graph_shapes: list = []  # speculative decoding's forwards (add_spec_graphs)
         self.graph_runners = self._make_graph_runners()
-        # A CPU decode batch's layers in one C++ call where the model qualifies
-        # (cpu_decode_layers.py); RADIXSERVE_CPU_FUSED_LAYERS=0 keeps them eager.
+        # A CPU decode batch's layers (or an EAGLE-3 head's draft step) in one C++
+        # call where the model qualifies (cpu_decode_layers.py, cpu_eagle3_layer.py);
+        # RADIXSERVE_CPU_FUSED_LAYERS=0 keeps them eager.
         self.cpu_decode_layers = None
         if os.environ.get("RADIXSERVE_CPU_FUSED_LAYERS", "1") != "0":
-            self.cpu_decode_layers = CpuDecodeLayers.for_model(self.model, self.device, self.dtype, self.lora_manager)
+            self.cpu_decode_layers = (
+                CpuDecodeLayers.for_model(self.model, self.device, self.dtype, self.lora_manager)
+                or CpuEagle3Layer.for_model(self.model, self.device, self.dtype, self.lora_manager))
         if self.device.type == "cuda" and warm_up:
             # Every Triton kernel variant a request can reach is compiled now,
             # not inside the first requests (kernel_warmup.py says which).

@@ -31,6 +31,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from radixserve.layers.sampler import row_argmax
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.speculative.draft_runner import DraftRunner, DraftState, draft_rows_per_req
 from radixserve.speculative.tree import DraftTree
@@ -162,7 +163,7 @@ class EagleDrafter:
                                       self.tree_budget, first_sources=hidden)
 
     def _tokens(self, logits: torch.Tensor) -> List[int]:
-        return self.head.to_target_ids(logits.argmax(-1)).tolist()
+        return self.head.to_target_ids(row_argmax(logits)).tolist()
 
     def commit(self, reqs: Sequence) -> None:
         """Drop the chain's draft KV (the next extend recomputes accepted

@@ -18,6 +18,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from radixserve.layers.sampler import row_argmax
 from radixserve.model_executor.spec_graph_runner import SpecGraphShape
 from radixserve.speculative.draft_runner import DraftRunner, draft_rows_per_req
 
@@ -83,4 +84,4 @@ class StandaloneDrafter:
 
     @staticmethod
     def _greedy(out, vocab_size: int) -> List[int]:
-        return out.next_token_logits[:, :vocab_size].argmax(-1).tolist()
+        return row_argmax(out.next_token_logits[:, :vocab_size]).tolist()

@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from radixserve.layers.sampler import Sampler
+from radixserve.layers.sampler import Sampler, row_argmax
 from radixserve.managers.req import Req
 from radixserve.managers.schedule_batch import ScheduleBatch
 from radixserve.model_executor.forward_batch import ForwardMode
@@ -128,7 +128,7 @@ def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatc
     if all(t.is_chain() for t in trees):
         return _accept_greedy_chains(batch, trees, logits, info)
     walk = TreeWalk.build(trees, batch.last_logit_rows.to(logits.device))
-    chosen_all = logits.argmax(-1)
+    chosen_all = row_argmax(logits)
     node = torch.zeros_like(walk.first_rows)
     alive = torch.ones_like(node, dtype=torch.bool)
     chosen, emitted, nodes = [], [], []
@@ -153,7 +153,7 @@ def _accept_greedy_chains(batch: ScheduleBatch, chains: List[DraftTree], logits:
                           device=dev).reshape(bs, width - 1)
     starts = batch.last_logit_rows.to(dev) - num_drafts
     offsets = torch.minimum(torch.arange(width, device=dev)[None, :], num_drafts[:, None])
-    chosen = logits.argmax(-1)[starts[:, None] + offsets]  # [bs, width]
+    chosen = row_argmax(logits)[starts[:, None] + offsets]  # [bs, width]
     counts = 1 + (chosen[:, :-1] == padded).int().cumprod(1).sum(1)
     info.steps += counts.to(info.steps.dtype)  # (as a token-by-token record of the emitted ones)
     rows = torch.cat([chosen, counts[:, None]], 1).tolist()  # the step's one host sync
