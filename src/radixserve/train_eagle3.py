@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -115,7 +116,7 @@ def stack_windows(group: List[tuple]) -> tuple:
     length = max(features.shape[0] for features, _, _ in group)
     pad = torch.nn.functional.pad
 
-    features = torch.stack([pad(f.float(), (0, 0, 0, length - f.shape[0])) for f, _, _ in group])
+    features = torch.stack([pad(f, (0, 0, 0, length - f.shape[0])) for f, _, _ in group])
     inputs = torch.stack([pad(i, (0, length - i.shape[1]), value=0) for _, i, _ in group], 1)
     labels = torch.stack([pad(l, (0, length - l.shape[1]), value=-1) for _, _, l in group], 1)
     return features, inputs, labels
@@ -151,8 +152,10 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
             progress = max(len(losses) / total, (now - train_start) / max(deadline - train_start, 1e-9))
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(progress)
-            # (captured under inference mode: cloned to become autograd inputs)
-            logits = head.train_forward(features.clone().to(args.device), inputs.clone().to(args.device))
+            # (captured under inference mode: cloned to become autograd inputs; moved in
+            # the captured dtype, which float32 holds exactly)
+            features = features.to(args.device).float().clone()
+            logits = head.train_forward(features, inputs.clone().to(args.device))
             loss = 0.0
             for step, step_logits in enumerate(logits):
                 target = labels[step].to(args.device)
@@ -230,7 +233,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the answers to --sequences and stop (to train elsewhere, or on several such files)")
     p.add_argument("--capture-batch-tokens", type=int, default=4096,
                    help="tokens per target forward while capturing hidden states")
-    p.add_argument("--device", default="cpu", help="where the head trains (and the captured features are kept)")
+    p.add_argument("--device", default="cpu", help="where the head trains")
+    p.add_argument("--feature-device", default=None,
+                   help="where the captured features are kept (default: --device; cpu holds more answers than "
+                        "a GPU: 2 x 3 x hidden bytes a token, 32 GB for the default model's 9.2M tokens)")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
     args = p.parse_args(argv)
@@ -342,11 +348,17 @@ def main(argv=None) -> None:
         return
     out = Path(args.output_dir)
     longest = max(map(len, seqs + held_out_seqs))
+    # Each sequence's captured features are a tensor of their own: 41,060 of
+    # them (9.2M tokens) on an H100 left 58 GB reserved but unallocated and the
+    # capture ran out of memory, unless the allocator grows segments in place.
+    # (Set here, after generation's engine processes, before this process's first CUDA call.)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     # (+ a margin for the partly filled last page of the longest sequence)
     runner = ModelRunner(ServerArgs(model_path=args.model_path, max_total_tokens=max(args.capture_batch_tokens, longest)
                                     + 1024, max_running_requests=CAPTURE_BATCH_SEQS, disable_cuda_graph=True, **extra))
     layers = feature_layers(args.head, runner.config.num_hidden_layers)
-    capture = TargetFeatures(runner, layers, args.capture_batch_tokens, CAPTURE_BATCH_SEQS, args.device)
+    capture = TargetFeatures(runner, layers, args.capture_batch_tokens, CAPTURE_BATCH_SEQS,
+                             args.feature_device or args.device)
     samples = list(tqdm(capture.all(seqs), total=len(seqs), desc="target hidden states", unit="seq"))
     vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
     config = head_config(runner.config, len(vocab), layers, args.intermediate_size, args.head)

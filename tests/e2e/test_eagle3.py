@@ -14,6 +14,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from radixserve import Engine
@@ -133,6 +134,23 @@ def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
                   "--draft-vocab-size", "64", "--sequences", str(head / "sequences.pt")])
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["sequences"] == 3 and "held_out" in log
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_features_kept_on_the_host_train_as_on_the_gpu(target, head, tmp_path):
+    """--device cuda --feature-device cpu: the captured features wait in host
+    memory (room for more answers than the GPU has) and each batch moves to the
+    GPU; the losses are those of a run that keeps them on the GPU."""
+    losses = {}
+    for where in ("cuda", "cpu"):
+        out = tmp_path / where
+        train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--draft-vocab-size", "64",
+                      "--epochs", "3", "--window", "16", "--device", "cuda", "--feature-device", where,
+                      "--sequences", str(head / "sequences.pt")])
+        losses[where] = json.loads((out / "train_log.json").read_text())["losses"]
+    assert len(losses["cpu"]) == len(losses["cuda"]) > 3
+    torch.testing.assert_close(torch.tensor(losses["cpu"]), torch.tensor(losses["cuda"]), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("tiers", [{}, {"enable_hierarchical_cache": True}], ids=["radix", "hicache"])
