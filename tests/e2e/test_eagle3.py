@@ -136,6 +136,23 @@ def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
     assert log["sequences"] == 3 and "held_out" in log
 
 
+def test_a_request_ending_in_a_plain_step_gives_its_draft_entries_to_the_tree(target, head):
+    """With the governor on, a lone request's first 64 decode steps speculate
+    (its first probe) and the next 64 do not: a 128-token answer of a head that
+    keeps under 2 tokens a verify ends in a plain step. Its draft entries join
+    the draft's tree with its KV (before, they stayed in use until a later
+    draft step, which a server that falls idle never runs)."""
+    with Engine(model_path=str(target), log_level="warning", speculative_algorithm="EAGLE3",
+                speculative_draft_model_path=str(head), speculative_num_steps=3, speculative_eagle_topk=1,
+                speculative_num_draft_tokens=4) as engine:
+        out = engine.generate(input_ids=train_prompts(1)[0], sampling_params={
+            "temperature": 0, "max_new_tokens": 128, "ignore_eos": True})
+        assert_no_leak(engine)
+        kv = assert_draft_kv_balanced(engine)
+    assert out["meta_info"]["spec_verify_ct"] == 64  # then plain steps to the end
+    assert kv["in_use_tokens"] == 0 and kv["cached_tokens"] > 0, kv
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_features_kept_on_the_host_train_as_on_the_gpu(target, head, tmp_path):

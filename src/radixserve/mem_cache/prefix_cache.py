@@ -26,6 +26,12 @@ class PrefixFollower(Protocol):
     def reset(self) -> None:
         """The target's cache was emptied (no request holds KV)."""
 
+    def finish(self, req: "Req") -> None:
+        """A request ended and its KV joined the target's cache."""
+
+    def release(self, rid: str) -> None:
+        """A request let its KV go (retracted or aborted)."""
+
 
 class PrefixCache:
     def __init__(self, req_to_token_pool: ReqToTokenPool, allocator: TokenAllocator, enabled: bool) -> None:
@@ -148,9 +154,13 @@ class PrefixCache:
         if req.kv_len > aligned:  # a partly filled last page stays out of the tree
             self.allocator.free(row[aligned:req.kv_len])
         self._drop_row(req)
+        if self.follower is not None:  # whatever step the request ended in (a plain one too)
+            self.follower.finish(req)
 
     def release(self, req: "Req") -> None:
         """Retract or abort: free the request's own slots, keep the tree's."""
+        if self.follower is not None:
+            self.follower.release(req.rid)
         if req.req_pool_idx is not None:
             self.allocator.free(self.table[req.req_pool_idx, req.prefix_len:req.kv_len])
             self._drop_row(req)
