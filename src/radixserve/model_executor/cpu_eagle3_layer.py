@@ -27,7 +27,7 @@ import torch
 
 from radixserve.layers import cpu_kernels, quantization
 from radixserve.model_executor.cpu_decode_layers import (
-    DecodeShape, decode_batch, decode_queries_on_amx, ptr, set_pool_strides, i64)
+    DecodeShape, decode_batch, decode_queries_on_amx, i64, ptr, set_pool_strides)
 
 
 class Int8Weight(ctypes.Structure):
