@@ -3,7 +3,7 @@
 For each configuration (no speculation, then the speculative flags given):
 batch-1 decode speed (output tokens / second over requests run one at a
 time, greedy) and the mean accept length; then throughput at larger batch
-sizes (all requests at once). Workload: `rewrite` (the model copies a given
+sizes (all requests at once, the median of --repeats runs). Workload: `rewrite` (the model copies a given
 text back: n-gram drafts match) or `chat` (held-out chat prompts).
 
     PYTHONPATH=src python bench/spec_bench.py --workload rewrite --spec NGRAM
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Dict, List
 
@@ -42,7 +43,7 @@ def chat_ids(engine: Engine, messages) -> List[int]:
 
 
 def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[int], batch1_requests: int = 4,
-            warmup_requests: int = 0) -> Dict[str, float]:
+            warmup_requests: int = 0, repeats: int = 3) -> Dict[str, float]:
     params = {"temperature": 0, "max_new_tokens": new_tokens}
     ids = [chat_ids(engine, m) for m in prompts(workload, max(batch_sizes + [batch1_requests + warmup_requests]))]
     engine.generate(input_ids=ids[0], sampling_params={"temperature": 0, "max_new_tokens": 8})  # warm-up
@@ -60,9 +61,12 @@ def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[in
     result = {"batch1_tok_s": tokens / seconds, "accept_length": spec.get("mean_accept_length") or 1.0,
               "verify_steps": spec.get("verify_ct", 0), "batch1_tokens": tokens}
     for bs in batch_sizes:
-        start = time.perf_counter()
-        outs = engine.generate(input_ids=ids[:bs], sampling_params=params)
-        result[f"bs{bs}_tok_s"] = sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - start)
+        rates = []
+        for _ in range(repeats):  # one run of a few seconds moved by +-5% between runs on a 2-core CPU
+            start = time.perf_counter()
+            outs = engine.generate(input_ids=ids[:bs], sampling_params=params)
+            rates.append(sum(o["meta_info"]["completion_tokens"] for o in outs) / (time.perf_counter() - start))
+        result[f"bs{bs}_tok_s"] = statistics.median(rates)
     return result
 
 
@@ -78,6 +82,8 @@ def main() -> None:
     parser.add_argument("--batch1-requests", type=int, default=4, help="timed requests, one at a time")
     parser.add_argument("--warmup-requests", type=int, default=0,
                         help="untimed requests before them (the governor's first probes run there)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each batch size; the median's throughput is reported")
     args = parser.parse_args()
     extra = json.loads(args.engine_args)
     spec = {"speculative_algorithm": args.spec, "speculative_num_steps": 3, "speculative_eagle_topk": 1,
@@ -88,7 +94,7 @@ def main() -> None:
     for name, kwargs in (("plain", {}), (args.spec, spec)):
         with Engine(model_path=args.model_path, log_level="warning", **extra, **kwargs) as engine:
             results[name] = measure(engine, args.workload, args.new_tokens, args.batch_sizes, args.batch1_requests,
-                                    args.warmup_requests)
+                                    args.warmup_requests, args.repeats)
         print(name, json.dumps(results[name]), flush=True)
     base, fast = results["plain"], results[args.spec]
     print("batch-1 speedup: %.2fx" % (fast["batch1_tok_s"] / base["batch1_tok_s"]))
