@@ -125,9 +125,8 @@ def assert_no_leak(engine) -> None:
 
 def assert_draft_kv_balanced(engine) -> dict:
     """A speculative engine's draft pool: every slot free, a request's own or
-    in the draft's prefix tree (a STANDALONE draft frees an aborted request's
-    own at its next draft step, so they may be in use still; an EAGLE head's
-    are freed with the target's). Returns the counts."""
+    in the draft's prefix tree (a request's own are freed, or join the tree,
+    with its KV). Returns the counts."""
     kv = engine.get_server_info()["speculative"]["draft_kv"]
     assert kv["total_tokens"] == kv["free_tokens"] + kv["in_use_tokens"] + kv["cached_tokens"], kv
     return kv

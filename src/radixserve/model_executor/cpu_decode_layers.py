@@ -60,12 +60,19 @@ def _int4_struct(linear: Any) -> Int4Weight:
                       linear.in_features // scales.shape[0])
 
 
-def _is_int4(linear: Any) -> bool:
+def quantized_for_amx(linear: Any, matmul: Any, scale_dtype: torch.dtype) -> bool:
+    """Whether a Linear's weight is in the format `matmul` multiplies (with
+    contiguous scales of scale_dtype), shaped for the AMX kernels' 32-wide
+    blocks, with no bias or LoRA: what the fused C++ layers read."""
     fmt = getattr(linear, "weight_format", None)
-    return (fmt is not None and fmt.matmul is quantization.int4_weight_only_linear and linear.bias is None
-            and getattr(linear, "lora", None) is None and linear.weight_scale.dtype == torch.bfloat16
+    return (fmt is not None and fmt.matmul is matmul and linear.bias is None
+            and getattr(linear, "lora", None) is None and linear.weight_scale.dtype == scale_dtype
             and linear.weight_scale.is_contiguous() and linear.in_features % cpu_kernels.AMX_BLOCK == 0
-            and linear.out_features % cpu_kernels.AMX_BLOCK == 0
+            and linear.out_features % cpu_kernels.AMX_BLOCK == 0)
+
+
+def _is_int4(linear: Any) -> bool:
+    return (quantized_for_amx(linear, quantization.int4_weight_only_linear, torch.bfloat16)
             and linear.weight_scale.shape[0] > 0
             and (linear.in_features // linear.weight_scale.shape[0]) % cpu_kernels.AMX_BLOCK == 0)
 

@@ -27,7 +27,7 @@ import torch
 
 from radixserve.layers import cpu_kernels, quantization
 from radixserve.model_executor.cpu_decode_layers import (
-    DecodeShape, decode_batch, decode_queries_on_amx, i64, ptr, set_pool_strides)
+    DecodeShape, decode_batch, decode_queries_on_amx, i64, ptr, quantized_for_amx, set_pool_strides)
 
 
 class Int8Weight(ctypes.Structure):
@@ -38,14 +38,6 @@ class Eagle3Layer(ctypes.Structure):
     _fields_ = [("input_norm", ptr), ("hidden_norm", ptr), ("post_attention_norm", ptr), ("fc", Int8Weight),
                 ("qkv", Int8Weight), ("o", Int8Weight), ("gate_up", Int8Weight), ("down", Int8Weight),
                 ("k_buf", ptr), ("v_buf", ptr)]
-
-
-def _is_int8(linear: Any) -> bool:
-    fmt = getattr(linear, "weight_format", None)
-    return (fmt is not None and fmt.matmul is quantization.int8_weight_only_linear and linear.bias is None
-            and getattr(linear, "lora", None) is None and linear.weight_scale.dtype == torch.float32
-            and linear.weight_scale.is_contiguous() and linear.in_features % cpu_kernels.AMX_BLOCK == 0
-            and linear.out_features % cpu_kernels.AMX_BLOCK == 0)
 
 
 def _int8_struct(linear: Any) -> Int8Weight:
@@ -79,8 +71,8 @@ class CpuEagle3Layer:
         layer = model.midlayer
         norms = (layer.input_layernorm, layer.hidden_norm, layer.post_attention_layernorm)
         attn = layer.self_attn
-        fits = (all(_is_int8(m) for m in (model.fc, attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj,
-                                          layer.mlp.down_proj))
+        fits = (all(quantized_for_amx(m, quantization.int8_weight_only_linear, torch.float32)
+                    for m in (model.fc, attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
                 and attn.o_proj.tp_group.world_size == 1 and attn.attn.sliding_window in (None, 0)
                 and all(n.weight.dtype == torch.bfloat16 and n.eps == norms[0].eps for n in norms))
         return cls(model) if fits else None

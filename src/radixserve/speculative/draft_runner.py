@@ -85,11 +85,15 @@ class DraftRunner:
         logger.info("draft %s: %d KV tokens", args.speculative_draft_model_path, self.runner.max_total_num_tokens)
 
     def _follow_prefix_cache(self, args, target) -> Optional[DraftPrefixTree]:
-        """A head's entries kept across requests, beside the target's radix cache."""
+        """Follow the target's prefix cache, which tells of every request that
+        ends or lets its KV go (whatever step it was in); a head's entries are
+        kept across requests beside the target's radix cache (the returned tree)."""
         target_cache = getattr(getattr(target, "pools", None), "prefix_cache", None)
-        if args.speculative_algorithm not in HEAD_ALGORITHMS or getattr(target_cache, "tree", None) is None:
+        if target_cache is None:
             return None
         target_cache.follower = self
+        if args.speculative_algorithm not in HEAD_ALGORITHMS or target_cache.tree is None:
+            return None
         return DraftPrefixTree(self.pools.allocator, target.config.vocab_size)
 
     # ---- memory ----
@@ -147,6 +151,8 @@ class DraftRunner:
 
     # ---- in step with the target's radix cache (PrefixCache.follower) ----
     def target_limit(self, tokens: List[int], namespace: Optional[int], matched: int) -> int:
+        if self.prefix is None:  # no head entries to keep in step with: no limit (any tier's tokens too)
+            return len(tokens)
         return self.prefix.target_limit(tokens, namespace, matched)
 
     def reset(self) -> None:
@@ -154,7 +160,8 @@ class DraftRunner:
         runs or waits: every state left is stale, and every entry goes."""
         for rid in list(self.states):
             self.release(rid)
-        self.prefix.clear()
+        if self.prefix is not None:
+            self.prefix.clear()
 
     def truncate(self, state: DraftState, length: int) -> None:
         if state.spec_len > length:

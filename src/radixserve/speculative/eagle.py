@@ -167,11 +167,11 @@ class EagleDrafter:
 
     def commit(self, reqs: Sequence) -> None:
         """Drop the chain's draft KV (the next extend recomputes accepted
-        positions from the target's features) and features of rejected drafts."""
+        positions from the target's features) and features of rejected drafts.
+        (A finished request's state already ended with its KV: DraftRunner.finish.)"""
         for req in reqs:
             state = self.draft.states.get(req.rid)
             if req.finished:
-                self.draft.finish(req)
                 req.spec_features = []
                 continue
             if state is not None:

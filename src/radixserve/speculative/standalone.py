@@ -64,13 +64,9 @@ class StandaloneDrafter:
         return drafts
 
     def commit(self, reqs: Sequence) -> None:
-        for req in reqs:
+        for req in reqs:  # (a finished request's state already ended with its KV: DraftRunner.finish)
             state = self.draft.states.get(req.rid)
-            if state is None:
-                continue
-            if req.finished:
-                self.draft.release(req.rid)
-            else:
+            if state is not None:
                 self.draft.truncate(state, min(req.kv_len, state.spec_len))
 
     def _trees(self, states, base: List[int], logits: torch.Tensor, vocab_size: int) -> list:
