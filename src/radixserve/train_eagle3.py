@@ -113,13 +113,35 @@ def batches(samples, args, rng: random.Random) -> Iterator[tuple]:
 
 
 def stack_windows(group: List[tuple]) -> tuple:
-    length = max(features.shape[0] for features, _, _ in group)
+    """(features [B, T, F], inputs [S, B, T], labels [S, B, T], soft labels
+    ([S, B, T, K] ids and probabilities) or None)."""
+    length = max(features.shape[0] for features, _, _, _ in group)
     pad = torch.nn.functional.pad
 
-    features = torch.stack([pad(f, (0, 0, 0, length - f.shape[0])) for f, _, _ in group])
-    inputs = torch.stack([pad(i, (0, length - i.shape[1]), value=0) for _, i, _ in group], 1)
-    labels = torch.stack([pad(l, (0, length - l.shape[1]), value=-1) for _, _, l in group], 1)
-    return features, inputs, labels
+    features = torch.stack([pad(f, (0, 0, 0, length - f.shape[0])) for f, _, _, _ in group])
+    inputs = torch.stack([pad(i, (0, length - i.shape[1]), value=0) for _, i, _, _ in group], 1)
+    labels = torch.stack([pad(l, (0, length - l.shape[1]), value=-1) for _, _, l, _ in group], 1)
+    if group[0][3] is None:
+        return features, inputs, labels, None
+    ids = torch.stack([pad(soft[0], (0, 0, 0, length - soft[0].shape[1]), value=-1) for *_, soft in group], 1)
+    probs = torch.stack([pad(soft[1], (0, 0, 0, length - soft[1].shape[1])) for *_, soft in group], 1)
+    return features, inputs, labels, (ids, probs)
+
+
+def soft_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Tensor,
+                       target_to_draft: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of draft logits [..., V'] against the target's top
+    tokens (target ids [..., K], -1 for none) and probabilities [..., K],
+    renormalised over those in the draft vocabulary (the target's softmax over
+    it, as far as its top K reach); positions with none of them count for nothing."""
+    mapped = torch.where(ids >= 0, target_to_draft[ids.clamp(min=0)], -1)
+    weights = torch.where(mapped >= 0, probs.float(), 0.0)
+    mass = weights.sum(-1)
+    weights = weights / mass.clamp(min=1e-9).unsqueeze(-1)
+    log_q = logits.float().log_softmax(-1).gather(-1, mapped.clamp(min=0))
+    per_position = -(weights * log_q).sum(-1)
+    counted = mass > 0
+    return per_position[counted].sum() / counted.sum().clamp(min=1)
 
 
 def lr_factor(progress: float) -> float:
@@ -143,7 +165,7 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
     if args.time_budget:
         deadline = min(deadline, started + args.time_budget - SAVE_SECONDS)
     for _ in range(args.epochs):
-        for features, inputs, labels in batches(samples, args, rng):
+        for features, inputs, labels, soft in batches(samples, args, rng):
             now = time.monotonic()
             if now > deadline:
                 logger.info("the time limit stopped training after %d steps", len(losses))
@@ -158,10 +180,15 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
             logits = head.train_forward(features, inputs.clone().to(args.device))
             loss = 0.0
             for step, step_logits in enumerate(logits):
-                target = labels[step].to(args.device)
-                mapped = torch.where(target >= 0, target_to_draft[target.clamp(min=0)], -1)
-                loss = loss + STEP_WEIGHT**step * torch.nn.functional.cross_entropy(
-                    step_logits.flatten(0, 1), mapped.flatten(), ignore_index=-1)
+                if soft is not None:
+                    step_loss = soft_cross_entropy(step_logits, soft[0][step].to(args.device),
+                                                   soft[1][step].to(args.device), target_to_draft)
+                else:
+                    target = labels[step].to(args.device)
+                    mapped = torch.where(target >= 0, target_to_draft[target.clamp(min=0)], -1)
+                    step_loss = torch.nn.functional.cross_entropy(step_logits.flatten(0, 1), mapped.flatten(),
+                                                                  ignore_index=-1)
+                loss = loss + STEP_WEIGHT**step * step_loss
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -237,6 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--feature-device", default=None,
                    help="where the captured features are kept (default: --device; cpu holds more answers than "
                         "a GPU: 2 x 3 x hidden bytes a token, 32 GB for the default model's 9.2M tokens)")
+    p.add_argument("--soft-labels", type=int, default=0, metavar="K",
+                   help="learn the target's next-token distribution (its K likeliest tokens, renormalised over "
+                        "the draft vocabulary) rather than only its choice; 0: its choice only")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
     args = p.parse_args(argv)
@@ -358,7 +388,7 @@ def main(argv=None) -> None:
                                     + 1024, max_running_requests=CAPTURE_BATCH_SEQS, disable_cuda_graph=True, **extra))
     layers = feature_layers(args.head, runner.config.num_hidden_layers)
     capture = TargetFeatures(runner, layers, args.capture_batch_tokens, CAPTURE_BATCH_SEQS,
-                             args.feature_device or args.device)
+                             args.feature_device or args.device, top_k=args.soft_labels)
     samples = list(tqdm(capture.all(seqs), total=len(seqs), desc="target hidden states", unit="seq"))
     vocab = draft_vocabulary(samples, args.draft_vocab_size, runner.config.vocab_size)
     config = head_config(runner.config, len(vocab), layers, args.intermediate_size, args.head)

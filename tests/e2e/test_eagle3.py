@@ -129,11 +129,14 @@ def test_held_out_walk_matches_serving(target, head):
 
 def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
     """--sequences FILE, when it exists, replaces generation: a run asking for
-    1 prompt trains on the file's 3 answers."""
+    1 prompt trains on the file's 3 answers (here on the target's top 8
+    tokens, --soft-labels)."""
     train_eagle3(["--model-path", str(target), "--output-dir", str(tmp_path), "--num-prompts", "1",
-                  "--draft-vocab-size", "64", "--sequences", str(head / "sequences.pt")])
+                  "--draft-vocab-size", "64", "--soft-labels", "8", "--epochs", "4",
+                  "--sequences", str(head / "sequences.pt")])
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["sequences"] == 3 and "held_out" in log
+    assert log["steps"] > 4 and log["losses"][-1] < log["losses"][0]
 
 
 def test_a_request_ending_in_a_plain_step_gives_its_draft_entries_to_the_tree(target, head):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -137,6 +137,10 @@ class Sample:
     features: torch.Tensor  # [T, layers x hidden] the captured layers' outputs (the target's dtype)
     greedy: torch.Tensor  # [T] int64: the target's argmax after each position
     tokens: torch.Tensor  # [T] int64
+    # With TargetFeatures(top_k=K): the target's K likeliest next tokens after
+    # each position [T, K] (int64) and their probabilities [T, K] (float16).
+    top_ids: Optional[torch.Tensor] = None
+    top_probs: Optional[torch.Tensor] = None
 
 
 class TargetFeatures:
@@ -144,11 +148,13 @@ class TargetFeatures:
     extend forward, capturing `layers`; each batch's KV is freed right after.
     The runner's pools must hold max_batch_tokens (0: one sequence per
     forward) or the longest sequence, and max_batch_seqs requests. The
-    features are kept on store_device."""
+    features are kept on store_device. top_k > 0 keeps the target's top_k
+    likeliest next tokens and their probabilities too (soft labels)."""
 
     def __init__(self, runner, layers: Sequence[int], max_batch_tokens: int = 0, max_batch_seqs: int = 1,
-                 store_device: str = "cpu") -> None:
+                 store_device: str = "cpu", top_k: int = 0) -> None:
         self.runner, self.layers, self.store_device = runner, tuple(layers), store_device
+        self.top_k = top_k
         self.pools = runner.pools
         self.max_batch_tokens, self.max_batch_seqs = max_batch_tokens, max_batch_seqs
 
@@ -198,12 +204,26 @@ class TargetFeatures:
             logits = out.all_logits if out.all_logits is not None else out.next_token_logits
             greedy = logits.argmax(-1).cpu()
             features = out.aux_hidden.to(self.store_device)
-            return [Sample(features[s:s + n].clone(), greedy[s:s + n], torch.tensor(ids))
-                    for s, n, ids in zip(starts, lens, seqs)]
+            ids, probs = self._top(logits) if self.top_k else (None, None)
+            return [Sample(features[s:s + n].clone(), greedy[s:s + n], torch.tensor(ids_),
+                           *((ids[s:s + n].clone(), probs[s:s + n].clone()) if self.top_k else ()))
+                    for s, n, ids_ in zip(starts, lens, seqs)]
         finally:
             for row, start, n in zip(rows, starts, lens):  # free() takes one request's slots at a time
                 pools.allocator.free(slots[start:start + n])
                 pools.req_to_token_pool.free(row)
+
+
+    def _top(self, logits: torch.Tensor, rows_at_once: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The top_k tokens of each row's softmax and their probabilities (a
+        few thousand rows at a time: a float32 copy of 16k rows over a 49k
+        vocabulary is 3 GB)."""
+        ids, probs = [], []
+        for chunk in logits.split(rows_at_once):
+            top = chunk.float().log_softmax(-1).topk(self.top_k, -1)
+            ids.append(top.indices.to(self.store_device))
+            probs.append(top.values.exp().half().to(self.store_device))
+        return torch.cat(ids), torch.cat(probs)
 
 
 def draft_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) -> torch.Tensor:
@@ -216,10 +236,12 @@ def draft_vocabulary(samples: Sequence[Sample], size: int, vocab_size: int) -> t
 
 
 def windows(samples: Sequence[Sample], length: int, num_steps: int, rng: random.Random) -> Iterator[tuple]:
-    """(features [T, F], step inputs [S, T], step labels [S, T]) windows of
-    each sample, in random order. Step s at origin p reads token p+1 (s = 0)
-    or the target's choice after p+s, and must predict the target's choice
-    after p+1+s; -1 where the window runs past the sample."""
+    """(features [T, F], step inputs [S, T], step labels [S, T], soft labels)
+    windows of each sample, in random order. Step s at origin p reads token
+    p+1 (s = 0) or the target's choice after p+s, and must predict the
+    target's choice after p+1+s; -1 where the window runs past the sample.
+    Soft labels: None, or the target's top tokens [S, T, K] (-1 past the
+    sample) and probabilities [S, T, K] after p+1+s, where the samples have them."""
     order = [(i, start) for i, s in enumerate(samples) for start in range(0, max(len(s.tokens) - 1, 1), length)]
     rng.shuffle(order)
     for i, start in order:
@@ -227,11 +249,16 @@ def windows(samples: Sequence[Sample], length: int, num_steps: int, rng: random.
         total = len(s.tokens)
         end = min(start + length, total - 1)  # origins need the next token
         origins = torch.arange(start, end)
-        inputs, labels = [], []
+        inputs, labels, top_ids, top_probs = [], [], [], []
         for step in range(num_steps):
             src = s.tokens if step == 0 else s.greedy
             at = origins + 1 if step == 0 else origins + step
             inputs.append(torch.where(at < total, src[at.clamp(max=total - 1)], 0))
             target_at = origins + 1 + step
-            labels.append(torch.where(target_at < total, s.greedy[target_at.clamp(max=total - 1)], -1))
-        yield s.features[start:end], torch.stack(inputs), torch.stack(labels)
+            inside = target_at < total
+            labels.append(torch.where(inside, s.greedy[target_at.clamp(max=total - 1)], -1))
+            if s.top_ids is not None:
+                top_ids.append(torch.where(inside[:, None], s.top_ids[target_at.clamp(max=total - 1)], -1))
+                top_probs.append(s.top_probs[target_at.clamp(max=total - 1)])
+        soft = (torch.stack(top_ids), torch.stack(top_probs)) if top_ids else None
+        yield s.features[start:end], torch.stack(inputs), torch.stack(labels), soft

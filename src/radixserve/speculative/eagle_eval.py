@@ -38,7 +38,7 @@ def evaluate_head(head: torch.nn.Module, samples: Sequence[Sample], prompt_lens:
         length = len(sample.tokens)
         if length - prompt_len < 2:
             continue
-        (features, inputs, labels), = windows([sample], length, num_steps, random.Random(0))
+        (features, inputs, labels, _), = windows([sample], length, num_steps, random.Random(0))
         logits = head.train_forward(features[None].float().to(device), inputs[:, None].to(device))
         drafts = torch.stack([draft_to_target[step[0].argmax(-1).cpu()] for step in logits])  # [S, T-1]
         hits = (drafts == labels) & (labels >= 0)
