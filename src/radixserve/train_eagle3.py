@@ -279,6 +279,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--generate-only needs --sequences FILE to write the answers to")
     if not args.generate_only and not args.output_dir:
         p.error("--output-dir is required (unless --generate-only)")
+    if args.soft_labels < 0:
+        p.error(f"--soft-labels must be >= 0, got {args.soft_labels}")
 
 
 def held_out_prompts(engine, args, chat: bool, seqs: List[List[int]]) -> List[List[int]]:

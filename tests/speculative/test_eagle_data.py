@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from radixserve.speculative.eagle_data import Sample, question_in, windows
-from radixserve.train_eagle3 import batches, soft_cross_entropy
+from radixserve.train_eagle3 import batches, parse_args, soft_cross_entropy
 
 
 def test_question_in_takes_a_quoted_question_or_a_question_line():
@@ -153,3 +154,10 @@ def test_captured_top_tokens_are_the_targets_softmax(tiny_model_factory):
         assert torch.equal(s.top_ids[:, 0], s.greedy)
         torch.testing.assert_close(s.top_probs.float(), probs.gather(-1, s.top_ids), rtol=2e-3, atol=1e-4)
         assert (s.top_probs[:, :-1] >= s.top_probs[:, 1:]).all()
+
+
+def test_trainer_refuses_a_negative_soft_label_count(capsys):
+    assert parse_args(["--output-dir", "h", "--soft-labels", "16"]).soft_labels == 16
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", "h", "--soft-labels", "-1"])
+    assert "--soft-labels must be >= 0" in capsys.readouterr().err

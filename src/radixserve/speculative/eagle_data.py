@@ -204,15 +204,15 @@ class TargetFeatures:
             logits = out.all_logits if out.all_logits is not None else out.next_token_logits
             greedy = logits.argmax(-1).cpu()
             features = out.aux_hidden.to(self.store_device)
-            ids, probs = self._top(logits) if self.top_k else (None, None)
-            return [Sample(features[s:s + n].clone(), greedy[s:s + n], torch.tensor(ids_),
-                           *((ids[s:s + n].clone(), probs[s:s + n].clone()) if self.top_k else ()))
-                    for s, n, ids_ in zip(starts, lens, seqs)]
+            top_ids, top_probs = self._top(logits) if self.top_k else (None, None)
+            part = lambda t, s, n: None if t is None else t[s:s + n].clone()  # noqa: E731
+            return [Sample(features[s:s + n].clone(), greedy[s:s + n], torch.tensor(ids),
+                           part(top_ids, s, n), part(top_probs, s, n))
+                    for s, n, ids in zip(starts, lens, seqs)]
         finally:
             for row, start, n in zip(rows, starts, lens):  # free() takes one request's slots at a time
                 pools.allocator.free(slots[start:start + n])
                 pools.req_to_token_pool.free(row)
-
 
     def _top(self, logits: torch.Tensor, rows_at_once: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
         """The top_k tokens of each row's softmax and their probabilities (a
