@@ -4,10 +4,14 @@ For each configuration (no speculation, then the speculative flags given):
 batch-1 decode speed (output tokens / second over requests run one at a
 time, greedy) and the mean accept length; then throughput at larger batch
 sizes (all requests at once, the median of --repeats runs). Workload: `rewrite` (the model copies a given
-text back: n-gram drafts match) or `chat` (held-out chat prompts).
+text back: n-gram drafts match), `chat` (8 chat questions written here) or `heldout` (the 128
+questions of heldout_questions.json: questions the default model wrote itself when asked for one,
+the held-out set of the shipped EAGLE-3 head's training, which no training answer begins with).
 
     PYTHONPATH=src python bench/spec_bench.py --workload rewrite --spec NGRAM
     PYTHONPATH=src python bench/spec_bench.py --workload chat --spec EAGLE3
+    PYTHONPATH=src python bench/spec_bench.py --workload heldout --spec EAGLE3 --new-tokens 256 \
+        --batch1-requests 128 --batch-sizes
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List
 
 from radixserve import Engine
@@ -31,10 +36,14 @@ CHAT_PROMPTS = [
 ]
 
 
+HELD_OUT_QUESTIONS = Path(__file__).with_name("heldout_questions.json")
+
+
 def prompts(workload: str, count: int) -> List[List[Dict[str, str]]]:
     if workload == "rewrite":
         return [[{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{TEXT}"}]] * count
-    return [[{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}] for i in range(count)]
+    questions = json.loads(HELD_OUT_QUESTIONS.read_text()) if workload == "heldout" else CHAT_PROMPTS
+    return [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(count)]
 
 
 def chat_ids(engine: Engine, messages) -> List[int]:
@@ -73,7 +82,7 @@ def measure(engine: Engine, workload: str, new_tokens: int, batch_sizes: List[in
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-path", default=None)
-    parser.add_argument("--workload", choices=("rewrite", "chat"), default="rewrite")
+    parser.add_argument("--workload", choices=("rewrite", "chat", "heldout"), default="rewrite")
     parser.add_argument("--spec", default="NGRAM", help="--speculative-algorithm to compare")
     parser.add_argument("--draft", default=None, help="--speculative-draft-model-path")
     parser.add_argument("--new-tokens", type=int, default=64)

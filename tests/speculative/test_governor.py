@@ -106,3 +106,22 @@ def test_cost_is_seconds_over_tokens_not_a_mean_of_per_step_ratios():
     assert modes[16:] == [True] * 44
     info = gov.info()["1"]
     assert abs(info["speculate_s_per_token"] - 0.007) < 1e-3 and abs(info["plain_s_per_token"] - 0.008) < 1e-9
+
+
+def test_a_run_of_unlucky_verifies_does_not_turn_a_winning_head_off():
+    """Verify steps keep 1 to 4 tokens: a head at 2.25 tokens a 9.4 ms cycle
+    (4.2 ms a token) beats 7 ms plain steps, though eight verifies in a row may
+    keep one token each (9.4 ms a token). The average spans enough steps that
+    such a run does not switch to plain steps (which would then last until the
+    next probe)."""
+    clock = Clock()
+    gov = SpecGovernor(first_probe_steps=32, probe_steps=8, recheck_every=10_000, probe_share=1.0, clock=clock)
+    modes = []
+    for step in range(400):
+        mode = gov.choose(1)
+        gov.step_started(1, mode)
+        clock.now += 0.0094 if mode else 0.007
+        gov.step_finished((1.0 if step % 16 < 8 else 3.5) if mode else 1.0)
+        modes.append(mode)
+    assert modes[:32] == [True] * 32 and modes[32:64] == [False] * 32  # the first probes
+    assert modes[64:] == [True] * 336
