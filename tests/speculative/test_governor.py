@@ -17,14 +17,15 @@ class Clock:
 
 
 def run(gov: SpecGovernor, clock: Clock, steps: int, batch: int, cost: dict) -> list:
-    """`steps` eligible decode steps; cost[mode] = (seconds, tokens per request)."""
+    """`steps` eligible decode steps; cost[mode] = (seconds, tokens per request),
+    the tokens a number or a function of the step's index."""
     modes = []
-    for _ in range(steps):
+    for step in range(steps):
         mode = gov.choose(batch)
         gov.step_started(batch, mode)
         seconds, tokens = cost[mode]
         clock.now += seconds
-        gov.step_finished(tokens)
+        gov.step_finished(tokens(step) if callable(tokens) else tokens)
         modes.append(mode)
     return modes
 
@@ -96,13 +97,7 @@ def test_cost_is_seconds_over_tokens_not_a_mean_of_per_step_ratios():
     at 0.008; the mean of the steps' own ratios (0.0093) would have called it dearer."""
     clock = Clock()
     gov = SpecGovernor(first_probe_steps=8, probe_steps=8, recheck_every=100, probe_share=1.0, clock=clock)
-    modes = []
-    for step in range(60):
-        mode = gov.choose(1)
-        gov.step_started(1, mode)
-        clock.now += 0.014 if mode else 0.008
-        gov.step_finished((1.0, 3.0)[step % 2] if mode else 1.0)
-        modes.append(mode)
+    modes = run(gov, clock, 60, 1, {True: (0.014, lambda step: (1.0, 3.0)[step % 2]), False: (0.008, 1.0)})
     assert modes[16:] == [True] * 44
     info = gov.info()["1"]
     assert abs(info["speculate_s_per_token"] - 0.007) < 1e-3 and abs(info["plain_s_per_token"] - 0.008) < 1e-9
@@ -116,12 +111,6 @@ def test_a_run_of_unlucky_verifies_does_not_turn_a_winning_head_off():
     next probe)."""
     clock = Clock()
     gov = SpecGovernor(first_probe_steps=32, probe_steps=8, recheck_every=10_000, probe_share=1.0, clock=clock)
-    modes = []
-    for step in range(400):
-        mode = gov.choose(1)
-        gov.step_started(1, mode)
-        clock.now += 0.0094 if mode else 0.007
-        gov.step_finished((1.0 if step % 16 < 8 else 3.5) if mode else 1.0)
-        modes.append(mode)
+    modes = run(gov, clock, 400, 1, {True: (0.0094, lambda step: 1.0 if step % 16 < 8 else 3.5), False: (0.007, 1.0)})
     assert modes[:32] == [True] * 32 and modes[32:64] == [False] * 32  # the first probes
     assert modes[64:] == [True] * 336
