@@ -215,14 +215,16 @@ class TargetFeatures:
                 pools.req_to_token_pool.free(row)
 
     def _top(self, logits: torch.Tensor, rows_at_once: int = 4096) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The top_k tokens of each row's softmax and their probabilities (a
-        few thousand rows at a time: a float32 copy of 16k rows over a 49k
-        vocabulary is 3 GB)."""
+        """The top_k tokens of each row's softmax and their probabilities: the
+        logits' top_k minus the row's log-sum-exp (no softmax of the whole row
+        is kept; a few thousand rows at a time, since a float32 copy of 16k
+        rows over a 49k vocabulary is 3 GB)."""
         ids, probs = [], []
         for chunk in logits.split(rows_at_once):
-            top = chunk.float().log_softmax(-1).topk(self.top_k, -1)
+            chunk = chunk.float()
+            top = chunk.topk(self.top_k, -1)
             ids.append(top.indices.to(self.store_device))
-            probs.append(top.values.exp().half().to(self.store_device))
+            probs.append((top.values - chunk.logsumexp(-1, keepdim=True)).exp().half().to(self.store_device))
         return torch.cat(ids), torch.cat(probs)
 
 
@@ -255,10 +257,10 @@ def windows(samples: Sequence[Sample], length: int, num_steps: int, rng: random.
             at = origins + 1 if step == 0 else origins + step
             inputs.append(torch.where(at < total, src[at.clamp(max=total - 1)], 0))
             target_at = origins + 1 + step
-            inside = target_at < total
-            labels.append(torch.where(inside, s.greedy[target_at.clamp(max=total - 1)], -1))
+            inside, at_target = target_at < total, target_at.clamp(max=total - 1)
+            labels.append(torch.where(inside, s.greedy[at_target], -1))
             if s.top_ids is not None:
-                top_ids.append(torch.where(inside[:, None], s.top_ids[target_at.clamp(max=total - 1)], -1))
-                top_probs.append(s.top_probs[target_at.clamp(max=total - 1)])
+                top_ids.append(torch.where(inside[:, None], s.top_ids[at_target], -1))
+                top_probs.append(s.top_probs[at_target])
         soft = (torch.stack(top_ids), torch.stack(top_probs)) if top_ids else None
         yield s.features[start:end], torch.stack(inputs), torch.stack(labels), soft
