@@ -144,6 +144,16 @@ def soft_cross_entropy(logits: torch.Tensor, ids: torch.Tensor, probs: torch.Ten
     return per_position[counted].sum() / counted.sum().clamp(min=1)
 
 
+def add_feature_noise(features: torch.Tensor, scale: float, hidden_size: int) -> torch.Tensor:
+    """Features [..., L x hidden] plus Gaussian noise of `scale` times each
+    layer's root mean square at that position (the three layers' outputs
+    differ in size by orders of magnitude): at serving time the head reads
+    features of text it never saw, and noise keeps it from keying on exact values."""
+    layers = features.unflatten(-1, (-1, hidden_size))
+    rms = layers.pow(2).mean(-1, keepdim=True).sqrt()
+    return (layers + scale * rms * torch.randn_like(layers)).flatten(-2)
+
+
 def lr_factor(progress: float) -> float:
     if progress < WARMUP:
         return 0.04 + 0.96 * progress / WARMUP
@@ -177,6 +187,8 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
             # (captured under inference mode: cloned to become autograd inputs; moved in
             # the captured dtype, which float32 holds exactly)
             features = features.to(args.device).float().clone()
+            if args.feature_noise:
+                features = add_feature_noise(features, args.feature_noise, head.config.hidden_size)
             logits = head.train_forward(features, inputs.clone().to(args.device))
             loss = 0.0
             for step, step_logits in enumerate(logits):
@@ -267,6 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--soft-labels", type=int, default=0, metavar="K",
                    help="learn the target's next-token distribution (its K likeliest tokens, renormalised over "
                         "the draft vocabulary) rather than only its choice; 0: its choice only")
+    p.add_argument("--feature-noise", type=float, default=0.0, metavar="SCALE",
+                   help="train on features plus Gaussian noise of SCALE x each layer's RMS (0: none)")
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--engine-args", default="{}", help="JSON of extra arguments for the target's Engine")
     args = p.parse_args(argv)
@@ -281,6 +295,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--output-dir is required (unless --generate-only)")
     if args.soft_labels < 0:
         p.error(f"--soft-labels must be >= 0, got {args.soft_labels}")
+    if args.feature_noise < 0:
+        p.error(f"--feature-noise must be >= 0, got {args.feature_noise}")
 
 
 def held_out_prompts(engine, args, chat: bool, seqs: List[List[int]]) -> List[List[int]]:

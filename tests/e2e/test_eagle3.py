@@ -130,9 +130,9 @@ def test_held_out_walk_matches_serving(target, head):
 def test_a_second_run_trains_on_the_saved_sequences(target, head, tmp_path):
     """--sequences FILE, when it exists, replaces generation: a run asking for
     1 prompt trains on the file's 3 answers (here on the target's top 8
-    tokens, --soft-labels)."""
+    tokens, --soft-labels, with noisy features, --feature-noise)."""
     train_eagle3(["--model-path", str(target), "--output-dir", str(tmp_path), "--num-prompts", "1",
-                  "--draft-vocab-size", "64", "--soft-labels", "8", "--epochs", "4",
+                  "--draft-vocab-size", "64", "--soft-labels", "8", "--feature-noise", "0.05", "--epochs", "4",
                   "--sequences", str(head / "sequences.pt")])
     log = json.loads((tmp_path / "train_log.json").read_text())
     assert log["sequences"] == 3 and "held_out" in log

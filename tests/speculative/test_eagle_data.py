@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from radixserve.speculative.eagle_data import Sample, question_in, windows
-from radixserve.train_eagle3 import batches, parse_args, soft_cross_entropy
+from radixserve.train_eagle3 import add_feature_noise, batches, parse_args, soft_cross_entropy
 
 
 def test_question_in_takes_a_quoted_question_or_a_question_line():
@@ -161,3 +161,25 @@ def test_trainer_refuses_a_negative_soft_label_count(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output-dir", "h", "--soft-labels", "-1"])
     assert "--soft-labels must be >= 0" in capsys.readouterr().err
+
+
+def test_feature_noise_follows_each_layers_size():
+    """Three layers' outputs of very different sizes, as a target's are: each
+    gets noise of `scale` times its own RMS at that position, independent draws."""
+    torch.manual_seed(0)
+    hidden, sizes = 256, torch.tensor([0.1, 3.0, 80.0])
+    features = (torch.randn(64, 3, hidden) * sizes[:, None]).flatten(-2)
+    noisy = add_feature_noise(features, 0.2, hidden)
+    layers, diff = features.unflatten(-1, (3, hidden)), (noisy - features).unflatten(-1, (3, hidden))
+    relative = diff.pow(2).mean(-1).sqrt() / layers.pow(2).mean(-1).sqrt()  # [positions, layers]
+    assert relative.mean().item() == pytest.approx(0.2, rel=0.03)
+    torch.testing.assert_close(relative.mean(0), torch.full((3,), 0.2), rtol=0.05, atol=0)
+    assert abs(torch.corrcoef(torch.stack([diff[:, 0].flatten(), diff[:, 1].flatten() / 30]))[0, 1]) < 0.05
+    assert torch.equal(add_feature_noise(features, 0.0, hidden), features)
+
+
+def test_trainer_refuses_negative_feature_noise(capsys):
+    assert parse_args(["--output-dir", "h", "--feature-noise", "0.1"]).feature_noise == 0.1
+    with pytest.raises(SystemExit):
+        parse_args(["--output-dir", "h", "--feature-noise", "-0.5"])
+    assert "--feature-noise must be >= 0" in capsys.readouterr().err
