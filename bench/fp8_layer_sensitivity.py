@@ -27,29 +27,24 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from quant_accuracy import doc_prompts  # noqa: E402
+from quant_accuracy import doc_prompts, runner_logits  # noqa: E402
 from radixserve.layers.linear import Linear  # noqa: E402
-from radixserve.layers.quantization import FP8_DTYPE, quantize_per_row  # noqa: E402
+from radixserve.layers.quantization import FP8  # noqa: E402
 from radixserve.model_executor.model_runner import ModelRunner  # noqa: E402
 from radixserve.model_loader.source import resolve_model_source  # noqa: E402
 from radixserve.server_args import ServerArgs  # noqa: E402
 from radixserve.utils.hf_utils import load_tokenizer  # noqa: E402
-from tests.models.deepseek_tiny import teacher_forced_logits  # noqa: E402
 
 KINDS = ("qkv", "o_proj", "gate_up", "down")
 
 
-def all_logits(runner: ModelRunner, ids: List[List[int]], per_forward: int = 8) -> torch.Tensor:
-    out = []
-    for start in range(0, len(ids), per_forward):
-        batch = ids[start:start + per_forward]
-        out += [x.float() for x in teacher_forced_logits(runner, batch, chunks=[max(map(len, batch))], decode_steps=0)]
-    return torch.cat(out)
+def all_logits(runner: ModelRunner, ids: List[List[int]]) -> torch.Tensor:
+    return torch.cat(runner_logits(runner, ids))
 
 
 def fp8_rounded(weight: torch.Tensor) -> torch.Tensor:
-    q, scale = quantize_per_row(weight.float(), FP8_DTYPE)
-    return (q.float() * scale.view(-1, 1)).to(weight.dtype)
+    """The weight as --quantization fp8 holds it (its format's own quantize), back in its dtype."""
+    return FP8.dequantize(*FP8.quantize(weight)).to(weight.dtype)
 
 
 def groups(names: Iterable[str]) -> Dict[str, List[str]]:

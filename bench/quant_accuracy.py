@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -59,19 +59,27 @@ METHODS = {
 }
 
 
+def runner_logits(runner: ModelRunner, ids: List[List[int]], per_forward: int = 8,
+                  chunk: Optional[int] = None) -> List[torch.Tensor]:
+    """Every position's float32 logits of each prompt, teacher-forced:
+    per_forward prompts in each forward, in extends of `chunk` tokens (None: all at once)."""
+    out = []
+    for start in range(0, len(ids), per_forward):
+        batch = ids[start:start + per_forward]
+        longest = max(map(len, batch))
+        size = chunk or longest
+        out += [x.float().cpu() for x in teacher_forced_logits(runner, batch, chunks=[size] * -(-longest // size),
+                                                                decode_steps=0)]
+    return out
+
+
 def logits_of(args: argparse.Namespace, ids: List[List[int]], method) -> List[torch.Tensor]:
     flags = METHODS.get(method, {})
     runner = ModelRunner(ServerArgs(**{"model_path": args.model_path, "device": args.device, "dtype": args.dtype,
                                        "max_total_tokens": 4096, **flags}))
-    out, per_forward = [], args.prompts_per_forward if method else 8
-    for start in range(0, len(ids), per_forward):
-        batch = ids[start:start + per_forward]
-        longest = max(map(len, batch))
-        chunk = args.chunk if method and args.chunk else longest
-        out += [x.float().cpu() for x in teacher_forced_logits(runner, batch, chunks=[chunk] * -(-longest // chunk),
-                                                                decode_steps=0)]
-    del runner
-    return out
+    if not method:  # the reference: 8 prompts a forward, each whole
+        return runner_logits(runner, ids)
+    return runner_logits(runner, ids, args.prompts_per_forward, args.chunk)
 
 
 def main() -> None:

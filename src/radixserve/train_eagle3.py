@@ -185,11 +185,11 @@ def train(head, samples, args, target_to_draft: torch.Tensor, started: float) ->
             progress = max(len(losses) / total, (now - train_start) / max(deadline - train_start, 1e-9))
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(progress)
-            # (captured under inference mode: cloned to become autograd inputs; moved in
-            # the captured dtype, which float32 holds exactly)
-            features = features.to(args.device).float().clone()
-            if args.feature_noise:
-                features = add_feature_noise(features, args.feature_noise, head.config.hidden_size)
+            # (captured under inference mode: cloned, or noised into a new tensor, to become
+            # autograd inputs; moved in the captured dtype, which float32 holds exactly)
+            features = features.to(args.device).float()
+            features = add_feature_noise(features, args.feature_noise, head.config.hidden_size) \
+                if args.feature_noise else features.clone()
             logits = head.train_forward(features, inputs.clone().to(args.device))
             loss = 0.0
             for step, step_logits in enumerate(logits):

@@ -51,10 +51,9 @@ class BucketState:
     probe_mode: Optional[bool] = None  # the mode being measured, if a probe runs
     probe_left: int = 0
     since_probe: int = 0
-    # A probe's first sample replaces the mode's old average: it is the news.
-    stale: Dict[bool, bool] = field(default_factory=lambda: {True: False, False: False})
     # Samples in each mode's average since it was (re)started: the first n
     # weigh 1/n each (a plain mean), so a probe's estimate is its steps' mean.
+    # 0 restarts it: a probe's first sample replaces the old average (it is the news).
     samples: Dict[bool, int] = field(default_factory=lambda: {True: 0, False: 0})
     # Speculation's cost / plain's in the nearest measured bucket: a new bucket
     # starts in the mode that won there and estimates the other from its own
@@ -93,21 +92,20 @@ class BucketState:
 
     def start_probe(self, mode: bool, steps: int) -> None:
         self.probe_mode, self.probe_left, self.since_probe = mode, steps, 0
-        self.stale[mode] = True
+        self.samples[mode] = 0
 
     def record(self, mode: bool, seconds: float, tokens: float) -> None:
+        self.samples[mode] += 1
         old = self.averages[mode]
-        if old is None or self.stale[mode]:
-            self.averages[mode], self.samples[mode] = (seconds, tokens), 1
+        if self.samples[mode] == 1:  # a new or restarted average
+            self.averages[mode] = (seconds, tokens)
         else:
-            self.samples[mode] += 1
             weight = max(EMA_WEIGHT, 1 / self.samples[mode])
             self.averages[mode] = ((1 - weight) * old[0] + weight * seconds, (1 - weight) * old[1] + weight * tokens)
-        self.stale[mode] = False
         if self.prior is not None and self.averages[not mode] is None:  # the other mode, by the prior's ratio
             seconds, tokens = self.averages[mode]
+            # (its sample count stays 0: its first probe's first step replaces the estimate)
             self.averages[not mode] = (seconds / self.prior if mode else seconds * self.prior, tokens)
-            self.stale[not mode] = True  # its first probe replaces the estimate
         self.prior = None
 
 
