@@ -39,6 +39,21 @@ def test_quantize_rows_equals_the_torch_quantizer(cols):
     assert rel(dequantize(q, scale).cpu(), x) < 0.05
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs 7 GB of GPU memory")
+def test_quantize_rows_past_two_billion_elements():
+    """A 150,000-token prefill into Llama-8B's down projection: [T, 14,336]
+    has more than 2^31 elements, so the row offsets must not be 32-bit (they
+    were, and profile_decode's 256 x 640 prefill faulted). The last rows, the
+    ones an overflow sends elsewhere, match the torch quantizer."""
+    rows, cols = 150_000, 14_336
+    x = torch.randn(rows, cols, dtype=torch.bfloat16, device="cuda")
+    q, scale = fp8_kernels.quantize_rows_fp8(x)
+    ref_q, ref_scale = quantize_per_row(x[-4:].float().cpu())
+    assert torch.allclose(scale[-4:].cpu(), ref_scale, rtol=1e-6, atol=0)
+    assert (q[-4:].cpu().float() != ref_q.float()).float().mean().item() < 1e-3
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 5, 17])  # one row (the GEMV), a partial tile, two tiles of 16
 @pytest.mark.parametrize("bias", [False, True])

@@ -50,7 +50,9 @@ def round_to_e4m3(x):
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, x_stride, n_cols, BLOCK: tl.constexpr,
                           SOFTWARE_ROUNDING: tl.constexpr):
-    row = tl.program_id(0)
+    # 64-bit: a 150,000-token prefill of Llama-8B's down projection input
+    # ([T, 14,336]) has more than 2^31 elements.
+    row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     top = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
