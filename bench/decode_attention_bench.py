@@ -23,6 +23,7 @@ from radixserve.layers.attention import paged_attention as pa
 # context length sets deterministic mode's split length (fixed_decode_splits);
 # bench/bench_shapes.py's configs use 8,192 (--context-len 8192 to match them).
 SHAPES = {"qwen0.6b": (16, 8, 128, 40960), "llama8b": (32, 8, 128, 131072)}
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def time_call(fn, calls_per_graph: int = 20, replays: int = 10) -> float:
@@ -44,15 +45,17 @@ def time_call(fn, calls_per_graph: int = 20, replays: int = 10) -> float:
 
 
 def bench_case(shape: str, batch: int, context: int, deterministic: bool, split_tokens: int | None,
-               context_len: int | None = None) -> dict:
+               context_len: int | None = None, cache_dtype: str = "bf16", shuffled: bool = True) -> dict:
     heads, kv_heads, head_dim, det_context = SHAPES[shape]
     det_context = context_len or det_context
     dev = torch.device("cuda")
     slots = batch * context
-    k = torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    # Each request's positions in a shuffled set of slots, as a busy pool holds them.
-    table = torch.randperm(slots, device=dev, dtype=torch.int32).view(batch, context)
+    k = torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16).to(CACHE_DTYPES[cache_dtype])
+    v = torch.randn(slots, kv_heads, head_dim, device=dev, dtype=torch.bfloat16).to(CACHE_DTYPES[cache_dtype])
+    # Each request's positions in a shuffled set of slots, as a busy pool holds
+    # them, or in one run of slots, as a fresh pool hands them out.
+    order = torch.randperm(slots, device=dev) if shuffled else torch.arange(slots, device=dev)
+    table = order.to(torch.int32).view(batch, context)
     rows = torch.arange(batch, device=dev)
     lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
     q = torch.randn(batch, heads * head_dim, device=dev, dtype=torch.bfloat16)
@@ -70,7 +73,8 @@ def bench_case(shape: str, batch: int, context: int, deterministic: bool, split_
     fn = lambda: pa.decode_attention(q, k, v, out, table, rows, lens, head_dim ** -0.5, **kwargs)  # noqa: E731
     us = time_call(fn)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * k.element_size()
-    return dict(shape=shape, batch=batch, context=context, deterministic=deterministic,
+    return dict(shape=shape, batch=batch, context=context, deterministic=deterministic, cache=cache_dtype,
+                slots="shuffled" if shuffled else "contiguous", heads_fastest=pa.DECODE_HEADS_FASTEST,
                 split_tokens=kwargs.get("split_tokens"), programs_per_head=programs, us=round(us, 2),
                 kv_tb_per_s=round(kv_bytes / us / 1e6, 3))
 
@@ -83,16 +87,22 @@ def main() -> None:
     p.add_argument("--split-tokens", type=int, help="deterministic mode's split length")
     p.add_argument("--context-len", type=int, help="the model's context length (default: the real model's)")
     p.add_argument("--label", default="", help="copied into each JSON line")
+    p.add_argument("--cache-dtype", default="bf16", choices=sorted(CACHE_DTYPES))
+    p.add_argument("--contiguous", action="store_true", help="each request's slots in one run (default: shuffled)")
+    p.add_argument("--heads-fastest", action="store_true", help="the split kernel's grid with KV heads fastest")
+    p.add_argument("--no-deterministic", action="store_true", help="the default mode only")
     args = p.parse_args()
     if args.tile:
         keys, warps = (int(x) for x in args.tile.split(","))
         default_tiles = pa.decode_tiles
         pa.decode_tiles = lambda cache, qd, bd, progs, fixed: (  # noqa: E731
             pa.DecodeTiles(keys, warps, 2, False) if fixed else default_tiles(cache, qd, bd, progs, fixed))
+    pa.DECODE_HEADS_FASTEST = args.heads_fastest
     for case in args.cases.split(","):
         batch, context = (int(x) for x in case.split("x"))
-        for deterministic in (False, True):
-            row = bench_case(args.shape, batch, context, deterministic, args.split_tokens, args.context_len)
+        for deterministic in (False,) if args.no_deterministic else (False, True):
+            row = bench_case(args.shape, batch, context, deterministic, args.split_tokens, args.context_len,
+                             args.cache_dtype, not args.contiguous)
             row.update(label=args.label, tile=args.tile)
             print(json.dumps(row), flush=True)
 

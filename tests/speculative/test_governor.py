@@ -83,11 +83,11 @@ def test_first_step_after_a_change_and_interrupted_steps_are_not_counted():
 
 def test_a_much_dearer_mode_is_probed_rarely():
     """Speculation at 40x a plain step's cost (an eager verify cycle against a CUDA-graph
-    replay): probes of it wait until they take about probe_share of the time."""
+    replay): probes of it wait until they lose about probe_share of the time."""
     clock = Clock()
     gov = SpecGovernor(first_probe_steps=4, probe_steps=4, recheck_every=10, probe_share=0.05, clock=clock)
     modes = run(gov, clock, 8 + 2000, 1, {True: (0.04, 1.0), False: (0.001, 1.0)})
-    # after the two first probes: plain until 4 x 40 / 0.05 = 3,200 steps have passed
+    # after the two first probes: plain until 4 x (40 - 1) / 0.05 = 3,120 steps have passed
     assert modes[8:] == [False] * 2000
 
 
@@ -114,3 +114,17 @@ def test_a_run_of_unlucky_verifies_does_not_turn_a_winning_head_off():
     modes = run(gov, clock, 400, 1, {True: (0.0094, lambda step: 1.0 if step % 16 < 8 else 3.5), False: (0.007, 1.0)})
     assert modes[:32] == [True] * 32 and modes[32:64] == [False] * 32  # the first probes
     assert modes[64:] == [True] * 336
+
+
+def test_modes_near_a_tie_are_probed_often():
+    """A hard question makes plain steps win by 5%: a probe of speculation then
+    loses little (8 steps x 5%), so it comes after max(recheck_every, 8 x 0.05 /
+    probe_share) = 20 steps, and the next, easy question speculates again at once
+    rather than after hundreds of plain steps."""
+    clock = Clock()
+    gov = SpecGovernor(first_probe_steps=8, probe_steps=8, recheck_every=16, probe_share=0.02, clock=clock)
+    modes = run(gov, clock, 100, 1, {True: (0.0105, 1.0), False: (0.01, 1.0)})
+    assert modes[:8] == [True] * 8 and modes[16:].count(False) > modes[16:].count(True)
+    modes = run(gov, clock, 60, 1, {True: (0.0105, 3.0), False: (0.01, 1.0)})
+    resumed = modes.index(True)
+    assert resumed <= 21 and modes[resumed:] == [True] * (60 - resumed)

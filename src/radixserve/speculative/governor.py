@@ -14,7 +14,7 @@ mean of 1/n exceeded 1/mean(n) by a quarter at an accept length of 1.7,
 enough to turn off a head that gained 9%), and now and then it runs `probe_steps`
 of the other mode, because the accept length changes with the text and costs
 change with the batch's lengths: every `recheck_every` eligible steps, or
-less often when the other mode is so much dearer that probing it would take
+less often when the other mode is so much dearer that probing it would lose
 more than `probe_share` of the time (on the H200 a verify cycle cost 40 plain
 steps).
 
@@ -83,10 +83,13 @@ class BucketState:
             return mode
         best = cost[True] < cost[False]
         self.since_probe += 1
-        # A probe of the losing mode costs probe_steps x (its cost / the winner's) winner steps;
-        # waiting long enough keeps probes to about probe_share of the time.
+        # A probe of the losing mode loses probe_steps x (its cost / the winner's - 1) winner
+        # steps; waiting long enough keeps that loss to about probe_share of the time. Two
+        # modes near a tie are probed often: a probe costs little, and which one wins
+        # flips with the text (a hard question made plain steps win for a while, and the
+        # next easy one then decoded plainly until the probe: 1.29x against 1.43x).
         ratio = cost[not best] / max(cost[best], 1e-12)
-        if self.since_probe >= max(limits.recheck_every, limits.probe_steps * ratio / limits.probe_share):
+        if self.since_probe >= max(limits.recheck_every, limits.probe_steps * (ratio - 1) / limits.probe_share):
             self.start_probe(not best, limits.probe_steps)
         return best
 
@@ -115,8 +118,8 @@ class SpecGovernor:
     # server's first answers accepted no draft of a head that accepted 1 in 5 later on.
     first_probe_steps: int = 64
     probe_steps: int = 32
-    recheck_every: int = 256  # eligible steps between probes of the other mode, at least
-    probe_share: float = 0.05  # and long enough that probes take about this share of the time
+    recheck_every: int = 64  # eligible steps between probes of the other mode, at least
+    probe_share: float = 0.02  # and long enough that probes lose about this share of the time
     clock: Callable[[], float] = time.perf_counter
     buckets: Dict[int, BucketState] = field(default_factory=dict)
     # The step being timed: (bucket, speculated, started at); its cost is

@@ -5,7 +5,7 @@ Both kernels find a request's KV through the request-to-token table
 read the cached prefix and the new tokens alike (the new tokens' K/V are
 written to the pool before attention runs).
 
-- decode: one query token per request. Grid (request, KV head, split): each
+- decode: one query token per request. Grid (KV head, request, split): each
   program takes the query heads that share one KV head (GQA) and a contiguous
   share of the request's positions, so a long context is spread over many
   programs; a second kernel merges the splits by their log-sum-exp (in
@@ -64,8 +64,10 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     FIXED_SPLITS: tl.constexpr, ONE_SPLIT_DIRECT: tl.constexpr, FP16_DOTS: tl.constexpr = False,
 ):
-    req = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # KV heads on the grid's fastest axis: programs that run together read
+    # the same slots' rows (1-4% faster than requests first, H100).
+    kv_head = tl.program_id(0)
+    req = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + req)
     row = tl.load(req_pool_indices_ptr + req)
     # The splits share the visible positions only: with a sliding window the
@@ -318,7 +320,7 @@ def decode_attention(
     programs = min(split_programs or num_splits, num_splits) if split_tokens else num_splits
     # Fixed splits, no sinks: a request within one split skips the merge.
     one_split_direct = split_tokens is not None and sinks is None
-    _decode_split_kernel[(bs, num_kv_heads, programs)](
+    _decode_split_kernel[(num_kv_heads, bs, programs)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse, out,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), out.stride(0), scale, group, num_heads,
         sliding_window or 0, split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
