@@ -6,8 +6,11 @@ replayed from a CUDA graph so launches do not count.
     python3 bench/decode_attention_bench.py --tile 32,2 --split-tokens 512   # an experiment
 
 --tile and --split-tokens change deterministic mode's key block (keys, warps)
-and split length for this run only: ways to try a choice before making it the
-kernel's. One JSON line per (case, mode) to stdout.
+and split length for this run only, --default-tiles the default mode's tiles
+(a list to sweep): ways to try a choice before making it the kernel's.
+--cache-dtype fp8_e4m3 times an FP8 cache; --contiguous gives each request one
+run of slots (a fresh pool) instead of shuffled ones (a busy pool). One JSON
+line per (case, mode, tiles) to stdout.
 """
 
 from __future__ import annotations
