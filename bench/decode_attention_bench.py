@@ -77,7 +77,7 @@ def bench_case(shape: str, batch: int, context: int, deterministic: bool, split_
     us = time_call(fn)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * k.element_size()
     return dict(shape=shape, batch=batch, context=context, deterministic=deterministic, cache=cache_dtype,
-                slots="shuffled" if shuffled else "contiguous", heads_fastest=pa.DECODE_HEADS_FASTEST,
+                slots="shuffled" if shuffled else "contiguous",
                 split_tokens=kwargs.get("split_tokens"), programs_per_head=programs, us=round(us, 2),
                 kv_tb_per_s=round(kv_bytes / us / 1e6, 3))
 
@@ -92,7 +92,8 @@ def main() -> None:
     p.add_argument("--label", default="", help="copied into each JSON line")
     p.add_argument("--cache-dtype", default="bf16", choices=sorted(CACHE_DTYPES))
     p.add_argument("--contiguous", action="store_true", help="each request's slots in one run (default: shuffled)")
-    p.add_argument("--heads-fastest", action="store_true", help="the split kernel's grid with KV heads fastest")
+    p.add_argument("--default-tiles", help="the default mode's tiles to try, KEYS,WARPS,STAGES,FP16_DOTS;... "
+                   "(FP16_DOTS 0 or 1: an FP8 cache widened to float16)")
     p.add_argument("--no-deterministic", action="store_true", help="the default mode only")
     args = p.parse_args()
     if args.tile:
@@ -100,14 +101,20 @@ def main() -> None:
         default_tiles = pa.decode_tiles
         pa.decode_tiles = lambda cache, qd, bd, progs, fixed: (  # noqa: E731
             pa.DecodeTiles(keys, warps, 2, False) if fixed else default_tiles(cache, qd, bd, progs, fixed))
-    pa.DECODE_HEADS_FASTEST = args.heads_fastest
-    for case in args.cases.split(","):
-        batch, context = (int(x) for x in case.split("x"))
-        for deterministic in (False,) if args.no_deterministic else (False, True):
-            row = bench_case(args.shape, batch, context, deterministic, args.split_tokens, args.context_len,
-                             args.cache_dtype, not args.contiguous)
-            row.update(label=args.label, tile=args.tile)
-            print(json.dumps(row), flush=True)
+    chosen_tiles = pa.decode_tiles
+    for default_tile in args.default_tiles.split(";") if args.default_tiles else [None]:
+        if default_tile:
+            keys, warps, stages, fp16 = (int(x) for x in default_tile.split(","))
+            tiles = pa.DecodeTiles(keys, warps, stages, bool(fp16))
+            pa.decode_tiles = lambda cache, qd, bd, progs, fixed, t=tiles: (  # noqa: E731
+                chosen_tiles(cache, qd, bd, progs, fixed) if fixed else t)
+        for case in args.cases.split(","):
+            batch, context = (int(x) for x in case.split("x"))
+            for deterministic in (False,) if args.no_deterministic else (False, True):
+                row = bench_case(args.shape, batch, context, deterministic, args.split_tokens, args.context_len,
+                                 args.cache_dtype, not args.contiguous)
+                row.update(label=args.label, tile=args.tile, default_tile=default_tile)
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
