@@ -5,7 +5,7 @@ Both kernels find a request's KV through the request-to-token table
 read the cached prefix and the new tokens alike (the new tokens' K/V are
 written to the pool before attention runs).
 
-- decode: one query token per request. Grid (KV head, request, split): each
+- decode: one query token per request. Grid (request x KV head, split): each
   program takes the query heads that share one KV head (GQA) and a contiguous
   share of the request's positions, so a long context is spread over many
   programs; a second kernel merges the splits by their log-sum-exp (in
@@ -64,10 +64,12 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     FIXED_SPLITS: tl.constexpr, ONE_SPLIT_DIRECT: tl.constexpr, FP16_DOTS: tl.constexpr = False,
 ):
-    # KV heads on the grid's fastest axis: programs that run together read
-    # the same slots' rows (1-4% faster than requests first, H100).
-    kv_head = tl.program_id(0)
-    req = tl.program_id(1)
+    # (request, KV head) on one axis, the KV head fastest: programs that run
+    # together read the same slots' rows (1-4% faster than requests first,
+    # H100), and a batch is not capped by a second axis's 65,535 programs.
+    num_kv_heads = num_heads // group
+    kv_head = tl.program_id(0) % num_kv_heads
+    req = tl.program_id(0) // num_kv_heads
     seq_len = tl.load(seq_lens_ptr + req)
     row = tl.load(req_pool_indices_ptr + req)
     # The splits share the visible positions only: with a sliding window the
@@ -93,7 +95,7 @@ def _decode_split_kernel(
         # Deterministic mode: split s holds positions [s, s + 1) * split_tokens
         # and its key blocks start at multiples of BLOCK_N, whatever the batch
         # or the length, so a request's sums never change grouping. The grid's
-        # third axis holds fewer programs than splits (as many as the batch
+        # second axis holds fewer programs than splits (as many as the batch
         # size calls for): each takes every num_programs-th split, and each
         # split is still summed on its own. Splits past the request's length
         # are not visited; the merge does not read them either.
@@ -102,7 +104,7 @@ def _decode_split_kernel(
             # A request within one split: its output is that split's, which
             # the merge would copy bit for bit (weight exp(0) = 1, total 1).
             # Store it here; the merge skips this request.
-            if tl.program_id(2) == 0:
+            if tl.program_id(1) == 0:
                 m_i, l_i, acc = _attend_range(q, k_ptr, v_ptr, table_row, d, d_mask, kv_head, first,
                                               first // BLOCK_N * BLOCK_N, seq_len, stride_kv_slot, scale,
                                               HEAD_DIM, BLOCK_N, IEEE, True)
@@ -111,7 +113,7 @@ def _decode_split_kernel(
                 tl.store(out_ptr + req * stride_out_tok + head[:, None] * HEAD_DIM + d[None, :],
                          result.to(out_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
         else:
-            for split in range(tl.program_id(2), num_written, tl.num_programs(2)):
+            for split in range(tl.program_id(1), num_written, tl.num_programs(1)):
                 lo = split * split_tokens
                 end = tl.minimum(lo + split_tokens, seq_len)
                 # The loop starts at the block holding `first`, so every block it
@@ -121,7 +123,7 @@ def _decode_split_kernel(
                                   h_mask, d_mask, kv_head, first, start, end, end > tl.maximum(lo, first),
                                   stride_kv_slot, scale, HEAD_DIM, BLOCK_D, BLOCK_N, IEEE, True)
     else:
-        split = tl.program_id(2)
+        split = tl.program_id(1)
         split_len = tl.cdiv(seq_len - first, NUM_SPLITS)
         start = first + split * split_len
         end = tl.minimum(start + split_len, seq_len)
@@ -320,7 +322,7 @@ def decode_attention(
     programs = min(split_programs or num_splits, num_splits) if split_tokens else num_splits
     # Fixed splits, no sinks: a request within one split skips the merge.
     one_split_direct = split_tokens is not None and sinks is None
-    _decode_split_kernel[(num_kv_heads, bs, programs)](
+    _decode_split_kernel[(bs * num_kv_heads, programs)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse, out,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), out.stride(0), scale, group, num_heads,
         sliding_window or 0, split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
