@@ -34,6 +34,10 @@ from typing import Callable, Dict, Optional, Tuple
 # unlucky verifies and then stayed off until the next probe (1.3x overall).
 # About 32 steps' memory keeps the swing near 6%.
 EMA_WEIGHT = 1 / 32
+# A bucket's first estimate of a mode it has not run, scaled from the nearest
+# measured bucket, is trusted without an early probe only when it is at least
+# this many times the winner's (an H200's eager verify at 40 plain steps).
+PRIOR_TRUSTED_RATIO = 2.0
 BUCKET_EDGES = (1, 2, 4, 8, 16, 32)  # batch sizes sharing a decision: 1, 2, 3-4, 5-8, ...
 
 
@@ -89,7 +93,13 @@ class BucketState:
         # flips with the text (a hard question made plain steps win for a while, and the
         # next easy one then decoded plainly until the probe: 1.29x against 1.43x).
         ratio = cost[not best] / max(cost[best], 1e-12)
-        if self.since_probe >= max(limits.recheck_every, limits.probe_steps * (ratio - 1) / limits.probe_share):
+        wait = max(limits.recheck_every, limits.probe_steps * (ratio - 1) / limits.probe_share)
+        if self.samples[not best] == 0 and ratio < PRIOR_TRUSTED_RATIO:
+            # The other mode's cost is another bucket's ratio, not a measurement: costs
+            # scale differently with the batch (on a CPU speculation won at batch 1 and
+            # cost 1.5x plain steps at batch 4), so a close call is checked soon.
+            wait = limits.recheck_every
+        if self.since_probe >= wait:
             self.start_probe(not best, limits.probe_steps)
         return best
 
