@@ -96,18 +96,18 @@ def main() -> None:
                    "(FP16_DOTS 0 or 1: an FP8 cache widened to float16)")
     p.add_argument("--no-deterministic", action="store_true", help="the default mode only")
     args = p.parse_args()
+    # Tiles forced for this run, per mode (None: the kernel's own choice).
+    forced = {True: None, False: None}
     if args.tile:
         keys, warps = (int(x) for x in args.tile.split(","))
-        default_tiles = pa.decode_tiles
-        pa.decode_tiles = lambda cache, qd, bd, progs, fixed: (  # noqa: E731
-            pa.DecodeTiles(keys, warps, 2, False) if fixed else default_tiles(cache, qd, bd, progs, fixed))
-    chosen_tiles = pa.decode_tiles
+        forced[True] = pa.DecodeTiles(keys, warps, 2, False)
+    kernel_tiles = pa.decode_tiles
+    pa.decode_tiles = lambda cache, qd, bd, progs, fixed: (  # noqa: E731
+        forced[fixed] or kernel_tiles(cache, qd, bd, progs, fixed))
     for default_tile in args.default_tiles.split(";") if args.default_tiles else [None]:
         if default_tile:
             keys, warps, stages, fp16 = (int(x) for x in default_tile.split(","))
-            tiles = pa.DecodeTiles(keys, warps, stages, bool(fp16))
-            pa.decode_tiles = lambda cache, qd, bd, progs, fixed, t=tiles: (  # noqa: E731
-                chosen_tiles(cache, qd, bd, progs, fixed) if fixed else t)
+            forced[False] = pa.DecodeTiles(keys, warps, stages, bool(fp16))
         for case in args.cases.split(","):
             batch, context = (int(x) for x in case.split("x"))
             for deterministic in (False,) if args.no_deterministic else (False, True):
