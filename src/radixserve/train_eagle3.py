@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -161,12 +162,28 @@ def lr_factor(progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min((progress - WARMUP) / (1 - WARMUP), 1.0)))
 
 
+@contextmanager
+def tf32_matmuls(enabled: bool) -> Iterator[None]:
+    """float32 matmuls in TF32 while training, and the process's own setting
+    back afterwards: train_eagle3 also runs inside other programs (tests), whose
+    float32 references must keep IEEE matmuls."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or previous
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def train(head, samples, args, target_to_draft: torch.Tensor, started: float) -> List[float]:
+    with tf32_matmuls(str(args.device).startswith("cuda")):  # the head's float32 matmuls
+        return train_steps(head, samples, args, target_to_draft, started)
+
+
+def train_steps(head, samples, args, target_to_draft: torch.Tensor, started: float) -> List[float]:
     """Progress (for the learning rate) is the larger of the steps done and
     the training time spent, so a run that a time limit stops still anneals."""
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=args.lr)
-    if str(args.device).startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True  # the head's float32 matmuls in TF32
     losses, rng = [], random.Random(0)
     windows_per_epoch = sum(math.ceil(max(len(s.tokens) - 1, 1) / args.window) for s in samples)
     total = max(args.epochs * math.ceil(windows_per_epoch / args.batch_size), 2)

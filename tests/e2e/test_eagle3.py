@@ -161,14 +161,17 @@ def test_a_request_ending_in_a_plain_step_gives_its_draft_entries_to_the_tree(ta
 def test_features_kept_on_the_host_train_as_on_the_gpu(target, head, tmp_path):
     """--device cuda --feature-device cpu: the captured features wait in host
     memory (room for more answers than the GPU has) and each batch moves to the
-    GPU; the losses are those of a run that keeps them on the GPU."""
-    losses = {}
+    GPU; the losses are those of a run that keeps them on the GPU. Training
+    matmuls in TF32 leaves the process's own setting as it found it (float32
+    references run later in the same process)."""
+    losses, tf32 = {}, torch.backends.cuda.matmul.allow_tf32
     for where in ("cuda", "cpu"):
         out = tmp_path / where
         train_eagle3(["--model-path", str(target), "--output-dir", str(out), "--draft-vocab-size", "64",
                       "--epochs", "3", "--window", "16", "--device", "cuda", "--feature-device", where,
                       "--sequences", str(head / "sequences.pt")])
         losses[where] = json.loads((out / "train_log.json").read_text())["losses"]
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32
     assert len(losses["cpu"]) == len(losses["cuda"]) > 3
     torch.testing.assert_close(torch.tensor(losses["cpu"]), torch.tensor(losses["cuda"]), rtol=1e-3, atol=1e-3)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from radixserve.speculative.eagle_data import Sample, question_in, windows
-from radixserve.train_eagle3 import add_feature_noise, batches, parse_args, soft_cross_entropy
+from radixserve.train_eagle3 import add_feature_noise, batches, parse_args, soft_cross_entropy, tf32_matmuls
 
 
 def test_question_in_takes_a_quoted_question_or_a_question_line():
@@ -183,3 +183,22 @@ def test_trainer_refuses_negative_feature_noise(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--output-dir", "h", "--feature-noise", "-0.5"])
     assert "--feature-noise must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_training_restores_the_processs_tf32_setting(before):
+    """TF32 while a head trains on a GPU; the caller's setting afterwards, even
+    when training raises (a test process's float32 references ran in TF32 after
+    train_eagle3 had set it for good)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = before
+        with pytest.raises(RuntimeError), tf32_matmuls(True):
+            assert torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("training failed")
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+        with tf32_matmuls(False):
+            assert torch.backends.cuda.matmul.allow_tf32 == before
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
