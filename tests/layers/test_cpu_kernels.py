@@ -326,28 +326,40 @@ amx_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.amx_a
                               reason="the quantized linears' kernels run on CPUs with AMX")
 
 
+def int4_packed(w: torch.Tensor, group: int):
+    """w in int4 groups: (the kernels' packed copy, scales_and_zeros, the
+    weight's values (q - 8) * scale + zero in float64)."""
+    from radixserve.layers.quantization import quantize_int4_groups, unpack_int4
+
+    packed, scales_and_zeros = quantize_int4_groups(w, group)
+    scale, zero = scales_and_zeros.double().permute(2, 1, 0)  # [out, groups] each
+    q = unpack_int4(packed).double().view(w.shape[0], -1, group)
+    exact = ((q - 8) * scale[..., None] + zero[..., None]).view(w.shape)
+    return cpu_kernels.pack_int4_for_amx(unpack_int4(packed)), scales_and_zeros, exact
+
+
+def int8_packed(w: torch.Tensor):
+    """w in int8 per row: (the kernels' packed copy, float32 scales, the weight's values in float64)."""
+    from radixserve.layers.quantization import per_row_dequantized, quantize_per_row
+
+    q, scale = quantize_per_row(w, torch.int8)
+    return cpu_kernels.pack_int8_for_amx(q), scale.view(-1), per_row_dequantized(q, scale.view(-1)).double()
+
+
 def int4_on_amx(w: torch.Tensor, group: int):
     """(the AMX kernel's product, the weight's values it multiplies by for so
     many rows) of w in int4: up to 8 rows (q - 8) * scale + zero exactly, from 9
     those values rounded to bfloat16, as the dense copy holds them."""
-    from radixserve.layers.quantization import AMX_INT4_FEW_ROWS, quantize_int4_groups, unpack_int4
+    from radixserve.layers.quantization import AMX_INT4_FEW_ROWS
 
-    packed, scales_and_zeros = quantize_int4_groups(w, group)
-    amx = cpu_kernels.pack_int4_for_amx(unpack_int4(packed))
-    scale, zero = scales_and_zeros.double().permute(2, 1, 0)  # [out, groups] each
-    q = unpack_int4(packed).double().view(w.shape[0], -1, group)
-    exact = ((q - 8) * scale[..., None] + zero[..., None]).view(w.shape)
+    amx, scales_and_zeros, exact = int4_packed(w, group)
     return (lambda x: cpu_kernels.int4_linear_amx(x, amx, scales_and_zeros),
             lambda rows: exact if rows in AMX_INT4_FEW_ROWS else exact.to(torch.bfloat16))
 
 
 def int8_on_amx(w: torch.Tensor, group: int):
-    from radixserve.layers.quantization import per_row_dequantized, quantize_per_row
-
-    q, scale = quantize_per_row(w, torch.int8)
-    amx = cpu_kernels.pack_int8_for_amx(q)
-    return (lambda x: cpu_kernels.int8_linear_amx(x, amx, scale.view(-1)),
-            lambda rows: per_row_dequantized(q, scale.view(-1)).to(torch.bfloat16))
+    amx, scale, exact = int8_packed(w)
+    return (lambda x: cpu_kernels.int8_linear_amx(x, amx, scale), lambda rows: exact.to(torch.bfloat16))
 
 
 @amx_only
@@ -393,3 +405,76 @@ def test_amx_takes_only_whole_blocks():
     assert not cpu_kernels.amx_takes(rows, 48, 32)  # output columns not a multiple of 32
     assert not cpu_kernels.amx_takes(rows[:, :80], 64, 16)  # inputs, group
     assert not cpu_kernels.amx_takes(rows.float(), 64, 32)
+
+
+avx512_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.avx512_bf16_available()),
+                                 reason="the kernels for CPUs without AMX need AVX-512 BF16")
+
+
+def int4_on_avx512(w: torch.Tensor, group: int):
+    """(the AVX-512 BF16 kernel's product, the weight's values for any rows): unrounded."""
+    packed, scales_and_zeros, exact = int4_packed(w, group)
+    return lambda x: cpu_kernels.int4_linear_avx512(x, packed, scales_and_zeros), lambda rows: exact
+
+
+def int8_on_avx512(w: torch.Tensor, group: int):
+    packed, scale, exact = int8_packed(w)
+    return lambda x: cpu_kernels.int8_linear_avx512(x, packed, scale), lambda rows: exact
+
+
+@avx512_only
+@pytest.mark.parametrize("fmt", [int4_on_avx512, int8_on_avx512])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (192, 128, 128)])
+def test_avx512_linear_against_the_dequantized_weight(fmt, rows, out_features, in_features, group):
+    """The AVX-512 BF16 kernels (int4 in groups, int8 per row) against float64
+    over the weight's unrounded values: rows in one, two and several tiles of 4,
+    x a view with a row stride of its own, 3 blocks of 32 columns to a thread."""
+    g = torch.Generator().manual_seed(rows + out_features)
+    matmul, weight_for = fmt(torch.randn(out_features, in_features, generator=g), group)
+    wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
+    x = wide[:, :in_features]
+    out = matmul(x)
+    exact = x.double() @ weight_for(rows).double().T
+    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
+    assert rel(out, exact) < 4e-3  # the output's bfloat16 rounding
+    assert (ulps_apart(out, exact.to(torch.bfloat16))[exact.abs() > 1e-2] <= 1).all()
+
+
+@avx512_only
+@pytest.mark.parametrize("fmt,group", [(int4_on_avx512, 32), (int4_on_avx512, 64), (int8_on_avx512, 32)])
+def test_avx512_rows_do_not_depend_on_each_other(fmt, group):
+    """Each row's product is the same bits alone as beside others, whatever its
+    place in a tile of 4: a batch-1 decode and a speculative verify of its drafts
+    must give the same token."""
+    g = torch.Generator().manual_seed(group)
+    matmul, _ = fmt(torch.randn(128, 256, generator=g), group)
+    x = torch.randn(9, 256, generator=g).to(torch.bfloat16)
+    together = matmul(x)
+    for rows in range(1, 10):
+        assert torch.equal(matmul(x[:rows]), together[:rows])
+        assert torch.equal(matmul(x[rows - 1:rows]), together[rows - 1:rows])
+
+
+@avx512_only
+@torch.inference_mode()
+def test_quantized_linears_take_the_avx512_kernels_without_amx(monkeypatch):
+    """Without AMX, a few bfloat16 rows times an int4 weight take the AVX-512 kernel
+    in any forward; times an int8 weight (the LM head) only in a decode step, as on AMX."""
+    from radixserve.layers import quantization as qz
+
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(192, 128, generator=g)
+    x = torch.randn(4, 128, generator=g).to(torch.bfloat16)
+    packed, scales_and_zeros = qz.quantize_int4_groups(w, 32)
+    kernel = cpu_kernels.int4_linear_avx512(x, qz.int4_amx_copy(packed), scales_and_zeros)
+    assert torch.equal(qz.int4_weight_only_linear(x, packed, scales_and_zeros, None), kernel)
+    q, scale = qz.quantize_per_row(w, torch.int8)
+    scale = scale.view(-1)
+    torch_kernel = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(torch.bfloat16))
+    assert torch.equal(qz.int8_weight_only_linear(x, q, scale, None), torch_kernel)
+    with qz.decode_step():
+        in_decode = qz.int8_weight_only_linear(x, q, scale, None)
+    assert torch.equal(in_decode, cpu_kernels.int8_linear_avx512(x, cpu_kernels.pack_int8_for_amx(q), scale))
+    assert not torch.equal(in_decode, torch_kernel)  # another kernel, another rounding: the test sees which ran

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # the kernels of the decode step, and the quantized linears on AMX: one library
 SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_kernels_amx.cpp"),
-           Path(__file__).with_name("cpu_decode_layers.cpp")]
+           Path(__file__).with_name("cpu_kernels_avx512.cpp"), Path(__file__).with_name("cpu_decode_layers.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_kernels_common.h")]
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 # The instruction set the kernels are built for: the machine's own by default.
@@ -94,6 +94,7 @@ def _library() -> Optional[ctypes.CDLL]:
         return None
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     lib.radixserve_openmp_threads.restype = ctypes.c_int
+    lib.radixserve_avx512_bf16_available.restype = ctypes.c_int
     lib.radixserve_decode_attention.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr,
                                                 *[i64] * 10, f32, ptr, i64, ptr, i64, ptr]
     lib.radixserve_rms_norm_bf16.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, f32]
@@ -102,6 +103,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_gumbel_argmax.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.radixserve_int4_linear_avx512.argtypes = lib.radixserve_int4_linear_amx.argtypes
+    lib.radixserve_int8_linear_avx512.argtypes = lib.radixserve_int8_linear_amx.argtypes
     lib.radixserve_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
     lib.radixserve_eagle3_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
@@ -298,6 +301,57 @@ def int8_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
         raise ValueError("int8_linear_amx takes contiguous float32 scales")
     out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
     _amx_ran(_library().radixserve_int8_linear_amx(
+        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
+        out_features, rows.shape[1]))
+    return out
+
+
+# ---- the same layouts on AVX-512 BF16, for CPUs without AMX (cpu_kernels_avx512.cpp) ----
+
+
+@functools.lru_cache(maxsize=None)
+def avx512_bf16_available() -> bool:
+    """Whether the AVX-512 BF16 kernels run here (built for a CPU that has it)."""
+    lib = _library()
+    return lib is not None and lib.radixserve_avx512_bf16_available() == 1
+
+
+def avx512_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
+    """Whether an AVX-512 BF16 kernel multiplies these rows by an
+    [out_features, in] weight (the AMX kernels' blocks: amx_takes)."""
+    return (rows.dtype == torch.bfloat16 and takes_rows(rows) and out_features % AMX_BLOCK == 0
+            and rows.shape[1] % AMX_BLOCK == 0 and group % AMX_BLOCK == 0 and avx512_bf16_available())
+
+
+def _avx512_ran(status: int) -> None:
+    if status != 0:
+        raise RuntimeError("the AVX-512 BF16 kernels: this library was built without them")
+
+
+def int4_linear_avx512(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """rows [m, in] bfloat16 times the int4 weight packed by pack_int4_for_amx,
+    with torch's bfloat16 scales_and_zeros [in / group, out, 2] -> [m, out]
+    bfloat16; the weight's values (q - 8) * scale + zero unrounded, each
+    row's product the same bits whatever rows are beside it."""
+    out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
+    if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
+        raise ValueError("int4_linear_avx512 takes contiguous bfloat16 scales_and_zeros")
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    _avx512_ran(_library().radixserve_int4_linear_avx512(
+        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
+        rows.shape[0], out_features, k, k // scales_and_zeros.shape[0]))
+    return out
+
+
+def int8_linear_avx512(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows [m, in] bfloat16 times the int8 weight packed by pack_int8_for_amx,
+    with float32 scales [out] -> [m, out] bfloat16: each column's sum of
+    rows x q in float32, times its scale (the weight's values unrounded)."""
+    out_features = packed.shape[0] * AMX_BLOCK
+    if scales.dtype != torch.float32 or not scales.is_contiguous():
+        raise ValueError("int8_linear_avx512 takes contiguous float32 scales")
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    _avx512_ran(_library().radixserve_int8_linear_avx512(
         rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
         out_features, rows.shape[1]))
     return out

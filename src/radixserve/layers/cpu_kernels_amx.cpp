@@ -34,6 +34,7 @@ namespace {
 
 #ifdef RADIXSERVE_AMX
 
+using radixserve_cpu::group_sums;
 using radixserve_cpu::prefetch_lines;
 
 struct TileConfig {
@@ -290,17 +291,6 @@ inline void int4_q_tile(const Int4Groups& w, int64_t n0, int64_t k0, __m512i tab
         _mm512_storeu_si512(tile + (4 * c + 2 * hi + r) * 32, _mm512_permutexvar_epi16(rows[r], table));
     }
   }
-}
-
-// sums_x [rows, k / group]: each row's sum of each group's inputs, in float32.
-void group_sums(const uint16_t* x, int64_t x_stride, int64_t rows, int64_t k, int64_t group, float* sums_x) {
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t g = 0; g < k / group; ++g) {
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t j = g * group; j < (g + 1) * group; j += 16)
-        total = _mm512_add_ps(total, radixserve_cpu::bf16x16_to_ps(x + m * x_stride + j));
-      sums_x[m * (k / group) + g] = _mm512_reduce_add_ps(total);
-    }
 }
 
 // One thread's column blocks [first, last) for ROWS rows; acc in registers.

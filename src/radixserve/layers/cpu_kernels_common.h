@@ -1,5 +1,6 @@
-// What both of the CPU kernels' sources use (cpu_kernels.cpp,
-// cpu_kernels_amx.cpp): cache-line prefetches, e^x in float32, bfloat16 conversions.
+// What the CPU kernels' sources share (cpu_kernels.cpp, cpu_kernels_amx.cpp,
+// cpu_kernels_avx512.cpp): cache-line prefetches, e^x in float32, bfloat16
+// conversions, group sums of rows.
 #pragma once
 
 #include <immintrin.h>
@@ -83,6 +84,17 @@ inline __m512 round_to_bf16_ps(__m512 x) { return _mm512_castsi512_ps(_mm512_sll
 // x rounded to bfloat16, stored to p[0..16).
 inline void store_bf16x16(uint16_t* p, __m512 x) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits_ps(x)));
+}
+
+// sums_x [rows, k / group]: each row's sum of each group's inputs, in float32.
+inline void group_sums(const uint16_t* x, int64_t x_stride, int64_t rows, int64_t k, int64_t group, float* sums_x) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t g = 0; g < k / group; ++g) {
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t j = g * group; j < (g + 1) * group; j += 16)
+        total = _mm512_add_ps(total, bf16x16_to_ps(x + m * x_stride + j));
+      sums_x[m * (k / group) + g] = _mm512_reduce_add_ps(total);
+    }
 }
 #endif
 

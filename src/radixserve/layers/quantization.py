@@ -131,22 +131,21 @@ AMX_INT8_DECODE_ROWS = range(1, 33)
 # Only in decode steps: with the AMX kernel in any forward (a prompt's last row
 # too) the default model's answer to "What is the capital of France?" lost
 # " Paris", whether the kernel rounded the weights to bfloat16 or scaled its
-# sums (2026-12-05): a prefill's LM head stays on torch's int8 kernel.
-_amx_decode = False  # set by decode_step() on AMX
+# sums (2026-12-05): a prefill's LM head stays on torch's int8 kernel. The
+# AVX-512 BF16 int8 kernel (CPUs without AMX) keeps the same rule.
+_in_decode_step = False  # set by decode_step()
 
 
 @contextmanager
 def decode_step() -> Iterator[None]:
     """Linear layers called within run one decode step (ModelRunner)."""
-    global _bf16_dense_from_rows, _amx_decode
-    if not cpu_has_amx():
-        yield
-        return
-    _bf16_dense_from_rows, _amx_decode = AMX_DECODE_DENSE_FROM_ROWS, True
+    global _bf16_dense_from_rows, _in_decode_step
+    dense_from = AMX_DECODE_DENSE_FROM_ROWS if cpu_has_amx() else INT8_DEQUANTIZE_FROM_ROWS
+    _bf16_dense_from_rows, _in_decode_step = dense_from, True
     try:
         yield
     finally:
-        _bf16_dense_from_rows, _amx_decode = INT8_DEQUANTIZE_FROM_ROWS, False
+        _bf16_dense_from_rows, _in_decode_step = INT8_DEQUANTIZE_FROM_ROWS, False
 
 
 def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows: range = range(0)) -> bool:
@@ -158,7 +157,7 @@ def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows
 def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_rows: range = range(0),
               group: int = cpu_kernels.AMX_BLOCK) -> bool:
     """Whether rows times a quantized weight run on an AMX kernel (amx_row_count)."""
-    return amx_row_count(rows.shape[0], _amx_decode, decode_rows, few_rows) \
+    return amx_row_count(rows.shape[0], _in_decode_step, decode_rows, few_rows) \
         and cpu_kernels.amx_takes(rows, out_features, group)
 
 
@@ -226,6 +225,9 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale:
                                           weight_scale)
     elif takes_dense_gemm(rows):
         out = prefill_gemm(rows, weight, lambda: per_row_dequantized(weight, weight_scale))
+    elif _in_decode_step and weight_scale.dtype == torch.float32 and cpu_kernels.avx512_takes(rows, weight.shape[0]):
+        out = cpu_kernels.int8_linear_avx512(
+            rows, amx_copy(weight, lambda: cpu_kernels.pack_int8_for_amx(weight)), weight_scale)
     else:
         out = torch.ops.aten._weight_int8pack_mm(rows, weight, weight_scale.to(x.dtype))
     if bias is not None:
@@ -315,6 +317,8 @@ def int4_weight_only_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_ze
         out = cpu_kernels.int4_linear_amx(rows, int4_amx_copy(packed), scales_and_zeros)
     elif takes_dense_gemm(rows):  # a prefill (or a large AMX decode batch): one ordinary GEMM, as for int8
         out = prefill_gemm(rows, packed, lambda: int4_dequantized(packed, scales_and_zeros))
+    elif cpu_kernels.avx512_takes(rows, packed.shape[0], group):  # no AMX: as its few-rows kernel, in any forward
+        out = cpu_kernels.int4_linear_avx512(rows, int4_amx_copy(packed), scales_and_zeros)
     else:
         if rows.dtype != torch.bfloat16:
             rows = rows.to(torch.bfloat16)

@@ -1,0 +1,256 @@
+// Quantized weights times a few bfloat16 rows with AVX-512 BF16 dot products
+// (vdpbf16ps), for CPUs without AMX (AMD Zen 4, Intel Cooper Lake): the
+// linear layers and LM head of a decode step or a speculative verify there.
+// Compiled with cpu_kernels.cpp into one library (cpu_kernels.py).
+//
+// torch's int4 and int8 kernels are bound by their arithmetic on such a CPU,
+// not by memory, and their time grows with the rows (2-core EPYC, 3,072 x 576
+// int4, weights not in cache: 57-63 us at one row, 92-96 at four, 177 at five;
+// the int8 LM head, 49,152 x 576: 1.9 ms at one row, 2.6 at four, while the
+// machine reads 50 GB/s). Here a weight is widened once to bfloat16 and
+// multiplied into up to four rows, two values of it per lane and instruction:
+// 33-40, 94-107 and 113-135 us; the LM head 0.8 and 1.6 ms. At four rows the
+// int4 kernel ties torch's: both then run at the CPU's rate of float32
+// multiply-adds (16 a cycle and core on Zen 4), which only an int8 product
+// (activations quantized too) would pass.
+//
+// The weights are in the AMX kernels' packed layouts (cpu_kernels_amx.cpp
+// describes them): a B tile row, 32 bfloat16 = 16 columns x a pair of input
+// values, is exactly vdpbf16ps's operand for 16 float32 sums.
+//
+// int4: a nibble q looked up as the bfloat16 q - 8 (vpermw over a 32-entry
+// table), so a group's float32 sums are of x * (q - 8) and its scale and zero
+// apply after, as in the AMX few-rows kernel: out = sum over groups of
+// scale * sum(x * (q - 8)) + zero * sum(x), the weight's values unrounded.
+// (The bfloat16 128 + q, a nibble ORed into 0x4300, saves nothing here and
+// loses bits: its sums cancel 136 * sum(x) afterwards.)
+// int8: q widened to float32 and narrowed to bfloat16 (exact for 8 bits),
+// the row's scale applied to the finished sum.
+//
+// Each row is computed alone, in the same order whatever the number of rows
+// beside it: a batch-1 decode and a verify give a row the same bits.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_kernels_common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define RADIXSERVE_AVX512_BF16 1
+#endif
+
+namespace {
+
+#ifdef RADIXSERVE_AVX512_BF16
+
+using radixserve_cpu::group_sums;
+using radixserve_cpu::prefetch_lines;
+using radixserve_cpu::store_bf16x16;
+
+constexpr int ROW_TILE = 4;  // rows multiplied together (registers: 2 x 2 x 4 sums)
+// How far ahead a block's bytes are fetched into the caches, in blocks of 32
+// columns: the weights stream from memory once a step.
+constexpr int64_t PREFETCH_BLOCKS = 2;
+
+// Input values k and k + 1 of a row, the pair a vdpbf16ps lane multiplies.
+inline __m512bh pair_of(const uint16_t* row, int64_t k) {
+  int32_t pair;
+  memcpy(&pair, row + k, 4);
+  return (__m512bh)_mm512_set1_epi32(pair);
+}
+
+// bfloat16(q - 8) for q = 0..15, twice (vpermw reads 5 bits of an index).
+inline __m512i q_minus_8_table() {
+  alignas(64) uint16_t values[32];
+  for (int i = 0; i < 32; ++i) {
+    const float value = static_cast<float>((i & 15) - 8);
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    values[i] = static_cast<uint16_t>(bits >> 16);  // small integers: the low half is zero
+  }
+  return _mm512_load_si512(values);
+}
+
+// 32 packed int4 bytes -> two B tile rows as bfloat16 q - 8: the low
+// nibbles' row and the high nibbles' row.
+inline void int4_bytes_as_bf16(const uint8_t* bytes, __m512i table, __m512bh& low, __m512bh& high) {
+  const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  low = (__m512bh)_mm512_permutexvar_epi16(words, table);  // vpermw reads the low 5 bits: the low nibble, and bit 4
+  high = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);  // a byte's top nibble
+}
+
+// 32 packed int8 values (a B tile row) as bfloat16.
+inline __m512bh int8_row_as_bf16(const int8_t* q) {
+  const __m512 first = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  const __m512 last =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  return _mm512_cvtne2ps_pbh(last, first);
+}
+
+struct Int4Weight {
+  const uint8_t* packed;  // the AMX int4 layout: 512 bytes per 32 x 32 block
+  const uint16_t* scales_zeros;  // bfloat16 [k / group, n, 2]
+  int64_t n, k, group;
+};
+
+struct Int8Weight {
+  const int8_t* packed;  // the AMX int8 layout: 1,024 bytes per 32 x 32 block
+  const float* scales;  // [n]
+  int64_t n, k;
+};
+
+// Rows [m0, m0 + R) times columns n0..n0 + 31 of an int4 weight. sums[row][half][nibble
+// half]: two chains a half, so a row's additions follow the same order for any R.
+template <int R>
+void int4_block(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const float* sums_x, int64_t n0,
+                int64_t m0, uint16_t* out) {
+  const uint8_t* block = w.packed + (n0 / 32) * (w.k / 32) * 512;
+  const int64_t groups = w.k / w.group;
+  const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512i table = q_minus_8_table();
+  __m512 total[R][2];
+  for (int m = 0; m < R; ++m) total[m][0] = total[m][1] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 sums[R][2][2];
+    for (int m = 0; m < R; ++m)
+      for (int h = 0; h < 2; ++h) sums[m][h][0] = sums[m][h][1] = _mm512_setzero_ps();
+    for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 32) {
+      const uint8_t* tiles = block + (k0 / 32) * 512;
+      prefetch_lines(tiles + PREFETCH_BLOCKS * (w.k / 32) * 512, 512);
+      for (int half = 0; half < 2; ++half)
+        for (int c = 0; c < 4; ++c)
+          for (int r = 0; r < 2; ++r) {
+            // bytes: tile rows 4c + r (low nibbles) and 4c + 2 + r (high), pairs k0 + 2 * row
+            __m512bh low, high;
+            int4_bytes_as_bf16(tiles + half * 256 + c * 64 + r * 32, table, low, high);
+            const int64_t k_low = k0 + 2 * (4 * c + r), k_high = k_low + 4;
+            for (int m = 0; m < R; ++m) {
+              const uint16_t* row = x + (m0 + m) * x_stride;
+              sums[m][half][0] = _mm512_dpbf16_ps(sums[m][half][0], low, pair_of(row, k_low));
+              sums[m][half][1] = _mm512_dpbf16_ps(sums[m][half][1], high, pair_of(row, k_high));
+            }
+          }
+    }
+    for (int half = 0; half < 2; ++half) {
+      // a 32-bit lane of scales_zeros is one column's (scale, zero)
+      const __m512i pairs = _mm512_loadu_si512(w.scales_zeros + (g * w.n + n0 + 16 * half) * 2);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+      const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
+      for (int m = 0; m < R; ++m) {
+        const __m512 sum_x = _mm512_set1_ps(sums_x[(m0 + m) * groups + g]);
+        const __m512 dot = _mm512_add_ps(sums[m][half][0], sums[m][half][1]);  // sum(x * (q - 8))
+        total[m][half] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sum_x, total[m][half]));
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m)
+    for (int half = 0; half < 2; ++half) store_bf16x16(out + (m0 + m) * w.n + n0 + 16 * half, total[m][half]);
+}
+
+// The same for an int8 weight: each column's sum over all k, then its scale.
+template <int R>
+void int8_block(const uint16_t* x, int64_t x_stride, const Int8Weight& w, int64_t n0, int64_t m0, uint16_t* out) {
+  const int8_t* block = w.packed + (n0 / 32) * (w.k / 32) * 1024;
+  __m512 sums[R][2][2];
+  for (int m = 0; m < R; ++m)
+    for (int h = 0; h < 2; ++h) sums[m][h][0] = sums[m][h][1] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < w.k; k0 += 32) {
+    const int8_t* tiles = block + (k0 / 32) * 1024;
+    prefetch_lines(tiles + PREFETCH_BLOCKS * (w.k / 32) * 1024, 1024);
+    for (int half = 0; half < 2; ++half)
+      for (int r = 0; r < 16; ++r) {  // tile row r: the pair k0 + 2r, k0 + 2r + 1
+        const __m512bh values = int8_row_as_bf16(tiles + half * 512 + r * 32);
+        for (int m = 0; m < R; ++m)
+          sums[m][half][r & 1] =
+              _mm512_dpbf16_ps(sums[m][half][r & 1], values, pair_of(x + (m0 + m) * x_stride, k0 + 2 * r));
+      }
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m512 scale = _mm512_loadu_ps(w.scales + n0 + 16 * half);
+    for (int m = 0; m < R; ++m)
+      store_bf16x16(out + (m0 + m) * w.n + n0 + 16 * half,
+                    _mm512_mul_ps(scale, _mm512_add_ps(sums[m][half][0], sums[m][half][1])));
+  }
+}
+
+// Every row, ROW_TILE at a time, for each block of 32 columns; the column
+// blocks split evenly over the threads (a block's bytes stay in cache across
+// its row tiles). block(n0, m0, tile rows) multiplies one tile.
+template <typename Block>
+void over_blocks(int64_t rows, int64_t n, Block block) {
+#pragma omp parallel
+  {
+    const int64_t blocks = n / 32, threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
+    for (int64_t b = first; b < last; ++b) {
+      for (int64_t m0 = 0; m0 < rows; m0 += ROW_TILE) block(b * 32, m0, std::min<int64_t>(ROW_TILE, rows - m0));
+    }
+  }
+}
+
+#endif  // RADIXSERVE_AVX512_BF16
+
+}  // namespace
+
+extern "C" {
+
+int radixserve_avx512_bf16_available() {
+#ifdef RADIXSERVE_AVX512_BF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// out [rows, n] bfloat16 (contiguous) = x [rows, k] bfloat16 (row stride
+// x_stride) times an int4 weight in the AMX int4 layout with bfloat16
+// scales_zeros [k / group, n, 2]. n, k and group multiples of 32. Returns 0, or -1 where the library was built without AVX-512 BF16.
+int radixserve_int4_linear_avx512(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
+                                  const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
+                                  int64_t group) {
+#ifdef RADIXSERVE_AVX512_BF16
+  const Int4Weight w{packed, scales_zeros, n, k, group};
+  std::vector<float> sums_x(rows * (k / group));
+  group_sums(x, x_stride, rows, k, group, sums_x.data());
+  over_blocks(rows, n, [&](int64_t n0, int64_t m0, int64_t r) {
+    switch (r) {
+      case 1: return int4_block<1>(x, x_stride, w, sums_x.data(), n0, m0, out);
+      case 2: return int4_block<2>(x, x_stride, w, sums_x.data(), n0, m0, out);
+      case 3: return int4_block<3>(x, x_stride, w, sums_x.data(), n0, m0, out);
+      default: return int4_block<4>(x, x_stride, w, sums_x.data(), n0, m0, out);
+    }
+  });
+  return 0;
+#else
+  (void)x, (void)x_stride, (void)packed, (void)scales_zeros, (void)out, (void)rows, (void)n, (void)k, (void)group;
+  return -1;
+#endif
+}
+
+// The same for an int8 weight in the AMX int8 layout with float32 scales [n].
+int radixserve_int8_linear_avx512(const uint16_t* x, int64_t x_stride, const int8_t* packed, const float* scales,
+                                  uint16_t* out, int64_t rows, int64_t n, int64_t k) {
+#ifdef RADIXSERVE_AVX512_BF16
+  const Int8Weight w{packed, scales, n, k};
+  over_blocks(rows, n,
+              [&](int64_t n0, int64_t m0, int64_t r) {
+                switch (r) {
+                  case 1: return int8_block<1>(x, x_stride, w, n0, m0, out);
+                  case 2: return int8_block<2>(x, x_stride, w, n0, m0, out);
+                  case 3: return int8_block<3>(x, x_stride, w, n0, m0, out);
+                  default: return int8_block<4>(x, x_stride, w, n0, m0, out);
+                }
+              });
+  return 0;
+#else
+  (void)x, (void)x_stride, (void)packed, (void)scales, (void)out, (void)rows, (void)n, (void)k;
+  return -1;
+#endif
+}
+
+}  // extern "C"
