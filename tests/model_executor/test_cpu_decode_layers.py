@@ -11,14 +11,15 @@ import torch
 from radixserve.layers import cpu_kernels
 from radixserve.server_args import ServerArgs
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the fused layers run on a CPU with AMX")
+pytestmark = pytest.mark.skipif(not cpu_kernels.quantized_kernels_available(),
+                                reason="the fused layers run on a CPU with AMX or AVX-512 BF16")
 
 
-def int4_runner(path):
+def int4_runner(path, max_running_requests: int = 64):
     from radixserve.model_executor.model_runner import ModelRunner
 
     return ModelRunner(ServerArgs(model_path=str(path), device="cpu", torchao_config="int4wo-32",
-                                  max_total_tokens=4096, max_running_requests=64))
+                                  max_total_tokens=4096, max_running_requests=max_running_requests))
 
 
 def prefilled(runner, prompts, steps):
@@ -93,7 +94,7 @@ def test_weight_updates_reach_the_fused_layers(tiny_model_factory):
 
 
 def test_reads_and_released_memory_reach_the_fused_layers(tiny_model_factory):
-    """A weight read re-quantizes (dropping the AMX copies) and a resumed pool
+    """A weight read re-quantizes (dropping the packed copies) and a resumed pool
     has new buffers: the fused layers' structs follow both."""
     runner = int4_runner(tiny_model_factory("llama"))
     batch = prefilled(runner, [[21 + i, 400, 500 + i] for i in range(9)], steps=4)
@@ -109,12 +110,16 @@ def test_reads_and_released_memory_reach_the_fused_layers(tiny_model_factory):
 def test_what_runs_eagerly(tiny_model_factory):
     from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
 
-    runner = int4_runner(tiny_model_factory("llama"))
-    batch = prefilled(runner, [[5, 6, 7]] * 65, steps=2)
+    from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
+
+    # the first decode batch the eager linears multiply by the dense copy, not a C++ kernel
+    dense_rows = AMX_INT4_DECODE_ROWS.stop if cpu_kernels.amx_available() else INT8_DEQUANTIZE_FROM_ROWS
+    runner = int4_runner(tiny_model_factory("llama"), max_running_requests=dense_rows)
+    batch = prefilled(runner, [[5, 6, 7]] * dense_rows, steps=2)
     batch.prepare_for_decode()
     fb = batch.to_forward_batch()
     fb.attn_backend = runner.attn_backend
-    assert not runner.cpu_decode_layers.takes(fb)  # 65 rows: the dense copy's GEMM, not AMX's kernel
+    assert not runner.cpu_decode_layers.takes(fb)
     qwen3 = int4_runner(tiny_model_factory("qwen3"))  # q/k norms
     assert qwen3.cpu_decode_layers is None
     assert CpuDecodeLayers.for_model(runner.model, runner.device, torch.float32, None) is None
@@ -173,9 +178,10 @@ def test_fused_layers_take_a_speculative_verify(tiny_model_factory, tree):
 
 def test_an_extend_of_more_than_8_rows_runs_eagerly_unless_it_is_a_verify(tiny_model_factory):
     """From 9 rows the eager layers multiply an ordinary extend on torch's int4
-    kernel, not the AMX one: the fused layers leave it to them. A verify runs
-    as a decode step (as_decode_step), whose rows take the AMX kernel up to 64:
-    the fused layers take it, with the eager layers' bits."""
+    kernel, not the AMX one: the fused layers leave it to them (without AMX the
+    AVX-512 BF16 kernel takes any extend below the dense copy's rows, and so do
+    they). A verify runs as a decode step (as_decode_step), whose rows take the
+    AMX kernel up to 64: the fused layers take it, with the eager layers' bits."""
     from tests.model_executor.test_spec_graphs import Requests
 
     runner = int4_runner(tiny_model_factory("llama"))
@@ -183,7 +189,8 @@ def test_an_extend_of_more_than_8_rows_runs_eagerly_unless_it_is_a_verify(tiny_m
     fb = reqs.new_tokens(every_logit=True)
     runner.attn_backend.init_forward_metadata(fb)
     fb.attn_backend = runner.attn_backend
-    assert fb.attn_metadata.short_extend_rows is not None and not runner.cpu_decode_layers.takes(fb)
+    assert fb.attn_metadata.short_extend_rows is not None
+    assert runner.cpu_decode_layers.takes(fb) == (not cpu_kernels.amx_available())
 
     def verify():
         fb = reqs.new_tokens(every_logit=True)
@@ -199,8 +206,8 @@ def test_an_extend_of_more_than_8_rows_runs_eagerly_unless_it_is_a_verify(tiny_m
 def test_a_verify_gives_each_row_the_logits_of_a_decode_step(tiny_model_factory, new):
     """Speculative greedy decoding gives plain greedy decoding's tokens only if
     a verify's row for a token has the logits a batch-1 decode step of that
-    token has: the same bits, the int8 LM head included (on AMX from one row in
-    both). Up to 8 rows, where the int4 kernel multiplies each row alone (past
+    token has: the same bits, the int8 LM head included (on AMX or AVX-512 BF16
+    from one row in both). Up to 8 rows, where the int4 kernel multiplies each row alone (past
     8 it dequantizes blocks for all rows, as a decode batch of 9 does)."""
     from radixserve.model_executor.forward_batch import ForwardMode
     from tests.model_executor.test_spec_graphs import Requests

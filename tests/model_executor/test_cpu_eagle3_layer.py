@@ -14,7 +14,8 @@ from radixserve.model_executor.forward_batch import ForwardMode
 from radixserve.server_args import ServerArgs
 from tests.model_executor.test_spec_graphs import Requests
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the fused layer runs on a CPU with AMX")
+pytestmark = pytest.mark.skipif(not cpu_kernels.quantized_kernels_available(),
+                                reason="the fused layer runs on a CPU with AMX or AVX-512 BF16")
 
 
 def head_runner(target_path, out, dtype: str = "bfloat16"):

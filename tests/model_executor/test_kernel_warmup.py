@@ -105,8 +105,9 @@ def test_ngram_trees_warm_up_the_tree_extend(tiny_model_factory):
 
 def test_cpu_start_up_makes_the_quantized_weights_copies():
     """The packaged default model (4-bit GGUF weights) leaves start-up with
-    each quantized linear's dense copy for prefills and, on an AMX CPU, its
-    packed copy for decode steps: neither is made inside a first request."""
+    each quantized linear's dense copy for prefills and, on a CPU with AMX or
+    AVX-512 BF16, its packed copy for decode steps: neither is made inside a
+    first request."""
     from radixserve.layers import cpu_kernels
     from radixserve.model_executor.model_runner import ModelRunner
 
@@ -116,6 +117,6 @@ def test_cpu_start_up_makes_the_quantized_weights_copies():
     for linear in linears:
         copies = linear.weight.__dict__
         assert "dense_copy" in copies
-        assert ("amx_copy" in copies) == cpu_kernels.amx_available()
+        assert ("amx_copy" in copies) == cpu_kernels.quantized_kernels_available()
     # and its decode batches' layers run in one C++ call there (cpu_decode_layers.py)
-    assert (runner.cpu_decode_layers is not None) == cpu_kernels.amx_available()
+    assert (runner.cpu_decode_layers is not None) == cpu_kernels.quantized_kernels_available()

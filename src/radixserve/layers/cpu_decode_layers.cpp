@@ -5,7 +5,8 @@
 // layer. Each part is the kernel the eager path calls, with the same inputs,
 // so the results are the eager path's bit for bit; what goes is the Python
 // between the kernels (about a third of a batch-32 step on a 2-core CPU, during
-// which the other OpenMP thread waits). int4 weights on AMX only: the
+// which the other OpenMP thread waits). int4 weights on AMX, else on
+// AVX-512 BF16 (each linear takes the kernel the eager path takes): the
 // formats of the default model's decode step. An EAGLE-3 draft head's one
 // layer (int8 weights, as the CPU quantizes a head) runs the same way:
 // radixserve_eagle3_layer.
@@ -14,7 +15,7 @@
 #include <string.h>
 
 extern "C" {
-// cpu_kernels.cpp and cpu_kernels_amx.cpp
+// cpu_kernels.cpp, cpu_kernels_amx.cpp and cpu_kernels_avx512.cpp
 void radixserve_decode_attention(int dtype, const void* q, int64_t q_row_stride, void* k, void* v, void* out,
                                  const int64_t* slots, int64_t slots_row_stride, const int64_t* seq_lens,
                                  int64_t batch, int64_t heads, int64_t kv_heads, int64_t dk, int64_t dv,
@@ -35,6 +36,11 @@ void radixserve_add_bf16(const uint16_t* a, int64_t a_stride, const uint16_t* b,
                          int64_t out_stride, int64_t rows, int64_t cols);
 int radixserve_int8_linear_amx(const uint16_t* x, int64_t x_stride, const int8_t* packed, const float* scales,
                                uint16_t* out, int64_t rows, int64_t n, int64_t k);
+int radixserve_int4_linear_avx512(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
+                                  const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
+                                  int64_t group);
+int radixserve_int8_linear_avx512(const uint16_t* x, int64_t x_stride, const int8_t* packed, const float* scales,
+                                  uint16_t* out, int64_t rows, int64_t n, int64_t k);
 }
 
 namespace {
@@ -87,8 +93,11 @@ struct Scratch {
   uint16_t *normed, *qkv, *qk, *attn, *gate_up, *act;
 };
 
+// The AMX kernel where the process has AMX (as quantization.py routes the
+// eager linears), else the AVX-512 BF16 one; -1 where neither runs.
 int linear(const Int4Weight& w, const uint16_t* x, uint16_t* out, int64_t rows) {
-  return radixserve_int4_linear_amx(x, w.k, w.packed, w.scales_zeros, out, rows, w.n, w.k, w.group);
+  if (radixserve_int4_linear_amx(x, w.k, w.packed, w.scales_zeros, out, rows, w.n, w.k, w.group) == 0) return 0;
+  return radixserve_int4_linear_avx512(x, w.k, w.packed, w.scales_zeros, out, rows, w.n, w.k, w.group);
 }
 
 // An int8 weight [n, k] in the AMX kernel's layout, float32 scales [n].
@@ -99,7 +108,8 @@ struct Int8Weight {
 };
 
 int linear(const Int8Weight& w, const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t rows) {
-  return radixserve_int8_linear_amx(x, x_stride, w.packed, w.scales, out, rows, w.n, w.k);
+  if (radixserve_int8_linear_amx(x, x_stride, w.packed, w.scales, out, rows, w.n, w.k) == 0) return 0;
+  return radixserve_int8_linear_avx512(x, x_stride, w.packed, w.scales, out, rows, w.n, w.k);
 }
 
 // An EAGLE-3 head's layer (models/llama_eagle3.py), mirrored by a ctypes
@@ -155,7 +165,7 @@ extern "C" {
 // residual [rows, hidden]: the residual stream before that output (the final
 // norm adds them, as after the eager layers). scratch: bfloat16 values for
 // rows x (hidden + q|k|v + q|k + q + 2 intermediate + intermediate). 0 when
-// done; -1 when AMX is not available (nothing meaningful written).
+// done; -1 when neither AMX nor AVX-512 BF16 runs here (nothing meaningful written).
 int radixserve_decode_layers(const DecodeShape* shape, const DecodeLayer* layers, int64_t num_layers,
                              const DecodeBatch* batch, uint16_t* hidden, uint16_t* residual, uint16_t* scratch) {
   const DecodeShape& s = *shape;
@@ -184,7 +194,7 @@ int radixserve_decode_layers(const DecodeShape* shape, const DecodeLayer* layers
 // [norm(embeds) ; norm(hidden)], the residual add, the MLP and its add. out
 // [rows, hidden]: the layer's output (before the final norm). scratch:
 // bfloat16 values for rows x (4 hidden + q|k|v + q|k + q + 3
-// intermediate). 0 when done; -1 when AMX is not available.
+// intermediate). 0 when done; -1 when neither AMX nor AVX-512 BF16 runs here.
 int radixserve_eagle3_layer(const DecodeShape* shape, const Eagle3Layer* layer, const DecodeBatch* batch,
                             const uint16_t* embeds, const uint16_t* features, int64_t features_stride,
                             int64_t features_width, uint16_t* out, uint16_t* scratch) {

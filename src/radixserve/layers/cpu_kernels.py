@@ -316,6 +316,11 @@ def avx512_bf16_available() -> bool:
     return lib is not None and lib.radixserve_avx512_bf16_available() == 1
 
 
+def quantized_kernels_available() -> bool:
+    """Whether quantized weights multiply on one of these kernels here (AMX or AVX-512 BF16)."""
+    return amx_available() or avx512_bf16_available()
+
+
 def avx512_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
     """Whether an AVX-512 BF16 kernel multiplies these rows by an
     [out_features, in] weight (the AMX kernels' blocks: amx_takes)."""

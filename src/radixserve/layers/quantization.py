@@ -154,6 +154,22 @@ def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows
     return count in few_rows or (in_decode_step and count in decode_rows)
 
 
+def int4_rows_on_kernel(count: int, in_decode_step: bool) -> bool:
+    """Whether int4 linears of `count` bfloat16 rows run on a C++ kernel (the
+    fused CPU layers take only those): AMX's by amx_row_count; without AMX the
+    AVX-512 BF16 kernel, below the dense copy's rows, in any forward."""
+    if cpu_kernels.amx_available():
+        return amx_row_count(count, in_decode_step, AMX_INT4_DECODE_ROWS, AMX_INT4_FEW_ROWS)
+    return cpu_kernels.avx512_bf16_available() and 1 <= count < INT8_DEQUANTIZE_FROM_ROWS
+
+
+def int8_rows_on_kernel(count: int, in_decode_step: bool) -> bool:
+    """The same for int8 linears: decode steps only, on either kernel."""
+    if cpu_kernels.amx_available():
+        return amx_row_count(count, in_decode_step, AMX_INT8_DECODE_ROWS)
+    return in_decode_step and cpu_kernels.avx512_bf16_available() and 1 <= count < INT8_DEQUANTIZE_FROM_ROWS
+
+
 def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_rows: range = range(0),
               group: int = cpu_kernels.AMX_BLOCK) -> bool:
     """Whether rows times a quantized weight run on an AMX kernel (amx_row_count)."""

@@ -1,8 +1,9 @@
 """A CPU decode step's decoder layers in one C++ call (layers/cpu_decode_layers.cpp).
 
-On a CPU with AMX, a decode batch of the default model runs every layer as a
-chain of fused kernels (RMSNorm, the int4 AMX linears, rotary, paged decode
-attention, SiLU-and-mul), called one by one from Python. At 32 requests on a
+On a CPU with AMX or AVX-512 BF16, a decode batch of the default model runs
+every layer as a chain of fused kernels (RMSNorm, the int4 linears on AMX or
+AVX-512 BF16, rotary, paged decode attention, SiLU-and-mul), called one by one
+from Python. At 32 requests on a
 2-core Xeon, about a third of the step was that Python (module calls, checks,
 ctypes), and the second OpenMP thread idled through it. `CpuDecodeLayers`
 calls the same kernels in the same order from C++, so its outputs are the
@@ -13,9 +14,10 @@ It takes a model only where every layer is the plain Llama block (RMSNorm,
 no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
-take the AMX int4 kernel (1 to 64 decode rows, or a speculative verify of as
-many tokens, each a decode query over its own slots). Anything else
-runs eagerly. The C++ side gets raw addresses (weights, their AMX copies, the
+take a C++ int4 kernel (quantization.int4_rows_on_kernel: on AMX 1 to 64
+decode rows, without it 1 to 127; or a speculative verify of as many tokens,
+each a decode query over its own slots). Anything else runs eagerly. The C++
+side gets raw addresses (weights, their packed copies, the
 KV buffers), kept in structs until ModelRunner, which makes every weight
 update and pool release or resume, calls forget().
 """
@@ -23,7 +25,7 @@ update and pool release or resume, calls forget().
 from __future__ import annotations
 
 import ctypes
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -54,15 +56,15 @@ class DecodeBatch(ctypes.Structure):
 
 
 def _int4_struct(linear: Any) -> Int4Weight:
-    """An int4 Linear's AMX copy (made now if need be) and scales."""
+    """An int4 Linear's packed copy (made now if need be) and scales."""
     copy, scales = quantization.int4_amx_copy(linear.weight), linear.weight_scale
     return Int4Weight(copy.data_ptr(), scales.data_ptr(), linear.out_features, linear.in_features,
                       linear.in_features // scales.shape[0])
 
 
-def quantized_for_amx(linear: Any, matmul: Any, scale_dtype: torch.dtype) -> bool:
+def quantized_for_kernels(linear: Any, matmul: Any, scale_dtype: torch.dtype) -> bool:
     """Whether a Linear's weight is in the format `matmul` multiplies (with
-    contiguous scales of scale_dtype), shaped for the AMX kernels' 32-wide
+    contiguous scales of scale_dtype), shaped for the C++ kernels' 32-wide
     blocks, with no bias or LoRA: what the fused C++ layers read."""
     fmt = getattr(linear, "weight_format", None)
     return (fmt is not None and fmt.matmul is matmul and linear.bias is None
@@ -72,7 +74,7 @@ def quantized_for_amx(linear: Any, matmul: Any, scale_dtype: torch.dtype) -> boo
 
 
 def _is_int4(linear: Any) -> bool:
-    return (quantized_for_amx(linear, quantization.int4_weight_only_linear, torch.bfloat16)
+    return (quantized_for_kernels(linear, quantization.int4_weight_only_linear, torch.bfloat16)
             and linear.weight_scale.shape[0] > 0
             and (linear.in_features // linear.weight_scale.shape[0]) % cpu_kernels.AMX_BLOCK == 0)
 
@@ -111,7 +113,7 @@ class CpuDecodeLayers:
         """The fused layers for this model, or None where it does not qualify."""
         layers = getattr(getattr(model, "model", None), "layers", None)
         if device.type != "cpu" or dtype != torch.bfloat16 or lora is not None or not layers \
-                or not cpu_kernels.amx_available() or not all(_plain_llama_layer(l) for l in layers):
+                or not cpu_kernels.quantized_kernels_available() or not all(_plain_llama_layer(l) for l in layers):
             return None
         rotaries = {id(l.self_attn.rotary_emb) for l in layers}
         return cls(model) if len(rotaries) == 1 else None
@@ -120,9 +122,8 @@ class CpuDecodeLayers:
         """Whether this batch runs here rather than eagerly: a decode batch, or a
         speculative verify (an extend of a few tokens a request, each attending
         as a decode query: short_extend_rows) that the eager layers would also
-        multiply on the AMX kernel: up to 8 rows in any forward, up to 64 where
-        it runs as a decode step (ForwardBatch.as_decode_step)."""
-        return decode_queries_on_amx(fb, quantization.AMX_INT4_DECODE_ROWS, quantization.AMX_INT4_FEW_ROWS)
+        multiply on a C++ int4 kernel (quantization.int4_rows_on_kernel)."""
+        return decode_queries_on_kernels(fb, quantization.int4_rows_on_kernel)
 
     def forward(self, fb: Any) -> torch.Tensor:
         """The final-normed hidden states [rows, hidden] of a batch it takes
@@ -144,7 +145,7 @@ class CpuDecodeLayers:
         status = cpu_kernels.decode_layers(ctypes.byref(self.shape), layers, len(layers), ctypes.byref(batch),
                                            hidden, residual, scratch)
         if status != 0:
-            raise RuntimeError("the fused CPU decode layers: this CPU or process has no AMX")
+            raise RuntimeError("the fused CPU decode layers: this CPU or process has no AMX or AVX-512 BF16")
         out, _ = self.model.model.norm(hidden, residual)
         if capture:
             for j, layer in enumerate(capture):
@@ -155,7 +156,7 @@ class CpuDecodeLayers:
 
     def forget(self) -> None:
         """Drop the structs: their addresses are stale once weights are updated
-        (which drops the AMX copies) or the KV pool is released or resumed.
+        (which drops the packed copies) or the KV pool is released or resumed.
         ModelRunner calls this after each such change; the next step rebuilds."""
         self._structs = None
 
@@ -176,19 +177,19 @@ class CpuDecodeLayers:
         return (DecodeLayer * len(structs))(*structs)
 
 
-def decode_queries_on_amx(fb: Any, decode_rows: range, few_rows: range = range(0)) -> bool:
+def decode_queries_on_kernels(fb: Any, rows_on_kernel: Callable[[int, bool], bool]) -> bool:
     """Whether a forward batch runs as decode queries through the fused kernels:
     a decode batch, or a speculative verify (an extend of a few tokens a
     request, each attending as a decode query: short_extend_rows), with as many
-    rows as the eager linears would also multiply on the AMX kernel (few_rows
-    in any forward, decode_rows where it runs as a decode step:
+    rows as the eager linears would also multiply on a C++ kernel
+    (rows_on_kernel(rows, in a decode step): quantization.int4_rows_on_kernel,
+    int8_rows_on_kernel; a verify runs as a decode step,
     ForwardBatch.as_decode_step), torch-native attention over a bfloat16 pool."""
     k_buf = fb.kv_pool.k_buffers[0]
     decode = fb.forward_mode.is_decode()
     verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
               and not fb.mm_items)
-    on_amx = quantization.amx_row_count(fb.input_ids.shape[0], decode or fb.as_decode_step, decode_rows, few_rows)
-    return ((decode or verify) and on_amx
+    return ((decode or verify) and rows_on_kernel(fb.input_ids.shape[0], decode or fb.as_decode_step)
             and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
             and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
             and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
@@ -196,7 +197,7 @@ def decode_queries_on_amx(fb: Any, decode_rows: range, few_rows: range = range(0
 
 
 def decode_batch(fb: Any) -> Tuple[DecodeBatch, List[torch.Tensor]]:
-    """The C++ side's view of a batch decode_queries_on_amx took, and the
+    """The C++ side's view of a batch decode_queries_on_kernels took, and the
     tensors it points into (to be kept alive until the call returns)."""
     meta = fb.attn_metadata
     if fb.forward_mode.is_decode():

@@ -1,5 +1,5 @@
-"""An EAGLE-3 draft head's layer in one C++ call on a CPU with AMX
-(radixserve_eagle3_layer in layers/cpu_decode_layers.cpp).
+"""An EAGLE-3 draft head's layer in one C++ call on a CPU with AMX or AVX-512
+BF16 (radixserve_eagle3_layer in layers/cpu_decode_layers.cpp).
 
 A draft step of the default model's head at batch 1 took about 0.9 ms on a
 2-core Xeon, of which the int8 products were about 0.3: the rest was the
@@ -11,8 +11,8 @@ in Python.
 
 It takes a head whose linears the CPU quantized to int8 (fc, q|k|v, o,
 gate|up, down; no LoRA, one rank), bfloat16 norms, and a batch of decode
-queries the eager linears would also multiply on the AMX kernel
-(cpu_decode_layers.decode_queries_on_amx): a draft decode step, or a catch-up
+queries the eager linears would also multiply on a C++ int8 kernel
+(cpu_decode_layers.decode_queries_on_kernels): a draft decode step, or a catch-up
 extend of a few tokens over the request's earlier entries. A new request's
 first extend (its whole prompt) runs eagerly. ModelRunner calls forget()
 whenever weights or pools change, as for CpuDecodeLayers.
@@ -27,7 +27,7 @@ import torch
 
 from radixserve.layers import cpu_kernels, quantization
 from radixserve.model_executor.cpu_decode_layers import (
-    DecodeShape, decode_batch, decode_queries_on_amx, i64, ptr, quantized_for_amx, set_pool_strides)
+    DecodeShape, decode_batch, decode_queries_on_kernels, i64, ptr, quantized_for_kernels, set_pool_strides)
 
 
 class Int8Weight(ctypes.Structure):
@@ -41,7 +41,7 @@ class Eagle3Layer(ctypes.Structure):
 
 
 def _int8_struct(linear: Any) -> Int8Weight:
-    """An int8 Linear's AMX copy (made now if need be) and scales."""
+    """An int8 Linear's packed copy (made now if need be) and scales."""
     copy = quantization.amx_copy(linear.weight, lambda: cpu_kernels.pack_int8_for_amx(linear.weight))
     return Int8Weight(copy.data_ptr(), linear.weight_scale.data_ptr(), linear.out_features, linear.in_features)
 
@@ -66,21 +66,21 @@ class CpuEagle3Layer:
         from radixserve.models.llama_eagle3 import LlamaForCausalLMEagle3
 
         if type(model) is not LlamaForCausalLMEagle3 or device.type != "cpu" or dtype != torch.bfloat16 \
-                or lora is not None or not cpu_kernels.amx_available():
+                or lora is not None or not cpu_kernels.quantized_kernels_available():
             return None
         layer = model.midlayer
         norms = (layer.input_layernorm, layer.hidden_norm, layer.post_attention_layernorm)
         attn = layer.self_attn
-        fits = (all(quantized_for_amx(m, quantization.int8_weight_only_linear, torch.float32)
+        fits = (all(quantized_for_kernels(m, quantization.int8_weight_only_linear, torch.float32)
                     for m in (model.fc, attn.qkv_proj, attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj))
                 and attn.o_proj.tp_group.world_size == 1 and attn.attn.sliding_window in (None, 0)
                 and all(n.weight.dtype == torch.bfloat16 and n.eps == norms[0].eps for n in norms))
         return cls(model) if fits else None
 
     def takes(self, fb: Any) -> bool:
-        """Whether this batch runs here rather than eagerly (decode queries the
-        int8 kernel multiplies: up to 32 rows in a decode step)."""
-        return fb.spec_hidden is not None and decode_queries_on_amx(fb, quantization.AMX_INT8_DECODE_ROWS)
+        """Whether this batch runs here rather than eagerly (decode queries a
+        C++ int8 kernel multiplies: quantization.int8_rows_on_kernel)."""
+        return fb.spec_hidden is not None and decode_queries_on_kernels(fb, quantization.int8_rows_on_kernel)
 
     def forward(self, fb: Any) -> torch.Tensor:
         """The layer's output [rows, hidden] (before the final norm), as the
@@ -100,7 +100,7 @@ class CpuEagle3Layer:
         status = cpu_kernels.eagle3_layer(ctypes.byref(self.shape), ctypes.byref(self._layer(fb)),
                                           ctypes.byref(batch), embeds, features, out, scratch)
         if status != 0:
-            raise RuntimeError("the fused EAGLE-3 layer: this CPU or process has no AMX")
+            raise RuntimeError("the fused EAGLE-3 layer: this CPU or process has no AMX or AVX-512 BF16")
         return out
 
     def forget(self) -> None:
