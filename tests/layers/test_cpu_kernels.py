@@ -362,14 +362,9 @@ def int8_on_amx(w: torch.Tensor, group: int):
     return (lambda x: cpu_kernels.int8_linear_amx(x, amx, scale), lambda rows: exact.to(torch.bfloat16))
 
 
-@amx_only
-@pytest.mark.parametrize("fmt", [int4_on_amx, int8_on_amx])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 70])
-@pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (64, 128, 128)])
-def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_features, group):
-    """The AMX kernels' products (int4 in groups, int8 per row) against float64
-    over the weight's values: rows on both sides of the int4 kernel's two ways
-    (8 and 9) and of one and two tiles of 16, x a view with a row stride of its own."""
+def check_against_the_dequantized_weight(fmt, rows: int, out_features: int, in_features: int, group: int) -> None:
+    """fmt's product of `rows` rows (a view with a row stride of its own)
+    against float64 over the weight's values: within the output's rounding."""
     g = torch.Generator().manual_seed(rows + out_features)
     matmul, weight_for = fmt(torch.randn(out_features, in_features, generator=g), group)
     wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
@@ -382,18 +377,34 @@ def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_f
 
 
 @amx_only
+@pytest.mark.parametrize("fmt", [int4_on_amx, int8_on_amx])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17, 32, 33, 70])
+@pytest.mark.parametrize("out_features,in_features,group", [(64, 96, 32), (128, 256, 64), (64, 128, 128)])
+def test_amx_linear_against_the_dequantized_weight(fmt, rows, out_features, in_features, group):
+    """The AMX kernels' products (int4 in groups, int8 per row) against float64
+    over the weight's values: rows on both sides of the int4 kernel's two ways
+    (8 and 9) and of one and two tiles of 16, x a view with a row stride of its own."""
+    check_against_the_dequantized_weight(fmt, rows, out_features, in_features, group)
+
+
+def check_rows_alone(fmt, group: int, rows: int) -> None:
+    """Each of up to `rows` rows: the same bits alone, first among others and last."""
+    g = torch.Generator().manual_seed(group)
+    matmul, _ = fmt(torch.randn(128, 256, generator=g), group)
+    x = torch.randn(rows, 256, generator=g).to(torch.bfloat16)
+    together = matmul(x)
+    for count in range(1, rows + 1):
+        assert torch.equal(matmul(x[:count]), together[:count])
+        assert torch.equal(matmul(x[count - 1:count]), together[count - 1:count])
+
+
+@amx_only
 @pytest.mark.parametrize("fmt,group", [(int4_on_amx, 32), (int4_on_amx, 64), (int8_on_amx, 32)])
 def test_amx_few_rows_do_not_depend_on_each_other(fmt, group):
     """Up to 8 rows, each row's product is the same bits alone as beside others:
     a batch-1 decode and a speculative verify of its drafts (a few rows) must
     give the same token, and a decode batch's requests must not steer each other."""
-    g = torch.Generator().manual_seed(group)
-    matmul, _ = fmt(torch.randn(128, 256, generator=g), group)
-    x = torch.randn(8, 256, generator=g).to(torch.bfloat16)
-    together = matmul(x)
-    for rows in range(1, 9):
-        assert torch.equal(matmul(x[:rows]), together[:rows])
-        assert torch.equal(matmul(x[rows - 1:rows]), together[rows - 1:rows])
+    check_rows_alone(fmt, group, 8)
 
 
 @torch.inference_mode()
@@ -430,15 +441,7 @@ def test_avx512_linear_against_the_dequantized_weight(fmt, rows, out_features, i
     """The AVX-512 BF16 kernels (int4 in groups, int8 per row) against float64
     over the weight's unrounded values: rows in one, two and several tiles of 4,
     x a view with a row stride of its own, 3 blocks of 32 columns to a thread."""
-    g = torch.Generator().manual_seed(rows + out_features)
-    matmul, weight_for = fmt(torch.randn(out_features, in_features, generator=g), group)
-    wide = torch.randn(rows, in_features + 32, generator=g).to(torch.bfloat16)
-    x = wide[:, :in_features]
-    out = matmul(x)
-    exact = x.double() @ weight_for(rows).double().T
-    assert out.shape == (rows, out_features) and out.dtype == torch.bfloat16
-    assert rel(out, exact) < 4e-3  # the output's bfloat16 rounding
-    assert (ulps_apart(out, exact.to(torch.bfloat16))[exact.abs() > 1e-2] <= 1).all()
+    check_against_the_dequantized_weight(fmt, rows, out_features, in_features, group)
 
 
 @avx512_only
@@ -447,13 +450,7 @@ def test_avx512_rows_do_not_depend_on_each_other(fmt, group):
     """Each row's product is the same bits alone as beside others, whatever its
     place in a tile of 4: a batch-1 decode and a speculative verify of its drafts
     must give the same token."""
-    g = torch.Generator().manual_seed(group)
-    matmul, _ = fmt(torch.randn(128, 256, generator=g), group)
-    x = torch.randn(9, 256, generator=g).to(torch.bfloat16)
-    together = matmul(x)
-    for rows in range(1, 10):
-        assert torch.equal(matmul(x[:rows]), together[:rows])
-        assert torch.equal(matmul(x[rows - 1:rows]), together[rows - 1:rows])
+    check_rows_alone(fmt, group, 9)
 
 
 @avx512_only

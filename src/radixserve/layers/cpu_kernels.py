@@ -276,19 +276,40 @@ def _amx_ran(status: int) -> None:
         raise RuntimeError("the AMX kernels: this CPU or process has no AMX")
 
 
+def _int4_linear(kernel: str, rows: torch.Tensor, packed: torch.Tensor,
+                 scales_and_zeros: torch.Tensor) -> Tuple[int, torch.Tensor]:
+    """Runs the library's int4 kernel `kernel` into a new [m, out] bfloat16
+    tensor: (its status, the tensor)."""
+    out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
+    if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
+        raise ValueError(f"{kernel} takes contiguous bfloat16 scales_and_zeros")
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    status = getattr(_library(), kernel)(
+        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
+        rows.shape[0], out_features, k, k // scales_and_zeros.shape[0])
+    return status, out
+
+
+def _int8_linear(kernel: str, rows: torch.Tensor, packed: torch.Tensor,
+                 scales: torch.Tensor) -> Tuple[int, torch.Tensor]:
+    """The same for an int8 kernel with float32 scales [out]."""
+    out_features = packed.shape[0] * AMX_BLOCK
+    if scales.dtype != torch.float32 or not scales.is_contiguous():
+        raise ValueError(f"{kernel} takes contiguous float32 scales")
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    status = getattr(_library(), kernel)(rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(),
+                                         out.data_ptr(), rows.shape[0], out_features, rows.shape[1])
+    return status, out
+
+
 def int4_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """rows [m, in] bfloat16 times the int4 weight packed by pack_int4_for_amx,
     with torch's bfloat16 scales_and_zeros [in / group, out, 2] -> [m, out]
     bfloat16; the weight's values are (q - 8) * scale + zero, rounded to
     bfloat16 as the dense copy holds them from 9 rows, unrounded up to 8 (where
     in / group <= 256; amx_takes says where it runs)."""
-    out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
-    if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
-        raise ValueError("int4_linear_amx takes contiguous bfloat16 scales_and_zeros")
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    _amx_ran(_library().radixserve_int4_linear_amx(
-        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
-        rows.shape[0], out_features, k, k // scales_and_zeros.shape[0]))
+    status, out = _int4_linear("radixserve_int4_linear_amx", rows, packed, scales_and_zeros)
+    _amx_ran(status)
     return out
 
 
@@ -296,13 +317,8 @@ def int8_linear_amx(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tens
     """rows [m, in] bfloat16 times the int8 weight packed by pack_int8_for_amx,
     with float32 scales [out] -> [m, out] bfloat16; the weight's values are
     q * scale rounded to bfloat16, as the dense copy holds them."""
-    out_features = packed.shape[0] * AMX_BLOCK
-    if scales.dtype != torch.float32 or not scales.is_contiguous():
-        raise ValueError("int8_linear_amx takes contiguous float32 scales")
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    _amx_ran(_library().radixserve_int8_linear_amx(
-        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
-        out_features, rows.shape[1]))
+    status, out = _int8_linear("radixserve_int8_linear_amx", rows, packed, scales)
+    _amx_ran(status)
     return out
 
 
@@ -338,13 +354,8 @@ def int4_linear_avx512(rows: torch.Tensor, packed: torch.Tensor, scales_and_zero
     with torch's bfloat16 scales_and_zeros [in / group, out, 2] -> [m, out]
     bfloat16; the weight's values (q - 8) * scale + zero unrounded, each
     row's product the same bits whatever rows are beside it."""
-    out_features, k = packed.shape[0] * AMX_BLOCK, rows.shape[1]
-    if scales_and_zeros.dtype != torch.bfloat16 or not scales_and_zeros.is_contiguous():
-        raise ValueError("int4_linear_avx512 takes contiguous bfloat16 scales_and_zeros")
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    _avx512_ran(_library().radixserve_int4_linear_avx512(
-        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(),
-        rows.shape[0], out_features, k, k // scales_and_zeros.shape[0]))
+    status, out = _int4_linear("radixserve_int4_linear_avx512", rows, packed, scales_and_zeros)
+    _avx512_ran(status)
     return out
 
 
@@ -352,13 +363,8 @@ def int8_linear_avx512(rows: torch.Tensor, packed: torch.Tensor, scales: torch.T
     """rows [m, in] bfloat16 times the int8 weight packed by pack_int8_for_amx,
     with float32 scales [out] -> [m, out] bfloat16: each column's sum of
     rows x q in float32, times its scale (the weight's values unrounded)."""
-    out_features = packed.shape[0] * AMX_BLOCK
-    if scales.dtype != torch.float32 or not scales.is_contiguous():
-        raise ValueError("int8_linear_avx512 takes contiguous float32 scales")
-    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    _avx512_ran(_library().radixserve_int8_linear_avx512(
-        rows.data_ptr(), rows.stride(0), packed.data_ptr(), scales.data_ptr(), out.data_ptr(), rows.shape[0],
-        out_features, rows.shape[1]))
+    status, out = _int8_linear("radixserve_int8_linear_avx512", rows, packed, scales)
+    _avx512_ran(status)
     return out
 
 

@@ -209,7 +209,8 @@ int radixserve_avx512_bf16_available() {
 
 // out [rows, n] bfloat16 (contiguous) = x [rows, k] bfloat16 (row stride
 // x_stride) times an int4 weight in the AMX int4 layout with bfloat16
-// scales_zeros [k / group, n, 2]. n, k and group multiples of 32. Returns 0, or -1 where the library was built without AVX-512 BF16.
+// scales_zeros [k / group, n, 2]. n, k and group multiples of 32. Returns 0,
+// or -1 where the library was built without AVX-512 BF16.
 int radixserve_int4_linear_avx512(const uint16_t* x, int64_t x_stride, const uint8_t* packed,
                                   const uint16_t* scales_zeros, uint16_t* out, int64_t rows, int64_t n, int64_t k,
                                   int64_t group) {
@@ -237,15 +238,14 @@ int radixserve_int8_linear_avx512(const uint16_t* x, int64_t x_stride, const int
                                   uint16_t* out, int64_t rows, int64_t n, int64_t k) {
 #ifdef RADIXSERVE_AVX512_BF16
   const Int8Weight w{packed, scales, n, k};
-  over_blocks(rows, n,
-              [&](int64_t n0, int64_t m0, int64_t r) {
-                switch (r) {
-                  case 1: return int8_block<1>(x, x_stride, w, n0, m0, out);
-                  case 2: return int8_block<2>(x, x_stride, w, n0, m0, out);
-                  case 3: return int8_block<3>(x, x_stride, w, n0, m0, out);
-                  default: return int8_block<4>(x, x_stride, w, n0, m0, out);
-                }
-              });
+  over_blocks(rows, n, [&](int64_t n0, int64_t m0, int64_t r) {
+    switch (r) {
+      case 1: return int8_block<1>(x, x_stride, w, n0, m0, out);
+      case 2: return int8_block<2>(x, x_stride, w, n0, m0, out);
+      case 3: return int8_block<3>(x, x_stride, w, n0, m0, out);
+      default: return int8_block<4>(x, x_stride, w, n0, m0, out);
+    }
+  });
   return 0;
 #else
   (void)x, (void)x_stride, (void)packed, (void)scales, (void)out, (void)rows, (void)n, (void)k;
