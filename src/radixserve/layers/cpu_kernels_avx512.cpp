@@ -4,15 +4,14 @@
 // Compiled with cpu_kernels.cpp into one library (cpu_kernels.py).
 //
 // torch's int4 and int8 kernels are bound by their arithmetic on such a CPU,
-// not by memory, and their time grows with the rows (2-core EPYC, 3,072 x 576
-// int4, weights not in cache: 57-63 us at one row, 92-96 at four, 177 at five;
-// the int8 LM head, 49,152 x 576: 1.9 ms at one row, 2.6 at four, while the
-// machine reads 50 GB/s). Here a weight is widened once to bfloat16 and
-// multiplied into up to four rows, two values of it per lane and instruction:
-// 33-40, 94-107 and 113-135 us; the LM head 0.8 and 1.6 ms. At four rows the
-// int4 kernel ties torch's: both then run at the CPU's rate of float32
-// multiply-adds (16 a cycle and core on Zen 4), which only an int8 product
-// (activations quantized too) would pass.
+// not by memory (bench/cpu_quantized_linear_bench.py, 2-core EPYC that reads
+// 50 GB/s; 3,072 x 576 int4 read from memory: 66 us at one row, 93 at four;
+// the int8 LM head, 49,152 x 576: 1.6 ms at one row, 3.2 at four). Here a
+// weight is widened once to bfloat16 and multiplied into up to four rows, two
+// values of it per lane and instruction: 44 and 97 us; 0.8 and 1.4 ms. At four
+// rows the int4 kernel ties torch's: both then run at the CPU's rate of
+// float32 multiply-adds (16 a cycle and core on Zen 4), which only an int8
+// product (the rows quantized too) would pass.
 //
 // The weights are in the AMX kernels' packed layouts (cpu_kernels_amx.cpp
 // describes them): a B tile row, 32 bfloat16 = 16 columns x a pair of input
