@@ -141,3 +141,16 @@ def test_a_close_verdict_borrowed_from_another_bucket_is_checked_soon():
     modes = run(gov, clock, 60, 4, {True: (0.06, 2.0), False: (0.012, 1.0)})
     switched = modes.index(False)
     assert 16 <= switched <= 20 and modes[switched:] == [False] * (60 - switched)  # measured: plain wins here
+
+
+def test_a_borrowed_verdict_for_plain_steps_waits_as_a_measured_one():
+    """Plain steps win at batch 1 (speculation 1.3x their cost), so batch 4
+    starts on plain steps; speculation, there at 2x, is first probed after the
+    loss-based wait (8 x 0.3 / 0.02 = 120 steps), not after recheck_every:
+    staying on plain steps never costs more than plain decoding."""
+    clock = Clock()
+    gov = SpecGovernor(first_probe_steps=8, probe_steps=8, recheck_every=16, probe_share=0.02, clock=clock)
+    run(gov, clock, 40, 1, {True: (0.026, 2.0), False: (0.01, 1.0)})  # 0.013 against 0.01 s a token
+    modes = run(gov, clock, 200, 4, {True: (0.048, 2.0), False: (0.012, 1.0)})
+    first_probe = modes.index(True)
+    assert 115 <= first_probe <= 125 and modes[:first_probe] == [False] * first_probe

@@ -94,10 +94,13 @@ class BucketState:
         # next easy one then decoded plainly until the probe: 1.29x against 1.43x).
         ratio = cost[not best] / max(cost[best], 1e-12)
         wait = max(limits.recheck_every, limits.probe_steps * (ratio - 1) / limits.probe_share)
-        if self.samples[not best] == 0 and ratio < PRIOR_TRUSTED_RATIO:
-            # The other mode's cost is another bucket's ratio, not a measurement: costs
-            # scale differently with the batch (on a CPU speculation won at batch 1 and
-            # cost 1.5x plain steps at batch 4), so a close call is checked soon.
+        if best and self.samples[not best] == 0 and ratio < PRIOR_TRUSTED_RATIO:
+            # Plain steps' cost is another bucket's ratio, not a measurement: costs scale
+            # differently with the batch (on a CPU speculation won at batch 1 and cost 1.5x
+            # plain steps at batch 4), so a close call for speculation is checked soon. A
+            # borrowed call for plain steps is not: they are never worse than plain
+            # decoding, and early probes of speculation at 2x its price cost 10-20% of
+            # short batch-4 and batch-8 runs on a CPU without AMX.
             wait = limits.recheck_every
         if self.since_probe >= wait:
             self.start_probe(not best, limits.probe_steps)
