@@ -241,11 +241,16 @@ def amx_available() -> bool:
     return lib is not None and lib.radixserve_amx_available() == 1
 
 
-def amx_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
-    """Whether an AMX kernel multiplies these rows by an [out_features, in]
-    weight (int4 in groups of `group` input values, or int8 per row)."""
+def _fits_blocks(rows: torch.Tensor, out_features: int, group: int) -> bool:
+    """bfloat16 rows the kernels take, times an [out_features, in] weight (int4
+    in groups of `group` input values, or int8 per row) their 32 x 32 blocks tile."""
     return (rows.dtype == torch.bfloat16 and takes_rows(rows) and out_features % AMX_BLOCK == 0
-            and rows.shape[1] % AMX_BLOCK == 0 and group % AMX_BLOCK == 0 and amx_available())
+            and rows.shape[1] % AMX_BLOCK == 0 and group % AMX_BLOCK == 0)
+
+
+def amx_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
+    """Whether an AMX kernel multiplies these rows by an [out_features, in] weight."""
+    return _fits_blocks(rows, out_features, group) and amx_available()
 
 
 def _tile_order(q: torch.Tensor) -> torch.Tensor:
@@ -338,10 +343,8 @@ def quantized_kernels_available() -> bool:
 
 
 def avx512_takes(rows: torch.Tensor, out_features: int, group: int = AMX_BLOCK) -> bool:
-    """Whether an AVX-512 BF16 kernel multiplies these rows by an
-    [out_features, in] weight (the AMX kernels' blocks: amx_takes)."""
-    return (rows.dtype == torch.bfloat16 and takes_rows(rows) and out_features % AMX_BLOCK == 0
-            and rows.shape[1] % AMX_BLOCK == 0 and group % AMX_BLOCK == 0 and avx512_bf16_available())
+    """Whether an AVX-512 BF16 kernel multiplies these rows by an [out_features, in] weight."""
+    return _fits_blocks(rows, out_features, group) and avx512_bf16_available()
 
 
 def _avx512_ran(status: int) -> None:

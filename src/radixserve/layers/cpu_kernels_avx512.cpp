@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels_common.h"
@@ -179,16 +180,23 @@ void int8_block(const uint16_t* x, int64_t x_stride, const Int8Weight& w, int64_
 
 // Every row, ROW_TILE at a time, for each block of 32 columns; the column
 // blocks split evenly over the threads (a block's bytes stay in cache across
-// its row tiles). block(n0, m0, tile rows) multiplies one tile.
+// its row tiles). block(n0, m0, rows) multiplies one tile, its row count a
+// std::integral_constant (a template instance, registers and all, per count).
 template <typename Block>
 void over_blocks(int64_t rows, int64_t n, Block block) {
 #pragma omp parallel
   {
     const int64_t blocks = n / 32, threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t first = blocks * t / threads, last = blocks * (t + 1) / threads;
-    for (int64_t b = first; b < last; ++b) {
-      for (int64_t m0 = 0; m0 < rows; m0 += ROW_TILE) block(b * 32, m0, std::min<int64_t>(ROW_TILE, rows - m0));
-    }
+    for (int64_t b = first; b < last; ++b)
+      for (int64_t m0 = 0; m0 < rows; m0 += ROW_TILE) {
+        switch (std::min<int64_t>(ROW_TILE, rows - m0)) {
+          case 1: block(b * 32, m0, std::integral_constant<int, 1>{}); break;
+          case 2: block(b * 32, m0, std::integral_constant<int, 2>{}); break;
+          case 3: block(b * 32, m0, std::integral_constant<int, 3>{}); break;
+          default: block(b * 32, m0, std::integral_constant<int, ROW_TILE>{});
+        }
+      }
   }
 }
 
@@ -217,13 +225,8 @@ int radixserve_int4_linear_avx512(const uint16_t* x, int64_t x_stride, const uin
   const Int4Weight w{packed, scales_zeros, n, k, group};
   std::vector<float> sums_x(rows * (k / group));
   group_sums(x, x_stride, rows, k, group, sums_x.data());
-  over_blocks(rows, n, [&](int64_t n0, int64_t m0, int64_t r) {
-    switch (r) {
-      case 1: return int4_block<1>(x, x_stride, w, sums_x.data(), n0, m0, out);
-      case 2: return int4_block<2>(x, x_stride, w, sums_x.data(), n0, m0, out);
-      case 3: return int4_block<3>(x, x_stride, w, sums_x.data(), n0, m0, out);
-      default: return int4_block<4>(x, x_stride, w, sums_x.data(), n0, m0, out);
-    }
+  over_blocks(rows, n, [&](int64_t n0, int64_t m0, auto r) {
+    int4_block<decltype(r)::value>(x, x_stride, w, sums_x.data(), n0, m0, out);
   });
   return 0;
 #else
@@ -237,13 +240,8 @@ int radixserve_int8_linear_avx512(const uint16_t* x, int64_t x_stride, const int
                                   uint16_t* out, int64_t rows, int64_t n, int64_t k) {
 #ifdef RADIXSERVE_AVX512_BF16
   const Int8Weight w{packed, scales, n, k};
-  over_blocks(rows, n, [&](int64_t n0, int64_t m0, int64_t r) {
-    switch (r) {
-      case 1: return int8_block<1>(x, x_stride, w, n0, m0, out);
-      case 2: return int8_block<2>(x, x_stride, w, n0, m0, out);
-      case 3: return int8_block<3>(x, x_stride, w, n0, m0, out);
-      default: return int8_block<4>(x, x_stride, w, n0, m0, out);
-    }
+  over_blocks(rows, n, [&](int64_t n0, int64_t m0, auto r) {
+    int8_block<decltype(r)::value>(x, x_stride, w, n0, m0, out);
   });
   return 0;
 #else
