@@ -227,30 +227,46 @@ def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
         assert torch.equal(quantization.prefill_gemm(rows, quantized, lambda: 1 / 0), out)
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_decode_batches_take_the_dense_copy_only_with_amx(monkeypatch, amx):
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_decode_batches_take_the_dense_copy_only_with_native_bf16(monkeypatch, native_bf16):
     """In a decode step (quantization.decode_step) 16 or more bfloat16 rows go
-    through the dense copy where the CPU has AMX, 15 never; outside one (a short
-    prefill) the int4 kernel takes any row count below a prefill's 128."""
+    through the dense copy where the CPU multiplies bfloat16 in hardware, 15
+    never; outside one (a short prefill) the int4 kernel takes any row count
+    below a prefill's 128."""
     import radixserve.layers.quantization as quantization
 
-    monkeypatch.setattr(quantization, "cpu_has_amx", lambda: amx)
+    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the AMX int4 kernel: its own test below
     torch.manual_seed(7)
     linear = Linear(64, 64)
     nn.init.normal_(linear.weight)
     quantize_linears(linear, int4_weight_only(32))
-    x = torch.randn(quantization.AMX_DECODE_DENSE_FROM_ROWS, 64).to(torch.bfloat16)
+    x = torch.randn(quantization.DECODE_DENSE_FROM_ROWS, 64).to(torch.bfloat16)
     kernel = linear(x)
     assert "dense_copy" not in linear.weight.__dict__
     with quantization.decode_step():
         linear(x[:-1])
         assert "dense_copy" not in linear.weight.__dict__
         decode = linear(x)
-    assert ("dense_copy" in linear.weight.__dict__) == amx
+    assert ("dense_copy" in linear.weight.__dict__) == native_bf16
     assert rel(decode, kernel) < 2e-2
     linear(x)  # the step is over: back to the kernel below 128 rows
     assert torch.equal(linear(x), kernel)
+
+
+def test_the_fused_layers_follow_the_dense_copys_rows(monkeypatch):
+    """Without AMX the C++ kernels (and so the fused decode layers) take a
+    decode step's rows below the dense copy's threshold, a prefill's below 128."""
+    import radixserve.layers.quantization as quantization
+
+    monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "avx512_bf16_available", lambda: True)
+    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: True)
+    dense = quantization.DECODE_DENSE_FROM_ROWS
+    for on_kernel in (quantization.int4_rows_on_kernel, quantization.int8_rows_on_kernel):
+        assert on_kernel(dense - 1, True) and not on_kernel(dense, True)
+    assert quantization.int4_rows_on_kernel(dense, False) and quantization.int4_rows_on_kernel(127, False)
+    assert not quantization.int4_rows_on_kernel(128, False) and not quantization.int8_rows_on_kernel(1, False)
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int4 kernel needs a CPU with AMX")

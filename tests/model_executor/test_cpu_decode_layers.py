@@ -9,10 +9,14 @@ import pytest
 import torch
 
 from radixserve.layers import cpu_kernels
+from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, DECODE_DENSE_FROM_ROWS
 from radixserve.server_args import ServerArgs
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.quantized_kernels_available(),
                                 reason="the fused layers run on a CPU with AMX or AVX-512 BF16")
+
+# the first decode batch whose eager linears multiply by the dense copy, not a C++ kernel
+DENSE_DECODE_ROWS = AMX_INT4_DECODE_ROWS.stop if cpu_kernels.amx_available() else DECODE_DENSE_FROM_ROWS
 
 
 def int4_runner(path, max_running_requests: int = 64):
@@ -61,7 +65,8 @@ def both_ways(runner, batch, capture=None):
     return eager, outputs(result), eager_kv, kv()
 
 
-@pytest.mark.parametrize("batch_size,capture", [(1, None), (4, (0, 2)), (8, None), (13, (1,)), (33, None)])
+@pytest.mark.parametrize("batch_size,capture", [(1, None), (4, (0, 2)), (8, None), (13, (1,)),
+                                                (DENSE_DECODE_ROWS - 1, None)])
 def test_fused_layers_equal_the_eager_layers(tiny_model_factory, batch_size, capture):
     """Logits and K/V, and where an EAGLE-3 target asks for them (capture) the
     layers' outputs (the final-normed one is layer 2 of this 2-layer model)."""
@@ -110,12 +115,8 @@ def test_reads_and_released_memory_reach_the_fused_layers(tiny_model_factory):
 def test_what_runs_eagerly(tiny_model_factory):
     from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
 
-    from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
-
-    # the first decode batch the eager linears multiply by the dense copy, not a C++ kernel
-    dense_rows = AMX_INT4_DECODE_ROWS.stop if cpu_kernels.amx_available() else INT8_DEQUANTIZE_FROM_ROWS
-    runner = int4_runner(tiny_model_factory("llama"), max_running_requests=dense_rows)
-    batch = prefilled(runner, [[5, 6, 7]] * dense_rows, steps=2)
+    runner = int4_runner(tiny_model_factory("llama"), max_running_requests=DENSE_DECODE_ROWS)
+    batch = prefilled(runner, [[5, 6, 7]] * DENSE_DECODE_ROWS, steps=2)
     batch.prepare_for_decode()
     fb = batch.to_forward_batch()
     fb.attn_backend = runner.attn_backend

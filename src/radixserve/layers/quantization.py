@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from radixserve.layers import cpu_kernels
-from radixserve.utils.cpu_features import cpu_has_amx, cpu_has_native_bf16
+from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -96,18 +96,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 # 2.7x at 4,096 rows, 2x at 128; int4 2.1x at 128, 576 -> 1,536, 2-core AVX-512
 # CPU; the int8 kernel wins 9x at one row).
 INT8_DEQUANTIZE_FROM_ROWS = 128
-# With AMX a decode step of this many bfloat16 rows or more takes the dense copy
-# too: the kernels' time grows with the rows, the AMX GEMM's hardly (2-core AMX
-# Xeon, 32 rows: int4 686 us against 162 us for 3,072 x 576; the int8 LM head
-# 13.8 ms against 3.1 ms). In the whole default model, which then reads 4x the
-# weight bytes, the dense copy lost at 8 requests (-13 to -18% decode tok/s) and
-# won from 16 (+9% at 16, +19% at 24, +52% at 32; docs/benchmarks.md).
+# With bfloat16 units (AMX, or AVX-512 BF16) a decode step of this many
+# bfloat16 rows or more takes the dense copy too: the kernels' time grows with
+# the rows, the dense GEMM's hardly (2-core AMX Xeon, 32 rows: int4 686 us
+# against 162 us for 3,072 x 576; the int8 LM head 13.8 ms against 3.1 ms). In
+# the whole default model, which then reads 4x the weight bytes, the dense copy
+# lost at 8 requests on AMX (-13 to -18% decode tok/s) and won from 16 (+9% at
+# 16, +19% at 24, +52% at 32; docs/benchmarks.md). On a Zen 4 EPYC (AVX-512
+# BF16, no AMX) it tied at 16 and won from 20 (+23%; +35% at 32, +45-60% at 64).
 # Decode steps only: a short prompt's prefill keeps the kernels, so its KV and
 # first token are what they were (with every 8- to 127-row extend on the dense
 # copy, the default model's answer to "What is the capital of France?" changed
 # after other requests had filled the radix cache, 2026-12-04).
-AMX_DECODE_DENSE_FROM_ROWS = 16
-_bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() on AMX
+DECODE_DENSE_FROM_ROWS = 16
+_bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() where bfloat16 is native
 # int4 weights in a decode step of this many rows go through the AMX kernel
 # (cpu_kernels.int4_linear_amx), which reads the int4 weight itself and runs
 # the dense copy's arithmetic on the tile unit: 2x faster than the dense copy
@@ -140,12 +142,18 @@ _in_decode_step = False  # set by decode_step()
 def decode_step() -> Iterator[None]:
     """Linear layers called within run one decode step (ModelRunner)."""
     global _bf16_dense_from_rows, _in_decode_step
-    dense_from = AMX_DECODE_DENSE_FROM_ROWS if cpu_has_amx() else INT8_DEQUANTIZE_FROM_ROWS
-    _bf16_dense_from_rows, _in_decode_step = dense_from, True
+    _bf16_dense_from_rows, _in_decode_step = dense_from_rows(True), True
     try:
         yield
     finally:
         _bf16_dense_from_rows, _in_decode_step = INT8_DEQUANTIZE_FROM_ROWS, False
+
+
+def dense_from_rows(in_decode_step: bool) -> int:
+    """From how many bfloat16 rows a quantized linear takes the dense copy (a
+    decode step's threshold is decode_step()'s)."""
+    native = in_decode_step and cpu_has_native_bf16()
+    return DECODE_DENSE_FROM_ROWS if native else INT8_DEQUANTIZE_FROM_ROWS
 
 
 def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows: range = range(0)) -> bool:
@@ -157,17 +165,18 @@ def amx_row_count(count: int, in_decode_step: bool, decode_rows: range, few_rows
 def int4_rows_on_kernel(count: int, in_decode_step: bool) -> bool:
     """Whether int4 linears of `count` bfloat16 rows run on a C++ kernel (the
     fused CPU layers take only those): AMX's by amx_row_count; without AMX the
-    AVX-512 BF16 kernel, below the dense copy's rows, in any forward."""
+    AVX-512 BF16 kernel, below the dense copy's rows (a decode step's or a
+    prefill's), in any forward."""
     if cpu_kernels.amx_available():
         return amx_row_count(count, in_decode_step, AMX_INT4_DECODE_ROWS, AMX_INT4_FEW_ROWS)
-    return cpu_kernels.avx512_bf16_available() and 1 <= count < INT8_DEQUANTIZE_FROM_ROWS
+    return cpu_kernels.avx512_bf16_available() and 1 <= count < dense_from_rows(in_decode_step)
 
 
 def int8_rows_on_kernel(count: int, in_decode_step: bool) -> bool:
     """The same for int8 linears: decode steps only, on either kernel."""
     if cpu_kernels.amx_available():
         return amx_row_count(count, in_decode_step, AMX_INT8_DECODE_ROWS)
-    return in_decode_step and cpu_kernels.avx512_bf16_available() and 1 <= count < INT8_DEQUANTIZE_FROM_ROWS
+    return in_decode_step and cpu_kernels.avx512_bf16_available() and 1 <= count < dense_from_rows(True)
 
 
 def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_rows: range = range(0),
