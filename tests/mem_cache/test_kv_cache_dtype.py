@@ -120,12 +120,17 @@ def test_backends_attend_over_the_stored_values(mode, cache_dtype):
         assert rel(out, reference) < 1e-5, type(backend).__name__
 
 
+@pytest.mark.parametrize("many_programs", [False, True])
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_triton_decode_over_fp8_with_bfloat16_queries(cache_dtype):
+def test_triton_decode_over_fp8_with_bfloat16_queries(monkeypatch, cache_dtype, many_programs):
     """A bfloat16 model's decode over an FP8 pool: the Triton kernel widens the
-    cache to float16 and rounds its queries to float16 (decode_tiles). Against
-    attention in float32 over the same stored values and the same bfloat16
-    queries, it differs by bfloat16 rounding only."""
+    cache to float16 and rounds its queries to float16 (decode_tiles), with
+    the tiles of few programs and of many. Against attention in float32 over
+    the same stored values and the same bfloat16 queries, it differs by
+    bfloat16 rounding only."""
+    from radixserve.layers.attention import paged_attention
+
+    monkeypatch.setattr(paged_attention, "FP8_FEW_DECODE_PROGRAMS", 1 if many_programs else 1 << 30)
     attn = RadixAttention(KV_HEADS * GROUP, HEAD_DIM, HEAD_DIM ** -0.5, KV_HEADS, layer_id=0)
     fp8_pool, (q, k, v), fp8_batch = attention_batch(cache_dtype, ForwardMode.DECODE)
     q, k, v = (x.bfloat16() for x in (q, k, v))

@@ -277,21 +277,26 @@ class DecodeTiles:
 # of 32 keys over 2 warps: 9% faster at 256 requests of 640 tokens (8 KV
 # heads), 6% slower at 64 (H200, Llama-8B's heads; docs/benchmarks.md).
 MANY_DECODE_PROGRAMS = 1024
+# An FP8 cache (float16 dots) below this many programs takes blocks of 128
+# keys over 4 warps, from it blocks of 64 over 2 warps with 4 stages: at 1 x
+# 2,048 tokens 6.6 against 8.5 us, at 64 x 1,024 and 256 x 640 3-4% the other
+# way (H100 on the flattened grid, Llama-8B's heads; docs/benchmarks.md).
+FP8_FEW_DECODE_PROGRAMS = 64
 
 
 def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, programs: int,
                  fixed_splits: bool) -> DecodeTiles:
-    """The decode kernel's tiles, from a sweep on the H200. An FP8 cache under
-    16-bit queries: float16 dots over blocks of 128 keys, 2 warps, 3 stages
-    (0.69x the time of the bfloat16-widening default, averaged over 256 x 640,
-    64 x 1,024 and 1 x 2,048 tokens). Deterministic mode keeps one tile
+    """The decode kernel's tiles, from sweeps on the H200 and H100. An FP8
+    cache under 16-bit queries: float16 dots (0.69x the time of the
+    bfloat16-widening default, averaged over 256 x 640, 64 x 1,024 and 1 x
+    2,048 tokens), the block and warps by the programs. Deterministic mode keeps one tile
     whatever the batch (its key blocks must start at the same positions and
     be summed alike). The large-batch tile there made 256 x 640 tokens
     slower, not faster (H200, docs/benchmarks.md), so it keeps the default."""
     if block_d > 128:
         return DecodeTiles(32, 4, 2, False)  # within shared memory
     if cache_dtype in FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16):
-        return DecodeTiles(128, 2, 3, True)
+        return DecodeTiles(64, 2, 4, True) if programs >= FP8_FEW_DECODE_PROGRAMS else DecodeTiles(128, 4, 3, True)
     if programs >= MANY_DECODE_PROGRAMS and not fixed_splits:
         return DecodeTiles(32, 2, 2, False)
     return DecodeTiles(64, 4, 2, False)
