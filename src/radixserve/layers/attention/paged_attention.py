@@ -289,8 +289,8 @@ def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, p
     """The decode kernel's tiles, from sweeps on the H200 and H100. An FP8
     cache under 16-bit queries: float16 dots (0.69x the time of the
     bfloat16-widening default, averaged over 256 x 640, 64 x 1,024 and 1 x
-    2,048 tokens), the block and warps by the programs. Deterministic mode keeps one tile
-    whatever the batch (its key blocks must start at the same positions and
+    2,048 tokens), the block and warps by the programs (FP8_FEW_DECODE_PROGRAMS).
+    Deterministic mode keeps one tile whatever the batch (its key blocks must start at the same positions and
     be summed alike). The large-batch tile there made 256 x 640 tokens
     slower, not faster (H200, docs/benchmarks.md), so it keeps the default."""
     if block_d > 128:
