@@ -97,11 +97,13 @@ class BucketState:
         if best and self.samples[not best] == 0 and ratio < PRIOR_TRUSTED_RATIO:
             # Plain steps' cost is another bucket's ratio, not a measurement: costs scale
             # differently with the batch (on a CPU speculation won at batch 1 and cost 1.5x
-            # plain steps at batch 4), so a close call for speculation is checked soon. A
-            # borrowed call for plain steps is not: they are never worse than plain
-            # decoding, and early probes of speculation at 2x its price cost 10-20% of
-            # short batch-4 and batch-8 runs on a CPU without AMX.
-            wait = limits.recheck_every
+            # plain steps at batch 4, 2x on one without AMX), so a close call for
+            # speculation is checked soon: a draining batch lives in each bucket for a
+            # few dozen steps, and 64 of them at 2x lost a batch of 16 13% on a Zen 4
+            # CPU. A plain probe costs little (plain steps are never worse than plain
+            # decoding). A borrowed call for plain steps is not checked early: probes of
+            # speculation at 2x its price cost 10-20% of short batch-4 and batch-8 runs there.
+            wait = limits.borrowed_recheck
         if self.since_probe >= wait:
             self.start_probe(not best, limits.probe_steps)
         return best
@@ -132,6 +134,7 @@ class SpecGovernor:
     first_probe_steps: int = 64
     probe_steps: int = 32
     recheck_every: int = 64  # eligible steps between probes of the other mode, at least
+    borrowed_recheck: int = 16  # steps before plain steps are probed in a bucket that speculates on another's verdict
     probe_share: float = 0.02  # and long enough that probes lose about this share of the time
     clock: Callable[[], float] = time.perf_counter
     buckets: Dict[int, BucketState] = field(default_factory=dict)
