@@ -99,8 +99,8 @@ class BucketState:
             # differently with the batch (on a CPU speculation won at batch 1 and cost 1.5x
             # plain steps at batch 4, 2x on one without AMX), so a close call for
             # speculation is checked soon: a draining batch lives in each bucket for a
-            # few dozen steps (with a check after 64, batches of 16 lost 7-13% in most
-            # runs on a Zen 4 CPU). A plain probe costs little (plain steps are never
+            # few dozen steps (with a check after 64, batches of 16 lost 13% in three of
+            # four runs on a Zen 4 CPU). A plain probe costs little (plain steps are never
             # worse than plain decoding). A borrowed call for plain steps is not checked early: probes of
             # speculation at 2x its price cost 10-20% of short batch-4 and batch-8 runs there.
             wait = limits.borrowed_recheck
