@@ -109,7 +109,6 @@ INT8_DEQUANTIZE_FROM_ROWS = 128
 # copy, the default model's answer to "What is the capital of France?" changed
 # after other requests had filled the radix cache, 2026-12-04).
 DECODE_DENSE_FROM_ROWS = 16
-_bf16_dense_from_rows = INT8_DEQUANTIZE_FROM_ROWS  # lowered by decode_step() where bfloat16 is native
 # int4 weights in a decode step of this many rows go through the AMX kernel
 # (cpu_kernels.int4_linear_amx), which reads the int4 weight itself and runs
 # the dense copy's arithmetic on the tile unit: 2x faster than the dense copy
@@ -141,17 +140,16 @@ _in_decode_step = False  # set by decode_step()
 @contextmanager
 def decode_step() -> Iterator[None]:
     """Linear layers called within run one decode step (ModelRunner)."""
-    global _bf16_dense_from_rows, _in_decode_step
-    _bf16_dense_from_rows, _in_decode_step = dense_from_rows(True), True
+    global _in_decode_step
+    _in_decode_step = True
     try:
         yield
     finally:
-        _bf16_dense_from_rows, _in_decode_step = INT8_DEQUANTIZE_FROM_ROWS, False
+        _in_decode_step = False
 
 
 def dense_from_rows(in_decode_step: bool) -> int:
-    """From how many bfloat16 rows a quantized linear takes the dense copy (a
-    decode step's threshold is decode_step()'s)."""
+    """From how many bfloat16 rows a quantized linear takes the dense copy."""
     native = in_decode_step and cpu_has_native_bf16()
     return DECODE_DENSE_FROM_ROWS if native else INT8_DEQUANTIZE_FROM_ROWS
 
@@ -198,7 +196,7 @@ def amx_copy(weight: torch.Tensor, pack: Callable[[], torch.Tensor]) -> torch.Te
 def takes_dense_gemm(rows: torch.Tensor) -> bool:
     """Whether these rows go through the dequantized copy rather than the kernel."""
     if rows.dtype == torch.bfloat16 and rows.device.type == "cpu":
-        return rows.shape[0] >= _bf16_dense_from_rows
+        return rows.shape[0] >= dense_from_rows(_in_decode_step)
     return rows.shape[0] >= INT8_DEQUANTIZE_FROM_ROWS
 
 
