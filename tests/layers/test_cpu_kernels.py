@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radixserve.layers import cpu_kernels
+from radixserve.layers import cpu_kernels, cpu_quantized_paths
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 from radixserve.layers.layernorm import RMSNorm
@@ -350,7 +350,7 @@ def int4_on_amx(w: torch.Tensor, group: int):
     """(the AMX kernel's product, the weight's values it multiplies by for so
     many rows) of w in int4: up to 8 rows (q - 8) * scale + zero exactly, from 9
     those values rounded to bfloat16, as the dense copy holds them."""
-    from radixserve.layers.quantization import AMX_INT4_FEW_ROWS
+    from radixserve.layers.cpu_quantized_paths import AMX_INT4_FEW_ROWS
 
     amx, scales_and_zeros, exact = int4_packed(w, group)
     return (lambda x: cpu_kernels.int4_linear_amx(x, amx, scales_and_zeros),
@@ -471,7 +471,7 @@ def test_quantized_linears_take_the_avx512_kernels_without_amx(monkeypatch):
     scale = scale.view(-1)
     torch_kernel = torch.ops.aten._weight_int8pack_mm(x, q, scale.to(torch.bfloat16))
     assert torch.equal(qz.int8_weight_only_linear(x, q, scale, None), torch_kernel)
-    with qz.decode_step():
+    with cpu_quantized_paths.decode_step():
         in_decode = qz.int8_weight_only_linear(x, q, scale, None)
     assert torch.equal(in_decode, cpu_kernels.int8_linear_avx512(x, cpu_kernels.pack_int8_for_amx(q), scale))
     assert not torch.equal(in_decode, torch_kernel)  # another kernel, another rounding: the test sees which ran

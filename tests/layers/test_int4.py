@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from radixserve.layers import cpu_kernels
+from radixserve.layers import cpu_kernels, cpu_quantized_paths
+from radixserve.layers.cpu_quantized_paths import INT8_DEQUANTIZE_FROM_ROWS
 from radixserve.layers.linear import Linear, MergedLinear
 from radixserve.layers.quantization import (
-    INT8_DEQUANTIZE_FROM_ROWS, int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
+    int4_dequantized, int4_weight_only, int4_weight_only_linear, quantize_int4_groups,
     quantize_linears, quantize_per_row, unpack_int4, unquantized,
 )
 from radixserve.server_args import ServerArgs
@@ -210,41 +211,38 @@ def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
     float32 elsewhere (the module decides once); either way the output keeps
     the activations' dtype and equals that dtype's own product. A bfloat16
     copy is kept in oneDNN's packed layout where the CPU has bfloat16 units."""
-    import radixserve.layers.quantization as quantization
 
-    monkeypatch.setattr(quantization, "PREFILL_GEMM_DTYPE", gemm_dtype)
+    monkeypatch.setattr(cpu_quantized_paths, "PREFILL_GEMM_DTYPE", gemm_dtype)
     g = torch.Generator().manual_seed(5)
     rows, weight = torch.randn(200, 96, generator=g).to(torch.bfloat16), torch.randn(64, 96, generator=g)
     quantized = torch.zeros(64, 48, dtype=torch.uint8)  # stands for the packed weight the copy is kept on
-    out = quantization.prefill_gemm(rows, quantized, lambda: weight)
+    out = cpu_quantized_paths.prefill_gemm(rows, quantized, lambda: weight)
     want = torch.nn.functional.linear(rows.to(gemm_dtype), weight.to(gemm_dtype)).to(torch.bfloat16)
     packed = bool(quantized.dense_copy.__dict__.get("onednn_packed"))
-    assert packed == (gemm_dtype == torch.bfloat16 and quantization.ONEDNN_PACKED_BF16)
+    assert packed == (gemm_dtype == torch.bfloat16 and cpu_quantized_paths.ONEDNN_PACKED_BF16)
     assert out.dtype == torch.bfloat16
     # (the packed product gave the same bits on an AMX Xeon; oneDNN may sum in another order elsewhere)
     assert torch.equal(out, want) if not packed else rel(out, want) < 2e-3
     if packed:  # the next call reuses the packed copy
-        assert torch.equal(quantization.prefill_gemm(rows, quantized, lambda: 1 / 0), out)
+        assert torch.equal(cpu_quantized_paths.prefill_gemm(rows, quantized, lambda: 1 / 0), out)
 
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_decode_batches_take_the_dense_copy_only_with_native_bf16(monkeypatch, native_bf16):
-    """In a decode step (quantization.decode_step) 16 or more bfloat16 rows go
+    """In a decode step (cpu_quantized_paths.decode_step) 16 or more bfloat16 rows go
     through the dense copy where the CPU multiplies bfloat16 in hardware, 15
     never; outside one (a short prefill) the int4 kernel takes any row count
     below a prefill's 128."""
-    import radixserve.layers.quantization as quantization
-
-    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(cpu_quantized_paths, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the AMX int4 kernel: its own test below
     torch.manual_seed(7)
     linear = Linear(64, 64)
     nn.init.normal_(linear.weight)
     quantize_linears(linear, int4_weight_only(32))
-    x = torch.randn(quantization.DECODE_DENSE_FROM_ROWS, 64).to(torch.bfloat16)
+    x = torch.randn(cpu_quantized_paths.DECODE_DENSE_FROM_ROWS, 64).to(torch.bfloat16)
     kernel = linear(x)
     assert "dense_copy" not in linear.weight.__dict__
-    with quantization.decode_step():
+    with cpu_quantized_paths.decode_step():
         linear(x[:-1])
         assert "dense_copy" not in linear.weight.__dict__
         decode = linear(x)
@@ -257,16 +255,15 @@ def test_decode_batches_take_the_dense_copy_only_with_native_bf16(monkeypatch, n
 def test_the_fused_layers_follow_the_dense_copys_rows(monkeypatch):
     """Without AMX the C++ kernels (and so the fused decode layers) take a
     decode step's rows below the dense copy's threshold, a prefill's below 128."""
-    import radixserve.layers.quantization as quantization
-
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)
     monkeypatch.setattr(cpu_kernels, "avx512_bf16_available", lambda: True)
-    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: True)
-    dense = quantization.DECODE_DENSE_FROM_ROWS
-    for on_kernel in (quantization.int4_rows_on_kernel, quantization.int8_rows_on_kernel):
+    monkeypatch.setattr(cpu_quantized_paths, "cpu_has_native_bf16", lambda: True)
+    dense = cpu_quantized_paths.DECODE_DENSE_FROM_ROWS
+    for on_kernel in (cpu_quantized_paths.int4_rows_on_kernel, cpu_quantized_paths.int8_rows_on_kernel):
         assert on_kernel(dense - 1, True) and not on_kernel(dense, True)
-    assert quantization.int4_rows_on_kernel(dense, False) and quantization.int4_rows_on_kernel(127, False)
-    assert not quantization.int4_rows_on_kernel(128, False) and not quantization.int8_rows_on_kernel(1, False)
+    paths = cpu_quantized_paths
+    assert paths.int4_rows_on_kernel(dense, False) and paths.int4_rows_on_kernel(127, False)
+    assert not paths.int4_rows_on_kernel(128, False) and not paths.int8_rows_on_kernel(1, False)
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="the AMX int4 kernel needs a CPU with AMX")
@@ -276,7 +273,6 @@ def test_decode_batches_take_the_amx_kernel_until_an_update():
     unrounded values; from 9, in a decode step, with the dense copy's bfloat16
     ones. 9 rows outside a decode step keep torch's kernel. After a weight
     update (`unquantized`) the kernel's copy is made again from the new values."""
-    import radixserve.layers.quantization as quantization
 
     torch.manual_seed(8)
     linear = Linear(96, 128)
@@ -289,7 +285,7 @@ def test_decode_batches_take_the_amx_kernel_until_an_update():
         assert "amx_copy" not in linear.weight.__dict__
         few = linear(x[:8])
         assert "amx_copy" in linear.weight.__dict__
-        with quantization.decode_step():
+        with cpu_quantized_paths.decode_step():
             out = linear(x)
     assert "dense_copy" not in linear.weight.__dict__
     exact = int4_dequantized(linear.weight, linear.weight_scale)
@@ -299,7 +295,7 @@ def test_decode_batches_take_the_amx_kernel_until_an_update():
     with unquantized(linear):
         linear.weight.data.mul_(-1)
     assert "amx_copy" not in linear.weight.__dict__
-    with torch.inference_mode(), quantization.decode_step():
+    with torch.inference_mode(), cpu_quantized_paths.decode_step():
         assert rel(linear(x[:8]), -few) < 2e-2 and rel(linear(x[:16]), -out[:16]) < 2e-2
 
 

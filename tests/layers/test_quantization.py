@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from radixserve.layers import cpu_kernels
+from radixserve.layers import cpu_kernels, cpu_quantized_paths
 from radixserve.layers.quantization import (
     FP8, FP8_DTYPE, INT8_WEIGHT_ONLY, fp8_linear, int8_weight_only_linear, quantize_linears, quantize_per_row,
     unquantized,
@@ -205,7 +205,6 @@ def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
     step and a verify's rows); a prompt's row outside a decode step keeps torch's
     kernel; an update (`unquantized`) drops the kernel's copy, so the next step
     sees new values."""
-    import radixserve.layers.quantization as quantization
 
     torch.manual_seed(9)
     linear = Linear(96, 64)
@@ -215,7 +214,7 @@ def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
     with torch.inference_mode():
         prompt_row = linear(x[:1])
         assert "amx_copy" not in linear.weight.__dict__
-        with quantization.decode_step():
+        with cpu_quantized_paths.decode_step():
             one = linear(x[:1])
             assert "amx_copy" in linear.weight.__dict__
             out = linear(x)
@@ -226,7 +225,7 @@ def test_int8_decode_rows_take_the_amx_kernel_until_an_update():
     with unquantized(linear):
         linear.weight.data.mul_(-1)
     assert "amx_copy" not in linear.weight.__dict__
-    with torch.inference_mode(), quantization.decode_step():
+    with torch.inference_mode(), cpu_quantized_paths.decode_step():
         assert rel(linear(x[:2]), -out[:2]) < 1e-2
 
 
@@ -266,7 +265,7 @@ def test_int8_weight_only_prefill_path_agrees_with_the_decode_kernel():
     # Many rows take the dequantize-and-GEMM path; the same rows a few at a time
     # take the int8 kernel: both are the dequantized product. The GEMM runs in
     # PREFILL_GEMM_DTYPE: bfloat16 on a CPU with bfloat16 units (its rounding), else float32.
-    from radixserve.layers.quantization import INT8_DEQUANTIZE_FROM_ROWS, PREFILL_GEMM_DTYPE
+    from radixserve.layers.cpu_quantized_paths import INT8_DEQUANTIZE_FROM_ROWS, PREFILL_GEMM_DTYPE
 
     g = torch.Generator().manual_seed(8)
     x = torch.randn(INT8_DEQUANTIZE_FROM_ROWS + 3, 64, generator=g)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from radixserve.layers import cpu_kernels
-from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, DECODE_DENSE_FROM_ROWS
+from radixserve.layers.cpu_quantized_paths import AMX_INT4_DECODE_ROWS, DECODE_DENSE_FROM_ROWS
 from radixserve.server_args import ServerArgs
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.quantized_kernels_available(),

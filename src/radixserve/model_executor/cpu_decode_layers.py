@@ -14,7 +14,7 @@ It takes a model only where every layer is the plain Llama block (RMSNorm,
 no biases, no q/k norms, no attention sinks, standard rotary from a table)
 with int4 weights, one tensor-parallel rank, no LoRA, a bfloat16 KV pool and
 the torch-native attention backend; a batch only where the eager path would
-take a C++ int4 kernel (quantization.int4_rows_on_kernel: on AMX 1 to 64
+take a C++ int4 kernel (cpu_quantized_paths.int4_rows_on_kernel: on AMX 1 to 64
 decode rows, without it 1 to 127; or a speculative verify of as many tokens,
 each a decode query over its own slots). Anything else runs eagerly. The C++
 side gets raw addresses (weights, their packed copies, the
@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from radixserve.layers import cpu_kernels, quantization
+from radixserve.layers import cpu_kernels, cpu_quantized_paths, quantization
 from radixserve.layers.attention.torch_native import TorchNativeAttnBackend
 
 i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -122,8 +122,8 @@ class CpuDecodeLayers:
         """Whether this batch runs here rather than eagerly: a decode batch, or a
         speculative verify (an extend of a few tokens a request, each attending
         as a decode query: short_extend_rows) that the eager layers would also
-        multiply on a C++ int4 kernel (quantization.int4_rows_on_kernel)."""
-        return decode_queries_on_kernels(fb, quantization.int4_rows_on_kernel)
+        multiply on a C++ int4 kernel (cpu_quantized_paths.int4_rows_on_kernel)."""
+        return decode_queries_on_kernels(fb, cpu_quantized_paths.int4_rows_on_kernel)
 
     def forward(self, fb: Any) -> torch.Tensor:
         """The final-normed hidden states [rows, hidden] of a batch it takes
@@ -182,7 +182,7 @@ def decode_queries_on_kernels(fb: Any, rows_on_kernel: Callable[[int, bool], boo
     a decode batch, or a speculative verify (an extend of a few tokens a
     request, each attending as a decode query: short_extend_rows), with as many
     rows as the eager linears would also multiply on a C++ kernel
-    (rows_on_kernel(rows, in a decode step): quantization.int4_rows_on_kernel,
+    (rows_on_kernel(rows, in a decode step): cpu_quantized_paths.int4_rows_on_kernel,
     int8_rows_on_kernel; a verify runs as a decode step,
     ForwardBatch.as_decode_step), torch-native attention over a bfloat16 pool."""
     k_buf = fb.kv_pool.k_buffers[0]

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from radixserve.layers import cpu_kernels, quantization
+from radixserve.layers import cpu_kernels, cpu_quantized_paths, quantization
 from radixserve.model_executor.cpu_decode_layers import (
     DecodeShape, decode_batch, decode_queries_on_kernels, i64, ptr, quantized_for_kernels, set_pool_strides)
 
@@ -42,7 +42,7 @@ class Eagle3Layer(ctypes.Structure):
 
 def _int8_struct(linear: Any) -> Int8Weight:
     """An int8 Linear's packed copy (made now if need be) and scales."""
-    copy = quantization.amx_copy(linear.weight, lambda: cpu_kernels.pack_int8_for_amx(linear.weight))
+    copy = cpu_quantized_paths.amx_copy(linear.weight, lambda: cpu_kernels.pack_int8_for_amx(linear.weight))
     return Int8Weight(copy.data_ptr(), linear.weight_scale.data_ptr(), linear.out_features, linear.in_features)
 
 
@@ -79,8 +79,8 @@ class CpuEagle3Layer:
 
     def takes(self, fb: Any) -> bool:
         """Whether this batch runs here rather than eagerly (decode queries a
-        C++ int8 kernel multiplies: quantization.int8_rows_on_kernel)."""
-        return fb.spec_hidden is not None and decode_queries_on_kernels(fb, quantization.int8_rows_on_kernel)
+        C++ int8 kernel multiplies: cpu_quantized_paths.int8_rows_on_kernel)."""
+        return fb.spec_hidden is not None and decode_queries_on_kernels(fb, cpu_quantized_paths.int8_rows_on_kernel)
 
     def forward(self, fb: Any) -> torch.Tensor:
         """The layer's output [rows, hidden] (before the final norm), as the

@@ -144,7 +144,7 @@ def cpu_warmup_plan(context_len: int) -> List[WarmupShape]:
     more) and the AMX kernels' packed copy (a decode step of 8 rows or more).
     Made inside the first requests, they cost the default model's first long
     prompt 0.42 s and its first batch of 8 decodes 0.22 s (2-core Xeon)."""
-    from radixserve.layers.quantization import AMX_INT4_DECODE_ROWS, AMX_INT8_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
+    from radixserve.layers.cpu_quantized_paths import AMX_INT4_DECODE_ROWS, AMX_INT8_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
 
     decode_rows = max(AMX_INT4_DECODE_ROWS.start, AMX_INT8_DECODE_ROWS.start)
     return [WarmupShape(num_new=INT8_DEQUANTIZE_FROM_ROWS, max_request_len=context_len),

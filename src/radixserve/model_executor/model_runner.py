@@ -15,9 +15,10 @@ from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.mla_backend import MLABackend
 from radixserve.layers.block_fp8 import block_fp8_format
 from radixserve.layers import cpu_kernels
+from radixserve.layers.cpu_quantized_paths import decode_step
 from radixserve.layers.pooler import EmbeddingOutput, PoolingConfig, pool_extend, read_pooling_config
 from radixserve.layers.quantization import (
-    WeightFormat, decode_step, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
+    WeightFormat, gguf_weight_format, is_4bit_gguf, quantize_linears, unquantized, weight_format_of,
 )
 from radixserve.mem_cache.allocator import ReqToTokenPool, TokenAllocator
 from radixserve.mem_cache.kv_dtype import resolve_kv_cache_dtype
@@ -426,7 +427,7 @@ class ModelRunner:
     def forward_eager(self, forward_batch: ForwardBatch) -> Union[LogitsOutput, EmbeddingOutput]:
         """forward without CUDA graphs (the start-up warm-up compiles the kernels this path takes)."""
         if forward_batch.forward_mode.is_decode() or forward_batch.as_decode_step:
-            with decode_step():  # the CPU's quantized GEMMs may pick another path (quantization.py)
+            with decode_step():  # the CPU's quantized GEMMs may pick another path (cpu_quantized_paths.py)
                 return self._forward_eager(forward_batch)
         return self._forward_eager(forward_batch)
 
