@@ -8,10 +8,10 @@
 // 50 GB/s; 3,072 x 576 int4 read from memory: 66 us at one row, 93 at four;
 // the int8 LM head, 49,152 x 576: 1.6 ms at one row, 3.2 at four). Here a
 // weight is widened once to bfloat16 and multiplied into up to four rows, two
-// values of it per lane and instruction: 44 and 97 us; 0.8 and 1.4 ms. At four
-// rows the int4 kernel ties torch's: both then run at the CPU's rate of
-// float32 multiply-adds (16 a cycle and core on Zen 4), which only an int8
-// product (the rows quantized too) would pass.
+// values of it per lane and instruction: 44 and 70-99 us; 0.8 and 1.4 ms. The
+// kernels are bound by their instructions (the widening, the broadcast input
+// pairs, the dot products), not by memory; only an int8 product (the rows
+// quantized too) would take fewer.
 //
 // The weights are in the AMX kernels' packed layouts (cpu_kernels_amx.cpp
 // describes them): a B tile row, 32 bfloat16 = 16 columns x a pair of input
@@ -104,52 +104,74 @@ struct Int8Weight {
   int64_t n, k;
 };
 
-// Rows [m0, m0 + R) times columns n0..n0 + 31 of an int4 weight. sums[row][half][nibble
-// half]: two chains a half, so a row's additions follow the same order for any R.
-template <int R>
-void int4_block(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const float* sums_x, int64_t n0,
-                int64_t m0, uint16_t* out) {
-  const uint8_t* block = w.packed + (n0 / 32) * (w.k / 32) * 512;
+// Rows [m0, m0 + R) times H halves of 16 columns, n0 + 16 * first .. of an
+// int4 weight's block of 32 columns. sums[row][half][nibble half]: two chains
+// a half, so a row's additions follow the same order for any R and H. Both
+// halves at once share each row's broadcast input pairs and give a single row
+// four chains (the latency of vdpbf16ps); one half at a time keeps 3-4 rows'
+// sums in registers (both at once spilled them: 4 rows took 2.2x one row's time).
+template <int R, int H>
+void int4_halves(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const float* sums_x, int64_t n0,
+                 int first, int64_t m0, uint16_t* out) {
+  const uint8_t* block = w.packed + (n0 / 32) * (w.k / 32) * 512 + first * 256;
   const int64_t groups = w.k / w.group;
   const __m512i high_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const __m512i table = q_minus_8_table();
-  __m512 total[R][2];
-  for (int m = 0; m < R; ++m) total[m][0] = total[m][1] = _mm512_setzero_ps();
+  __m512 total[R][H];
+  for (int m = 0; m < R; ++m)
+    for (int h = 0; h < H; ++h) total[m][h] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m512 sums[R][2][2];
+    __m512 sums[R][H][2];
     for (int m = 0; m < R; ++m)
-      for (int h = 0; h < 2; ++h) sums[m][h][0] = sums[m][h][1] = _mm512_setzero_ps();
+      for (int h = 0; h < H; ++h) sums[m][h][0] = sums[m][h][1] = _mm512_setzero_ps();
     for (int64_t k0 = g * w.group; k0 < (g + 1) * w.group; k0 += 32) {
       const uint8_t* tiles = block + (k0 / 32) * 512;
-      prefetch_lines(tiles + PREFETCH_BLOCKS * (w.k / 32) * 512, 512);
-      for (int half = 0; half < 2; ++half)
-        for (int c = 0; c < 4; ++c)
-          for (int r = 0; r < 2; ++r) {
-            // bytes: tile rows 4c + r (low nibbles) and 4c + 2 + r (high), pairs k0 + 2 * row
+      prefetch_lines(tiles + PREFETCH_BLOCKS * (w.k / 32) * 512, 256 * H);
+      for (int c = 0; c < 4; ++c)
+        for (int r = 0; r < 2; ++r) {
+          // bytes: tile rows 4c + r (low nibbles) and 4c + 2 + r (high), pairs k0 + 2 * row
+          const int64_t k_low = k0 + 2 * (4 * c + r), k_high = k_low + 4;
+          __m512bh x_low[R], x_high[R];
+          for (int m = 0; m < R; ++m) {
+            x_low[m] = pair_of(x + (m0 + m) * x_stride, k_low);
+            x_high[m] = pair_of(x + (m0 + m) * x_stride, k_high);
+          }
+          for (int h = 0; h < H; ++h) {
             __m512bh low, high;
-            int4_bytes_as_bf16(tiles + half * 256 + c * 64 + r * 32, table, low, high);
-            const int64_t k_low = k0 + 2 * (4 * c + r), k_high = k_low + 4;
+            int4_bytes_as_bf16(tiles + h * 256 + c * 64 + r * 32, table, low, high);
             for (int m = 0; m < R; ++m) {
-              const uint16_t* row = x + (m0 + m) * x_stride;
-              sums[m][half][0] = _mm512_dpbf16_ps(sums[m][half][0], low, pair_of(row, k_low));
-              sums[m][half][1] = _mm512_dpbf16_ps(sums[m][half][1], high, pair_of(row, k_high));
+              sums[m][h][0] = _mm512_dpbf16_ps(sums[m][h][0], low, x_low[m]);
+              sums[m][h][1] = _mm512_dpbf16_ps(sums[m][h][1], high, x_high[m]);
             }
           }
+        }
     }
-    for (int half = 0; half < 2; ++half) {
+    for (int h = 0; h < H; ++h) {
       // a 32-bit lane of scales_zeros is one column's (scale, zero)
-      const __m512i pairs = _mm512_loadu_si512(w.scales_zeros + (g * w.n + n0 + 16 * half) * 2);
+      const __m512i pairs = _mm512_loadu_si512(w.scales_zeros + (g * w.n + n0 + 16 * (first + h)) * 2);
       const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
       const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, high_half));
       for (int m = 0; m < R; ++m) {
         const __m512 sum_x = _mm512_set1_ps(sums_x[(m0 + m) * groups + g]);
-        const __m512 dot = _mm512_add_ps(sums[m][half][0], sums[m][half][1]);  // sum(x * (q - 8))
-        total[m][half] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sum_x, total[m][half]));
+        const __m512 dot = _mm512_add_ps(sums[m][h][0], sums[m][h][1]);  // sum(x * (q - 8))
+        total[m][h] = _mm512_fmadd_ps(scale, dot, _mm512_fmadd_ps(zero, sum_x, total[m][h]));
       }
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int half = 0; half < 2; ++half) store_bf16x16(out + (m0 + m) * w.n + n0 + 16 * half, total[m][half]);
+    for (int h = 0; h < H; ++h) store_bf16x16(out + (m0 + m) * w.n + n0 + 16 * (first + h), total[m][h]);
+}
+
+// Rows [m0, m0 + R) times columns n0..n0 + 31 of an int4 weight.
+template <int R>
+void int4_block(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const float* sums_x, int64_t n0,
+                int64_t m0, uint16_t* out) {
+  if constexpr (R <= 2) {
+    int4_halves<R, 2>(x, x_stride, w, sums_x, n0, 0, m0, out);
+  } else {
+    int4_halves<R, 1>(x, x_stride, w, sums_x, n0, 0, m0, out);
+    int4_halves<R, 1>(x, x_stride, w, sums_x, n0, 1, m0, out);
+  }
 }
 
 // The same for an int8 weight: each column's sum over all k, then its scale.
