@@ -278,10 +278,11 @@ class DecodeTiles:
 # heads), 6% slower at 64 (H200, Llama-8B's heads; docs/benchmarks.md).
 MANY_DECODE_PROGRAMS = 1024
 # An FP8 cache (float16 dots) below this many programs takes blocks of 128
-# keys over 4 warps, from it blocks of 64 over 2 warps with 4 stages: at 1 x
-# 2,048 tokens 6.6 against 8.5 us, at 64 x 1,024 and 256 x 640 3-4% the other
-# way (H100 on the flattened grid, Llama-8B's heads; docs/benchmarks.md).
-FP8_FEW_DECODE_PROGRAMS = 64
+# keys over 4 warps, from it blocks of 64 over 2 warps with 4 stages: from 8
+# to 256 programs (1-32 requests, 1,024-2,048 tokens) 21-29% faster, at 512
+# (64 x 1,024) and 2,048 (256 x 640) 2% slower (H100 on the flattened grid,
+# Llama-8B's 8 KV heads; docs/benchmarks.md).
+FP8_FEW_DECODE_PROGRAMS = 512
 
 
 def decode_tiles(cache_dtype: torch.dtype, q_dtype: torch.dtype, block_d: int, programs: int,
