@@ -29,13 +29,16 @@ INT8_DEQUANTIZE_FROM_ROWS = 128
 # against 162 us for 3,072 x 576; the int8 LM head 13.8 ms against 3.1 ms). In
 # the whole default model, which then reads 4x the weight bytes, the dense copy
 # lost at 8 requests on AMX (-13 to -18% decode tok/s) and won from 16 (+9% at
-# 16, +19% at 24, +52% at 32; docs/benchmarks.md). On a Zen 4 EPYC (AVX-512
-# BF16, no AMX) it tied at 16 and won from 20 (+23%; +35% at 32, +45-60% at 64).
+# 16, +19% at 24, +52% at 32; docs/benchmarks.md). (There the AMX kernels take
+# int4 rows up to 64 and int8 up to 32 first, so this count decides only on
+# CPUs without AMX.) On a Zen 4 EPYC (AVX-512 BF16) the kernels, since they
+# keep 3-4 rows' sums in registers, won at 16 rows (28.9-31.2 against
+# 32.8-45.3 ms a step) and tied at 20-32; the dense copy won by 1.5-2x at 64.
 # Decode steps only: a short prompt's prefill keeps the kernels, so its KV and
 # first token are what they were (with every 8- to 127-row extend on the dense
 # copy, the default model's answer to "What is the capital of France?" changed
 # after other requests had filled the radix cache, 2026-12-04).
-DECODE_DENSE_FROM_ROWS = 16
+DECODE_DENSE_FROM_ROWS = 20
 # int4 weights in a decode step of this many rows go through the AMX kernel
 # (cpu_kernels.int4_linear_amx), which reads the int4 weight itself and runs
 # the dense copy's arithmetic on the tile unit: 2x faster than the dense copy
