@@ -52,14 +52,31 @@ def test_buckets_decide_apart_starting_from_the_nearest_one():
     clock = Clock()
     gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=20, probe_share=1.0, clock=clock)
     run(gov, clock, 6, 1, {True: (0.01, 3.0), False: (0.01, 1.0)})  # batch 1: speculation wins
-    # batch 5-8 starts speculating (batch 1's verdict), without a first probe
-    modes = run(gov, clock, 30, 8, {True: (0.05, 1.2), False: (0.01, 1.0)})
+    # batch 2 (the next bucket) starts speculating (batch 1's verdict), without a first probe
+    modes = run(gov, clock, 30, 2, {True: (0.05, 1.2), False: (0.01, 1.0)})
     assert modes[0] is True
     # ... its own samples and batch 1's ratio (1/3) make plain look dearer (0.125 s/token) until
     # the recheck measures plain steps (0.01): then plain wins there
     assert modes[-5:] == [False] * 5
-    assert gov.choose(1) is True and gov.choose(7) is False
+    assert gov.choose(1) is True and gov.choose(2) is False
     assert bucket_of(1) == 1 and bucket_of(3) == bucket_of(4) == 4 and bucket_of(8) == 8
+
+
+def test_a_far_bucket_does_not_borrow_a_verdict_for_speculation():
+    """Speculation wins at batch 1; batch 5-8, three buckets away, starts on
+    plain steps all the same (speculation estimated 5% dearer) and probes
+    speculation after recheck_every steps (the loss-based wait is shorter here),
+    where it keeps it if it wins there too."""
+    clock = Clock()
+    gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=20, probe_share=1.0, clock=clock)
+    run(gov, clock, 6, 1, {True: (0.01, 3.0), False: (0.01, 1.0)})
+    modes = run(gov, clock, 30, 8, {True: (0.02, 3.0), False: (0.01, 1.0)})
+    switched = modes.index(True)
+    assert 20 <= switched <= 23 and modes[switched:] == [True] * (30 - switched)
+    # a verdict for plain steps is borrowed from any distance (staying plain never loses)
+    gov = SpecGovernor(first_probe_steps=3, probe_steps=3, recheck_every=20, probe_share=1.0, clock=clock)
+    run(gov, clock, 6, 1, {True: (0.03, 1.5), False: (0.01, 1.0)})
+    assert run(gov, clock, 5, 8, {True: (0.01, 3.0), False: (0.01, 1.0)}) == [False] * 5
 
 
 def test_first_step_after_a_change_and_interrupted_steps_are_not_counted():
@@ -131,7 +148,7 @@ def test_modes_near_a_tie_are_probed_often():
 
 
 def test_a_close_verdict_borrowed_from_another_bucket_is_checked_soon():
-    """Speculation wins narrowly at batch 1, so batch 4 starts speculating on
+    """Speculation wins narrowly at batch 1, so batch 2 starts speculating on
     that verdict; there it costs 2.5x plain steps. Its estimate of plain steps
     is borrowed (batch 1's ratio), so plain steps are probed after
     borrowed_recheck steps, not after recheck_every nor the loss-based wait
@@ -140,7 +157,7 @@ def test_a_close_verdict_borrowed_from_another_bucket_is_checked_soon():
     gov = SpecGovernor(first_probe_steps=8, probe_steps=8, recheck_every=32, borrowed_recheck=6,
                        probe_share=0.02, clock=clock)
     run(gov, clock, 40, 1, {True: (0.02, 2.2), False: (0.01, 1.0)})  # 0.0091 against 0.01 s a token
-    modes = run(gov, clock, 60, 4, {True: (0.06, 2.0), False: (0.012, 1.0)})
+    modes = run(gov, clock, 60, 2, {True: (0.06, 2.0), False: (0.012, 1.0)})
     switched = modes.index(False)
     assert 6 <= switched <= 10 and modes[switched:] == [False] * (60 - switched)  # measured: plain wins here
 

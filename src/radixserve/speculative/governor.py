@@ -39,6 +39,17 @@ EMA_WEIGHT = 1 / 32
 # this many times the winner's (an H200's eager verify at 40 plain steps).
 PRIOR_TRUSTED_RATIO = 2.0
 BUCKET_EDGES = (1, 2, 4, 8, 16, 32)  # batch sizes sharing a decision: 1, 2, 3-4, 5-8, ...
+# A verdict for speculation is borrowed only from a bucket at most this many
+# buckets away. From farther, speculation is estimated at FAR_SPECULATION_RATIO
+# x plain steps' cost until measured: the bucket starts on plain steps (not on
+# a tie that timing noise would flip) and probes speculation after the wait
+# for that ratio (80 steps by default). A verify's rows grow with the batch, so
+# its cost against a plain step's changes with it: on a CPU without AMX a verify
+# of 5-8 requests (20-32 rows) leaves the few-row kernels for the dense copy,
+# and draining batches of 16 that borrowed batch 1's verdict there decoded at
+# 0.72-0.89x of plain decoding; with this rule 0.97-1.18x (docs/benchmarks.md).
+BORROW_SPECULATION_BUCKETS = 1
+FAR_SPECULATION_RATIO = 1.05
 
 
 def bucket_of(batch_size: int) -> int:
@@ -46,6 +57,11 @@ def bucket_of(batch_size: int) -> int:
         if batch_size <= edge:
             return edge
     return BUCKET_EDGES[-1] * 2
+
+
+def _bucket_index(bucket: int) -> int:
+    """A bucket's place in BUCKET_EDGES (the last bucket, past them, one after)."""
+    return BUCKET_EDGES.index(bucket) if bucket in BUCKET_EDGES else len(BUCKET_EDGES)
 
 
 @dataclass
@@ -152,12 +168,16 @@ class SpecGovernor:
         return state.choose(self)
 
     def nearest_ratio(self, bucket: int) -> Optional[float]:
-        """Speculation's cost / plain's in the nearest bucket that measured both."""
-        known = [(abs(b - bucket), b) for b, s in self.buckets.items() if None not in s.cost.values()]
+        """Speculation's cost / plain's in the nearest bucket that measured both,
+        at least FAR_SPECULATION_RATIO from a far one (BORROW_SPECULATION_BUCKETS)."""
+        known = [(abs(_bucket_index(b) - _bucket_index(bucket)), b)
+                 for b, s in self.buckets.items() if None not in s.cost.values()]
         if not known:
             return None
-        cost = self.buckets[min(known)[1]].cost
-        return cost[True] / max(cost[False], 1e-12)
+        distance, nearest = min(known)
+        cost = self.buckets[nearest].cost
+        ratio = cost[True] / max(cost[False], 1e-12)
+        return ratio if distance <= BORROW_SPECULATION_BUCKETS else max(ratio, FAR_SPECULATION_RATIO)
 
     def step_started(self, batch_size: int, speculated: bool) -> None:
         self._open = (bucket_of(batch_size), speculated, self.clock())
