@@ -231,8 +231,8 @@ def test_prefill_gemm_runs_in_the_chosen_dtype(monkeypatch, gemm_dtype):
 def test_decode_batches_take_the_dense_copy_only_with_native_bf16(monkeypatch, native_bf16):
     """In a decode step (cpu_quantized_paths.decode_step) DECODE_DENSE_FROM_ROWS
     (20) or more bfloat16 rows go through the dense copy where the CPU
-    multiplies bfloat16 in hardware, one row fewer never; outside one (a short prefill) the int4 kernel takes any row count
-    below a prefill's 128."""
+    multiplies bfloat16 in hardware, one row fewer never; outside one (a
+    short prefill) the int4 kernel takes any row count below a prefill's 128."""
     monkeypatch.setattr(cpu_quantized_paths, "cpu_has_native_bf16", lambda: native_bf16)
     monkeypatch.setattr(cpu_kernels, "amx_available", lambda: False)  # the AMX int4 kernel: its own test below
     torch.manual_seed(7)

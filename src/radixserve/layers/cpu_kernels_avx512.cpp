@@ -166,12 +166,8 @@ void int4_halves(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const
 template <int R>
 void int4_block(const uint16_t* x, int64_t x_stride, const Int4Weight& w, const float* sums_x, int64_t n0,
                 int64_t m0, uint16_t* out) {
-  if constexpr (R <= 2) {
-    int4_halves<R, 2>(x, x_stride, w, sums_x, n0, 0, m0, out);
-  } else {
-    int4_halves<R, 1>(x, x_stride, w, sums_x, n0, 0, m0, out);
-    int4_halves<R, 1>(x, x_stride, w, sums_x, n0, 1, m0, out);
-  }
+  constexpr int H = R <= 2 ? 2 : 1;  // halves a pass
+  for (int first = 0; first < 2; first += H) int4_halves<R, H>(x, x_stride, w, sums_x, n0, first, m0, out);
 }
 
 // The same for an int8 weight: each column's sum over all k, then its scale.
