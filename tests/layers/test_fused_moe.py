@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from radixserve.layers.moe.activation import ExpertActivation, apply_activation
+from radixserve.layers.moe.few_token_experts import FEW_TOKENS_MAX, few_token_tiles
 from radixserve.layers.moe.fused_moe_triton import (
     align_pairs_by_expert, fused_experts_triton, gated_activation, max_padded_rows,
 )
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
+from radixserve.layers.moe.topk_triton import select_experts_triton
 from radixserve.layers.moe.torch_experts import fused_experts_torch
 
 CUDA = torch.cuda.is_available()
@@ -87,6 +89,19 @@ def test_matches_torch_experts_float32(tokens, num_experts, top_k, inter, patter
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("hidden_size,inter", [(1100, 40), (48, 600)])
+def test_few_token_gemvs_step_through_long_rows(hidden_size, inter):
+    """Rows longer than one step of the few-token kernels (gate_up's K is the
+    hidden size, down's the intermediate), not multiples of it."""
+    w13, w2, b13, b2 = random_experts(4, hidden_size, inter, torch.float32, seed=2, bias=True)
+    weights, ids = routing("random", 2, 4, 2, seed=3)
+    hidden = torch.randn(2, hidden_size, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    assert few_token_tiles(max(hidden_size, inter)).block_k < max(hidden_size, inter)
+    out = fused_experts_triton(hidden, w13, w2, weights, ids, SILU, b13, b2).cpu()
+    ref = fused_experts_torch(hidden.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(), SILU, b13.cpu(), b2.cpu())
+    assert rel(out, ref) < 1e-5
+
+
 def test_swiglu_limit_is_hit_and_matched():
     """The clamp of swiglu_oai matters in the test data (gate above the limit,
     up outside +-limit), and the kernel clamps as the torch path does."""
@@ -114,10 +129,11 @@ def test_gated_activation_matches_apply_activation(activation, dtype, tol):
     assert rel(out.cpu(), apply_activation(gate_up.cpu(), activation)) < tol
 
 
-def test_bfloat16_matches_torch_experts():
+@pytest.mark.parametrize("tokens", [FEW_TOKENS_MAX, 17], ids=["few_token_gemvs", "grouped_gemm"])
+def test_bfloat16_matches_torch_experts(tokens):
     w13, w2, b13, b2 = random_experts(8, 64, 48, torch.bfloat16, seed=11, bias=True)
-    weights, ids = routing("random", 17, 8, 4, seed=12)
-    hidden = torch.randn(17, 64, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.bfloat16)
+    weights, ids = routing("random", tokens, 8, 4, seed=12)
+    hidden = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(13)).to(DEVICE, torch.bfloat16)
     out = fused_experts_triton(hidden, w13, w2, weights, ids, SILU, b13, b2)
     ref = fused_experts_torch(hidden.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(), SILU, b13.cpu(), b2.cpu())
     assert out.dtype == torch.bfloat16
@@ -198,6 +214,7 @@ ROUTING_CASES = {
                                           topk_groups=2, routed_scaling_factor=2.5), True),
     "softmax_groups_by_max": (RoutingConfig(top_k=3, renormalize=False, num_groups=4, topk_groups=2,
                                             routed_scaling_factor=16.0), False),
+    "sigmoid_bias_scaled": (RoutingConfig(top_k=6, scoring="sigmoid", routed_scaling_factor=2.5), True),
 }
 
 
@@ -222,6 +239,31 @@ def test_select_experts_matches_per_token_reference(case):
                                                        None if bias is None else bias.tolist())[1] != ref_ids
     if cfg.num_groups > 1:
         assert grouping_changed_choice  # the data exercises the group limit
+
+
+@pytest.mark.parametrize("case", [c for c, (cfg, _) in ROUTING_CASES.items() if cfg.num_groups == 1])
+@pytest.mark.parametrize("num_experts", [16, 60])
+def test_fused_routing_kernel_matches_per_token_reference(case, num_experts):
+    """The one-kernel routing CUDA takes (topk_triton.py), on the interpreter here."""
+    cfg, use_bias = ROUTING_CASES[case]
+    g = torch.Generator().manual_seed(1)
+    tokens = 37
+    logits = torch.randn(tokens, num_experts, generator=g) * 2
+    bias = torch.randn(num_experts, generator=g) * 0.5 if use_bias else None
+    weights, ids = select_experts_triton(logits.to(DEVICE, torch.bfloat16), cfg,
+                                         None if bias is None else bias.to(DEVICE))
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    logits = logits.to(torch.bfloat16).float()  # what the kernel read
+    for t in range(tokens):
+        ref_w, ref_ids = reference_route(logits[t].tolist(), cfg, None if bias is None else bias.tolist())
+        assert ids[t].tolist() == ref_ids
+        assert weights[t].cpu().tolist() == pytest.approx(ref_w, rel=1e-5, abs=1e-6)
+
+
+def test_fused_routing_refuses_expert_groups():
+    cfg, _ = ROUTING_CASES["softmax_groups_by_max"]
+    with pytest.raises(ValueError, match="group"):
+        select_experts_triton(torch.randn(2, 16, device=DEVICE), cfg)
 
 
 # ---- GPU -----------------------------------------------------------------

@@ -102,7 +102,7 @@ class AlignedPairs:
 
 
 @triton.jit
-def _cast(x, dtype: tl.constexpr):
+def cast(x, dtype: tl.constexpr):
     """x.to(dtype), rounding float32 to bfloat16 to nearest even everywhere."""
     if _SOFTWARE_BF16_ROUNDING and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
@@ -236,10 +236,10 @@ def _grouped_gemm_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + cols, mask=col_mask, other=0.0).to(tl.float32)
-    out = _cast(acc, out_ptr.dtype.element_ty)
+    out = cast(acc, out_ptr.dtype.element_ty)
     if WEIGHTED:
         weight = tl.load(routing_weights_ptr + pair, mask=row_mask, other=0.0)
-        out = _cast(out.to(tl.float32) * weight[:, None], out_ptr.dtype.element_ty)
+        out = cast(out.to(tl.float32) * weight[:, None], out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + pair.to(tl.int64)[:, None] * stride_om + cols[None, :]
     tl.store(out_ptrs, out, mask=row_mask[:, None] & col_mask[None, :])
 
@@ -306,6 +306,19 @@ def _gemm_input(a: torch.Tensor, weight_scale: Optional[torch.Tensor], block: Op
 
 
 @triton.jit
+def activate(gate, up, alpha, limit, SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """apply_activation's math on float32 gate and up values."""
+    if SWIGLU_OAI:
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    else:
+        out = gate * tl.sigmoid(gate) * up
+    return out
+
+
+@triton.jit
 def _gated_activation_kernel(
     gate_up_ptr, out_ptr, inter, stride_in, stride_out, alpha, limit,
     SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
@@ -315,14 +328,8 @@ def _gated_activation_kernel(
     mask = cols < inter
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(gate_up_ptr + row * stride_in + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if SWIGLU_OAI:
-        if HAS_LIMIT:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-    else:
-        out = gate * tl.sigmoid(gate) * up
-    tl.store(out_ptr + row * stride_out + cols, _cast(out, out_ptr.dtype.element_ty), mask=mask)
+    out = activate(gate, up, alpha, limit, SWIGLU_OAI, HAS_LIMIT)
+    tl.store(out_ptr + row * stride_out + cols, cast(out, out_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_activation(gate_up: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
@@ -357,9 +364,14 @@ def fused_experts_triton(
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
     rounding of fused_experts_torch. No host sync: CUDA-graph capturable.
     block_scales: w13 and w2 are block-FP8 (layers/moe/layer.py)."""
+    from radixserve.layers.moe import few_token_experts  # (it imports this module's helpers)
+
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(hidden)
+    if num_tokens <= few_token_experts.FEW_TOKENS_MAX and block_scales is None and not batch_invariant:
+        return few_token_experts.fused_experts_few_tokens(
+            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias)
     num_experts, inter = w13.shape[0], w2.shape[2]
     config = moe_kernel_config(num_tokens, hidden.dtype, batch_invariant)
     aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)

@@ -34,7 +34,12 @@ def select_experts(
 
     correction_bias (DeepSeek-V3): added to the scores to choose experts (and
     to rank groups) only; the weights use the unbiased scores.
+    On CUDA, routing without groups runs as one kernel (topk_triton.py).
     """
+    if router_logits.is_cuda and cfg.num_groups == 1:
+        from radixserve.layers.moe.topk_triton import select_experts_triton  # Triton: imported where it runs
+
+        return select_experts_triton(router_logits, cfg, correction_bias)
     logits = router_logits.float()
     if cfg.softmax_after_topk:
         values, ids = torch.topk(logits, cfg.top_k, dim=-1)

@@ -1,0 +1,147 @@
+"""The experts of a few tokens (a small decode batch) as GEMVs: two launches.
+
+The grouped GEMM (fused_moe_triton.py) sorts the (token, k) pairs by expert,
+pads each expert's run to a tile of 16 rows and multiplies on the tensor
+cores: five launches a layer (grouping, gate_up, activation, down, the sum
+over k), and for one token every tile is one row of sixteen. A decode step
+of a few tokens is bound by reading the chosen experts' weights, not by
+arithmetic, and each launch costs more than its work there. So here:
+
+1. gate_up: one program per (pair, BLOCK_N rows of the intermediate), which
+   reads those rows of the expert's gate and up projections, multiplies them
+   by the token's hidden row and applies the activation: [pairs, I].
+2. down: one program per (token, BLOCK_N rows of the output), which runs
+   through the token's k experts in order and sums their weighted outputs.
+
+Rounding is fused_moe_triton's: gate and up rounded to the input dtype
+before the activation, each expert's output rounded, then times its routing
+weight and rounded again, the k of them summed in float32. Both kernels read
+the expert ids on the device: no host sync, CUDA-graph capturable. Past
+FEW_TOKENS_MAX tokens, tokens sharing an expert would read its weights once
+each here against once per tile there, and the grouped GEMM takes over.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from radixserve.layers.gemv import GemvTiles
+from radixserve.layers.moe.activation import ExpertActivation
+from radixserve.layers.moe.fused_moe_triton import activate, cast
+
+FEW_TOKENS_MAX = 4
+
+
+@triton.jit
+def _gate_up_kernel(
+    hidden_ptr, w13_ptr, bias_ptr, ids_ptr, act_ptr, hidden_size, inter,
+    stride_h, stride_we, stride_wn, stride_be, alpha, limit,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < inter
+    gate_rows = w13_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+    up_rows = gate_rows + inter * stride_wn
+    x_row = hidden_ptr + (pair // TOP_K).to(tl.int64) * stride_h
+    gate_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    up_acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden_size
+        x = tl.load(x_row + ks, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        mask = row_mask[:, None] & k_mask[None, :]
+        gate_acc += tl.load(gate_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        up_acc += tl.load(up_rows + ks[None, :], mask=mask, other=0.0).to(tl.float32) * x
+    gate = tl.sum(gate_acc, axis=1)
+    up = tl.sum(up_acc, axis=1)
+    if HAS_BIAS:
+        gate += tl.load(bias_ptr + expert * stride_be + rows, mask=row_mask, other=0.0).to(tl.float32)
+        up += tl.load(bias_ptr + expert * stride_be + inter + rows, mask=row_mask, other=0.0).to(tl.float32)
+    dtype = act_ptr.dtype.element_ty
+    out = activate(cast(gate, dtype).to(tl.float32), cast(up, dtype).to(tl.float32), alpha, limit,
+                   SWIGLU_OAI, HAS_LIMIT)
+    tl.store(act_ptr + pair.to(tl.int64) * inter + rows, cast(out, dtype), mask=row_mask)
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr, w2_ptr, bias_ptr, ids_ptr, weights_ptr, out_ptr, hidden_size, inter,
+    stride_we, stride_wn, stride_be, stride_o,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < hidden_size
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for k in tl.static_range(TOP_K):
+        pair = token * TOP_K + k
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        w_rows = w2_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < inter
+            a = tl.load(act_ptr + pair * inter + ks, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += w.to(tl.float32) * a[None, :]
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + expert * stride_be + rows, mask=row_mask, other=0.0).to(tl.float32)
+        weighted = cast(out, dtype).to(tl.float32) * tl.load(weights_ptr + pair)
+        total += cast(weighted, dtype).to(tl.float32)
+    tl.store(out_ptr + token * stride_o + rows, cast(total, dtype), mask=row_mask)
+
+
+def few_token_tiles(k: int) -> GemvTiles:
+    """Tiles of a GEMV over K columns: 32 bytes of 16-bit weights per thread and
+    step, as layers/gemv.py measured for one row (4 rows, 1,024 columns, 8 warps);
+    with gate and up both read, gate_up's program reads 8 rows."""
+    block_k = min(1024 if k >= 2048 else 512, triton.next_power_of_2(k))
+    return GemvTiles(block_n=4, block_k=block_k, num_warps=8 if block_k >= 1024 else 4)
+
+
+def fused_experts_few_tokens(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: ExpertActivation,
+    w13_bias: Optional[torch.Tensor] = None,
+    w2_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """fused_experts_triton's result for a few tokens of 16- or 32-bit experts."""
+    if activation.kind not in ("silu", "swiglu_oai"):
+        raise ValueError(f"unknown expert activation {activation.kind!r}")
+    num_tokens, top_k = topk_ids.shape
+    hidden_size, inter = hidden.shape[1], w2.shape[2]
+    hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    ids = topk_ids.contiguous()
+    act = torch.empty((num_tokens * top_k, inter), dtype=hidden.dtype, device=hidden.device)
+    tiles = few_token_tiles(hidden_size)
+    _gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n))](
+        hidden, w13, w13_bias if w13_bias is not None else w13, ids, act, hidden_size, inter,
+        hidden.stride(0), w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
+        activation.alpha, 0.0 if activation.limit is None else activation.limit,
+        TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w13_bias is not None,
+        SWIGLU_OAI=activation.kind == "swiglu_oai", HAS_LIMIT=activation.limit is not None,
+        num_warps=tiles.num_warps,
+    )
+    out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype, device=hidden.device)
+    tiles = few_token_tiles(inter)
+    _down_kernel[(num_tokens, triton.cdiv(hidden_size, tiles.block_n))](
+        act, w2, w2_bias if w2_bias is not None else w2, ids, topk_weights.float().contiguous(), out,
+        hidden_size, inter, w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
+        out.stride(0), TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w2_bias is not None,
+        num_warps=tiles.num_warps,
+    )
+    return out
