@@ -2,6 +2,7 @@
 
     python bench/moe_kernel_bench.py --out moe_kernel.json            # CUDA: Qwen3-30B-A3B layer
     python bench/moe_kernel_bench.py --smoke --out moe_smoke.json     # tiny, CPU (Triton interpreter)
+    python bench/moe_kernel_bench.py --tokens 1 --compare-paths 1 2 4 8 [--tile-grid] --out x.json
 
 The layer: H=2048, I=768, E=128, top-8, bf16, random weights scaled by
 1/sqrt(fan_in) (the size of a trained model's), hidden states ~ N(0, 1) as
@@ -16,6 +17,7 @@ touches plus activations in and out, over its time) and TFLOP/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -85,6 +87,43 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return median_ms(graph.replay, torch.device("cuda"), warmup, iters)
 
 
+@contextlib.contextmanager
+def few_token_path(max_tokens: int, tiles=None):
+    """Run fused_experts_triton with the few-token GEMVs up to max_tokens tokens
+    (0: never; the grouped GEMM), with `tiles` for both of their kernels."""
+    from radixserve.layers.moe import few_token_experts
+
+    saved = few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles
+    few_token_experts.FEW_TOKENS_MAX = max_tokens
+    if tiles is not None:
+        few_token_experts.few_token_tiles = lambda k: tiles
+    try:
+        yield
+    finally:
+        few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles = saved
+
+
+def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_grid: bool) -> List[Dict]:
+    """CUDA-graph ms of one layer's experts at `tokens` tokens: the grouped GEMM,
+    the few-token GEMVs at their default tiles and, with tile_grid, at others."""
+    from radixserve.layers.gemv import GemvTiles
+    from radixserve.layers.moe.activation import ExpertActivation
+    from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
+
+    hidden, w13, w2, weights, ids = make_layer(shape, tokens, torch.device("cuda"), seed=tokens)
+    run = lambda: fused_experts_triton(hidden, w13, w2, weights, ids, ExpertActivation("silu"))  # noqa: E731
+    rows = []
+    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None)]
+    if tile_grid:
+        variants += [(f"few_tokens {n},{k},{w}", 1 << 30, GemvTiles(n, k, w))
+                     for n in (2, 4, 8) for k in (256, 512, 1024) for w in (4, 8)]
+    for name, max_tokens, tiles in variants:
+        with few_token_path(max_tokens, tiles):
+            rows.append({"tokens": tokens, "path": name, "graph_ms": graph_replay_ms(run, warmup, iters)})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_tokens(shape: LayerShape, tokens: int, device: torch.device, warmup: int, iters: int) -> Dict:
     from radixserve.layers.moe.activation import ExpertActivation
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
@@ -138,6 +177,9 @@ def main() -> None:
     p.add_argument("--out", help="where to write the JSON results")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, Triton interpreted")
     p.add_argument("--tokens", type=int, nargs="*", help="token counts (default: 1 8 64 256 1024 4096)")
+    p.add_argument("--compare-paths", type=int, nargs="*", default=[],
+                   help="CUDA: token counts at which to time the grouped GEMM against the few-token GEMVs")
+    p.add_argument("--tile-grid", action="store_true", help="with --compare-paths: the GEMVs' tiles too")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
@@ -155,11 +197,14 @@ def main() -> None:
 
     rows = [bench_tokens(shape, t, device, warmup, iters) for t in tokens]
     print_table(rows)
+    paths = [r for t in args.compare_paths for r in compare_paths(shape, t, warmup, iters, args.tile_grid)] \
+        if cuda else []
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
         "shape": {**asdict(shape), "dtype": str(shape.dtype)},
         "smoke": args.smoke,
         "results": rows,
+        "paths": paths,
     }
     if args.out:
         with open(args.out, "w") as f:
