@@ -262,6 +262,20 @@ def test_fused_routing_kernel_matches_per_token_reference(case, num_experts):
         assert weights[t].cpu().tolist() == pytest.approx(ref_w, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, on the interpreter's NaN maxima
+def test_fused_routing_keeps_ids_in_range_on_nan_logits():
+    """A diverged row must not send the experts' kernels outside the weights."""
+    logits = torch.randn(3, 12, generator=torch.Generator().manual_seed(2))
+    logits[0] = float("nan")
+    logits[1, ::2] = float("nan")
+    for cfg, _ in ROUTING_CASES.values():
+        if cfg.num_groups == 1:
+            _, ids = select_experts_triton(logits.to(DEVICE), cfg)
+            assert ((ids >= 0) & (ids < 12)).all()
+            reference = reference_route(logits[2].tolist(), cfg, None)[1]
+            assert ids[2].tolist() == reference  # the finite row as before
+
+
 def test_fused_routing_refuses_expert_groups():
     cfg, _ = ROUTING_CASES["softmax_groups_by_max"]
     with pytest.raises(ValueError, match="group"):

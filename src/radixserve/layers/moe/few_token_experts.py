@@ -17,8 +17,9 @@ Rounding is fused_moe_triton's: gate and up rounded to the input dtype
 before the activation, each expert's output rounded, then times its routing
 weight and rounded again, the k of them summed in float32. Both kernels read
 the expert ids on the device: no host sync, CUDA-graph capturable. Past
-FEW_TOKENS_MAX tokens, tokens sharing an expert would read its weights once
-each here against once per tile there, and the grouped GEMM takes over.
+FEW_TOKENS_MAX tokens, tokens sharing an expert read its weights once each
+here against once per tile there, and the grouped GEMM takes over (on an H100,
+one Qwen3-30B-A3B layer: 205 against 220 us at 8 tokens, 344 against 304 at 16).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from radixserve.layers.gemv import GemvTiles
 from radixserve.layers.moe.activation import ExpertActivation
 from radixserve.layers.moe.fused_moe_triton import activate, cast
 
-FEW_TOKENS_MAX = 8  # the GEMVs were 7% ahead of the grouped GEMM at 8 tokens on an H100
+FEW_TOKENS_MAX = 8
 
 
 @triton.jit

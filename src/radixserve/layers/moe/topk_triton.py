@@ -43,7 +43,9 @@ def _routing_kernel(
     choice = scores
     if HAS_BIAS:  # the bias picks the experts; the weights stay unbiased
         choice = scores + tl.load(bias_ptr + experts, mask=valid, other=0.0).to(tl.float32)
-    choice = tl.where(valid, choice, float("-inf"))
+    # NaN logits (a diverged hidden state) choose like -inf: every id stays a
+    # real expert's, so the experts' kernels never read outside the weights.
+    choice = tl.where(valid & (choice == choice), choice, float("-inf"))
 
     slots = tl.arange(0, BLOCK_K)
     kept = tl.zeros([BLOCK_K], tl.float32)
