@@ -8,6 +8,10 @@ fields (quantization=fp8), plus `batch` (decode batch size, default 1) and
 one decode CUDA-graph replay, of the eager forward, of the matmuls alone (every
 bfloat16 weight as a cuBLAS product in one loop, at the batch's rows), and a
 per-kernel profile of the replay with the kernel count per step.
+
+`prefill=1` profiles the prefill instead: one eager forward of `batch`
+prompts of `context` tokens each (16 x 512 is one 8,192-token chunk of
+gpu_compare's offline run), the matmuls alone at as many rows, the kernels.
 """
 import json
 import shutil
@@ -43,10 +47,46 @@ def cuda_ms(fn, iters: int = 50) -> float:
 
 
 
+def bf16_weights(model: torch.nn.Module, skip: tuple = ("embed",)) -> list:
+    """Every 2-D bfloat16 weight of the model but those whose module name holds
+    a `skip` word (the embedding is only looked up)."""
+    return [m.weight for n, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
+            and m.weight.dtype == torch.bfloat16 and not any(word in n for word in skip)]
+
+
+def kernel_table(fn, calls: int):
+    """(kernels per call, the profiler's table) over `calls` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    count = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / calls
+    return count, prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
+def profile_prefill(runner, fb, batch_size: int, context: int) -> None:
+    """prefill=1: one eager prefill of batch x context tokens (what a chunk of an
+    offline run is), the matmuls alone at as many rows, and its kernel table."""
+    tokens = batch_size * context
+    res = {"prefill_requests": batch_size, "prompt_len": context, "tokens": tokens}
+    res["prefill_forward_ms"] = cuda_ms(lambda: runner.forward(fb), 5)
+    ws = bf16_weights(runner.model, skip=("embed", "lm_head"))  # the LM head sees each request's last row only
+    x = {w.shape[1]: torch.randn(tokens, w.shape[1], dtype=torch.bfloat16, device=fb.input_ids.device) for w in ws}
+    res["matmuls_only_ms"] = cuda_ms(lambda: [F.linear(x[w.shape[1]], w) for w in ws], 5)
+    res["matmul_TFLOP"] = sum(2 * tokens * w.numel() for w in ws) / 1e12
+    res["kernels_per_forward"], table = kernel_table(lambda: runner.forward(fb), 3)
+    print(table)
+    print(json.dumps(res, indent=1))
+    Path(sys.argv[1]).write_text(json.dumps(res, indent=1) + "\n" + table)
+
+
 def main() -> None:
     name = sys.argv[3] if len(sys.argv) > 3 else "llama8b"
     extra = dict(arg.split("=", 1) for arg in sys.argv[4:])
     batch_size, context = int(extra.pop("batch", 1)), int(extra.pop("context", 256))
+    prefill = extra.pop("prefill", "0") == "1"
     d = Path(f"/tmp/profile_{name}")
     d.mkdir(exist_ok=True)
     model_config(name, smoke=False).save_pretrained(d)
@@ -65,6 +105,9 @@ def main() -> None:
         adder.add(req)
     batch = ScheduleBatch(reqs, runner.pools, runner.device)
     batch.prepare_for_extend(adder.plans)
+    if prefill:
+        profile_prefill(runner, batch.to_forward_batch(), batch_size, context)
+        return
     out = runner.forward(batch.to_forward_batch())
     batch.last_token_ids = out.next_token_logits.argmax(-1)
     batch.prepare_for_decode()
@@ -75,9 +118,7 @@ def main() -> None:
     runner.attn_backend.init_forward_metadata(fb)
     res["eager_forward_ms"] = cuda_ms(lambda: runner.model.compute_logits(runner.model(fb.input_ids, fb.positions, fb)), 10)
     # The matmuls alone, weights read once each (cuBLAS), in one graph.
-    ws = [m.weight for n, m in runner.model.named_modules()
-          if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2
-          and m.weight.dtype == torch.bfloat16 and "embed" not in n]
+    ws = bf16_weights(runner.model)
     x = {w.shape[1]: torch.randn(batch_size, w.shape[1], dtype=torch.bfloat16, device="cuda") for w in ws}
     # cuBLAS's handle is made on first use, which a capture may not do (in
     # deterministic mode no layer has called cuBLAS yet).
@@ -88,13 +129,7 @@ def main() -> None:
             F.linear(x[w.shape[1]], w)
     res["matmuls_only_graph_ms"] = cuda_ms(gemv.replay)
     res["weight_GB"] = sum(w.numel() for w in ws) * 2 / 1e9
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            runner.graph_runners[0].replay(fb)
-        torch.cuda.synchronize()
-    res["kernels_per_step"] = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA") / 5
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    res["kernels_per_step"], table = kernel_table(lambda: runner.graph_runners[0].replay(fb), 5)
     print(table)
     print(json.dumps(res, indent=1))
     Path(sys.argv[1]).write_text(json.dumps(res, indent=1) + "\n" + table)
