@@ -47,7 +47,9 @@ BUCKET_EDGES = (1, 2, 4, 8, 16, 32)  # batch sizes sharing a decision: 1, 2, 3-4
 # its cost against a plain step's changes with it: on a CPU without AMX a verify
 # of 5-8 requests (20-32 rows) leaves the few-row kernels for the dense copy,
 # and draining batches of 16 that borrowed batch 1's verdict there decoded at
-# 0.72-0.89x of plain decoding; with this rule 0.97-1.18x (docs/benchmarks.md).
+# 0.72-0.89x of plain decoding; with this rule 0.97-1.18x in one session and
+# 0.76-1.08x in the next, where engines of one configuration already differed
+# by up to 8% from start to start (docs/benchmarks.md).
 BORROW_SPECULATION_BUCKETS = 1
 FAR_SPECULATION_RATIO = 1.05
 

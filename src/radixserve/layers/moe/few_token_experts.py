@@ -32,7 +32,7 @@ import triton.language as tl
 
 from radixserve.layers.gemv import GemvTiles
 from radixserve.layers.moe.activation import ExpertActivation
-from radixserve.layers.moe.fused_moe_triton import activate, cast
+from radixserve.layers.moe.expert_math import activate, cast
 
 FEW_TOKENS_MAX = 8
 

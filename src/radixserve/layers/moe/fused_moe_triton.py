@@ -35,16 +35,13 @@ import triton.language as tl
 
 from radixserve.layers import block_fp8_kernels
 from radixserve.layers.block_fp8 import WEIGHT_ONLY_MAX_ROWS
+from radixserve.layers.moe import few_token_experts
 from radixserve.layers.moe.activation import ExpertActivation
-from radixserve.layers.triton_utils import INTERPRETED, dot, dot_block, exact_dot
+from radixserve.layers.moe.expert_math import activate, cast
+from radixserve.layers.triton_utils import dot, dot_block, exact_dot
 
 if TYPE_CHECKING:
     from radixserve.layers.moe.layer import ExpertBlockScales
-
-# Triton's interpreter casts float32 to bfloat16 by truncation, a GPU rounds
-# to nearest: rounded in software there, the CPU tests see the GPU's rounding.
-_SOFTWARE_BF16_ROUNDING = tl.constexpr(INTERPRETED)
-
 
 @dataclass(frozen=True)
 class MoeKernelConfig:
@@ -99,18 +96,6 @@ class AlignedPairs:
     block_expert_ids: torch.Tensor
     num_padded_rows: torch.Tensor
     block_m: int
-
-
-@triton.jit
-def cast(x, dtype: tl.constexpr):
-    """x.to(dtype), rounding float32 to bfloat16 to nearest even everywhere."""
-    if _SOFTWARE_BF16_ROUNDING and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        out = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        out = x.to(dtype)
-    return out
 
 
 # The pair count varies with every batch: not specialised on (1, multiples of
@@ -306,19 +291,6 @@ def _gemm_input(a: torch.Tensor, weight_scale: Optional[torch.Tensor], block: Op
 
 
 @triton.jit
-def activate(gate, up, alpha, limit, SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """apply_activation's math on float32 gate and up values."""
-    if SWIGLU_OAI:
-        if HAS_LIMIT:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        out = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-    else:
-        out = gate * tl.sigmoid(gate) * up
-    return out
-
-
-@triton.jit
 def _gated_activation_kernel(
     gate_up_ptr, out_ptr, inter, stride_in, stride_out, alpha, limit,
     SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
@@ -364,8 +336,6 @@ def fused_experts_triton(
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
     rounding of fused_experts_torch. No host sync: CUDA-graph capturable.
     block_scales: w13 and w2 are block-FP8 (layers/moe/layer.py)."""
-    from radixserve.layers.moe import few_token_experts  # (it imports this module's helpers)
-
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(hidden)
