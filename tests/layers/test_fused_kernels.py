@@ -76,6 +76,28 @@ def test_rotary_on_strided_views(dtype, tol, head_norms):
         assert rel(got_q.cpu(), plain_q) > 0.5
 
 
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_interleaved_rotary_on_mla_views(dtype, tol):
+    """DeepSeek's rope: q_pe the last columns of each head of q [T, H, nope+rope]
+    and k_pe the last columns of the kv_a output, rotated in pairs (x0, x1), ...
+    in place of the torch path's even/odd copies; and the rotation is not the
+    rotate-half one on the same views."""
+    heads, nope, rope_dim, lora, tokens = (3, 8, 8, 12, 5) if DEVICE == "cpu" else (16, 128, 64, 512, 300)
+    g = torch.Generator().manual_seed(3)
+    rope = RotaryEmbedding(rope_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    q = (torch.randn(tokens, heads, nope + rope_dim, generator=g) * 10).to(DEVICE, dtype)
+    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 10).to(DEVICE, dtype)
+    q_pe, k_pe = q[..., nope:], kv_a[:, lora:]
+    positions = torch.randint(0, 512, (tokens,), generator=g)
+    ref_q, ref_k = RotaryEmbedding.forward_interleaved(rope, positions, q_pe.cpu(), k_pe.cpu())  # torch path
+    table = rope.cos_sin_cache.to(DEVICE)
+    got_q, got_k = fk.rotary(positions.to(DEVICE), q_pe, k_pe, table, rope_dim, interleaved=True)
+    assert got_q.shape == ref_q.shape == (tokens, heads * rope_dim) and got_k.shape == ref_k.shape
+    assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol
+    half_q, _ = fk.rotary(positions.to(DEVICE), q_pe, k_pe, table, rope_dim)
+    assert rel(half_q.cpu(), ref_q) > 0.5
+
+
 def test_empty_batch():
     x = torch.empty(0, 64, device=DEVICE)
     assert fk.rms_norm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
@@ -109,3 +131,27 @@ def test_store_kv_on_strided_views(dtype):
     ref_k, ref_v = torch.zeros_like(k_buf), torch.zeros_like(v_buf)
     ref_k[loc], ref_v[loc] = k, v
     assert torch.equal(k_buf, ref_k) and torch.equal(v_buf, ref_v)
+
+
+# The interpreter's float32 -> FP8 conversion rounds unlike torch's: FP8 on a GPU only.
+FP8_ON_GPU = pytest.param(torch.float8_e4m3fn, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's FP8"))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32, FP8_ON_GPU])
+def test_store_latent_kv_matches_the_pool_torch_path(cache_dtype):
+    """MLA's latent and rope key (a strided slice of the kv_a output) land side
+    by side in the rows at loc, as MLAKVPool's torch path writes them (FP8
+    saturated alike)."""
+    from radixserve.mem_cache.mla_pool import MLAKVPool
+
+    lora, rope_dim, tokens, slots = (40, 8, 5, 32) if DEVICE == "cpu" else (512, 64, 300, 4096)
+    g = torch.Generator().manual_seed(5)
+    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 300).to(torch.bfloat16)
+    latent, rope = kv_a[:, :lora].contiguous(), kv_a[:, lora:]
+    loc = torch.randperm(slots, generator=g)[:tokens]
+    reference = MLAKVPool(slots, 1, lora, rope_dim, cache_dtype, torch.device("cpu"))
+    reference.set_mla_kv(0, loc, latent, rope)
+    buf = torch.zeros(slots, 1, lora + rope_dim, dtype=cache_dtype, device=DEVICE)
+    fk.store_latent_kv(latent.to(DEVICE), rope.to(DEVICE), loc.to(DEVICE), buf)
+    assert torch.equal(buf.cpu().float(), reference.latent_buffers[0].float())
+    assert buf.float().abs().max() > 0

@@ -73,6 +73,36 @@ def test_silu_gated_gemv_equals_silu_and_mul_then_the_product(fmt, dtype, tol, p
     assert out.shape == (1, n) and rel(out.cpu(), reference) < tol
 
 
+def test_bfloat16_gemv_with_a_float32_output_is_the_float32_product(pdl):
+    """DeepSeek's router: bfloat16 hidden and weight, logits in float32. Each
+    product is exact in float32, so only the summation order differs from
+    F.linear on the widened tensors, far below a bfloat16 output's rounding."""
+    g = torch.Generator().manual_seed(2)
+    n, k = 21, 300
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    tiles = gemv_module.GemvTiles(block_n=8, block_k=32, num_warps=4)
+    out = gemv_module.gemv(x.to(DEVICE), w.to(DEVICE), tiles=tiles, out_dtype=torch.float32)
+    reference = torch.nn.functional.linear(x.float(), w.float())
+    assert out.dtype == torch.float32 and rel(out.cpu(), reference) < 1e-6
+    rounded = gemv_module.gemv(x.to(DEVICE), w.to(DEVICE), tiles=tiles)
+    assert rel(rounded.cpu(), reference) > 1e-5  # the bfloat16 output is measurably rounded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_float32_router_logits_for_one_row_and_more():
+    from radixserve.layers.moe.topk import float32_router_logits
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 2048, generator=g).to("cuda", torch.bfloat16)
+    x = torch.randn(3, 2048, generator=g).to("cuda", torch.bfloat16)
+    reference = torch.nn.functional.linear(x.float(), w.float())
+    for rows in (1, 3):
+        got = float32_router_logits(x[:rows], w)
+        assert got.dtype == torch.float32 and rel(got, reference[:rows]) < 1e-6
+
+
 def test_gemv_refuses_more_than_one_row():
     with pytest.raises(ValueError, match="one contiguous row"):
         gemv_module.gemv(torch.zeros(2, 8), torch.zeros(4, 8))

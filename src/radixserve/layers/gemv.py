@@ -123,9 +123,10 @@ def fuse_activation(weight: torch.Tensor) -> bool:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = None,
          bias: Optional[torch.Tensor] = None, tiles: Optional[GemvTiles] = None,
-         silu_gated: bool = False, scale_block: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+         silu_gated: bool = False, scale_block: Optional[Tuple[int, int]] = None,
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """x [1, k] times weight [n, k] (contiguous; FP8 with float32 `scale` [n],
-    or x's dtype) plus bias -> [1, n] in x's dtype, accumulated in float32.
+    or x's dtype) plus bias -> [1, n] in out_dtype (default x's), accumulated in float32.
     silu_gated: x is [1, 2k] = [gate | up], and the product is of silu(gate) *
     up (SiluAndMul fused in: one kernel fewer in a batch-1 MLP).
     scale_block (B0, B1): `scale` is one per block instead, [ceil(n/B0), ceil(k/B1)]."""
@@ -134,7 +135,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
     if x.shape[0] != 1 or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
         raise ValueError(f"gemv takes one contiguous row and a contiguous weight of as many columns, "
                          f"not {tuple(x.shape)} and {tuple(weight.shape)}")
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
     tiles = tiles or gemv_tiles(k, weight.element_size())
     pdl = use_pdl(x.device)
     if scale_block is not None and scale_block[0] % tiles.block_n:  # a program's rows in one block

@@ -155,6 +155,22 @@ class RotaryEmbedding(nn.Module):
             return self._rotate(qk, cos, sin).split([q.shape[-1], k.shape[-1]], dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
+    def forward_interleaved(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The GPT-J layout (DeepSeek's rope): pairs (x0, x1), (x2, x3), ... of
+        each head rotate together. q [T, H, D], k [T, D], any views with a
+        contiguous last axis. Returns q [T, H*D] and k [T, D], each head laid out
+        as [evens | odds] and rotated: q and k move alike, so every q.k is the
+        interleaved rotation's."""
+        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from radixserve.layers.fused_kernels import rotary  # one kernel reads the pairs in place
+
+            return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, interleaved=True)
+        q = torch.cat([q[..., 0::2], q[..., 1::2]], dim=-1)
+        k = torch.cat([k[..., 0::2], k[..., 1::2]], dim=-1)
+        return self.forward(positions, q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1))
+
     def _rotate_in_kernel(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.rotary(x, positions, self.cos_sin_cache, self.head_dim)
 

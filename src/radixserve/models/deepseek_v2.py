@@ -26,7 +26,7 @@ from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
 from radixserve.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
 from radixserve.layers.moe.layer import FusedMoE
-from radixserve.layers.moe.topk import RoutingConfig, select_experts
+from radixserve.layers.moe.topk import RoutingConfig, float32_router_logits, select_experts
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.layers.sharding import split_heads
 from radixserve.mem_cache.kv_layout import MLAKVLayout
@@ -92,11 +92,7 @@ class DeepseekMLA(nn.Module):
     def _rotate(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):
         """Rotated q_pe [T, H*rope] and k_pe [T, rope]."""
         if self.rope_interleaved:
-            # Pairs (x0, x1), (x2, x3), ... rotate together: lay them out as
-            # [evens | odds] and the rotate-half rotation applies. q and k move
-            # alike, so every q·k is unchanged.
-            q_pe = torch.cat([q_pe[..., 0::2], q_pe[..., 1::2]], dim=-1)
-            k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
+            return self.rotary_emb.forward_interleaved(positions, q_pe, k_pe)
         return self.rotary_emb(positions, q_pe.reshape(q_pe.shape[0], -1), k_pe.contiguous())
 
 
@@ -111,7 +107,7 @@ class DeepseekRouter(nn.Module):
         self.register_parameter("e_score_correction_bias", bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden.float(), self.weight.float())
+        return float32_router_logits(hidden, self.weight)
 
 
 class DeepseekMoE(nn.Module):

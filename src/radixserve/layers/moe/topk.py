@@ -25,6 +25,20 @@ class RoutingConfig:
     routed_scaling_factor: float = 1.0  # multiplies the final weights
 
 
+def float32_router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [T, H] times the router weight [E, H], in float32 (DeepSeek's
+    router: the choice of experts is sensitive to rounding) -> [T, E] float32.
+    A product of two bfloat16 values is exact in float32, so reading them as
+    they are and accumulating in float32 is the float32 product: one CUDA row
+    takes one GEMV kernel instead of two casts and cuBLAS's two kernels."""
+    if hidden.is_cuda and hidden.shape[0] == 1 and hidden.stride(-1) == 1 and weight.is_contiguous() \
+            and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        from radixserve.layers.gemv import gemv  # Triton: imported where it runs
+
+        return gemv(hidden, weight, out_dtype=torch.float32)
+    return torch.nn.functional.linear(hidden.float(), weight.float())
+
+
 def select_experts(
     router_logits: torch.Tensor,
     cfg: RoutingConfig,
