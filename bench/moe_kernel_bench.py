@@ -3,8 +3,9 @@
     python bench/moe_kernel_bench.py --out moe_kernel.json            # CUDA: Qwen3-30B-A3B layer
     python bench/moe_kernel_bench.py --smoke --out moe_smoke.json     # tiny, CPU (Triton interpreter)
     python bench/moe_kernel_bench.py --tokens 1 --compare-paths 1 2 4 8 [--tile-grid] --out x.json
+    python bench/moe_kernel_bench.py --shape deepseek-v2-lite ...  # H=2048, I=1408, E=64, top-6
 
-The layer: H=2048, I=768, E=128, top-8, bf16, random weights scaled by
+The layer (default): H=2048, I=768, E=128, top-8, bf16, random weights scaled by
 1/sqrt(fan_in) (the size of a trained model's), hidden states ~ N(0, 1) as
 after RMSNorm, softmax top-8 renormalised routing from random logits. For each
 token count T: the error of the Triton path against the torch path (max |diff| /
@@ -38,6 +39,8 @@ class LayerShape:
 
 
 QWEN3_30B_A3B = LayerShape(hidden=2048, inter=768, experts=128, top_k=8, dtype=torch.bfloat16)
+DEEPSEEK_V2_LITE = LayerShape(hidden=2048, inter=1408, experts=64, top_k=6, dtype=torch.bfloat16)
+SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE}
 SMOKE = LayerShape(hidden=64, inter=48, experts=8, top_k=2, dtype=torch.bfloat16)
 TOKENS = (1, 8, 64, 256, 1024, 4096)
 SMOKE_TOKENS = (1, 8, 33)
@@ -87,16 +90,24 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return median_ms(graph.replay, torch.device("cuda"), warmup, iters)
 
 
+def least_padding_block_k(k: int) -> int:
+    """Of 256, 512 and 1,024 columns a step, the one that pads K least (the
+    larger on a tie): 768 (Qwen3-30B-A3B's down) takes 256, not 1,024 with a
+    quarter of every step masked off."""
+    return min((1024, 512, 256), key=lambda block: -(-k // block) * block)
+
+
 @contextlib.contextmanager
 def few_token_path(max_tokens: int, tiles=None):
     """Run fused_experts_triton with the few-token GEMVs up to max_tokens tokens
-    (0: never; the grouped GEMM), with `tiles` for both of their kernels."""
+    (0: never; the grouped GEMM), with `tiles` for both of their kernels: GemvTiles,
+    or a function of the kernel's K that gives them."""
     from radixserve.layers.moe import few_token_experts
 
     saved = few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles
     few_token_experts.FEW_TOKENS_MAX = max_tokens
     if tiles is not None:
-        few_token_experts.few_token_tiles = lambda k: tiles
+        few_token_experts.few_token_tiles = tiles if callable(tiles) else lambda k: tiles
     try:
         yield
     finally:
@@ -113,7 +124,8 @@ def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_
     hidden, w13, w2, weights, ids = make_layer(shape, tokens, torch.device("cuda"), seed=tokens)
     run = lambda: fused_experts_triton(hidden, w13, w2, weights, ids, ExpertActivation("silu"))  # noqa: E731
     rows = []
-    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None)]
+    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None),
+                ("few_tokens least padding", 1 << 30, lambda k: GemvTiles(2, least_padding_block_k(k), 4))]
     if tile_grid:
         variants += [(f"few_tokens {n},{k},{w}", 1 << 30, GemvTiles(n, k, w))
                      for n in (2, 4, 8) for k in (256, 512, 1024) for w in (4, 8)]
@@ -180,6 +192,7 @@ def main() -> None:
     p.add_argument("--compare-paths", type=int, nargs="*", default=[],
                    help="CUDA: token counts at which to time the grouped GEMM against the few-token GEMVs")
     p.add_argument("--tile-grid", action="store_true", help="with --compare-paths: the GEMVs' tiles too")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b", help="one MoE layer's shape")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     args = p.parse_args()
@@ -191,7 +204,7 @@ def main() -> None:
         # Before any kernel module is imported: Triton picks the interpreter at decoration.
         os.environ["TRITON_INTERPRET"] = "1"
     device = torch.device("cuda" if cuda else "cpu")
-    shape = SMOKE if args.smoke else QWEN3_30B_A3B
+    shape = SMOKE if args.smoke else SHAPES[args.shape]
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
     warmup, iters = (1, 3) if args.smoke else (args.warmup, args.iters)
 

@@ -83,7 +83,11 @@ def mla_forward(
     w_uk, w_uv = layer.split_kv_b(kv_b_weight)
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, lora]
     out_latent = backend.mla_attend_latent(q_latent, q_pe, layer, fb)  # [T, H, lora]
-    return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+    # Written through a transposed view: [T, H, v] comes out contiguous, and the
+    # o projection's [T, H*v] input is a view, not one more copy.
+    out = q_nope.new_empty(q_nope.shape[:2] + (layer.v_head_dim,))
+    torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+    return out
 
 
 def prefers_expanded(layer: MLAAttention, fb: "ForwardBatch") -> bool:
