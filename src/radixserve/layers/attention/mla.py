@@ -81,11 +81,31 @@ def mla_forward(
     if prefers_expanded(layer, fb):
         return _expanded(backend, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, fb)
     w_uk, w_uv = layer.split_kv_b(kv_b_weight)
-    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [T, H, lora]
+    q_latent = _query_to_latent(q_nope, w_uk)  # [T, H, lora]
     out_latent = backend.mla_attend_latent(q_latent, q_pe, layer, fb)  # [T, H, lora]
+    return _latent_to_value(out_latent, w_uv)
+
+
+def _query_to_latent(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """q_nope [T, H, nope] @ W_UK [H, nope, lora] per head -> [T, H, lora]."""
+    if q_nope.is_cuda:
+        from radixserve.layers.attention import mla_absorb  # Triton: imported where it runs
+
+        if mla_absorb.takes(q_nope, w_uk):
+            return mla_absorb.query_to_latent(q_nope, w_uk)
+    return torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+
+
+def _latent_to_value(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """W_UV [H, v, lora] @ out_latent [T, H, lora] per head -> [T, H, v], contiguous."""
+    if out_latent.is_cuda:
+        from radixserve.layers.attention import mla_absorb
+
+        if mla_absorb.takes(out_latent, w_uv):
+            return mla_absorb.latent_to_value(out_latent, w_uv)
     # Written through a transposed view: [T, H, v] comes out contiguous, and the
     # o projection's [T, H*v] input is a view, not one more copy.
-    out = q_nope.new_empty(q_nope.shape[:2] + (layer.v_head_dim,))
+    out = out_latent.new_empty(out_latent.shape[:2] + (w_uv.shape[1],))
     torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
     return out
 
