@@ -90,24 +90,16 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
     return median_ms(graph.replay, torch.device("cuda"), warmup, iters)
 
 
-def least_padding_block_k(k: int) -> int:
-    """Of 256, 512 and 1,024 columns a step, the one that pads K least (the
-    larger on a tie): 768 (Qwen3-30B-A3B's down) takes 256, not 1,024 with a
-    quarter of every step masked off."""
-    return min((1024, 512, 256), key=lambda block: -(-k // block) * block)
-
-
 @contextlib.contextmanager
 def few_token_path(max_tokens: int, tiles=None):
     """Run fused_experts_triton with the few-token GEMVs up to max_tokens tokens
-    (0: never; the grouped GEMM), with `tiles` for both of their kernels: GemvTiles,
-    or a function of the kernel's K that gives them."""
+    (0: never; the grouped GEMM), with `tiles` for both of their kernels."""
     from radixserve.layers.moe import few_token_experts
 
     saved = few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles
     few_token_experts.FEW_TOKENS_MAX = max_tokens
     if tiles is not None:
-        few_token_experts.few_token_tiles = tiles if callable(tiles) else lambda k: tiles
+        few_token_experts.few_token_tiles = lambda k: tiles
     try:
         yield
     finally:
@@ -124,8 +116,7 @@ def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_
     hidden, w13, w2, weights, ids = make_layer(shape, tokens, torch.device("cuda"), seed=tokens)
     run = lambda: fused_experts_triton(hidden, w13, w2, weights, ids, ExpertActivation("silu"))  # noqa: E731
     rows = []
-    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None),
-                ("few_tokens least padding", 1 << 30, lambda k: GemvTiles(2, least_padding_block_k(k), 4))]
+    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None)]
     if tile_grid:
         variants += [(f"few_tokens {n},{k},{w}", 1 << 30, GemvTiles(n, k, w))
                      for n in (2, 4, 8) for k in (256, 512, 1024) for w in (4, 8)]
