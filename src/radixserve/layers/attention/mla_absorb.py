@@ -5,7 +5,8 @@ q_latent[h] = q_nope[h] W_UK[h], and the attention output back out of it,
 out[h] = W_UV[h] out_latent[h]. For a few tokens both read every head's slice
 of kv_b_proj (DeepSeek-V2-Lite: 2 MB each) and do almost no arithmetic;
 cuBLAS's batched GEMMs took 4.6 and 3.3 us a layer on an H100 at batch 1
-(docs/results/profile_deepseek_v2_lite_bs1_h100_44ca7ea_2026-12-07.txt).
+(docs/results/profile_deepseek_v2_lite_bs1_h100_44ca7ea_2026-12-07.txt);
+these took 2.6 and 2.9 us on an H200 (not measured against cuBLAS on that card).
 Here each is one Triton launch with programmatic dependent launch: one
 program per (token, head, block of outputs), the products summed in float32
 and rounded once to the input dtype, as the batched GEMM rounds. A program
