@@ -155,3 +155,55 @@ def test_store_latent_kv_matches_the_pool_torch_path(cache_dtype):
     fk.store_latent_kv(latent.to(DEVICE), rope.to(DEVICE), loc.to(DEVICE), buf)
     assert torch.equal(buf.cpu().float(), reference.latent_buffers[0].float())
     assert buf.float().abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32, FP8_ON_GPU])
+def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cache_dtype):
+    """MLA's one kernel between projections and attention against the three
+    torch steps it replaces (the latent's RMSNorm, the rotation of q_pe and
+    k_pe: DeepSeek's interleaved pairs or rotate-half, the pool's write of
+    latent | k_pe at loc), on the strided views the model has; and bit for bit
+    against the three kernels it fuses."""
+    from radixserve.mem_cache.mla_pool import MLAKVPool
+
+    heads, nope, rope_dim, lora, tokens, slots = (3, 8, 8, 40, 5, 32) if DEVICE == "cpu" else (16, 128, 64, 512, 300, 4096)
+    g = torch.Generator().manual_seed(6)
+    rope = RotaryEmbedding(rope_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    norm = RMSNorm(lora, 1e-6)
+    norm.weight.data = (torch.rand(lora, generator=g) + 0.5).to(dtype)
+    q = (torch.randn(tokens, heads, nope + rope_dim, generator=g) * 10).to(dtype)
+    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 30).to(dtype)
+    positions = torch.randint(0, 512, (tokens,), generator=g)
+    loc = torch.randperm(slots, generator=g)[:tokens]
+
+    reference = MLAKVPool(slots, 1, lora, rope_dim, cache_dtype, torch.device("cpu"))
+    ref_latent = norm(kv_a[:, :lora])
+    if interleaved:
+        ref_q, ref_k = rope.forward_interleaved(positions, q[..., nope:], kv_a[:, lora:])
+    else:
+        ref_q, ref_k = rope(positions, q[..., nope:].reshape(tokens, -1), kv_a[:, lora:].contiguous())
+    reference.set_mla_kv(0, loc, ref_latent, ref_k)
+
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    buf = torch.zeros(slots, 1, lora + rope_dim, dtype=cache_dtype, device=DEVICE)
+    got_q, got_latent, got_k = fk.mla_latent_kv(
+        dev(positions), dev(q)[..., nope:], dev(kv_a), dev(norm.weight), norm.eps, dev(rope.cos_sin_cache),
+        interleaved, dev(loc), buf)
+    assert got_q.shape == ref_q.shape and got_latent.shape == ref_latent.shape and got_k.shape == ref_k.shape
+    assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol and rel(got_latent.cpu(), ref_latent) < tol
+    # A value one float32 rounding apart may land on the neighbouring value of a narrower cache.
+    cache_tol = tol if cache_dtype == torch.float32 else 3e-2
+    assert rel(buf.cpu().float(), reference.latent_buffers[0].float()) < cache_tol
+    written = torch.zeros(slots, dtype=torch.bool)
+    written[loc] = True
+    assert buf[dev(~written)].float().abs().max() == 0  # no other row touched
+
+    sep_q, sep_k = fk.rotary(dev(positions), dev(q)[..., nope:], dev(kv_a)[:, lora:], dev(rope.cos_sin_cache),
+                             rope_dim, interleaved=interleaved)
+    sep_latent = fk.rms_norm(dev(kv_a)[:, :lora], dev(norm.weight), norm.eps)
+    sep_buf = torch.zeros_like(buf)
+    fk.store_latent_kv(sep_latent, sep_k, dev(loc), sep_buf)
+    assert torch.equal(got_q, sep_q) and torch.equal(got_k, sep_k) and torch.equal(got_latent, sep_latent)
+    assert torch.equal(buf.float(), sep_buf.float())

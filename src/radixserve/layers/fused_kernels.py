@@ -107,12 +107,7 @@ def _rotary_kernel(
         src = k_ptr + token * k_stride + (head - num_q_heads) * k_head_stride
         dst = k_out_ptr + (token * num_k_heads + head - num_q_heads) * HEAD_DIM
         norm_ptr = k_norm_ptr
-    if INTERLEAVED:  # pairs (x0, x1), (x2, x3), ... rotate: read evens and odds, write [evens | odds]
-        x1 = tl.load(src + 2 * offs, mask=mask, other=0.0)
-        x2 = tl.load(src + 2 * offs + 1, mask=mask, other=0.0)
-    else:
-        x1 = tl.load(src + offs, mask=mask, other=0.0)
-        x2 = tl.load(src + half + offs, mask=mask, other=0.0)
+    x1, x2 = _rotary_pair(src, offs, mask, half, INTERLEAVED)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:  # the head's RMSNorm first, rounded where RMSNorm rounds
         rstd = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / HEAD_DIM + eps)
@@ -122,6 +117,20 @@ def _rotary_kernel(
         b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
     tl.store(dst + offs, (a * cos - b * sin).to(x1.dtype), mask=mask)
     tl.store(dst + half + offs, (b * cos + a * sin).to(x1.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_pair(src, offs, mask, half, INTERLEAVED: tl.constexpr):
+    """The two halves that rotate together: x[:half] and x[half:], or with
+    INTERLEAVED the pairs (x0, x1), (x2, x3), ... read as evens and odds (the
+    output is written [evens | odds])."""
+    if INTERLEAVED:
+        x1 = tl.load(src + 2 * offs, mask=mask, other=0.0)
+        x2 = tl.load(src + 2 * offs + 1, mask=mask, other=0.0)
+    else:
+        x1 = tl.load(src + offs, mask=mask, other=0.0)
+        x2 = tl.load(src + half + offs, mask=mask, other=0.0)
+    return x1, x2
 
 
 def rotary(
@@ -173,11 +182,8 @@ def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_st
     slot = tl.load(loc_ptr + token).to(tl.int64)  # a layer's buffer may pass 2^31 elements
     k = tl.load(k_ptr + token * k_stride + k_cols, mask=k_cols < k_size)
     v = tl.load(v_ptr + token * v_stride + v_cols, mask=v_cols < v_size)
-    if LIMIT > 0:  # an FP8 cache: saturate, as to_cache_dtype does
-        k = tl.clamp(k.to(tl.float32), -LIMIT, LIMIT)
-        v = tl.clamp(v.to(tl.float32), -LIMIT, LIMIT)
-    tl.store(k_buf_ptr + slot * buf_stride + k_cols, k.to(k_buf_ptr.dtype.element_ty), mask=k_cols < k_size)
-    tl.store(v_buf_ptr + slot * buf_stride + v_cols, v.to(v_buf_ptr.dtype.element_ty), mask=v_cols < v_size)
+    tl.store(k_buf_ptr + slot * buf_stride + k_cols, _cache_value(k, LIMIT, k_buf_ptr), mask=k_cols < k_size)
+    tl.store(v_buf_ptr + slot * buf_stride + v_cols, _cache_value(v, LIMIT, v_buf_ptr), mask=v_cols < v_size)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
@@ -206,3 +212,83 @@ def _store_rows(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torc
         _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), k_size, v_size, buf_stride,
                                     BLOCK_K=triton.next_power_of_2(k_size), BLOCK_V=triton.next_power_of_2(v_size),
                                     LIMIT=limit, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+
+
+# (loc as in _store_kv_kernel: any alignment)
+@triton.jit(do_not_specialize_on_alignment=["loc_ptr"])
+def _mla_latent_kv_kernel(
+    q_ptr, kv_a_ptr, pos_ptr, cos_sin_ptr, norm_ptr, loc_ptr, q_out_ptr, latent_out_ptr, k_out_ptr, buf_ptr,
+    q_stride, q_head_stride, kv_a_stride, buf_stride, num_heads, eps,
+    LORA: tl.constexpr, BLOCK_L: tl.constexpr, ROPE: tl.constexpr, HALF_BLOCK: tl.constexpr,
+    INTERLEAVED: tl.constexpr, LIMIT: tl.constexpr, USE_PDL: tl.constexpr = False,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half = ROPE // 2
+    offs = tl.arange(0, HALF_BLOCK)
+    mask = offs < half
+    pdl_wait(USE_PDL)
+    pos = tl.load(pos_ptr + token)
+    cos = tl.load(cos_sin_ptr + pos * ROPE + offs, mask=mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * ROPE + half + offs, mask=mask, other=0.0)
+    if head < num_heads:  # a query head's rope part
+        x1, x2 = _rotary_pair(q_ptr + token * q_stride + head * q_head_stride, offs, mask, half, INTERLEAVED)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        dst = q_out_ptr + (token * num_heads + head) * ROPE
+        tl.store(dst + offs, (a * cos - b * sin).to(x1.dtype), mask=mask)
+        tl.store(dst + half + offs, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    else:  # the token's cache row: the normed latent, then the rotated rope key
+        row = buf_ptr + tl.load(loc_ptr + token).to(tl.int64) * buf_stride
+        x1, x2 = _rotary_pair(kv_a_ptr + token * kv_a_stride + LORA, offs, mask, half, INTERLEAVED)
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        k1, k2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+        tl.store(k_out_ptr + token * ROPE + offs, k1, mask=mask)
+        tl.store(k_out_ptr + token * ROPE + half + offs, k2, mask=mask)
+        tl.store(row + LORA + offs, _cache_value(k1, LIMIT, buf_ptr), mask=mask)
+        tl.store(row + LORA + half + offs, _cache_value(k2, LIMIT, buf_ptr), mask=mask)
+        cols = tl.arange(0, BLOCK_L)
+        col_mask = cols < LORA
+        x = tl.load(kv_a_ptr + token * kv_a_stride + cols, mask=col_mask, other=0.0)
+        h = x.to(tl.float32)  # RMSNorm, rounded where _rmsnorm_kernel rounds
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / LORA + eps)
+        w = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        latent = ((h * rstd).to(x.dtype).to(tl.float32) * w).to(x.dtype)
+        tl.store(latent_out_ptr + token * LORA + cols, latent, mask=col_mask)
+        tl.store(row + cols, _cache_value(latent, LIMIT, buf_ptr), mask=col_mask)
+
+
+@triton.jit
+def _cache_value(x, LIMIT: tl.constexpr, buf_ptr):
+    """x in the cache's dtype; an FP8 cache saturates (LIMIT > 0), as to_cache_dtype does."""
+    if LIMIT > 0:
+        x = tl.clamp(x.to(tl.float32), -LIMIT, LIMIT)
+    return x.to(buf_ptr.dtype.element_ty)
+
+
+def mla_latent_kv(
+    positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    cos_sin: torch.Tensor, interleaved: bool, loc: torch.Tensor, buf: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's per-token work between its projections and attention, in one
+    kernel (three in torch's order: the latent's RMSNorm, the rotary
+    embedding, the cache write): q_pe [T, H, R] (a view of q, last axis
+    contiguous) rotated; kv_a = [latent | k_pe] [T, L + R] (rows possibly
+    strided): the latent normed by norm_weight, k_pe rotated; and buf[loc] =
+    latent | k_pe (buf [slots, 1, L + R] contiguous, any cache dtype).
+    Returns q_pe [T, H*R], latent [T, L] and k_pe [T, R], contiguous, each
+    head's rope part laid out as `rotary` lays it out."""
+    tokens, num_heads, rope = q_pe.shape
+    lora = kv_a.shape[1] - rope
+    q_out = torch.empty((tokens, num_heads * rope), dtype=q_pe.dtype, device=q_pe.device)
+    latent = torch.empty((tokens, lora), dtype=kv_a.dtype, device=kv_a.device)
+    k_pe = torch.empty((tokens, rope), dtype=kv_a.dtype, device=kv_a.device)
+    if tokens:
+        limit = torch.finfo(buf.dtype).max if buf.dtype in FP8_DTYPES else 0.0
+        pdl = use_pdl(q_pe.device)
+        _mla_latent_kv_kernel[(tokens, num_heads + 1)](
+            q_pe, kv_a, positions, cos_sin, norm_weight, loc, q_out, latent, k_pe, buf,
+            q_pe.stride(0), q_pe.stride(1), kv_a.stride(0), buf.stride(0), num_heads, eps,
+            LORA=lora, BLOCK_L=triton.next_power_of_2(lora), ROPE=rope, HALF_BLOCK=triton.next_power_of_2(rope // 2),
+            INTERLEAVED=interleaved, LIMIT=limit, USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
+        )
+    return q_out, latent, k_pe

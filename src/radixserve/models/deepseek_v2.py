@@ -82,11 +82,17 @@ class DeepseekMLA(nn.Module):
         else:
             q = self.q_proj(hidden)
         q_nope, q_pe = q.view(tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)
-        q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
-        out = self.attn(q_nope, q_pe.view(tokens, self.num_heads, self.rope_dim), latent, k_pe,
-                        self.kv_b_proj.weight, forward_batch)
+        kv_a = self.kv_a_proj_with_mqa(hidden)
+        fused = self.attn.fused_latent_kv(positions, q_pe, kv_a, self.kv_a_layernorm, self.rotary_emb,
+                                          self.rope_interleaved, forward_batch)
+        if fused is not None:  # normed, rotated and cached in one kernel
+            q_pe, latent, k_pe = fused
+        else:
+            latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)
+            q_pe, k_pe = self._rotate(positions, q_pe, k_pe)
+            q_pe = q_pe.view(tokens, self.num_heads, self.rope_dim)
+        out = self.attn(q_nope, q_pe, latent, k_pe, self.kv_b_proj.weight, forward_batch, cached=fused is not None)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.v_head_dim))
 
     def _rotate(self, positions: torch.Tensor, q_pe: torch.Tensor, k_pe: torch.Tensor):

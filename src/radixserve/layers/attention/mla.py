@@ -26,7 +26,7 @@ backend uses them); mla_triton.py has the Triton kernels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +59,34 @@ class MLAAttention(nn.Module):
 
     def forward(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-        kv_b_weight: torch.Tensor, forward_batch: "ForwardBatch",
+        kv_b_weight: torch.Tensor, forward_batch: "ForwardBatch", cached: bool = False,
     ) -> torch.Tensor:
         """q_nope [T, H, nope], q_pe [T, H, rope] (rotated), latent [T, kv_lora_rank]
         (normed), k_pe [T, rope] (rotated), kv_b_weight [H*(nope+v), kv_lora_rank]
-        -> [T, H, v_head_dim]. Writes latent|k_pe into the cache."""
-        return forward_batch.attn_backend.forward_mla(q_nope, q_pe, latent, k_pe, kv_b_weight, self, forward_batch)
+        -> [T, H, v_head_dim]. Writes latent|k_pe into the cache, unless
+        `cached` (fused_latent_kv wrote them)."""
+        return forward_batch.attn_backend.forward_mla(q_nope, q_pe, latent, k_pe, kv_b_weight, self, forward_batch,
+                                                      cached)
+
+    def fused_latent_kv(
+        self, positions: torch.Tensor, q_pe: torch.Tensor, kv_a: torch.Tensor, kv_a_norm: nn.Module,
+        rotary: nn.Module, interleaved: bool, forward_batch: "ForwardBatch",
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """On CUDA, one kernel for what comes between the projections and
+        attention: q_pe [T, H, rope] rotated, kv_a = [latent | k_pe] split, the
+        latent normed by kv_a_norm (an RMSNorm), k_pe rotated, and both written
+        to this layer's cache rows (call forward with cached=True). Returns
+        (q_pe [T, H, rope], latent, k_pe), or None where the model's torch
+        ops must run (off CUDA, or views the kernel does not take)."""
+        pool = forward_batch.kv_pool
+        if not (kv_a.is_cuda and q_pe.stride(-1) == 1 and kv_a.stride(-1) == 1 and hasattr(pool, "latent_buffers")):
+            return None
+        from radixserve.layers.fused_kernels import mla_latent_kv  # Triton: imported where it runs
+
+        q_pe, latent, k_pe = mla_latent_kv(
+            positions, q_pe, kv_a, kv_a_norm.weight, kv_a_norm.eps, rotary.cos_sin_cache, interleaved,
+            forward_batch.out_cache_loc, pool.latent_buffers[self.layer_id])
+        return q_pe.view(q_pe.shape[0], self.num_heads, self.qk_rope_head_dim), latent, k_pe
 
     def split_kv_b(self, kv_b_weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(W_UK [H, nope, lora], W_UV [H, v, lora]): views, so weight updates apply at once."""
@@ -74,10 +96,12 @@ class MLAAttention(nn.Module):
 
 def mla_forward(
     backend: "MLABackend", q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-    k_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: MLAAttention, fb: "ForwardBatch",
+    k_pe: torch.Tensor, kv_b_weight: torch.Tensor, layer: MLAAttention, fb: "ForwardBatch", cached: bool = False,
 ) -> torch.Tensor:
-    """MLA for any MLABackend: its `mla_attend_latent` and `mla_attend_expanded` attend."""
-    fb.kv_pool.set_mla_kv(layer.layer_id, fb.out_cache_loc, latent, k_pe)
+    """MLA for any MLABackend: its `mla_attend_latent` and `mla_attend_expanded`
+    attend. cached: latent|k_pe are in the cache already."""
+    if not cached:
+        fb.kv_pool.set_mla_kv(layer.layer_id, fb.out_cache_loc, latent, k_pe)
     if prefers_expanded(layer, fb):
         return _expanded(backend, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, fb)
     w_uk, w_uv = layer.split_kv_b(kv_b_weight)

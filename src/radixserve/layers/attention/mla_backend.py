@@ -21,14 +21,15 @@ if TYPE_CHECKING:
 class MLABackend(ABC):
     def forward_mla(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-        kv_b_weight: torch.Tensor, layer: "MLAAttention", forward_batch: "ForwardBatch",
+        kv_b_weight: torch.Tensor, layer: "MLAAttention", forward_batch: "ForwardBatch", cached: bool = False,
     ) -> torch.Tensor:
-        """Writes latent|k_pe into the latent KV pool, attends in the absorbed or
-        the expanded form, returns [T, heads, v_head_dim]. A backend with its own
-        fused MLA kernels may override this whole method."""
+        """Writes latent|k_pe into the latent KV pool (unless `cached`: written
+        already), attends in the absorbed or the expanded form, returns
+        [T, heads, v_head_dim]. A backend with its own fused MLA kernels may
+        override this whole method."""
         from radixserve.layers.attention.mla import mla_forward
 
-        return mla_forward(self, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, forward_batch)
+        return mla_forward(self, q_nope, q_pe, latent, k_pe, kv_b_weight, layer, forward_batch, cached)
 
     @abstractmethod
     def mla_attend_latent(

@@ -24,7 +24,9 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.attention.paged_attention import decode_merge_kernel, online_softmax_step
-from radixserve.layers.triton_utils import MIN_DOT, decode_split_count, dot, dot_block, exact_dot, extend_tile
+from radixserve.layers.triton_utils import (
+    MIN_DOT, decode_split_count, dot, dot_block, exact_dot, extend_tile, pdl_wait, use_pdl,
+)
 
 
 @triton.jit(do_not_specialize_on_alignment=["req_pool_indices_ptr", "seq_lens_ptr"])  # (as below)
@@ -35,8 +37,9 @@ def _mla_decode_split_kernel(
     scale, num_heads,
     NUM_SPLITS: tl.constexpr, D_LATENT: tl.constexpr, D_ROPE: tl.constexpr,
     BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # the kernel before this one wrote the query
     req = tl.program_id(0)
     head_block = tl.program_id(1)
     split = tl.program_id(2)
@@ -98,6 +101,7 @@ def mla_decode_attention(
     d_rope = q_pe.shape[2]
     assert kv_buffer.shape[-1] == d_latent + d_rope and q_latent.stride(2) == 1 and q_pe.stride(2) == 1
     block_dl = dot_block(d_latent)
+    pdl = use_pdl(q_latent.device)
     part_out = torch.empty((bs, num_heads, num_splits, block_dl), dtype=torch.float32, device=q_latent.device)
     part_lse = torch.empty((bs, num_heads, num_splits), dtype=torch.float32, device=q_latent.device)
     _mla_decode_split_kernel[(bs, triton.cdiv(num_heads, MIN_DOT), num_splits)](
@@ -106,12 +110,13 @@ def mla_decode_attention(
         req_to_token.stride(0), scale, num_heads,
         NUM_SPLITS=num_splits, D_LATENT=d_latent, D_ROPE=d_rope, BLOCK_DL=block_dl, BLOCK_DR=dot_block(d_rope),
         BLOCK_H=MIN_DOT, BLOCK_N=32 if block_dl <= 256 else 16,
-        IEEE=exact_dot(q_latent.dtype), num_warps=4 if block_dl <= 256 else 8,
-        num_stages=2,
+        IEEE=exact_dot(q_latent.dtype), USE_PDL=pdl, num_warps=4 if block_dl <= 256 else 8,
+        num_stages=2, launch_pdl=pdl,
     )
     decode_merge_kernel[(bs, num_heads)](
         part_out, part_lse, out, out, seq_lens, out.stride(0), out.stride(1), num_heads, 0,
-        NUM_SPLITS=num_splits, HEAD_DIM=d_latent, BLOCK_D=block_dl, HAS_SINKS=False, num_warps=4,
+        NUM_SPLITS=num_splits, HEAD_DIM=d_latent, BLOCK_D=block_dl, HAS_SINKS=False, USE_PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )
 
 

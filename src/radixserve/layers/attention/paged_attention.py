@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.layers.triton_utils import decode_split_count, dot, dot_block, exact_dot, extend_tile
+from radixserve.layers.triton_utils import decode_split_count, dot, dot_block, exact_dot, extend_tile, pdl_wait, use_pdl
 from radixserve.mem_cache.kv_dtype import FP8_DTYPES
 
 @triton.jit
@@ -63,7 +63,10 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     FIXED_SPLITS: tl.constexpr, ONE_SPLIT_DIRECT: tl.constexpr, FP16_DOTS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
+    # The kernel before this one wrote q, or the new tokens' KV.
+    pdl_wait(USE_PDL)
     # (request, KV head) on one axis, the KV head fastest: programs that run
     # together read the same slots' rows (1-4% faster than requests first,
     # H100), and a batch is not capped by a second axis's 65,535 programs.
@@ -175,7 +178,9 @@ def decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, seq_lens_ptr, stride_out_tok, stride_out_head, num_heads,
     split_tokens, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_SINKS: tl.constexpr, FIXED_SPLITS: tl.constexpr = False, ONE_SPLIT_DIRECT: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)
     req = tl.program_id(0)
     if FIXED_SPLITS:
         # Those past the request's length were never written.
@@ -328,19 +333,21 @@ def decode_attention(
     programs = min(split_programs or num_splits, num_splits) if split_tokens else num_splits
     # Fixed splits, no sinks: a request within one split skips the merge.
     one_split_direct = split_tokens is not None and sinks is None
+    pdl = use_pdl(q.device)
     _decode_split_kernel[(bs * num_kv_heads, programs)](
         q, k_buffer, v_buffer, req_to_token, req_pool_indices, seq_lens, part_out, part_lse, out,
         q.stride(0), k_buffer.stride(0), req_to_token.stride(0), out.stride(0), scale, group, num_heads,
         sliding_window or 0, split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_H=dot_block(group), BLOCK_N=tiles.block_n, IEEE=exact_dot(q.dtype), HAS_WINDOW=sliding_window is not None,
         FIXED_SPLITS=split_tokens is not None, ONE_SPLIT_DIRECT=one_split_direct, FP16_DOTS=tiles.fp16_dots,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        USE_PDL=pdl, num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )
     decode_merge_kernel[(bs, num_heads)](
         part_out, part_lse, out, q if sinks is None else sinks, seq_lens, out.stride(0), head_dim, num_heads,
         split_tokens or 0, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_SINKS=sinks is not None,
-        FIXED_SPLITS=split_tokens is not None, ONE_SPLIT_DIRECT=one_split_direct,
+        FIXED_SPLITS=split_tokens is not None, ONE_SPLIT_DIRECT=one_split_direct, USE_PDL=pdl,
         num_warps=1 if split_tokens else 4,  # fixed splits: one head_dim-wide sum, element by element
+        launch_pdl=pdl,
     )
 
 
