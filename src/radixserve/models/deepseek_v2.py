@@ -24,11 +24,11 @@ from torch import nn
 from radixserve.layers.attention.mla import MLAAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
 from radixserve.layers.layernorm import RMSNorm
-from radixserve.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from radixserve.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, float32_router_logits, select_experts
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
-from radixserve.layers.sharding import split_heads
+from radixserve.layers.sharding import ShardSlice, even_slice, split_heads
 from radixserve.mem_cache.kv_layout import MLAKVLayout
 from radixserve.models.llama import DecoderLayer, LlamaForCausalLM, LlamaMLP, MlpFactory, run_decoder
 
@@ -59,14 +59,25 @@ class DeepseekMLA(nn.Module):
         self.kv_lora_rank, self.v_head_dim = config.kv_lora_rank, config.v_head_dim
         q_out = total_heads * (self.nope_dim + self.rope_dim)
         bias = bool(getattr(config, "attention_bias", False))
+        # V2-Lite: q straight from the hidden state (its heads split over the
+        # ranks); V2/V3: through the low-rank q_a (replicated) and q_b.
         self.q_is_low_rank = config.q_lora_rank is not None
-        if not self.q_is_low_rank:  # V2-Lite: q straight from the hidden state
-            self.q_proj = ColumnParallelLinear(hidden, q_out)
+        q_part, q_rows = ("q_a", ShardSlice(0, 0, config.q_lora_rank, config.q_lora_rank)) if self.q_is_low_rank \
+            else ("q", even_slice(q_out))
+        kv_a_rows = self.kv_lora_rank + self.rope_dim
+        # q (or q_a) and kv_a project the same hidden state: one merged matmul,
+        # one GEMV at batch 1. Transformers' full-rank q_proj has no bias: with
+        # attention_bias set it stays apart from kv_a, which has one.
+        self.merged_q_kv_a = self.q_is_low_rank or not bias
+        if self.merged_q_kv_a:
+            self.q_kv_a_proj = MergedLinear(hidden, {q_part: q_rows.size, "kv_a": kv_a_rows}, bias,
+                                            sources={q_part: q_rows})
         else:
-            self.q_a_proj = Linear(hidden, config.q_lora_rank, bias=bias)
+            self.q_proj = ColumnParallelLinear(hidden, q_out)
+            self.kv_a_proj_with_mqa = Linear(hidden, kv_a_rows, bias=bias)
+        if self.q_is_low_rank:
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, q_out)
-        self.kv_a_proj_with_mqa = Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
         self.kv_b_proj = ColumnParallelLinear(self.kv_lora_rank, total_heads * (self.nope_dim + self.v_head_dim))
         self.o_proj = RowParallelLinear(total_heads * self.v_head_dim, hidden, bias=bias)
@@ -77,12 +88,13 @@ class DeepseekMLA(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
         tokens = hidden.shape[0]
-        if self.q_is_low_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden)))
+        if self.merged_q_kv_a:
+            q, kv_a = self.q_kv_a_proj.split_output(self.q_kv_a_proj(hidden))
         else:
-            q = self.q_proj(hidden)
+            q, kv_a = self.q_proj(hidden), self.kv_a_proj_with_mqa(hidden)
+        if self.q_is_low_rank:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(tokens, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
-        kv_a = self.kv_a_proj_with_mqa(hidden)
         fused = self.attn.fused_latent_kv(positions, q_pe, kv_a, self.kv_a_layernorm, self.rotary_emb,
                                           self.rope_interleaved, forward_batch)
         if fused is not None:  # normed, rotated and cached in one kernel
@@ -161,11 +173,16 @@ class DeepseekModel(nn.Module):
 
 
 class DeepseekV2ForCausalLM(LlamaForCausalLM):
-    """Llama's checkpoint names (merged gate|up, experts by name); the layers
-    are DeepSeek's own. V3 checkpoints ship multi-token-prediction layers after
+    """Llama's checkpoint names (merged gate|up, experts by name), and q_proj
+    (or q_a_proj) with kv_a_proj_with_mqa merged; the layers are DeepSeek's
+    own. V3 checkpoints ship multi-token-prediction layers after
     the last decoder layer (model.layers.61 in V3): the loader skips them."""
 
     CHECKPOINT_EXTRA_LAYERS = True
+    STACKED_PARAMS = {
+        **LlamaForCausalLM.STACKED_PARAMS,
+        "q_proj": ("q_kv_a_proj", "q"), "q_a_proj": ("q_kv_a_proj", "q_a"), "kv_a_proj_with_mqa": ("q_kv_a_proj", "kv_a"),
+    }
     # Absorbed attention reads kv_b_proj's weight itself: --quantization fp8 keeps it.
     UNQUANTIZED_LINEARS = ("kv_b_proj",)
 
