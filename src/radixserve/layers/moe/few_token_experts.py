@@ -33,6 +33,7 @@ import triton.language as tl
 from radixserve.layers.gemv import GemvTiles
 from radixserve.layers.moe.activation import ExpertActivation
 from radixserve.layers.moe.expert_math import activate, cast
+from radixserve.layers.triton_utils import pdl_wait, use_pdl
 
 FEW_TOKENS_MAX = 8
 
@@ -42,8 +43,9 @@ def _gate_up_kernel(
     hidden_ptr, w13_ptr, bias_ptr, ids_ptr, act_ptr, hidden_size, inter,
     stride_h, stride_we, stride_wn, stride_be, alpha, limit,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr,
+    SWIGLU_OAI: tl.constexpr, HAS_LIMIT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # the routing kernel before this one wrote the ids
     pair = tl.program_id(0)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,7 +78,9 @@ def _down_kernel(
     act_ptr, w2_ptr, bias_ptr, ids_ptr, weights_ptr, out_ptr, hidden_size, inter,
     stride_we, stride_wn, stride_be, stride_o,
     TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # gate_up, the kernel before this one, wrote the activations
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden_size
@@ -129,13 +133,14 @@ def fused_experts_few_tokens(
     ids = topk_ids.contiguous()
     act = torch.empty((num_tokens * top_k, inter), dtype=hidden.dtype, device=hidden.device)
     tiles = few_token_tiles(hidden_size)
+    pdl = use_pdl(hidden.device)
     _gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n))](
         hidden, w13, w13_bias if w13_bias is not None else w13, ids, act, hidden_size, inter,
         hidden.stride(0), w13.stride(0), w13.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         activation.alpha, 0.0 if activation.limit is None else activation.limit,
         TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w13_bias is not None,
-        SWIGLU_OAI=activation.kind == "swiglu_oai", HAS_LIMIT=activation.limit is not None,
-        num_warps=tiles.num_warps,
+        SWIGLU_OAI=activation.kind == "swiglu_oai", HAS_LIMIT=activation.limit is not None, USE_PDL=pdl,
+        num_warps=tiles.num_warps, launch_pdl=pdl,
     )
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype, device=hidden.device)
     tiles = few_token_tiles(inter)
@@ -143,6 +148,6 @@ def fused_experts_few_tokens(
         act, w2, w2_bias if w2_bias is not None else w2, ids, topk_weights.float().contiguous(), out,
         hidden_size, inter, w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
         out.stride(0), TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w2_bias is not None,
-        num_warps=tiles.num_warps,
+        USE_PDL=pdl, num_warps=tiles.num_warps, launch_pdl=pdl,
     )
     return out

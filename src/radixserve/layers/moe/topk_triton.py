@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from radixserve.layers.moe.topk import RoutingConfig
+from radixserve.layers.triton_utils import pdl_wait, use_pdl
 
 
 @triton.jit
@@ -28,7 +29,9 @@ def _routing_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr, num_experts, stride_row, scaling,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SIGMOID: tl.constexpr,
     HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr, SOFTMAX_AFTER_TOPK: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    pdl_wait(USE_PDL)  # the router's product is the kernel before this one
     row = tl.program_id(0).to(tl.int64)
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
@@ -82,13 +85,14 @@ def select_experts_triton(
     if tokens == 0:
         return weights, ids
     block_e = triton.next_power_of_2(num_experts)
+    pdl = use_pdl(router_logits.device)
     _routing_kernel[(tokens,)](
         router_logits, correction_bias if correction_bias is not None else router_logits, weights, ids,
         num_experts, router_logits.stride(0),
         1.0 if cfg.softmax_after_topk else cfg.routed_scaling_factor,  # (as topk.select_experts)
         TOP_K=cfg.top_k, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(cfg.top_k),
         SIGMOID=cfg.scoring == "sigmoid", HAS_BIAS=correction_bias is not None,
-        RENORMALIZE=cfg.renormalize, SOFTMAX_AFTER_TOPK=cfg.softmax_after_topk,
-        num_warps=1 if block_e <= 256 else 4,
+        RENORMALIZE=cfg.renormalize, SOFTMAX_AFTER_TOPK=cfg.softmax_after_topk, USE_PDL=pdl,
+        num_warps=1 if block_e <= 256 else 4, launch_pdl=pdl,
     )
     return weights, ids
