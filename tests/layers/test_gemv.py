@@ -145,3 +145,29 @@ def test_linear_takes_the_gemv_for_one_row_and_cublas_for_more():
     assert rel(layer(gate_up, activation=SiluAndMul()), reference) < 1e-2
     wq, ws = quantize_per_row(layer.weight.float())
     assert rel(fp8_linear(x[:1], wq, ws.view(-1), None), x[:1].float() @ (wq.float() * ws).T) < 1e-2
+
+
+@pytest.mark.parametrize("activated", [False, True])
+def test_linear_adds_an_addend_in_its_one_row_kernel(activated, monkeypatch):
+    """Linear(x, addend=a) is x @ W.T + a at one row and at two; on CUDA the
+    one-row product takes it as the GEMV's bias (DeepSeek's shared experts add
+    the routed sum so), and a layer with a bias of its own adds it after."""
+    from radixserve.layers.activation import SiluAndMul
+    from radixserve.layers.linear import Linear
+
+    g = torch.Generator().manual_seed(2)
+    layer = Linear(256, 128).to(DEVICE, torch.float32)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(128, 256, generator=g) / 16)
+    x = torch.randn(2, 512 if activated else 256, generator=g).to(DEVICE)
+    addend = torch.randn(2, 128, generator=g).to(DEVICE)
+    act = SiluAndMul() if activated else None
+    reference = (act(x) if activated else x) @ layer.weight.T + addend
+    biases = []
+    real_gemv = gemv_module.gemv
+    monkeypatch.setattr(gemv_module, "gemv", lambda *a, **kw: biases.append(a[3]) or real_gemv(*a, **kw))
+    assert rel(layer(x[:1], activation=act, addend=addend[:1]), reference[:1]) < 1e-5
+    assert rel(layer(x, activation=act, addend=addend), reference) < 1e-5
+    assert [b.data_ptr() for b in biases] == ([addend.data_ptr()] if CUDA else [])
+    layer.bias = torch.nn.Parameter(torch.randn(128, generator=g).to(DEVICE))
+    assert rel(layer(x[:1], activation=act, addend=addend[:1]), reference[:1] + layer.bias) < 1e-5

@@ -46,17 +46,38 @@ class Linear(nn.Module):
         # Not a class attribute: a block-FP8 layer registers a parameter of this name.
         self.weight_scale: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None,
+                addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         """activation: a gated activation applied to x first ([gate | up] ->
-        act(gate) * up); SiLU's is fused into a one-row product on CUDA."""
+        act(gate) * up); SiLU's is fused into a one-row product on CUDA.
+        addend: a tensor of the output's shape added to it; a one-row
+        product on CUDA adds it as its bias (no add kernel of its own)."""
+        fused = self._fused_forward(x, activation, addend)
+        if fused is not None:
+            return fused
         if activation is not None:
-            if self.lora is None and isinstance(activation, SiluAndMul):  # LoRA needs the activated rows
-                fused = self._gemv(x, self.bias, silu_gated=True)
-                if fused is not None:
-                    return fused
             x = activation(x)
         out = self.matmul(x, self.bias)
-        return out if self.lora is None else self.lora.add_delta(x, out)
+        if self.lora is not None:
+            out = self.lora.add_delta(x, out)
+        return out if addend is None else out + addend
+
+    def _fused_forward(self, x: torch.Tensor, activation: Optional[nn.Module],
+                       addend: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The whole forward as one GEMV kernel, where `_gemv` applies: with
+        SiLU-and-mul fused in (not under LoRA, which needs the activated rows),
+        and the addend as the kernel's bias (one output row, a layer without a
+        bias of its own). Else None."""
+        if self.lora is not None or (activation is not None and not isinstance(activation, SiluAndMul)):
+            return None
+        bias = self.bias
+        if addend is not None:
+            if bias is not None or addend.shape != (1, self.out_features) or not addend.is_contiguous():
+                return None
+            bias = addend.view(-1)
+        elif activation is None:
+            return None  # a plain product: matmul's own GEMV path
+        return self._gemv(x, bias, silu_gated=activation is not None)
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.weight_scale is not None:
@@ -110,16 +131,18 @@ class RowParallelLinear(Linear):
         mark_sharded(self.weight, shard)
         self.tp_group = get_tp_group()
 
-    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None,
+                addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.tp_group.world_size == 1:
-            return super().forward(x, activation)
+            return super().forward(x, activation, addend)
         if activation is not None:
             x = activation(x)
         partial = self.matmul(x, None)
         if self.lora is not None:  # this rank's columns of A: a partial delta, summed with the product
             partial = self.lora.add_delta(x, partial)
         out = self.tp_group.all_reduce(partial)
-        return out if self.bias is None else out + self.bias
+        out = out if self.bias is None else out + self.bias
+        return out if addend is None else out + addend  # once, after the sum
 
 
 class MergedLinear(Linear):

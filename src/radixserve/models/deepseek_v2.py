@@ -144,8 +144,8 @@ class DeepseekMoE(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(self.gate(hidden), self.routing, self.gate.e_score_correction_bias)
         out = self.experts(hidden, weights, ids)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden)
+        if self.shared_experts is not None:  # the sum in the shared down projection's kernel where it can
+            out = self.shared_experts(hidden, addend=out)
         return out
 
 

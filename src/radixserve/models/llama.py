@@ -94,8 +94,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x), activation=self.act)
+    def forward(self, x: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """addend: added to the output (in the down projection's kernel where it can)."""
+        return self.down_proj(self.gate_up_proj(x), activation=self.act, addend=addend)
 
 
 class DecoderLayer(nn.Module):
