@@ -175,9 +175,12 @@ def test_fp8_checkpoint_served_in_fp8(fp8_checkpoint):
     merged = params["model.layers.0.mlp.gate_up_proj.weight_scale"]  # gate's block rows, then up's
     assert torch.equal(merged, torch.cat([checkpoint[f"model.layers.0.mlp.{p}_proj.weight_scale_inv"]
                                           for p in ("gate", "up")]))
+    merged = params["model.layers.0.self_attn.q_kv_a_proj.weight_scale"]  # q_a's, then kv_a's
+    assert torch.equal(merged, torch.cat([checkpoint[f"model.layers.0.self_attn.{p}.weight_scale_inv"]
+                                          for p in ("q_a_proj", "kv_a_proj_with_mqa")]))
     fp8_names = {n for n, p in params.items() if p.dtype == torch.float8_e4m3fn}
-    # q_a, q_b, kv_a, o and the dense MLP's or the shared experts' gate_up and down, in 3 layers
-    assert len(fp8_names) == 3 * 6 + 2 * 2  # and the routed experts' w13 and w2 in the 2 MoE layers
+    # q_a|kv_a, q_b, o and the dense MLP's or the shared experts' gate_up and down, in 3 layers
+    assert len(fp8_names) == 3 * 5 + 2 * 2  # and the routed experts' w13 and w2 in the 2 MoE layers
     # ... and the weights the model reads itself (absorbed attention's kv_b_proj), dequantized.
     assert params["model.layers.1.self_attn.kv_b_proj.weight"].dtype == torch.float32
 
