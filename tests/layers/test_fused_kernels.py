@@ -164,8 +164,8 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     """MLA's one kernel between projections and attention against the three
     torch steps it replaces (the latent's RMSNorm, the rotation of q_pe and
     k_pe: DeepSeek's interleaved pairs or rotate-half, the pool's write of
-    latent | k_pe at loc), on the strided views the model has; and bit for bit
-    against the three kernels it fuses."""
+    latent | k_pe at loc), on the strided views the model has; and against the
+    three kernels it fuses (bit for bit under the interpreter)."""
     from radixserve.mem_cache.mla_pool import MLAKVPool
 
     heads, nope, rope_dim, lora, tokens, slots = (3, 8, 8, 40, 5, 32) if DEVICE == "cpu" else (16, 128, 64, 512, 300, 4096)
@@ -205,5 +205,9 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     sep_latent = fk.rms_norm(dev(kv_a)[:, :lora], dev(norm.weight), norm.eps)
     sep_buf = torch.zeros_like(buf)
     fk.store_latent_kv(sep_latent, sep_k, dev(loc), sep_buf)
-    assert torch.equal(got_q, sep_q) and torch.equal(got_k, sep_k) and torch.equal(got_latent, sep_latent)
-    assert torch.equal(buf.float(), sep_buf.float())
+    if DEVICE == "cpu":  # the interpreter computes both alike
+        assert torch.equal(got_q, sep_q) and torch.equal(got_k, sep_k) and torch.equal(got_latent, sep_latent)
+        assert torch.equal(buf.float(), sep_buf.float())
+    else:  # compiled, each kernel sums the norm's squares in its own order (its warps)
+        assert rel(got_latent, sep_latent) < tol and rel(got_q, sep_q) < tol and rel(got_k, sep_k) < tol
+        assert rel(buf.float(), sep_buf.float()) < cache_tol
