@@ -173,8 +173,11 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     rope = RotaryEmbedding(rope_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
     norm = RMSNorm(lora, 1e-6)
     norm.weight.data = (torch.rand(lora, generator=g) + 0.5).to(dtype)
-    q = (torch.randn(tokens, heads, nope + rope_dim, generator=g) * 10).to(dtype)
-    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 30).to(dtype)
+    # q | kv_a as the model's merged projection gives them: column slices of one output
+    q_cols = heads * (nope + rope_dim)
+    scale = torch.cat([torch.full((q_cols,), 10.0), torch.full((lora + rope_dim,), 30.0)])
+    merged = (torch.randn(tokens, q_cols + lora + rope_dim, generator=g) * scale).to(dtype)
+    q, kv_a = merged[:, :q_cols].view(tokens, heads, nope + rope_dim), merged[:, q_cols:]
     positions = torch.randint(0, 512, (tokens,), generator=g)
     loc = torch.randperm(slots, generator=g)[:tokens]
 
@@ -187,9 +190,11 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     reference.set_mla_kv(0, loc, ref_latent, ref_k)
 
     dev = lambda t: t.to(DEVICE)  # noqa: E731
+    merged_dev = dev(merged)
+    q_dev, kv_a_dev = merged_dev[:, :q_cols].view(tokens, heads, -1), merged_dev[:, q_cols:]
     buf = torch.zeros(slots, 1, lora + rope_dim, dtype=cache_dtype, device=DEVICE)
     got_q, got_latent, got_k = fk.mla_latent_kv(
-        dev(positions), dev(q)[..., nope:], dev(kv_a), dev(norm.weight), norm.eps, dev(rope.cos_sin_cache),
+        dev(positions), q_dev[..., nope:], kv_a_dev, dev(norm.weight), norm.eps, dev(rope.cos_sin_cache),
         interleaved, dev(loc), buf)
     assert got_q.shape == ref_q.shape and got_latent.shape == ref_latent.shape and got_k.shape == ref_k.shape
     assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol and rel(got_latent.cpu(), ref_latent) < tol
@@ -200,9 +205,9 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     written[loc] = True
     assert buf[dev(~written)].float().abs().max() == 0  # no other row touched
 
-    sep_q, sep_k = fk.rotary(dev(positions), dev(q)[..., nope:], dev(kv_a)[:, lora:], dev(rope.cos_sin_cache),
+    sep_q, sep_k = fk.rotary(dev(positions), q_dev[..., nope:], kv_a_dev[:, lora:], dev(rope.cos_sin_cache),
                              rope_dim, interleaved=interleaved)
-    sep_latent = fk.rms_norm(dev(kv_a)[:, :lora], dev(norm.weight), norm.eps)
+    sep_latent = fk.rms_norm(kv_a_dev[:, :lora], dev(norm.weight), norm.eps)
     sep_buf = torch.zeros_like(buf)
     fk.store_latent_kv(sep_latent, sep_k, dev(loc), sep_buf)
     if DEVICE == "cpu":  # the interpreter computes both alike
