@@ -72,6 +72,11 @@ def rand(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
     return torch.randn(*shape).to(dtype)
 
 
+def weight(*shape: int, dtype: torch.dtype = BF16) -> torch.Tensor:
+    """A tensor only kernels read: never computed on, so left unfilled."""
+    return torch.empty(*shape, dtype=dtype)
+
+
 def table(requests: int, positions: int) -> torch.Tensor:
     """A request-to-token table whose rows are the first slots."""
     return torch.arange(requests * positions).view(requests, positions) % SLOTS
@@ -190,7 +195,7 @@ def moe() -> None:
     select_experts_triton(torch.randn(1, 128), RoutingConfig(top_k=8, scoring="softmax", renormalize=True))
     select_experts_triton(torch.randn(1, 256), RoutingConfig(top_k=8, scoring="sigmoid", renormalize=True),
                           torch.zeros(256))  # V3's correction bias
-    w13, w2 = rand(128, 2 * 768, 2048), rand(128, 2048, 768)
+    w13, w2 = weight(128, 2 * 768, 2048), weight(128, 2048, 768)
     for tokens in (1, 64):
         ids = torch.randint(0, 128, (tokens, 8), dtype=torch.int32)
         fused_experts_triton(rand(tokens, 2048), w13, w2, torch.rand(tokens, 8), ids, ExpertActivation("silu"))
@@ -209,9 +214,32 @@ def fp8_matmuls() -> None:
     block_fp8_matmul(xq, xs, wq, torch.rand(1024 // 128, 2048 // 128), (128, 128), BF16)
 
 
+def gpt_oss_experts() -> None:
+    """The clamped SwiGLU with expert biases, at one token and in a prefill."""
+    from radixserve.layers.moe.activation import ExpertActivation
+    from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
+
+    act = ExpertActivation("swiglu_oai", limit=7.0)
+    w13, w2 = weight(32, 2 * 2880, 2880), weight(32, 2880, 2880)
+    for tokens in (1, 64):
+        ids = torch.randint(0, 32, (tokens, 4), dtype=torch.int32)
+        fused_experts_triton(rand(tokens, 2880), w13, w2, torch.rand(tokens, 4), ids, act, rand(32, 2 * 2880),
+                             rand(32, 2880))
+
+
+def deterministic_and_lora() -> None:
+    """Deterministic mode's batch-invariant GEMM and the LoRA adapters' segmented products."""
+    from radixserve.layers.batch_invariant import _triton_linear
+    from radixserve.lora.triton_ops import segmented_lora, segments_of
+
+    _triton_linear(rand(4, 2048), rand(1024, 2048), None)
+    segs = segments_of([0, 1], [3, 1], torch.device("cpu"))
+    segmented_lora(rand(4, 2048), rand(2, 16, 2048), rand(2, 16, 1024), rand(4, 1024), segs)
+
+
 CASES: Dict[str, Callable[[], None]] = {
     f.__name__: f for f in (fused_small_ops, kv_stores, mla_small_ops, gemvs, decode_attention, extend_attention,
-                            mla_attention, moe, fp8_matmuls)
+                            mla_attention, moe, gpt_oss_experts, fp8_matmuls, deterministic_and_lora)
 }
 
 
