@@ -9,6 +9,11 @@ one decode CUDA-graph replay, of the eager forward, of the matmuls alone (every
 bfloat16 weight as a cuBLAS product in one loop, at the batch's rows), and a
 per-kernel profile of the replay with the kernel count per step.
 
+On Hopper the decode kernels launch with programmatic dependent launch: a
+kernel starts early and waits, and the profile counts that wait as its time,
+so the per-kernel times overlap and do not add up to the replay. With
+RADIXSERVE_DISABLE_PDL=1 they add up again (at PDL-off's step time).
+
 `prefill=1` profiles the prefill instead: one eager forward of `batch`
 prompts of `context` tokens each (16 x 512 is one 8,192-token chunk of
 gpu_compare's offline run), the matmuls alone at as many rows, the kernels.
