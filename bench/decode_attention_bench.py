@@ -11,6 +11,13 @@ and split length for this run only, --default-tiles the default mode's tiles
 --cache-dtype fp8_e4m3 times an FP8 cache; --contiguous gives each request one
 run of slots (a fresh pool) instead of shuffled ones (a busy pool). One JSON
 line per (case, mode, tiles) to stdout.
+
+An MLA shape (deepseek-v2-lite, deepseek-v3) times the absorbed MLA decode
+(its split kernel and the merge) instead, in the default mode only (MLA has no
+deterministic mode); --mla-splits tries split counts other than the kernel's
+own choice (mla_decode_num_splits):
+
+    python3 bench/decode_attention_bench.py --shape deepseek-v2-lite --cases 1x256,1x2048,64x1024 --mla-splits 1,2,4,8,16
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from radixserve.layers.attention import paged_attention as pa
 # context length sets deterministic mode's split length (fixed_decode_splits);
 # bench/bench_shapes.py's configs use 8,192 (--context-len 8192 to match them).
 SHAPES = {"qwen0.6b": (16, 8, 128, 40960), "llama8b": (32, 8, 128, 131072)}
+# (query heads, latent dim, rope dim) of the MLA models: one latent KV head.
+MLA_SHAPES = {"deepseek-v2-lite": (16, 512, 64), "deepseek-v3": (128, 512, 64)}
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 
 
@@ -82,9 +91,38 @@ def bench_case(shape: str, batch: int, context: int, deterministic: bool, split_
                 kv_tb_per_s=round(kv_bytes / us / 1e6, 3))
 
 
+def bench_mla_case(shape: str, batch: int, context: int, num_splits: int | None, cache_dtype: str = "bf16",
+                   shuffled: bool = True, device: str = "cuda", timer=time_call) -> dict:
+    """One absorbed MLA decode call, timed: queries in the latent space [batch,
+    heads, latent] | [batch, heads, rope] over cached [latent | rope] rows."""
+    from radixserve.layers.attention.mla_triton import mla_decode_attention, mla_decode_num_splits
+
+    heads, lora, rope = MLA_SHAPES[shape]
+    dev = torch.device(device)
+    slots = batch * context
+    kv = torch.randn(slots, 1, lora + rope, device=dev, dtype=torch.bfloat16).to(CACHE_DTYPES[cache_dtype])
+    order = torch.randperm(slots, device=dev) if shuffled else torch.arange(slots, device=dev)
+    table = order.to(torch.int32).view(batch, context)
+    rows = torch.arange(batch, device=dev)
+    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    q_latent = torch.randn(batch, heads, lora, device=dev, dtype=torch.bfloat16)
+    q_pe = torch.randn(batch, heads, rope, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q_latent)
+    if num_splits is None:
+        num_splits = mla_decode_num_splits(batch, heads, torch.cuda.get_device_properties(dev).multi_processor_count)
+    fn = lambda: mla_decode_attention(q_latent, q_pe, kv, out, table, rows, lens,  # noqa: E731
+                                      (192 ** -0.5), num_splits)
+    us = timer(fn)
+    kv_bytes = batch * context * (lora + rope) * kv.element_size()
+    return dict(shape=shape, batch=batch, context=context, cache=cache_dtype,
+                slots="shuffled" if shuffled else "contiguous", num_splits=num_splits, us=round(us, 2),
+                kv_tb_per_s=round(kv_bytes / us / 1e6, 3) if us else None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen0.6b", choices=sorted(SHAPES))
+    p.add_argument("--shape", default="qwen0.6b", choices=sorted(SHAPES) + sorted(MLA_SHAPES))
+    p.add_argument("--mla-splits", help="an MLA shape's split counts to try, e.g. 1,2,4,8,16 (default: its own)")
     p.add_argument("--cases", default="256x640,64x1024,1x2048,1x8192", help="BATCHxCONTEXT,...")
     p.add_argument("--tile", help="deterministic mode's key block: KEYS,WARPS")
     p.add_argument("--split-tokens", type=int, help="deterministic mode's split length")
@@ -96,6 +134,13 @@ def main() -> None:
                    "(FP16_DOTS 0 or 1: an FP8 cache widened to float16)")
     p.add_argument("--no-deterministic", action="store_true", help="the default mode only")
     args = p.parse_args()
+    if args.shape in MLA_SHAPES:
+        for case in args.cases.split(","):
+            batch, context = (int(x) for x in case.split("x"))
+            for splits in [int(x) for x in args.mla_splits.split(",")] if args.mla_splits else [None]:
+                row = bench_mla_case(args.shape, batch, context, splits, args.cache_dtype, not args.contiguous)
+                print(json.dumps(dict(row, label=args.label)), flush=True)
+        return
     # Tiles forced for this run, per mode (None: the kernel's own choice).
     forced = {True: None, False: None}
     if args.tile:
