@@ -104,23 +104,20 @@ def kv_stores() -> None:
     for dtype in (BF16, FP8):
         fk.store_kv(k, v, torch.arange(2), torch.zeros(SLOTS, 8, 128, dtype=dtype),
                     torch.zeros(SLOTS, 8, 128, dtype=dtype))
-    kv_a = rand(2, 576)
-    fk.store_latent_kv(kv_a[:, :512], kv_a[:, 512:], torch.arange(2), torch.zeros(SLOTS, 1, 576, dtype=BF16))
 
 
 def mla_small_ops() -> None:
-    """DeepSeek-V2-Lite's: the one kernel before attention, the interleaved
-    rope alone, and the absorption GEMVs."""
+    """DeepSeek-V2-Lite's: the one kernel before attention (its interleaved
+    rope, and V3's rotate-half one) and the absorption GEMVs."""
     from radixserve.layers import fused_kernels as fk
     from radixserve.layers.attention import mla_absorb
 
     merged = rand(2, 16 * 192 + 576)
     q, kv_a = merged[:, :16 * 192].view(2, 16, 192), merged[:, 16 * 192:]
     cos_sin = torch.randn(4096, 64)
-    for dtype in (BF16, FP8):
-        fk.mla_latent_kv(torch.arange(2), q[..., 128:], kv_a, rand(512), 1e-6, cos_sin, True, torch.arange(2),
-                         torch.zeros(SLOTS, 1, 576, dtype=dtype))
-    fk.rotary(torch.arange(2), q[..., 128:], kv_a[:, 512:], cos_sin, 64, interleaved=True)
+    for dtype, interleaved in ((BF16, True), (FP8, True), (BF16, False)):
+        fk.mla_latent_kv(torch.arange(2), q[..., 128:], kv_a, rand(512), 1e-6, cos_sin, interleaved,
+                         torch.arange(2), torch.zeros(SLOTS, 1, 576, dtype=dtype))
     kv_b = rand(16 * 256, 512).view(16, 256, 512)
     mla_absorb.query_to_latent(q[..., :128], kv_b[:, :128])
     mla_absorb.latent_to_value(rand(2, 16, 512), kv_b[:, 128:])

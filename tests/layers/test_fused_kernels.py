@@ -76,28 +76,6 @@ def test_rotary_on_strided_views(dtype, tol, head_norms):
         assert rel(got_q.cpu(), plain_q) > 0.5
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_interleaved_rotary_on_mla_views(dtype, tol):
-    """DeepSeek's rope: q_pe the last columns of each head of q [T, H, nope+rope]
-    and k_pe the last columns of the kv_a output, rotated in pairs (x0, x1), ...
-    in place of the torch path's even/odd copies; and the rotation is not the
-    rotate-half one on the same views."""
-    heads, nope, rope_dim, lora, tokens = (3, 8, 8, 12, 5) if DEVICE == "cpu" else (16, 128, 64, 512, 300)
-    g = torch.Generator().manual_seed(3)
-    rope = RotaryEmbedding(rope_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
-    q = (torch.randn(tokens, heads, nope + rope_dim, generator=g) * 10).to(DEVICE, dtype)
-    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 10).to(DEVICE, dtype)
-    q_pe, k_pe = q[..., nope:], kv_a[:, lora:]
-    positions = torch.randint(0, 512, (tokens,), generator=g)
-    ref_q, ref_k = RotaryEmbedding.forward_interleaved(rope, positions, q_pe.cpu(), k_pe.cpu())  # torch path
-    table = rope.cos_sin_cache.to(DEVICE)
-    got_q, got_k = fk.rotary(positions.to(DEVICE), q_pe, k_pe, table, rope_dim, interleaved=True)
-    assert got_q.shape == ref_q.shape == (tokens, heads * rope_dim) and got_k.shape == ref_k.shape
-    assert rel(got_q.cpu(), ref_q) < tol and rel(got_k.cpu(), ref_k) < tol
-    half_q, _ = fk.rotary(positions.to(DEVICE), q_pe, k_pe, table, rope_dim)
-    assert rel(half_q.cpu(), ref_q) > 0.5
-
-
 def test_empty_batch():
     x = torch.empty(0, 64, device=DEVICE)
     assert fk.rms_norm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)
@@ -137,26 +115,6 @@ def test_store_kv_on_strided_views(dtype):
 FP8_ON_GPU = pytest.param(torch.float8_e4m3fn, marks=pytest.mark.skipif(DEVICE == "cpu", reason="interpreter's FP8"))
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32, FP8_ON_GPU])
-def test_store_latent_kv_matches_the_pool_torch_path(cache_dtype):
-    """MLA's latent and rope key (a strided slice of the kv_a output) land side
-    by side in the rows at loc, as MLAKVPool's torch path writes them (FP8
-    saturated alike)."""
-    from radixserve.mem_cache.mla_pool import MLAKVPool
-
-    lora, rope_dim, tokens, slots = (40, 8, 5, 32) if DEVICE == "cpu" else (512, 64, 300, 4096)
-    g = torch.Generator().manual_seed(5)
-    kv_a = (torch.randn(tokens, lora + rope_dim, generator=g) * 300).to(torch.bfloat16)
-    latent, rope = kv_a[:, :lora].contiguous(), kv_a[:, lora:]
-    loc = torch.randperm(slots, generator=g)[:tokens]
-    reference = MLAKVPool(slots, 1, lora, rope_dim, cache_dtype, torch.device("cpu"))
-    reference.set_mla_kv(0, loc, latent, rope)
-    buf = torch.zeros(slots, 1, lora + rope_dim, dtype=cache_dtype, device=DEVICE)
-    fk.store_latent_kv(latent.to(DEVICE), rope.to(DEVICE), loc.to(DEVICE), buf)
-    assert torch.equal(buf.cpu().float(), reference.latent_buffers[0].float())
-    assert buf.float().abs().max() > 0
-
-
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float32, FP8_ON_GPU])
@@ -164,8 +122,10 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     """MLA's one kernel between projections and attention against the three
     torch steps it replaces (the latent's RMSNorm, the rotation of q_pe and
     k_pe: DeepSeek's interleaved pairs or rotate-half, the pool's write of
-    latent | k_pe at loc), on the strided views the model has; and against the
-    three kernels it fuses (bit for bit under the interpreter)."""
+    latent | k_pe at loc), on the strided views the model has; against the
+    kernels of those steps (bit for bit under the interpreter); its cache rows
+    exactly what the pool writes for its outputs (FP8 saturated alike); and the
+    interleaved rotation is not the rotate-half one."""
     from radixserve.mem_cache.mla_pool import MLAKVPool
 
     heads, nope, rope_dim, lora, tokens, slots = (3, 8, 8, 40, 5, 32) if DEVICE == "cpu" else (16, 128, 64, 512, 300, 4096)
@@ -205,14 +165,25 @@ def test_mla_latent_kv_matches_norm_rope_and_store(dtype, tol, interleaved, cach
     written[loc] = True
     assert buf[dev(~written)].float().abs().max() == 0  # no other row touched
 
-    sep_q, sep_k = fk.rotary(dev(positions), q_dev[..., nope:], kv_a_dev[:, lora:], dev(rope.cos_sin_cache),
-                             rope_dim, interleaved=interleaved)
+    pool = MLAKVPool(slots, 1, lora, rope_dim, cache_dtype, torch.device(DEVICE))
+    pool.set_mla_kv(0, dev(loc), got_latent, got_k)
+    assert buf.float().abs().max() > 0
+    if DEVICE == "cpu" and cache_dtype.itemsize < dtype.itemsize:  # the interpreter narrows unlike torch
+        assert rel(buf.float(), pool.latent_buffers[0].float()) < cache_tol
+    else:
+        assert torch.equal(buf.float(), pool.latent_buffers[0].float())
+
+    # The rotary and RMSNorm kernels: the interleaved pairs copied to [evens | odds] first, as the torch path does.
+    q_pe, k_pe = q_dev[..., nope:], kv_a_dev[:, lora:]
+    if interleaved:
+        q_pe, k_pe = (torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1) for x in (q_pe, k_pe))
+    sep_q, sep_k = fk.rotary(dev(positions), q_pe, k_pe, dev(rope.cos_sin_cache), rope_dim)
     sep_latent = fk.rms_norm(kv_a_dev[:, :lora], dev(norm.weight), norm.eps)
-    sep_buf = torch.zeros_like(buf)
-    fk.store_latent_kv(sep_latent, sep_k, dev(loc), sep_buf)
     if DEVICE == "cpu":  # the interpreter computes both alike
         assert torch.equal(got_q, sep_q) and torch.equal(got_k, sep_k) and torch.equal(got_latent, sep_latent)
-        assert torch.equal(buf.float(), sep_buf.float())
     else:  # compiled, each kernel sums the norm's squares in its own order (its warps)
         assert rel(got_latent, sep_latent) < tol and rel(got_q, sep_q) < tol and rel(got_k, sep_k) < tol
-        assert rel(buf.float(), sep_buf.float()) < cache_tol
+
+    other_q, _, _ = fk.mla_latent_kv(dev(positions), q_dev[..., nope:], kv_a_dev, dev(norm.weight), norm.eps,
+                                     dev(rope.cos_sin_cache), not interleaved, dev(loc), torch.zeros_like(buf))
+    assert rel(other_q.cpu(), ref_q) > 0.5

@@ -87,8 +87,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps,
     q_stride, k_stride, q_head_stride, k_head_stride, num_q_heads, num_k_heads,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, INTERLEAVED: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -107,7 +106,7 @@ def _rotary_kernel(
         src = k_ptr + token * k_stride + (head - num_q_heads) * k_head_stride
         dst = k_out_ptr + (token * num_k_heads + head - num_q_heads) * HEAD_DIM
         norm_ptr = k_norm_ptr
-    x1, x2 = _rotary_pair(src, offs, mask, half, INTERLEAVED)
+    x1, x2 = _rotary_pair(src, offs, mask, half, False)
     a, b = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:  # the head's RMSNorm first, rounded where RMSNorm rounds
         rstd = tl.rsqrt((tl.sum(a * a, axis=0) + tl.sum(b * b, axis=0)) / HEAD_DIM + eps)
@@ -135,16 +134,15 @@ def _rotary_pair(src, offs, mask, half, INTERLEAVED: tl.constexpr):
 
 def rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int,
-    head_norms: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None, interleaved: bool = False,
+    head_norms: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotation of q [T, H*D] and k [T, KH*D] by the float32 table
     cos_sin [max_pos, D] = [cos | sin]; q and k may also be [T, H, D] and
     [T, KH, D] (or [T, D]), any view whose last axis is contiguous. Returns
     contiguous [T, H*D] and [T, KH*D]. head_norms (q weight [D], k weight [D],
     eps): each head RMS-normalised first, in the same kernel (Qwen3's q/k norms:
-    two kernels and two copies fewer). interleaved: the pairs that rotate are
-    (x0, x1), (x2, x3), ... (DeepSeek's rope); each head comes out as its
-    rotated [evens | odds], the layout the torch path makes (rotary.py)."""
+    two kernels and two copies fewer). DeepSeek's interleaved rope is
+    mla_latent_kv's."""
     tokens = q.shape[0]
     num_q, num_k = _heads(q, head_dim), _heads(k, head_dim)
     q_out = torch.empty((tokens, num_q * head_dim), dtype=q.dtype, device=q.device)
@@ -156,7 +154,7 @@ def rotary(
             q, k, q_out, k_out, positions, cos_sin, q_weight, k_weight, eps,
             q.stride(0), k.stride(0), _head_stride(q, head_dim), _head_stride(k, head_dim), num_q, num_k,
             HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_NORM=head_norms is not None,
-            INTERLEAVED=interleaved, USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
+            USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
         )
     return q_out, k_out
 
@@ -189,29 +187,14 @@ def _store_kv_kernel(k_ptr, v_ptr, loc_ptr, k_buf_ptr, v_buf_ptr, k_stride, v_st
 def store_kv(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
     """k_buf[loc] = k and v_buf[loc] = v in one kernel (two index_put kernels in
     torch). k, v: [T, kv_heads, D] with rows possibly strided; buffers contiguous."""
-    row_size = k_buf.shape[1] * k_buf.shape[2]
-    _store_rows(k, v, loc, k_buf, v_buf, row_size, row_size, row_size)
-
-
-def store_latent_kv(latent: torch.Tensor, rope: torch.Tensor, loc: torch.Tensor, buf: torch.Tensor) -> None:
-    """MLA's cache rows: buf[loc] = latent | rope in one kernel (a concatenation
-    and an index_put in torch). latent [T, L], rope [T, R], rows possibly
-    strided; buf [slots, 1, L + R] contiguous."""
-    lora = latent.shape[1]
-    _store_rows(latent, rope, loc, buf, buf.view(-1)[lora:], lora, rope.shape[1], buf.stride(0))
-
-
-def _store_rows(k: torch.Tensor, v: torch.Tensor, loc: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                k_size: int, v_size: int, buf_stride: int) -> None:
-    """Row loc[i] of k_buf and of v_buf (buf_stride elements apart) gets k[i]
-    (k_size values) and v[i] (v_size values)."""
-    tokens = k.shape[0]
+    tokens, row_size = k.shape[0], k_buf.shape[1] * k_buf.shape[2]
     if tokens:
         limit = torch.finfo(k_buf.dtype).max if k_buf.dtype in FP8_DTYPES else 0.0
         pdl = use_pdl(k.device)
-        _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), k_size, v_size, buf_stride,
-                                    BLOCK_K=triton.next_power_of_2(k_size), BLOCK_V=triton.next_power_of_2(v_size),
-                                    LIMIT=limit, USE_PDL=pdl, num_warps=4, launch_pdl=pdl)
+        block = triton.next_power_of_2(row_size)
+        _store_kv_kernel[(tokens,)](k, v, loc, k_buf, v_buf, k.stride(0), v.stride(0), row_size, row_size, row_size,
+                                    BLOCK_K=block, BLOCK_V=block, LIMIT=limit, USE_PDL=pdl, num_warps=4,
+                                    launch_pdl=pdl)
 
 
 # (loc as in _store_kv_kernel: any alignment)

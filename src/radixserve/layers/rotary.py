@@ -162,11 +162,8 @@ class RotaryEmbedding(nn.Module):
         each head rotate together. q [T, H, D], k [T, D], any views with a
         contiguous last axis. Returns q [T, H*D] and k [T, D], each head laid out
         as [evens | odds] and rotated: q and k move alike, so every q.k is the
-        interleaved rotation's."""
-        if q.is_cuda and q.stride(-1) == 1 and k.stride(-1) == 1:
-            from radixserve.layers.fused_kernels import rotary  # one kernel reads the pairs in place
-
-            return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, interleaved=True)
+        interleaved rotation's. (On CUDA, fused_kernels.mla_latent_kv reads the
+        pairs in place instead of copying them.)"""
         q = torch.cat([q[..., 0::2], q[..., 1::2]], dim=-1)
         k = torch.cat([k[..., 0::2], k[..., 1::2]], dim=-1)
         return self.forward(positions, q.reshape(q.shape[0], -1), k.reshape(k.shape[0], -1))

@@ -42,13 +42,10 @@ class MLAKVPool:
         return [buf[..., : self.kv_lora_rank] for buf in self.latent_buffers]
 
     def set_mla_kv(self, layer_id: int, loc: torch.Tensor, latent: torch.Tensor, rope: torch.Tensor) -> None:
-        """latent: [T, kv_lora_rank] (normed), rope: [T, rope_dim] (rotated), for the slots in loc."""
+        """latent: [T, kv_lora_rank] (normed), rope: [T, rope_dim] (rotated), for the slots in loc.
+        (On CUDA the kernel that norms and rotates them writes the rows itself:
+        fused_kernels.mla_latent_kv.)"""
         buf = self.latent_buffers[layer_id]
-        if buf.is_cuda and latent.stride(-1) == 1 and rope.stride(-1) == 1:
-            from radixserve.layers.fused_kernels import store_latent_kv  # Triton: imported where it runs
-
-            store_latent_kv(latent, rope, loc, buf)
-            return
         buf[loc] = to_cache_dtype(torch.cat([latent, rope], dim=-1), buf.dtype).unsqueeze(1)
 
     @staticmethod
