@@ -91,37 +91,50 @@ def graph_replay_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
 
 
 @contextlib.contextmanager
-def few_token_path(max_tokens: int, tiles=None):
+def few_token_path(max_tokens: int, gate_up=None, down=None):
     """Run fused_experts_triton with the few-token GEMVs up to max_tokens tokens
-    (0: never; the grouped GEMM), with `tiles` for both of their kernels."""
-    from radixserve.layers.moe import few_token_experts
+    (0: never; the grouped GEMM), with the given tiles for their kernels."""
+    from radixserve.layers.moe import few_token_experts as fte
 
-    saved = few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles
-    few_token_experts.FEW_TOKENS_MAX = max_tokens
-    if tiles is not None:
-        few_token_experts.few_token_tiles = lambda k: tiles
+    saved = fte.FEW_TOKENS_MAX, fte.gate_up_tiles, fte.down_tiles
+    fte.FEW_TOKENS_MAX = max_tokens
+    if gate_up is not None:
+        fte.gate_up_tiles = lambda hidden_size: gate_up
+    if down is not None:
+        fte.down_tiles = lambda inter, top_k: down
     try:
         yield
     finally:
-        few_token_experts.FEW_TOKENS_MAX, few_token_experts.few_token_tiles = saved
+        fte.FEW_TOKENS_MAX, fte.gate_up_tiles, fte.down_tiles = saved
+
+
+def tile_variants() -> List[tuple]:
+    """(name, gate_up tiles, down tiles): down's tiles swept with gate_up's
+    default, then gate_up's with down's default."""
+    from radixserve.layers.gemv import GemvTiles
+
+    downs = [("down", None, GemvTiles(n, k, w)) for n in (1, 2, 4) for k in (128, 256, 512) for w in (4, 8)
+             if n * k <= 1024]
+    gate_ups = [("gate_up", GemvTiles(n, k, 4, stages), None) for n in (1, 2, 4) for k in (512, 1024)
+                for stages in (1, 2)]
+    return [(f"few_tokens {part} {t.block_n},{t.block_k},{t.num_warps},{t.num_stages}", g, d)
+            for part, g, d in downs + gate_ups for t in [g or d]]
 
 
 def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_grid: bool) -> List[Dict]:
     """CUDA-graph ms of one layer's experts at `tokens` tokens: the grouped GEMM,
     the few-token GEMVs at their default tiles and, with tile_grid, at others."""
-    from radixserve.layers.gemv import GemvTiles
     from radixserve.layers.moe.activation import ExpertActivation
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
 
     hidden, w13, w2, weights, ids = make_layer(shape, tokens, torch.device("cuda"), seed=tokens)
     run = lambda: fused_experts_triton(hidden, w13, w2, weights, ids, ExpertActivation("silu"))  # noqa: E731
     rows = []
-    variants = [("grouped", 0, None), ("few_tokens", 1 << 30, None)]
+    variants = [("grouped", 0, None, None), ("few_tokens", 1 << 30, None, None)]
     if tile_grid:
-        variants += [(f"few_tokens {n},{k},{w}", 1 << 30, GemvTiles(n, k, w))
-                     for n in (2, 4, 8) for k in (256, 512, 1024) for w in (4, 8)]
-    for name, max_tokens, tiles in variants:
-        with few_token_path(max_tokens, tiles):
+        variants += [(name, 1 << 30, g, d) for name, g, d in tile_variants()]
+    for name, max_tokens, gate_up, down in variants:
+        with few_token_path(max_tokens, gate_up, down):
             rows.append({"tokens": tokens, "path": name, "graph_ms": graph_replay_ms(run, warmup, iters)})
         print(rows[-1], flush=True)
     return rows

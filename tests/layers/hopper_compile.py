@@ -183,7 +183,8 @@ def mla_attention() -> None:
 
 def moe() -> None:
     """Routing and the experts of Qwen3-30B-A3B's shape (128 experts, top 8):
-    a batch-1 step's GEMV path and a prefill's grouped GEMM."""
+    a batch-1 step's GEMV path and a prefill's grouped GEMM; DeepSeek-V2-Lite's
+    batch-1 experts (64, top 6: a k that is no power of two)."""
     from radixserve.layers.moe.activation import ExpertActivation
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
     from radixserve.layers.moe.topk import RoutingConfig
@@ -196,6 +197,9 @@ def moe() -> None:
     for tokens in (1, 64):
         ids = torch.randint(0, 128, (tokens, 8), dtype=torch.int32)
         fused_experts_triton(rand(tokens, 2048), w13, w2, torch.rand(tokens, 8), ids, ExpertActivation("silu"))
+    w13, w2 = weight(64, 2 * 1408, 2048), weight(64, 2048, 1408)
+    ids = torch.randint(0, 64, (1, 6), dtype=torch.int32)
+    fused_experts_triton(rand(1, 2048), w13, w2, torch.rand(1, 6), ids, ExpertActivation("silu"))
 
 
 def fp8_matmuls() -> None:

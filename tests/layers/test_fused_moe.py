@@ -64,6 +64,7 @@ def routing(pattern: str, tokens: int, num_experts: int, top_k: int, seed: int):
 CPU_CASES = [
     (1, 4, 1, 16, "random"),
     (1, 8, 4, 24, "random"),
+    (2, 8, 3, 20, "random"),  # k not a power of two: the down kernel masks a slot
     (3, 4, 2, 24, "repeat"),
     (17, 8, 2, 20, "random"),
     (17, 6, 4, 16, "same"),
@@ -94,7 +95,9 @@ def test_few_token_gemvs_step_through_long_rows(monkeypatch):
     """Rows longer than one step of the few-token kernels (gate_up's K is the
     hidden size, down's the intermediate), not multiples of it: steps of 16
     columns here, where the tiles' 1,024 would cost the interpreter minutes."""
-    monkeypatch.setattr(few_token_experts, "few_token_tiles", lambda k: GemvTiles(block_n=2, block_k=16, num_warps=4))
+    tiles = GemvTiles(block_n=2, block_k=16, num_warps=4)
+    monkeypatch.setattr(few_token_experts, "gate_up_tiles", lambda hidden_size: tiles)
+    monkeypatch.setattr(few_token_experts, "down_tiles", lambda inter, top_k: tiles)
     hidden_size, inter = 40, 24
     w13, w2, b13, b2 = random_experts(4, hidden_size, inter, torch.float32, seed=2, bias=True)
     weights, ids = routing("random", 2, 4, 2, seed=3)

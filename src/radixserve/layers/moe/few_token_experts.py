@@ -10,8 +10,9 @@ arithmetic, and each launch costs more than its work there. So here:
 1. gate_up: one program per (pair, BLOCK_N rows of the intermediate), which
    reads those rows of the expert's gate and up projections, multiplies them
    by the token's hidden row and applies the activation: [pairs, I].
-2. down: one program per (token, BLOCK_N rows of the output), which runs
-   through the token's k experts in order and sums their weighted outputs.
+2. down: one program per (token, BLOCK_N rows of the output), which reads
+   those rows of all k of the token's experts at once and sums their
+   weighted outputs.
 
 Rounding is fused_moe_triton's: gate and up rounded to the input dtype
 before the activation, each expert's output rounded, then times its routing
@@ -77,40 +78,57 @@ def _gate_up_kernel(
 def _down_kernel(
     act_ptr, w2_ptr, bias_ptr, ids_ptr, weights_ptr, out_ptr, hidden_size, inter,
     stride_we, stride_wn, stride_be, stride_o,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    TOP_K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    pdl_wait(USE_PDL)  # gate_up, the kernel before this one, wrote the activations
+    # A program's tile spans all of its token's k experts at once, [K_BLOCK,
+    # BLOCK_N, BLOCK_K]: their weight rows stream together rather than one
+    # expert after another (each a dependent round trip to memory).
     token = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden_size
+    slots = tl.arange(0, K_BLOCK)
+    slot_mask = slots < TOP_K
+    pairs = token * TOP_K + slots
+    # The routing kernel finished before gate_up (the kernel before this one)
+    # let this one start: the ids, and so the first weight tile, can be read
+    # before waiting for gate_up's activations.
+    experts = tl.load(ids_ptr + pairs, mask=slot_mask, other=0).to(tl.int64)
+    w_rows = w2_ptr + experts[:, None, None] * stride_we + rows.to(tl.int64)[None, :, None] * stride_wn
+    w_mask = slot_mask[:, None, None] & row_mask[None, :, None]
+    a_rows = act_ptr + pairs[:, None, None] * inter
+    cols = tl.arange(0, BLOCK_K)[None, None, :]
+    w = tl.load(w_rows + cols, mask=w_mask & (cols < inter), other=0.0)
+    pdl_wait(USE_PDL)  # gate_up wrote the activations
+    acc = tl.zeros([K_BLOCK, BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        ks = k0 + cols
+        a = tl.load(a_rows + ks, mask=slot_mask[:, None, None] & (ks < inter), other=0.0)
+        acc += w.to(tl.float32) * a.to(tl.float32)
+        ks += BLOCK_K  # the next tile's load issued before this one's sum (past the end: all masked)
+        w = tl.load(w_rows + ks, mask=w_mask & (ks < inter), other=0.0)
+    out = tl.sum(acc, axis=2)  # [K_BLOCK, BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + experts[:, None] * stride_be + rows[None, :],
+                       mask=slot_mask[:, None] & row_mask[None, :], other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for k in tl.static_range(TOP_K):
-        pair = token * TOP_K + k
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        w_rows = w2_ptr + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < inter
-            a = tl.load(act_ptr + pair * inter + ks, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += w.to(tl.float32) * a[None, :]
-        out = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + expert * stride_be + rows, mask=row_mask, other=0.0).to(tl.float32)
-        weighted = cast(out, dtype).to(tl.float32) * tl.load(weights_ptr + pair)
-        total += cast(weighted, dtype).to(tl.float32)
+    routing_weights = tl.load(weights_ptr + pairs, mask=slot_mask, other=0.0)
+    weighted = cast(cast(out, dtype).to(tl.float32) * routing_weights[:, None], dtype)
+    total = tl.sum(weighted.to(tl.float32), axis=0)  # the k outputs, in float32
     tl.store(out_ptr + token * stride_o + rows, cast(total, dtype), mask=row_mask)
 
 
-def few_token_tiles(k: int) -> GemvTiles:
-    """Tiles of both kernels over K columns: 2 rows (gate_up: 2 of gate and 2 of
-    up), up to 1,024 columns a step, 4 warps. The best of 18 on an H100
-    (bench/moe_kernel_bench.py --tile-grid, Qwen3-30B-A3B's layer) at 1, 2, 4
-    and 8 tokens: 37.5 us for one token's experts against 49.0 for the grouped GEMM."""
-    return GemvTiles(block_n=2, block_k=min(1024, triton.next_power_of_2(k)), num_warps=4)
+def gate_up_tiles(hidden_size: int) -> GemvTiles:
+    """gate_up's tiles: 2 rows of gate and 2 of up, up to 1,024 columns a step,
+    4 warps. The best of 18 on an H100 (bench/moe_kernel_bench.py --tile-grid,
+    Qwen3-30B-A3B's layer, both kernels on these tiles) at 1, 2, 4 and 8 tokens."""
+    return GemvTiles(block_n=2, block_k=min(1024, triton.next_power_of_2(hidden_size)), num_warps=4)
+
+
+def down_tiles(inter: int, top_k: int) -> GemvTiles:
+    """down's tiles: BLOCK_N output rows of each of the k experts, BLOCK_K
+    columns a step (the tile holds k x BLOCK_N x BLOCK_K weights)."""
+    return GemvTiles(block_n=2, block_k=min(256, triton.next_power_of_2(inter)), num_warps=4)
 
 
 def fused_experts_few_tokens(
@@ -132,7 +150,7 @@ def fused_experts_few_tokens(
     w13, w2 = w13.contiguous(), w2.contiguous()
     ids = topk_ids.contiguous()
     act = torch.empty((num_tokens * top_k, inter), dtype=hidden.dtype, device=hidden.device)
-    tiles = few_token_tiles(hidden_size)
+    tiles = gate_up_tiles(hidden_size)
     pdl = use_pdl(hidden.device)
     _gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter, tiles.block_n))](
         hidden, w13, w13_bias if w13_bias is not None else w13, ids, act, hidden_size, inter,
@@ -140,14 +158,15 @@ def fused_experts_few_tokens(
         activation.alpha, 0.0 if activation.limit is None else activation.limit,
         TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w13_bias is not None,
         SWIGLU_OAI=activation.kind == "swiglu_oai", HAS_LIMIT=activation.limit is not None, USE_PDL=pdl,
-        num_warps=tiles.num_warps, launch_pdl=pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )
     out = torch.empty((num_tokens, hidden_size), dtype=hidden.dtype, device=hidden.device)
-    tiles = few_token_tiles(inter)
+    tiles = down_tiles(inter, top_k)
     _down_kernel[(num_tokens, triton.cdiv(hidden_size, tiles.block_n))](
         act, w2, w2_bias if w2_bias is not None else w2, ids, topk_weights.float().contiguous(), out,
         hidden_size, inter, w2.stride(0), w2.stride(1), w2_bias.stride(0) if w2_bias is not None else 0,
-        out.stride(0), TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, HAS_BIAS=w2_bias is not None,
-        USE_PDL=pdl, num_warps=tiles.num_warps, launch_pdl=pdl,
+        out.stride(0), TOP_K=top_k, K_BLOCK=triton.next_power_of_2(top_k), BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, HAS_BIAS=w2_bias is not None, USE_PDL=pdl, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages, launch_pdl=pdl,
     )
     return out
