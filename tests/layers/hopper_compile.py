@@ -132,6 +132,8 @@ def gemvs() -> None:
     gemv.gemv(x, w, bias=rand(3072))
     gemv.gemv(rand(1, 2 * 2048), w, silu_gated=True)
     gemv.gemv(x, rand(64, 2048), out_dtype=torch.float32)  # a router's float32 logits
+    gemv.gemv_after_norm(x, rand(1, 2048), rand(2048), 1e-6, w)  # a decoder layer's norm folded in
+    gemv.gemv_after_norm(x, rand(1, 2048), rand(2048), 1e-6, rand(64, 2048), out_dtype=torch.float32)
     wq, ws = quantize_per_row(w.float())
     gemv.gemv(x, wq, ws.view(-1))
     block_scales = torch.rand(3072 // 128, 2048 // 128)

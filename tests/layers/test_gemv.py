@@ -73,6 +73,46 @@ def test_silu_gated_gemv_equals_silu_and_mul_then_the_product(fmt, dtype, tol, p
     assert out.shape == (1, n) and rel(out.cpu(), reference) < tol
 
 
+def rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(normed, x + residual) in RMSNorm's torch order, x's dtype."""
+    summed = (x.float() + residual.float()).to(x.dtype)
+    normed = torch.nn.functional.rms_norm(summed.float(), summed.shape[-1:], eps=eps).to(x.dtype)
+    return (weight * normed).to(x.dtype), summed
+
+
+@pytest.mark.parametrize("fmt,dtype,tol", [("float32", torch.float32, 1e-6), ("bfloat16", torch.bfloat16, 1e-2),
+                                           ("fp8", torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_after_norm_equals_rms_norm_then_the_product(fmt, dtype, tol, bias, pdl):
+    """A decoder layer's next RMSNorm with its residual add, folded into the
+    product after it: the product, and the normed row and x + residual as
+    RMSNorm returns them (the sum exactly, but under the interpreter, which
+    rounds float32 to bfloat16 by truncation; the normed row within one
+    rounding, since the squares are summed in another order)."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 21, 300
+    w, scale, reference_w = weight_and_reference(fmt, n, k, g)
+    x, residual = (torch.randn(1, k, generator=g) * 4).to(dtype), torch.randn(1, k, generator=g).to(dtype)
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    tiles = gemv_module.GemvTiles(block_n=8, block_k=32, num_warps=4)
+    out, normed, summed = gemv_module.gemv_after_norm(
+        x.to(DEVICE), residual.to(DEVICE), norm_weight.to(DEVICE), 1e-6, w.to(DEVICE),
+        None if scale is None else scale.to(DEVICE), None if b is None else b.to(DEVICE), tiles=tiles)
+    ref_normed, ref_summed = rms_norm_reference(x, residual, norm_weight, 1e-6)
+    assert torch.equal(summed.cpu(), ref_summed) if CUDA or dtype == torch.float32 else \
+        rel(summed.cpu(), ref_summed) < 4e-3
+    normed_tol = 1e-6 if dtype == torch.float32 else 4e-3 if CUDA else 1.5e-2  # (three truncations)
+    assert normed.dtype == dtype and rel(normed.cpu(), ref_normed) < normed_tol
+    reference = ref_normed.float() @ reference_w.T + (b.float() if bias else 0)
+    assert out.dtype == dtype and out.shape == (1, n) and rel(out.cpu(), reference) < tol
+
+
+def test_gemv_after_norm_refuses_a_residual_of_another_shape():
+    with pytest.raises(ValueError, match="residual of its shape"):
+        gemv_module.gemv_after_norm(torch.zeros(1, 8), torch.zeros(1, 4), torch.ones(8), 1e-6, torch.zeros(4, 8))
+
+
 def test_bfloat16_gemv_with_a_float32_output_is_the_float32_product(pdl):
     """DeepSeek's router: bfloat16 hidden and weight, logits in float32. Each
     product is exact in float32, so only the summation order differs from

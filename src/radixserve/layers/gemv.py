@@ -42,13 +42,21 @@ class GemvTiles:
 
 @triton.jit
 def _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
-               SCALE_BLOCK_K: tl.constexpr):
-    """x's columns ks in float32, activated and block-scaled as the product needs."""
+               SCALE_BLOCK_K: tl.constexpr, res_ptr, norm_w_ptr, rstd, sum_out_ptr, normed_out_ptr, writes,
+               NORM: tl.constexpr):
+    """x's columns ks in float32, activated (SILU_GATED) or RMS-normed (NORM),
+    and block-scaled as the product needs."""
     x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
     if SILU_GATED:  # x = [gate | up]: silu(gate) * up, rounded where SiluAndMul rounds
         gate = x.to(tl.float32)
         up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
         x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
+    if NORM:  # x + residual normed, rounded where _rmsnorm_kernel rounds; one program writes both out
+        summed = _residual_sum(x_ptr, res_ptr, ks, k_mask)
+        normed = (summed.to(tl.float32) * rstd).to(summed.dtype).to(tl.float32)
+        x = (normed * tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)).to(summed.dtype)
+        tl.store(sum_out_ptr + ks, summed, mask=k_mask & writes)
+        tl.store(normed_out_ptr + ks, x, mask=k_mask & writes)
     x = x.to(tl.float32)
     if SCALE_BLOCK_N:  # each column's block scale folded into x: one multiply per column, not per weight
         x *= tl.load(scale_row + ks // SCALE_BLOCK_K, mask=k_mask, other=0.0)
@@ -56,10 +64,31 @@ def _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED: tl.constexpr, SCALE_
 
 
 @triton.jit
+def _residual_sum(x_ptr, res_ptr, ks, k_mask):
+    """x + residual at columns ks, rounded to x's dtype (the residual stream's next value)."""
+    x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
+    r = tl.load(res_ptr + ks, mask=k_mask, other=0.0)
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def _rms_rstd(x_ptr, res_ptr, k, eps, BLOCK_K: tl.constexpr):
+    """1 / rms of x + residual over k columns, as _rmsnorm_kernel computes it."""
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        h = _residual_sum(x_ptr, res_ptr, ks, ks < k).to(tl.float32)
+        squares += h * h
+    return tl.rsqrt(tl.sum(squares, axis=0) / k + eps)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
+                 res_ptr, norm_w_ptr, sum_out_ptr, normed_out_ptr, eps,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_GATED: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SCALE_BLOCK_N: tl.constexpr = 0, SCALE_BLOCK_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False):
+                 SCALE_BLOCK_N: tl.constexpr = 0, SCALE_BLOCK_K: tl.constexpr = 0, NORM: tl.constexpr = False,
+                 USE_PDL: tl.constexpr = False):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * k
@@ -67,6 +96,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
     scale_row = scale_ptr
     if SCALE_BLOCK_N:  # block scales: this program's rows share one row of them (BLOCK_N divides SCALE_BLOCK_N)
         scale_row = scale_ptr + (tl.program_id(0) * BLOCK_N // SCALE_BLOCK_N) * tl.cdiv(k, SCALE_BLOCK_K)
+    writes = tl.program_id(0) == 0  # the program that stores a norm's outputs
     first_k = 0
     if USE_PDL:
         # The weights are no kernel's output: the first tile is read while the
@@ -75,13 +105,19 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k,
         k_mask = ks < k
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         pdl_wait(USE_PDL)
-        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K)
+    rstd = 0.0
+    if NORM:  # every program sums the squares itself: no kernel (and no wait) of its own for the norm
+        rstd = _rms_rstd(x_ptr, res_ptr, k, eps, BLOCK_K)
+    if USE_PDL:
+        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K,
+                       res_ptr, norm_w_ptr, rstd, sum_out_ptr, normed_out_ptr, writes, NORM)
         acc += w.to(tl.float32) * x[None, :]
         first_k = BLOCK_K
     for start in range(first_k, k, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_mask = ks < k
-        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K)
+        x = _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED, SCALE_BLOCK_N, SCALE_BLOCK_K,
+                       res_ptr, norm_w_ptr, rstd, sum_out_ptr, normed_out_ptr, writes, NORM)
         w = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * x[None, :]
     out = tl.sum(acc, axis=1)
@@ -131,19 +167,46 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, scale: Optional[torch.Tensor] = 
     up (SiluAndMul fused in: one kernel fewer in a batch-1 MLP).
     scale_block (B0, B1): `scale` is one per block instead, [ceil(n/B0), ceil(k/B1)]."""
     k = x.shape[-1] // 2 if silu_gated else x.shape[-1]
+    out = torch.empty((1, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
+    _launch(x, k, weight, scale, bias, out, tiles, silu_gated, scale_block)
+    return out
+
+
+def gemv_after_norm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                    scale_block: Optional[Tuple[int, int]] = None, out_dtype: Optional[torch.dtype] = None,
+                    tiles: Optional[GemvTiles] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm(x + residual) times weight, in one kernel: the RMSNorm with its
+    residual add (a decoder layer's next norm) folded into the product after
+    it. x, residual: [1, k]; the rest as `gemv`. Returns (the product, the
+    normed row, x + residual), the last two as RMSNorm returns them."""
+    if residual.shape != x.shape or residual.stride(-1) != 1 or norm_weight.shape != (x.shape[-1],):
+        raise ValueError(f"gemv_after_norm takes x, a residual of its shape and a norm weight of its width, not "
+                         f"{tuple(x.shape)}, {tuple(residual.shape)} and {tuple(norm_weight.shape)}")
+    out = torch.empty((1, weight.shape[0]), dtype=out_dtype or x.dtype, device=x.device)
+    normed, summed = torch.empty_like(x), torch.empty_like(x)
+    _launch(x, x.shape[-1], weight, scale, bias, out, tiles, False, scale_block,
+            (residual, norm_weight, eps, summed, normed))
+    return out, normed, summed
+
+
+def _launch(x: torch.Tensor, k: int, weight: torch.Tensor, scale: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor], out: torch.Tensor, tiles: Optional[GemvTiles], silu_gated: bool,
+            scale_block: Optional[Tuple[int, int]], norm: Optional[tuple] = None) -> None:
+    """_gemv_kernel on one row; norm: (residual, norm weight, eps, sum out, normed out)."""
     n = weight.shape[0]
     if x.shape[0] != 1 or x.stride(-1) != 1 or not weight.is_contiguous() or weight.shape[1] != k:
         raise ValueError(f"gemv takes one contiguous row and a contiguous weight of as many columns, "
                          f"not {tuple(x.shape)} and {tuple(weight.shape)}")
-    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=x.device)
     tiles = tiles or gemv_tiles(k, weight.element_size())
     pdl = use_pdl(x.device)
     if scale_block is not None and scale_block[0] % tiles.block_n:  # a program's rows in one block
         tiles = dataclasses.replace(tiles, block_n=math.gcd(tiles.block_n, scale_block[0]))
+    residual, norm_weight, eps, summed, normed = norm if norm is not None else (out, out, 0.0, out, out)
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         x, weight, scale if scale is not None else out, bias if bias is not None else out, out, n, k,
+        residual, norm_weight, summed, normed, eps,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SILU_GATED=silu_gated,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps,
         SCALE_BLOCK_N=scale_block[0] if scale_block else 0, SCALE_BLOCK_K=scale_block[1] if scale_block else 0,
-        USE_PDL=pdl, num_stages=tiles.num_stages, launch_pdl=pdl)
-    return out
+        NORM=norm is not None, USE_PDL=pdl, num_stages=tiles.num_stages, launch_pdl=pdl)

@@ -11,7 +11,7 @@ tp=1 both are the plain matmul: no collective, no copy.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from radixserve.distributed import get_tp_group
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.batch_invariant import invariant_linear
+from radixserve.layers.layernorm import DeferredNorm
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, block_scale_slice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
 )
@@ -46,12 +47,19 @@ class Linear(nn.Module):
         # Not a class attribute: a block-FP8 layer registers a parameter of this name.
         self.weight_scale: Optional[torch.Tensor] = None
 
-    def forward(self, x: torch.Tensor, activation: Optional[nn.Module] = None,
+    def forward(self, x: Union[torch.Tensor, DeferredNorm], activation: Optional[nn.Module] = None,
                 addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         """activation: a gated activation applied to x first ([gate | up] ->
         act(gate) * up); SiLU's is fused into a one-row product on CUDA.
         addend: a tensor of the output's shape added to it; a one-row
-        product on CUDA adds it as its bias (no add kernel of its own)."""
+        product on CUDA adds it as its bias (no add kernel of its own).
+        x may be a DeferredNorm: a one-row product on CUDA folds the norm in."""
+        if isinstance(x, DeferredNorm):
+            folded = self._gemv(x, self.bias) if x.foldable() and self.lora is None and activation is None \
+                and addend is None else None
+            if folded is not None:
+                return folded
+            x = x.value()
         fused = self._fused_forward(x, activation, addend)
         if fused is not None:
             return fused
@@ -87,14 +95,23 @@ class Linear(nn.Module):
         out = self._gemv(x, bias)
         return out if out is not None else torch.nn.functional.linear(x, self.weight, bias)
 
-    def _gemv(self, x: torch.Tensor, bias: Optional[torch.Tensor], silu_gated: bool = False) -> Optional[torch.Tensor]:
+    def _gemv(self, x: Union[torch.Tensor, DeferredNorm], bias: Optional[torch.Tensor],
+              silu_gated: bool = False) -> Optional[torch.Tensor]:
         """A batch-1 decode step's product through layers/gemv.py, where it
         applies (one row on CUDA; an FP8 weight, per-channel or block-scaled, or
         an unquantized one small enough to beat cuBLAS; with the SiLU fused in,
-        a small weight only), else None."""
-        if self.batch_invariant or not (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.stride(-1) == 1):
+        a small weight only), else None. x: the row, or a DeferredNorm of it
+        (the norm folded into the same kernel)."""
+        row = x.x if isinstance(x, DeferredNorm) else x
+        if self.batch_invariant or not (row.is_cuda and row.dim() == 2 and row.shape[0] == 1
+                                        and row.stride(-1) == 1):
             return None
         from radixserve.layers import gemv  # Triton: imported where it runs
+
+        def product(scale: Optional[torch.Tensor], scale_block: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+            if isinstance(x, DeferredNorm):
+                return x.fold_into_gemv(self.weight, scale, bias, scale_block)
+            return gemv.gemv(x, self.weight, scale, bias, silu_gated=silu_gated, scale_block=scale_block)
 
         if silu_gated and not gemv.fuse_activation(self.weight):
             return None
@@ -102,10 +119,10 @@ class Linear(nn.Module):
             fmt = self.weight_format  # FP8 with per-channel or (a block-FP8 checkpoint's) block scales
             if fmt.name != "fp8" and fmt.block is None:
                 return None
-            return gemv.gemv(x, self.weight, self.weight_scale, bias, silu_gated=silu_gated, scale_block=fmt.block)
+            return product(self.weight_scale, fmt.block)
         if not gemv.prefer_over_cublas(self.weight):
             return None
-        return gemv.gemv(x, self.weight, None, bias, silu_gated=silu_gated)
+        return product(None)
 
 
 class ColumnParallelLinear(Linear):

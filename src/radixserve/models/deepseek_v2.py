@@ -16,14 +16,14 @@ with `kv_layout`. Where the two families differ (as transformers 5.17 has them):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
 
 from radixserve.layers.attention.mla import MLAAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
-from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.layernorm import DeferredNorm, RMSNorm, normed_value
 from radixserve.layers.linear import ColumnParallelLinear, Linear, MergedLinear, RowParallelLinear
 from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, float32_router_logits, select_experts
@@ -49,6 +49,8 @@ def mla_softmax_scale(config: Any) -> float:
 
 
 class DeepseekMLA(nn.Module):
+    folds_input_norm = True  # its input reaches only the q and kv_a projections (DecoderLayer, norm_then)
+
     def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, rope_interleaved: bool) -> None:
         super().__init__()
         hidden, total_heads = config.hidden_size, config.num_attention_heads
@@ -86,8 +88,9 @@ class DeepseekMLA(nn.Module):
         self.attn = MLAAttention(heads, self.nope_dim, self.rope_dim, self.v_head_dim, self.kv_lora_rank,
                                  mla_softmax_scale(config), layer_id)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-        tokens = hidden.shape[0]
+    def forward(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm],
+                forward_batch: Any) -> torch.Tensor:
+        tokens = positions.shape[0]
         if self.merged_q_kv_a:
             q, kv_a = self.q_kv_a_proj.split_output(self.q_kv_a_proj(hidden))
         else:
@@ -124,12 +127,14 @@ class DeepseekRouter(nn.Module):
         bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32)) if with_correction_bias else None
         self.register_parameter("e_score_correction_bias", bias)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: Union[torch.Tensor, DeferredNorm]) -> torch.Tensor:
         return float32_router_logits(hidden, self.weight)
 
 
 class DeepseekMoE(nn.Module):
     """Routed experts plus shared experts that see every token, summed."""
+
+    folds_input_norm = True  # the router's product norms its input (DecoderLayer, norm_then)
 
     def __init__(self, config: Any, routing: RoutingConfig, with_correction_bias: bool) -> None:
         super().__init__()
@@ -141,8 +146,9 @@ class DeepseekMoE(nn.Module):
             LlamaMLP(config.hidden_size, config.moe_intermediate_size * shared) if shared else None
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: Union[torch.Tensor, DeferredNorm]) -> torch.Tensor:
         weights, ids = select_experts(self.gate(hidden), self.routing, self.gate.e_score_correction_bias)
+        hidden = normed_value(hidden)
         out = self.experts(hidden, weights, ids)
         if self.shared_experts is not None:  # the sum in the shared down projection's kernel where it can
             out = self.shared_experts(hidden, addend=out)

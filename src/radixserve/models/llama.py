@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from torch import nn
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.attention.radix_attention import RadixAttention
 from radixserve.layers.embedding import LMHead, VocabEmbedding
-from radixserve.layers.layernorm import RMSNorm
+from radixserve.layers.layernorm import DeferredNorm, RMSNorm
 from radixserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from radixserve.layers.rotary import RotaryEmbedding, rope_parameters
 from radixserve.layers.sharding import head_sharded_parameter
@@ -54,6 +54,8 @@ def layer_sliding_window(config: Any, layer_id: int, opts: BlockOptions) -> Opti
 
 
 class LlamaAttention(nn.Module):
+    folds_input_norm = True  # its input reaches only qkv_proj (DecoderLayer, norm_then)
+
     def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, opts: BlockOptions) -> None:
         super().__init__()
         self.head_dim = head_dim_of(config)
@@ -73,18 +75,21 @@ class LlamaAttention(nn.Module):
             sinks=head_sharded_parameter(heads) if opts.attn_sinks else None,
         )
 
-    def qkv(self, positions: torch.Tensor, hidden: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def qkv(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm]) -> Tuple[torch.Tensor, ...]:
         """q, k (normed where the family norms them, rotated) and v."""
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
         q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
         return q, k, v
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, forward_batch: Any) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm],
+                forward_batch: Any) -> torch.Tensor:
         return self.o_proj(self.attn(*self.qkv(positions, hidden), forward_batch))
 
 
 class LlamaMLP(nn.Module):
     """gate|up split by columns over the tensor-parallel ranks, down by rows."""
+
+    folds_input_norm = True  # its input reaches only gate_up_proj (DecoderLayer, norm_then)
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
@@ -94,7 +99,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, addend: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: Union[torch.Tensor, DeferredNorm], addend: Optional[torch.Tensor] = None) -> torch.Tensor:
         """addend: added to the output (in the down projection's kernel where it can)."""
         return self.down_proj(self.gate_up_proj(x), activation=self.act, addend=addend)
 
@@ -119,13 +124,26 @@ class DecoderLayer(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output, residual stream before it): the add is
         deferred into the next norm so it fuses with it."""
+        attend = lambda normed: self.self_attn(positions, normed, forward_batch)  # noqa: E731
         if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
+            residual, hidden = hidden, attend(self.input_layernorm(hidden))
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, forward_batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+            hidden, residual = norm_then(self.input_layernorm, hidden, residual, self.self_attn, attend)
+        return norm_then(self.post_attention_layernorm, hidden, residual, self.mlp, self.mlp)
+
+
+def norm_then(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor, module: nn.Module,
+              call: Callable[[Any], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(call(norm(hidden + residual)), hidden + residual). At one row on CUDA a
+    module whose first product takes the norm into its kernel
+    (`folds_input_norm`) gets it unapplied, as a DeferredNorm: one kernel fewer."""
+    if getattr(module, "folds_input_norm", False) and hidden.is_cuda and hidden.shape[0] == 1:
+        pending = DeferredNorm(hidden, residual, norm)
+        out = call(pending)
+        pending.value()  # (computed already, unless the module never read its input)
+        return out, pending.summed
+    normed, residual = norm(hidden, residual)
+    return call(normed), residual
 
 
 MlpFactory = Callable[[Any, int], nn.Module]  # (config, layer id) -> the layer's MLP

@@ -4,17 +4,20 @@ top-k experts per token, FusedMoE runs them, and an optional shared expert
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from radixserve.layers.layernorm import DeferredNorm, normed_value
 from radixserve.layers.linear import Linear
 from radixserve.layers.moe.layer import FusedMoE
 from radixserve.layers.moe.topk import RoutingConfig, select_experts
 
 
 class SparseMoeBlock(nn.Module):
+    folds_input_norm = True  # the router's product norms its input (DecoderLayer, norm_then)
+
     def __init__(
         self,
         hidden_size: int,
@@ -31,8 +34,9 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1) if shared_expert_gate else None
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: Union[torch.Tensor, DeferredNorm]) -> torch.Tensor:
         weights, ids = select_experts(self.gate(hidden), self.routing)
+        hidden = normed_value(hidden)
         out = self.experts(hidden, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)

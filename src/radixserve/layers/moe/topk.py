@@ -9,9 +9,11 @@ then the best experts inside them). Weights come back in float32, ids in int32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
+
+from radixserve.layers.layernorm import DeferredNorm, normed_value
 
 
 @dataclass(frozen=True)
@@ -25,18 +27,24 @@ class RoutingConfig:
     routed_scaling_factor: float = 1.0  # multiplies the final weights
 
 
-def float32_router_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def float32_router_logits(hidden: Union[torch.Tensor, DeferredNorm], weight: torch.Tensor) -> torch.Tensor:
     """hidden [T, H] times the router weight [E, H], in float32 (DeepSeek's
     router: the choice of experts is sensitive to rounding) -> [T, E] float32.
     A product of two bfloat16 values is exact in float32, so reading them as
     they are and accumulating in float32 is the float32 product: one CUDA row
-    takes one GEMV kernel instead of two casts and cuBLAS's two kernels."""
-    if hidden.is_cuda and hidden.shape[0] == 1 and hidden.stride(-1) == 1 and weight.is_contiguous() \
-            and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32):
+    takes one GEMV kernel instead of two casts and cuBLAS's two kernels (with a
+    DeferredNorm, the norm's too)."""
+    if isinstance(hidden, DeferredNorm) and not hidden.foldable():
+        hidden = hidden.value()
+    row = hidden.x if isinstance(hidden, DeferredNorm) else hidden
+    if row.is_cuda and row.shape[0] == 1 and row.stride(-1) == 1 and weight.is_contiguous() \
+            and row.dtype == weight.dtype and row.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if isinstance(hidden, DeferredNorm):
+            return hidden.fold_into_gemv(weight, out_dtype=torch.float32)
         from radixserve.layers.gemv import gemv  # Triton: imported where it runs
 
         return gemv(hidden, weight, out_dtype=torch.float32)
-    return torch.nn.functional.linear(hidden.float(), weight.float())
+    return torch.nn.functional.linear(normed_value(hidden).float(), weight.float())
 
 
 def select_experts(
