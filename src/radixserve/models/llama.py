@@ -137,7 +137,8 @@ def norm_then(norm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor, modul
     """(call(norm(hidden + residual)), hidden + residual). At one row on CUDA a
     module whose first product takes the norm into its kernel
     (`folds_input_norm`) gets it unapplied, as a DeferredNorm: one kernel fewer."""
-    if getattr(module, "folds_input_norm", False) and hidden.is_cuda and hidden.shape[0] == 1:
+    if isinstance(norm, RMSNorm) and getattr(module, "folds_input_norm", False) and hidden.is_cuda \
+            and hidden.shape[0] == 1:
         pending = DeferredNorm(hidden, residual, norm)
         out = call(pending)
         pending.value()  # (computed already, unless the module never read its input)
