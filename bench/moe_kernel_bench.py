@@ -101,7 +101,7 @@ def few_token_path(max_tokens: int, gate_up=None, down=None):
     if gate_up is not None:
         fte.gate_up_tiles = lambda hidden_size: gate_up
     if down is not None:
-        fte.down_tiles = lambda inter, top_k: down
+        fte.down_tiles = lambda inter: down
     try:
         yield
     finally:

@@ -97,7 +97,7 @@ def test_few_token_gemvs_step_through_long_rows(monkeypatch):
     columns here, where the tiles' 1,024 would cost the interpreter minutes."""
     tiles = GemvTiles(block_n=2, block_k=16, num_warps=4)
     monkeypatch.setattr(few_token_experts, "gate_up_tiles", lambda hidden_size: tiles)
-    monkeypatch.setattr(few_token_experts, "down_tiles", lambda inter, top_k: tiles)
+    monkeypatch.setattr(few_token_experts, "down_tiles", lambda inter: tiles)
     hidden_size, inter = 40, 24
     w13, w2, b13, b2 = random_experts(4, hidden_size, inter, torch.float32, seed=2, bias=True)
     weights, ids = routing("random", 2, 4, 2, seed=3)
