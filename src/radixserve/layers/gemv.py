@@ -44,19 +44,20 @@ class GemvTiles:
 def _row_block(x_ptr, ks, k_mask, k, scale_row, SILU_GATED: tl.constexpr, SCALE_BLOCK_N: tl.constexpr,
                SCALE_BLOCK_K: tl.constexpr, res_ptr, norm_w_ptr, rstd, sum_out_ptr, normed_out_ptr, writes,
                NORM: tl.constexpr):
-    """x's columns ks in float32, activated (SILU_GATED) or RMS-normed (NORM),
+    """x's columns ks in float32, RMS-normed (NORM) or activated (SILU_GATED),
     and block-scaled as the product needs."""
-    x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
-    if SILU_GATED:  # x = [gate | up]: silu(gate) * up, rounded where SiluAndMul rounds
-        gate = x.to(tl.float32)
-        up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
-        x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
     if NORM:  # x + residual normed, rounded where _rmsnorm_kernel rounds; one program writes both out
         summed = _residual_sum(x_ptr, res_ptr, ks, k_mask)
         normed = (summed.to(tl.float32) * rstd).to(summed.dtype).to(tl.float32)
         x = (normed * tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)).to(summed.dtype)
         tl.store(sum_out_ptr + ks, summed, mask=k_mask & writes)
         tl.store(normed_out_ptr + ks, x, mask=k_mask & writes)
+    else:
+        x = tl.load(x_ptr + ks, mask=k_mask, other=0.0)
+        if SILU_GATED:  # x = [gate | up]: silu(gate) * up, rounded where SiluAndMul rounds
+            gate = x.to(tl.float32)
+            up = tl.load(x_ptr + k + ks, mask=k_mask, other=0.0).to(tl.float32)
+            x = ((gate * tl.sigmoid(gate)).to(x.dtype).to(tl.float32) * up).to(x.dtype)
     x = x.to(tl.float32)
     if SCALE_BLOCK_N:  # each column's block scale folded into x: one multiply per column, not per weight
         x *= tl.load(scale_row + ks // SCALE_BLOCK_K, mask=k_mask, other=0.0)
@@ -73,7 +74,8 @@ def _residual_sum(x_ptr, res_ptr, ks, k_mask):
 
 @triton.jit
 def _rms_rstd(x_ptr, res_ptr, k, eps, BLOCK_K: tl.constexpr):
-    """1 / rms of x + residual over k columns, as _rmsnorm_kernel computes it."""
+    """1 / rms of x + residual over k columns (_rmsnorm_kernel's, its squares
+    summed in steps of BLOCK_K: equal within float32 rounding)."""
     squares = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
