@@ -108,6 +108,13 @@ def test_block_matmul_bfloat16_and_gemv_with_block_scales():
     gate_up = torch.cat([x[1:2], x[2:3]], dim=-1)
     one = gemv.gemv(gate_up.to(DEVICE), wq.to(DEVICE), ws.to(DEVICE), None, silu_gated=True, scale_block=block)
     assert rel(one.cpu(), (torch.nn.functional.silu(x[1:2]) * x[2:3]) @ w.T) < 1e-5
+    # and after a decoder layer's norm, folded in (DeepSeek-V3's q_a|kv_a after its input norm)
+    norm_weight = torch.rand(72, generator=torch.Generator().manual_seed(6)) + 0.5
+    one, normed, _ = gemv.gemv_after_norm(x[:1].to(DEVICE), x[1:2].to(DEVICE), norm_weight.to(DEVICE), 1e-6,
+                                          wq.to(DEVICE), ws.to(DEVICE), scale_block=block)
+    summed = x[:1] + x[1:2]
+    reference = norm_weight * summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert rel(normed.cpu(), reference) < 1e-5 and rel(one.cpu(), reference @ w.T) < 1e-5
 
 
 def test_wrong_scale_shapes_are_refused():
