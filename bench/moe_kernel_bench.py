@@ -2,7 +2,7 @@
 
     python bench/moe_kernel_bench.py --out moe_kernel.json            # CUDA: Qwen3-30B-A3B layer
     python bench/moe_kernel_bench.py --smoke --out moe_smoke.json     # tiny, CPU (Triton interpreter)
-    python bench/moe_kernel_bench.py --tokens 1 --compare-paths 1 2 4 8 [--tile-grid] --out x.json
+    python bench/moe_kernel_bench.py --tokens 1 --compare-paths 1 2 4 8 [--tile-grid] [--layers 4] --out x.json
     python bench/moe_kernel_bench.py --shape deepseek-v2-lite ...  # H=2048, I=1408, E=64, top-6
 
 The layer (default): H=2048, I=768, E=128, top-8, bf16, random weights scaled by
@@ -121,21 +121,31 @@ def tile_variants() -> List[tuple]:
             for part, g, d in downs + gate_ups for t in [g or d]]
 
 
-def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_grid: bool) -> List[Dict]:
+def compare_paths(shape: LayerShape, tokens: int, warmup: int, iters: int, tile_grid: bool,
+                  layers: int = 1) -> List[Dict]:
     """CUDA-graph ms of one layer's experts at `tokens` tokens: the grouped GEMM,
-    the few-token GEMVs at their default tiles and, with tile_grid, at others."""
+    the few-token GEMVs at their default tiles and, with tile_grid, at others.
+    layers: one graph runs this many layers of their own weights in turn and
+    the time is its replay over `layers` (as a model's step runs them: the
+    graph's launch is shared, and no layer finds the last one's weights in L2)."""
     from radixserve.layers.moe.activation import ExpertActivation
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
 
-    hidden, w13, w2, weights, ids = make_layer(shape, tokens, torch.device("cuda"), seed=tokens)
-    run = lambda: fused_experts_triton(hidden, w13, w2, weights, ids, ExpertActivation("silu"))  # noqa: E731
+    stack = [make_layer(shape, tokens, torch.device("cuda"), seed=tokens * 1000 + i) for i in range(layers)]
+    silu = ExpertActivation("silu")
+
+    def run() -> None:
+        for hidden, w13, w2, weights, ids in stack:
+            fused_experts_triton(hidden, w13, w2, weights, ids, silu)
+
     rows = []
     variants = [("grouped", 0, None, None), ("few_tokens", 1 << 30, None, None)]
     if tile_grid:
         variants += [(name, 1 << 30, g, d) for name, g, d in tile_variants()]
     for name, max_tokens, gate_up, down in variants:
         with few_token_path(max_tokens, gate_up, down):
-            rows.append({"tokens": tokens, "path": name, "graph_ms": graph_replay_ms(run, warmup, iters)})
+            rows.append({"tokens": tokens, "path": name, "layers": layers,
+                         "graph_ms": graph_replay_ms(run, warmup, iters) / layers})
         print(rows[-1], flush=True)
     return rows
 
@@ -196,6 +206,8 @@ def main() -> None:
     p.add_argument("--compare-paths", type=int, nargs="*", default=[],
                    help="CUDA: token counts at which to time the grouped GEMM against the few-token GEMVs")
     p.add_argument("--tile-grid", action="store_true", help="with --compare-paths: the GEMVs' tiles too")
+    p.add_argument("--layers", type=int, default=4,
+                   help="with --compare-paths: layers of their own weights in one graph (time per layer)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b", help="one MoE layer's shape")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
@@ -214,8 +226,8 @@ def main() -> None:
 
     rows = [bench_tokens(shape, t, device, warmup, iters) for t in tokens]
     print_table(rows)
-    paths = [r for t in args.compare_paths for r in compare_paths(shape, t, warmup, iters, args.tile_grid)] \
-        if cuda else []
+    paths = [r for t in args.compare_paths
+             for r in compare_paths(shape, t, warmup, iters, args.tile_grid, args.layers)] if cuda else []
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)",
         "shape": {**asdict(shape), "dtype": str(shape.dtype)},
