@@ -84,7 +84,13 @@ def test_multi_turn_identical_and_hits_host(model_path, reference, policy, layou
             assert meta["cached_tokens"] == details["device"] + details["host"] + details["storage"]
         host_hits = [sum(m["cached_tokens_details"]["host"] for m in turn) for turn in metas]
         assert host_hits[0] == 0
-        assert all(hits > 0 for hits in host_hits[2:]), host_hits  # evicted history came back from host
+        # Evicted history came back from host: in every later turn, except under
+        # the selective policy. A node's hits count each match, the scheduler's
+        # re-matches of a waiting request too, and how often a request waits
+        # depends on timing; so which turn first finds a node backed up varies
+        # (a run on a 2-core machine saw [0, 0, 0, 272, 384, 96]).
+        later = host_hits[2:]
+        assert (sum(later) > 0 if policy == "write_through_selective" else all(h > 0 for h in later)), host_hits
         info = engine.get_server_info()
         assert info["num_evictions"] > 0
         host = assert_pools_consistent(engine)
