@@ -95,9 +95,7 @@ def _rotary_kernel(
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < half
     pdl_wait(USE_PDL)
-    pos = tl.load(pos_ptr + token)
-    cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + offs, mask=mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + offs, mask=mask, other=0.0)
+    cos, sin = _token_cos_sin(pos_ptr, cos_sin_ptr, token, offs, mask, HEAD_DIM)
     if head < num_q_heads:
         src = q_ptr + token * q_stride + head * q_head_stride
         dst = q_out_ptr + (token * num_q_heads + head) * HEAD_DIM
@@ -114,8 +112,24 @@ def _rotary_kernel(
         w2 = tl.load(norm_ptr + half + offs, mask=mask, other=0.0).to(tl.float32)
         a = ((a * rstd).to(x1.dtype).to(tl.float32) * w1).to(x1.dtype).to(tl.float32)
         b = ((b * rstd).to(x1.dtype).to(tl.float32) * w2).to(x1.dtype).to(tl.float32)
-    tl.store(dst + offs, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(dst + half + offs, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    r1, r2 = _rotated(a, b, cos, sin, x1)
+    tl.store(dst + offs, r1, mask=mask)
+    tl.store(dst + half + offs, r2, mask=mask)
+
+
+@triton.jit
+def _token_cos_sin(pos_ptr, cos_sin_ptr, token, offs, mask, DIM: tl.constexpr):
+    """The halves at offs of the token's position's row of the [cos | sin] table [max_pos, DIM]."""
+    pos = tl.load(pos_ptr + token)
+    cos = tl.load(cos_sin_ptr + pos * DIM + offs, mask=mask, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * DIM + DIM // 2 + offs, mask=mask, other=0.0)
+    return cos, sin
+
+
+@triton.jit
+def _rotated(a, b, cos, sin, like):
+    """The pair (a, b) (float32) rotated, in like's dtype."""
+    return (a * cos - b * sin).to(like.dtype), (b * cos + a * sin).to(like.dtype)
 
 
 @triton.jit
@@ -211,20 +225,19 @@ def _mla_latent_kv_kernel(
     offs = tl.arange(0, HALF_BLOCK)
     mask = offs < half
     pdl_wait(USE_PDL)
-    pos = tl.load(pos_ptr + token)
-    cos = tl.load(cos_sin_ptr + pos * ROPE + offs, mask=mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * ROPE + half + offs, mask=mask, other=0.0)
+    cos, sin = _token_cos_sin(pos_ptr, cos_sin_ptr, token, offs, mask, ROPE)
     if head < num_heads:  # a query head's rope part
         x1, x2 = _rotary_pair(q_ptr + token * q_stride + head * q_head_stride, offs, mask, half, INTERLEAVED)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
         dst = q_out_ptr + (token * num_heads + head) * ROPE
-        tl.store(dst + offs, (a * cos - b * sin).to(x1.dtype), mask=mask)
-        tl.store(dst + half + offs, (b * cos + a * sin).to(x1.dtype), mask=mask)
+        q1, q2 = _rotated(a, b, cos, sin, x1)
+        tl.store(dst + offs, q1, mask=mask)
+        tl.store(dst + half + offs, q2, mask=mask)
     else:  # the token's cache row: the normed latent, then the rotated rope key
         row = buf_ptr + tl.load(loc_ptr + token).to(tl.int64) * buf_stride
         x1, x2 = _rotary_pair(kv_a_ptr + token * kv_a_stride + LORA, offs, mask, half, INTERLEAVED)
         a, b = x1.to(tl.float32), x2.to(tl.float32)
-        k1, k2 = (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+        k1, k2 = _rotated(a, b, cos, sin, x1)
         tl.store(k_out_ptr + token * ROPE + offs, k1, mask=mask)
         tl.store(k_out_ptr + token * ROPE + half + offs, k2, mask=mask)
         tl.store(row + LORA + offs, _cache_value(k1, LIMIT, buf_ptr), mask=mask)
