@@ -186,8 +186,10 @@ def mla_attention() -> None:
 def moe() -> None:
     """Routing and the experts of Qwen3-30B-A3B's shape (128 experts, top 8):
     a batch-1 step's GEMV path and a prefill's grouped GEMM; DeepSeek-V2-Lite's
-    batch-1 experts (64, top 6: a k that is no power of two)."""
+    batch-1 experts (64, top 6: a k that is no power of two), alone and with
+    its shared experts as slots."""
     from radixserve.layers.moe.activation import ExpertActivation
+    from radixserve.layers.moe.few_token_experts import SharedExperts
     from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
     from radixserve.layers.moe.topk import RoutingConfig
     from radixserve.layers.moe.topk_triton import select_experts_triton
@@ -202,6 +204,8 @@ def moe() -> None:
     w13, w2 = weight(64, 2 * 1408, 2048), weight(64, 2048, 1408)
     ids = torch.randint(0, 64, (1, 6), dtype=torch.int32)
     fused_experts_triton(rand(1, 2048), w13, w2, torch.rand(1, 6), ids, ExpertActivation("silu"))
+    shared = SharedExperts(weight(2 * 2816, 2048), weight(2048, 2816))  # its 2 shared experts as 2 more slots
+    fused_experts_triton(rand(1, 2048), w13, w2, torch.rand(1, 6), ids, ExpertActivation("silu"), shared=shared)
 
 
 def fp8_matmuls() -> None:

@@ -107,6 +107,45 @@ def test_few_token_gemvs_step_through_long_rows(monkeypatch):
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("tokens,top_k,slots,dtype,tol", [
+    (1, 3, 2, torch.float32, 1e-5),  # 5 slots: the down kernel masks 3 of 8
+    (2, 2, 1, torch.float32, 1e-5),
+    (1, 6, 2, torch.bfloat16, 1e-2),  # DeepSeek-V2-Lite's 6 routed + 2 shared: 8 slots, none masked
+])
+def test_few_token_kernels_add_shared_experts_as_slots(tokens, top_k, slots, dtype, tol):
+    """The shared MLP run as extra slots of the two kernels: the routed
+    experts' weighted sum plus silu(x G^T) * (x U^T) D^T, computed apart."""
+    hidden_size, inter, num_experts = 32, 16, 8
+    w13, w2, _, _ = random_experts(num_experts, hidden_size, inter, dtype, seed=tokens, bias=False, scale=4.0)
+    g = torch.Generator().manual_seed(top_k)
+    gate_up = (torch.randn(2 * slots * inter, hidden_size, generator=g) * 4 / math.sqrt(hidden_size)).to(DEVICE, dtype)
+    down = (torch.randn(hidden_size, slots * inter, generator=g) / math.sqrt(slots * inter)).to(DEVICE, dtype)
+    weights, ids = routing("random", tokens, num_experts, top_k, seed=tokens + top_k)
+    hidden = torch.randn(tokens, hidden_size, generator=g).to(DEVICE, dtype)
+    shared = few_token_experts.SharedExperts(gate_up, down)
+    out = fused_experts_triton(hidden, w13, w2, weights, ids, SILU, shared=shared).cpu().float()
+    f32 = lambda t: t.cpu().float()  # noqa: E731
+    routed = fused_experts_torch(f32(hidden), f32(w13), f32(w2), weights.cpu(), ids.cpu(), SILU)
+    gate, up = (f32(hidden) @ f32(gate_up).T).chunk(2, dim=-1)
+    shared_out = (torch.nn.functional.silu(gate) * up) @ f32(down).T
+    assert rel(shared_out, routed) > 0.3  # both parts matter
+    assert rel(out, routed + shared_out) < tol
+
+
+def test_shared_expert_slots_refuse_what_they_cannot_run():
+    w13, w2, _, _ = random_experts(4, 32, 16, torch.float32, seed=0, bias=False)
+    weights, ids = routing("random", 1, 4, 2, seed=0)
+    hidden = torch.randn(1, 32).to(DEVICE)
+    ragged = few_token_experts.SharedExperts(torch.zeros(2 * 24, 32, device=DEVICE), torch.zeros(32, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="not whole experts"):
+        fused_experts_triton(hidden, w13, w2, weights, ids, SILU, shared=ragged)
+    whole = few_token_experts.SharedExperts(torch.zeros(2 * 16, 32, device=DEVICE), torch.zeros(32, 16, device=DEVICE))
+    many = torch.randn(few_token_experts.FEW_TOKENS_MAX + 1, 32).to(DEVICE)
+    many_weights, many_ids = routing("random", len(many), 4, 2, seed=1)
+    with pytest.raises(ValueError, match="few-token kernels"):
+        fused_experts_triton(many, w13, w2, many_weights, many_ids, SILU, shared=whole)
+
+
 def test_swiglu_limit_is_hit_and_matched():
     """The clamp of swiglu_oai matters in the test data (gate above the limit,
     up outside +-limit), and the kernel clamps as the torch path does."""

@@ -48,7 +48,8 @@ def make_runner(path, backend: str, form: str = "auto", **kwargs):
     from radixserve.server_args import ServerArgs
 
     kwargs.setdefault("max_total_tokens", 2048)
-    runner = ModelRunner(ServerArgs(model_path=str(path), device="cpu", attention_backend=backend, **kwargs))
+    kwargs.setdefault("device", "cpu")
+    runner = ModelRunner(ServerArgs(model_path=str(path), attention_backend=backend, **kwargs))
     for module in runner.model.modules():
         if isinstance(module, MLAAttention):
             module.form = form
@@ -214,4 +215,31 @@ def test_cuda_fast_path_matches_generate(family, deepseek_setups):
         assert [o["output_ids"] for o in outs] == expected
         again = engine.generate(input_ids=prompts, sampling_params=GREEDY)
         assert [o["output_ids"] for o in again] == expected
+        # One request at a time: batch-1 steps, the shared experts as slots of the experts' kernels
+        alone = [engine.generate(input_ids=[p], sampling_params=GREEDY)[0]["output_ids"] for p in prompts[:2]]
+        assert alone == expected[:2]
         assert_no_leak(engine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_experts_as_slots_match_the_shared_mlp(family, deepseek_setups, monkeypatch):
+    """At one token on CUDA the shared experts run as extra slots of the
+    routed experts' kernels; the layer's output is the one with the shared
+    MLP run on its own (float32: 1e-5), and at two tokens no slots are used."""
+    from radixserve.layers.moe.layer import FusedMoE
+    from radixserve.models.deepseek_v2 import DeepseekMoE
+
+    path, _, _ = deepseek_setups(family)
+    model = make_runner(path, "triton", device="cuda", dtype="float32").model
+    moe = next(m for m in model.modules() if isinstance(m, DeepseekMoE))
+    shared = moe.shared_experts
+    one = torch.randn(1, moe.experts.w13.shape[2], device="cuda")
+    assert moe.experts.shared_slots(one, shared.gate_up_proj, shared.down_proj) is not None
+    assert moe.experts.shared_slots(one.expand(2, -1), shared.gate_up_proj, shared.down_proj) is None
+    with torch.no_grad():
+        as_slots = moe(one)
+        monkeypatch.setattr(FusedMoE, "shared_slots", lambda *args: None)
+        apart = moe(one)
+    assert rel_err(as_slots, apart) < 1e-5 and apart.norm() > 0

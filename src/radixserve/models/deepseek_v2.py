@@ -149,9 +149,11 @@ class DeepseekMoE(nn.Module):
     def forward(self, hidden: Union[torch.Tensor, DeferredNorm]) -> torch.Tensor:
         weights, ids = select_experts(self.gate(hidden), self.routing, self.gate.e_score_correction_bias)
         hidden = normed_value(hidden)
-        out = self.experts(hidden, weights, ids)
-        if self.shared_experts is not None:  # the sum in the shared down projection's kernel where it can
-            out = self.shared_experts(hidden, addend=out)
+        shared = self.shared_experts
+        slots = self.experts.shared_slots(hidden, shared.gate_up_proj, shared.down_proj) if shared is not None else None
+        out = self.experts(hidden, weights, ids, shared=slots)
+        if shared is not None and slots is None:  # the sum in the shared down projection's kernel where it can
+            out = shared(hidden, addend=out)
         return out
 
 

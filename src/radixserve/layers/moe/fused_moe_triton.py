@@ -321,6 +321,11 @@ def gated_activation(gate_up: torch.Tensor, activation: ExpertActivation) -> tor
     return out
 
 
+def few_tokens(num_tokens: int, block_scales: Optional["ExpertBlockScales"], batch_invariant: bool) -> bool:
+    """Whether fused_experts_triton takes the few-token GEMVs (few_token_experts.py)."""
+    return num_tokens <= few_token_experts.FEW_TOKENS_MAX and block_scales is None and not batch_invariant
+
+
 def fused_experts_triton(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -332,16 +337,20 @@ def fused_experts_triton(
     w2_bias: Optional[torch.Tensor] = None,
     batch_invariant: bool = False,
     block_scales: Optional["ExpertBlockScales"] = None,
+    shared: Optional[few_token_experts.SharedExperts] = None,
 ) -> torch.Tensor:
     """sum_k weight[t, k] * expert_{id[t, k]}(hidden[t]); the arguments and
     rounding of fused_experts_torch. No host sync: CUDA-graph capturable.
-    block_scales: w13 and w2 are block-FP8 (layers/moe/layer.py)."""
+    block_scales: w13 and w2 are block-FP8 (layers/moe/layer.py).
+    shared: shared experts added as extra slots (few tokens only: `few_tokens`)."""
     num_tokens, top_k = topk_ids.shape
     if num_tokens == 0:
         return torch.empty_like(hidden)
-    if num_tokens <= few_token_experts.FEW_TOKENS_MAX and block_scales is None and not batch_invariant:
+    if few_tokens(num_tokens, block_scales, batch_invariant):
         return few_token_experts.fused_experts_few_tokens(
-            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias)
+            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, shared)
+    if shared is not None:
+        raise ValueError(f"shared expert slots need the few-token kernels, not {num_tokens} tokens")
     num_experts, inter = w13.shape[0], w2.shape[2]
     config = moe_kernel_config(num_tokens, hidden.dtype, batch_invariant)
     aligned = align_pairs_by_expert(topk_ids, num_experts, config.block_m)

@@ -11,7 +11,7 @@ float32 scale per block, w13_scale [E, ceil(2I/B0), ceil(H/B1)] and w2_scale
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from radixserve.distributed import get_parallel_config, get_tp_group
 from radixserve.layers.moe.activation import ExpertActivation
 from radixserve.layers.sharding import ShardSlice, block_scale_slice, copy_checkpoint_tensor
 from radixserve.layers.moe.torch_experts import fused_experts_torch
+
+if TYPE_CHECKING:
+    from radixserve.layers.moe.few_token_experts import SharedExperts
 
 
 @dataclass(frozen=True)
@@ -43,16 +46,21 @@ def fused_experts(
     w2_bias: Optional[torch.Tensor] = None,
     batch_invariant: bool = False,
     block_scales: Optional[ExpertBlockScales] = None,
+    shared: Optional["SharedExperts"] = None,
 ) -> torch.Tensor:
     """The weighted sum of each token's chosen experts: Triton on CUDA, torch elsewhere.
     batch_invariant: a token's result does not depend on the other tokens.
-    block_scales: w13 and w2 are block-FP8 (on the CPU: dequantized for the call)."""
+    block_scales: w13 and w2 are block-FP8 (on the CPU: dequantized for the call).
+    shared: shared experts to add as extra slots of the few-token kernels (CUDA only)."""
     if hidden.is_cuda:
         from radixserve.layers.moe.fused_moe_triton import fused_experts_triton
 
         return fused_experts_triton(
-            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant, block_scales
+            hidden, w13, w2, topk_weights, topk_ids, activation, w13_bias, w2_bias, batch_invariant, block_scales,
+            shared,
         )
+    if shared is not None:
+        raise ValueError("shared expert slots run on CUDA only")
     if block_scales is not None:  # a reference, not a fast path: the CPU has no FP8 GEMM
         from radixserve.layers.block_fp8 import dequantize_block_fp8
 
@@ -115,18 +123,42 @@ class FusedMoE(nn.Module):
             return None
         return ExpertBlockScales(self.w13_scale, self.w2_scale, self.weight_block)
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                shared: Optional["SharedExperts"] = None) -> torch.Tensor:
+        """shared: from `shared_slots`, whose output is then included."""
         if self.tp_group.world_size == 1:
             return fused_experts(
                 hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias, self.w2_bias,
-                self.batch_invariant, self.block_scales(),
+                self.batch_invariant, self.block_scales(), shared,
             )
+        if shared is not None:
+            raise ValueError("shared expert slots need tensor-parallel size 1")
         topk_weights, topk_ids = self._local_choices(topk_weights, topk_ids, hidden.is_cuda)
         partial = fused_experts(
             hidden, self.w13, self.w2, topk_weights, topk_ids, self.activation, self.w13_bias,
             self.w2_bias if self.adds_down_bias else None, self.batch_invariant, self.block_scales(),
         )
         return self.tp_group.all_reduce(partial)
+
+    def shared_slots(self, hidden: torch.Tensor, gate_up: nn.Module, down: nn.Module) -> Optional["SharedExperts"]:
+        """A shared MLP (gate_up and down Linears, SiLU) as extra slots of one
+        token's expert kernels, where they apply, else None (run it on its own).
+        At one token the shared MLP was two GEMV launches and an add after the
+        experts'; as slots its weights stream in the same two launches. At
+        more tokens each token's slots would read the shared weights again,
+        so only one token, on CUDA, unquantized, at tensor-parallel size 1."""
+        if not (hidden.is_cuda and hidden.shape[0] == 1 and self.tp_group.world_size == 1):
+            return None
+        from radixserve.layers.moe.fused_moe_triton import few_tokens
+        from radixserve.layers.moe.few_token_experts import SharedExperts
+
+        plain = all(m.weight_scale is None and m.bias is None and m.lora is None and m.weight.dtype == self.w13.dtype
+                    for m in (gate_up, down))
+        inter = self.intermediate_size
+        if not (plain and few_tokens(1, self.block_scales(), self.batch_invariant) and self.w13_bias is None
+                and self.activation.kind == "silu" and down.in_features % inter == 0):
+            return None
+        return SharedExperts(gate_up.weight, down.weight)
 
     def _local_choices(self, topk_weights: torch.Tensor, topk_ids: torch.Tensor, on_cuda: bool):
         """Global expert ids -> this rank's local ids. A choice of another
