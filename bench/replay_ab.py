@@ -1,6 +1,7 @@
 """A decode step's CUDA-graph replay, an older commit against this tree, in one run (needs CUDA and git).
 
     python bench/replay_ab.py --base REV --tokenizer-dir DIR [--models a,b] [--rounds 2] [--out F.json] [key=value ...]
+    python bench/replay_ab.py --base REV --base-tree DIR ...   # DIR: `git archive REV src bench` unpacked
 
 For each round and model, `bench/profile_decode.py` runs from `git archive REV`
 and from this tree, one after the other, in fresh processes on the same GPU;
@@ -49,12 +50,14 @@ def main() -> None:
     p.add_argument("--base", required=True, help="the commit to compare this tree against")
     p.add_argument("--tokenizer-dir", required=True)
     p.add_argument("--models", default="llama8b", help="bench_shapes names, comma-separated")
+    p.add_argument("--base-tree", help="REV's src/ and bench/ exported beforehand, for a copy without git history")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", help="where to write every run as JSON")
     args, extra = p.parse_known_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {"base": export_commit(args.base, Path(tmp)), "this tree": ROOT}
+        base = Path(args.base_tree) if args.base_tree else export_commit(args.base, Path(tmp))
+        trees = {"base": base, "this tree": ROOT}
         for rnd in range(args.rounds):
             for model in args.models.split(","):
                 for label, tree in trees.items():
