@@ -145,9 +145,17 @@ def gemv_tiles(k: int, weight_bytes: int) -> GemvTiles:
     return GemvTiles(block_n=4, block_k=min(block_k, triton.next_power_of_2(k)), num_warps=8)
 
 
-def prefer_over_cublas(weight: torch.Tensor) -> bool:
-    """Whether `gemv` beats cuBLAS for one row times this (unquantized) weight."""
-    return weight.numel() * weight.element_size() < CUBLAS_FROM_BYTES and weight.is_contiguous()
+# When the product would fold its input's RMSNorm in (gemv_after_norm), the
+# norm's own kernel goes too: this kernel takes weights up to this size then
+# (Llama-8B's 50 MB q|k|v, where cuBLAS alone was about even).
+CUBLAS_FROM_BYTES_AFTER_NORM = 64 << 20
+
+
+def prefer_over_cublas(weight: torch.Tensor, after_norm: bool = False) -> bool:
+    """Whether `gemv` beats cuBLAS for one row times this (unquantized) weight;
+    after_norm: with an RMSNorm folded in, which cuBLAS would need a kernel for."""
+    limit = CUBLAS_FROM_BYTES_AFTER_NORM if after_norm else CUBLAS_FROM_BYTES
+    return weight.numel() * weight.element_size() < limit and weight.is_contiguous()
 
 
 def fuse_activation(weight: torch.Tensor) -> bool:

@@ -120,7 +120,7 @@ class Linear(nn.Module):
             if fmt.name != "fp8" and fmt.block is None:
                 return None
             return product(self.weight_scale, fmt.block)
-        if not gemv.prefer_over_cublas(self.weight):
+        if not gemv.prefer_over_cublas(self.weight, after_norm=isinstance(x, DeferredNorm)):
             return None
         return product(None)
 
