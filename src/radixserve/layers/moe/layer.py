@@ -143,8 +143,9 @@ class FusedMoE(nn.Module):
     def shared_slots(self, hidden: torch.Tensor, gate_up: nn.Module, down: nn.Module) -> Optional["SharedExperts"]:
         """A shared MLP (gate_up and down Linears, SiLU) as extra slots of one
         token's expert kernels, where they apply, else None (run it on its own).
-        At one token the shared MLP was two GEMV launches and an add after the
-        experts'; as slots its weights stream in the same two launches. At
+        On its own at one token the shared MLP is two more GEMV launches after
+        the experts' (the sum in the second); as slots its weights stream in
+        the experts' two launches. At
         more tokens each token's slots would read the shared weights again,
         so only one token, on CUDA, unquantized, at tensor-parallel size 1."""
         if not (hidden.is_cuda and hidden.shape[0] == 1 and self.tp_group.world_size == 1):
@@ -156,7 +157,8 @@ class FusedMoE(nn.Module):
                     for m in (gate_up, down))
         inter = self.intermediate_size
         if not (plain and few_tokens(1, self.block_scales(), self.batch_invariant) and self.w13_bias is None
-                and self.activation.kind == "silu" and down.in_features % inter == 0):
+                and self.activation.kind == "silu" and down.in_features % inter == 0
+                and gate_up.out_features == 2 * down.in_features):
             return None
         return SharedExperts(gate_up.weight, down.weight)
 
