@@ -98,12 +98,20 @@ def fused_small_ops() -> None:
 
 
 def kv_stores() -> None:
+    """The KV store, and the rotary kernel that writes keys and values itself
+    (q, k and v as column slices of one qkv output, as the models pass them)."""
     from radixserve.layers import fused_kernels as fk
 
     k, v = rand(2, 8, 128), rand(2, 8, 128)
+    qkv, cos_sin = rand(2, (32 + 16) * 128), torch.randn(4096, 128)
+    q, k_cols, v_cols = qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1)
     for dtype in (BF16, FP8):
         fk.store_kv(k, v, torch.arange(2), torch.zeros(SLOTS, 8, 128, dtype=dtype),
                     torch.zeros(SLOTS, 8, 128, dtype=dtype))
+        rows = fk.KVCacheRows(torch.arange(2), torch.zeros(SLOTS, 8, 128, dtype=dtype),
+                              torch.zeros(SLOTS, 8, 128, dtype=dtype))
+        fk.rotary(torch.arange(2), q, k_cols, cos_sin, 128, head_norms=(rand(128), rand(128), 1e-6),
+                  cache=(v_cols, rows))
 
 
 def mla_small_ops() -> None:

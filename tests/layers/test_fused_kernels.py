@@ -76,6 +76,35 @@ def test_rotary_on_strided_views(dtype, tol, head_norms):
         assert rel(got_q.cpu(), plain_q) > 0.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_norms", [False, True])
+def test_rotary_writes_keys_and_values_to_the_cache(dtype, head_norms):
+    """With cache rows the rotary kernel also writes the rotated keys and the
+    values (column slices of one qkv output) to the pool rows at loc: the
+    same bits as the rotation then store_kv, and the other rows untouched."""
+    head_dim, heads, kv_heads, tokens, slots = (16, 4, 2, 5, 40) if DEVICE == "cpu" else (128, 32, 8, 300, 4096)
+    g = torch.Generator().manual_seed(5)
+    rope = RotaryEmbedding(head_dim, 512, {"rope_type": "default", "rope_theta": 10000.0})
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 10).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    positions = torch.randint(0, 512, (tokens,), generator=g).to(DEVICE)
+    norms = (torch.rand(head_dim, generator=g).to(DEVICE, dtype) + 0.5,
+             torch.rand(head_dim, generator=g).to(DEVICE, dtype) + 0.5, 1e-6) if head_norms else None
+    cos_sin = rope.cos_sin_cache.to(DEVICE)
+    loc = torch.randperm(slots, generator=g)[:tokens].to(DEVICE)
+    fill = torch.randn(slots, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    rows = fk.KVCacheRows(loc, fill.clone(), fill.clone())
+    got_q, got_k = fk.rotary(positions, q, k, cos_sin, head_dim, norms, cache=(v, rows))
+    ref_q, ref_k = fk.rotary(positions, q, k, cos_sin, head_dim, norms)
+    ref_k_buf, ref_v_buf = fill.clone(), fill.clone()
+    fk.store_kv(ref_k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim), loc, ref_k_buf, ref_v_buf)
+    assert torch.equal(got_q, ref_q) and torch.equal(got_k, ref_k)
+    assert torch.equal(rows.k_buf, ref_k_buf) and torch.equal(rows.v_buf, ref_v_buf)
+    assert not torch.equal(rows.k_buf, fill) and not torch.equal(rows.v_buf, fill)
+    with pytest.raises(ValueError, match="cache rows"):
+        fk.rotary(positions, q, k, cos_sin, head_dim, norms, cache=(v[:, :head_dim], rows))
+
+
 def test_empty_batch():
     x = torch.empty(0, 64, device=DEVICE)
     assert fk.rms_norm(x, torch.ones(64, device=DEVICE), 1e-6).shape == (0, 64)

@@ -119,10 +119,10 @@ def test_mla_is_its_own_backend_interface():
         def init_forward_metadata(self, forward_batch):
             pass
 
-        def forward_extend(self, q, k, v, layer, forward_batch):
+        def forward_extend(self, q, k, v, layer, forward_batch, cached=False):
             return q
 
-        def forward_decode(self, q, k, v, layer, forward_batch):
+        def forward_decode(self, q, k, v, layer, forward_batch, cached=False):
             return q
 
     assert not isinstance(OrdinaryOnly(), MLABackend)

@@ -39,7 +39,8 @@ YARN_ROPE = dict(rope_type="yarn", rope_theta=1000000.0, factor=4.0, original_ma
 class SingleSequenceCausalAttention:
     """Test-only backend: q, k, v hold one whole sequence; causal GQA via SDPA."""
 
-    def forward(self, q, k, v, layer, forward_batch):
+    def forward(self, q, k, v, layer, forward_batch, cached=False):
+        assert not cached  # no pool here: the model must pass k and v
         t = q.shape[0]
         q = q.view(t, layer.num_heads, layer.head_dim).transpose(0, 1)
         k = k.view(t, layer.num_kv_heads, layer.head_dim).transpose(0, 1)

@@ -10,6 +10,7 @@ the input dtype before use), so both paths agree to float rounding.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -83,11 +84,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+# (loc as in _store_kv_kernel: any alignment)
+@triton.jit(do_not_specialize_on_alignment=["loc_ptr"])
 def _rotary_kernel(
     q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cos_sin_ptr, q_norm_ptr, k_norm_ptr, eps,
     q_stride, k_stride, q_head_stride, k_head_stride, num_q_heads, num_k_heads,
-    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
+    v_ptr, v_stride, v_head_stride, loc_ptr, k_buf_ptr, v_buf_ptr,
+    HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, HAS_NORM: tl.constexpr, STORE_KV: tl.constexpr,
+    LIMIT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -115,6 +119,26 @@ def _rotary_kernel(
     r1, r2 = _rotated(a, b, cos, sin, x1)
     tl.store(dst + offs, r1, mask=mask)
     tl.store(dst + half + offs, r2, mask=mask)
+    if STORE_KV:  # a key head's program also writes it, and its value head, to the cache row
+        if head >= num_q_heads:
+            kv_head = head - num_q_heads
+            row = tl.load(loc_ptr + token).to(tl.int64) * (num_k_heads * HEAD_DIM) + kv_head * HEAD_DIM
+            tl.store(k_buf_ptr + row + offs, _cache_value(r1, LIMIT, k_buf_ptr), mask=mask)
+            tl.store(k_buf_ptr + row + half + offs, _cache_value(r2, LIMIT, k_buf_ptr), mask=mask)
+            v_src = v_ptr + token * v_stride + kv_head * v_head_stride
+            v1, v2 = _rotary_pair(v_src, offs, mask, half, False)
+            tl.store(v_buf_ptr + row + offs, _cache_value(v1, LIMIT, v_buf_ptr), mask=mask)
+            tl.store(v_buf_ptr + row + half + offs, _cache_value(v2, LIMIT, v_buf_ptr), mask=mask)
+
+
+@dataclass(frozen=True)
+class KVCacheRows:
+    """Where a layer's new keys and values go: the rows `loc` [T] of its pool
+    buffers k_buf and v_buf [slots, kv_heads, head_dim] (contiguous)."""
+
+    loc: torch.Tensor
+    k_buf: torch.Tensor
+    v_buf: torch.Tensor
 
 
 @triton.jit
@@ -149,26 +173,36 @@ def _rotary_pair(src, offs, mask, half, INTERLEAVED: tl.constexpr):
 def rotary(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor, head_dim: int,
     head_norms: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None,
+    cache: Optional[Tuple[torch.Tensor, KVCacheRows]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Neox-style rotation of q [T, H*D] and k [T, KH*D] by the float32 table
     cos_sin [max_pos, D] = [cos | sin]; q and k may also be [T, H, D] and
     [T, KH, D] (or [T, D]), any view whose last axis is contiguous. Returns
     contiguous [T, H*D] and [T, KH*D]. head_norms (q weight [D], k weight [D],
     eps): each head RMS-normalised first, in the same kernel (Qwen3's q/k norms:
-    two kernels and two copies fewer). DeepSeek's interleaved rope is
-    mla_latent_kv's."""
+    two kernels and two copies fewer). cache (v [T, KH*D] or [T, KH, D], rows):
+    the rotated keys and v also written to the cache rows, as store_kv would
+    (one kernel fewer a layer). DeepSeek's interleaved rope is mla_latent_kv's."""
     tokens = q.shape[0]
     num_q, num_k = _heads(q, head_dim), _heads(k, head_dim)
     q_out = torch.empty((tokens, num_q * head_dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((tokens, num_k * head_dim), dtype=k.dtype, device=k.device)
     q_weight, k_weight, eps = head_norms if head_norms is not None else (cos_sin, cos_sin, 0.0)
+    v, rows = cache if cache is not None else (k, KVCacheRows(positions, k_out, k_out))  # unread without a cache
+    if cache is not None and (_heads(v, head_dim) != num_k or v.stride(-1) != 1
+                              or rows.k_buf.shape[1:] != (num_k, head_dim) or not rows.k_buf.is_contiguous()
+                              or rows.v_buf.shape != rows.k_buf.shape or not rows.v_buf.is_contiguous()):
+        raise ValueError(f"rotary's cache rows take v of {num_k} heads of {head_dim} and [slots, {num_k}, "
+                         f"{head_dim}] buffers, not {tuple(v.shape)} and {tuple(rows.k_buf.shape)}")
+    limit = torch.finfo(rows.k_buf.dtype).max if rows.k_buf.dtype in FP8_DTYPES else 0.0
     if tokens:
         pdl = use_pdl(q.device)
         _rotary_kernel[(tokens, num_q + num_k)](
             q, k, q_out, k_out, positions, cos_sin, q_weight, k_weight, eps,
             q.stride(0), k.stride(0), _head_stride(q, head_dim), _head_stride(k, head_dim), num_q, num_k,
+            v, v.stride(0), _head_stride(v, head_dim), rows.loc, rows.k_buf, rows.v_buf,
             HEAD_DIM=head_dim, HALF_BLOCK=triton.next_power_of_2(head_dim // 2), HAS_NORM=head_norms is not None,
-            USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
+            STORE_KV=cache is not None, LIMIT=limit, USE_PDL=pdl, num_warps=1, launch_pdl=pdl,
         )
     return q_out, k_out
 

@@ -9,12 +9,15 @@ state, so batching and prefix caching never touch it.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from radixserve.layers import cpu_kernels
+
+if TYPE_CHECKING:
+    from radixserve.layers.fused_kernels import KVCacheRows
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -154,6 +157,22 @@ class RotaryEmbedding(nn.Module):
         if qk is not None:  # q | k columns of one q|k|v output: rotated in one pass
             return self._rotate(qk, cos, sin).split([q.shape[-1], k.shape[-1]], dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def rotate_into_cache(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: Optional[nn.Module],
+        k_norm: Optional[nn.Module], v: torch.Tensor, rows: "KVCacheRows",
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """forward's result, with the rotated keys and v also written to the
+        layer's cache rows in the same kernel (CUDA; then the attention backend
+        must not store them again: `cached=True`). None where it cannot (off
+        CUDA, multimodal positions): rotate with forward instead."""
+        if not (q.is_cuda and positions.dim() == 1 and q.stride(-1) == 1 and k.stride(-1) == 1
+                and v.stride(-1) == 1):
+            return None
+        from radixserve.layers.fused_kernels import rotary
+
+        norms = None if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        return rotary(positions, q, k, self.cos_sin_cache, self.head_dim, norms, cache=(v, rows))
 
     def forward_interleaved(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,

@@ -75,15 +75,15 @@ class LlamaAttention(nn.Module):
             sinks=head_sharded_parameter(heads) if opts.attn_sinks else None,
         )
 
-    def qkv(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm]) -> Tuple[torch.Tensor, ...]:
-        """q, k (normed where the family norms them, rotated) and v."""
-        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
-        q, k = self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
-        return q, k, v
-
     def forward(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm],
                 forward_batch: Any) -> torch.Tensor:
-        return self.o_proj(self.attn(*self.qkv(positions, hidden), forward_batch))
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
+        # q and k normed where the family norms them, then rotated; on CUDA the
+        # rotary kernel also writes k and v to the cache (the backend then does not)
+        rows = self.attn.cache_rows(forward_batch)
+        rotated = rows and self.rotary_emb.rotate_into_cache(positions, q, k, self.q_norm, self.k_norm, v, rows)
+        q, k = rotated or self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
+        return self.o_proj(self.attn(q, k, v, forward_batch, cached=rotated is not None))
 
 
 class LlamaMLP(nn.Module):

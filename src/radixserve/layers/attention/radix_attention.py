@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from radixserve.layers.fused_kernels import KVCacheRows
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
@@ -33,7 +34,22 @@ class RadixAttention(nn.Module):
         self.sinks = sinks
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch: "ForwardBatch"
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, forward_batch: "ForwardBatch",
+        cached: bool = False,
     ) -> torch.Tensor:
-        """q: [T, num_heads*head_dim], k/v: [T, num_kv_heads*head_dim] -> [T, num_heads*head_dim]."""
-        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch)
+        """q: [T, num_heads*head_dim], k/v: [T, num_kv_heads*head_dim] -> [T, num_heads*head_dim].
+        cached: k and v are in this layer's cache rows already (`cache_rows`)."""
+        return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, cached)
+
+    def cache_rows(self, forward_batch: "ForwardBatch") -> Optional["KVCacheRows"]:
+        """Where this layer's new keys and values go, for a kernel before
+        attention that writes them itself (rotary's on CUDA); None where the
+        backend must store them (off CUDA, or a pool other than KVPool's)."""
+        from radixserve.mem_cache.allocator import KVPool
+
+        pool = getattr(forward_batch, "kv_pool", None)
+        if not isinstance(pool, KVPool) or not pool.k_buffers[self.layer_id].is_cuda:
+            return None
+        from radixserve.layers.fused_kernels import KVCacheRows  # Triton: imported where it runs
+
+        return KVCacheRows(forward_batch.out_cache_loc, pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id])

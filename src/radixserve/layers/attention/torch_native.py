@@ -83,7 +83,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
         fb.attn_metadata = TorchAttnMetadata(kv_indices, valid, _slot_runs(kv_indices, fb), unpadded,
                                              None if self.deterministic else _short_extend_rows(kv_indices, fb))
 
-    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch", cached: bool = False):
         fb = forward_batch
         short_rows = fb.attn_metadata.short_extend_rows
         if short_rows is not None and layer.sinks is None:
@@ -96,7 +96,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
                 slots, seq_lens = short_rows
                 return cpu_kernels.decode_attention(q, k_buf, v_buf, slots, seq_lens, layer.num_kv_heads,
                                                     layer.scaling, layer.sliding_window, (fb.out_cache_loc, k, v))
-        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
+        if not cached:
+            fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         k_buf = fb.kv_pool.k_buffers[layer.layer_id]
         v_buf = fb.kv_pool.v_buffers[layer.layer_id]
         kv_indices = fb.attn_metadata.kv_indices
@@ -156,7 +157,7 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             start += extend
         return out.flatten(1)
 
-    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch", cached: bool = False):
         fb = forward_batch
         meta: TorchAttnMetadata = fb.attn_metadata
         kv_indices, valid = meta.kv_indices, meta.valid
@@ -167,7 +168,8 @@ class TorchNativeAttnBackend(AttentionBackend, MLABackend):
             # request's keys where they lie in the pool: no gather, no padding, no mask.
             return cpu_kernels.decode_attention(q, k_buf, v_buf, kv_indices, fb.seq_lens, layer.num_kv_heads,
                                                 layer.scaling, layer.sliding_window, (fb.out_cache_loc, k, v))
-        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
+        if not cached:
+            fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, _heads(k, layer), _heads(v, layer))
         if self.deterministic:
             positions = [range(n - 1, n) for n in fb.seq_lens_cpu]
             return self._blocked(_heads(q, layer, layer.num_heads), positions, kv_indices, layer, fb)

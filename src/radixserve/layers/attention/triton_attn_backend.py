@@ -65,9 +65,9 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         else:
             fb.attn_metadata = max(fb.extend_seq_lens_cpu, default=0)
 
-    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+    def forward_extend(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch", cached: bool = False):
         fb = forward_batch
-        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        k_buf, v_buf = self._store_kv(k, v, layer, fb, cached)
         out = torch.empty_like(q)
         extend_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices,
@@ -77,9 +77,9 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         )
         return out
 
-    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+    def forward_decode(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch", cached: bool = False):
         fb = forward_batch
-        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        k_buf, v_buf = self._store_kv(k, v, layer, fb, cached)
         out = torch.empty_like(q)
         decode_attention(
             q, k_buf, v_buf, out, fb.req_to_token_pool.req_to_token, fb.req_pool_indices, fb.seq_lens,
@@ -89,11 +89,11 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         )
         return out
 
-    def forward_mixed(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch"):
+    def forward_mixed(self, q, k, v, layer: "RadixAttention", forward_batch: "ForwardBatch", cached: bool = False):
         """The decode rows through the split-KV decode kernel: the extend kernel
         would run a whole query tile over each one's context for one query."""
         fb, meta, n = forward_batch, forward_batch.attn_metadata, forward_batch.num_decode_rows
-        k_buf, v_buf = self._store_kv(k, v, layer, fb)
+        k_buf, v_buf = self._store_kv(k, v, layer, fb, cached)
         table = fb.req_to_token_pool.req_to_token
         out = torch.empty_like(q)
         decode_attention(
@@ -108,9 +108,11 @@ class TritonAttnBackend(AttentionBackend, MLABackend):
         return out
 
     @staticmethod
-    def _store_kv(k, v, layer: "RadixAttention", fb: "ForwardBatch"):
-        shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
-        fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k.view(shape), v.view(shape))
+    def _store_kv(k, v, layer: "RadixAttention", fb: "ForwardBatch", cached: bool):
+        """The layer's K and V buffers, k and v stored in them first unless `cached`."""
+        if not cached:
+            shape = (k.shape[0], layer.num_kv_heads, layer.head_dim)
+            fb.kv_pool.set_kv(layer.layer_id, fb.out_cache_loc, k.view(shape), v.view(shape))
         return fb.kv_pool.k_buffers[layer.layer_id], fb.kv_pool.v_buffers[layer.layer_id]
 
     # ---- MLA (DeepSeek): kernels in mla_triton.py ----
