@@ -75,6 +75,12 @@ class LlamaAttention(nn.Module):
             sinks=head_sharded_parameter(heads) if opts.attn_sinks else None,
         )
 
+    def qkv(self, positions: torch.Tensor, hidden: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """q, k (normed where the family norms them, rotated) and v, with no
+        cache: EAGLE's training (llama_eagle3.unrolled_step_attention) reads them."""
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
+        return (*self.rotary_emb(positions, q, k, self.q_norm, self.k_norm), v)
+
     def forward(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm],
                 forward_batch: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
