@@ -84,12 +84,8 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: Union[torch.Tensor, DeferredNorm],
                 forward_batch: Any) -> torch.Tensor:
         q, k, v = self.qkv_proj.split_output(self.qkv_proj(hidden))
-        # q and k normed where the family norms them, then rotated; on CUDA the
-        # rotary kernel also writes k and v to the cache (the backend then does not)
-        rows = self.attn.cache_rows(forward_batch)
-        rotated = rows and self.rotary_emb.rotate_into_cache(positions, q, k, self.q_norm, self.k_norm, v, rows)
-        q, k = rotated or self.rotary_emb(positions, q, k, self.q_norm, self.k_norm)
-        return self.o_proj(self.attn(q, k, v, forward_batch, cached=rotated is not None))
+        out = self.attn.rotate_and_attend(self.rotary_emb, positions, q, k, v, forward_batch, self.q_norm, self.k_norm)
+        return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):

@@ -50,7 +50,8 @@ class Eagle3Attention(nn.Module):
         return q, k, v
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, forward_batch: Any) -> torch.Tensor:
-        return self.o_proj(self.attn(*self.qkv(positions, x), forward_batch))
+        q, k, v = self.qkv_proj.split_output(self.qkv_proj(x))
+        return self.o_proj(self.attn.rotate_and_attend(self.rotary_emb, positions, q, k, v, forward_batch))
 
 
 class Eagle3Layer(nn.Module):

@@ -9,6 +9,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from radixserve.layers.fused_kernels import KVCacheRows
+    from radixserve.layers.rotary import RotaryEmbedding
     from radixserve.model_executor.forward_batch import ForwardBatch
 
 
@@ -40,6 +41,19 @@ class RadixAttention(nn.Module):
         """q: [T, num_heads*head_dim], k/v: [T, num_kv_heads*head_dim] -> [T, num_heads*head_dim].
         cached: k and v are in this layer's cache rows already (`cache_rows`)."""
         return forward_batch.attn_backend.forward(q, k, v, self, forward_batch, cached)
+
+    def rotate_and_attend(
+        self, rotary: "RotaryEmbedding", positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+        v: torch.Tensor, forward_batch: "ForwardBatch", q_norm: Optional[nn.Module] = None,
+        k_norm: Optional[nn.Module] = None,
+    ) -> torch.Tensor:
+        """forward of q and k rotated by `rotary` (each head normed first by
+        q_norm/k_norm where given). On CUDA the rotary kernel also writes k and
+        v to this layer's cache rows, and the backend stores nothing."""
+        rows = self.cache_rows(forward_batch)
+        rotated = rows and rotary.rotate_into_cache(positions, q, k, q_norm, k_norm, v, rows)
+        q, k = rotated or rotary(positions, q, k, q_norm, k_norm)
+        return self.forward(q, k, v, forward_batch, cached=rotated is not None)
 
     def cache_rows(self, forward_batch: "ForwardBatch") -> Optional["KVCacheRows"]:
         """Where this layer's new keys and values go, for a kernel before

@@ -177,8 +177,8 @@ class SharedExperts:
         shared intermediate size is not a multiple of it."""
         shared_inter = self.down.shape[1]
         if shared_inter % inter or self.gate_up.shape[0] != 2 * shared_inter:
-            raise ValueError(f"shared experts of intermediate size {shared_inter} (gate|up {tuple(self.gate_up.shape)}) "
-                             f"are not whole experts of intermediate size {inter}")
+            raise ValueError(f"shared experts of intermediate size {shared_inter} (gate|up "
+                             f"{tuple(self.gate_up.shape)}) are not whole experts of intermediate size {inter}")
         return shared_inter // inter
 
 
