@@ -145,9 +145,9 @@ class FusedMoE(nn.Module):
         token's expert kernels, where they apply, else None (run it on its own).
         On its own at one token the shared MLP is two more GEMV launches after
         the experts' (the sum in the second); as slots its weights stream in
-        the experts' two launches. At
-        more tokens each token's slots would read the shared weights again,
-        so only one token, on CUDA, unquantized, at tensor-parallel size 1."""
+        the experts' two launches. At more tokens each token's slots would
+        read the shared weights again, so only one token, on CUDA,
+        unquantized, at tensor-parallel size 1."""
         if not (hidden.is_cuda and hidden.shape[0] == 1 and self.tp_group.world_size == 1):
             return None
         from radixserve.layers.moe.fused_moe_triton import few_tokens
