@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from radixserve.mem_cache.allocator import KVPool
+
 if TYPE_CHECKING:
     from radixserve.layers.fused_kernels import KVCacheRows
     from radixserve.layers.rotary import RotaryEmbedding
@@ -59,8 +61,6 @@ class RadixAttention(nn.Module):
         """Where this layer's new keys and values go, for a kernel before
         attention that writes them itself (rotary's on CUDA); None where the
         backend must store them (off CUDA, or a pool other than KVPool's)."""
-        from radixserve.mem_cache.allocator import KVPool
-
         pool = getattr(forward_batch, "kv_pool", None)
         if not isinstance(pool, KVPool) or not pool.k_buffers[self.layer_id].is_cuda:
             return None
