@@ -433,6 +433,29 @@ def int8_on_avx512(w: torch.Tensor, group: int):
     return lambda x: cpu_kernels.int8_linear_avx512(x, packed, scale), lambda rows: exact
 
 
+vnni_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.avx512_vnni_available()),
+                               reason="the int8 x 16-bit kernel needs AVX-512 VNNI and BF16")
+
+
+def int8_on_vnni(w: torch.Tensor, group: int):
+    """The VNNI kernel's product, and the weight's values in float64."""
+    from radixserve.layers.quantization import quantize_per_row
+
+    q, scale = quantize_per_row(w, torch.int8)
+    packed, scale = cpu_kernels.pack_int8_for_vnni(q), scale.view(-1)
+    return lambda x: cpu_kernels.int8_linear_vnni(x, packed, scale), lambda rows: int8_packed(w)[2]
+
+
+def fixed_point_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[rows, out]: what the VNNI kernel's 16-bit fixed point of x may add to
+    x @ weight.T: half a step 2^(e - 14) a value, e the power of two of its
+    block's largest (32 values), times the weight's magnitudes."""
+    rows, k = x.shape
+    largest = x.double().view(rows, k // 32, 32).abs().amax(-1)
+    step = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 15)
+    return (step / 2) @ weight.abs().view(weight.shape[0], k // 32, 32).sum(-1).T
+
+
 @avx512_only
 @pytest.mark.parametrize("fmt", [int4_on_avx512, int8_on_avx512])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17])
@@ -445,7 +468,8 @@ def test_avx512_linear_against_the_dequantized_weight(fmt, rows, out_features, i
 
 
 @avx512_only
-@pytest.mark.parametrize("fmt,group", [(int4_on_avx512, 32), (int4_on_avx512, 64), (int8_on_avx512, 32)])
+@pytest.mark.parametrize("fmt,group", [(int4_on_avx512, 32), (int4_on_avx512, 64), (int8_on_avx512, 32),
+                                       pytest.param(int8_on_vnni, 32, marks=vnni_only)])
 def test_avx512_rows_do_not_depend_on_each_other(fmt, group):
     """Each row's product is the same bits alone as beside others, whatever its
     place in a tile of 4: a batch-1 decode and a speculative verify of its drafts
@@ -473,5 +497,34 @@ def test_quantized_linears_take_the_avx512_kernels_without_amx(monkeypatch):
     assert torch.equal(qz.int8_weight_only_linear(x, q, scale, None), torch_kernel)
     with cpu_quantized_paths.decode_step():
         in_decode = qz.int8_weight_only_linear(x, q, scale, None)
-    assert torch.equal(in_decode, cpu_kernels.int8_linear_avx512(x, cpu_kernels.pack_int8_for_amx(q), scale))
+    if cpu_kernels.avx512_vnni_available():  # int8 products where the CPU has them
+        assert torch.equal(in_decode, cpu_kernels.int8_linear_vnni(x, cpu_kernels.pack_int8_for_vnni(q), scale))
+    else:
+        assert torch.equal(in_decode, cpu_kernels.int8_linear_avx512(x, cpu_kernels.pack_int8_for_amx(q), scale))
     assert not torch.equal(in_decode, torch_kernel)  # another kernel, another rounding: the test sees which ran
+
+
+@vnni_only
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("outlier", [None, 1e4])
+def test_vnni_linear_within_its_fixed_point_step(rows, outlier):
+    """The VNNI kernel (int8 weight, rows in 16-bit fixed point) against float64
+    over the weight's values: within the fixed point's half step a value plus
+    the output's bfloat16 rounding, also with an outlier 10^4 times the rest in
+    a block (as activations have), where 8-bit rows (a step of 1e4 / 127) would
+    be 2^7 times further off; rows in one, two and three tiles of 4, x a view
+    with a row stride of its own, 3 blocks of 32 columns to a thread."""
+    from radixserve.layers.quantization import per_row_dequantized, quantize_per_row
+
+    g = torch.Generator().manual_seed(rows)
+    q, scale = quantize_per_row(torch.randn(192, 128, generator=g), torch.int8)
+    scale = scale.view(-1)
+    x = torch.randn(rows, 128 + 32, generator=g)
+    if outlier is not None:
+        x[:, 7] = outlier
+    x = x.to(torch.bfloat16)[:, :128]
+    out = cpu_kernels.int8_linear_vnni(x, cpu_kernels.pack_int8_for_vnni(q), scale).double()
+    weight = per_row_dequantized(q, scale).double()
+    exact = x.double() @ weight.T
+    assert ((out - exact).abs() <= fixed_point_bound(x, weight) + exact.abs() * 2.0 ** -8).all()

@@ -41,6 +41,8 @@ int radixserve_int4_linear_avx512(const uint16_t* x, int64_t x_stride, const uin
                                   int64_t group);
 int radixserve_int8_linear_avx512(const uint16_t* x, int64_t x_stride, const int8_t* packed, const float* scales,
                                   uint16_t* out, int64_t rows, int64_t n, int64_t k);
+int radixserve_int8_linear_vnni(const uint16_t* x, int64_t x_stride, const uint8_t* packed, const float* scales,
+                                uint16_t* out, int64_t rows, int64_t n, int64_t k);
 }
 
 namespace {
@@ -100,14 +102,18 @@ int linear(const Int4Weight& w, const uint16_t* x, uint16_t* out, int64_t rows) 
   return radixserve_int4_linear_avx512(x, w.k, w.packed, w.scales_zeros, out, rows, w.n, w.k, w.group);
 }
 
-// An int8 weight [n, k] in the AMX kernel's layout, float32 scales [n].
+// An int8 weight [n, k] in the AMX kernel's layout, or where `vnni` is 1 in
+// the VNNI kernel's (a CPU without AMX that has VNNI), float32 scales [n].
 struct Int8Weight {
   const int8_t* packed;
   const float* scales;
-  int64_t n, k;
+  int64_t n, k, vnni;
 };
 
 int linear(const Int8Weight& w, const uint16_t* x, int64_t x_stride, uint16_t* out, int64_t rows) {
+  if (w.vnni)
+    return radixserve_int8_linear_vnni(x, x_stride, reinterpret_cast<const uint8_t*>(w.packed), w.scales, out, rows,
+                                       w.n, w.k);
   if (radixserve_int8_linear_amx(x, x_stride, w.packed, w.scales, out, rows, w.n, w.k) == 0) return 0;
   return radixserve_int8_linear_avx512(x, x_stride, w.packed, w.scales, out, rows, w.n, w.k);
 }

