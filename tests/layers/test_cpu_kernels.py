@@ -528,3 +528,19 @@ def test_vnni_linear_within_its_fixed_point_step(rows, outlier):
     weight = per_row_dequantized(q, scale).double()
     exact = x.double() @ weight.T
     assert ((out - exact).abs() <= fixed_point_bound(x, weight) + exact.abs() * 2.0 ** -8).all()
+
+
+@vnni_only
+@torch.inference_mode()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_vnni_linear_keeps_a_bad_value_in_its_own_row(bad):
+    """A NaN or inf input value makes its row's outputs NaN (as float arithmetic
+    would, not finite garbage from the fixed point), and no other row's."""
+    q = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    scale = torch.rand(64) + 0.5
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    clean = cpu_kernels.int8_linear_vnni(x, cpu_kernels.pack_int8_for_vnni(q), scale)
+    x[1, 40] = bad
+    out = cpu_kernels.int8_linear_vnni(x, cpu_kernels.pack_int8_for_vnni(q), scale)
+    assert out[1].isnan().all()
+    assert torch.equal(out[[0, 2]], clean[[0, 2]])

@@ -35,6 +35,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -270,10 +271,12 @@ void fixed_point_row(const uint16_t* x, int64_t m, const FixedPointRows& rows) {
     const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
     uint32_t bits;
     memcpy(&bits, &top, 4);
-    const int exponent = static_cast<int>(bits >> 23) - 127;  // top in [2^e, 2^(e + 1)); NaN (as max) too
+    const int exponent = static_cast<int>(bits >> 23) - 127;  // top in [2^e, 2^(e + 1))
+    // (max drops a NaN operand, so NaNs are looked for apart)
+    const bool nan = (_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q)) != 0;
     float to_fixed = 0.0f, scale = 0.0f;  // a block of zeros, or of values below 2^-112: zeros
-    if (exponent > 127) {
-      scale = top;  // inf or NaN: the outputs become NaN, as the bfloat16 kernel's would
+    if (nan || exponent > 127) {
+      scale = std::numeric_limits<float>::quiet_NaN();  // NaN or inf in: the row's outputs NaN
     } else if (exponent >= -112) {
       to_fixed = power_of_two(14 - exponent);  // |v| <= (2 - 2^-7) * 2^14 < 2^15
       scale = power_of_two(exponent - 14);
