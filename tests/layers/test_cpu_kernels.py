@@ -439,11 +439,12 @@ vnni_only = pytest.mark.skipif(not (cpu_kernels.available() and cpu_kernels.avx5
 
 def int8_on_vnni(w: torch.Tensor, group: int):
     """The VNNI kernel's product, and the weight's values in float64."""
-    from radixserve.layers.quantization import quantize_per_row
+    from radixserve.layers.quantization import per_row_dequantized, quantize_per_row
 
     q, scale = quantize_per_row(w, torch.int8)
     packed, scale = cpu_kernels.pack_int8_for_vnni(q), scale.view(-1)
-    return lambda x: cpu_kernels.int8_linear_vnni(x, packed, scale), lambda rows: int8_packed(w)[2]
+    exact = per_row_dequantized(q, scale).double()
+    return lambda x: cpu_kernels.int8_linear_vnni(x, packed, scale), lambda rows: exact
 
 
 def fixed_point_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

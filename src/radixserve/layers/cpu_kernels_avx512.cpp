@@ -10,8 +10,9 @@
 // weight is widened once to bfloat16 and multiplied into up to four rows, two
 // values of it per lane and instruction: 44 and 70-99 us; 0.8 and 1.4 ms. The
 // kernels are bound by their instructions (the widening, the broadcast input
-// pairs, the dot products), not by memory; only an int8 product (the rows
-// quantized too) would take fewer.
+// pairs, the dot products), not by memory. For int8 weights the widening is
+// most of them: int8_linear_vnni (below) multiplies bytes as stored, the rows
+// in 16-bit fixed point, where the CPU has AVX-512 VNNI.
 //
 // The weights are in the AMX kernels' packed layouts (cpu_kernels_amx.cpp
 // describes them): a B tile row, 32 bfloat16 = 16 columns x a pair of input
