@@ -87,20 +87,19 @@ def profile_prefill(runner, fb, batch_size: int, context: int) -> None:
     Path(sys.argv[1]).write_text(json.dumps(res, indent=1) + "\n" + table)
 
 
-def main() -> None:
-    name = sys.argv[3] if len(sys.argv) > 3 else "llama8b"
-    extra = dict(arg.split("=", 1) for arg in sys.argv[4:])
-    batch_size, context = int(extra.pop("batch", 1)), int(extra.pop("context", 256))
-    prefill = extra.pop("prefill", "0") == "1"
+def decode_setup(name: str, tokenizer_dir: str, extra: dict, batch_size: int, context: int):
+    """A ModelRunner of bench_shapes model `name` (dummy weights; `extra`:
+    ServerArgs fields) and a ScheduleBatch of batch_size requests of `context`
+    prompt tokens each, prepared for their prefill."""
     d = Path(f"/tmp/profile_{name}")
     d.mkdir(exist_ok=True)
     model_config(name, smoke=False).save_pretrained(d)
-    for f in Path(sys.argv[2]).iterdir():
+    for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, d / f.name)
     tokens = batch_size * (context + 8)
-    runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16",
-                                    max_total_tokens=max(tokens, 1 << 14), max_running_requests=max(batch_size, 8),
-                                    cuda_graph_max_bs=max(batch_size, 8), **extra))
+    args = {"max_total_tokens": max(tokens, 1 << 14), "max_running_requests": max(batch_size, 8),
+            "cuda_graph_max_bs": max(batch_size, 8), **extra}
+    runner = ModelRunner(ServerArgs(model_path=str(d), load_format="dummy", dtype="bfloat16", **args))
     sp = SamplingParams.from_dict({"max_new_tokens": 2})
     sp.normalize()
     reqs = [Req(TokenizedGenerateReqInput(rid=str(i), input_ids=[100 + (i + j) % 1000 for j in range(context)],
@@ -110,14 +109,28 @@ def main() -> None:
         adder.add(req)
     batch = ScheduleBatch(reqs, runner.pools, runner.device)
     batch.prepare_for_extend(adder.plans)
-    if prefill:
-        profile_prefill(runner, batch.to_forward_batch(), batch_size, context)
-        return
+    return runner, batch
+
+
+def decode_step(runner, batch):
+    """The batch's prefill run, then its first decode step's ForwardBatch."""
     out = runner.forward(batch.to_forward_batch())
     batch.last_token_ids = out.next_token_logits.argmax(-1)
     batch.prepare_for_decode()
+    return batch.to_forward_batch()
+
+
+def main() -> None:
+    name = sys.argv[3] if len(sys.argv) > 3 else "llama8b"
+    extra = dict(arg.split("=", 1) for arg in sys.argv[4:])
+    batch_size, context = int(extra.pop("batch", 1)), int(extra.pop("context", 256))
+    prefill = extra.pop("prefill", "0") == "1"
+    runner, batch = decode_setup(name, sys.argv[2], extra, batch_size, context)
+    if prefill:
+        profile_prefill(runner, batch.to_forward_batch(), batch_size, context)
+        return
+    fb = decode_step(runner, batch)
     res = {"batch": batch_size, "context": context}
-    fb = batch.to_forward_batch()
     res["graph_replay_ms"] = cuda_ms(lambda: runner.graph_runners[0].replay(fb))
     fb.attn_backend = runner.attn_backend
     runner.attn_backend.init_forward_metadata(fb)
