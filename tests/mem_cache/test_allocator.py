@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,3 +66,14 @@ def test_cpu_hands_freed_pages_out_first():
     assert torch.equal(alloc.alloc_extend([0], [4], [0]), torch.arange(4, 8))  # page 1 again
     assert torch.equal(alloc.alloc_decode(torch.tensor([0]), torch.tensor([0])), torch.tensor([8]))  # page 2
     assert torch.equal(alloc.alloc_decode(torch.tensor([0]), torch.tensor([0])), torch.tensor([20]))  # then page 5
+
+
+def test_cpu_refuses_a_page_freed_twice():
+    """The CPU's free pages are a stack as deep as the pool: freeing a page
+    that is already free would hand it to two requests later, so it raises."""
+    alloc = TokenAllocator(16, 4, torch.device("cpu"))
+    slots = alloc.alloc_extend([0], [16], [0])
+    alloc.free(slots)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        alloc.free(slots[:4])
+    assert alloc.available_size() == alloc.total_tokens
