@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -42,7 +43,8 @@ def parse(spec: str) -> GemvTiles:
     return GemvTiles(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
 
 
-def use_tiles(weight_bytes: int, large_k: int, small: GemvTiles = None, large: GemvTiles = None) -> None:
+def use_tiles(weight_bytes: int, large_k: int, small: Optional[GemvTiles] = None,
+              large: Optional[GemvTiles] = None) -> None:
     """gemv_tiles answering `small`/`large` for weights of weight_bytes (None: the default)."""
     def tiles(k: int, wb: int) -> GemvTiles:
         pick = (large if k >= large_k else small) if wb == weight_bytes else None
