@@ -120,12 +120,14 @@ class TokenAllocator:
             return self._stack[:self._num_free].flip(0)
         return self._queue
 
+    def _num_free_pages(self) -> int:
+        return self._num_free if self.device.type == "cpu" else len(self._queue)
+
     def available_size(self) -> int:
-        free = self._num_free if self.device.type == "cpu" else len(self._queue)
-        return free * self.page_size
+        return self._num_free_pages() * self.page_size
 
     def _take_pages(self, n: int) -> Optional[torch.Tensor]:
-        if n * self.page_size > self.available_size():
+        if n > self._num_free_pages():
             return None
         if self.device.type == "cpu":
             self._num_free -= n
