@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from radixserve.layers import cpu_kernels
+from radixserve.layers.cpu_gemm_rows import pad_rows, takes_bucketed_rows
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 # From this many rows on (a prefill) the int8 and int4 kernels, made for a few
@@ -181,6 +182,11 @@ def prefill_gemm(rows: torch.Tensor, weight: torch.Tensor, dequantize: Callable[
             dense = torch.ops.mkldnn._reorder_linear_weight(dense, ONEDNN_PACK_ROWS)
             dense.onednn_packed = True
         weight.dense_copy = dense
+    count, operand = rows.shape[0], rows.to(dtype)
+    if takes_bucketed_rows(operand):
+        operand = pad_rows(operand)  # (cpu_gemm_rows.py: one oneDNN kernel per bucket, not per prompt length)
     if dense.__dict__.get("onednn_packed"):
-        return torch.ops.mkldnn._linear_pointwise(rows.to(dtype), dense, None, "none", [], "").to(rows.dtype)
-    return torch.nn.functional.linear(rows.to(dtype), dense).to(rows.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(operand, dense, None, "none", [], "")
+    else:
+        out = torch.nn.functional.linear(operand, dense)
+    return out[:count].to(rows.dtype)

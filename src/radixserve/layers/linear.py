@@ -19,6 +19,7 @@ from torch import nn
 from radixserve.distributed import get_tp_group
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.batch_invariant import invariant_linear
+from radixserve.layers.cpu_gemm_rows import cpu_bf16_linear, takes_bucketed_rows
 from radixserve.layers.layernorm import DeferredNorm
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, block_scale_slice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
@@ -93,7 +94,11 @@ class Linear(nn.Module):
         if self.batch_invariant:
             return invariant_linear(x, self.weight, bias)
         out = self._gemv(x, bias)
-        return out if out is not None else torch.nn.functional.linear(x, self.weight, bias)
+        if out is not None:
+            return out
+        if takes_bucketed_rows(x):
+            return cpu_bf16_linear(x, self.weight, bias)
+        return torch.nn.functional.linear(x, self.weight, bias)
 
     def _gemv(self, x: Union[torch.Tensor, DeferredNorm], bias: Optional[torch.Tensor],
               silu_gated: bool = False) -> Optional[torch.Tensor]:
