@@ -99,3 +99,13 @@ def test_framework_answers_in_our_error_format(server):
         assert path in r.json()["error"]["message"]
     metrics = httpx.get(f"{base}/metrics", headers=USER)
     assert metrics.status_code == 404 and "--enable-metrics" in metrics.json()["error"]["message"]
+
+
+def test_every_route_has_its_own_operation_id(server):
+    """OpenAPI clients name a method per operation id: a route that takes GET
+    and POST must not give both the same one (/flush_cache, /get_weights_by_name)."""
+    spec = httpx.get(f"{server.base}/openapi.json", headers=USER).json()
+    ids = [op["operationId"] for ops in spec["paths"].values() for op in ops.values()]
+    assert len(ids) == len(set(ids))
+    for path in ("/flush_cache", "/get_weights_by_name"):
+        assert set(spec["paths"][path]) == {"get", "post"}

@@ -215,7 +215,8 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
     async def get_load() -> list:
         return worker_info.load_records(await state.tm.get_server_info())
 
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @app.get("/flush_cache")
+    @app.post("/flush_cache")
     async def flush_cache(request: Request) -> JSONResponse:
         # ?flush_storage=true also empties the hierarchical cache's storage tier
         flush_storage = request.query_params.get("flush_storage", "").lower() in ("1", "true")
@@ -288,7 +289,8 @@ def create_app(state: ServerState, warmup: Optional[Callable[[], Awaitable[None]
         await state.tm.continue_generation()
         return {"success": True}
 
-    @app.api_route("/get_weights_by_name", methods=["GET", "POST"])
+    @app.get("/get_weights_by_name")
+    @app.post("/get_weights_by_name")
     async def get_weights_by_name(request: Request) -> list:
         body = await json_object(request) if request.method == "POST" else dict(request.query_params)
         name = body.get("name")
