@@ -34,7 +34,7 @@ def bucketed_row_count(count: int) -> int:
 
 
 def pad_rows(rows: torch.Tensor) -> torch.Tensor:
-    """rows [n, k] with zero rows appended up to n's bucket (rows itself when n is one)."""
+    """rows [n, k] with zero rows appended up to n's bucket (rows itself when n is a bucket)."""
     padding = bucketed_row_count(rows.shape[0]) - rows.shape[0]
     return F.pad(rows, (0, 0, 0, padding)) if padding else rows
 
