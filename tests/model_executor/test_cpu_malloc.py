@@ -55,3 +55,47 @@ def test_freed_tensors_are_reused_without_page_faults():
     # rounds allocate; other threads' arenas may fault some, in steps of 3,072).
     assert kept < ALLOCATED_PAGES // 20, (kept, default)
     assert default > 2 * kept, (kept, default)
+
+
+# 256 MB touched, freed into the kept heap, then given back: RSS in MB at each point.
+GIVE_BACK = """
+import torch
+from radixserve.utils.cpu_malloc import give_back_freed_memory, keep_freed_memory
+assert keep_freed_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+before = rss()
+big = torch.ones(64 << 20)
+held = rss()
+del big
+kept = rss()
+assert give_back_freed_memory()
+print(before, held, kept, rss())
+"""
+
+
+def test_freed_memory_goes_back_to_the_kernel_when_asked():
+    out = subprocess.run([sys.executable, "-c", GIVE_BACK], capture_output=True, text=True, check=True)
+    before, held, kept, given_back = map(int, out.stdout.split()[-4:])
+    assert held - before >= 250  # the tensor's pages are resident
+    assert kept - before >= 250  # freed, they stay in the heap (keep_freed_memory)
+    assert kept - given_back >= 250, (before, held, kept, given_back)
+
+
+def test_an_idle_scheduler_gives_memory_back_once_per_idle_period(monkeypatch):
+    from radixserve.utils import cpu_malloc
+
+    trims = []
+    monkeypatch.setattr(cpu_malloc, "give_back_freed_memory", lambda: trims.append(1) or True)
+    now = [100.0]
+    policy = cpu_malloc.IdleTrim(after_s=5.0, clock=lambda: now[0])
+
+    def idle_at(t: float) -> bool:
+        now[0] = t
+        return policy.idle()
+
+    assert [idle_at(t) for t in (100.0, 104.9)] == [False, False]
+    assert idle_at(105.0) and len(trims) == 1
+    assert not idle_at(500.0) and len(trims) == 1  # once per idle period
+    policy.busy()
+    assert [idle_at(t) for t in (600.0, 603.0, 605.5, 606.0)] == [False, False, True, False]
+    assert len(trims) == 2

@@ -44,6 +44,7 @@ from radixserve.sampling.sampling_batch_info import SamplingBatchInfo
 from radixserve.server_args import ServerArgs
 from radixserve.speculative.verify import SpecResult
 from radixserve.speculative.worker import make_spec_worker
+from radixserve.utils.cpu_malloc import IdleTrim
 from radixserve.utils.jit_watch import JitCompileWatch
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class Scheduler:
         self.num_failed_batches = 0
         self.num_mixed_batches = 0  # a prefill (chunk) and the running requests' decode step in one forward
         self.was_idle = True
+        # (the CPU runner's heap keeps freed memory: utils/cpu_malloc.py)
+        self.idle_trim = IdleTrim() if runner.device.type == "cpu" else None
         self.handlers = self.control_table()
         # started by the scheduler process once it serves (process.py)
         self.jit_watch = JitCompileWatch()
@@ -136,6 +139,8 @@ class Scheduler:
             self.on_idle()
         else:
             self.was_idle = False
+            if self.idle_trim is not None:
+                self.idle_trim.busy()
 
     def receive_timeout(self) -> float:
         if self.is_idle() or self.weights.paused:
@@ -474,3 +479,5 @@ class Scheduler:
         stats = self.kv_cache_stats()
         if stats["total_tokens"] - stats["free_tokens"] - stats["cached_tokens"] or stats["in_use_tokens"]:
             logger.error("KV memory leak while idle: %s", stats)
+        if self.idle_trim is not None:
+            self.idle_trim.idle()
