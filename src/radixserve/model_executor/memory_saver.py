@@ -16,13 +16,13 @@ the list sees the new tensors.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 import torch
 
 from radixserve.mem_cache.allocator import zeroed_buffer
+from radixserve.utils.cpu_malloc import give_back_freed_memory
 
 
 @dataclass(frozen=True)
@@ -100,19 +100,8 @@ def release_memory(model: torch.nn.Module, kv_pool: Any, device: torch.device) -
         torch.cuda.synchronize()
         torch.cuda.empty_cache()  # hand the freed blocks back to the driver, for the trainer
     else:
-        trim_host_heap()
+        give_back_freed_memory()  # the heap's free pages too (the pool, an mmap, is unmapped when freed)
     return released
-
-
-def trim_host_heap() -> None:
-    """Give freed host memory back to the OS. glibc keeps large freed blocks in
-    its heap once its mmap threshold has grown (it does after model loading),
-    so without this a released CPU KV pool would still count as resident."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def resume_memory(kv_pool: Any, released: ReleasedMemory) -> None:
