@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ _done = False
 IDLE_TRIM_S = 5.0
 
 
+@functools.lru_cache(maxsize=None)
 def _libc() -> Optional[ctypes.CDLL]:
     try:
         return ctypes.CDLL(ctypes.util.find_library("c"))
