@@ -134,12 +134,14 @@ def gemv_tiles(k: int, weight_bytes: int) -> GemvTiles:
     """Tiles from H200 measurements. bfloat16 (bench/gemv_bench.py's sweep on
     Llama-8B's and Qwen3-0.6B's projections): 4 rows per program, 1,024
     columns per step (512 when K is 1,024), 32 bytes per thread per step; more
-    rows per program, or K split over programs, were not faster (split-K: 2% on one shape). FP8: the tiles
-    of the kernel this one replaced (8 rows, 512 columns, three stages), which
-    served Llama-8B's batch-1 step in 3.39 ms; the sweep's FP8 choice, timed
-    alone, gave 3.85 ms in the served step."""
+    rows per program, or K split over programs, were not faster (split-K: 2% on one shape). FP8: 8 rows
+    per program, 1,024 columns per step (8 bytes a thread: the bfloat16 kernel's
+    bytes in flight), three stages, from bench/gemv_step_sweep.py, which times
+    candidates inside Llama-8B's whole batch-1 step: 3.98 -> 3.59 ms on an H100
+    against 512 columns (the tiles of the kernel this one replaced); the sweep
+    timed alone had picked tiles that were slower in the step."""
     if weight_bytes == 1:
-        return GemvTiles(block_n=8, block_k=min(512, triton.next_power_of_2(k)),
+        return GemvTiles(block_n=8, block_k=min(1024, triton.next_power_of_2(k)),
                          num_warps=8 if k >= 8192 else 4, num_stages=3)
     block_k = 1024 if k >= 2048 else 512
     return GemvTiles(block_n=4, block_k=min(block_k, triton.next_power_of_2(k)), num_warps=8)
