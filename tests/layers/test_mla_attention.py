@@ -134,3 +134,44 @@ def test_mla_is_its_own_backend_interface():
     with pytest.raises(TypeError, match="mla_attend_expanded"):
         LatentOnly()
     assert issubclass(TorchNativeAttnBackend, MLABackend) and issubclass(TritonAttnBackend, MLABackend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_latent_attention_matches_reference(paged_cache, dtype):
+    """The torch_native backend's absorbed attention (latent_attention_torch),
+    decode and extend, against float64 attention from the definition. In
+    bfloat16 on the CPU its keys are padded with zeros to their bucket (37 and
+    70 keys run as 40 and 72, masked out)."""
+    from types import SimpleNamespace
+
+    from radixserve.layers.attention.mla import latent_attention_torch
+    from radixserve.model_executor.forward_batch import ForwardMode
+
+    kv, table, rows = paged_cache
+    layer = SimpleNamespace(layer_id=0, kv_lora_rank=LATENT, scaling=SCALE)
+    pools = dict(kv_pool=SimpleNamespace(latent_buffers=[kv.to(dtype)]),
+                 req_to_token_pool=SimpleNamespace(req_to_token=table), req_pool_indices=rows)
+    bound = 1e-6 if dtype == torch.float32 else 1e-2  # relative L2: bfloat16 inputs and arithmetic
+
+    def check(out, ref):
+        assert ((out.double() - ref).norm() / ref.norm()).item() < bound
+    g = torch.Generator().manual_seed(5)
+    q_latent, q_pe = randn(len(SEQ_LENS), HEADS, LATENT, generator=g), randn(len(SEQ_LENS), HEADS, ROPE, generator=g)
+    decode = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens_cpu=SEQ_LENS, seq_lens=tensor(SEQ_LENS), **pools)
+    out = latent_attention_torch(q_latent.to(dtype), q_pe.to(dtype), layer, decode)
+    for i, (row, n) in enumerate(zip(rows.tolist(), SEQ_LENS)):
+        keys = kv[table[row, :n]].to(dtype)
+        q = torch.cat([q_latent[i:i + 1], q_pe[i:i + 1]], dim=-1).to(dtype)
+        check(out[i:i + 1], reference(q, keys, keys[..., :LATENT], n - 1))
+    prefixes = [0, 20, 5]
+    extends = [n - p for n, p in zip(SEQ_LENS, prefixes)]
+    q_latent, q_pe = randn(sum(extends), HEADS, LATENT, generator=g), randn(sum(extends), HEADS, ROPE, generator=g)
+    extend = SimpleNamespace(forward_mode=ForwardMode.EXTEND, extend_prefix_lens_cpu=prefixes,
+                             extend_seq_lens_cpu=extends, **pools)
+    out = latent_attention_torch(q_latent.to(dtype), q_pe.to(dtype), layer, extend)
+    start = 0
+    for row, n, p, e in zip(rows.tolist(), SEQ_LENS, prefixes, extends):
+        keys = kv[table[row, :n]].to(dtype)
+        q = torch.cat([q_latent[start:start + e], q_pe[start:start + e]], dim=-1).to(dtype)
+        check(out[start:start + e], reference(q, keys, keys[..., :LATENT], p))
+        start += e

@@ -323,6 +323,55 @@ def test_decode_with_window_and_sinks(window, with_sinks, page_size, num_splits)
         assert torch.equal(backend.forward(q, k, v, attn, fb), ours)
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_sinks_in_bfloat16_against_the_definition(monkeypatch, window):
+    """torch_native's attention with sinks (matmuls, not SDPA) in bfloat16,
+    decode and extend, against the definition; on the CPU its keys are padded
+    with masked zeros to their bucket (75 -> 80), so the bfloat16 matmuls meet
+    a few key counts rather than a new one every step (cpu_gemm_rows)."""
+    from radixserve.layers.attention import torch_native
+    from radixserve.layers.cpu_gemm_rows import bucketed_row_count
+
+    key_counts = []
+
+    def spy(keys, values, mask):
+        out = pad_keys(keys, values, mask)
+        key_counts.append(out[0].shape[-2])
+        return out
+
+    pad_keys = torch_native.pad_keys
+    monkeypatch.setattr(torch_native, "pad_keys", spy)
+    attn = windowed_layer(4, window, True)
+    attn.sinks = attn.sinks.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(10)
+    lens = WINDOW_DECODE_LENS
+    pools = Pools(lens, 16, torch.bfloat16)
+    q, k, v = (torch.randn(len(lens), n * HEAD_DIM, generator=g).to(DEVICE, torch.bfloat16)
+               for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    backend = TorchNativeAttnBackend()
+    fb = decode_batch(pools, lens, backend, len(lens))
+    backend.init_forward_metadata(fb)
+    out = backend.forward(q, k, v, attn, fb)
+    plain = torch.cat([reference_attention(pools, row, n, q[i:i + 1], n - 1, attn)
+                       for i, (row, n) in enumerate(zip(pools.rows, lens))])
+    assert rel(out, plain) < 1e-2  # bfloat16 inputs and arithmetic: 2.4e-3 to 3.6e-3 seen
+    cases = WINDOW_EXTEND_CASES
+    pools = Pools([p + e for p, e in cases], 16, torch.bfloat16)
+    total = sum(e for _, e in cases)
+    q, k, v = (torch.randn(total, n * HEAD_DIM, generator=g).to(DEVICE, torch.bfloat16)
+               for n in (attn.num_heads, KV_HEADS, KV_HEADS))
+    fb = extend_batch(pools, cases, backend, total)
+    backend.init_forward_metadata(fb)
+    out = backend.forward(q, k, v, attn, fb)
+    starts = [0] + torch.cumsum(torch.tensor([e for _, e in cases]), 0).tolist()
+    plain = torch.cat([reference_attention(pools, row, p + e, q[s:s + e], p, attn)
+                       for row, (p, e), s in zip(pools.rows, cases, starts)])
+    assert rel(out, plain) < 1e-2  # bfloat16 inputs and arithmetic: 2.4e-3 to 3.6e-3 seen
+    if not CUDA and torch_native._decode_dtype(q, len(lens)) == torch.bfloat16:
+        assert key_counts and all(bucketed_row_count(n) == n for n in key_counts)
+        assert 80 in key_counts  # the 75 keys of the longest decode and of the (30, 45) extend
+
+
 def test_sinks_and_window_in_bfloat16():
     """bf16 activations, KV and sinks (a bf16 model holds its sinks in bf16): Triton vs torch-native."""
     lens = WINDOW_DECODE_LENS

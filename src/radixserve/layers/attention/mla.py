@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixserve.layers.cpu_gemm_rows import padded_key_count
 from radixserve.mem_cache.kv_dtype import as_cached
 
 if TYPE_CHECKING:
@@ -197,6 +198,10 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
         max_len = max(fb.seq_lens_cpu)
         slots = table[fb.req_pool_indices, :max_len]
         keys = buf[slots, 0].to(q.dtype)  # [bs, L, lora + rope]
+        # zero keys up to a key count the CPU's bfloat16 matmuls have met before (masked below)
+        if padded_key_count(max_len, q) > max_len:
+            keys = F.pad(keys, (0, 0, 0, padded_key_count(max_len, q) - max_len))
+            max_len = keys.shape[1]
         scores = torch.einsum("bhd,bld->bhl", q, keys) * layer.scaling
         valid = torch.arange(max_len, device=q.device)[None, :] < fb.seq_lens[:, None]
         probs = torch.softmax(scores.float().masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
@@ -205,10 +210,12 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
     start = 0
     for row, prefix, extend in _requests(fb):
         seq = prefix + extend
-        keys = buf[table[row, :seq], 0].to(q.dtype)  # [seq, lora + rope]
+        padding = padded_key_count(seq, q) - seq  # (as in decode)
+        keys = F.pad(buf[table[row, :seq], 0].to(q.dtype), (0, 0, 0, padding))  # [seq + padding, lora + rope]
         qi = q[start:start + extend].transpose(0, 1)  # [H, extend, lora + rope]
         scores = (qi @ keys.T) * layer.scaling
-        probs = torch.softmax(scores.float().masked_fill(~_causal(prefix, seq, q.device), float("-inf")), -1)
+        visible = F.pad(_causal(prefix, seq, q.device), (0, padding), value=False)
+        probs = torch.softmax(scores.float().masked_fill(~visible, float("-inf")), -1)
         out[start:start + extend] = (probs.to(q.dtype) @ keys[:, :lora]).transpose(0, 1)
         start += extend
     return out
