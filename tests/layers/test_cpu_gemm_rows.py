@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.layers import cpu_quantized_paths
-from radixserve.layers.cpu_gemm_rows import EXACT_ROWS, bucketed_row_count, cpu_bf16_linear
+from radixserve.layers.cpu_gemm_rows import EXACT_ROWS, bucketed_row_count, cpu_bf16_linear, pad_keys, padded_key_count
 from radixserve.layers.linear import Linear
 
 
@@ -47,3 +47,37 @@ def test_a_linear_and_a_prefill_gemm_return_only_their_rows():
     out = cpu_quantized_paths.prefill_gemm(rows, quantized, lambda: layer.weight.detach().float())
     want = torch.nn.functional.linear(rows.float(), layer.weight.detach().float())
     assert out.shape == (37, 32) and (out.float() - want).norm() / want.norm() < 1e-2
+
+
+def test_a_bfloat16_lm_head_multiplies_bucketed_rows(monkeypatch):
+    """The LM head's rows (a prefill's logprob positions, a decode batch past
+    16) go to oneDNN at their bucket; the logits are float32, of the rows given."""
+    from radixserve.layers.embedding import LMHead
+
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(x.shape[0]) or linear(x, w, b))
+    g = torch.Generator().manual_seed(2)
+    head = LMHead(96, 64).bfloat16()
+    torch.nn.init.normal_(head.weight, generator=g)
+    rows = torch.randn(37, 64, generator=g).bfloat16()
+    logits = head(rows)
+    want = linear(rows.float(), head.weight.detach().float())
+    assert logits.shape == (37, 96) and logits.dtype == torch.float32
+    assert (logits - want).norm() / want.norm() < 1e-2
+    assert seen == [40]
+
+
+def test_padded_keys_are_zero_and_masked():
+    """pad_keys: keys and values [..., L, d] to L's bucket with zeros, the mask
+    False for them; nothing added for float32 (no per-shape kernels) or at a bucket."""
+    g = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 3, 37, 8, generator=g).bfloat16(), torch.randn(2, 3, 37, 8, generator=g).bfloat16()
+    mask = torch.rand(2, 1, 1, 37, generator=g) > 0.3
+    k, v, m = pad_keys(keys, values, mask)
+    assert k.shape == v.shape == (2, 3, 40, 8) and m.shape == (2, 1, 1, 40)
+    assert torch.equal(k[..., :37, :], keys) and torch.equal(v[..., :37, :], values) and torch.equal(m[..., :37], mask)
+    assert not k[..., 37:, :].any() and not v[..., 37:, :].any() and not m[..., 37:].any()
+    assert padded_key_count(37, keys) == 40 and padded_key_count(37, keys.float()) == 37
+    assert pad_keys(keys.float(), values.float(), mask)[0].shape[-2] == 37
+    assert pad_keys(k, v, m)[0] is k

@@ -55,6 +55,11 @@ def cpu_bf16_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return F.linear(pad_rows(rows), weight, bias)[:count]
 
 
+def bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear, at the row count's bucket where x is CPU bfloat16 rows (takes_bucketed_rows)."""
+    return cpu_bf16_linear(x, weight, bias) if takes_bucketed_rows(x) else F.linear(x, weight, bias)
+
+
 def padded_key_count(count: int, like: torch.Tensor) -> int:
     """How many keys attention over `count` keys should run over: count's
     bucket where its matmuls are CPU bfloat16 ones (like: the queries), else count."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from radixserve.distributed import get_tp_group
 from radixserve.layers.batch_invariant import invariant_linear
+from radixserve.layers.cpu_gemm_rows import bucketed_linear
 from radixserve.layers.sharding import ShardSlice, mark_sharded
 
 
@@ -66,7 +67,7 @@ class LMHead(nn.Module):
         elif self.batch_invariant:
             logits = invariant_linear(hidden, self.weight).float()
         else:
-            logits = nn.functional.linear(hidden, self.weight).float()
+            logits = bucketed_linear(hidden, self.weight).float()  # (a prefill's logprob rows vary)
         if self.tp_group.world_size == 1:
             return logits
         return self.tp_group.all_gather(logits, dim=-1)[..., :self.vocab_size]

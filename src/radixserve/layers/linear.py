@@ -19,7 +19,7 @@ from torch import nn
 from radixserve.distributed import get_tp_group
 from radixserve.layers.activation import SiluAndMul
 from radixserve.layers.batch_invariant import invariant_linear
-from radixserve.layers.cpu_gemm_rows import cpu_bf16_linear, takes_bucketed_rows
+from radixserve.layers.cpu_gemm_rows import bucketed_linear
 from radixserve.layers.layernorm import DeferredNorm
 from radixserve.layers.sharding import (
     HeadShard, ShardSlice, block_scale_slice, copy_checkpoint_tensor, even_slice, mark_sharded, split_heads,
@@ -96,9 +96,7 @@ class Linear(nn.Module):
         out = self._gemv(x, bias)
         if out is not None:
             return out
-        if takes_bucketed_rows(x):
-            return cpu_bf16_linear(x, self.weight, bias)
-        return torch.nn.functional.linear(x, self.weight, bias)
+        return bucketed_linear(x, self.weight, bias)
 
     def _gemv(self, x: Union[torch.Tensor, DeferredNorm], bias: Optional[torch.Tensor],
               silu_gated: bool = False) -> Optional[torch.Tensor]:

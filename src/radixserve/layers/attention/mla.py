@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.layers.cpu_gemm_rows import padded_key_count
+from radixserve.layers.cpu_gemm_rows import bucketed_linear, padded_key_count
 from radixserve.mem_cache.kv_dtype import as_cached
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ def _expanded(
         kv_start_loc = fb.extend_start_loc
         cache_dtype = fb.kv_pool.latent_buffers[layer.layer_id].dtype
         latent, k_pe = as_cached(latent, cache_dtype), as_cached(k_pe, cache_dtype)
-    kv = F.linear(latent, kv_b_weight).view(latent.shape[0], layer.num_heads, -1)
+    kv = bucketed_linear(latent, kv_b_weight).view(latent.shape[0], layer.num_heads, -1)
     k_nope, v = kv.split([layer.qk_nope_head_dim, layer.v_head_dim], dim=-1)
     return backend.mla_attend_expanded(q_nope, q_pe, k_nope, k_pe, v, kv_start_loc, layer, fb)
 

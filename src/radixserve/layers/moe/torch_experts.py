@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from radixserve.layers.batch_invariant import invariant_linear
-from radixserve.layers.cpu_gemm_rows import cpu_bf16_linear, takes_bucketed_rows
+from radixserve.layers.cpu_gemm_rows import bucketed_linear
 from radixserve.layers.moe.activation import ExpertActivation, apply_activation
 
 
@@ -35,10 +35,8 @@ def fused_experts_torch(
     """
     if batch_invariant:
         linear = invariant_linear
-    elif takes_bucketed_rows(hidden):  # each expert's row count varies: oneDNN's kernels per bucket
-        linear = cpu_bf16_linear
-    else:
-        linear = torch.nn.functional.linear
+    else:  # each expert's row count varies: on the CPU, oneDNN's kernels per bucket
+        linear = bucketed_linear
     out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     flat_ids = topk_ids.flatten().long()
     order = torch.argsort(flat_ids, stable=True)
