@@ -21,7 +21,7 @@ bucket, the padding masked out (MLA's decode over 300-400 keys in bfloat16,
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,8 @@ def padded_key_count(count: int, like: torch.Tensor) -> int:
     return bucketed_row_count(count) if like.device.type == "cpu" and like.dtype == torch.bfloat16 else count
 
 
-def pad_keys(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple:
+def pad_keys(keys: torch.Tensor, values: torch.Tensor,
+             mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """keys and values [..., L, d] with zero keys appended up to L's bucket
     (padded_key_count), mask [..., L] (True: visible) with False for them."""
     length = keys.shape[-2]

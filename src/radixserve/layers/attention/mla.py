@@ -199,9 +199,8 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
         slots = table[fb.req_pool_indices, :max_len]
         keys = buf[slots, 0].to(q.dtype)  # [bs, L, lora + rope]
         # zero keys up to a key count the CPU's bfloat16 matmuls have met before (masked below)
-        if padded_key_count(max_len, q) > max_len:
-            keys = F.pad(keys, (0, 0, 0, padded_key_count(max_len, q) - max_len))
-            max_len = keys.shape[1]
+        keys = _zeros_after(keys, padded_key_count(max_len, q) - max_len)
+        max_len = keys.shape[1]
         scores = torch.einsum("bhd,bld->bhl", q, keys) * layer.scaling
         valid = torch.arange(max_len, device=q.device)[None, :] < fb.seq_lens[:, None]
         probs = torch.softmax(scores.float().masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
@@ -211,10 +210,11 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
     for row, prefix, extend in _requests(fb):
         seq = prefix + extend
         padding = padded_key_count(seq, q) - seq  # (as in decode)
-        keys = F.pad(buf[table[row, :seq], 0].to(q.dtype), (0, 0, 0, padding))  # [seq + padding, lora + rope]
+        keys = _zeros_after(buf[table[row, :seq], 0].to(q.dtype), padding)  # [seq + padding, lora + rope]
         qi = q[start:start + extend].transpose(0, 1)  # [H, extend, lora + rope]
         scores = (qi @ keys.T) * layer.scaling
-        visible = F.pad(_causal(prefix, seq, q.device), (0, padding), value=False)
+        visible = F.pad(_causal(prefix, seq, q.device), (0, padding), value=False) if padding else \
+            _causal(prefix, seq, q.device)
         probs = torch.softmax(scores.float().masked_fill(~visible, float("-inf")), -1)
         out[start:start + extend] = (probs.to(q.dtype) @ keys[:, :lora]).transpose(0, 1)
         start += extend
@@ -249,6 +249,11 @@ def _requests(fb: "ForwardBatch"):
     """(request-table row, prefix length, new tokens) of each request of an extend batch."""
     rows = fb.req_pool_indices.tolist()
     return zip(rows, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
+
+
+def _zeros_after(keys: torch.Tensor, count: int) -> torch.Tensor:
+    """keys [..., L, d] with `count` zero keys appended (keys itself for none)."""
+    return F.pad(keys, (0, 0, 0, count)) if count else keys
 
 
 def _causal(prefix: int, seq: int, device: torch.device) -> torch.Tensor:
