@@ -5,7 +5,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.layers import cpu_quantized_paths
-from radixserve.layers.cpu_gemm_rows import EXACT_ROWS, bucketed_row_count, cpu_bf16_linear, pad_keys, padded_key_count
+from radixserve.layers.cpu_gemm_rows import (
+    EXACT_ROWS, bucketed_row_count, cpu_bf16_linear, pad_keys, pad_queries, padded_key_count,
+)
 from radixserve.layers.linear import Linear
 
 
@@ -81,3 +83,15 @@ def test_padded_keys_are_zero_and_masked():
     assert padded_key_count(37, keys) == 40 and padded_key_count(37, keys.float()) == 37
     assert pad_keys(keys.float(), values.float(), mask)[0].shape[-2] == 37
     assert pad_keys(k, v, m)[0] is k
+
+
+def test_padded_queries_see_every_key():
+    """pad_queries: q [..., Q, d] to Q's bucket with zero rows whose mask rows
+    see every key (a row that sees none would be a NaN softmax); float32 untouched."""
+    q = torch.randn(4, 17, 8).bfloat16()
+    mask = torch.rand(17, 30) > 0.5
+    padded, seen = pad_queries(q, mask)
+    assert padded.shape == (4, 18, 8) and seen.shape == (18, 30)
+    assert torch.equal(padded[:, :17], q) and not padded[:, 17:].any()
+    assert torch.equal(seen[:17], mask) and seen[17:].all()
+    assert pad_queries(q.float(), mask)[0].shape == (4, 17, 8)

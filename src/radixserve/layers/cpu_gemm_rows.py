@@ -75,3 +75,14 @@ def pad_keys(keys: torch.Tensor, values: torch.Tensor,
     if not extra:
         return keys, values, mask
     return (F.pad(keys, (0, 0, 0, extra)), F.pad(values, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False))
+
+
+def pad_queries(q: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [..., Q, d] with zero queries appended up to Q's bucket (a prefill's
+    query count is its length), mask [Q, L] with rows seeing every key for them
+    (no row without a key: its softmax would be NaN); keep the first Q rows of the output."""
+    count = q.shape[-2]
+    extra = padded_key_count(count, q) - count
+    if not extra:
+        return q, mask
+    return F.pad(q, (0, 0, 0, extra)), F.pad(mask, (0, 0, 0, extra), value=True)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.layers.cpu_gemm_rows import bucketed_linear, padded_key_count
+from radixserve.layers.cpu_gemm_rows import bucketed_linear, pad_queries, padded_key_count
 from radixserve.mem_cache.kv_dtype import as_cached
 
 if TYPE_CHECKING:
@@ -211,12 +211,12 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
         seq = prefix + extend
         padding = padded_key_count(seq, q) - seq  # (as in decode)
         keys = _zeros_after(buf[table[row, :seq], 0].to(q.dtype), padding)  # [seq + padding, lora + rope]
-        qi = q[start:start + extend].transpose(0, 1)  # [H, extend, lora + rope]
-        scores = (qi @ keys.T) * layer.scaling
         visible = F.pad(_causal(prefix, seq, q.device), (0, padding), value=False) if padding else \
             _causal(prefix, seq, q.device)
+        qi, visible = pad_queries(q[start:start + extend].transpose(0, 1), visible)  # [H, extend+, lora + rope]
+        scores = (qi @ keys.T) * layer.scaling
         probs = torch.softmax(scores.float().masked_fill(~visible, float("-inf")), -1)
-        out[start:start + extend] = (probs.to(q.dtype) @ keys[:, :lora]).transpose(0, 1)
+        out[start:start + extend] = (probs.to(q.dtype) @ keys[:, :lora])[:, :extend].transpose(0, 1)
         start += extend
     return out
 

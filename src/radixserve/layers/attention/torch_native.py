@@ -24,7 +24,7 @@ from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.blocked_attention import blocked_attention
 from radixserve.layers.attention.mla_backend import MLABackend
-from radixserve.layers.cpu_gemm_rows import pad_keys, padded_key_count
+from radixserve.layers.cpu_gemm_rows import pad_keys, pad_queries, padded_key_count
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 if TYPE_CHECKING:
@@ -388,10 +388,11 @@ def _attend_with_sinks(
 ) -> torch.Tensor:
     """Attention with sinks, which SDPA lacks. q [heads, Q, d]; k, v [kv_heads, L, d];
     mask [Q, L] (True: visible). Returns [heads, Q, d]."""
-    group = layer.num_heads // layer.num_kv_heads
-    k, v, mask = pad_keys(k, v, mask)
+    group, count = layer.num_heads // layer.num_kv_heads, q.shape[1]
+    k, v, mask = pad_keys(k, v, mask)  # (the CPU's bfloat16 matmuls: a few shapes, cpu_gemm_rows)
+    q, mask = pad_queries(q, mask)
     k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
     scores = torch.matmul(q, k.transpose(1, 2)) * layer.scaling
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = _softmax_with_sinks(scores, layer.sinks.view(-1, 1, 1))
-    return torch.matmul(probs.to(v.dtype), v)
+    return torch.matmul(probs.to(v.dtype), v)[:, :count]
