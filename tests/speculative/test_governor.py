@@ -173,3 +173,22 @@ def test_a_borrowed_verdict_for_plain_steps_waits_as_a_measured_one():
     modes = run(gov, clock, 200, 4, {True: (0.048, 2.0), False: (0.012, 1.0)})
     first_probe = modes.index(True)
     assert 115 <= first_probe <= 125 and modes[:first_probe] == [False] * first_probe
+
+
+def test_the_cpu_speculates_only_batches_whose_verify_stays_on_the_fused_layers():
+    """verify_batch_limit: where the CPU's fused decode layers run, the largest
+    batch whose verify rows (requests x tokens a request) they take, within the
+    flag's limit; the flag alone elsewhere (no fused layers: CUDA, other models)."""
+    from types import SimpleNamespace
+
+    from radixserve.model_executor.cpu_decode_layers import CpuDecodeLayers
+    from radixserve.speculative.worker import verify_batch_limit
+
+    under_20 = SimpleNamespace(cpu_decode_layers=SimpleNamespace(takes_decode_rows=lambda rows: rows < 20))
+    assert verify_batch_limit(8, under_20, 4) == 4
+    assert verify_batch_limit(3, under_20, 4) == 3
+    assert verify_batch_limit(8, under_20, 8) == 2
+    assert verify_batch_limit(8, under_20, 32) == 8  # none fits: the flag (the governor still measures)
+    assert verify_batch_limit(8, SimpleNamespace(cpu_decode_layers=None), 4) == 8
+    this_cpu = SimpleNamespace(cpu_decode_layers=CpuDecodeLayers)
+    assert all(CpuDecodeLayers.takes_decode_rows(b * 4) for b in range(1, verify_batch_limit(8, this_cpu, 4) + 1))

@@ -125,6 +125,11 @@ class CpuDecodeLayers:
         multiply on a C++ int4 kernel (cpu_quantized_paths.int4_rows_on_kernel)."""
         return decode_queries_on_kernels(fb, cpu_quantized_paths.int4_rows_on_kernel)
 
+    @staticmethod
+    def takes_decode_rows(count: int) -> bool:
+        """Whether a decode step or verify of `count` rows (queries) runs here (as takes)."""
+        return cpu_quantized_paths.int4_rows_on_kernel(count, True)
+
     def forward(self, fb: Any) -> torch.Tensor:
         """The final-normed hidden states [rows, hidden] of a batch it takes
         (takes(fb)), and fb.aux_hidden where fb.capture_aux_layers asks for it."""

@@ -27,6 +27,20 @@ from radixserve.speculative.verify import SpecResult, accept, prepare_verify
 logger = logging.getLogger(__name__)
 
 
+def verify_batch_limit(limit: int, runner: Any, tokens_per_req: int) -> int:
+    """The largest running batch that speculates: `limit`, and where the CPU's
+    fused decode layers run (runner.cpu_decode_layers), no more requests than
+    keep a verify's rows on them. A larger verify runs eagerly through the
+    dense copies: on a 2-core Zen 4, 5-8 requests' verify took about 38 ms
+    against 10 for their plain step, and batches of 16 and 64 lost 12-18% to
+    speculation in their drained tails (docs/benchmarks.md)."""
+    layers = getattr(runner, "cpu_decode_layers", None)
+    if layers is None:
+        return limit
+    fitting = [b for b in range(1, limit + 1) if layers.takes_decode_rows(b * tokens_per_req)]
+    return max(fitting, default=limit)
+
+
 def make_spec_worker(args: Any, runner: Any, eos_token_ids) -> Optional["SpecWorker"]:
     """The scheduler's worker, or None when speculation is off."""
     if not args.speculative_algorithm:
@@ -94,7 +108,7 @@ class SpecWorker:
         self.num_draft_tokens = args.speculative_num_draft_tokens
         self.makes_trees = getattr(self.drafter, "makes_trees", False)
         self.off_first_branch = 0  # accepted paths that left a node's first child (trees only)
-        self.max_batch_size = args.speculative_max_batch_size
+        self.max_batch_size = verify_batch_limit(args.speculative_max_batch_size, runner, self.num_draft_tokens)
         self.algorithm = args.speculative_algorithm
         self.sampler = Sampler()
         self.verify_ct = 0  # verify steps so far
