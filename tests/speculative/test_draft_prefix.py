@@ -66,3 +66,24 @@ def test_duplicates_are_freed_and_every_slot_is_accounted_for():
     assert allocator.available_size() + prefix.size() == 64
     prefix.clear()
     assert prefix.size() == 0 and allocator.available_size() == 64
+
+
+def test_a_busy_server_keeps_the_targets_whole_prefix():
+    """While more requests run and wait than a speculating batch holds, an
+    admitted request will decode plainly: the target keeps its whole cached
+    prefix (no catch-up recomputed for the head); otherwise as above."""
+    from types import SimpleNamespace
+
+    from radixserve.speculative.draft_runner import DraftRunner
+    from radixserve.speculative.worker import SpecWorker
+
+    tokens = list(range(1, 60))
+    draft = SimpleNamespace(prefix=tree_with([7, 8, 9]), catch_up=lambda: True)
+    worker = SimpleNamespace(drafter=SimpleNamespace(draft=draft), max_batch_size=4)
+    load = [1]
+    SpecWorker.follow_load(worker, lambda: load[0])
+    assert DraftRunner.target_limit(draft, tokens, None, 40) == 0  # idle: all 40 recomputed for the head
+    load[0] = 16
+    assert DraftRunner.target_limit(draft, tokens, None, 40) == 40  # busy: the target's 40 kept
+    load[0] = 4
+    assert DraftRunner.target_limit(draft, tokens, None, 40) == 0

@@ -82,6 +82,9 @@ class DraftRunner:
         self.extends_as_decode = args.speculative_algorithm in HEAD_ALGORITHMS
         self.states: Dict[str, DraftState] = {}
         self.prefix = self._follow_prefix_cache(args, target)
+        # Whether a request admitted now may soon speculate, so that the target gives back
+        # some of its cached prefix for the head's features (SpecWorker.follow_load)
+        self.catch_up: Callable[[], bool] = lambda: True
         logger.info("draft %s: %d KV tokens", args.speculative_draft_model_path, self.runner.max_total_num_tokens)
 
     def _follow_prefix_cache(self, args, target) -> Optional[DraftPrefixTree]:
@@ -153,6 +156,8 @@ class DraftRunner:
     def target_limit(self, tokens: List[int], namespace: Optional[int], matched: int) -> int:
         if self.prefix is None:  # no head entries to keep in step with: no limit (any tier's tokens too)
             return len(tokens)
+        if not self.catch_up():  # it will decode plainly for now: recomputing its prefix would be waste
+            return matched
         return self.prefix.target_limit(tokens, namespace, matched)
 
     def reset(self) -> None:

@@ -83,6 +83,8 @@ class Scheduler:
                                         self.dp_rank * args.tp_size + self.tp_rank)
         # Speculative decoding (speculative/): drafts verified in one forward per decode step
         self.spec = make_spec_worker(args, runner, eos_token_ids)
+        if self.spec is not None:
+            self.spec.follow_load(lambda: len(self.running) + len(self.admission.waiting))
         self.outputs = OutputBuilder(args.stream_interval, lambda: self.weights.version, self.spec is not None)
         self.results = ResultProcessor(self.prefix_cache, self.running, self.outputs, eos_token_ids,
                                        runner.context_len, tokenizer)
