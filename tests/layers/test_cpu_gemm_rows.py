@@ -83,6 +83,8 @@ def test_padded_keys_are_zero_and_masked():
     assert padded_key_count(37, keys) == 40 and padded_key_count(37, keys.float()) == 37
     assert pad_keys(keys.float(), values.float(), mask)[0].shape[-2] == 37
     assert pad_keys(k, v, m)[0] is k
+    alone, no_values, visible = pad_keys(keys)  # keys only, none masked before: the padding is
+    assert torch.equal(alone, k) and no_values is None and visible.tolist() == [True] * 37 + [False] * 3
 
 
 def test_padded_queries_see_every_key():

@@ -66,15 +66,20 @@ def padded_key_count(count: int, like: torch.Tensor) -> int:
     return bucketed_row_count(count) if like.device.type == "cpu" and like.dtype == torch.bfloat16 else count
 
 
-def pad_keys(keys: torch.Tensor, values: torch.Tensor,
-             mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_keys(keys: torch.Tensor, values: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """keys and values [..., L, d] with zero keys appended up to L's bucket
-    (padded_key_count), mask [..., L] (True: visible) with False for them."""
+    (padded_key_count), mask [..., L] (True: visible) with False for them.
+    No values: keys only (MLA's values are the keys' latent part). No mask:
+    every key visible, so where keys were added the mask [L'] says which."""
     length = keys.shape[-2]
     extra = padded_key_count(length, keys) - length
     if not extra:
         return keys, values, mask
-    return (F.pad(keys, (0, 0, 0, extra)), F.pad(values, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False))
+    if mask is None:
+        mask = torch.ones(length, dtype=torch.bool, device=keys.device)
+    return (F.pad(keys, (0, 0, 0, extra)), None if values is None else F.pad(values, (0, 0, 0, extra)),
+            F.pad(mask, (0, extra), value=False))
 
 
 def pad_queries(q: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from radixserve.layers.cpu_gemm_rows import bucketed_linear, pad_queries, padded_key_count
+from radixserve.layers.cpu_gemm_rows import bucketed_linear, pad_keys, pad_queries
 from radixserve.mem_cache.kv_dtype import as_cached
 
 if TYPE_CHECKING:
@@ -198,21 +198,18 @@ def latent_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, layer: ML
         max_len = max(fb.seq_lens_cpu)
         slots = table[fb.req_pool_indices, :max_len]
         keys = buf[slots, 0].to(q.dtype)  # [bs, L, lora + rope]
-        # zero keys up to a key count the CPU's bfloat16 matmuls have met before (masked below)
-        keys = _zeros_after(keys, padded_key_count(max_len, q) - max_len)
-        max_len = keys.shape[1]
-        scores = torch.einsum("bhd,bld->bhl", q, keys) * layer.scaling
         valid = torch.arange(max_len, device=q.device)[None, :] < fb.seq_lens[:, None]
+        # zero keys up to a key count the CPU's bfloat16 matmuls have met before, masked
+        keys, _, valid = pad_keys(keys, mask=valid)
+        scores = torch.einsum("bhd,bld->bhl", q, keys) * layer.scaling
         probs = torch.softmax(scores.float().masked_fill(~valid[:, None, :], float("-inf")), dim=-1)
         return torch.einsum("bhl,bld->bhd", probs.to(q.dtype), keys[..., :lora])
     out = torch.empty(q.shape[:2] + (lora,), dtype=q.dtype, device=q.device)
     start = 0
     for row, prefix, extend in _requests(fb):
         seq = prefix + extend
-        padding = padded_key_count(seq, q) - seq  # (as in decode)
-        keys = _zeros_after(buf[table[row, :seq], 0].to(q.dtype), padding)  # [seq + padding, lora + rope]
-        visible = F.pad(_causal(prefix, seq, q.device), (0, padding), value=False) if padding else \
-            _causal(prefix, seq, q.device)
+        keys = buf[table[row, :seq], 0].to(q.dtype)  # [seq, lora + rope]
+        keys, _, visible = pad_keys(keys, mask=_causal(prefix, seq, q.device))  # (as in decode)
         qi, visible = pad_queries(q[start:start + extend].transpose(0, 1), visible)  # [H, extend+, lora + rope]
         scores = (qi @ keys.T) * layer.scaling
         probs = torch.softmax(scores.float().masked_fill(~visible, float("-inf")), -1)
@@ -249,11 +246,6 @@ def _requests(fb: "ForwardBatch"):
     """(request-table row, prefix length, new tokens) of each request of an extend batch."""
     rows = fb.req_pool_indices.tolist()
     return zip(rows, fb.extend_prefix_lens_cpu, fb.extend_seq_lens_cpu)
-
-
-def _zeros_after(keys: torch.Tensor, count: int) -> torch.Tensor:
-    """keys [..., L, d] with `count` zero keys appended (keys itself for none)."""
-    return F.pad(keys, (0, 0, 0, count)) if count else keys
 
 
 def _causal(prefix: int, seq: int, device: torch.device) -> torch.Tensor:

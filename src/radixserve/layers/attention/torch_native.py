@@ -24,7 +24,7 @@ from radixserve.layers import cpu_kernels
 from radixserve.layers.attention.base import AttentionBackend
 from radixserve.layers.attention.blocked_attention import blocked_attention
 from radixserve.layers.attention.mla_backend import MLABackend
-from radixserve.layers.cpu_gemm_rows import pad_keys, pad_queries, padded_key_count
+from radixserve.layers.cpu_gemm_rows import pad_keys, pad_queries
 from radixserve.utils.cpu_features import cpu_has_native_bf16
 
 if TYPE_CHECKING:
@@ -344,10 +344,7 @@ def _decode_with_sinks(qg: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     group, d], keys and values [bs, kv_heads, L, d], mask [bs, 1, 1, L] or None.
     Returns [bs, heads * d] in the keys' dtype."""
     bs, kv_heads, group, _ = qg.shape
-    if mask is None and padded_key_count(keys.shape[2], keys) > keys.shape[2]:
-        mask = torch.ones(bs, 1, 1, keys.shape[2], dtype=torch.bool, device=keys.device)
-    if mask is not None:
-        keys, values, mask = pad_keys(keys, values, mask)  # (a new key count every step)
+    keys, values, mask = pad_keys(keys, values, mask)  # (the CPU's bfloat16 matmuls: a new key count every step)
     # keys are a strided view of [slot, head, dim] rows: as the left operand the
     # library reads them in place, as a transposed right one it copied them first.
     scores = torch.matmul(keys, qg.transpose(2, 3)).transpose(2, 3) * layer.scaling  # [bs, kvh, group, L]
