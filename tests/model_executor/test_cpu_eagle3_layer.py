@@ -98,3 +98,85 @@ def test_what_runs_eagerly(tiny_model_factory, tmp_path):
     runner = head_runner(tiny_model_factory("llama"), tmp_path, dtype="float32")
     assert runner.cpu_decode_layers is None  # float32 activations: not the int8 kernel's bfloat16 rows
     assert CpuEagle3Layer.for_model(runner.model, torch.device("cpu"), torch.bfloat16, object()) is None  # LoRA
+
+
+def draft_runner(target_path, head_dir):
+    """A DraftRunner for a random EAGLE-3 head saved in bfloat16, as the server
+    builds one on the CPU (int8 linears and LM head), reading a bfloat16 target's embedding."""
+    from types import SimpleNamespace
+
+    from radixserve.model_executor.model_runner import ModelRunner
+    from radixserve.speculative.draft_runner import DraftRunner
+    from radixserve.train_eagle3 import head_config, init_head, save_head
+
+    target = ModelRunner(ServerArgs(model_path=str(target_path), device="cpu", dtype="bfloat16",
+                                    max_total_tokens=256, max_running_requests=4), warm_up=False)
+    config = head_config(target.config, 64, [0, 1, 1])
+    head = init_head(config, target, torch.arange(0, 128, 2), "cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights far from the initial ones, so that each step drafts something else
+        for p in head.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    save_head(head, config, head_dir, torch.bfloat16)
+    args = ServerArgs(model_path=str(target_path), device="cpu", speculative_algorithm="EAGLE3",
+                      speculative_draft_model_path=str(head_dir), speculative_num_steps=3, speculative_eagle_topk=1,
+                      speculative_num_draft_tokens=4)
+    draft = DraftRunner(args, SimpleNamespace(max_running_requests=4, max_total_num_tokens=256,
+                                              device=torch.device("cpu")))
+    draft.model.attach_target(target.model)
+    return draft
+
+
+def eager_chain(draft, states, ids, positions, features, steps):
+    """The drafts as EagleDrafter runs them without the fused chain: the
+    catch-up extend, then steps - 1 decode steps feeding the head's output back."""
+    from radixserve.layers.sampler import row_argmax
+
+    head = draft.model
+    out = draft.extend(states, ids, positions, features)
+    drafts = [[t] for t in head.to_target_ids(row_argmax(out.next_token_logits)).tolist()]
+    for step in range(1, steps):
+        out = draft.decode(states, [d[-1] for d in drafts], [pos[-1] + step for pos in positions], out.hidden)
+        for d, t in zip(drafts, head.to_target_ids(row_argmax(out.next_token_logits)).tolist()):
+            d.append(t)
+    return drafts
+
+
+def test_fused_chain_drafts_as_the_eager_head(tiny_model_factory, tmp_path):
+    """DraftRunner.chain (one C++ call for the catch-up extend, the later
+    steps, the LM head and the greedy choices) gives the eager head's drafts
+    (the head's layer, norm and LM head as torch and the kernels run them one
+    by one) and writes the same K/V; a new request's first extend is refused."""
+    from radixserve.speculative.draft_runner import DraftState
+
+    draft = draft_runner(tiny_model_factory("llama"), tmp_path)
+    hidden = draft.model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    states = [DraftState(draft.pools.req_to_token_pool.alloc()) for _ in range(3)]
+    prompt_lens, catch_up = [7, 4, 9], [3, 1, 2]
+    features = [torch.randn(n, 3 * hidden, generator=g).bfloat16() for n in (sum(prompt_lens), sum(catch_up))]
+    prompt_ids = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in prompt_lens]
+    prompt_positions = [list(range(n)) for n in prompt_lens]
+    assert draft.chain(states, prompt_ids, prompt_positions, features[0], 3) is None  # no earlier entries
+    draft.extend(states, prompt_ids, prompt_positions, features[0])
+    for state in states:
+        state.kv_len = state.spec_len
+    ids = [torch.randint(10, 1000, (n,), generator=g).tolist() for n in catch_up]
+    positions = [list(range(p, p + n)) for p, n in zip(prompt_lens, catch_up)]
+    pool = draft.pools.kv_pool
+
+    def run(chain):
+        drafts = chain(draft, states, ids, positions, features[1], 3)
+        slots = torch.cat([draft.table[s.row, s.kv_len:s.spec_len] for s in states])
+        kv = [buf[slots].clone() for buf in pool.k_buffers + pool.v_buffers]
+        for state, n in zip(states, prompt_lens):
+            draft.truncate(state, n)
+        return drafts, kv
+
+    fused, fused_kv = run(lambda d, *a: d.chain(*a))
+    assert fused is not None and [len(d) for d in fused] == [3, 3, 3]
+    draft.runner.cpu_decode_layers = None  # the head's layer as torch modules
+    eager, eager_kv = run(eager_chain)
+    assert fused == eager, (fused, eager)
+    assert all(torch.equal(a, b) for a, b in zip(fused_kv, eager_kv)) and fused_kv[0].abs().sum() > 0
