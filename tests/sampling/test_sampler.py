@@ -412,3 +412,24 @@ def test_filter_and_merge_equal_a_rebuild_after_recorded_steps():
     keep = [0, 3, 4]
     info_l.filter(torch.tensor(keep), [(left + right)[i] for i in keep])
     _assert_same_info(info_l, batch_info([(left + right)[i] for i in keep]))
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the C++ CPU kernels did not build here")
+@pytest.mark.parametrize("vocab", [1, 7, 16, 49_152, 49_155])
+def test_row_argmax_kernel_is_torch_max(vocab):
+    """cpu_kernels.row_argmax (row_argmax's CPU path) against torch's
+    max(dim).indices: the first index on ties (bfloat16-rounded values tie
+    often), in the vector part and the tail, and the first NaN in a row holding one."""
+    g = torch.Generator().manual_seed(vocab)
+    rows = (torch.randn(8, vocab, generator=g) * 4).bfloat16().float()
+    rows[1] = rows[1].round()  # many equal largest values
+    rows[2, vocab // 2:] = rows[2].max() + 1  # a tie between the last values, the tail's included
+    rows[3, vocab - 1] = float("nan")
+    rows[4, vocab // 3] = float("nan")
+    rows[4, -1] = float("nan")
+    rows[5] = float("-inf")
+    with torch.inference_mode():
+        picked = cpu_kernels.row_argmax(rows)
+        assert torch.equal(picked, rows.max(dim=-1).indices)
+        assert torch.equal(row_argmax(rows[:, :vocab]), picked)
+        assert cpu_kernels.row_argmax(rows.double()) is None  # float32 rows only

@@ -664,6 +664,55 @@ void radixserve_rotary(int dtype, const void* x, int64_t x_stride, const int64_t
   }
 }
 
+// The index of the largest of row[0..n), the first on a tie; of the first
+// NaN where there is one. Lanes keep their own first largest (a strictly
+// greater value replaces it), then the lowest index among the lanes holding
+// the largest.
+inline int64_t first_argmax(const float* row, int64_t n) {
+  int64_t j = 0, best = 0;
+  float top = row[0];
+#ifdef __AVX512F__
+  if (n >= 16) {
+    __m512 values = _mm512_loadu_ps(row);
+    __m512i index = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), at = index;
+    __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (j = 16; j + 16 <= n && j + 16 <= INT32_MAX; j += 16) {
+      at = _mm512_add_epi32(at, step);
+      const __m512 v = _mm512_loadu_ps(row + j);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      const __mmask16 greater = _mm512_cmp_ps_mask(v, values, _CMP_GT_OQ);
+      values = _mm512_mask_mov_ps(values, greater, v);
+      index = _mm512_mask_mov_epi32(index, greater, at);
+    }
+    if (nan) {
+      for (int64_t k = 0; k < n; ++k)
+        if (row[k] != row[k]) return k;
+    }
+    top = _mm512_reduce_max_ps(values);
+    const __mmask16 holders = _mm512_cmp_ps_mask(values, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    best = _mm512_mask_reduce_min_epi32(holders, index);
+  }
+#endif
+  for (; j < n; ++j) {  // the tail (or every value without AVX-512)
+    if (row[j] != row[j]) {
+      for (int64_t k = 0; k <= j; ++k)
+        if (row[k] != row[k]) return k;
+    }
+    if (row[j] > top) top = row[j], best = j;
+  }
+  return best;
+}
+
+// Each of `rows` float32 rows' (row stride `stride`, n values) index of
+// its largest value, the first on a tie; a row holding NaN gives its first
+// NaN (as torch's max(dim).indices). out: int64 [rows]. torch's max over a
+// verify's 4 x 49,152 logits took 0.16 ms on a 2-core Zen 4.
+void radixserve_row_argmax(const float* x, int64_t stride, int64_t rows, int64_t n, int64_t* out) {
+#pragma omp parallel for if (rows * n >= PARALLEL_FROM)
+  for (int64_t r = 0; r < rows; ++r) out[r] = first_argmax(x + r * stride, n);
+}
+
 // Gumbel-max sampling of each of `rows` float32 logit rows (row stride
 // `stride`, `vocab` values): the index of the largest logits / temperature +
 // g, g = -ln(-ln u) with u the sampler's seeded uniform of (seed, step,

@@ -101,6 +101,7 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_silu_and_mul_bf16.argtypes = [ptr, i64, ptr, i64, i64]
     lib.radixserve_rotary.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.radixserve_gumbel_argmax.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+    lib.radixserve_row_argmax.argtypes = [ptr, i64, i64, i64, ptr]
     lib.radixserve_int4_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64]
     lib.radixserve_int8_linear_amx.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.radixserve_int4_linear_avx512.argtypes = lib.radixserve_int4_linear_amx.argtypes
@@ -210,6 +211,17 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, head_d
     out = torch.empty(rows, width, dtype=x.dtype)
     _library().radixserve_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), positions.data_ptr(),
                                  table.data_ptr(), out.data_ptr(), rows, width // head_dim, head_dim)
+    return out
+
+
+def row_argmax(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Each row's index of its largest value, the first on a tie (a NaN
+    row: its first NaN), int64 [rows]; None where the kernel does not run
+    (float32 CPU rows outside autograd)."""
+    if not (x.dtype == torch.float32 and takes_rows(x)):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _library().radixserve_row_argmax(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
     return out
 
 

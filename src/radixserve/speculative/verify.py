@@ -144,20 +144,21 @@ def accept_greedy(batch: ScheduleBatch, logits: torch.Tensor, info: SamplingBatc
 
 def _accept_greedy_chains(batch: ScheduleBatch, chains: List[DraftTree], logits: torch.Tensor,
                           info: SamplingBatchInfo) -> SpecResult:
-    """Chains only: the walk in a few whole-batch ops (no step per depth):
-    each request's drafts as far as they equal the argmax, then the argmax after them."""
-    dev = logits.device
-    bs, width = len(chains), 1 + max(len(c) for c in chains)
-    num_drafts = torch.tensor([len(c) for c in chains], device=dev)
-    padded = torch.tensor([c.tokens + [-1] * (width - 1 - len(c)) for c in chains], dtype=torch.int64,
-                          device=dev).reshape(bs, width - 1)
-    starts = batch.last_logit_rows.to(dev) - num_drafts
-    offsets = torch.minimum(torch.arange(width, device=dev)[None, :], num_drafts[:, None])
-    chosen = row_argmax(logits)[starts[:, None] + offsets]  # [bs, width]
-    counts = 1 + (chosen[:, :-1] == padded).int().cumprod(1).sum(1)
-    info.steps += counts.to(info.steps.dtype)  # (as a token-by-token record of the emitted ones)
-    rows = torch.cat([chosen, counts[:, None]], 1).tolist()  # the step's one host sync
-    tokens = [row[:row[-1]] for row in rows]
+    """Chains only: every verified row's argmax, read back at once, then on the
+    host each request's drafts as far as they equal the argmax and the argmax
+    after them (a dozen small tensor ops took 0.2 ms of a 9 ms CPU cycle)."""
+    chosen = row_argmax(logits).tolist()  # the step's one host sync
+    tokens, start = [], 0
+    for chain, rows in zip(chains, batch._extend_lens):  # a request's rows: its last token, then its drafts
+        argmax, drafts = chosen[start:start + rows], chain.tokens
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == argmax[kept]:
+            kept += 1
+        tokens.append(argmax[:kept + 1])
+        start += rows
+    counts = torch.tensor([len(t) for t in tokens], dtype=info.steps.dtype)
+    info.steps += counts.to(info.steps.device)  # (as a token-by-token record of the emitted ones)
+    width = 1 + max(len(c) for c in chains)
     return SpecResult(batch, list(batch.reqs), tokens, [len(c) for c in chains], [(None, None, None)] * width,
                       paths=[list(range(1, len(t))) for t in tokens])
 
