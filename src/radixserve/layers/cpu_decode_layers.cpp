@@ -9,13 +9,10 @@
 // AVX-512 BF16 (each linear takes the kernel the eager path takes): the
 // formats of the default model's decode step. An EAGLE-3 draft head's one
 // layer (int8 weights, as the CPU quantizes a head) runs the same way:
-// radixserve_eagle3_layer; and a whole chain of its draft steps, its LM head
-// and greedy choices included: radixserve_eagle3_chain.
+// radixserve_eagle3_layer.
 
 #include <stdint.h>
 #include <string.h>
-
-#include <vector>
 
 extern "C" {
 // cpu_kernels.cpp, cpu_kernels_amx.cpp and cpu_kernels_avx512.cpp
@@ -132,17 +129,6 @@ struct Eagle3Layer {
   uint16_t* v_buf;
 };
 
-// What a chain of draft steps reads beside the layer: the final norm, the
-// LM head over the draft vocabulary, the map to the target's token ids and
-// the target's token embedding (bfloat16 [vocab, hidden]), mirrored by a
-// ctypes Structure in model_executor/cpu_eagle3_layer.py.
-struct Eagle3Head {
-  const uint16_t* norm;
-  Int8Weight lm_head;
-  const int64_t* draft_to_target;  // [draft vocabulary]: target id = draft id + this
-  const uint16_t* embed;
-};
-
 // q|k rotated, then attention of each row as a decode query over the paged
 // pool, its own new key and value stored first: the target's layer's middle.
 void rotary_and_attention(const DecodeShape& s, const DecodeBatch& b, uint16_t* k_buf, uint16_t* v_buf,
@@ -247,76 +233,6 @@ int radixserve_eagle3_layer(const DecodeShape* shape, const Eagle3Layer* layer, 
   radixserve_silu_and_mul_bf16(gate_up, 2 * s.intermediate, act, rows, s.intermediate);
   if (linear(l.down, act, s.intermediate, out, rows) != 0) return -1;
   radixserve_add_bf16(hidden, h, out, h, out, h, rows, h);
-  return 0;
-}
-
-}  // extern "C"
-
-namespace {
-
-float bf16_value(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float value;
-  memcpy(&value, &wide, 4);
-  return value;
-}
-
-// The index of a row's largest logit, the first on a tie (as the eager
-// path's max(dim=-1).indices).
-int64_t first_largest(const uint16_t* logits, int64_t n) {
-  int64_t best = 0;
-  float top = bf16_value(logits[0]);
-  for (int64_t i = 1; i < n; ++i) {
-    const float value = bf16_value(logits[i]);
-    if (value > top) top = value, best = i;
-  }
-  return best;
-}
-
-}  // namespace
-
-extern "C" {
-
-// A chain of `steps` greedy draft steps of an EAGLE-3 head, as the eager
-// drafter runs them (speculative/eagle.py): batches[0] is the catch-up extend
-// (a few rows a request, each a decode query over the request's earlier
-// entries; ids the target tokens its rows read, features [rows, 3 hidden]);
-// the head's output at each request's last row (last_rows[c], c < chains)
-// gives draft 1 through the final norm, the LM head and the first largest
-// logit, mapped to the target's ids; batches[s] (chains rows, one a request)
-// reads draft s's embedding and the previous step's output. tokens
-// [chains, steps]. Every step writes its keys and values, as the eager steps
-// do. 0 when done; -1 when neither AMX nor AVX-512 BF16 runs here.
-int radixserve_eagle3_chain(const DecodeShape* shape, const Eagle3Layer* layer, const Eagle3Head* head,
-                            const DecodeBatch* batches, int64_t steps, const int64_t* ids,
-                            const uint16_t* features, int64_t features_width, const int64_t* last_rows,
-                            int64_t chains, int64_t* tokens) {
-  const DecodeShape& s = *shape;
-  const int64_t h = s.hidden, rows = batches[0].rows, vocab = head->lm_head.n;
-  const int64_t q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
-  const int64_t layer_width = 4 * h + (q_width + 2 * kv_width) + (q_width + kv_width) + q_width + 3 * s.intermediate;
-  std::vector<uint16_t> scratch(rows * layer_width), embeds(rows * h), out(rows * h), hidden(chains * h),
-      normed(chains * h), logits(chains * vocab);
-  for (int64_t r = 0; r < rows; ++r) memcpy(&embeds[r * h], head->embed + ids[r] * h, h * sizeof(uint16_t));
-  const uint16_t* input = features;
-  int64_t input_width = features_width;
-  for (int64_t step = 0; step < steps; ++step) {
-    if (radixserve_eagle3_layer(shape, layer, &batches[step], embeds.data(), input, input_width, input_width,
-                                out.data(), scratch.data()) != 0)
-      return -1;
-    for (int64_t c = 0; c < chains; ++c)  // each request's last row (every row after the first step)
-      memcpy(&hidden[c * h], &out[(step == 0 ? last_rows[c] : c) * h], h * sizeof(uint16_t));
-    radixserve_rms_norm_bf16(hidden.data(), h, nullptr, 0, head->norm, normed.data(), nullptr, chains, h, s.eps);
-    if (linear(head->lm_head, normed.data(), h, logits.data(), chains) != 0) return -1;
-    for (int64_t c = 0; c < chains; ++c) {
-      const int64_t draft = first_largest(&logits[c * vocab], vocab);
-      const int64_t token = draft + head->draft_to_target[draft];
-      tokens[c * steps + step] = token;
-      memcpy(&embeds[c * h], head->embed + token * h, h * sizeof(uint16_t));
-    }
-    input = hidden.data();
-    input_width = h;
-  }
   return 0;
 }
 

@@ -110,7 +110,6 @@ def _library() -> Optional[ctypes.CDLL]:
     lib.radixserve_int8_linear_vnni.argtypes = lib.radixserve_int8_linear_amx.argtypes
     lib.radixserve_decode_layers.argtypes = [ptr, ptr, i64, ptr, ptr, ptr, ptr]
     lib.radixserve_eagle3_layer.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, ptr, ptr]
-    lib.radixserve_eagle3_chain.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, ptr]
     return lib
 
 
@@ -434,15 +433,3 @@ def eagle3_layer(shape: ctypes.c_void_p, layer: ctypes.c_void_p, batch: ctypes.c
     return _library().radixserve_eagle3_layer(shape, layer, batch, embeds.data_ptr(), features.data_ptr(),
                                               features.stride(0), features.shape[1], out.data_ptr(),
                                               scratch.data_ptr())
-
-
-def eagle3_chain(shape: ctypes.c_void_p, layer: ctypes.c_void_p, head: ctypes.c_void_p, batches: ctypes.Array,
-                 ids: torch.Tensor, features: torch.Tensor, last_rows: torch.Tensor, tokens: torch.Tensor) -> int:
-    """A chain of greedy EAGLE-3 draft steps (cpu_decode_layers.cpp: batches[0]
-    the catch-up extend, one batch a later step; the structs are
-    model_executor/cpu_eagle3_layer.py's). ids [rows] int64, features [rows,
-    3 hidden] contiguous bfloat16, last_rows [chains] int64; tokens [chains,
-    steps] int64 receives the drafts. 0 when done."""
-    return _library().radixserve_eagle3_chain(shape, layer, head, batches, len(batches), ids.data_ptr(),
-                                              features.data_ptr(), features.shape[1], last_rows.data_ptr(),
-                                              tokens.shape[0], tokens.data_ptr())

@@ -190,22 +190,15 @@ def decode_queries_on_kernels(fb: Any, rows_on_kernel: Callable[[int, bool], boo
     (rows_on_kernel(rows, in a decode step): cpu_quantized_paths.int4_rows_on_kernel,
     int8_rows_on_kernel; a verify runs as a decode step,
     ForwardBatch.as_decode_step), torch-native attention over a bfloat16 pool."""
+    k_buf = fb.kv_pool.k_buffers[0]
     decode = fb.forward_mode.is_decode()
     verify = (fb.forward_mode.is_extend() and fb.attn_metadata.short_extend_rows is not None
               and not fb.mm_items)
     return ((decode or verify) and rows_on_kernel(fb.input_ids.shape[0], decode or fb.as_decode_step)
-            and attention_on_kernels(fb.attn_backend, fb.kv_pool)
+            and type(fb.attn_backend) is TorchNativeAttnBackend and not fb.attn_backend.deterministic
+            and type(fb.kv_pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
+            and k_buf.stride(-1) == 1 and fb.kv_pool.v_buffers[0].stride(-1) == 1
             and fb.positions.dtype == torch.int64 and fb.positions.is_contiguous())
-
-
-def attention_on_kernels(attn_backend: Any, pool: Any) -> bool:
-    """Whether the fused layers' attention reads this pool as the eager path
-    would: torch-native attention (not the deterministic one) over bfloat16
-    K/V buffers, one a layer, with contiguous head dimensions."""
-    k_buf = pool.k_buffers[0]
-    return (type(attn_backend) is TorchNativeAttnBackend and not attn_backend.deterministic
-            and type(pool.k_buffers) is list and k_buf.dtype == torch.bfloat16
-            and k_buf.stride(-1) == 1 and pool.v_buffers[0].stride(-1) == 1)
 
 
 def decode_batch(fb: Any) -> Tuple[DecodeBatch, List[torch.Tensor]]:

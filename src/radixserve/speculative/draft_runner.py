@@ -12,17 +12,13 @@ has no target features for, so RoPE positions are passed separately."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from radixserve.layers.attention.torch_native import SHORT_EXTEND
 from radixserve.managers.schedule_batch import set_extend_lens
-from radixserve.model_executor.cpu_decode_layers import DecodeBatch
-from radixserve.model_executor.cpu_eagle3_layer import CpuEagle3Layer
 from radixserve.model_executor.forward_batch import ForwardBatch, ForwardMode
 from radixserve.mem_cache.radix_tree import TreeNode
 from radixserve.model_executor.model_runner import LogitsOutput
@@ -267,55 +263,6 @@ class DraftRunner:
             outputs = [out.hidden[r] for r in range(start, end)] if out.hidden is not None else ()
             trees[i].expand(parents, tokens[start:end], logprobs[start:end], outputs)
             start = end
-
-    def chain(self, states: List[DraftState], ids: List[List[int]], positions: List[List[int]],
-              features: torch.Tensor, steps: int) -> Optional[List[List[int]]]:
-        """A greedy chain of `steps` drafts for each state in one C++ call
-        (CpuEagle3Layer.chain): new entries for `ids` at `positions` (each
-        state's catch-up over its earlier entries, the target's `features`),
-        then steps - 1 draft entries; the drafts (target ids), or None, with
-        nothing changed, where the eager forwards must run (no fused layer,
-        a state with no earlier entries, a long catch-up, rows off the kernels)."""
-        fused = self.runner.cpu_decode_layers
-        lens = [len(i) for i in ids]
-        prefix = [s.spec_len for s in states]
-        if (not isinstance(fused, CpuEagle3Layer) or min(prefix) == 0 or max(lens) > SHORT_EXTEND
-                or not fused.takes_chain(self.runner.attn_backend, self.pools.kv_pool, sum(lens), len(states))):
-            return None
-        ends = [p + n for p, n in zip(prefix, lens)]
-        seq = [e + steps - 1 for e in ends]
-        slots = self.pools.allocator.alloc_extend(prefix, seq, [0] * len(states))
-        new = slots.tolist()
-        start = 0
-        for state, p, n in zip(states, prefix, seq):
-            self.table[state.row, p:n] = slots[start:start + n - p]
-            state.spec_len = n
-            start += n - p
-        # Every row's slots: its request's table row, read up to its sequence length.
-        rows_of = torch.tensor([s.row for s in states])
-        request_slots = self.table[rows_of, :max(seq)]
-        extend_slots = request_slots.index_select(0, torch.tensor([i for i, n in enumerate(lens) for _ in range(n)]))
-        # [positions, sequence lengths, new slots] of the extend's rows, then of each later step's
-        firsts = [sum(seq[:i]) - sum(prefix[:i]) for i in range(len(states))]  # a state's first new slot in `new`
-        values = ([q for pos in positions for q in pos]
-                  + [p + j + 1 for p, n in zip(prefix, lens) for j in range(n)]
-                  + [new[f + j] for f, n in zip(firsts, lens) for j in range(n)])
-        for step in range(1, steps):
-            values += ([pos[-1] + step for pos in positions] + [e + step for e in ends]
-                       + [new[f + n + step - 1] for f, n in zip(firsts, lens)])
-        ints = torch.tensor(values, dtype=torch.int64)
-        base, rows = ints.data_ptr(), sum(lens)
-
-        def batch(offset: int, count: int, slot_rows: torch.Tensor) -> DecodeBatch:
-            at = base + 8 * offset
-            return DecodeBatch(count, at, slot_rows.data_ptr(), slot_rows.stride(0), at + 8 * count, at + 16 * count)
-
-        batches = [batch(0, rows, extend_slots)]
-        batches += [batch(3 * rows + 3 * len(states) * (step - 1), len(states), request_slots)
-                    for step in range(1, steps)]
-        last_rows = torch.tensor(list(itertools.accumulate(lens)), dtype=torch.int64) - 1
-        ids_tensor = torch.tensor([t for i in ids for t in i], dtype=torch.int64)
-        return fused.chain(self.pools.kv_pool, batches, ids_tensor, features, last_rows).tolist()
 
     def decode(self, states: List[DraftState], ids: List[int], positions: List[int],
                hidden: Optional[torch.Tensor] = None) -> LogitsOutput:

@@ -117,26 +117,16 @@ class EagleDrafter:
         if not rows or not draft.has_room(needed):
             return drafts
         active = [states[i] for i in rows]
-        prefix = [s.spec_len for s in active]
         # (positions increase: they are contiguous from kv_len when the last is kv_len + count - 1)
         dense = [s.dense_len == s.kv_len == pos[0] and pos[-1] == pos[0] + len(pos) - 1
                  for s, pos in zip(active, positions)]
-        # only requests whose last pair ends at their last token can draft
-        ready = [j for j, i in enumerate(rows) if positions[j][-1] == len(reqs[i].fill_ids) - 2]
-        features = torch.cat(feats)
-        chains = None
-        if not self.makes_trees and len(ready) == len(rows):  # the whole chain in one call where it can
-            chains = draft.chain(active, ids, positions, features, self.num_steps)
-        if chains is None:
-            out = draft.extend(active, ids, positions, features)
-        for state, p, new, whole in zip(active, prefix, ids, dense):
-            state.kv_len = p + len(new)  # entries from real tokens and target features
+        out = draft.extend(active, ids, positions, torch.cat(feats))
+        for state, whole in zip(active, dense):
+            state.kv_len = state.spec_len  # entries from real tokens and target features
             if whole:  # no position skipped so far: entry i stands at position i
                 state.dense_len = state.kv_len
-        if chains is not None:
-            for j, chain in enumerate(chains):
-                drafts[rows[j]] = chain
-            return drafts
+        # only requests whose last pair ends at their last token can draft
+        ready = [j for j, i in enumerate(rows) if positions[j][-1] == len(reqs[i].fill_ids) - 2]
         if not ready:
             return drafts
         index = torch.tensor(ready, device=out.hidden.device)
