@@ -122,6 +122,13 @@ class BucketState:
             # worse than plain decoding). A borrowed call for plain steps is not checked early: probes of
             # speculation at 2x its price cost 10-20% of short batch-4 and batch-8 runs there.
             wait = limits.borrowed_recheck
+        if not best and ratio < PRIOR_TRUSTED_RATIO:
+            # Speculation lost, by a little: its cost moves with the text (the held-out
+            # questions' accept lengths run from 1.8 to 6), so a verdict measured on a hard
+            # answer must not keep the next, easier ones plain for hundreds of steps (a
+            # 2-core Zen 4 at batch 1 decoded a third of its tokens plainly that way:
+            # 1.03x over plain decoding, against 1.17x with speculation always on).
+            wait = min(wait, limits.plain_recheck)
         if self.since_probe >= wait:
             self.start_probe(not best, limits.probe_steps)
         return best
@@ -153,6 +160,7 @@ class SpecGovernor:
     probe_steps: int = 32
     recheck_every: int = 64  # eligible steps between probes of the other mode, at least
     borrowed_recheck: int = 16  # steps before plain steps are probed in a bucket that speculates on another's verdict
+    plain_recheck: int = 128  # at most this many plain steps before speculation that lost by a little is probed again
     probe_share: float = 0.02  # and long enough that probes lose about this share of the time
     clock: Callable[[], float] = time.perf_counter
     buckets: Dict[int, BucketState] = field(default_factory=dict)
