@@ -198,11 +198,11 @@ def test_speculation_that_lost_a_little_is_probed_again_soon():
     """A hard answer makes speculation a little dearer than plain steps; the
     loss-based wait (probe_steps x (ratio - 1) / probe_share) would keep the
     next, easier text plain for long, so speculation is probed again after
-    plain_recheck steps. Speculation far dearer (2x or more) keeps the long wait."""
+    plain_recheck steps. Speculation dearer by NEAR_TIE_RATIO or more keeps the long wait."""
     clock = Clock()
     gov = SpecGovernor(first_probe_steps=4, probe_steps=4, recheck_every=10, plain_recheck=20, probe_share=0.02,
                        clock=clock)
-    hard = {True: (0.026, 2.0), False: (0.01, 1.0)}  # speculation 1.3x dearer: a wait of 60 by the loss rule
+    hard = {True: (0.024, 2.0), False: (0.01, 1.0)}  # speculation 1.2x dearer: a wait of 40 by the loss rule
     modes = run(gov, clock, 8, 1, hard)
     assert modes == [True] * 4 + [False] * 4
     easy = {True: (0.026, 4.0), False: (0.01, 1.0)}  # the text turns easy: speculation 1.5x cheaper
@@ -211,5 +211,5 @@ def test_speculation_that_lost_a_little_is_probed_again_soon():
     assert first_probe <= 21 and modes[first_probe:first_probe + 15] == [True] * 15
     gov = SpecGovernor(first_probe_steps=4, probe_steps=4, recheck_every=10, plain_recheck=20, probe_share=0.02,
                        clock=clock)
-    run(gov, clock, 8, 1, {True: (0.06, 2.0), False: (0.01, 1.0)})  # 3x dearer: wait 4 x 2 / 0.02 = 400
-    assert run(gov, clock, 100, 1, easy) == [False] * 100
+    run(gov, clock, 8, 1, {True: (0.03, 2.0), False: (0.01, 1.0)})  # 1.5x dearer: wait 4 x 0.5 / 0.02 = 100
+    assert run(gov, clock, 90, 1, easy) == [False] * 90

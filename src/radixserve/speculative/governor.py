@@ -52,6 +52,11 @@ BUCKET_EDGES = (1, 2, 4, 8, 16, 32)  # batch sizes sharing a decision: 1, 2, 3-4
 # by up to 8% from start to start (docs/benchmarks.md).
 BORROW_SPECULATION_BUCKETS = 1
 FAR_SPECULATION_RATIO = 1.05
+# Speculation that lost to plain steps by less than this is probed again after at
+# most plain_recheck steps; dearer, after the loss-based wait (a probe of a mode 1.5x
+# dearer every 128 steps would cost 10% of the time). At batch 1 on a 2-core Zen 4 it
+# lost by 1.0-1.2x on hard answers and won by 1.1-1.4x on the others.
+NEAR_TIE_RATIO = 1.25
 
 
 def bucket_of(batch_size: int) -> int:
@@ -122,7 +127,7 @@ class BucketState:
             # worse than plain decoding). A borrowed call for plain steps is not checked early: probes of
             # speculation at 2x its price cost 10-20% of short batch-4 and batch-8 runs there.
             wait = limits.borrowed_recheck
-        if not best and ratio < PRIOR_TRUSTED_RATIO:
+        if not best and ratio < NEAR_TIE_RATIO:
             # Speculation lost, by a little: its cost moves with the text (the held-out
             # questions' accept lengths run from 1.8 to 6), so a verdict measured on a hard
             # answer must not keep the next, easier ones plain for hundreds of steps (a
