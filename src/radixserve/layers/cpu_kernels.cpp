@@ -694,11 +694,8 @@ inline int64_t first_argmax(const float* row, int64_t n) {
     best = _mm512_mask_reduce_min_epi32(holders, index);
   }
 #endif
-  for (; j < n; ++j) {  // the tail (or every value without AVX-512)
-    if (row[j] != row[j]) {
-      for (int64_t k = 0; k <= j; ++k)
-        if (row[k] != row[k]) return k;
-    }
+  for (; j < n; ++j) {  // the tail (or every value without AVX-512): any NaN before it returned above
+    if (row[j] != row[j]) return j;
     if (row[j] > top) top = row[j], best = j;
   }
   return best;
@@ -717,7 +714,7 @@ void radixserve_row_argmax(const float* x, int64_t stride, int64_t rows, int64_t
 // `stride`, `vocab` values): the index of the largest logits / temperature +
 // g, g = -ln(-ln u) with u the sampler's seeded uniform of (seed, step,
 // token) (sampler.seeded_uniform: the same bits of u). The first index on
-// ties. out: int64 [rows].
+// ties (first_argmax: a NaN value's index where there is one). out: int64 [rows].
 void radixserve_gumbel_argmax(const float* logits, int64_t stride, const float* temperatures, const int64_t* seeds,
                               const int64_t* steps, int64_t* out, int64_t rows, int64_t vocab) {
   constexpr uint32_t SEED_SALT = 0x243F6A88u, TOKEN_SALT = 0x9E3779B9u;
@@ -740,10 +737,7 @@ void radixserve_gumbel_argmax(const float* logits, int64_t stride, const float* 
         const float u = (static_cast<float>(static_cast<int32_t>(bits >> 9)) + 0.5f) * (1.0f / 8388608.0f);
         v[j] = row[j] / temperature - fast_log(-fast_log(u));
       }
-      const float top = max_of(v, vocab);
-      int64_t pick = 0;
-      while (pick < vocab - 1 && !(values[pick] == top)) ++pick;
-      out[r] = pick;
+      out[r] = first_argmax(v, vocab);
     }
   }
 }
